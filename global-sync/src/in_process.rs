@@ -1,0 +1,54 @@
+//! The bus of a single node: a broadcast channel inside the process.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use parley_proto::ChannelEvent;
+use tokio::sync::broadcast;
+use tokio_stream::wrappers::BroadcastStream;
+
+use crate::{Bus, BusError, BusMessage, BusSubscription};
+
+/// In-process bus. A receiver that falls more than `capacity` events behind gets
+/// [`BusMessage::Resync`] instead of the events it missed.
+#[derive(Debug, Clone)]
+pub struct InProcessBus {
+    tx: broadcast::Sender<Arc<ChannelEvent>>,
+}
+
+impl InProcessBus {
+    pub fn new(capacity: usize) -> Self {
+        let (tx, _) = broadcast::channel(capacity.max(16));
+        InProcessBus { tx }
+    }
+}
+
+impl Default for InProcessBus {
+    fn default() -> Self {
+        InProcessBus::new(65_536)
+    }
+}
+
+#[async_trait]
+impl Bus for InProcessBus {
+    fn kind(&self) -> &'static str {
+        "in-process"
+    }
+
+    async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
+        // No receiver means no node is listening yet; nothing is lost that storage does not keep.
+        let _ = self.tx.send(Arc::new(event.clone()));
+        Ok(())
+    }
+
+    async fn subscribe(&self) -> Result<BusSubscription, BusError> {
+        let rx = self.tx.subscribe();
+        Ok(BroadcastStream::new(rx)
+            .map(|item| match item {
+                Ok(ev) => BusMessage::Event(ev),
+                Err(_lagged) => BusMessage::Resync,
+            })
+            .boxed())
+    }
+}

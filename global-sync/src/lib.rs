@@ -1,0 +1,56 @@
+//! The Bus: how committed channel events reach every node.
+//!
+//! One node uses [`InProcessBus`]; several nodes share a NATS server through [`NatsBus`]. The bus
+//! promises delivery to every node that is subscribed, not order across publishers: each node
+//! restores per-channel order with `parley_proto::ChannelSequencer` and fills gaps from storage.
+//! When a node may have missed messages (a lagging in-process receiver, a NATS reconnect), the
+//! subscription yields [`BusMessage::Resync`] so the node re-reads from storage.
+//!
+//! The bus never touches storage and never decides who may see what.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use futures::Stream;
+use parley_proto::ChannelEvent;
+
+mod in_process;
+mod nats;
+
+pub use in_process::InProcessBus;
+
+/// What a node's bus subscription yields.
+#[derive(Debug, Clone)]
+pub enum BusMessage {
+    /// A committed channel event, published by this node or another.
+    Event(Arc<ChannelEvent>),
+    /// Messages may have been lost; every channel with local subscribers must re-read from
+    /// storage what came after its last delivered seq.
+    Resync,
+}
+
+/// The stream of a node's subscription. It ends only when the bus is shut down.
+pub type BusSubscription = Pin<Box<dyn Stream<Item = BusMessage> + Send>>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("bus unavailable: {0}")]
+    Unavailable(String),
+    #[error("bus message could not be encoded or decoded: {0}")]
+    Codec(String),
+}
+
+/// Publishes committed events and subscribes a node to all of them.
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    /// `in-process` or `nats`, for logs.
+    fn kind(&self) -> &'static str;
+
+    /// Publishes one committed event to every subscribed node, this one included. Called after
+    /// the commit; a failure here is recovered by the receivers' gap filling.
+    async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError>;
+
+    /// Subscribes this node to every channel event.
+    async fn subscribe(&self) -> Result<BusSubscription, BusError>;
+}

@@ -1,0 +1,1 @@
+//! The bus of a cluster: NATS core subjects (implemented in a later step).

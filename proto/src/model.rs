@@ -1,0 +1,247 @@
+//! The resources of API v1 as they appear on the wire (REST bodies and event payloads).
+//!
+//! Ids are opaque strings; timestamps are RFC 3339 UTC strings; `seq` is the per-channel sequence
+//! number every persisted channel event carries.
+
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// Kind of a channel. A DM is unique per pair of users.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ChannelKind {
+    Channel,
+    Dm,
+}
+
+impl ChannelKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ChannelKind::Channel => "channel",
+            ChannelKind::Dm => "dm",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "channel" => Some(ChannelKind::Channel),
+            "dm" => Some(ChannelKind::Dm),
+            _ => None,
+        }
+    }
+}
+
+/// Role of a member in a channel. Ordered: owner > moderator > member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    Member,
+    Moderator,
+    Owner,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Member => "member",
+            Role::Moderator => "moderator",
+            Role::Owner => "owner",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "member" => Some(Role::Member),
+            "moderator" => Some(Role::Moderator),
+            "owner" => Some(Role::Owner),
+            _ => None,
+        }
+    }
+}
+
+/// A channel as returned by the API.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Channel {
+    pub id: String,
+    pub kind: ChannelKind,
+    /// Display name; always `null` for DMs.
+    pub name: Option<String>,
+    pub created_by: String,
+    pub created_at: String,
+    /// Seq of the newest persisted event of the channel (0 when none).
+    pub last_seq: u64,
+    /// The caller's role, when the channel is returned to a member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+}
+
+/// A member of a channel.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Member {
+    pub user_id: String,
+    pub role: Role,
+    pub joined_at: String,
+}
+
+/// A message. A deleted message stays in history as a tombstone: `deleted: true`, empty text,
+/// no metadata.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct Message {
+    pub id: String,
+    pub channel_id: String,
+    /// Seq of the `message.new` event that created it; history is ordered by it.
+    pub seq: u64,
+    pub sender_id: String,
+    pub client_msg_id: String,
+    pub text: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<serde_json::Value>,
+    pub created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edited_at: Option<String>,
+    #[serde(default)]
+    pub deleted: bool,
+}
+
+/// A persisted channel event: the unit of ordered delivery, resume and gap filling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ChannelEvent {
+    pub channel_id: String,
+    pub seq: u64,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+/// What happened. Serialized with `type` set to the event name (`message.new`, ...).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type")]
+pub enum EventBody {
+    #[serde(rename = "message.new")]
+    MessageNew { message: Message },
+    #[serde(rename = "message.updated")]
+    MessageUpdated { message: Message },
+    #[serde(rename = "message.deleted")]
+    MessageDeleted { message: Message },
+    #[serde(rename = "member.added")]
+    MemberAdded { member: Member, by: String },
+    #[serde(rename = "member.removed")]
+    MemberRemoved { user_id: String, by: String },
+    #[serde(rename = "channel.updated")]
+    ChannelUpdated { channel: Channel, by: String },
+    /// The channel was deleted. Carries the seq after the last persisted one; nothing follows it.
+    #[serde(rename = "channel.deleted")]
+    ChannelDeleted { by: String },
+}
+
+impl EventBody {
+    /// The wire name of the event (`message.new`, ...).
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventBody::MessageNew { .. } => "message.new",
+            EventBody::MessageUpdated { .. } => "message.updated",
+            EventBody::MessageDeleted { .. } => "message.deleted",
+            EventBody::MemberAdded { .. } => "member.added",
+            EventBody::MemberRemoved { .. } => "member.removed",
+            EventBody::ChannelUpdated { .. } => "channel.updated",
+            EventBody::ChannelDeleted { .. } => "channel.deleted",
+        }
+    }
+}
+
+// ---- request and response bodies of the REST API ----
+
+/// `POST /v1/channels`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateChannel {
+    pub kind: ChannelKind,
+    /// Required for `channel`, forbidden for `dm`. 1–100 characters.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Other users to add as members. For a DM: exactly one user, the other party.
+    #[serde(default)]
+    pub members: Vec<String>,
+}
+
+/// `PATCH /v1/channels/{id}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PatchChannel {
+    pub name: String,
+}
+
+/// `POST /v1/channels/{id}/members`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddMember {
+    pub user_id: String,
+    /// Defaults to `member`. Only an owner may add moderators or owners.
+    #[serde(default)]
+    pub role: Option<Role>,
+}
+
+/// `POST /v1/channels/{id}/messages`, and the body of the `message.send` frame.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SendMessage {
+    /// Idempotency key chosen by the client, 1–64 characters. A retry with the same key returns
+    /// the original message; the same key with another body is `idempotency_conflict`.
+    pub client_msg_id: String,
+    pub text: String,
+    /// Small free-form JSON object (at most 2 KiB serialized).
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// `PATCH /v1/channels/{id}/messages/{msg}`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EditMessage {
+    pub text: String,
+    #[serde(default)]
+    pub metadata: Option<serde_json::Value>,
+}
+
+/// Response of a send: the message, and whether this call created it (false on an idempotent retry).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct SendResult {
+    pub message: Message,
+    pub created: bool,
+}
+
+/// `GET /v1/channels`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct ChannelList {
+    pub channels: Vec<Channel>,
+}
+
+/// `GET /v1/channels/{id}/members`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MemberList {
+    pub members: Vec<Member>,
+}
+
+/// `GET /v1/channels/{id}/messages`: a page of history, ascending by seq.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    /// Messages older than the first one of this page exist.
+    pub has_before: bool,
+    /// Messages newer than the last one of this page exist.
+    pub has_after: bool,
+}
+
+/// Limits stated in the welcome frame, so clients never guess.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct SessionLimits {
+    /// Largest frame the server accepts, in bytes; a larger one closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Longest message text, in characters.
+    pub max_text_chars: usize,
+    /// Sustained frames per second a connection may send.
+    pub frames_per_second: u32,
+    /// Frames a connection may send in a burst above the sustained rate.
+    pub frame_burst: u32,
+    /// Events the server queues for a connection before closing it as a slow consumer (4009).
+    pub send_queue: usize,
+}

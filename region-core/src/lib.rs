@@ -1,0 +1,2 @@
+//! Region core of Parley.
+pub mod storage;

@@ -1,0 +1,1 @@
+//! Storage conformance suite (placeholder; being written).

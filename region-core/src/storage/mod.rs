@@ -1,0 +1,234 @@
+//! Storage: one interface, two engines (SQLite for the embedded default, PostgreSQL for
+//! production), held to one conformance suite ([`conformance`]).
+//!
+//! Storage owns durability and ordering: it allocates each channel event's `seq` inside the
+//! transaction that commits it, enforces idempotency with a unique constraint, and re-checks
+//! membership inside write transactions so a removed member cannot write after the removal
+//! commits. It never decides *who may* do what beyond membership; roles are the domain's job.
+//!
+//! SQL stays within what both PostgreSQL and CockroachDB accept.
+
+use async_trait::async_trait;
+use parley_proto::{Channel, ChannelEvent, ChannelKind, Member, Message, MessagePage, Role};
+
+pub mod conformance;
+pub mod postgres;
+pub mod sqlite;
+
+
+/// Errors of the storage layer. Mapped once to public error codes by the domain.
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("not found")]
+    NotFound,
+    /// The writer is not (or no longer) a member of the channel.
+    #[error("not a member of the channel")]
+    NotAMember,
+    /// The `client_msg_id` was used before by this sender in this channel with another body.
+    #[error("client_msg_id already used with a different body")]
+    IdempotencyConflict,
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// The database cannot be reached or refused the connection; the caller may retry.
+    #[error("storage unavailable: {0}")]
+    Unavailable(String),
+    #[error("storage failure: {0}")]
+    Internal(String),
+}
+
+pub type StorageResult<T> = Result<T, StorageError>;
+
+/// A channel to create. Ids are chosen by the domain.
+#[derive(Debug, Clone)]
+pub struct NewChannel {
+    pub tenant_id: String,
+    pub id: String,
+    pub kind: ChannelKind,
+    pub name: Option<String>,
+    pub created_by: String,
+    /// Initial members with their roles, the creator included.
+    pub members: Vec<(String, Role)>,
+    /// For DMs: the two user ids sorted and joined by `\n`; unique per tenant.
+    pub dm_key: Option<String>,
+}
+
+/// A message to send.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub tenant_id: String,
+    pub channel_id: String,
+    /// Id to give the message if it is new (ignored on an idempotent retry).
+    pub id: String,
+    pub sender_id: String,
+    pub client_msg_id: String,
+    pub text: String,
+    pub metadata: Option<serde_json::Value>,
+}
+
+impl NewMessage {
+    /// Fingerprint of the request body, stored with the message so that a retry with the same
+    /// `client_msg_id` and another body is told apart even after the message was edited.
+    pub fn body_hash(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let mut h = Sha256::new();
+        h.update(self.text.as_bytes());
+        h.update([0u8]);
+        if let Some(m) = &self.metadata {
+            h.update(m.to_string().as_bytes());
+        }
+        hex::encode(&h.finalize()[..16])
+    }
+}
+
+/// Result of a send.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendOutcome {
+    /// The committed message (the original one on a retry).
+    pub message: Message,
+    /// False when this was an idempotent retry of an earlier send.
+    pub created: bool,
+}
+
+/// Which page of history. At most one anchor; none means the newest messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryAnchor {
+    Latest,
+    /// Messages with seq < the value, newest page first (returned ascending).
+    Before(u64),
+    /// Messages with seq > the value, oldest first.
+    After(u64),
+    /// Up to limit/2 messages before the value and the rest at or after it.
+    Around(u64),
+}
+
+/// The storage interface. Every method that names a channel also names its tenant, and finds
+/// nothing across tenants.
+#[async_trait]
+pub trait Storage: Send + Sync + 'static {
+    /// `sqlite` or `postgres`, for logs and benchmarks.
+    fn backend(&self) -> &'static str;
+
+    /// Creates the channel with its initial members. For a DM whose `dm_key` exists already,
+    /// returns the existing channel and `false`.
+    async fn create_channel(&self, new: NewChannel) -> StorageResult<(Channel, bool)>;
+
+    /// The channel, without a role.
+    async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>>;
+
+    /// The channels `user_id` is a member of, each with the user's role, newest first.
+    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>>;
+
+    /// Renames the channel; returns the `channel.updated` event with its new seq.
+    async fn rename_channel(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        name: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent>;
+
+    /// Deletes the channel with its members, messages and events. Returns the `channel.deleted`
+    /// event, whose seq is one past the last persisted one (it is not itself persisted).
+    async fn delete_channel(&self, tenant: &str, channel_id: &str, by: &str) -> StorageResult<ChannelEvent>;
+
+    async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>>;
+
+    /// Members ordered by join time.
+    async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>>;
+
+    /// Adds a member; `None` when the user already is one (nothing changes).
+    async fn add_member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        role: Role,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>>;
+
+    /// Removes a member; `None` when the user is not one.
+    async fn remove_member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>>;
+
+    /// Sends a message: checks membership, settles idempotency and allocates the seq in the
+    /// committing transaction. Returns only once the commit is durable. Implementations batch
+    /// concurrent sends into shared commits.
+    async fn send_message(&self, new: NewMessage) -> StorageResult<SendOutcome>;
+
+    /// Edits a live message's text and metadata; returns the `message.updated` event.
+    /// `NotFound` for a deleted or unknown message.
+    async fn edit_message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+        text: &str,
+        metadata: Option<serde_json::Value>,
+    ) -> StorageResult<ChannelEvent>;
+
+    /// Soft-deletes a message, leaving a tombstone; returns the `message.deleted` event.
+    /// `NotFound` for an already deleted or unknown message.
+    async fn delete_message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent>;
+
+    async fn message(&self, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<Message>>;
+
+    /// A page of history, ascending by seq. `limit` is 1..=200 (validated by the caller).
+    async fn history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage>;
+
+    /// Persisted events with `after < seq <= up_to` (no upper bound when `None`), ascending, at
+    /// most `limit`. `message.new` events carry the message's current state.
+    async fn events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> StorageResult<Vec<ChannelEvent>>;
+}
+
+// ---- helpers shared by the engines ----
+
+/// Milliseconds since the Unix epoch, the unit timestamps are stored in.
+pub fn now_ms() -> i64 {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// Formats stored milliseconds as RFC 3339 UTC with millisecond precision.
+pub fn rfc3339(ms: i64) -> String {
+    let nanos = i128::from(ms) * 1_000_000;
+    let t = time::OffsetDateTime::from_unix_timestamp_nanos(nanos)
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
+    let fmt = time::macros::format_description!(
+        "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
+    );
+    t.format(&fmt).unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
+}
+
+/// A tombstone keeps id, seq, sender and times; it drops text and metadata.
+pub fn tombstone(mut m: Message) -> Message {
+    m.text = String::new();
+    m.metadata = None;
+    m.deleted = true;
+    m
+}
