@@ -1,1 +1,181 @@
-//! placeholder
+//! The edge: terminates WebSocket connections, authenticates them, keeps their subscriptions, and
+//! fans committed channel events out to local sockets in `seq` order.
+//!
+//! The edge never touches storage. Everything it needs from the region core goes through
+//! [`CoreGateway`], a narrow interface that is a function call in one process.
+//!
+//! Invariants:
+//! - **A subscriber receives a channel's events in strictly increasing seq order, without gaps**
+//!   from the seq stated in its subscribe ack, until it unsubscribes, is removed, or is closed.
+//! - **A removed member receives nothing of the channel after the `member.removed` event.**
+//! - **A slow connection never slows another**: the hub only ever `try_send`s; a full queue closes
+//!   that connection (4009) and it resumes.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use parley_proto::{ChannelEvent, ErrorCode, Principal, SendMessage, SendResult, SessionLimits};
+use parley_sync::{BusMessage, BusSubscription};
+
+mod hub;
+mod session;
+mod upgrade;
+
+pub use upgrade::router;
+
+/// What the edge asks of the region core.
+#[async_trait]
+pub trait CoreGateway: Send + Sync + 'static {
+    /// Verifies an access token.
+    fn authenticate(&self, token: &str) -> Result<Principal, GatewayError>;
+
+    /// Checks that `p` may subscribe to the channel; returns the channel's last committed seq.
+    async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError>;
+
+    /// Sends a message; resolves after the durable commit.
+    async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> Result<SendResult, GatewayError>;
+
+    /// Persisted events with `after < seq <= up_to`, ascending, at most `limit` (gap filling).
+    async fn channel_events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ChannelEvent>, GatewayError>;
+}
+
+/// A failure reported by the core, already in public terms.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct GatewayError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+/// Configuration of the edge. Every timing and limit here is stated to clients in the welcome.
+#[derive(Debug, Clone)]
+pub struct EdgeConfig {
+    /// How often the server pings each connection.
+    pub heartbeat_interval: Duration,
+    /// A connection silent for this long (no pong, no frame) is closed with 4003.
+    pub heartbeat_timeout: Duration,
+    /// Time allowed for the `auth` frame after the upgrade.
+    pub auth_timeout: Duration,
+    /// Largest frame or message accepted; larger closes with 1009.
+    pub max_frame_bytes: usize,
+    /// Longest message text (stated in the welcome; enforced by the core).
+    pub max_text_chars: usize,
+    /// Sustained client frames per second per connection.
+    pub frames_per_second: u32,
+    /// Burst of client frames above the sustained rate.
+    pub frame_burst: u32,
+    /// Consecutive rate-limited frames after which the connection is closed with 4008.
+    pub flood_close_after: u32,
+    /// Frames queued for a connection before it is closed as a slow consumer (4009).
+    pub send_queue: usize,
+    /// Allowed `Origin` values for browser upgrades. Empty: same-origin only (plus clients that
+    /// send no Origin, i.e. non-browsers). `*` allows any.
+    pub allowed_origins: Vec<String>,
+    /// How long an out-of-order gap may stay open before it is filled from storage.
+    pub gap_timeout: Duration,
+    /// WebSocket read buffer per connection, in bytes (axum's default is 128 KiB).
+    pub read_buffer_bytes: usize,
+}
+
+impl Default for EdgeConfig {
+    fn default() -> Self {
+        EdgeConfig {
+            heartbeat_interval: Duration::from_secs(25),
+            heartbeat_timeout: Duration::from_secs(60),
+            auth_timeout: Duration::from_secs(10),
+            max_frame_bytes: 64 * 1024,
+            max_text_chars: 4000,
+            frames_per_second: 50,
+            frame_burst: 100,
+            flood_close_after: 200,
+            send_queue: 1024,
+            allowed_origins: Vec::new(),
+            gap_timeout: Duration::from_millis(250),
+            read_buffer_bytes: 512,
+        }
+    }
+}
+
+impl EdgeConfig {
+    pub fn session_limits(&self) -> SessionLimits {
+        SessionLimits {
+            max_frame_bytes: self.max_frame_bytes,
+            max_text_chars: self.max_text_chars,
+            frames_per_second: self.frames_per_second,
+            frame_burst: self.frame_burst,
+            send_queue: self.send_queue,
+        }
+    }
+}
+
+/// One node's edge: its connections' subscriptions and the fan-out to them.
+pub struct Edge {
+    gateway: Arc<dyn CoreGateway>,
+    config: EdgeConfig,
+    hubs: hub::Hubs,
+    next_conn: AtomicU64,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+    connections: AtomicU64,
+}
+
+impl Edge {
+    /// An edge that closes every connection with 1001 when `shutdown` turns true.
+    pub fn new(gateway: Arc<dyn CoreGateway>, config: EdgeConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Arc<Edge> {
+        Arc::new(Edge {
+            gateway,
+            hubs: hub::Hubs::new(config.gap_timeout),
+            config,
+            next_conn: AtomicU64::new(1),
+            shutdown,
+            connections: AtomicU64::new(0),
+        })
+    }
+
+    /// Open WebSocket connections on this node.
+    pub fn connection_count(&self) -> u64 {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Feeds this node's bus subscription into the hubs until the bus ends. Also fills gaps
+    /// from storage. Run it once per node, before accepting connections.
+    pub async fn run_dispatcher(self: Arc<Self>, mut bus: BusSubscription) {
+        use futures::StreamExt;
+        let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::unbounded_channel::<hub::FetchDone>();
+        let mut tick = tokio::time::interval(self.config.gap_timeout / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                msg = bus.next() => match msg {
+                    Some(BusMessage::Event(ev)) => self.hubs.on_event(ev),
+                    Some(BusMessage::Resync) => self.hubs.resync_all(),
+                    None => break,
+                },
+                Some(done) = fetch_rx.recv() => self.hubs.on_fetch_done(done),
+                _ = tick.tick() => {
+                    for req in self.hubs.poll_gaps() {
+                        let gateway = self.gateway.clone();
+                        let tx = fetch_tx.clone();
+                        tokio::spawn(async move {
+                            let result = gateway
+                                .channel_events(&req.tenant, &req.channel_id, req.after, req.up_to, hub::FETCH_LIMIT)
+                                .await;
+                            if let Err(e) = &result {
+                                tracing::warn!(channel = %req.channel_id, error = %e, "gap fill failed; will retry");
+                            }
+                            let _ = tx.send(hub::FetchDone { req, events: result.unwrap_or_default() });
+                        });
+                    }
+                }
+            }
+        }
+    }
+}

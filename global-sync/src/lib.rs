@@ -19,6 +19,7 @@ mod in_process;
 mod nats;
 
 pub use in_process::InProcessBus;
+pub use nats::NatsBus;
 
 /// What a node's bus subscription yields.
 #[derive(Debug, Clone)]

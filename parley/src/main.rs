@@ -1,1 +1,76 @@
-fn main() {}
+//! `parley`: serve, token, migrate.
+
+use anyhow::Context;
+use clap::Parser;
+use parley::config::{Cli, Command};
+use parley::server;
+use parley_core::auth::DevSigningKey;
+use tokio::net::TcpListener;
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Serve(args) => serve(args).await,
+            Command::Token(args) => {
+                let key = DevSigningKey::load_or_create(&args.data_dir)
+                    .with_context(|| format!("cannot load the development key in {}", args.data_dir.display()))?;
+                let token = key.sign(&args.user, &args.tenant, args.roles, args.ttl.as_secs(), &args.issuer, &args.audience);
+                println!("{token}");
+                Ok(())
+            }
+            Command::Migrate(args) => {
+                init_tracing();
+                let storage = server::open_storage(&args).await?;
+                println!("schema up to date ({})", storage.backend());
+                Ok(())
+            }
+        }
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+}
+
+async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
+    init_tracing();
+    let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
+    let node = server::build(&args, shutdown_rx).await?;
+    let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    // The first stdout line is machine-readable: tests and scripts read the port from it.
+    println!("parley listening on http://{addr} (storage: {}, bus: {})", node.storage_backend, node.bus_kind);
+    if node.dev_mode {
+        println!(
+            "development mode: get a token with `parley token --user alice --data-dir {}`",
+            args.storage.data_dir.display()
+        );
+    }
+    let shutdown = async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        #[cfg(unix)]
+        let term_recv = async {
+            match term.as_mut() {
+                Some(t) => {
+                    t.recv().await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term_recv = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term_recv => {},
+        }
+        tracing::info!("shutting down: closing WebSockets with 1001");
+        let _ = shutdown_tx.send(true);
+    };
+    server::serve(listener, node.app, shutdown).await
+}

@@ -175,6 +175,17 @@ impl CloseCode {
         }
     }
 
+    /// The close code with this number, if the server uses it.
+    pub fn from_code(code: u16) -> Option<CloseCode> {
+        use CloseCode::*;
+        [
+            GoingAway, InvalidPayload, PolicyViolation, MessageTooBig, InternalError, AuthFailed, AuthTimeout,
+            HeartbeatTimeout, RateLimitFlood, SlowConsumer,
+        ]
+        .into_iter()
+        .find(|c| c.code() == code)
+    }
+
     pub fn reason(self) -> &'static str {
         match self {
             CloseCode::GoingAway => "server shutting down",

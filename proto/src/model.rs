@@ -245,3 +245,13 @@ pub struct SessionLimits {
     /// Events the server queues for a connection before closing it as a slow consumer (4009).
     pub send_queue: usize,
 }
+
+/// Who is calling: the verified identity carried by an access token. Not a wire type; shared by
+/// the core and the edge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: String,
+    pub tenant_id: String,
+    /// Roles granted by the token issuer (application-defined; Parley checks channel roles).
+    pub roles: Vec<String>,
+}

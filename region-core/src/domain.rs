@@ -1,0 +1,445 @@
+//! Channel, member and message rules: who may do what, what input is valid, and which events
+//! follow. Every call re-checks the caller's membership; nothing is cached here.
+//!
+//! After a write commits, its event is published on the bus. A publish that fails is logged and
+//! recovered by the nodes' gap filling (they read storage), so the write is never undone.
+
+use std::sync::Arc;
+
+use parley_proto::{
+    AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode, Member, Message,
+    MessagePage, PatchChannel, Principal, Role, SendMessage, SendResult,
+};
+use parley_sync::Bus;
+
+use crate::storage::{HistoryAnchor, NewChannel, NewMessage, Storage, StorageError};
+use crate::validate;
+
+/// Limits the domain enforces on input.
+#[derive(Debug, Clone)]
+pub struct DomainLimits {
+    /// Longest message text, in characters.
+    pub max_text_chars: usize,
+}
+
+impl Default for DomainLimits {
+    fn default() -> Self {
+        DomainLimits { max_text_chars: 4000 }
+    }
+}
+
+/// Errors of the domain, each mapped to one public code by [`CoreError::code`].
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("channel not found")]
+    NotFound,
+    #[error("message not found")]
+    MessageNotFound,
+    #[error("you are not a member of this channel")]
+    NotAMember,
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("client_msg_id was already used in this channel with a different text or metadata")]
+    IdempotencyConflict,
+    #[error("storage is unavailable, retry: {0}")]
+    Unavailable(String),
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl CoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            CoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            CoreError::NotFound | CoreError::MessageNotFound => ErrorCode::NotFound,
+            CoreError::NotAMember => ErrorCode::NotAMember,
+            CoreError::Forbidden(_) => ErrorCode::Forbidden,
+            CoreError::Conflict(_) => ErrorCode::Conflict,
+            CoreError::IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            CoreError::Unavailable(_) => ErrorCode::Unavailable,
+            CoreError::Internal(_) => ErrorCode::Internal,
+        }
+    }
+}
+
+impl From<StorageError> for CoreError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::NotFound => CoreError::NotFound,
+            StorageError::NotAMember => CoreError::NotAMember,
+            StorageError::IdempotencyConflict => CoreError::IdempotencyConflict,
+            StorageError::Conflict(m) => CoreError::Conflict(m),
+            StorageError::Unavailable(m) => CoreError::Unavailable(m),
+            StorageError::Internal(m) => CoreError::Internal(m),
+        }
+    }
+}
+
+pub type CoreResult<T> = Result<T, CoreError>;
+
+/// History query as given by the caller (`before`, `after`, `around`, `limit`).
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Messages with a smaller seq (older), newest page first.
+    pub before: Option<u64>,
+    /// Messages with a greater seq (newer).
+    pub after: Option<u64>,
+    /// Messages around this seq (half before, the rest at or after).
+    pub around: Option<u64>,
+    /// Page size, 1–200 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// The region core's domain service.
+pub struct Core {
+    storage: Arc<dyn Storage>,
+    bus: Arc<dyn Bus>,
+    limits: DomainLimits,
+}
+
+impl Core {
+    pub fn new(storage: Arc<dyn Storage>, bus: Arc<dyn Bus>, limits: DomainLimits) -> Self {
+        Core { storage, bus, limits }
+    }
+
+    pub fn storage(&self) -> &Arc<dyn Storage> {
+        &self.storage
+    }
+
+    pub fn limits(&self) -> &DomainLimits {
+        &self.limits
+    }
+
+    // ---- channels ----
+
+    /// Creates a channel (the caller becomes its owner) or a DM (unique per pair; a second
+    /// create returns the existing one with `created == false`).
+    pub async fn create_channel(&self, p: &Principal, req: CreateChannel) -> CoreResult<(Channel, bool)> {
+        for m in &req.members {
+            validate::user_id(m).map_err(CoreError::InvalidArgument)?;
+        }
+        if req.members.len() > validate::MAX_INITIAL_MEMBERS {
+            return Err(CoreError::InvalidArgument(format!(
+                "at most {} members can be given when creating a channel",
+                validate::MAX_INITIAL_MEMBERS
+            )));
+        }
+        let id = new_id("ch_");
+        let new = match req.kind {
+            ChannelKind::Channel => {
+                let name = req.name.ok_or_else(|| CoreError::InvalidArgument("a channel needs a name".into()))?;
+                validate::channel_name(&name).map_err(CoreError::InvalidArgument)?;
+                let mut members = vec![(p.user_id.clone(), Role::Owner)];
+                for m in req.members {
+                    if !members.iter().any(|(u, _)| *u == m) {
+                        members.push((m, Role::Member));
+                    }
+                }
+                NewChannel {
+                    tenant_id: p.tenant_id.clone(),
+                    id,
+                    kind: ChannelKind::Channel,
+                    name: Some(name),
+                    created_by: p.user_id.clone(),
+                    members,
+                    dm_key: None,
+                }
+            }
+            ChannelKind::Dm => {
+                if req.name.is_some() {
+                    return Err(CoreError::InvalidArgument("a DM has no name".into()));
+                }
+                let [other] = req.members.as_slice() else {
+                    return Err(CoreError::InvalidArgument(
+                        "a DM needs exactly one other member in \"members\"".into(),
+                    ));
+                };
+                let mut pair = [p.user_id.clone(), other.clone()];
+                pair.sort();
+                let mut members = vec![(p.user_id.clone(), Role::Member)];
+                if *other != p.user_id {
+                    members.push((other.clone(), Role::Member));
+                }
+                NewChannel {
+                    tenant_id: p.tenant_id.clone(),
+                    id,
+                    kind: ChannelKind::Dm,
+                    name: None,
+                    created_by: p.user_id.clone(),
+                    members,
+                    dm_key: Some(pair.join("\n")),
+                }
+            }
+        };
+        let (mut channel, created) = self.storage.create_channel(new).await?;
+        // For an existing DM the caller is one of its pair (dm_key says so); this also reads the role.
+        channel.role = Some(self.require_member(p, &channel.id).await?);
+        Ok((channel, created))
+    }
+
+    pub async fn list_channels(&self, p: &Principal) -> CoreResult<Vec<Channel>> {
+        Ok(self.storage.channels_of(&p.tenant_id, &p.user_id).await?)
+    }
+
+    pub async fn get_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<Channel> {
+        let role = self.require_member(p, channel_id).await?;
+        let mut ch = self.storage.channel(&p.tenant_id, channel_id).await?.ok_or(CoreError::NotFound)?;
+        ch.role = Some(role);
+        Ok(ch)
+    }
+
+    pub async fn rename_channel(&self, p: &Principal, channel_id: &str, req: PatchChannel) -> CoreResult<Channel> {
+        let (role, ch) = self.member_and_channel(p, channel_id).await?;
+        if ch.kind == ChannelKind::Dm {
+            return Err(CoreError::Conflict("a DM cannot be renamed".into()));
+        }
+        require_role(role, Role::Moderator, "renaming a channel")?;
+        validate::channel_name(&req.name).map_err(CoreError::InvalidArgument)?;
+        let event = self.storage.rename_channel(&p.tenant_id, channel_id, &req.name, &p.user_id).await?;
+        self.publish(&event).await;
+        let mut ch = match &event.body {
+            parley_proto::EventBody::ChannelUpdated { channel, .. } => channel.clone(),
+            _ => return Err(CoreError::Internal("rename returned another event".into())),
+        };
+        ch.role = Some(role);
+        Ok(ch)
+    }
+
+    pub async fn delete_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<()> {
+        let (role, ch) = self.member_and_channel(p, channel_id).await?;
+        if ch.kind == ChannelKind::Channel {
+            require_role(role, Role::Owner, "deleting a channel")?;
+        }
+        let event = self.storage.delete_channel(&p.tenant_id, channel_id, &p.user_id).await?;
+        self.publish(&event).await;
+        Ok(())
+    }
+
+    // ---- members ----
+
+    pub async fn list_members(&self, p: &Principal, channel_id: &str) -> CoreResult<Vec<Member>> {
+        self.require_member(p, channel_id).await?;
+        Ok(self.storage.members(&p.tenant_id, channel_id).await?)
+    }
+
+    /// Adds a member. Owners and moderators add members; only owners add moderators or owners.
+    /// Adding an existing member changes nothing and returns them.
+    pub async fn add_member(&self, p: &Principal, channel_id: &str, req: AddMember) -> CoreResult<(Member, bool)> {
+        validate::user_id(&req.user_id).map_err(CoreError::InvalidArgument)?;
+        let (role, ch) = self.member_and_channel(p, channel_id).await?;
+        if ch.kind == ChannelKind::Dm {
+            return Err(CoreError::Conflict("the members of a DM are fixed".into()));
+        }
+        let new_role = req.role.unwrap_or(Role::Member);
+        require_role(role, Role::Moderator, "adding members")?;
+        if new_role > Role::Member {
+            require_role(role, Role::Owner, "adding moderators or owners")?;
+        }
+        let event = self.storage.add_member(&p.tenant_id, channel_id, &req.user_id, new_role, &p.user_id).await?;
+        match event {
+            Some(event) => {
+                self.publish(&event).await;
+                match event.body {
+                    parley_proto::EventBody::MemberAdded { member, .. } => Ok((member, true)),
+                    _ => Err(CoreError::Internal("add_member returned another event".into())),
+                }
+            }
+            None => {
+                let m = self.storage.member(&p.tenant_id, channel_id, &req.user_id).await?;
+                m.map(|m| (m, false)).ok_or(CoreError::NotFound)
+            }
+        }
+    }
+
+    /// Removes a member, or leaves when `user_id` is the caller. Moderators remove members;
+    /// owners remove anyone.
+    pub async fn remove_member(&self, p: &Principal, channel_id: &str, user_id: &str) -> CoreResult<()> {
+        validate::user_id(user_id).map_err(CoreError::InvalidArgument)?;
+        let (role, ch) = self.member_and_channel(p, channel_id).await?;
+        if user_id != p.user_id {
+            if ch.kind == ChannelKind::Dm {
+                return Err(CoreError::Conflict("the members of a DM are fixed".into()));
+            }
+            let target = self
+                .storage
+                .member(&p.tenant_id, channel_id, user_id)
+                .await?
+                .ok_or_else(|| CoreError::InvalidArgument(format!("{user_id} is not a member of this channel")))?;
+            require_role(role, Role::Moderator, "removing members")?;
+            if target.role > Role::Member {
+                require_role(role, Role::Owner, "removing moderators or owners")?;
+            }
+        }
+        if let Some(event) = self.storage.remove_member(&p.tenant_id, channel_id, user_id, &p.user_id).await? {
+            self.publish(&event).await;
+        }
+        Ok(())
+    }
+
+    // ---- messages ----
+
+    /// Sends a message; returns once it is durably committed.
+    pub async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> CoreResult<SendResult> {
+        validate::client_msg_id(&req.client_msg_id).map_err(CoreError::InvalidArgument)?;
+        validate::message_text(&req.text, self.limits.max_text_chars).map_err(CoreError::InvalidArgument)?;
+        validate::metadata(req.metadata.as_ref()).map_err(CoreError::InvalidArgument)?;
+        if self.storage.channel(&p.tenant_id, channel_id).await?.is_none() {
+            return Err(CoreError::NotFound);
+        }
+        let outcome = self
+            .storage
+            .send_message(NewMessage {
+                tenant_id: p.tenant_id.clone(),
+                channel_id: channel_id.to_owned(),
+                id: new_id("msg_"),
+                sender_id: p.user_id.clone(),
+                client_msg_id: req.client_msg_id,
+                text: req.text,
+                metadata: req.metadata.filter(|m| !m.is_null()),
+            })
+            .await?;
+        if outcome.created {
+            let event = ChannelEvent {
+                channel_id: channel_id.to_owned(),
+                seq: outcome.message.seq,
+                body: parley_proto::EventBody::MessageNew { message: outcome.message.clone() },
+            };
+            self.publish(&event).await;
+        }
+        Ok(SendResult { message: outcome.message, created: outcome.created })
+    }
+
+    /// Edits one of the caller's own messages.
+    pub async fn edit_message(&self, p: &Principal, channel_id: &str, message_id: &str, req: EditMessage) -> CoreResult<Message> {
+        validate::message_text(&req.text, self.limits.max_text_chars).map_err(CoreError::InvalidArgument)?;
+        validate::metadata(req.metadata.as_ref()).map_err(CoreError::InvalidArgument)?;
+        self.require_member(p, channel_id).await?;
+        let m = self.live_message(p, channel_id, message_id).await?;
+        if m.sender_id != p.user_id {
+            return Err(CoreError::Forbidden("only the sender can edit a message".into()));
+        }
+        let event = self
+            .storage
+            .edit_message(&p.tenant_id, channel_id, message_id, &req.text, req.metadata.filter(|m| !m.is_null()))
+            .await
+            .map_err(message_not_found)?;
+        self.publish(&event).await;
+        event_message(event)
+    }
+
+    /// Deletes a message (leaves a tombstone). Senders delete their own; moderators and owners
+    /// delete any in channels.
+    pub async fn delete_message(&self, p: &Principal, channel_id: &str, message_id: &str) -> CoreResult<Message> {
+        let role = self.require_member(p, channel_id).await?;
+        let m = self.live_message(p, channel_id, message_id).await?;
+        if m.sender_id != p.user_id {
+            require_role(role, Role::Moderator, "deleting other people's messages")?;
+        }
+        let event = self
+            .storage
+            .delete_message(&p.tenant_id, channel_id, message_id, &p.user_id)
+            .await
+            .map_err(message_not_found)?;
+        self.publish(&event).await;
+        event_message(event)
+    }
+
+    pub async fn history(&self, p: &Principal, channel_id: &str, q: HistoryQuery) -> CoreResult<MessagePage> {
+        let limit = q.limit.unwrap_or(50);
+        if !(1..=200).contains(&limit) {
+            return Err(CoreError::InvalidArgument(format!("limit must be between 1 and 200, got {limit}")));
+        }
+        let anchor = match (q.before, q.after, q.around) {
+            (None, None, None) => HistoryAnchor::Latest,
+            (Some(s), None, None) => HistoryAnchor::Before(s),
+            (None, Some(s), None) => HistoryAnchor::After(s),
+            (None, None, Some(s)) => HistoryAnchor::Around(s),
+            _ => {
+                return Err(CoreError::InvalidArgument(
+                    "give at most one of before, after, around".into(),
+                ));
+            }
+        };
+        self.require_member(p, channel_id).await?;
+        Ok(self.storage.history(&p.tenant_id, channel_id, anchor, limit).await?)
+    }
+
+    // ---- for the edge ----
+
+    /// Checks that the caller is a member; returns their role.
+    pub async fn require_member(&self, p: &Principal, channel_id: &str) -> CoreResult<Role> {
+        match self.storage.member(&p.tenant_id, channel_id, &p.user_id).await? {
+            Some(m) => Ok(m.role),
+            None => {
+                if self.storage.channel(&p.tenant_id, channel_id).await?.is_some() {
+                    Err(CoreError::NotAMember)
+                } else {
+                    Err(CoreError::NotFound)
+                }
+            }
+        }
+    }
+
+    /// Persisted events of a channel in `(after, up_to]`, for gap filling at the edge. The
+    /// caller (the edge) has checked membership of every receiver.
+    pub async fn channel_events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> CoreResult<Vec<ChannelEvent>> {
+        Ok(self.storage.events(tenant, channel_id, after, up_to, limit).await?)
+    }
+
+    // ---- helpers ----
+
+    async fn member_and_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<(Role, Channel)> {
+        let role = self.require_member(p, channel_id).await?;
+        let ch = self.storage.channel(&p.tenant_id, channel_id).await?.ok_or(CoreError::NotFound)?;
+        Ok((role, ch))
+    }
+
+    async fn live_message(&self, p: &Principal, channel_id: &str, message_id: &str) -> CoreResult<Message> {
+        match self.storage.message(&p.tenant_id, channel_id, message_id).await? {
+            Some(m) if !m.deleted => Ok(m),
+            _ => Err(CoreError::MessageNotFound),
+        }
+    }
+
+    async fn publish(&self, event: &ChannelEvent) {
+        if let Err(e) = self.bus.publish(event).await {
+            tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
+                "publish failed; receivers will fill the gap from storage");
+        }
+    }
+}
+
+fn require_role(have: Role, need: Role, what: &str) -> CoreResult<()> {
+    if have >= need {
+        Ok(())
+    } else {
+        Err(CoreError::Forbidden(format!("{what} needs the {} role or higher", need.as_str())))
+    }
+}
+
+fn message_not_found(e: StorageError) -> CoreError {
+    match e {
+        StorageError::NotFound => CoreError::MessageNotFound,
+        other => other.into(),
+    }
+}
+
+fn event_message(event: ChannelEvent) -> CoreResult<Message> {
+    match event.body {
+        parley_proto::EventBody::MessageUpdated { message } | parley_proto::EventBody::MessageDeleted { message } => {
+            Ok(message)
+        }
+        _ => Err(CoreError::Internal("unexpected event kind".into())),
+    }
+}
+
+/// A new opaque id: `prefix` + ULID (time-ordered, 26 characters).
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}{}", ulid::Ulid::new())
+}

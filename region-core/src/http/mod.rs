@@ -1,0 +1,287 @@
+//! The REST API v1: routes, authentication and rate limiting middleware, typed errors.
+//!
+//! Every error leaves through [`ApiError`], rendered as `{"error": {"code", "message",
+//! "request_id"}}` with the code's HTTP status. Request bodies go through [`ApiJson`], which tells
+//! malformed JSON, wrong shapes and oversized bodies apart. Tokens are read from the
+//! `Authorization: Bearer` header only.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{FromRequest, FromRequestParts, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, request::Parts};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use parley_proto::{ErrorBody, ErrorCode, Principal, error::ErrorDetail};
+use serde::de::DeserializeOwned;
+
+use crate::auth::Authenticator;
+use crate::domain::{Core, CoreError};
+use crate::ratelimit::RequestBudget;
+
+mod openapi;
+mod routes;
+
+pub use openapi::ApiDoc;
+
+/// What the REST handlers share.
+#[derive(Clone)]
+pub struct ApiState {
+    pub core: Arc<Core>,
+    pub auth: Arc<Authenticator>,
+    pub budget: Arc<RequestBudget>,
+}
+
+/// Largest REST request body.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// The `/v1` REST routes, with authentication and rate limiting applied. Merge it with the edge's
+/// WebSocket route and wrap the whole app in [`request_id`].
+pub fn router(state: ApiState) -> Router {
+    routes::routes()
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// The request id of the current request, set by [`request_id`].
+#[derive(Debug, Clone)]
+pub struct RequestId(pub String);
+
+/// Gives every request an id (`x-request-id`, reused when the client sent a sane one) and fills
+/// it into error bodies.
+pub async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .map(str::to_owned)
+        .unwrap_or_else(|| ulid::Ulid::new().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    // Also as a header, so handlers outside this crate (the edge) can quote it.
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        req.headers_mut().insert("x-request-id", v);
+    }
+    let mut res = next.run(req).await;
+    if let Some(pending) = res.extensions_mut().remove::<PendingError>() {
+        let status = res.status();
+        let headers = std::mem::take(res.headers_mut());
+        res = render_error(status, headers, pending, &id);
+    }
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        res.headers_mut().insert("x-request-id", v);
+    }
+    res
+}
+
+/// Fallback for unknown routes.
+pub async fn route_not_found() -> ApiError {
+    ApiError::new(ErrorCode::RouteNotFound, "no such route; the API lives under /v1 (see /v1/openapi.json)")
+}
+
+/// Fallback for known routes with another method.
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(ErrorCode::MethodNotAllowed, "this route does not accept that HTTP method")
+}
+
+/// A REST error: a stable code, a sentence, and for `rate_limited` the delay.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub code: ErrorCode,
+    pub message: String,
+    pub retry_after: Option<Duration>,
+}
+
+impl ApiError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), retry_after: None }
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(e: CoreError) -> Self {
+        if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
+            tracing::error!(error = %detail, "request failed");
+        }
+        ApiError::new(e.code(), e.to_string())
+    }
+}
+
+/// The error travels to [`request_id`] in the response extensions, which renders it with the id.
+#[derive(Debug, Clone)]
+struct PendingError(ApiError);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut res = status.into_response();
+        if let Some(d) = self.retry_after {
+            let secs = d.as_secs_f64().ceil().max(1.0) as u64;
+            res.headers_mut().insert("retry-after", HeaderValue::from(secs));
+        }
+        res.extensions_mut().insert(PendingError(self));
+        res
+    }
+}
+
+fn render_error(status: StatusCode, headers: HeaderMap, pending: PendingError, request_id: &str) -> Response {
+    let e = pending.0;
+    let body = ErrorBody {
+        error: ErrorDetail {
+            code: e.code,
+            message: e.message,
+            request_id: request_id.to_owned(),
+            retry_after_ms: e.retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        },
+    };
+    let mut res = (status, axum::Json(body)).into_response();
+    for (k, v) in headers.iter() {
+        if k != axum::http::header::CONTENT_TYPE && k != axum::http::header::CONTENT_LENGTH {
+            res.headers_mut().insert(k.clone(), v.clone());
+        }
+    }
+    res
+}
+
+/// The outcome of authentication, left in the request extensions by [`authenticate`].
+#[derive(Debug, Clone)]
+enum AuthOutcome {
+    Ok(Principal),
+    Failed(ApiError),
+}
+
+/// Verifies the bearer token (if any) and spends one request of the user's budget; adds the
+/// `RateLimit` headers to the response.
+async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+    let outcome = match bearer(req.headers()) {
+        Ok(token) => match state.auth.verify(token) {
+            Ok(p) => AuthOutcome::Ok(p),
+            Err(e) => AuthOutcome::Failed(ApiError::new(e.code, e.message)),
+        },
+        Err(e) => {
+            let query_token = req
+                .uri()
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("token=") || kv.starts_with("access_token=")));
+            let e = if query_token {
+                ApiError::new(
+                    ErrorCode::TokenMissing,
+                    "tokens are never accepted in the query string; send Authorization: Bearer <token>",
+                )
+            } else {
+                e
+            };
+            AuthOutcome::Failed(e)
+        }
+    };
+    let mut rate_headers = None;
+    if let AuthOutcome::Ok(p) = &outcome {
+        match state.budget.check(&format!("{}/{}", p.tenant_id, p.user_id)) {
+            Ok(allowed) => rate_headers = Some(allowed),
+            Err(limited) => {
+                let mut e = ApiError::new(ErrorCode::RateLimited, "request budget spent; retry after the stated delay");
+                e.retry_after = Some(limited.retry_after);
+                let mut res = e.into_response();
+                let policy = format!("{};w=60", state.budget_per_minute());
+                set_header(&mut res, "ratelimit-policy", &policy);
+                let reset = limited.retry_after.as_secs_f64().ceil() as u64;
+                set_header(&mut res, "ratelimit", &format!("limit={}, remaining=0, reset={reset}", limited.limit));
+                return res;
+            }
+        }
+    }
+    req.extensions_mut().insert(outcome);
+    let mut res = next.run(req).await;
+    if let Some(a) = rate_headers {
+        set_header(&mut res, "ratelimit-policy", &format!("{};w=60", state.budget_per_minute()));
+        set_header(&mut res, "ratelimit", &format!("limit={}, remaining={}, reset={}", a.limit, a.remaining, a.reset_secs));
+    }
+    res
+}
+
+impl ApiState {
+    fn budget_per_minute(&self) -> u32 {
+        self.budget.per_minute()
+    }
+}
+
+fn set_header(res: &mut Response, name: &'static str, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        res.headers_mut().insert(name, v);
+    }
+}
+
+/// Reads `Authorization: Bearer <token>`.
+pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Err(ApiError::new(ErrorCode::TokenMissing, "send Authorization: Bearer <token>"));
+    };
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::new(ErrorCode::TokenMalformed, "Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
+        _ => Err(ApiError::new(ErrorCode::TokenMalformed, "Authorization header must be \"Bearer <token>\"")),
+    }
+}
+
+/// The authenticated caller. Rejects with the authentication error otherwise.
+pub struct Authed(pub Principal);
+
+impl<S: Send + Sync> FromRequestParts<S> for Authed {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<AuthOutcome>() {
+            Some(AuthOutcome::Ok(p)) => Ok(Authed(p.clone())),
+            Some(AuthOutcome::Failed(e)) => Err(e.clone()),
+            None => Err(ApiError::new(ErrorCode::Internal, "authentication middleware missing")),
+        }
+    }
+}
+
+/// A JSON body whose rejections are typed errors: `malformed_json` for bad syntax or bad UTF-8,
+/// `invalid_request` for the wrong shape, `payload_too_large` over [`MAX_BODY_BYTES`].
+pub struct ApiJson<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        use axum::extract::rejection::JsonRejection;
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::JsonSyntaxError(e)) => {
+                Err(ApiError::new(ErrorCode::MalformedJson, format!("body is not valid JSON: {}", e.body_text())))
+            }
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ApiError::new(ErrorCode::InvalidRequest, format!("body has the wrong shape: {}", e.body_text())))
+            }
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                "send the body as JSON with Content-Type: application/json",
+            )),
+            Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                ErrorCode::PayloadTooLarge,
+                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+            )),
+            Err(e) => Err(ApiError::new(ErrorCode::InvalidRequest, e.body_text())),
+        }
+    }
+}
+
+/// Query parameters whose rejections are `invalid_argument` errors.
+pub struct ApiQuery<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|q| ApiQuery(q.0))
+            .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("invalid query: {}", e.body_text())))
+    }
+}

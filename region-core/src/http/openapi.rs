@@ -1,0 +1,33 @@
+//! The OpenAPI 3.1 document of API v1, generated from the handlers' annotations and the wire
+//! types, served at `/v1/openapi.json`.
+
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi};
+
+use super::routes;
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Parley API", version = "v1", description = "Chat channels, DMs, members and messages. Real-time events travel over the WebSocket at /v1/ws (subprotocol parley.v1), described in docs/protocol.md."),
+    paths(
+        routes::create_channel, routes::list_channels, routes::get_channel, routes::patch_channel, routes::delete_channel,
+        routes::list_members, routes::add_member, routes::remove_member,
+        routes::send_message, routes::history, routes::edit_message, routes::delete_message,
+    ),
+    components(schemas(parley_proto::ErrorCode, parley_proto::ChannelEvent, parley_proto::EventBody, parley_proto::ServerFrame, parley_proto::SessionLimits)),
+    modifiers(&BearerAuth),
+    tags((name = "channels"), (name = "members"), (name = "messages")),
+)]
+pub struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).bearer_format("JWT").build()),
+        );
+    }
+}

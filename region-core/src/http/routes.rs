@@ -1,0 +1,148 @@
+//! Handlers of the `/v1` REST routes. Each one validates ids, calls the domain, and maps the
+//! result; none holds logic of its own.
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use parley_proto::{
+    AddMember, Channel, ChannelList, CreateChannel, EditMessage, ErrorBody, Member, MemberList, Message,
+    MessagePage, PatchChannel, SendMessage, SendResult,
+};
+
+use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
+use crate::domain::HistoryQuery;
+use crate::validate;
+
+pub(super) fn routes() -> Router<ApiState> {
+    Router::new()
+        .route("/v1/channels", post(create_channel).get(list_channels))
+        .route("/v1/channels/{channel_id}", get(get_channel).patch(patch_channel).delete(delete_channel))
+        .route("/v1/channels/{channel_id}/members", post(add_member).get(list_members))
+        .route("/v1/channels/{channel_id}/members/{user_id}", axum::routing::delete(remove_member))
+        .route("/v1/channels/{channel_id}/messages", post(send_message).get(history))
+        .route("/v1/channels/{channel_id}/messages/{message_id}", axum::routing::patch(edit_message).delete(delete_message))
+}
+
+fn channel_id(id: &str) -> Result<(), ApiError> {
+    validate::channel_id(id).map_err(|m| ApiError::new(parley_proto::ErrorCode::InvalidArgument, m))
+}
+
+fn message_id(id: &str) -> Result<(), ApiError> {
+    validate::message_id(id).map_err(|m| ApiError::new(parley_proto::ErrorCode::InvalidArgument, m))
+}
+
+/// Create a channel or a DM. A DM between the same two users is created once: the second call
+/// returns it with 200 instead of 201.
+#[utoipa::path(post, path = "/v1/channels", tag = "channels", request_body = CreateChannel,
+    responses((status = 201, body = Channel, description = "created"), (status = 200, body = Channel, description = "the existing DM"),
+        (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn create_channel(State(s): State<ApiState>, Authed(p): Authed, ApiJson(req): ApiJson<CreateChannel>) -> Result<Response, ApiError> {
+    let (channel, created) = s.core.create_channel(&p, req).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, axum::Json(channel)).into_response())
+}
+
+/// The caller's channels, each with its `last_seq` and the caller's role.
+#[utoipa::path(get, path = "/v1/channels", tag = "channels",
+    responses((status = 200, body = ChannelList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn list_channels(State(s): State<ApiState>, Authed(p): Authed) -> Result<axum::Json<ChannelList>, ApiError> {
+    Ok(axum::Json(ChannelList { channels: s.core.list_channels(&p).await? }))
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
+    responses((status = 200, body = Channel), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn get_channel(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<Channel>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(s.core.get_channel(&p, &id).await?))
+}
+
+/// Rename a channel (owners and moderators). Emits `channel.updated`.
+#[utoipa::path(patch, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)), request_body = PatchChannel,
+    responses((status = 200, body = Channel), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn patch_channel(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<PatchChannel>) -> Result<axum::Json<Channel>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(s.core.rename_channel(&p, &id, req).await?))
+}
+
+/// Delete a channel (owners; either party of a DM) with its history.
+#[utoipa::path(delete, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn delete_channel(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    channel_id(&id)?;
+    s.core.delete_channel(&p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path)),
+    responses((status = 200, body = MemberList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn list_members(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<MemberList>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(MemberList { members: s.core.list_members(&p, &id).await? }))
+}
+
+/// Add a member (owners and moderators; only owners add moderators or owners). Emits `member.added`.
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path)), request_body = AddMember,
+    responses((status = 201, body = Member, description = "added"), (status = 200, body = Member, description = "already a member"),
+        (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn add_member(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<AddMember>) -> Result<Response, ApiError> {
+    channel_id(&id)?;
+    let (member, added) = s.core.add_member(&p, &id, req).await?;
+    let status = if added { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, axum::Json(member)).into_response())
+}
+
+/// Remove a member, or leave when `user_id` is yourself. Emits `member.removed`; the removed user
+/// receives nothing more from the channel from that event on.
+#[utoipa::path(delete, path = "/v1/channels/{channel_id}/members/{user_id}", tag = "members",
+    params(("channel_id" = String, Path), ("user_id" = String, Path)),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn remove_member(State(s): State<ApiState>, Authed(p): Authed, Path((id, user)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+    channel_id(&id)?;
+    s.core.remove_member(&p, &id, &user).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Send a message. Idempotent on `client_msg_id`: a retry returns the original message (200,
+/// `created: false`); the same key with another body is 409 `idempotency_conflict`. The response
+/// is sent only after the commit is durable.
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path)), request_body = SendMessage,
+    responses((status = 201, body = SendResult, description = "created"), (status = 200, body = SendResult, description = "idempotent retry"),
+        (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn send_message(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<SendMessage>) -> Result<Response, ApiError> {
+    channel_id(&id)?;
+    let result = s.core.send_message(&p, &id, req).await?;
+    let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, axum::Json(result)).into_response())
+}
+
+/// A page of history, keyset-paginated on seq: `before`, `after` or `around` (at most one), and
+/// `limit` 1–200 (default 50). Messages come ascending by seq; deleted ones as tombstones.
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path), HistoryQuery),
+    responses((status = 200, body = MessagePage), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn history(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiQuery(q): ApiQuery<HistoryQuery>) -> Result<axum::Json<MessagePage>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(s.core.history(&p, &id, q).await?))
+}
+
+/// Edit your own message. Emits `message.updated` with a seq of its own.
+#[utoipa::path(patch, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
+    params(("channel_id" = String, Path), ("message_id" = String, Path)), request_body = EditMessage,
+    responses((status = 200, body = Message), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn edit_message(State(s): State<ApiState>, Authed(p): Authed, Path((id, msg)): Path<(String, String)>, ApiJson(req): ApiJson<EditMessage>) -> Result<axum::Json<Message>, ApiError> {
+    channel_id(&id)?;
+    message_id(&msg)?;
+    Ok(axum::Json(s.core.edit_message(&p, &id, &msg, req).await?))
+}
+
+/// Delete a message (yours; any, for owners and moderators). Leaves a tombstone and emits
+/// `message.deleted`.
+#[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
+    params(("channel_id" = String, Path), ("message_id" = String, Path)),
+    responses((status = 200, body = Message, description = "the tombstone"), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn delete_message(State(s): State<ApiState>, Authed(p): Authed, Path((id, msg)): Path<(String, String)>) -> Result<axum::Json<Message>, ApiError> {
+    channel_id(&id)?;
+    message_id(&msg)?;
+    Ok(axum::Json(s.core.delete_message(&p, &id, &msg).await?))
+}

@@ -1,0 +1,321 @@
+//! SQLite storage, the embedded default: one file in the data folder, WAL mode, `synchronous=FULL`
+//! so an acknowledged commit survives a crash of the process or the machine.
+//!
+//! SQLite allows one writer at a time, so all writes go to one dedicated thread that owns the
+//! write connection and **group-commits**: it takes every write queued while the previous commit
+//! was syncing, runs each inside its own savepoint (a failing write rolls back alone), and commits
+//! them together with one fsync. Each caller is answered only after that commit. Reads run on a
+//! small pool of read connections on tokio's blocking threads; WAL lets them run beside the writer.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use parley_proto::{Channel, ChannelEvent, Member, MessagePage, Role};
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{Semaphore, oneshot};
+
+use super::{
+    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+};
+
+mod queries;
+
+/// Writes queued beyond this wait for the writer thread (backpressure instead of unbounded memory).
+const WRITE_QUEUE: usize = 8192;
+/// Most writes committed together.
+const MAX_BATCH: usize = 1024;
+/// Read connections.
+const READERS: usize = 4;
+
+/// SQLite storage handle; cheap to clone.
+#[derive(Clone)]
+pub struct SqliteStorage {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    path: PathBuf,
+    writer: std::sync::mpsc::SyncSender<Box<dyn ErasedJob>>,
+    readers: Mutex<Vec<Connection>>,
+    reader_permits: Semaphore,
+}
+
+impl SqliteStorage {
+    /// Opens (creating if needed) `parley.db` in `dir` and applies migrations.
+    pub async fn open(dir: &Path) -> StorageResult<SqliteStorage> {
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&dir))
+            .await
+            .map_err(|e| StorageError::Internal(format!("open task failed: {e}")))?
+    }
+
+    fn open_blocking(dir: &Path) -> StorageResult<SqliteStorage> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| StorageError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join("parley.db");
+        let mut write_conn = open_conn(&path, false)?;
+        queries::migrate(&mut write_conn)?;
+        let mut readers = Vec::with_capacity(READERS);
+        for _ in 0..READERS {
+            readers.push(open_conn(&path, true)?);
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Box<dyn ErasedJob>>(WRITE_QUEUE);
+        std::thread::Builder::new()
+            .name("parley-sqlite-writer".into())
+            .spawn(move || writer_loop(write_conn, rx))
+            .map_err(|e| StorageError::Internal(format!("cannot start writer thread: {e}")))?;
+        Ok(SqliteStorage {
+            inner: Arc::new(Inner {
+                path,
+                writer: tx,
+                readers: Mutex::new(readers),
+                reader_permits: Semaphore::new(READERS),
+            }),
+        })
+    }
+
+    /// Path of the database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Runs `f` on the writer thread inside the next group commit; resolves after the commit.
+    async fn write<T, F>(&self, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        let (reply, rx) = oneshot::channel();
+        let job: Box<dyn ErasedJob> = Box::new(Job {
+            f: Some(f),
+            result: None,
+            reply: Some(reply),
+        });
+        match self.inner.writer.try_send(job) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(job)) => {
+                // The queue is full: wait for room on a blocking thread, never on the runtime.
+                let sender = self.inner.writer.clone();
+                tokio::task::spawn_blocking(move || sender.send(job))
+                    .await
+                    .map_err(|e| StorageError::Internal(format!("write submit task failed: {e}")))?
+                    .map_err(|_| StorageError::Unavailable("sqlite writer stopped".into()))?;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(StorageError::Unavailable("sqlite writer stopped".into()));
+            }
+        }
+        rx.await
+            .map_err(|_| StorageError::Unavailable("sqlite writer stopped".into()))?
+    }
+
+    /// Runs `f` on a read connection.
+    async fn read<T, F>(&self, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        let _permit = self
+            .inner
+            .reader_permits
+            .acquire()
+            .await
+            .map_err(|_| StorageError::Unavailable("sqlite readers closed".into()))?;
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = inner
+                .readers
+                .lock()
+                .map_err(|_| StorageError::Internal("reader pool poisoned".into()))?
+                .pop()
+                .ok_or_else(|| StorageError::Internal("reader pool empty under permit".into()))?;
+            let result = f(&conn);
+            if let Ok(mut pool) = inner.readers.lock() {
+                pool.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StorageError::Internal(format!("read task failed: {e}")))?
+    }
+}
+
+fn open_conn(path: &Path, read_only: bool) -> StorageResult<Connection> {
+    let flags = if read_only {
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    } else {
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+    };
+    let conn = Connection::open_with_flags(path, flags)
+        .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
+    // WAL so readers never block the writer; FULL so a commit is on disk before we acknowledge it.
+    conn.execute_batch(
+        "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA busy_timeout=5000; \
+         PRAGMA foreign_keys=OFF;",
+    )
+    .map_err(queries::db_err)?;
+    conn.set_prepared_statement_cache_capacity(64);
+    Ok(conn)
+}
+
+/// A write, type-erased so that one queue carries writes of every result type.
+trait ErasedJob: Send {
+    /// Runs the write inside the open transaction; false when it failed (and must be rolled back).
+    fn run(&mut self, conn: &Connection) -> bool;
+    /// Answers the caller once the batch's fate is known.
+    fn finish(self: Box<Self>, commit: &Result<(), String>);
+}
+
+struct Job<T, F> {
+    f: Option<F>,
+    result: Option<StorageResult<T>>,
+    reply: Option<oneshot::Sender<StorageResult<T>>>,
+}
+
+impl<T, F> ErasedJob for Job<T, F>
+where
+    T: Send,
+    F: FnOnce(&Connection) -> StorageResult<T> + Send,
+{
+    fn run(&mut self, conn: &Connection) -> bool {
+        let Some(f) = self.f.take() else { return false };
+        let r = f(conn);
+        let ok = r.is_ok();
+        self.result = Some(r);
+        ok
+    }
+
+    fn finish(mut self: Box<Self>, commit: &Result<(), String>) {
+        let result = match (commit, self.result.take()) {
+            (_, Some(Err(e))) => Err(e),
+            (Ok(()), Some(Ok(v))) => Ok(v),
+            (Err(msg), Some(Ok(_))) => Err(StorageError::Unavailable(format!("commit failed: {msg}"))),
+            (_, None) => Err(StorageError::Internal("write was never run".into())),
+        };
+        if let Some(reply) = self.reply.take() {
+            let _ = reply.send(result); // the caller may have gone; the write stands
+        }
+    }
+}
+
+/// The writer thread: group commit until every sender is gone.
+fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Box<dyn ErasedJob>>) {
+    let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(MAX_BATCH);
+    while let Ok(first) = rx.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let commit = run_batch(&conn, &mut batch);
+        for job in batch.drain(..) {
+            job.finish(&commit);
+        }
+    }
+}
+
+fn run_batch(conn: &Connection, batch: &mut [Box<dyn ErasedJob>]) -> Result<(), String> {
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string())?;
+    for job in batch.iter_mut() {
+        if let Err(e) = conn.execute_batch("SAVEPOINT job") {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.to_string());
+        }
+        let ok = job.run(conn);
+        let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+        if let Err(e) = conn.execute_batch(end) {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e.to_string());
+        }
+    }
+    match conn.execute_batch("COMMIT") {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e.to_string())
+        }
+    }
+}
+
+#[async_trait]
+impl Storage for SqliteStorage {
+    fn backend(&self) -> &'static str {
+        "sqlite"
+    }
+
+    async fn create_channel(&self, new: NewChannel) -> StorageResult<(Channel, bool)> {
+        self.write(move |c| queries::create_channel(c, &new)).await
+    }
+
+    async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>> {
+        let (t, id) = (tenant.to_owned(), channel_id.to_owned());
+        self.read(move |c| queries::channel(c, &t, &id)).await
+    }
+
+    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
+        let (t, u) = (tenant.to_owned(), user_id.to_owned());
+        self.read(move |c| queries::channels_of(c, &t, &u)).await
+    }
+
+    async fn rename_channel(&self, tenant: &str, channel_id: &str, name: &str, by: &str) -> StorageResult<ChannelEvent> {
+        let (t, id, n, b) = (tenant.to_owned(), channel_id.to_owned(), name.to_owned(), by.to_owned());
+        self.write(move |c| queries::rename_channel(c, &t, &id, &n, &b)).await
+    }
+
+    async fn delete_channel(&self, tenant: &str, channel_id: &str, by: &str) -> StorageResult<ChannelEvent> {
+        let (t, id, b) = (tenant.to_owned(), channel_id.to_owned(), by.to_owned());
+        self.write(move |c| queries::delete_channel(c, &t, &id, &b)).await
+    }
+
+    async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>> {
+        let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
+        self.read(move |c| queries::member(c, &t, &id, &u)).await
+    }
+
+    async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
+        let (t, id) = (tenant.to_owned(), channel_id.to_owned());
+        self.read(move |c| queries::members(c, &t, &id)).await
+    }
+
+    async fn add_member(&self, tenant: &str, channel_id: &str, user_id: &str, role: Role, by: &str) -> StorageResult<Option<ChannelEvent>> {
+        let (t, id, u, b) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned(), by.to_owned());
+        self.write(move |c| queries::add_member(c, &t, &id, &u, role, &b)).await
+    }
+
+    async fn remove_member(&self, tenant: &str, channel_id: &str, user_id: &str, by: &str) -> StorageResult<Option<ChannelEvent>> {
+        let (t, id, u, b) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned(), by.to_owned());
+        self.write(move |c| queries::remove_member(c, &t, &id, &u, &b)).await
+    }
+
+    async fn send_message(&self, new: NewMessage) -> StorageResult<SendOutcome> {
+        self.write(move |c| queries::send_message(c, &new)).await
+    }
+
+    async fn edit_message(&self, tenant: &str, channel_id: &str, message_id: &str, text: &str, metadata: Option<serde_json::Value>) -> StorageResult<ChannelEvent> {
+        let (t, id, m, x) = (tenant.to_owned(), channel_id.to_owned(), message_id.to_owned(), text.to_owned());
+        self.write(move |c| queries::edit_message(c, &t, &id, &m, &x, metadata.as_ref())).await
+    }
+
+    async fn delete_message(&self, tenant: &str, channel_id: &str, message_id: &str, by: &str) -> StorageResult<ChannelEvent> {
+        let (t, id, m, b) = (tenant.to_owned(), channel_id.to_owned(), message_id.to_owned(), by.to_owned());
+        self.write(move |c| queries::delete_message(c, &t, &id, &m, &b)).await
+    }
+
+    async fn message(&self, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<parley_proto::Message>> {
+        let (t, id, m) = (tenant.to_owned(), channel_id.to_owned(), message_id.to_owned());
+        self.read(move |c| queries::message(c, &t, &id, &m)).await
+    }
+
+    async fn history(&self, tenant: &str, channel_id: &str, anchor: HistoryAnchor, limit: u32) -> StorageResult<MessagePage> {
+        let (t, id) = (tenant.to_owned(), channel_id.to_owned());
+        self.read(move |c| queries::history(c, &t, &id, anchor, limit)).await
+    }
+
+    async fn events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> StorageResult<Vec<ChannelEvent>> {
+        let (t, id) = (tenant.to_owned(), channel_id.to_owned());
+        self.read(move |c| queries::events(c, &t, &id, after, up_to, limit)).await
+    }
+}

@@ -1,0 +1,569 @@
+//! The SQL of the SQLite engine. Every function runs on a connection it is handed: write
+//! functions run inside the writer thread's open transaction and savepoint.
+
+use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, Role};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::storage::{
+    HistoryAnchor, NewChannel, NewMessage, SendOutcome, StorageError, StorageResult, now_ms, rfc3339,
+    tombstone,
+};
+
+const MIGRATIONS: &[(i64, &str)] = &[(
+    1,
+    r#"
+CREATE TABLE channels (
+  id TEXT PRIMARY KEY,
+  tenant_id TEXT NOT NULL,
+  kind TEXT NOT NULL,
+  name TEXT,
+  dm_key TEXT,
+  created_by TEXT NOT NULL,
+  created_at BIGINT NOT NULL,
+  last_seq BIGINT NOT NULL DEFAULT 0
+);
+CREATE UNIQUE INDEX channels_tenant_dm ON channels (tenant_id, dm_key);
+CREATE TABLE members (
+  channel_id TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  tenant_id TEXT NOT NULL,
+  role TEXT NOT NULL,
+  joined_at BIGINT NOT NULL,
+  last_read_seq BIGINT NOT NULL DEFAULT 0,
+  PRIMARY KEY (channel_id, user_id)
+);
+CREATE INDEX members_by_user ON members (tenant_id, user_id);
+CREATE TABLE messages (
+  channel_id TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  id TEXT NOT NULL,
+  sender_id TEXT NOT NULL,
+  client_msg_id TEXT NOT NULL,
+  body_hash TEXT NOT NULL,
+  text TEXT NOT NULL,
+  metadata TEXT,
+  created_at BIGINT NOT NULL,
+  edited_at BIGINT,
+  deleted_at BIGINT,
+  PRIMARY KEY (channel_id, seq)
+);
+CREATE UNIQUE INDEX messages_idempotency ON messages (channel_id, sender_id, client_msg_id);
+CREATE UNIQUE INDEX messages_by_id ON messages (id);
+CREATE TABLE channel_events (
+  channel_id TEXT NOT NULL,
+  seq BIGINT NOT NULL,
+  payload TEXT NOT NULL,
+  created_at BIGINT NOT NULL,
+  PRIMARY KEY (channel_id, seq)
+);
+"#,
+)];
+
+/// Applies the migrations that are not applied yet, each in its own transaction.
+pub(super) fn migrate(conn: &mut Connection) -> StorageResult<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)",
+    )
+    .map_err(db_err)?;
+    for (version, sql) in MIGRATIONS {
+        let tx = conn.transaction().map_err(db_err)?;
+        let applied: Option<i64> = tx
+            .query_row("SELECT version FROM schema_migrations WHERE version = ?1", [version], |r| r.get(0))
+            .optional()
+            .map_err(db_err)?;
+        if applied.is_none() {
+            tx.execute_batch(sql).map_err(db_err)?;
+            tx.execute(
+                "INSERT INTO schema_migrations (version, applied_at) VALUES (?1, ?2)",
+                params![version, now_ms()],
+            )
+            .map_err(db_err)?;
+        }
+        tx.commit().map_err(db_err)?;
+    }
+    Ok(())
+}
+
+pub(super) fn db_err(e: rusqlite::Error) -> StorageError {
+    StorageError::Internal(format!("sqlite: {e}"))
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _)
+        if f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_UNIQUE
+            || f.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_PRIMARYKEY)
+}
+
+fn to_u64(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+// ---- channels ----
+
+const CHANNEL_COLS: &str = "c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq";
+
+fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
+    let kind: String = r.get(1)?;
+    Ok(Channel {
+        id: r.get(0)?,
+        kind: ChannelKind::parse(&kind).unwrap_or(ChannelKind::Channel),
+        name: r.get(2)?,
+        created_by: r.get(3)?,
+        created_at: rfc3339(r.get(4)?),
+        last_seq: to_u64(r.get(5)?),
+        role: None,
+    })
+}
+
+pub(super) fn create_channel(c: &Connection, new: &NewChannel) -> StorageResult<(Channel, bool)> {
+    let now = now_ms();
+    let inserted = c.execute(
+        "INSERT INTO channels (id, tenant_id, kind, name, dm_key, created_by, created_at, last_seq) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)",
+        params![new.id, new.tenant_id, new.kind.as_str(), new.name, new.dm_key, new.created_by, now],
+    );
+    match inserted {
+        Ok(_) => {}
+        Err(e) if is_unique_violation(&e) && new.dm_key.is_some() => {
+            let existing = c
+                .query_row(
+                    &format!("SELECT {CHANNEL_COLS} FROM channels c WHERE c.tenant_id = ?1 AND c.dm_key = ?2"),
+                    params![new.tenant_id, new.dm_key],
+                    channel_row,
+                )
+                .map_err(db_err)?;
+            return Ok((existing, false));
+        }
+        Err(e) => return Err(db_err(e)),
+    }
+    let mut stmt = c
+        .prepare_cached(
+            "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (channel_id, user_id) DO NOTHING",
+        )
+        .map_err(db_err)?;
+    for (user, role) in &new.members {
+        stmt.execute(params![new.id, user, new.tenant_id, role.as_str(), now]).map_err(db_err)?;
+    }
+    let channel = channel(c, &new.tenant_id, &new.id)?.ok_or(StorageError::NotFound)?;
+    Ok((channel, true))
+}
+
+pub(super) fn channel(c: &Connection, tenant: &str, id: &str) -> StorageResult<Option<Channel>> {
+    c.prepare_cached(&format!("SELECT {CHANNEL_COLS} FROM channels c WHERE c.tenant_id = ?1 AND c.id = ?2"))
+        .map_err(db_err)?
+        .query_row(params![tenant, id], channel_row)
+        .optional()
+        .map_err(db_err)
+}
+
+pub(super) fn channels_of(c: &Connection, tenant: &str, user: &str) -> StorageResult<Vec<Channel>> {
+    let mut stmt = c
+        .prepare_cached(&format!(
+            "SELECT {CHANNEL_COLS}, m.role FROM members m JOIN channels c ON c.id = m.channel_id \
+             WHERE m.tenant_id = ?1 AND m.user_id = ?2 ORDER BY c.created_at DESC, c.id DESC"
+        ))
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![tenant, user], |r| {
+            let mut ch = channel_row(r)?;
+            let role: String = r.get(6)?;
+            ch.role = Role::parse(&role);
+            Ok(ch)
+        })
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+/// Allocates the next seq of a channel in the open transaction.
+fn next_seq(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<u64> {
+    c.prepare_cached("UPDATE channels SET last_seq = last_seq + 1 WHERE tenant_id = ?1 AND id = ?2 RETURNING last_seq")
+        .map_err(db_err)?
+        .query_row(params![tenant, channel_id], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(db_err)?
+        .map(to_u64)
+        .ok_or(StorageError::NotFound)
+}
+
+/// Allocates a seq and persists `body` as a channel event.
+fn append_event(c: &Connection, tenant: &str, channel_id: &str, body: EventBody) -> StorageResult<ChannelEvent> {
+    let seq = next_seq(c, tenant, channel_id)?;
+    let payload = serde_json::to_string(&body).map_err(|e| StorageError::Internal(e.to_string()))?;
+    c.prepare_cached("INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES (?1, ?2, ?3, ?4)")
+        .map_err(db_err)?
+        .execute(params![channel_id, to_i64(seq), payload, now_ms()])
+        .map_err(db_err)?;
+    Ok(ChannelEvent { channel_id: channel_id.to_owned(), seq, body })
+}
+
+pub(super) fn rename_channel(c: &Connection, tenant: &str, id: &str, name: &str, by: &str) -> StorageResult<ChannelEvent> {
+    let n = c
+        .execute("UPDATE channels SET name = ?3 WHERE tenant_id = ?1 AND id = ?2", params![tenant, id, name])
+        .map_err(db_err)?;
+    if n == 0 {
+        return Err(StorageError::NotFound);
+    }
+    // The event carries the channel as it is after the rename, seq included.
+    let seq = next_seq(c, tenant, id)?;
+    let mut ch = channel(c, tenant, id)?.ok_or(StorageError::NotFound)?;
+    ch.last_seq = seq;
+    let body = EventBody::ChannelUpdated { channel: ch, by: by.to_owned() };
+    let payload = serde_json::to_string(&body).map_err(|e| StorageError::Internal(e.to_string()))?;
+    c.execute(
+        "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+        params![id, to_i64(seq), payload, now_ms()],
+    )
+    .map_err(db_err)?;
+    Ok(ChannelEvent { channel_id: id.to_owned(), seq, body })
+}
+
+pub(super) fn delete_channel(c: &Connection, tenant: &str, id: &str, by: &str) -> StorageResult<ChannelEvent> {
+    let last: i64 = c
+        .query_row("SELECT last_seq FROM channels WHERE tenant_id = ?1 AND id = ?2", params![tenant, id], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound)?;
+    for sql in [
+        "DELETE FROM messages WHERE channel_id = ?1",
+        "DELETE FROM channel_events WHERE channel_id = ?1",
+        "DELETE FROM members WHERE channel_id = ?1",
+        "DELETE FROM channels WHERE id = ?1",
+    ] {
+        c.execute(sql, params![id]).map_err(db_err)?;
+    }
+    Ok(ChannelEvent {
+        channel_id: id.to_owned(),
+        seq: to_u64(last) + 1,
+        body: EventBody::ChannelDeleted { by: by.to_owned() },
+    })
+}
+
+// ---- members ----
+
+fn member_row(r: &Row<'_>) -> rusqlite::Result<Member> {
+    let role: String = r.get(1)?;
+    Ok(Member {
+        user_id: r.get(0)?,
+        role: Role::parse(&role).unwrap_or(Role::Member),
+        joined_at: rfc3339(r.get(2)?),
+    })
+}
+
+pub(super) fn member(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<Option<Member>> {
+    c.prepare_cached(
+        "SELECT user_id, role, joined_at FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+    )
+    .map_err(db_err)?
+    .query_row(params![tenant, channel_id, user], member_row)
+    .optional()
+    .map_err(db_err)
+}
+
+pub(super) fn members(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT user_id, role, joined_at FROM members WHERE tenant_id = ?1 AND channel_id = ?2 \
+             ORDER BY joined_at, user_id",
+        )
+        .map_err(db_err)?;
+    let rows = stmt.query_map(params![tenant, channel_id], member_row).map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+pub(super) fn add_member(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    user: &str,
+    role: Role,
+    by: &str,
+) -> StorageResult<Option<ChannelEvent>> {
+    if channel(c, tenant, channel_id)?.is_none() {
+        return Err(StorageError::NotFound);
+    }
+    let now = now_ms();
+    let n = c
+        .execute(
+            "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) VALUES (?1, ?2, ?3, ?4, ?5) \
+             ON CONFLICT (channel_id, user_id) DO NOTHING",
+            params![channel_id, user, tenant, role.as_str(), now],
+        )
+        .map_err(db_err)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let member = Member { user_id: user.to_owned(), role, joined_at: rfc3339(now) };
+    append_event(c, tenant, channel_id, EventBody::MemberAdded { member, by: by.to_owned() }).map(Some)
+}
+
+pub(super) fn remove_member(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    user: &str,
+    by: &str,
+) -> StorageResult<Option<ChannelEvent>> {
+    let n = c
+        .execute(
+            "DELETE FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+            params![tenant, channel_id, user],
+        )
+        .map_err(db_err)?;
+    if n == 0 {
+        return Ok(None);
+    }
+    append_event(c, tenant, channel_id, EventBody::MemberRemoved { user_id: user.to_owned(), by: by.to_owned() })
+        .map(Some)
+}
+
+// ---- messages ----
+
+const MESSAGE_COLS: &str =
+    "channel_id, seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
+
+fn message_row(r: &Row<'_>) -> rusqlite::Result<Message> {
+    let metadata: Option<String> = r.get(6)?;
+    let deleted_at: Option<i64> = r.get(9)?;
+    let m = Message {
+        channel_id: r.get(0)?,
+        seq: to_u64(r.get(1)?),
+        id: r.get(2)?,
+        sender_id: r.get(3)?,
+        client_msg_id: r.get(4)?,
+        text: r.get(5)?,
+        metadata: metadata.and_then(|s| serde_json::from_str(&s).ok()),
+        created_at: rfc3339(r.get(7)?),
+        edited_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
+        deleted: false,
+    };
+    Ok(if deleted_at.is_some() { tombstone(m) } else { m })
+}
+
+fn is_member(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<bool> {
+    Ok(c
+        .prepare_cached("SELECT 1 FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3")
+        .map_err(db_err)?
+        .query_row(params![tenant, channel_id, user], |_| Ok(()))
+        .optional()
+        .map_err(db_err)?
+        .is_some())
+}
+
+pub(super) fn send_message(c: &Connection, new: &NewMessage) -> StorageResult<SendOutcome> {
+    if !is_member(c, &new.tenant_id, &new.channel_id, &new.sender_id)? {
+        return Err(StorageError::NotAMember);
+    }
+    let hash = new.body_hash();
+    let existing: Option<(Message, String)> = c
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLS}, body_hash FROM messages \
+             WHERE channel_id = ?1 AND sender_id = ?2 AND client_msg_id = ?3"
+        ))
+        .map_err(db_err)?
+        .query_row(params![new.channel_id, new.sender_id, new.client_msg_id], |r| {
+            Ok((message_row(r)?, r.get::<_, String>(10)?))
+        })
+        .optional()
+        .map_err(db_err)?;
+    if let Some((message, stored_hash)) = existing {
+        return if stored_hash == hash {
+            Ok(SendOutcome { message, created: false })
+        } else {
+            Err(StorageError::IdempotencyConflict)
+        };
+    }
+    let seq = next_seq(c, &new.tenant_id, &new.channel_id)?;
+    let now = now_ms();
+    let metadata = new.metadata.as_ref().map(|m| m.to_string());
+    c.prepare_cached(
+        "INSERT INTO messages (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, created_at) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )
+    .map_err(db_err)?
+    .execute(params![
+        new.channel_id,
+        to_i64(seq),
+        new.id,
+        new.sender_id,
+        new.client_msg_id,
+        hash,
+        new.text,
+        metadata,
+        now
+    ])
+    .map_err(db_err)?;
+    Ok(SendOutcome {
+        message: Message {
+            id: new.id.clone(),
+            channel_id: new.channel_id.clone(),
+            seq,
+            sender_id: new.sender_id.clone(),
+            client_msg_id: new.client_msg_id.clone(),
+            text: new.text.clone(),
+            metadata: new.metadata.clone(),
+            created_at: rfc3339(now),
+            edited_at: None,
+            deleted: false,
+        },
+        created: true,
+    })
+}
+
+fn live_message(c: &Connection, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Message> {
+    match message(c, tenant, channel_id, message_id)? {
+        Some(m) if !m.deleted => Ok(m),
+        _ => Err(StorageError::NotFound),
+    }
+}
+
+pub(super) fn edit_message(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    message_id: &str,
+    text: &str,
+    metadata: Option<&serde_json::Value>,
+) -> StorageResult<ChannelEvent> {
+    let mut m = live_message(c, tenant, channel_id, message_id)?;
+    let now = now_ms();
+    c.execute(
+        "UPDATE messages SET text = ?3, metadata = ?4, edited_at = ?5 WHERE channel_id = ?1 AND id = ?2",
+        params![channel_id, message_id, text, metadata.map(|m| m.to_string()), now],
+    )
+    .map_err(db_err)?;
+    m.text = text.to_owned();
+    m.metadata = metadata.cloned();
+    m.edited_at = Some(rfc3339(now));
+    append_event(c, tenant, channel_id, EventBody::MessageUpdated { message: m })
+}
+
+pub(super) fn delete_message(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    message_id: &str,
+    _by: &str,
+) -> StorageResult<ChannelEvent> {
+    let m = live_message(c, tenant, channel_id, message_id)?;
+    c.execute(
+        "UPDATE messages SET deleted_at = ?3, text = '', metadata = NULL WHERE channel_id = ?1 AND id = ?2",
+        params![channel_id, message_id, now_ms()],
+    )
+    .map_err(db_err)?;
+    append_event(c, tenant, channel_id, EventBody::MessageDeleted { message: tombstone(m) })
+}
+
+pub(super) fn message(c: &Connection, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<Message>> {
+    if channel(c, tenant, channel_id)?.is_none() {
+        return Ok(None);
+    }
+    c.prepare_cached(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE channel_id = ?1 AND id = ?2"))
+        .map_err(db_err)?
+        .query_row(params![channel_id, message_id], message_row)
+        .optional()
+        .map_err(db_err)
+}
+
+/// Messages with seq in (lo, hi), ascending or descending, at most `limit`.
+fn message_range(c: &Connection, channel_id: &str, lo: i64, hi: i64, descending: bool, limit: u32) -> StorageResult<Vec<Message>> {
+    let order = if descending { "DESC" } else { "ASC" };
+    let mut stmt = c
+        .prepare_cached(&format!(
+            "SELECT {MESSAGE_COLS} FROM messages WHERE channel_id = ?1 AND seq > ?2 AND seq < ?3 \
+             ORDER BY seq {order} LIMIT ?4"
+        ))
+        .map_err(db_err)?;
+    let rows = stmt.query_map(params![channel_id, lo, hi, limit], message_row).map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+pub(super) fn history(c: &Connection, tenant: &str, channel_id: &str, anchor: HistoryAnchor, limit: u32) -> StorageResult<MessagePage> {
+    if channel(c, tenant, channel_id)?.is_none() {
+        return Err(StorageError::NotFound);
+    }
+    let (mut older, mut newer): (Vec<Message>, Vec<Message>);
+    let (has_before, has_after);
+    match anchor {
+        HistoryAnchor::Latest | HistoryAnchor::Before(_) => {
+            let hi = match anchor {
+                HistoryAnchor::Before(s) => to_i64(s),
+                _ => i64::MAX,
+            };
+            older = message_range(c, channel_id, 0, hi, true, limit + 1)?;
+            has_before = older.len() > limit as usize;
+            older.truncate(limit as usize);
+            older.reverse();
+            has_after = match older.last() {
+                Some(m) => !message_range(c, channel_id, to_i64(m.seq), i64::MAX, false, 1)?.is_empty(),
+                None => hi != i64::MAX && !message_range(c, channel_id, hi - 1, i64::MAX, false, 1)?.is_empty(),
+            };
+            return Ok(MessagePage { messages: older, has_before, has_after });
+        }
+        HistoryAnchor::After(s) => {
+            newer = message_range(c, channel_id, to_i64(s), i64::MAX, false, limit + 1)?;
+            has_after = newer.len() > limit as usize;
+            newer.truncate(limit as usize);
+            has_before = match newer.first() {
+                Some(m) => !message_range(c, channel_id, 0, to_i64(m.seq), true, 1)?.is_empty(),
+                None => !message_range(c, channel_id, 0, to_i64(s) + 1, true, 1)?.is_empty(),
+            };
+            return Ok(MessagePage { messages: newer, has_before, has_after });
+        }
+        HistoryAnchor::Around(s) => {
+            let s = to_i64(s);
+            let before_n = limit / 2;
+            let after_n = limit - before_n;
+            older = message_range(c, channel_id, 0, s, true, before_n + 1)?;
+            has_before = older.len() > before_n as usize;
+            older.truncate(before_n as usize);
+            older.reverse();
+            newer = message_range(c, channel_id, s - 1, i64::MAX, false, after_n + 1)?;
+            has_after = newer.len() > after_n as usize;
+            newer.truncate(after_n as usize);
+        }
+    }
+    older.extend(newer);
+    Ok(MessagePage { messages: older, has_before, has_after })
+}
+
+pub(super) fn events(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    after: u64,
+    up_to: Option<u64>,
+    limit: u32,
+) -> StorageResult<Vec<ChannelEvent>> {
+    if channel(c, tenant, channel_id)?.is_none() {
+        return Err(StorageError::NotFound);
+    }
+    let lo = to_i64(after);
+    let hi = up_to.map(|u| to_i64(u).saturating_add(1)).unwrap_or(i64::MAX);
+    let mut out: Vec<ChannelEvent> = message_range(c, channel_id, lo, hi, false, limit)?
+        .into_iter()
+        .map(|m| ChannelEvent { channel_id: channel_id.to_owned(), seq: m.seq, body: EventBody::MessageNew { message: m } })
+        .collect();
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT seq, payload FROM channel_events WHERE channel_id = ?1 AND seq > ?2 AND seq < ?3 \
+             ORDER BY seq LIMIT ?4",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![channel_id, lo, hi, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .map_err(db_err)?;
+    for row in rows {
+        let (seq, payload) = row.map_err(db_err)?;
+        let body: EventBody = serde_json::from_str(&payload)
+            .map_err(|e| StorageError::Internal(format!("corrupt event {channel_id}/{seq}: {e}")))?;
+        out.push(ChannelEvent { channel_id: channel_id.to_owned(), seq: to_u64(seq), body });
+    }
+    out.sort_by_key(|e| e.seq);
+    out.truncate(limit as usize);
+    Ok(out)
+}

