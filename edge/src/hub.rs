@@ -134,7 +134,9 @@ impl Hubs {
 
     /// Step 2: the core said the user is a member and the channel's last seq was `last_seq`.
     /// Returns the seq after which this subscriber receives events live.
-    pub fn confirm(&self, channel_id: &str, conn: u64, last_seq: u64) -> Result<u64, ConfirmError> {
+    /// The hub takes its tenant from the first confirmed subscriber, never from a pending one
+    /// (a pending registration may come from another tenant and be refused).
+    pub fn confirm(&self, tenant: &str, channel_id: &str, conn: u64, last_seq: u64) -> Result<u64, ConfirmError> {
         let mut inner = self.lock();
         let gap_timeout = self.gap_timeout;
         let Some(hub) = inner.hubs.get_mut(channel_id) else {
@@ -149,6 +151,7 @@ impl Hubs {
         }
         reg.state = SubState::Active;
         if hub.seq.is_none() {
+            hub.tenant = tenant.to_owned();
             let now = Instant::now();
             hub.seq = Some(ChannelSequencer::new(last_seq, gap_timeout));
             let early = std::mem::take(&mut hub.early);
@@ -375,7 +378,7 @@ mod tests {
         hubs.register_pending("t", "ch", s);
         hubs.on_event(added(3, "x"));
         assert!(seqs(&mut rx).is_empty());
-        assert_eq!(hubs.confirm("ch", 1, 2), Ok(3), "the early event 3 was delivered on confirm");
+        assert_eq!(hubs.confirm("t", "ch", 1, 2), Ok(3), "the early event 3 was delivered on confirm");
         hubs.on_event(added(5, "y"));
         hubs.on_event(added(4, "z"));
         assert_eq!(seqs(&mut rx), vec![3, 4, 5]);
@@ -386,11 +389,11 @@ mod tests {
         let hubs = Hubs::new(Duration::from_millis(50));
         let (other, _rx_other) = sub(2, "bob");
         hubs.register_pending("t", "ch", other);
-        assert_eq!(hubs.confirm("ch", 2, 0), Ok(0));
+        assert_eq!(hubs.confirm("t", "ch", 2, 0), Ok(0));
         let (s, mut rx) = sub(1, "alice");
         hubs.register_pending("t", "ch", s);
         hubs.on_event(removal(1, "alice"));
-        assert_eq!(hubs.confirm("ch", 1, 0), Err(ConfirmError::Revoked));
+        assert_eq!(hubs.confirm("t", "ch", 1, 0), Err(ConfirmError::Revoked));
         hubs.on_event(added(2, "carol"));
         assert!(seqs(&mut rx).is_empty());
     }
@@ -402,8 +405,8 @@ mod tests {
         let (b, mut rx_b) = sub(2, "bob");
         hubs.register_pending("t", "ch", a);
         hubs.register_pending("t", "ch", b);
-        hubs.confirm("ch", 1, 0).expect("member");
-        hubs.confirm("ch", 2, 0).expect("member");
+        hubs.confirm("t", "ch", 1, 0).expect("member");
+        hubs.confirm("t", "ch", 2, 0).expect("member");
         hubs.on_event(added(1, "x"));
         hubs.on_event(removal(2, "alice"));
         hubs.on_event(added(3, "y"));
@@ -421,8 +424,8 @@ mod tests {
         let fast = Subscriber { conn: 2, user_id: Arc::from("fast"), tx, ctl: Arc::new(ConnControl::default()) };
         hubs.register_pending("t", "ch", slow);
         hubs.register_pending("t", "ch", fast);
-        hubs.confirm("ch", 1, 0).expect("member");
-        hubs.confirm("ch", 2, 0).expect("member");
+        hubs.confirm("t", "ch", 1, 0).expect("member");
+        hubs.confirm("t", "ch", 2, 0).expect("member");
         for s in 1..=10 {
             hubs.on_event(added(s, "x"));
         }
@@ -436,7 +439,7 @@ mod tests {
         let hubs = Hubs::new(Duration::from_millis(0));
         let (s, mut rx) = sub(1, "alice");
         hubs.register_pending("t", "ch", s);
-        hubs.confirm("ch", 1, 0).expect("member");
+        hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.on_event(added(2, "x"));
         let reqs = hubs.poll_gaps();
         assert_eq!(reqs.len(), 1);

@@ -18,6 +18,9 @@ use tokio::sync::{Notify, mpsc};
 use crate::Edge;
 use crate::hub::{ConfirmError, Subscriber};
 
+/// Frames a connection may send before its `auth` frame; more closes it with 4001.
+const MAX_FRAMES_BEFORE_AUTH: u32 = 16;
+
 /// Asks a connection to close from outside its task (the hub, on a full queue).
 #[derive(Default)]
 pub(crate) struct ConnControl {
@@ -96,7 +99,14 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
 /// Waits for the `auth` frame. Sends the error and the close itself on failure.
 async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
     let deadline = tokio::time::Instant::now() + edge.config.auth_timeout;
+    let mut frames = 0u32;
     loop {
+        frames += 1;
+        if frames > MAX_FRAMES_BEFORE_AUTH {
+            send_error(ws, None, ErrorCode::AuthRequired, "too many frames before authentication").await;
+            send_close(ws, CloseCode::AuthFailed).await;
+            return None;
+        }
         let msg = match tokio::time::timeout_at(deadline, ws.recv()).await {
             Err(_) => {
                 send_error(ws, None, ErrorCode::AuthRequired, "no auth frame arrived in time").await;
@@ -195,22 +205,22 @@ impl Session {
 
     /// Handles one client message.
     async fn on_message(&mut self, ws: &mut WebSocket, msg: Message) -> Flow {
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Binary(_) => {
-                send_error(ws, None, ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames").await;
-                return Flow::Continue;
-            }
+        match &msg {
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
             // The library answers the close handshake; nothing more to send.
             Message::Close(_) => return Flow::End(None),
-        };
+            Message::Text(_) | Message::Binary(_) => {}
+        }
+        // Every data frame spends budget, binary ones included.
         if self.limiter.check().is_err() {
             self.limited_in_a_row += 1;
             if self.limited_in_a_row >= self.edge.config.flood_close_after {
                 return Flow::End(Some(CloseCode::RateLimitFlood));
             }
-            let id = ClientFrame::parse(text.as_str()).ok().as_ref().and_then(frame_id);
+            let id = match &msg {
+                Message::Text(t) => ClientFrame::parse(t.as_str()).ok().as_ref().and_then(frame_id),
+                _ => None,
+            };
             let retry = 1000 / u64::from(self.edge.config.frames_per_second.max(1));
             let frame = ServerFrame::Error {
                 id,
@@ -222,6 +232,10 @@ impl Session {
             return Flow::Continue;
         }
         self.limited_in_a_row = 0;
+        let Message::Text(text) = msg else {
+            send_error(ws, None, ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames").await;
+            return Flow::Continue;
+        };
         match ClientFrame::parse(text.as_str()) {
             Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
             Ok(ClientFrame::Auth { id, .. }) => {
@@ -249,7 +263,7 @@ impl Session {
         let hubs = &self.edge.hubs;
         hubs.register_pending(&self.principal.tenant_id, &channel_id, sub);
         let frame = match self.edge.gateway.subscribe_check(&self.principal, &channel_id).await {
-            Ok(last_seq) => match hubs.confirm(&channel_id, self.conn, last_seq) {
+            Ok(last_seq) => match hubs.confirm(&self.principal.tenant_id, &channel_id, self.conn, last_seq) {
                 Ok(seq) => {
                     self.subscriptions.insert(channel_id.clone());
                     ServerFrame::Ack { id, channel_id: Some(channel_id), seq: Some(seq), message: None, created: None }

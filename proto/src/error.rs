@@ -141,7 +141,7 @@ pub enum CloseCode {
     GoingAway,
     /// 1007: a text frame was not valid UTF-8.
     InvalidPayload,
-    /// 1008: the connection broke a policy (binary frames, a flood of rate-limited frames).
+    /// 1008: the connection broke the WebSocket protocol.
     PolicyViolation,
     /// 1009: a frame or message exceeded the size cap stated in the welcome.
     MessageTooBig,

@@ -10,12 +10,16 @@
 pub mod error;
 pub mod frames;
 pub mod model;
+pub mod presence;
 pub mod sequencer;
+pub mod typing;
 
 pub use error::{CloseCode, ErrorBody, ErrorCode};
 pub use frames::{ClientFrame, ServerFrame};
 pub use model::*;
+pub use presence::{PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker};
 pub use sequencer::{ChannelSequencer, SequencerOutput};
+pub use typing::{TypingOutput, TypingThrottle};
 
 /// The WebSocket subprotocol of API v1. Within v1, changes are additive only.
 pub const WS_SUBPROTOCOL: &str = "parley.v1";

@@ -69,8 +69,17 @@ pub struct Claims {
     pub nbf: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iat: Option<u64>,
-    pub aud: String,
+    pub aud: Audience,
     pub iss: String,
+}
+
+/// `aud` is a string or an array of strings (RFC 7519 §4.1.3); `jsonwebtoken` checks that ours
+/// is among them.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum Audience {
+    One(String),
+    Many(Vec<String>),
 }
 
 /// Verifies access tokens.
@@ -109,7 +118,7 @@ impl Authenticator {
         if !crate::validate::is_valid_user_id(&claims.sub) {
             return Err(AuthError::new(
                 ErrorCode::TokenInvalidClaims,
-                "claim sub must be 1-128 characters of A-Z a-z 0-9 _ . : @ -",
+                "claim sub must be 1-128 characters of A-Z a-z 0-9 _ . : @ - |",
             ));
         }
         let tenant = claims.tid.unwrap_or_else(|| DEFAULT_TENANT.to_owned());
@@ -208,7 +217,7 @@ impl DevSigningKey {
             exp: now + ttl_secs,
             nbf: None,
             iat: Some(now),
-            aud: audience.to_owned(),
+            aud: Audience::One(audience.to_owned()),
             iss: issuer.to_owned(),
         };
         let mut header = Header::new(Algorithm::HS256);

@@ -79,6 +79,13 @@ impl RequestBudget {
         self.per_minute
     }
 
+    /// The `RateLimit-Policy` header value: the burst, and the window (seconds) in which a spent
+    /// burst refills at the sustained rate.
+    pub fn policy(&self) -> String {
+        let window = (u64::from(self.burst) * 60).div_ceil(u64::from(self.per_minute.max(1)));
+        format!("{};w={}", self.burst, window.max(1))
+    }
+
     /// Forgets keys whose budget is full again, bounding memory to active users.
     pub fn forget_idle(&self) {
         self.limiter.retain_recent();

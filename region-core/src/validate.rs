@@ -14,7 +14,7 @@ pub const MAX_METADATA_BYTES: usize = 2048;
 pub const MAX_INITIAL_MEMBERS: usize = 100;
 
 fn id_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-')
+    c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '@' | '-' | '|')
 }
 
 /// User and tenant ids: 1–128 characters of `A-Z a-z 0-9 _ . : @ -`.
@@ -26,7 +26,7 @@ pub fn user_id(s: &str) -> Result<(), String> {
     if is_valid_user_id(s) {
         Ok(())
     } else {
-        Err(format!("user id {s:?} must be 1-{MAX_USER_ID} characters of A-Z a-z 0-9 _ . : @ -"))
+        Err(format!("user id {s:?} must be 1-{MAX_USER_ID} characters of A-Z a-z 0-9 _ . : @ - |"))
     }
 }
 
@@ -55,7 +55,7 @@ pub fn client_msg_id(s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "client_msg_id must be 1-{MAX_CLIENT_MSG_ID} characters of A-Z a-z 0-9 _ . : @ -"
+            "client_msg_id must be 1-{MAX_CLIENT_MSG_ID} characters of A-Z a-z 0-9 _ . : @ - |"
         ))
     }
 }

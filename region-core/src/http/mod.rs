@@ -184,8 +184,7 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
                 let mut e = ApiError::new(ErrorCode::RateLimited, "request budget spent; retry after the stated delay");
                 e.retry_after = Some(limited.retry_after);
                 let mut res = e.into_response();
-                let policy = format!("{};w=60", state.budget_per_minute());
-                set_header(&mut res, "ratelimit-policy", &policy);
+                set_header(&mut res, "ratelimit-policy", &state.budget.policy());
                 let reset = limited.retry_after.as_secs_f64().ceil() as u64;
                 set_header(&mut res, "ratelimit", &format!("limit={}, remaining=0, reset={reset}", limited.limit));
                 return res;
@@ -195,16 +194,10 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
     req.extensions_mut().insert(outcome);
     let mut res = next.run(req).await;
     if let Some(a) = rate_headers {
-        set_header(&mut res, "ratelimit-policy", &format!("{};w=60", state.budget_per_minute()));
+        set_header(&mut res, "ratelimit-policy", &state.budget.policy());
         set_header(&mut res, "ratelimit", &format!("limit={}, remaining={}, reset={}", a.limit, a.remaining, a.reset_secs));
     }
     res
-}
-
-impl ApiState {
-    fn budget_per_minute(&self) -> u32 {
-        self.budget.per_minute()
-    }
 }
 
 fn set_header(res: &mut Response, name: &'static str, value: &str) {

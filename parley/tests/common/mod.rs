@@ -1,0 +1,469 @@
+//! Test harness: starts the real `parley` binary on 127.0.0.1:0 and talks to it over real
+//! sockets (reqwest for REST, tokio-tungstenite for the WebSocket).
+//!
+//! PostgreSQL and NATS come from `scripts/test.sh` through `PARLEY_TEST_DATABASE_URL` and
+//! `PARLEY_TEST_NATS_URL`; a test that needs them and does not find them fails, naming the script.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+/// The HS256 secret test servers verify with; tests sign their own tokens with it.
+pub const SECRET: &str = "parley-test-secret-0123456789abcdef0123456789";
+pub const ISSUER: &str = "parley";
+pub const AUDIENCE: &str = "parley";
+
+/// Which storage engine a server runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+pub fn database_url() -> String {
+    std::env::var("PARLEY_TEST_DATABASE_URL").expect(
+        "PARLEY_TEST_DATABASE_URL is not set: run the tests with scripts/test.sh, which installs and starts PostgreSQL",
+    )
+}
+
+pub fn nats_url() -> String {
+    std::env::var("PARLEY_TEST_NATS_URL")
+        .expect("PARLEY_TEST_NATS_URL is not set: run the tests with scripts/test.sh, which installs and starts nats-server")
+}
+
+/// A running `parley serve` process, killed on drop.
+pub struct Server {
+    child: Option<Child>,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    args: Vec<String>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Builder for a test server.
+pub struct ServerBuilder {
+    backend: Backend,
+    data_dir: Option<PathBuf>,
+    extra: Vec<String>,
+    nats: bool,
+}
+
+impl ServerBuilder {
+    pub fn new(backend: Backend) -> Self {
+        ServerBuilder { backend, data_dir: None, extra: Vec::new(), nats: false }
+    }
+
+    /// Use this data folder (to restart on the same SQLite file).
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
+    /// Connect the server to the test NATS.
+    pub fn nats(mut self) -> Self {
+        self.nats = true;
+        self
+    }
+
+    pub fn arg(mut self, a: impl Into<String>) -> Self {
+        self.extra.push(a.into());
+        self
+    }
+
+    pub fn start(self) -> Server {
+        let (tmp, dir) = match self.data_dir {
+            Some(d) => (None, d),
+            None => {
+                let t = tempfile::tempdir().expect("temp dir");
+                let d = t.path().to_path_buf();
+                (Some(t), d)
+            }
+        };
+        let mut args = vec![
+            "serve".to_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            dir.display().to_string(),
+            "--jwt-hs256-secret".into(),
+            SECRET.into(),
+        ];
+        if self.backend == Backend::Postgres {
+            args.push("--database-url".into());
+            args.push(database_url());
+        }
+        if self.nats {
+            args.push("--nats-url".into());
+            args.push(nats_url());
+        }
+        args.extend(self.extra);
+        let mut server = Server { child: None, addr: String::new(), data_dir: dir, args, _tmp: tmp };
+        server.spawn();
+        server
+    }
+}
+
+impl Server {
+    pub fn sqlite() -> Server {
+        ServerBuilder::new(Backend::Sqlite).start()
+    }
+
+    pub fn start(backend: Backend) -> Server {
+        ServerBuilder::new(backend).start()
+    }
+
+    fn spawn(&mut self) {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(&self.args)
+            .env("PARLEY_LOG", std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start parley");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).expect("read the listening line");
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("parley did not print its address; it printed {line:?}"))
+            .to_owned();
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        self.addr = addr;
+        self.child = Some(child);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what was already durable.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the same command again (same data folder, new port).
+    pub fn restart(&mut self) {
+        self.kill9();
+        self.spawn();
+    }
+
+    pub fn api(&self, user: &str) -> Api {
+        Api::new(self, &token(user))
+    }
+
+    pub fn api_in(&self, tenant: &str, user: &str) -> Api {
+        Api::new(self, &token_in(tenant, user))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+}
+
+/// A valid token for `user` in the `default` tenant.
+pub fn token(user: &str) -> String {
+    token_in("default", user)
+}
+
+pub fn token_in(tenant: &str, user: &str) -> String {
+    sign(json!({ "sub": user, "tid": tenant, "exp": now() + 3600, "aud": AUDIENCE, "iss": ISSUER }))
+}
+
+/// Signs arbitrary claims with the test secret (HS256).
+pub fn sign(claims: Value) -> String {
+    sign_with(&claims, SECRET.as_bytes(), None)
+}
+
+pub fn sign_with(claims: &Value, secret: &[u8], kid: Option<&str>) -> String {
+    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    header.kid = kid.map(str::to_owned);
+    jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_secret(secret)).expect("sign")
+}
+
+/// A unique suffix so tests sharing a database never collide.
+pub fn unique(prefix: &str) -> String {
+    format!("{prefix}-{}", ulid::Ulid::new().to_string().to_lowercase())
+}
+
+/// A REST client acting as one user.
+#[derive(Clone)]
+pub struct Api {
+    base: String,
+    token: String,
+    http: reqwest::Client,
+}
+
+/// A REST response: status and JSON body (Null when empty).
+#[derive(Debug, Clone)]
+pub struct Resp {
+    pub status: u16,
+    pub body: Value,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl Resp {
+    /// The error code of an error response.
+    pub fn code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Value {
+        assert!((200..300).contains(&self.status), "expected success, got {} {}", self.status, self.body);
+        self.body
+    }
+}
+
+impl Api {
+    pub fn new(server: &Server, token: &str) -> Api {
+        Api { base: format!("http://{}", server.addr), token: token.to_owned(), http: reqwest::Client::new() }
+    }
+
+    pub fn with_token(&self, token: &str) -> Api {
+        Api { base: self.base.clone(), token: token.to_owned(), http: self.http.clone() }
+    }
+
+    pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut req = self.http.request(m, format!("{}{}", self.base, path)).bearer_auth(&self.token);
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.expect("request");
+        Self::read(res).await
+    }
+
+    /// Sends a raw body with a content type (for malformed input).
+    pub async fn raw(&self, method: &str, path: &str, content_type: &str, body: Vec<u8>) -> Resp {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let res = self
+            .http
+            .request(m, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token)
+            .header("content-type", content_type)
+            .body(body)
+            .send()
+            .await
+            .expect("request");
+        Self::read(res).await
+    }
+
+    async fn read(res: reqwest::Response) -> Resp {
+        let status = res.status().as_u16();
+        let headers = res.headers().clone();
+        let bytes = res.bytes().await.expect("body");
+        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
+        Resp { status, body, headers }
+    }
+
+    pub async fn get(&self, path: &str) -> Resp {
+        self.request("GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Resp {
+        self.request("POST", path, Some(body)).await
+    }
+
+    /// Creates a channel named `name` with `members`; returns its id.
+    pub async fn create_channel(&self, name: &str, members: &[&str]) -> String {
+        let body = self.post("/v1/channels", json!({ "kind": "channel", "name": name, "members": members })).await.ok();
+        body["id"].as_str().expect("channel id").to_owned()
+    }
+
+    pub async fn send(&self, channel: &str, client_msg_id: &str, text: &str) -> Resp {
+        self.post(&format!("/v1/channels/{channel}/messages"), json!({ "client_msg_id": client_msg_id, "text": text }))
+            .await
+    }
+
+    /// Every message of the channel, oldest first, paging with `after`.
+    pub async fn all_messages(&self, channel: &str) -> Vec<Value> {
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        loop {
+            let page = self.get(&format!("/v1/channels/{channel}/messages?after={after}&limit=200")).await.ok();
+            let msgs = page["messages"].as_array().expect("messages").clone();
+            if let Some(last) = msgs.last() {
+                after = last["seq"].as_u64().expect("seq");
+            }
+            out.extend(msgs);
+            if !page["has_after"].as_bool().expect("has_after") {
+                return out;
+            }
+        }
+    }
+}
+
+type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A WebSocket client speaking parley.v1.
+pub struct Ws {
+    pub stream: WsStream,
+    pub welcome: Value,
+    next_id: u64,
+    /// Frames read while waiting for something else.
+    backlog: std::collections::VecDeque<Value>,
+}
+
+/// What ended a connection, as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Closed {
+    Code(u16, String),
+    Abrupt,
+}
+
+impl Ws {
+    /// Connects and authenticates with an `auth` frame.
+    pub async fn connect(server: &Server, token: &str) -> Ws {
+        let mut ws = Self::connect_raw(server, &["parley.v1"]).await.expect("upgrade");
+        ws.send_json(json!({ "type": "auth", "token": token })).await;
+        let welcome = ws.next_json().await.expect("welcome");
+        assert_eq!(welcome["type"], "welcome", "expected welcome, got {welcome}");
+        Ws { stream: ws.stream, welcome, next_id: 1, backlog: Default::default() }
+    }
+
+    /// Upgrades with the given subprotocols, without authenticating.
+    pub async fn connect_raw(server: &Server, protocols: &[&str]) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        let mut req = server.ws_url().into_client_request().expect("request");
+        if !protocols.is_empty() {
+            req.headers_mut().insert("sec-websocket-protocol", protocols.join(", ").parse().expect("header"));
+        }
+        let (stream, _) = tokio_tungstenite::connect_async(req).await?;
+        Ok(Ws { stream, welcome: Value::Null, next_id: 1, backlog: Default::default() })
+    }
+
+    pub async fn send_json(&mut self, v: Value) {
+        self.stream.send(WsMessage::Text(v.to_string().into())).await.expect("send");
+    }
+
+    pub async fn send_raw(&mut self, m: WsMessage) {
+        let _ = self.stream.send(m).await;
+    }
+
+    /// The next JSON frame (server pings are answered by the library), or None on close.
+    pub async fn next_json(&mut self) -> Option<Value> {
+        if let Some(v) = self.backlog.pop_front() {
+            return Some(v);
+        }
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), self.stream.next()).await {
+                Err(_) => panic!("no frame within 15 s"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(WsMessage::Text(t)))) => return Some(serde_json::from_str(t.as_str()).expect("json frame")),
+                Ok(Some(Ok(WsMessage::Close(_)))) => return None,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Reads until the connection closes; returns how it closed.
+    pub async fn closed(&mut self) -> Closed {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), self.stream.next()).await {
+                Err(_) => panic!("connection did not close within 15 s"),
+                Ok(None) | Ok(Some(Err(_))) => return Closed::Abrupt,
+                Ok(Some(Ok(WsMessage::Close(Some(f))))) => return Closed::Code(f.code.into(), f.reason.to_string()),
+                Ok(Some(Ok(WsMessage::Close(None)))) => return Closed::Abrupt,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Sends a request with a fresh id; returns the ack or error with that id (other frames are
+    /// kept for later reads).
+    pub async fn request(&mut self, mut v: Value) -> Value {
+        let id = format!("r{}", self.next_id);
+        self.next_id += 1;
+        v["id"] = json!(id);
+        self.send_json(v).await;
+        let mut skipped = Vec::new();
+        loop {
+            let f = self.next_frame_live().await.expect("connection closed while waiting for a reply");
+            if f["id"] == json!(id) && (f["type"] == "ack" || f["type"] == "error" || f["type"] == "pong") {
+                for s in skipped.into_iter().rev() {
+                    self.backlog.push_front(s);
+                }
+                return f;
+            }
+            skipped.push(f);
+        }
+    }
+
+    async fn next_frame_live(&mut self) -> Option<Value> {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(15), self.stream.next()).await {
+                Err(_) => panic!("no frame within 15 s"),
+                Ok(None) | Ok(Some(Err(_))) => return None,
+                Ok(Some(Ok(WsMessage::Text(t)))) => return Some(serde_json::from_str(t.as_str()).expect("json frame")),
+                Ok(Some(Ok(WsMessage::Close(_)))) => return None,
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Subscribes; returns the ack's seq.
+    pub async fn subscribe(&mut self, channel: &str) -> u64 {
+        let ack = self.request(json!({ "type": "subscribe", "channel_id": channel })).await;
+        assert_eq!(ack["type"], "ack", "subscribe failed: {ack}");
+        ack["seq"].as_u64().expect("seq")
+    }
+
+    /// The next channel event (skipping acks and other replies).
+    pub async fn next_event(&mut self) -> Value {
+        loop {
+            let f = self.next_json().await.expect("connection closed while waiting for an event");
+            if f.get("seq").is_some() && f.get("channel_id").is_some() && f["type"] != "ack" {
+                return f;
+            }
+        }
+    }
+
+    /// Waits `wait` and returns every event that arrived meanwhile.
+    pub async fn events_within(&mut self, wait: Duration) -> Vec<Value> {
+        let mut out: Vec<Value> = self.backlog.drain(..).filter(|f| f.get("seq").is_some() && f["type"] != "ack").collect();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, self.stream.next()).await {
+                Err(_) => return out,
+                Ok(None) | Ok(Some(Err(_))) => return out,
+                Ok(Some(Ok(WsMessage::Text(t)))) => {
+                    let f: Value = serde_json::from_str(t.as_str()).expect("json");
+                    if f.get("seq").is_some() && f.get("channel_id").is_some() && f["type"] != "ack" {
+                        out.push(f);
+                    }
+                }
+                Ok(Some(Ok(WsMessage::Close(_)))) => return out,
+                Ok(Some(Ok(_))) => {}
+            }
+        }
+    }
+}
