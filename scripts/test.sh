@@ -35,8 +35,9 @@ phase() { # NAME CMD...
     return "$rc"
 }
 
-# Stop the services on any exit; INT/TERM become exits so that the EXIT trap runs.
-trap 'parley_services_stop || true' EXIT
+# Stop the services on any exit; INT/TERM become exits so that the EXIT trap runs. While
+# stopping, INT/TERM are ignored: a second Ctrl-C must not cut the cleanup short.
+trap 'trap "" INT TERM; parley_services_stop || true' EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
@@ -53,7 +54,7 @@ done
 echo "test.sh: $PARLEY_TEST_DATABASE_URL $PARLEY_TEST_REDIS_URL $PARLEY_TEST_NATS_URL (target dir $CARGO_TARGET_DIR)" >&2
 
 # --workspace, unless the arguments choose packages themselves (-p/--package/--manifest-path).
-cargo_args=(--locked)
+cargo_args=(--locked --no-fail-fast)
 scope=--workspace
 for arg in "$@"; do
     [ "$arg" != -- ] || break # what follows `--` belongs to the test binaries
