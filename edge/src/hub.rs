@@ -29,6 +29,9 @@ pub(crate) struct Encoded {
     seq: u64,
     body_is_removal_of: Option<String>,
     deletes_channel: bool,
+    /// For events that change unread counts: the sender of a new message (whose own count does
+    /// not change), or `Some("")` for a deletion.
+    unread_change_by: Option<String>,
     json: Utf8Bytes,
 }
 
@@ -42,6 +45,11 @@ impl Encoded {
                 _ => None,
             },
             deletes_channel: matches!(ev.body, EventBody::ChannelDeleted { .. }),
+            unread_change_by: match &ev.body {
+                EventBody::MessageNew { message } => Some(message.sender_id.clone()),
+                EventBody::MessageDeleted { .. } => Some(String::new()),
+                _ => None,
+            },
             json: Utf8Bytes::from(json),
         }))
     }
@@ -161,7 +169,7 @@ impl Hubs {
                     seq.handle_event(ev.seq, ev, now, &mut deliverable);
                 }
             }
-            deliver(hub, deliverable);
+            deliver(hub, deliverable, channel_id);
             let open_gap = hub.seq.as_ref().is_some_and(|s| s.pending_len() > 0);
             if open_gap {
                 inner.gapped.insert(channel_id.to_owned());
@@ -170,6 +178,18 @@ impl Hubs {
             return Ok(hub.and_then(|h| h.seq.as_ref()).map(|s| s.delivered()).unwrap_or(last_seq));
         }
         Ok(hub.seq.as_ref().map(|s| s.delivered()).unwrap_or(last_seq))
+    }
+
+    /// An ephemeral frame for the channel's active subscribers (not `skip_user`). A full queue
+    /// drops it: ephemeral events may be lost under pressure, persisted ones never.
+    pub fn deliver_ephemeral(&self, channel_id: &str, frame: &Utf8Bytes, skip_user: Option<&str>) {
+        let inner = self.lock();
+        let Some(hub) = inner.hubs.get(channel_id) else { return };
+        for reg in &hub.subs {
+            if reg.state == SubState::Active && skip_user != Some(&*reg.sub.user_id) {
+                let _ = reg.sub.tx.try_send(frame.clone());
+            }
+        }
     }
 
     /// Removes a connection's registration; drops the hub when nobody is left.
@@ -191,7 +211,7 @@ impl Hubs {
             return; // no local subscriber
         };
         let Some(encoded) = Encoded::new(&ev) else { return };
-        let gapped = feed(hub, encoded, Instant::now());
+        let gapped = feed(hub, encoded, Instant::now(), &ev.channel_id);
         self.after_feed(&mut inner, &ev.channel_id, gapped);
     }
 
@@ -204,7 +224,7 @@ impl Hubs {
         let full_page = done.events.len() >= FETCH_LIMIT as usize;
         for ev in &done.events {
             if let Some(encoded) = Encoded::new(ev) {
-                feed(hub, encoded, now);
+                feed(hub, encoded, now, &channel_id);
             }
         }
         let mut gapped = false;
@@ -287,7 +307,7 @@ impl Hubs {
 }
 
 /// Feeds one event into a hub; returns whether a gap is open afterwards.
-fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant) -> bool {
+fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant, channel_id: &str) -> bool {
     let Some(seq) = hub.seq.as_mut() else {
         if hub.early.len() < MAX_EARLY {
             hub.early.push(ev);
@@ -297,19 +317,26 @@ fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant) -> bool {
     let mut deliverable = Vec::new();
     seq.handle_event(ev.seq, ev, now, &mut deliverable);
     let gapped = seq.pending_len() > 0;
-    deliver(hub, deliverable);
+    deliver(hub, deliverable, channel_id);
     gapped
 }
 
 /// Hands in-order events to every active subscriber, applying removals and deletion.
-fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>) {
+fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
     for ev in events {
         hub.subs.retain(|reg| {
             if reg.state != SubState::Active {
                 return true;
             }
             match reg.sub.tx.try_send(ev.json.clone()) {
-                Ok(()) => true,
+                Ok(()) => {
+                    if let Some(by) = &ev.unread_change_by
+                        && by.as_str() != &*reg.sub.user_id
+                    {
+                        reg.sub.ctl.unread_changed(channel_id);
+                    }
+                    true
+                }
                 Err(mpsc::error::TrySendError::Full(_)) => {
                     reg.sub.ctl.close(CloseCode::SlowConsumer);
                     false
@@ -352,7 +379,7 @@ mod tests {
 
     fn added(seq: u64, user: &str) -> Arc<ChannelEvent> {
         ev(seq, EventBody::MemberAdded {
-            member: Member { user_id: user.into(), role: Role::Member, joined_at: "t".into() },
+            member: Member { user_id: user.into(), role: Role::Member, joined_at: "t".into(), last_read_seq: 0 },
             by: "owner".into(),
         })
     }

@@ -16,12 +16,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parley_proto::{ChannelEvent, ErrorCode, Principal, SendMessage, SendResult, SessionLimits};
-use parley_sync::{BusMessage, BusSubscription};
+use parley_proto::{ChannelEvent, ErrorCode, Principal, ReadState, SendMessage, SendResult, SessionLimits, TypingState};
+use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
 mod hub;
 mod session;
 mod upgrade;
+mod users;
 
 pub use upgrade::router;
 
@@ -36,6 +37,24 @@ pub trait CoreGateway: Send + Sync + 'static {
 
     /// Sends a message; resolves after the durable commit.
     async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> Result<SendResult, GatewayError>;
+
+    /// A connection of `p` opened (presence).
+    async fn connection_opened(&self, p: &Principal);
+
+    /// A connection of `p` ended (presence: offline after the grace period).
+    fn connection_closed(&self, p: &Principal);
+
+    /// Typing started or stopped (membership checked, throttled, fanned out by the core).
+    async fn typing(&self, p: &Principal, channel_id: &str, state: TypingState) -> Result<(), GatewayError>;
+
+    /// Moves the caller's read position forward; returns the read state after it.
+    async fn mark_read(&self, p: &Principal, channel_id: &str, seq: u64) -> Result<ReadState, GatewayError>;
+
+    /// The caller's read state of a channel (unread count).
+    async fn read_state(&self, p: &Principal, channel_id: &str) -> Result<ReadState, GatewayError>;
+
+    /// The user chose away, or came back.
+    async fn set_away(&self, p: &Principal, away: bool);
 
     /// Persisted events with `after < seq <= up_to`, ascending, at most `limit` (gap filling).
     async fn channel_events(
@@ -84,6 +103,14 @@ pub struct EdgeConfig {
     pub gap_timeout: Duration,
     /// WebSocket read buffer per connection, in bytes (axum's default is 128 KiB).
     pub read_buffer_bytes: usize,
+    /// Most events `resume` replays per channel; further behind, that channel is refused.
+    pub max_replay: u64,
+    /// How long after a connection ends its session can be resumed.
+    pub resume_window: Duration,
+    /// Stated in the welcome: presence grace period (enforced by the core).
+    pub presence_grace: Duration,
+    /// Stated in the welcome: typing throttle (enforced by the core).
+    pub typing_throttle: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -101,6 +128,10 @@ impl Default for EdgeConfig {
             allowed_origins: Vec::new(),
             gap_timeout: Duration::from_millis(250),
             read_buffer_bytes: 512,
+            max_replay: 1000,
+            resume_window: Duration::from_secs(120),
+            presence_grace: Duration::from_secs(5),
+            typing_throttle: Duration::from_secs(3),
         }
     }
 }
@@ -113,6 +144,10 @@ impl EdgeConfig {
             frames_per_second: self.frames_per_second,
             frame_burst: self.frame_burst,
             send_queue: self.send_queue,
+            max_replay: self.max_replay,
+            resume_window_ms: u64::try_from(self.resume_window.as_millis()).unwrap_or(u64::MAX),
+            presence_grace_ms: u64::try_from(self.presence_grace.as_millis()).unwrap_or(u64::MAX),
+            typing_throttle_ms: u64::try_from(self.typing_throttle.as_millis()).unwrap_or(u64::MAX),
         }
     }
 }
@@ -125,6 +160,10 @@ pub struct Edge {
     next_conn: AtomicU64,
     shutdown: tokio::sync::watch::Receiver<bool>,
     connections: AtomicU64,
+    /// Each user's connections on this node, for user-targeted events.
+    users: users::UserConnections,
+    /// Sessions that can be resumed.
+    sessions: users::SessionRegistry,
 }
 
 impl Edge {
@@ -137,12 +176,29 @@ impl Edge {
             next_conn: AtomicU64::new(1),
             shutdown,
             connections: AtomicU64::new(0),
+            users: users::UserConnections::default(),
+            sessions: users::SessionRegistry::default(),
         })
     }
 
     /// Open WebSocket connections on this node.
     pub fn connection_count(&self) -> u64 {
         self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Delivers an ephemeral event to the local connections it targets. Never blocks: a full
+    /// queue drops it (ephemeral events may be dropped under pressure).
+    fn deliver_ephemeral(&self, ev: &Ephemeral) {
+        let Ok(json) = serde_json::to_string(&ev.frame) else { return };
+        let frame = axum::extract::ws::Utf8Bytes::from(json);
+        match &ev.target {
+            EphemeralTarget::Channel { channel_id } => {
+                self.hubs.deliver_ephemeral(channel_id, &frame, ev.skip_user.as_deref());
+            }
+            EphemeralTarget::User { tenant_id, user_id } => {
+                self.users.deliver(tenant_id, user_id, &frame);
+            }
+        }
     }
 
     /// Feeds this node's bus subscription into the hubs until the bus ends. Also fills gaps
@@ -157,6 +213,7 @@ impl Edge {
                 msg = bus.next() => match msg {
                     Some(BusMessage::Event(ev)) => self.hubs.on_event(ev),
                     Some(BusMessage::Resync) => self.hubs.resync_all(),
+                    Some(BusMessage::Ephemeral(ev)) => self.deliver_ephemeral(&ev),
                     None => break,
                 },
                 Some(done) = fetch_rx.recv() => self.hubs.on_fetch_done(done),

@@ -12,26 +12,48 @@ use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
-use parley_proto::{ClientFrame, CloseCode, ErrorCode, Principal, SendMessage, ServerFrame, frames::FrameError};
+use parley_proto::frames::Ack;
+use parley_proto::{
+    ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel, SendMessage, ServerFrame,
+    TypingState, frames::FrameError,
+};
 use tokio::sync::{Notify, mpsc};
 
 use crate::Edge;
 use crate::hub::{ConfirmError, Subscriber};
+use crate::users::SessionCheck;
 
 /// Frames a connection may send before its `auth` frame; more closes it with 4001.
 const MAX_FRAMES_BEFORE_AUTH: u32 = 16;
 
-/// Asks a connection to close from outside its task (the hub, on a full queue).
+/// Tells a connection, from outside its task, to close (the hub, on a full queue) or that the
+/// unread counts of some channels changed.
 #[derive(Default)]
 pub(crate) struct ConnControl {
     reason: AtomicU16,
     notify: Notify,
+    /// Channels whose unread count changed since the connection last looked.
+    unread_dirty: std::sync::Mutex<Vec<String>>,
 }
 
 impl ConnControl {
     pub fn close(&self, code: CloseCode) {
         let _ = self.reason.compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire);
         self.notify.notify_one();
+    }
+
+    /// A message was added or deleted in a subscribed channel.
+    pub fn unread_changed(&self, channel_id: &str) {
+        let mut dirty = self.unread_dirty.lock().unwrap_or_else(|p| p.into_inner());
+        if !dirty.iter().any(|c| c == channel_id) {
+            dirty.push(channel_id.to_owned());
+        }
+        drop(dirty);
+        self.notify.notify_one();
+    }
+
+    fn take_unread_dirty(&self) -> Vec<String> {
+        std::mem::take(&mut *self.unread_dirty.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     pub fn close_reason(&self) -> Option<CloseCode> {
@@ -59,6 +81,9 @@ struct Session {
     limiter: DefaultDirectRateLimiter,
     limited_in_a_row: u32,
     last_heard: Instant,
+    session_id: String,
+    /// An unread-count refresh is running; changes meanwhile wait for the next one.
+    unread_in_flight: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Runs a connection to its end. `pre_auth` is set when the token came in the subprotocol header.
@@ -83,12 +108,21 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
             limiter: RateLimiter::direct(quota),
             limited_in_a_row: 0,
             last_heard: Instant::now(),
+            session_id: format!("ses_{}", ulid::Ulid::new()),
+            unread_in_flight: Arc::default(),
             edge: edge.clone(),
         };
+        let tx = session.queue_sender();
+        edge.users.add(&session.principal.tenant_id, &session.principal.user_id, conn, tx);
+        edge.sessions.opened(&session.session_id, &session.principal.tenant_id, &session.principal.user_id);
+        edge.gateway.connection_opened(&session.principal).await;
         let close = session.serve(&mut ws).await;
         for channel in session.subscriptions.drain() {
             edge.hubs.unsubscribe(&channel, conn);
         }
+        edge.users.remove(&session.principal.tenant_id, &session.principal.user_id, conn);
+        edge.sessions.closed(&session.session_id, edge.config.resume_window);
+        edge.gateway.connection_closed(&session.principal);
         if let Some(code) = close {
             send_close(&mut ws, code).await;
         }
@@ -153,7 +187,7 @@ impl Session {
     async fn serve(&mut self, ws: &mut WebSocket) -> Option<CloseCode> {
         let cfg = self.edge.config.clone();
         let welcome = ServerFrame::Welcome {
-            session_id: format!("ses_{}", ulid::Ulid::new()),
+            session_id: self.session_id.clone(),
             user_id: self.principal.user_id.clone(),
             tenant_id: self.principal.tenant_id.clone(),
             heartbeat_interval_ms: millis(cfg.heartbeat_interval),
@@ -172,7 +206,12 @@ impl Session {
         loop {
             tokio::select! {
                 biased;
-                _ = ctl.notify.notified() => return ctl.close_reason(),
+                _ = ctl.notify.notified() => {
+                    if let Some(code) = ctl.close_reason() {
+                        return Some(code);
+                    }
+                    self.refresh_unread();
+                }
                 _ = shutdown.changed() => return Some(CloseCode::GoingAway),
                 incoming = ws.recv() => match incoming {
                     None => return None,
@@ -187,8 +226,17 @@ impl Session {
                 Some(frame) = next_queued(&mut self.queue) => {
                     tokio::select! {
                         biased;
-                        _ = ctl.notify.notified() => return ctl.close_reason(),
-                        r = ws.send(Message::Text(frame)) => if r.is_err() { return None },
+                        _ = ctl.notify.notified() => {
+                            if let Some(code) = ctl.close_reason() {
+                                return Some(code);
+                            }
+                            // Not a close: send the frame, then look at the unread counts.
+                            if ws.send(Message::Text(frame)).await.is_err() {
+                                return None;
+                            }
+                            self.refresh_unread();
+                        }
+                        r = ws.send(Message::Text(frame.clone())) => if r.is_err() { return None },
                     }
                 }
                 _ = heartbeat.tick() => {
@@ -247,40 +295,178 @@ impl Session {
                 if self.subscriptions.remove(&channel_id) {
                     self.edge.hubs.unsubscribe(&channel_id, self.conn);
                 }
-                let ack = ServerFrame::Ack { id, channel_id: Some(channel_id), seq: None, message: None, created: None };
+                let ack = ServerFrame::Ack(Ack { channel_id: Some(channel_id), ..Ack::new(id) });
                 send_text(ws, ack.to_json()).await;
             }
             Ok(ClientFrame::MessageSend { id, channel_id, client_msg_id, text, metadata }) => {
                 self.send_message(id, channel_id, SendMessage { client_msg_id, text, metadata });
             }
+            Ok(ClientFrame::Resume { id, session_id, channels }) => self.resume(ws, id, session_id, channels).await,
+            Ok(ClientFrame::TypingStart { id, channel_id }) => self.typing(ws, id, channel_id, TypingState::Start).await,
+            Ok(ClientFrame::TypingStop { id, channel_id }) => self.typing(ws, id, channel_id, TypingState::Stop).await,
+            Ok(ClientFrame::Read { id, channel_id, seq }) => {
+                let frame = match self.edge.gateway.mark_read(&self.principal, &channel_id, seq).await {
+                    Ok(state) => ServerFrame::Ack(Ack {
+                        channel_id: Some(channel_id),
+                        last_read_seq: Some(state.last_read_seq),
+                        ..Ack::new(id)
+                    }),
+                    Err(e) => error_frame(Some(id), e.code, &e.message),
+                };
+                send_text(ws, frame.to_json()).await;
+            }
+            Ok(ClientFrame::PresenceSet { id, away }) => {
+                self.edge.gateway.set_away(&self.principal, away).await;
+                send_text(ws, ServerFrame::ack(id).to_json()).await;
+            }
         }
         Flow::Continue
     }
 
+    async fn typing(&mut self, ws: &mut WebSocket, id: String, channel_id: String, state: TypingState) {
+        let frame = match self.edge.gateway.typing(&self.principal, &channel_id, state).await {
+            Ok(()) => ServerFrame::Ack(Ack { channel_id: Some(channel_id), ..Ack::new(id) }),
+            Err(e) => error_frame(Some(id), e.code, &e.message),
+        };
+        send_text(ws, frame.to_json()).await;
+    }
+
+    /// Looks up the unread counts of the channels that changed and queues `unread.updated`
+    /// frames; at most one lookup runs at a time per connection, so bursts coalesce.
+    fn refresh_unread(&mut self) {
+        if self.unread_in_flight.swap(true, Ordering::AcqRel) {
+            return; // the running refresh picks the rest up when it finishes
+        }
+        let tx = self.queue_sender();
+        let gateway = self.edge.gateway.clone();
+        let principal = self.principal.clone();
+        let ctl = self.ctl.clone();
+        let in_flight = self.unread_in_flight.clone();
+        tokio::spawn(async move {
+            loop {
+                let channels = ctl.take_unread_dirty();
+                if channels.is_empty() {
+                    break;
+                }
+                for channel_id in channels {
+                    if let Ok(state) = gateway.read_state(&principal, &channel_id).await {
+                        let frame = ServerFrame::UnreadUpdated {
+                            channel_id: state.channel_id,
+                            unread_count: state.unread_count,
+                            last_read_seq: state.last_read_seq,
+                        };
+                        let _ = tx.try_send(Utf8Bytes::from(frame.to_json()));
+                    }
+                }
+            }
+            in_flight.store(false, Ordering::Release);
+        });
+    }
+
+    /// Restores the subscriptions of an earlier session and replays what each channel missed,
+    /// exactly and in order, before the ack; or refuses a channel as a whole (never a partial
+    /// replay), in which case the client fetches history.
+    async fn resume(&mut self, ws: &mut WebSocket, id: String, session_id: String, channels: Vec<ResumeChannel>) {
+        let window = self.edge.config.resume_window;
+        let check = self.edge.sessions.check(&session_id, &self.principal.tenant_id, &self.principal.user_id, window);
+        if check == SessionCheck::Foreign {
+            send_error(ws, Some(id), ErrorCode::InvalidArgument, "session_id belongs to another user").await;
+            return;
+        }
+        let max_replay = self.edge.config.max_replay;
+        let mut outcomes = Vec::with_capacity(channels.len());
+        for ResumeChannel { channel_id, seq: last_seen } in channels {
+            let live_from = match self.subscribe_inner(&channel_id).await {
+                Ok(seq) => seq,
+                Err(_) => {
+                    outcomes.push(ResumedChannel {
+                        channel_id,
+                        replayed: false,
+                        events: 0,
+                        seq: None,
+                        reason: Some(ResumeRefusal::NotAMember),
+                    });
+                    continue;
+                }
+            };
+            let refusal = if check == SessionCheck::Expired {
+                Some(ResumeRefusal::WindowPassed)
+            } else if live_from.saturating_sub(last_seen) > max_replay {
+                Some(ResumeRefusal::TooFarBehind)
+            } else {
+                None
+            };
+            if let Some(reason) = refusal {
+                outcomes.push(ResumedChannel { channel_id, replayed: false, events: 0, seq: Some(live_from), reason: Some(reason) });
+                continue;
+            }
+            let missed = if live_from > last_seen {
+                let limit = u32::try_from(max_replay.saturating_add(1)).unwrap_or(u32::MAX);
+                self.edge
+                    .gateway
+                    .channel_events(&self.principal.tenant_id, &channel_id, last_seen, Some(live_from), limit)
+                    .await
+            } else {
+                Ok(Vec::new())
+            };
+            // Exactly the range or nothing: a short read would be a silent gap.
+            let expected = live_from.saturating_sub(last_seen);
+            match missed {
+                Ok(events) if events.len() as u64 == expected => {
+                    for ev in &events {
+                        if let Ok(json) = serde_json::to_string(ev) {
+                            send_text(ws, json).await;
+                        }
+                    }
+                    outcomes.push(ResumedChannel { channel_id, replayed: true, events: expected, seq: Some(live_from), reason: None });
+                }
+                _ => outcomes.push(ResumedChannel {
+                    channel_id,
+                    replayed: false,
+                    events: 0,
+                    seq: Some(live_from),
+                    reason: Some(ResumeRefusal::TooFarBehind),
+                }),
+            }
+        }
+        let ack = ServerFrame::Ack(Ack { resumed: Some(outcomes), ..Ack::new(id) });
+        send_text(ws, ack.to_json()).await;
+    }
+
     async fn subscribe(&mut self, ws: &mut WebSocket, id: String, channel_id: String) {
+        let frame = match self.subscribe_inner(&channel_id).await {
+            Ok(seq) => ServerFrame::Ack(Ack { channel_id: Some(channel_id), seq: Some(seq), ..Ack::new(id) }),
+            Err(e) => error_frame(Some(id), e.code, &e.message),
+        };
+        send_text(ws, frame.to_json()).await;
+    }
+
+    /// Subscribes (pending, membership check, confirm); returns the seq after which events
+    /// arrive live.
+    async fn subscribe_inner(&mut self, channel_id: &str) -> Result<u64, crate::GatewayError> {
         let tx = self.queue_sender();
         let sub = Subscriber { conn: self.conn, user_id: self.user_id.clone(), tx, ctl: self.ctl.clone() };
         let hubs = &self.edge.hubs;
-        hubs.register_pending(&self.principal.tenant_id, &channel_id, sub);
-        let frame = match self.edge.gateway.subscribe_check(&self.principal, &channel_id).await {
-            Ok(last_seq) => match hubs.confirm(&self.principal.tenant_id, &channel_id, self.conn, last_seq) {
-                Ok(seq) => {
-                    self.subscriptions.insert(channel_id.clone());
-                    ServerFrame::Ack { id, channel_id: Some(channel_id), seq: Some(seq), message: None, created: None }
-                }
-                Err(ConfirmError::Revoked) | Err(ConfirmError::Gone) => {
-                    hubs.unsubscribe(&channel_id, self.conn);
-                    self.subscriptions.remove(&channel_id);
-                    error_frame(Some(id), ErrorCode::NotAMember, "you are not a member of this channel")
-                }
-            },
-            Err(e) => {
-                hubs.unsubscribe(&channel_id, self.conn);
-                self.subscriptions.remove(&channel_id);
-                error_frame(Some(id), e.code, &e.message)
-            }
+        hubs.register_pending(&self.principal.tenant_id, channel_id, sub);
+        let result = match self.edge.gateway.subscribe_check(&self.principal, channel_id).await {
+            Ok(last_seq) => hubs.confirm(&self.principal.tenant_id, channel_id, self.conn, last_seq).map_err(|e| match e {
+                ConfirmError::Revoked | ConfirmError::Gone => crate::GatewayError {
+                    code: ErrorCode::NotAMember,
+                    message: "you are not a member of this channel".into(),
+                },
+            }),
+            Err(e) => Err(e),
         };
-        send_text(ws, frame.to_json()).await;
+        match &result {
+            Ok(_) => {
+                self.subscriptions.insert(channel_id.to_owned());
+            }
+            Err(_) => {
+                hubs.unsubscribe(channel_id, self.conn);
+                self.subscriptions.remove(channel_id);
+            }
+        }
+        result
     }
 
     /// Sends in a task of its own so the connection keeps reading and writing while the commit
@@ -291,13 +477,12 @@ impl Session {
         let principal = self.principal.clone();
         tokio::spawn(async move {
             let frame = match gateway.send_message(&principal, &channel_id, req).await {
-                Ok(result) => ServerFrame::Ack {
-                    id,
-                    channel_id: None,
+                Ok(result) => ServerFrame::Ack(Ack {
                     seq: Some(result.message.seq),
                     created: Some(result.created),
                     message: Some(result.message),
-                },
+                    ..Ack::new(id)
+                }),
                 Err(e) => error_frame(Some(id), e.code, &e.message),
             };
             // Waits for room rather than dropping: an ack is never lost while the socket lives.
@@ -335,6 +520,11 @@ fn frame_id(f: &ClientFrame) -> Option<String> {
         ClientFrame::Subscribe { id, .. }
         | ClientFrame::Unsubscribe { id, .. }
         | ClientFrame::MessageSend { id, .. }
+        | ClientFrame::Resume { id, .. }
+        | ClientFrame::TypingStart { id, .. }
+        | ClientFrame::TypingStop { id, .. }
+        | ClientFrame::Read { id, .. }
+        | ClientFrame::PresenceSet { id, .. }
         | ClientFrame::Ping { id } => Some(id.clone()),
     }
 }

@@ -8,13 +8,20 @@ use parley_proto::ChannelEvent;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::{Bus, BusError, BusMessage, BusSubscription};
+use crate::{Bus, BusError, BusMessage, BusSubscription, Ephemeral};
+
+/// What travels on the broadcast channel.
+#[derive(Debug, Clone)]
+enum Item {
+    Event(Arc<ChannelEvent>),
+    Ephemeral(Arc<Ephemeral>),
+}
 
 /// In-process bus. A receiver that falls more than `capacity` events behind gets
 /// [`BusMessage::Resync`] instead of the events it missed.
 #[derive(Debug, Clone)]
 pub struct InProcessBus {
-    tx: broadcast::Sender<Arc<ChannelEvent>>,
+    tx: broadcast::Sender<Item>,
 }
 
 impl InProcessBus {
@@ -38,7 +45,12 @@ impl Bus for InProcessBus {
 
     async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
         // No receiver means no node is listening yet; nothing is lost that storage does not keep.
-        let _ = self.tx.send(Arc::new(event.clone()));
+        let _ = self.tx.send(Item::Event(Arc::new(event.clone())));
+        Ok(())
+    }
+
+    async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError> {
+        let _ = self.tx.send(Item::Ephemeral(Arc::new(event.clone())));
         Ok(())
     }
 
@@ -46,7 +58,8 @@ impl Bus for InProcessBus {
         let rx = self.tx.subscribe();
         Ok(BroadcastStream::new(rx)
             .map(|item| match item {
-                Ok(ev) => BusMessage::Event(ev),
+                Ok(Item::Event(ev)) => BusMessage::Event(ev),
+                Ok(Item::Ephemeral(ev)) => BusMessage::Ephemeral(ev),
                 Err(_lagged) => BusMessage::Resync,
             })
             .boxed())

@@ -29,6 +29,30 @@ pub enum BusMessage {
     /// Messages may have been lost; every channel with local subscribers must re-read from
     /// storage what came after its last delivered seq.
     Resync,
+    /// An ephemeral event (typing, presence, read receipts): no seq, no order across
+    /// publishers, may be dropped under pressure.
+    Ephemeral(Arc<Ephemeral>),
+}
+
+/// An event that is not persisted: delivered to whoever is connected now, or to nobody.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Ephemeral {
+    pub target: EphemeralTarget,
+    /// Not delivered to this user's connections (typing goes to the *other* members).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skip_user: Option<String>,
+    /// The frame to send, a JSON object with its `type`.
+    pub frame: serde_json::Value,
+}
+
+/// Who receives an [`Ephemeral`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "to", rename_all = "snake_case")]
+pub enum EphemeralTarget {
+    /// The subscribed members of a channel.
+    Channel { channel_id: String },
+    /// Every connection of one user.
+    User { tenant_id: String, user_id: String },
 }
 
 /// The stream of a node's subscription. It ends only when the bus is shut down.
@@ -52,6 +76,9 @@ pub trait Bus: Send + Sync + 'static {
     /// the commit; a failure here is recovered by the receivers' gap filling.
     async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError>;
 
-    /// Subscribes this node to every channel event.
+    /// Publishes an ephemeral event to every subscribed node, this one included. Best effort.
+    async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError>;
+
+    /// Subscribes this node to every channel event and every ephemeral event.
     async fn subscribe(&self) -> Result<BusSubscription, BusError>;
 }

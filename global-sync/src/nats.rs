@@ -34,10 +34,13 @@ use parley_proto::ChannelEvent;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 
-use crate::{Bus, BusError, BusMessage, BusSubscription};
+use crate::{Bus, BusError, BusMessage, BusSubscription, Ephemeral};
 
 /// Every channel event goes to `parley.ev.<channel_id>`.
 const SUBJECT_PREFIX: &str = "parley.ev.";
+/// Ephemeral events share the subscription under a token no channel id can take (they start
+/// with `ch_`), so one subscription carries both, in one order per publisher.
+const EPHEMERAL_SUBJECT: &str = "parley.ev._eph";
 /// What a node subscribes to: the events of every channel.
 const SUBJECT_ALL: &str = "parley.ev.>";
 /// A subject nobody subscribes to: a request on it comes back as "no responders" once the
@@ -285,6 +288,22 @@ impl Bus for NatsBus {
         }
     }
 
+    async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError> {
+        let payload = serde_json::to_vec(event)
+            .map_err(|err| BusError::Codec(format!("encoding an ephemeral event: {err}")))?;
+        // Best effort: never wait while disconnected, at most a moment while connected.
+        let wait = if self.inner.client.connection_state() == State::Connected {
+            PUBLISH_WAIT
+        } else {
+            Duration::ZERO
+        };
+        match timeout(wait, self.inner.client.publish(EPHEMERAL_SUBJECT, Bytes::from(payload))).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(BusError::Unavailable(format!("publishing to NATS: {err}"))),
+            Err(_) => Err(BusError::Unavailable("NATS outgoing queue full".into())),
+        }
+    }
+
     async fn subscribe(&self) -> Result<BusSubscription, BusError> {
         let inner = Arc::clone(&self.inner);
         // Taken before subscribing: a reconnection in between costs a spurious resync, never a
@@ -372,8 +391,8 @@ impl SubscriptionState {
                     Some(None) => return None,
                     Some(Some(message)) => {
                         self.slow_backlog = Some(delivered + 1);
-                        if let Some(event) = decode(&message.subject, &message.payload) {
-                            return Some(BusMessage::Event(Arc::new(event)));
+                        if let Some(item) = decode_message(&message.subject, &message.payload) {
+                            return Some(item);
                         }
                         continue;
                     }
@@ -394,8 +413,8 @@ impl SubscriptionState {
                 }
                 message = self.subscriber.next() => {
                     let message = message?;
-                    if let Some(event) = decode(&message.subject, &message.payload) {
-                        return Some(BusMessage::Event(Arc::new(event)));
+                    if let Some(item) = decode_message(&message.subject, &message.payload) {
+                        return Some(item);
                     }
                 }
             }
@@ -416,6 +435,20 @@ fn subject_for(channel_id: &str) -> Result<String, BusError> {
         )));
     }
     Ok(format!("{SUBJECT_PREFIX}{channel_id}"))
+}
+
+/// Decodes a message received on `parley.ev.>` into what the subscription yields.
+fn decode_message(subject: &str, payload: &[u8]) -> Option<BusMessage> {
+    if subject == EPHEMERAL_SUBJECT {
+        return match serde_json::from_slice::<Ephemeral>(payload) {
+            Ok(e) => Some(BusMessage::Ephemeral(Arc::new(e))),
+            Err(err) => {
+                tracing::warn!(subject, error = %err, "dropping an undecodable ephemeral bus message");
+                None
+            }
+        };
+    }
+    decode(subject, payload).map(|event| BusMessage::Event(Arc::new(event)))
 }
 
 /// Decodes a message received on `parley.ev.>`. Anything else than a channel event of the

@@ -73,7 +73,7 @@ async fn next_own_event(
     loop {
         match next_item(sub, deadline, what).await {
             BusMessage::Event(ev) if ev.channel_id.starts_with(prefix) => return (*ev).clone(),
-            BusMessage::Event(_) => {}
+            BusMessage::Event(_) | BusMessage::Ephemeral(_) => {}
             BusMessage::Resync => panic!("unexpected Resync while waiting for {what}"),
         }
     }
@@ -402,6 +402,7 @@ async fn reconnection_yields_resync_on_every_subscription() {
                     )
                 }
                 BusMessage::Event(ev) => panic!("foreign event {ev:?}"),
+                BusMessage::Ephemeral(_) => {}
             }
         }
     }
@@ -411,6 +412,7 @@ async fn reconnection_yields_resync_on_every_subscription() {
             match next_item(sub, deadline, &format!("event 3 on subscription {i}")).await {
                 BusMessage::Event(ev) if ev.seq == 3 => break,
                 BusMessage::Event(ev) => assert_eq!(ev.seq, 2, "subscription {i}: {ev:?}"),
+                BusMessage::Ephemeral(_) => {}
                 BusMessage::Resync => panic!("subscription {i}: a second Resync"),
             }
         }
@@ -497,6 +499,7 @@ async fn slow_consumer_yields_resync() {
                     "the backlog is not the oldest events in order"
                 );
             }
+            BusMessage::Ephemeral(_) => {}
         }
     }
     assert!(
@@ -513,7 +516,34 @@ async fn slow_consumer_yields_resync() {
         match next_item(&mut sub, deadline, "the event after the Resync").await {
             BusMessage::Event(ev) if ev.seq == N + 1 => break,
             // A drop reported late may bring one more Resync; harmless.
-            BusMessage::Event(_) | BusMessage::Resync => {}
+            BusMessage::Event(_) | BusMessage::Resync | BusMessage::Ephemeral(_) => {}
+        }
+    }
+}
+
+/// Ephemeral events (typing, presence) travel to every node like channel events, with their
+/// target and skip_user intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ephemeral_events_reach_every_node() {
+    use parley_sync::{Ephemeral, EphemeralTarget};
+    let url = shared_nats_url();
+    let a = NatsBus::connect(&url).await.expect("connect a");
+    let b = NatsBus::connect(&url).await.expect("connect b");
+    let mut sub_b = b.subscribe().await.expect("subscribe b");
+    let channel_id = unique_prefix("eph");
+    let sent = Ephemeral {
+        target: EphemeralTarget::Channel { channel_id: channel_id.clone() },
+        skip_user: Some("alice".into()),
+        frame: serde_json::json!({ "type": "typing", "channel_id": channel_id, "user_id": "alice" }),
+    };
+    a.publish_ephemeral(&sent).await.expect("publish");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let BusMessage::Ephemeral(got) = next_item(&mut sub_b, deadline, "the ephemeral event").await
+            && got.target == sent.target
+        {
+            assert_eq!(*got, sent);
+            break;
         }
     }
 }

@@ -89,6 +89,28 @@ pub struct ServeArgs {
     /// Longest message text in characters.
     #[arg(long, env = "PARLEY_MAX_TEXT_CHARS", default_value_t = 4000)]
     pub max_text_chars: usize,
+    /// Most events replayed per channel on resume; further behind, the channel is refused.
+    #[arg(long, env = "PARLEY_MAX_REPLAY", default_value_t = 1000)]
+    pub max_replay: u64,
+    /// How long after a connection ends its session can be resumed, in milliseconds.
+    #[arg(long, env = "PARLEY_RESUME_WINDOW_MS", default_value_t = 120_000)]
+    pub resume_window_ms: u64,
+    /// Grace period before a user with no connection goes offline, in milliseconds.
+    #[arg(long, env = "PARLEY_PRESENCE_GRACE_MS", default_value_t = 5_000)]
+    pub presence_grace_ms: u64,
+    /// Idle time (no send, read or typing) after which an online user is away, in milliseconds.
+    #[arg(long, env = "PARLEY_AWAY_AFTER_MS", default_value_t = 300_000)]
+    pub away_after_ms: u64,
+    /// Minimum interval between two typing announcements of a user in a channel, in milliseconds.
+    #[arg(long, env = "PARLEY_TYPING_THROTTLE_MS", default_value_t = 3_000)]
+    pub typing_throttle_ms: u64,
+    /// How long a typing indicator lasts without a refresh, in milliseconds.
+    #[arg(long, env = "PARLEY_TYPING_EXPIRY_MS", default_value_t = 6_000)]
+    pub typing_expiry_ms: u64,
+    /// Redis URL (redis://host:port) for presence shared by several nodes. Without it, presence
+    /// is kept in memory (one node).
+    #[arg(long, env = "PARLEY_REDIS_URL")]
+    pub redis_url: Option<String>,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -42,13 +42,23 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
     let node = server::build(&args, shutdown_rx).await?;
     let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    // The first stdout line is machine-readable: tests and scripts read the port from it.
-    println!("parley listening on http://{addr} (storage: {}, bus: {})", node.storage_backend, node.bus_kind);
+    // The first stdout line is machine-readable: tests and scripts read the port from it. A
+    // closed stdout (the reader went away) must not take the server down, so errors are ignored.
+    let mut banner = format!(
+        "parley listening on http://{addr} (storage: {}, bus: {})\n",
+        node.storage_backend, node.bus_kind
+    );
     if node.dev_mode {
-        println!(
-            "development mode: get a token with `parley token --user alice --data-dir {}`",
+        banner.push_str(&format!(
+            "development mode: get a token with `parley token --user alice --data-dir {}`\n",
             args.storage.data_dir.display()
-        );
+        ));
+    }
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes());
+        let _ = out.flush();
     }
     let shutdown = async move {
         let ctrl_c = tokio::signal::ctrl_c();

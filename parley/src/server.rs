@@ -15,9 +15,12 @@ use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
 use parley_core::http::{self, ApiDoc, ApiState};
 use parley_core::ratelimit::RequestBudget;
 use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
+use parley_core::presence_store::{MemoryPresenceStore, PresenceStore};
+use parley_core::realtime::{Realtime, RealtimeConfig};
 use parley_core::{Core, CoreError, DomainLimits};
+use parley_proto::PresenceTimings;
 use parley_edge::{CoreGateway, Edge, EdgeConfig, GatewayError};
-use parley_proto::{ChannelEvent, Principal, SendMessage, SendResult};
+use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, TypingState};
 use parley_sync::{Bus, InProcessBus, NatsBus};
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
@@ -90,7 +93,21 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
     };
     let (auth, dev_mode) = authenticator(args)?;
     let auth = Arc::new(auth);
-    let core = Arc::new(Core::new(storage.clone(), bus.clone(), DomainLimits { max_text_chars: args.max_text_chars }));
+    let presence_store: Arc<dyn PresenceStore> = Arc::new(MemoryPresenceStore::default());
+    let realtime_config = RealtimeConfig {
+        presence: PresenceTimings { offline_grace_ms: args.presence_grace_ms, away_after_ms: args.away_after_ms },
+        typing_throttle_ms: args.typing_throttle_ms,
+        typing_expiry_ms: args.typing_expiry_ms,
+        ..RealtimeConfig::default()
+    };
+    let realtime = Realtime::new(bus.clone(), storage.clone(), presence_store, realtime_config);
+    tokio::spawn(realtime.clone().run_timers());
+    let core = Arc::new(Core::new(
+        storage.clone(),
+        bus.clone(),
+        DomainLimits { max_text_chars: args.max_text_chars },
+        realtime,
+    ));
     let budget = Arc::new(RequestBudget::new(args.rate_per_minute, args.rate_burst));
     let edge_config = EdgeConfig {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
@@ -101,6 +118,10 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         frame_burst: args.ws_frame_burst,
         send_queue: args.ws_send_queue,
         allowed_origins: args.allowed_origins.clone(),
+        max_replay: args.max_replay,
+        resume_window: Duration::from_millis(args.resume_window_ms),
+        presence_grace: Duration::from_millis(args.presence_grace_ms),
+        typing_throttle: Duration::from_millis(args.typing_throttle_ms),
         ..EdgeConfig::default()
     };
     let gateway = Arc::new(LocalGateway { core: core.clone(), auth: auth.clone() });
@@ -153,6 +174,11 @@ struct LocalGateway {
     auth: Arc<Authenticator>,
 }
 
+fn valid_channel(channel_id: &str) -> Result<(), GatewayError> {
+    parley_core::validate::channel_id(channel_id)
+        .map_err(|m| GatewayError { code: parley_proto::ErrorCode::InvalidArgument, message: m })
+}
+
 fn gateway_error(e: CoreError) -> GatewayError {
     if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
         tracing::error!(error = %detail, "core call failed");
@@ -167,18 +193,41 @@ impl CoreGateway for LocalGateway {
     }
 
     async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError> {
-        if let Err(m) = parley_core::validate::channel_id(channel_id) {
-            return Err(GatewayError { code: parley_proto::ErrorCode::InvalidArgument, message: m });
-        }
+        valid_channel(channel_id)?;
         let channel = self.core.get_channel(p, channel_id).await.map_err(gateway_error)?;
         Ok(channel.last_seq)
     }
 
     async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> Result<SendResult, GatewayError> {
-        if let Err(m) = parley_core::validate::channel_id(channel_id) {
-            return Err(GatewayError { code: parley_proto::ErrorCode::InvalidArgument, message: m });
-        }
+        valid_channel(channel_id)?;
         self.core.send_message(p, channel_id, req).await.map_err(gateway_error)
+    }
+
+    async fn connection_opened(&self, p: &Principal) {
+        self.core.realtime().connected(&p.tenant_id, &p.user_id).await;
+    }
+
+    fn connection_closed(&self, p: &Principal) {
+        self.core.realtime().disconnected(&p.tenant_id, &p.user_id);
+    }
+
+    async fn typing(&self, p: &Principal, channel_id: &str, state: TypingState) -> Result<(), GatewayError> {
+        valid_channel(channel_id)?;
+        self.core.typing(p, channel_id, state).await.map_err(gateway_error)
+    }
+
+    async fn mark_read(&self, p: &Principal, channel_id: &str, seq: u64) -> Result<ReadState, GatewayError> {
+        valid_channel(channel_id)?;
+        self.core.mark_read(p, channel_id, seq).await.map_err(gateway_error)
+    }
+
+    async fn read_state(&self, p: &Principal, channel_id: &str) -> Result<ReadState, GatewayError> {
+        valid_channel(channel_id)?;
+        self.core.read_state(p, channel_id).await.map_err(gateway_error)
+    }
+
+    async fn set_away(&self, p: &Principal, away: bool) {
+        self.core.realtime().set_away(&p.tenant_id, &p.user_id, away).await;
     }
 
     async fn channel_events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> Result<Vec<ChannelEvent>, GatewayError> {

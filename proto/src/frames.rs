@@ -42,10 +42,80 @@ pub enum ClientFrame {
     /// Application-level ping; answered with `pong`.
     #[serde(rename = "ping")]
     Ping { id: String },
+    /// Restore the subscriptions of an earlier session and replay what was missed. Sent after
+    /// authentication, instead of subscribing again.
+    #[serde(rename = "resume")]
+    Resume {
+        id: String,
+        /// The `session_id` of the welcome of the connection being resumed.
+        session_id: String,
+        /// For each channel, the last seq the client has seen.
+        channels: Vec<ResumeChannel>,
+    },
+    /// The user is typing in a channel. Throttled by the server; the indicator expires on its own.
+    #[serde(rename = "typing.start")]
+    TypingStart { id: String, channel_id: String },
+    #[serde(rename = "typing.stop")]
+    TypingStop { id: String, channel_id: String },
+    /// Marks the channel read up to `seq` (moves forward only).
+    #[serde(rename = "read")]
+    Read { id: String, channel_id: String, seq: u64 },
+    /// Sets or clears "away" for this user.
+    #[serde(rename = "presence.set")]
+    PresenceSet { id: String, away: bool },
+}
+
+/// One channel of a `resume` request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ResumeChannel {
+    pub channel_id: String,
+    /// Last seq seen by the client; everything after it is replayed.
+    pub seq: u64,
+}
+
+/// Why a channel could not be resumed; the client fetches history instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ResumeRefusal {
+    /// More events were missed than the server replays (`max_replay` in the welcome).
+    TooFarBehind,
+    /// The session ended longer ago than the resume window, or is unknown.
+    WindowPassed,
+    /// The user is no longer a member (or the channel is gone).
+    NotAMember,
+}
+
+/// Outcome of one channel of a resume.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ResumedChannel {
+    pub channel_id: String,
+    /// `true`: every missed event was replayed, in order, before the ack, and live delivery goes
+    /// on after `seq`. `false`: nothing was replayed; fetch history after your last seq up to
+    /// `seq` (when subscribed) — `reason` says why.
+    pub replayed: bool,
+    /// Number of events replayed.
+    pub events: u64,
+    /// Live delivery continues after this seq (absent when not subscribed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<ResumeRefusal>,
 }
 
 /// The frame types a client may send, for error messages and docs.
-pub const CLIENT_FRAME_TYPES: &[&str] = &["auth", "subscribe", "unsubscribe", "message.send", "ping"];
+pub const CLIENT_FRAME_TYPES: &[&str] = &[
+    "auth",
+    "subscribe",
+    "unsubscribe",
+    "message.send",
+    "ping",
+    "resume",
+    "typing.start",
+    "typing.stop",
+    "read",
+    "presence.set",
+];
 
 /// Why a client frame could not be parsed.
 #[derive(Debug, Clone, PartialEq)]
@@ -116,22 +186,7 @@ pub enum ServerFrame {
     },
     /// Success of the request with the same `id`.
     #[serde(rename = "ack")]
-    Ack {
-        id: String,
-        /// For `subscribe`/`unsubscribe`: the channel.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        channel_id: Option<String>,
-        /// For `subscribe`: events with a greater seq will be delivered live; fetch up to this seq
-        /// from history.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        seq: Option<u64>,
-        /// For `message.send`: the committed message.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        message: Option<Message>,
-        /// For `message.send`: false when this was an idempotent retry.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        created: Option<bool>,
-    },
+    Ack(Ack),
     /// Failure of the request with the same `id` (or of the connection when `id` is absent).
     #[serde(rename = "error")]
     Error {
@@ -145,18 +200,73 @@ pub enum ServerFrame {
     },
     #[serde(rename = "pong")]
     Pong { id: String },
+    /// A user's presence changed (sent to the subscribers of channels shared with that user).
+    #[serde(rename = "presence.changed")]
+    PresenceChanged {
+        #[serde(flatten)]
+        presence: crate::model::Presence,
+    },
+    /// Someone is typing (`state: start`, valid `expires_in_ms`) or stopped.
+    #[serde(rename = "typing")]
+    Typing {
+        channel_id: String,
+        user_id: String,
+        state: TypingState,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_in_ms: Option<u64>,
+    },
+    /// A member's read position moved (sent to the channel's subscribers).
+    #[serde(rename = "read.updated")]
+    ReadUpdated { channel_id: String, user_id: String, last_read_seq: u64 },
+    /// The receiving user's unread count of a channel changed.
+    #[serde(rename = "unread.updated")]
+    UnreadUpdated { channel_id: String, unread_count: u64, last_read_seq: u64 },
+}
+
+/// The body of an `ack` frame. Fields other than `id` are present for the requests they belong to.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, ToSchema)]
+pub struct Ack {
+    pub id: String,
+    /// For `subscribe`/`unsubscribe`: the channel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel_id: Option<String>,
+    /// For `subscribe`: events with a greater seq will be delivered live; fetch up to this seq
+    /// from history.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    /// For `message.send`: the committed message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<Message>,
+    /// For `message.send`: false when this was an idempotent retry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<bool>,
+    /// For `resume`: the outcome per channel. The ack comes after every replayed event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resumed: Option<Vec<ResumedChannel>>,
+    /// For `read`: the member's read position after the request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_read_seq: Option<u64>,
+}
+
+impl Ack {
+    /// An ack carrying nothing but the id.
+    pub fn new(id: String) -> Ack {
+        Ack { id, ..Ack::default() }
+    }
+}
+
+/// Typing state in a `typing` event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum TypingState {
+    Start,
+    Stop,
 }
 
 impl ServerFrame {
     /// An ack carrying nothing but the id.
     pub fn ack(id: String) -> ServerFrame {
-        ServerFrame::Ack {
-            id,
-            channel_id: None,
-            seq: None,
-            message: None,
-            created: None,
-        }
+        ServerFrame::Ack(Ack::new(id))
     }
 
     /// Serializes the frame. Serialization of these types cannot fail (no maps with non-string

@@ -15,7 +15,7 @@ pub mod sequencer;
 pub mod typing;
 
 pub use error::{CloseCode, ErrorBody, ErrorCode};
-pub use frames::{ClientFrame, ServerFrame};
+pub use frames::{ClientFrame, ResumeChannel, ResumeRefusal, ResumedChannel, ServerFrame, TypingState};
 pub use model::*;
 pub use presence::{PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker};
 pub use sequencer::{ChannelSequencer, SequencerOutput};

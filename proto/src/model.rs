@@ -73,6 +73,12 @@ pub struct Channel {
     /// The caller's role, when the channel is returned to a member.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<Role>,
+    /// The caller's read position (in the caller's channel list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_read_seq: Option<u64>,
+    /// Messages from others after the caller's read position that are not deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unread_count: Option<u64>,
 }
 
 /// A member of a channel.
@@ -81,6 +87,59 @@ pub struct Member {
     pub user_id: String,
     pub role: Role,
     pub joined_at: String,
+    /// The member has read everything up to this seq.
+    #[serde(default)]
+    pub last_read_seq: u64,
+}
+
+/// A user's presence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Presence {
+    pub user_id: String,
+    pub status: crate::presence::PresenceStatus,
+    /// When the user's last connection ended (offline users).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen: Option<String>,
+    /// Last send, read or typing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_active: Option<String>,
+}
+
+/// `POST /v1/presence/query`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PresenceQuery {
+    /// At most 200 user ids. Users who share no channel with the caller are left out.
+    pub user_ids: Vec<String>,
+}
+
+/// Response of `POST /v1/presence/query`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct PresenceList {
+    pub presence: Vec<Presence>,
+}
+
+/// `PUT /v1/channels/{id}/read`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MarkRead {
+    /// Read up to this seq (clamped to the channel's last seq). An older seq changes nothing.
+    pub seq: u64,
+}
+
+/// A member's read state of a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ReadState {
+    pub channel_id: String,
+    pub last_read_seq: u64,
+    pub unread_count: u64,
+}
+
+/// `POST /v1/channels/{id}/typing`.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TypingRequest {
+    pub state: crate::frames::TypingState,
 }
 
 /// A message. A deleted message stays in history as a tombstone: `deleted: true`, empty text,
@@ -244,6 +303,14 @@ pub struct SessionLimits {
     pub frame_burst: u32,
     /// Events the server queues for a connection before closing it as a slow consumer (4009).
     pub send_queue: usize,
+    /// Most events replayed per channel by `resume`; further behind, the channel is refused.
+    pub max_replay: u64,
+    /// How long after a connection ends its session can be resumed, in milliseconds.
+    pub resume_window_ms: u64,
+    /// Grace period before a user with no connection goes offline, in milliseconds.
+    pub presence_grace_ms: u64,
+    /// Minimum interval between two `typing` start events of a user in a channel.
+    pub typing_throttle_ms: u64,
 }
 
 /// Who is calling: the verified identity carried by an access token. Not a wire type; shared by

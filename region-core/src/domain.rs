@@ -8,9 +8,11 @@ use std::sync::Arc;
 
 use parley_proto::{
     AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode, Member, Message,
-    MessagePage, PatchChannel, Principal, Role, SendMessage, SendResult,
+    MessagePage, PatchChannel, Presence, Principal, ReadState, Role, SendMessage, SendResult, ServerFrame, TypingState,
 };
 use parley_sync::Bus;
+
+use crate::realtime::{Realtime, presence_of};
 
 use crate::storage::{HistoryAnchor, NewChannel, NewMessage, Storage, StorageError};
 use crate::validate;
@@ -37,6 +39,8 @@ pub enum CoreError {
     NotFound,
     #[error("message not found")]
     MessageNotFound,
+    #[error("user not found")]
+    UserNotFound,
     #[error("you are not a member of this channel")]
     NotAMember,
     #[error("{0}")]
@@ -55,7 +59,7 @@ impl CoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             CoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            CoreError::NotFound | CoreError::MessageNotFound => ErrorCode::NotFound,
+            CoreError::NotFound | CoreError::MessageNotFound | CoreError::UserNotFound => ErrorCode::NotFound,
             CoreError::NotAMember => ErrorCode::NotAMember,
             CoreError::Forbidden(_) => ErrorCode::Forbidden,
             CoreError::Conflict(_) => ErrorCode::Conflict,
@@ -101,11 +105,19 @@ pub struct Core {
     storage: Arc<dyn Storage>,
     bus: Arc<dyn Bus>,
     limits: DomainLimits,
+    realtime: Arc<Realtime>,
 }
 
+/// Most users in one bulk presence query.
+pub const MAX_PRESENCE_QUERY: usize = 200;
+
 impl Core {
-    pub fn new(storage: Arc<dyn Storage>, bus: Arc<dyn Bus>, limits: DomainLimits) -> Self {
-        Core { storage, bus, limits }
+    pub fn new(storage: Arc<dyn Storage>, bus: Arc<dyn Bus>, limits: DomainLimits, realtime: Arc<Realtime>) -> Self {
+        Core { storage, bus, limits, realtime }
+    }
+
+    pub fn realtime(&self) -> &Arc<Realtime> {
+        &self.realtime
     }
 
     pub fn storage(&self) -> &Arc<dyn Storage> {
@@ -311,6 +323,7 @@ impl Core {
                 body: parley_proto::EventBody::MessageNew { message: outcome.message.clone() },
             };
             self.publish(&event).await;
+            self.realtime.message_sent(&p.tenant_id, channel_id, &p.user_id).await;
         }
         Ok(SendResult { message: outcome.message, created: outcome.created })
     }
@@ -368,6 +381,85 @@ impl Core {
         };
         self.require_member(p, channel_id).await?;
         Ok(self.storage.history(&p.tenant_id, channel_id, anchor, limit).await?)
+    }
+
+    // ---- read state, typing, presence ----
+
+    /// Moves the caller's read position forward (an older seq changes nothing). Tells the
+    /// channel's subscribers (`read.updated`) and the caller's devices (`unread.updated`).
+    pub async fn mark_read(&self, p: &Principal, channel_id: &str, seq: u64) -> CoreResult<ReadState> {
+        self.require_member(p, channel_id).await?;
+        let before = self.storage.read_state(&p.tenant_id, channel_id, &p.user_id).await?;
+        let state = self.storage.mark_read(&p.tenant_id, channel_id, &p.user_id, seq).await?;
+        self.realtime.activity(&p.tenant_id, &p.user_id).await;
+        if state.last_read_seq != before.last_read_seq {
+            let read = ServerFrame::ReadUpdated {
+                channel_id: channel_id.to_owned(),
+                user_id: p.user_id.clone(),
+                last_read_seq: state.last_read_seq,
+            };
+            self.realtime.to_channel(channel_id, None, &read).await;
+            let unread = ServerFrame::UnreadUpdated {
+                channel_id: channel_id.to_owned(),
+                unread_count: state.unread_count,
+                last_read_seq: state.last_read_seq,
+            };
+            self.realtime.to_user(&p.tenant_id, &p.user_id, &unread).await;
+        }
+        Ok(state)
+    }
+
+    /// The caller's read state of a channel.
+    pub async fn read_state(&self, p: &Principal, channel_id: &str) -> CoreResult<ReadState> {
+        self.require_member(p, channel_id).await?;
+        Ok(self.storage.read_state(&p.tenant_id, channel_id, &p.user_id).await?)
+    }
+
+    /// Typing started or stopped; fanned out to the channel's other subscribers, throttled.
+    pub async fn typing(&self, p: &Principal, channel_id: &str, state: TypingState) -> CoreResult<()> {
+        self.require_member(p, channel_id).await?;
+        self.realtime.typing(&p.tenant_id, channel_id, &p.user_id, state).await;
+        Ok(())
+    }
+
+    /// Presence of a user who shares a channel with the caller (or the caller).
+    pub async fn presence(&self, p: &Principal, user_id: &str) -> CoreResult<Presence> {
+        validate::user_id(user_id).map_err(CoreError::InvalidArgument)?;
+        if user_id != p.user_id && !self.storage.shares_channel(&p.tenant_id, &p.user_id, user_id).await? {
+            // Indistinguishable from an unknown user: presence is not revealed to strangers.
+            return Err(CoreError::UserNotFound);
+        }
+        let found = self
+            .realtime
+            .store()
+            .get(&p.tenant_id, &[user_id.to_owned()])
+            .await
+            .map_err(|e| CoreError::Unavailable(e.to_string()))?;
+        let record = found.into_iter().next().ok_or_else(|| CoreError::Internal("presence store lost a user".into()))?;
+        Ok(presence_of(user_id, record))
+    }
+
+    /// Presence of many users; those who share no channel with the caller are left out.
+    pub async fn presence_many(&self, p: &Principal, user_ids: &[String]) -> CoreResult<Vec<Presence>> {
+        if user_ids.len() > MAX_PRESENCE_QUERY {
+            return Err(CoreError::InvalidArgument(format!("at most {MAX_PRESENCE_QUERY} user ids per query")));
+        }
+        let mut visible = Vec::with_capacity(user_ids.len());
+        for u in user_ids {
+            validate::user_id(u).map_err(CoreError::InvalidArgument)?;
+            if !visible.contains(u)
+                && (*u == p.user_id || self.storage.shares_channel(&p.tenant_id, &p.user_id, u).await?)
+            {
+                visible.push(u.clone());
+            }
+        }
+        let found = self
+            .realtime
+            .store()
+            .get(&p.tenant_id, &visible)
+            .await
+            .map_err(|e| CoreError::Unavailable(e.to_string()))?;
+        Ok(visible.iter().zip(found).map(|(u, r)| presence_of(u, r)).collect())
     }
 
     // ---- for the edge ----

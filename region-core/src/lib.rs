@@ -7,7 +7,9 @@
 pub mod auth;
 pub mod domain;
 pub mod http;
+pub mod presence_store;
 pub mod ratelimit;
+pub mod realtime;
 pub mod storage;
 pub mod validate;
 

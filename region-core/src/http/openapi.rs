@@ -13,10 +13,11 @@ use super::routes;
         routes::create_channel, routes::list_channels, routes::get_channel, routes::patch_channel, routes::delete_channel,
         routes::list_members, routes::add_member, routes::remove_member,
         routes::send_message, routes::history, routes::edit_message, routes::delete_message,
+        routes::mark_read, routes::read_state, routes::typing, routes::user_presence, routes::presence_query,
     ),
     components(schemas(parley_proto::ErrorCode, parley_proto::ChannelEvent, parley_proto::EventBody, parley_proto::ServerFrame, parley_proto::SessionLimits)),
     modifiers(&BearerAuth),
-    tags((name = "channels"), (name = "members"), (name = "messages")),
+    tags((name = "channels"), (name = "members"), (name = "messages"), (name = "read state"), (name = "presence")),
 )]
 pub struct ApiDoc;
 

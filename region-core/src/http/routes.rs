@@ -7,8 +7,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use parley_proto::{
-    AddMember, Channel, ChannelList, CreateChannel, EditMessage, ErrorBody, Member, MemberList, Message,
-    MessagePage, PatchChannel, SendMessage, SendResult,
+    AddMember, Channel, ChannelList, CreateChannel, EditMessage, ErrorBody, MarkRead, Member, MemberList, Message,
+    MessagePage, PatchChannel, Presence, PresenceList, PresenceQuery, ReadState, SendMessage, SendResult,
+    TypingRequest,
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
@@ -23,6 +24,10 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/v1/channels/{channel_id}/members/{user_id}", axum::routing::delete(remove_member))
         .route("/v1/channels/{channel_id}/messages", post(send_message).get(history))
         .route("/v1/channels/{channel_id}/messages/{message_id}", axum::routing::patch(edit_message).delete(delete_message))
+        .route("/v1/channels/{channel_id}/read", axum::routing::put(mark_read).get(read_state))
+        .route("/v1/channels/{channel_id}/typing", post(typing))
+        .route("/v1/users/{user_id}/presence", get(user_presence))
+        .route("/v1/presence/query", post(presence_query))
 }
 
 fn channel_id(id: &str) -> Result<(), ApiError> {
@@ -145,4 +150,48 @@ pub(super) async fn delete_message(State(s): State<ApiState>, Authed(p): Authed,
     channel_id(&id)?;
     message_id(&msg)?;
     Ok(axum::Json(s.core.delete_message(&p, &id, &msg).await?))
+}
+
+/// Mark the channel read up to `seq`. The position only moves forward (an older seq returns the
+/// current state unchanged) and is clamped to the channel's last seq. Emits `read.updated` to the
+/// channel and `unread.updated` to the caller's connections.
+#[utoipa::path(put, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path)), request_body = MarkRead,
+    responses((status = 200, body = ReadState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn mark_read(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<MarkRead>) -> Result<axum::Json<ReadState>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(s.core.mark_read(&p, &id, req.seq).await?))
+}
+
+/// The caller's read position and unread count in a channel.
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path)),
+    responses((status = 200, body = ReadState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn read_state(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<ReadState>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(s.core.read_state(&p, &id).await?))
+}
+
+/// Typing started or stopped (the WebSocket `typing.start`/`typing.stop` over REST). Throttled
+/// per user and channel; the indicator expires on its own.
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/typing", tag = "presence", params(("channel_id" = String, Path)), request_body = TypingRequest,
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn typing(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<TypingRequest>) -> Result<StatusCode, ApiError> {
+    channel_id(&id)?;
+    s.core.typing(&p, &id, req.state).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// A user's presence. Only users who share a channel with the caller are visible; others are
+/// `not_found`, like users who do not exist.
+#[utoipa::path(get, path = "/v1/users/{user_id}/presence", tag = "presence", params(("user_id" = String, Path)),
+    responses((status = 200, body = Presence), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn user_presence(State(s): State<ApiState>, Authed(p): Authed, Path(user): Path<String>) -> Result<axum::Json<Presence>, ApiError> {
+    Ok(axum::Json(s.core.presence(&p, &user).await?))
+}
+
+/// Presence of up to 200 users at once. Users who share no channel with the caller are left out
+/// of the answer.
+#[utoipa::path(post, path = "/v1/presence/query", tag = "presence", request_body = PresenceQuery,
+    responses((status = 200, body = PresenceList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn presence_query(State(s): State<ApiState>, Authed(p): Authed, ApiJson(req): ApiJson<PresenceQuery>) -> Result<axum::Json<PresenceList>, ApiError> {
+    Ok(axum::Json(PresenceList { presence: s.core.presence_many(&p, &req.user_ids).await? }))
 }

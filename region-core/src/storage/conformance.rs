@@ -1,1 +1,1382 @@
-//! Storage conformance suite (placeholder; being written).
+//! The storage conformance suite: the observable behaviour every [`Storage`] engine must have.
+//!
+//! Each case is a `pub async fn` taking the engine as `Arc<dyn Storage>` and panicking on a
+//! deviation. Every case works in a fresh random tenant, so cases may share one database and run
+//! in parallel. [`storage_conformance_tests!`](crate::storage_conformance_tests) turns the whole
+//! suite into one `#[tokio::test]` per case for an engine:
+//!
+//! ```ignore
+//! parley_core::storage_conformance_tests!(open_engine().await);
+//! ```
+//!
+//! where the expression (evaluated inside each async test) yields a [`Fixture`]: an
+//! `Arc<Engine>`, an `Arc<dyn Storage>`, or a pair `(fixture, guard)` whose guard (a temporary
+//! directory, say) must live as long as the test.
+//!
+//! Where the trait leaves a behaviour open (whether `members`, `history` or `events` of a channel
+//! that does not exist in the tenant are empty or `NotFound`), the suite accepts either.
+
+use std::collections::HashSet;
+use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Message, MessagePage, Role};
+use serde_json::json;
+
+use super::{
+    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+};
+
+/// Generates one `#[tokio::test]` per conformance case. The argument is an expression evaluated
+/// inside each test (it may `.await`) that yields a [`Fixture`].
+#[macro_export]
+macro_rules! storage_conformance_tests {
+    ($fixture:expr) => {
+        $crate::storage_conformance_tests!(@cases ($fixture)
+            channel_create_get_list
+            dm_unique_per_pair
+            rename_emits_channel_updated
+            member_add_remove_events
+            non_member_cannot_send
+            removed_member_cannot_send
+            removal_races_sends
+            concurrent_sends_are_gapless
+            concurrent_sends_across_channels
+            concurrent_retries_are_idempotent
+            idempotency_conflict
+            idempotency_survives_edit
+            edit_and_delete_events
+            history_paging
+            events_merged_stream
+            tenant_isolation
+            delete_channel_removes_everything
+            metadata_round_trips
+        );
+    };
+    (@cases ($fixture:expr) $($case:ident)*) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn $case() {
+                let fixture = $fixture;
+                let storage = $crate::storage::conformance::Fixture::storage(&fixture);
+                $crate::storage::conformance::$case(storage).await;
+            }
+        )*
+    };
+}
+
+/// What a test's constructor expression yields: the engine, possibly with a guard that must
+/// outlive it.
+pub trait Fixture {
+    fn storage(&self) -> Arc<dyn Storage>;
+}
+
+impl Fixture for Arc<dyn Storage> {
+    fn storage(&self) -> Arc<dyn Storage> {
+        self.clone()
+    }
+}
+
+impl<S: Storage> Fixture for Arc<S> {
+    fn storage(&self) -> Arc<dyn Storage> {
+        self.clone()
+    }
+}
+
+impl<F: Fixture, G> Fixture for (F, G) {
+    fn storage(&self) -> Arc<dyn Storage> {
+        self.0.storage()
+    }
+}
+
+// ---- channels ----
+
+/// Create, get and list channels; roles per member; newest first.
+pub async fn channel_create_get_list(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
+    let first_id = id("ch");
+    let (first, created) = s
+        .create_channel(NewChannel {
+            tenant_id: t.clone(),
+            id: first_id.clone(),
+            kind: ChannelKind::Channel,
+            name: Some("general".into()),
+            created_by: alice.clone(),
+            members: vec![(alice.clone(), Role::Owner), (bob.clone(), Role::Member)],
+            dm_key: None,
+        })
+        .await
+        .expect("create channel");
+    assert!(created);
+    assert_eq!(first.id, first_id);
+    assert_eq!(first.kind, ChannelKind::Channel);
+    assert_eq!(first.name.as_deref(), Some("general"));
+    assert_eq!(first.created_by, alice);
+    assert_eq!(first.last_seq, 0);
+    assert_rfc3339(&first.created_at);
+    // created_at has millisecond resolution: make "newest first" observable.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+    let second = channel(
+        &s,
+        &t,
+        &alice,
+        &[(&bob, Role::Moderator), (&carol, Role::Member)],
+    )
+    .await;
+
+    let got = s
+        .channel(&t, &first_id)
+        .await
+        .expect("get")
+        .expect("channel exists");
+    assert_eq!(got.role, None, "channel() carries no role");
+    assert_eq!(
+        (got.id.as_str(), got.name.as_deref(), got.kind),
+        (first_id.as_str(), Some("general"), ChannelKind::Channel)
+    );
+    assert_eq!(
+        (
+            got.created_by.as_str(),
+            got.created_at.as_str(),
+            got.last_seq
+        ),
+        (alice.as_str(), first.created_at.as_str(), 0)
+    );
+    assert_eq!(s.channel(&t, &id("missing")).await.expect("get"), None);
+
+    let listed = |user: String| {
+        let s = s.clone();
+        let t = t.clone();
+        async move {
+            s.channels_of(&t, &user)
+                .await
+                .expect("channels_of")
+                .into_iter()
+                .map(|c| (c.id, c.role))
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(
+        listed(alice.clone()).await,
+        vec![
+            (second.id.clone(), Some(Role::Owner)),
+            (first_id.clone(), Some(Role::Owner))
+        ]
+    );
+    assert_eq!(
+        listed(bob.clone()).await,
+        vec![
+            (second.id.clone(), Some(Role::Moderator)),
+            (first_id.clone(), Some(Role::Member))
+        ]
+    );
+    assert_eq!(
+        listed(carol.clone()).await,
+        vec![(second.id.clone(), Some(Role::Member))]
+    );
+    assert_eq!(listed(id("nobody")).await, vec![]);
+
+    let members = s.members(&t, &second.id).await.expect("members");
+    let roles: HashSet<(String, Role)> = members
+        .iter()
+        .map(|m| (m.user_id.clone(), m.role))
+        .collect();
+    let expected: HashSet<(String, Role)> = [
+        (alice.clone(), Role::Owner),
+        (bob.clone(), Role::Moderator),
+        (carol.clone(), Role::Member),
+    ]
+    .into();
+    assert_eq!(roles, expected);
+    members.iter().for_each(|m| assert_rfc3339(&m.joined_at));
+    let bob_in_first = s
+        .member(&t, &first_id, &bob)
+        .await
+        .expect("member")
+        .expect("bob is a member");
+    assert_eq!(
+        (bob_in_first.user_id.as_str(), bob_in_first.role),
+        (bob.as_str(), Role::Member)
+    );
+    assert_eq!(s.member(&t, &first_id, &carol).await.expect("member"), None);
+}
+
+/// A DM exists once per pair and tenant: a second create returns it with `created = false`.
+pub async fn dm_unique_per_pair(s: Arc<dyn Storage>) {
+    let (t, other_tenant) = (tenant(), tenant());
+    let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
+    let (dm, created) = s
+        .create_channel(new_dm(&t, &alice, &bob))
+        .await
+        .expect("create DM");
+    assert!(created);
+    assert_eq!((dm.kind, dm.name.as_deref()), (ChannelKind::Dm, None));
+
+    let (again, created) = s
+        .create_channel(new_dm(&t, &bob, &alice))
+        .await
+        .expect("create DM again");
+    assert!(
+        !created,
+        "the second create of a DM returns the existing one"
+    );
+    assert_eq!(again.id, dm.id);
+    assert_eq!(
+        again.created_by, alice,
+        "the existing DM is returned as it is"
+    );
+    let of_alice: Vec<String> = s
+        .channels_of(&t, &alice)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(of_alice, vec![dm.id.clone()]);
+    assert_eq!(s.members(&t, &dm.id).await.expect("members").len(), 2);
+
+    let (with_carol, created) = s
+        .create_channel(new_dm(&t, &alice, &carol))
+        .await
+        .expect("another pair");
+    assert!(created);
+    assert_ne!(with_carol.id, dm.id);
+
+    let (elsewhere, created) = s
+        .create_channel(new_dm(&other_tenant, &alice, &bob))
+        .await
+        .expect("other tenant");
+    assert!(created, "tenants do not share DMs");
+    assert_ne!(elsewhere.id, dm.id);
+    assert_eq!(s.channel(&t, &elsewhere.id).await.expect("get"), None);
+    assert_eq!(s.channel(&other_tenant, &dm.id).await.expect("get"), None);
+}
+
+/// A rename is the `channel.updated` event with the channel's next seq.
+pub async fn rename_emits_channel_updated(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let event = s
+        .rename_channel(&t, &ch.id, "renamed", &alice)
+        .await
+        .expect("rename");
+    assert_eq!((event.channel_id.as_str(), event.seq), (ch.id.as_str(), 1));
+    let EventBody::ChannelUpdated {
+        channel: updated,
+        by,
+    } = &event.body
+    else {
+        panic!("expected channel.updated, got {event:?}");
+    };
+    assert_eq!(by, &alice);
+    assert_eq!(
+        (
+            updated.id.as_str(),
+            updated.name.as_deref(),
+            updated.last_seq
+        ),
+        (ch.id.as_str(), Some("renamed"), 1)
+    );
+    let got = s.channel(&t, &ch.id).await.expect("get").expect("exists");
+    assert_eq!((got.name.as_deref(), got.last_seq), (Some("renamed"), 1));
+    assert_eq!(events(&s, &t, &ch.id, 0).await, vec![event]);
+
+    let second = s
+        .rename_channel(&t, &ch.id, "again", &alice)
+        .await
+        .expect("rename again");
+    assert_eq!(second.seq, 2);
+    assert_err(
+        s.rename_channel(&t, &id("missing"), "x", &alice).await,
+        is_not_found,
+        "rename of an unknown channel",
+    );
+}
+
+/// Adding and removing members are events with consecutive seqs; repeating them changes nothing.
+pub async fn member_add_remove_events(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, carol, dave) = (id("alice"), id("carol"), id("dave"));
+    let ch = channel(&s, &t, &alice, &[]).await;
+
+    let added = s
+        .add_member(&t, &ch.id, &carol, Role::Member, &alice)
+        .await
+        .expect("add")
+        .expect("added");
+    assert_eq!(added.seq, 1);
+    match &added.body {
+        EventBody::MemberAdded { member, by } => {
+            assert_eq!(
+                (member.user_id.as_str(), member.role, by.as_str()),
+                (carol.as_str(), Role::Member, alice.as_str())
+            );
+            assert_rfc3339(&member.joined_at);
+        }
+        other => panic!("expected member.added, got {other:?}"),
+    }
+    assert_eq!(
+        s.add_member(&t, &ch.id, &carol, Role::Moderator, &alice)
+            .await
+            .expect("re-add"),
+        None
+    );
+    let carol_member = s
+        .member(&t, &ch.id, &carol)
+        .await
+        .expect("member")
+        .expect("carol is a member");
+    assert_eq!(
+        carol_member.role,
+        Role::Member,
+        "a repeated add changes nothing"
+    );
+    assert_eq!(s.channels_of(&t, &carol).await.expect("list").len(), 1);
+
+    let removed = s
+        .remove_member(&t, &ch.id, &carol, &alice)
+        .await
+        .expect("remove")
+        .expect("removed");
+    assert_eq!(removed.seq, 2);
+    assert_eq!(
+        removed.body,
+        EventBody::MemberRemoved {
+            user_id: carol.clone(),
+            by: alice.clone()
+        }
+    );
+    assert_eq!(
+        s.remove_member(&t, &ch.id, &carol, &alice)
+            .await
+            .expect("re-remove"),
+        None
+    );
+    assert_eq!(s.member(&t, &ch.id, &carol).await.expect("member"), None);
+    assert!(s.channels_of(&t, &carol).await.expect("list").is_empty());
+
+    let third = s
+        .add_member(&t, &ch.id, &dave, Role::Moderator, &alice)
+        .await
+        .expect("add")
+        .expect("added");
+    assert_eq!(third.seq, 3);
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        3
+    );
+    let members: Vec<(String, Role)> = s
+        .members(&t, &ch.id)
+        .await
+        .expect("members")
+        .into_iter()
+        .map(|m| (m.user_id, m.role))
+        .collect();
+    assert_eq!(
+        members,
+        vec![
+            (alice.clone(), Role::Owner),
+            (dave.clone(), Role::Moderator)
+        ],
+        "by join time"
+    );
+    assert_eq!(events(&s, &t, &ch.id, 0).await, vec![added, removed, third]);
+    assert_err(
+        s.add_member(&t, &id("missing"), &carol, Role::Member, &alice)
+            .await,
+        is_not_found,
+        "add to an unknown channel",
+    );
+}
+
+// ---- sends ----
+
+/// Only members send; a refused send allocates no seq.
+pub async fn non_member_cannot_send(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, mallory) = (id("alice"), id("mallory"));
+    let ch = channel(&s, &t, &alice, &[]).await;
+    assert_err(
+        s.send_message(msg(&t, &ch.id, &mallory, "k1", "hi")).await,
+        is_not_a_member,
+        "send by a non-member",
+    );
+    assert_err(
+        s.send_message(msg(&t, &id("missing"), &alice, "k1", "hi"))
+            .await,
+        |e| is_not_a_member(e) || is_not_found(e),
+        "send to an unknown channel",
+    );
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        0
+    );
+    assert!(
+        history(&s, &t, &ch.id, HistoryAnchor::Latest, 50)
+            .await
+            .messages
+            .is_empty()
+    );
+}
+
+/// Once the removal commits, the removed member cannot send, not even a retry of an old send.
+pub async fn removed_member_cannot_send(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let sent = send(&s, msg(&t, &ch.id, &bob, "k1", "hello")).await;
+    assert_eq!((sent.message.seq, sent.created), (1, true));
+    s.remove_member(&t, &ch.id, &bob, &alice)
+        .await
+        .expect("remove")
+        .expect("removed");
+    assert_err(
+        s.send_message(msg(&t, &ch.id, &bob, "k2", "still here?"))
+            .await,
+        is_not_a_member,
+        "send after removal",
+    );
+    assert_err(
+        s.send_message(msg(&t, &ch.id, &bob, "k1", "hello")).await,
+        is_not_a_member,
+        "retry after removal",
+    );
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        2
+    );
+    s.add_member(&t, &ch.id, &bob, Role::Member, &alice)
+        .await
+        .expect("add")
+        .expect("added");
+    let back = send(&s, msg(&t, &ch.id, &bob, "k2", "back")).await;
+    assert_eq!((back.message.seq, back.created), (4, true));
+}
+
+/// A removal racing with the member's sends: every send that succeeds is ordered before the
+/// removal, every other send is `NotAMember`, and the seqs stay gapless.
+pub async fn removal_races_sends(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let sends: Vec<_> = (0..60)
+        .map(|i| {
+            let (s, new) = (s.clone(), msg(&t, &ch.id, &bob, &format!("k{i}"), "racing"));
+            tokio::spawn(async move { s.send_message(new).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    let removal = s
+        .remove_member(&t, &ch.id, &bob, &alice)
+        .await
+        .expect("remove")
+        .expect("removed");
+    let mut seqs = vec![removal.seq];
+    for send in sends {
+        match send.await.expect("send task") {
+            Ok(o) => {
+                assert!(
+                    o.message.seq < removal.seq,
+                    "send {} committed after the removal {}",
+                    o.message.seq,
+                    removal.seq
+                );
+                seqs.push(o.message.seq);
+            }
+            Err(e) => assert!(is_not_a_member(&e), "a refused send is NotAMember: {e:?}"),
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>(), "gapless");
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        seqs.len() as u64
+    );
+}
+
+/// 50 concurrent sends to one channel get exactly the seqs 1..=50.
+pub async fn concurrent_sends_are_gapless(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let senders: Vec<String> = (0..5).map(|_| id("user")).collect();
+    let others: Vec<(&str, Role)> = senders[1..]
+        .iter()
+        .map(|u| (u.as_str(), Role::Member))
+        .collect();
+    let ch = channel(&s, &t, &senders[0], &others).await;
+    let requests = (0..50).map(|i| {
+        msg(
+            &t,
+            &ch.id,
+            &senders[i % 5],
+            &format!("k{i}"),
+            &format!("text {i}"),
+        )
+    });
+    let outcomes = send_all(&s, requests.collect()).await;
+
+    let mut seqs: Vec<u64> = outcomes.iter().map(|o| o.message.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=50).collect::<Vec<_>>(), "no gap, no duplicate");
+    assert!(outcomes.iter().all(|o| o.created));
+    let ids: HashSet<&str> = outcomes.iter().map(|o| o.message.id.as_str()).collect();
+    assert_eq!(ids.len(), 50);
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        50
+    );
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Latest, 50).await;
+    assert_eq!((page.has_before, page.has_after), (false, false));
+    let mut by_seq = outcomes
+        .iter()
+        .map(|o| o.message.clone())
+        .collect::<Vec<_>>();
+    by_seq.sort_by_key(|m| m.seq);
+    assert_eq!(
+        page.messages, by_seq,
+        "history holds what the sends returned"
+    );
+}
+
+/// Concurrent sends to several channels: each channel's seqs are gapless on their own.
+pub async fn concurrent_sends_across_channels(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let mut channels = Vec::new();
+    for _ in 0..8 {
+        channels.push(channel(&s, &t, &alice, &[]).await.id);
+    }
+    let requests = (0..200).map(|i| msg(&t, &channels[i % 8], &alice, &format!("k{i}"), "hi"));
+    let outcomes = send_all(&s, requests.collect()).await;
+    for ch in &channels {
+        let mut seqs: Vec<u64> = outcomes
+            .iter()
+            .filter(|o| &o.message.channel_id == ch)
+            .map(|o| o.message.seq)
+            .collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=25).collect::<Vec<_>>(), "channel {ch}");
+        assert_eq!(
+            s.channel(&t, ch)
+                .await
+                .expect("get")
+                .expect("exists")
+                .last_seq,
+            25
+        );
+    }
+}
+
+/// 50 concurrent sends of one request (same key, same body) make one message.
+pub async fn concurrent_retries_are_idempotent(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    // Each attempt proposes its own message id, as the domain does.
+    let outcomes = send_all(
+        &s,
+        (0..50)
+            .map(|_| msg(&t, &ch.id, &alice, "same-key", "same body"))
+            .collect(),
+    )
+    .await;
+    let first = &outcomes[0].message;
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| o.message.id == first.id && o.message.seq == 1),
+        "one message"
+    );
+    assert_eq!(
+        outcomes.iter().filter(|o| o.created).count(),
+        1,
+        "exactly one send created it"
+    );
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        1
+    );
+    assert_eq!(
+        history(&s, &t, &ch.id, HistoryAnchor::Latest, 50)
+            .await
+            .messages
+            .len(),
+        1
+    );
+}
+
+/// The same key with another body (text or metadata) is a conflict; keys are per sender.
+pub async fn idempotency_conflict(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let first = send(&s, msg(&t, &ch.id, &alice, "k", "hello")).await;
+    assert!(first.created);
+    assert_err(
+        s.send_message(msg(&t, &ch.id, &alice, "k", "hullo")).await,
+        is_conflict,
+        "same key, other text",
+    );
+    let mut with_metadata = msg(&t, &ch.id, &alice, "k", "hello");
+    with_metadata.metadata = Some(json!({"x": 1}));
+    assert_err(
+        s.send_message(with_metadata).await,
+        is_conflict,
+        "same key, other metadata",
+    );
+
+    let bobs = send(&s, msg(&t, &ch.id, &bob, "k", "hullo")).await;
+    assert_eq!(
+        (bobs.created, bobs.message.seq),
+        (true, 2),
+        "another sender's key is another key"
+    );
+    let retry = send(&s, msg(&t, &ch.id, &alice, "k", "hello")).await;
+    assert_eq!((retry.created, retry.message), (false, first.message));
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        2
+    );
+}
+
+/// A retry after the message was edited still returns the original message, not a new one.
+pub async fn idempotency_survives_edit(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let first = send(&s, msg(&t, &ch.id, &alice, "k", "draft")).await;
+    s.edit_message(&t, &ch.id, &first.message.id, "final", None)
+        .await
+        .expect("edit");
+    let retry = send(&s, msg(&t, &ch.id, &alice, "k", "draft")).await;
+    assert!(!retry.created);
+    assert_eq!(
+        (retry.message.id.as_str(), retry.message.seq),
+        (first.message.id.as_str(), 1)
+    );
+    assert_err(
+        s.send_message(msg(&t, &ch.id, &alice, "k", "final")).await,
+        is_conflict,
+        "the edited text is another body",
+    );
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        2,
+        "edit: 2; retries: none"
+    );
+}
+
+/// Edits and deletes are events with their own seqs; a delete leaves a tombstone.
+pub async fn edit_and_delete_events(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let mut original = msg(&t, &ch.id, &alice, "k", "first");
+    original.metadata = Some(json!({"draft": true}));
+    let sent = send(&s, original).await.message;
+
+    let edited = s
+        .edit_message(
+            &t,
+            &ch.id,
+            &sent.id,
+            "second",
+            Some(json!({"draft": false})),
+        )
+        .await
+        .expect("edit");
+    assert_eq!(edited.seq, 2);
+    let EventBody::MessageUpdated {
+        message: after_edit,
+    } = &edited.body
+    else {
+        panic!("expected message.updated, got {edited:?}");
+    };
+    assert_eq!(
+        (
+            after_edit.id.as_str(),
+            after_edit.seq,
+            after_edit.text.as_str()
+        ),
+        (sent.id.as_str(), 1, "second")
+    );
+    assert_eq!(after_edit.metadata, Some(json!({"draft": false})));
+    assert!(after_edit.edited_at.is_some() && !after_edit.deleted);
+    assert_eq!(
+        s.message(&t, &ch.id, &sent.id).await.expect("get").as_ref(),
+        Some(after_edit)
+    );
+
+    let deleted = s
+        .delete_message(&t, &ch.id, &sent.id, &alice)
+        .await
+        .expect("delete");
+    assert_eq!(deleted.seq, 3);
+    let EventBody::MessageDeleted { message: tomb } = &deleted.body else {
+        panic!("expected message.deleted, got {deleted:?}");
+    };
+    assert_tombstone(tomb, &sent);
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Latest, 50).await;
+    assert_eq!(page.messages.len(), 1);
+    assert_tombstone(&page.messages[0], &sent);
+    let stored = s
+        .message(&t, &ch.id, &sent.id)
+        .await
+        .expect("get")
+        .expect("the tombstone stays");
+    assert_tombstone(&stored, &sent);
+
+    assert_err(
+        s.edit_message(&t, &ch.id, &sent.id, "third", None).await,
+        is_not_found,
+        "edit of a deleted message",
+    );
+    assert_err(
+        s.delete_message(&t, &ch.id, &sent.id, &alice).await,
+        is_not_found,
+        "second delete",
+    );
+    assert_err(
+        s.edit_message(&t, &ch.id, &id("missing"), "x", None).await,
+        is_not_found,
+        "edit of an unknown message",
+    );
+    assert_err(
+        s.delete_message(&t, &ch.id, &id("missing"), &alice).await,
+        is_not_found,
+        "delete of an unknown message",
+    );
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        3
+    );
+}
+
+// ---- reading ----
+
+/// 1,000 messages paged at limit 50 backwards, forwards and around: each exactly once, in order,
+/// with exact `has_before`/`has_after` at both ends.
+pub async fn history_paging(s: Arc<dyn Storage>) {
+    const N: u64 = 1000;
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let mut texts = vec![String::new(); N as usize + 1];
+    for wave in 0..10 {
+        let requests = (0..100).map(|i| {
+            msg(
+                &t,
+                &ch.id,
+                &alice,
+                &format!("k{wave}-{i}"),
+                &format!("text {wave}-{i}"),
+            )
+        });
+        for o in send_all(&s, requests.collect()).await {
+            texts[o.message.seq as usize] = o.message.text;
+        }
+    }
+    let all: Vec<u64> = (1..=N).collect();
+    let check = |page: &MessagePage| {
+        for m in &page.messages {
+            assert_eq!(m.text, texts[m.seq as usize], "text of seq {}", m.seq);
+        }
+        page.messages.iter().map(|m| m.seq).collect::<Vec<u64>>()
+    };
+
+    // Backwards from the newest.
+    let mut page = history(&s, &t, &ch.id, HistoryAnchor::Latest, 50).await;
+    assert_eq!(check(&page), (951..=N).collect::<Vec<_>>());
+    assert_eq!((page.has_before, page.has_after), (true, false));
+    let mut seen = check(&page);
+    while page.has_before {
+        let first = page.messages[0].seq;
+        page = history(&s, &t, &ch.id, HistoryAnchor::Before(first), 50).await;
+        assert_eq!(page.messages.len(), 50);
+        assert!(page.has_after, "newer messages exist after a Before page");
+        let mut seqs = check(&page);
+        seqs.extend(seen);
+        seen = seqs;
+    }
+    assert_eq!(seen, all, "Before paging");
+    assert_eq!(page.messages[0].seq, 1);
+
+    // Forwards from the start.
+    let mut page = history(&s, &t, &ch.id, HistoryAnchor::After(0), 50).await;
+    assert_eq!((page.has_before, page.has_after), (false, true));
+    let mut seen = check(&page);
+    while page.has_after {
+        let last = page.messages[page.messages.len() - 1].seq;
+        page = history(&s, &t, &ch.id, HistoryAnchor::After(last), 50).await;
+        assert!(page.has_before, "older messages exist before an After page");
+        seen.extend(check(&page));
+    }
+    assert_eq!(seen, all, "After paging");
+
+    // Around: limit/2 before the anchor, the rest at or after it.
+    let mut seen = Vec::new();
+    for k in 0..20 {
+        let page = history(&s, &t, &ch.id, HistoryAnchor::Around(26 + 50 * k), 50).await;
+        assert_eq!(check(&page), (1 + 50 * k..=50 + 50 * k).collect::<Vec<_>>());
+        assert_eq!(
+            (page.has_before, page.has_after),
+            (k > 0, k < 19),
+            "Around({})",
+            26 + 50 * k
+        );
+        seen.extend(check(&page));
+    }
+    assert_eq!(seen, all, "Around paging");
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Around(500), 50).await;
+    assert_eq!(check(&page), (475..=524).collect::<Vec<_>>());
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Around(1), 50).await;
+    assert_eq!(
+        (check(&page), page.has_before, page.has_after),
+        ((1..=25).collect(), false, true)
+    );
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Around(N), 50).await;
+    assert_eq!(
+        (check(&page), page.has_before, page.has_after),
+        ((975..=N).collect(), true, false)
+    );
+
+    // Past both ends.
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Before(1), 50).await;
+    assert_eq!(
+        (page.messages.len(), page.has_before, page.has_after),
+        (0, false, true)
+    );
+    let page = history(&s, &t, &ch.id, HistoryAnchor::After(N), 50).await;
+    assert_eq!(
+        (page.messages.len(), page.has_before, page.has_after),
+        (0, true, false)
+    );
+    let page = history(&s, &t, &ch.id, HistoryAnchor::Latest, 1).await;
+    assert_eq!(
+        (check(&page), page.has_before, page.has_after),
+        (vec![N], true, false)
+    );
+}
+
+/// `events` merges messages (current state) and other events by seq, honouring range and limit.
+pub async fn events_merged_stream(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let m1 = send(&s, msg(&t, &ch.id, &alice, "k1", "one")).await.message; // 1
+    s.add_member(&t, &ch.id, &bob, Role::Member, &alice)
+        .await
+        .expect("add")
+        .expect("added"); // 2
+    let m2 = send(&s, msg(&t, &ch.id, &bob, "k2", "two")).await.message; // 3
+    s.edit_message(&t, &ch.id, &m1.id, "one, edited", None)
+        .await
+        .expect("edit"); // 4
+    s.rename_channel(&t, &ch.id, "renamed", &alice)
+        .await
+        .expect("rename"); // 5
+    s.delete_message(&t, &ch.id, &m2.id, &bob)
+        .await
+        .expect("delete"); // 6
+    s.remove_member(&t, &ch.id, &bob, &alice)
+        .await
+        .expect("remove")
+        .expect("removed"); // 7
+    let m3 = send(&s, msg(&t, &ch.id, &alice, "k3", "three"))
+        .await
+        .message; // 8
+
+    let all = events(&s, &t, &ch.id, 0).await;
+    let names: Vec<(u64, &str)> = all.iter().map(|e| (e.seq, e.body.name())).collect();
+    assert_eq!(
+        names,
+        vec![
+            (1, "message.new"),
+            (2, "member.added"),
+            (3, "message.new"),
+            (4, "message.updated"),
+            (5, "channel.updated"),
+            (6, "message.deleted"),
+            (7, "member.removed"),
+            (8, "message.new"),
+        ]
+    );
+    assert!(all.iter().all(|e| e.channel_id == ch.id));
+    let EventBody::MessageNew { message: first } = &all[0].body else {
+        unreachable!("checked above")
+    };
+    assert_eq!(
+        (first.id.as_str(), first.text.as_str()),
+        (m1.id.as_str(), "one, edited"),
+        "current state"
+    );
+    assert!(first.edited_at.is_some());
+    let EventBody::MessageNew { message: second } = &all[2].body else {
+        unreachable!("checked above")
+    };
+    assert_tombstone(second, &m2);
+    assert_eq!(all[7].body, EventBody::MessageNew { message: m3 });
+
+    let in_range = s.events(&t, &ch.id, 2, Some(6), 100).await.expect("events");
+    assert_eq!(
+        in_range.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![3, 4, 5, 6]
+    );
+    assert_eq!(in_range, all[2..6].to_vec());
+    let limited = s.events(&t, &ch.id, 0, None, 3).await.expect("events");
+    assert_eq!(limited, all[..3].to_vec());
+    let limited = s.events(&t, &ch.id, 3, Some(7), 2).await.expect("events");
+    assert_eq!(limited, all[3..5].to_vec());
+    assert!(
+        s.events(&t, &ch.id, 8, None, 100)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    assert!(
+        s.events(&t, &ch.id, 0, Some(0), 100)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    assert_eq!(
+        s.events(&t, &ch.id, 7, Some(8), 100).await.expect("events"),
+        all[7..].to_vec()
+    );
+}
+
+// ---- tenants and deletion ----
+
+/// Nothing of tenant A is visible or writable when named with tenant B.
+pub async fn tenant_isolation(s: Arc<dyn Storage>) {
+    let (a, b) = (tenant(), tenant());
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &a, &alice, &[(&bob, Role::Member)]).await;
+    let sent = send(&s, msg(&a, &ch.id, &alice, "k", "secret"))
+        .await
+        .message;
+
+    assert_eq!(s.channel(&b, &ch.id).await.expect("get"), None);
+    assert!(s.channels_of(&b, &alice).await.expect("list").is_empty());
+    assert_eq!(s.member(&b, &ch.id, &alice).await.expect("member"), None);
+    assert_missing(s.members(&b, &ch.id).await, "members");
+    assert_eq!(
+        s.message(&b, &ch.id, &sent.id).await.expect("message"),
+        None
+    );
+    assert_missing(
+        s.history(&b, &ch.id, HistoryAnchor::Latest, 50)
+            .await
+            .map(|p| p.messages),
+        "history",
+    );
+    assert_missing(s.events(&b, &ch.id, 0, None, 100).await, "events");
+
+    assert_err(
+        s.send_message(msg(&b, &ch.id, &alice, "k2", "hi")).await,
+        |e| is_not_a_member(e) || is_not_found(e),
+        "send",
+    );
+    assert_err(
+        s.rename_channel(&b, &ch.id, "x", &alice).await,
+        is_not_found,
+        "rename",
+    );
+    assert_err(
+        s.add_member(&b, &ch.id, &id("eve"), Role::Owner, &alice)
+            .await,
+        is_not_found,
+        "add_member",
+    );
+    match s.remove_member(&b, &ch.id, &bob, &alice).await {
+        Ok(None) | Err(StorageError::NotFound) => {}
+        other => panic!("remove_member across tenants: {other:?}"),
+    }
+    assert_err(
+        s.edit_message(&b, &ch.id, &sent.id, "x", None).await,
+        is_not_found,
+        "edit",
+    );
+    assert_err(
+        s.delete_message(&b, &ch.id, &sent.id, &alice).await,
+        is_not_found,
+        "delete",
+    );
+    assert_err(
+        s.delete_channel(&b, &ch.id, &alice).await,
+        is_not_found,
+        "delete_channel",
+    );
+
+    let got = s
+        .channel(&a, &ch.id)
+        .await
+        .expect("get")
+        .expect("still there");
+    assert_eq!((got.name, got.last_seq), (ch.name, 1));
+    assert_eq!(s.members(&a, &ch.id).await.expect("members").len(), 2);
+    assert_eq!(
+        s.message(&a, &ch.id, &sent.id).await.expect("message"),
+        Some(sent)
+    );
+}
+
+/// Deleting a channel removes it with its members, messages and events; the returned
+/// `channel.deleted` carries seq last_seq + 1. A deleted DM can be created anew.
+pub async fn delete_channel_removes_everything(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let sent = send(&s, msg(&t, &ch.id, &alice, "k1", "one")).await.message;
+    s.add_member(&t, &ch.id, &bob, Role::Member, &alice)
+        .await
+        .expect("add")
+        .expect("added");
+    send(&s, msg(&t, &ch.id, &bob, "k2", "two")).await;
+    s.rename_channel(&t, &ch.id, "renamed", &alice)
+        .await
+        .expect("rename");
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        4
+    );
+
+    let deleted = s.delete_channel(&t, &ch.id, &alice).await.expect("delete");
+    assert_eq!(
+        deleted,
+        ChannelEvent {
+            channel_id: ch.id.clone(),
+            seq: 5,
+            body: EventBody::ChannelDeleted { by: alice.clone() }
+        }
+    );
+    assert_eq!(s.channel(&t, &ch.id).await.expect("get"), None);
+    assert!(s.channels_of(&t, &alice).await.expect("list").is_empty());
+    assert!(s.channels_of(&t, &bob).await.expect("list").is_empty());
+    assert_eq!(s.member(&t, &ch.id, &alice).await.expect("member"), None);
+    assert_missing(s.members(&t, &ch.id).await, "members");
+    assert_eq!(
+        s.message(&t, &ch.id, &sent.id).await.expect("message"),
+        None
+    );
+    assert_missing(
+        s.history(&t, &ch.id, HistoryAnchor::Latest, 50)
+            .await
+            .map(|p| p.messages),
+        "history",
+    );
+    assert_missing(s.events(&t, &ch.id, 0, None, 100).await, "events");
+    assert_err(
+        s.send_message(msg(&t, &ch.id, &alice, "k3", "three")).await,
+        |e| is_not_a_member(e) || is_not_found(e),
+        "send to a deleted channel",
+    );
+    assert_err(
+        s.delete_channel(&t, &ch.id, &alice).await,
+        is_not_found,
+        "second delete",
+    );
+
+    let (dm_channel, _) = s
+        .create_channel(new_dm(&t, &alice, &bob))
+        .await
+        .expect("create DM");
+    let gone = s
+        .delete_channel(&t, &dm_channel.id, &bob)
+        .await
+        .expect("delete DM");
+    assert_eq!(gone.seq, 1);
+    let (again, created) = s
+        .create_channel(new_dm(&t, &alice, &bob))
+        .await
+        .expect("recreate DM");
+    assert!(created, "the DM key is free again");
+    assert_ne!(again.id, dm_channel.id);
+}
+
+/// Metadata is stored as JSON and read back equal everywhere a message appears.
+pub async fn metadata_round_trips(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let metadata = json!({
+        "nested": {"list": [1, 2.5, -3, "four", null, true], "empty": {}},
+        "unicode": "héllo ✓ \u{1F600} \"quoted\" \\ back\nslash",
+        "big": 9_007_199_254_740_993_u64,
+    });
+    let mut request = msg(&t, &ch.id, &alice, "k", "with metadata");
+    request.metadata = Some(metadata.clone());
+    let sent = send(&s, request).await.message;
+    assert_eq!(sent.metadata.as_ref(), Some(&metadata));
+    assert_eq!(
+        s.message(&t, &ch.id, &sent.id).await.expect("get"),
+        Some(sent.clone()),
+        "stored = returned"
+    );
+    assert_eq!(
+        history(&s, &t, &ch.id, HistoryAnchor::Latest, 10)
+            .await
+            .messages,
+        vec![sent.clone()]
+    );
+    assert_eq!(
+        events(&s, &t, &ch.id, 0).await[0].body,
+        EventBody::MessageNew {
+            message: sent.clone()
+        }
+    );
+
+    let plain = send(&s, msg(&t, &ch.id, &alice, "k2", "without"))
+        .await
+        .message;
+    assert_eq!(plain.metadata, None);
+    assert_eq!(
+        s.message(&t, &ch.id, &plain.id)
+            .await
+            .expect("get")
+            .and_then(|m| m.metadata),
+        None
+    );
+
+    let replaced = json!(["a", {"b": [null]}]);
+    s.edit_message(&t, &ch.id, &sent.id, "edited", Some(replaced.clone()))
+        .await
+        .expect("edit");
+    let got = s
+        .message(&t, &ch.id, &sent.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!(got.metadata, Some(replaced));
+    s.edit_message(&t, &ch.id, &sent.id, "cleared", None)
+        .await
+        .expect("edit");
+    let got = s
+        .message(&t, &ch.id, &sent.id)
+        .await
+        .expect("get")
+        .expect("exists");
+    assert_eq!((got.text.as_str(), got.metadata), ("cleared", None));
+}
+
+// ---- helpers ----
+
+fn tenant() -> String {
+    format!("tenant-{}", ulid::Ulid::new())
+}
+
+fn id(prefix: &str) -> String {
+    format!("{prefix}-{}", ulid::Ulid::new())
+}
+
+/// Creates a channel owned by `owner` with `others` as members.
+async fn channel(
+    s: &Arc<dyn Storage>,
+    tenant: &str,
+    owner: &str,
+    others: &[(&str, Role)],
+) -> Channel {
+    let mut members = vec![(owner.to_owned(), Role::Owner)];
+    members.extend(others.iter().map(|(u, r)| ((*u).to_owned(), *r)));
+    let (ch, created) = s
+        .create_channel(NewChannel {
+            tenant_id: tenant.to_owned(),
+            id: id("ch"),
+            kind: ChannelKind::Channel,
+            name: Some("test".into()),
+            created_by: owner.to_owned(),
+            members,
+            dm_key: None,
+        })
+        .await
+        .expect("create channel");
+    assert!(created);
+    ch
+}
+
+/// A DM between `from` (its creator) and `to`.
+fn new_dm(tenant: &str, from: &str, to: &str) -> NewChannel {
+    let mut pair = [from, to];
+    pair.sort_unstable();
+    NewChannel {
+        tenant_id: tenant.to_owned(),
+        id: id("dm"),
+        kind: ChannelKind::Dm,
+        name: None,
+        created_by: from.to_owned(),
+        members: vec![
+            (from.to_owned(), Role::Member),
+            (to.to_owned(), Role::Member),
+        ],
+        dm_key: Some(pair.join("\n")),
+    }
+}
+
+fn msg(
+    tenant: &str,
+    channel_id: &str,
+    sender: &str,
+    client_msg_id: &str,
+    text: &str,
+) -> NewMessage {
+    NewMessage {
+        tenant_id: tenant.to_owned(),
+        channel_id: channel_id.to_owned(),
+        id: id("msg"),
+        sender_id: sender.to_owned(),
+        client_msg_id: client_msg_id.to_owned(),
+        text: text.to_owned(),
+        metadata: None,
+    }
+}
+
+async fn send(s: &Arc<dyn Storage>, new: NewMessage) -> SendOutcome {
+    let key = new.client_msg_id.clone();
+    s.send_message(new)
+        .await
+        .unwrap_or_else(|e| panic!("send {key}: {e:?}"))
+}
+
+/// Sends all at once, each from its own task; the outcomes in request order.
+async fn send_all(s: &Arc<dyn Storage>, requests: Vec<NewMessage>) -> Vec<SendOutcome> {
+    let tasks: Vec<_> = requests
+        .into_iter()
+        .map(|new| {
+            let s = s.clone();
+            tokio::spawn(async move { send(&s, new).await })
+        })
+        .collect();
+    let mut outcomes = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        outcomes.push(task.await.expect("send task"));
+    }
+    outcomes
+}
+
+async fn history(
+    s: &Arc<dyn Storage>,
+    tenant: &str,
+    channel_id: &str,
+    anchor: HistoryAnchor,
+    limit: u32,
+) -> MessagePage {
+    s.history(tenant, channel_id, anchor, limit)
+        .await
+        .unwrap_or_else(|e| panic!("history {anchor:?} limit {limit}: {e:?}"))
+}
+
+async fn events(
+    s: &Arc<dyn Storage>,
+    tenant: &str,
+    channel_id: &str,
+    after: u64,
+) -> Vec<ChannelEvent> {
+    s.events(tenant, channel_id, after, None, 1000)
+        .await
+        .expect("events")
+}
+
+fn assert_tombstone(m: &Message, original: &Message) {
+    assert_eq!(
+        (m.id.as_str(), m.seq, m.sender_id.as_str()),
+        (
+            original.id.as_str(),
+            original.seq,
+            original.sender_id.as_str()
+        )
+    );
+    assert_eq!(
+        (m.client_msg_id.as_str(), m.created_at.as_str()),
+        (
+            original.client_msg_id.as_str(),
+            original.created_at.as_str()
+        )
+    );
+    assert!(m.deleted, "tombstone: deleted");
+    assert_eq!(
+        (m.text.as_str(), &m.metadata),
+        ("", &None),
+        "tombstone: no text, no metadata"
+    );
+}
+
+/// `2024-01-31T12:34:56.789Z`.
+fn assert_rfc3339(s: &str) {
+    let b = s.as_bytes();
+    let shape = s.len() == 24 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z';
+    assert!(shape, "not an RFC 3339 UTC millisecond timestamp: {s:?}");
+}
+
+fn assert_err<T: Debug>(
+    result: StorageResult<T>,
+    expected: impl Fn(&StorageError) -> bool,
+    what: &str,
+) {
+    match result {
+        Err(e) if expected(&e) => {}
+        other => panic!("{what}: unexpected {other:?}"),
+    }
+}
+
+/// Empty, or `NotFound`: the trait leaves open which one a missing channel gives.
+fn assert_missing<T: Debug>(result: StorageResult<Vec<T>>, what: &str) {
+    match result {
+        Ok(v) if v.is_empty() => {}
+        Err(StorageError::NotFound) => {}
+        other => panic!("{what} of a channel missing in the tenant: {other:?}"),
+    }
+}
+
+fn is_not_found(e: &StorageError) -> bool {
+    matches!(e, StorageError::NotFound)
+}
+
+fn is_not_a_member(e: &StorageError) -> bool {
+    matches!(e, StorageError::NotAMember)
+}
+
+fn is_conflict(e: &StorageError) -> bool {
+    matches!(e, StorageError::IdempotencyConflict)
+}

@@ -9,7 +9,7 @@
 //! SQL stays within what both PostgreSQL and CockroachDB accept.
 
 use async_trait::async_trait;
-use parley_proto::{Channel, ChannelEvent, ChannelKind, Member, Message, MessagePage, Role};
+use parley_proto::{Channel, ChannelEvent, ChannelKind, Member, Message, MessagePage, ReadState, Role};
 
 pub mod conformance;
 pub mod postgres;
@@ -118,7 +118,8 @@ pub trait Storage: Send + Sync + 'static {
     /// The channel, without a role.
     async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>>;
 
-    /// The channels `user_id` is a member of, each with the user's role, newest first.
+    /// The channels `user_id` is a member of, each with the user's role, read position and
+    /// unread count, newest first.
     async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>>;
 
     /// Renames the channel; returns the `channel.updated` event with its new seq.
@@ -136,7 +137,7 @@ pub trait Storage: Send + Sync + 'static {
 
     async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>>;
 
-    /// Members ordered by join time.
+    /// Members ordered by join time, each with their read position.
     async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>>;
 
     /// Adds a member; `None` when the user already is one (nothing changes).
@@ -194,6 +195,17 @@ pub trait Storage: Send + Sync + 'static {
         anchor: HistoryAnchor,
         limit: u32,
     ) -> StorageResult<MessagePage>;
+
+    /// Moves the member's read position forward to `seq` (clamped to the channel's last seq;
+    /// an older seq changes nothing). `NotAMember` when the user is not a member.
+    async fn mark_read(&self, tenant: &str, channel_id: &str, user_id: &str, seq: u64) -> StorageResult<ReadState>;
+
+    /// The member's read position and unread count: messages of others after the position that
+    /// are not deleted. `NotAMember` when the user is not a member.
+    async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState>;
+
+    /// Whether the two users are members of at least one common channel.
+    async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool>;
 
     /// Persisted events with `after < seq <= up_to` (no upper bound when `None`), ascending, at
     /// most `limit`. `message.new` events carry the message's current state.

@@ -23,21 +23,26 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use deadpool_postgres::{
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
+};
 use futures::future::{try_join, try_join3};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction};
-use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, Role};
+use parley_proto::{
+    Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
+};
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, Statement};
 
 use super::{
-    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult, now_ms, rfc3339,
-    tombstone,
+    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+    now_ms, rfc3339, tombstone,
 };
 
 /// Writer tasks of the send path, each with its own connection.
 pub const WRITERS: usize = 4;
+const _: () = assert!(WRITERS > 0, "sends need at least one writer");
 /// Most sends committed in one transaction.
 pub const MAX_BATCH: usize = 512;
 /// Sends queued per writer before callers wait (backpressure instead of unbounded memory).
@@ -130,21 +135,36 @@ impl Storage for PostgresStorage {
             let inserted = tx
                 .query_opt(
                     &insert,
-                    &[&new.id, &new.tenant_id, &new.kind.as_str(), &new.name, &new.dm_key, &new.created_by, &now],
+                    &[
+                        &new.id,
+                        &new.tenant_id,
+                        &new.kind.as_str(),
+                        &new.name,
+                        &new.dm_key,
+                        &new.created_by,
+                        &now,
+                    ],
                 )
                 .await?;
             if inserted.is_none() {
                 // Only the DM key can conflict silently: the DM exists, possibly created just now
                 // by a concurrent call whose commit this statement waited for.
                 let existing = tx.prepare_cached(SELECT_DM).await?;
-                let row = tx.query_opt(&existing, &[&new.tenant_id, &new.dm_key]).await?;
-                let row = row.ok_or_else(|| StorageError::Conflict("DM key conflict without a DM".into()))?;
+                let row = tx
+                    .query_opt(&existing, &[&new.tenant_id, &new.dm_key])
+                    .await?;
+                let row = row
+                    .ok_or_else(|| StorageError::Conflict("DM key conflict without a DM".into()))?;
                 return Ok((channel_from_row(&row)?, false));
             }
-            let (users, roles): (Vec<&str>, Vec<&str>) =
-                new.members.iter().map(|(user, role)| (user.as_str(), role.as_str())).unzip();
+            let (users, roles): (Vec<&str>, Vec<&str>) = new
+                .members
+                .iter()
+                .map(|(user, role)| (user.as_str(), role.as_str()))
+                .unzip();
             let members = tx.prepare_cached(INSERT_MEMBERS).await?;
-            tx.execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles]).await?;
+            tx.execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles])
+                .await?;
             let channel = Channel {
                 id: new.id.clone(),
                 kind: new.kind,
@@ -153,6 +173,8 @@ impl Storage for PostgresStorage {
                 created_at: rfc3339(now),
                 last_seq: 0,
                 role: None,
+                last_read_seq: None,
+                unread_count: None,
             };
             (channel, true)
         })
@@ -160,39 +182,73 @@ impl Storage for PostgresStorage {
 
     async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SELECT_CHANNEL).await.map_err(db_err)?;
-        let row = client.query_opt(&stmt, &[&channel_id, &tenant]).await.map_err(db_err)?;
+        let stmt = client
+            .prepare_cached(SELECT_CHANNEL)
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_opt(&stmt, &[&channel_id, &tenant])
+            .await
+            .map_err(db_err)?;
         row.as_ref().map(channel_from_row).transpose()
     }
 
     async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SELECT_CHANNELS_OF).await.map_err(db_err)?;
-        let rows = client.query(&stmt, &[&tenant, &user_id]).await.map_err(db_err)?;
+        let stmt = client
+            .prepare_cached(SELECT_CHANNELS_OF)
+            .await
+            .map_err(db_err)?;
+        let rows = client
+            .query(&stmt, &[&tenant, &user_id])
+            .await
+            .map_err(db_err)?;
         rows.iter()
             .map(|row| {
                 let mut channel = channel_from_row(row)?;
                 channel.role = Some(role_from(&get::<String>(row, "role")?)?);
+                channel.last_read_seq = Some(seq_from(get(row, "last_read_seq")?)?);
+                channel.unread_count = Some(seq_from(get(row, "unread_count")?)?);
                 Ok(channel)
             })
             .collect()
     }
 
-    async fn rename_channel(&self, tenant: &str, channel_id: &str, name: &str, by: &str) -> StorageResult<ChannelEvent> {
+    async fn rename_channel(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        name: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent> {
         transact!(self.pool, |tx| {
             // One statement locks the row, renames and allocates the seq; the event carries the
             // channel as it is after the rename, its last_seq being the event's own seq.
             let rename = tx.prepare_cached(RENAME_CHANNEL).await?;
-            let row = tx.query_opt(&rename, &[&channel_id, &tenant, &name]).await?;
+            let row = tx
+                .query_opt(&rename, &[&channel_id, &tenant, &name])
+                .await?;
             let channel = channel_from_row(&row.ok_or(StorageError::NotFound)?)?;
             let seq = channel.last_seq;
-            let body = EventBody::ChannelUpdated { channel, by: by.to_owned() };
+            let body = EventBody::ChannelUpdated {
+                channel,
+                by: by.to_owned(),
+            };
             insert_event(&tx, channel_id, seq, &body).await?;
-            ChannelEvent { channel_id: channel_id.to_owned(), seq, body }
+            ChannelEvent {
+                channel_id: channel_id.to_owned(),
+                seq,
+                body,
+            }
         })
     }
 
-    async fn delete_channel(&self, tenant: &str, channel_id: &str, by: &str) -> StorageResult<ChannelEvent> {
+    async fn delete_channel(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent> {
         transact!(self.pool, |tx| {
             let last_seq = lock_channel(&tx, tenant, channel_id).await?;
             for sql in DELETE_CHANNEL {
@@ -207,17 +263,66 @@ impl Storage for PostgresStorage {
         })
     }
 
-    async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>> {
+    async fn member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> StorageResult<Option<Member>> {
         let client = self.pool.get().await.map_err(pool_err)?;
         let stmt = client.prepare_cached(SELECT_MEMBER).await.map_err(db_err)?;
-        let row = client.query_opt(&stmt, &[&channel_id, &tenant, &user_id]).await.map_err(db_err)?;
+        let row = client
+            .query_opt(&stmt, &[&channel_id, &tenant, &user_id])
+            .await
+            .map_err(db_err)?;
         row.as_ref().map(member_from_row).transpose()
+    }
+
+    async fn mark_read(&self, tenant: &str, channel_id: &str, user_id: &str, seq: u64) -> StorageResult<ReadState> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let last = client.prepare_cached(SELECT_LAST_SEQ).await.map_err(db_err)?;
+        let row = client.query_opt(&last, &[&channel_id, &tenant]).await.map_err(db_err)?.ok_or(StorageError::NotFound)?;
+        let last_seq: i64 = get(&row, "last_seq")?;
+        let target = i64::try_from(seq).unwrap_or(i64::MAX).min(last_seq);
+        let update = client.prepare_cached(MARK_READ).await.map_err(db_err)?;
+        if client.execute(&update, &[&channel_id, &tenant, &user_id, &target]).await.map_err(db_err)? == 0 {
+            return Err(StorageError::NotAMember);
+        }
+        drop(client);
+        self.read_state(tenant, channel_id, user_id).await
+    }
+
+    async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SELECT_READ_STATE).await.map_err(db_err)?;
+        let row = client
+            .query_opt(&stmt, &[&channel_id, &tenant, &user_id])
+            .await
+            .map_err(db_err)?
+            .ok_or(StorageError::NotAMember)?;
+        Ok(ReadState {
+            channel_id: channel_id.to_owned(),
+            last_read_seq: seq_from(get(&row, "last_read_seq")?)?,
+            unread_count: seq_from(get(&row, "unread_count")?)?,
+        })
+    }
+
+    async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(SHARES_CHANNEL).await.map_err(db_err)?;
+        Ok(client.query_opt(&stmt, &[&tenant, &a, &b]).await.map_err(db_err)?.is_some())
     }
 
     async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SELECT_MEMBERS).await.map_err(db_err)?;
-        let rows = client.query(&stmt, &[&channel_id, &tenant]).await.map_err(db_err)?;
+        let stmt = client
+            .prepare_cached(SELECT_MEMBERS)
+            .await
+            .map_err(db_err)?;
+        let rows = client
+            .query(&stmt, &[&channel_id, &tenant])
+            .await
+            .map_err(db_err)?;
         rows.iter().map(member_from_row).collect()
     }
 
@@ -233,11 +338,22 @@ impl Storage for PostgresStorage {
             lock_channel(&tx, tenant, channel_id).await?;
             let now = now_ms();
             let insert = tx.prepare_cached(INSERT_MEMBER).await?;
-            if tx.execute(&insert, &[&channel_id, &user_id, &tenant, &role.as_str(), &now]).await? == 0 {
+            let params: [&(dyn ToSql + Sync); 5] =
+                [&channel_id, &user_id, &tenant, &role.as_str(), &now];
+            if tx.execute(&insert, &params).await? == 0 {
                 return Ok(None);
             }
-            let member = Member { user_id: user_id.to_owned(), role, joined_at: rfc3339(now) };
-            Some(append_event(&tx, tenant, channel_id, EventBody::MemberAdded { member, by: by.to_owned() }).await?)
+            let member = Member {
+                user_id: user_id.to_owned(),
+                role,
+                joined_at: rfc3339(now),
+                last_read_seq: 0,
+            };
+            let body = EventBody::MemberAdded {
+                member,
+                by: by.to_owned(),
+            };
+            Some(append_event(&tx, tenant, channel_id, body).await?)
         })
     }
 
@@ -253,10 +369,17 @@ impl Storage for PostgresStorage {
             // membership under the same lock: no send of this user commits after this one.
             lock_channel(&tx, tenant, channel_id).await?;
             let delete = tx.prepare_cached(DELETE_MEMBER).await?;
-            if tx.execute(&delete, &[&channel_id, &tenant, &user_id]).await? == 0 {
+            if tx
+                .execute(&delete, &[&channel_id, &tenant, &user_id])
+                .await?
+                == 0
+            {
                 return Ok(None);
             }
-            let body = EventBody::MemberRemoved { user_id: user_id.to_owned(), by: by.to_owned() };
+            let body = EventBody::MemberRemoved {
+                user_id: user_id.to_owned(),
+                by: by.to_owned(),
+            };
             Some(append_event(&tx, tenant, channel_id, body).await?)
         })
     }
@@ -284,9 +407,20 @@ impl Storage for PostgresStorage {
         transact!(self.pool, |tx| {
             lock_channel(&tx, tenant, channel_id).await?;
             let edit = tx.prepare_cached(EDIT_MESSAGE).await?;
-            let row = tx.query_opt(&edit, &[&channel_id, &message_id, &text, &metadata, &now_ms()]).await?;
+            let row = tx
+                .query_opt(
+                    &edit,
+                    &[&channel_id, &message_id, &text, &metadata, &now_ms()],
+                )
+                .await?;
             let message = message_from_row(&row.ok_or(StorageError::NotFound)?, channel_id)?;
-            append_event(&tx, tenant, channel_id, EventBody::MessageUpdated { message }).await?
+            append_event(
+                &tx,
+                tenant,
+                channel_id,
+                EventBody::MessageUpdated { message },
+            )
+            .await?
         })
     }
 
@@ -300,17 +434,37 @@ impl Storage for PostgresStorage {
         transact!(self.pool, |tx| {
             lock_channel(&tx, tenant, channel_id).await?;
             let delete = tx.prepare_cached(DELETE_MESSAGE).await?;
-            let row = tx.query_opt(&delete, &[&channel_id, &message_id, &now_ms()]).await?;
+            let row = tx
+                .query_opt(&delete, &[&channel_id, &message_id, &now_ms()])
+                .await?;
             let message = message_from_row(&row.ok_or(StorageError::NotFound)?, channel_id)?;
-            append_event(&tx, tenant, channel_id, EventBody::MessageDeleted { message }).await?
+            append_event(
+                &tx,
+                tenant,
+                channel_id,
+                EventBody::MessageDeleted { message },
+            )
+            .await?
         })
     }
 
-    async fn message(&self, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<Message>> {
+    async fn message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+    ) -> StorageResult<Option<Message>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SELECT_MESSAGE).await.map_err(db_err)?;
-        let row = client.query_opt(&stmt, &[&channel_id, &message_id, &tenant]).await.map_err(db_err)?;
-        row.map(|row| message_from_row(&row, channel_id)).transpose()
+        let stmt = client
+            .prepare_cached(SELECT_MESSAGE)
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_opt(&stmt, &[&channel_id, &message_id, &tenant])
+            .await
+            .map_err(db_err)?;
+        row.map(|row| message_from_row(&row, channel_id))
+            .transpose()
     }
 
     async fn history(
@@ -336,9 +490,11 @@ impl Storage for PostgresStorage {
         let channel = client.query_opt(&exists, &channel_params);
         let (found, older, newer, has_before, has_after) = match anchor {
             HistoryAnchor::Latest => {
-                let (found, older) =
-                    tokio::try_join!(channel, rows(&client, &before, channel_id, i64::MAX, limit + 1))
-                        .map_err(db_err)?;
+                let (found, older) = tokio::try_join!(
+                    channel,
+                    rows(&client, &before, channel_id, i64::MAX, limit + 1)
+                )
+                .map_err(db_err)?;
                 let (older, has_before) = cut(older, limit);
                 (found, older, Vec::new(), has_before, false)
             }
@@ -388,7 +544,11 @@ impl Storage for PostgresStorage {
             .chain(newer.iter())
             .map(|row| message_from_row(row, channel_id))
             .collect::<StorageResult<_>>()?;
-        Ok(MessagePage { messages, has_before, has_after })
+        Ok(MessagePage {
+            messages,
+            has_before,
+            has_after,
+        })
     }
 
     async fn events(
@@ -400,9 +560,16 @@ impl Storage for PostgresStorage {
         limit: u32,
     ) -> StorageResult<Vec<ChannelEvent>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let (exists, merged) =
-            tokio::try_join!(client.prepare_cached(SELECT_CHANNEL), client.prepare_cached(EVENTS)).map_err(db_err)?;
-        let (after, up_to, limit) = (seq_param(after), up_to.map_or(i64::MAX, seq_param), i64::from(limit));
+        let (exists, merged) = tokio::try_join!(
+            client.prepare_cached(SELECT_CHANNEL),
+            client.prepare_cached(EVENTS)
+        )
+        .map_err(db_err)?;
+        let (after, up_to, limit) = (
+            seq_param(after),
+            up_to.map_or(i64::MAX, seq_param),
+            i64::from(limit),
+        );
         // One statement reads both tables, so the stream comes from one snapshot: commits are in
         // seq order per channel, hence the result is a gapless prefix of the range.
         let (found, rows) = try_join(
@@ -414,7 +581,9 @@ impl Storage for PostgresStorage {
         if found.is_none() {
             return Err(StorageError::NotFound);
         }
-        rows.iter().map(|row| event_from_row(row, channel_id)).collect()
+        rows.iter()
+            .map(|row| event_from_row(row, channel_id))
+            .collect()
     }
 }
 
@@ -468,24 +637,22 @@ CREATE TABLE IF NOT EXISTS channel_events (
 );",
 )];
 
-const CREATE_SCHEMA_MIGRATIONS: &str =
-    "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
+const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
 /// Claims a migration; a concurrent claimer waits on the row until the first commits.
 const CLAIM_MIGRATION: &str = "INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2) \
      ON CONFLICT (version) DO NOTHING RETURNING version";
 
-const SELECT_CHANNEL: &str =
-    "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
+const SELECT_CHANNEL: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
      WHERE c.id = $1 AND c.tenant_id = $2";
 const SELECT_DM: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
      WHERE c.tenant_id = $1 AND c.dm_key = $2";
-const SELECT_CHANNELS_OF: &str =
-    "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role FROM members m \
+const SELECT_CHANNELS_OF: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role, m.last_read_seq, \
+     (SELECT COUNT(*) FROM messages x WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq \
+      AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread_count FROM members m \
      JOIN channels c ON c.id = m.channel_id AND c.tenant_id = m.tenant_id \
      WHERE m.tenant_id = $1 AND m.user_id = $2 ORDER BY c.created_at DESC, c.id DESC";
 /// Inserts the channel; nothing (and no error) when the tenant has this DM already.
-const INSERT_CHANNEL: &str =
-    "INSERT INTO channels (id, tenant_id, kind, name, dm_key, created_by, created_at, last_seq) \
+const INSERT_CHANNEL: &str = "INSERT INTO channels (id, tenant_id, kind, name, dm_key, created_by, created_at, last_seq) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, 0) ON CONFLICT (tenant_id, dm_key) DO NOTHING RETURNING id";
 const INSERT_MEMBERS: &str = "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) \
      SELECT $1::TEXT, t.user_id, $2::TEXT, t.role, $3::BIGINT \
@@ -495,11 +662,12 @@ const RENAME_CHANNEL: &str = "UPDATE channels c SET name = $3, last_seq = c.last
      WHERE c.id = $1 AND c.tenant_id = $2 \
      RETURNING c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq";
 /// Locks the channel row until the transaction ends.
-const LOCK_CHANNEL: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2 FOR UPDATE";
+const LOCK_CHANNEL: &str =
+    "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2 FOR UPDATE";
 /// Allocates `$3` seqs; the new last_seq is the last of them.
-const ALLOCATE_SEQS: &str =
-    "UPDATE channels SET last_seq = last_seq + $3 WHERE id = $1 AND tenant_id = $2 RETURNING last_seq";
-const INSERT_EVENT: &str = "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES ($1, $2, $3, $4)";
+const ALLOCATE_SEQS: &str = "UPDATE channels SET last_seq = last_seq + $3 WHERE id = $1 AND tenant_id = $2 RETURNING last_seq";
+const INSERT_EVENT: &str =
+    "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES ($1, $2, $3, $4)";
 const DELETE_CHANNEL: [&str; 4] = [
     "DELETE FROM messages WHERE channel_id = $1",
     "DELETE FROM channel_events WHERE channel_id = $1",
@@ -507,16 +675,24 @@ const DELETE_CHANNEL: [&str; 4] = [
     "DELETE FROM channels WHERE id = $1",
 ];
 
-const SELECT_MEMBER: &str =
-    "SELECT user_id, role, joined_at FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
-const SELECT_MEMBERS: &str = "SELECT user_id, role, joined_at FROM members WHERE channel_id = $1 AND tenant_id = $2 \
+const SELECT_MEMBER: &str = "SELECT user_id, role, joined_at, last_read_seq FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
+const SELECT_MEMBERS: &str = "SELECT user_id, role, joined_at, last_read_seq FROM members WHERE channel_id = $1 AND tenant_id = $2 \
      ORDER BY joined_at, user_id";
 const INSERT_MEMBER: &str = "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (channel_id, user_id) DO NOTHING";
-const DELETE_MEMBER: &str = "DELETE FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
+/// Moves the read position forward only; `$4` is already clamped to the channel's last seq.
+const MARK_READ: &str = "UPDATE members SET last_read_seq = CASE WHEN $4 > last_read_seq THEN $4 ELSE last_read_seq END \
+     WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
+const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, (SELECT COUNT(*) FROM messages x WHERE x.channel_id = m.channel_id \
+     AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread_count \
+     FROM members m WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
+const SHARES_CHANNEL: &str = "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
+     WHERE m1.tenant_id = $1 AND m1.user_id = $2 AND m2.user_id = $3 LIMIT 1";
+const SELECT_LAST_SEQ: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2";
+const DELETE_MEMBER: &str =
+    "DELETE FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
 
-const SELECT_MESSAGE: &str =
-    "SELECT m.seq, m.id, m.sender_id, m.client_msg_id, m.text, m.metadata, m.created_at, m.edited_at, \
+const SELECT_MESSAGE: &str = "SELECT m.seq, m.id, m.sender_id, m.client_msg_id, m.text, m.metadata, m.created_at, m.edited_at, \
      m.deleted_at FROM messages m JOIN channels c ON c.id = m.channel_id \
      WHERE m.channel_id = $1 AND m.id = $2 AND c.tenant_id = $3";
 const EDIT_MESSAGE: &str = "UPDATE messages SET text = $3, metadata = $4, edited_at = $5 \
@@ -528,8 +704,7 @@ const DELETE_MESSAGE: &str = "UPDATE messages SET deleted_at = $3, text = '', me
      RETURNING seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
 
 /// Send path: the batch's senders that are members (run after [`LOCK_CHANNEL`]).
-const SEND_MEMBERS: &str =
-    "SELECT user_id FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = ANY($3::TEXT[])";
+const SEND_MEMBERS: &str = "SELECT user_id FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = ANY($3::TEXT[])";
 /// Send path: messages already stored under the batch's (sender_id, client_msg_id) keys.
 const SEND_EXISTING: &str = "SELECT m.seq, m.id, m.sender_id, m.client_msg_id, m.text, m.metadata, \
      m.created_at, m.edited_at, m.deleted_at, m.body_hash FROM messages m \
@@ -550,7 +725,8 @@ const PAGE_BEFORE: &str = "SELECT seq, id, sender_id, client_msg_id, text, metad
 const PAGE_FROM: &str = "SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
      deleted_at FROM messages WHERE channel_id = $1 AND seq >= $2 ORDER BY seq LIMIT $3";
 const ANY_FROM: &str = "SELECT EXISTS (SELECT 1 FROM messages WHERE channel_id = $1 AND seq >= $2)";
-const ANY_BEFORE: &str = "SELECT EXISTS (SELECT 1 FROM messages WHERE channel_id = $1 AND seq < $2)";
+const ANY_BEFORE: &str =
+    "SELECT EXISTS (SELECT 1 FROM messages WHERE channel_id = $1 AND seq < $2)";
 /// Messages (as `message.new`, `payload` NULL) merged with the other events, by seq.
 const EVENTS: &str = "(SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
        deleted_at, NULL::TEXT AS payload FROM messages \
@@ -573,9 +749,9 @@ struct SendJob {
 
 /// Index of the writer of `channel_id` among `writers`: FNV-1a of the id, stable across runs.
 fn writer_index(channel_id: &str, writers: usize) -> usize {
-    let hash = channel_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325_u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3));
+    let hash = channel_id.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
     usize::try_from(hash % writers.max(1) as u64).unwrap_or(0)
 }
 
@@ -588,7 +764,15 @@ async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
 }
 
 /// Commits `jobs` (draining it) and answers every caller.
+static STATS: std::sync::Mutex<(u64, u64, u128)> = std::sync::Mutex::new((0, 0, 0));
+pub fn debug_stats() -> (u64, u64, u128) { *STATS.lock().unwrap() }
 async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
+    let t0 = std::time::Instant::now();
+    let n = jobs.len() as u64;
+    run_batch2(pool, jobs).await;
+    let mut st = STATS.lock().unwrap(); st.0 += 1; st.1 += n; st.2 += t0.elapsed().as_micros();
+}
+async fn run_batch2(pool: &Pool, jobs: &mut Vec<SendJob>) {
     let failure = match commit_with_retries(pool, jobs).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.drain(..).zip(outcomes) {
@@ -609,9 +793,11 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
     tracing::warn!(error = %failure, sends = jobs.len(), "postgres send batch failed; committing its sends one by one");
     for job in jobs.drain(..) {
         let outcome = match commit_with_retries(pool, std::slice::from_ref(&job)).await {
-            Ok(mut outcomes) => outcomes
-                .pop()
-                .unwrap_or_else(|| Err(StorageError::Internal("send batch of one without an outcome".into()))),
+            Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| {
+                Err(StorageError::Internal(
+                    "send batch of one without an outcome".into(),
+                ))
+            }),
             Err(e) => Err(e.into_storage()),
         };
         let _ = job.reply.send(outcome);
@@ -620,7 +806,10 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
 
 /// Commits the batch, retrying it on serialization failures, deadlocks and unique violations (a
 /// concurrent writer on another node took a key; the retry finds its row).
-async fn commit_with_retries(pool: &Pool, jobs: &[SendJob]) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+async fn commit_with_retries(
+    pool: &Pool,
+    jobs: &[SendJob],
+) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
     let mut attempt = 0;
     loop {
         match commit_batch(pool, jobs).await {
@@ -635,14 +824,20 @@ async fn commit_with_retries(pool: &Pool, jobs: &[SendJob]) -> Result<Vec<Storag
 }
 
 /// One transaction for the whole batch; the outcome of each job, in order.
-async fn commit_batch(pool: &Pool, jobs: &[SendJob]) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+async fn commit_batch(
+    pool: &Pool,
+    jobs: &[SendJob],
+) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await?;
     let now = now_ms();
     // Channels in id order: two nodes' batches lock their common channels in the same order.
     let mut groups: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
     for (i, job) in jobs.iter().enumerate() {
-        groups.entry((&job.new.channel_id, &job.new.tenant_id)).or_default().push(i);
+        groups
+            .entry((&job.new.channel_id, &job.new.tenant_id))
+            .or_default()
+            .push(i);
     }
     let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
     for ((channel_id, tenant), members) in &groups {
@@ -653,7 +848,9 @@ async fn commit_batch(pool: &Pool, jobs: &[SendJob]) -> Result<Vec<StorageResult
     tx.commit().await?;
     Ok(outcomes
         .into_iter()
-        .map(|o| o.unwrap_or_else(|| Err(StorageError::Internal("send left out of its batch".into()))))
+        .map(|o| {
+            o.unwrap_or_else(|| Err(StorageError::Internal("send left out of its batch".into())))
+        })
         .collect())
 }
 
@@ -671,11 +868,21 @@ async fn commit_group(
         tx.prepare_cached(SEND_MEMBERS),
         tx.prepare_cached(SEND_EXISTING),
     )?;
-    let mut senders: Vec<&str> = idxs.iter().map(|&i| jobs[i].new.sender_id.as_str()).collect();
+    let mut senders: Vec<&str> = idxs
+        .iter()
+        .map(|&i| jobs[i].new.sender_id.as_str())
+        .collect();
     senders.sort_unstable();
     senders.dedup();
-    let mut keys: Vec<(&str, &str)> =
-        idxs.iter().map(|&i| (jobs[i].new.sender_id.as_str(), jobs[i].new.client_msg_id.as_str())).collect();
+    let mut keys: Vec<(&str, &str)> = idxs
+        .iter()
+        .map(|&i| {
+            (
+                jobs[i].new.sender_id.as_str(),
+                jobs[i].new.client_msg_id.as_str(),
+            )
+        })
+        .collect();
     keys.sort_unstable();
     keys.dedup();
     let (key_senders, key_ids): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
@@ -689,7 +896,10 @@ async fn commit_group(
     .await?;
     let Some(locked) = locked else {
         // No such channel in this tenant: nobody is a member of it.
-        return Ok(idxs.iter().map(|&i| (i, Err(StorageError::NotAMember))).collect());
+        return Ok(idxs
+            .iter()
+            .map(|&i| (i, Err(StorageError::NotAMember)))
+            .collect());
     };
     let last_seq: i64 = get(&locked, "last_seq")?;
     let members = member_rows
@@ -698,27 +908,53 @@ async fn commit_group(
         .collect::<StorageResult<HashSet<String>>>()?;
     let existing = existing_rows
         .iter()
-        .map(|row| Ok((message_from_row(row, channel_id)?, get::<String>(row, "body_hash")?)))
+        .map(|row| {
+            Ok((
+                message_from_row(row, channel_id)?,
+                get::<String>(row, "body_hash")?,
+            ))
+        })
         .collect::<StorageResult<Vec<(Message, String)>>>()?;
     let plan = plan_group(jobs, idxs, &members, &existing);
     if !plan.inserts.is_empty() {
-        let n = i64::try_from(plan.inserts.len()).map_err(|_| StorageError::Internal("batch too large".into()))?;
+        let n = i64::try_from(plan.inserts.len())
+            .map_err(|_| StorageError::Internal("batch too large".into()))?;
         let rows: Vec<&NewMessage> = plan.inserts.iter().map(|&i| &jobs[i].new).collect();
         let seqs: Vec<i64> = (1..=n).map(|k| last_seq + k).collect();
         let ids: Vec<&str> = rows.iter().map(|m| m.id.as_str()).collect();
         let senders: Vec<&str> = rows.iter().map(|m| m.sender_id.as_str()).collect();
         let client_ids: Vec<&str> = rows.iter().map(|m| m.client_msg_id.as_str()).collect();
-        let hashes: Vec<&str> = plan.inserts.iter().map(|&i| jobs[i].hash.as_str()).collect();
+        let hashes: Vec<&str> = plan
+            .inserts
+            .iter()
+            .map(|&i| jobs[i].hash.as_str())
+            .collect();
         let texts: Vec<&str> = rows.iter().map(|m| m.text.as_str()).collect();
-        let metadata: Vec<Option<String>> = rows.iter().map(|m| m.metadata.as_ref().map(|v| v.to_string())).collect();
-        let (allocate, insert) = tokio::try_join!(tx.prepare_cached(ALLOCATE_SEQS), tx.prepare_cached(SEND_INSERT))?;
+        let metadata: Vec<Option<String>> = rows
+            .iter()
+            .map(|m| m.metadata.as_ref().map(|v| v.to_string()))
+            .collect();
+        let (allocate, insert) = tokio::try_join!(
+            tx.prepare_cached(ALLOCATE_SEQS),
+            tx.prepare_cached(SEND_INSERT)
+        )?;
         // The row is locked, so the seqs are known before the allocation returns; pipelining the
         // allocation with the insert saves a round trip, and the check below proves the guess.
         let (allocated, _) = try_join(
             tx.query_one(&allocate, &[&channel_id, &tenant, &n]),
             tx.execute(
                 &insert,
-                &[&channel_id, &seqs, &ids, &senders, &client_ids, &hashes, &texts, &metadata, &now],
+                &[
+                    &channel_id,
+                    &seqs,
+                    &ids,
+                    &senders,
+                    &client_ids,
+                    &hashes,
+                    &texts,
+                    &metadata,
+                    &now,
+                ],
             ),
         )
         .await?;
@@ -736,7 +972,7 @@ async fn commit_group(
 #[derive(Debug)]
 enum Settle {
     /// Decided without writing: the stored message of an earlier send, or an error.
-    Done(StorageResult<SendOutcome>),
+    Done(Box<StorageResult<SendOutcome>>),
     /// Inserts new row `k` of the group, whose seq is `last_seq + 1 + k`.
     Insert(usize),
     /// A retry of new row `k` sent in the same batch.
@@ -768,23 +1004,30 @@ fn plan_group(
         .map(|e| ((e.0.sender_id.as_str(), e.0.client_msg_id.as_str()), e))
         .collect();
     let mut fresh: HashMap<(&str, &str), usize> = HashMap::new();
-    let mut plan = GroupPlan { settles: Vec::with_capacity(idxs.len()), inserts: Vec::new() };
+    let mut plan = GroupPlan {
+        settles: Vec::with_capacity(idxs.len()),
+        inserts: Vec::new(),
+    };
     for &i in idxs {
         let (new, hash) = (&jobs[i].new, &jobs[i].hash);
         let key = (new.sender_id.as_str(), new.client_msg_id.as_str());
         let settle = if !members.contains(&new.sender_id) {
-            Settle::Done(Err(StorageError::NotAMember))
+            Settle::Done(Box::new(Err(StorageError::NotAMember)))
         } else if let Some((message, stored_hash)) = stored.get(&key) {
             if stored_hash == hash {
-                Settle::Done(Ok(SendOutcome { message: message.clone(), created: false }))
+                let outcome = SendOutcome {
+                    message: message.clone(),
+                    created: false,
+                };
+                Settle::Done(Box::new(Ok(outcome)))
             } else {
-                Settle::Done(Err(StorageError::IdempotencyConflict))
+                Settle::Done(Box::new(Err(StorageError::IdempotencyConflict)))
             }
         } else if let Some(&row) = fresh.get(&key) {
             if jobs[plan.inserts[row]].hash == *hash {
                 Settle::RetryOf(row)
             } else {
-                Settle::Done(Err(StorageError::IdempotencyConflict))
+                Settle::Done(Box::new(Err(StorageError::IdempotencyConflict)))
             }
         } else {
             let row = plan.inserts.len();
@@ -809,7 +1052,9 @@ impl GroupPlan {
         let mut created = Vec::with_capacity(self.inserts.len());
         for (k, &i) in self.inserts.iter().enumerate() {
             let new = &jobs[i].new;
-            let seq = i64::try_from(k).ok().and_then(|k| last_seq.checked_add(k + 1));
+            let seq = i64::try_from(k)
+                .ok()
+                .and_then(|k| last_seq.checked_add(k + 1));
             created.push(Message {
                 id: new.id.clone(),
                 channel_id: channel_id.to_owned(),
@@ -824,17 +1069,24 @@ impl GroupPlan {
             });
         }
         let row = |k: usize| {
-            created
-                .get(k)
-                .cloned()
-                .ok_or_else(|| TxError::Storage(StorageError::Internal("send plan names a missing row".into())))
+            created.get(k).cloned().ok_or_else(|| {
+                TxError::Storage(StorageError::Internal(
+                    "send plan names a missing row".into(),
+                ))
+            })
         };
         let mut out = Vec::with_capacity(self.settles.len());
         for (i, settle) in self.settles {
             let outcome = match settle {
-                Settle::Done(outcome) => outcome,
-                Settle::Insert(k) => Ok(SendOutcome { message: row(k)?, created: true }),
-                Settle::RetryOf(k) => Ok(SendOutcome { message: row(k)?, created: false }),
+                Settle::Done(outcome) => *outcome,
+                Settle::Insert(k) => Ok(SendOutcome {
+                    message: row(k)?,
+                    created: true,
+                }),
+                Settle::RetryOf(k) => Ok(SendOutcome {
+                    message: row(k)?,
+                    created: false,
+                }),
             };
             out.push((i, outcome));
         }
@@ -845,10 +1097,17 @@ impl GroupPlan {
 // ---- transaction helpers ----
 
 /// Locks the channel row for the rest of the transaction; its last_seq, or `NotFound`.
-async fn lock_channel(tx: &Transaction<'_>, tenant: &str, channel_id: &str) -> Result<u64, TxError> {
+async fn lock_channel(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    channel_id: &str,
+) -> Result<u64, TxError> {
     let stmt = tx.prepare_cached(LOCK_CHANNEL).await?;
     let row = tx.query_opt(&stmt, &[&channel_id, &tenant]).await?;
-    Ok(seq_from(get(&row.ok_or(StorageError::NotFound)?, "last_seq")?)?)
+    Ok(seq_from(get(
+        &row.ok_or(StorageError::NotFound)?,
+        "last_seq",
+    )?)?)
 }
 
 /// Allocates the next seq and persists `body` under it.
@@ -859,17 +1118,29 @@ async fn append_event(
     body: EventBody,
 ) -> Result<ChannelEvent, TxError> {
     let allocate = tx.prepare_cached(ALLOCATE_SEQS).await?;
-    let row = tx.query_opt(&allocate, &[&channel_id, &tenant, &1_i64]).await?;
+    let row = tx
+        .query_opt(&allocate, &[&channel_id, &tenant, &1_i64])
+        .await?;
     let seq = seq_from(get(&row.ok_or(StorageError::NotFound)?, "last_seq")?)?;
     insert_event(tx, channel_id, seq, &body).await?;
-    Ok(ChannelEvent { channel_id: channel_id.to_owned(), seq, body })
+    Ok(ChannelEvent {
+        channel_id: channel_id.to_owned(),
+        seq,
+        body,
+    })
 }
 
-async fn insert_event(tx: &Transaction<'_>, channel_id: &str, seq: u64, body: &EventBody) -> Result<(), TxError> {
-    let payload =
-        serde_json::to_string(body).map_err(|e| StorageError::Internal(format!("cannot encode event: {e}")))?;
+async fn insert_event(
+    tx: &Transaction<'_>,
+    channel_id: &str,
+    seq: u64,
+    body: &EventBody,
+) -> Result<(), TxError> {
+    let payload = serde_json::to_string(body)
+        .map_err(|e| StorageError::Internal(format!("cannot encode event: {e}")))?;
     let stmt = tx.prepare_cached(INSERT_EVENT).await?;
-    tx.execute(&stmt, &[&channel_id, &seq_param(seq), &payload, &now_ms()]).await?;
+    tx.execute(&stmt, &[&channel_id, &seq_param(seq), &payload, &now_ms()])
+        .await?;
     Ok(())
 }
 
@@ -897,7 +1168,10 @@ async fn flag(
     channel_id: &str,
     bound: i64,
 ) -> Result<bool, tokio_postgres::Error> {
-    client.query_one(stmt, &[&channel_id, &bound]).await?.try_get(0)
+    client
+        .query_one(stmt, &[&channel_id, &bound])
+        .await?
+        .try_get(0)
 }
 
 /// Keeps the first `keep` rows of a page fetched with one extra; whether rows were dropped.
@@ -911,8 +1185,13 @@ fn cut(mut rows: Vec<Row>, keep: i64) -> (Vec<Row>, bool) {
 // ---- pool and migrations ----
 
 fn build_pool(config: &tokio_postgres::Config, size: usize) -> StorageResult<Pool> {
-    let manager =
-        Manager::from_config(config.clone(), NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -974,6 +1253,8 @@ fn channel_from_row(row: &Row) -> StorageResult<Channel> {
         created_at: rfc3339(get(row, "created_at")?),
         last_seq: seq_from(get(row, "last_seq")?)?,
         role: None,
+        last_read_seq: None,
+        unread_count: None,
     })
 }
 
@@ -982,6 +1263,7 @@ fn member_from_row(row: &Row) -> StorageResult<Member> {
         user_id: get(row, "user_id")?,
         role: role_from(&get::<String>(row, "role")?)?,
         joined_at: rfc3339(get(row, "joined_at")?),
+        last_read_seq: seq_from(get(row, "last_read_seq")?)?,
     })
 }
 
@@ -999,24 +1281,37 @@ fn message_from_row(row: &Row, channel_id: &str) -> StorageResult<Message> {
         metadata: metadata
             .map(|m| serde_json::from_str(&m))
             .transpose()
-            .map_err(|e| StorageError::Internal(format!("corrupt metadata in {channel_id}: {e}")))?,
+            .map_err(|e| {
+                StorageError::Internal(format!("corrupt metadata in {channel_id}: {e}"))
+            })?,
         created_at: rfc3339(get(row, "created_at")?),
         edited_at: get::<Option<i64>>(row, "edited_at")?.map(rfc3339),
         deleted: false,
     };
     let deleted_at: Option<i64> = get(row, "deleted_at")?;
-    Ok(if deleted_at.is_some() { tombstone(message) } else { message })
+    Ok(if deleted_at.is_some() {
+        tombstone(message)
+    } else {
+        message
+    })
 }
 
 /// A row of [`EVENTS`]: a message (no payload) as `message.new`, or a stored event.
 fn event_from_row(row: &Row, channel_id: &str) -> StorageResult<ChannelEvent> {
     let seq = seq_from(get(row, "seq")?)?;
     let body = match get::<Option<String>>(row, "payload")? {
-        None => EventBody::MessageNew { message: message_from_row(row, channel_id)? },
-        Some(payload) => serde_json::from_str(&payload)
-            .map_err(|e| StorageError::Internal(format!("corrupt event {channel_id}/{seq}: {e}")))?,
+        None => EventBody::MessageNew {
+            message: message_from_row(row, channel_id)?,
+        },
+        Some(payload) => serde_json::from_str(&payload).map_err(|e| {
+            StorageError::Internal(format!("corrupt event {channel_id}/{seq}: {e}"))
+        })?,
     };
-    Ok(ChannelEvent { channel_id: channel_id.to_owned(), seq, body })
+    Ok(ChannelEvent {
+        channel_id: channel_id.to_owned(),
+        seq,
+        body,
+    })
 }
 
 fn role_from(role: &str) -> StorageResult<Role> {
@@ -1066,9 +1361,9 @@ impl TxError {
     /// A serialization failure or deadlock: the transaction may succeed when run again.
     fn is_transient(&self) -> bool {
         matches!(self, TxError::Retry(_))
-            || self
-                .code()
-                .is_some_and(|c| *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED)
+            || self.code().is_some_and(|c| {
+                *c == SqlState::T_R_SERIALIZATION_FAILURE || *c == SqlState::T_R_DEADLOCK_DETECTED
+            })
     }
 
     fn is_unique_violation(&self) -> bool {
@@ -1079,9 +1374,9 @@ impl TxError {
     fn is_migration_race(&self) -> bool {
         self.is_transient()
             || self.is_unique_violation()
-            || self
-                .code()
-                .is_some_and(|c| *c == SqlState::DUPLICATE_TABLE || *c == SqlState::DUPLICATE_OBJECT)
+            || self.code().is_some_and(|c| {
+                *c == SqlState::DUPLICATE_TABLE || *c == SqlState::DUPLICATE_OBJECT
+            })
     }
 
     fn into_storage(self) -> StorageError {
@@ -1101,12 +1396,18 @@ fn db_err(e: tokio_postgres::Error) -> StorageError {
         let code = db.code().code();
         let detail = format!("postgres {code}: {}", db.message());
         if *db.code() == SqlState::UNIQUE_VIOLATION {
-            return StorageError::Conflict(format!("{detail} ({})", db.constraint().unwrap_or("unknown constraint")));
+            return StorageError::Conflict(format!(
+                "{detail} ({})",
+                db.constraint().unwrap_or("unknown constraint")
+            ));
         }
         // 08 connection, 28 authorization, 53 insufficient resources, 57 operator intervention
         // (shutdown, statement timeout), 40 transaction rollback (serialization, deadlock, and
         // CockroachDB's ambiguous 40003).
-        return if ["08", "28", "53", "57", "40"].iter().any(|class| code.starts_with(class)) {
+        return if ["08", "28", "53", "57", "40"]
+            .iter()
+            .any(|class| code.starts_with(class))
+        {
             StorageError::Unavailable(detail)
         } else {
             StorageError::Internal(detail)
@@ -1172,10 +1473,18 @@ mod tests {
             metadata: None,
         };
         let hash = new.body_hash();
-        SendJob { new, hash, reply: oneshot::channel().0 }
+        SendJob {
+            new,
+            hash,
+            reply: oneshot::channel().0,
+        }
     }
 
-    fn outcomes(jobs: &[SendJob], members: &[&str], existing: &[(Message, String)]) -> Vec<StorageResult<SendOutcome>> {
+    fn outcomes(
+        jobs: &[SendJob],
+        members: &[&str],
+        existing: &[(Message, String)],
+    ) -> Vec<StorageResult<SendOutcome>> {
         let members = members.iter().map(|m| (*m).to_owned()).collect();
         let idxs: Vec<usize> = (0..jobs.len()).collect();
         let plan = plan_group(jobs, &idxs, &members, existing);
@@ -1186,7 +1495,12 @@ mod tests {
 
     #[test]
     fn duplicates_within_a_batch_settle_on_the_first() {
-        let jobs = [job("a", "k", "hi"), job("b", "k", "yo"), job("a", "k", "hi"), job("a", "k", "other")];
+        let jobs = [
+            job("a", "k", "hi"),
+            job("b", "k", "yo"),
+            job("a", "k", "hi"),
+            job("a", "k", "other"),
+        ];
         let out = outcomes(&jobs, &["a", "b"], &[]);
         let first = out[0].as_ref().expect("first send inserts");
         assert!(first.created);
@@ -1194,7 +1508,10 @@ mod tests {
         let other_sender = out[1].as_ref().expect("the key is per sender");
         assert_eq!((other_sender.message.seq, other_sender.created), (12, true));
         let retry = out[2].as_ref().expect("retry of the first");
-        assert_eq!((retry.message.id.as_str(), retry.message.seq, retry.created), (first.message.id.as_str(), 11, false));
+        assert_eq!(
+            (retry.message.id.as_str(), retry.message.seq, retry.created),
+            (first.message.id.as_str(), 11, false)
+        );
         assert!(matches!(out[3], Err(StorageError::IdempotencyConflict)));
     }
 
@@ -1212,13 +1529,23 @@ mod tests {
             edited_at: Some(rfc3339(1)),
             deleted: false,
         };
-        let jobs = [job("a", "k", "hi"), job("a", "k", "changed"), job("x", "k2", "hi")];
+        let jobs = [
+            job("a", "k", "hi"),
+            job("a", "k", "changed"),
+            job("x", "k2", "hi"),
+        ];
         let existing = [(stored.clone(), jobs[0].hash.clone())];
         let members: HashSet<String> = ["a".to_owned()].into();
         let plan = plan_group(&jobs, &[0, 1, 2], &members, &existing);
         assert!(plan.inserts.is_empty());
         let out = outcomes(&jobs, &["a"], &existing);
-        assert_eq!(out[0].as_ref().ok(), Some(&SendOutcome { message: stored, created: false }));
+        assert_eq!(
+            out[0].as_ref().ok(),
+            Some(&SendOutcome {
+                message: stored,
+                created: false
+            })
+        );
         assert!(matches!(out[1], Err(StorageError::IdempotencyConflict)));
         assert!(matches!(out[2], Err(StorageError::NotAMember)));
     }
@@ -1227,8 +1554,15 @@ mod tests {
     fn writers_are_chosen_stably_and_spread() {
         let ids: Vec<String> = (0..64).map(|i| format!("01J{i:023}")).collect();
         let chosen: HashSet<usize> = ids.iter().map(|id| writer_index(id, WRITERS)).collect();
-        assert_eq!(chosen.len(), WRITERS, "64 channels should reach every writer");
-        assert!(ids.iter().all(|id| writer_index(id, WRITERS) == writer_index(id, WRITERS)));
+        assert_eq!(
+            chosen.len(),
+            WRITERS,
+            "64 channels should reach every writer"
+        );
+        assert!(
+            ids.iter()
+                .all(|id| writer_index(id, WRITERS) == writer_index(id, WRITERS))
+        );
         assert!(ids.iter().all(|id| writer_index(id, WRITERS) < WRITERS));
     }
 }

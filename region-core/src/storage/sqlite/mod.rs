@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use parley_proto::{Channel, ChannelEvent, Member, MessagePage, Role};
+use parley_proto::{Channel, ChannelEvent, Member, MessagePage, ReadState, Role};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Semaphore, oneshot};
 
@@ -312,6 +312,21 @@ impl Storage for SqliteStorage {
     async fn history(&self, tenant: &str, channel_id: &str, anchor: HistoryAnchor, limit: u32) -> StorageResult<MessagePage> {
         let (t, id) = (tenant.to_owned(), channel_id.to_owned());
         self.read(move |c| queries::history(c, &t, &id, anchor, limit)).await
+    }
+
+    async fn mark_read(&self, tenant: &str, channel_id: &str, user_id: &str, seq: u64) -> StorageResult<ReadState> {
+        let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
+        self.write(move |c| queries::mark_read(c, &t, &id, &u, seq)).await
+    }
+
+    async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState> {
+        let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
+        self.read(move |c| queries::read_state(c, &t, &id, &u)).await
+    }
+
+    async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {
+        let (t, a, b) = (tenant.to_owned(), a.to_owned(), b.to_owned());
+        self.read(move |c| queries::shares_channel(c, &t, &a, &b)).await
     }
 
     async fn events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> StorageResult<Vec<ChannelEvent>> {

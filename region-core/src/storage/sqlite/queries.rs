@@ -1,7 +1,7 @@
 //! The SQL of the SQLite engine. Every function runs on a connection it is handed: write
 //! functions run inside the writer thread's open transaction and savepoint.
 
-use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, Role};
+use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::storage::{
@@ -106,6 +106,10 @@ fn to_i64(v: u64) -> i64 {
 
 const CHANNEL_COLS: &str = "c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq";
 
+/// Unread messages of member row `m`: others' live messages after its read position.
+const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM messages x WHERE x.channel_id = m.channel_id \
+     AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL";
+
 fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
     let kind: String = r.get(1)?;
     Ok(Channel {
@@ -116,6 +120,8 @@ fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
         created_at: rfc3339(r.get(4)?),
         last_seq: to_u64(r.get(5)?),
         role: None,
+        last_read_seq: None,
+        unread_count: None,
     })
 }
 
@@ -164,7 +170,8 @@ pub(super) fn channel(c: &Connection, tenant: &str, id: &str) -> StorageResult<O
 pub(super) fn channels_of(c: &Connection, tenant: &str, user: &str) -> StorageResult<Vec<Channel>> {
     let mut stmt = c
         .prepare_cached(&format!(
-            "SELECT {CHANNEL_COLS}, m.role FROM members m JOIN channels c ON c.id = m.channel_id \
+            "SELECT {CHANNEL_COLS}, m.role, m.last_read_seq, ({UNREAD_COUNT}) FROM members m \
+             JOIN channels c ON c.id = m.channel_id \
              WHERE m.tenant_id = ?1 AND m.user_id = ?2 ORDER BY c.created_at DESC, c.id DESC"
         ))
         .map_err(db_err)?;
@@ -173,6 +180,8 @@ pub(super) fn channels_of(c: &Connection, tenant: &str, user: &str) -> StorageRe
             let mut ch = channel_row(r)?;
             let role: String = r.get(6)?;
             ch.role = Role::parse(&role);
+            ch.last_read_seq = Some(to_u64(r.get(7)?));
+            ch.unread_count = Some(to_u64(r.get(8)?));
             Ok(ch)
         })
         .map_err(db_err)?;
@@ -251,12 +260,13 @@ fn member_row(r: &Row<'_>) -> rusqlite::Result<Member> {
         user_id: r.get(0)?,
         role: Role::parse(&role).unwrap_or(Role::Member),
         joined_at: rfc3339(r.get(2)?),
+        last_read_seq: to_u64(r.get(3)?),
     })
 }
 
 pub(super) fn member(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<Option<Member>> {
     c.prepare_cached(
-        "SELECT user_id, role, joined_at FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+        "SELECT user_id, role, joined_at, last_read_seq FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
     )
     .map_err(db_err)?
     .query_row(params![tenant, channel_id, user], member_row)
@@ -267,7 +277,7 @@ pub(super) fn member(c: &Connection, tenant: &str, channel_id: &str, user: &str)
 pub(super) fn members(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
     let mut stmt = c
         .prepare_cached(
-            "SELECT user_id, role, joined_at FROM members WHERE tenant_id = ?1 AND channel_id = ?2 \
+            "SELECT user_id, role, joined_at, last_read_seq FROM members WHERE tenant_id = ?1 AND channel_id = ?2 \
              ORDER BY joined_at, user_id",
         )
         .map_err(db_err)?;
@@ -297,7 +307,7 @@ pub(super) fn add_member(
     if n == 0 {
         return Ok(None);
     }
-    let member = Member { user_id: user.to_owned(), role, joined_at: rfc3339(now) };
+    let member = Member { user_id: user.to_owned(), role, joined_at: rfc3339(now), last_read_seq: 0 };
     append_event(c, tenant, channel_id, EventBody::MemberAdded { member, by: by.to_owned() }).map(Some)
 }
 
@@ -319,6 +329,56 @@ pub(super) fn remove_member(
     }
     append_event(c, tenant, channel_id, EventBody::MemberRemoved { user_id: user.to_owned(), by: by.to_owned() })
         .map(Some)
+}
+
+// ---- read state ----
+
+pub(super) fn mark_read(c: &Connection, tenant: &str, channel_id: &str, user: &str, seq: u64) -> StorageResult<ReadState> {
+    let last: i64 = c
+        .query_row("SELECT last_seq FROM channels WHERE tenant_id = ?1 AND id = ?2", params![tenant, channel_id], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?
+        .ok_or(StorageError::NotFound)?;
+    let target = to_i64(seq).min(last);
+    let n = c
+        .prepare_cached(
+            "UPDATE members SET last_read_seq = CASE WHEN ?4 > last_read_seq THEN ?4 ELSE last_read_seq END \
+             WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+        )
+        .map_err(db_err)?
+        .execute(params![tenant, channel_id, user, target])
+        .map_err(db_err)?;
+    if n == 0 {
+        return Err(StorageError::NotAMember);
+    }
+    read_state(c, tenant, channel_id, user)
+}
+
+pub(super) fn read_state(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<ReadState> {
+    c.prepare_cached(&format!(
+        "SELECT m.last_read_seq, ({UNREAD_COUNT}) FROM members m \
+         WHERE m.tenant_id = ?1 AND m.channel_id = ?2 AND m.user_id = ?3"
+    ))
+    .map_err(db_err)?
+    .query_row(params![tenant, channel_id, user], |r| {
+        Ok(ReadState { channel_id: channel_id.to_owned(), last_read_seq: to_u64(r.get(0)?), unread_count: to_u64(r.get(1)?) })
+    })
+    .optional()
+    .map_err(db_err)?
+    .ok_or(StorageError::NotAMember)
+}
+
+pub(super) fn shares_channel(c: &Connection, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {
+    Ok(c
+        .prepare_cached(
+            "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
+             WHERE m1.tenant_id = ?1 AND m1.user_id = ?2 AND m2.user_id = ?3 LIMIT 1",
+        )
+        .map_err(db_err)?
+        .query_row(params![tenant, a, b], |_| Ok(()))
+        .optional()
+        .map_err(db_err)?
+        .is_some())
 }
 
 // ---- messages ----

@@ -1,0 +1,382 @@
+//! Shared pieces of the Parley benchmarks: starting a release `parley serve` as a child process,
+//! reading its memory and CPU from `/proc`, signing tokens, opening `parley.v1` WebSockets from a
+//! chosen loopback source address, and the few REST calls the benchmarks need.
+//!
+//! The benchmarks print figures; they never pass or fail on time. Every load loop is bounded in
+//! count and in time, and every server they start is killed when they end.
+
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use futures::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message as WsMessage;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// HS256 secret the benchmark servers verify with; the benchmarks sign their own tokens with it.
+pub const SECRET: &str = "parley-bench-secret-0123456789abcdef0123456789";
+pub const ISSUER: &str = "parley";
+pub const AUDIENCE: &str = "parley";
+
+/// The default path of the release binary: `$CARGO_TARGET_DIR/release/parley`, else
+/// `target/release/parley`.
+pub fn default_parley_path() -> PathBuf {
+    let dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    dir.join("release").join("parley")
+}
+
+/// Raises the soft limit of open files to the hard limit (children inherit it). Returns
+/// `(soft, hard)` after the change.
+pub fn raise_nofile_limit() -> anyhow::Result<(u64, u64)> {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current != lim.maximum {
+        lim.current = lim.maximum;
+        setrlimit(Resource::Nofile, lim.clone()).context("cannot raise the soft open-files limit")?;
+    }
+    let lim = getrlimit(Resource::Nofile);
+    Ok((lim.current.unwrap_or(u64::MAX), lim.maximum.unwrap_or(u64::MAX)))
+}
+
+/// Memory figures of a process from `/proc/PID/status`, in bytes.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MemStatus {
+    pub rss: u64,
+    pub rss_anon: u64,
+    pub rss_file: u64,
+    pub hwm: u64,
+    pub threads: u64,
+}
+
+pub fn mem_status(pid: u32) -> anyhow::Result<MemStatus> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+    let mut m = MemStatus::default();
+    for line in text.lines() {
+        let Some((key, rest)) = line.split_once(':') else { continue };
+        let num: u64 = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        match key {
+            "VmRSS" => m.rss = num * 1024,
+            "RssAnon" => m.rss_anon = num * 1024,
+            "RssFile" => m.rss_file = num * 1024,
+            "VmHWM" => m.hwm = num * 1024,
+            "Threads" => m.threads = num,
+            _ => {}
+        }
+    }
+    if m.rss == 0 {
+        bail!("no VmRSS in /proc/{pid}/status");
+    }
+    Ok(m)
+}
+
+/// User + system CPU time a process has used so far (`/proc/PID/stat`; `self` for this process).
+pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    // The command name may contain spaces; the fields after the last ')' are fixed.
+    let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After ')': state is field 3, so utime (14) and stime (15) are at indexes 11 and 12.
+    let utime: u64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let stime: u64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let hz = rustix::param::clock_ticks_per_second().max(1);
+    Ok(Duration::from_secs_f64((utime + stime) as f64 / hz as f64))
+}
+
+/// Formats bytes as `12.3 MiB`.
+pub fn mib(bytes: u64) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+/// A running `parley serve`, killed (SIGKILL) when dropped together with its temp data folder.
+pub struct ServerProcess {
+    child: Child,
+    pub addr: SocketAddr,
+    /// The listening line the server printed (it names storage and bus).
+    pub banner: String,
+    pub data_dir: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    /// Starts `parley serve` on 127.0.0.1:0 with a fresh temp data folder, the bench's HS256
+    /// secret and `extra` flags; waits for the listening line.
+    pub fn start(parley: &std::path::Path, extra: &[String]) -> anyhow::Result<ServerProcess> {
+        if !parley.exists() {
+            bail!(
+                "{} does not exist: build it with `cargo build --release -p parley` or pass --parley PATH",
+                parley.display()
+            );
+        }
+        let tmp = tempfile::Builder::new().prefix("parley-bench-").tempdir().context("temp dir")?;
+        let data_dir = tmp.path().to_path_buf();
+        let mut cmd = Command::new(parley);
+        cmd.arg("serve")
+            .arg("--listen")
+            .arg("127.0.0.1:0")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--jwt-hs256-secret")
+            .arg(SECRET)
+            .args(extra)
+            .env("PARLEY_LOG", std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", parley.display()))?;
+        let stdout = child.stdout.take().context("child stdout")?;
+        let mut reader = BufReader::new(stdout);
+        let mut line = String::new();
+        reader.read_line(&mut line).context("read the listening line")?;
+        let addr = line
+            .split("http://")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|a| a.parse::<SocketAddr>().ok());
+        let Some(addr) = addr else {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("parley did not print its address; it printed {line:?}");
+        };
+        // Keep draining stdout so the server never blocks on a full pipe.
+        std::thread::spawn(move || {
+            let mut sink = String::new();
+            while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                sink.clear();
+            }
+        });
+        Ok(ServerProcess { child, addr, banner: line.trim().to_owned(), data_dir, _tmp: tmp })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn mem(&self) -> anyhow::Result<MemStatus> {
+        mem_status(self.pid())
+    }
+
+    pub fn cpu(&self) -> anyhow::Result<Duration> {
+        cpu_time(&self.pid().to_string())
+    }
+
+    /// Fails when the server process has exited.
+    pub fn check_alive(&mut self) -> anyhow::Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("parley exited during the benchmark: {status}");
+        }
+        Ok(())
+    }
+
+    pub fn http_base(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// An HS256 access token for `user` in the `default` tenant, valid for two hours.
+pub fn token(user: &str) -> String {
+    let claims = json!({ "sub": user, "tid": "default", "exp": now_secs() + 7200, "aud": AUDIENCE, "iss": ISSUER });
+    let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
+        .expect("HS256 signing cannot fail")
+}
+
+/// The `i`-th client source address: 127.0.0.2, 127.0.0.3, ... (`count` of them, reused in turn).
+pub fn source_addr(i: usize, count: usize) -> IpAddr {
+    let k = (i % count.max(1)) as u32 + 2;
+    IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(127, 0, 0, 0)) + k))
+}
+
+/// How a WebSocket authenticates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AuthMode {
+    /// The token rides in the `Sec-WebSocket-Protocol` header as `parley.auth.<token>`.
+    Subprotocol,
+    /// An `auth` frame after the upgrade.
+    Frame,
+}
+
+pub type Ws = WebSocketStream<TcpStream>;
+
+/// Opens a `parley.v1` WebSocket from `source` (port chosen by the kernel) to `server`,
+/// authenticates, and returns it after the `welcome` frame.
+pub async fn ws_connect(server: SocketAddr, source: IpAddr, token: &str, auth: AuthMode) -> anyhow::Result<Ws> {
+    let sock = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    sock.bind(SocketAddr::new(source, 0)).with_context(|| format!("bind {source}"))?;
+    let stream = sock.connect(server).await.with_context(|| format!("connect {server} from {source}"))?;
+    stream.set_nodelay(true)?;
+    let mut req = format!("ws://{server}/v1/ws").into_client_request()?;
+    let protocols = match auth {
+        AuthMode::Subprotocol => format!("parley.v1, parley.auth.{token}"),
+        AuthMode::Frame => "parley.v1".to_owned(),
+    };
+    req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(&protocols)?);
+    // Small client buffers: the client shares the machine with the server.
+    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
+        .await
+        .context("WebSocket upgrade")?;
+    if auth == AuthMode::Frame {
+        ws.send(WsMessage::Text(json!({ "type": "auth", "token": token }).to_string().into())).await?;
+    }
+    loop {
+        match ws.next().await {
+            Some(Ok(WsMessage::Text(t))) => {
+                let frame: Reply = serde_json::from_str(t.as_str()).context("welcome is not JSON")?;
+                if frame.kind == "welcome" {
+                    return Ok(ws);
+                }
+                bail!("expected welcome, got {t}");
+            }
+            Some(Ok(WsMessage::Close(c))) => bail!("closed before welcome: {c:?}"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => return Err(e).context("reading the welcome"),
+            None => bail!("closed before welcome"),
+        }
+    }
+}
+
+/// The fields of a server frame the benchmarks look at (everything else is skipped unparsed).
+#[derive(Debug, Deserialize)]
+pub struct Reply {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default)]
+    pub id: Option<String>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub code: Option<String>,
+    #[serde(default)]
+    pub message: Option<ReplyMessage>,
+}
+
+/// `message` is the committed message in an ack and a string in an error.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum ReplyMessage {
+    Committed { id: String, seq: u64 },
+    Text(String),
+}
+
+/// The REST calls the benchmarks make.
+#[derive(Clone)]
+pub struct Rest {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Rest {
+    pub fn new(base: String) -> Rest {
+        Rest { base, http: reqwest::Client::new() }
+    }
+
+    /// Creates a channel named `name` as `owner` with `members`; returns its id.
+    pub async fn create_channel(&self, owner_token: &str, name: &str, members: &[String]) -> anyhow::Result<String> {
+        let res = self
+            .http
+            .post(format!("{}/v1/channels", self.base))
+            .bearer_auth(owner_token)
+            .json(&json!({ "kind": "channel", "name": name, "members": members }))
+            .send()
+            .await?;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("create channel: {status} {body}");
+        }
+        body["id"].as_str().map(str::to_owned).context("channel id in the response")
+    }
+
+    /// Adds `user` to the channel as a member.
+    pub async fn add_member(&self, owner_token: &str, channel: &str, user: &str) -> anyhow::Result<()> {
+        let res = self
+            .http
+            .post(format!("{}/v1/channels/{channel}/members", self.base))
+            .bearer_auth(owner_token)
+            .json(&json!({ "user_id": user }))
+            .send()
+            .await?;
+        let status = res.status();
+        if !status.is_success() {
+            let body = res.text().await.unwrap_or_default();
+            bail!("add member: {status} {body}");
+        }
+        Ok(())
+    }
+
+    /// Every message of the channel, oldest first, as `(id, seq)`, paging with `after`.
+    pub async fn all_messages(&self, token: &str, channel: &str) -> anyhow::Result<Vec<(String, u64)>> {
+        #[derive(Deserialize)]
+        struct Page {
+            messages: Vec<Msg>,
+            has_after: bool,
+        }
+        #[derive(Deserialize)]
+        struct Msg {
+            id: String,
+            seq: u64,
+            #[serde(default)]
+            deleted: bool,
+        }
+        let mut out = Vec::new();
+        let mut after = 0u64;
+        for _ in 0..1_000_000 {
+            let res = self
+                .http
+                .get(format!("{}/v1/channels/{channel}/messages?after={after}&limit=200", self.base))
+                .bearer_auth(token)
+                .send()
+                .await?;
+            let status = res.status();
+            if !status.is_success() {
+                let body = res.text().await.unwrap_or_default();
+                bail!("history: {status} {body}");
+            }
+            let page: Page = res.json().await.context("history page")?;
+            if let Some(last) = page.messages.last() {
+                after = last.seq;
+            }
+            out.extend(page.messages.into_iter().filter(|m| !m.deleted).map(|m| (m.id, m.seq)));
+            if !page.has_after {
+                return Ok(out);
+            }
+        }
+        bail!("history did not end after a million pages")
+    }
+}
+
+/// The `p`-th percentile (0..=100) of sorted values.
+pub fn percentile(sorted: &[u32], p: f64) -> u32 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    let rank = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[rank.min(sorted.len() - 1)]
+}
+
+/// Machine facts for the report header.
+pub fn machine_summary() -> String {
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores, kernel {}", kernel.trim())
+}

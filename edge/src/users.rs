@@ -1,0 +1,102 @@
+//! Per-user bookkeeping of one node: which connections a user holds (for user-targeted events
+//! such as `unread.updated`), and which sessions can still be resumed.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// (tenant, user) → connections.
+#[derive(Default)]
+pub(crate) struct UserConnections {
+    inner: Mutex<HashMap<(String, String), Vec<(u64, mpsc::Sender<Utf8Bytes>)>>>,
+}
+
+impl UserConnections {
+    pub fn add(&self, tenant: &str, user: &str, conn: u64, tx: mpsc::Sender<Utf8Bytes>) {
+        lock(&self.inner).entry((tenant.to_owned(), user.to_owned())).or_default().push((conn, tx));
+    }
+
+    pub fn remove(&self, tenant: &str, user: &str, conn: u64) {
+        let mut map = lock(&self.inner);
+        let key = (tenant.to_owned(), user.to_owned());
+        if let Some(v) = map.get_mut(&key) {
+            v.retain(|(c, _)| *c != conn);
+            if v.is_empty() {
+                map.remove(&key);
+            }
+        }
+    }
+
+    /// Best effort: a full queue drops the frame.
+    pub fn deliver(&self, tenant: &str, user: &str, frame: &Utf8Bytes) {
+        let map = lock(&self.inner);
+        if let Some(conns) = map.get(&(tenant.to_owned(), user.to_owned())) {
+            for (_, tx) in conns {
+                let _ = tx.try_send(frame.clone());
+            }
+        }
+    }
+}
+
+/// A session that ended, kept for the resume window.
+struct Ended {
+    tenant: String,
+    user: String,
+    at: Instant,
+}
+
+/// Why a session cannot be resumed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum SessionCheck {
+    /// Ended inside the window, or still open (a half-dead connection being replaced).
+    Resumable,
+    /// Ended longer ago than the window.
+    Expired,
+    /// Not a session of this node (resuming on another node, or after a restart): resumable,
+    /// bounded by `max_replay` only.
+    Unknown,
+    /// A session of another user.
+    Foreign,
+}
+
+#[derive(Default)]
+pub(crate) struct SessionRegistry {
+    live: Mutex<HashMap<String, (String, String)>>,
+    ended: Mutex<HashMap<String, Ended>>,
+}
+
+impl SessionRegistry {
+    pub fn opened(&self, session_id: &str, tenant: &str, user: &str) {
+        lock(&self.live).insert(session_id.to_owned(), (tenant.to_owned(), user.to_owned()));
+    }
+
+    /// The session ended; it stays resumable for `window`, and is forgotten after twice that.
+    pub fn closed(&self, session_id: &str, window: Duration) {
+        let owner = lock(&self.live).remove(session_id);
+        let mut ended = lock(&self.ended);
+        let now = Instant::now();
+        ended.retain(|_, e| now.duration_since(e.at) < window * 2);
+        if let Some((tenant, user)) = owner {
+            ended.insert(session_id.to_owned(), Ended { tenant, user, at: now });
+        }
+    }
+
+    pub fn check(&self, session_id: &str, tenant: &str, user: &str, window: Duration) -> SessionCheck {
+        if let Some((t, u)) = lock(&self.live).get(session_id) {
+            return if t == tenant && u == user { SessionCheck::Resumable } else { SessionCheck::Foreign };
+        }
+        match lock(&self.ended).get(session_id) {
+            Some(e) if e.tenant != tenant || e.user != user => SessionCheck::Foreign,
+            Some(e) if e.at.elapsed() > window => SessionCheck::Expired,
+            Some(_) => SessionCheck::Resumable,
+            None => SessionCheck::Unknown,
+        }
+    }
+}

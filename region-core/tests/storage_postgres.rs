@@ -1,0 +1,217 @@
+//! The storage conformance suite against PostgreSQL, plus the PostgreSQL-specific behaviour:
+//! concurrent migrations, unreachable database, and a bad send that must not fail its batch.
+//!
+//! Needs a database at `PARLEY_TEST_DATABASE_URL`; `scripts/test.sh` installs and starts one.
+//! Without the variable the tests fail rather than skip.
+
+use std::sync::Arc;
+
+use parley_core::storage::{NewChannel, NewMessage, PostgresStorage, Storage, StorageError};
+use parley_proto::{ChannelKind, Role};
+
+parley_core::storage_conformance_tests!(storage().await);
+
+/// Several processes starting on an empty database at once all end up with one applied schema.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_migrations_on_a_fresh_database() {
+    let url = database_url();
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let connection = tokio::spawn(connection);
+    let db = format!(
+        "parley_migrate_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create database");
+    let fresh_url = with_database(&url, &db);
+
+    let starts: Vec<_> = (0..4)
+        .map(|_| {
+            let url = fresh_url.clone();
+            tokio::spawn(async move { PostgresStorage::connect(&url, 2).await.map(|_| ()) })
+        })
+        .collect();
+    for start in starts {
+        start
+            .await
+            .expect("connect task")
+            .expect("concurrent connect and migrate");
+    }
+    {
+        let (client, conn) = tokio_postgres::connect(&fresh_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(conn);
+        let rows = client
+            .query("SELECT version FROM schema_migrations", &[])
+            .await
+            .expect("read migrations");
+        assert_eq!(rows.len(), 1, "migration 1 recorded once");
+        drop(client);
+        let _ = conn.await;
+    }
+    admin
+        .batch_execute(&format!("DROP DATABASE {db}"))
+        .await
+        .expect("drop database");
+    drop(admin);
+    let _ = connection.await;
+}
+
+#[tokio::test]
+async fn unreachable_database_is_unavailable() {
+    match PostgresStorage::connect("postgres://postgres@127.0.0.1:1/nothing", 1).await {
+        Err(StorageError::Unavailable(_)) => {}
+        Err(other) => panic!("expected Unavailable, got {other:?}"),
+        Ok(_) => panic!("connected to port 1"),
+    }
+}
+
+/// A send PostgreSQL cannot store (a NUL in the text) fails alone; the sends batched with it
+/// commit, gapless.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_send_does_not_fail_its_batch() {
+    let s = storage().await;
+    let tenant = format!("tenant-{}", ulid::Ulid::new());
+    let user = format!("user-{}", ulid::Ulid::new());
+    let channel_id = format!("ch-{}", ulid::Ulid::new());
+    s.create_channel(NewChannel {
+        tenant_id: tenant.clone(),
+        id: channel_id.clone(),
+        kind: ChannelKind::Channel,
+        name: Some("batch".into()),
+        created_by: user.clone(),
+        members: vec![(user.clone(), Role::Owner)],
+        dm_key: None,
+    })
+    .await
+    .expect("create channel");
+    let tasks: Vec<_> = (0..40)
+        .map(|i| {
+            let s = s.clone();
+            let new = NewMessage {
+                tenant_id: tenant.clone(),
+                channel_id: channel_id.clone(),
+                id: format!("msg-{}", ulid::Ulid::new()),
+                sender_id: user.clone(),
+                client_msg_id: format!("k{i}"),
+                text: if i == 7 {
+                    "nul \0 inside".into()
+                } else {
+                    format!("text {i}")
+                },
+                metadata: None,
+            };
+            tokio::spawn(async move { s.send_message(new).await })
+        })
+        .collect();
+    let mut seqs = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.expect("send task") {
+            Ok(outcome) => seqs.push(outcome.message.seq),
+            Err(e) => assert_eq!(i, 7, "only the bad send fails, not send {i}: {e:?}"),
+        }
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=39).collect::<Vec<u64>>());
+}
+
+/// Sustained send throughput through the batching writers (not part of the default run:
+/// `cargo test -p parley-core --test storage_postgres -- --ignored --nocapture`).
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "benchmark"]
+async fn send_throughput() {
+    const CHANNELS: usize = 64;
+    const SENDS: usize = 100_000;
+    const IN_FLIGHT: usize = 2_048;
+    let s = Arc::new(
+        PostgresStorage::connect(&database_url(), 8)
+            .await
+            .expect("connect"),
+    );
+    let tenant = format!("tenant-{}", ulid::Ulid::new());
+    let user = format!("user-{}", ulid::Ulid::new());
+    let mut channels = Vec::new();
+    for _ in 0..CHANNELS {
+        let id = format!("ch-{}", ulid::Ulid::new());
+        s.create_channel(NewChannel {
+            tenant_id: tenant.clone(),
+            id: id.clone(),
+            kind: ChannelKind::Channel,
+            name: Some("bench".into()),
+            created_by: user.clone(),
+            members: vec![(user.clone(), Role::Owner)],
+            dm_key: None,
+        })
+        .await
+        .expect("create channel");
+        channels.push(id);
+    }
+    let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::with_capacity(SENDS);
+    for i in 0..SENDS {
+        let permit = permits.clone().acquire_owned().await.expect("semaphore");
+        let s = s.clone();
+        let new = NewMessage {
+            tenant_id: tenant.clone(),
+            channel_id: channels[i % CHANNELS].clone(),
+            id: format!("msg-{}", ulid::Ulid::new()),
+            sender_id: user.clone(),
+            client_msg_id: format!("k{i}"),
+            text: "a message of a typical length, some fifty characters".into(),
+            metadata: None,
+        };
+        tasks.push(tokio::spawn(async move {
+            let outcome = s.send_message(new).await;
+            drop(permit);
+            outcome
+        }));
+    }
+    for task in tasks {
+        task.await.expect("send task").expect("send");
+    }
+    let elapsed = started.elapsed();
+    let (b, n, us) = parley_core::storage::postgres::debug_stats();
+    println!("batches={b} avg_size={:.1} avg_batch_ms={:.2}", n as f64 / b as f64, us as f64 / b as f64 / 1000.0);
+    println!(
+        "{SENDS} sends over {CHANNELS} channels, {IN_FLIGHT} in flight: {:.2?}, {:.0} messages/s",
+        elapsed,
+        SENDS as f64 / elapsed.as_secs_f64()
+    );
+}
+
+/// A fresh engine on the test database (cases use their own tenants, so they can share it).
+async fn storage() -> Arc<PostgresStorage> {
+    let storage = PostgresStorage::connect(&database_url(), 4)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PARLEY_TEST_DATABASE_URL: {e}"));
+    Arc::new(storage)
+}
+
+fn database_url() -> String {
+    std::env::var("PARLEY_TEST_DATABASE_URL").unwrap_or_else(|_| {
+        panic!(
+            "PARLEY_TEST_DATABASE_URL is not set: run the tests through scripts/test.sh, which installs \
+             and starts PostgreSQL and sets it (or set it to a postgres:// URL of a scratch database)"
+        )
+    })
+}
+
+/// `url` with its database name replaced by `db`.
+fn with_database(url: &str, db: &str) -> String {
+    let (url, query) = url
+        .split_once('?')
+        .map_or((url, None), |(u, q)| (u, Some(q)));
+    let (base, _) = url
+        .rsplit_once('/')
+        .expect("a postgres URL has a /database part");
+    match query {
+        Some(query) => format!("{base}/{db}?{query}"),
+        None => format!("{base}/{db}"),
+    }
+}
