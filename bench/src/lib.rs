@@ -91,6 +91,43 @@ pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64((utime + stime) as f64 / hz as f64))
 }
 
+/// CPU time per thread name of a process (`/proc/PID/task/*/stat`), summed over threads of the
+/// same name (e.g. `tokio-runtime-w`, `parley-sqlite-w`).
+pub fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, Duration> {
+    let mut out = std::collections::BTreeMap::new();
+    let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    for entry in dir.flatten() {
+        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else { continue };
+        let name = text[open + 1..close].to_owned();
+        let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+        let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
+            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        *out.entry(name).or_insert(Duration::ZERO) += Duration::from_secs_f64(ticks as f64 / hz);
+    }
+    out
+}
+
+/// CPU time of a process and its direct children (e.g. a PostgreSQL postmaster and its backends).
+/// Children that exited are not counted.
+pub fn tree_cpu(pid: u32) -> Duration {
+    let mut total = Duration::ZERO;
+    let Ok(dir) = std::fs::read_dir("/proc") else { return total };
+    for entry in dir.flatten() {
+        let name = entry.file_name();
+        let Some(p) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+        let Some(close) = text.rfind(')') else { continue };
+        let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
+        let ppid: u32 = fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
+        if p == pid || ppid == pid {
+            total += cpu_time(&p.to_string()).unwrap_or_default();
+        }
+    }
+    total
+}
+
 /// Formats bytes as `12.3 MiB`.
 pub fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1024.0 * 1024.0))

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use parley_proto::{ChannelEvent, ErrorCode, Principal, ReadState, SendMessage, SendResult, SessionLimits, TypingState};
 use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
+mod calls;
 mod hub;
 mod session;
 mod upgrade;
@@ -56,6 +57,19 @@ pub trait CoreGateway: Send + Sync + 'static {
     /// The user chose away, or came back.
     async fn set_away(&self, p: &Principal, away: bool);
 
+    /// Checks that `p` may attach `participant_id` of the call to a connection; returns the
+    /// call's channel id.
+    async fn attach_call(&self, p: &Principal, call_id: &str, participant_id: &str) -> Result<String, GatewayError>;
+
+    /// Checks a signal between two participants; returns the route.
+    async fn check_signal(&self, p: &Principal, call_id: &str, from: &str, to: &str) -> Result<SignalRoute, GatewayError>;
+
+    /// Publishes an ephemeral event on the bus (signals, call reconnect notices).
+    async fn publish_ephemeral(&self, event: Ephemeral);
+
+    /// The participant did not reconnect within the grace period: it leaves the call.
+    async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str);
+
     /// Persisted events with `after < seq <= up_to`, ascending, at most `limit` (gap filling).
     async fn channel_events(
         &self,
@@ -65,6 +79,15 @@ pub trait CoreGateway: Send + Sync + 'static {
         up_to: Option<u64>,
         limit: u32,
     ) -> Result<Vec<ChannelEvent>, GatewayError>;
+}
+
+/// Where a signal goes, as the core sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignalRoute {
+    pub channel_id: String,
+    pub target_user: String,
+    /// Whether the sender is the impolite side of the pair (it joined first).
+    pub sender_impolite: bool,
 }
 
 /// A failure reported by the core, already in public terms.
@@ -111,6 +134,8 @@ pub struct EdgeConfig {
     pub presence_grace: Duration,
     /// Stated in the welcome: typing throttle (enforced by the core).
     pub typing_throttle: Duration,
+    /// How long a call participant whose connection dropped stays in the call.
+    pub call_reconnect_grace: Duration,
 }
 
 impl Default for EdgeConfig {
@@ -132,6 +157,7 @@ impl Default for EdgeConfig {
             resume_window: Duration::from_secs(120),
             presence_grace: Duration::from_secs(5),
             typing_throttle: Duration::from_secs(3),
+            call_reconnect_grace: Duration::from_secs(15),
         }
     }
 }
@@ -164,6 +190,8 @@ pub struct Edge {
     users: users::UserConnections,
     /// Sessions that can be resumed.
     sessions: users::SessionRegistry,
+    /// Call participants attached to this node's connections, and their pair states.
+    calls: calls::CallRegistry,
 }
 
 impl Edge {
@@ -178,6 +206,7 @@ impl Edge {
             connections: AtomicU64::new(0),
             users: users::UserConnections::default(),
             sessions: users::SessionRegistry::default(),
+            calls: calls::CallRegistry::default(),
         })
     }
 
@@ -197,6 +226,11 @@ impl Edge {
             }
             EphemeralTarget::User { tenant_id, user_id } => {
                 self.users.deliver(tenant_id, user_id, &frame);
+            }
+            EphemeralTarget::Participant { participant_id, .. } => {
+                if let Ok(signal) = serde_json::from_value::<parley_proto::ServerFrame>(ev.frame.clone()) {
+                    self.calls.deliver(participant_id, &signal);
+                }
             }
         }
     }

@@ -12,7 +12,10 @@ use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parley_proto::calls::SignalPayload;
 use parley_proto::frames::Ack;
+use parley_proto::NegotiationRole;
+use parley_sync::{Ephemeral, EphemeralTarget};
 use parley_proto::{
     ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel, SendMessage, ServerFrame,
     TypingState, frames::FrameError,
@@ -20,6 +23,7 @@ use parley_proto::{
 use tokio::sync::{Notify, mpsc};
 
 use crate::Edge;
+use crate::calls::Outgoing;
 use crate::hub::{ConfirmError, Subscriber};
 use crate::users::SessionCheck;
 
@@ -121,6 +125,7 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
             edge.hubs.unsubscribe(&channel, conn);
         }
         edge.users.remove(&session.principal.tenant_id, &session.principal.user_id, conn);
+        call_participants_dropped(&edge, &session.principal.tenant_id, conn).await;
         edge.sessions.closed(&session.session_id, edge.config.resume_window);
         edge.gateway.connection_closed(&session.principal);
         if let Some(code) = close {
@@ -128,6 +133,29 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
         }
     }
     edge.connections.fetch_sub(1, Ordering::Relaxed);
+}
+
+/// The participants this connection carried stay in their calls as reconnecting for the grace
+/// period, then leave unless they attach again.
+async fn call_participants_dropped(edge: &Arc<Edge>, tenant: &str, conn: u64) {
+    for (participant_id, call_id, channel_id) in edge.calls.detach_connection(conn) {
+        let frame = ServerFrame::CallParticipantReconnecting { call_id: call_id.clone(), participant_id: participant_id.clone() };
+        edge.gateway
+            .publish_ephemeral(Ephemeral {
+                target: EphemeralTarget::Channel { channel_id },
+                skip_user: None,
+                frame: serde_json::to_value(&frame).unwrap_or_default(),
+            })
+            .await;
+        let grace = edge.config.call_reconnect_grace;
+        let (edge2, tenant2, pid) = (edge.clone(), tenant.to_owned(), participant_id.clone());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            edge2.calls.forget(&pid);
+            edge2.gateway.participant_timed_out(&tenant2, &call_id, &pid).await;
+        });
+        edge.calls.set_reconnect_timer(&participant_id, timer.abort_handle());
+    }
 }
 
 /// Waits for the `auth` frame. Sends the error and the close itself on failure.
@@ -315,12 +343,77 @@ impl Session {
                 };
                 send_text(ws, frame.to_json()).await;
             }
+            Ok(ClientFrame::CallAttach { id, call_id, participant_id }) => {
+                let frame = self.call_attach(id, call_id, participant_id).await;
+                send_text(ws, frame.to_json()).await;
+            }
+            Ok(ClientFrame::CallSignal { id, call_id, from, to, signal }) => {
+                let frame = self.call_signal(id, call_id, from, to, signal).await;
+                send_text(ws, frame.to_json()).await;
+            }
             Ok(ClientFrame::PresenceSet { id, away }) => {
                 self.edge.gateway.set_away(&self.principal, away).await;
                 send_text(ws, ServerFrame::ack(id).to_json()).await;
             }
         }
         Flow::Continue
+    }
+
+    /// Attaches a call participant to this connection; a participant coming back inside its
+    /// reconnect grace period is announced so that the others restart ICE.
+    async fn call_attach(&mut self, id: String, call_id: String, participant_id: String) -> ServerFrame {
+        let channel_id = match self.edge.gateway.attach_call(&self.principal, &call_id, &participant_id).await {
+            Ok(c) => c,
+            Err(e) => return error_frame(Some(id), e.code, &e.message),
+        };
+        let tx = self.queue_sender();
+        let reconnected = self.edge.calls.attach(&participant_id, &call_id, &channel_id, self.conn, tx);
+        if reconnected {
+            let frame = ServerFrame::CallParticipantReconnected { call_id: call_id.clone(), participant_id: participant_id.clone() };
+            self.edge
+                .gateway
+                .publish_ephemeral(Ephemeral {
+                    target: EphemeralTarget::Channel { channel_id },
+                    skip_user: None,
+                    frame: serde_json::to_value(&frame).unwrap_or_default(),
+                })
+                .await;
+        }
+        ServerFrame::ack(id)
+    }
+
+    /// Relays a signal to another participant after the core's checks and the pair's state
+    /// machine.
+    async fn call_signal(&mut self, id: String, call_id: String, from: String, to: String, signal: SignalPayload) -> ServerFrame {
+        if !self.edge.calls.is_attached_to(&from, self.conn) {
+            return error_frame(Some(id), ErrorCode::InvalidRequest, "attach the participant to this connection first (call.attach)");
+        }
+        let route = match self.edge.gateway.check_signal(&self.principal, &call_id, &from, &to).await {
+            Ok(r) => r,
+            Err(e) => return error_frame(Some(id), e.code, &e.message),
+        };
+        match self.edge.calls.outgoing(&call_id, &from, &to, route.sender_impolite, &signal) {
+            Err(e) => error_frame(Some(id), ErrorCode::Conflict, &format!("{}: {e}", e.code())),
+            Ok(Outgoing::Discard) => ServerFrame::ack(id),
+            Ok(Outgoing::RolledBack) => ServerFrame::Ack(Ack { rolled_back: Some(true), ..Ack::new(id) }),
+            Ok(Outgoing::Forward) => {
+                let role = if route.sender_impolite { NegotiationRole::Polite } else { NegotiationRole::Impolite };
+                let frame = ServerFrame::CallSignal { call_id, from, to: to.clone(), role, signal };
+                self.edge
+                    .gateway
+                    .publish_ephemeral(Ephemeral {
+                        target: EphemeralTarget::Participant {
+                            tenant_id: self.principal.tenant_id.clone(),
+                            user_id: route.target_user,
+                            participant_id: to,
+                        },
+                        skip_user: None,
+                        frame: serde_json::to_value(&frame).unwrap_or_default(),
+                    })
+                    .await;
+                ServerFrame::ack(id)
+            }
+        }
     }
 
     async fn typing(&mut self, ws: &mut WebSocket, id: String, channel_id: String, state: TypingState) {
@@ -525,6 +618,8 @@ fn frame_id(f: &ClientFrame) -> Option<String> {
         | ClientFrame::TypingStop { id, .. }
         | ClientFrame::Read { id, .. }
         | ClientFrame::PresenceSet { id, .. }
+        | ClientFrame::CallAttach { id, .. }
+        | ClientFrame::CallSignal { id, .. }
         | ClientFrame::Ping { id } => Some(id.clone()),
     }
 }

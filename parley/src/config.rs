@@ -107,6 +107,21 @@ pub struct ServeArgs {
     /// How long a typing indicator lasts without a refresh, in milliseconds.
     #[arg(long, env = "PARLEY_TYPING_EXPIRY_MS", default_value_t = 6_000)]
     pub typing_expiry_ms: u64,
+    /// STUN URL handed to call participants (repeatable), e.g. stun:stun.example.org:3478.
+    #[arg(long = "stun-url", env = "PARLEY_STUN_URLS", value_delimiter = ',')]
+    pub stun_urls: Vec<String>,
+    /// TURN URL handed to call participants with short-lived credentials (repeatable).
+    #[arg(long = "turn-url", env = "PARLEY_TURN_URLS", value_delimiter = ',')]
+    pub turn_urls: Vec<String>,
+    /// Secret shared with the TURN server (coturn `static-auth-secret`).
+    #[arg(long, env = "PARLEY_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+    /// Lifetime of TURN credentials, in seconds.
+    #[arg(long, env = "PARLEY_TURN_TTL_SECS", default_value_t = 3600)]
+    pub turn_ttl_secs: u64,
+    /// How long a call participant whose connection dropped stays in the call, in milliseconds.
+    #[arg(long, env = "PARLEY_CALL_RECONNECT_GRACE_MS", default_value_t = 15_000)]
+    pub call_reconnect_grace_ms: u64,
     /// Redis URL (redis://host:port) for presence shared by several nodes. Without it, presence
     /// is kept in memory (one node).
     #[arg(long, env = "PARLEY_REDIS_URL")]

@@ -15,11 +15,13 @@ use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
 use parley_core::http::{self, ApiDoc, ApiState};
 use parley_core::ratelimit::RequestBudget;
 use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
-use parley_core::presence_store::{MemoryPresenceStore, PresenceStore};
+use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
 use parley_core::realtime::{Realtime, RealtimeConfig};
+use parley_core::calls::IceConfig;
 use parley_core::{Core, CoreError, DomainLimits};
 use parley_proto::PresenceTimings;
-use parley_edge::{CoreGateway, Edge, EdgeConfig, GatewayError};
+use parley_edge::{CoreGateway, Edge, EdgeConfig, GatewayError, SignalRoute};
+use parley_sync::Ephemeral;
 use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, TypingState};
 use parley_sync::{Bus, InProcessBus, NatsBus};
 use tokio::net::TcpListener;
@@ -93,7 +95,12 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
     };
     let (auth, dev_mode) = authenticator(args)?;
     let auth = Arc::new(auth);
-    let presence_store: Arc<dyn PresenceStore> = Arc::new(MemoryPresenceStore::default());
+    let presence_store: Arc<dyn PresenceStore> = match &args.redis_url {
+        Some(url) => Arc::new(
+            RedisPresenceStore::connect(url, RedisPresenceStore::DEFAULT_TTL).await.context("cannot connect to Redis")?,
+        ),
+        None => Arc::new(MemoryPresenceStore::default()),
+    };
     let realtime_config = RealtimeConfig {
         presence: PresenceTimings { offline_grace_ms: args.presence_grace_ms, away_after_ms: args.away_after_ms },
         typing_throttle_ms: args.typing_throttle_ms,
@@ -102,11 +109,18 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
     };
     let realtime = Realtime::new(bus.clone(), storage.clone(), presence_store, realtime_config);
     tokio::spawn(realtime.clone().run_timers());
+    let ice = IceConfig {
+        stun_urls: args.stun_urls.clone(),
+        turn_urls: args.turn_urls.clone(),
+        turn_secret: args.turn_secret.clone(),
+        turn_ttl: Duration::from_secs(args.turn_ttl_secs),
+    };
     let core = Arc::new(Core::new(
         storage.clone(),
         bus.clone(),
         DomainLimits { max_text_chars: args.max_text_chars },
         realtime,
+        ice,
     ));
     let budget = Arc::new(RequestBudget::new(args.rate_per_minute, args.rate_burst));
     let edge_config = EdgeConfig {
@@ -122,6 +136,7 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         resume_window: Duration::from_millis(args.resume_window_ms),
         presence_grace: Duration::from_millis(args.presence_grace_ms),
         typing_throttle: Duration::from_millis(args.typing_throttle_ms),
+        call_reconnect_grace: Duration::from_millis(args.call_reconnect_grace_ms),
         ..EdgeConfig::default()
     };
     let gateway = Arc::new(LocalGateway { core: core.clone(), auth: auth.clone() });
@@ -228,6 +243,41 @@ impl CoreGateway for LocalGateway {
 
     async fn set_away(&self, p: &Principal, away: bool) {
         self.core.realtime().set_away(&p.tenant_id, &p.user_id, away).await;
+    }
+
+    async fn attach_call(&self, p: &Principal, call_id: &str, participant_id: &str) -> Result<String, GatewayError> {
+        let call = self.core.get_call(p, call_id).await.map_err(gateway_error)?;
+        let present = call
+            .participants
+            .iter()
+            .any(|x| x.participant_id == participant_id && x.user_id == p.user_id && x.left_at.is_none());
+        if call.ended_at.is_some() || !present {
+            return Err(GatewayError {
+                code: parley_proto::ErrorCode::Conflict,
+                message: format!("{participant_id} is not your present participant in this active call; join it first"),
+            });
+        }
+        Ok(call.channel_id)
+    }
+
+    async fn check_signal(&self, p: &Principal, call_id: &str, from: &str, to: &str) -> Result<SignalRoute, GatewayError> {
+        let route = self.core.check_signal(p, call_id, from, to).await.map_err(gateway_error)?;
+        Ok(SignalRoute {
+            channel_id: route.channel_id,
+            target_user: route.target_user,
+            sender_impolite: route.impolite == parley_proto::Side::A,
+        })
+    }
+
+    async fn publish_ephemeral(&self, event: Ephemeral) {
+        self.core.realtime().publish_raw(event).await;
+    }
+
+    async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {
+        let reason = parley_proto::calls::LeaveReason::Timeout;
+        if let Err(e) = self.core.leave_participant(tenant, call_id, participant_id, reason).await {
+            tracing::warn!(error = %e, call = %call_id, "could not time out a call participant");
+        }
     }
 
     async fn channel_events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> Result<Vec<ChannelEvent>, GatewayError> {

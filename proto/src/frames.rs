@@ -63,6 +63,21 @@ pub enum ClientFrame {
     /// Sets or clears "away" for this user.
     #[serde(rename = "presence.set")]
     PresenceSet { id: String, away: bool },
+    /// Makes this connection the one that carries a call participant's signals (after joining
+    /// over REST, and again after a reconnect).
+    #[serde(rename = "call.attach")]
+    CallAttach { id: String, call_id: String, participant_id: String },
+    /// A signal (offer, answer, ICE candidate, end of candidates, rollback) for another
+    /// participant of the same call.
+    #[serde(rename = "call.signal")]
+    CallSignal {
+        id: String,
+        call_id: String,
+        /// The sender's participant id (one of the caller's).
+        from: String,
+        to: String,
+        signal: crate::calls::SignalPayload,
+    },
 }
 
 /// One channel of a `resume` request.
@@ -115,6 +130,8 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "typing.stop",
     "read",
     "presence.set",
+    "call.attach",
+    "call.signal",
 ];
 
 /// Why a client frame could not be parsed.
@@ -221,6 +238,22 @@ pub enum ServerFrame {
     /// The receiving user's unread count of a channel changed.
     #[serde(rename = "unread.updated")]
     UnreadUpdated { channel_id: String, unread_count: u64, last_read_seq: u64 },
+    /// A signal from another participant.
+    #[serde(rename = "call.signal")]
+    CallSignal {
+        call_id: String,
+        from: String,
+        to: String,
+        /// The receiver's role in perfect negotiation with the sender.
+        role: crate::signaling::Role,
+        signal: crate::calls::SignalPayload,
+    },
+    /// A participant's connection dropped; it stays in the call for the reconnect grace period.
+    #[serde(rename = "call.participant_reconnecting")]
+    CallParticipantReconnecting { call_id: String, participant_id: String },
+    /// A participant came back after a drop: renegotiate with an ICE restart.
+    #[serde(rename = "call.participant_reconnected")]
+    CallParticipantReconnected { call_id: String, participant_id: String },
 }
 
 /// The body of an `ack` frame. Fields other than `id` are present for the requests they belong to.
@@ -246,6 +279,10 @@ pub struct Ack {
     /// For `read`: the member's read position after the request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_read_seq: Option<u64>,
+    /// For `call.signal`: the offer lost a glare to the peer's (impolite) offer and was not
+    /// relayed; answer the peer's offer instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rolled_back: Option<bool>,
 }
 
 impl Ack {

@@ -7,11 +7,13 @@
 //! It must never do IO: no sockets, no tasks, no clocks. Time is passed in by the caller, so every
 //! state machine here is unit-tested without sleeps.
 
+pub mod calls;
 pub mod error;
 pub mod frames;
 pub mod model;
 pub mod presence;
 pub mod sequencer;
+pub mod signaling;
 pub mod typing;
 
 pub use error::{CloseCode, ErrorBody, ErrorCode};
@@ -19,6 +21,11 @@ pub use frames::{ClientFrame, ResumeChannel, ResumeRefusal, ResumedChannel, Serv
 pub use model::*;
 pub use presence::{PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker};
 pub use sequencer::{ChannelSequencer, SequencerOutput};
+// The negotiation role is re-exported as `NegotiationRole`: `Role` is a channel member's role.
+pub use signaling::{
+    NegotiationError, NegotiationStats, PairNegotiation, Relay, Role as NegotiationRole, Side, Signal, SignalKind,
+    SignalingState, impolite_side,
+};
 pub use typing::{TypingOutput, TypingThrottle};
 
 /// The WebSocket subprotocol of API v1. Within v1, changes are additive only.

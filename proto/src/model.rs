@@ -187,6 +187,19 @@ pub enum EventBody {
     MemberRemoved { user_id: String, by: String },
     #[serde(rename = "channel.updated")]
     ChannelUpdated { channel: Channel, by: String },
+    #[serde(rename = "call.started")]
+    CallStarted { call: crate::calls::Call },
+    #[serde(rename = "call.participant_joined")]
+    CallParticipantJoined { call_id: String, participant: crate::calls::CallParticipant },
+    #[serde(rename = "call.participant_left")]
+    CallParticipantLeft {
+        call_id: String,
+        participant_id: String,
+        user_id: String,
+        reason: crate::calls::LeaveReason,
+    },
+    #[serde(rename = "call.ended")]
+    CallEnded { call_id: String, by: String },
     /// The channel was deleted. Carries the seq after the last persisted one; nothing follows it.
     #[serde(rename = "channel.deleted")]
     ChannelDeleted { by: String },
@@ -203,6 +216,10 @@ impl EventBody {
             EventBody::MemberRemoved { .. } => "member.removed",
             EventBody::ChannelUpdated { .. } => "channel.updated",
             EventBody::ChannelDeleted { .. } => "channel.deleted",
+            EventBody::CallStarted { .. } => "call.started",
+            EventBody::CallParticipantJoined { .. } => "call.participant_joined",
+            EventBody::CallParticipantLeft { .. } => "call.participant_left",
+            EventBody::CallEnded { .. } => "call.ended",
         }
     }
 }

@@ -41,6 +41,8 @@ pub enum CoreError {
     MessageNotFound,
     #[error("user not found")]
     UserNotFound,
+    #[error("call not found")]
+    CallNotFound,
     #[error("you are not a member of this channel")]
     NotAMember,
     #[error("{0}")]
@@ -59,7 +61,9 @@ impl CoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             CoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            CoreError::NotFound | CoreError::MessageNotFound | CoreError::UserNotFound => ErrorCode::NotFound,
+            CoreError::NotFound | CoreError::MessageNotFound | CoreError::UserNotFound | CoreError::CallNotFound => {
+                ErrorCode::NotFound
+            }
             CoreError::NotAMember => ErrorCode::NotAMember,
             CoreError::Forbidden(_) => ErrorCode::Forbidden,
             CoreError::Conflict(_) => ErrorCode::Conflict,
@@ -106,14 +110,30 @@ pub struct Core {
     bus: Arc<dyn Bus>,
     limits: DomainLimits,
     realtime: Arc<Realtime>,
+    ice: crate::calls::IceConfig,
 }
 
 /// Most users in one bulk presence query.
 pub const MAX_PRESENCE_QUERY: usize = 200;
 
 impl Core {
-    pub fn new(storage: Arc<dyn Storage>, bus: Arc<dyn Bus>, limits: DomainLimits, realtime: Arc<Realtime>) -> Self {
-        Core { storage, bus, limits, realtime }
+    pub fn new(
+        storage: Arc<dyn Storage>,
+        bus: Arc<dyn Bus>,
+        limits: DomainLimits,
+        realtime: Arc<Realtime>,
+        ice: crate::calls::IceConfig,
+    ) -> Self {
+        Core { storage, bus, limits, realtime, ice }
+    }
+
+    pub fn ice(&self) -> &crate::calls::IceConfig {
+        &self.ice
+    }
+
+    /// Publishes a committed event (for sibling modules of the domain).
+    pub(crate) async fn publish_event(&self, event: &ChannelEvent) {
+        self.publish(event).await;
     }
 
     pub fn realtime(&self) -> &Arc<Realtime> {
@@ -290,6 +310,8 @@ impl Core {
         }
         if let Some(event) = self.storage.remove_member(&p.tenant_id, channel_id, user_id, &p.user_id).await? {
             self.publish(&event).await;
+            // A removed member is dropped from the channel's call at once.
+            self.drop_from_calls(&p.tenant_id, channel_id, user_id).await?;
         }
         Ok(())
     }

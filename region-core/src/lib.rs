@@ -5,6 +5,7 @@
 //! connections; the edge reaches it through [`domain::Core`] (a function call in one process).
 
 pub mod auth;
+pub mod calls;
 pub mod domain;
 pub mod http;
 pub mod presence_store;

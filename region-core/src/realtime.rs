@@ -194,6 +194,11 @@ impl Realtime {
         .await;
     }
 
+    /// Publishes an ephemeral event as it is (the edge's signals and call notices).
+    pub async fn publish_raw(&self, e: Ephemeral) {
+        self.publish(e).await;
+    }
+
     async fn publish(&self, e: Ephemeral) {
         if let Err(err) = self.bus.publish_ephemeral(&e).await {
             tracing::debug!(error = %err, "ephemeral event dropped");

@@ -176,8 +176,6 @@ async fn send_throughput() {
         task.await.expect("send task").expect("send");
     }
     let elapsed = started.elapsed();
-    let (b, n, us) = parley_core::storage::postgres::debug_stats();
-    println!("batches={b} avg_size={:.1} avg_batch_ms={:.2}", n as f64 / b as f64, us as f64 / b as f64 / 1000.0);
     println!(
         "{SENDS} sends over {CHANNELS} channels, {IN_FLIGHT} in flight: {:.2?}, {:.0} messages/s",
         elapsed,

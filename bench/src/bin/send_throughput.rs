@@ -65,6 +65,10 @@ struct Args {
     /// Client runtime worker threads (the client shares the 2 cores with the server).
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
+    /// Also report the CPU of this process and its direct children over the measured window
+    /// (e.g. the PostgreSQL postmaster: first line of `$PGDATA/postmaster.pid`).
+    #[arg(long)]
+    db_pid: Option<u32>,
     /// Extra flag passed to `parley serve` (repeatable), e.g. --server-arg=--database-pool=32.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -212,8 +216,10 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
     let _ = go_tx.send(Some(plan.clone()));
     tokio::time::sleep_until(plan.measure_from.into()).await;
     let (srv_cpu0, me_cpu0, t0) = (server.cpu()?, parley_bench::cpu_time("self")?, Instant::now());
+    let (threads0, db0) = (parley_bench::thread_cpu(server.pid()), args.db_pid.map(parley_bench::tree_cpu));
     tokio::time::sleep_until(plan.measure_to.into()).await;
     let (srv_cpu1, me_cpu1, t1) = (server.cpu()?, parley_bench::cpu_time("self")?, Instant::now());
+    let (threads1, db1) = (parley_bench::thread_cpu(server.pid()), args.db_pid.map(parley_bench::tree_cpu));
     let mem = server.mem()?;
 
     let mut results = Vec::new();
@@ -255,6 +261,19 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
         me_cpu * 100.0,
         parley_bench::mib(mem.rss)
     );
+    let per_thread: Vec<String> = threads1
+        .iter()
+        .map(|(name, t)| {
+            let before = threads0.get(name).copied().unwrap_or_default();
+            (name, t.saturating_sub(before).as_secs_f64() / measured * 100.0)
+        })
+        .filter(|(_, pct)| *pct >= 0.5)
+        .map(|(name, pct)| format!("{name} {pct:.0}%"))
+        .collect();
+    println!("server CPU by thread name: {}", per_thread.join(", "));
+    if let (Some(a), Some(b)) = (db0, db1) {
+        println!("database processes CPU: {:.0}% of one core", b.saturating_sub(a).as_secs_f64() / measured * 100.0);
+    }
     println!(
         "whole run ({:.1} s incl. warm-up and drain): sent {sent}, acked {acked}, errors {errors:?}, unanswered {unanswered}",
         drained_at.as_secs_f64()

@@ -46,6 +46,9 @@ struct Args {
     /// Upgrades in flight at once while opening.
     #[arg(long, default_value_t = 64)]
     open_concurrency: usize,
+    /// Subscribe requests in flight at once in phase 2 (a connection subscribes once).
+    #[arg(long, default_value_t = 64)]
+    subscribe_concurrency: usize,
     /// Connections opened, subscribed and closed before the baseline is read.
     #[arg(long, default_value_t = 200)]
     warmup_connections: usize,
@@ -58,6 +61,9 @@ struct Args {
     /// Skip phase 2 (subscribe).
     #[arg(long)]
     no_subscribe: bool,
+    /// Skip phase 4 (open N idle connections again after closing all: a leak check).
+    #[arg(long)]
+    no_reopen: bool,
     /// Client runtime worker threads.
     #[arg(long, default_value_t = 1)]
     client_threads: usize,
@@ -91,8 +97,37 @@ struct Ctx {
     source_addrs: usize,
     auth: AuthMode,
     open_limit: Semaphore,
+    subscribe_limit: Arc<Semaphore>,
     counters: Counters,
     first_error: std::sync::Mutex<Option<String>>,
+}
+
+/// What every batch of connections shares.
+struct Setup {
+    server: std::net::SocketAddr,
+    tokens: Vec<String>,
+    channels: Vec<String>,
+    source_addrs: usize,
+    auth: AuthMode,
+    open_concurrency: usize,
+    subscribe_concurrency: usize,
+}
+
+impl Setup {
+    /// A fresh context (counters start at zero) for one batch of connections.
+    fn batch(&self) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            server: self.server,
+            tokens: self.tokens.clone(),
+            channels: self.channels.clone(),
+            source_addrs: self.source_addrs,
+            auth: self.auth,
+            open_limit: Semaphore::new(self.open_concurrency.max(1)),
+            subscribe_limit: Arc::new(Semaphore::new(self.subscribe_concurrency.max(1))),
+            counters: Counters::default(),
+            first_error: Default::default(),
+        })
+    }
 }
 
 impl Ctx {
@@ -133,32 +168,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         channels.push(id);
     }
-    let ctx = Arc::new(Ctx {
+    let setup = Setup {
         server: server.addr,
         tokens,
         channels,
         source_addrs: args.source_addrs.max(1),
         auth: args.auth,
-        open_limit: Semaphore::new(args.open_concurrency.max(1)),
-        counters: Counters::default(),
-        first_error: Default::default(),
-    });
+        open_concurrency: args.open_concurrency,
+        subscribe_concurrency: args.subscribe_concurrency,
+    };
     let settle = Duration::from_secs(args.settle_secs);
     let timeout = Duration::from_secs(args.phase_timeout_secs);
 
     // Warm-up: the first connections and subscriptions touch lazily built state (runtime threads,
     // allocator arenas, SQLite read connections); keep that out of the per-connection figure.
     if args.warmup_connections > 0 {
-        let warm = Arc::new(Ctx {
-            server: ctx.server,
-            tokens: ctx.tokens.clone(),
-            channels: ctx.channels.clone(),
-            source_addrs: ctx.source_addrs,
-            auth: ctx.auth,
-            open_limit: Semaphore::new(args.open_concurrency.max(1)),
-            counters: Counters::default(),
-            first_error: Default::default(),
-        });
+        let warm = setup.batch();
         let (tx, rx) = watch::channel(Phase::Hold);
         for i in 0..args.warmup_connections {
             tokio::spawn(connection(warm.clone(), i, rx.clone()));
@@ -169,7 +194,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let _ = tx.send(Phase::Close);
         wait_for(&warm.counters, |c| done(&c.finished) >= args.warmup_connections, timeout).await;
         if done(&warm.counters.open_failed) > 0 {
-            bail!("warm-up connections failed: {:?}", warm.first_error.lock().ok().and_then(|e| e.clone()));
+            bail!("warm-up connections failed:{}", error_note(&warm));
         }
     }
     tokio::time::sleep(settle).await;
@@ -179,6 +204,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Phase 1: open N authenticated connections and hold them idle.
     let n = args.connections;
+    let ctx = setup.batch();
     let (tx, rx) = watch::channel(Phase::Hold);
     let started = Instant::now();
     for i in 0..n {
@@ -198,7 +224,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     server.check_alive()?;
     let idle = server.mem()?;
-    let server_sees = server_connection_count(&rest, &server).await;
+    let server_sees = server_connection_count(&server).await;
     print_mem("authenticated idle", &idle);
     print_per_conn("authenticated idle", &before, &idle, opened, server_sees);
 
@@ -219,7 +245,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(settle).await;
         server.check_alive()?;
         let sub = server.mem()?;
-        let server_sees = server_connection_count(&rest, &server).await;
+        let server_sees = server_connection_count(&server).await;
         print_mem("authenticated + subscribed", &sub);
         print_per_conn("authenticated + subscribed", &before, &sub, opened, server_sees);
         let extra = sub.rss as i64 - idle.rss as i64;
@@ -235,8 +261,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = tx.send(Phase::Close);
     wait_for(&ctx.counters, |c| done(&c.finished) >= n, timeout).await;
     tokio::time::sleep(settle).await;
+    server.check_alive()?;
     let closed = server.mem()?;
+    let server_sees = server_connection_count(&server).await;
     print_mem("after closing all", &closed);
+    println!("  server reports {} open", server_sees.map(|v| v.to_string()).unwrap_or_else(|| "?".into()));
+
+    // Phase 4: open N idle connections again. Memory that was kept (not returned to the OS) but
+    // is free gets reused, so RSS should barely move; growth here would point at a leak.
+    let mut reopened = None;
+    if !args.no_reopen {
+        let again = setup.batch();
+        let (tx2, rx2) = watch::channel(Phase::Hold);
+        for i in 0..n {
+            tokio::spawn(connection(again.clone(), n + i, rx2.clone()));
+        }
+        wait_for(&again.counters, |c| done(&c.opened) + done(&c.open_failed) >= n, timeout).await;
+        tokio::time::sleep(settle).await;
+        server.check_alive()?;
+        let m = server.mem()?;
+        print_mem("after reopening N idle (leak check)", &m);
+        println!(
+            "  reopened {}/{n}; RSS change vs after close: {:+.0} B per connection",
+            done(&again.counters.opened),
+            (m.rss as f64 - closed.rss as f64) / n.max(1) as f64
+        );
+        let _ = tx2.send(Phase::Close);
+        wait_for(&again.counters, |c| done(&c.finished) >= n, timeout).await;
+        reopened = Some(m);
+    }
 
     println!();
     println!("SUMMARY ws_memory connections={opened} auth={:?} channels={}", args.auth, ctx.channels.len());
@@ -245,7 +298,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(sub) = subscribed_mem {
         println!("  RSS subscribed        {}  => {:.0} B/conn", mib(sub.rss), per_conn(&before, &sub, opened));
     }
-    println!("  RSS after close       {}", mib(closed.rss));
+    println!("  RSS after close       {}  (peak {})", mib(closed.rss), mib(closed.hwm));
+    if let Some(m) = reopened {
+        println!("  RSS reopened idle     {}  => {:+.0} B/conn vs after close", mib(m.rss), per_conn(&closed, &m, n));
+    }
     println!("  time to open          {:.2} s", open_time.as_secs_f64());
     Ok(())
 }
@@ -300,7 +356,7 @@ fn print_per_conn(label: &str, before: &MemStatus, after: &MemStatus, n: usize, 
 }
 
 /// `/readyz` reports `ready connections=N`.
-async fn server_connection_count(_rest: &Rest, server: &ServerProcess) -> Option<u64> {
+async fn server_connection_count(server: &ServerProcess) -> Option<u64> {
     let body = reqwest::get(format!("{}/readyz", server.http_base())).await.ok()?.text().await.ok()?;
     body.split("connections=").nth(1)?.trim().parse().ok()
 }
@@ -332,6 +388,7 @@ async fn connection(ctx: Arc<Ctx>, i: usize, mut phase: watch::Receiver<Phase>) 
         }
     };
     let mut subscribing = false;
+    let mut sub_permit: Option<tokio::sync::OwnedSemaphorePermit> = None;
     loop {
         tokio::select! {
             changed = phase.changed() => {
@@ -341,11 +398,14 @@ async fn connection(ctx: Arc<Ctx>, i: usize, mut phase: watch::Receiver<Phase>) 
                     Phase::Hold => {}
                     Phase::Subscribe if !subscribing => {
                         subscribing = true;
+                        // Held until the ack: bounds the subscribes in flight.
+                        sub_permit = ctx.subscribe_limit.clone().acquire_owned().await.ok();
                         let channel = &ctx.channels[i % ctx.channels.len()];
                         let frame = json!({ "type": "subscribe", "id": "s", "channel_id": channel });
                         if let Err(e) = ws.send(WsMessage::Text(frame.to_string().into())).await {
                             ctx.note_error(format!("subscribe send: {e}"));
                             c.subscribe_failed.fetch_add(1, Ordering::Relaxed);
+                            drop(sub_permit.take());
                         }
                     }
                     Phase::Subscribe => {}
@@ -363,6 +423,7 @@ async fn connection(ctx: Arc<Ctx>, i: usize, mut phase: watch::Receiver<Phase>) 
                 Some(Ok(WsMessage::Text(t))) => {
                     if let Ok(r) = serde_json::from_str::<Reply>(t.as_str()) {
                         if r.id.as_deref() == Some("s") {
+                            drop(sub_permit.take());
                             if r.kind == "ack" {
                                 c.subscribed.fetch_add(1, Ordering::Relaxed);
                             } else {

@@ -58,7 +58,12 @@ pub struct ServerBuilder {
 
 impl ServerBuilder {
     pub fn new(backend: Backend) -> Self {
-        ServerBuilder { backend, data_dir: None, extra: Vec::new(), nats: false }
+        ServerBuilder {
+            backend,
+            data_dir: None,
+            extra: Vec::new(),
+            nats: false,
+        }
     }
 
     /// Use this data folder (to restart on the same SQLite file).
@@ -105,7 +110,13 @@ impl ServerBuilder {
             args.push(nats_url());
         }
         args.extend(self.extra);
-        let mut server = Server { child: None, addr: String::new(), data_dir: dir, args, _tmp: tmp };
+        let mut server = Server {
+            child: None,
+            addr: String::new(),
+            data_dir: dir,
+            args,
+            _tmp: tmp,
+        };
         server.spawn();
         server
     }
@@ -123,7 +134,10 @@ impl Server {
     fn spawn(&mut self) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(&self.args)
-            .env("PARLEY_LOG", std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "PARLEY_LOG",
+                std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -131,7 +145,9 @@ impl Server {
         let stdout = child.stdout.take().expect("stdout");
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        reader.read_line(&mut line).expect("read the listening line");
+        reader
+            .read_line(&mut line)
+            .expect("read the listening line");
         let addr = line
             .split("http://")
             .nth(1)
@@ -187,7 +203,10 @@ impl Drop for Server {
 }
 
 fn now() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs()
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs()
 }
 
 /// A valid token for `user` in the `default` tenant.
@@ -207,7 +226,12 @@ pub fn sign(claims: Value) -> String {
 pub fn sign_with(claims: &Value, secret: &[u8], kid: Option<&str>) -> String {
     let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
     header.kid = kid.map(str::to_owned);
-    jsonwebtoken::encode(&header, claims, &jsonwebtoken::EncodingKey::from_secret(secret)).expect("sign")
+    jsonwebtoken::encode(
+        &header,
+        claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret),
+    )
+    .expect("sign")
 }
 
 /// A unique suffix so tests sharing a database never collide.
@@ -239,23 +263,39 @@ impl Resp {
 
     #[track_caller]
     pub fn ok(self) -> Value {
-        assert!((200..300).contains(&self.status), "expected success, got {} {}", self.status, self.body);
+        assert!(
+            (200..300).contains(&self.status),
+            "expected success, got {} {}",
+            self.status,
+            self.body
+        );
         self.body
     }
 }
 
 impl Api {
     pub fn new(server: &Server, token: &str) -> Api {
-        Api { base: format!("http://{}", server.addr), token: token.to_owned(), http: reqwest::Client::new() }
+        Api {
+            base: format!("http://{}", server.addr),
+            token: token.to_owned(),
+            http: reqwest::Client::new(),
+        }
     }
 
     pub fn with_token(&self, token: &str) -> Api {
-        Api { base: self.base.clone(), token: token.to_owned(), http: self.http.clone() }
+        Api {
+            base: self.base.clone(),
+            token: token.to_owned(),
+            http: self.http.clone(),
+        }
     }
 
     pub async fn request(&self, method: &str, path: &str, body: Option<Value>) -> Resp {
         let m = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
-        let mut req = self.http.request(m, format!("{}{}", self.base, path)).bearer_auth(&self.token);
+        let mut req = self
+            .http
+            .request(m, format!("{}{}", self.base, path))
+            .bearer_auth(&self.token);
         if let Some(b) = body {
             req = req.json(&b);
         }
@@ -282,8 +322,16 @@ impl Api {
         let status = res.status().as_u16();
         let headers = res.headers().clone();
         let bytes = res.bytes().await.expect("body");
-        let body = if bytes.is_empty() { Value::Null } else { serde_json::from_slice(&bytes).unwrap_or(Value::Null) };
-        Resp { status, body, headers }
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null)
+        };
+        Resp {
+            status,
+            body,
+            headers,
+        }
     }
 
     pub async fn get(&self, path: &str) -> Resp {
@@ -296,13 +344,22 @@ impl Api {
 
     /// Creates a channel named `name` with `members`; returns its id.
     pub async fn create_channel(&self, name: &str, members: &[&str]) -> String {
-        let body = self.post("/v1/channels", json!({ "kind": "channel", "name": name, "members": members })).await.ok();
+        let body = self
+            .post(
+                "/v1/channels",
+                json!({ "kind": "channel", "name": name, "members": members }),
+            )
+            .await
+            .ok();
         body["id"].as_str().expect("channel id").to_owned()
     }
 
     pub async fn send(&self, channel: &str, client_msg_id: &str, text: &str) -> Resp {
-        self.post(&format!("/v1/channels/{channel}/messages"), json!({ "client_msg_id": client_msg_id, "text": text }))
-            .await
+        self.post(
+            &format!("/v1/channels/{channel}/messages"),
+            json!({ "client_msg_id": client_msg_id, "text": text }),
+        )
+        .await
     }
 
     /// Every message of the channel, oldest first, paging with `after`.
@@ -310,7 +367,12 @@ impl Api {
         let mut out = Vec::new();
         let mut after = 0u64;
         loop {
-            let page = self.get(&format!("/v1/channels/{channel}/messages?after={after}&limit=200")).await.ok();
+            let page = self
+                .get(&format!(
+                    "/v1/channels/{channel}/messages?after={after}&limit=200"
+                ))
+                .await
+                .ok();
             let msgs = page["messages"].as_array().expect("messages").clone();
             if let Some(last) = msgs.last() {
                 after = last["seq"].as_u64().expect("seq");
@@ -323,7 +385,8 @@ impl Api {
     }
 }
 
-type WsStream = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+type WsStream =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// A WebSocket client speaking parley.v1.
 pub struct Ws {
@@ -344,25 +407,50 @@ pub enum Closed {
 impl Ws {
     /// Connects and authenticates with an `auth` frame.
     pub async fn connect(server: &Server, token: &str) -> Ws {
-        let mut ws = Self::connect_raw(server, &["parley.v1"]).await.expect("upgrade");
-        ws.send_json(json!({ "type": "auth", "token": token })).await;
+        let mut ws = Self::connect_raw(server, &["parley.v1"])
+            .await
+            .expect("upgrade");
+        ws.send_json(json!({ "type": "auth", "token": token }))
+            .await;
         let welcome = ws.next_json().await.expect("welcome");
-        assert_eq!(welcome["type"], "welcome", "expected welcome, got {welcome}");
-        Ws { stream: ws.stream, welcome, next_id: 1, backlog: Default::default() }
+        assert_eq!(
+            welcome["type"], "welcome",
+            "expected welcome, got {welcome}"
+        );
+        Ws {
+            stream: ws.stream,
+            welcome,
+            next_id: 1,
+            backlog: Default::default(),
+        }
     }
 
     /// Upgrades with the given subprotocols, without authenticating.
-    pub async fn connect_raw(server: &Server, protocols: &[&str]) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    pub async fn connect_raw(
+        server: &Server,
+        protocols: &[&str],
+    ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
         let mut req = server.ws_url().into_client_request().expect("request");
         if !protocols.is_empty() {
-            req.headers_mut().insert("sec-websocket-protocol", protocols.join(", ").parse().expect("header"));
+            req.headers_mut().insert(
+                "sec-websocket-protocol",
+                protocols.join(", ").parse().expect("header"),
+            );
         }
         let (stream, _) = tokio_tungstenite::connect_async(req).await?;
-        Ok(Ws { stream, welcome: Value::Null, next_id: 1, backlog: Default::default() })
+        Ok(Ws {
+            stream,
+            welcome: Value::Null,
+            next_id: 1,
+            backlog: Default::default(),
+        })
     }
 
     pub async fn send_json(&mut self, v: Value) {
-        self.stream.send(WsMessage::Text(v.to_string().into())).await.expect("send");
+        self.stream
+            .send(WsMessage::Text(v.to_string().into()))
+            .await
+            .expect("send");
     }
 
     pub async fn send_raw(&mut self, m: WsMessage) {
@@ -378,7 +466,9 @@ impl Ws {
             match tokio::time::timeout(Duration::from_secs(15), self.stream.next()).await {
                 Err(_) => panic!("no frame within 15 s"),
                 Ok(None) | Ok(Some(Err(_))) => return None,
-                Ok(Some(Ok(WsMessage::Text(t)))) => return Some(serde_json::from_str(t.as_str()).expect("json frame")),
+                Ok(Some(Ok(WsMessage::Text(t)))) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("json frame"));
+                }
                 Ok(Some(Ok(WsMessage::Close(_)))) => return None,
                 Ok(Some(Ok(_))) => continue,
             }
@@ -391,7 +481,9 @@ impl Ws {
             match tokio::time::timeout(Duration::from_secs(15), self.stream.next()).await {
                 Err(_) => panic!("connection did not close within 15 s"),
                 Ok(None) | Ok(Some(Err(_))) => return Closed::Abrupt,
-                Ok(Some(Ok(WsMessage::Close(Some(f))))) => return Closed::Code(f.code.into(), f.reason.to_string()),
+                Ok(Some(Ok(WsMessage::Close(Some(f))))) => {
+                    return Closed::Code(f.code.into(), f.reason.to_string());
+                }
                 Ok(Some(Ok(WsMessage::Close(None)))) => return Closed::Abrupt,
                 Ok(Some(Ok(_))) => continue,
             }
@@ -407,8 +499,13 @@ impl Ws {
         self.send_json(v).await;
         let mut skipped = Vec::new();
         loop {
-            let f = self.next_frame_live().await.expect("connection closed while waiting for a reply");
-            if f["id"] == json!(id) && (f["type"] == "ack" || f["type"] == "error" || f["type"] == "pong") {
+            let f = self
+                .next_frame_live()
+                .await
+                .expect("connection closed while waiting for a reply");
+            if f["id"] == json!(id)
+                && (f["type"] == "ack" || f["type"] == "error" || f["type"] == "pong")
+            {
                 for s in skipped.into_iter().rev() {
                     self.backlog.push_front(s);
                 }
@@ -423,7 +520,9 @@ impl Ws {
             match tokio::time::timeout(Duration::from_secs(15), self.stream.next()).await {
                 Err(_) => panic!("no frame within 15 s"),
                 Ok(None) | Ok(Some(Err(_))) => return None,
-                Ok(Some(Ok(WsMessage::Text(t)))) => return Some(serde_json::from_str(t.as_str()).expect("json frame")),
+                Ok(Some(Ok(WsMessage::Text(t)))) => {
+                    return Some(serde_json::from_str(t.as_str()).expect("json frame"));
+                }
                 Ok(Some(Ok(WsMessage::Close(_)))) => return None,
                 Ok(Some(Ok(_))) => continue,
             }
@@ -432,7 +531,9 @@ impl Ws {
 
     /// Subscribes; returns the ack's seq.
     pub async fn subscribe(&mut self, channel: &str) -> u64 {
-        let ack = self.request(json!({ "type": "subscribe", "channel_id": channel })).await;
+        let ack = self
+            .request(json!({ "type": "subscribe", "channel_id": channel }))
+            .await;
         assert_eq!(ack["type"], "ack", "subscribe failed: {ack}");
         ack["seq"].as_u64().expect("seq")
     }
@@ -440,7 +541,10 @@ impl Ws {
     /// The next channel event (skipping acks and other replies).
     pub async fn next_event(&mut self) -> Value {
         loop {
-            let f = self.next_json().await.expect("connection closed while waiting for an event");
+            let f = self
+                .next_json()
+                .await
+                .expect("connection closed while waiting for an event");
             if f.get("seq").is_some() && f.get("channel_id").is_some() && f["type"] != "ack" {
                 return f;
             }
@@ -449,7 +553,11 @@ impl Ws {
 
     /// Waits `wait` and returns every event that arrived meanwhile.
     pub async fn events_within(&mut self, wait: Duration) -> Vec<Value> {
-        let mut out: Vec<Value> = self.backlog.drain(..).filter(|f| f.get("seq").is_some() && f["type"] != "ack").collect();
+        let mut out: Vec<Value> = self
+            .backlog
+            .drain(..)
+            .filter(|f| f.get("seq").is_some() && f["type"] != "ack")
+            .collect();
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(deadline, self.stream.next()).await {
@@ -457,7 +565,8 @@ impl Ws {
                 Ok(None) | Ok(Some(Err(_))) => return out,
                 Ok(Some(Ok(WsMessage::Text(t)))) => {
                     let f: Value = serde_json::from_str(t.as_str()).expect("json");
-                    if f.get("seq").is_some() && f.get("channel_id").is_some() && f["type"] != "ack" {
+                    if f.get("seq").is_some() && f.get("channel_id").is_some() && f["type"] != "ack"
+                    {
                         out.push(f);
                     }
                 }
@@ -467,3 +576,4 @@ impl Ws {
         }
     }
 }
+pub mod peer;

@@ -14,6 +14,7 @@ use parley_proto::{
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
 use crate::domain::HistoryQuery;
+use parley_proto::calls::{Call, CallList, JoinedCall, LeaveCall};
 use crate::validate;
 
 pub(super) fn routes() -> Router<ApiState> {
@@ -28,6 +29,11 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/v1/channels/{channel_id}/typing", post(typing))
         .route("/v1/users/{user_id}/presence", get(user_presence))
         .route("/v1/presence/query", post(presence_query))
+        .route("/v1/channels/{channel_id}/calls", post(start_call).get(channel_calls))
+        .route("/v1/calls/{call_id}", get(get_call))
+        .route("/v1/calls/{call_id}/join", post(join_call))
+        .route("/v1/calls/{call_id}/leave", post(leave_call))
+        .route("/v1/calls/{call_id}/end", post(end_call))
 }
 
 fn channel_id(id: &str) -> Result<(), ApiError> {
@@ -194,4 +200,57 @@ pub(super) async fn user_presence(State(s): State<ApiState>, Authed(p): Authed, 
     responses((status = 200, body = PresenceList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn presence_query(State(s): State<ApiState>, Authed(p): Authed, ApiJson(req): ApiJson<PresenceQuery>) -> Result<axum::Json<PresenceList>, ApiError> {
     Ok(axum::Json(PresenceList { presence: s.core.presence_many(&p, &req.user_ids).await? }))
+}
+
+/// Start a call in a channel or DM (members only). One active call per channel: a second start
+/// returns the active call with 200. Emits `call.started`.
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path)),
+    responses((status = 201, body = Call, description = "started"), (status = 200, body = Call, description = "the active call"),
+        (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn start_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<Response, ApiError> {
+    channel_id(&id)?;
+    let (call, created) = s.core.start_call(&p, &id).await?;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, axum::Json(call)).into_response())
+}
+
+/// The channel's calls, newest first (its call history).
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path)),
+    responses((status = 200, body = CallList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn channel_calls(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<CallList>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(CallList { calls: s.core.channel_calls(&p, &id).await? }))
+}
+
+#[utoipa::path(get, path = "/v1/calls/{call_id}", tag = "calls", params(("call_id" = String, Path)),
+    responses((status = 200, body = Call), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn get_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<Call>, ApiError> {
+    Ok(axum::Json(s.core.get_call(&p, &id).await?))
+}
+
+/// Join an active call: returns your participant id, the participants already there with your
+/// negotiation role towards each (you are polite towards earlier joiners), and the ICE servers.
+/// Emits `call.participant_joined`. Then attach your WebSocket with `call.attach`.
+#[utoipa::path(post, path = "/v1/calls/{call_id}/join", tag = "calls", params(("call_id" = String, Path)),
+    responses((status = 200, body = JoinedCall), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn join_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<JoinedCall>, ApiError> {
+    Ok(axum::Json(s.core.join_call(&p, &id).await?))
+}
+
+/// Leave a call. The call ends when its last participant leaves. Emits `call.participant_left`
+/// (and `call.ended`).
+#[utoipa::path(post, path = "/v1/calls/{call_id}/leave", tag = "calls", params(("call_id" = String, Path)), request_body = LeaveCall,
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn leave_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<LeaveCall>) -> Result<StatusCode, ApiError> {
+    s.core.leave_call(&p, &id, &req.participant_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// End a call for everyone (owners and moderators; either party of a DM). Emits
+/// `call.participant_left` for each participant, then `call.ended`.
+#[utoipa::path(post, path = "/v1/calls/{call_id}/end", tag = "calls", params(("call_id" = String, Path)),
+    responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn end_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+    s.core.end_call(&p, &id).await?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -52,6 +52,7 @@ macro_rules! storage_conformance_tests {
             tenant_isolation
             delete_channel_removes_everything
             metadata_round_trips
+            read_state_and_unread_counts
         );
     };
     (@cases ($fixture:expr) $($case:ident)*) => {
@@ -1199,6 +1200,99 @@ pub async fn metadata_round_trips(s: Arc<dyn Storage>) {
         .expect("get")
         .expect("exists");
     assert_eq!((got.text.as_str(), got.metadata), ("cleared", None));
+}
+
+/// Read positions move forward only and are clamped to the channel's last seq; the unread count
+/// is the others' live messages after the position; `shares_channel` sees common membership.
+pub async fn read_state_and_unread_counts(s: Arc<dyn Storage>) {
+    let (t, other_tenant) = (tenant(), tenant());
+    let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    send(&s, msg(&t, &ch.id, &bob, "b1", "from bob")).await; // 1
+    send(&s, msg(&t, &ch.id, &alice, "a1", "one")).await; // 2
+    let doomed = send(&s, msg(&t, &ch.id, &alice, "a2", "two")).await.message; // 3
+    send(&s, msg(&t, &ch.id, &alice, "a3", "three")).await; // 4
+    s.delete_message(&t, &ch.id, &doomed.id, &alice)
+        .await
+        .expect("delete"); // 5
+    let state = |last_read_seq, unread_count| parley_proto::ReadState {
+        channel_id: ch.id.clone(),
+        last_read_seq,
+        unread_count,
+    };
+
+    let read = |user: String| {
+        let (s, t, ch) = (s.clone(), t.clone(), ch.id.clone());
+        async move { s.read_state(&t, &ch, &user).await }
+    };
+    assert_eq!(
+        read(bob.clone()).await.expect("bob"),
+        state(0, 2),
+        "own and deleted messages are not unread"
+    );
+    assert_eq!(read(alice.clone()).await.expect("alice"), state(0, 1));
+    let marked = s.mark_read(&t, &ch.id, &bob, 2).await.expect("mark");
+    assert_eq!(marked, state(2, 1));
+    let marked = s.mark_read(&t, &ch.id, &bob, 1).await.expect("mark back");
+    assert_eq!(marked, state(2, 1), "the read position never moves back");
+    let marked = s
+        .mark_read(&t, &ch.id, &bob, 999)
+        .await
+        .expect("mark past the end");
+    assert_eq!(marked, state(5, 0), "clamped to the channel's last seq");
+    assert_eq!(read(bob.clone()).await.expect("bob"), state(5, 0));
+
+    let listed = s.channels_of(&t, &bob).await.expect("list");
+    assert_eq!(
+        (listed[0].last_read_seq, listed[0].unread_count),
+        (Some(5), Some(0))
+    );
+    let listed = s.channels_of(&t, &alice).await.expect("list");
+    assert_eq!(
+        (listed[0].last_read_seq, listed[0].unread_count),
+        (Some(0), Some(1))
+    );
+    let positions: Vec<(String, u64)> = s
+        .members(&t, &ch.id)
+        .await
+        .expect("members")
+        .into_iter()
+        .map(|m| (m.user_id, m.last_read_seq))
+        .collect();
+    assert_eq!(positions, vec![(alice.clone(), 0), (bob.clone(), 5)]);
+
+    assert_err(
+        read(carol.clone()).await,
+        is_not_a_member,
+        "read_state of a non-member",
+    );
+    assert_err(
+        s.mark_read(&t, &ch.id, &carol, 1).await,
+        is_not_a_member,
+        "mark_read by a non-member",
+    );
+    assert_err(
+        s.mark_read(&other_tenant, &ch.id, &bob, 1).await,
+        |e| is_not_a_member(e) || is_not_found(e),
+        "mark_read across tenants",
+    );
+    assert!(s.shares_channel(&t, &alice, &bob).await.expect("shares"));
+    assert!(s.shares_channel(&t, &bob, &alice).await.expect("shares"));
+    assert!(!s.shares_channel(&t, &alice, &carol).await.expect("shares"));
+    assert!(
+        !s.shares_channel(&other_tenant, &alice, &bob)
+            .await
+            .expect("shares"),
+        "tenants share nothing"
+    );
+    s.remove_member(&t, &ch.id, &bob, &alice)
+        .await
+        .expect("remove")
+        .expect("removed");
+    assert!(
+        !s.shares_channel(&t, &alice, &bob).await.expect("shares"),
+        "not after the removal"
+    );
 }
 
 // ---- helpers ----

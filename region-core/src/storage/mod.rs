@@ -9,6 +9,7 @@
 //! SQL stays within what both PostgreSQL and CockroachDB accept.
 
 use async_trait::async_trait;
+use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{Channel, ChannelEvent, ChannelKind, Member, Message, MessagePage, ReadState, Role};
 
 pub mod conformance;
@@ -81,6 +82,17 @@ impl NewMessage {
         }
         hex::encode(&h.finalize()[..16])
     }
+}
+
+/// A call to start.
+#[derive(Debug, Clone)]
+pub struct NewCall {
+    pub tenant_id: String,
+    pub channel_id: String,
+    /// Id to give the call if none is active in the channel.
+    pub id: String,
+    pub started_by: String,
+    pub mode: CallMode,
 }
 
 /// Result of a send.
@@ -206,6 +218,43 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Whether the two users are members of at least one common channel.
     async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool>;
+
+    // ---- calls ----
+
+    /// Starts a call in the channel, or returns the active one (and no event). One active call
+    /// per channel, enforced by a unique index. Emits `call.started`.
+    async fn start_call(&self, new: NewCall) -> StorageResult<(Call, Option<ChannelEvent>)>;
+
+    /// A call with its participants (present and past).
+    async fn call(&self, tenant: &str, call_id: &str) -> StorageResult<Option<Call>>;
+
+    /// The channel's calls, newest first, at most `limit`.
+    async fn channel_calls(&self, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>>;
+
+    /// Adds the user to an active call under `participant_id` and emits
+    /// `call.participant_joined`. A user already present keeps their participant (returned, no
+    /// event). `NotFound` when the call is unknown or has ended.
+    async fn join_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        user_id: &str,
+    ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)>;
+
+    /// Marks a participant as left (`call.participant_left`); when nobody is left the call ends
+    /// (`call.ended`). Empty when the participant had left already.
+    async fn leave_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        reason: LeaveReason,
+    ) -> StorageResult<Vec<ChannelEvent>>;
+
+    /// Ends an active call: every present participant leaves (`Ended`), then `call.ended`.
+    /// Empty when the call had ended already.
+    async fn end_call(&self, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>>;
 
     /// Persisted events with `after < seq <= up_to` (no upper bound when `None`), ascending, at
     /// most `limit`. `message.new` events carry the message's current state.

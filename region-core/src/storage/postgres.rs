@@ -27,6 +27,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
 use futures::future::{try_join, try_join3};
+use parley_proto::calls::{Call, CallParticipant, LeaveReason};
 use parley_proto::{
     Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
 };
@@ -35,8 +36,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{NoTls, Row, Statement};
 
+mod calls;
+
 use super::{
-    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
     now_ms, rfc3339, tombstone,
 };
 
@@ -278,23 +281,49 @@ impl Storage for PostgresStorage {
         row.as_ref().map(member_from_row).transpose()
     }
 
-    async fn mark_read(&self, tenant: &str, channel_id: &str, user_id: &str, seq: u64) -> StorageResult<ReadState> {
+    async fn mark_read(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> StorageResult<ReadState> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let last = client.prepare_cached(SELECT_LAST_SEQ).await.map_err(db_err)?;
-        let row = client.query_opt(&last, &[&channel_id, &tenant]).await.map_err(db_err)?.ok_or(StorageError::NotFound)?;
+        let last = client
+            .prepare_cached(SELECT_LAST_SEQ)
+            .await
+            .map_err(db_err)?;
+        let row = client
+            .query_opt(&last, &[&channel_id, &tenant])
+            .await
+            .map_err(db_err)?
+            .ok_or(StorageError::NotFound)?;
         let last_seq: i64 = get(&row, "last_seq")?;
         let target = i64::try_from(seq).unwrap_or(i64::MAX).min(last_seq);
         let update = client.prepare_cached(MARK_READ).await.map_err(db_err)?;
-        if client.execute(&update, &[&channel_id, &tenant, &user_id, &target]).await.map_err(db_err)? == 0 {
+        if client
+            .execute(&update, &[&channel_id, &tenant, &user_id, &target])
+            .await
+            .map_err(db_err)?
+            == 0
+        {
             return Err(StorageError::NotAMember);
         }
         drop(client);
         self.read_state(tenant, channel_id, user_id).await
     }
 
-    async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState> {
+    async fn read_state(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> StorageResult<ReadState> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SELECT_READ_STATE).await.map_err(db_err)?;
+        let stmt = client
+            .prepare_cached(SELECT_READ_STATE)
+            .await
+            .map_err(db_err)?;
         let row = client
             .query_opt(&stmt, &[&channel_id, &tenant, &user_id])
             .await
@@ -307,10 +336,55 @@ impl Storage for PostgresStorage {
         })
     }
 
+    async fn start_call(&self, new: NewCall) -> StorageResult<(Call, Option<ChannelEvent>)> {
+        transact!(self.pool, |tx| { calls::start_call(&tx, &new).await? })
+    }
+
+    async fn call(&self, tenant: &str, call_id: &str) -> StorageResult<Option<Call>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        calls::call(&client, tenant, call_id).await.map_err(TxError::into_storage)
+    }
+
+    async fn channel_calls(&self, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        calls::channel_calls(&client, tenant, channel_id, limit).await.map_err(TxError::into_storage)
+    }
+
+    async fn join_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        user_id: &str,
+    ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
+        transact!(self.pool, |tx| { calls::join_call(&tx, tenant, call_id, participant_id, user_id).await? })
+    }
+
+    async fn leave_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        reason: LeaveReason,
+    ) -> StorageResult<Vec<ChannelEvent>> {
+        transact!(self.pool, |tx| { calls::leave_call(&tx, tenant, call_id, participant_id, reason).await? })
+    }
+
+    async fn end_call(&self, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>> {
+        transact!(self.pool, |tx| { calls::end_call(&tx, tenant, call_id, by).await? })
+    }
+
     async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SHARES_CHANNEL).await.map_err(db_err)?;
-        Ok(client.query_opt(&stmt, &[&tenant, &a, &b]).await.map_err(db_err)?.is_some())
+        let stmt = client
+            .prepare_cached(SHARES_CHANNEL)
+            .await
+            .map_err(db_err)?;
+        Ok(client
+            .query_opt(&stmt, &[&tenant, &a, &b])
+            .await
+            .map_err(db_err)?
+            .is_some())
     }
 
     async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
@@ -589,9 +663,10 @@ impl Storage for PostgresStorage {
 
 // ---- SQL ----
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    "CREATE TABLE IF NOT EXISTS channels (
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        "CREATE TABLE IF NOT EXISTS channels (
   id          TEXT PRIMARY KEY,
   tenant_id   TEXT NOT NULL,
   kind        TEXT NOT NULL,
@@ -635,7 +710,9 @@ CREATE TABLE IF NOT EXISTS channel_events (
   created_at  BIGINT NOT NULL,
   PRIMARY KEY (channel_id, seq)
 );",
-)];
+    ),
+    (2, calls::MIGRATION),
+];
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
 /// Claims a migration; a concurrent claimer waits on the row until the first commits.
@@ -668,7 +745,9 @@ const LOCK_CHANNEL: &str =
 const ALLOCATE_SEQS: &str = "UPDATE channels SET last_seq = last_seq + $3 WHERE id = $1 AND tenant_id = $2 RETURNING last_seq";
 const INSERT_EVENT: &str =
     "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES ($1, $2, $3, $4)";
-const DELETE_CHANNEL: [&str; 4] = [
+const DELETE_CHANNEL: [&str; 6] = [
+    "DELETE FROM call_participants WHERE call_id IN (SELECT id FROM calls WHERE channel_id = $1)",
+    "DELETE FROM calls WHERE channel_id = $1",
     "DELETE FROM messages WHERE channel_id = $1",
     "DELETE FROM channel_events WHERE channel_id = $1",
     "DELETE FROM members WHERE channel_id = $1",
@@ -764,15 +843,7 @@ async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
 }
 
 /// Commits `jobs` (draining it) and answers every caller.
-static STATS: std::sync::Mutex<(u64, u64, u128)> = std::sync::Mutex::new((0, 0, 0));
-pub fn debug_stats() -> (u64, u64, u128) { *STATS.lock().unwrap() }
 async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
-    let t0 = std::time::Instant::now();
-    let n = jobs.len() as u64;
-    run_batch2(pool, jobs).await;
-    let mut st = STATS.lock().unwrap(); st.0 += 1; st.1 += n; st.2 += t0.elapsed().as_micros();
-}
-async fn run_batch2(pool: &Pool, jobs: &mut Vec<SendJob>) {
     let failure = match commit_with_retries(pool, jobs).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.drain(..).zip(outcomes) {

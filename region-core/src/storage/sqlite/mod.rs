@@ -11,12 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use parley_proto::calls::{Call, CallParticipant, LeaveReason};
 use parley_proto::{Channel, ChannelEvent, Member, MessagePage, ReadState, Role};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
 };
 
 mod queries;
@@ -322,6 +323,35 @@ impl Storage for SqliteStorage {
     async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState> {
         let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
         self.read(move |c| queries::read_state(c, &t, &id, &u)).await
+    }
+
+    async fn start_call(&self, new: NewCall) -> StorageResult<(Call, Option<ChannelEvent>)> {
+        self.write(move |c| queries::start_call(c, &new)).await
+    }
+
+    async fn call(&self, tenant: &str, call_id: &str) -> StorageResult<Option<Call>> {
+        let (t, id) = (tenant.to_owned(), call_id.to_owned());
+        self.read(move |c| queries::call(c, &t, &id)).await
+    }
+
+    async fn channel_calls(&self, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>> {
+        let (t, id) = (tenant.to_owned(), channel_id.to_owned());
+        self.read(move |c| queries::channel_calls(c, &t, &id, limit)).await
+    }
+
+    async fn join_call(&self, tenant: &str, call_id: &str, participant_id: &str, user_id: &str) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
+        let (t, id, pid, u) = (tenant.to_owned(), call_id.to_owned(), participant_id.to_owned(), user_id.to_owned());
+        self.write(move |c| queries::join_call(c, &t, &id, &pid, &u)).await
+    }
+
+    async fn leave_call(&self, tenant: &str, call_id: &str, participant_id: &str, reason: LeaveReason) -> StorageResult<Vec<ChannelEvent>> {
+        let (t, id, pid) = (tenant.to_owned(), call_id.to_owned(), participant_id.to_owned());
+        self.write(move |c| queries::leave_call(c, &t, &id, &pid, reason)).await
+    }
+
+    async fn end_call(&self, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>> {
+        let (t, id, b) = (tenant.to_owned(), call_id.to_owned(), by.to_owned());
+        self.write(move |c| queries::end_call(c, &t, &id, &b)).await
     }
 
     async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {

@@ -1,17 +1,19 @@
 //! The SQL of the SQLite engine. Every function runs on a connection it is handed: write
 //! functions run inside the writer thread's open transaction and savepoint.
 
+use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::storage::{
-    HistoryAnchor, NewChannel, NewMessage, SendOutcome, StorageError, StorageResult, now_ms, rfc3339,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, StorageError, StorageResult, now_ms, rfc3339,
     tombstone,
 };
 
-const MIGRATIONS: &[(i64, &str)] = &[(
-    1,
-    r#"
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE channels (
   id TEXT PRIMARY KEY,
   tenant_id TEXT NOT NULL,
@@ -57,7 +59,33 @@ CREATE TABLE channel_events (
   PRIMARY KEY (channel_id, seq)
 );
 "#,
-)];
+    ),
+    (
+        2,
+        r#"
+CREATE TABLE calls (
+  id TEXT PRIMARY KEY,
+  tenant_id TEXT NOT NULL,
+  channel_id TEXT NOT NULL,
+  mode TEXT NOT NULL,
+  started_by TEXT NOT NULL,
+  started_at BIGINT NOT NULL,
+  ended_at BIGINT,
+  active_channel_id TEXT
+);
+CREATE UNIQUE INDEX calls_one_active ON calls (active_channel_id);
+CREATE INDEX calls_by_channel ON calls (channel_id, started_at);
+CREATE TABLE call_participants (
+  id TEXT PRIMARY KEY,
+  call_id TEXT NOT NULL,
+  user_id TEXT NOT NULL,
+  joined_at BIGINT NOT NULL,
+  left_at BIGINT
+);
+CREATE INDEX call_participants_by_call ON call_participants (call_id, joined_at);
+"#,
+    ),
+];
 
 /// Applies the migrations that are not applied yet, each in its own transaction.
 pub(super) fn migrate(conn: &mut Connection) -> StorageResult<()> {
@@ -238,6 +266,8 @@ pub(super) fn delete_channel(c: &Connection, tenant: &str, id: &str, by: &str) -
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)?;
     for sql in [
+        "DELETE FROM call_participants WHERE call_id IN (SELECT id FROM calls WHERE channel_id = ?1)",
+        "DELETE FROM calls WHERE channel_id = ?1",
         "DELETE FROM messages WHERE channel_id = ?1",
         "DELETE FROM channel_events WHERE channel_id = ?1",
         "DELETE FROM members WHERE channel_id = ?1",
@@ -626,4 +656,199 @@ pub(super) fn events(
     out.sort_by_key(|e| e.seq);
     out.truncate(limit as usize);
     Ok(out)
+}
+
+// ---- calls ----
+
+fn participant_row(r: &Row<'_>) -> rusqlite::Result<CallParticipant> {
+    Ok(CallParticipant {
+        participant_id: r.get(0)?,
+        user_id: r.get(1)?,
+        joined_at: rfc3339(r.get(2)?),
+        left_at: r.get::<_, Option<i64>>(3)?.map(rfc3339),
+    })
+}
+
+fn participants(c: &Connection, call_id: &str) -> StorageResult<Vec<CallParticipant>> {
+    let mut stmt = c
+        .prepare_cached("SELECT id, user_id, joined_at, left_at FROM call_participants WHERE call_id = ?1 ORDER BY joined_at, id")
+        .map_err(db_err)?;
+    let rows = stmt.query_map(params![call_id], participant_row).map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+/// Columns: id, channel_id, mode, started_by, started_at, ended_at.
+fn call_from(c: &Connection, r: (String, String, String, String, i64, Option<i64>)) -> StorageResult<Call> {
+    let (id, channel_id, mode, started_by, started_at, ended_at) = r;
+    let participants = participants(c, &id)?;
+    Ok(Call {
+        id,
+        channel_id,
+        mode: CallMode::parse(&mode).unwrap_or(CallMode::P2p),
+        started_by,
+        started_at: rfc3339(started_at),
+        ended_at: ended_at.map(rfc3339),
+        participants,
+    })
+}
+
+type CallRow = (String, String, String, String, i64, Option<i64>);
+
+fn call_row(r: &Row<'_>) -> rusqlite::Result<CallRow> {
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+}
+
+const CALL_COLS: &str = "id, channel_id, mode, started_by, started_at, ended_at";
+
+pub(super) fn call(c: &Connection, tenant: &str, call_id: &str) -> StorageResult<Option<Call>> {
+    let row = c
+        .prepare_cached(&format!("SELECT {CALL_COLS} FROM calls WHERE tenant_id = ?1 AND id = ?2"))
+        .map_err(db_err)?
+        .query_row(params![tenant, call_id], call_row)
+        .optional()
+        .map_err(db_err)?;
+    row.map(|r| call_from(c, r)).transpose()
+}
+
+pub(super) fn channel_calls(c: &Connection, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>> {
+    let rows: Vec<CallRow> = {
+        let mut stmt = c
+            .prepare_cached(&format!(
+                "SELECT {CALL_COLS} FROM calls WHERE tenant_id = ?1 AND channel_id = ?2 ORDER BY started_at DESC, id DESC LIMIT ?3"
+            ))
+            .map_err(db_err)?;
+        let rows = stmt.query_map(params![tenant, channel_id, limit], call_row).map_err(db_err)?;
+        rows.collect::<Result<_, _>>().map_err(db_err)?
+    };
+    rows.into_iter().map(|r| call_from(c, r)).collect()
+}
+
+pub(super) fn start_call(c: &Connection, new: &NewCall) -> StorageResult<(Call, Option<ChannelEvent>)> {
+    if channel(c, &new.tenant_id, &new.channel_id)?.is_none() {
+        return Err(StorageError::NotFound);
+    }
+    let active = c
+        .query_row(
+            &format!("SELECT {CALL_COLS} FROM calls WHERE active_channel_id = ?1"),
+            params![new.channel_id],
+            call_row,
+        )
+        .optional()
+        .map_err(db_err)?;
+    if let Some(row) = active {
+        return Ok((call_from(c, row)?, None));
+    }
+    let now = now_ms();
+    c.execute(
+        "INSERT INTO calls (id, tenant_id, channel_id, mode, started_by, started_at, active_channel_id) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?3)",
+        params![new.id, new.tenant_id, new.channel_id, new.mode.as_str(), new.started_by, now],
+    )
+    .map_err(db_err)?;
+    let call = call(c, &new.tenant_id, &new.id)?.ok_or(StorageError::NotFound)?;
+    let event = append_event(c, &new.tenant_id, &new.channel_id, EventBody::CallStarted { call: call.clone() })?;
+    Ok((call, Some(event)))
+}
+
+pub(super) fn join_call(
+    c: &Connection,
+    tenant: &str,
+    call_id: &str,
+    participant_id: &str,
+    user: &str,
+) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
+    let current = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
+    if current.ended_at.is_some() {
+        return Err(StorageError::NotFound);
+    }
+    if let Some(p) = current.participants.iter().find(|p| p.user_id == user && p.left_at.is_none()) {
+        let p = p.clone();
+        return Ok((current, p, None));
+    }
+    let now = now_ms();
+    c.execute(
+        "INSERT INTO call_participants (id, call_id, user_id, joined_at) VALUES (?1, ?2, ?3, ?4)",
+        params![participant_id, call_id, user, now],
+    )
+    .map_err(db_err)?;
+    let participant =
+        CallParticipant { participant_id: participant_id.to_owned(), user_id: user.to_owned(), joined_at: rfc3339(now), left_at: None };
+    let event = append_event(
+        c,
+        tenant,
+        &current.channel_id,
+        EventBody::CallParticipantJoined { call_id: call_id.to_owned(), participant: participant.clone() },
+    )?;
+    let updated = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
+    Ok((updated, participant, Some(event)))
+}
+
+pub(super) fn leave_call(
+    c: &Connection,
+    tenant: &str,
+    call_id: &str,
+    participant_id: &str,
+    reason: LeaveReason,
+) -> StorageResult<Vec<ChannelEvent>> {
+    let current = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
+    let Some(p) = current.participants.iter().find(|p| p.participant_id == participant_id) else {
+        return Err(StorageError::NotFound);
+    };
+    if p.left_at.is_some() || current.ended_at.is_some() {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    c.execute("UPDATE call_participants SET left_at = ?2 WHERE id = ?1", params![participant_id, now])
+        .map_err(db_err)?;
+    let mut events = vec![append_event(
+        c,
+        tenant,
+        &current.channel_id,
+        EventBody::CallParticipantLeft {
+            call_id: call_id.to_owned(),
+            participant_id: participant_id.to_owned(),
+            user_id: p.user_id.clone(),
+            reason,
+        },
+    )?];
+    let others = current.participants.iter().filter(|o| o.participant_id != participant_id && o.left_at.is_none()).count();
+    if others == 0 {
+        c.execute("UPDATE calls SET ended_at = ?2, active_channel_id = NULL WHERE id = ?1", params![call_id, now])
+            .map_err(db_err)?;
+        events.push(append_event(
+            c,
+            tenant,
+            &current.channel_id,
+            EventBody::CallEnded { call_id: call_id.to_owned(), by: p.user_id.clone() },
+        )?);
+    }
+    Ok(events)
+}
+
+pub(super) fn end_call(c: &Connection, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>> {
+    let current = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
+    if current.ended_at.is_some() {
+        return Ok(Vec::new());
+    }
+    let now = now_ms();
+    let mut events = Vec::new();
+    for p in current.participants.iter().filter(|p| p.left_at.is_none()) {
+        c.execute("UPDATE call_participants SET left_at = ?2 WHERE id = ?1", params![p.participant_id, now])
+            .map_err(db_err)?;
+        events.push(append_event(
+            c,
+            tenant,
+            &current.channel_id,
+            EventBody::CallParticipantLeft {
+                call_id: call_id.to_owned(),
+                participant_id: p.participant_id.clone(),
+                user_id: p.user_id.clone(),
+                reason: LeaveReason::Ended,
+            },
+        )?);
+    }
+    c.execute("UPDATE calls SET ended_at = ?2, active_channel_id = NULL WHERE id = ?1", params![call_id, now])
+        .map_err(db_err)?;
+    events.push(append_event(c, tenant, &current.channel_id, EventBody::CallEnded { call_id: call_id.to_owned(), by: by.to_owned() })?);
+    Ok(events)
 }

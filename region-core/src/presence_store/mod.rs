@@ -10,6 +10,10 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use parley_proto::PresenceStatus;
 
+mod redis;
+
+pub use self::redis::RedisPresenceStore;
+
 /// One node's view of one user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LocalPresence {

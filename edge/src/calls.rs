@@ -1,0 +1,156 @@
+//! Call signaling at the edge: which connection carries which call participant, the per-pair
+//! negotiation state (`PairNegotiation`, sans-IO in `proto`) as seen from each local
+//! participant, and the reconnect grace period of participants whose connection dropped.
+//!
+//! Every signal is checked twice: by the core (both are present participants of one call, the
+//! sender is the caller's, the caller is still a member) and by the pair's negotiation state
+//! machine, on the sender's node before relaying and on the receiver's node on delivery, so
+//! each node's view of a pair sees both directions.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, MutexGuard};
+
+use axum::extract::ws::Utf8Bytes;
+use parley_proto::calls::SignalPayload;
+use parley_proto::{NegotiationError, NegotiationRole, PairNegotiation, Relay, ServerFrame, Side, Signal};
+use tokio::sync::mpsc;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A participant attached to a connection of this node.
+struct Attached {
+    conn: u64,
+    tx: mpsc::Sender<Utf8Bytes>,
+    call_id: String,
+    channel_id: String,
+}
+
+/// (call, local participant, remote participant)
+type PairKey = (String, String, String);
+
+#[derive(Default)]
+pub(crate) struct CallRegistry {
+    attached: Mutex<HashMap<String, Attached>>,
+    pairs: Mutex<HashMap<PairKey, PairNegotiation>>,
+    /// Participants whose connection dropped, with the timer that makes them leave.
+    reconnecting: Mutex<HashMap<String, tokio::task::AbortHandle>>,
+}
+
+/// Outcome of an outgoing signal.
+pub(crate) enum Outgoing {
+    /// Relay the signal to the target.
+    Forward,
+    /// Do not relay; the sender's offer lost a glare.
+    RolledBack,
+    /// Do not relay; nothing to report (trickle of a rolled-back offer).
+    Discard,
+}
+
+impl CallRegistry {
+    /// Attaches a participant to a connection. Returns true when it was reconnecting (its
+    /// timer is cancelled and its pairs need an ICE restart).
+    pub fn attach(&self, participant_id: &str, call_id: &str, channel_id: &str, conn: u64, tx: mpsc::Sender<Utf8Bytes>) -> bool {
+        lock(&self.attached).insert(
+            participant_id.to_owned(),
+            Attached { conn, tx, call_id: call_id.to_owned(), channel_id: channel_id.to_owned() },
+        );
+        let was_reconnecting = match lock(&self.reconnecting).remove(participant_id) {
+            Some(timer) => {
+                timer.abort();
+                true
+            }
+            None => false,
+        };
+        if was_reconnecting {
+            for ((_, local, _), pair) in lock(&self.pairs).iter_mut() {
+                if local == participant_id {
+                    pair.handle_rejoined(Side::A);
+                }
+            }
+        }
+        was_reconnecting
+    }
+
+    /// The connection `conn` ended: its participants become reconnecting. Returns
+    /// (participant, call, channel) of each, for the caller to announce and time out.
+    pub fn detach_connection(&self, conn: u64) -> Vec<(String, String, String)> {
+        let mut attached = lock(&self.attached);
+        let gone: Vec<String> = attached.iter().filter(|(_, a)| a.conn == conn).map(|(p, _)| p.clone()).collect();
+        let mut out = Vec::new();
+        for pid in gone {
+            if let Some(a) = attached.remove(&pid) {
+                out.push((pid, a.call_id, a.channel_id));
+            }
+        }
+        drop(attached);
+        let mut pairs = lock(&self.pairs);
+        for (pid, _, _) in &out {
+            for ((_, local, _), pair) in pairs.iter_mut() {
+                if local == pid {
+                    pair.handle_left(Side::A);
+                }
+            }
+        }
+        out
+    }
+
+    pub fn set_reconnect_timer(&self, participant_id: &str, timer: tokio::task::AbortHandle) {
+        if let Some(old) = lock(&self.reconnecting).insert(participant_id.to_owned(), timer) {
+            old.abort();
+        }
+    }
+
+    /// The reconnect grace ended without a reconnect (or the participant left): forget it.
+    pub fn forget(&self, participant_id: &str) {
+        lock(&self.reconnecting).remove(participant_id);
+        lock(&self.pairs).retain(|(_, local, remote), _| local != participant_id && remote != participant_id);
+    }
+
+    /// Whether `participant_id` is attached on this node (to `conn`).
+    pub fn is_attached_to(&self, participant_id: &str, conn: u64) -> bool {
+        lock(&self.attached).get(participant_id).is_some_and(|a| a.conn == conn)
+    }
+
+    /// Runs an outgoing signal through the sender's view of the pair.
+    pub fn outgoing(&self, call_id: &str, from: &str, to: &str, sender_impolite: bool, payload: &SignalPayload) -> Result<Outgoing, NegotiationError> {
+        let signal = Signal::from_wire(payload.kind, payload.ice_restart);
+        let key = (call_id.to_owned(), from.to_owned(), to.to_owned());
+        let mut pairs = lock(&self.pairs);
+        let pair = pairs
+            .entry(key)
+            .or_insert_with(|| PairNegotiation::new(if sender_impolite { Side::A } else { Side::B }));
+        match pair.handle_signal(Side::A, signal)? {
+            Relay::Forward { .. } | Relay::ForwardRollingBack { .. } => Ok(Outgoing::Forward),
+            Relay::RolledBack { .. } => Ok(Outgoing::RolledBack),
+            Relay::Discard => Ok(Outgoing::Discard),
+        }
+    }
+
+    /// Delivers an incoming signal to its local participant: updates the receiver's view of the
+    /// pair and queues the frame. Returns false when the participant is not attached here.
+    pub fn deliver(&self, to: &str, frame: &ServerFrame) -> bool {
+        let ServerFrame::CallSignal { call_id, from, role, signal, .. } = frame else { return false };
+        let tx = match lock(&self.attached).get(to) {
+            Some(a) => a.tx.clone(),
+            None => return false,
+        };
+        {
+            let key = (call_id.clone(), to.to_owned(), from.clone());
+            let mut pairs = lock(&self.pairs);
+            let pair = pairs.entry(key).or_insert_with(|| {
+                PairNegotiation::new(if *role == NegotiationRole::Impolite { Side::A } else { Side::B })
+            });
+            // The sender's node validated the signal; a disagreement here is a race between
+            // crossing signals, which the peers' own perfect negotiation settles.
+            if let Err(e) = pair.handle_signal(Side::B, Signal::from_wire(signal.kind, signal.ice_restart)) {
+                tracing::debug!(error = %e, call = %call_id, "signal delivered despite local pair state");
+            }
+        }
+        if let Ok(json) = serde_json::to_string(frame) {
+            let _ = tx.try_send(Utf8Bytes::from(json));
+        }
+        true
+    }
+}
