@@ -41,7 +41,7 @@ pub fn raise_nofile_limit() -> anyhow::Result<(u64, u64)> {
     let mut lim = getrlimit(Resource::Nofile);
     if lim.current != lim.maximum {
         lim.current = lim.maximum;
-        setrlimit(Resource::Nofile, lim.clone()).context("cannot raise the soft open-files limit")?;
+        setrlimit(Resource::Nofile, lim).context("cannot raise the soft open-files limit")?;
     }
     let lim = getrlimit(Resource::Nofile);
     Ok((lim.current.unwrap_or(u64::MAX), lim.maximum.unwrap_or(u64::MAX)))

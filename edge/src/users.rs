@@ -12,10 +12,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A connection id with its queue.
+type ConnQueue = (u64, mpsc::Sender<Utf8Bytes>);
+
 /// (tenant, user) → connections.
 #[derive(Default)]
 pub(crate) struct UserConnections {
-    inner: Mutex<HashMap<(String, String), Vec<(u64, mpsc::Sender<Utf8Bytes>)>>>,
+    inner: Mutex<HashMap<(String, String), Vec<ConnQueue>>>,
 }
 
 impl UserConnections {
