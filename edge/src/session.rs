@@ -252,19 +252,31 @@ impl Session {
                     }
                 },
                 Some(frame) = next_queued(&mut self.queue) => {
-                    tokio::select! {
-                        biased;
-                        _ = ctl.notify.notified() => {
-                            if let Some(code) = ctl.close_reason() {
-                                return Some(code);
+                    // A close must not wait for a stuck send; anything else must not abandon it:
+                    // a send that is pending has usually queued the frame already, so starting
+                    // it over would deliver the frame twice.
+                    let send = ws.send(Message::Text(frame));
+                    tokio::pin!(send);
+                    let mut unread_changed = false;
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = ctl.notify.notified() => {
+                                if let Some(code) = ctl.close_reason() {
+                                    return Some(code);
+                                }
+                                unread_changed = true;
                             }
-                            // Not a close: send the frame, then look at the unread counts.
-                            if ws.send(Message::Text(frame)).await.is_err() {
-                                return None;
+                            r = &mut send => {
+                                if r.is_err() {
+                                    return None;
+                                }
+                                break;
                             }
-                            self.refresh_unread();
                         }
-                        r = ws.send(Message::Text(frame.clone())) => if r.is_err() { return None },
+                    }
+                    if unread_changed {
+                        self.refresh_unread();
                     }
                 }
                 _ = heartbeat.tick() => {

@@ -122,6 +122,10 @@ pub struct ServeArgs {
     /// How long a call participant whose connection dropped stays in the call, in milliseconds.
     #[arg(long, env = "PARLEY_CALL_RECONNECT_GRACE_MS", default_value_t = 15_000)]
     pub call_reconnect_grace_ms: u64,
+    /// Lifetime of a node's presence entries in Redis, in milliseconds; refreshed four times per
+    /// lifetime. A node that dies takes about this long to have its users go offline elsewhere.
+    #[arg(long, env = "PARLEY_PRESENCE_TTL_MS", default_value_t = 10_000)]
+    pub presence_ttl_ms: u64,
     /// Redis URL (redis://host:port) for presence shared by several nodes. Without it, presence
     /// is kept in memory (one node).
     #[arg(long, env = "PARLEY_REDIS_URL")]

@@ -97,7 +97,9 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
     let auth = Arc::new(auth);
     let presence_store: Arc<dyn PresenceStore> = match &args.redis_url {
         Some(url) => Arc::new(
-            RedisPresenceStore::connect(url, RedisPresenceStore::DEFAULT_TTL).await.context("cannot connect to Redis")?,
+            RedisPresenceStore::connect(url, Duration::from_millis(args.presence_ttl_ms.max(400)))
+                .await
+                .context("cannot connect to Redis")?,
         ),
         None => Arc::new(MemoryPresenceStore::default()),
     };
@@ -105,6 +107,8 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         presence: PresenceTimings { offline_grace_ms: args.presence_grace_ms, away_after_ms: args.away_after_ms },
         typing_throttle_ms: args.typing_throttle_ms,
         typing_expiry_ms: args.typing_expiry_ms,
+        // Four refreshes fit in one TTL: a node's users outlive a missed refresh or two.
+        presence_refresh: Duration::from_millis((args.presence_ttl_ms / 4).max(100)),
         ..RealtimeConfig::default()
     };
     let realtime = Realtime::new(bus.clone(), storage.clone(), presence_store, realtime_config);

@@ -24,8 +24,11 @@ pub struct RealtimeConfig {
     pub presence: PresenceTimings,
     pub typing_throttle_ms: u64,
     pub typing_expiry_ms: u64,
-    /// How often timers are polled and presence entries refreshed.
+    /// How often timers are polled.
     pub tick: Duration,
+    /// How often this node refreshes its presence entries (and sweeps those of dead nodes):
+    /// a fraction of the presence store's TTL.
+    pub presence_refresh: Duration,
 }
 
 impl Default for RealtimeConfig {
@@ -35,6 +38,7 @@ impl Default for RealtimeConfig {
             typing_throttle_ms: 3_000,
             typing_expiry_ms: 6_000,
             tick: Duration::from_millis(250),
+            presence_refresh: Duration::from_secs(2),
         }
     }
 }
@@ -79,7 +83,7 @@ impl Realtime {
     pub async fn run_timers(self: Arc<Self>) {
         let mut tick = tokio::time::interval(self.config.tick);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut refresh_every = 0u32;
+        let mut last_refresh = tokio::time::Instant::now();
         loop {
             tick.tick().await;
             let now = now_ms_u64();
@@ -91,10 +95,9 @@ impl Realtime {
             for stop in stops {
                 self.announce_typing(stop).await;
             }
-            // Presence entries are refreshed about every 2 s, in one round trip.
-            refresh_every += 1;
-            if refresh_every * (self.config.tick.as_millis() as u32).max(1) >= 2_000 {
-                refresh_every = 0;
+            // Presence entries are refreshed in one round trip per interval.
+            if last_refresh.elapsed() >= self.config.presence_refresh {
+                last_refresh = tokio::time::Instant::now();
                 let local: Vec<(String, String, LocalPresence)> = {
                     let tracker = lock(&self.presence);
                     tracker

@@ -34,6 +34,11 @@ pub fn database_url() -> String {
     )
 }
 
+pub fn redis_url() -> String {
+    std::env::var("PARLEY_TEST_REDIS_URL")
+        .expect("PARLEY_TEST_REDIS_URL is not set: run the tests with scripts/test.sh, which installs and starts Redis")
+}
+
 pub fn nats_url() -> String {
     std::env::var("PARLEY_TEST_NATS_URL")
         .expect("PARLEY_TEST_NATS_URL is not set: run the tests with scripts/test.sh, which installs and starts nats-server")
@@ -54,6 +59,7 @@ pub struct ServerBuilder {
     data_dir: Option<PathBuf>,
     extra: Vec<String>,
     nats: bool,
+    redis: bool,
 }
 
 impl ServerBuilder {
@@ -63,6 +69,7 @@ impl ServerBuilder {
             data_dir: None,
             extra: Vec::new(),
             nats: false,
+            redis: false,
         }
     }
 
@@ -75,6 +82,12 @@ impl ServerBuilder {
     /// Connect the server to the test NATS.
     pub fn nats(mut self) -> Self {
         self.nats = true;
+        self
+    }
+
+    /// Keep presence in the test Redis (shared by every node started with it).
+    pub fn redis(mut self) -> Self {
+        self.redis = true;
         self
     }
 
@@ -108,6 +121,10 @@ impl ServerBuilder {
         if self.nats {
             args.push("--nats-url".into());
             args.push(nats_url());
+        }
+        if self.redis {
+            args.push("--redis-url".into());
+            args.push(redis_url());
         }
         args.extend(self.extra);
         let mut server = Server {
