@@ -30,7 +30,9 @@ pub const AUDIENCE: &str = "parley";
 /// The default path of the release binary: `$CARGO_TARGET_DIR/release/parley`, else
 /// `target/release/parley`.
 pub fn default_parley_path() -> PathBuf {
-    let dir = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("target"));
+    let dir = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("target"));
     dir.join("release").join("parley")
 }
 
@@ -44,7 +46,10 @@ pub fn raise_nofile_limit() -> anyhow::Result<(u64, u64)> {
         setrlimit(Resource::Nofile, lim).context("cannot raise the soft open-files limit")?;
     }
     let lim = getrlimit(Resource::Nofile);
-    Ok((lim.current.unwrap_or(u64::MAX), lim.maximum.unwrap_or(u64::MAX)))
+    Ok((
+        lim.current.unwrap_or(u64::MAX),
+        lim.maximum.unwrap_or(u64::MAX),
+    ))
 }
 
 /// Memory figures of a process from `/proc/PID/status`, in bytes.
@@ -58,11 +63,18 @@ pub struct MemStatus {
 }
 
 pub fn mem_status(pid: u32) -> anyhow::Result<MemStatus> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).with_context(|| format!("read /proc/{pid}/status"))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .with_context(|| format!("read /proc/{pid}/status"))?;
     let mut m = MemStatus::default();
     for line in text.lines() {
-        let Some((key, rest)) = line.split_once(':') else { continue };
-        let num: u64 = rest.split_whitespace().next().and_then(|v| v.parse().ok()).unwrap_or(0);
+        let Some((key, rest)) = line.split_once(':') else {
+            continue;
+        };
+        let num: u64 = rest
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
         match key {
             "VmRSS" => m.rss = num * 1024,
             "RssAnon" => m.rss_anon = num * 1024,
@@ -80,7 +92,8 @@ pub fn mem_status(pid: u32) -> anyhow::Result<MemStatus> {
 
 /// User + system CPU time a process has used so far (`/proc/PID/stat`; `self` for this process).
 pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).with_context(|| format!("read /proc/{pid}/stat"))?;
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("read /proc/{pid}/stat"))?;
     // The command name may contain spaces; the fields after the last ')' are fixed.
     let rest = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -96,14 +109,26 @@ pub fn cpu_time(pid: &str) -> anyhow::Result<Duration> {
 pub fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, Duration> {
     let mut out = std::collections::BTreeMap::new();
     let hz = rustix::param::clock_ticks_per_second().max(1) as f64;
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return out };
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return out;
+    };
     for entry in dir.flatten() {
-        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
-        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else { continue };
+        let Ok(text) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (text.find('('), text.rfind(')')) else {
+            continue;
+        };
         let name = text[open + 1..close].to_owned();
         let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
-        let ticks: u64 = fields.get(11).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0)
-            + fields.get(12).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        let ticks: u64 = fields
+            .get(11)
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0);
         *out.entry(name).or_insert(Duration::ZERO) += Duration::from_secs_f64(ticks as f64 / hz);
     }
     out
@@ -113,12 +138,20 @@ pub fn thread_cpu(pid: u32) -> std::collections::BTreeMap<String, Duration> {
 /// Children that exited are not counted.
 pub fn tree_cpu(pid: u32) -> Duration {
     let mut total = Duration::ZERO;
-    let Ok(dir) = std::fs::read_dir("/proc") else { return total };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return total;
+    };
     for entry in dir.flatten() {
         let name = entry.file_name();
-        let Some(p) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
-        let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-        let Some(close) = text.rfind(')') else { continue };
+        let Some(p) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(text) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+            continue;
+        };
+        let Some(close) = text.rfind(')') else {
+            continue;
+        };
         let fields: Vec<&str> = text[close + 1..].split_whitespace().collect();
         let ppid: u32 = fields.get(1).and_then(|v| v.parse().ok()).unwrap_or(0);
         if p == pid || ppid == pid {
@@ -153,7 +186,10 @@ impl ServerProcess {
                 parley.display()
             );
         }
-        let tmp = tempfile::Builder::new().prefix("parley-bench-").tempdir().context("temp dir")?;
+        let tmp = tempfile::Builder::new()
+            .prefix("parley-bench-")
+            .tempdir()
+            .context("temp dir")?;
         let data_dir = tmp.path().to_path_buf();
         let mut cmd = Command::new(parley);
         cmd.arg("serve")
@@ -164,15 +200,22 @@ impl ServerProcess {
             .arg("--jwt-hs256-secret")
             .arg(SECRET)
             .args(extra)
-            .env("PARLEY_LOG", std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "PARLEY_LOG",
+                std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        let mut child = cmd.spawn().with_context(|| format!("cannot start {}", parley.display()))?;
+        let mut child = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {}", parley.display()))?;
         let stdout = child.stdout.take().context("child stdout")?;
         let mut reader = BufReader::new(stdout);
         let mut line = String::new();
-        reader.read_line(&mut line).context("read the listening line")?;
+        reader
+            .read_line(&mut line)
+            .context("read the listening line")?;
         let addr = line
             .split("http://")
             .nth(1)
@@ -190,7 +233,13 @@ impl ServerProcess {
                 sink.clear();
             }
         });
-        Ok(ServerProcess { child, addr, banner: line.trim().to_owned(), data_dir, _tmp: tmp })
+        Ok(ServerProcess {
+            child,
+            addr,
+            banner: line.trim().to_owned(),
+            data_dir,
+            _tmp: tmp,
+        })
     }
 
     pub fn pid(&self) -> u32 {
@@ -226,15 +275,22 @@ impl Drop for ServerProcess {
 }
 
 fn now_secs() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
 }
 
 /// An HS256 access token for `user` in the `default` tenant, valid for two hours.
 pub fn token(user: &str) -> String {
     let claims = json!({ "sub": user, "tid": "default", "exp": now_secs() + 7200, "aud": AUDIENCE, "iss": ISSUER });
     let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
-    jsonwebtoken::encode(&header, &claims, &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()))
-        .expect("HS256 signing cannot fail")
+    jsonwebtoken::encode(
+        &header,
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("HS256 signing cannot fail")
 }
 
 /// The `i`-th client source address: 127.0.0.2, 127.0.0.3, ... (`count` of them, reused in turn).
@@ -256,29 +312,49 @@ pub type Ws = WebSocketStream<TcpStream>;
 
 /// Opens a `parley.v1` WebSocket from `source` (port chosen by the kernel) to `server`,
 /// authenticates, and returns it after the `welcome` frame.
-pub async fn ws_connect(server: SocketAddr, source: IpAddr, token: &str, auth: AuthMode) -> anyhow::Result<Ws> {
-    let sock = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-    sock.bind(SocketAddr::new(source, 0)).with_context(|| format!("bind {source}"))?;
-    let stream = sock.connect(server).await.with_context(|| format!("connect {server} from {source}"))?;
+pub async fn ws_connect(
+    server: SocketAddr,
+    source: IpAddr,
+    token: &str,
+    auth: AuthMode,
+) -> anyhow::Result<Ws> {
+    let sock = if server.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(source, 0))
+        .with_context(|| format!("bind {source}"))?;
+    let stream = sock
+        .connect(server)
+        .await
+        .with_context(|| format!("connect {server} from {source}"))?;
     stream.set_nodelay(true)?;
     let mut req = format!("ws://{server}/v1/ws").into_client_request()?;
     let protocols = match auth {
         AuthMode::Subprotocol => format!("parley.v1, parley.auth.{token}"),
         AuthMode::Frame => "parley.v1".to_owned(),
     };
-    req.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_str(&protocols)?);
+    req.headers_mut()
+        .insert("sec-websocket-protocol", HeaderValue::from_str(&protocols)?);
     // Small client buffers: the client shares the machine with the server.
-    let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
+    let config = WebSocketConfig::default()
+        .read_buffer_size(4096)
+        .write_buffer_size(0);
     let (mut ws, _resp) = tokio_tungstenite::client_async_with_config(req, stream, Some(config))
         .await
         .context("WebSocket upgrade")?;
     if auth == AuthMode::Frame {
-        ws.send(WsMessage::Text(json!({ "type": "auth", "token": token }).to_string().into())).await?;
+        ws.send(WsMessage::Text(
+            json!({ "type": "auth", "token": token }).to_string().into(),
+        ))
+        .await?;
     }
     loop {
         match ws.next().await {
             Some(Ok(WsMessage::Text(t))) => {
-                let frame: Reply = serde_json::from_str(t.as_str()).context("welcome is not JSON")?;
+                let frame: Reply =
+                    serde_json::from_str(t.as_str()).context("welcome is not JSON")?;
                 if frame.kind == "welcome" {
                     return Ok(ws);
                 }
@@ -324,11 +400,19 @@ pub struct Rest {
 
 impl Rest {
     pub fn new(base: String) -> Rest {
-        Rest { base, http: reqwest::Client::new() }
+        Rest {
+            base,
+            http: reqwest::Client::new(),
+        }
     }
 
     /// Creates a channel named `name` as `owner` with `members`; returns its id.
-    pub async fn create_channel(&self, owner_token: &str, name: &str, members: &[String]) -> anyhow::Result<String> {
+    pub async fn create_channel(
+        &self,
+        owner_token: &str,
+        name: &str,
+        members: &[String],
+    ) -> anyhow::Result<String> {
         let res = self
             .http
             .post(format!("{}/v1/channels", self.base))
@@ -341,11 +425,19 @@ impl Rest {
         if !status.is_success() {
             bail!("create channel: {status} {body}");
         }
-        body["id"].as_str().map(str::to_owned).context("channel id in the response")
+        body["id"]
+            .as_str()
+            .map(str::to_owned)
+            .context("channel id in the response")
     }
 
     /// Adds `user` to the channel as a member.
-    pub async fn add_member(&self, owner_token: &str, channel: &str, user: &str) -> anyhow::Result<()> {
+    pub async fn add_member(
+        &self,
+        owner_token: &str,
+        channel: &str,
+        user: &str,
+    ) -> anyhow::Result<()> {
         let res = self
             .http
             .post(format!("{}/v1/channels/{channel}/members", self.base))
@@ -362,7 +454,11 @@ impl Rest {
     }
 
     /// Every message of the channel, oldest first, as `(id, seq)`, paging with `after`.
-    pub async fn all_messages(&self, token: &str, channel: &str) -> anyhow::Result<Vec<(String, u64)>> {
+    pub async fn all_messages(
+        &self,
+        token: &str,
+        channel: &str,
+    ) -> anyhow::Result<Vec<(String, u64)>> {
         #[derive(Deserialize)]
         struct Page {
             messages: Vec<Msg>,
@@ -380,7 +476,10 @@ impl Rest {
         for _ in 0..1_000_000 {
             let res = self
                 .http
-                .get(format!("{}/v1/channels/{channel}/messages?after={after}&limit=200", self.base))
+                .get(format!(
+                    "{}/v1/channels/{channel}/messages?after={after}&limit=200",
+                    self.base
+                ))
                 .bearer_auth(token)
                 .send()
                 .await?;
@@ -393,7 +492,12 @@ impl Rest {
             if let Some(last) = page.messages.last() {
                 after = last.seq;
             }
-            out.extend(page.messages.into_iter().filter(|m| !m.deleted).map(|m| (m.id, m.seq)));
+            out.extend(
+                page.messages
+                    .into_iter()
+                    .filter(|m| !m.deleted)
+                    .map(|m| (m.id, m.seq)),
+            );
             if !page.has_after {
                 return Ok(out);
             }
@@ -413,7 +517,9 @@ pub fn percentile(sorted: &[u32], p: f64) -> u32 {
 
 /// Machine facts for the report header.
 pub fn machine_summary() -> String {
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} cores, kernel {}", kernel.trim())
 }

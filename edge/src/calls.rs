@@ -12,7 +12,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use axum::extract::ws::Utf8Bytes;
 use parley_proto::calls::SignalPayload;
-use parley_proto::{NegotiationError, NegotiationRole, PairNegotiation, Relay, ServerFrame, Side, Signal};
+use parley_proto::{
+    NegotiationError, NegotiationRole, PairNegotiation, Relay, ServerFrame, Side, Signal,
+};
 use tokio::sync::mpsc;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -51,10 +53,22 @@ pub(crate) enum Outgoing {
 impl CallRegistry {
     /// Attaches a participant to a connection. Returns true when it was reconnecting (its
     /// timer is cancelled and its pairs need an ICE restart).
-    pub fn attach(&self, participant_id: &str, call_id: &str, channel_id: &str, conn: u64, tx: mpsc::Sender<Utf8Bytes>) -> bool {
+    pub fn attach(
+        &self,
+        participant_id: &str,
+        call_id: &str,
+        channel_id: &str,
+        conn: u64,
+        tx: mpsc::Sender<Utf8Bytes>,
+    ) -> bool {
         lock(&self.attached).insert(
             participant_id.to_owned(),
-            Attached { conn, tx, call_id: call_id.to_owned(), channel_id: channel_id.to_owned() },
+            Attached {
+                conn,
+                tx,
+                call_id: call_id.to_owned(),
+                channel_id: channel_id.to_owned(),
+            },
         );
         let was_reconnecting = match lock(&self.reconnecting).remove(participant_id) {
             Some(timer) => {
@@ -64,20 +78,56 @@ impl CallRegistry {
             None => false,
         };
         if was_reconnecting {
-            for ((_, local, _), pair) in lock(&self.pairs).iter_mut() {
+            // Both views of each pair held here: the participant's own (it is side A) and those
+            // of the other local participants facing it (it is side B).
+            for ((_, local, remote), pair) in lock(&self.pairs).iter_mut() {
                 if local == participant_id {
                     pair.handle_rejoined(Side::A);
+                } else if remote == participant_id {
+                    pair.handle_rejoined(Side::B);
                 }
             }
         }
         was_reconnecting
     }
 
+    /// A participant attached on some node (maybe this one). If it was reconnecting here, its
+    /// grace timer is cancelled and, when it now lives on another node, its views here are
+    /// dropped. Returns whether it was reconnecting here.
+    pub fn remote_attached(&self, participant_id: &str) -> bool {
+        let was_reconnecting = match lock(&self.reconnecting).remove(participant_id) {
+            Some(timer) => {
+                timer.abort();
+                true
+            }
+            None => false,
+        };
+        let attached_here = lock(&self.attached).contains_key(participant_id);
+        if was_reconnecting && !attached_here {
+            lock(&self.pairs).retain(|(_, local, _), _| local != participant_id);
+        }
+        was_reconnecting
+    }
+
+    /// A participant came back after a drop (announced by the node it dropped on): every local
+    /// view facing it needs an ICE restart.
+    pub fn peer_reconnected(&self, participant_id: &str) {
+        for ((_, _, remote), pair) in lock(&self.pairs).iter_mut() {
+            if remote == participant_id {
+                pair.handle_rejoined(Side::B);
+            }
+        }
+    }
+
     /// The connection `conn` ended: its participants become reconnecting. Returns
     /// (participant, call, channel) of each, for the caller to announce and time out.
     pub fn detach_connection(&self, conn: u64) -> Vec<(String, String, String)> {
         let mut attached = lock(&self.attached);
-        let gone: Vec<String> = attached.iter().filter(|(_, a)| a.conn == conn).map(|(p, _)| p.clone()).collect();
+        let gone: Vec<String> = attached
+            .iter()
+            .filter(|(_, a)| a.conn == conn)
+            .map(|(p, _)| p.clone())
+            .collect();
         let mut out = Vec::new();
         for pid in gone {
             if let Some(a) = attached.remove(&pid) {
@@ -87,9 +137,11 @@ impl CallRegistry {
         drop(attached);
         let mut pairs = lock(&self.pairs);
         for (pid, _, _) in &out {
-            for ((_, local, _), pair) in pairs.iter_mut() {
+            for ((_, local, remote), pair) in pairs.iter_mut() {
                 if local == pid {
                     pair.handle_left(Side::A);
+                } else if remote == pid {
+                    pair.handle_left(Side::B);
                 }
             }
         }
@@ -105,22 +157,38 @@ impl CallRegistry {
     /// The reconnect grace ended without a reconnect (or the participant left): forget it.
     pub fn forget(&self, participant_id: &str) {
         lock(&self.reconnecting).remove(participant_id);
-        lock(&self.pairs).retain(|(_, local, remote), _| local != participant_id && remote != participant_id);
+        lock(&self.pairs)
+            .retain(|(_, local, remote), _| local != participant_id && remote != participant_id);
     }
 
     /// Whether `participant_id` is attached on this node (to `conn`).
     pub fn is_attached_to(&self, participant_id: &str, conn: u64) -> bool {
-        lock(&self.attached).get(participant_id).is_some_and(|a| a.conn == conn)
+        lock(&self.attached)
+            .get(participant_id)
+            .is_some_and(|a| a.conn == conn)
     }
 
     /// Runs an outgoing signal through the sender's view of the pair.
-    pub fn outgoing(&self, call_id: &str, from: &str, to: &str, sender_impolite: bool, payload: &SignalPayload) -> Result<Outgoing, NegotiationError> {
+    pub fn outgoing(
+        &self,
+        call_id: &str,
+        from: &str,
+        to: &str,
+        sender_impolite: bool,
+        payload: &SignalPayload,
+    ) -> Result<Outgoing, NegotiationError> {
         let signal = Signal::from_wire(payload.kind, payload.ice_restart);
         let key = (call_id.to_owned(), from.to_owned(), to.to_owned());
+        let target_reconnecting = lock(&self.reconnecting).contains_key(to);
         let mut pairs = lock(&self.pairs);
-        let pair = pairs
-            .entry(key)
-            .or_insert_with(|| PairNegotiation::new(if sender_impolite { Side::A } else { Side::B }));
+        let pair = pairs.entry(key).or_insert_with(|| {
+            let mut pair = PairNegotiation::new(if sender_impolite { Side::A } else { Side::B });
+            // A pair first used while the target is reconnecting starts with the target gone.
+            if target_reconnecting {
+                pair.handle_left(Side::B);
+            }
+            pair
+        });
         match pair.handle_signal(Side::A, signal)? {
             Relay::Forward { .. } | Relay::ForwardRollingBack { .. } => Ok(Outgoing::Forward),
             Relay::RolledBack { .. } => Ok(Outgoing::RolledBack),
@@ -131,7 +199,16 @@ impl CallRegistry {
     /// Delivers an incoming signal to its local participant: updates the receiver's view of the
     /// pair and queues the frame. Returns false when the participant is not attached here.
     pub fn deliver(&self, to: &str, frame: &ServerFrame) -> bool {
-        let ServerFrame::CallSignal { call_id, from, role, signal, .. } = frame else { return false };
+        let ServerFrame::CallSignal {
+            call_id,
+            from,
+            role,
+            signal,
+            ..
+        } = frame
+        else {
+            return false;
+        };
         let tx = match lock(&self.attached).get(to) {
             Some(a) => a.tx.clone(),
             None => return false,
@@ -140,11 +217,17 @@ impl CallRegistry {
             let key = (call_id.clone(), to.to_owned(), from.clone());
             let mut pairs = lock(&self.pairs);
             let pair = pairs.entry(key).or_insert_with(|| {
-                PairNegotiation::new(if *role == NegotiationRole::Impolite { Side::A } else { Side::B })
+                PairNegotiation::new(if *role == NegotiationRole::Impolite {
+                    Side::A
+                } else {
+                    Side::B
+                })
             });
             // The sender's node validated the signal; a disagreement here is a race between
             // crossing signals, which the peers' own perfect negotiation settles.
-            if let Err(e) = pair.handle_signal(Side::B, Signal::from_wire(signal.kind, signal.ice_restart)) {
+            if let Err(e) =
+                pair.handle_signal(Side::B, Signal::from_wire(signal.kind, signal.ice_restart))
+            {
                 tracing::debug!(error = %e, call = %call_id, "signal delivered despite local pair state");
             }
         }

@@ -119,32 +119,49 @@ struct HubsInner {
 
 impl Hubs {
     pub fn new(gap_timeout: Duration) -> Self {
-        Hubs { inner: Mutex::new(HubsInner::default()), gap_timeout }
+        Hubs {
+            inner: Mutex::new(HubsInner::default()),
+            gap_timeout,
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, HubsInner> {
         // A panic while holding the lock is a bug; keep serving with the state as it is.
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Step 1 of subscribing: register without delivery.
     pub fn register_pending(&self, tenant: &str, channel_id: &str, sub: Subscriber) {
         let mut inner = self.lock();
-        let hub = inner.hubs.entry(channel_id.to_owned()).or_insert_with(|| Hub {
-            tenant: tenant.to_owned(),
-            seq: None,
-            early: Vec::new(),
-            subs: Vec::new(),
-        });
+        let hub = inner
+            .hubs
+            .entry(channel_id.to_owned())
+            .or_insert_with(|| Hub {
+                tenant: tenant.to_owned(),
+                seq: None,
+                early: Vec::new(),
+                subs: Vec::new(),
+            });
         hub.subs.retain(|r| r.sub.conn != sub.conn);
-        hub.subs.push(Registration { sub, state: SubState::Pending { revoked: false } });
+        hub.subs.push(Registration {
+            sub,
+            state: SubState::Pending { revoked: false },
+        });
     }
 
     /// Step 2: the core said the user is a member and the channel's last seq was `last_seq`.
     /// Returns the seq after which this subscriber receives events live.
     /// The hub takes its tenant from the first confirmed subscriber, never from a pending one
     /// (a pending registration may come from another tenant and be refused).
-    pub fn confirm(&self, tenant: &str, channel_id: &str, conn: u64, last_seq: u64) -> Result<u64, ConfirmError> {
+    pub fn confirm(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        conn: u64,
+        last_seq: u64,
+    ) -> Result<u64, ConfirmError> {
         let mut inner = self.lock();
         let gap_timeout = self.gap_timeout;
         let Some(hub) = inner.hubs.get_mut(channel_id) else {
@@ -185,7 +202,9 @@ impl Hubs {
     /// drops it: ephemeral events may be lost under pressure, persisted ones never.
     pub fn deliver_ephemeral(&self, channel_id: &str, frame: &Utf8Bytes, skip_user: Option<&str>) {
         let inner = self.lock();
-        let Some(hub) = inner.hubs.get(channel_id) else { return };
+        let Some(hub) = inner.hubs.get(channel_id) else {
+            return;
+        };
         for reg in &hub.subs {
             if reg.state == SubState::Active && skip_user != Some(&*reg.sub.user_id) {
                 let _ = reg.sub.tx.try_send(frame.clone());
@@ -211,7 +230,9 @@ impl Hubs {
         let Some(hub) = inner.hubs.get_mut(&ev.channel_id) else {
             return; // no local subscriber
         };
-        let Some(encoded) = Encoded::new(&ev) else { return };
+        let Some(encoded) = Encoded::new(&ev) else {
+            return;
+        };
         let gapped = feed(hub, encoded, Instant::now(), &ev.channel_id);
         self.after_feed(&mut inner, &ev.channel_id, gapped);
     }
@@ -220,7 +241,9 @@ impl Hubs {
     pub fn on_fetch_done(&self, done: FetchDone) {
         let mut inner = self.lock();
         let channel_id = done.req.channel_id.clone();
-        let Some(hub) = inner.hubs.get_mut(&channel_id) else { return };
+        let Some(hub) = inner.hubs.get_mut(&channel_id) else {
+            return;
+        };
         let now = Instant::now();
         let full_page = done.events.len() >= FETCH_LIMIT as usize;
         for ev in &done.events {
@@ -265,7 +288,9 @@ impl Hubs {
                 settled.push(id);
                 continue;
             };
-            let Some(seq) = hub.seq.as_mut() else { continue };
+            let Some(seq) = hub.seq.as_mut() else {
+                continue;
+            };
             match seq.poll_output(now) {
                 SequencerOutput::Fetch { after, up_to } => out.push(FetchRequest {
                     tenant: hub.tenant.clone(),
@@ -288,7 +313,10 @@ impl Hubs {
     }
 
     fn after_feed(&self, inner: &mut HubsInner, channel_id: &str, gapped: bool) {
-        let deleted = inner.hubs.get(channel_id).is_some_and(|h| h.subs.is_empty() && h.seq.is_some());
+        let deleted = inner
+            .hubs
+            .get(channel_id)
+            .is_some_and(|h| h.subs.is_empty() && h.seq.is_some());
         if deleted {
             inner.hubs.remove(channel_id);
             inner.gapped.remove(channel_id);
@@ -302,7 +330,12 @@ impl Hubs {
         self.lock()
             .hubs
             .get(channel_id)
-            .map(|h| h.subs.iter().filter(|r| r.state == SubState::Active).count())
+            .map(|h| {
+                h.subs
+                    .iter()
+                    .filter(|r| r.state == SubState::Active)
+                    .count()
+            })
             .unwrap_or(0)
     }
 }
@@ -371,23 +404,49 @@ mod tests {
     use parley_proto::{EventBody, Member, Role};
 
     fn ev(seq: u64, body: EventBody) -> Arc<ChannelEvent> {
-        Arc::new(ChannelEvent { channel_id: "ch".into(), seq, body })
+        Arc::new(ChannelEvent {
+            channel_id: "ch".into(),
+            seq,
+            body,
+        })
     }
 
     fn removal(seq: u64, user: &str) -> Arc<ChannelEvent> {
-        ev(seq, EventBody::MemberRemoved { user_id: user.into(), by: "owner".into() })
+        ev(
+            seq,
+            EventBody::MemberRemoved {
+                user_id: user.into(),
+                by: "owner".into(),
+            },
+        )
     }
 
     fn added(seq: u64, user: &str) -> Arc<ChannelEvent> {
-        ev(seq, EventBody::MemberAdded {
-            member: Member { user_id: user.into(), role: Role::Member, joined_at: "t".into(), last_read_seq: 0 },
-            by: "owner".into(),
-        })
+        ev(
+            seq,
+            EventBody::MemberAdded {
+                member: Member {
+                    user_id: user.into(),
+                    role: Role::Member,
+                    joined_at: "t".into(),
+                    last_read_seq: 0,
+                },
+                by: "owner".into(),
+            },
+        )
     }
 
     fn sub(conn: u64, user: &str) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(4);
-        (Subscriber { conn, user_id: Arc::from(user), tx, ctl: Arc::new(ConnControl::default()) }, rx)
+        (
+            Subscriber {
+                conn,
+                user_id: Arc::from(user),
+                tx,
+                ctl: Arc::new(ConnControl::default()),
+            },
+            rx,
+        )
     }
 
     fn seqs(rx: &mut mpsc::Receiver<Utf8Bytes>) -> Vec<u64> {
@@ -406,7 +465,11 @@ mod tests {
         hubs.register_pending("t", "ch", s);
         hubs.on_event(added(3, "x"));
         assert!(seqs(&mut rx).is_empty());
-        assert_eq!(hubs.confirm("t", "ch", 1, 2), Ok(2), "live from 2 on: the early event 3 is delivered live");
+        assert_eq!(
+            hubs.confirm("t", "ch", 1, 2),
+            Ok(2),
+            "live from 2 on: the early event 3 is delivered live"
+        );
         hubs.on_event(added(5, "y"));
         hubs.on_event(added(4, "z"));
         assert_eq!(seqs(&mut rx), vec![3, 4, 5]);
@@ -449,7 +512,12 @@ mod tests {
         let (slow, _rx_slow) = sub(1, "slow");
         let slow_ctl = slow.ctl.clone();
         let (tx, mut rx_fast) = mpsc::channel(64);
-        let fast = Subscriber { conn: 2, user_id: Arc::from("fast"), tx, ctl: Arc::new(ConnControl::default()) };
+        let fast = Subscriber {
+            conn: 2,
+            user_id: Arc::from("fast"),
+            tx,
+            ctl: Arc::new(ConnControl::default()),
+        };
         hubs.register_pending("t", "ch", slow);
         hubs.register_pending("t", "ch", fast);
         hubs.confirm("t", "ch", 1, 0).expect("member");
@@ -473,7 +541,10 @@ mod tests {
         assert_eq!(reqs.len(), 1);
         assert_eq!((reqs[0].after, reqs[0].up_to), (0, Some(1)));
         let req = reqs.into_iter().next().expect("one");
-        hubs.on_fetch_done(FetchDone { req, events: vec![(*added(1, "w")).clone()] });
+        hubs.on_fetch_done(FetchDone {
+            req,
+            events: vec![(*added(1, "w")).clone()],
+        });
         assert_eq!(seqs(&mut rx), vec![1, 2]);
         assert!(hubs.poll_gaps().is_empty());
     }

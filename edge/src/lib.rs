@@ -16,7 +16,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use parley_proto::{ChannelEvent, ErrorCode, Principal, ReadState, SendMessage, SendResult, SessionLimits, TypingState};
+use parley_proto::{
+    ChannelEvent, ErrorCode, Principal, ReadState, SendMessage, SendResult, SessionLimits,
+    TypingState,
+};
 use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
 mod calls;
@@ -37,7 +40,12 @@ pub trait CoreGateway: Send + Sync + 'static {
     async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError>;
 
     /// Sends a message; resolves after the durable commit.
-    async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> Result<SendResult, GatewayError>;
+    async fn send_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        req: SendMessage,
+    ) -> Result<SendResult, GatewayError>;
 
     /// A connection of `p` opened (presence).
     async fn connection_opened(&self, p: &Principal);
@@ -46,10 +54,20 @@ pub trait CoreGateway: Send + Sync + 'static {
     fn connection_closed(&self, p: &Principal);
 
     /// Typing started or stopped (membership checked, throttled, fanned out by the core).
-    async fn typing(&self, p: &Principal, channel_id: &str, state: TypingState) -> Result<(), GatewayError>;
+    async fn typing(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        state: TypingState,
+    ) -> Result<(), GatewayError>;
 
     /// Moves the caller's read position forward; returns the read state after it.
-    async fn mark_read(&self, p: &Principal, channel_id: &str, seq: u64) -> Result<ReadState, GatewayError>;
+    async fn mark_read(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        seq: u64,
+    ) -> Result<ReadState, GatewayError>;
 
     /// The caller's read state of a channel (unread count).
     async fn read_state(&self, p: &Principal, channel_id: &str) -> Result<ReadState, GatewayError>;
@@ -59,10 +77,21 @@ pub trait CoreGateway: Send + Sync + 'static {
 
     /// Checks that `p` may attach `participant_id` of the call to a connection; returns the
     /// call's channel id.
-    async fn attach_call(&self, p: &Principal, call_id: &str, participant_id: &str) -> Result<String, GatewayError>;
+    async fn attach_call(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+    ) -> Result<String, GatewayError>;
 
     /// Checks a signal between two participants; returns the route.
-    async fn check_signal(&self, p: &Principal, call_id: &str, from: &str, to: &str) -> Result<SignalRoute, GatewayError>;
+    async fn check_signal(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<SignalRoute, GatewayError>;
 
     /// Publishes an ephemeral event on the bus (signals, call reconnect notices).
     async fn publish_ephemeral(&self, event: Ephemeral);
@@ -196,7 +225,11 @@ pub struct Edge {
 
 impl Edge {
     /// An edge that closes every connection with 1001 when `shutdown` turns true.
-    pub fn new(gateway: Arc<dyn CoreGateway>, config: EdgeConfig, shutdown: tokio::sync::watch::Receiver<bool>) -> Arc<Edge> {
+    pub fn new(
+        gateway: Arc<dyn CoreGateway>,
+        config: EdgeConfig,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> Arc<Edge> {
         Arc::new(Edge {
             gateway,
             hubs: hub::Hubs::new(config.gap_timeout),
@@ -217,18 +250,51 @@ impl Edge {
 
     /// Delivers an ephemeral event to the local connections it targets. Never blocks: a full
     /// queue drops it (ephemeral events may be dropped under pressure).
-    fn deliver_ephemeral(&self, ev: &Ephemeral) {
-        let Ok(json) = serde_json::to_string(&ev.frame) else { return };
+    fn deliver_ephemeral(self: &Arc<Self>, ev: &Ephemeral) {
+        let kind = ev.frame.get("type").and_then(|t| t.as_str()).unwrap_or("");
+        if kind == "call.participant_reconnected" {
+            let pid = ev
+                .frame
+                .get("participant_id")
+                .and_then(|p| p.as_str())
+                .unwrap_or("")
+                .to_owned();
+            if let EphemeralTarget::Participant { .. } = &ev.target {
+                // A node-to-node notice that the participant attached somewhere: the node where
+                // it dropped cancels its timer and tells the channel.
+                if self.calls.remote_attached(&pid) {
+                    let edge = self.clone();
+                    let mut notice = ev.clone();
+                    if let Some(channel_id) = ev.frame.get("channel_id").and_then(|c| c.as_str()) {
+                        notice.target = EphemeralTarget::Channel {
+                            channel_id: channel_id.to_owned(),
+                        };
+                        if let Some(obj) = notice.frame.as_object_mut() {
+                            obj.remove("channel_id");
+                        }
+                        tokio::spawn(async move { edge.gateway.publish_ephemeral(notice).await });
+                    }
+                }
+                return;
+            }
+            self.calls.peer_reconnected(&pid);
+        }
+        let Ok(json) = serde_json::to_string(&ev.frame) else {
+            return;
+        };
         let frame = axum::extract::ws::Utf8Bytes::from(json);
         match &ev.target {
             EphemeralTarget::Channel { channel_id } => {
-                self.hubs.deliver_ephemeral(channel_id, &frame, ev.skip_user.as_deref());
+                self.hubs
+                    .deliver_ephemeral(channel_id, &frame, ev.skip_user.as_deref());
             }
             EphemeralTarget::User { tenant_id, user_id } => {
                 self.users.deliver(tenant_id, user_id, &frame);
             }
             EphemeralTarget::Participant { participant_id, .. } => {
-                if let Ok(signal) = serde_json::from_value::<parley_proto::ServerFrame>(ev.frame.clone()) {
+                if let Ok(signal) =
+                    serde_json::from_value::<parley_proto::ServerFrame>(ev.frame.clone())
+                {
                     self.calls.deliver(participant_id, &signal);
                 }
             }

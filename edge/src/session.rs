@@ -12,14 +12,14 @@ use std::time::Instant;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use parley_proto::NegotiationRole;
 use parley_proto::calls::SignalPayload;
 use parley_proto::frames::Ack;
-use parley_proto::NegotiationRole;
-use parley_sync::{Ephemeral, EphemeralTarget};
 use parley_proto::{
-    ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel, SendMessage, ServerFrame,
-    TypingState, frames::FrameError,
+    ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel,
+    SendMessage, ServerFrame, TypingState, frames::FrameError,
 };
+use parley_sync::{Ephemeral, EphemeralTarget};
 use tokio::sync::{Notify, mpsc};
 
 use crate::Edge;
@@ -42,7 +42,9 @@ pub(crate) struct ConnControl {
 
 impl ConnControl {
     pub fn close(&self, code: CloseCode) {
-        let _ = self.reason.compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .reason
+            .compare_exchange(0, code.code(), Ordering::AcqRel, Ordering::Acquire);
         self.notify.notify_one();
     }
 
@@ -54,6 +56,14 @@ impl ConnControl {
         }
         drop(dirty);
         self.notify.notify_one();
+    }
+
+    fn has_unread_dirty(&self) -> bool {
+        !self
+            .unread_dirty
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
     }
 
     fn take_unread_dirty(&self) -> Vec<String> {
@@ -100,8 +110,9 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
     if let Some(principal) = principal {
         let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
         let cfg = &edge.config;
-        let quota = Quota::per_second(NonZeroU32::new(cfg.frames_per_second).unwrap_or(NonZeroU32::MIN))
-            .allow_burst(NonZeroU32::new(cfg.frame_burst).unwrap_or(NonZeroU32::MIN));
+        let quota =
+            Quota::per_second(NonZeroU32::new(cfg.frames_per_second).unwrap_or(NonZeroU32::MIN))
+                .allow_burst(NonZeroU32::new(cfg.frame_burst).unwrap_or(NonZeroU32::MIN));
         let mut session = Session {
             conn,
             user_id: Arc::from(principal.user_id.as_str()),
@@ -117,16 +128,30 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
             edge: edge.clone(),
         };
         let tx = session.queue_sender();
-        edge.users.add(&session.principal.tenant_id, &session.principal.user_id, conn, tx);
-        edge.sessions.opened(&session.session_id, &session.principal.tenant_id, &session.principal.user_id);
+        edge.users.add(
+            &session.principal.tenant_id,
+            &session.principal.user_id,
+            conn,
+            tx,
+        );
+        edge.sessions.opened(
+            &session.session_id,
+            &session.principal.tenant_id,
+            &session.principal.user_id,
+        );
         edge.gateway.connection_opened(&session.principal).await;
         let close = session.serve(&mut ws).await;
         for channel in session.subscriptions.drain() {
             edge.hubs.unsubscribe(&channel, conn);
         }
-        edge.users.remove(&session.principal.tenant_id, &session.principal.user_id, conn);
+        edge.users.remove(
+            &session.principal.tenant_id,
+            &session.principal.user_id,
+            conn,
+        );
         call_participants_dropped(&edge, &session.principal.tenant_id, conn).await;
-        edge.sessions.closed(&session.session_id, edge.config.resume_window);
+        edge.sessions
+            .closed(&session.session_id, edge.config.resume_window);
         edge.gateway.connection_closed(&session.principal);
         if let Some(code) = close {
             send_close(&mut ws, code).await;
@@ -139,7 +164,24 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
 /// period, then leave unless they attach again.
 async fn call_participants_dropped(edge: &Arc<Edge>, tenant: &str, conn: u64) {
     for (participant_id, call_id, channel_id) in edge.calls.detach_connection(conn) {
-        let frame = ServerFrame::CallParticipantReconnecting { call_id: call_id.clone(), participant_id: participant_id.clone() };
+        let frame = ServerFrame::CallParticipantReconnecting {
+            call_id: call_id.clone(),
+            participant_id: participant_id.clone(),
+        };
+        // The timer is registered before the announcement, so a peer reacting to it already
+        // finds the participant reconnecting.
+        let grace = edge.config.call_reconnect_grace;
+        let (edge2, tenant2, pid) = (edge.clone(), tenant.to_owned(), participant_id.clone());
+        let timer = tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            edge2.calls.forget(&pid);
+            edge2
+                .gateway
+                .participant_timed_out(&tenant2, &call_id, &pid)
+                .await;
+        });
+        edge.calls
+            .set_reconnect_timer(&participant_id, timer.abort_handle());
         edge.gateway
             .publish_ephemeral(Ephemeral {
                 target: EphemeralTarget::Channel { channel_id },
@@ -147,14 +189,6 @@ async fn call_participants_dropped(edge: &Arc<Edge>, tenant: &str, conn: u64) {
                 frame: serde_json::to_value(&frame).unwrap_or_default(),
             })
             .await;
-        let grace = edge.config.call_reconnect_grace;
-        let (edge2, tenant2, pid) = (edge.clone(), tenant.to_owned(), participant_id.clone());
-        let timer = tokio::spawn(async move {
-            tokio::time::sleep(grace).await;
-            edge2.calls.forget(&pid);
-            edge2.gateway.participant_timed_out(&tenant2, &call_id, &pid).await;
-        });
-        edge.calls.set_reconnect_timer(&participant_id, timer.abort_handle());
     }
 }
 
@@ -165,13 +199,25 @@ async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
     loop {
         frames += 1;
         if frames > MAX_FRAMES_BEFORE_AUTH {
-            send_error(ws, None, ErrorCode::AuthRequired, "too many frames before authentication").await;
+            send_error(
+                ws,
+                None,
+                ErrorCode::AuthRequired,
+                "too many frames before authentication",
+            )
+            .await;
             send_close(ws, CloseCode::AuthFailed).await;
             return None;
         }
         let msg = match tokio::time::timeout_at(deadline, ws.recv()).await {
             Err(_) => {
-                send_error(ws, None, ErrorCode::AuthRequired, "no auth frame arrived in time").await;
+                send_error(
+                    ws,
+                    None,
+                    ErrorCode::AuthRequired,
+                    "no auth frame arrived in time",
+                )
+                .await;
                 send_close(ws, CloseCode::AuthTimeout).await;
                 return None;
             }
@@ -183,7 +229,13 @@ async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
             Message::Close(_) => return None,
             Message::Ping(_) | Message::Pong(_) => continue,
             Message::Binary(_) => {
-                send_error(ws, None, ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames").await;
+                send_error(
+                    ws,
+                    None,
+                    ErrorCode::InvalidRequest,
+                    "binary frames are not supported; send JSON text frames",
+                )
+                .await;
                 continue;
             }
         };
@@ -222,7 +274,11 @@ impl Session {
             heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
             limits: cfg.session_limits(),
         };
-        if ws.send(Message::Text(welcome.to_json().into())).await.is_err() {
+        if ws
+            .send(Message::Text(welcome.to_json().into()))
+            .await
+            .is_err()
+        {
             return None;
         }
         let mut shutdown = self.edge.shutdown.clone();
@@ -306,7 +362,10 @@ impl Session {
                 return Flow::End(Some(CloseCode::RateLimitFlood));
             }
             let id = match &msg {
-                Message::Text(t) => ClientFrame::parse(t.as_str()).ok().as_ref().and_then(frame_id),
+                Message::Text(t) => ClientFrame::parse(t.as_str())
+                    .ok()
+                    .as_ref()
+                    .and_then(frame_id),
                 _ => None,
             };
             let retry = 1000 / u64::from(self.edge.config.frames_per_second.max(1));
@@ -321,31 +380,79 @@ impl Session {
         }
         self.limited_in_a_row = 0;
         let Message::Text(text) = msg else {
-            send_error(ws, None, ErrorCode::InvalidRequest, "binary frames are not supported; send JSON text frames").await;
+            send_error(
+                ws,
+                None,
+                ErrorCode::InvalidRequest,
+                "binary frames are not supported; send JSON text frames",
+            )
+            .await;
             return Flow::Continue;
         };
         match ClientFrame::parse(text.as_str()) {
             Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
             Ok(ClientFrame::Auth { id, .. }) => {
-                send_error(ws, id, ErrorCode::InvalidRequest, "this connection is already authenticated").await
+                send_error(
+                    ws,
+                    id,
+                    ErrorCode::InvalidRequest,
+                    "this connection is already authenticated",
+                )
+                .await
             }
             Ok(ClientFrame::Ping { id }) => send_text(ws, ServerFrame::Pong { id }.to_json()).await,
-            Ok(ClientFrame::Subscribe { id, channel_id }) => self.subscribe(ws, id, channel_id).await,
+            Ok(ClientFrame::Subscribe { id, channel_id }) => {
+                self.subscribe(ws, id, channel_id).await
+            }
             Ok(ClientFrame::Unsubscribe { id, channel_id }) => {
                 if self.subscriptions.remove(&channel_id) {
                     self.edge.hubs.unsubscribe(&channel_id, self.conn);
                 }
-                let ack = ServerFrame::Ack(Ack { channel_id: Some(channel_id), ..Ack::new(id) });
+                let ack = ServerFrame::Ack(Ack {
+                    channel_id: Some(channel_id),
+                    ..Ack::new(id)
+                });
                 send_text(ws, ack.to_json()).await;
             }
-            Ok(ClientFrame::MessageSend { id, channel_id, client_msg_id, text, metadata }) => {
-                self.send_message(id, channel_id, SendMessage { client_msg_id, text, metadata });
+            Ok(ClientFrame::MessageSend {
+                id,
+                channel_id,
+                client_msg_id,
+                text,
+                metadata,
+            }) => {
+                self.send_message(
+                    id,
+                    channel_id,
+                    SendMessage {
+                        client_msg_id,
+                        text,
+                        metadata,
+                    },
+                );
             }
-            Ok(ClientFrame::Resume { id, session_id, channels }) => self.resume(ws, id, session_id, channels).await,
-            Ok(ClientFrame::TypingStart { id, channel_id }) => self.typing(ws, id, channel_id, TypingState::Start).await,
-            Ok(ClientFrame::TypingStop { id, channel_id }) => self.typing(ws, id, channel_id, TypingState::Stop).await,
-            Ok(ClientFrame::Read { id, channel_id, seq }) => {
-                let frame = match self.edge.gateway.mark_read(&self.principal, &channel_id, seq).await {
+            Ok(ClientFrame::Resume {
+                id,
+                session_id,
+                channels,
+            }) => self.resume(ws, id, session_id, channels).await,
+            Ok(ClientFrame::TypingStart { id, channel_id }) => {
+                self.typing(ws, id, channel_id, TypingState::Start).await
+            }
+            Ok(ClientFrame::TypingStop { id, channel_id }) => {
+                self.typing(ws, id, channel_id, TypingState::Stop).await
+            }
+            Ok(ClientFrame::Read {
+                id,
+                channel_id,
+                seq,
+            }) => {
+                let frame = match self
+                    .edge
+                    .gateway
+                    .mark_read(&self.principal, &channel_id, seq)
+                    .await
+                {
                     Ok(state) => ServerFrame::Ack(Ack {
                         channel_id: Some(channel_id),
                         last_read_seq: Some(state.last_read_seq),
@@ -355,11 +462,21 @@ impl Session {
                 };
                 send_text(ws, frame.to_json()).await;
             }
-            Ok(ClientFrame::CallAttach { id, call_id, participant_id }) => {
+            Ok(ClientFrame::CallAttach {
+                id,
+                call_id,
+                participant_id,
+            }) => {
                 let frame = self.call_attach(id, call_id, participant_id).await;
                 send_text(ws, frame.to_json()).await;
             }
-            Ok(ClientFrame::CallSignal { id, call_id, from, to, signal }) => {
+            Ok(ClientFrame::CallSignal {
+                id,
+                call_id,
+                from,
+                to,
+                signal,
+            }) => {
                 let frame = self.call_signal(id, call_id, from, to, signal).await;
                 send_text(ws, frame.to_json()).await;
             }
@@ -373,15 +490,53 @@ impl Session {
 
     /// Attaches a call participant to this connection; a participant coming back inside its
     /// reconnect grace period is announced so that the others restart ICE.
-    async fn call_attach(&mut self, id: String, call_id: String, participant_id: String) -> ServerFrame {
-        let channel_id = match self.edge.gateway.attach_call(&self.principal, &call_id, &participant_id).await {
+    async fn call_attach(
+        &mut self,
+        id: String,
+        call_id: String,
+        participant_id: String,
+    ) -> ServerFrame {
+        let channel_id = match self
+            .edge
+            .gateway
+            .attach_call(&self.principal, &call_id, &participant_id)
+            .await
+        {
             Ok(c) => c,
             Err(e) => return error_frame(Some(id), e.code, &e.message),
         };
         let tx = self.queue_sender();
-        let reconnected = self.edge.calls.attach(&participant_id, &call_id, &channel_id, self.conn, tx);
+        let reconnected =
+            self.edge
+                .calls
+                .attach(&participant_id, &call_id, &channel_id, self.conn, tx);
+        if !reconnected {
+            // It may have dropped on another node: tell every node, so that one cancels its
+            // grace timer and announces the reconnect.
+            let notice = serde_json::json!({
+                "type": "call.participant_reconnected",
+                "call_id": call_id,
+                "participant_id": participant_id,
+                "channel_id": channel_id,
+            });
+            self.edge
+                .gateway
+                .publish_ephemeral(Ephemeral {
+                    target: EphemeralTarget::Participant {
+                        tenant_id: self.principal.tenant_id.clone(),
+                        user_id: self.principal.user_id.clone(),
+                        participant_id: participant_id.clone(),
+                    },
+                    skip_user: None,
+                    frame: notice,
+                })
+                .await;
+        }
         if reconnected {
-            let frame = ServerFrame::CallParticipantReconnected { call_id: call_id.clone(), participant_id: participant_id.clone() };
+            let frame = ServerFrame::CallParticipantReconnected {
+                call_id: call_id.clone(),
+                participant_id: participant_id.clone(),
+            };
             self.edge
                 .gateway
                 .publish_ephemeral(Ephemeral {
@@ -396,21 +551,54 @@ impl Session {
 
     /// Relays a signal to another participant after the core's checks and the pair's state
     /// machine.
-    async fn call_signal(&mut self, id: String, call_id: String, from: String, to: String, signal: SignalPayload) -> ServerFrame {
+    async fn call_signal(
+        &mut self,
+        id: String,
+        call_id: String,
+        from: String,
+        to: String,
+        signal: SignalPayload,
+    ) -> ServerFrame {
         if !self.edge.calls.is_attached_to(&from, self.conn) {
-            return error_frame(Some(id), ErrorCode::InvalidRequest, "attach the participant to this connection first (call.attach)");
+            return error_frame(
+                Some(id),
+                ErrorCode::InvalidRequest,
+                "attach the participant to this connection first (call.attach)",
+            );
         }
-        let route = match self.edge.gateway.check_signal(&self.principal, &call_id, &from, &to).await {
+        let route = match self
+            .edge
+            .gateway
+            .check_signal(&self.principal, &call_id, &from, &to)
+            .await
+        {
             Ok(r) => r,
             Err(e) => return error_frame(Some(id), e.code, &e.message),
         };
-        match self.edge.calls.outgoing(&call_id, &from, &to, route.sender_impolite, &signal) {
+        match self
+            .edge
+            .calls
+            .outgoing(&call_id, &from, &to, route.sender_impolite, &signal)
+        {
             Err(e) => error_frame(Some(id), ErrorCode::Conflict, &format!("{}: {e}", e.code())),
             Ok(Outgoing::Discard) => ServerFrame::ack(id),
-            Ok(Outgoing::RolledBack) => ServerFrame::Ack(Ack { rolled_back: Some(true), ..Ack::new(id) }),
+            Ok(Outgoing::RolledBack) => ServerFrame::Ack(Ack {
+                rolled_back: Some(true),
+                ..Ack::new(id)
+            }),
             Ok(Outgoing::Forward) => {
-                let role = if route.sender_impolite { NegotiationRole::Polite } else { NegotiationRole::Impolite };
-                let frame = ServerFrame::CallSignal { call_id, from, to: to.clone(), role, signal };
+                let role = if route.sender_impolite {
+                    NegotiationRole::Polite
+                } else {
+                    NegotiationRole::Impolite
+                };
+                let frame = ServerFrame::CallSignal {
+                    call_id,
+                    from,
+                    to: to.clone(),
+                    role,
+                    signal,
+                };
                 self.edge
                     .gateway
                     .publish_ephemeral(Ephemeral {
@@ -428,9 +616,23 @@ impl Session {
         }
     }
 
-    async fn typing(&mut self, ws: &mut WebSocket, id: String, channel_id: String, state: TypingState) {
-        let frame = match self.edge.gateway.typing(&self.principal, &channel_id, state).await {
-            Ok(()) => ServerFrame::Ack(Ack { channel_id: Some(channel_id), ..Ack::new(id) }),
+    async fn typing(
+        &mut self,
+        ws: &mut WebSocket,
+        id: String,
+        channel_id: String,
+        state: TypingState,
+    ) {
+        let frame = match self
+            .edge
+            .gateway
+            .typing(&self.principal, &channel_id, state)
+            .await
+        {
+            Ok(()) => ServerFrame::Ack(Ack {
+                channel_id: Some(channel_id),
+                ..Ack::new(id)
+            }),
             Err(e) => error_frame(Some(id), e.code, &e.message),
         };
         send_text(ws, frame.to_json()).await;
@@ -465,22 +667,48 @@ impl Session {
                 }
             }
             in_flight.store(false, Ordering::Release);
+            // A change marked after the last look but before the flag dropped would wait for
+            // the next one: look once more.
+            if ctl.has_unread_dirty() {
+                ctl.notify.notify_one();
+            }
         });
     }
 
     /// Restores the subscriptions of an earlier session and replays what each channel missed,
     /// exactly and in order, before the ack; or refuses a channel as a whole (never a partial
     /// replay), in which case the client fetches history.
-    async fn resume(&mut self, ws: &mut WebSocket, id: String, session_id: String, channels: Vec<ResumeChannel>) {
+    async fn resume(
+        &mut self,
+        ws: &mut WebSocket,
+        id: String,
+        session_id: String,
+        channels: Vec<ResumeChannel>,
+    ) {
         let window = self.edge.config.resume_window;
-        let check = self.edge.sessions.check(&session_id, &self.principal.tenant_id, &self.principal.user_id, window);
+        let check = self.edge.sessions.check(
+            &session_id,
+            &self.principal.tenant_id,
+            &self.principal.user_id,
+            window,
+        );
         if check == SessionCheck::Foreign {
-            send_error(ws, Some(id), ErrorCode::InvalidArgument, "session_id belongs to another user").await;
+            send_error(
+                ws,
+                Some(id),
+                ErrorCode::InvalidArgument,
+                "session_id belongs to another user",
+            )
+            .await;
             return;
         }
         let max_replay = self.edge.config.max_replay;
         let mut outcomes = Vec::with_capacity(channels.len());
-        for ResumeChannel { channel_id, seq: last_seen } in channels {
+        for ResumeChannel {
+            channel_id,
+            seq: last_seen,
+        } in channels
+        {
             let live_from = match self.subscribe_inner(&channel_id).await {
                 Ok(seq) => seq,
                 Err(_) => {
@@ -494,7 +722,7 @@ impl Session {
                     continue;
                 }
             };
-            let refusal = if check == SessionCheck::Expired {
+            let refusal = if matches!(check, SessionCheck::Expired | SessionCheck::Unknown) {
                 Some(ResumeRefusal::WindowPassed)
             } else if live_from.saturating_sub(last_seen) > max_replay {
                 Some(ResumeRefusal::TooFarBehind)
@@ -502,14 +730,26 @@ impl Session {
                 None
             };
             if let Some(reason) = refusal {
-                outcomes.push(ResumedChannel { channel_id, replayed: false, events: 0, seq: Some(live_from), reason: Some(reason) });
+                outcomes.push(ResumedChannel {
+                    channel_id,
+                    replayed: false,
+                    events: 0,
+                    seq: Some(live_from),
+                    reason: Some(reason),
+                });
                 continue;
             }
             let missed = if live_from > last_seen {
                 let limit = u32::try_from(max_replay.saturating_add(1)).unwrap_or(u32::MAX);
                 self.edge
                     .gateway
-                    .channel_events(&self.principal.tenant_id, &channel_id, last_seen, Some(live_from), limit)
+                    .channel_events(
+                        &self.principal.tenant_id,
+                        &channel_id,
+                        last_seen,
+                        Some(live_from),
+                        limit,
+                    )
                     .await
             } else {
                 Ok(Vec::new())
@@ -523,7 +763,13 @@ impl Session {
                             send_text(ws, json).await;
                         }
                     }
-                    outcomes.push(ResumedChannel { channel_id, replayed: true, events: expected, seq: Some(live_from), reason: None });
+                    outcomes.push(ResumedChannel {
+                        channel_id,
+                        replayed: true,
+                        events: expected,
+                        seq: Some(live_from),
+                        reason: None,
+                    });
                 }
                 _ => outcomes.push(ResumedChannel {
                     channel_id,
@@ -534,13 +780,20 @@ impl Session {
                 }),
             }
         }
-        let ack = ServerFrame::Ack(Ack { resumed: Some(outcomes), ..Ack::new(id) });
+        let ack = ServerFrame::Ack(Ack {
+            resumed: Some(outcomes),
+            ..Ack::new(id)
+        });
         send_text(ws, ack.to_json()).await;
     }
 
     async fn subscribe(&mut self, ws: &mut WebSocket, id: String, channel_id: String) {
         let frame = match self.subscribe_inner(&channel_id).await {
-            Ok(seq) => ServerFrame::Ack(Ack { channel_id: Some(channel_id), seq: Some(seq), ..Ack::new(id) }),
+            Ok(seq) => ServerFrame::Ack(Ack {
+                channel_id: Some(channel_id),
+                seq: Some(seq),
+                ..Ack::new(id)
+            }),
             Err(e) => error_frame(Some(id), e.code, &e.message),
         };
         send_text(ws, frame.to_json()).await;
@@ -550,16 +803,28 @@ impl Session {
     /// arrive live.
     async fn subscribe_inner(&mut self, channel_id: &str) -> Result<u64, crate::GatewayError> {
         let tx = self.queue_sender();
-        let sub = Subscriber { conn: self.conn, user_id: self.user_id.clone(), tx, ctl: self.ctl.clone() };
+        let sub = Subscriber {
+            conn: self.conn,
+            user_id: self.user_id.clone(),
+            tx,
+            ctl: self.ctl.clone(),
+        };
         let hubs = &self.edge.hubs;
         hubs.register_pending(&self.principal.tenant_id, channel_id, sub);
-        let result = match self.edge.gateway.subscribe_check(&self.principal, channel_id).await {
-            Ok(last_seq) => hubs.confirm(&self.principal.tenant_id, channel_id, self.conn, last_seq).map_err(|e| match e {
-                ConfirmError::Revoked | ConfirmError::Gone => crate::GatewayError {
-                    code: ErrorCode::NotAMember,
-                    message: "you are not a member of this channel".into(),
-                },
-            }),
+        let result = match self
+            .edge
+            .gateway
+            .subscribe_check(&self.principal, channel_id)
+            .await
+        {
+            Ok(last_seq) => hubs
+                .confirm(&self.principal.tenant_id, channel_id, self.conn, last_seq)
+                .map_err(|e| match e {
+                    ConfirmError::Revoked | ConfirmError::Gone => crate::GatewayError {
+                        code: ErrorCode::NotAMember,
+                        message: "you are not a member of this channel".into(),
+                    },
+                }),
             Err(e) => Err(e),
         };
         match &result {
@@ -597,11 +862,16 @@ impl Session {
 
     fn queue_sender(&mut self) -> mpsc::Sender<Utf8Bytes> {
         let cap = self.edge.config.send_queue.max(1);
-        self.queue.get_or_insert_with(|| mpsc::channel(cap)).0.clone()
+        self.queue
+            .get_or_insert_with(|| mpsc::channel(cap))
+            .0
+            .clone()
     }
 }
 
-async fn next_queued(queue: &mut Option<(mpsc::Sender<Utf8Bytes>, mpsc::Receiver<Utf8Bytes>)>) -> Option<Utf8Bytes> {
+async fn next_queued(
+    queue: &mut Option<(mpsc::Sender<Utf8Bytes>, mpsc::Receiver<Utf8Bytes>)>,
+) -> Option<Utf8Bytes> {
     match queue {
         Some((_, rx)) => rx.recv().await,
         None => std::future::pending().await,
@@ -637,7 +907,12 @@ fn frame_id(f: &ClientFrame) -> Option<String> {
 }
 
 fn error_frame(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {
-    ServerFrame::Error { id, code, message: message.to_owned(), retry_after_ms: None }
+    ServerFrame::Error {
+        id,
+        code,
+        message: message.to_owned(),
+        retry_after_ms: None,
+    }
 }
 
 async fn send_error(ws: &mut WebSocket, id: Option<String>, code: ErrorCode, message: &str) {
@@ -650,8 +925,15 @@ async fn send_text(ws: &mut WebSocket, text: String) {
 
 /// Sends a close frame with the code and its stated reason, giving a stuck peer one second.
 async fn send_close(ws: &mut WebSocket, code: CloseCode) {
-    let frame = CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) };
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), ws.send(Message::Close(Some(frame)))).await;
+    let frame = CloseFrame {
+        code: code.code(),
+        reason: Utf8Bytes::from_static(code.reason()),
+    };
+    let _ = tokio::time::timeout(
+        std::time::Duration::from_secs(1),
+        ws.send(Message::Close(Some(frame))),
+    )
+    .await;
 }
 
 fn millis(d: std::time::Duration) -> u64 {

@@ -18,16 +18,33 @@ pub fn router(edge: Arc<Edge>) -> Router {
     Router::new().route("/v1/ws", get(upgrade)).with_state(edge)
 }
 
-async fn upgrade(State(edge): State<Arc<Edge>>, headers: HeaderMap, ws: WebSocketUpgrade) -> Response {
-    let request_id = headers.get("x-request-id").and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
+async fn upgrade(
+    State(edge): State<Arc<Edge>>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Response {
+    let request_id = headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned();
     let reject = |status: StatusCode, code: ErrorCode, message: &str| -> Response {
         let body = ErrorBody {
-            error: ErrorDetail { code, message: message.to_owned(), request_id: request_id.clone(), retry_after_ms: None },
+            error: ErrorDetail {
+                code,
+                message: message.to_owned(),
+                request_id: request_id.clone(),
+                retry_after_ms: None,
+            },
         };
         (status, axum::Json(body)).into_response()
     };
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
-        return reject(StatusCode::FORBIDDEN, ErrorCode::Forbidden, "this Origin is not allowed to open a WebSocket");
+        return reject(
+            StatusCode::FORBIDDEN,
+            ErrorCode::Forbidden,
+            "this Origin is not allowed to open a WebSocket",
+        );
     }
     let requested: Vec<String> = ws
         .requested_protocols()
@@ -42,7 +59,10 @@ async fn upgrade(State(edge): State<Arc<Edge>>, headers: HeaderMap, ws: WebSocke
             "request the WebSocket subprotocol parley.v1 (Sec-WebSocket-Protocol: parley.v1)",
         );
     }
-    let pre_auth = match requested.iter().find_map(|p| p.strip_prefix(WS_AUTH_SUBPROTOCOL_PREFIX)) {
+    let pre_auth = match requested
+        .iter()
+        .find_map(|p| p.strip_prefix(WS_AUTH_SUBPROTOCOL_PREFIX))
+    {
         Some(token) => match edge.gateway.authenticate(token) {
             Ok(p) => Some(p),
             Err(e) => return reject(StatusCode::UNAUTHORIZED, e.code, &e.message),
@@ -67,14 +87,23 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
-    if allowed.iter().any(|a| a == "*" || a.eq_ignore_ascii_case(origin)) {
+    if allowed
+        .iter()
+        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
+    {
         return true;
     }
     if !allowed.is_empty() {
         return false;
     }
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok()).unwrap_or("");
-    let origin_host = origin.split_once("://").map(|(_, rest)| rest).unwrap_or(origin);
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let origin_host = origin
+        .split_once("://")
+        .map(|(_, rest)| rest)
+        .unwrap_or(origin);
     !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
 }
 
@@ -94,15 +123,30 @@ mod tests {
     #[test]
     fn same_origin_and_non_browser_clients_pass_without_a_list() {
         assert!(origin_allowed(&[], &headers(None, "chat.example:8080")));
-        assert!(origin_allowed(&[], &headers(Some("http://chat.example:8080"), "chat.example:8080")));
-        assert!(!origin_allowed(&[], &headers(Some("http://evil.example"), "chat.example:8080")));
+        assert!(origin_allowed(
+            &[],
+            &headers(Some("http://chat.example:8080"), "chat.example:8080")
+        ));
+        assert!(!origin_allowed(
+            &[],
+            &headers(Some("http://evil.example"), "chat.example:8080")
+        ));
     }
 
     #[test]
     fn a_configured_list_is_exact() {
         let list = vec!["https://app.example".to_owned()];
-        assert!(origin_allowed(&list, &headers(Some("https://app.example"), "api.example")));
-        assert!(!origin_allowed(&list, &headers(Some("https://api.example"), "api.example")));
-        assert!(origin_allowed(&["*".to_owned()], &headers(Some("http://any"), "h")));
+        assert!(origin_allowed(
+            &list,
+            &headers(Some("https://app.example"), "api.example")
+        ));
+        assert!(!origin_allowed(
+            &list,
+            &headers(Some("https://api.example"), "api.example")
+        ));
+        assert!(origin_allowed(
+            &["*".to_owned()],
+            &headers(Some("http://any"), "h")
+        ));
     }
 }

@@ -23,7 +23,10 @@ pub(crate) struct UserConnections {
 
 impl UserConnections {
     pub fn add(&self, tenant: &str, user: &str, conn: u64, tx: mpsc::Sender<Utf8Bytes>) {
-        lock(&self.inner).entry((tenant.to_owned(), user.to_owned())).or_default().push((conn, tx));
+        lock(&self.inner)
+            .entry((tenant.to_owned(), user.to_owned()))
+            .or_default()
+            .push((conn, tx));
     }
 
     pub fn remove(&self, tenant: &str, user: &str, conn: u64) {
@@ -62,8 +65,8 @@ pub(crate) enum SessionCheck {
     Resumable,
     /// Ended longer ago than the window.
     Expired,
-    /// Not a session of this node (resuming on another node, or after a restart): resumable,
-    /// bounded by `max_replay` only.
+    /// Not a session of this node (resuming on another node, after a restart, or ended so long
+    /// ago that it was forgotten): treated as past the window, so the client fetches history.
     Unknown,
     /// A session of another user.
     Foreign,
@@ -87,13 +90,30 @@ impl SessionRegistry {
         let now = Instant::now();
         ended.retain(|_, e| now.duration_since(e.at) < window * 2);
         if let Some((tenant, user)) = owner {
-            ended.insert(session_id.to_owned(), Ended { tenant, user, at: now });
+            ended.insert(
+                session_id.to_owned(),
+                Ended {
+                    tenant,
+                    user,
+                    at: now,
+                },
+            );
         }
     }
 
-    pub fn check(&self, session_id: &str, tenant: &str, user: &str, window: Duration) -> SessionCheck {
+    pub fn check(
+        &self,
+        session_id: &str,
+        tenant: &str,
+        user: &str,
+        window: Duration,
+    ) -> SessionCheck {
         if let Some((t, u)) = lock(&self.live).get(session_id) {
-            return if t == tenant && u == user { SessionCheck::Resumable } else { SessionCheck::Foreign };
+            return if t == tenant && u == user {
+                SessionCheck::Resumable
+            } else {
+                SessionCheck::Foreign
+            };
         }
         match lock(&self.ended).get(session_id) {
             Some(e) if e.tenant != tenant || e.user != user => SessionCheck::Foreign,

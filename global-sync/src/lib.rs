@@ -54,7 +54,11 @@ pub enum EphemeralTarget {
     /// Every connection of one user.
     User { tenant_id: String, user_id: String },
     /// The connection attached to one call participant.
-    Participant { tenant_id: String, user_id: String, participant_id: String },
+    Participant {
+        tenant_id: String,
+        user_id: String,
+        participant_id: String,
+    },
 }
 
 /// The stream of a node's subscription. It ends only when the bus is shut down.

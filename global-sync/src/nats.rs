@@ -297,7 +297,14 @@ impl Bus for NatsBus {
         } else {
             Duration::ZERO
         };
-        match timeout(wait, self.inner.client.publish(EPHEMERAL_SUBJECT, Bytes::from(payload))).await {
+        match timeout(
+            wait,
+            self.inner
+                .client
+                .publish(EPHEMERAL_SUBJECT, Bytes::from(payload)),
+        )
+        .await
+        {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(BusError::Unavailable(format!("publishing to NATS: {err}"))),
             Err(_) => Err(BusError::Unavailable("NATS outgoing queue full".into())),

@@ -532,14 +532,17 @@ async fn ephemeral_events_reach_every_node() {
     let mut sub_b = b.subscribe().await.expect("subscribe b");
     let channel_id = unique_prefix("eph");
     let sent = Ephemeral {
-        target: EphemeralTarget::Channel { channel_id: channel_id.clone() },
+        target: EphemeralTarget::Channel {
+            channel_id: channel_id.clone(),
+        },
         skip_user: Some("alice".into()),
         frame: serde_json::json!({ "type": "typing", "channel_id": channel_id, "user_id": "alice" }),
     };
     a.publish_ephemeral(&sent).await.expect("publish");
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        if let BusMessage::Ephemeral(got) = next_item(&mut sub_b, deadline, "the ephemeral event").await
+        if let BusMessage::Ephemeral(got) =
+            next_item(&mut sub_b, deadline, "the ephemeral event").await
             && got.target == sent.target
         {
             assert_eq!(*got, sent);

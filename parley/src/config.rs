@@ -7,7 +7,11 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "parley", version, about = "Parley: real-time chat and calls, self-hosted")]
+#[command(
+    name = "parley",
+    version,
+    about = "Parley: real-time chat and calls, self-hosted"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
@@ -16,7 +20,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server. With no flags: SQLite in ./parley-data, in-process bus, a development key.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print a development access token signed with the data folder's development key.
     Token(TokenArgs),
     /// Apply the database schema and exit.
@@ -51,7 +55,11 @@ pub struct ServeArgs {
     pub jwt_hs256_secret: Option<String>,
     /// Public key for access tokens: KID:ALG:PATH with ALG RS256 or EdDSA, PEM at PATH.
     /// Repeat for rotation. Disables the dev key.
-    #[arg(long = "jwt-public-key", env = "PARLEY_JWT_PUBLIC_KEYS", value_delimiter = ',')]
+    #[arg(
+        long = "jwt-public-key",
+        env = "PARLEY_JWT_PUBLIC_KEYS",
+        value_delimiter = ','
+    )]
     pub jwt_public_keys: Vec<String>,
     /// Required `iss` of access tokens.
     #[arg(long, env = "PARLEY_JWT_ISSUER", default_value = "parley")]
@@ -60,7 +68,11 @@ pub struct ServeArgs {
     #[arg(long, env = "PARLEY_JWT_AUDIENCE", default_value = "parley")]
     pub jwt_audience: String,
     /// Allowed Origin of browser WebSocket upgrades (repeatable; `*` for any). Default: same origin.
-    #[arg(long = "allowed-origin", env = "PARLEY_ALLOWED_ORIGINS", value_delimiter = ',')]
+    #[arg(
+        long = "allowed-origin",
+        env = "PARLEY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
     pub allowed_origins: Vec<String>,
     /// REST requests per user per minute (sustained).
     #[arg(long, env = "PARLEY_RATE_PER_MINUTE", default_value_t = 10_000)]
@@ -159,7 +171,9 @@ pub struct TokenArgs {
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration like 3600, 90s, 30m, 12h or 7d"))?;
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 3600, 90s, 30m, 12h or 7d"))?;
     let secs = match unit {
         "" | "s" => n,
         "m" => n * 60,

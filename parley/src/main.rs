@@ -9,14 +9,27 @@ use tokio::net::TcpListener;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         match cli.command {
-            Command::Serve(args) => serve(args).await,
+            Command::Serve(args) => serve(*args).await,
             Command::Token(args) => {
-                let key = DevSigningKey::load_or_create(&args.data_dir)
-                    .with_context(|| format!("cannot load the development key in {}", args.data_dir.display()))?;
-                let token = key.sign(&args.user, &args.tenant, args.roles, args.ttl.as_secs(), &args.issuer, &args.audience);
+                let key = DevSigningKey::load_or_create(&args.data_dir).with_context(|| {
+                    format!(
+                        "cannot load the development key in {}",
+                        args.data_dir.display()
+                    )
+                })?;
+                let token = key.sign(
+                    &args.user,
+                    &args.tenant,
+                    args.roles,
+                    args.ttl.as_secs(),
+                    &args.issuer,
+                    &args.audience,
+                );
                 println!("{token}");
                 Ok(())
             }
@@ -33,14 +46,19 @@ fn main() -> anyhow::Result<()> {
 fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
     init_tracing();
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let node = server::build(&args, shutdown_rx).await?;
-    let listener = TcpListener::bind(&args.listen).await.with_context(|| format!("cannot listen on {}", args.listen))?;
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
     // The first stdout line is machine-readable: tests and scripts read the port from it. A
     // closed stdout (the reader went away) must not take the server down, so errors are ignored.
@@ -63,7 +81,8 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
     let shutdown = async move {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         #[cfg(unix)]
         let term_recv = async {
             match term.as_mut() {

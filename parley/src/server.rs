@@ -12,17 +12,17 @@ use async_trait::async_trait;
 use axum::Router;
 use axum::routing::get;
 use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
-use parley_core::http::{self, ApiDoc, ApiState};
-use parley_core::ratelimit::RequestBudget;
-use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
-use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
-use parley_core::realtime::{Realtime, RealtimeConfig};
 use parley_core::calls::IceConfig;
+use parley_core::http::{self, ApiDoc, ApiState};
+use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
+use parley_core::ratelimit::RequestBudget;
+use parley_core::realtime::{Realtime, RealtimeConfig};
+use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
 use parley_core::{Core, CoreError, DomainLimits};
-use parley_proto::PresenceTimings;
 use parley_edge::{CoreGateway, Edge, EdgeConfig, GatewayError, SignalRoute};
-use parley_sync::Ephemeral;
+use parley_proto::PresenceTimings;
 use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, TypingState};
+use parley_sync::Ephemeral;
 use parley_sync::{Bus, InProcessBus, NatsBus};
 use tokio::net::TcpListener;
 use utoipa::OpenApi;
@@ -37,11 +37,9 @@ pub async fn open_storage(args: &StorageArgs) -> anyhow::Result<Arc<dyn Storage>
                 .await
                 .context("cannot open PostgreSQL storage")?,
         ),
-        None => Arc::new(
-            SqliteStorage::open(&args.data_dir)
-                .await
-                .with_context(|| format!("cannot open SQLite storage in {}", args.data_dir.display()))?,
-        ),
+        None => Arc::new(SqliteStorage::open(&args.data_dir).await.with_context(|| {
+            format!("cannot open SQLite storage in {}", args.data_dir.display())
+        })?),
     })
 }
 
@@ -70,11 +68,18 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, bool)> 
     }
     let dev = keys.is_empty();
     if dev {
-        let dev_key = DevSigningKey::load_or_create(&args.storage.data_dir)
-            .with_context(|| format!("cannot load the development key in {}", args.storage.data_dir.display()))?;
+        let dev_key = DevSigningKey::load_or_create(&args.storage.data_dir).with_context(|| {
+            format!(
+                "cannot load the development key in {}",
+                args.storage.data_dir.display()
+            )
+        })?;
         keys.push(dev_key.verification_key());
     }
-    Ok((Authenticator::new(keys, args.jwt_issuer.clone(), args.jwt_audience.clone()), dev))
+    Ok((
+        Authenticator::new(keys, args.jwt_issuer.clone(), args.jwt_audience.clone()),
+        dev,
+    ))
 }
 
 /// Everything a running node is made of.
@@ -87,10 +92,17 @@ pub struct Node {
 }
 
 /// Builds the node and starts its bus dispatcher.
-pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<Node> {
+pub async fn build(
+    args: &ServeArgs,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Node> {
     let storage = open_storage(&args.storage).await?;
     let bus: Arc<dyn Bus> = match &args.nats_url {
-        Some(url) => Arc::new(NatsBus::connect(url).await.context("cannot connect to NATS")?),
+        Some(url) => Arc::new(
+            NatsBus::connect(url)
+                .await
+                .context("cannot connect to NATS")?,
+        ),
         None => Arc::new(InProcessBus::default()),
     };
     let (auth, dev_mode) = authenticator(args)?;
@@ -104,14 +116,22 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         None => Arc::new(MemoryPresenceStore::default()),
     };
     let realtime_config = RealtimeConfig {
-        presence: PresenceTimings { offline_grace_ms: args.presence_grace_ms, away_after_ms: args.away_after_ms },
+        presence: PresenceTimings {
+            offline_grace_ms: args.presence_grace_ms,
+            away_after_ms: args.away_after_ms,
+        },
         typing_throttle_ms: args.typing_throttle_ms,
         typing_expiry_ms: args.typing_expiry_ms,
         // Four refreshes fit in one TTL: a node's users outlive a missed refresh or two.
         presence_refresh: Duration::from_millis((args.presence_ttl_ms / 4).max(100)),
         ..RealtimeConfig::default()
     };
-    let realtime = Realtime::new(bus.clone(), storage.clone(), presence_store, realtime_config);
+    let realtime = Realtime::new(
+        bus.clone(),
+        storage.clone(),
+        presence_store,
+        realtime_config,
+    );
     tokio::spawn(realtime.clone().run_timers());
     let ice = IceConfig {
         stun_urls: args.stun_urls.clone(),
@@ -122,7 +142,9 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
     let core = Arc::new(Core::new(
         storage.clone(),
         bus.clone(),
-        DomainLimits { max_text_chars: args.max_text_chars },
+        DomainLimits {
+            max_text_chars: args.max_text_chars,
+        },
         realtime,
         ice,
     ));
@@ -143,9 +165,15 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         call_reconnect_grace: Duration::from_millis(args.call_reconnect_grace_ms),
         ..EdgeConfig::default()
     };
-    let gateway = Arc::new(LocalGateway { core: core.clone(), auth: auth.clone() });
+    let gateway = Arc::new(LocalGateway {
+        core: core.clone(),
+        auth: auth.clone(),
+    });
     let edge = Edge::new(gateway, edge_config, shutdown);
-    let subscription = bus.subscribe().await.context("cannot subscribe to the bus")?;
+    let subscription = bus
+        .subscribe()
+        .await
+        .context("cannot subscribe to the bus")?;
     tokio::spawn(edge.clone().run_dispatcher(subscription));
     {
         // Keep the per-user budgets bounded to active users.
@@ -159,12 +187,19 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         });
     }
     let api = http::router(ApiState { core, auth, budget });
-    let openapi = ApiDoc::openapi().to_json().context("cannot render the OpenAPI document")?;
+    let openapi = ApiDoc::openapi()
+        .to_json()
+        .context("cannot render the OpenAPI document")?;
     let edge_for_ready = edge.clone();
     let app = Router::new()
         .merge(api)
         .merge(parley_edge::router(edge.clone()))
-        .route("/v1/openapi.json", get(move || std::future::ready(([("content-type", "application/json")], openapi.clone()))))
+        .route(
+            "/v1/openapi.json",
+            get(move || {
+                std::future::ready(([("content-type", "application/json")], openapi.clone()))
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
@@ -176,15 +211,28 @@ pub async fn build(args: &ServeArgs, shutdown: tokio::sync::watch::Receiver<bool
         .fallback(http::route_not_found)
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(axum::middleware::from_fn(http::request_id));
-    Ok(Node { app, edge, dev_mode, storage_backend: storage.backend(), bus_kind: bus.kind() })
+    Ok(Node {
+        app,
+        edge,
+        dev_mode,
+        storage_backend: storage.backend(),
+        bus_kind: bus.kind(),
+    })
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains.
-pub async fn serve(listener: TcpListener, app: Router, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-    axum::serve(listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-        .with_graceful_shutdown(shutdown)
-        .await
-        .context("server failed")
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+    .context("server failed")
 }
 
 /// The edge's view of the core inside one process: direct calls.
@@ -194,78 +242,143 @@ struct LocalGateway {
 }
 
 fn valid_channel(channel_id: &str) -> Result<(), GatewayError> {
-    parley_core::validate::channel_id(channel_id)
-        .map_err(|m| GatewayError { code: parley_proto::ErrorCode::InvalidArgument, message: m })
+    parley_core::validate::channel_id(channel_id).map_err(|m| GatewayError {
+        code: parley_proto::ErrorCode::InvalidArgument,
+        message: m,
+    })
 }
 
 fn gateway_error(e: CoreError) -> GatewayError {
     if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
         tracing::error!(error = %detail, "core call failed");
     }
-    GatewayError { code: e.code(), message: e.to_string() }
+    GatewayError {
+        code: e.code(),
+        message: e.to_string(),
+    }
 }
 
 #[async_trait]
 impl CoreGateway for LocalGateway {
     fn authenticate(&self, token: &str) -> Result<Principal, GatewayError> {
-        self.auth.verify(token).map_err(|e| GatewayError { code: e.code, message: e.message })
+        self.auth.verify(token).map_err(|e| GatewayError {
+            code: e.code,
+            message: e.message,
+        })
     }
 
     async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError> {
         valid_channel(channel_id)?;
-        let channel = self.core.get_channel(p, channel_id).await.map_err(gateway_error)?;
+        let channel = self
+            .core
+            .get_channel(p, channel_id)
+            .await
+            .map_err(gateway_error)?;
         Ok(channel.last_seq)
     }
 
-    async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> Result<SendResult, GatewayError> {
+    async fn send_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        req: SendMessage,
+    ) -> Result<SendResult, GatewayError> {
         valid_channel(channel_id)?;
-        self.core.send_message(p, channel_id, req).await.map_err(gateway_error)
+        self.core
+            .send_message(p, channel_id, req)
+            .await
+            .map_err(gateway_error)
     }
 
     async fn connection_opened(&self, p: &Principal) {
-        self.core.realtime().connected(&p.tenant_id, &p.user_id).await;
+        self.core
+            .realtime()
+            .connected(&p.tenant_id, &p.user_id)
+            .await;
     }
 
     fn connection_closed(&self, p: &Principal) {
         self.core.realtime().disconnected(&p.tenant_id, &p.user_id);
     }
 
-    async fn typing(&self, p: &Principal, channel_id: &str, state: TypingState) -> Result<(), GatewayError> {
+    async fn typing(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        state: TypingState,
+    ) -> Result<(), GatewayError> {
         valid_channel(channel_id)?;
-        self.core.typing(p, channel_id, state).await.map_err(gateway_error)
+        self.core
+            .typing(p, channel_id, state)
+            .await
+            .map_err(gateway_error)
     }
 
-    async fn mark_read(&self, p: &Principal, channel_id: &str, seq: u64) -> Result<ReadState, GatewayError> {
+    async fn mark_read(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        seq: u64,
+    ) -> Result<ReadState, GatewayError> {
         valid_channel(channel_id)?;
-        self.core.mark_read(p, channel_id, seq).await.map_err(gateway_error)
+        self.core
+            .mark_read(p, channel_id, seq)
+            .await
+            .map_err(gateway_error)
     }
 
     async fn read_state(&self, p: &Principal, channel_id: &str) -> Result<ReadState, GatewayError> {
         valid_channel(channel_id)?;
-        self.core.read_state(p, channel_id).await.map_err(gateway_error)
+        self.core
+            .read_state(p, channel_id)
+            .await
+            .map_err(gateway_error)
     }
 
     async fn set_away(&self, p: &Principal, away: bool) {
-        self.core.realtime().set_away(&p.tenant_id, &p.user_id, away).await;
+        self.core
+            .realtime()
+            .set_away(&p.tenant_id, &p.user_id, away)
+            .await;
     }
 
-    async fn attach_call(&self, p: &Principal, call_id: &str, participant_id: &str) -> Result<String, GatewayError> {
-        let call = self.core.get_call(p, call_id).await.map_err(gateway_error)?;
-        let present = call
-            .participants
-            .iter()
-            .any(|x| x.participant_id == participant_id && x.user_id == p.user_id && x.left_at.is_none());
+    async fn attach_call(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+    ) -> Result<String, GatewayError> {
+        let call = self
+            .core
+            .get_call(p, call_id)
+            .await
+            .map_err(gateway_error)?;
+        let present = call.participants.iter().any(|x| {
+            x.participant_id == participant_id && x.user_id == p.user_id && x.left_at.is_none()
+        });
         if call.ended_at.is_some() || !present {
             return Err(GatewayError {
                 code: parley_proto::ErrorCode::Conflict,
-                message: format!("{participant_id} is not your present participant in this active call; join it first"),
+                message: format!(
+                    "{participant_id} is not your present participant in this active call; join it first"
+                ),
             });
         }
         Ok(call.channel_id)
     }
 
-    async fn check_signal(&self, p: &Principal, call_id: &str, from: &str, to: &str) -> Result<SignalRoute, GatewayError> {
-        let route = self.core.check_signal(p, call_id, from, to).await.map_err(gateway_error)?;
+    async fn check_signal(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<SignalRoute, GatewayError> {
+        let route = self
+            .core
+            .check_signal(p, call_id, from, to)
+            .await
+            .map_err(gateway_error)?;
         Ok(SignalRoute {
             channel_id: route.channel_id,
             target_user: route.target_user,
@@ -279,12 +392,26 @@ impl CoreGateway for LocalGateway {
 
     async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {
         let reason = parley_proto::calls::LeaveReason::Timeout;
-        if let Err(e) = self.core.leave_participant(tenant, call_id, participant_id, reason).await {
+        if let Err(e) = self
+            .core
+            .leave_participant(tenant, call_id, participant_id, reason)
+            .await
+        {
             tracing::warn!(error = %e, call = %call_id, "could not time out a call participant");
         }
     }
 
-    async fn channel_events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> Result<Vec<ChannelEvent>, GatewayError> {
-        self.core.channel_events(tenant, channel_id, after, up_to, limit).await.map_err(gateway_error)
+    async fn channel_events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ChannelEvent>, GatewayError> {
+        self.core
+            .channel_events(tenant, channel_id, after, up_to, limit)
+            .await
+            .map_err(gateway_error)
     }
 }

@@ -28,7 +28,10 @@ async fn presence_change(ws: &mut Ws, user: &str, status: &str, within: Duration
             .await
             .unwrap_or_else(|_| panic!("no presence.changed {user} {status} within {within:?}"))
             .expect("connection open");
-        if frame["type"] == "presence.changed" && frame["user_id"] == user && frame["status"] == status {
+        if frame["type"] == "presence.changed"
+            && frame["user_id"] == user
+            && frame["status"] == status
+        {
             return frame;
         }
     }
@@ -48,17 +51,31 @@ async fn a_killed_node_takes_its_users_offline_on_the_other_node() {
     bob_ws.subscribe(&channel).await;
     let _alice_ws = Ws::connect(&a, &token(&alice)).await;
     presence_change(&mut bob_ws, &alice, "online", Duration::from_secs(10)).await;
-    let seen = b.api(&bob).get(&format!("/v1/users/{alice}/presence")).await.ok();
-    assert_eq!(seen["status"], "online", "node B reads alice's presence from Redis: {seen}");
+    let seen = b
+        .api(&bob)
+        .get(&format!("/v1/users/{alice}/presence"))
+        .await
+        .ok();
+    assert_eq!(
+        seen["status"], "online",
+        "node B reads alice's presence from Redis: {seen}"
+    );
 
     let killed_at = std::time::Instant::now();
     a.kill9();
     let offline = presence_change(&mut bob_ws, &alice, "offline", Duration::from_secs(15)).await;
     let took = killed_at.elapsed();
-    assert!(offline["last_seen"].is_string(), "last_seen is set: {offline}");
+    assert!(
+        offline["last_seen"].is_string(),
+        "last_seen is set: {offline}"
+    );
     // TTL 2 s + refresh/sweep interval 0.5 s, with slack for a loaded machine.
     assert!(took < Duration::from_secs(8), "offline only after {took:?}");
-    let seen = b.api(&bob).get(&format!("/v1/users/{alice}/presence")).await.ok();
+    let seen = b
+        .api(&bob)
+        .get(&format!("/v1/users/{alice}/presence"))
+        .await
+        .ok();
     assert_eq!(seen["status"], "offline");
 }
 
@@ -80,9 +97,18 @@ async fn a_user_on_two_nodes_stays_online_when_one_lets_go() {
     // Past the grace period and a few refreshes: no offline announced, still online everywhere.
     let deadline = tokio::time::Instant::now() + Duration::from_millis(2500);
     while let Ok(Some(frame)) = tokio::time::timeout_at(deadline, bob_ws.next_json()).await {
-        let flap = frame["type"] == "presence.changed" && frame["user_id"] == json!(alice) && frame["status"] == "offline";
-        assert!(!flap, "alice flapped offline while still connected to node B: {frame}");
+        let flap = frame["type"] == "presence.changed"
+            && frame["user_id"] == json!(alice)
+            && frame["status"] == "offline";
+        assert!(
+            !flap,
+            "alice flapped offline while still connected to node B: {frame}"
+        );
     }
-    let seen = a.api(&bob).get(&format!("/v1/users/{alice}/presence")).await.ok();
+    let seen = a
+        .api(&bob)
+        .get(&format!("/v1/users/{alice}/presence"))
+        .await
+        .ok();
     assert_eq!(seen["status"], "online", "{seen}");
 }

@@ -516,3 +516,77 @@ async fn read_state_of_a_channel_you_are_not_in_is_refused() {
         "{list}"
     );
 }
+
+/// Unread notifications never disturb event delivery to a connection that is behind: Bob stops
+/// reading while Alice sends 800 messages of 16,000 characters (12 MB) (more than the socket buffers
+/// hold, less than the send queue, so nothing is dropped or closed), each of which also asks
+/// Bob's connection to refresh its unread count; when he reads again he finds every message
+/// once, in seq order 1..=800.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_refreshes_do_not_duplicate_events_on_a_backed_up_connection() {
+    const TOTAL: usize = 800;
+    let server = common::ServerBuilder::new(Backend::Sqlite)
+        .arg("--ws-send-queue")
+        .arg("4096")
+        .arg("--max-text-chars")
+        .arg("20000")
+        .arg("--rate-per-minute")
+        .arg("10000000")
+        .arg("--rate-burst")
+        .arg("1000000")
+        .start();
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let channel = server.api(&alice).create_channel("backlog", &[&bob]).await;
+    let mut bob_ws = Ws::connect(&server, &token(&bob)).await;
+    assert!(
+        bob_ws.welcome["limits"]["send_queue"]
+            .as_u64()
+            .expect("send_queue")
+            > TOTAL as u64 * 2
+    );
+    bob_ws.subscribe(&channel).await;
+
+    // Bob reads nothing while the messages are sent.
+    let senders: Vec<_> = (0..4)
+        .map(|t| {
+            let (api, channel) = (server.api(&alice), channel.clone());
+            tokio::spawn(async move {
+                for i in 0..TOTAL / 4 {
+                    let text = format!("t{t}-{i} {}", "x".repeat(16_000));
+                    api.send(&channel, &format!("t{t}-{i}"), &text).await.ok();
+                }
+            })
+        })
+        .collect();
+    for s in senders {
+        tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("sends within 60 s")
+            .expect("sender");
+    }
+
+    let mut seqs = Vec::new();
+    while let Some(f) = tokio::time::timeout(Duration::from_secs(2), bob_ws.next_json())
+        .await
+        .ok()
+        .flatten()
+    {
+        if f["type"] == "message.new" {
+            seqs.push(f["seq"].as_u64().expect("seq"));
+        }
+    }
+    let duplicated: Vec<u64> = seqs
+        .windows(2)
+        .filter(|w| w[0] == w[1])
+        .map(|w| w[0])
+        .collect();
+    assert!(
+        duplicated.is_empty(),
+        "events delivered twice: {duplicated:?}"
+    );
+    assert_eq!(
+        seqs,
+        (1..=TOTAL as u64).collect::<Vec<_>>(),
+        "every message once, in order"
+    );
+}

@@ -323,7 +323,6 @@ async fn a_resume_after_the_window_is_refused_with_window_passed() {
 /// than the window ago stays refused with `window_passed` even after other sessions on the node
 /// have ended (which makes the node prune its list of ended sessions).
 #[tokio::test]
-#[ignore = "server bug: SessionRegistry::closed prunes sessions ended over 2x the window, and a pruned (unknown) session is resumed as if it came from another node"]
 async fn an_expired_session_stays_expired_after_other_sessions_end() {
     let server = ServerBuilder::new(Backend::Sqlite)
         .arg("--resume-window-ms")
@@ -776,11 +775,14 @@ fn assert_lossless(r: &Receiver, acks: &BTreeMap<u64, String>, total: u64, elaps
 /// connection is cut every few hundred events — client close frame, abrupt TCP drop, or the
 /// receiver stops reading until the server closes it (send queue 16, heartbeat timeout 1 s) —
 /// and it resumes each time with its last seen seq (filling from history when a resume says
-/// too far behind). It ends with all 5,000 exactly once, in order, with the acked ids.
+/// too far behind, which `--max-replay 300` makes likely after a pause). It ends with all 5,000
+/// exactly once, in order, with the acked ids.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receiver_cut_again_and_again_gets_every_message_exactly_once() {
     const TOTAL: u64 = 5_000;
     let server = ServerBuilder::new(Backend::Sqlite)
+        .arg("--max-replay")
+        .arg("300")
         .arg("--ws-send-queue")
         .arg("16")
         .arg("--heartbeat-interval-ms")
@@ -815,6 +817,8 @@ async fn a_receiver_on_another_node_cut_again_and_again_gets_every_message_exact
     let node = || {
         ServerBuilder::new(Backend::Postgres)
             .nats()
+            .arg("--max-replay")
+            .arg("300")
             .arg("--ws-send-queue")
             .arg("16")
             .arg("--heartbeat-interval-ms")

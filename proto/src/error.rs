@@ -179,8 +179,16 @@ impl CloseCode {
     pub fn from_code(code: u16) -> Option<CloseCode> {
         use CloseCode::*;
         [
-            GoingAway, InvalidPayload, PolicyViolation, MessageTooBig, InternalError, AuthFailed, AuthTimeout,
-            HeartbeatTimeout, RateLimitFlood, SlowConsumer,
+            GoingAway,
+            InvalidPayload,
+            PolicyViolation,
+            MessageTooBig,
+            InternalError,
+            AuthFailed,
+            AuthTimeout,
+            HeartbeatTimeout,
+            RateLimitFlood,
+            SlowConsumer,
         ]
         .into_iter()
         .find(|c| c.code() == code)

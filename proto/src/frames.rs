@@ -59,14 +59,22 @@ pub enum ClientFrame {
     TypingStop { id: String, channel_id: String },
     /// Marks the channel read up to `seq` (moves forward only).
     #[serde(rename = "read")]
-    Read { id: String, channel_id: String, seq: u64 },
+    Read {
+        id: String,
+        channel_id: String,
+        seq: u64,
+    },
     /// Sets or clears "away" for this user.
     #[serde(rename = "presence.set")]
     PresenceSet { id: String, away: bool },
     /// Makes this connection the one that carries a call participant's signals (after joining
     /// over REST, and again after a reconnect).
     #[serde(rename = "call.attach")]
-    CallAttach { id: String, call_id: String, participant_id: String },
+    CallAttach {
+        id: String,
+        call_id: String,
+        participant_id: String,
+    },
     /// A signal (offer, answer, ICE candidate, end of candidates, rollback) for another
     /// participant of the same call.
     #[serde(rename = "call.signal")]
@@ -234,10 +242,18 @@ pub enum ServerFrame {
     },
     /// A member's read position moved (sent to the channel's subscribers).
     #[serde(rename = "read.updated")]
-    ReadUpdated { channel_id: String, user_id: String, last_read_seq: u64 },
+    ReadUpdated {
+        channel_id: String,
+        user_id: String,
+        last_read_seq: u64,
+    },
     /// The receiving user's unread count of a channel changed.
     #[serde(rename = "unread.updated")]
-    UnreadUpdated { channel_id: String, unread_count: u64, last_read_seq: u64 },
+    UnreadUpdated {
+        channel_id: String,
+        unread_count: u64,
+        last_read_seq: u64,
+    },
     /// A signal from another participant.
     #[serde(rename = "call.signal")]
     CallSignal {
@@ -250,10 +266,16 @@ pub enum ServerFrame {
     },
     /// A participant's connection dropped; it stays in the call for the reconnect grace period.
     #[serde(rename = "call.participant_reconnecting")]
-    CallParticipantReconnecting { call_id: String, participant_id: String },
+    CallParticipantReconnecting {
+        call_id: String,
+        participant_id: String,
+    },
     /// A participant came back after a drop: renegotiate with an ICE restart.
     #[serde(rename = "call.participant_reconnected")]
-    CallParticipantReconnected { call_id: String, participant_id: String },
+    CallParticipantReconnected {
+        call_id: String,
+        participant_id: String,
+    },
 }
 
 /// The body of an `ack` frame. Fields other than `id` are present for the requests they belong to.
@@ -288,7 +310,10 @@ pub struct Ack {
 impl Ack {
     /// An ack carrying nothing but the id.
     pub fn new(id: String) -> Ack {
-        Ack { id, ..Ack::default() }
+        Ack {
+            id,
+            ..Ack::default()
+        }
     }
 }
 

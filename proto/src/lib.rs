@@ -17,14 +17,16 @@ pub mod signaling;
 pub mod typing;
 
 pub use error::{CloseCode, ErrorBody, ErrorCode};
-pub use frames::{ClientFrame, ResumeChannel, ResumeRefusal, ResumedChannel, ServerFrame, TypingState};
+pub use frames::{
+    ClientFrame, ResumeChannel, ResumeRefusal, ResumedChannel, ServerFrame, TypingState,
+};
 pub use model::*;
 pub use presence::{PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker};
 pub use sequencer::{ChannelSequencer, SequencerOutput};
 // The negotiation role is re-exported as `NegotiationRole`: `Role` is a channel member's role.
 pub use signaling::{
-    NegotiationError, NegotiationStats, PairNegotiation, Relay, Role as NegotiationRole, Side, Signal, SignalKind,
-    SignalingState, impolite_side,
+    NegotiationError, NegotiationStats, PairNegotiation, Relay, Role as NegotiationRole, Side,
+    Signal, SignalKind, SignalingState, impolite_side,
 };
 pub use typing::{TypingOutput, TypingThrottle};
 

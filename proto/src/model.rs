@@ -32,7 +32,9 @@ impl ChannelKind {
 }
 
 /// Role of a member in a channel. Ordered: owner > moderator > member.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, ToSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     Member,
@@ -190,7 +192,10 @@ pub enum EventBody {
     #[serde(rename = "call.started")]
     CallStarted { call: crate::calls::Call },
     #[serde(rename = "call.participant_joined")]
-    CallParticipantJoined { call_id: String, participant: crate::calls::CallParticipant },
+    CallParticipantJoined {
+        call_id: String,
+        participant: crate::calls::CallParticipant,
+    },
     #[serde(rename = "call.participant_left")]
     CallParticipantLeft {
         call_id: String,

@@ -70,17 +70,25 @@ pub struct PresenceTracker<K> {
 
 impl<K: Clone + Eq + Hash> PresenceTracker<K> {
     pub fn new(timings: PresenceTimings) -> Self {
-        PresenceTracker { users: HashMap::new(), timings }
+        PresenceTracker {
+            users: HashMap::new(),
+            timings,
+        }
     }
 
     /// The user's current status on this node, with `last_seen_ms` and `last_active_ms`.
     pub fn status(&self, user: &K) -> Option<(PresenceStatus, Option<u64>, u64)> {
-        self.users.get(user).map(|e| (e.status, e.last_seen_ms, e.last_active_ms))
+        self.users
+            .get(user)
+            .map(|e| (e.status, e.last_seen_ms, e.last_active_ms))
     }
 
     /// Users this node counts as online or away (connected, or within the grace period).
     pub fn present_users(&self) -> impl Iterator<Item = &K> {
-        self.users.iter().filter(|(_, e)| e.status != PresenceStatus::Offline).map(|(k, _)| k)
+        self.users
+            .iter()
+            .filter(|(_, e)| e.status != PresenceStatus::Offline)
+            .map(|(k, _)| k)
     }
 
     /// A connection of `user` opened.
@@ -97,7 +105,11 @@ impl<K: Clone + Eq + Hash> PresenceTracker<K> {
         entry.connections += 1;
         entry.offline_at = None;
         if entry.status == PresenceStatus::Offline {
-            entry.status = if entry.chosen_away { PresenceStatus::Away } else { PresenceStatus::Online };
+            entry.status = if entry.chosen_away {
+                PresenceStatus::Away
+            } else {
+                PresenceStatus::Online
+            };
             entry.last_active_ms = now;
             return Some(change(user, entry));
         }
@@ -135,7 +147,11 @@ impl<K: Clone + Eq + Hash> PresenceTracker<K> {
         if !away {
             entry.last_active_ms = now;
         }
-        let target = if away { PresenceStatus::Away } else { PresenceStatus::Online };
+        let target = if away {
+            PresenceStatus::Away
+        } else {
+            PresenceStatus::Online
+        };
         if entry.status != PresenceStatus::Offline && entry.status != target {
             entry.status = target;
             return Some(change(user, entry));
@@ -160,7 +176,9 @@ impl<K: Clone + Eq + Hash> PresenceTracker<K> {
                 gone.push(user.clone());
                 continue;
             }
-            if entry.status == PresenceStatus::Online && now.saturating_sub(entry.last_active_ms) >= away_after {
+            if entry.status == PresenceStatus::Online
+                && now.saturating_sub(entry.last_active_ms) >= away_after
+            {
                 entry.status = PresenceStatus::Away;
                 out.push(change(user, entry));
             }
@@ -177,7 +195,9 @@ impl<K: Clone + Eq + Hash> PresenceTracker<K> {
             .values()
             .filter_map(|e| match (e.offline_at, e.status) {
                 (Some(at), _) => Some(at),
-                (None, PresenceStatus::Online) => Some(e.last_active_ms + self.timings.away_after_ms),
+                (None, PresenceStatus::Online) => {
+                    Some(e.last_active_ms + self.timings.away_after_ms)
+                }
                 _ => None,
             })
             .min()
@@ -188,7 +208,11 @@ fn change<K: Clone>(user: &K, e: &Entry) -> PresenceChange<K> {
     PresenceChange {
         user: user.clone(),
         status: e.status,
-        last_seen_ms: if e.status == PresenceStatus::Offline { e.last_seen_ms } else { None },
+        last_seen_ms: if e.status == PresenceStatus::Offline {
+            e.last_seen_ms
+        } else {
+            None
+        },
         last_active_ms: e.last_active_ms,
     }
 }
@@ -197,7 +221,10 @@ fn change<K: Clone>(user: &K, e: &Entry) -> PresenceChange<K> {
 mod tests {
     use super::*;
 
-    const T: PresenceTimings = PresenceTimings { offline_grace_ms: 5_000, away_after_ms: 60_000 };
+    const T: PresenceTimings = PresenceTimings {
+        offline_grace_ms: 5_000,
+        away_after_ms: 60_000,
+    };
 
     fn tracker() -> PresenceTracker<&'static str> {
         PresenceTracker::new(T)
@@ -208,7 +235,11 @@ mod tests {
         let mut p = tracker();
         let c = p.connected(&"u", 1_000).expect("change");
         assert_eq!(c.status, PresenceStatus::Online);
-        assert_eq!(p.connected(&"u", 1_100), None, "a second connection changes nothing");
+        assert_eq!(
+            p.connected(&"u", 1_100),
+            None,
+            "a second connection changes nothing"
+        );
     }
 
     #[test]
@@ -239,7 +270,11 @@ mod tests {
         let _ = p.connected(&"u", 0);
         let _ = p.connected(&"u", 0);
         p.disconnected(&"u", 1_000);
-        assert!(p.poll(100_000).iter().all(|c| c.status != PresenceStatus::Offline));
+        assert!(
+            p.poll(100_000)
+                .iter()
+                .all(|c| c.status != PresenceStatus::Offline)
+        );
     }
 
     #[test]
@@ -249,15 +284,24 @@ mod tests {
         let changes = p.poll(60_000);
         assert_eq!(changes[0].status, PresenceStatus::Away);
         let back = p.activity(&"u", 61_000).expect("change");
-        assert_eq!((back.status, back.last_active_ms), (PresenceStatus::Online, 61_000));
+        assert_eq!(
+            (back.status, back.last_active_ms),
+            (PresenceStatus::Online, 61_000)
+        );
     }
 
     #[test]
     fn a_chosen_away_is_kept_through_activity() {
         let mut p = tracker();
         let _ = p.connected(&"u", 0);
-        assert_eq!(p.set_away(&"u", true, 10).map(|c| c.status), Some(PresenceStatus::Away));
+        assert_eq!(
+            p.set_away(&"u", true, 10).map(|c| c.status),
+            Some(PresenceStatus::Away)
+        );
         assert_eq!(p.activity(&"u", 20), None);
-        assert_eq!(p.set_away(&"u", false, 30).map(|c| c.status), Some(PresenceStatus::Online));
+        assert_eq!(
+            p.set_away(&"u", false, 30).map(|c| c.status),
+            Some(PresenceStatus::Online)
+        );
     }
 }

@@ -180,10 +180,16 @@ mod tests {
         let t0 = Instant::now();
         let mut s = ChannelSequencer::new(10, GAP);
         assert!(feed(&mut s, 14, t0).is_empty());
-        assert_eq!(s.poll_output(t0 + GAP / 2), SequencerOutput::WaitUntil(t0 + GAP));
+        assert_eq!(
+            s.poll_output(t0 + GAP / 2),
+            SequencerOutput::WaitUntil(t0 + GAP)
+        );
         assert_eq!(
             s.poll_output(t0 + GAP),
-            SequencerOutput::Fetch { after: 10, up_to: Some(13) }
+            SequencerOutput::Fetch {
+                after: 10,
+                up_to: Some(13)
+            }
         );
         // While the fetch is in flight, no second fetch is asked for.
         assert_eq!(s.poll_output(t0 + GAP * 3), SequencerOutput::Idle);
@@ -201,10 +207,22 @@ mod tests {
         let t0 = Instant::now();
         let mut s = ChannelSequencer::new(0, GAP);
         let _ = feed(&mut s, 2, t0);
-        assert!(matches!(s.poll_output(t0 + GAP), SequencerOutput::Fetch { .. }));
+        assert!(matches!(
+            s.poll_output(t0 + GAP),
+            SequencerOutput::Fetch { .. }
+        ));
         s.fetch_done(t0 + GAP);
-        assert_eq!(s.poll_output(t0 + GAP), SequencerOutput::WaitUntil(t0 + GAP * 2));
-        assert!(matches!(s.poll_output(t0 + GAP * 2), SequencerOutput::Fetch { after: 0, up_to: Some(1) }));
+        assert_eq!(
+            s.poll_output(t0 + GAP),
+            SequencerOutput::WaitUntil(t0 + GAP * 2)
+        );
+        assert!(matches!(
+            s.poll_output(t0 + GAP * 2),
+            SequencerOutput::Fetch {
+                after: 0,
+                up_to: Some(1)
+            }
+        ));
     }
 
     #[test]
@@ -212,7 +230,13 @@ mod tests {
         let t0 = Instant::now();
         let mut s = ChannelSequencer::<u64>::new(7, GAP);
         s.force_resync(t0);
-        assert_eq!(s.poll_output(t0), SequencerOutput::Fetch { after: 7, up_to: None });
+        assert_eq!(
+            s.poll_output(t0),
+            SequencerOutput::Fetch {
+                after: 7,
+                up_to: None
+            }
+        );
         s.fetch_done(t0);
         assert_eq!(s.poll_output(t0 + GAP * 2), SequencerOutput::Idle);
     }

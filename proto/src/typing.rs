@@ -28,7 +28,11 @@ pub enum TypingOutput<K> {
 
 impl<K: Clone + Eq + Hash> TypingThrottle<K> {
     pub fn new(throttle_ms: u64, expiry_ms: u64) -> Self {
-        TypingThrottle { active: HashMap::new(), throttle_ms, expiry_ms }
+        TypingThrottle {
+            active: HashMap::new(),
+            throttle_ms,
+            expiry_ms,
+        }
     }
 
     /// The client says it is typing. Returns the event to fan out, or `None` when throttled.
@@ -41,19 +45,29 @@ impl<K: Clone + Eq + Hash> TypingThrottle<K> {
             return None;
         }
         self.active.insert(key.clone(), (now, now + self.expiry_ms));
-        Some(TypingOutput::Start { key, expires_in_ms: self.expiry_ms })
+        Some(TypingOutput::Start {
+            key,
+            expires_in_ms: self.expiry_ms,
+        })
     }
 
     /// The client stopped typing, or sent a message.
     #[must_use]
     pub fn stop(&mut self, key: &K) -> Option<TypingOutput<K>> {
-        self.active.remove(key).map(|_| TypingOutput::Stop { key: key.clone() })
+        self.active
+            .remove(key)
+            .map(|_| TypingOutput::Stop { key: key.clone() })
     }
 
     /// Expired indicators, announced as stops.
     #[must_use]
     pub fn poll(&mut self, now: u64) -> Vec<TypingOutput<K>> {
-        let expired: Vec<K> = self.active.iter().filter(|(_, (_, until))| now >= *until).map(|(k, _)| k.clone()).collect();
+        let expired: Vec<K> = self
+            .active
+            .iter()
+            .filter(|(_, (_, until))| now >= *until)
+            .map(|(k, _)| k.clone())
+            .collect();
         expired
             .into_iter()
             .map(|k| {
@@ -71,7 +85,13 @@ mod tests {
     #[test]
     fn typing_is_throttled_per_key() {
         let mut t = TypingThrottle::new(3_000, 6_000);
-        assert!(matches!(t.start("a", 0), Some(TypingOutput::Start { expires_in_ms: 6_000, .. })));
+        assert!(matches!(
+            t.start("a", 0),
+            Some(TypingOutput::Start {
+                expires_in_ms: 6_000,
+                ..
+            })
+        ));
         assert_eq!(t.start("a", 1_000), None);
         assert!(t.start("b", 1_000).is_some(), "another key is independent");
         assert!(t.start("a", 3_000).is_some());
@@ -101,6 +121,9 @@ mod tests {
         let _ = t.start("a", 0);
         assert_eq!(t.stop(&"a"), Some(TypingOutput::Stop { key: "a" }));
         assert_eq!(t.stop(&"a"), None);
-        assert!(t.start("a", 100).is_some(), "a new start after a stop is not throttled");
+        assert!(
+            t.start("a", 100).is_some(),
+            "a new start after a stop is not throttled"
+        );
     }
 }

@@ -26,19 +26,33 @@ pub struct VerificationKey {
 impl VerificationKey {
     /// An HS256 shared secret.
     pub fn hs256(kid: Option<String>, secret: &[u8]) -> Self {
-        VerificationKey { kid, algorithm: Algorithm::HS256, key: DecodingKey::from_secret(secret) }
+        VerificationKey {
+            kid,
+            algorithm: Algorithm::HS256,
+            key: DecodingKey::from_secret(secret),
+        }
     }
 
     /// An RS256 public key in PEM.
     pub fn rs256_pem(kid: Option<String>, pem: &[u8]) -> Result<Self, String> {
-        let key = DecodingKey::from_rsa_pem(pem).map_err(|e| format!("invalid RSA public key: {e}"))?;
-        Ok(VerificationKey { kid, algorithm: Algorithm::RS256, key })
+        let key =
+            DecodingKey::from_rsa_pem(pem).map_err(|e| format!("invalid RSA public key: {e}"))?;
+        Ok(VerificationKey {
+            kid,
+            algorithm: Algorithm::RS256,
+            key,
+        })
     }
 
     /// An Ed25519 (EdDSA) public key in PEM.
     pub fn eddsa_pem(kid: Option<String>, pem: &[u8]) -> Result<Self, String> {
-        let key = DecodingKey::from_ed_pem(pem).map_err(|e| format!("invalid Ed25519 public key: {e}"))?;
-        Ok(VerificationKey { kid, algorithm: Algorithm::EdDSA, key })
+        let key = DecodingKey::from_ed_pem(pem)
+            .map_err(|e| format!("invalid Ed25519 public key: {e}"))?;
+        Ok(VerificationKey {
+            kid,
+            algorithm: Algorithm::EdDSA,
+            key,
+        })
     }
 }
 
@@ -52,7 +66,10 @@ pub struct AuthError {
 
 impl AuthError {
     fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        AuthError { code, message: message.into() }
+        AuthError {
+            code,
+            message: message.into(),
+        }
     }
 }
 
@@ -92,19 +109,30 @@ pub struct Authenticator {
 
 impl Authenticator {
     pub fn new(keys: Vec<VerificationKey>, issuer: String, audience: String) -> Self {
-        Authenticator { keys, issuer, audience, leeway_secs: 5 }
+        Authenticator {
+            keys,
+            issuer,
+            audience,
+            leeway_secs: 5,
+        }
     }
 
     /// Verifies `token` and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
-            AuthError::new(ErrorCode::TokenMalformed, format!("token is not a JWT with a supported algorithm: {e}"))
+            AuthError::new(
+                ErrorCode::TokenMalformed,
+                format!("token is not a JWT with a supported algorithm: {e}"),
+            )
         })?;
         let key = self.key_for(header.kid.as_deref())?;
         if header.alg != key.algorithm {
             return Err(AuthError::new(
                 ErrorCode::TokenBadSignature,
-                format!("token algorithm {:?} is not the one pinned for its key", header.alg),
+                format!(
+                    "token algorithm {:?} is not the one pinned for its key",
+                    header.alg
+                ),
             ));
         }
         let mut validation = Validation::new(key.algorithm);
@@ -113,7 +141,8 @@ impl Authenticator {
         validation.set_required_spec_claims(&["exp", "aud", "iss", "sub"]);
         validation.validate_nbf = true;
         validation.leeway = self.leeway_secs;
-        let data = jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(map_jwt_error)?;
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(map_jwt_error)?;
         let claims = data.claims;
         if !crate::validate::is_valid_user_id(&claims.sub) {
             return Err(AuthError::new(
@@ -123,20 +152,37 @@ impl Authenticator {
         }
         let tenant = claims.tid.unwrap_or_else(|| DEFAULT_TENANT.to_owned());
         if !crate::validate::is_valid_user_id(&tenant) {
-            return Err(AuthError::new(ErrorCode::TokenInvalidClaims, "claim tid is not a valid tenant id"));
+            return Err(AuthError::new(
+                ErrorCode::TokenInvalidClaims,
+                "claim tid is not a valid tenant id",
+            ));
         }
-        Ok(Principal { user_id: claims.sub, tenant_id: tenant, roles: claims.roles })
+        Ok(Principal {
+            user_id: claims.sub,
+            tenant_id: tenant,
+            roles: claims.roles,
+        })
     }
 
     fn key_for(&self, kid: Option<&str>) -> Result<&VerificationKey, AuthError> {
         match kid {
-            Some(kid) => self.keys.iter().find(|k| k.kid.as_deref() == Some(kid)).ok_or_else(|| {
-                AuthError::new(ErrorCode::TokenUnknownKey, "token kid does not name a key this server knows")
-            }),
+            Some(kid) => self
+                .keys
+                .iter()
+                .find(|k| k.kid.as_deref() == Some(kid))
+                .ok_or_else(|| {
+                    AuthError::new(
+                        ErrorCode::TokenUnknownKey,
+                        "token kid does not name a key this server knows",
+                    )
+                }),
             None => match self.keys.as_slice() {
                 [only] => Ok(only),
                 _ => self.keys.iter().find(|k| k.kid.is_none()).ok_or_else(|| {
-                    AuthError::new(ErrorCode::TokenUnknownKey, "token has no kid and the server has several keys")
+                    AuthError::new(
+                        ErrorCode::TokenUnknownKey,
+                        "token has no kid and the server has several keys",
+                    )
                 }),
             },
         }
@@ -146,18 +192,34 @@ impl Authenticator {
 fn map_jwt_error(e: jsonwebtoken::errors::Error) -> AuthError {
     let (code, message) = match e.kind() {
         ErrorKind::ExpiredSignature => (ErrorCode::TokenExpired, "token has expired"),
-        ErrorKind::ImmatureSignature => (ErrorCode::TokenNotYetValid, "token is not valid yet (nbf)"),
-        ErrorKind::InvalidSignature => (ErrorCode::TokenBadSignature, "token signature does not verify"),
-        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
-            (ErrorCode::TokenBadSignature, "token algorithm is not accepted for this key")
+        ErrorKind::ImmatureSignature => {
+            (ErrorCode::TokenNotYetValid, "token is not valid yet (nbf)")
         }
-        ErrorKind::InvalidAudience => (ErrorCode::TokenInvalidClaims, "token audience (aud) is not this server's"),
-        ErrorKind::InvalidIssuer => (ErrorCode::TokenInvalidClaims, "token issuer (iss) is not accepted"),
-        ErrorKind::MissingRequiredClaim(_) => {
-            (ErrorCode::TokenInvalidClaims, "token lacks a required claim (exp, aud, iss, sub)")
-        }
+        ErrorKind::InvalidSignature => (
+            ErrorCode::TokenBadSignature,
+            "token signature does not verify",
+        ),
+        ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => (
+            ErrorCode::TokenBadSignature,
+            "token algorithm is not accepted for this key",
+        ),
+        ErrorKind::InvalidAudience => (
+            ErrorCode::TokenInvalidClaims,
+            "token audience (aud) is not this server's",
+        ),
+        ErrorKind::InvalidIssuer => (
+            ErrorCode::TokenInvalidClaims,
+            "token issuer (iss) is not accepted",
+        ),
+        ErrorKind::MissingRequiredClaim(_) => (
+            ErrorCode::TokenInvalidClaims,
+            "token lacks a required claim (exp, aud, iss, sub)",
+        ),
         ErrorKind::InvalidSubject => (ErrorCode::TokenInvalidClaims, "token subject is invalid"),
-        ErrorKind::Json(_) => (ErrorCode::TokenInvalidClaims, "token claims have the wrong types or are missing"),
+        ErrorKind::Json(_) => (
+            ErrorCode::TokenInvalidClaims,
+            "token claims have the wrong types or are missing",
+        ),
         _ => (ErrorCode::TokenMalformed, "token could not be decoded"),
     };
     AuthError::new(code, message)
@@ -181,7 +243,10 @@ impl DevSigningKey {
         match std::fs::read_to_string(&path) {
             Ok(s) => {
                 let secret = hex::decode(s.trim()).map_err(|e| {
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {e}", path.display()))
+                    std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        format!("{}: {e}", path.display()),
+                    )
                 })?;
                 Ok(DevSigningKey { secret })
             }
@@ -189,7 +254,9 @@ impl DevSigningKey {
                 std::fs::create_dir_all(data_dir)?;
                 let secret: [u8; 32] = rand::random();
                 write_private(&path, &hex::encode(secret))?;
-                Ok(DevSigningKey { secret: secret.to_vec() })
+                Ok(DevSigningKey {
+                    secret: secret.to_vec(),
+                })
             }
             Err(e) => Err(e),
         }
@@ -205,7 +272,15 @@ impl DevSigningKey {
     }
 
     /// Signs a token for `user` in `tenant`, valid for `ttl_secs`.
-    pub fn sign(&self, user: &str, tenant: &str, roles: Vec<String>, ttl_secs: u64, issuer: &str, audience: &str) -> String {
+    pub fn sign(
+        &self,
+        user: &str,
+        tenant: &str,
+        roles: Vec<String>,
+        ttl_secs: u64,
+        issuer: &str,
+        audience: &str,
+    ) -> String {
         let now = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_secs())

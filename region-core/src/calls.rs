@@ -6,7 +6,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
-use parley_proto::calls::{Call, CallMode, CallParticipant, IceServer, JoinedCall, LeaveReason, Peer};
+use parley_proto::calls::{
+    Call, CallMode, CallParticipant, IceServer, JoinedCall, LeaveReason, Peer,
+};
 use parley_proto::{ChannelEvent, NegotiationRole, Principal, Role, Side, impolite_side};
 
 use crate::domain::{Core, CoreError, CoreResult, new_id};
@@ -32,10 +34,15 @@ impl IceConfig {
     pub fn servers_for(&self, user: &str, now: SystemTime) -> Vec<IceServer> {
         let mut out = Vec::new();
         if !self.stun_urls.is_empty() {
-            out.push(IceServer { urls: self.stun_urls.clone(), username: None, credential: None });
+            out.push(IceServer {
+                urls: self.stun_urls.clone(),
+                username: None,
+                credential: None,
+            });
         }
         if let (false, Some(secret)) = (self.turn_urls.is_empty(), &self.turn_secret) {
-            let expiry = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() + self.turn_ttl.as_secs();
+            let expiry = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+                + self.turn_ttl.as_secs();
             let username = format!("{expiry}:{user}");
             out.push(IceServer {
                 urls: self.turn_urls.clone(),
@@ -49,7 +56,8 @@ impl IceConfig {
 
 /// coturn's REST API password: base64 of HMAC-SHA1 over the username, keyed by the secret.
 pub fn turn_password(secret: &str, username: &str) -> String {
-    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes()).expect("HMAC takes keys of any length");
+    let mut mac = Hmac::<sha1::Sha1>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes keys of any length");
     mac.update(username.as_bytes());
     base64::engine::general_purpose::STANDARD.encode(mac.finalize().into_bytes())
 }
@@ -90,7 +98,11 @@ impl Core {
     /// A call of a channel the caller is a member of.
     pub async fn get_call(&self, p: &Principal, call_id: &str) -> CoreResult<Call> {
         validate::generated_id("call", "call_", call_id).map_err(CoreError::InvalidArgument)?;
-        let call = self.storage().call(&p.tenant_id, call_id).await?.ok_or(CoreError::CallNotFound)?;
+        let call = self
+            .storage()
+            .call(&p.tenant_id, call_id)
+            .await?
+            .ok_or(CoreError::CallNotFound)?;
         self.require_member(p, &call.channel_id).await?;
         Ok(call)
     }
@@ -98,7 +110,10 @@ impl Core {
     /// The channel's calls, newest first.
     pub async fn channel_calls(&self, p: &Principal, channel_id: &str) -> CoreResult<Vec<Call>> {
         self.require_member(p, channel_id).await?;
-        Ok(self.storage().channel_calls(&p.tenant_id, channel_id, 50).await?)
+        Ok(self
+            .storage()
+            .channel_calls(&p.tenant_id, channel_id, 50)
+            .await?)
     }
 
     /// Joins an active call. Returns the participant id, the others with the joiner's role
@@ -113,7 +128,9 @@ impl Core {
             .join_call(&p.tenant_id, call_id, &new_id("part_"), &p.user_id)
             .await
             .map_err(|e| match e {
-                crate::storage::StorageError::NotFound => CoreError::Conflict("the call has ended".into()),
+                crate::storage::StorageError::NotFound => {
+                    CoreError::Conflict("the call has ended".into())
+                }
                 other => other.into(),
             })?;
         self.publish_all(event).await;
@@ -140,18 +157,38 @@ impl Core {
     }
 
     /// Leaves a call (the caller's own participant). The call ends with its last participant.
-    pub async fn leave_call(&self, p: &Principal, call_id: &str, participant_id: &str) -> CoreResult<()> {
+    pub async fn leave_call(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+    ) -> CoreResult<()> {
         let call = self.get_call(p, call_id).await?;
-        let mine = call.participants.iter().any(|x| x.participant_id == participant_id && x.user_id == p.user_id);
+        let mine = call
+            .participants
+            .iter()
+            .any(|x| x.participant_id == participant_id && x.user_id == p.user_id);
         if !mine {
-            return Err(CoreError::InvalidArgument(format!("{participant_id} is not your participant in this call")));
+            return Err(CoreError::InvalidArgument(format!(
+                "{participant_id} is not your participant in this call"
+            )));
         }
-        self.leave_participant(&p.tenant_id, call_id, participant_id, LeaveReason::Left).await
+        self.leave_participant(&p.tenant_id, call_id, participant_id, LeaveReason::Left)
+            .await
     }
 
     /// A participant leaves for `reason` (also used by the edge when a reconnect times out).
-    pub async fn leave_participant(&self, tenant: &str, call_id: &str, participant_id: &str, reason: LeaveReason) -> CoreResult<()> {
-        let events = self.storage().leave_call(tenant, call_id, participant_id, reason).await?;
+    pub async fn leave_participant(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        reason: LeaveReason,
+    ) -> CoreResult<()> {
+        let events = self
+            .storage()
+            .leave_call(tenant, call_id, participant_id, reason)
+            .await?;
         self.publish_many(&events).await;
         Ok(())
     }
@@ -160,21 +197,45 @@ impl Core {
     pub async fn end_call(&self, p: &Principal, call_id: &str) -> CoreResult<()> {
         let call = self.get_call(p, call_id).await?;
         let role = self.require_member(p, &call.channel_id).await?;
-        let channel = self.storage().channel(&p.tenant_id, &call.channel_id).await?.ok_or(CoreError::NotFound)?;
+        let channel = self
+            .storage()
+            .channel(&p.tenant_id, &call.channel_id)
+            .await?
+            .ok_or(CoreError::NotFound)?;
         if channel.kind == parley_proto::ChannelKind::Channel && role < Role::Moderator {
-            return Err(CoreError::Forbidden("ending a call needs the moderator role or higher".into()));
+            return Err(CoreError::Forbidden(
+                "ending a call needs the moderator role or higher".into(),
+            ));
         }
-        let events = self.storage().end_call(&p.tenant_id, call_id, &p.user_id).await?;
+        let events = self
+            .storage()
+            .end_call(&p.tenant_id, call_id, &p.user_id)
+            .await?;
         self.publish_many(&events).await;
         Ok(())
     }
 
     /// Drops a user removed from a channel from the channel's active call.
-    pub async fn drop_from_calls(&self, tenant: &str, channel_id: &str, user_id: &str) -> CoreResult<()> {
+    pub async fn drop_from_calls(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> CoreResult<()> {
         let calls = self.storage().channel_calls(tenant, channel_id, 1).await?;
         for call in calls.into_iter().filter(|c| c.ended_at.is_none()) {
-            for part in call.participants.iter().filter(|x| x.user_id == user_id && x.left_at.is_none()) {
-                self.leave_participant(tenant, &call.id, &part.participant_id, LeaveReason::Removed).await?;
+            for part in call
+                .participants
+                .iter()
+                .filter(|x| x.user_id == user_id && x.left_at.is_none())
+            {
+                self.leave_participant(
+                    tenant,
+                    &call.id,
+                    &part.participant_id,
+                    LeaveReason::Removed,
+                )
+                .await?;
             }
         }
         Ok(())
@@ -182,18 +243,34 @@ impl Core {
 
     /// Checks that `p` is a member of the call's channel and present as `from`, and that `to`
     /// is another present participant of the same call.
-    pub async fn check_signal(&self, p: &Principal, call_id: &str, from: &str, to: &str) -> CoreResult<SignalRoute> {
+    pub async fn check_signal(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        from: &str,
+        to: &str,
+    ) -> CoreResult<SignalRoute> {
         let call = self.get_call(p, call_id).await?;
         if call.ended_at.is_some() {
             return Err(CoreError::Conflict("the call has ended".into()));
         }
-        let present = |id: &str| call.participants.iter().find(|x| x.participant_id == id && x.left_at.is_none());
+        let present = |id: &str| {
+            call.participants
+                .iter()
+                .find(|x| x.participant_id == id && x.left_at.is_none())
+        };
         let sender = present(from)
             .filter(|x| x.user_id == p.user_id)
-            .ok_or_else(|| CoreError::Forbidden(format!("{from} is not your participant in this call")))?;
-        let target = present(to).ok_or_else(|| CoreError::Conflict(format!("{to} is not a participant of this call")))?;
+            .ok_or_else(|| {
+                CoreError::Forbidden(format!("{from} is not your participant in this call"))
+            })?;
+        let target = present(to).ok_or_else(|| {
+            CoreError::Conflict(format!("{to} is not a participant of this call"))
+        })?;
         if sender.participant_id == target.participant_id {
-            return Err(CoreError::InvalidArgument("a participant cannot signal itself".into()));
+            return Err(CoreError::InvalidArgument(
+                "a participant cannot signal itself".into(),
+            ));
         }
         Ok(SignalRoute {
             channel_id: call.channel_id.clone(),
@@ -238,7 +315,10 @@ mod tests {
 
     #[test]
     fn without_a_secret_no_turn_server_is_given() {
-        let cfg = IceConfig { turn_urls: vec!["turn:x".into()], ..IceConfig::default() };
+        let cfg = IceConfig {
+            turn_urls: vec!["turn:x".into()],
+            ..IceConfig::default()
+        };
         assert!(cfg.servers_for("alice", SystemTime::now()).is_empty());
     }
 

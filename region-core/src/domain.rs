@@ -7,8 +7,9 @@
 use std::sync::Arc;
 
 use parley_proto::{
-    AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode, Member, Message,
-    MessagePage, PatchChannel, Presence, Principal, ReadState, Role, SendMessage, SendResult, ServerFrame, TypingState,
+    AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode, Member,
+    Message, MessagePage, PatchChannel, Presence, Principal, ReadState, Role, SendMessage,
+    SendResult, ServerFrame, TypingState,
 };
 use parley_sync::Bus;
 
@@ -26,7 +27,9 @@ pub struct DomainLimits {
 
 impl Default for DomainLimits {
     fn default() -> Self {
-        DomainLimits { max_text_chars: 4000 }
+        DomainLimits {
+            max_text_chars: 4000,
+        }
     }
 }
 
@@ -61,9 +64,10 @@ impl CoreError {
     pub fn code(&self) -> ErrorCode {
         match self {
             CoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
-            CoreError::NotFound | CoreError::MessageNotFound | CoreError::UserNotFound | CoreError::CallNotFound => {
-                ErrorCode::NotFound
-            }
+            CoreError::NotFound
+            | CoreError::MessageNotFound
+            | CoreError::UserNotFound
+            | CoreError::CallNotFound => ErrorCode::NotFound,
             CoreError::NotAMember => ErrorCode::NotAMember,
             CoreError::Forbidden(_) => ErrorCode::Forbidden,
             CoreError::Conflict(_) => ErrorCode::Conflict,
@@ -124,7 +128,13 @@ impl Core {
         realtime: Arc<Realtime>,
         ice: crate::calls::IceConfig,
     ) -> Self {
-        Core { storage, bus, limits, realtime, ice }
+        Core {
+            storage,
+            bus,
+            limits,
+            realtime,
+            ice,
+        }
     }
 
     pub fn ice(&self) -> &crate::calls::IceConfig {
@@ -152,7 +162,11 @@ impl Core {
 
     /// Creates a channel (the caller becomes its owner) or a DM (unique per pair; a second
     /// create returns the existing one with `created == false`).
-    pub async fn create_channel(&self, p: &Principal, req: CreateChannel) -> CoreResult<(Channel, bool)> {
+    pub async fn create_channel(
+        &self,
+        p: &Principal,
+        req: CreateChannel,
+    ) -> CoreResult<(Channel, bool)> {
         for m in &req.members {
             validate::user_id(m).map_err(CoreError::InvalidArgument)?;
         }
@@ -165,7 +179,9 @@ impl Core {
         let id = new_id("ch_");
         let new = match req.kind {
             ChannelKind::Channel => {
-                let name = req.name.ok_or_else(|| CoreError::InvalidArgument("a channel needs a name".into()))?;
+                let name = req
+                    .name
+                    .ok_or_else(|| CoreError::InvalidArgument("a channel needs a name".into()))?;
                 validate::channel_name(&name).map_err(CoreError::InvalidArgument)?;
                 let mut members = vec![(p.user_id.clone(), Role::Owner)];
                 for m in req.members {
@@ -221,19 +237,31 @@ impl Core {
 
     pub async fn get_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<Channel> {
         let role = self.require_member(p, channel_id).await?;
-        let mut ch = self.storage.channel(&p.tenant_id, channel_id).await?.ok_or(CoreError::NotFound)?;
+        let mut ch = self
+            .storage
+            .channel(&p.tenant_id, channel_id)
+            .await?
+            .ok_or(CoreError::NotFound)?;
         ch.role = Some(role);
         Ok(ch)
     }
 
-    pub async fn rename_channel(&self, p: &Principal, channel_id: &str, req: PatchChannel) -> CoreResult<Channel> {
+    pub async fn rename_channel(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        req: PatchChannel,
+    ) -> CoreResult<Channel> {
         let (role, ch) = self.member_and_channel(p, channel_id).await?;
         if ch.kind == ChannelKind::Dm {
             return Err(CoreError::Conflict("a DM cannot be renamed".into()));
         }
         require_role(role, Role::Moderator, "renaming a channel")?;
         validate::channel_name(&req.name).map_err(CoreError::InvalidArgument)?;
-        let event = self.storage.rename_channel(&p.tenant_id, channel_id, &req.name, &p.user_id).await?;
+        let event = self
+            .storage
+            .rename_channel(&p.tenant_id, channel_id, &req.name, &p.user_id)
+            .await?;
         self.publish(&event).await;
         let mut ch = match &event.body {
             parley_proto::EventBody::ChannelUpdated { channel, .. } => channel.clone(),
@@ -248,7 +276,10 @@ impl Core {
         if ch.kind == ChannelKind::Channel {
             require_role(role, Role::Owner, "deleting a channel")?;
         }
-        let event = self.storage.delete_channel(&p.tenant_id, channel_id, &p.user_id).await?;
+        let event = self
+            .storage
+            .delete_channel(&p.tenant_id, channel_id, &p.user_id)
+            .await?;
         self.publish(&event).await;
         Ok(())
     }
@@ -262,7 +293,12 @@ impl Core {
 
     /// Adds a member. Owners and moderators add members; only owners add moderators or owners.
     /// Adding an existing member changes nothing and returns them.
-    pub async fn add_member(&self, p: &Principal, channel_id: &str, req: AddMember) -> CoreResult<(Member, bool)> {
+    pub async fn add_member(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        req: AddMember,
+    ) -> CoreResult<(Member, bool)> {
         validate::user_id(&req.user_id).map_err(CoreError::InvalidArgument)?;
         let (role, ch) = self.member_and_channel(p, channel_id).await?;
         if ch.kind == ChannelKind::Dm {
@@ -273,17 +309,25 @@ impl Core {
         if new_role > Role::Member {
             require_role(role, Role::Owner, "adding moderators or owners")?;
         }
-        let event = self.storage.add_member(&p.tenant_id, channel_id, &req.user_id, new_role, &p.user_id).await?;
+        let event = self
+            .storage
+            .add_member(&p.tenant_id, channel_id, &req.user_id, new_role, &p.user_id)
+            .await?;
         match event {
             Some(event) => {
                 self.publish(&event).await;
                 match event.body {
                     parley_proto::EventBody::MemberAdded { member, .. } => Ok((member, true)),
-                    _ => Err(CoreError::Internal("add_member returned another event".into())),
+                    _ => Err(CoreError::Internal(
+                        "add_member returned another event".into(),
+                    )),
                 }
             }
             None => {
-                let m = self.storage.member(&p.tenant_id, channel_id, &req.user_id).await?;
+                let m = self
+                    .storage
+                    .member(&p.tenant_id, channel_id, &req.user_id)
+                    .await?;
                 m.map(|m| (m, false)).ok_or(CoreError::NotFound)
             }
         }
@@ -291,7 +335,12 @@ impl Core {
 
     /// Removes a member, or leaves when `user_id` is the caller. Moderators remove members;
     /// owners remove anyone.
-    pub async fn remove_member(&self, p: &Principal, channel_id: &str, user_id: &str) -> CoreResult<()> {
+    pub async fn remove_member(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        user_id: &str,
+    ) -> CoreResult<()> {
         validate::user_id(user_id).map_err(CoreError::InvalidArgument)?;
         let (role, ch) = self.member_and_channel(p, channel_id).await?;
         if user_id != p.user_id {
@@ -302,16 +351,23 @@ impl Core {
                 .storage
                 .member(&p.tenant_id, channel_id, user_id)
                 .await?
-                .ok_or_else(|| CoreError::InvalidArgument(format!("{user_id} is not a member of this channel")))?;
+                .ok_or_else(|| {
+                    CoreError::InvalidArgument(format!("{user_id} is not a member of this channel"))
+                })?;
             require_role(role, Role::Moderator, "removing members")?;
             if target.role > Role::Member {
                 require_role(role, Role::Owner, "removing moderators or owners")?;
             }
         }
-        if let Some(event) = self.storage.remove_member(&p.tenant_id, channel_id, user_id, &p.user_id).await? {
+        if let Some(event) = self
+            .storage
+            .remove_member(&p.tenant_id, channel_id, user_id, &p.user_id)
+            .await?
+        {
             self.publish(&event).await;
             // A removed member is dropped from the channel's call at once.
-            self.drop_from_calls(&p.tenant_id, channel_id, user_id).await?;
+            self.drop_from_calls(&p.tenant_id, channel_id, user_id)
+                .await?;
         }
         Ok(())
     }
@@ -319,11 +375,22 @@ impl Core {
     // ---- messages ----
 
     /// Sends a message; returns once it is durably committed.
-    pub async fn send_message(&self, p: &Principal, channel_id: &str, req: SendMessage) -> CoreResult<SendResult> {
+    pub async fn send_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        req: SendMessage,
+    ) -> CoreResult<SendResult> {
         validate::client_msg_id(&req.client_msg_id).map_err(CoreError::InvalidArgument)?;
-        validate::message_text(&req.text, self.limits.max_text_chars).map_err(CoreError::InvalidArgument)?;
+        validate::message_text(&req.text, self.limits.max_text_chars)
+            .map_err(CoreError::InvalidArgument)?;
         validate::metadata(req.metadata.as_ref()).map_err(CoreError::InvalidArgument)?;
-        if self.storage.channel(&p.tenant_id, channel_id).await?.is_none() {
+        if self
+            .storage
+            .channel(&p.tenant_id, channel_id)
+            .await?
+            .is_none()
+        {
             return Err(CoreError::NotFound);
         }
         let outcome = self
@@ -342,26 +409,48 @@ impl Core {
             let event = ChannelEvent {
                 channel_id: channel_id.to_owned(),
                 seq: outcome.message.seq,
-                body: parley_proto::EventBody::MessageNew { message: outcome.message.clone() },
+                body: parley_proto::EventBody::MessageNew {
+                    message: outcome.message.clone(),
+                },
             };
             self.publish(&event).await;
-            self.realtime.message_sent(&p.tenant_id, channel_id, &p.user_id).await;
+            self.realtime
+                .message_sent(&p.tenant_id, channel_id, &p.user_id)
+                .await;
         }
-        Ok(SendResult { message: outcome.message, created: outcome.created })
+        Ok(SendResult {
+            message: outcome.message,
+            created: outcome.created,
+        })
     }
 
     /// Edits one of the caller's own messages.
-    pub async fn edit_message(&self, p: &Principal, channel_id: &str, message_id: &str, req: EditMessage) -> CoreResult<Message> {
-        validate::message_text(&req.text, self.limits.max_text_chars).map_err(CoreError::InvalidArgument)?;
+    pub async fn edit_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        message_id: &str,
+        req: EditMessage,
+    ) -> CoreResult<Message> {
+        validate::message_text(&req.text, self.limits.max_text_chars)
+            .map_err(CoreError::InvalidArgument)?;
         validate::metadata(req.metadata.as_ref()).map_err(CoreError::InvalidArgument)?;
         self.require_member(p, channel_id).await?;
         let m = self.live_message(p, channel_id, message_id).await?;
         if m.sender_id != p.user_id {
-            return Err(CoreError::Forbidden("only the sender can edit a message".into()));
+            return Err(CoreError::Forbidden(
+                "only the sender can edit a message".into(),
+            ));
         }
         let event = self
             .storage
-            .edit_message(&p.tenant_id, channel_id, message_id, &req.text, req.metadata.filter(|m| !m.is_null()))
+            .edit_message(
+                &p.tenant_id,
+                channel_id,
+                message_id,
+                &req.text,
+                req.metadata.filter(|m| !m.is_null()),
+            )
             .await
             .map_err(message_not_found)?;
         self.publish(&event).await;
@@ -370,7 +459,12 @@ impl Core {
 
     /// Deletes a message (leaves a tombstone). Senders delete their own; moderators and owners
     /// delete any in channels.
-    pub async fn delete_message(&self, p: &Principal, channel_id: &str, message_id: &str) -> CoreResult<Message> {
+    pub async fn delete_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        message_id: &str,
+    ) -> CoreResult<Message> {
         let role = self.require_member(p, channel_id).await?;
         let m = self.live_message(p, channel_id, message_id).await?;
         if m.sender_id != p.user_id {
@@ -385,10 +479,17 @@ impl Core {
         event_message(event)
     }
 
-    pub async fn history(&self, p: &Principal, channel_id: &str, q: HistoryQuery) -> CoreResult<MessagePage> {
+    pub async fn history(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        q: HistoryQuery,
+    ) -> CoreResult<MessagePage> {
         let limit = q.limit.unwrap_or(50);
         if !(1..=200).contains(&limit) {
-            return Err(CoreError::InvalidArgument(format!("limit must be between 1 and 200, got {limit}")));
+            return Err(CoreError::InvalidArgument(format!(
+                "limit must be between 1 and 200, got {limit}"
+            )));
         }
         let anchor = match (q.before, q.after, q.around) {
             (None, None, None) => HistoryAnchor::Latest,
@@ -402,17 +503,31 @@ impl Core {
             }
         };
         self.require_member(p, channel_id).await?;
-        Ok(self.storage.history(&p.tenant_id, channel_id, anchor, limit).await?)
+        Ok(self
+            .storage
+            .history(&p.tenant_id, channel_id, anchor, limit)
+            .await?)
     }
 
     // ---- read state, typing, presence ----
 
     /// Moves the caller's read position forward (an older seq changes nothing). Tells the
     /// channel's subscribers (`read.updated`) and the caller's devices (`unread.updated`).
-    pub async fn mark_read(&self, p: &Principal, channel_id: &str, seq: u64) -> CoreResult<ReadState> {
+    pub async fn mark_read(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        seq: u64,
+    ) -> CoreResult<ReadState> {
         self.require_member(p, channel_id).await?;
-        let before = self.storage.read_state(&p.tenant_id, channel_id, &p.user_id).await?;
-        let state = self.storage.mark_read(&p.tenant_id, channel_id, &p.user_id, seq).await?;
+        let before = self
+            .storage
+            .read_state(&p.tenant_id, channel_id, &p.user_id)
+            .await?;
+        let state = self
+            .storage
+            .mark_read(&p.tenant_id, channel_id, &p.user_id, seq)
+            .await?;
         self.realtime.activity(&p.tenant_id, &p.user_id).await;
         if state.last_read_seq != before.last_read_seq {
             let read = ServerFrame::ReadUpdated {
@@ -426,7 +541,9 @@ impl Core {
                 unread_count: state.unread_count,
                 last_read_seq: state.last_read_seq,
             };
-            self.realtime.to_user(&p.tenant_id, &p.user_id, &unread).await;
+            self.realtime
+                .to_user(&p.tenant_id, &p.user_id, &unread)
+                .await;
         }
         Ok(state)
     }
@@ -434,20 +551,35 @@ impl Core {
     /// The caller's read state of a channel.
     pub async fn read_state(&self, p: &Principal, channel_id: &str) -> CoreResult<ReadState> {
         self.require_member(p, channel_id).await?;
-        Ok(self.storage.read_state(&p.tenant_id, channel_id, &p.user_id).await?)
+        Ok(self
+            .storage
+            .read_state(&p.tenant_id, channel_id, &p.user_id)
+            .await?)
     }
 
     /// Typing started or stopped; fanned out to the channel's other subscribers, throttled.
-    pub async fn typing(&self, p: &Principal, channel_id: &str, state: TypingState) -> CoreResult<()> {
+    pub async fn typing(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        state: TypingState,
+    ) -> CoreResult<()> {
         self.require_member(p, channel_id).await?;
-        self.realtime.typing(&p.tenant_id, channel_id, &p.user_id, state).await;
+        self.realtime
+            .typing(&p.tenant_id, channel_id, &p.user_id, state)
+            .await;
         Ok(())
     }
 
     /// Presence of a user who shares a channel with the caller (or the caller).
     pub async fn presence(&self, p: &Principal, user_id: &str) -> CoreResult<Presence> {
         validate::user_id(user_id).map_err(CoreError::InvalidArgument)?;
-        if user_id != p.user_id && !self.storage.shares_channel(&p.tenant_id, &p.user_id, user_id).await? {
+        if user_id != p.user_id
+            && !self
+                .storage
+                .shares_channel(&p.tenant_id, &p.user_id, user_id)
+                .await?
+        {
             // Indistinguishable from an unknown user: presence is not revealed to strangers.
             return Err(CoreError::UserNotFound);
         }
@@ -457,20 +589,33 @@ impl Core {
             .get(&p.tenant_id, &[user_id.to_owned()])
             .await
             .map_err(|e| CoreError::Unavailable(e.to_string()))?;
-        let record = found.into_iter().next().ok_or_else(|| CoreError::Internal("presence store lost a user".into()))?;
+        let record = found
+            .into_iter()
+            .next()
+            .ok_or_else(|| CoreError::Internal("presence store lost a user".into()))?;
         Ok(presence_of(user_id, record))
     }
 
     /// Presence of many users; those who share no channel with the caller are left out.
-    pub async fn presence_many(&self, p: &Principal, user_ids: &[String]) -> CoreResult<Vec<Presence>> {
+    pub async fn presence_many(
+        &self,
+        p: &Principal,
+        user_ids: &[String],
+    ) -> CoreResult<Vec<Presence>> {
         if user_ids.len() > MAX_PRESENCE_QUERY {
-            return Err(CoreError::InvalidArgument(format!("at most {MAX_PRESENCE_QUERY} user ids per query")));
+            return Err(CoreError::InvalidArgument(format!(
+                "at most {MAX_PRESENCE_QUERY} user ids per query"
+            )));
         }
         let mut visible = Vec::with_capacity(user_ids.len());
         for u in user_ids {
             validate::user_id(u).map_err(CoreError::InvalidArgument)?;
             if !visible.contains(u)
-                && (*u == p.user_id || self.storage.shares_channel(&p.tenant_id, &p.user_id, u).await?)
+                && (*u == p.user_id
+                    || self
+                        .storage
+                        .shares_channel(&p.tenant_id, &p.user_id, u)
+                        .await?)
             {
                 visible.push(u.clone());
             }
@@ -481,17 +626,30 @@ impl Core {
             .get(&p.tenant_id, &visible)
             .await
             .map_err(|e| CoreError::Unavailable(e.to_string()))?;
-        Ok(visible.iter().zip(found).map(|(u, r)| presence_of(u, r)).collect())
+        Ok(visible
+            .iter()
+            .zip(found)
+            .map(|(u, r)| presence_of(u, r))
+            .collect())
     }
 
     // ---- for the edge ----
 
     /// Checks that the caller is a member; returns their role.
     pub async fn require_member(&self, p: &Principal, channel_id: &str) -> CoreResult<Role> {
-        match self.storage.member(&p.tenant_id, channel_id, &p.user_id).await? {
+        match self
+            .storage
+            .member(&p.tenant_id, channel_id, &p.user_id)
+            .await?
+        {
             Some(m) => Ok(m.role),
             None => {
-                if self.storage.channel(&p.tenant_id, channel_id).await?.is_some() {
+                if self
+                    .storage
+                    .channel(&p.tenant_id, channel_id)
+                    .await?
+                    .is_some()
+                {
                     Err(CoreError::NotAMember)
                 } else {
                     Err(CoreError::NotFound)
@@ -502,20 +660,47 @@ impl Core {
 
     /// Persisted events of a channel in `(after, up_to]`, for gap filling at the edge. The
     /// caller (the edge) has checked membership of every receiver.
-    pub async fn channel_events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> CoreResult<Vec<ChannelEvent>> {
-        Ok(self.storage.events(tenant, channel_id, after, up_to, limit).await?)
+    pub async fn channel_events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> CoreResult<Vec<ChannelEvent>> {
+        Ok(self
+            .storage
+            .events(tenant, channel_id, after, up_to, limit)
+            .await?)
     }
 
     // ---- helpers ----
 
-    async fn member_and_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<(Role, Channel)> {
+    async fn member_and_channel(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+    ) -> CoreResult<(Role, Channel)> {
         let role = self.require_member(p, channel_id).await?;
-        let ch = self.storage.channel(&p.tenant_id, channel_id).await?.ok_or(CoreError::NotFound)?;
+        let ch = self
+            .storage
+            .channel(&p.tenant_id, channel_id)
+            .await?
+            .ok_or(CoreError::NotFound)?;
         Ok((role, ch))
     }
 
-    async fn live_message(&self, p: &Principal, channel_id: &str, message_id: &str) -> CoreResult<Message> {
-        match self.storage.message(&p.tenant_id, channel_id, message_id).await? {
+    async fn live_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        message_id: &str,
+    ) -> CoreResult<Message> {
+        match self
+            .storage
+            .message(&p.tenant_id, channel_id, message_id)
+            .await?
+        {
             Some(m) if !m.deleted => Ok(m),
             _ => Err(CoreError::MessageNotFound),
         }
@@ -533,7 +718,10 @@ fn require_role(have: Role, need: Role, what: &str) -> CoreResult<()> {
     if have >= need {
         Ok(())
     } else {
-        Err(CoreError::Forbidden(format!("{what} needs the {} role or higher", need.as_str())))
+        Err(CoreError::Forbidden(format!(
+            "{what} needs the {} role or higher",
+            need.as_str()
+        )))
     }
 }
 
@@ -546,9 +734,8 @@ fn message_not_found(e: StorageError) -> CoreError {
 
 fn event_message(event: ChannelEvent) -> CoreResult<Message> {
     match event.body {
-        parley_proto::EventBody::MessageUpdated { message } | parley_proto::EventBody::MessageDeleted { message } => {
-            Ok(message)
-        }
+        parley_proto::EventBody::MessageUpdated { message }
+        | parley_proto::EventBody::MessageDeleted { message } => Ok(message),
         _ => Err(CoreError::Internal("unexpected event kind".into())),
     }
 }

@@ -29,7 +29,8 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
-type Keyed = RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
+type Keyed =
+    RateLimiter<String, DefaultKeyedStateStore<String>, DefaultClock, StateInformationMiddleware>;
 
 /// A keyed budget: one token bucket per key (tenant and user).
 pub struct RequestBudget {

@@ -10,8 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use parley_proto::{
-    Presence, PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker, ServerFrame, TypingOutput,
-    TypingState, TypingThrottle,
+    Presence, PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker, ServerFrame,
+    TypingOutput, TypingState, TypingThrottle,
 };
 use parley_sync::{Bus, Ephemeral, EphemeralTarget};
 
@@ -34,7 +34,10 @@ pub struct RealtimeConfig {
 impl Default for RealtimeConfig {
     fn default() -> Self {
         RealtimeConfig {
-            presence: PresenceTimings { offline_grace_ms: 5_000, away_after_ms: 300_000 },
+            presence: PresenceTimings {
+                offline_grace_ms: 5_000,
+                away_after_ms: 300_000,
+            },
             typing_throttle_ms: 3_000,
             typing_expiry_ms: 6_000,
             tick: Duration::from_millis(250),
@@ -59,13 +62,21 @@ pub struct Realtime {
 }
 
 impl Realtime {
-    pub fn new(bus: Arc<dyn Bus>, storage: Arc<dyn Storage>, store: Arc<dyn PresenceStore>, config: RealtimeConfig) -> Arc<Realtime> {
+    pub fn new(
+        bus: Arc<dyn Bus>,
+        storage: Arc<dyn Storage>,
+        store: Arc<dyn PresenceStore>,
+        config: RealtimeConfig,
+    ) -> Arc<Realtime> {
         Arc::new(Realtime {
             bus,
             storage,
             store,
             presence: Mutex::new(PresenceTracker::new(config.presence)),
-            typing: Mutex::new(TypingThrottle::new(config.typing_throttle_ms, config.typing_expiry_ms)),
+            typing: Mutex::new(TypingThrottle::new(
+                config.typing_throttle_ms,
+                config.typing_expiry_ms,
+            )),
             config,
         })
     }
@@ -103,9 +114,19 @@ impl Realtime {
                     tracker
                         .present_users()
                         .filter_map(|k| {
-                            tracker.status(k).map(|(status, last_seen_ms, last_active_ms)| {
-                                (k.0.clone(), k.1.clone(), LocalPresence { status, last_active_ms, last_seen_ms })
-                            })
+                            tracker
+                                .status(k)
+                                .map(|(status, last_seen_ms, last_active_ms)| {
+                                    (
+                                        k.0.clone(),
+                                        k.1.clone(),
+                                        LocalPresence {
+                                            status,
+                                            last_active_ms,
+                                            last_seen_ms,
+                                        },
+                                    )
+                                })
                         })
                         .collect()
                 };
@@ -126,7 +147,8 @@ impl Realtime {
 
     /// A connection of the user opened on this node.
     pub async fn connected(&self, tenant: &str, user: &str) {
-        let change = lock(&self.presence).connected(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
+        let change =
+            lock(&self.presence).connected(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
         if let Some(c) = change {
             self.apply(c).await;
         }
@@ -139,7 +161,8 @@ impl Realtime {
 
     /// The user sent, read or typed.
     pub async fn activity(&self, tenant: &str, user: &str) {
-        let change = lock(&self.presence).activity(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
+        let change =
+            lock(&self.presence).activity(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
         if let Some(c) = change {
             self.apply(c).await;
         }
@@ -147,7 +170,11 @@ impl Realtime {
 
     /// The user chose away (or back).
     pub async fn set_away(&self, tenant: &str, user: &str, away: bool) {
-        let change = lock(&self.presence).set_away(&(tenant.to_owned(), user.to_owned()), away, now_ms_u64());
+        let change = lock(&self.presence).set_away(
+            &(tenant.to_owned(), user.to_owned()),
+            away,
+            now_ms_u64(),
+        );
         if let Some(c) = change {
             self.apply(c).await;
         }
@@ -170,7 +197,8 @@ impl Realtime {
 
     /// A sent message clears the sender's typing indicator.
     pub async fn message_sent(&self, tenant: &str, channel_id: &str, user: &str) {
-        let stop = lock(&self.typing).stop(&(tenant.to_owned(), channel_id.to_owned(), user.to_owned()));
+        let stop =
+            lock(&self.typing).stop(&(tenant.to_owned(), channel_id.to_owned(), user.to_owned()));
         if let Some(stop) = stop {
             self.announce_typing(stop).await;
         }
@@ -180,7 +208,9 @@ impl Realtime {
     /// Sends a frame to every subscriber of a channel (optionally not to one user).
     pub async fn to_channel(&self, channel_id: &str, skip_user: Option<&str>, frame: &ServerFrame) {
         self.publish(Ephemeral {
-            target: EphemeralTarget::Channel { channel_id: channel_id.to_owned() },
+            target: EphemeralTarget::Channel {
+                channel_id: channel_id.to_owned(),
+            },
             skip_user: skip_user.map(str::to_owned),
             frame: serde_json::to_value(frame).unwrap_or_default(),
         })
@@ -190,7 +220,10 @@ impl Realtime {
     /// Sends a frame to every connection of a user.
     pub async fn to_user(&self, tenant: &str, user: &str, frame: &ServerFrame) {
         self.publish(Ephemeral {
-            target: EphemeralTarget::User { tenant_id: tenant.to_owned(), user_id: user.to_owned() },
+            target: EphemeralTarget::User {
+                tenant_id: tenant.to_owned(),
+                user_id: user.to_owned(),
+            },
             skip_user: None,
             frame: serde_json::to_value(frame).unwrap_or_default(),
         })
@@ -210,12 +243,20 @@ impl Realtime {
 
     async fn apply(&self, c: PresenceChange<UserKey>) {
         let (tenant, user) = c.user;
-        let local = LocalPresence { status: c.status, last_active_ms: c.last_active_ms, last_seen_ms: c.last_seen_ms };
+        let local = LocalPresence {
+            status: c.status,
+            last_active_ms: c.last_active_ms,
+            last_seen_ms: c.last_seen_ms,
+        };
         let cluster = match self.store.set_local(&tenant, &user, local).await {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "presence store failed; announcing this node's view");
-                UserPresence { status: c.status, last_active_ms: Some(c.last_active_ms), last_seen_ms: c.last_seen_ms }
+                UserPresence {
+                    status: c.status,
+                    last_active_ms: Some(c.last_active_ms),
+                    last_seen_ms: c.last_seen_ms,
+                }
             }
         };
         // Another node still holding the user keeps them online: announce only what the
@@ -226,7 +267,9 @@ impl Realtime {
     }
 
     async fn announce_presence(&self, tenant: &str, user: &str, p: UserPresence) {
-        let frame = ServerFrame::PresenceChanged { presence: presence_of(user, p) };
+        let frame = ServerFrame::PresenceChanged {
+            presence: presence_of(user, p),
+        };
         let channels = match self.storage.channels_of(tenant, user).await {
             Ok(c) => c,
             Err(e) => {
@@ -241,11 +284,18 @@ impl Realtime {
 
     async fn announce_typing(&self, out: TypingOutput<TypingKey>) {
         let (key, state, expires) = match out {
-            TypingOutput::Start { key, expires_in_ms } => (key, TypingState::Start, Some(expires_in_ms)),
+            TypingOutput::Start { key, expires_in_ms } => {
+                (key, TypingState::Start, Some(expires_in_ms))
+            }
             TypingOutput::Stop { key } => (key, TypingState::Stop, None),
         };
         let (_tenant, channel_id, user_id) = key;
-        let frame = ServerFrame::Typing { channel_id: channel_id.clone(), user_id: user_id.clone(), state, expires_in_ms: expires };
+        let frame = ServerFrame::Typing {
+            channel_id: channel_id.clone(),
+            user_id: user_id.clone(),
+            state,
+            expires_in_ms: expires,
+        };
         self.to_channel(&channel_id, Some(&user_id), &frame).await;
     }
 }
@@ -255,8 +305,12 @@ pub fn presence_of(user: &str, p: UserPresence) -> Presence {
     Presence {
         user_id: user.to_owned(),
         status: p.status,
-        last_seen: p.last_seen_ms.map(|ms| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX))),
-        last_active: p.last_active_ms.map(|ms| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX))),
+        last_seen: p
+            .last_seen_ms
+            .map(|ms| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX))),
+        last_active: p
+            .last_active_ms
+            .map(|ms| rfc3339(i64::try_from(ms).unwrap_or(i64::MAX))),
     }
 }
 

@@ -26,7 +26,9 @@ pub fn user_id(s: &str) -> Result<(), String> {
     if is_valid_user_id(s) {
         Ok(())
     } else {
-        Err(format!("user id {s:?} must be 1-{MAX_USER_ID} characters of A-Z a-z 0-9 _ . : @ - |"))
+        Err(format!(
+            "user id {s:?} must be 1-{MAX_USER_ID} characters of A-Z a-z 0-9 _ . : @ - |"
+        ))
     }
 }
 
@@ -38,7 +40,9 @@ pub fn generated_id(kind: &str, prefix: &str, s: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("{kind} id {s:?} is not valid: expected {prefix} followed by 26 letters and digits"))
+        Err(format!(
+            "{kind} id {s:?} is not valid: expected {prefix} followed by 26 letters and digits"
+        ))
     }
 }
 
@@ -63,7 +67,9 @@ pub fn client_msg_id(s: &str) -> Result<(), String> {
 pub fn channel_name(s: &str) -> Result<(), String> {
     let n = s.chars().count();
     if s.trim().is_empty() || n > MAX_CHANNEL_NAME || s.chars().any(char::is_control) {
-        Err(format!("channel name must be 1-{MAX_CHANNEL_NAME} characters, not blank, without control characters"))
+        Err(format!(
+            "channel name must be 1-{MAX_CHANNEL_NAME} characters, not blank, without control characters"
+        ))
     } else {
         Ok(())
     }
@@ -75,7 +81,9 @@ pub fn message_text(s: &str, max_chars: usize) -> Result<(), String> {
     }
     let n = s.chars().count();
     if n > max_chars {
-        return Err(format!("message text is {n} characters; the limit is {max_chars}"));
+        return Err(format!(
+            "message text is {n} characters; the limit is {max_chars}"
+        ));
     }
     Ok(())
 }
@@ -86,7 +94,9 @@ pub fn metadata(m: Option<&serde_json::Value>) -> Result<(), String> {
         Some(v @ serde_json::Value::Object(_)) => {
             let len = v.to_string().len();
             if len > MAX_METADATA_BYTES {
-                Err(format!("metadata is {len} bytes serialized; the limit is {MAX_METADATA_BYTES}"))
+                Err(format!(
+                    "metadata is {len} bytes serialized; the limit is {MAX_METADATA_BYTES}"
+                ))
             } else {
                 Ok(())
             }

@@ -47,10 +47,14 @@ async fn concurrent_migrations_on_a_fresh_database() {
             .expect("connect");
         let conn = tokio::spawn(conn);
         let rows = client
-            .query("SELECT version FROM schema_migrations", &[])
+            .query(
+                "SELECT version FROM schema_migrations ORDER BY version",
+                &[],
+            )
             .await
             .expect("read migrations");
-        assert_eq!(rows.len(), 1, "migration 1 recorded once");
+        let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+        assert_eq!(versions, vec![1, 2], "each migration recorded exactly once");
         drop(client);
         let _ = conn.await;
     }

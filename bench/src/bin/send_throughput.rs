@@ -22,12 +22,17 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
-use parley_bench::{AuthMode, Reply, ReplyMessage, Rest, ServerProcess, Ws, percentile, source_addr, token, ws_connect};
+use parley_bench::{
+    AuthMode, Reply, ReplyMessage, Rest, ServerProcess, Ws, percentile, source_addr, token,
+    ws_connect,
+};
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 
 #[derive(Debug, Parser)]
-#[command(about = "Acknowledged (durably committed) messages per second over WebSocket message.send")]
+#[command(
+    about = "Acknowledged (durably committed) messages per second over WebSocket message.send"
+)]
 struct Args {
     /// The parley binary (release build).
     #[arg(long, default_value_os_t = parley_bench::default_parley_path())]
@@ -85,7 +90,10 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let (soft, hard) = parley_bench::raise_nofile_limit()?;
-    println!("send_throughput: {} | open files limit {soft} (hard {hard})", parley_bench::machine_summary());
+    println!(
+        "send_throughput: {} | open files limit {soft} (hard {hard})",
+        parley_bench::machine_summary()
+    );
     let mut summaries = Vec::new();
     let mut mismatch = false;
     for &channels in &args.channels {
@@ -133,7 +141,11 @@ struct Plan {
     drain_until: Instant,
 }
 
-async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow::Result<RunSummary> {
+async fn one_run(
+    args: &Args,
+    channel_count: usize,
+    in_flight: usize,
+) -> anyhow::Result<RunSummary> {
     let mut server_args: Vec<String> = [
         "--ws-frames-per-second",
         "100000",
@@ -163,11 +175,18 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
     let users: Vec<String> = (0..args.users.max(1)).map(|i| format!("u{i}")).collect();
     let rest = Rest::new(server.http_base());
     let owner = token("bench-owner");
-    let run_tag = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis());
+    let run_tag = format!(
+        "{:x}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
     let mut channels = Vec::new();
     for c in 0..channel_count {
         let initial: Vec<String> = users.iter().take(99).cloned().collect();
-        let id = rest.create_channel(&owner, &format!("bench-{run_tag}-{c}"), &initial).await?;
+        let id = rest
+            .create_channel(&owner, &format!("bench-{run_tag}-{c}"), &initial)
+            .await?;
         for u in users.iter().skip(99) {
             rest.add_member(&owner, &id, u).await?;
         }
@@ -183,7 +202,11 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
         let (addr, src) = (server.addr, source_addr(i, args.source_addrs));
         opening.push(tokio::spawn(async move {
             let _p = limit.acquire().await;
-            tokio::time::timeout(Duration::from_secs(30), ws_connect(addr, src, &tok, AuthMode::Subprotocol)).await
+            tokio::time::timeout(
+                Duration::from_secs(30),
+                ws_connect(addr, src, &tok, AuthMode::Subprotocol),
+            )
+            .await
         }));
     }
     let mut sockets = Vec::new();
@@ -204,22 +227,39 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
         let prefix = format!("b{run_tag}-{i}-");
         let text = text.clone();
         let go = go_rx.clone();
-        handles.push(tokio::spawn(sender(ws, channel, prefix, text, in_flight, go)));
+        handles.push(tokio::spawn(sender(
+            ws, channel, prefix, text, in_flight, go,
+        )));
     }
     let start = Instant::now();
     let plan = Arc::new(Plan {
         start,
         measure_from: start + Duration::from_secs(args.warmup_secs),
         measure_to: start + Duration::from_secs(args.warmup_secs + args.duration_secs),
-        drain_until: start + Duration::from_secs(args.warmup_secs + args.duration_secs + args.drain_secs),
+        drain_until: start
+            + Duration::from_secs(args.warmup_secs + args.duration_secs + args.drain_secs),
     });
     let _ = go_tx.send(Some(plan.clone()));
     tokio::time::sleep_until(plan.measure_from.into()).await;
-    let (srv_cpu0, me_cpu0, t0) = (server.cpu()?, parley_bench::cpu_time("self")?, Instant::now());
-    let (threads0, db0) = (parley_bench::thread_cpu(server.pid()), args.db_pid.map(parley_bench::tree_cpu));
+    let (srv_cpu0, me_cpu0, t0) = (
+        server.cpu()?,
+        parley_bench::cpu_time("self")?,
+        Instant::now(),
+    );
+    let (threads0, db0) = (
+        parley_bench::thread_cpu(server.pid()),
+        args.db_pid.map(parley_bench::tree_cpu),
+    );
     tokio::time::sleep_until(plan.measure_to.into()).await;
-    let (srv_cpu1, me_cpu1, t1) = (server.cpu()?, parley_bench::cpu_time("self")?, Instant::now());
-    let (threads1, db1) = (parley_bench::thread_cpu(server.pid()), args.db_pid.map(parley_bench::tree_cpu));
+    let (srv_cpu1, me_cpu1, t1) = (
+        server.cpu()?,
+        parley_bench::cpu_time("self")?,
+        Instant::now(),
+    );
+    let (threads1, db1) = (
+        parley_bench::thread_cpu(server.pid()),
+        args.db_pid.map(parley_bench::tree_cpu),
+    );
     let mem = server.mem()?;
 
     let mut results = Vec::new();
@@ -234,7 +274,10 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
     let acked: u64 = results.iter().map(|r| r.acked_ids.len() as u64).sum();
     let window_acks: u64 = results.iter().map(|r| r.window_acks).sum();
     let unanswered: u64 = results.iter().map(|r| r.unanswered).sum();
-    let mut lat: Vec<u32> = results.iter().flat_map(|r| r.latencies_us.iter().copied()).collect();
+    let mut lat: Vec<u32> = results
+        .iter()
+        .flat_map(|r| r.latencies_us.iter().copied())
+        .collect();
     lat.sort_unstable();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for r in &results {
@@ -265,14 +308,20 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
         .iter()
         .map(|(name, t)| {
             let before = threads0.get(name).copied().unwrap_or_default();
-            (name, t.saturating_sub(before).as_secs_f64() / measured * 100.0)
+            (
+                name,
+                t.saturating_sub(before).as_secs_f64() / measured * 100.0,
+            )
         })
         .filter(|(_, pct)| *pct >= 0.5)
         .map(|(name, pct)| format!("{name} {pct:.0}%"))
         .collect();
     println!("server CPU by thread name: {}", per_thread.join(", "));
     if let (Some(a), Some(b)) = (db0, db1) {
-        println!("database processes CPU: {:.0}% of one core", b.saturating_sub(a).as_secs_f64() / measured * 100.0);
+        println!(
+            "database processes CPU: {:.0}% of one core",
+            b.saturating_sub(a).as_secs_f64() / measured * 100.0
+        );
     }
     println!(
         "whole run ({:.1} s incl. warm-up and drain): sent {sent}, acked {acked}, errors {errors:?}, unanswered {unanswered}",
@@ -282,7 +331,11 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
         println!("first error frame: {e}");
     }
     if !failures.is_empty() {
-        println!("{} sender connections failed; first: {}", failures.len(), failures[0]);
+        println!(
+            "{} sender connections failed; first: {}",
+            failures.len(),
+            failures[0]
+        );
     }
 
     // Verify: history holds exactly the acknowledged messages.
@@ -297,7 +350,10 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
         let stored = rest.all_messages(&owner, id).await?;
         stored_total += stored.len();
         let stored_ids: HashSet<&str> = stored.iter().map(|(m, _)| m.as_str()).collect();
-        let missing = by_channel[c].iter().filter(|m| !stored_ids.contains(m.as_str())).count();
+        let missing = by_channel[c]
+            .iter()
+            .filter(|m| !stored_ids.contains(m.as_str()))
+            .count();
         if stored.len() != by_channel[c].len() || missing > 0 {
             verified = false;
             println!(
@@ -310,9 +366,17 @@ async fn one_run(args: &Args, channel_count: usize, in_flight: usize) -> anyhow:
     println!(
         "history check ({:.1} s): {stored_total} messages stored, {acked} acked: {}",
         t.elapsed().as_secs_f64(),
-        if verified { "equal, every acked id present" } else { "MISMATCH" }
+        if verified {
+            "equal, every acked id present"
+        } else {
+            "MISMATCH"
+        }
     );
-    let backend = if args.database_url.is_some() { "postgres" } else { "sqlite" };
+    let backend = if args.database_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
     let line = format!(
         "SUMMARY send_throughput backend={backend} senders={} channels={channel_count} in_flight={in_flight} msgs/s={rate:.0} p50={:.2}ms p99={:.2}ms server_cpu={:.0}% client_cpu={:.0}% verified={verified}",
         args.senders,
@@ -371,7 +435,11 @@ async fn sender(
         if !sending && outstanding.is_empty() {
             break;
         }
-        let deadline = if sending { plan.measure_to } else { plan.drain_until };
+        let deadline = if sending {
+            plan.measure_to
+        } else {
+            plan.drain_until
+        };
         let msg = match tokio::time::timeout_at(deadline.into(), ws.next()).await {
             Err(_) if sending => continue,
             Err(_) => {
@@ -400,9 +468,15 @@ async fn sender(
             }
         };
         let acked_at = Instant::now();
-        let Ok(reply) = serde_json::from_str::<Reply>(text.as_str()) else { continue };
-        let Some(n) = reply.id.as_deref().and_then(|v| v.parse::<u64>().ok()) else { continue };
-        let Some(pos) = outstanding.iter().position(|(id, _)| *id == n) else { continue };
+        let Ok(reply) = serde_json::from_str::<Reply>(text.as_str()) else {
+            continue;
+        };
+        let Some(n) = reply.id.as_deref().and_then(|v| v.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(pos) = outstanding.iter().position(|(id, _)| *id == n) else {
+            continue;
+        };
         let (_, sent_at) = outstanding.swap_remove(pos);
         match (reply.kind.as_str(), reply.message) {
             ("ack", Some(ReplyMessage::Committed { id, seq: _ })) => {

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
-use parley_bench::{AuthMode, MemStatus, Reply, Rest, ServerProcess, mib, source_addr, token, ws_connect};
+use parley_bench::{
+    AuthMode, MemStatus, Reply, Rest, ServerProcess, mib, source_addr, token, ws_connect,
+};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -150,9 +152,15 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     let (soft, hard) = parley_bench::raise_nofile_limit()?;
     if (args.connections as u64) + 100 > soft {
-        bail!("{} connections need more than the open-files limit {soft} (hard {hard}) of this process", args.connections);
+        bail!(
+            "{} connections need more than the open-files limit {soft} (hard {hard}) of this process",
+            args.connections
+        );
     }
-    println!("ws_memory: {} | open files limit {soft} (hard {hard}), inherited by the server", parley_bench::machine_summary());
+    println!(
+        "ws_memory: {} | open files limit {soft} (hard {hard}), inherited by the server",
+        parley_bench::machine_summary()
+    );
     let mut server = ServerProcess::start(&args.parley, &args.server_args)?;
     println!("server: {} (pid {})", server.banner, server.pid());
     let users: Vec<String> = (0..args.users.max(1)).map(|i| format!("u{i}")).collect();
@@ -162,7 +170,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut channels = Vec::new();
     for c in 0..args.channels.max(1) {
         let initial: Vec<String> = users.iter().take(99).cloned().collect();
-        let id = rest.create_channel(&owner, &format!("bench-{c}"), &initial).await?;
+        let id = rest
+            .create_channel(&owner, &format!("bench-{c}"), &initial)
+            .await?;
         for u in users.iter().skip(99) {
             rest.add_member(&owner, &id, u).await?;
         }
@@ -188,11 +198,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for i in 0..args.warmup_connections {
             tokio::spawn(connection(warm.clone(), i, rx.clone()));
         }
-        wait_for(&warm.counters, |c| done(&c.opened) + done(&c.open_failed) >= args.warmup_connections, timeout).await;
+        wait_for(
+            &warm.counters,
+            |c| done(&c.opened) + done(&c.open_failed) >= args.warmup_connections,
+            timeout,
+        )
+        .await;
         let _ = tx.send(Phase::Subscribe);
-        wait_for(&warm.counters, |c| done(&c.subscribed) + done(&c.subscribe_failed) >= done(&c.opened), timeout).await;
+        wait_for(
+            &warm.counters,
+            |c| done(&c.subscribed) + done(&c.subscribe_failed) >= done(&c.opened),
+            timeout,
+        )
+        .await;
         let _ = tx.send(Phase::Close);
-        wait_for(&warm.counters, |c| done(&c.finished) >= args.warmup_connections, timeout).await;
+        wait_for(
+            &warm.counters,
+            |c| done(&c.finished) >= args.warmup_connections,
+            timeout,
+        )
+        .await;
         if done(&warm.counters.open_failed) > 0 {
             bail!("warm-up connections failed:{}", error_note(&warm));
         }
@@ -210,7 +235,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for i in 0..n {
         tokio::spawn(connection(ctx.clone(), i, rx.clone()));
     }
-    let all_open = wait_for(&ctx.counters, |c| done(&c.opened) + done(&c.open_failed) >= n, timeout).await;
+    let all_open = wait_for(
+        &ctx.counters,
+        |c| done(&c.opened) + done(&c.open_failed) >= n,
+        timeout,
+    )
+    .await;
     let open_time = started.elapsed();
     let opened = done(&ctx.counters.opened);
     println!(
@@ -233,7 +263,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !args.no_subscribe {
         let t = Instant::now();
         let _ = tx.send(Phase::Subscribe);
-        wait_for(&ctx.counters, |c| done(&c.subscribed) + done(&c.subscribe_failed) + done(&c.dropped) >= opened, timeout).await;
+        wait_for(
+            &ctx.counters,
+            |c| done(&c.subscribed) + done(&c.subscribe_failed) + done(&c.dropped) >= opened,
+            timeout,
+        )
+        .await;
         println!(
             "subscribed {}/{opened} connections to {} channel(s) in {:.2} s, {} failed{}",
             done(&ctx.counters.subscribed),
@@ -247,14 +282,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let sub = server.mem()?;
         let server_sees = server_connection_count(&server).await;
         print_mem("authenticated + subscribed", &sub);
-        print_per_conn("authenticated + subscribed", &before, &sub, opened, server_sees);
+        print_per_conn(
+            "authenticated + subscribed",
+            &before,
+            &sub,
+            opened,
+            server_sees,
+        );
         let extra = sub.rss as i64 - idle.rss as i64;
-        println!("  subscribe adds {:.0} B per connection over idle", extra as f64 / opened.max(1) as f64);
+        println!(
+            "  subscribe adds {:.0} B per connection over idle",
+            extra as f64 / opened.max(1) as f64
+        );
         subscribed_mem = Some(sub);
     }
     let dropped = done(&ctx.counters.dropped);
     if dropped > 0 {
-        println!("WARNING: {dropped} connections were closed by the server while held{}", error_note(&ctx));
+        println!(
+            "WARNING: {dropped} connections were closed by the server while held{}",
+            error_note(&ctx)
+        );
     }
 
     // Phase 3: close them all and see how much comes back.
@@ -265,7 +312,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let closed = server.mem()?;
     let server_sees = server_connection_count(&server).await;
     print_mem("after closing all", &closed);
-    println!("  server reports {} open", server_sees.map(|v| v.to_string()).unwrap_or_else(|| "?".into()));
+    println!(
+        "  server reports {} open",
+        server_sees
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "?".into())
+    );
 
     // Phase 4: open N idle connections again. Memory that was kept (not returned to the OS) but
     // is free gets reused, so RSS should barely move; growth here would point at a leak.
@@ -276,7 +328,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         for i in 0..n {
             tokio::spawn(connection(again.clone(), n + i, rx2.clone()));
         }
-        wait_for(&again.counters, |c| done(&c.opened) + done(&c.open_failed) >= n, timeout).await;
+        wait_for(
+            &again.counters,
+            |c| done(&c.opened) + done(&c.open_failed) >= n,
+            timeout,
+        )
+        .await;
         tokio::time::sleep(settle).await;
         server.check_alive()?;
         let m = server.mem()?;
@@ -292,15 +349,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     println!();
-    println!("SUMMARY ws_memory connections={opened} auth={:?} channels={}", args.auth, ctx.channels.len());
+    println!(
+        "SUMMARY ws_memory connections={opened} auth={:?} channels={}",
+        args.auth,
+        ctx.channels.len()
+    );
     println!("  RSS before            {}", mib(before.rss));
-    println!("  RSS idle              {}  => {:.0} B/conn", mib(idle.rss), per_conn(&before, &idle, opened));
+    println!(
+        "  RSS idle              {}  => {:.0} B/conn",
+        mib(idle.rss),
+        per_conn(&before, &idle, opened)
+    );
     if let Some(sub) = subscribed_mem {
-        println!("  RSS subscribed        {}  => {:.0} B/conn", mib(sub.rss), per_conn(&before, &sub, opened));
+        println!(
+            "  RSS subscribed        {}  => {:.0} B/conn",
+            mib(sub.rss),
+            per_conn(&before, &sub, opened)
+        );
     }
-    println!("  RSS after close       {}  (peak {})", mib(closed.rss), mib(closed.hwm));
+    println!(
+        "  RSS after close       {}  (peak {})",
+        mib(closed.rss),
+        mib(closed.hwm)
+    );
     if let Some(m) = reopened {
-        println!("  RSS reopened idle     {}  => {:+.0} B/conn vs after close", mib(m.rss), per_conn(&closed, &m, n));
+        println!(
+            "  RSS reopened idle     {}  => {:+.0} B/conn vs after close",
+            mib(m.rss),
+            per_conn(&closed, &m, n)
+        );
     }
     println!("  time to open          {:.2} s", open_time.as_secs_f64());
     Ok(())
@@ -344,20 +421,33 @@ fn print_mem(label: &str, m: &MemStatus) {
     );
 }
 
-fn print_per_conn(label: &str, before: &MemStatus, after: &MemStatus, n: usize, server_sees: Option<u64>) {
+fn print_per_conn(
+    label: &str,
+    before: &MemStatus,
+    after: &MemStatus,
+    n: usize,
+    server_sees: Option<u64>,
+) {
     println!(
         "  {label}: ({} - {}) / {n} = {:.0} B per connection (anon: {:.0} B); server reports {} open",
         mib(after.rss),
         mib(before.rss),
         per_conn(before, after, n),
         (after.rss_anon as f64 - before.rss_anon as f64) / n.max(1) as f64,
-        server_sees.map(|v| v.to_string()).unwrap_or_else(|| "?".into())
+        server_sees
+            .map(|v| v.to_string())
+            .unwrap_or_else(|| "?".into())
     );
 }
 
 /// `/readyz` reports `ready connections=N`.
 async fn server_connection_count(server: &ServerProcess) -> Option<u64> {
-    let body = reqwest::get(format!("{}/readyz", server.http_base())).await.ok()?.text().await.ok()?;
+    let body = reqwest::get(format!("{}/readyz", server.http_base()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
     body.split("connections=").nth(1)?.trim().parse().ok()
 }
 
@@ -369,7 +459,12 @@ async fn connection(ctx: Arc<Ctx>, i: usize, mut phase: watch::Receiver<Phase>) 
         let token = &ctx.tokens[i % ctx.tokens.len()];
         tokio::time::timeout(
             Duration::from_secs(30),
-            ws_connect(ctx.server, source_addr(i, ctx.source_addrs), token, ctx.auth),
+            ws_connect(
+                ctx.server,
+                source_addr(i, ctx.source_addrs),
+                token,
+                ctx.auth,
+            ),
         )
         .await
         .map_err(|_| anyhow::anyhow!("upgrade timed out"))
@@ -421,15 +516,15 @@ async fn connection(ctx: Arc<Ctx>, i: usize, mut phase: watch::Receiver<Phase>) 
             }
             msg = ws.next() => match msg {
                 Some(Ok(WsMessage::Text(t))) => {
-                    if let Ok(r) = serde_json::from_str::<Reply>(t.as_str()) {
-                        if r.id.as_deref() == Some("s") {
-                            drop(sub_permit.take());
-                            if r.kind == "ack" {
-                                c.subscribed.fetch_add(1, Ordering::Relaxed);
-                            } else {
-                                ctx.note_error(format!("subscribe: {t}"));
-                                c.subscribe_failed.fetch_add(1, Ordering::Relaxed);
-                            }
+                    if let Ok(r) = serde_json::from_str::<Reply>(t.as_str())
+                        && r.id.as_deref() == Some("s")
+                    {
+                        drop(sub_permit.take());
+                        if r.kind == "ack" {
+                            c.subscribed.fetch_add(1, Ordering::Relaxed);
+                        } else {
+                            ctx.note_error(format!("subscribe: {t}"));
+                            c.subscribe_failed.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                 }

@@ -40,7 +40,10 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 /// WebSocket route and wrap the whole app in [`request_id`].
 pub fn router(state: ApiState) -> Router {
     routes::routes()
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), authenticate))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            authenticate,
+        ))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -56,7 +59,11 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 64 && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-'))
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= 64
+                && v.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
         .map(str::to_owned)
         .unwrap_or_else(|| ulid::Ulid::new().to_string());
     req.extensions_mut().insert(RequestId(id.clone()));
@@ -78,12 +85,18 @@ pub async fn request_id(mut req: Request, next: Next) -> Response {
 
 /// Fallback for unknown routes.
 pub async fn route_not_found() -> ApiError {
-    ApiError::new(ErrorCode::RouteNotFound, "no such route; the API lives under /v1 (see /v1/openapi.json)")
+    ApiError::new(
+        ErrorCode::RouteNotFound,
+        "no such route; the API lives under /v1 (see /v1/openapi.json)",
+    )
 }
 
 /// Fallback for known routes with another method.
 pub async fn method_not_allowed() -> ApiError {
-    ApiError::new(ErrorCode::MethodNotAllowed, "this route does not accept that HTTP method")
+    ApiError::new(
+        ErrorCode::MethodNotAllowed,
+        "this route does not accept that HTTP method",
+    )
 }
 
 /// A REST error: a stable code, a sentence, and for `rate_limited` the delay.
@@ -96,7 +109,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        ApiError { code, message: message.into(), retry_after: None }
+        ApiError {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
     }
 }
 
@@ -115,25 +132,34 @@ struct PendingError(ApiError);
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let status = StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let status =
+            StatusCode::from_u16(self.code.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let mut res = status.into_response();
         if let Some(d) = self.retry_after {
             let secs = d.as_secs_f64().ceil().max(1.0) as u64;
-            res.headers_mut().insert("retry-after", HeaderValue::from(secs));
+            res.headers_mut()
+                .insert("retry-after", HeaderValue::from(secs));
         }
         res.extensions_mut().insert(PendingError(self));
         res
     }
 }
 
-fn render_error(status: StatusCode, headers: HeaderMap, pending: PendingError, request_id: &str) -> Response {
+fn render_error(
+    status: StatusCode,
+    headers: HeaderMap,
+    pending: PendingError,
+    request_id: &str,
+) -> Response {
     let e = pending.0;
     let body = ErrorBody {
         error: ErrorDetail {
             code: e.code,
             message: e.message,
             request_id: request_id.to_owned(),
-            retry_after_ms: e.retry_after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            retry_after_ms: e
+                .retry_after
+                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
         },
     };
     let mut res = (status, axum::Json(body)).into_response();
@@ -161,10 +187,10 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
             Err(e) => AuthOutcome::Failed(ApiError::new(e.code, e.message)),
         },
         Err(e) => {
-            let query_token = req
-                .uri()
-                .query()
-                .is_some_and(|q| q.split('&').any(|kv| kv.starts_with("token=") || kv.starts_with("access_token=")));
+            let query_token = req.uri().query().is_some_and(|q| {
+                q.split('&')
+                    .any(|kv| kv.starts_with("token=") || kv.starts_with("access_token="))
+            });
             let e = if query_token {
                 ApiError::new(
                     ErrorCode::TokenMissing,
@@ -178,15 +204,25 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
     };
     let mut rate_headers = None;
     if let AuthOutcome::Ok(p) = &outcome {
-        match state.budget.check(&format!("{}/{}", p.tenant_id, p.user_id)) {
+        match state
+            .budget
+            .check(&format!("{}/{}", p.tenant_id, p.user_id))
+        {
             Ok(allowed) => rate_headers = Some(allowed),
             Err(limited) => {
-                let mut e = ApiError::new(ErrorCode::RateLimited, "request budget spent; retry after the stated delay");
+                let mut e = ApiError::new(
+                    ErrorCode::RateLimited,
+                    "request budget spent; retry after the stated delay",
+                );
                 e.retry_after = Some(limited.retry_after);
                 let mut res = e.into_response();
                 set_header(&mut res, "ratelimit-policy", &state.budget.policy());
                 let reset = limited.retry_after.as_secs_f64().ceil() as u64;
-                set_header(&mut res, "ratelimit", &format!("limit={}, remaining=0, reset={reset}", limited.limit));
+                set_header(
+                    &mut res,
+                    "ratelimit",
+                    &format!("limit={}, remaining=0, reset={reset}", limited.limit),
+                );
                 return res;
             }
         }
@@ -195,7 +231,14 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
     let mut res = next.run(req).await;
     if let Some(a) = rate_headers {
         set_header(&mut res, "ratelimit-policy", &state.budget.policy());
-        set_header(&mut res, "ratelimit", &format!("limit={}, remaining={}, reset={}", a.limit, a.remaining, a.reset_secs));
+        set_header(
+            &mut res,
+            "ratelimit",
+            &format!(
+                "limit={}, remaining={}, reset={}",
+                a.limit, a.remaining, a.reset_secs
+            ),
+        );
     }
     res
 }
@@ -209,14 +252,27 @@ fn set_header(res: &mut Response, name: &'static str, value: &str) {
 /// Reads `Authorization: Bearer <token>`.
 pub fn bearer(headers: &HeaderMap) -> Result<&str, ApiError> {
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
-        return Err(ApiError::new(ErrorCode::TokenMissing, "send Authorization: Bearer <token>"));
+        return Err(ApiError::new(
+            ErrorCode::TokenMissing,
+            "send Authorization: Bearer <token>",
+        ));
     };
-    let value = value
-        .to_str()
-        .map_err(|_| ApiError::new(ErrorCode::TokenMalformed, "Authorization header is not ASCII"))?;
+    let value = value.to_str().map_err(|_| {
+        ApiError::new(
+            ErrorCode::TokenMalformed,
+            "Authorization header is not ASCII",
+        )
+    })?;
     match value.split_once(' ') {
-        Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() => Ok(token.trim()),
-        _ => Err(ApiError::new(ErrorCode::TokenMalformed, "Authorization header must be \"Bearer <token>\"")),
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(ApiError::new(
+            ErrorCode::TokenMalformed,
+            "Authorization header must be \"Bearer <token>\"",
+        )),
     }
 }
 
@@ -230,7 +286,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Authed {
         match parts.extensions.get::<AuthOutcome>() {
             Some(AuthOutcome::Ok(p)) => Ok(Authed(p.clone())),
             Some(AuthOutcome::Failed(e)) => Err(e.clone()),
-            None => Err(ApiError::new(ErrorCode::Internal, "authentication middleware missing")),
+            None => Err(ApiError::new(
+                ErrorCode::Internal,
+                "authentication middleware missing",
+            )),
         }
     }
 }
@@ -246,20 +305,26 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
         use axum::extract::rejection::JsonRejection;
         match axum::Json::<T>::from_request(req, state).await {
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
-            Err(JsonRejection::JsonSyntaxError(e)) => {
-                Err(ApiError::new(ErrorCode::MalformedJson, format!("body is not valid JSON: {}", e.body_text())))
-            }
-            Err(JsonRejection::JsonDataError(e)) => {
-                Err(ApiError::new(ErrorCode::InvalidRequest, format!("body has the wrong shape: {}", e.body_text())))
-            }
+            Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::new(
+                ErrorCode::MalformedJson,
+                format!("body is not valid JSON: {}", e.body_text()),
+            )),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::new(
+                ErrorCode::InvalidRequest,
+                format!("body has the wrong shape: {}", e.body_text()),
+            )),
             Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
                 ErrorCode::InvalidRequest,
                 "send the body as JSON with Content-Type: application/json",
             )),
-            Err(JsonRejection::BytesRejection(e)) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
-                ErrorCode::PayloadTooLarge,
-                format!("request body is larger than {MAX_BODY_BYTES} bytes"),
-            )),
+            Err(JsonRejection::BytesRejection(e))
+                if e.status() == StatusCode::PAYLOAD_TOO_LARGE =>
+            {
+                Err(ApiError::new(
+                    ErrorCode::PayloadTooLarge,
+                    format!("request body is larger than {MAX_BODY_BYTES} bytes"),
+                ))
+            }
             Err(e) => Err(ApiError::new(ErrorCode::InvalidRequest, e.body_text())),
         }
     }
@@ -275,6 +340,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
         axum::extract::Query::<T>::from_request_parts(parts, state)
             .await
             .map(|q| ApiQuery(q.0))
-            .map_err(|e| ApiError::new(ErrorCode::InvalidArgument, format!("invalid query: {}", e.body_text())))
+            .map_err(|e| {
+                ApiError::new(
+                    ErrorCode::InvalidArgument,
+                    format!("invalid query: {}", e.body_text()),
+                )
+            })
     }
 }

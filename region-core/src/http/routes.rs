@@ -7,29 +7,50 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use parley_proto::{
-    AddMember, Channel, ChannelList, CreateChannel, EditMessage, ErrorBody, MarkRead, Member, MemberList, Message,
-    MessagePage, PatchChannel, Presence, PresenceList, PresenceQuery, ReadState, SendMessage, SendResult,
-    TypingRequest,
+    AddMember, Channel, ChannelList, CreateChannel, EditMessage, ErrorBody, MarkRead, Member,
+    MemberList, Message, MessagePage, PatchChannel, Presence, PresenceList, PresenceQuery,
+    ReadState, SendMessage, SendResult, TypingRequest,
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
 use crate::domain::HistoryQuery;
-use parley_proto::calls::{Call, CallList, JoinedCall, LeaveCall};
 use crate::validate;
+use parley_proto::calls::{Call, CallList, JoinedCall, LeaveCall};
 
 pub(super) fn routes() -> Router<ApiState> {
     Router::new()
         .route("/v1/channels", post(create_channel).get(list_channels))
-        .route("/v1/channels/{channel_id}", get(get_channel).patch(patch_channel).delete(delete_channel))
-        .route("/v1/channels/{channel_id}/members", post(add_member).get(list_members))
-        .route("/v1/channels/{channel_id}/members/{user_id}", axum::routing::delete(remove_member))
-        .route("/v1/channels/{channel_id}/messages", post(send_message).get(history))
-        .route("/v1/channels/{channel_id}/messages/{message_id}", axum::routing::patch(edit_message).delete(delete_message))
-        .route("/v1/channels/{channel_id}/read", axum::routing::put(mark_read).get(read_state))
+        .route(
+            "/v1/channels/{channel_id}",
+            get(get_channel).patch(patch_channel).delete(delete_channel),
+        )
+        .route(
+            "/v1/channels/{channel_id}/members",
+            post(add_member).get(list_members),
+        )
+        .route(
+            "/v1/channels/{channel_id}/members/{user_id}",
+            axum::routing::delete(remove_member),
+        )
+        .route(
+            "/v1/channels/{channel_id}/messages",
+            post(send_message).get(history),
+        )
+        .route(
+            "/v1/channels/{channel_id}/messages/{message_id}",
+            axum::routing::patch(edit_message).delete(delete_message),
+        )
+        .route(
+            "/v1/channels/{channel_id}/read",
+            axum::routing::put(mark_read).get(read_state),
+        )
         .route("/v1/channels/{channel_id}/typing", post(typing))
         .route("/v1/users/{user_id}/presence", get(user_presence))
         .route("/v1/presence/query", post(presence_query))
-        .route("/v1/channels/{channel_id}/calls", post(start_call).get(channel_calls))
+        .route(
+            "/v1/channels/{channel_id}/calls",
+            post(start_call).get(channel_calls),
+        )
         .route("/v1/calls/{call_id}", get(get_call))
         .route("/v1/calls/{call_id}/join", post(join_call))
         .route("/v1/calls/{call_id}/leave", post(leave_call))
@@ -49,22 +70,39 @@ fn message_id(id: &str) -> Result<(), ApiError> {
 #[utoipa::path(post, path = "/v1/channels", tag = "channels", request_body = CreateChannel,
     responses((status = 201, body = Channel, description = "created"), (status = 200, body = Channel, description = "the existing DM"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn create_channel(State(s): State<ApiState>, Authed(p): Authed, ApiJson(req): ApiJson<CreateChannel>) -> Result<Response, ApiError> {
+pub(super) async fn create_channel(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    ApiJson(req): ApiJson<CreateChannel>,
+) -> Result<Response, ApiError> {
     let (channel, created) = s.core.create_channel(&p, req).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(channel)).into_response())
 }
 
 /// The caller's channels, each with its `last_seq` and the caller's role.
 #[utoipa::path(get, path = "/v1/channels", tag = "channels",
     responses((status = 200, body = ChannelList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn list_channels(State(s): State<ApiState>, Authed(p): Authed) -> Result<axum::Json<ChannelList>, ApiError> {
-    Ok(axum::Json(ChannelList { channels: s.core.list_channels(&p).await? }))
+pub(super) async fn list_channels(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+) -> Result<axum::Json<ChannelList>, ApiError> {
+    Ok(axum::Json(ChannelList {
+        channels: s.core.list_channels(&p).await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
     responses((status = 200, body = Channel), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn get_channel(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<Channel>, ApiError> {
+pub(super) async fn get_channel(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Channel>, ApiError> {
     channel_id(&id)?;
     Ok(axum::Json(s.core.get_channel(&p, &id).await?))
 }
@@ -72,7 +110,12 @@ pub(super) async fn get_channel(State(s): State<ApiState>, Authed(p): Authed, Pa
 /// Rename a channel (owners and moderators). Emits `channel.updated`.
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)), request_body = PatchChannel,
     responses((status = 200, body = Channel), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn patch_channel(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<PatchChannel>) -> Result<axum::Json<Channel>, ApiError> {
+pub(super) async fn patch_channel(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<PatchChannel>,
+) -> Result<axum::Json<Channel>, ApiError> {
     channel_id(&id)?;
     Ok(axum::Json(s.core.rename_channel(&p, &id, req).await?))
 }
@@ -80,7 +123,11 @@ pub(super) async fn patch_channel(State(s): State<ApiState>, Authed(p): Authed, 
 /// Delete a channel (owners; either party of a DM) with its history.
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn delete_channel(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn delete_channel(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     channel_id(&id)?;
     s.core.delete_channel(&p, &id).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -88,19 +135,34 @@ pub(super) async fn delete_channel(State(s): State<ApiState>, Authed(p): Authed,
 
 #[utoipa::path(get, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path)),
     responses((status = 200, body = MemberList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn list_members(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<MemberList>, ApiError> {
+pub(super) async fn list_members(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<MemberList>, ApiError> {
     channel_id(&id)?;
-    Ok(axum::Json(MemberList { members: s.core.list_members(&p, &id).await? }))
+    Ok(axum::Json(MemberList {
+        members: s.core.list_members(&p, &id).await?,
+    }))
 }
 
 /// Add a member (owners and moderators; only owners add moderators or owners). Emits `member.added`.
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path)), request_body = AddMember,
     responses((status = 201, body = Member, description = "added"), (status = 200, body = Member, description = "already a member"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn add_member(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<AddMember>) -> Result<Response, ApiError> {
+pub(super) async fn add_member(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<AddMember>,
+) -> Result<Response, ApiError> {
     channel_id(&id)?;
     let (member, added) = s.core.add_member(&p, &id, req).await?;
-    let status = if added { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if added {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(member)).into_response())
 }
 
@@ -109,7 +171,11 @@ pub(super) async fn add_member(State(s): State<ApiState>, Authed(p): Authed, Pat
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/members/{user_id}", tag = "members",
     params(("channel_id" = String, Path), ("user_id" = String, Path)),
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn remove_member(State(s): State<ApiState>, Authed(p): Authed, Path((id, user)): Path<(String, String)>) -> Result<StatusCode, ApiError> {
+pub(super) async fn remove_member(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path((id, user)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
     channel_id(&id)?;
     s.core.remove_member(&p, &id, &user).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -121,10 +187,19 @@ pub(super) async fn remove_member(State(s): State<ApiState>, Authed(p): Authed, 
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path)), request_body = SendMessage,
     responses((status = 201, body = SendResult, description = "created"), (status = 200, body = SendResult, description = "idempotent retry"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn send_message(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<SendMessage>) -> Result<Response, ApiError> {
+pub(super) async fn send_message(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<SendMessage>,
+) -> Result<Response, ApiError> {
     channel_id(&id)?;
     let result = s.core.send_message(&p, &id, req).await?;
-    let status = if result.created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if result.created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(result)).into_response())
 }
 
@@ -132,7 +207,12 @@ pub(super) async fn send_message(State(s): State<ApiState>, Authed(p): Authed, P
 /// `limit` 1–200 (default 50). Messages come ascending by seq; deleted ones as tombstones.
 #[utoipa::path(get, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path), HistoryQuery),
     responses((status = 200, body = MessagePage), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn history(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiQuery(q): ApiQuery<HistoryQuery>) -> Result<axum::Json<MessagePage>, ApiError> {
+pub(super) async fn history(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<HistoryQuery>,
+) -> Result<axum::Json<MessagePage>, ApiError> {
     channel_id(&id)?;
     Ok(axum::Json(s.core.history(&p, &id, q).await?))
 }
@@ -141,7 +221,12 @@ pub(super) async fn history(State(s): State<ApiState>, Authed(p): Authed, Path(i
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
     params(("channel_id" = String, Path), ("message_id" = String, Path)), request_body = EditMessage,
     responses((status = 200, body = Message), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn edit_message(State(s): State<ApiState>, Authed(p): Authed, Path((id, msg)): Path<(String, String)>, ApiJson(req): ApiJson<EditMessage>) -> Result<axum::Json<Message>, ApiError> {
+pub(super) async fn edit_message(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path((id, msg)): Path<(String, String)>,
+    ApiJson(req): ApiJson<EditMessage>,
+) -> Result<axum::Json<Message>, ApiError> {
     channel_id(&id)?;
     message_id(&msg)?;
     Ok(axum::Json(s.core.edit_message(&p, &id, &msg, req).await?))
@@ -152,7 +237,11 @@ pub(super) async fn edit_message(State(s): State<ApiState>, Authed(p): Authed, P
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
     params(("channel_id" = String, Path), ("message_id" = String, Path)),
     responses((status = 200, body = Message, description = "the tombstone"), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn delete_message(State(s): State<ApiState>, Authed(p): Authed, Path((id, msg)): Path<(String, String)>) -> Result<axum::Json<Message>, ApiError> {
+pub(super) async fn delete_message(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path((id, msg)): Path<(String, String)>,
+) -> Result<axum::Json<Message>, ApiError> {
     channel_id(&id)?;
     message_id(&msg)?;
     Ok(axum::Json(s.core.delete_message(&p, &id, &msg).await?))
@@ -163,7 +252,12 @@ pub(super) async fn delete_message(State(s): State<ApiState>, Authed(p): Authed,
 /// channel and `unread.updated` to the caller's connections.
 #[utoipa::path(put, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path)), request_body = MarkRead,
     responses((status = 200, body = ReadState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn mark_read(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<MarkRead>) -> Result<axum::Json<ReadState>, ApiError> {
+pub(super) async fn mark_read(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<MarkRead>,
+) -> Result<axum::Json<ReadState>, ApiError> {
     channel_id(&id)?;
     Ok(axum::Json(s.core.mark_read(&p, &id, req.seq).await?))
 }
@@ -171,7 +265,11 @@ pub(super) async fn mark_read(State(s): State<ApiState>, Authed(p): Authed, Path
 /// The caller's read position and unread count in a channel.
 #[utoipa::path(get, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path)),
     responses((status = 200, body = ReadState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn read_state(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<ReadState>, ApiError> {
+pub(super) async fn read_state(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<ReadState>, ApiError> {
     channel_id(&id)?;
     Ok(axum::Json(s.core.read_state(&p, &id).await?))
 }
@@ -180,7 +278,12 @@ pub(super) async fn read_state(State(s): State<ApiState>, Authed(p): Authed, Pat
 /// per user and channel; the indicator expires on its own.
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/typing", tag = "presence", params(("channel_id" = String, Path)), request_body = TypingRequest,
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn typing(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<TypingRequest>) -> Result<StatusCode, ApiError> {
+pub(super) async fn typing(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<TypingRequest>,
+) -> Result<StatusCode, ApiError> {
     channel_id(&id)?;
     s.core.typing(&p, &id, req.state).await?;
     Ok(StatusCode::NO_CONTENT)
@@ -190,7 +293,11 @@ pub(super) async fn typing(State(s): State<ApiState>, Authed(p): Authed, Path(id
 /// `not_found`, like users who do not exist.
 #[utoipa::path(get, path = "/v1/users/{user_id}/presence", tag = "presence", params(("user_id" = String, Path)),
     responses((status = 200, body = Presence), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn user_presence(State(s): State<ApiState>, Authed(p): Authed, Path(user): Path<String>) -> Result<axum::Json<Presence>, ApiError> {
+pub(super) async fn user_presence(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(user): Path<String>,
+) -> Result<axum::Json<Presence>, ApiError> {
     Ok(axum::Json(s.core.presence(&p, &user).await?))
 }
 
@@ -198,8 +305,14 @@ pub(super) async fn user_presence(State(s): State<ApiState>, Authed(p): Authed, 
 /// of the answer.
 #[utoipa::path(post, path = "/v1/presence/query", tag = "presence", request_body = PresenceQuery,
     responses((status = 200, body = PresenceList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn presence_query(State(s): State<ApiState>, Authed(p): Authed, ApiJson(req): ApiJson<PresenceQuery>) -> Result<axum::Json<PresenceList>, ApiError> {
-    Ok(axum::Json(PresenceList { presence: s.core.presence_many(&p, &req.user_ids).await? }))
+pub(super) async fn presence_query(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    ApiJson(req): ApiJson<PresenceQuery>,
+) -> Result<axum::Json<PresenceList>, ApiError> {
+    Ok(axum::Json(PresenceList {
+        presence: s.core.presence_many(&p, &req.user_ids).await?,
+    }))
 }
 
 /// Start a call in a channel or DM (members only). One active call per channel: a second start
@@ -207,24 +320,42 @@ pub(super) async fn presence_query(State(s): State<ApiState>, Authed(p): Authed,
 #[utoipa::path(post, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path)),
     responses((status = 201, body = Call, description = "started"), (status = 200, body = Call, description = "the active call"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn start_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<Response, ApiError> {
+pub(super) async fn start_call(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     channel_id(&id)?;
     let (call, created) = s.core.start_call(&p, &id).await?;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, axum::Json(call)).into_response())
 }
 
 /// The channel's calls, newest first (its call history).
 #[utoipa::path(get, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path)),
     responses((status = 200, body = CallList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn channel_calls(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<CallList>, ApiError> {
+pub(super) async fn channel_calls(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<CallList>, ApiError> {
     channel_id(&id)?;
-    Ok(axum::Json(CallList { calls: s.core.channel_calls(&p, &id).await? }))
+    Ok(axum::Json(CallList {
+        calls: s.core.channel_calls(&p, &id).await?,
+    }))
 }
 
 #[utoipa::path(get, path = "/v1/calls/{call_id}", tag = "calls", params(("call_id" = String, Path)),
     responses((status = 200, body = Call), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn get_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<Call>, ApiError> {
+pub(super) async fn get_call(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<Call>, ApiError> {
     Ok(axum::Json(s.core.get_call(&p, &id).await?))
 }
 
@@ -233,7 +364,11 @@ pub(super) async fn get_call(State(s): State<ApiState>, Authed(p): Authed, Path(
 /// Emits `call.participant_joined`. Then attach your WebSocket with `call.attach`.
 #[utoipa::path(post, path = "/v1/calls/{call_id}/join", tag = "calls", params(("call_id" = String, Path)),
     responses((status = 200, body = JoinedCall), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn join_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<axum::Json<JoinedCall>, ApiError> {
+pub(super) async fn join_call(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<axum::Json<JoinedCall>, ApiError> {
     Ok(axum::Json(s.core.join_call(&p, &id).await?))
 }
 
@@ -241,7 +376,12 @@ pub(super) async fn join_call(State(s): State<ApiState>, Authed(p): Authed, Path
 /// (and `call.ended`).
 #[utoipa::path(post, path = "/v1/calls/{call_id}/leave", tag = "calls", params(("call_id" = String, Path)), request_body = LeaveCall,
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn leave_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>, ApiJson(req): ApiJson<LeaveCall>) -> Result<StatusCode, ApiError> {
+pub(super) async fn leave_call(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<LeaveCall>,
+) -> Result<StatusCode, ApiError> {
     s.core.leave_call(&p, &id, &req.participant_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
@@ -250,7 +390,11 @@ pub(super) async fn leave_call(State(s): State<ApiState>, Authed(p): Authed, Pat
 /// `call.participant_left` for each participant, then `call.ended`.
 #[utoipa::path(post, path = "/v1/calls/{call_id}/end", tag = "calls", params(("call_id" = String, Path)),
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
-pub(super) async fn end_call(State(s): State<ApiState>, Authed(p): Authed, Path(id): Path<String>) -> Result<StatusCode, ApiError> {
+pub(super) async fn end_call(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
     s.core.end_call(&p, &id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -42,14 +42,26 @@ pub trait PresenceStore: Send + Sync + 'static {
 
     /// Records this node's view of a user (offline removes this node's entry and remembers
     /// `last_seen`). Returns the user's presence across the cluster afterwards.
-    async fn set_local(&self, tenant: &str, user: &str, local: LocalPresence) -> Result<UserPresence, PresenceStoreError>;
+    async fn set_local(
+        &self,
+        tenant: &str,
+        user: &str,
+        local: LocalPresence,
+    ) -> Result<UserPresence, PresenceStoreError>;
 
     /// Presence of users, in the order asked; unknown users are offline.
-    async fn get(&self, tenant: &str, users: &[String]) -> Result<Vec<UserPresence>, PresenceStoreError>;
+    async fn get(
+        &self,
+        tenant: &str,
+        users: &[String],
+    ) -> Result<Vec<UserPresence>, PresenceStoreError>;
 
     /// Refreshes this node's entries for the users it holds (one round trip for all of them),
     /// so they outlive the store's TTL while the node lives. No-op in memory.
-    async fn refresh(&self, _local: &[(String, String, LocalPresence)]) -> Result<(), PresenceStoreError> {
+    async fn refresh(
+        &self,
+        _local: &[(String, String, LocalPresence)],
+    ) -> Result<(), PresenceStoreError> {
         Ok(())
     }
 
@@ -72,27 +84,44 @@ impl PresenceStore for MemoryPresenceStore {
         "memory"
     }
 
-    async fn set_local(&self, tenant: &str, user: &str, local: LocalPresence) -> Result<UserPresence, PresenceStoreError> {
+    async fn set_local(
+        &self,
+        tenant: &str,
+        user: &str,
+        local: LocalPresence,
+    ) -> Result<UserPresence, PresenceStoreError> {
         let record = UserPresence {
             status: local.status,
             last_active_ms: Some(local.last_active_ms),
             last_seen_ms: local.last_seen_ms,
         };
-        let mut users = self.users.lock().map_err(|_| PresenceStoreError("poisoned".into()))?;
+        let mut users = self
+            .users
+            .lock()
+            .map_err(|_| PresenceStoreError("poisoned".into()))?;
         users.insert((tenant.to_owned(), user.to_owned()), record);
         Ok(record)
     }
 
-    async fn get(&self, tenant: &str, users: &[String]) -> Result<Vec<UserPresence>, PresenceStoreError> {
-        let map = self.users.lock().map_err(|_| PresenceStoreError("poisoned".into()))?;
+    async fn get(
+        &self,
+        tenant: &str,
+        users: &[String],
+    ) -> Result<Vec<UserPresence>, PresenceStoreError> {
+        let map = self
+            .users
+            .lock()
+            .map_err(|_| PresenceStoreError("poisoned".into()))?;
         Ok(users
             .iter()
             .map(|u| {
-                map.get(&(tenant.to_owned(), u.clone())).copied().unwrap_or(UserPresence {
-                    status: PresenceStatus::Offline,
-                    last_active_ms: None,
-                    last_seen_ms: None,
-                })
+                map.get(&(tenant.to_owned(), u.clone()))
+                    .copied()
+                    .unwrap_or(UserPresence {
+                        status: PresenceStatus::Offline,
+                        last_active_ms: None,
+                        last_seen_ms: None,
+                    })
             })
             .collect())
     }

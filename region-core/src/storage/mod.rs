@@ -10,7 +10,9 @@
 
 use async_trait::async_trait;
 use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
-use parley_proto::{Channel, ChannelEvent, ChannelKind, Member, Message, MessagePage, ReadState, Role};
+use parley_proto::{
+    Channel, ChannelEvent, ChannelKind, Member, Message, MessagePage, ReadState, Role,
+};
 
 pub mod conformance;
 pub mod postgres;
@@ -18,7 +20,6 @@ pub mod sqlite;
 
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
-
 
 /// Errors of the storage layer. Mapped once to public error codes by the domain.
 #[derive(Debug, thiserror::Error)]
@@ -145,9 +146,19 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Deletes the channel with its members, messages and events. Returns the `channel.deleted`
     /// event, whose seq is one past the last persisted one (it is not itself persisted).
-    async fn delete_channel(&self, tenant: &str, channel_id: &str, by: &str) -> StorageResult<ChannelEvent>;
+    async fn delete_channel(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent>;
 
-    async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>>;
+    async fn member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> StorageResult<Option<Member>>;
 
     /// Members ordered by join time, each with their read position.
     async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>>;
@@ -197,7 +208,12 @@ pub trait Storage: Send + Sync + 'static {
         by: &str,
     ) -> StorageResult<ChannelEvent>;
 
-    async fn message(&self, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<Message>>;
+    async fn message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+    ) -> StorageResult<Option<Message>>;
 
     /// A page of history, ascending by seq. `limit` is 1..=200 (validated by the caller).
     async fn history(
@@ -210,11 +226,22 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Moves the member's read position forward to `seq` (clamped to the channel's last seq;
     /// an older seq changes nothing). `NotAMember` when the user is not a member.
-    async fn mark_read(&self, tenant: &str, channel_id: &str, user_id: &str, seq: u64) -> StorageResult<ReadState>;
+    async fn mark_read(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> StorageResult<ReadState>;
 
     /// The member's read position and unread count: messages of others after the position that
     /// are not deleted. `NotAMember` when the user is not a member.
-    async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState>;
+    async fn read_state(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> StorageResult<ReadState>;
 
     /// Whether the two users are members of at least one common channel.
     async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool>;
@@ -229,7 +256,12 @@ pub trait Storage: Send + Sync + 'static {
     async fn call(&self, tenant: &str, call_id: &str) -> StorageResult<Option<Call>>;
 
     /// The channel's calls, newest first, at most `limit`.
-    async fn channel_calls(&self, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>>;
+    async fn channel_calls(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        limit: u32,
+    ) -> StorageResult<Vec<Call>>;
 
     /// Adds the user to an active call under `participant_id` and emits
     /// `call.participant_joined`. A user already present keeps their participant (returned, no
@@ -254,7 +286,12 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Ends an active call: every present participant leaves (`Ended`), then `call.ended`.
     /// Empty when the call had ended already.
-    async fn end_call(&self, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>>;
+    async fn end_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        by: &str,
+    ) -> StorageResult<Vec<ChannelEvent>>;
 
     /// Persisted events with `after < seq <= up_to` (no upper bound when `None`), ascending, at
     /// most `limit`. `message.new` events carry the message's current state.
@@ -286,7 +323,8 @@ pub fn rfc3339(ms: i64) -> String {
     let fmt = time::macros::format_description!(
         "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z"
     );
-    t.format(&fmt).unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
+    t.format(&fmt)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00.000Z".into())
 }
 
 /// A tombstone keeps id, seq, sender and times; it drops text and metadata.

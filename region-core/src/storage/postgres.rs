@@ -39,8 +39,8 @@ use tokio_postgres::{NoTls, Row, Statement};
 mod calls;
 
 use super::{
-    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
-    now_ms, rfc3339, tombstone,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError,
+    StorageResult, now_ms, rfc3339, tombstone,
 };
 
 /// Writer tasks of the send path, each with its own connection.
@@ -342,12 +342,21 @@ impl Storage for PostgresStorage {
 
     async fn call(&self, tenant: &str, call_id: &str) -> StorageResult<Option<Call>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        calls::call(&client, tenant, call_id).await.map_err(TxError::into_storage)
+        calls::call(&client, tenant, call_id)
+            .await
+            .map_err(TxError::into_storage)
     }
 
-    async fn channel_calls(&self, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>> {
+    async fn channel_calls(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        limit: u32,
+    ) -> StorageResult<Vec<Call>> {
         let client = self.pool.get().await.map_err(pool_err)?;
-        calls::channel_calls(&client, tenant, channel_id, limit).await.map_err(TxError::into_storage)
+        calls::channel_calls(&client, tenant, channel_id, limit)
+            .await
+            .map_err(TxError::into_storage)
     }
 
     async fn join_call(
@@ -357,7 +366,9 @@ impl Storage for PostgresStorage {
         participant_id: &str,
         user_id: &str,
     ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
-        transact!(self.pool, |tx| { calls::join_call(&tx, tenant, call_id, participant_id, user_id).await? })
+        transact!(self.pool, |tx| {
+            calls::join_call(&tx, tenant, call_id, participant_id, user_id).await?
+        })
     }
 
     async fn leave_call(
@@ -367,11 +378,20 @@ impl Storage for PostgresStorage {
         participant_id: &str,
         reason: LeaveReason,
     ) -> StorageResult<Vec<ChannelEvent>> {
-        transact!(self.pool, |tx| { calls::leave_call(&tx, tenant, call_id, participant_id, reason).await? })
+        transact!(self.pool, |tx| {
+            calls::leave_call(&tx, tenant, call_id, participant_id, reason).await?
+        })
     }
 
-    async fn end_call(&self, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>> {
-        transact!(self.pool, |tx| { calls::end_call(&tx, tenant, call_id, by).await? })
+    async fn end_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        by: &str,
+    ) -> StorageResult<Vec<ChannelEvent>> {
+        transact!(self.pool, |tx| {
+            calls::end_call(&tx, tenant, call_id, by).await?
+        })
     }
 
     async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {

@@ -32,8 +32,7 @@ CREATE TABLE IF NOT EXISTS call_participants (
 CREATE INDEX IF NOT EXISTS call_participants_by_call ON call_participants (call_id, joined_at);";
 
 const CALL_COLS: &str = "id, channel_id, mode, started_by, started_at, ended_at";
-const SELECT_PARTICIPANTS: &str =
-    "SELECT id, user_id, joined_at, left_at FROM call_participants WHERE call_id = $1 ORDER BY joined_at, id";
+const SELECT_PARTICIPANTS: &str = "SELECT id, user_id, joined_at, left_at FROM call_participants WHERE call_id = $1 ORDER BY joined_at, id";
 
 fn participant_from(row: &Row) -> Result<CallParticipant, StorageError> {
     Ok(CallParticipant {
@@ -47,8 +46,12 @@ fn participant_from(row: &Row) -> Result<CallParticipant, StorageError> {
 async fn call_from(tx: &impl deadpool_postgres::GenericClient, row: &Row) -> Result<Call, TxError> {
     let id: String = get(row, "id")?;
     let stmt = tx.prepare(SELECT_PARTICIPANTS).await?;
-    let participants =
-        tx.query(&stmt, &[&id]).await?.iter().map(participant_from).collect::<Result<Vec<_>, _>>()?;
+    let participants = tx
+        .query(&stmt, &[&id])
+        .await?
+        .iter()
+        .map(participant_from)
+        .collect::<Result<Vec<_>, _>>()?;
     let mode: String = get(row, "mode")?;
     Ok(Call {
         id,
@@ -67,7 +70,11 @@ pub(super) async fn call(
     tenant: &str,
     call_id: &str,
 ) -> Result<Option<Call>, TxError> {
-    let stmt = client.prepare(&format!("SELECT {CALL_COLS} FROM calls WHERE tenant_id = $1 AND id = $2")).await?;
+    let stmt = client
+        .prepare(&format!(
+            "SELECT {CALL_COLS} FROM calls WHERE tenant_id = $1 AND id = $2"
+        ))
+        .await?;
     match client.query_opt(&stmt, &[&tenant, &call_id]).await? {
         Some(row) => Ok(Some(call_from(client, &row).await?)),
         None => Ok(None),
@@ -86,7 +93,9 @@ pub(super) async fn channel_calls(
              ORDER BY started_at DESC, id DESC LIMIT $3"
         ))
         .await?;
-    let rows = client.query(&stmt, &[&tenant, &channel_id, &i64::from(limit)]).await?;
+    let rows = client
+        .query(&stmt, &[&tenant, &channel_id, &i64::from(limit)])
+        .await?;
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         out.push(call_from(client, row).await?);
@@ -94,9 +103,16 @@ pub(super) async fn channel_calls(
     Ok(out)
 }
 
-pub(super) async fn start_call(tx: &Transaction<'_>, new: &NewCall) -> Result<(Call, Option<ChannelEvent>), TxError> {
+pub(super) async fn start_call(
+    tx: &Transaction<'_>,
+    new: &NewCall,
+) -> Result<(Call, Option<ChannelEvent>), TxError> {
     lock_channel(tx, &new.tenant_id, &new.channel_id).await?;
-    let stmt = tx.prepare(&format!("SELECT {CALL_COLS} FROM calls WHERE active_channel_id = $1")).await?;
+    let stmt = tx
+        .prepare(&format!(
+            "SELECT {CALL_COLS} FROM calls WHERE active_channel_id = $1"
+        ))
+        .await?;
     if let Some(row) = tx.query_opt(&stmt, &[&new.channel_id]).await? {
         return Ok((call_from(tx, &row).await?, None));
     }
@@ -107,10 +123,28 @@ pub(super) async fn start_call(tx: &Transaction<'_>, new: &NewCall) -> Result<(C
              VALUES ($1, $2, $3, $4, $5, $6, $3)",
         )
         .await?;
-    tx.execute(&insert, &[&new.id, &new.tenant_id, &new.channel_id, &new.mode.as_str(), &new.started_by, &now])
-        .await?;
-    let call = call(tx, &new.tenant_id, &new.id).await?.ok_or(StorageError::NotFound)?;
-    let event = append_event(tx, &new.tenant_id, &new.channel_id, EventBody::CallStarted { call: call.clone() }).await?;
+    tx.execute(
+        &insert,
+        &[
+            &new.id,
+            &new.tenant_id,
+            &new.channel_id,
+            &new.mode.as_str(),
+            &new.started_by,
+            &now,
+        ],
+    )
+    .await?;
+    let call = call(tx, &new.tenant_id, &new.id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
+    let event = append_event(
+        tx,
+        &new.tenant_id,
+        &new.channel_id,
+        EventBody::CallStarted { call: call.clone() },
+    )
+    .await?;
     Ok((call, Some(event)))
 }
 
@@ -121,21 +155,30 @@ pub(super) async fn join_call(
     participant_id: &str,
     user: &str,
 ) -> Result<(Call, CallParticipant, Option<ChannelEvent>), TxError> {
-    let current = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
+    let current = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
     lock_channel(tx, tenant, &current.channel_id).await?;
     // Re-read under the lock: a concurrent leave or end may have committed meanwhile.
-    let current = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
+    let current = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
     if current.ended_at.is_some() {
         return Err(StorageError::NotFound.into());
     }
-    if let Some(p) = current.participants.iter().find(|p| p.user_id == user && p.left_at.is_none()) {
+    if let Some(p) = current
+        .participants
+        .iter()
+        .find(|p| p.user_id == user && p.left_at.is_none())
+    {
         let p = p.clone();
         return Ok((current, p, None));
     }
     let now = now_ms();
     let insert =
         tx.prepare("INSERT INTO call_participants (id, call_id, user_id, joined_at) VALUES ($1, $2, $3, $4)").await?;
-    tx.execute(&insert, &[&participant_id, &call_id, &user, &now]).await?;
+    tx.execute(&insert, &[&participant_id, &call_id, &user, &now])
+        .await?;
     let participant = CallParticipant {
         participant_id: participant_id.to_owned(),
         user_id: user.to_owned(),
@@ -146,10 +189,15 @@ pub(super) async fn join_call(
         tx,
         tenant,
         &current.channel_id,
-        EventBody::CallParticipantJoined { call_id: call_id.to_owned(), participant: participant.clone() },
+        EventBody::CallParticipantJoined {
+            call_id: call_id.to_owned(),
+            participant: participant.clone(),
+        },
     )
     .await?;
-    let updated = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
+    let updated = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
     Ok((updated, participant, Some(event)))
 }
 
@@ -160,17 +208,27 @@ pub(super) async fn leave_call(
     participant_id: &str,
     reason: LeaveReason,
 ) -> Result<Vec<ChannelEvent>, TxError> {
-    let current = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
+    let current = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
     lock_channel(tx, tenant, &current.channel_id).await?;
-    let current = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
-    let Some(p) = current.participants.iter().find(|p| p.participant_id == participant_id) else {
+    let current = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
+    let Some(p) = current
+        .participants
+        .iter()
+        .find(|p| p.participant_id == participant_id)
+    else {
         return Err(StorageError::NotFound.into());
     };
     if p.left_at.is_some() || current.ended_at.is_some() {
         return Ok(Vec::new());
     }
     let now = now_ms();
-    let leave = tx.prepare("UPDATE call_participants SET left_at = $2 WHERE id = $1").await?;
+    let leave = tx
+        .prepare("UPDATE call_participants SET left_at = $2 WHERE id = $1")
+        .await?;
     tx.execute(&leave, &[&participant_id, &now]).await?;
     let mut events = vec![
         append_event(
@@ -186,27 +244,52 @@ pub(super) async fn leave_call(
         )
         .await?,
     ];
-    let others = current.participants.iter().filter(|o| o.participant_id != participant_id && o.left_at.is_none()).count();
+    let others = current
+        .participants
+        .iter()
+        .filter(|o| o.participant_id != participant_id && o.left_at.is_none())
+        .count();
     if others == 0 {
-        let end = tx.prepare("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1").await?;
+        let end = tx
+            .prepare("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1")
+            .await?;
         tx.execute(&end, &[&call_id, &now]).await?;
         events.push(
-            append_event(tx, tenant, &current.channel_id, EventBody::CallEnded { call_id: call_id.to_owned(), by: p.user_id.clone() })
-                .await?,
+            append_event(
+                tx,
+                tenant,
+                &current.channel_id,
+                EventBody::CallEnded {
+                    call_id: call_id.to_owned(),
+                    by: p.user_id.clone(),
+                },
+            )
+            .await?,
         );
     }
     Ok(events)
 }
 
-pub(super) async fn end_call(tx: &Transaction<'_>, tenant: &str, call_id: &str, by: &str) -> Result<Vec<ChannelEvent>, TxError> {
-    let current = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
+pub(super) async fn end_call(
+    tx: &Transaction<'_>,
+    tenant: &str,
+    call_id: &str,
+    by: &str,
+) -> Result<Vec<ChannelEvent>, TxError> {
+    let current = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
     lock_channel(tx, tenant, &current.channel_id).await?;
-    let current = call(tx, tenant, call_id).await?.ok_or(StorageError::NotFound)?;
+    let current = call(tx, tenant, call_id)
+        .await?
+        .ok_or(StorageError::NotFound)?;
     if current.ended_at.is_some() {
         return Ok(Vec::new());
     }
     let now = now_ms();
-    let leave = tx.prepare("UPDATE call_participants SET left_at = $2 WHERE id = $1").await?;
+    let leave = tx
+        .prepare("UPDATE call_participants SET left_at = $2 WHERE id = $1")
+        .await?;
     let mut events = Vec::new();
     for p in current.participants.iter().filter(|p| p.left_at.is_none()) {
         tx.execute(&leave, &[&p.participant_id, &now]).await?;
@@ -225,8 +308,21 @@ pub(super) async fn end_call(tx: &Transaction<'_>, tenant: &str, call_id: &str, 
             .await?,
         );
     }
-    let end = tx.prepare("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1").await?;
+    let end = tx
+        .prepare("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1")
+        .await?;
     tx.execute(&end, &[&call_id, &now]).await?;
-    events.push(append_event(tx, tenant, &current.channel_id, EventBody::CallEnded { call_id: call_id.to_owned(), by: by.to_owned() }).await?);
+    events.push(
+        append_event(
+            tx,
+            tenant,
+            &current.channel_id,
+            EventBody::CallEnded {
+                call_id: call_id.to_owned(),
+                by: by.to_owned(),
+            },
+        )
+        .await?,
+    );
     Ok(events)
 }

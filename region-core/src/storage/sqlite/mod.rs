@@ -17,7 +17,8 @@ use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Semaphore, oneshot};
 
 use super::{
-    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError,
+    StorageResult,
 };
 
 mod queries;
@@ -52,8 +53,9 @@ impl SqliteStorage {
     }
 
     fn open_blocking(dir: &Path) -> StorageResult<SqliteStorage> {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| StorageError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+        std::fs::create_dir_all(dir).map_err(|e| {
+            StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+        })?;
         let path = dir.join("parley.db");
         let mut write_conn = open_conn(&path, false)?;
         queries::migrate(&mut write_conn)?;
@@ -146,7 +148,9 @@ fn open_conn(path: &Path, read_only: bool) -> StorageResult<Connection> {
     let flags = if read_only {
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
     } else {
-        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        OpenFlags::SQLITE_OPEN_READ_WRITE
+            | OpenFlags::SQLITE_OPEN_CREATE
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX
     };
     let conn = Connection::open_with_flags(path, flags)
         .map_err(|e| StorageError::Unavailable(format!("cannot open {}: {e}", path.display())))?;
@@ -191,7 +195,9 @@ where
         let result = match (commit, self.result.take()) {
             (_, Some(Err(e))) => Err(e),
             (Ok(()), Some(Ok(v))) => Ok(v),
-            (Err(msg), Some(Ok(_))) => Err(StorageError::Unavailable(format!("commit failed: {msg}"))),
+            (Err(msg), Some(Ok(_))) => {
+                Err(StorageError::Unavailable(format!("commit failed: {msg}")))
+            }
             (_, None) => Err(StorageError::Internal("write was never run".into())),
         };
         if let Some(reply) = self.reply.take() {
@@ -219,14 +225,19 @@ fn writer_loop(conn: Connection, rx: std::sync::mpsc::Receiver<Box<dyn ErasedJob
 }
 
 fn run_batch(conn: &Connection, batch: &mut [Box<dyn ErasedJob>]) -> Result<(), String> {
-    conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string())?;
+    conn.execute_batch("BEGIN IMMEDIATE")
+        .map_err(|e| e.to_string())?;
     for job in batch.iter_mut() {
         if let Err(e) = conn.execute_batch("SAVEPOINT job") {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(e.to_string());
         }
         let ok = job.run(conn);
-        let end = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+        let end = if ok {
+            "RELEASE job"
+        } else {
+            "ROLLBACK TO job; RELEASE job"
+        };
         if let Err(e) = conn.execute_batch(end) {
             let _ = conn.execute_batch("ROLLBACK");
             return Err(e.to_string());
@@ -261,17 +272,40 @@ impl Storage for SqliteStorage {
         self.read(move |c| queries::channels_of(c, &t, &u)).await
     }
 
-    async fn rename_channel(&self, tenant: &str, channel_id: &str, name: &str, by: &str) -> StorageResult<ChannelEvent> {
-        let (t, id, n, b) = (tenant.to_owned(), channel_id.to_owned(), name.to_owned(), by.to_owned());
-        self.write(move |c| queries::rename_channel(c, &t, &id, &n, &b)).await
+    async fn rename_channel(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        name: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent> {
+        let (t, id, n, b) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            name.to_owned(),
+            by.to_owned(),
+        );
+        self.write(move |c| queries::rename_channel(c, &t, &id, &n, &b))
+            .await
     }
 
-    async fn delete_channel(&self, tenant: &str, channel_id: &str, by: &str) -> StorageResult<ChannelEvent> {
+    async fn delete_channel(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent> {
         let (t, id, b) = (tenant.to_owned(), channel_id.to_owned(), by.to_owned());
-        self.write(move |c| queries::delete_channel(c, &t, &id, &b)).await
+        self.write(move |c| queries::delete_channel(c, &t, &id, &b))
+            .await
     }
 
-    async fn member(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<Option<Member>> {
+    async fn member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> StorageResult<Option<Member>> {
         let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
         self.read(move |c| queries::member(c, &t, &id, &u)).await
     }
@@ -281,48 +315,127 @@ impl Storage for SqliteStorage {
         self.read(move |c| queries::members(c, &t, &id)).await
     }
 
-    async fn add_member(&self, tenant: &str, channel_id: &str, user_id: &str, role: Role, by: &str) -> StorageResult<Option<ChannelEvent>> {
-        let (t, id, u, b) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned(), by.to_owned());
-        self.write(move |c| queries::add_member(c, &t, &id, &u, role, &b)).await
+    async fn add_member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        role: Role,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>> {
+        let (t, id, u, b) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            user_id.to_owned(),
+            by.to_owned(),
+        );
+        self.write(move |c| queries::add_member(c, &t, &id, &u, role, &b))
+            .await
     }
 
-    async fn remove_member(&self, tenant: &str, channel_id: &str, user_id: &str, by: &str) -> StorageResult<Option<ChannelEvent>> {
-        let (t, id, u, b) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned(), by.to_owned());
-        self.write(move |c| queries::remove_member(c, &t, &id, &u, &b)).await
+    async fn remove_member(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>> {
+        let (t, id, u, b) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            user_id.to_owned(),
+            by.to_owned(),
+        );
+        self.write(move |c| queries::remove_member(c, &t, &id, &u, &b))
+            .await
     }
 
     async fn send_message(&self, new: NewMessage) -> StorageResult<SendOutcome> {
         self.write(move |c| queries::send_message(c, &new)).await
     }
 
-    async fn edit_message(&self, tenant: &str, channel_id: &str, message_id: &str, text: &str, metadata: Option<serde_json::Value>) -> StorageResult<ChannelEvent> {
-        let (t, id, m, x) = (tenant.to_owned(), channel_id.to_owned(), message_id.to_owned(), text.to_owned());
-        self.write(move |c| queries::edit_message(c, &t, &id, &m, &x, metadata.as_ref())).await
+    async fn edit_message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+        text: &str,
+        metadata: Option<serde_json::Value>,
+    ) -> StorageResult<ChannelEvent> {
+        let (t, id, m, x) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            message_id.to_owned(),
+            text.to_owned(),
+        );
+        self.write(move |c| queries::edit_message(c, &t, &id, &m, &x, metadata.as_ref()))
+            .await
     }
 
-    async fn delete_message(&self, tenant: &str, channel_id: &str, message_id: &str, by: &str) -> StorageResult<ChannelEvent> {
-        let (t, id, m, b) = (tenant.to_owned(), channel_id.to_owned(), message_id.to_owned(), by.to_owned());
-        self.write(move |c| queries::delete_message(c, &t, &id, &m, &b)).await
+    async fn delete_message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+        by: &str,
+    ) -> StorageResult<ChannelEvent> {
+        let (t, id, m, b) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            message_id.to_owned(),
+            by.to_owned(),
+        );
+        self.write(move |c| queries::delete_message(c, &t, &id, &m, &b))
+            .await
     }
 
-    async fn message(&self, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<parley_proto::Message>> {
-        let (t, id, m) = (tenant.to_owned(), channel_id.to_owned(), message_id.to_owned());
+    async fn message(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        message_id: &str,
+    ) -> StorageResult<Option<parley_proto::Message>> {
+        let (t, id, m) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            message_id.to_owned(),
+        );
         self.read(move |c| queries::message(c, &t, &id, &m)).await
     }
 
-    async fn history(&self, tenant: &str, channel_id: &str, anchor: HistoryAnchor, limit: u32) -> StorageResult<MessagePage> {
+    async fn history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
         let (t, id) = (tenant.to_owned(), channel_id.to_owned());
-        self.read(move |c| queries::history(c, &t, &id, anchor, limit)).await
+        self.read(move |c| queries::history(c, &t, &id, anchor, limit))
+            .await
     }
 
-    async fn mark_read(&self, tenant: &str, channel_id: &str, user_id: &str, seq: u64) -> StorageResult<ReadState> {
+    async fn mark_read(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        seq: u64,
+    ) -> StorageResult<ReadState> {
         let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
-        self.write(move |c| queries::mark_read(c, &t, &id, &u, seq)).await
+        self.write(move |c| queries::mark_read(c, &t, &id, &u, seq))
+            .await
     }
 
-    async fn read_state(&self, tenant: &str, channel_id: &str, user_id: &str) -> StorageResult<ReadState> {
+    async fn read_state(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+    ) -> StorageResult<ReadState> {
         let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
-        self.read(move |c| queries::read_state(c, &t, &id, &u)).await
+        self.read(move |c| queries::read_state(c, &t, &id, &u))
+            .await
     }
 
     async fn start_call(&self, new: NewCall) -> StorageResult<(Call, Option<ChannelEvent>)> {
@@ -334,33 +447,76 @@ impl Storage for SqliteStorage {
         self.read(move |c| queries::call(c, &t, &id)).await
     }
 
-    async fn channel_calls(&self, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>> {
+    async fn channel_calls(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        limit: u32,
+    ) -> StorageResult<Vec<Call>> {
         let (t, id) = (tenant.to_owned(), channel_id.to_owned());
-        self.read(move |c| queries::channel_calls(c, &t, &id, limit)).await
+        self.read(move |c| queries::channel_calls(c, &t, &id, limit))
+            .await
     }
 
-    async fn join_call(&self, tenant: &str, call_id: &str, participant_id: &str, user_id: &str) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
-        let (t, id, pid, u) = (tenant.to_owned(), call_id.to_owned(), participant_id.to_owned(), user_id.to_owned());
-        self.write(move |c| queries::join_call(c, &t, &id, &pid, &u)).await
+    async fn join_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        user_id: &str,
+    ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
+        let (t, id, pid, u) = (
+            tenant.to_owned(),
+            call_id.to_owned(),
+            participant_id.to_owned(),
+            user_id.to_owned(),
+        );
+        self.write(move |c| queries::join_call(c, &t, &id, &pid, &u))
+            .await
     }
 
-    async fn leave_call(&self, tenant: &str, call_id: &str, participant_id: &str, reason: LeaveReason) -> StorageResult<Vec<ChannelEvent>> {
-        let (t, id, pid) = (tenant.to_owned(), call_id.to_owned(), participant_id.to_owned());
-        self.write(move |c| queries::leave_call(c, &t, &id, &pid, reason)).await
+    async fn leave_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: &str,
+        reason: LeaveReason,
+    ) -> StorageResult<Vec<ChannelEvent>> {
+        let (t, id, pid) = (
+            tenant.to_owned(),
+            call_id.to_owned(),
+            participant_id.to_owned(),
+        );
+        self.write(move |c| queries::leave_call(c, &t, &id, &pid, reason))
+            .await
     }
 
-    async fn end_call(&self, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>> {
+    async fn end_call(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        by: &str,
+    ) -> StorageResult<Vec<ChannelEvent>> {
         let (t, id, b) = (tenant.to_owned(), call_id.to_owned(), by.to_owned());
         self.write(move |c| queries::end_call(c, &t, &id, &b)).await
     }
 
     async fn shares_channel(&self, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {
         let (t, a, b) = (tenant.to_owned(), a.to_owned(), b.to_owned());
-        self.read(move |c| queries::shares_channel(c, &t, &a, &b)).await
+        self.read(move |c| queries::shares_channel(c, &t, &a, &b))
+            .await
     }
 
-    async fn events(&self, tenant: &str, channel_id: &str, after: u64, up_to: Option<u64>, limit: u32) -> StorageResult<Vec<ChannelEvent>> {
+    async fn events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> StorageResult<Vec<ChannelEvent>> {
         let (t, id) = (tenant.to_owned(), channel_id.to_owned());
-        self.read(move |c| queries::events(c, &t, &id, after, up_to, limit)).await
+        self.read(move |c| queries::events(c, &t, &id, after, up_to, limit))
+            .await
     }
 }

@@ -2,12 +2,14 @@
 //! functions run inside the writer thread's open transaction and savepoint.
 
 use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
-use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role};
+use parley_proto::{
+    Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
+};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::storage::{
-    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, StorageError, StorageResult, now_ms, rfc3339,
-    tombstone,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, StorageError, StorageResult,
+    now_ms, rfc3339, tombstone,
 };
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -96,7 +98,11 @@ pub(super) fn migrate(conn: &mut Connection) -> StorageResult<()> {
     for (version, sql) in MIGRATIONS {
         let tx = conn.transaction().map_err(db_err)?;
         let applied: Option<i64> = tx
-            .query_row("SELECT version FROM schema_migrations WHERE version = ?1", [version], |r| r.get(0))
+            .query_row(
+                "SELECT version FROM schema_migrations WHERE version = ?1",
+                [version],
+                |r| r.get(0),
+            )
             .optional()
             .map_err(db_err)?;
         if applied.is_none() {
@@ -181,18 +187,21 @@ pub(super) fn create_channel(c: &Connection, new: &NewChannel) -> StorageResult<
         )
         .map_err(db_err)?;
     for (user, role) in &new.members {
-        stmt.execute(params![new.id, user, new.tenant_id, role.as_str(), now]).map_err(db_err)?;
+        stmt.execute(params![new.id, user, new.tenant_id, role.as_str(), now])
+            .map_err(db_err)?;
     }
     let channel = channel(c, &new.tenant_id, &new.id)?.ok_or(StorageError::NotFound)?;
     Ok((channel, true))
 }
 
 pub(super) fn channel(c: &Connection, tenant: &str, id: &str) -> StorageResult<Option<Channel>> {
-    c.prepare_cached(&format!("SELECT {CHANNEL_COLS} FROM channels c WHERE c.tenant_id = ?1 AND c.id = ?2"))
-        .map_err(db_err)?
-        .query_row(params![tenant, id], channel_row)
-        .optional()
-        .map_err(db_err)
+    c.prepare_cached(&format!(
+        "SELECT {CHANNEL_COLS} FROM channels c WHERE c.tenant_id = ?1 AND c.id = ?2"
+    ))
+    .map_err(db_err)?
+    .query_row(params![tenant, id], channel_row)
+    .optional()
+    .map_err(db_err)
 }
 
 pub(super) fn channels_of(c: &Connection, tenant: &str, user: &str) -> StorageResult<Vec<Channel>> {
@@ -228,19 +237,40 @@ fn next_seq(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<u64
 }
 
 /// Allocates a seq and persists `body` as a channel event.
-fn append_event(c: &Connection, tenant: &str, channel_id: &str, body: EventBody) -> StorageResult<ChannelEvent> {
+fn append_event(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    body: EventBody,
+) -> StorageResult<ChannelEvent> {
     let seq = next_seq(c, tenant, channel_id)?;
-    let payload = serde_json::to_string(&body).map_err(|e| StorageError::Internal(e.to_string()))?;
-    c.prepare_cached("INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES (?1, ?2, ?3, ?4)")
-        .map_err(db_err)?
-        .execute(params![channel_id, to_i64(seq), payload, now_ms()])
-        .map_err(db_err)?;
-    Ok(ChannelEvent { channel_id: channel_id.to_owned(), seq, body })
+    let payload =
+        serde_json::to_string(&body).map_err(|e| StorageError::Internal(e.to_string()))?;
+    c.prepare_cached(
+        "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .map_err(db_err)?
+    .execute(params![channel_id, to_i64(seq), payload, now_ms()])
+    .map_err(db_err)?;
+    Ok(ChannelEvent {
+        channel_id: channel_id.to_owned(),
+        seq,
+        body,
+    })
 }
 
-pub(super) fn rename_channel(c: &Connection, tenant: &str, id: &str, name: &str, by: &str) -> StorageResult<ChannelEvent> {
+pub(super) fn rename_channel(
+    c: &Connection,
+    tenant: &str,
+    id: &str,
+    name: &str,
+    by: &str,
+) -> StorageResult<ChannelEvent> {
     let n = c
-        .execute("UPDATE channels SET name = ?3 WHERE tenant_id = ?1 AND id = ?2", params![tenant, id, name])
+        .execute(
+            "UPDATE channels SET name = ?3 WHERE tenant_id = ?1 AND id = ?2",
+            params![tenant, id, name],
+        )
         .map_err(db_err)?;
     if n == 0 {
         return Err(StorageError::NotFound);
@@ -249,19 +279,36 @@ pub(super) fn rename_channel(c: &Connection, tenant: &str, id: &str, name: &str,
     let seq = next_seq(c, tenant, id)?;
     let mut ch = channel(c, tenant, id)?.ok_or(StorageError::NotFound)?;
     ch.last_seq = seq;
-    let body = EventBody::ChannelUpdated { channel: ch, by: by.to_owned() };
-    let payload = serde_json::to_string(&body).map_err(|e| StorageError::Internal(e.to_string()))?;
+    let body = EventBody::ChannelUpdated {
+        channel: ch,
+        by: by.to_owned(),
+    };
+    let payload =
+        serde_json::to_string(&body).map_err(|e| StorageError::Internal(e.to_string()))?;
     c.execute(
         "INSERT INTO channel_events (channel_id, seq, payload, created_at) VALUES (?1, ?2, ?3, ?4)",
         params![id, to_i64(seq), payload, now_ms()],
     )
     .map_err(db_err)?;
-    Ok(ChannelEvent { channel_id: id.to_owned(), seq, body })
+    Ok(ChannelEvent {
+        channel_id: id.to_owned(),
+        seq,
+        body,
+    })
 }
 
-pub(super) fn delete_channel(c: &Connection, tenant: &str, id: &str, by: &str) -> StorageResult<ChannelEvent> {
+pub(super) fn delete_channel(
+    c: &Connection,
+    tenant: &str,
+    id: &str,
+    by: &str,
+) -> StorageResult<ChannelEvent> {
     let last: i64 = c
-        .query_row("SELECT last_seq FROM channels WHERE tenant_id = ?1 AND id = ?2", params![tenant, id], |r| r.get(0))
+        .query_row(
+            "SELECT last_seq FROM channels WHERE tenant_id = ?1 AND id = ?2",
+            params![tenant, id],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)?;
@@ -294,7 +341,12 @@ fn member_row(r: &Row<'_>) -> rusqlite::Result<Member> {
     })
 }
 
-pub(super) fn member(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<Option<Member>> {
+pub(super) fn member(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    user: &str,
+) -> StorageResult<Option<Member>> {
     c.prepare_cached(
         "SELECT user_id, role, joined_at, last_read_seq FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
     )
@@ -304,14 +356,20 @@ pub(super) fn member(c: &Connection, tenant: &str, channel_id: &str, user: &str)
     .map_err(db_err)
 }
 
-pub(super) fn members(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
+pub(super) fn members(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+) -> StorageResult<Vec<Member>> {
     let mut stmt = c
         .prepare_cached(
             "SELECT user_id, role, joined_at, last_read_seq FROM members WHERE tenant_id = ?1 AND channel_id = ?2 \
              ORDER BY joined_at, user_id",
         )
         .map_err(db_err)?;
-    let rows = stmt.query_map(params![tenant, channel_id], member_row).map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![tenant, channel_id], member_row)
+        .map_err(db_err)?;
     rows.collect::<Result<_, _>>().map_err(db_err)
 }
 
@@ -337,8 +395,22 @@ pub(super) fn add_member(
     if n == 0 {
         return Ok(None);
     }
-    let member = Member { user_id: user.to_owned(), role, joined_at: rfc3339(now), last_read_seq: 0 };
-    append_event(c, tenant, channel_id, EventBody::MemberAdded { member, by: by.to_owned() }).map(Some)
+    let member = Member {
+        user_id: user.to_owned(),
+        role,
+        joined_at: rfc3339(now),
+        last_read_seq: 0,
+    };
+    append_event(
+        c,
+        tenant,
+        channel_id,
+        EventBody::MemberAdded {
+            member,
+            by: by.to_owned(),
+        },
+    )
+    .map(Some)
 }
 
 pub(super) fn remove_member(
@@ -357,15 +429,33 @@ pub(super) fn remove_member(
     if n == 0 {
         return Ok(None);
     }
-    append_event(c, tenant, channel_id, EventBody::MemberRemoved { user_id: user.to_owned(), by: by.to_owned() })
-        .map(Some)
+    append_event(
+        c,
+        tenant,
+        channel_id,
+        EventBody::MemberRemoved {
+            user_id: user.to_owned(),
+            by: by.to_owned(),
+        },
+    )
+    .map(Some)
 }
 
 // ---- read state ----
 
-pub(super) fn mark_read(c: &Connection, tenant: &str, channel_id: &str, user: &str, seq: u64) -> StorageResult<ReadState> {
+pub(super) fn mark_read(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    user: &str,
+    seq: u64,
+) -> StorageResult<ReadState> {
     let last: i64 = c
-        .query_row("SELECT last_seq FROM channels WHERE tenant_id = ?1 AND id = ?2", params![tenant, channel_id], |r| r.get(0))
+        .query_row(
+            "SELECT last_seq FROM channels WHERE tenant_id = ?1 AND id = ?2",
+            params![tenant, channel_id],
+            |r| r.get(0),
+        )
         .optional()
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)?;
@@ -384,37 +474,49 @@ pub(super) fn mark_read(c: &Connection, tenant: &str, channel_id: &str, user: &s
     read_state(c, tenant, channel_id, user)
 }
 
-pub(super) fn read_state(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<ReadState> {
+pub(super) fn read_state(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    user: &str,
+) -> StorageResult<ReadState> {
     c.prepare_cached(&format!(
         "SELECT m.last_read_seq, ({UNREAD_COUNT}) FROM members m \
          WHERE m.tenant_id = ?1 AND m.channel_id = ?2 AND m.user_id = ?3"
     ))
     .map_err(db_err)?
     .query_row(params![tenant, channel_id, user], |r| {
-        Ok(ReadState { channel_id: channel_id.to_owned(), last_read_seq: to_u64(r.get(0)?), unread_count: to_u64(r.get(1)?) })
+        Ok(ReadState {
+            channel_id: channel_id.to_owned(),
+            last_read_seq: to_u64(r.get(0)?),
+            unread_count: to_u64(r.get(1)?),
+        })
     })
     .optional()
     .map_err(db_err)?
     .ok_or(StorageError::NotAMember)
 }
 
-pub(super) fn shares_channel(c: &Connection, tenant: &str, a: &str, b: &str) -> StorageResult<bool> {
-    Ok(c
-        .prepare_cached(
-            "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
+pub(super) fn shares_channel(
+    c: &Connection,
+    tenant: &str,
+    a: &str,
+    b: &str,
+) -> StorageResult<bool> {
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
              WHERE m1.tenant_id = ?1 AND m1.user_id = ?2 AND m2.user_id = ?3 LIMIT 1",
-        )
-        .map_err(db_err)?
-        .query_row(params![tenant, a, b], |_| Ok(()))
-        .optional()
-        .map_err(db_err)?
-        .is_some())
+    )
+    .map_err(db_err)?
+    .query_row(params![tenant, a, b], |_| Ok(()))
+    .optional()
+    .map_err(db_err)?
+    .is_some())
 }
 
 // ---- messages ----
 
-const MESSAGE_COLS: &str =
-    "channel_id, seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
+const MESSAGE_COLS: &str = "channel_id, seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
 
 fn message_row(r: &Row<'_>) -> rusqlite::Result<Message> {
     let metadata: Option<String> = r.get(6)?;
@@ -431,17 +533,22 @@ fn message_row(r: &Row<'_>) -> rusqlite::Result<Message> {
         edited_at: r.get::<_, Option<i64>>(8)?.map(rfc3339),
         deleted: false,
     };
-    Ok(if deleted_at.is_some() { tombstone(m) } else { m })
+    Ok(if deleted_at.is_some() {
+        tombstone(m)
+    } else {
+        m
+    })
 }
 
 fn is_member(c: &Connection, tenant: &str, channel_id: &str, user: &str) -> StorageResult<bool> {
-    Ok(c
-        .prepare_cached("SELECT 1 FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3")
-        .map_err(db_err)?
-        .query_row(params![tenant, channel_id, user], |_| Ok(()))
-        .optional()
-        .map_err(db_err)?
-        .is_some())
+    Ok(c.prepare_cached(
+        "SELECT 1 FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+    )
+    .map_err(db_err)?
+    .query_row(params![tenant, channel_id, user], |_| Ok(()))
+    .optional()
+    .map_err(db_err)?
+    .is_some())
 }
 
 pub(super) fn send_message(c: &Connection, new: &NewMessage) -> StorageResult<SendOutcome> {
@@ -455,14 +562,18 @@ pub(super) fn send_message(c: &Connection, new: &NewMessage) -> StorageResult<Se
              WHERE channel_id = ?1 AND sender_id = ?2 AND client_msg_id = ?3"
         ))
         .map_err(db_err)?
-        .query_row(params![new.channel_id, new.sender_id, new.client_msg_id], |r| {
-            Ok((message_row(r)?, r.get::<_, String>(10)?))
-        })
+        .query_row(
+            params![new.channel_id, new.sender_id, new.client_msg_id],
+            |r| Ok((message_row(r)?, r.get::<_, String>(10)?)),
+        )
         .optional()
         .map_err(db_err)?;
     if let Some((message, stored_hash)) = existing {
         return if stored_hash == hash {
-            Ok(SendOutcome { message, created: false })
+            Ok(SendOutcome {
+                message,
+                created: false,
+            })
         } else {
             Err(StorageError::IdempotencyConflict)
         };
@@ -504,7 +615,12 @@ pub(super) fn send_message(c: &Connection, new: &NewMessage) -> StorageResult<Se
     })
 }
 
-fn live_message(c: &Connection, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Message> {
+fn live_message(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    message_id: &str,
+) -> StorageResult<Message> {
     match message(c, tenant, channel_id, message_id)? {
         Some(m) if !m.deleted => Ok(m),
         _ => Err(StorageError::NotFound),
@@ -529,7 +645,12 @@ pub(super) fn edit_message(
     m.text = text.to_owned();
     m.metadata = metadata.cloned();
     m.edited_at = Some(rfc3339(now));
-    append_event(c, tenant, channel_id, EventBody::MessageUpdated { message: m })
+    append_event(
+        c,
+        tenant,
+        channel_id,
+        EventBody::MessageUpdated { message: m },
+    )
 }
 
 pub(super) fn delete_message(
@@ -545,22 +666,43 @@ pub(super) fn delete_message(
         params![channel_id, message_id, now_ms()],
     )
     .map_err(db_err)?;
-    append_event(c, tenant, channel_id, EventBody::MessageDeleted { message: tombstone(m) })
+    append_event(
+        c,
+        tenant,
+        channel_id,
+        EventBody::MessageDeleted {
+            message: tombstone(m),
+        },
+    )
 }
 
-pub(super) fn message(c: &Connection, tenant: &str, channel_id: &str, message_id: &str) -> StorageResult<Option<Message>> {
+pub(super) fn message(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    message_id: &str,
+) -> StorageResult<Option<Message>> {
     if channel(c, tenant, channel_id)?.is_none() {
         return Ok(None);
     }
-    c.prepare_cached(&format!("SELECT {MESSAGE_COLS} FROM messages WHERE channel_id = ?1 AND id = ?2"))
-        .map_err(db_err)?
-        .query_row(params![channel_id, message_id], message_row)
-        .optional()
-        .map_err(db_err)
+    c.prepare_cached(&format!(
+        "SELECT {MESSAGE_COLS} FROM messages WHERE channel_id = ?1 AND id = ?2"
+    ))
+    .map_err(db_err)?
+    .query_row(params![channel_id, message_id], message_row)
+    .optional()
+    .map_err(db_err)
 }
 
 /// Messages with seq in (lo, hi), ascending or descending, at most `limit`.
-fn message_range(c: &Connection, channel_id: &str, lo: i64, hi: i64, descending: bool, limit: u32) -> StorageResult<Vec<Message>> {
+fn message_range(
+    c: &Connection,
+    channel_id: &str,
+    lo: i64,
+    hi: i64,
+    descending: bool,
+    limit: u32,
+) -> StorageResult<Vec<Message>> {
     let order = if descending { "DESC" } else { "ASC" };
     let mut stmt = c
         .prepare_cached(&format!(
@@ -568,11 +710,19 @@ fn message_range(c: &Connection, channel_id: &str, lo: i64, hi: i64, descending:
              ORDER BY seq {order} LIMIT ?4"
         ))
         .map_err(db_err)?;
-    let rows = stmt.query_map(params![channel_id, lo, hi, limit], message_row).map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![channel_id, lo, hi, limit], message_row)
+        .map_err(db_err)?;
     rows.collect::<Result<_, _>>().map_err(db_err)
 }
 
-pub(super) fn history(c: &Connection, tenant: &str, channel_id: &str, anchor: HistoryAnchor, limit: u32) -> StorageResult<MessagePage> {
+pub(super) fn history(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    anchor: HistoryAnchor,
+    limit: u32,
+) -> StorageResult<MessagePage> {
     if channel(c, tenant, channel_id)?.is_none() {
         return Err(StorageError::NotFound);
     }
@@ -589,10 +739,19 @@ pub(super) fn history(c: &Connection, tenant: &str, channel_id: &str, anchor: Hi
             older.truncate(limit as usize);
             older.reverse();
             has_after = match older.last() {
-                Some(m) => !message_range(c, channel_id, to_i64(m.seq), i64::MAX, false, 1)?.is_empty(),
-                None => hi != i64::MAX && !message_range(c, channel_id, hi - 1, i64::MAX, false, 1)?.is_empty(),
+                Some(m) => {
+                    !message_range(c, channel_id, to_i64(m.seq), i64::MAX, false, 1)?.is_empty()
+                }
+                None => {
+                    hi != i64::MAX
+                        && !message_range(c, channel_id, hi - 1, i64::MAX, false, 1)?.is_empty()
+                }
             };
-            return Ok(MessagePage { messages: older, has_before, has_after });
+            return Ok(MessagePage {
+                messages: older,
+                has_before,
+                has_after,
+            });
         }
         HistoryAnchor::After(s) => {
             newer = message_range(c, channel_id, to_i64(s), i64::MAX, false, limit + 1)?;
@@ -602,7 +761,11 @@ pub(super) fn history(c: &Connection, tenant: &str, channel_id: &str, anchor: Hi
                 Some(m) => !message_range(c, channel_id, 0, to_i64(m.seq), true, 1)?.is_empty(),
                 None => !message_range(c, channel_id, 0, to_i64(s) + 1, true, 1)?.is_empty(),
             };
-            return Ok(MessagePage { messages: newer, has_before, has_after });
+            return Ok(MessagePage {
+                messages: newer,
+                has_before,
+                has_after,
+            });
         }
         HistoryAnchor::Around(s) => {
             let s = to_i64(s);
@@ -618,7 +781,11 @@ pub(super) fn history(c: &Connection, tenant: &str, channel_id: &str, anchor: Hi
         }
     }
     older.extend(newer);
-    Ok(MessagePage { messages: older, has_before, has_after })
+    Ok(MessagePage {
+        messages: older,
+        has_before,
+        has_after,
+    })
 }
 
 pub(super) fn events(
@@ -633,10 +800,16 @@ pub(super) fn events(
         return Err(StorageError::NotFound);
     }
     let lo = to_i64(after);
-    let hi = up_to.map(|u| to_i64(u).saturating_add(1)).unwrap_or(i64::MAX);
+    let hi = up_to
+        .map(|u| to_i64(u).saturating_add(1))
+        .unwrap_or(i64::MAX);
     let mut out: Vec<ChannelEvent> = message_range(c, channel_id, lo, hi, false, limit)?
         .into_iter()
-        .map(|m| ChannelEvent { channel_id: channel_id.to_owned(), seq: m.seq, body: EventBody::MessageNew { message: m } })
+        .map(|m| ChannelEvent {
+            channel_id: channel_id.to_owned(),
+            seq: m.seq,
+            body: EventBody::MessageNew { message: m },
+        })
         .collect();
     let mut stmt = c
         .prepare_cached(
@@ -645,13 +818,20 @@ pub(super) fn events(
         )
         .map_err(db_err)?;
     let rows = stmt
-        .query_map(params![channel_id, lo, hi, limit], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))
+        .query_map(params![channel_id, lo, hi, limit], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })
         .map_err(db_err)?;
     for row in rows {
         let (seq, payload) = row.map_err(db_err)?;
-        let body: EventBody = serde_json::from_str(&payload)
-            .map_err(|e| StorageError::Internal(format!("corrupt event {channel_id}/{seq}: {e}")))?;
-        out.push(ChannelEvent { channel_id: channel_id.to_owned(), seq: to_u64(seq), body });
+        let body: EventBody = serde_json::from_str(&payload).map_err(|e| {
+            StorageError::Internal(format!("corrupt event {channel_id}/{seq}: {e}"))
+        })?;
+        out.push(ChannelEvent {
+            channel_id: channel_id.to_owned(),
+            seq: to_u64(seq),
+            body,
+        });
     }
     out.sort_by_key(|e| e.seq);
     out.truncate(limit as usize);
@@ -673,12 +853,17 @@ fn participants(c: &Connection, call_id: &str) -> StorageResult<Vec<CallParticip
     let mut stmt = c
         .prepare_cached("SELECT id, user_id, joined_at, left_at FROM call_participants WHERE call_id = ?1 ORDER BY joined_at, id")
         .map_err(db_err)?;
-    let rows = stmt.query_map(params![call_id], participant_row).map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![call_id], participant_row)
+        .map_err(db_err)?;
     rows.collect::<Result<_, _>>().map_err(db_err)
 }
 
 /// Columns: id, channel_id, mode, started_by, started_at, ended_at.
-fn call_from(c: &Connection, r: (String, String, String, String, i64, Option<i64>)) -> StorageResult<Call> {
+fn call_from(
+    c: &Connection,
+    r: (String, String, String, String, i64, Option<i64>),
+) -> StorageResult<Call> {
     let (id, channel_id, mode, started_by, started_at, ended_at) = r;
     let participants = participants(c, &id)?;
     Ok(Call {
@@ -695,14 +880,23 @@ fn call_from(c: &Connection, r: (String, String, String, String, i64, Option<i64
 type CallRow = (String, String, String, String, i64, Option<i64>);
 
 fn call_row(r: &Row<'_>) -> rusqlite::Result<CallRow> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?))
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+    ))
 }
 
 const CALL_COLS: &str = "id, channel_id, mode, started_by, started_at, ended_at";
 
 pub(super) fn call(c: &Connection, tenant: &str, call_id: &str) -> StorageResult<Option<Call>> {
     let row = c
-        .prepare_cached(&format!("SELECT {CALL_COLS} FROM calls WHERE tenant_id = ?1 AND id = ?2"))
+        .prepare_cached(&format!(
+            "SELECT {CALL_COLS} FROM calls WHERE tenant_id = ?1 AND id = ?2"
+        ))
         .map_err(db_err)?
         .query_row(params![tenant, call_id], call_row)
         .optional()
@@ -710,20 +904,30 @@ pub(super) fn call(c: &Connection, tenant: &str, call_id: &str) -> StorageResult
     row.map(|r| call_from(c, r)).transpose()
 }
 
-pub(super) fn channel_calls(c: &Connection, tenant: &str, channel_id: &str, limit: u32) -> StorageResult<Vec<Call>> {
+pub(super) fn channel_calls(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    limit: u32,
+) -> StorageResult<Vec<Call>> {
     let rows: Vec<CallRow> = {
         let mut stmt = c
             .prepare_cached(&format!(
                 "SELECT {CALL_COLS} FROM calls WHERE tenant_id = ?1 AND channel_id = ?2 ORDER BY started_at DESC, id DESC LIMIT ?3"
             ))
             .map_err(db_err)?;
-        let rows = stmt.query_map(params![tenant, channel_id, limit], call_row).map_err(db_err)?;
+        let rows = stmt
+            .query_map(params![tenant, channel_id, limit], call_row)
+            .map_err(db_err)?;
         rows.collect::<Result<_, _>>().map_err(db_err)?
     };
     rows.into_iter().map(|r| call_from(c, r)).collect()
 }
 
-pub(super) fn start_call(c: &Connection, new: &NewCall) -> StorageResult<(Call, Option<ChannelEvent>)> {
+pub(super) fn start_call(
+    c: &Connection,
+    new: &NewCall,
+) -> StorageResult<(Call, Option<ChannelEvent>)> {
     if channel(c, &new.tenant_id, &new.channel_id)?.is_none() {
         return Err(StorageError::NotFound);
     }
@@ -746,7 +950,12 @@ pub(super) fn start_call(c: &Connection, new: &NewCall) -> StorageResult<(Call, 
     )
     .map_err(db_err)?;
     let call = call(c, &new.tenant_id, &new.id)?.ok_or(StorageError::NotFound)?;
-    let event = append_event(c, &new.tenant_id, &new.channel_id, EventBody::CallStarted { call: call.clone() })?;
+    let event = append_event(
+        c,
+        &new.tenant_id,
+        &new.channel_id,
+        EventBody::CallStarted { call: call.clone() },
+    )?;
     Ok((call, Some(event)))
 }
 
@@ -761,7 +970,11 @@ pub(super) fn join_call(
     if current.ended_at.is_some() {
         return Err(StorageError::NotFound);
     }
-    if let Some(p) = current.participants.iter().find(|p| p.user_id == user && p.left_at.is_none()) {
+    if let Some(p) = current
+        .participants
+        .iter()
+        .find(|p| p.user_id == user && p.left_at.is_none())
+    {
         let p = p.clone();
         return Ok((current, p, None));
     }
@@ -771,13 +984,20 @@ pub(super) fn join_call(
         params![participant_id, call_id, user, now],
     )
     .map_err(db_err)?;
-    let participant =
-        CallParticipant { participant_id: participant_id.to_owned(), user_id: user.to_owned(), joined_at: rfc3339(now), left_at: None };
+    let participant = CallParticipant {
+        participant_id: participant_id.to_owned(),
+        user_id: user.to_owned(),
+        joined_at: rfc3339(now),
+        left_at: None,
+    };
     let event = append_event(
         c,
         tenant,
         &current.channel_id,
-        EventBody::CallParticipantJoined { call_id: call_id.to_owned(), participant: participant.clone() },
+        EventBody::CallParticipantJoined {
+            call_id: call_id.to_owned(),
+            participant: participant.clone(),
+        },
     )?;
     let updated = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
     Ok((updated, participant, Some(event)))
@@ -791,15 +1011,22 @@ pub(super) fn leave_call(
     reason: LeaveReason,
 ) -> StorageResult<Vec<ChannelEvent>> {
     let current = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
-    let Some(p) = current.participants.iter().find(|p| p.participant_id == participant_id) else {
+    let Some(p) = current
+        .participants
+        .iter()
+        .find(|p| p.participant_id == participant_id)
+    else {
         return Err(StorageError::NotFound);
     };
     if p.left_at.is_some() || current.ended_at.is_some() {
         return Ok(Vec::new());
     }
     let now = now_ms();
-    c.execute("UPDATE call_participants SET left_at = ?2 WHERE id = ?1", params![participant_id, now])
-        .map_err(db_err)?;
+    c.execute(
+        "UPDATE call_participants SET left_at = ?2 WHERE id = ?1",
+        params![participant_id, now],
+    )
+    .map_err(db_err)?;
     let mut events = vec![append_event(
         c,
         tenant,
@@ -811,21 +1038,36 @@ pub(super) fn leave_call(
             reason,
         },
     )?];
-    let others = current.participants.iter().filter(|o| o.participant_id != participant_id && o.left_at.is_none()).count();
+    let others = current
+        .participants
+        .iter()
+        .filter(|o| o.participant_id != participant_id && o.left_at.is_none())
+        .count();
     if others == 0 {
-        c.execute("UPDATE calls SET ended_at = ?2, active_channel_id = NULL WHERE id = ?1", params![call_id, now])
-            .map_err(db_err)?;
+        c.execute(
+            "UPDATE calls SET ended_at = ?2, active_channel_id = NULL WHERE id = ?1",
+            params![call_id, now],
+        )
+        .map_err(db_err)?;
         events.push(append_event(
             c,
             tenant,
             &current.channel_id,
-            EventBody::CallEnded { call_id: call_id.to_owned(), by: p.user_id.clone() },
+            EventBody::CallEnded {
+                call_id: call_id.to_owned(),
+                by: p.user_id.clone(),
+            },
         )?);
     }
     Ok(events)
 }
 
-pub(super) fn end_call(c: &Connection, tenant: &str, call_id: &str, by: &str) -> StorageResult<Vec<ChannelEvent>> {
+pub(super) fn end_call(
+    c: &Connection,
+    tenant: &str,
+    call_id: &str,
+    by: &str,
+) -> StorageResult<Vec<ChannelEvent>> {
     let current = call(c, tenant, call_id)?.ok_or(StorageError::NotFound)?;
     if current.ended_at.is_some() {
         return Ok(Vec::new());
@@ -833,8 +1075,11 @@ pub(super) fn end_call(c: &Connection, tenant: &str, call_id: &str, by: &str) ->
     let now = now_ms();
     let mut events = Vec::new();
     for p in current.participants.iter().filter(|p| p.left_at.is_none()) {
-        c.execute("UPDATE call_participants SET left_at = ?2 WHERE id = ?1", params![p.participant_id, now])
-            .map_err(db_err)?;
+        c.execute(
+            "UPDATE call_participants SET left_at = ?2 WHERE id = ?1",
+            params![p.participant_id, now],
+        )
+        .map_err(db_err)?;
         events.push(append_event(
             c,
             tenant,
@@ -847,8 +1092,19 @@ pub(super) fn end_call(c: &Connection, tenant: &str, call_id: &str, by: &str) ->
             },
         )?);
     }
-    c.execute("UPDATE calls SET ended_at = ?2, active_channel_id = NULL WHERE id = ?1", params![call_id, now])
-        .map_err(db_err)?;
-    events.push(append_event(c, tenant, &current.channel_id, EventBody::CallEnded { call_id: call_id.to_owned(), by: by.to_owned() })?);
+    c.execute(
+        "UPDATE calls SET ended_at = ?2, active_channel_id = NULL WHERE id = ?1",
+        params![call_id, now],
+    )
+    .map_err(db_err)?;
+    events.push(append_event(
+        c,
+        tenant,
+        &current.channel_id,
+        EventBody::CallEnded {
+            call_id: call_id.to_owned(),
+            by: by.to_owned(),
+        },
+    )?);
     Ok(events)
 }
