@@ -105,7 +105,8 @@ pub(crate) async fn run(edge: Arc<Edge>, mut ws: WebSocket, pre_auth: Option<Pri
     edge.connections.fetch_add(1, Ordering::Relaxed);
     let principal = match pre_auth {
         Some(p) => Some(p),
-        None => authenticate(&edge, &mut ws).await,
+        // Boxed: the auth future is large and is needed once; it must not size every idle task.
+        None => Box::pin(authenticate(&edge, &mut ws)).await,
     };
     if let Some(principal) = principal {
         let conn = edge.next_conn.fetch_add(1, Ordering::Relaxed);
@@ -265,26 +266,26 @@ async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
 impl Session {
     /// Serves requests and events until the connection ends; returns the close code to send.
     async fn serve(&mut self, ws: &mut WebSocket) -> Option<CloseCode> {
-        let cfg = self.edge.config.clone();
+        // Only what the loop needs is kept across it: every byte held here is held by every
+        // idle connection.
+        let heartbeat_interval = self.edge.config.heartbeat_interval;
+        let heartbeat_timeout = self.edge.config.heartbeat_timeout;
         let welcome = ServerFrame::Welcome {
             session_id: self.session_id.clone(),
             user_id: self.principal.user_id.clone(),
             tenant_id: self.principal.tenant_id.clone(),
-            heartbeat_interval_ms: millis(cfg.heartbeat_interval),
-            heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
-            limits: cfg.session_limits(),
-        };
-        if ws
-            .send(Message::Text(welcome.to_json().into()))
-            .await
-            .is_err()
-        {
+            heartbeat_interval_ms: millis(heartbeat_interval),
+            heartbeat_timeout_ms: millis(heartbeat_timeout),
+            limits: self.edge.config.session_limits(),
+        }
+        .to_json();
+        if ws.send(Message::Text(welcome.into())).await.is_err() {
             return None;
         }
         let mut shutdown = self.edge.shutdown.clone();
         let mut heartbeat = tokio::time::interval_at(
-            tokio::time::Instant::now() + cfg.heartbeat_interval,
-            cfg.heartbeat_interval,
+            tokio::time::Instant::now() + heartbeat_interval,
+            heartbeat_interval,
         );
         let ctl = self.ctl.clone();
         loop {
@@ -302,7 +303,8 @@ impl Session {
                     Some(Err(e)) => return classify_read_error(e),
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
-                        if let Flow::End(code) = self.on_message(ws, msg).await {
+                        // Boxed: request handling is large and rare next to idling.
+                        if let Flow::End(code) = Box::pin(self.on_message(ws, msg)).await {
                             return code;
                         }
                     }
@@ -336,7 +338,7 @@ impl Session {
                     }
                 }
                 _ = heartbeat.tick() => {
-                    if self.last_heard.elapsed() > cfg.heartbeat_timeout {
+                    if self.last_heard.elapsed() > heartbeat_timeout {
                         return Some(CloseCode::HeartbeatTimeout);
                     }
                     if ws.send(Message::Ping(Default::default())).await.is_err() {

@@ -385,15 +385,7 @@ impl Core {
         validate::message_text(&req.text, self.limits.max_text_chars)
             .map_err(CoreError::InvalidArgument)?;
         validate::metadata(req.metadata.as_ref()).map_err(CoreError::InvalidArgument)?;
-        if self
-            .storage
-            .channel(&p.tenant_id, channel_id)
-            .await?
-            .is_none()
-        {
-            return Err(CoreError::NotFound);
-        }
-        let outcome = self
+        let sent = self
             .storage
             .send_message(NewMessage {
                 tenant_id: p.tenant_id.clone(),
@@ -404,7 +396,22 @@ impl Core {
                 text: req.text,
                 metadata: req.metadata.filter(|m| !m.is_null()),
             })
-            .await?;
+            .await;
+        // The write re-checks membership; only a refused one needs the channel lookup that
+        // tells "no such channel" (404) from "not a member" (403).
+        let outcome = match sent {
+            Ok(o) => o,
+            Err(StorageError::NotAMember)
+                if self
+                    .storage
+                    .channel(&p.tenant_id, channel_id)
+                    .await?
+                    .is_none() =>
+            {
+                return Err(CoreError::NotFound);
+            }
+            Err(e) => return Err(e.into()),
+        };
         if outcome.created {
             let event = ChannelEvent {
                 channel_id: channel_id.to_owned(),

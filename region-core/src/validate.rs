@@ -79,6 +79,10 @@ pub fn message_text(s: &str, max_chars: usize) -> Result<(), String> {
     if s.is_empty() {
         return Err("message text must not be empty".into());
     }
+    if s.contains('\0') {
+        // PostgreSQL cannot store NUL in text; refuse it on every engine alike.
+        return Err("message text must not contain NUL characters".into());
+    }
     let n = s.chars().count();
     if n > max_chars {
         return Err(format!(
