@@ -435,6 +435,24 @@ _parley_services_alive() { # DIR
         _parley_pg_ready "$pg_port" && _parley_redis_ready "$redis_port" && _parley_nats_ready "$nats_port"
 }
 
+# Picks a port and starts the service on it, up to 3 times when the port was not fixed.
+# Sets the variable named VAR to the port and writes DIR/NAME.port.
+_parley_start_retrying() { # NAME BASE FIXED DIR VAR STARTFN
+    local name=$1 base=$2 fixed=$3 dir=$4 var=$5 start=$6 attempt port
+    for attempt in 1 2 3; do
+        port=$(_parley_pick_port "$name" "$base" "$fixed") || return 1
+        echo "$port" >"$dir/$name.port"
+        if "$start" "$dir" "$port"; then
+            printf -v "$var" '%s' "$port"
+            return 0
+        fi
+        [ -z "$fixed" ] || return 1
+        _parley_log "$name: start on port $port failed (attempt $attempt); trying another port"
+        base=$((port + 1))
+    done
+    return 1
+}
+
 parley_services_start() {
     local dir t0 pg_port redis_port nats_port
     t0=$(_parley_now_ms)
@@ -465,15 +483,15 @@ parley_services_start() {
     dir=$PARLEY_SERVICES_DIR
     chmod 755 "$dir" # the postgres user must reach its subfolder and log
 
+    # Each port is picked right before its service starts, and Redis and NATS (which keep no
+    # state between attempts) get two more tries on a fresh port: another process may take a
+    # free port between the check and the bind.
     if ! {
         pg_port=$(_parley_pick_port postgres 55432 "${PARLEY_PG_PORT:-}") &&
-            redis_port=$(_parley_pick_port redis 56379 "${PARLEY_REDIS_PORT:-}") &&
-            nats_port=$(_parley_pick_port nats 54222 "${PARLEY_NATS_PORT:-}") &&
-            echo "$pg_port" >"$dir/pg.port" && echo "$redis_port" >"$dir/redis.port" &&
-            echo "$nats_port" >"$dir/nats.port" &&
+            echo "$pg_port" >"$dir/pg.port" &&
             _parley_start_postgres "$dir" "$pg_port" &&
-            _parley_start_redis "$dir" "$redis_port" &&
-            _parley_start_nats "$dir" "$nats_port"
+            _parley_start_retrying redis 56379 "${PARLEY_REDIS_PORT:-}" "$dir" redis_port _parley_start_redis &&
+            _parley_start_retrying nats 54222 "${PARLEY_NATS_PORT:-}" "$dir" nats_port _parley_start_nats
     }; then
         # Stop what did start, but keep the logs for the reader.
         : >"$dir/.keep-logs"

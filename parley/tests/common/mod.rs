@@ -593,4 +593,5 @@ impl Ws {
         }
     }
 }
+pub mod call_driver;
 pub mod peer;
