@@ -59,7 +59,7 @@ async fn drain(ws: &mut Ws) -> (Vec<u64>, Ending) {
     }
 }
 
-/// With a send queue of 16 events, a subscriber that stops reading while 2,000 messages of
+/// With a send queue of 128 events, a subscriber that stops reading while 2,000 messages of
 /// 3,000 characters are sent is disconnected; a well-behaved subscriber meanwhile receives all
 /// 2,000 in order and stays connected. The slow one, reading again, finds a gapless prefix of
 /// the events, then the end of the connection (close 4009 "slow consumer", or an abrupt end if
@@ -69,7 +69,7 @@ async fn drain(ws: &mut Ws) -> (Vec<u64>, Ending) {
 async fn a_slow_consumer_is_cut_off_alone_and_catches_up_from_history() {
     let server = ServerBuilder::new(common::Backend::Sqlite)
         .arg("--ws-send-queue")
-        .arg("16")
+        .arg("128")
         .arg("--rate-per-minute")
         .arg("1000000")
         .arg("--rate-burst")
@@ -82,7 +82,7 @@ async fn a_slow_consumer_is_cut_off_alone_and_catches_up_from_history() {
         .await;
 
     let mut slow_ws = Ws::connect(&server, &token(&slow)).await;
-    assert_eq!(slow_ws.welcome["limits"]["send_queue"], 16);
+    assert_eq!(slow_ws.welcome["limits"]["send_queue"], 128);
     assert_eq!(slow_ws.subscribe(&channel).await, 0);
     // From here on nobody reads slow_ws until the sending is over.
     let mut good_ws = Ws::connect(&server, &token(&good)).await;
