@@ -348,23 +348,10 @@ impl CoreGateway for LocalGateway {
         call_id: &str,
         participant_id: &str,
     ) -> Result<String, GatewayError> {
-        let call = self
-            .core
-            .get_call(p, call_id)
+        self.core
+            .attach_check(p, call_id, participant_id)
             .await
-            .map_err(gateway_error)?;
-        let present = call.participants.iter().any(|x| {
-            x.participant_id == participant_id && x.user_id == p.user_id && x.left_at.is_none()
-        });
-        if call.ended_at.is_some() || !present {
-            return Err(GatewayError {
-                code: parley_proto::ErrorCode::Conflict,
-                message: format!(
-                    "{participant_id} is not your present participant in this active call; join it first"
-                ),
-            });
-        }
-        Ok(call.channel_id)
+            .map_err(gateway_error)
     }
 
     async fn check_signal(

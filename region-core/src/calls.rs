@@ -241,6 +241,26 @@ impl Core {
         Ok(())
     }
 
+    /// Checks that `participant_id` is the caller's present participant of an active call, so
+    /// a connection may carry its signals; returns the call's channel.
+    pub async fn attach_check(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+    ) -> CoreResult<String> {
+        let call = self.get_call(p, call_id).await?;
+        let present = call.participants.iter().any(|x| {
+            x.participant_id == participant_id && x.user_id == p.user_id && x.left_at.is_none()
+        });
+        if call.ended_at.is_some() || !present {
+            return Err(CoreError::Conflict(format!(
+                "{participant_id} is not your present participant in this active call; join it first"
+            )));
+        }
+        Ok(call.channel_id)
+    }
+
     /// Checks that `p` is a member of the call's channel and present as `from`, and that `to`
     /// is another present participant of the same call.
     pub async fn check_signal(

@@ -45,7 +45,7 @@ fn participant_from(row: &Row) -> Result<CallParticipant, StorageError> {
 
 async fn call_from(tx: &impl deadpool_postgres::GenericClient, row: &Row) -> Result<Call, TxError> {
     let id: String = get(row, "id")?;
-    let stmt = tx.prepare(SELECT_PARTICIPANTS).await?;
+    let stmt = tx.prepare_cached(SELECT_PARTICIPANTS).await?;
     let participants = tx
         .query(&stmt, &[&id])
         .await?
@@ -71,7 +71,7 @@ pub(super) async fn call(
     call_id: &str,
 ) -> Result<Option<Call>, TxError> {
     let stmt = client
-        .prepare(&format!(
+        .prepare_cached(&format!(
             "SELECT {CALL_COLS} FROM calls WHERE tenant_id = $1 AND id = $2"
         ))
         .await?;
@@ -88,7 +88,7 @@ pub(super) async fn channel_calls(
     limit: u32,
 ) -> Result<Vec<Call>, TxError> {
     let stmt = client
-        .prepare(&format!(
+        .prepare_cached(&format!(
             "SELECT {CALL_COLS} FROM calls WHERE tenant_id = $1 AND channel_id = $2 \
              ORDER BY started_at DESC, id DESC LIMIT $3"
         ))
@@ -109,7 +109,7 @@ pub(super) async fn start_call(
 ) -> Result<(Call, Option<ChannelEvent>), TxError> {
     lock_channel(tx, &new.tenant_id, &new.channel_id).await?;
     let stmt = tx
-        .prepare(&format!(
+        .prepare_cached(&format!(
             "SELECT {CALL_COLS} FROM calls WHERE active_channel_id = $1"
         ))
         .await?;
@@ -118,7 +118,7 @@ pub(super) async fn start_call(
     }
     let now = now_ms();
     let insert = tx
-        .prepare(
+        .prepare_cached(
             "INSERT INTO calls (id, tenant_id, channel_id, mode, started_by, started_at, active_channel_id) \
              VALUES ($1, $2, $3, $4, $5, $6, $3)",
         )
@@ -176,7 +176,7 @@ pub(super) async fn join_call(
     }
     let now = now_ms();
     let insert =
-        tx.prepare("INSERT INTO call_participants (id, call_id, user_id, joined_at) VALUES ($1, $2, $3, $4)").await?;
+        tx.prepare_cached("INSERT INTO call_participants (id, call_id, user_id, joined_at) VALUES ($1, $2, $3, $4)").await?;
     tx.execute(&insert, &[&participant_id, &call_id, &user, &now])
         .await?;
     let participant = CallParticipant {
@@ -227,7 +227,7 @@ pub(super) async fn leave_call(
     }
     let now = now_ms();
     let leave = tx
-        .prepare("UPDATE call_participants SET left_at = $2 WHERE id = $1")
+        .prepare_cached("UPDATE call_participants SET left_at = $2 WHERE id = $1")
         .await?;
     tx.execute(&leave, &[&participant_id, &now]).await?;
     let mut events = vec![
@@ -251,7 +251,9 @@ pub(super) async fn leave_call(
         .count();
     if others == 0 {
         let end = tx
-            .prepare("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1")
+            .prepare_cached(
+                "UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1",
+            )
             .await?;
         tx.execute(&end, &[&call_id, &now]).await?;
         events.push(
@@ -288,7 +290,7 @@ pub(super) async fn end_call(
     }
     let now = now_ms();
     let leave = tx
-        .prepare("UPDATE call_participants SET left_at = $2 WHERE id = $1")
+        .prepare_cached("UPDATE call_participants SET left_at = $2 WHERE id = $1")
         .await?;
     let mut events = Vec::new();
     for p in current.participants.iter().filter(|p| p.left_at.is_none()) {
@@ -309,7 +311,7 @@ pub(super) async fn end_call(
         );
     }
     let end = tx
-        .prepare("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1")
+        .prepare_cached("UPDATE calls SET ended_at = $2, active_channel_id = NULL WHERE id = $1")
         .await?;
     tx.execute(&end, &[&call_id, &now]).await?;
     events.push(
