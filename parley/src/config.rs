@@ -47,6 +47,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Serve the web client from this folder instead of the copy built into the binary (for
+    /// working on the web client without rebuilding the server).
+    #[arg(long, env = "PARLEY_WEB_DIR")]
+    pub web_dir: Option<PathBuf>,
     /// NATS URL (nats://host:port). Without it, the in-process bus (one node).
     #[arg(long, env = "PARLEY_NATS_URL")]
     pub nats_url: Option<String>,

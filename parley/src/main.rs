@@ -68,7 +68,8 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
     );
     if node.dev_mode {
         banner.push_str(&format!(
-            "development mode: get a token with `parley token --user alice --data-dir {}`\n",
+            "development mode: open http://{addr}/ to try the web client, or get a token with \
+             `parley token --user alice --data-dir {}`\n",
             args.storage.data_dir.display()
         ));
     }

@@ -13,7 +13,7 @@ use axum::Router;
 use axum::routing::get;
 use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
 use parley_core::calls::IceConfig;
-use parley_core::http::{self, ApiDoc, ApiState};
+use parley_core::http::{self, ApiDoc, ApiState, DevTokens};
 use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
 use parley_core::ratelimit::RequestBudget;
 use parley_core::realtime::{Realtime, RealtimeConfig};
@@ -28,6 +28,7 @@ use tokio::net::TcpListener;
 use utoipa::OpenApi;
 
 use crate::config::{ServeArgs, StorageArgs};
+use crate::web::WebClient;
 
 /// Opens the configured storage (applying migrations).
 pub async fn open_storage(args: &StorageArgs) -> anyhow::Result<Arc<dyn Storage>> {
@@ -43,8 +44,9 @@ pub async fn open_storage(args: &StorageArgs) -> anyhow::Result<Arc<dyn Storage>
     })
 }
 
-/// Builds the authenticator; `None` for the second value unless the development key is in use.
-pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, bool)> {
+/// Builds the authenticator, and the development key when it is the one in use (no JWT keys
+/// configured).
+pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, Option<DevSigningKey>)> {
     let mut keys = Vec::new();
     if let Some(secret) = &args.jwt_hs256_secret {
         if secret.len() < 32 {
@@ -66,8 +68,8 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, bool)> 
         .map_err(anyhow::Error::msg)?;
         keys.push(key);
     }
-    let dev = keys.is_empty();
-    if dev {
+    let mut dev = None;
+    if keys.is_empty() {
         let dev_key = DevSigningKey::load_or_create(&args.storage.data_dir).with_context(|| {
             format!(
                 "cannot load the development key in {}",
@@ -75,6 +77,7 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, bool)> 
             )
         })?;
         keys.push(dev_key.verification_key());
+        dev = Some(dev_key);
     }
     Ok((
         Authenticator::new(keys, args.jwt_issuer.clone(), args.jwt_audience.clone()),
@@ -105,7 +108,15 @@ pub async fn build(
         ),
         None => Arc::new(InProcessBus::default()),
     };
-    let (auth, dev_mode) = authenticator(args)?;
+    let (auth, dev_key) = authenticator(args)?;
+    let dev_mode = dev_key.is_some();
+    let dev_tokens = dev_key.map(|key| {
+        Arc::new(DevTokens {
+            key,
+            issuer: args.jwt_issuer.clone(),
+            audience: args.jwt_audience.clone(),
+        })
+    });
     let auth = Arc::new(auth);
     let presence_store: Arc<dyn PresenceStore> = match &args.redis_url {
         Some(url) => Arc::new(
@@ -186,7 +197,12 @@ pub async fn build(
             }
         });
     }
-    let api = http::router(ApiState { core, auth, budget });
+    let api = http::router(ApiState {
+        core,
+        auth,
+        budget,
+        dev_tokens,
+    });
     let openapi = ApiDoc::openapi()
         .to_json()
         .context("cannot render the OpenAPI document")?;
@@ -208,7 +224,13 @@ pub async fn build(
                 async move { format!("ready connections={n}") }
             }),
         )
-        .fallback(http::route_not_found)
+        .fallback({
+            let web = match &args.web_dir {
+                Some(dir) => WebClient::Dir(dir.clone()),
+                None => WebClient::Built,
+            };
+            move |req: axum::extract::Request| web.clone().fallback(req)
+        })
         .method_not_allowed_fallback(http::method_not_allowed)
         .layer(axum::middleware::from_fn(http::request_id));
     Ok(Node {

@@ -344,3 +344,25 @@ pub struct Principal {
     /// Roles granted by the token issuer (application-defined; Parley checks channel roles).
     pub roles: Vec<String>,
 }
+
+/// `POST /v1/dev/token` (development mode only).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DevTokenRequest {
+    pub user_id: String,
+    /// Defaults to `default`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant_id: Option<String>,
+    /// Lifetime in seconds, 60–604800 (default 86400).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_secs: Option<u64>,
+}
+
+/// A development token, signed with the server's development key.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DevToken {
+    pub token: String,
+    pub user_id: String,
+    pub tenant_id: String,
+    pub expires_at: String,
+}

@@ -60,6 +60,7 @@ pub struct ServerBuilder {
     extra: Vec<String>,
     nats: bool,
     redis: bool,
+    dev_key: bool,
 }
 
 impl ServerBuilder {
@@ -70,7 +71,15 @@ impl ServerBuilder {
             extra: Vec::new(),
             nats: false,
             redis: false,
+            dev_key: false,
         }
+    }
+
+    /// Run in development mode: no JWT key configured, the server's generated development key
+    /// signs and verifies tokens (the test tokens of [`token`] are then refused).
+    pub fn dev_key(mut self) -> Self {
+        self.dev_key = true;
+        self
     }
 
     /// Use this data folder (to restart on the same SQLite file).
@@ -111,9 +120,11 @@ impl ServerBuilder {
             "127.0.0.1:0".into(),
             "--data-dir".into(),
             dir.display().to_string(),
-            "--jwt-hs256-secret".into(),
-            SECRET.into(),
         ];
+        if !self.dev_key {
+            args.push("--jwt-hs256-secret".into());
+            args.push(SECRET.into());
+        }
         if self.backend == Backend::Postgres {
             args.push("--database-url".into());
             args.push(database_url());

@@ -31,6 +31,16 @@ pub struct ApiState {
     pub core: Arc<Core>,
     pub auth: Arc<Authenticator>,
     pub budget: Arc<RequestBudget>,
+    /// Set only in development mode (the server verifies tokens with its development key):
+    /// enables `POST /v1/dev/token`.
+    pub dev_tokens: Option<Arc<DevTokens>>,
+}
+
+/// Signs development tokens for `POST /v1/dev/token`.
+pub struct DevTokens {
+    pub key: crate::auth::DevSigningKey,
+    pub issuer: String,
+    pub audience: String,
 }
 
 /// Largest REST request body.

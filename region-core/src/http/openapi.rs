@@ -14,11 +14,11 @@ use super::routes;
         routes::list_members, routes::add_member, routes::remove_member,
         routes::send_message, routes::history, routes::edit_message, routes::delete_message,
         routes::mark_read, routes::read_state, routes::typing, routes::user_presence, routes::presence_query,
-        routes::start_call, routes::channel_calls, routes::get_call, routes::join_call, routes::leave_call, routes::end_call,
+        routes::start_call, routes::channel_calls, routes::get_call, routes::join_call, routes::leave_call, routes::end_call, routes::dev_token,
     ),
     components(schemas(parley_proto::ErrorCode, parley_proto::ChannelEvent, parley_proto::EventBody, parley_proto::ServerFrame, parley_proto::SessionLimits)),
     modifiers(&BearerAuth),
-    tags((name = "channels"), (name = "members"), (name = "messages"), (name = "read state"), (name = "presence"), (name = "calls")),
+    tags((name = "channels"), (name = "members"), (name = "messages"), (name = "read state"), (name = "presence"), (name = "calls"), (name = "development")),
 )]
 pub struct ApiDoc;
 

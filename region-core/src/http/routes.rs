@@ -7,9 +7,9 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use parley_proto::{
-    AddMember, Channel, ChannelList, CreateChannel, EditMessage, ErrorBody, MarkRead, Member,
-    MemberList, Message, MessagePage, PatchChannel, Presence, PresenceList, PresenceQuery,
-    ReadState, SendMessage, SendResult, TypingRequest,
+    AddMember, Channel, ChannelList, CreateChannel, DevToken, DevTokenRequest, EditMessage,
+    ErrorBody, MarkRead, Member, MemberList, Message, MessagePage, PatchChannel, Presence,
+    PresenceList, PresenceQuery, ReadState, SendMessage, SendResult, TypingRequest,
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
@@ -55,6 +55,7 @@ pub(super) fn routes() -> Router<ApiState> {
         .route("/v1/calls/{call_id}/join", post(join_call))
         .route("/v1/calls/{call_id}/leave", post(leave_call))
         .route("/v1/calls/{call_id}/end", post(end_call))
+        .route("/v1/dev/token", post(dev_token))
 }
 
 fn channel_id(id: &str) -> Result<(), ApiError> {
@@ -397,4 +398,44 @@ pub(super) async fn end_call(
 ) -> Result<StatusCode, ApiError> {
     s.core.end_call(&p, &id).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Development mode only (the server runs with its generated development key): a token for any
+/// user, so the web client and scripts can sign in without an identity provider. Absent (404)
+/// when JWT keys are configured.
+#[utoipa::path(post, path = "/v1/dev/token", tag = "development", request_body = DevTokenRequest,
+    responses((status = 200, body = DevToken), (status = "4XX", body = ErrorBody)))]
+pub(super) async fn dev_token(
+    State(s): State<ApiState>,
+    ApiJson(req): ApiJson<DevTokenRequest>,
+) -> Result<axum::Json<DevToken>, ApiError> {
+    let Some(dev) = &s.dev_tokens else {
+        return Err(super::route_not_found().await);
+    };
+    let invalid = |m: String| ApiError::new(parley_proto::ErrorCode::InvalidArgument, m);
+    validate::user_id(&req.user_id).map_err(invalid)?;
+    let tenant = req.tenant_id.unwrap_or_else(|| "default".to_owned());
+    validate::user_id(&tenant).map_err(|m| invalid(format!("tenant: {m}")))?;
+    let ttl = req.ttl_secs.unwrap_or(86_400);
+    if !(60..=604_800).contains(&ttl) {
+        return Err(invalid(format!(
+            "ttl_secs {ttl} is out of range; use 60-604800"
+        )));
+    }
+    let token = dev.key.sign(
+        &req.user_id,
+        &tenant,
+        Vec::new(),
+        ttl,
+        &dev.issuer,
+        &dev.audience,
+    );
+    let expires_ms =
+        crate::storage::now_ms().saturating_add(i64::try_from(ttl * 1000).unwrap_or(0));
+    Ok(axum::Json(DevToken {
+        token,
+        user_id: req.user_id,
+        tenant_id: tenant,
+        expires_at: crate::storage::rfc3339(expires_ms),
+    }))
 }
