@@ -1,0 +1,957 @@
+//! `ParleyClient`: the realtime client. It owns one WebSocket at a time, reconnects on its own,
+//! resumes every subscription with its last seq, fills holes from history, delivers each
+//! channel's events exactly once in seq order, and sends messages through an outbox that
+//! survives reconnects. It never lets an event through twice and never skips one silently:
+//! what history cannot restore is reported as a `resync`.
+import { Backoff, type BackoffOptions } from "./backoff.js";
+import { joinCall, type CallSession, type JoinCallOptions } from "./call.js";
+import {
+  Connection,
+  WS_OPEN,
+  type WebSocketConstructor,
+  type WebSocketLike,
+} from "./connection.js";
+import { Emitter } from "./emitter.js";
+import { ParleyError } from "./errors.js";
+import { newClientMsgId, Outbox, type OutboxEntry } from "./outbox.js";
+import { CloseCode, SUBPROTOCOL, isChannelEventType, type ClientRequest } from "./protocol.js";
+import { MAX_HISTORY_LIMIT, RestClient, type HistoryQuery, type TokenSource } from "./rest.js";
+import { ChannelSequencer, type DeliveredEvent, type Gap } from "./sequencer.js";
+import { Typing, type TypingOptions } from "./typing.js";
+import type {
+  AckFrame,
+  CallParticipantReconnectedEvent,
+  CallParticipantReconnectingEvent,
+  CallSignalEvent,
+  ChannelEvent,
+  ChannelEventType,
+  ErrorFrame,
+  Message,
+  MessagePage,
+  PresenceChangedEvent,
+  ReadUpdatedEvent,
+  ResumedChannel,
+  SendResult,
+  TypingEvent,
+  UnreadUpdatedEvent,
+  WelcomeFrame,
+} from "./types.js";
+
+export interface ParleyClientOptions {
+  /** The server's base URL, e.g. `http://127.0.0.1:8080` (the WebSocket is `/v1/ws` under it). */
+  url: string;
+  /** A token, or a function returning a fresh one (called for every connection and REST call). */
+  token: TokenSource;
+  /** WebSocket constructor. Default `globalThis.WebSocket`; in Node 20 pass `WebSocket` from `ws`. */
+  WebSocket?: WebSocketConstructor;
+  /** `fetch` for the REST client. Default `globalThis.fetch`. */
+  fetch?: typeof fetch;
+  /** Reconnect delays. Default: 500 ms doubling to 30 s, half of it random. */
+  backoff?: BackoffOptions;
+  /** Timeout of each WebSocket request and of the welcome after connecting. Default 10 s. */
+  requestTimeoutMs?: number;
+  /** Typing helper options. */
+  typing?: TypingOptions;
+  /**
+   * Stop retrying an outbox message after this many sends failed with `unavailable` or
+   * `internal`. Default 8. (Lost connections and rate limits never count: those always retry.)
+   */
+  maxSendAttempts?: number;
+}
+
+/** A subscribed channel's position. */
+export interface Subscription {
+  channelId: string;
+  /** Highest seq delivered to you. */
+  seq: number;
+}
+
+/** A hole in a channel that was filled from history. */
+export interface ResyncInfo {
+  channelId: string;
+  after: number;
+  through: number;
+  /** Messages delivered from history (as `message.new` with `fromHistory: true`). */
+  recovered: number;
+  /**
+   * Events in the hole that history cannot restore (edits, deletes of older messages, membership,
+   * calls). Refetch channel state (members, the visible messages) when this is not 0.
+   */
+  unrecoverable: number;
+}
+
+export interface SubscriptionLost {
+  channelId: string;
+  reason: "removed" | "channel_deleted" | "not_a_member";
+}
+
+/** Events of `ParleyClient`, by name. */
+export type ClientEvents = {
+  /** Every channel event, in seq order per channel, exactly once. */
+  event: DeliveredEvent;
+} & { [K in ChannelEventType]: Extract<DeliveredEvent, { type: K }> } & {
+  typing: TypingEvent;
+  /** The set of users typing in a channel changed (see `client.typing.users`). */
+  "typing.users": { channelId: string; users: string[] };
+  "presence.changed": PresenceChangedEvent;
+  "read.updated": ReadUpdatedEvent;
+  "unread.updated": UnreadUpdatedEvent;
+  "call.signal": CallSignalEvent;
+  "call.participant_reconnecting": CallParticipantReconnectingEvent;
+  "call.participant_reconnected": CallParticipantReconnectedEvent;
+  resync: ResyncInfo;
+  "subscription.lost": SubscriptionLost;
+  /** Errors not tied to one of your requests (an `error` frame without `id`, a failed history fill). */
+  error: ParleyError;
+};
+
+export interface SendOptions {
+  /** Idempotency key; generated when absent. Reusing one with another text is `idempotency_conflict`. */
+  clientMsgId?: string;
+  metadata?: unknown;
+}
+
+interface Pending {
+  resolve: (ack: AckFrame) => void;
+  reject: (e: ParleyError) => void;
+  timer: ReturnType<typeof setTimeout>;
+}
+
+interface Sub {
+  sequencer: ChannelSequencer;
+  /** The subscribe (or resume) of the current connection has been acknowledged. */
+  live: boolean;
+  filling: boolean;
+  waiters: Array<{ resolve: (s: Subscription) => void; reject: (e: ParleyError) => void }>;
+}
+
+interface SendWaiter {
+  resolve: (result: SendResult) => void;
+  reject: (e: ParleyError) => void;
+}
+
+export class ParleyClient extends Emitter<ClientEvents> {
+  /** The REST client, with the same token. */
+  readonly rest: RestClient;
+  /** Connection state and its events. */
+  readonly connection = new Connection();
+  /** Typing indicators: `keystroke`, `stop`, `users`. */
+  readonly typing: Typing;
+
+  readonly #wsUrl: string;
+  readonly #token: TokenSource;
+  readonly #WebSocket: WebSocketConstructor;
+  readonly #backoff: Backoff;
+  readonly #requestTimeoutMs: number;
+  readonly #maxSendAttempts: number;
+
+  #ws: WebSocketLike | undefined;
+  /** The socket is authenticated (welcome received); requests may be sent. */
+  #ready = false;
+  #wanted = false;
+  #everConnected = false;
+  #sessionId: string | undefined;
+  #nextId = 1;
+  readonly #pending = new Map<string, Pending>();
+  #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
+  #welcomeTimer: ReturnType<typeof setTimeout> | undefined;
+  #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
+  /** The server asked to wait this long (an error frame's `retry_after_ms`) before the next try. */
+  #serverRetryAfterMs: number | undefined;
+  #lastError: ParleyError | undefined;
+  #connectWaiters: Array<{ resolve: () => void; reject: (e: ParleyError) => void }> = [];
+
+  // Frame budget (token bucket matching the welcome's limits), so the server never has to refuse.
+  #tokens = 0;
+  #tokensAt = 0;
+  #ratePerMs = 0.045;
+  #burst = 90;
+  readonly #outQueue: string[] = [];
+  #outTimer: ReturnType<typeof setTimeout> | undefined;
+
+  readonly #subs = new Map<string, Sub>();
+  readonly #outbox = new Outbox();
+  readonly #sendWaiters = new Map<string, SendWaiter>();
+  #outboxTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Read positions to (re)send, per channel. */
+  readonly #reads = new Map<string, { seq: number; sent: boolean }>();
+  #away = false;
+  readonly #unread = new Map<string, { unreadCount: number; lastReadSeq: number }>();
+
+  constructor(options: ParleyClientOptions) {
+    super();
+    const base = options.url.replace(/\/+$/, "");
+    this.#wsUrl = base.replace(/^http/, "ws") + "/v1/ws";
+    this.#token = options.token;
+    const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
+    if (!WS) {
+      throw new TypeError(
+        "parley: no WebSocket constructor; in Node 20 pass `WebSocket` from the `ws` package as the `WebSocket` option",
+      );
+    }
+    this.#WebSocket = WS;
+    this.#backoff = new Backoff(options.backoff);
+    this.#requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this.#maxSendAttempts = options.maxSendAttempts ?? 8;
+    this.rest = new RestClient({
+      baseUrl: base,
+      token: options.token,
+      ...(options.fetch ? { fetch: options.fetch } : {}),
+    });
+    this.typing = new Typing(
+      {
+        send: (channelId, state) => {
+          if (!this.#ready) return;
+          this.request({ type: state === "start" ? "typing.start" : "typing.stop", channel_id: channelId }).catch(() => {});
+        },
+        throttleMs: () => this.connection.welcome?.limits.typing_throttle_ms ?? 3_000,
+        now: () => Date.now(),
+      },
+      options.typing,
+      (channelId) => this.emit("typing.users", { channelId, users: this.typing.users(channelId) }),
+    );
+  }
+
+  // ---- lifecycle ----
+
+  /**
+   * Connects (and keeps reconnecting until `close()`). Resolves once `connected`; rejects if the
+   * connection fails for good (a refused static token) or `close()` is called first.
+   */
+  connect(): Promise<void> {
+    const promise = new Promise<void>((resolve, reject) => this.#connectWaiters.push({ resolve, reject }));
+    if (this.connection.state === "connected") this.#settleConnect();
+    if (!this.#wanted) {
+      this.#wanted = true;
+      this.connection._transition("connecting");
+      this.#open();
+    }
+    return promise;
+  }
+
+  /** Closes the connection for good: pending sends and requests fail with `closed`. */
+  close(): void {
+    this.#wanted = false;
+    clearTimeout(this.#reconnectTimer);
+    clearTimeout(this.#outboxTimer);
+    const ws = this.#ws;
+    this.#dropSocket();
+    try {
+      ws?.close(1000, "client closed");
+    } catch {
+      /* already closed */
+    }
+    const closed = new ParleyError({ code: "closed", message: "the client was closed" });
+    for (const entry of this.#outbox.pending()) {
+      this.#outbox.remove(entry.clientMsgId);
+      this.#sendWaiters.get(entry.clientMsgId)?.reject(closed);
+      this.#sendWaiters.delete(entry.clientMsgId);
+    }
+    for (const sub of this.#subs.values()) for (const w of sub.waiters.splice(0)) w.reject(closed);
+    this.typing._dispose();
+    this.connection._transition("disconnected", { reason: "closed by the application" });
+    for (const w of this.#connectWaiters.splice(0)) w.reject(closed);
+  }
+
+  /**
+   * Cuts the current connection as if the network had dropped it (the client reconnects and
+   * resumes). For tests and for "reconnect now" buttons.
+   */
+  reconnectNow(): void {
+    if (!this.#ws) return;
+    this.#socketLost(this.#ws, "reconnect requested", undefined);
+  }
+
+  // ---- channels ----
+
+  /**
+   * Subscribes to a channel's events; the subscription is kept across reconnects. With `after`,
+   * events after that seq are delivered (older ones up to the live point come from history);
+   * without it, delivery starts at the live point, whose seq the promise returns (fetch what came
+   * before from history).
+   */
+  subscribe(channelId: string, options: { after?: number } = {}): Promise<Subscription> {
+    let sub = this.#subs.get(channelId);
+    if (sub && sub.live && sub.sequencer.delivered !== undefined) {
+      return Promise.resolve({ channelId, seq: sub.sequencer.delivered });
+    }
+    const promise = new Promise<Subscription>((resolve, reject) => {
+      if (!sub) {
+        sub = { sequencer: new ChannelSequencer(channelId, options.after), live: false, filling: false, waiters: [] };
+        this.#subs.set(channelId, sub);
+        if (this.#ready) this.#subscribeOnServer(channelId, sub).catch(() => {});
+      }
+      sub.waiters.push({ resolve, reject });
+    });
+    return promise;
+  }
+
+  /** Stops a subscription. */
+  async unsubscribe(channelId: string): Promise<void> {
+    const sub = this.#subs.get(channelId);
+    if (!sub) return;
+    this.#subs.delete(channelId);
+    for (const w of sub.waiters.splice(0)) {
+      w.reject(new ParleyError({ code: "closed", message: `unsubscribed from ${channelId}` }));
+    }
+    if (this.#ready) await this.request({ type: "unsubscribe", channel_id: channelId }).catch(() => {});
+  }
+
+  /** Subscribed channels and the last seq delivered in each. */
+  subscriptions(): Subscription[] {
+    const out: Subscription[] = [];
+    for (const [channelId, sub] of this.#subs) {
+      if (sub.sequencer.delivered !== undefined) out.push({ channelId, seq: sub.sequencer.delivered });
+    }
+    return out;
+  }
+
+  // ---- messages ----
+
+  /**
+   * Sends a message. It goes into the outbox at once and is sent when connected, one at a time
+   * per channel in call order, resent after a reconnect with the same `client_msg_id` (so it is
+   * stored once), and resolves with the server's message. Fails for good on a refusal (e.g.
+   * `idempotency_conflict`, `invalid_argument`, `not_a_member`) or on `close()`.
+   */
+  send(channelId: string, text: string, options: SendOptions = {}): Promise<SendResult> {
+    const clientMsgId = options.clientMsgId ?? newClientMsgId();
+    if (this.#outbox.has(clientMsgId)) {
+      return Promise.reject(
+        new ParleyError({ code: "invalid_argument", message: `client_msg_id ${clientMsgId} is already being sent` }),
+      );
+    }
+    const promise = new Promise<SendResult>((resolve, reject) => {
+      this.#sendWaiters.set(clientMsgId, { resolve, reject });
+    });
+    this.#outbox.add({
+      clientMsgId,
+      channelId,
+      text,
+      ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
+    });
+    this.typing.reset(channelId);
+    this.#pumpOutbox();
+    return promise;
+  }
+
+  /** Messages sent but not acknowledged yet, oldest first per channel (e.g. to show as pending). */
+  pendingMessages(): ReadonlyArray<Readonly<OutboxEntry>> {
+    return this.#outbox.pending();
+  }
+
+  /** A page of history (see `RestClient.history`). */
+  history(channelId: string, query: HistoryQuery = {}): Promise<MessagePage> {
+    return this.rest.history(channelId, query);
+  }
+
+  /**
+   * Pages backwards through a channel's history from `before` (default: the newest message),
+   * newest page first, each page ascending.
+   */
+  async *historyPages(
+    channelId: string,
+    options: { before?: number; limit?: number } = {},
+  ): AsyncGenerator<Message[], void, void> {
+    const limit = options.limit ?? 50;
+    let before = options.before;
+    for (;;) {
+      const page = await this.rest.history(channelId, before === undefined ? { limit } : { before, limit });
+      if (page.messages.length > 0) yield page.messages;
+      const first = page.messages[0];
+      if (!page.has_before || !first) return;
+      before = first.seq;
+    }
+  }
+
+  // ---- read state, presence ----
+
+  /**
+   * Marks a channel read up to `seq` (only moves forward). Sent now when connected, otherwise on
+   * the next connection; resolves with the server's `last_read_seq` once sent.
+   */
+  async markRead(channelId: string, seq: number): Promise<number> {
+    const current = this.#reads.get(channelId);
+    if (current && current.seq >= seq && current.sent) return current.seq;
+    this.#reads.set(channelId, { seq: Math.max(seq, current?.seq ?? 0), sent: false });
+    if (!this.#ready) {
+      await this.connection.waitFor("connected", 24 * 3600_000);
+    }
+    const ack = await this.request({ type: "read", channel_id: channelId, seq });
+    const entry = this.#reads.get(channelId);
+    if (entry && entry.seq <= seq) entry.sent = true;
+    return ack.last_read_seq ?? seq;
+  }
+
+  /** Sets or clears "away" (kept across reconnects). */
+  async setAway(away: boolean): Promise<void> {
+    this.#away = away;
+    if (this.#ready) await this.request({ type: "presence.set", away });
+  }
+
+  /** The unread count of a channel as last reported (`unread.updated` or `refreshUnread`). */
+  unreadCount(channelId: string): number | undefined {
+    return this.#unread.get(channelId)?.unreadCount;
+  }
+
+  /** Fetches every channel's unread count and read position (`GET /v1/channels`). */
+  async refreshUnread(): Promise<Map<string, { unreadCount: number; lastReadSeq: number }>> {
+    const { channels } = await this.rest.listChannels();
+    for (const c of channels) {
+      this.#unread.set(c.id, { unreadCount: c.unread_count ?? 0, lastReadSeq: c.last_read_seq ?? 0 });
+    }
+    return new Map(this.#unread);
+  }
+
+  // ---- calls ----
+
+  /** Joins an active call and returns the session that owns its RTCPeerConnections. */
+  joinCall(callId: string, options: JoinCallOptions = {}): Promise<CallSession> {
+    return joinCall(this, callId, options);
+  }
+
+  /** Starts a call in a channel (or finds the active one) and joins it. */
+  async startCall(channelId: string, options: JoinCallOptions = {}): Promise<CallSession> {
+    const call = await this.rest.startCall(channelId);
+    return joinCall(this, call.id, options);
+  }
+
+  // ---- requests ----
+
+  /**
+   * Sends one request frame on the current connection and resolves with its `ack`. Fails with
+   * `disconnected` if there is no connection or it drops before the answer, with `timeout`, or
+   * with the server's error. A `rate_limited` refusal is retried after the delay the server states.
+   */
+  async request(frame: ClientRequest, options: { timeoutMs?: number } = {}): Promise<AckFrame> {
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.#requestOnce(frame, options.timeoutMs ?? this.#requestTimeoutMs);
+      } catch (e) {
+        if (e instanceof ParleyError && e.code === "rate_limited" && attempt < 5) {
+          await sleep(e.retryAfterMs ?? 1000);
+          continue;
+        }
+        throw e;
+      }
+    }
+  }
+
+  #requestOnce(frame: ClientRequest, timeoutMs: number): Promise<AckFrame> {
+    const ws = this.#ws;
+    if (!ws || !this.#ready) {
+      return Promise.reject(new ParleyError({ code: "disconnected", message: `${frame.type}: not connected` }));
+    }
+    const id = String(this.#nextId++);
+    return new Promise<AckFrame>((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this.#pending.delete(id);
+        reject(new ParleyError({ code: "timeout", message: `${frame.type}: no answer within ${timeoutMs} ms` }));
+      }, timeoutMs);
+      this.#pending.set(id, { resolve, reject, timer });
+      this.#enqueueFrame({ ...frame, id });
+    });
+  }
+
+  // ---- the socket ----
+
+  #open(): void {
+    if (!this.#wanted) return;
+    this.connection._attempt();
+    let ws: WebSocketLike;
+    try {
+      ws = new this.#WebSocket(this.#wsUrl, [SUBPROTOCOL]) as WebSocketLike;
+    } catch (e) {
+      this.#scheduleReconnect(`cannot open a WebSocket: ${String(e)}`);
+      return;
+    }
+    this.#ws = ws;
+    this.#ready = false;
+    this.#welcomeTimer = setTimeout(() => this.#socketLost(ws, "no welcome in time", undefined), this.#requestTimeoutMs);
+    ws.onopen = () => {
+      if (ws !== this.#ws) return;
+      void this.#authenticate(ws);
+    };
+    ws.onmessage = (event) => {
+      if (ws !== this.#ws) return;
+      const text = typeof event.data === "string" ? event.data : String(event.data);
+      let frame: { type?: unknown };
+      try {
+        frame = JSON.parse(text) as { type?: unknown };
+      } catch {
+        this.emit("error", new ParleyError({ code: "bad_response", message: "a frame that is not JSON" }));
+        return;
+      }
+      this.#onFrame(frame);
+    };
+    ws.onclose = (event) => {
+      if (ws !== this.#ws) return;
+      this.#socketLost(ws, `closed ${event.code}${event.reason ? ` (${event.reason})` : ""}`, event.code);
+    };
+    ws.onerror = () => {
+      // `close` follows; nothing to do here.
+    };
+  }
+
+  async #authenticate(ws: WebSocketLike): Promise<void> {
+    let token: string;
+    try {
+      token = typeof this.#token === "function" ? await this.#token() : this.#token;
+    } catch (e) {
+      this.#lastError = new ParleyError({ code: "token_missing", message: `the token source failed: ${String(e)}`, cause: e });
+      this.#socketLost(ws, "token source failed", undefined);
+      return;
+    }
+    if (ws !== this.#ws || ws.readyState !== WS_OPEN) return;
+    ws.send(JSON.stringify({ type: "auth", token }));
+  }
+
+  /** The socket is gone (closed, failed, or given up on): clean up and plan the next attempt. */
+  #socketLost(ws: WebSocketLike, reason: string, code: number | undefined): void {
+    if (ws !== this.#ws) return;
+    this.#dropSocket();
+    try {
+      if (typeof ws.terminate === "function") ws.terminate();
+      else ws.close();
+    } catch {
+      /* already closed */
+    }
+    if (!this.#wanted) return;
+    const error = this.#lastError;
+    this.#lastError = undefined;
+    if (code === CloseCode.AuthenticationFailed && typeof this.#token === "string") {
+      // A static token the server refused will be refused again: stop and say why.
+      this.#wanted = false;
+      const fatal =
+        error ?? new ParleyError({ code: "token_invalid_claims", message: "the server refused the token" });
+      this.connection._transition("disconnected", { reason, error: fatal });
+      for (const w of this.#connectWaiters.splice(0)) w.reject(fatal);
+      return;
+    }
+    this.#scheduleReconnect(reason, error);
+  }
+
+  #dropSocket(): void {
+    this.#ws = undefined;
+    this.#ready = false;
+    clearTimeout(this.#welcomeTimer);
+    clearInterval(this.#heartbeatTimer);
+    clearTimeout(this.#outTimer);
+    this.#outQueue.length = 0;
+    const lost = new ParleyError({ code: "disconnected", message: "the connection dropped before the answer" });
+    for (const [id, p] of this.#pending) {
+      clearTimeout(p.timer);
+      this.#pending.delete(id);
+      p.reject(lost);
+    }
+    this.#outbox.requeueAll();
+    for (const sub of this.#subs.values()) sub.live = false;
+  }
+
+  #scheduleReconnect(reason: string, error?: ParleyError): void {
+    clearTimeout(this.#reconnectTimer);
+    const delay = this.#backoff.next(this.#serverRetryAfterMs);
+    this.#serverRetryAfterMs = undefined;
+    this.connection._transition("reconnecting", { reason, retryInMs: delay, ...(error ? { error } : {}) });
+    this.#reconnectTimer = setTimeout(() => this.#open(), delay);
+  }
+
+  // ---- frame budget ----
+
+  #enqueueFrame(frame: object): void {
+    this.#outQueue.push(JSON.stringify(frame));
+    this.#flushFrames();
+  }
+
+  #flushFrames(): void {
+    const ws = this.#ws;
+    if (!ws || ws.readyState !== WS_OPEN) return;
+    const now = Date.now();
+    this.#tokens = Math.min(this.#burst, this.#tokens + (now - this.#tokensAt) * this.#ratePerMs);
+    this.#tokensAt = now;
+    while (this.#outQueue.length > 0 && this.#tokens >= 1) {
+      this.#tokens -= 1;
+      ws.send(this.#outQueue.shift() as string);
+    }
+    if (this.#outQueue.length > 0 && this.#outTimer === undefined) {
+      const wait = Math.max(1, Math.ceil((1 - this.#tokens) / this.#ratePerMs));
+      this.#outTimer = setTimeout(() => {
+        this.#outTimer = undefined;
+        this.#flushFrames();
+      }, wait);
+    }
+  }
+
+  #pauseFrames(ms: number): void {
+    // The server refused a frame: spend the budget so nothing more goes out for `ms`.
+    this.#tokens = Math.min(this.#tokens, 1 - ms * this.#ratePerMs);
+    this.#tokensAt = Date.now();
+  }
+
+  // ---- incoming frames ----
+
+  #onFrame(frame: { type?: unknown }): void {
+    const type = frame.type;
+    if (typeof type !== "string") return;
+    if (isChannelEventType(type)) {
+      this.#onChannelEvent(frame as ChannelEvent);
+      return;
+    }
+    switch (type) {
+      case "welcome":
+        this.#onWelcome(frame as WelcomeFrame);
+        return;
+      case "ack": {
+        const ack = frame as AckFrame;
+        const p = this.#pending.get(ack.id);
+        if (p) {
+          this.#pending.delete(ack.id);
+          clearTimeout(p.timer);
+          p.resolve(ack);
+        }
+        return;
+      }
+      case "error":
+        this.#onError(frame as ErrorFrame);
+        return;
+      case "pong": {
+        const p = this.#pending.get((frame as { id: string }).id);
+        if (p) {
+          this.#pending.delete((frame as { id: string }).id);
+          clearTimeout(p.timer);
+          p.resolve({ type: "ack", id: (frame as { id: string }).id });
+        }
+        return;
+      }
+      case "typing":
+        this.typing._onEvent(frame as TypingEvent);
+        this.emit("typing", frame as TypingEvent);
+        return;
+      case "unread.updated": {
+        const u = frame as UnreadUpdatedEvent;
+        this.#unread.set(u.channel_id, { unreadCount: u.unread_count, lastReadSeq: u.last_read_seq });
+        this.emit("unread.updated", u);
+        return;
+      }
+      case "presence.changed":
+      case "read.updated":
+      case "call.signal":
+      case "call.participant_reconnecting":
+      case "call.participant_reconnected":
+        this.emit(type, frame as never);
+        return;
+      default:
+        return; // v1 is additive: unknown frames are ignored
+    }
+  }
+
+  #onError(frame: ErrorFrame): void {
+    const error = new ParleyError({
+      code: frame.code,
+      message: frame.message,
+      retryAfterMs: frame.retry_after_ms ?? undefined,
+    });
+    if (frame.code === "rate_limited" && frame.retry_after_ms) this.#pauseFrames(frame.retry_after_ms);
+    const id = frame.id ?? undefined;
+    const p = id === undefined ? undefined : this.#pending.get(id);
+    if (p && id !== undefined) {
+      this.#pending.delete(id);
+      clearTimeout(p.timer);
+      p.reject(error);
+      return;
+    }
+    // Not tied to a request: usually the reason of a close that follows (a refused token, a flood).
+    this.#lastError = error;
+    if (frame.retry_after_ms) this.#serverRetryAfterMs = frame.retry_after_ms;
+    this.emit("error", error);
+  }
+
+  #onWelcome(welcome: WelcomeFrame): void {
+    clearTimeout(this.#welcomeTimer);
+    const ws = this.#ws;
+    if (!ws) return;
+    this.connection._setWelcome(welcome);
+    const limits = welcome.limits;
+    // Stay a little under the server's budget so it never has to refuse a frame.
+    this.#ratePerMs = Math.max(1, limits.frames_per_second * 0.9) / 1000;
+    this.#burst = Math.max(1, Math.floor(limits.frame_burst * 0.9));
+    this.#tokens = this.#burst;
+    this.#tokensAt = Date.now();
+    this.#ready = true;
+    const previousSession = this.#sessionId;
+    this.#sessionId = welcome.session_id;
+    this.#startHeartbeat(ws, welcome.heartbeat_interval_ms);
+    void this.#restore(ws, previousSession);
+  }
+
+  /** After a welcome: resume or subscribe every channel, re-send read positions and away. */
+  async #restore(ws: WebSocketLike, previousSession: string | undefined): Promise<void> {
+    const resumable: Array<{ channel_id: string; seq: number }> = [];
+    const fresh: string[] = [];
+    for (const [channelId, sub] of this.#subs) {
+      if (previousSession && sub.sequencer.delivered !== undefined) {
+        resumable.push({ channel_id: channelId, seq: sub.sequencer.delivered });
+      } else {
+        fresh.push(channelId);
+      }
+    }
+    try {
+      const steps: Promise<unknown>[] = fresh.map((channelId) => this.#subscribeOnServer(channelId, this.#subs.get(channelId) as Sub));
+      if (resumable.length > 0 && previousSession) {
+        steps.push(this.#resume(previousSession, resumable));
+      }
+      if (this.#away) steps.push(this.request({ type: "presence.set", away: true }));
+      await Promise.all(steps);
+    } catch (e) {
+      if (ws !== this.#ws) return; // the connection dropped meanwhile; the next one restores
+      const error = e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: String(e) });
+      this.emit("error", error);
+    }
+    if (ws !== this.#ws) return;
+    const reconnected = this.#everConnected;
+    this.#everConnected = true;
+    this.#backoff.reset();
+    this.connection._transition("connected", { reconnected });
+    this.#settleConnect();
+    for (const [channelId, read] of this.#reads) {
+      if (!read.sent) {
+        this.request({ type: "read", channel_id: channelId, seq: read.seq })
+          .then(() => {
+            read.sent = true;
+          })
+          .catch(() => {});
+      }
+    }
+    this.#pumpOutbox();
+  }
+
+  #settleConnect(): void {
+    for (const w of this.#connectWaiters.splice(0)) w.resolve();
+  }
+
+  async #resume(sessionId: string, channels: Array<{ channel_id: string; seq: number }>): Promise<void> {
+    let ack: AckFrame;
+    try {
+      ack = await this.request({ type: "resume", session_id: sessionId, channels });
+    } catch (e) {
+      if (e instanceof ParleyError && e.code !== "disconnected" && e.code !== "timeout") {
+        // Refused as a whole (e.g. another user's session): subscribe each channel and fill from history.
+        await Promise.all(
+          channels.map((c) => {
+            const sub = this.#subs.get(c.channel_id);
+            return sub ? this.#subscribeOnServer(c.channel_id, sub) : undefined;
+          }),
+        );
+        return;
+      }
+      throw e;
+    }
+    const outcomes = new Map<string, ResumedChannel>((ack.resumed ?? []).map((r) => [r.channel_id, r]));
+    for (const c of channels) {
+      const sub = this.#subs.get(c.channel_id);
+      if (!sub) continue;
+      const outcome = outcomes.get(c.channel_id);
+      if (!outcome) {
+        await this.#subscribeOnServer(c.channel_id, sub);
+        continue;
+      }
+      if (outcome.seq === undefined || outcome.seq === null) {
+        this.#lose(c.channel_id, "not_a_member");
+        continue;
+      }
+      this.#markLive(c.channel_id, sub, outcome.seq);
+    }
+  }
+
+  async #subscribeOnServer(channelId: string, sub: Sub): Promise<void> {
+    let ack: AckFrame;
+    try {
+      ack = await this.request({ type: "subscribe", channel_id: channelId });
+    } catch (e) {
+      if (e instanceof ParleyError && e.code !== "disconnected" && e.code !== "timeout") {
+        // Refused (not a member, no such channel): the subscription ends here.
+        if (this.#subs.get(channelId) === sub) this.#subs.delete(channelId);
+        for (const w of sub.waiters.splice(0)) w.reject(e);
+        return;
+      }
+      throw e;
+    }
+    if (this.#subs.get(channelId) !== sub) return;
+    this.#markLive(channelId, sub, ack.seq ?? 0);
+  }
+
+  /** The server delivers `channelId` live after `seq`: release held events, fill any hole. */
+  #markLive(channelId: string, sub: Sub, seq: number): void {
+    sub.live = true;
+    this.#deliver(sub.sequencer.liveAfter(seq));
+    const delivered = sub.sequencer.delivered ?? seq;
+    for (const w of sub.waiters.splice(0)) w.resolve({ channelId, seq: delivered });
+    void this.#fill(channelId, sub);
+  }
+
+  #onChannelEvent(event: ChannelEvent): void {
+    const sub = this.#subs.get(event.channel_id);
+    if (!sub) return;
+    this.#deliver(sub.sequencer.push(event));
+    void this.#fill(event.channel_id, sub);
+  }
+
+  /** Fills the channel's holes from history, one at a time, until there is none. */
+  async #fill(channelId: string, sub: Sub): Promise<void> {
+    if (sub.filling) return;
+    sub.filling = true;
+    let failures = 0;
+    try {
+      for (let gap: Gap | null = sub.sequencer.gap(); gap; gap = sub.sequencer.gap()) {
+        if (this.#subs.get(channelId) !== sub || !this.#wanted) return;
+        let page: MessagePage;
+        try {
+          page = await this.rest.history(channelId, { after: gap.after, limit: MAX_HISTORY_LIMIT });
+        } catch (e) {
+          failures += 1;
+          const error = e instanceof ParleyError ? e : new ParleyError({ code: "network", message: String(e) });
+          if (error.code === "not_a_member" || error.code === "not_found") {
+            this.#lose(channelId, "not_a_member");
+            return;
+          }
+          this.emit("error", error);
+          await sleep(Math.min(30_000, 500 * 2 ** Math.min(failures, 6)));
+          continue;
+        }
+        failures = 0;
+        const outcome = sub.sequencer.applyHistory(gap, page.messages, page.has_after);
+        const recovered = outcome.events.filter((e) => e.fromHistory).length;
+        this.#deliver(outcome.events);
+        if (recovered > 0 || outcome.unrecoverable > 0) {
+          this.emit("resync", {
+            channelId,
+            after: gap.after,
+            through: sub.sequencer.delivered ?? gap.through,
+            recovered,
+            unrecoverable: outcome.unrecoverable,
+          });
+        }
+      }
+    } finally {
+      sub.filling = false;
+    }
+  }
+
+  #deliver(events: DeliveredEvent[]): void {
+    const me = this.connection.welcome?.user_id;
+    for (const event of events) {
+      if (event.type === "message.new") this.typing._onMessage(event.channel_id, event.message.sender_id);
+      this.emit("event", event);
+      this.emit(event.type, event as never);
+      if (event.type === "member.removed" && event.user_id === me) this.#lose(event.channel_id, "removed");
+      if (event.type === "channel.deleted") this.#lose(event.channel_id, "channel_deleted");
+    }
+  }
+
+  #lose(channelId: string, reason: SubscriptionLost["reason"]): void {
+    const sub = this.#subs.get(channelId);
+    if (!sub) return;
+    this.#subs.delete(channelId);
+    for (const w of sub.waiters.splice(0)) {
+      w.reject(new ParleyError({ code: "not_a_member", message: `subscription to ${channelId} ended: ${reason}` }));
+    }
+    this.emit("subscription.lost", { channelId, reason });
+  }
+
+  #startHeartbeat(ws: WebSocketLike, intervalMs: number): void {
+    clearInterval(this.#heartbeatTimer);
+    // Browsers cannot see the server's WebSocket pings, so the client checks the path itself:
+    // a `ping` without a `pong` means the connection is dead even if no close arrived.
+    const every = Math.max(1_000, Math.min(intervalMs, 25_000));
+    this.#heartbeatTimer = setInterval(() => {
+      if (ws !== this.#ws) return;
+      this.request({ type: "ping" }).catch((e: unknown) => {
+        if (ws === this.#ws && e instanceof ParleyError && e.code === "timeout") {
+          this.#socketLost(ws, "no pong in time", undefined);
+        }
+      });
+    }, every);
+  }
+
+  // ---- outbox ----
+
+  #pumpOutbox(): void {
+    clearTimeout(this.#outboxTimer);
+    this.#outboxTimer = undefined;
+    if (!this.#ready || this.connection.state !== "connected") return;
+    const now = Date.now();
+    const limits = this.connection.welcome?.limits;
+    for (const entry of this.#outbox.ready(now)) {
+      if (limits && [...entry.text].length > limits.max_text_chars) {
+        this.#failSend(
+          entry,
+          new ParleyError({
+            code: "invalid_argument",
+            message: `text is ${[...entry.text].length} characters, the server accepts ${limits.max_text_chars}`,
+          }),
+        );
+        continue;
+      }
+      this.#outbox.markSending(entry.clientMsgId);
+      this.request({
+        type: "message.send",
+        channel_id: entry.channelId,
+        client_msg_id: entry.clientMsgId,
+        text: entry.text,
+        ...(entry.metadata === undefined ? {} : { metadata: entry.metadata }),
+      }).then(
+        (ack) => this.#sendAcked(entry, ack),
+        (e: unknown) => this.#sendFailed(entry, e),
+      );
+    }
+    const due = this.#outbox.nextDue(now);
+    if (due !== undefined) this.#outboxTimer = setTimeout(() => this.#pumpOutbox(), due - now);
+  }
+
+  #sendAcked(entry: OutboxEntry, ack: AckFrame): void {
+    if (!this.#outbox.has(entry.clientMsgId)) return;
+    this.#outbox.remove(entry.clientMsgId);
+    const waiter = this.#sendWaiters.get(entry.clientMsgId);
+    this.#sendWaiters.delete(entry.clientMsgId);
+    if (ack.message) waiter?.resolve({ message: ack.message, created: ack.created ?? true });
+    else waiter?.reject(new ParleyError({ code: "bad_response", message: "message.send ack without a message" }));
+    this.#pumpOutbox();
+  }
+
+  #sendFailed(entry: OutboxEntry, e: unknown): void {
+    if (!this.#outbox.has(entry.clientMsgId)) return;
+    const error = e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: String(e) });
+    switch (error.code) {
+      case "disconnected":
+        this.#outbox.requeue(entry.clientMsgId);
+        return; // sent again once reconnected
+      case "timeout":
+        this.#outbox.requeue(entry.clientMsgId);
+        break; // the same key again: the server stores it once
+      case "rate_limited":
+        this.#outbox.requeue(entry.clientMsgId, Date.now() + (error.retryAfterMs ?? 1000));
+        break;
+      case "unavailable":
+      case "internal":
+        if (entry.attempts < this.#maxSendAttempts) {
+          this.#outbox.requeue(entry.clientMsgId, Date.now() + Math.min(30_000, 250 * 2 ** entry.attempts));
+          break;
+        }
+        this.#failSend(entry, error);
+        break;
+      default:
+        this.#failSend(entry, error);
+    }
+    this.#pumpOutbox();
+  }
+
+  #failSend(entry: OutboxEntry, error: ParleyError): void {
+    this.#outbox.remove(entry.clientMsgId);
+    this.#sendWaiters.get(entry.clientMsgId)?.reject(error);
+    this.#sendWaiters.delete(entry.clientMsgId);
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

@@ -1,0 +1,132 @@
+//! The WebSocket protocol as the SDK speaks it: client frames (which the OpenAPI document does not
+//! describe, so they are written here from docs/protocol.md), and the lists of frame and event
+//! types the SDK knows. `test/unit/protocol_tables.test.ts` checks these lists against the tables
+//! in docs/protocol.md, and the `satisfies` clauses below tie them to the generated types.
+import type { ChannelEventType, ServerFrameType, SignalPayload } from "./types.js";
+
+/** The WebSocket subprotocol of API v1. */
+export const SUBPROTOCOL = "parley.v1";
+
+/** Every frame a client may send, by `type`. */
+export type ClientFrame =
+  | { type: "auth"; token: string; id?: string }
+  | { type: "subscribe"; id: string; channel_id: string }
+  | { type: "unsubscribe"; id: string; channel_id: string }
+  | {
+      type: "message.send";
+      id: string;
+      channel_id: string;
+      client_msg_id: string;
+      text: string;
+      metadata?: unknown;
+    }
+  | { type: "ping"; id: string }
+  | { type: "resume"; id: string; session_id: string; channels: ResumeChannel[] }
+  | { type: "typing.start"; id: string; channel_id: string }
+  | { type: "typing.stop"; id: string; channel_id: string }
+  | { type: "read"; id: string; channel_id: string; seq: number }
+  | { type: "presence.set"; id: string; away: boolean }
+  | { type: "call.attach"; id: string; call_id: string; participant_id: string }
+  | {
+      type: "call.signal";
+      id: string;
+      call_id: string;
+      from: string;
+      to: string;
+      signal: SignalPayload;
+    };
+
+export type ClientFrameType = ClientFrame["type"];
+/** A request frame without its `id` (the client assigns one). */
+export type ClientRequest = ClientFrame extends infer F
+  ? F extends { type: ClientFrameType }
+    ? Omit<F, "id">
+    : never
+  : never;
+
+/** One channel of a `resume` frame: the last seq the client has seen. */
+export interface ResumeChannel {
+  channel_id: string;
+  seq: number;
+}
+
+/** The fields of each client frame (the `type` aside), as docs/protocol.md lists them. */
+export const CLIENT_FRAME_FIELDS = {
+  auth: ["token", "id?"],
+  subscribe: ["id", "channel_id"],
+  unsubscribe: ["id", "channel_id"],
+  "message.send": ["id", "channel_id", "client_msg_id", "text", "metadata?"],
+  ping: ["id"],
+  resume: ["id", "session_id", "channels"],
+  "typing.start": ["id", "channel_id"],
+  "typing.stop": ["id", "channel_id"],
+  read: ["id", "channel_id", "seq"],
+  "presence.set": ["id", "away"],
+  "call.attach": ["id", "call_id", "participant_id"],
+  "call.signal": ["id", "call_id", "from", "to", "signal"],
+} as const satisfies { [K in ClientFrameType]: readonly FieldsOf<Extract<ClientFrame, { type: K }>>[] };
+
+type FieldsOf<F> = {
+  [K in Exclude<keyof F, "type">]-?: undefined extends F[K] ? `${K & string}?` : K & string;
+}[Exclude<keyof F, "type">];
+
+/** Every channel event type the SDK knows (docs/protocol.md, "Channel events"). */
+export const CHANNEL_EVENT_TYPES = [
+  "message.new",
+  "message.updated",
+  "message.deleted",
+  "member.added",
+  "member.removed",
+  "channel.updated",
+  "channel.deleted",
+  "call.started",
+  "call.participant_joined",
+  "call.participant_left",
+  "call.ended",
+] as const satisfies readonly ChannelEventType[];
+
+/** Every server frame type other than channel events (docs/protocol.md, "Server → client"). */
+export const SERVER_FRAME_TYPES = [
+  "welcome",
+  "ack",
+  "error",
+  "pong",
+  "presence.changed",
+  "typing",
+  "read.updated",
+  "unread.updated",
+  "call.signal",
+  "call.participant_reconnecting",
+  "call.participant_reconnected",
+] as const satisfies readonly ServerFrameType[];
+
+// Compile-time exhaustiveness: a type the server declares but these lists miss fails `tsc`.
+type Missing<All, Listed> = Exclude<All, Listed>;
+const _allEvents: Missing<ChannelEventType, (typeof CHANNEL_EVENT_TYPES)[number]> extends never
+  ? true
+  : false = true;
+const _allFrames: Missing<ServerFrameType, (typeof SERVER_FRAME_TYPES)[number]> extends never
+  ? true
+  : false = true;
+void _allEvents;
+void _allFrames;
+
+const channelEventTypes: ReadonlySet<string> = new Set(CHANNEL_EVENT_TYPES);
+
+/** Whether a frame `type` is a channel event (carries `channel_id` and `seq`). */
+export function isChannelEventType(type: string): type is ChannelEventType {
+  return channelEventTypes.has(type);
+}
+
+/** WebSocket close codes of docs/protocol.md. */
+export const CloseCode = {
+  ServerShuttingDown: 1001,
+  InvalidUtf8: 1007,
+  PolicyViolation: 1008,
+  FrameTooLarge: 1009,
+  AuthenticationFailed: 4001,
+  AuthenticationTimeout: 4002,
+  HeartbeatTimeout: 4003,
+  RateLimitFlood: 4008,
+  SlowConsumer: 4009,
+} as const;

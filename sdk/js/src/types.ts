@@ -1,0 +1,85 @@
+//! Friendly names for the wire types. Everything here derives from `generated/openapi.ts` (the
+//! server's OpenAPI document); the only hand-made corrections are marked and explained.
+import type { components } from "./generated/openapi.js";
+
+type Schemas = components["schemas"];
+
+/** A stable error code of the server (docs/protocol.md, "Error codes"). */
+export type ErrorCode = Schemas["ErrorCode"];
+export type ChannelKind = Schemas["ChannelKind"];
+export type PresenceStatus = Schemas["PresenceStatus"];
+export type TypingState = Schemas["TypingState"];
+export type CallMode = Schemas["CallMode"];
+export type LeaveReason = Schemas["LeaveReason"];
+export type ResumeRefusal = Schemas["ResumeRefusal"];
+export type SignalKind = Schemas["SignalKind"];
+export type SignalPayload = Schemas["SignalPayload"];
+export type SessionLimits = Schemas["SessionLimits"];
+export type IceServer = Schemas["IceServer"];
+
+/**
+ * A participant's role in perfect negotiation with one peer.
+ *
+ * The server's OpenAPI document names this schema `Role`, and (a server bug: two Rust types
+ * named `Role` collide in the document) also points the channel-member role at it.
+ */
+export type NegotiationRole = Schemas["Role"];
+/**
+ * A member's role in a channel. Correction: the OpenAPI document wrongly types member roles as
+ * `polite | impolite` (see {@link NegotiationRole}); the server sends these values.
+ */
+export type MemberRole = "owner" | "moderator" | "member";
+
+export type Message = Schemas["Message"];
+export type MessagePage = Schemas["MessagePage"];
+export type SendResult = Schemas["SendResult"];
+export type Channel = Omit<Schemas["Channel"], "role"> & { role?: MemberRole | null };
+export type ChannelList = { channels: Channel[] };
+export type Member = Omit<Schemas["Member"], "role"> & { role: MemberRole };
+export type MemberList = { members: Member[] };
+export type ReadState = Schemas["ReadState"];
+export type Presence = Schemas["Presence"];
+export type PresenceList = Schemas["PresenceList"];
+export type Call = Schemas["Call"];
+export type CallList = Schemas["CallList"];
+export type CallParticipant = Schemas["CallParticipant"];
+export type JoinedCall = Schemas["JoinedCall"];
+export type Peer = Schemas["Peer"];
+export type ErrorBody = Schemas["ErrorBody"];
+
+export type CreateChannelRequest = Schemas["CreateChannel"];
+export type AddMemberRequest = Omit<Schemas["AddMember"], "role"> & { role?: MemberRole | null };
+export type SendMessageRequest = Schemas["SendMessage"];
+export type EditMessageRequest = Schemas["EditMessage"];
+export type PatchChannelRequest = Schemas["PatchChannel"];
+
+/** Applies the member-role correction inside event payloads. */
+type CorrectRoles<T> = T extends { type: "member.added" }
+  ? Omit<T, "member"> & { member: Member }
+  : T extends { type: "channel.updated" }
+    ? Omit<T, "channel"> & { channel: Channel }
+    : T;
+
+/** What happened in a channel, by `type` (docs/protocol.md, "Channel events"). */
+export type EventBody = CorrectRoles<Schemas["EventBody"]>;
+/** A persisted channel event: `channel_id`, `seq` and a body. */
+export type ChannelEvent = EventBody & { channel_id: string; seq: number };
+export type ChannelEventType = ChannelEvent["type"];
+/** The channel event of one `type`. */
+export type ChannelEventOf<T extends ChannelEventType> = Extract<ChannelEvent, { type: T }>;
+
+/** A frame from the server other than a channel event. */
+export type ServerFrame = Schemas["ServerFrame"];
+export type ServerFrameType = ServerFrame["type"];
+export type ServerFrameOf<T extends ServerFrameType> = Extract<ServerFrame, { type: T }>;
+export type WelcomeFrame = ServerFrameOf<"welcome">;
+export type AckFrame = ServerFrameOf<"ack">;
+export type ErrorFrame = ServerFrameOf<"error">;
+export type ResumedChannel = Schemas["ResumedChannel"];
+export type TypingEvent = ServerFrameOf<"typing">;
+export type PresenceChangedEvent = ServerFrameOf<"presence.changed">;
+export type ReadUpdatedEvent = ServerFrameOf<"read.updated">;
+export type UnreadUpdatedEvent = ServerFrameOf<"unread.updated">;
+export type CallSignalEvent = ServerFrameOf<"call.signal">;
+export type CallParticipantReconnectingEvent = ServerFrameOf<"call.participant_reconnecting">;
+export type CallParticipantReconnectedEvent = ServerFrameOf<"call.participant_reconnected">;
