@@ -12,6 +12,7 @@ export class TcpProxy {
   accepted = 0;
   /** Connections cut by `reset()`. */
   cuts = 0;
+  #muted = false;
 
   constructor(targetPort: number) {
     this.#target = targetPort;
@@ -47,11 +48,20 @@ export class TcpProxy {
 
   /** Cuts every open connection with a TCP RST. */
   reset(): void {
+    this.#muted = false;
     for (const pair of this.#pairs) {
       for (const socket of pair) socket.resetAndDestroy();
       this.cuts += 1;
     }
     this.#pairs.clear();
+  }
+
+  /**
+   * From now on, bytes from the server are dropped (until the next `reset()`): requests still
+   * reach the server, its answers never reach the SDK.
+   */
+  muteDownstream(): void {
+    this.#muted = true;
   }
 
   get open(): number {
@@ -71,6 +81,12 @@ export class TcpProxy {
     client.on("error", drop).on("close", drop);
     upstream.on("error", drop).on("close", drop);
     client.pipe(upstream);
-    upstream.pipe(client);
+    upstream.on("data", (chunk: Buffer) => {
+      if (this.#muted) return;
+      if (!client.write(chunk)) {
+        upstream.pause();
+        client.once("drain", () => upstream.resume());
+      }
+    });
   }
 }
