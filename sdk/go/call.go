@@ -1,0 +1,779 @@
+package parley
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/pion/webrtc/v4"
+)
+
+// Call is this participant's side of a P2P call: one pion PeerConnection per remote
+// participant (a mesh), negotiated through Parley.
+//
+// Negotiation is WebRTC perfect negotiation with the roles the server assigns (the earlier
+// participant of a pair is impolite): a joiner offers to every participant already present;
+// adding or removing tracks renegotiates; candidates are trickled; an ICE failure, a reconnect
+// of this client (after which the call is attached again on the new connection) or a
+// reconnect of the peer restarts ICE. All negotiation runs on one goroutine per call.
+type Call struct {
+	// ID is the call's id, ChannelID its channel's, ParticipantID this participant's.
+	ID            string
+	ChannelID     string
+	ParticipantID string
+
+	rt     *Realtime
+	cfg    callConfig
+	api    *webrtc.API
+	rtc    webrtc.Configuration
+	joined JoinedCall
+	inbox  *queue[callInput]
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu     sync.Mutex
+	peers  map[string]*Peer
+	tracks []webrtc.TrackLocal
+	// attached is the connection the participant is attached on (actor-owned, read under mu).
+	attached     *wsConn
+	everAttached bool
+	left         bool
+	attachedCh   chan struct{}
+}
+
+// Peer is the connection to one remote participant.
+type Peer struct {
+	ParticipantID string
+	// Role is this participant's role towards the peer.
+	Role NegotiationRole
+	pc   *webrtc.PeerConnection
+	call *Call
+
+	// Negotiation state, owned by the call's goroutine.
+	ignoreOffer    bool
+	restartPending bool
+	pendingCands   []string
+	stats          PeerStats
+	statsMu        sync.Mutex
+	dcOpened       bool
+}
+
+// PeerStats counts a peer's negotiations.
+type PeerStats struct {
+	OffersSent, AnswersSent, ICERestarts int
+}
+
+// PeerConnection returns the pion PeerConnection facing the peer.
+func (p *Peer) PeerConnection() *webrtc.PeerConnection { return p.pc }
+
+// Stats returns the peer's negotiation counters.
+func (p *Peer) Stats() PeerStats {
+	p.statsMu.Lock()
+	defer p.statsMu.Unlock()
+	return p.stats
+}
+
+// CreateDataChannel opens a data channel to this peer (renegotiating if needed).
+func (p *Peer) CreateDataChannel(label string, init *webrtc.DataChannelInit) (*webrtc.DataChannel, error) {
+	return p.pc.CreateDataChannel(label, init)
+}
+
+// callInput is one thing for the call's goroutine to handle.
+type callInput struct {
+	signal     *frame       // call.signal or call.participant_reconnect(ing|ed)
+	event      ChannelEvent // a channel event about this call
+	conn       *wsConn      // the client is connected on conn: attach there
+	negotiate  *Peer        // the peer needs an offer
+	candidate  *Peer        // a local candidate for the peer (cand; "" = end of candidates)
+	cand       string
+	rolledBack *Peer  // the server rolled our offer to the peer back (glare)
+	restart    *Peer  // restart ICE with the peer
+	fn         func() // run on the call's goroutine
+}
+
+// StartCall starts the channel's call (or finds the active one) and joins it.
+func (rt *Realtime) StartCall(ctx context.Context, channelID string, opts ...CallOption) (*Call, error) {
+	call, err := rt.client.StartCall(ctx, channelID)
+	if err != nil {
+		return nil, err
+	}
+	return rt.JoinCall(ctx, call.ID, opts...)
+}
+
+// JoinCall joins a call: it joins over REST, subscribes to the call's channel (to learn who
+// leaves), attaches the participant to this connection and offers to every participant
+// already present. It returns once attached. Keep draining Events(): call events travel there.
+func (rt *Realtime) JoinCall(ctx context.Context, callID string, opts ...CallOption) (*Call, error) {
+	var cfg callConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
+	api, err := cfg.api()
+	if err != nil {
+		return nil, fmt.Errorf("parley: webrtc setup: %w", err)
+	}
+	joined, err := rt.client.JoinCallREST(ctx, callID)
+	if err != nil {
+		return nil, err
+	}
+	cctx, cancel := context.WithCancel(rt.ctx)
+	c := &Call{
+		ID:            callID,
+		ChannelID:     joined.Call.ChannelID,
+		ParticipantID: joined.ParticipantID,
+		rt:            rt,
+		cfg:           cfg,
+		api:           api,
+		rtc:           cfg.rtcConfiguration(joined.ICEServers),
+		joined:        *joined,
+		inbox:         newQueue[callInput](),
+		ctx:           cctx,
+		cancel:        cancel,
+		done:          make(chan struct{}),
+		peers:         map[string]*Peer{},
+		tracks:        append([]webrtc.TrackLocal(nil), cfg.tracks...),
+		attachedCh:    make(chan struct{}),
+	}
+	rt.mu.Lock()
+	rt.calls[callID] = c
+	rt.mu.Unlock()
+	go c.run()
+	if _, err := rt.Subscribe(ctx, c.ChannelID); err != nil {
+		_ = c.Leave(context.Background())
+		return nil, err
+	}
+	conn, err := rt.liveConn(ctx)
+	if err != nil {
+		_ = c.Leave(context.Background())
+		return nil, err
+	}
+	c.connected(conn)
+	select {
+	case <-c.attachedCh:
+		return c, nil
+	case <-ctx.Done():
+		_ = c.Leave(context.Background())
+		return nil, ctx.Err()
+	}
+}
+
+// call returns the joined call with this id, if any.
+func (rt *Realtime) call(id string) *Call {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	return rt.calls[id]
+}
+
+// notifyCalls hands a channel event to the call it is about.
+func (rt *Realtime) notifyCalls(ev ChannelEvent) {
+	var id string
+	switch e := ev.(type) {
+	case *CallParticipantJoined:
+		id = e.CallID
+	case *CallParticipantLeft:
+		id = e.CallID
+	case *CallEnded:
+		id = e.CallID
+	default:
+		return
+	}
+	if c := rt.call(id); c != nil {
+		c.inbox.push(callInput{event: ev})
+	}
+}
+
+// connected is called when the client is connected on conn: the call attaches there.
+func (c *Call) connected(conn *wsConn) {
+	c.inbox.push(callInput{conn: conn})
+}
+
+// Peers returns the current peers.
+func (c *Call) Peers() []*Peer {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]*Peer, 0, len(c.peers))
+	for _, p := range c.peers {
+		out = append(out, p)
+	}
+	return out
+}
+
+// Peer returns the peer facing participantID.
+func (c *Call) Peer(participantID string) (*Peer, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	p, ok := c.peers[participantID]
+	return p, ok
+}
+
+// AddTrack publishes a local track to every peer, present and future (renegotiating).
+func (c *Call) AddTrack(t webrtc.TrackLocal) error {
+	return c.exec(func() error {
+		c.mu.Lock()
+		c.tracks = append(c.tracks, t)
+		peers := c.peerList()
+		c.mu.Unlock()
+		for _, p := range peers {
+			if err := p.addTrack(t); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// RemoveTrack stops publishing a local track (renegotiating).
+func (c *Call) RemoveTrack(t webrtc.TrackLocal) error {
+	return c.exec(func() error {
+		c.mu.Lock()
+		for i, x := range c.tracks {
+			if x == t {
+				c.tracks = append(c.tracks[:i], c.tracks[i+1:]...)
+				break
+			}
+		}
+		peers := c.peerList()
+		c.mu.Unlock()
+		for _, p := range peers {
+			for _, s := range p.pc.GetSenders() {
+				if s.Track() == t {
+					if err := p.pc.RemoveTrack(s); err != nil {
+						return err
+					}
+				}
+			}
+		}
+		return nil
+	})
+}
+
+// RestartICE restarts ICE with every peer.
+func (c *Call) RestartICE() {
+	for _, p := range c.Peers() {
+		c.inbox.push(callInput{restart: p})
+	}
+}
+
+// Leave leaves the call (REST) and closes every PeerConnection.
+func (c *Call) Leave(ctx context.Context) error {
+	c.mu.Lock()
+	if c.left {
+		c.mu.Unlock()
+		return nil
+	}
+	c.left = true
+	c.mu.Unlock()
+	err := c.rt.client.LeaveCall(ctx, c.ID, c.ParticipantID)
+	c.close()
+	return err
+}
+
+// Done is closed when the call is over for this participant (left, ended, or client closed).
+func (c *Call) Done() <-chan struct{} { return c.done }
+
+func (c *Call) close() {
+	c.cancel()
+	<-c.done
+	c.rt.mu.Lock()
+	if c.rt.calls[c.ID] == c {
+		delete(c.rt.calls, c.ID)
+	}
+	c.rt.mu.Unlock()
+}
+
+// exec runs fn on the call's goroutine and returns its error.
+func (c *Call) exec(fn func() error) error {
+	res := make(chan error, 1)
+	c.inbox.push(callInput{fn: func() { res <- fn() }})
+	select {
+	case err := <-res:
+		return err
+	case <-c.done:
+		return ErrClosed
+	}
+}
+
+func (c *Call) peerList() []*Peer {
+	out := make([]*Peer, 0, len(c.peers))
+	for _, p := range c.peers {
+		out = append(out, p)
+	}
+	return out
+}
+
+// run is the call's goroutine: every negotiation step happens here, in order.
+func (c *Call) run() {
+	defer close(c.done)
+	defer func() {
+		c.mu.Lock()
+		peers := c.peerList()
+		c.peers = map[string]*Peer{}
+		c.mu.Unlock()
+		for _, p := range peers {
+			_ = p.pc.Close()
+		}
+	}()
+	for {
+		in, ok := c.inbox.pop()
+		if !ok {
+			select {
+			case <-c.inbox.wake:
+				continue
+			case <-c.ctx.Done():
+				return
+			}
+		}
+		if c.ctx.Err() != nil {
+			return
+		}
+		c.handle(in)
+	}
+}
+
+func (c *Call) handle(in callInput) {
+	switch {
+	case in.fn != nil:
+		in.fn()
+	case in.conn != nil:
+		c.attach(in.conn)
+	case in.signal != nil:
+		c.onSignal(in.signal)
+	case in.event != nil:
+		c.onEvent(in.event)
+	case in.negotiate != nil:
+		c.offer(in.negotiate)
+	case in.candidate != nil:
+		c.sendCandidate(in.candidate, in.cand)
+	case in.rolledBack != nil:
+		p := in.rolledBack
+		if p.pc.SignalingState() == webrtc.SignalingStateHaveLocalOffer {
+			c.rollbackLocal(p)
+		}
+	case in.restart != nil:
+		p := in.restart
+		p.restartPending = true
+		c.offer(p)
+	}
+}
+
+// attach attaches the participant on conn. After a reconnect (a second attach), every pair
+// restarts ICE; on the first attach the joiner offers to every participant already present.
+func (c *Call) attach(conn *wsConn) {
+	c.mu.Lock()
+	same := c.attached == conn
+	c.mu.Unlock()
+	if same {
+		return
+	}
+	ctx, cancel := context.WithTimeout(c.ctx, 10*time.Second)
+	reply, err := conn.request(ctx, map[string]any{"type": "call.attach", "call_id": c.ID, "participant_id": c.ParticipantID}, nil)
+	cancel()
+	if err != nil {
+		return // the next connection attaches again
+	}
+	if reply.Type == "error" {
+		c.rt.cfg.logger.Warn("parley: call.attach refused", "call", c.ID, "err", reply.asError())
+		if errors.Is(reply.asError(), ErrNotFound) || errors.Is(reply.asError(), ErrNotAMember) || errors.Is(reply.asError(), ErrForbidden) {
+			go c.close()
+		}
+		return
+	}
+	c.mu.Lock()
+	c.attached = conn
+	reattach := c.everAttached
+	c.everAttached = true
+	peers := c.peerList()
+	c.mu.Unlock()
+	if !reattach {
+		close(c.attachedCh)
+		for _, jp := range c.joined.Peers {
+			p, err := c.peer(jp.ParticipantID, jp.Role, true)
+			if err != nil {
+				c.rt.cfg.logger.Warn("parley: peer connection", "err", err)
+				continue
+			}
+			c.offer(p)
+		}
+		return
+	}
+	for _, p := range peers {
+		// The server reset the pair to stable on the rejoin: drop a half-done exchange and
+		// offer with new ICE credentials.
+		switch p.pc.SignalingState() {
+		case webrtc.SignalingStateHaveRemoteOffer:
+			c.rollbackRemote(p)
+		}
+		p.restartPending = true
+		c.offer(p)
+	}
+}
+
+// peer returns the peer facing id, creating its PeerConnection if needed. offerer says whether
+// this side will make the first offer (then receive-only transceivers and data channels are
+// added before it).
+func (c *Call) peer(id string, role NegotiationRole, offerer bool) (*Peer, error) {
+	c.mu.Lock()
+	if p, ok := c.peers[id]; ok {
+		c.mu.Unlock()
+		return p, nil
+	}
+	c.mu.Unlock()
+	pc, err := c.api.NewPeerConnection(c.rtc)
+	if err != nil {
+		return nil, err
+	}
+	p := &Peer{ParticipantID: id, Role: role, pc: pc, call: c}
+	pc.OnNegotiationNeeded(func() { c.inbox.push(callInput{negotiate: p}) })
+	pc.OnICECandidate(func(cand *webrtc.ICECandidate) {
+		s := ""
+		if cand != nil {
+			s = cand.ToJSON().Candidate
+		}
+		c.inbox.push(callInput{candidate: p, cand: s})
+	})
+	pc.OnICEConnectionStateChange(func(s webrtc.ICEConnectionState) {
+		if s == webrtc.ICEConnectionStateFailed {
+			c.inbox.push(callInput{restart: p})
+		}
+	})
+	pc.OnConnectionStateChange(func(s webrtc.PeerConnectionState) {
+		if c.cfg.onPeerState != nil {
+			c.cfg.onPeerState(p, s)
+		}
+	})
+	pc.OnTrack(func(t *webrtc.TrackRemote, r *webrtc.RTPReceiver) {
+		if c.cfg.onTrack != nil {
+			c.cfg.onTrack(p, t, r)
+		} else {
+			go drainTrack(t)
+		}
+	})
+	pc.OnDataChannel(func(dc *webrtc.DataChannel) {
+		if c.cfg.onDataChannel != nil {
+			c.cfg.onDataChannel(p, dc)
+		}
+	})
+	c.mu.Lock()
+	c.peers[id] = p
+	tracks := append([]webrtc.TrackLocal(nil), c.tracks...)
+	c.mu.Unlock()
+	if offerer {
+		if err := c.prepare(p, tracks); err != nil {
+			return nil, err
+		}
+	}
+	return p, nil
+}
+
+// prepare adds the local tracks, receive-only transceivers and data channels to a new peer.
+func (c *Call) prepare(p *Peer, tracks []webrtc.TrackLocal) error {
+	for _, t := range tracks {
+		if err := p.addTrack(t); err != nil {
+			return err
+		}
+	}
+	for _, kind := range c.cfg.recvKinds {
+		has := false
+		for _, tr := range p.pc.GetTransceivers() {
+			if tr.Kind() == kind {
+				has = true
+			}
+		}
+		if !has {
+			if _, err := p.pc.AddTransceiverFromKind(kind, webrtc.RTPTransceiverInit{Direction: webrtc.RTPTransceiverDirectionRecvonly}); err != nil {
+				return err
+			}
+		}
+	}
+	p.dcOpened = true
+	for _, label := range c.cfg.dataChannels {
+		dc, err := p.pc.CreateDataChannel(label, nil)
+		if err != nil {
+			return err
+		}
+		if c.cfg.onDataChannel != nil {
+			c.cfg.onDataChannel(p, dc)
+		}
+	}
+	return nil
+}
+
+func (p *Peer) addTrack(t webrtc.TrackLocal) error {
+	sender, err := p.pc.AddTrack(t)
+	if err != nil {
+		return err
+	}
+	// Read RTCP so that the interceptors (NACK, reports) work.
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			if _, _, err := sender.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	return nil
+}
+
+func drainTrack(t *webrtc.TrackRemote) {
+	buf := make([]byte, 1500)
+	for {
+		if _, _, err := t.Read(buf); err != nil {
+			return
+		}
+	}
+}
+
+// offer makes and sends an offer to p, if the pair is stable and the call attached.
+func (c *Call) offer(p *Peer) {
+	c.mu.Lock()
+	conn := c.attached
+	_, present := c.peers[p.ParticipantID]
+	c.mu.Unlock()
+	if conn == nil || !present {
+		return
+	}
+	state := p.pc.SignalingState()
+	if state != webrtc.SignalingStateStable && !(state == webrtc.SignalingStateHaveLocalOffer && p.restartPending) {
+		return // pion asks again once stable
+	}
+	restart := p.restartPending
+	offer, err := p.pc.CreateOffer(&webrtc.OfferOptions{ICERestart: restart})
+	if err != nil {
+		c.rt.cfg.logger.Warn("parley: create offer", "err", err)
+		return
+	}
+	if err := p.pc.SetLocalDescription(offer); err != nil {
+		c.rt.cfg.logger.Warn("parley: set local offer", "err", err)
+		return
+	}
+	p.restartPending = false
+	payload := map[string]any{"kind": "offer", "sdp": offer.SDP}
+	if restart {
+		payload["ice_restart"] = true
+	}
+	p.statsMu.Lock()
+	p.stats.OffersSent++
+	if restart {
+		p.stats.ICERestarts++
+	}
+	p.statsMu.Unlock()
+	c.sendSignal(conn, p, payload, func(f *frame) {
+		switch {
+		case f.Type == "ack" && f.RolledBack != nil && *f.RolledBack:
+			c.inbox.push(callInput{rolledBack: p})
+		case f.Type == "error" && strings.Contains(f.errorText(), "ice_restart_required"):
+			c.inbox.push(callInput{fn: func() {
+				if p.pc.SignalingState() == webrtc.SignalingStateHaveLocalOffer {
+					c.rollbackLocal(p)
+				}
+				p.restartPending = true
+				c.offer(p)
+			}})
+		case f.Type == "error":
+			c.rt.cfg.logger.Warn("parley: offer refused", "peer", p.ParticipantID, "err", f.asError())
+		}
+	})
+}
+
+// sendSignal sends a call.signal to p without waiting; hook sees the reply.
+func (c *Call) sendSignal(conn *wsConn, p *Peer, payload map[string]any, hook func(*frame)) {
+	req := map[string]any{"type": "call.signal", "call_id": c.ID, "from": c.ParticipantID, "to": p.ParticipantID, "signal": payload}
+	if hook == nil {
+		hook = func(f *frame) {
+			if f.Type == "error" {
+				c.rt.cfg.logger.Info("parley: signal refused", "kind", payload["kind"], "peer", p.ParticipantID, "err", f.asError())
+			}
+		}
+	}
+	if _, err := conn.send(req, hook); err != nil {
+		c.rt.cfg.logger.Info("parley: signal not sent", "kind", payload["kind"], "err", err)
+	}
+}
+
+func (c *Call) sendCandidate(p *Peer, cand string) {
+	c.mu.Lock()
+	conn := c.attached
+	c.mu.Unlock()
+	if conn == nil || p.pc.LocalDescription() == nil {
+		return
+	}
+	if cand == "" {
+		c.sendSignal(conn, p, map[string]any{"kind": "end_of_candidates"}, func(*frame) {})
+		return
+	}
+	c.sendSignal(conn, p, map[string]any{"kind": "candidate", "candidate": cand}, nil)
+}
+
+// onSignal applies a relayed signal (perfect negotiation).
+func (c *Call) onSignal(f *frame) {
+	switch f.Type {
+	case "call.participant_reconnected":
+		if p, ok := c.Peer(f.PartID); ok {
+			p.restartPending = true // the next offer to it must restart ICE
+		}
+		return
+	case "call.participant_reconnecting":
+		return
+	}
+	if f.Signal == nil || f.To != c.ParticipantID {
+		return
+	}
+	role := f.Role
+	if role == "" {
+		role = Polite
+	}
+	sig := f.Signal
+	p, err := c.peer(f.From, role, false)
+	if err != nil {
+		c.rt.cfg.logger.Warn("parley: peer connection", "err", err)
+		return
+	}
+	p.Role = role
+	switch sig.Kind {
+	case "offer":
+		collision := p.pc.SignalingState() != webrtc.SignalingStateStable
+		p.ignoreOffer = role == Impolite && collision
+		if p.ignoreOffer {
+			return
+		}
+		if collision {
+			c.rollbackLocal(p)
+		}
+		if err := p.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeOffer, SDP: sig.SDP}); err != nil {
+			c.rt.cfg.logger.Warn("parley: remote offer", "err", err)
+			return
+		}
+		c.flushCandidates(p)
+		// Publish what this side has on the transceivers the offer created.
+		c.mu.Lock()
+		tracks := append([]webrtc.TrackLocal(nil), c.tracks...)
+		c.mu.Unlock()
+		for _, t := range tracks {
+			if !p.sends(t) {
+				_ = p.addTrack(t)
+			}
+		}
+		if !p.hasDataChannels() {
+			for _, label := range c.cfg.dataChannels {
+				if dc, err := p.pc.CreateDataChannel(label, nil); err == nil && c.cfg.onDataChannel != nil {
+					c.cfg.onDataChannel(p, dc)
+				}
+			}
+			p.markDataChannels()
+		}
+		answer, err := p.pc.CreateAnswer(nil)
+		if err != nil {
+			c.rt.cfg.logger.Warn("parley: create answer", "err", err)
+			return
+		}
+		if err := p.pc.SetLocalDescription(answer); err != nil {
+			c.rt.cfg.logger.Warn("parley: set local answer", "err", err)
+			return
+		}
+		p.statsMu.Lock()
+		p.stats.AnswersSent++
+		p.statsMu.Unlock()
+		c.mu.Lock()
+		conn := c.attached
+		c.mu.Unlock()
+		if conn != nil {
+			c.sendSignal(conn, p, map[string]any{"kind": "answer", "sdp": answer.SDP}, nil)
+		}
+	case "answer":
+		if p.pc.SignalingState() != webrtc.SignalingStateHaveLocalOffer {
+			return
+		}
+		if err := p.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeAnswer, SDP: sig.SDP}); err != nil {
+			c.rt.cfg.logger.Warn("parley: remote answer", "err", err)
+			return
+		}
+		c.flushCandidates(p)
+	case "candidate":
+		if p.ignoreOffer {
+			return
+		}
+		if p.pc.RemoteDescription() == nil {
+			p.pendingCands = append(p.pendingCands, sig.Candidate)
+			return
+		}
+		if err := p.pc.AddICECandidate(webrtc.ICECandidateInit{Candidate: sig.Candidate}); err != nil {
+			c.rt.cfg.logger.Info("parley: remote candidate", "err", err)
+		}
+	case "rollback":
+		if p.pc.SignalingState() == webrtc.SignalingStateHaveRemoteOffer {
+			c.rollbackRemote(p)
+		}
+	}
+}
+
+func (c *Call) flushCandidates(p *Peer) {
+	for _, cand := range p.pendingCands {
+		_ = p.pc.AddICECandidate(webrtc.ICECandidateInit{Candidate: cand})
+	}
+	p.pendingCands = nil
+}
+
+func (c *Call) rollbackLocal(p *Peer) {
+	sdp := ""
+	if d := p.pc.PendingLocalDescription(); d != nil {
+		sdp = d.SDP
+	} else if d := p.pc.LocalDescription(); d != nil {
+		sdp = d.SDP
+	}
+	if err := p.pc.SetLocalDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeRollback, SDP: sdp}); err != nil {
+		c.rt.cfg.logger.Warn("parley: rollback", "err", err)
+	}
+}
+
+func (c *Call) rollbackRemote(p *Peer) {
+	sdp := ""
+	if d := p.pc.PendingRemoteDescription(); d != nil {
+		sdp = d.SDP
+	}
+	if err := p.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeRollback, SDP: sdp}); err != nil {
+		c.rt.cfg.logger.Warn("parley: remote rollback", "err", err)
+	}
+}
+
+// onEvent handles the channel events of the call: a participant leaving closes its peer; the
+// end of the call closes everything.
+func (c *Call) onEvent(ev ChannelEvent) {
+	switch e := ev.(type) {
+	case *CallParticipantLeft:
+		if e.ParticipantID == c.ParticipantID {
+			go c.close()
+			return
+		}
+		c.mu.Lock()
+		p := c.peers[e.ParticipantID]
+		delete(c.peers, e.ParticipantID)
+		c.mu.Unlock()
+		if p != nil {
+			_ = p.pc.Close()
+		}
+	case *CallEnded:
+		go c.close()
+	}
+}
+
+// sends reports whether p already sends t.
+func (p *Peer) sends(t webrtc.TrackLocal) bool {
+	for _, s := range p.pc.GetSenders() {
+		if s.Track() == t {
+			return true
+		}
+	}
+	return false
+}
+
+// Data channels of the call's configuration are opened once per peer.
+func (p *Peer) hasDataChannels() bool {
+	return p.stats.AnswersSent > 0 || p.stats.OffersSent > 0 || p.dcOpened
+}
+
+func (p *Peer) markDataChannels() { p.dcOpened = true }

@@ -1,0 +1,237 @@
+package parley
+
+import (
+	"context"
+	"errors"
+	"time"
+)
+
+// What the dispatcher handles, in the order the reader and the connection loop pushed it.
+type itemKind int
+
+const (
+	// itemFrame: a frame from the server (a channel event or an ephemeral event).
+	itemFrame itemKind = iota
+	// itemSubscribed: a subscribe ack; live events of the channel follow seq.
+	itemSubscribed
+	// itemFill: the channel's events up to seq could not be replayed; fill from history.
+	itemFill
+	// itemSubscribeFailed: the channel cannot be subscribed (err).
+	itemSubscribeFailed
+)
+
+type dispatchItem struct {
+	kind      itemKind
+	f         *frame
+	channelID string
+	seq       uint64
+	reason    string
+	err       error
+}
+
+// dispatchLoop delivers events in order, keeping each channel's last delivered seq: it drops
+// what was already delivered and fills holes from history before going on.
+func (rt *Realtime) dispatchLoop() {
+	defer rt.wg.Done()
+	defer close(rt.events)
+	for {
+		item, ok := rt.dispatch.pop()
+		if !ok {
+			select {
+			case <-rt.dispatch.wake:
+				continue
+			case <-rt.ctx.Done():
+				return
+			}
+		}
+		switch item.kind {
+		case itemFrame:
+			if item.f.isChannelEvent() {
+				rt.onChannelEvent(item.f.channelEvent())
+			} else {
+				rt.onEphemeral(item.f.ephemeralEvent())
+			}
+		case itemSubscribed:
+			rt.onSubscribed(item.channelID, item.seq)
+		case itemFill:
+			rt.mu.Lock()
+			st := rt.channels[item.channelID]
+			var from uint64
+			fill := st != nil && st.known && item.seq > st.lastSeq
+			if fill {
+				from = st.lastSeq
+			}
+			rt.mu.Unlock()
+			if fill {
+				rt.fill(item.channelID, from, item.seq, item.reason)
+			}
+		case itemSubscribeFailed:
+			rt.mu.Lock()
+			st := rt.channels[item.channelID]
+			if st != nil {
+				delete(rt.channels, item.channelID)
+				select {
+				case st.ready <- subscribeResult{err: item.err}:
+				default:
+				}
+			}
+			rt.mu.Unlock()
+			if st != nil && st.known {
+				rt.cfg.logger.Warn("parley: subscription lost", "channel", item.channelID, "err", item.err)
+			}
+		}
+		if rt.ctx.Err() != nil {
+			return
+		}
+	}
+}
+
+// emit hands an event to the application, waiting for room.
+func (rt *Realtime) emit(ev Event) bool {
+	select {
+	case rt.events <- ev:
+		return true
+	case <-rt.ctx.Done():
+		return false
+	}
+}
+
+func (rt *Realtime) onSubscribed(channelID string, seq uint64) {
+	rt.mu.Lock()
+	st := rt.channels[channelID]
+	if st == nil {
+		rt.mu.Unlock()
+		return
+	}
+	var from uint64
+	var fill bool
+	if !st.known {
+		if st.since != nil && *st.since < seq {
+			from, fill = *st.since, true
+		}
+		st.known = true
+		st.lastSeq = seq
+		if fill {
+			st.lastSeq = from
+		}
+	} else if seq > st.lastSeq {
+		from, fill = st.lastSeq, true
+	}
+	rt.mu.Unlock()
+	if fill {
+		rt.fill(channelID, from, seq, "subscribe")
+	}
+	rt.mu.Lock()
+	if st := rt.channels[channelID]; st != nil {
+		select {
+		case st.ready <- subscribeResult{seq: seq}:
+		default:
+		}
+	}
+	rt.mu.Unlock()
+}
+
+// onChannelEvent delivers a persisted event once, in order, filling a hole before it.
+func (rt *Realtime) onChannelEvent(ev ChannelEvent) {
+	meta := ev.Channel()
+	rt.mu.Lock()
+	st := rt.channels[meta.ChannelID]
+	if st == nil || !st.known || meta.Seq <= st.lastSeq {
+		rt.mu.Unlock()
+		return
+	}
+	last := st.lastSeq
+	rt.mu.Unlock()
+	if meta.Seq > last+1 {
+		rt.fill(meta.ChannelID, last, meta.Seq-1, "live_gap")
+	}
+	rt.mu.Lock()
+	st = rt.channels[meta.ChannelID]
+	if st == nil || meta.Seq <= st.lastSeq {
+		rt.mu.Unlock()
+		return
+	}
+	st.lastSeq = meta.Seq
+	self := rt.welcome.UserID
+	if rm, ok := ev.(*MemberRemoved); ok && rm.UserID == self {
+		delete(rt.channels, meta.ChannelID)
+	}
+	if _, ok := ev.(*ChannelDeleted); ok {
+		delete(rt.channels, meta.ChannelID)
+	}
+	rt.mu.Unlock()
+	rt.notifyCalls(ev)
+	rt.emit(ev)
+}
+
+func (rt *Realtime) onEphemeral(ev Event) {
+	if u, ok := ev.(*UnreadUpdated); ok {
+		rt.mu.Lock()
+		rt.unread[u.ChannelID] = *u
+		rt.mu.Unlock()
+	}
+	rt.emit(ev)
+}
+
+// fill delivers the messages of (from, to] from history as MessageNew (FromHistory) after a
+// Gap notice, and moves the channel's last seq to to. It retries failed requests until the
+// client closes; a channel the user can no longer read is dropped.
+func (rt *Realtime) fill(channelID string, from, to uint64, reason string) {
+	if !rt.emit(&Gap{ChannelID: channelID, From: from, To: to, Reason: reason}) {
+		return
+	}
+	after := from
+	delay := 50 * time.Millisecond
+	for after < to {
+		ctx, cancel := context.WithTimeout(rt.ctx, 10*time.Second)
+		page, err := rt.client.History(ctx, channelID, HistoryQuery{After: after, FromStart: after == 0, Limit: 200})
+		cancel()
+		if err != nil {
+			if rt.ctx.Err() != nil {
+				return
+			}
+			if errors.Is(err, ErrNotAMember) || errors.Is(err, ErrNotFound) {
+				rt.mu.Lock()
+				delete(rt.channels, channelID)
+				rt.mu.Unlock()
+				return
+			}
+			rt.cfg.logger.Info("parley: history fill failed, retrying", "channel", channelID, "err", err)
+			if sleepCtx(rt.ctx, delay) != nil {
+				return
+			}
+			delay = min(delay*2, 2*time.Second)
+			continue
+		}
+		delay = 50 * time.Millisecond
+		for _, m := range page.Messages {
+			if m.Seq <= after || m.Seq > to {
+				continue
+			}
+			rt.mu.Lock()
+			st := rt.channels[channelID]
+			if st == nil {
+				rt.mu.Unlock()
+				return
+			}
+			deliver := m.Seq > st.lastSeq
+			if deliver {
+				st.lastSeq = m.Seq
+			}
+			rt.mu.Unlock()
+			if deliver && !rt.emit(&MessageNew{ChannelMeta: ChannelMeta{ChannelID: channelID, Seq: m.Seq, FromHistory: true}, Message: m}) {
+				return
+			}
+			after = m.Seq
+		}
+		if !page.HasAfter || len(page.Messages) == 0 || page.Messages[len(page.Messages)-1].Seq >= to {
+			break
+		}
+		after = max(after, page.Messages[len(page.Messages)-1].Seq)
+	}
+	rt.mu.Lock()
+	if st := rt.channels[channelID]; st != nil && st.lastSeq < to {
+		st.lastSeq = to
+	}
+	rt.mu.Unlock()
+}
