@@ -1,0 +1,425 @@
+//! The signed-in app: owns the SDK client, keeps `AppState` up to date from REST answers and live
+//! events, and renders the views. Views call back through the `*Actions` interfaces.
+import { ParleyClient, ParleyError, type Channel, type ConnectionStateChange, type DeliveredEvent, type Message } from "@parley/sdk";
+import { h } from "./dom.js";
+import type { DevSession } from "./session.js";
+import { AppState, newConversation, upsertMessage, type ConversationState } from "./state.js";
+import { CallController } from "./call.js";
+import { ConversationView, type ConversationActions } from "./views/conversation.js";
+import { openFormDialog } from "./views/dialog.js";
+import { Sidebar, type SidebarActions } from "./views/sidebar.js";
+
+/** Messages per history page. */
+const PAGE_SIZE = 50;
+/**
+ * How often the channel list is refetched. The server tells subscribers of a channel about new
+ * members, but nobody tells a user that they were added to a channel they are not subscribed to
+ * yet, so new conversations are found by polling (and at once after a reconnect).
+ */
+const CHANNEL_POLL_MS = 5_000;
+
+export interface AppOptions {
+  session: DevSession;
+  root: HTMLElement;
+  onSignOut: () => void;
+}
+
+export class App implements SidebarActions, ConversationActions {
+  readonly state: AppState;
+  readonly client: ParleyClient;
+  readonly #root: HTMLElement;
+  readonly #sidebar: Sidebar;
+  readonly #conversation: ConversationView;
+  readonly #calls: CallController;
+  readonly #connection = h("span", { class: "connection", role: "status", id: "connection-status" });
+  readonly #onSignOut: () => void;
+  /** Sends whose promise failed, kept to offer "Retry": client_msg_id → text. */
+  readonly #failed = new Map<string, string>();
+  #pollTimer: ReturnType<typeof setInterval> | undefined;
+  #typingRender: ReturnType<typeof setInterval> | undefined;
+
+  constructor(options: AppOptions) {
+    this.state = new AppState(options.session.userId);
+    this.#root = options.root;
+    this.#onSignOut = options.onSignOut;
+    this.client = new ParleyClient({ url: location.origin, token: options.session.token });
+    this.#sidebar = new Sidebar(this, this.state);
+    this.#conversation = new ConversationView(this.state, this, (id) => this.#calls.channelId === id);
+    this.#calls = new CallController(this.client, this.state, this.#conversation.body, () => this.renderAll());
+    this.#listen();
+  }
+
+  /** Connects, loads the conversations, and shows the app. */
+  async start(): Promise<void> {
+    const signOut = h("button", { class: "button small", type: "button", onclick: () => this.signOut() }, "Sign out");
+    this.#root.replaceChildren(
+      h(
+        "div",
+        { class: "shell" },
+        h(
+          "header",
+          { class: "topbar" },
+          h("p", { class: "brand" }, "Parley"),
+          this.#connection,
+          h("span", { class: "spacer" }),
+          h("span", { id: "signed-in-as" }, "Signed in as ", h("strong", {}, this.state.me)),
+          signOut,
+        ),
+        this.#sidebar.element,
+        this.#conversation.element,
+      ),
+    );
+    this.#root.removeAttribute("aria-busy");
+    this.#renderConnection();
+    this.renderAll();
+    this.client.connect().catch((e: unknown) => this.#fatal(e));
+    await this.refreshChannels();
+    const wanted = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+    if (wanted && this.state.conversations.has(wanted)) this.select(wanted);
+    this.#pollTimer = setInterval(() => void this.refreshChannels().catch(() => {}), CHANNEL_POLL_MS);
+    this.#typingRender = setInterval(() => this.#conversation.renderTyping(), 1_000);
+    window.addEventListener("hashchange", () => {
+      const id = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+      if (id && id !== this.state.selected && this.state.conversations.has(id)) this.select(id);
+    });
+    document.addEventListener("visibilitychange", () => this.#markSelectedRead());
+  }
+
+  signOut(): void {
+    clearInterval(this.#pollTimer);
+    clearInterval(this.#typingRender);
+    void this.#calls.leave();
+    this.client.close();
+    this.#onSignOut();
+  }
+
+  renderAll(): void {
+    this.#sidebar.render();
+    this.#conversation.render();
+  }
+
+  // ---- loading ----
+
+  /** Fetches the channel list; new conversations get subscribed, their members and calls loaded. */
+  async refreshChannels(): Promise<void> {
+    const { channels } = await this.client.rest.listChannels();
+    const fresh: ConversationState[] = [];
+    for (const channel of channels) {
+      const known = this.state.conversations.get(channel.id);
+      if (known) {
+        known.channel = { ...known.channel, ...channel };
+        known.unread = channel.unread_count ?? known.unread;
+        known.lastReadSeq = channel.last_read_seq ?? known.lastReadSeq;
+      } else {
+        const c = newConversation(channel);
+        this.state.conversations.set(channel.id, c);
+        fresh.push(c);
+      }
+    }
+    const listed = new Set(channels.map((c) => c.id));
+    for (const id of [...this.state.conversations.keys()]) if (!listed.has(id)) this.#forget(id);
+    this.renderAll();
+    await Promise.all(fresh.map((c) => this.#load(c)));
+    if (fresh.length > 0) await this.#refreshPresence();
+    this.renderAll();
+  }
+
+  async #load(c: ConversationState): Promise<void> {
+    const id = c.channel.id;
+    this.client.subscribe(id).catch((e: unknown) => console.warn(`parley: cannot subscribe to ${id}`, e));
+    const [members, calls] = await Promise.all([
+      this.client.rest.listMembers(id).catch(() => null),
+      this.client.rest.channelCalls(id).catch(() => null),
+    ]);
+    if (members) {
+      c.members = members.members;
+      for (const m of members.members) c.readBy.set(m.user_id, Math.max(c.readBy.get(m.user_id) ?? 0, m.last_read_seq ?? 0));
+    }
+    if (calls) c.call = calls.calls.find((call) => !call.ended_at) ?? null;
+  }
+
+  async #refreshPresence(): Promise<void> {
+    const users = new Set<string>();
+    for (const c of this.state.conversations.values()) for (const m of c.members ?? []) if (m.user_id !== this.state.me) users.add(m.user_id);
+    const ids = [...users];
+    for (let i = 0; i < ids.length; i += 200) {
+      const { presence } = await this.client.rest.queryPresence(ids.slice(i, i + 200));
+      for (const p of presence) this.state.presence.set(p.user_id, p.status);
+    }
+  }
+
+  async #loadHistory(c: ConversationState): Promise<void> {
+    const page = await this.client.history(c.channel.id, { limit: PAGE_SIZE });
+    for (const m of page.messages) upsertMessage(c.messages, m);
+    c.hasBefore = page.has_before;
+    c.historyLoaded = true;
+  }
+
+  #forget(channelId: string): void {
+    this.state.conversations.delete(channelId);
+    void this.client.unsubscribe(channelId);
+    if (this.state.selected === channelId) {
+      this.state.selected = null;
+      void this.#calls.leaveIfIn(channelId);
+    }
+  }
+
+  // ---- live events ----
+
+  #listen(): void {
+    this.client.connection.on("statechange", (change: ConnectionStateChange) => {
+      this.state.connection = change.current;
+      this.#renderConnection();
+      if (change.current === "connected" && change.reconnected) void this.refreshChannels().catch(() => {});
+    });
+    this.client.on("event", (event: DeliveredEvent) => this.#onChannelEvent(event));
+    this.client.on("typing.users", ({ channelId, users }) => {
+      const c = this.state.conversations.get(channelId);
+      if (!c) return;
+      c.typing = new Map(users.map((u) => [u, Number.POSITIVE_INFINITY]));
+      if (channelId === this.state.selected) this.#conversation.renderTyping();
+    });
+    this.client.on("presence.changed", (p) => {
+      this.state.presence.set(p.user_id, p.status);
+      this.renderAll();
+    });
+    this.client.on("read.updated", (r) => {
+      const c = this.state.conversations.get(r.channel_id);
+      if (!c) return;
+      c.readBy.set(r.user_id, Math.max(c.readBy.get(r.user_id) ?? 0, r.last_read_seq));
+      if (r.channel_id === this.state.selected) this.#conversation.render();
+    });
+    this.client.on("unread.updated", (u) => {
+      const c = this.state.conversations.get(u.channel_id);
+      if (!c) return;
+      c.unread = u.unread_count;
+      c.lastReadSeq = u.last_read_seq;
+      this.#sidebar.render();
+    });
+    this.client.on("subscription.lost", ({ channelId }) => {
+      this.#forget(channelId);
+      this.renderAll();
+    });
+    this.client.on("resync", ({ channelId, unrecoverable }) => {
+      // Edits, deletes or membership changes may have been missed: reload what is shown.
+      const c = this.state.conversations.get(channelId);
+      if (c && unrecoverable > 0) void this.#load(c).then(() => this.renderAll());
+    });
+  }
+
+  #onChannelEvent(event: DeliveredEvent): void {
+    const c = this.state.conversations.get(event.channel_id);
+    if (!c) return;
+    switch (event.type) {
+      case "message.new":
+      case "message.updated":
+      case "message.deleted":
+        upsertMessage(c.messages, event.message);
+        c.channel.last_seq = Math.max(c.channel.last_seq, event.seq);
+        if (event.type === "message.new" && event.message.sender_id === this.state.me) {
+          // Our own message: we have read up to it.
+          c.readBy.set(this.state.me, Math.max(c.readBy.get(this.state.me) ?? 0, event.message.seq));
+        }
+        break;
+      case "member.added":
+        c.members = [...(c.members ?? []).filter((m) => m.user_id !== event.member.user_id), event.member];
+        void this.#refreshPresence().then(() => this.renderAll());
+        break;
+      case "member.removed":
+        c.members = (c.members ?? []).filter((m) => m.user_id !== event.user_id);
+        c.readBy.delete(event.user_id);
+        break;
+      case "channel.updated":
+        c.channel = { ...c.channel, ...event.channel };
+        break;
+      case "call.started":
+        c.call = event.call;
+        break;
+      case "call.participant_joined":
+        if (c.call && c.call.id === event.call_id) {
+          c.call = { ...c.call, participants: [...c.call.participants.filter((p) => p.participant_id !== event.participant.participant_id), event.participant] };
+        }
+        break;
+      case "call.participant_left":
+        if (c.call && c.call.id === event.call_id) {
+          c.call = {
+            ...c.call,
+            participants: c.call.participants.map((p) => (p.participant_id === event.participant_id ? { ...p, left_at: new Date().toISOString() } : p)),
+          };
+        }
+        break;
+      case "call.ended":
+        if (c.call && c.call.id === event.call_id) c.call = null;
+        break;
+      case "channel.deleted":
+        this.#forget(c.channel.id);
+        break;
+      default:
+        break;
+    }
+    this.#calls.onChannelEvent(event);
+    this.renderAll();
+    if (event.channel_id === this.state.selected) this.#markSelectedRead();
+  }
+
+  /** Marks the open conversation read up to its newest message, while the page is visible. */
+  #markSelectedRead(): void {
+    const c = this.state.selected ? this.state.conversations.get(this.state.selected) : undefined;
+    if (!c || document.visibilityState !== "visible" || !c.historyLoaded) return;
+    let newest = 0;
+    for (const m of c.messages) if (m.delivery === "sent") newest = Math.max(newest, m.message.seq);
+    if (newest <= c.lastReadSeq && c.unread === 0) return;
+    c.lastReadSeq = Math.max(c.lastReadSeq, newest);
+    this.client.markRead(c.channel.id, newest).catch(() => {});
+  }
+
+  #renderConnection(): void {
+    const labels = { connecting: "Connecting…", connected: "Connected", reconnecting: "Reconnecting…", disconnected: "Disconnected" } as const;
+    this.#connection.dataset.state = this.state.connection;
+    this.#connection.textContent = labels[this.state.connection];
+  }
+
+  #fatal(e: unknown): void {
+    const message = e instanceof ParleyError ? `${e.message} (${e.code})` : String(e);
+    if (e instanceof ParleyError && e.code.startsWith("token_")) {
+      // The stored token is no longer accepted (e.g. the server's development key changed).
+      this.signOut();
+      return;
+    }
+    this.#connection.textContent = `Disconnected: ${message}`;
+  }
+
+  // ---- SidebarActions ----
+
+  select(channelId: string): void {
+    const c = this.state.conversations.get(channelId);
+    if (!c) return;
+    this.state.selected = channelId;
+    if (location.hash !== `#${channelId}`) history.replaceState(null, "", `#${encodeURIComponent(channelId)}`);
+    this.renderAll();
+    if (!c.historyLoaded) {
+      this.#loadHistory(c)
+        .then(() => {
+          this.renderAll();
+          this.#markSelectedRead();
+        })
+        .catch((e: unknown) => console.warn("parley: cannot load history", e));
+    } else {
+      this.#markSelectedRead();
+    }
+  }
+
+  newChannel(): void {
+    openFormDialog({
+      title: "New channel",
+      submitLabel: "Create channel",
+      fields: [
+        { name: "name", label: "Channel name", required: true, placeholder: "general" },
+        { name: "members", label: "Members (optional)", hint: "User ids separated by commas or spaces", placeholder: "bob, carol" },
+      ],
+      submit: async ({ name, members }) => {
+        const ids = (members ?? "").split(/[\s,]+/).filter((m) => m && m !== this.state.me);
+        const channel = await this.client.rest.createChannel({ kind: "channel", name: name ?? "", members: ids });
+        await this.#opened(channel);
+      },
+    });
+  }
+
+  newDm(): void {
+    openFormDialog({
+      title: "New direct message",
+      submitLabel: "Open conversation",
+      fields: [{ name: "user", label: "User id", required: true, placeholder: "bob" }],
+      submit: async ({ user }) => {
+        if (!user || user === this.state.me) throw new Error("Enter the user id of someone else.");
+        const channel = await this.client.rest.createChannel({ kind: "dm", members: [user] });
+        await this.#opened(channel);
+      },
+    });
+  }
+
+  async #opened(channel: Channel): Promise<void> {
+    if (!this.state.conversations.has(channel.id)) {
+      const c = newConversation(channel);
+      this.state.conversations.set(channel.id, c);
+      await this.#load(c);
+      await this.#refreshPresence().catch(() => {});
+    }
+    this.select(channel.id);
+  }
+
+  // ---- ConversationActions ----
+
+  send(channelId: string, text: string, clientMsgId: string = crypto.randomUUID()): void {
+    const c = this.state.conversations.get(channelId);
+    if (!c) return;
+    const pending: Message = {
+      id: `pending:${clientMsgId}`,
+      channel_id: channelId,
+      seq: 0,
+      sender_id: this.state.me,
+      client_msg_id: clientMsgId,
+      text,
+      created_at: new Date().toISOString(),
+    };
+    upsertMessage(c.messages, pending, "pending");
+    this.#conversation.render();
+    this.client.send(channelId, text, { clientMsgId }).then(
+      (result) => {
+        this.#failed.delete(clientMsgId);
+        upsertMessage(c.messages, result.message);
+        this.#conversation.render();
+      },
+      (e: unknown) => {
+        this.#failed.set(clientMsgId, text);
+        const i = c.messages.findIndex((m) => m.delivery !== "sent" && m.message.client_msg_id === clientMsgId);
+        if (i >= 0) c.messages[i] = { message: c.messages[i]!.message, delivery: "failed" };
+        console.warn("parley: send failed", e);
+        this.#conversation.render();
+      },
+    );
+  }
+
+  retry(channelId: string, clientMsgId: string): void {
+    const text = this.#failed.get(clientMsgId);
+    const c = this.state.conversations.get(channelId);
+    if (text === undefined || !c) return;
+    c.messages = c.messages.filter((m) => !(m.delivery === "failed" && m.message.client_msg_id === clientMsgId));
+    this.send(channelId, text, clientMsgId);
+  }
+
+  typing(channelId: string, active: boolean): void {
+    if (active) this.client.typing.keystroke(channelId);
+    else this.client.typing.stop(channelId);
+  }
+
+  async loadEarlier(channelId: string): Promise<void> {
+    const c = this.state.conversations.get(channelId);
+    if (!c || !c.hasBefore) return;
+    const oldest = c.messages.find((m) => m.delivery === "sent")?.message.seq;
+    const page = await this.client.history(channelId, oldest === undefined ? { limit: PAGE_SIZE } : { before: oldest, limit: PAGE_SIZE });
+    for (const m of page.messages) upsertMessage(c.messages, m);
+    c.hasBefore = page.has_before;
+    this.#conversation.render();
+  }
+
+  addMember(channelId: string): void {
+    openFormDialog({
+      title: "Add a member",
+      submitLabel: "Add member",
+      fields: [{ name: "user", label: "User id", required: true, placeholder: "carol" }],
+      submit: async ({ user }) => {
+        if (!user) throw new Error("Enter a user id.");
+        const member = await this.client.rest.addMember(channelId, { user_id: user });
+        const c = this.state.conversations.get(channelId);
+        if (c) c.members = [...(c.members ?? []).filter((m) => m.user_id !== member.user_id), member];
+        await this.#refreshPresence().catch(() => {});
+        this.renderAll();
+      },
+    });
+  }
+
+  startOrJoinCall(channelId: string): void {
+    void this.#calls.startOrJoin(channelId);
+  }
+}

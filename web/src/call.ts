@@ -1,0 +1,202 @@
+//! The call panel: start or join the call of a conversation, send camera and microphone, and show
+//! one video tile per participant. Media and negotiation are the SDK's `CallSession`.
+import { joinCall, type CallPeerInfo, type CallSession, type DeliveredEvent, type ParleyClient } from "@parley/sdk";
+import { h, replaceChildren } from "./dom.js";
+import type { AppState } from "./state.js";
+
+interface Tile {
+  element: HTMLElement;
+  video: HTMLVideoElement;
+  caption: HTMLElement;
+}
+
+export class CallController {
+  readonly #client: ParleyClient;
+  readonly #state: AppState;
+  readonly #container: HTMLElement;
+  readonly #onChange: () => void;
+  #session: CallSession | null = null;
+  #joining = false;
+  #local: MediaStream | null = null;
+  #panel: HTMLElement | null = null;
+  #status: HTMLElement | null = null;
+  readonly #tiles = new Map<string, Tile>();
+
+  constructor(client: ParleyClient, state: AppState, container: HTMLElement, onChange: () => void) {
+    this.#client = client;
+    this.#state = state;
+    this.#container = container;
+    this.#onChange = onChange;
+  }
+
+  /** The channel whose call we are in, if any. */
+  get channelId(): string | null {
+    return this.#session?.channelId ?? null;
+  }
+
+  /** Starts the conversation's call (or gets the one already running) and joins it. */
+  async startOrJoin(channelId: string): Promise<void> {
+    if (this.#joining || this.#session?.channelId === channelId) return;
+    if (this.#session) await this.leave();
+    this.#joining = true;
+    const c = this.#state.conversations.get(channelId);
+    const title = c ? this.#state.title(c) : channelId;
+    this.#showPanel(title, "Joining…");
+    try {
+      this.#local = await localMedia();
+      if (this.#local) this.#tile("local", `${this.#state.me} (you)`, true).video.srcObject = this.#local;
+      const call = c?.call ?? (await this.#client.rest.startCall(channelId));
+      const session = await joinCall(this.#client, call.id, this.#local ? { stream: this.#local } : {});
+      this.#session = session;
+      this.#wire(session);
+      this.#setStatus(this.#local ? "In call" : "In call (no camera or microphone: receiving only)");
+      for (const peer of session.peers()) this.#peerTile(peer);
+    } catch (e) {
+      this.#teardown();
+      this.#showPanel(title, `Could not join the call: ${e instanceof Error ? e.message : String(e)}`, true);
+    } finally {
+      this.#joining = false;
+      this.#onChange();
+    }
+  }
+
+  /** Leaves the call, if in one. */
+  async leave(): Promise<void> {
+    const session = this.#session;
+    this.#teardown();
+    this.#onChange();
+    await session?.leave().catch((e: unknown) => console.warn("parley: leaving the call failed", e));
+  }
+
+  async leaveIfIn(channelId: string): Promise<void> {
+    if (this.#session?.channelId === channelId) await this.leave();
+  }
+
+  /** Channel events reach the SDK's session on their own; the panel only needs a refresh. */
+  onChannelEvent(_event: DeliveredEvent): void {}
+
+  #wire(session: CallSession): void {
+    session.on("peer.joined", (peer) => this.#peerTile(peer));
+    session.on("track", ({ participantId, userId, role, track, streams }) => {
+      const tile = this.#peerTile({ participantId, userId, role });
+      const stream = streams[0] ?? new MediaStream([track]);
+      if (tile.video.srcObject !== stream) tile.video.srcObject = stream;
+    });
+    session.on("peer.left", ({ participantId }) => this.#removeTile(participantId));
+    session.on("peer.reconnecting", ({ participantId }) => this.#tiles.get(participantId)?.element.setAttribute("data-state", "reconnecting"));
+    session.on("peer.reconnected", ({ participantId }) => this.#tiles.get(participantId)?.element.removeAttribute("data-state"));
+    session.on("peer.connectionstatechange", ({ participantId, state }) => {
+      const tile = this.#tiles.get(participantId);
+      if (tile) tile.element.dataset.connection = state;
+    });
+    session.on("statechange", ({ state }) => {
+      if (state === "reconnecting") this.#setStatus("Reconnecting…");
+      else if (state === "active") this.#setStatus("In call");
+    });
+    session.on("ended", ({ reason }) => {
+      if (this.#session !== session) return;
+      this.#teardown();
+      if (reason !== "left") {
+        const c = this.#state.conversations.get(session.channelId);
+        this.#showPanel(c ? this.#state.title(c) : session.channelId, reason === "call_ended" || reason === "ended" ? "The call ended." : `You left the call (${reason}).`, true);
+      }
+      this.#onChange();
+    });
+    session.on("error", (e) => console.warn("parley: call", e));
+  }
+
+  #showPanel(title: string, status: string, closable = false): void {
+    this.#status = h("p", { class: "call-status", role: "status", id: "call-status" }, status);
+    const controls: HTMLElement[] = [];
+    if (closable) {
+      controls.push(h("button", { class: "button", type: "button", onclick: () => this.#closePanel() }, "Close"));
+    } else {
+      controls.push(
+        toggle("Mute", "Unmute", (off) => this.#local?.getAudioTracks().forEach((t) => (t.enabled = !off))),
+        toggle("Camera off", "Camera on", (off) => this.#local?.getVideoTracks().forEach((t) => (t.enabled = !off))),
+        h("button", { class: "button danger", type: "button", id: "leave-call", onclick: () => void this.leave() }, "Leave"),
+      );
+    }
+    const tiles = h("div", { class: "tiles", id: "call-tiles" });
+    const panel = h(
+      "section",
+      { class: "call", "aria-label": `Call in ${title}`, id: "call-panel" },
+      h("div", { class: "call-head" }, h("h3", {}, `Call · ${title}`), ...controls),
+      this.#status,
+      tiles,
+    );
+    for (const tile of this.#tiles.values()) tiles.append(tile.element);
+    this.#panel?.remove();
+    this.#panel = panel;
+    this.#container.append(panel);
+  }
+
+  #closePanel(): void {
+    this.#panel?.remove();
+    this.#panel = null;
+  }
+
+  #setStatus(text: string): void {
+    if (this.#status) this.#status.textContent = text;
+  }
+
+  #peerTile(peer: CallPeerInfo): Tile {
+    return this.#tile(peer.participantId, peer.userId || "participant", false);
+  }
+
+  #tile(id: string, label: string, local: boolean): Tile {
+    const existing = this.#tiles.get(id);
+    if (existing) {
+      if (label && existing.caption.textContent !== label) existing.caption.textContent = label;
+      return existing;
+    }
+    const video = h("video", { autoplay: true, playsinline: true, "aria-label": local ? "Your camera" : `Video of ${label}` });
+    video.muted = local;
+    const caption = h("figcaption", {}, label);
+    const element = h("figure", { class: "tile", "data-participant-id": id, "data-local": local ? "true" : null }, video, caption);
+    this.#tiles.set(id, { element, video, caption });
+    this.#panel?.querySelector(".tiles")?.append(element);
+    return this.#tiles.get(id)!;
+  }
+
+  #removeTile(id: string): void {
+    const tile = this.#tiles.get(id);
+    if (!tile) return;
+    tile.video.srcObject = null;
+    tile.element.remove();
+    this.#tiles.delete(id);
+  }
+
+  #teardown(): void {
+    this.#session = null;
+    for (const id of [...this.#tiles.keys()]) this.#removeTile(id);
+    for (const track of this.#local?.getTracks() ?? []) track.stop();
+    this.#local = null;
+    this.#closePanel();
+    if (this.#panel) replaceChildren(this.#panel);
+  }
+}
+
+/** Camera and microphone, or whichever of them is available, or null (join receiving only). */
+async function localMedia(): Promise<MediaStream | null> {
+  if (!navigator.mediaDevices?.getUserMedia) return null;
+  for (const constraints of [{ audio: true, video: true }, { video: true }, { audio: true }]) {
+    try {
+      return await navigator.mediaDevices.getUserMedia(constraints);
+    } catch {
+      // Try with less.
+    }
+  }
+  return null;
+}
+
+function toggle(onLabel: string, offLabel: string, apply: (off: boolean) => void): HTMLButtonElement {
+  const button = h("button", { class: "button", type: "button", "aria-pressed": "false" }, onLabel);
+  button.addEventListener("click", () => {
+    const off = button.getAttribute("aria-pressed") !== "true";
+    button.setAttribute("aria-pressed", String(off));
+    button.textContent = off ? offLabel : onLabel;
+    apply(off);
+  });
+  return button;
+}

@@ -1,0 +1,212 @@
+//! The open conversation: its header (members with presence, add member, call button), the
+//! message list that pages back through history, read receipts, the typing line and the composer.
+import { formatTime, h, listNames, replaceChildren } from "../dom.js";
+import type { AppState, ConversationState, ListedMessage } from "../state.js";
+
+export interface ConversationActions {
+  send(channelId: string, text: string): void;
+  retry(channelId: string, clientMsgId: string): void;
+  typing(channelId: string, active: boolean): void;
+  loadEarlier(channelId: string): Promise<void>;
+  addMember(channelId: string): void;
+  startOrJoinCall(channelId: string): void;
+}
+
+/** Below this many pixels from the top, the list fetches older messages by itself. */
+const LOAD_EARLIER_THRESHOLD_PX = 48;
+
+export class ConversationView {
+  readonly element = h("main", { class: "main", id: "main", "aria-labelledby": "conversation-title" });
+  /** Holds the chat column and, during a call, the call panel beside it. */
+  readonly body = h("div", { class: "body" });
+  readonly #head = h("header", { class: "conversation-head" });
+  readonly #scroller = h("div", { class: "messages", tabindex: 0, "aria-label": "Messages" });
+  readonly #list = h("ol", { class: "message-list", role: "log", "aria-live": "polite", "aria-relevant": "additions", id: "message-list" });
+  readonly #edge = h("div", { class: "history-edge" });
+  readonly #edgeText = h("span");
+  readonly #loadEarlierButton = h("button", { class: "button small", type: "button", id: "load-earlier" }, "Load earlier messages");
+  readonly #typing = h("div", { class: "typing", id: "typing-indicator", "aria-live": "polite" });
+  readonly #input = h("textarea", { id: "composer-input", rows: 1, maxlength: 4000, autocomplete: "off" });
+  readonly #composerLabel = h("label", { for: "composer-input", class: "visually-hidden" });
+  readonly #sendButton = h("button", { class: "button primary", type: "submit" }, "Send");
+  readonly #chat: HTMLElement;
+  #shownId: string | null = null;
+  #loadingEarlier = false;
+
+  constructor(
+    private readonly state: AppState,
+    private readonly actions: ConversationActions,
+    /** Whether we are in the call of a channel. */
+    private readonly inCall: (channelId: string) => boolean,
+  ) {
+    const composer = h("form", { class: "composer", "aria-label": "Write a message" }, this.#composerLabel, this.#input, this.#sendButton);
+    composer.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.#submit();
+    });
+    this.#input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        this.#submit();
+      }
+    });
+    this.#input.addEventListener("input", () => {
+      if (!this.#shownId) return;
+      this.actions.typing(this.#shownId, this.#input.value.trim() !== "");
+    });
+    this.#scroller.addEventListener("scroll", () => {
+      if (this.#scroller.scrollTop < LOAD_EARLIER_THRESHOLD_PX) void this.#loadEarlier();
+    });
+    this.#loadEarlierButton.addEventListener("click", () => void this.#loadEarlier());
+    this.#edge.append(this.#edgeText, this.#loadEarlierButton);
+    this.#scroller.append(this.#edge, this.#list);
+    this.#chat = h("section", { class: "chat", "aria-label": "Chat" }, this.#scroller, this.#typing, composer);
+  }
+
+  /** Renders the selected conversation, or a placeholder when none is open. */
+  render(): void {
+    const c = this.state.selected ? this.state.conversations.get(this.state.selected) : undefined;
+    if (!c) {
+      this.#shownId = null;
+      replaceChildren(
+        this.element,
+        h("div", { class: "placeholder" }, h("h2", { id: "conversation-title" }, "No conversation open"), h("p", {}, "Pick a channel or a direct message, or start a new one.")),
+      );
+      return;
+    }
+    const switched = this.#shownId !== c.channel.id;
+    if (switched) {
+      this.#shownId = c.channel.id;
+      this.#input.value = "";
+      replaceChildren(this.element, this.#head, this.body);
+      if (!this.body.contains(this.#chat)) this.body.prepend(this.#chat);
+    }
+    this.#renderHead(c);
+    this.#renderMessages(c, switched);
+    this.renderTyping();
+    const title = this.state.title(c);
+    this.#composerLabel.textContent = c.channel.kind === "dm" ? `Message ${title}` : `Message #${title}`;
+    this.#input.placeholder = this.#composerLabel.textContent;
+    if (switched) this.#input.focus();
+  }
+
+  /** The typing line alone (it changes often). */
+  renderTyping(): void {
+    const c = this.#shownId ? this.state.conversations.get(this.#shownId) : undefined;
+    const now = Date.now();
+    const who = c ? [...c.typing].filter(([user, until]) => user !== this.state.me && until > now).map(([user]) => user).sort() : [];
+    this.#typing.textContent = who.length === 0 ? "" : `${listNames(who)} ${who.length === 1 ? "is" : "are"} typing…`;
+  }
+
+  /** Whether the newest message is on screen (the person can be said to have read it). */
+  atBottom(): boolean {
+    return this.#scroller.scrollHeight - this.#scroller.scrollTop - this.#scroller.clientHeight < 24;
+  }
+
+  #renderHead(c: ConversationState): void {
+    const title = this.state.title(c);
+    const members = c.members ?? [];
+    const present = c.call ? c.call.participants.filter((p) => !p.left_at).length : 0;
+    const inThisCall = this.inCall(c.channel.id);
+    const callLabel = inThisCall ? `In call (${present})` : c.call ? `Join call (${present} in call)` : "Start call";
+    const canAdd = c.channel.kind === "channel" && (c.channel.role === "owner" || c.channel.role === "moderator");
+    replaceChildren(
+      this.#head,
+      h("h2", { id: "conversation-title" }, c.channel.kind === "dm" ? title : `# ${title}`),
+      h(
+        "ul",
+        { class: "members", "aria-label": "Members" },
+        ...members.map((m) => {
+          const status = m.user_id === this.state.me ? "online" : (this.state.presence.get(m.user_id) ?? "offline");
+          return h(
+            "li",
+            { "data-user-id": m.user_id },
+            h("span", { class: "presence", "data-status": status, "data-user-id": m.user_id, "aria-hidden": "true" }),
+            h("span", {}, m.user_id === this.state.me ? `${m.user_id} (you)` : m.user_id),
+            h("span", { class: "visually-hidden" }, `, ${status}`),
+          );
+        }),
+      ),
+      canAdd ? h("button", { class: "button", type: "button", onclick: () => this.actions.addMember(c.channel.id) }, "Add member") : null,
+      h("button", { class: "button primary", type: "button", id: "call-button", disabled: inThisCall, onclick: () => this.actions.startOrJoinCall(c.channel.id) }, callLabel),
+    );
+  }
+
+  #renderMessages(c: ConversationState, switched: boolean): void {
+    const fromBottom = this.#scroller.scrollHeight - this.#scroller.scrollTop;
+    const wasAtBottom = this.atBottom();
+    // The button stays the same element across renders, so focus and clicks are never lost.
+    this.#loadEarlierButton.hidden = !(c.historyLoaded && c.hasBefore);
+    this.#loadEarlierButton.disabled = this.#loadingEarlier;
+    this.#edgeText.textContent = !c.historyLoaded
+      ? "Loading messages…"
+      : c.hasBefore
+        ? ""
+        : c.messages.length === 0
+          ? "No messages yet. Say hello!"
+          : "This is the beginning of the conversation.";
+    const receipts = this.#receipts(c);
+    replaceChildren(this.#list, ...c.messages.map((m) => this.#message(c, m, receipts.get(m.message.seq))));
+    if (switched || wasAtBottom) {
+      this.#scroller.scrollTop = this.#scroller.scrollHeight;
+    } else {
+      // Keep what the person looks at in place when older messages are added above it.
+      this.#scroller.scrollTop = this.#scroller.scrollHeight - fromBottom;
+    }
+  }
+
+  /** For each other member, the newest loaded message they have read: seq → readers. */
+  #receipts(c: ConversationState): Map<number, string[]> {
+    const out = new Map<number, string[]>();
+    const sent = c.messages.filter((m) => m.delivery === "sent");
+    for (const [user, readSeq] of c.readBy) {
+      if (user === this.state.me) continue;
+      let seen: number | undefined;
+      for (const m of sent) if (m.message.seq <= readSeq) seen = m.message.seq;
+      if (seen === undefined) continue;
+      out.set(seen, [...(out.get(seen) ?? []), user].sort());
+    }
+    return out;
+  }
+
+  #message(c: ConversationState, m: ListedMessage, readers: string[] | undefined): HTMLElement {
+    const msg = m.message;
+    const mine = msg.sender_id === this.state.me;
+    const classes = ["message", m.delivery === "sent" ? "" : m.delivery, msg.deleted ? "deleted" : "", mine ? "mine" : ""].filter(Boolean).join(" ");
+    return h(
+      "li",
+      { class: classes, "data-seq": m.delivery === "sent" ? msg.seq : null, "data-client-msg-id": msg.client_msg_id },
+      h("div", { class: "meta" }, h("span", { class: "sender" }, mine ? "You" : msg.sender_id), h("time", { datetime: msg.created_at }, formatTime(msg.created_at))),
+      h("div", { class: "text" }, msg.deleted ? "Message deleted" : msg.text),
+      m.delivery === "pending" ? h("div", { class: "receipt" }, "Sending…") : null,
+      m.delivery === "failed"
+        ? h(
+            "div",
+            { class: "receipt" },
+            "Not sent. ",
+            h("button", { class: "button small", type: "button", onclick: () => this.actions.retry(c.channel.id, msg.client_msg_id) }, "Retry"),
+          )
+        : null,
+      readers ? h("div", { class: "receipt read-receipt", "data-readers": readers.join(",") }, `Seen by ${listNames(readers)}`) : null,
+    );
+  }
+
+  #submit(): void {
+    const text = this.#input.value.trim();
+    if (!text || !this.#shownId) return;
+    this.actions.send(this.#shownId, text);
+    this.#input.value = "";
+    this.actions.typing(this.#shownId, false);
+  }
+
+  async #loadEarlier(): Promise<void> {
+    const c = this.#shownId ? this.state.conversations.get(this.#shownId) : undefined;
+    if (!c || !c.hasBefore || this.#loadingEarlier) return;
+    this.#loadingEarlier = true;
+    try {
+      await this.actions.loadEarlier(c.channel.id);
+    } finally {
+      this.#loadingEarlier = false;
+    }
+  }
+}
