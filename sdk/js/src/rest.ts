@@ -9,6 +9,8 @@ import type {
   Channel,
   ChannelList,
   CreateChannelRequest,
+  DevToken,
+  DevTokenRequest,
   EditMessageRequest,
   JoinedCall,
   Member,
@@ -224,6 +226,22 @@ export class RestClient {
   /** Ends a call for everyone (owners and moderators; either party of a DM). */
   endCall(callId: string): Promise<void> {
     return this.#call({ method: "POST", path: `/v1/calls/${enc(callId)}/end`, idempotent: true });
+  }
+
+  // ---- development ----
+
+  /**
+   * `POST /v1/dev/token`: a token for any user, signed with the server's development key. Only a
+   * server running with its generated development key answers (404 otherwise). Sent without a
+   * token; use it to sign in during development, never in production.
+   */
+  devToken(body: DevTokenRequest): Promise<DevToken> {
+    return this.#call({ method: "POST", path: "/v1/dev/token", body, idempotent: true, auth: false });
+  }
+
+  /** `devToken` without a client: `RestClient.devToken("http://127.0.0.1:8080", {user_id: "alice"})`. */
+  static devToken(baseUrl: string, body: DevTokenRequest, fetchImpl?: typeof fetch): Promise<DevToken> {
+    return new RestClient({ baseUrl, token: "", ...(fetchImpl ? { fetch: fetchImpl } : {}) }).devToken(body);
   }
 
   // ---- plumbing ----

@@ -46,6 +46,8 @@ export type CallParticipant = Schemas["CallParticipant"];
 export type JoinedCall = Schemas["JoinedCall"];
 export type Peer = Schemas["Peer"];
 export type ErrorBody = Schemas["ErrorBody"];
+export type DevToken = Schemas["DevToken"];
+export type DevTokenRequest = Schemas["DevTokenRequest"];
 
 export type CreateChannelRequest = Schemas["CreateChannel"];
 export type AddMemberRequest = Omit<Schemas["AddMember"], "role"> & { role?: MemberRole | null };

@@ -264,6 +264,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/dev/token": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Development mode only (the server runs with its generated development key): a token for any
+         *     user, so the web client and scripts can sign in without an identity provider. Absent (404)
+         *     when JWT keys are configured.
+         */
+        post: operations["dev_token"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/presence/query": {
         parameters: {
             query?: never;
@@ -415,6 +436,24 @@ export interface components {
             name?: string | null;
             /** @description Other users to add as members. For a DM: exactly one user, the other party. */
             members?: string[];
+        };
+        /** @description A development token, signed with the server's development key. */
+        DevToken: {
+            token: string;
+            user_id: string;
+            tenant_id: string;
+            expires_at: string;
+        };
+        /** @description `POST /v1/dev/token` (development mode only). */
+        DevTokenRequest: {
+            user_id: string;
+            /** @description Defaults to `default`. */
+            tenant_id?: string | null;
+            /**
+             * Format: int64
+             * @description Lifetime in seconds, 60–604800 (default 86400).
+             */
+            ttl_secs?: number | null;
         };
         /** @description `PATCH /v1/channels/{id}/messages/{msg}`. */
         EditMessage: {
@@ -1486,6 +1525,37 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    dev_token: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["DevTokenRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["DevToken"];
+                };
             };
             "4XX": {
                 headers: {

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The TypeScript SDK's whole suite: install (when needed), build, type-check, unit and integration
+# tests against the real `parley` binary. Called by the project's scripts/test.sh.
+#
+#   PARLEY_BIN=/path/to/parley sdk/js/scripts/test.sh [vitest arguments...]
+#
+# PARLEY_BIN defaults to the debug build in $CARGO_TARGET_DIR (default ~/.cache/parley-target).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+target_dir="${CARGO_TARGET_DIR:-$HOME/.cache/parley-target}"
+export PARLEY_BIN="${PARLEY_BIN:-$target_dir/debug/parley}"
+if [[ ! -x "$PARLEY_BIN" ]]; then
+  echo "sdk/js: no parley binary at PARLEY_BIN=$PARLEY_BIN" >&2
+  echo "sdk/js: build it first:  cargo build -p parley --locked   (from the repository root)" >&2
+  echo "sdk/js: or point PARLEY_BIN at a built parley binary" >&2
+  exit 1
+fi
+
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  echo "sdk/js: node and npm are needed (Node >= 20)" >&2
+  exit 1
+fi
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if (( node_major < 20 )); then
+  echo "sdk/js: Node >= 20 is needed, found $(node --version)" >&2
+  exit 1
+fi
+
+if [[ ! -d node_modules || package-lock.json -nt node_modules ]]; then
+  echo "sdk/js: npm ci"
+  npm ci --no-audit --no-fund
+  touch node_modules
+fi
+
+echo "sdk/js: build (tsup)"
+npx --no-install tsup --silent
+
+echo "sdk/js: tsc --noEmit"
+npx --no-install tsc --noEmit
+
+echo "sdk/js: vitest (unit + integration, parley at $PARLEY_BIN)"
+npx --no-install vitest run "$@"
