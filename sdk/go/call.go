@@ -633,7 +633,6 @@ func (c *Call) onSignal(f *frame) {
 		c.rt.cfg.logger.Warn("parley: peer connection", "err", err)
 		return
 	}
-	p.Role = role
 	switch sig.Kind {
 	case "offer":
 		collision := p.pc.SignalingState() != webrtc.SignalingStateStable
