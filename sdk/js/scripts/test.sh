@@ -28,6 +28,19 @@ if (( node_major < 20 )); then
   exit 1
 fi
 
+# The calls test runs two real Chromium pages (Debian's package, driven by playwright-core).
+export PARLEY_CHROMIUM="${PARLEY_CHROMIUM:-/usr/bin/chromium}"
+if [[ ! -x "$PARLEY_CHROMIUM" ]]; then
+  if [[ "$(id -u)" == 0 ]] && command -v apt-get >/dev/null; then
+    echo "sdk/js: installing chromium (apt-get) for the calls test"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  fi
+  if [[ ! -x "$PARLEY_CHROMIUM" ]]; then
+    echo "sdk/js: no Chromium at PARLEY_CHROMIUM=$PARLEY_CHROMIUM: apt-get install chromium (as root), or point PARLEY_CHROMIUM at one" >&2
+    exit 1
+  fi
+fi
+
 if [[ ! -d node_modules || package-lock.json -nt node_modules ]]; then
   echo "sdk/js: npm ci"
   npm ci --no-audit --no-fund

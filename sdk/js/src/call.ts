@@ -210,10 +210,15 @@ export class CallSession extends Emitter<CallEvents> {
       }),
       c.connection.on("statechange", (change) => this.#onConnection(change)),
     );
-    for (const peer of joined.peers) {
-      const info = { participantId: peer.participant_id, userId: peer.user_id, role: peer.role };
-      this.#link(info, true);
-    }
+    // Offer to everyone already there on the next task, so that listeners attached right after
+    // `await joinCall(...)` see their `peer.joined` and every later event.
+    setTimeout(() => {
+      if (this.#state === "left" || this.#state === "ended") return;
+      for (const peer of joined.peers) {
+        const info = { participantId: peer.participant_id, userId: peer.user_id, role: peer.role };
+        this.#link(info, true);
+      }
+    }, 0);
   }
 
   /** @internal Sends a signal to a peer; the ack says whether a glare rolled our offer back. */
