@@ -39,21 +39,61 @@ func (c *callpeerLines) all() []map[string]any {
 	return append([]map[string]any(nil), c.lines...)
 }
 
-// TestCallpeerExample: the callpeer example (built here) joins a call first; a Go SDK
-// participant joins, sends a VP8 track and opens a "chat" data channel. callpeer reports
-// joined, peer_connected, datachannel_open, track (video/VP8) and rtp counts, echoes "hello" as
-// "echo:hello", and exits 0 after leaving on SIGTERM.
+// TestCallpeerExample: the callpeer example (built here) and a Go SDK participant who sends a
+// VP8 track and opens a "chat" data channel share a call, in both join orders (so callpeer both
+// answers and offers). callpeer reports joined, peer_connected, datachannel_open, track
+// (video/VP8) and rtp counts, echoes "hello" as "echo:hello", and exits 0 after leaving on
+// SIGTERM.
 func TestCallpeerExample(t *testing.T) {
-	srv := startServer(t)
-	ctx := ctxT(t)
 	bin := filepath.Join(t.TempDir(), "callpeer")
 	build := exec.Command("go", "build", "-o", bin, "./examples/callpeer")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./examples/callpeer: %v\n%s", err, out)
 	}
+	t.Run("callpeer joins first", func(t *testing.T) { testCallpeer(t, bin, true) })
+	t.Run("callpeer joins second", func(t *testing.T) { testCallpeer(t, bin, false) })
+}
+
+func testCallpeer(t *testing.T, bin string, callpeerFirst bool) {
+	srv := startServer(t)
+	ctx := ctxT(t)
 	ch, err := srv.client(t, "alice").CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: "callpeer", Members: []string{"peer"}})
 	if err != nil {
 		t.Fatalf("create channel: %v", err)
+	}
+
+	// Alice's side: a VP8 track and a "chat" data channel.
+	rt := connect(t, srv.client(t, "alice"))
+	go func() {
+		for range rt.Events() {
+		}
+	}()
+	video, err := webrtc.NewTrackLocalStaticRTP(webrtc.RTPCodecCapability{MimeType: webrtc.MimeTypeVP8, ClockRate: 90000}, "video", "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	echoes := make(chan string, 16)
+	var chat *webrtc.DataChannel
+	var chatMu sync.Mutex
+	opts := []parley.CallOption{
+		parley.WithLoopbackOnly(), parley.WithTrack(video), parley.WithDataChannel("chat"),
+		parley.OnDataChannel(func(_ *parley.Peer, dc *webrtc.DataChannel) {
+			dc.OnOpen(func() {
+				chatMu.Lock()
+				if chat == nil {
+					chat = dc
+				}
+				chatMu.Unlock()
+			})
+			dc.OnMessage(func(m webrtc.DataChannelMessage) { echoes <- string(m.Data) })
+		}),
+	}
+	var call *parley.Call
+	if !callpeerFirst {
+		call, err = rt.StartCall(ctx, ch.ID, opts...)
+		if err != nil {
+			t.Fatalf("alice starts the call: %v", err)
+		}
 	}
 
 	cmd := exec.Command(bin, "--url", srv.URL, "--token", srv.token(t, "peer"), "--channel", ch.ID, "--timeout", "60s")
@@ -98,34 +138,13 @@ func TestCallpeerExample(t *testing.T) {
 		return found
 	}
 	joined := event("joined", nil)
-
-	// Alice joins with a VP8 track and a "chat" data channel.
-	rt := connect(t, srv.client(t, "alice"))
-	go func() {
-		for range rt.Events() {
+	if callpeerFirst {
+		call, err = rt.JoinCall(ctx, joined["call_id"].(string), opts...)
+		if err != nil {
+			t.Fatalf("alice joins callpeer's call: %v", err)
 		}
-	}()
-	video, err := webrtc.NewTrackLocalStaticRTP(webrtc.RTPCodecCapability{MimeType: webrtc.MimeTypeVP8, ClockRate: 90000}, "video", "alice")
-	if err != nil {
-		t.Fatal(err)
-	}
-	echoes := make(chan string, 16)
-	var chat *webrtc.DataChannel
-	var chatMu sync.Mutex
-	call, err := rt.JoinCall(ctx, joined["call_id"].(string),
-		parley.WithLoopbackOnly(), parley.WithTrack(video), parley.WithDataChannel("chat"),
-		parley.OnDataChannel(func(_ *parley.Peer, dc *webrtc.DataChannel) {
-			dc.OnOpen(func() {
-				chatMu.Lock()
-				if chat == nil {
-					chat = dc
-				}
-				chatMu.Unlock()
-			})
-			dc.OnMessage(func(m webrtc.DataChannelMessage) { echoes <- string(m.Data) })
-		}))
-	if err != nil {
-		t.Fatalf("alice joins callpeer's call: %v", err)
+	} else if joined["call_id"] != call.ID {
+		t.Fatalf("expected callpeer to join the active call %s, got %v", call.ID, joined["call_id"])
 	}
 	stopVideo := make(chan struct{})
 	defer close(stopVideo)

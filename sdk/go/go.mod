@@ -1,6 +1,6 @@
 module github.com/parley-chat/parley/sdk/go
 
-go 1.26.8
+go 1.24.0
 
 require (
 	github.com/coder/websocket v1.8.15
