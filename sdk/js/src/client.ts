@@ -174,7 +174,10 @@ export class ParleyClient extends Emitter<ClientEvents> {
   readonly #sendWaiters = new Map<string, SendWaiter>();
   #outboxTimer: ReturnType<typeof setTimeout> | undefined;
   /** Read positions to (re)send, per channel. */
-  readonly #reads = new Map<string, { seq: number; sent: boolean }>();
+  readonly #reads = new Map<
+    string,
+    { seq: number; sent: boolean; waiters: Array<{ resolve: (seq: number) => void; reject: (e: ParleyError) => void }> }
+  >();
   #away = false;
   readonly #unread = new Map<string, { unreadCount: number; lastReadSeq: number }>();
 
@@ -248,6 +251,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
       this.#sendWaiters.delete(entry.clientMsgId);
     }
     for (const sub of this.#subs.values()) for (const w of sub.waiters.splice(0)) w.reject(closed);
+    for (const read of this.#reads.values()) for (const w of read.waiters.splice(0)) w.reject(closed);
     this.typing._dispose();
     this.connection._transition("disconnected", { reason: "closed by the application" });
     for (const w of this.#connectWaiters.splice(0)) w.reject(closed);
@@ -370,17 +374,35 @@ export class ParleyClient extends Emitter<ClientEvents> {
    * Marks a channel read up to `seq` (only moves forward). Sent now when connected, otherwise on
    * the next connection; resolves with the server's `last_read_seq` once sent.
    */
-  async markRead(channelId: string, seq: number): Promise<number> {
+  markRead(channelId: string, seq: number): Promise<number> {
     const current = this.#reads.get(channelId);
-    if (current && current.seq >= seq && current.sent) return current.seq;
-    this.#reads.set(channelId, { seq: Math.max(seq, current?.seq ?? 0), sent: false });
-    if (!this.#ready) {
-      await this.connection.waitFor("connected", 24 * 3600_000);
-    }
-    const ack = await this.request({ type: "read", channel_id: channelId, seq });
+    if (current && current.seq >= seq && current.sent) return Promise.resolve(current.seq);
+    const entry = { seq: Math.max(seq, current?.seq ?? 0), sent: false, waiters: current?.waiters ?? [] };
+    this.#reads.set(channelId, entry);
+    const promise = new Promise<number>((resolve, reject) => entry.waiters.push({ resolve, reject }));
+    if (this.#ready) this.#sendRead(channelId);
+    return promise;
+  }
+
+  #sendRead(channelId: string): void {
     const entry = this.#reads.get(channelId);
-    if (entry && entry.seq <= seq) entry.sent = true;
-    return ack.last_read_seq ?? seq;
+    if (!entry || entry.sent) return;
+    const seq = entry.seq;
+    this.request({ type: "read", channel_id: channelId, seq }).then(
+      (ack) => {
+        const now = this.#reads.get(channelId);
+        if (!now || now.seq > seq) return; // a newer position is on its way
+        now.sent = true;
+        for (const w of now.waiters.splice(0)) w.resolve(ack.last_read_seq ?? seq);
+      },
+      (e: unknown) => {
+        if (e instanceof ParleyError && (e.code === "disconnected" || e.code === "timeout")) return; // resent on reconnect
+        const now = this.#reads.get(channelId);
+        if (now === entry) this.#reads.delete(channelId);
+        const error = e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: String(e) });
+        for (const w of entry.waiters.splice(0)) w.reject(error);
+      },
+    );
   }
 
   /** Sets or clears "away" (kept across reconnects). */
@@ -713,15 +735,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
     this.#backoff.reset();
     this.connection._transition("connected", { reconnected });
     this.#settleConnect();
-    for (const [channelId, read] of this.#reads) {
-      if (!read.sent) {
-        this.request({ type: "read", channel_id: channelId, seq: read.seq })
-          .then(() => {
-            read.sent = true;
-          })
-          .catch(() => {});
-      }
-    }
+    for (const channelId of this.#reads.keys()) this.#sendRead(channelId);
     this.#pumpOutbox();
   }
 

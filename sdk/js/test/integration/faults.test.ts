@@ -185,8 +185,14 @@ describe("faults", () => {
     await receiver.client.subscribe(channelId);
     await receiver.proxy.down();
     await waitUntil("reconnecting", () => receiver.client.connection.state === "reconnecting");
-    for (let i = 0; i < 5; i++) await alice.rest.sendMessage(channelId, { client_msg_id: `while-away-${i}`, text: `away ${i}` });
+    const sent = [];
+    for (let i = 0; i < 5; i++) sent.push(await alice.rest.sendMessage(channelId, { client_msg_id: `while-away-${i}`, text: `away ${i}` }));
+    // A read position set while offline is sent once the connection is back.
+    const lastSeq = sent.at(-1)!.message.seq;
+    const read = receiver.client.markRead(channelId, lastSeq);
     await receiver.proxy.up();
+    expect(await within("the offline read position's ack", 10_000, read)).toBe(lastSeq);
+    expect((await alice.rest.listMembers(channelId)).members.find((m) => m.user_id === "bob")?.last_read_seq).toBe(lastSeq);
     await within("connected again", 10_000, receiver.client.connection.waitFor("connected"));
     await waitUntil("the missed messages were replayed", () => log.texts(channelId).length === 5, {
       detail: () => log.texts(channelId).join(","),
