@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/pion/rtp"
 	"github.com/pion/webrtc/v4"
 
 	parley "github.com/parley-chat/parley/sdk/go"
@@ -14,8 +15,9 @@ import (
 
 // inbox collects the text messages a participant receives on its data channels.
 type inbox struct {
-	mu   sync.Mutex
-	msgs []string
+	mu     sync.Mutex
+	msgs   []string
+	tracks []string // kind/codec of remote tracks
 	open map[string]*webrtc.DataChannel // by peer participant id: our own "chat" channel
 }
 
@@ -51,7 +53,19 @@ func callOptions(box *inbox) []parley.CallOption {
 			box.mu.Unlock()
 		})
 	}
-	return []parley.CallOption{parley.WithLoopbackOnly(), parley.WithDataChannel("chat"), parley.OnDataChannel(onDC)}
+	onTrack := func(_ *parley.Peer, tr *webrtc.TrackRemote, _ *webrtc.RTPReceiver) {
+		box.mu.Lock()
+		box.tracks = append(box.tracks, tr.Kind().String()+"/"+tr.Codec().MimeType)
+		box.mu.Unlock()
+		go func() {
+			for {
+				if _, _, err := tr.ReadRTP(); err != nil {
+					return
+				}
+			}
+		}()
+	}
+	return []parley.CallOption{parley.WithLoopbackOnly(), parley.WithDataChannel("chat"), parley.OnDataChannel(onDC), parley.OnTrack(onTrack)}
 }
 
 // exchange sends a text from each side to the other and waits until both arrived.
@@ -101,8 +115,8 @@ func remoteUfrag(p *parley.Peer) string {
 }
 
 // TestCallDataChannel: two Go peers join a call through Parley, negotiate (perfect
-// negotiation, trickle ICE) on 127.0.0.1 only and exchange text over a data channel; then
-// alice's WebSocket is cut: she reconnects, attaches the call again, restarts ICE, and data
+// negotiation, trickle ICE) on 127.0.0.1 only and exchange text over a data channel; a track
+// added and then removed mid-call renegotiates (bob receives VP8); then alice's WebSocket is cut: she reconnects, attaches the call again, restarts ICE, and data
 // flows again.
 func TestCallDataChannel(t *testing.T) {
 	srv := startServer(t, "--call-reconnect-grace-ms", "20000")
@@ -150,6 +164,44 @@ func TestCallDataChannel(t *testing.T) {
 			t.Fatalf("expected media on 127.0.0.1 only, selected pair %s", pair)
 		}
 	}
+
+	// A track added mid-call renegotiates: bob receives it; removing it renegotiates again.
+	video, err := webrtc.NewTrackLocalStaticRTP(webrtc.RTPCodecCapability{MimeType: webrtc.MimeTypeVP8, ClockRate: 90000}, "video", "alice")
+	if err != nil {
+		t.Fatal(err)
+	}
+	offers := aPeer.Stats().OffersSent
+	if err := aCall.AddTrack(video); err != nil {
+		t.Fatalf("add track: %v", err)
+	}
+	stopVideo := make(chan struct{})
+	go func() {
+		for seq := uint16(1); ; seq++ {
+			select {
+			case <-stopVideo:
+				return
+			case <-time.After(20 * time.Millisecond):
+				_ = video.WriteRTP(&rtp.Packet{Header: rtp.Header{Version: 2, SequenceNumber: seq, Timestamp: uint32(seq) * 3000}, Payload: []byte{0x10, 0, 0, 0}})
+			}
+		}
+	}()
+	waitFor(t, 20*time.Second, func() bool {
+		bBox.mu.Lock()
+		defer bBox.mu.Unlock()
+		return len(bBox.tracks) == 1
+	}, func() string { return fmt.Sprintf("bob receiving alice's video after a renegotiation (tracks %v)", bBox.tracks) })
+	if bBox.tracks[0] != "video/"+webrtc.MimeTypeVP8 || aPeer.Stats().OffersSent <= offers {
+		t.Fatalf("expected a VP8 video track through a new offer, got %v (offers %d → %d)", bBox.tracks, offers, aPeer.Stats().OffersSent)
+	}
+	close(stopVideo)
+	offers = aPeer.Stats().OffersSent
+	if err := aCall.RemoveTrack(video); err != nil {
+		t.Fatalf("remove track: %v", err)
+	}
+	waitFor(t, 20*time.Second, func() bool {
+		return aPeer.Stats().OffersSent > offers && aPeer.PeerConnection().SignalingState() == webrtc.SignalingStateStable
+	}, func() string { return "a renegotiation after removing the track" })
+	exchange(t, &aBox, &bBox, aCall, bCall, "1b after renegotiations")
 	ufragBefore := remoteUfrag(bPeer)
 
 	// Cut alice's WebSocket: she reconnects, re-attaches and restarts ICE.
