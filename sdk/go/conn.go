@@ -165,6 +165,12 @@ func (wc *wsConn) readLoop() {
 // route hands one frame to whoever waits for it.
 func (wc *wsConn) route(f *frame) {
 	rt := wc.rt
+	rt.mu.Lock()
+	drop := rt.dropFrame
+	rt.mu.Unlock()
+	if drop != nil && drop(f) {
+		return
+	}
 	switch f.Type {
 	case "ack", "error", "pong":
 		if f.ID != nil {

@@ -81,6 +81,8 @@ type Realtime struct {
 	handlers  []func(StateChange)
 	unread    map[string]UnreadUpdated
 	typingAt  map[string]time.Time
+	// dropFrame, set only by tests, discards frames before routing (a lost live event).
+	dropFrame func(*frame) bool
 }
 
 // channelState is what the client knows of a subscribed channel.
