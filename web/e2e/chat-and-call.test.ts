@@ -16,7 +16,7 @@ import { startProxy, type TcpProxy } from "./harness/proxy.js";
 import { startServer, type ParleyServer } from "./harness/server.js";
 import { watchSignals, type SignalLog } from "./harness/signals.js";
 import { waitFor } from "./harness/wait.js";
-import { droppedCandidates, framesDecodedIn, installLoopbackWebRTC } from "./harness/webrtc.js";
+import { droppedCandidates, framesDecodedIn, installLoopbackWebRTC, remoteIceUfrags } from "./harness/webrtc.js";
 
 const out = artifactsDir("chat-and-call");
 const log = (line: string) => console.log(`# ${line}`);
@@ -175,6 +175,9 @@ async function scenario(alice: Person, bob: Person): Promise<void> {
   await screenshot(bob.page, out, "07-bob-in-call");
 
   // ---- Bob's connection is reset for real; his client reconnects and the call restarts ICE ----
+  const ufragsBefore = { alice: await remoteIceUfrags(alice.page), bob: await remoteIceUfrags(bob.page) };
+  assert.equal(ufragsBefore.alice.length, 1, "Alice has one open peer connection");
+  assert.equal(ufragsBefore.bob.length, 1, "Bob has one open peer connection");
   const socketsBefore = bob.signals.sockets;
   const attachesBefore = bob.signals.sentTypes.get("call.attach") ?? 0;
   const cutAt = Date.now();
@@ -194,6 +197,13 @@ async function scenario(alice: Person, bob: Person): Promise<void> {
     () => [...alice.signals.signals, ...bob.signals.signals].some((s) => s.kind === "answer" && s.at > cutAt && s.direction === "sent"),
     { timeoutMs: 20_000 },
   );
+  for (const p of [alice, bob]) {
+    const before = ufragsBefore[p.name as "alice" | "bob"][0];
+    await waitFor(`${p.name}'s peer connection to apply the restarted ICE credentials of the other side`, async () => {
+      const now = await remoteIceUfrags(p.page);
+      return now.length === 1 && now[0] !== "" && now[0] !== before;
+    }, { timeoutMs: 20_000 });
+  }
   const aliceAfter = await decoding(alice, "after Bob's reconnect", await framesDecodedIn(alice.page));
   const bobAfter = await decoding(bob, "after his reconnect", await framesDecodedIn(bob.page));
   log(`frames decoded after the reconnect: alice ${aliceAfter}, bob ${bobAfter}`);

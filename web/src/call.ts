@@ -112,8 +112,8 @@ export class CallController {
       controls.push(h("button", { class: "button", type: "button", onclick: () => this.#closePanel() }, "Close"));
     } else {
       controls.push(
-        toggle("Mute", "Unmute", (off) => this.#local?.getAudioTracks().forEach((t) => (t.enabled = !off))),
-        toggle("Camera off", "Camera on", (off) => this.#local?.getVideoTracks().forEach((t) => (t.enabled = !off))),
+        toggle("Mute microphone", (off) => this.#local?.getAudioTracks().forEach((t) => (t.enabled = !off))),
+        toggle("Turn camera off", (off) => this.#local?.getVideoTracks().forEach((t) => (t.enabled = !off))),
         h("button", { class: "button danger", type: "button", id: "leave-call", onclick: () => void this.leave() }, "Leave"),
       );
     }
@@ -190,13 +190,13 @@ async function localMedia(): Promise<MediaStream | null> {
   return null;
 }
 
-function toggle(onLabel: string, offLabel: string, apply: (off: boolean) => void): HTMLButtonElement {
-  const button = h("button", { class: "button", type: "button", "aria-pressed": "false" }, onLabel);
+/** A toggle button: its label stays, `aria-pressed` says whether it is on (muted, camera off). */
+function toggle(label: string, apply: (pressed: boolean) => void): HTMLButtonElement {
+  const button = h("button", { class: "button toggle", type: "button", "aria-pressed": "false" }, label);
   button.addEventListener("click", () => {
-    const off = button.getAttribute("aria-pressed") !== "true";
-    button.setAttribute("aria-pressed", String(off));
-    button.textContent = off ? offLabel : onLabel;
-    apply(off);
+    const pressed = button.getAttribute("aria-pressed") !== "true";
+    button.setAttribute("aria-pressed", String(pressed));
+    apply(pressed);
   });
   return button;
 }

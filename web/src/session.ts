@@ -1,4 +1,4 @@
-//! The signed-in development user: a token from `POST /v1/dev/token`, kept in localStorage so a
+//! The signed-in development user: a token from `POST /v1/dev/token`, kept in sessionStorage (one sign-in per tab) so a
 //! reload stays signed in. The route exists only while the server runs with its development key.
 
 export interface DevSession {
@@ -42,13 +42,13 @@ export async function signInAsDevUser(userId: string, tenantId?: string): Promis
     tenantId: data.tenant_id,
     expiresAt: data.expires_at,
   };
-  localStorage.setItem(STORAGE_KEY, JSON.stringify(session));
+  sessionStorage.setItem(STORAGE_KEY, JSON.stringify(session));
   return session;
 }
 
 /** The stored session, unless it is missing, unreadable or expires within a minute. */
 export function storedSession(): DevSession | null {
-  const raw = localStorage.getItem(STORAGE_KEY);
+  const raw = sessionStorage.getItem(STORAGE_KEY);
   if (!raw) return null;
   try {
     const s = JSON.parse(raw) as DevSession;
@@ -60,5 +60,5 @@ export function storedSession(): DevSession | null {
 }
 
 export function forgetSession(): void {
-  localStorage.removeItem(STORAGE_KEY);
+  sessionStorage.removeItem(STORAGE_KEY);
 }

@@ -28,7 +28,7 @@ export function renderSignIn(root: HTMLElement, onSignedIn: (session: DevSession
     "form",
     { class: "signin", "aria-labelledby": "signin-title" },
     h("h1", { id: "signin-title" }, "Parley"),
-    h("p", {}, "Sign in as a development user to chat and call. Open a second browser window as another user to talk to yourself."),
+    h("p", {}, "Sign in as a development user to chat and call. Each tab has its own sign-in: open another tab as a second user to try it with yourself."),
     h(
       "div",
       { class: "field" },

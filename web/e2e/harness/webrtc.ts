@@ -104,3 +104,13 @@ export async function framesDecodedIn(page: import("playwright-core").Page): Pro
 export async function droppedCandidates(page: import("playwright-core").Page): Promise<string[]> {
   return page.evaluate(() => (window as unknown as { __parleyTest?: { dropped: string[] } }).__parleyTest?.dropped ?? []);
 }
+
+/** The remote ICE ufrag of each open peer connection of the page (it changes with an ICE restart). */
+export async function remoteIceUfrags(page: import("playwright-core").Page): Promise<string[]> {
+  return page.evaluate(() => {
+    const pcs = (window as unknown as { __parleyTest?: { pcs: RTCPeerConnection[] } }).__parleyTest?.pcs ?? [];
+    return pcs
+      .filter((pc) => pc.connectionState !== "closed")
+      .map((pc) => /^a=ice-ufrag:(\S+)/m.exec(pc.currentRemoteDescription?.sdp ?? "")?.[1] ?? "");
+  });
+}
