@@ -124,3 +124,35 @@ it("two browsers call: video both ways, renegotiation, reconnect with ICE restar
   const errors = [...(await logOf(alice)), ...(await logOf(bob))].filter((l) => l.startsWith("error:"));
   expect(errors, "no negotiation errors on either side").toEqual([]);
 });
+
+it("three browsers form a mesh: each decodes both others, roles follow join order, a manual ICE restart keeps media", { timeout: 120_000 }, async () => {
+  const tokens = { alice: await server.token("alice"), bob: await server.token("bob"), carol: await server.token("carol") };
+  const channel = await new RestClient({ baseUrl: server.url, token: tokens.alice }).createChannel({
+    kind: "channel",
+    name: "mesh",
+    members: ["bob", "carol"],
+  });
+  const [alice, bob, carol] = [await person(), await person(), await person()];
+  const a = await call<Promise<{ callId: string }>>(alice, "start", { url: server.url, token: tokens.alice, channelId: channel.id });
+  await call(bob, "start", { url: server.url, token: tokens.bob, callId: a.callId });
+  await call(carol, "start", { url: server.url, token: tokens.carol, callId: a.callId });
+
+  const perPeer = (page: Page) => call<Record<string, number>>(page, "framesPerPeer");
+  const both = (names: string[]) => (f: Record<string, number>) => names.every((n) => (f[n] ?? 0) > 5);
+  await waitFor("alice decodes bob and carol", () => perPeer(alice), both(["bob", "carol"]), 40_000);
+  await waitFor("bob decodes alice and carol", () => perPeer(bob), both(["alice", "carol"]), 40_000);
+  await waitFor("carol decodes alice and bob", () => perPeer(carol), both(["alice", "bob"]), 40_000);
+  // Roles: the earlier joiner of each pair is impolite.
+  expect((await call<string[]>(bob, "peers")).map((p) => p.split(":").slice(0, 2).join(":")).sort()).toEqual(["alice:polite", "carol:impolite"]);
+  expect((await call<string[]>(carol, "peers")).map((p) => p.split(":").slice(0, 2).join(":")).sort()).toEqual(["alice:polite", "bob:polite"]);
+
+  const before = await call<string[]>(alice, "ufrags");
+  const framesBefore = await perPeer(bob);
+  await call(alice, "restartIce");
+  await waitFor("alice's ufrags all changed", () => call<string[]>(alice, "ufrags"), (u) => u.length === 2 && u.every((x) => !before.includes(x)));
+  await waitFor("bob still decodes alice after the restart", () => perPeer(bob), (f) => (f.alice ?? 0) > (framesBefore.alice ?? 0) + 10);
+
+  const errors = [...(await logOf(alice)), ...(await logOf(bob)), ...(await logOf(carol))].filter((l) => l.startsWith("error:"));
+  expect(errors, "no negotiation errors").toEqual([]);
+  for (const page of [alice, bob, carol]) await call(page, "close");
+});

@@ -66,6 +66,24 @@ window.harness = {
     }
     return frames;
   },
+  /** Video frames decoded per peer, by user id. */
+  async framesPerPeer() {
+    const out = {};
+    for (const peer of state.session.peers()) {
+      const pc = state.session.peerConnection(peer.participantId);
+      let frames = 0;
+      if (pc) {
+        (await pc.getStats()).forEach((s) => {
+          if (s.type === "inbound-rtp" && s.kind === "video") frames += s.framesDecoded ?? 0;
+        });
+      }
+      out[peer.userId] = frames;
+    }
+    return out;
+  },
+  restartIce() {
+    state.session.restartIce();
+  },
   /** The local ICE ufrag towards each peer (changes with an ICE restart). */
   ufrags() {
     return state.session.peers().map((p) => parley.iceUfrag(state.session.peerConnection(p.participantId)?.localDescription?.sdp));
