@@ -2,7 +2,6 @@ package parley
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -376,10 +375,10 @@ func (c *Call) attach(conn *wsConn) {
 		return // the next connection attaches again
 	}
 	if reply.Type == "error" {
-		c.rt.cfg.logger.Warn("parley: call.attach refused", "call", c.ID, "err", reply.asError())
-		if errors.Is(reply.asError(), ErrNotFound) || errors.Is(reply.asError(), ErrNotAMember) || errors.Is(reply.asError(), ErrForbidden) {
-			go c.close()
-		}
+		// Not found, not a member, or conflict (the participant left — the reconnect grace
+		// period passed — or the call ended): this participant is out of the call.
+		c.rt.cfg.logger.Warn("parley: call.attach refused; the call is over for this participant", "call", c.ID, "err", reply.asError())
+		go c.close()
 		return
 	}
 	c.mu.Lock()
@@ -575,18 +574,49 @@ func (c *Call) offer(p *Peer) {
 				c.offer(p)
 			}})
 		case f.Type == "error":
-			c.rt.cfg.logger.Warn("parley: offer refused", "peer", p.ParticipantID, "err", f.asError())
+			c.signalRefused(p, "offer", f)
 		}
 	})
+}
+
+// signalRefused handles a refused signal. The server states why only in the message (a
+// negotiation rule name such as "peer_gone: ...", or a sentence), so the reasons that end a
+// peer or the call are recognised from it.
+func (c *Call) signalRefused(p *Peer, kind string, f *frame) {
+	err := f.asError()
+	msg := err.Message
+	switch {
+	case err.Code == "forbidden" || err.Code == "not_a_member" || err.Code == "not_found" ||
+		strings.Contains(msg, "call has ended"):
+		// This participant is no longer in the call.
+		c.rt.cfg.logger.Warn("parley: signal refused; leaving the call", "kind", kind, "err", err)
+		go c.close()
+	case strings.HasPrefix(msg, "peer_gone") || strings.Contains(msg, "is not a participant of this call"):
+		c.inbox.push(callInput{fn: func() { c.dropPeer(p.ParticipantID) }})
+	default:
+		c.rt.cfg.logger.Info("parley: signal refused", "kind", kind, "peer", p.ParticipantID, "err", err)
+	}
+}
+
+// dropPeer closes and forgets the connection to a participant who left.
+func (c *Call) dropPeer(id string) {
+	c.mu.Lock()
+	p := c.peers[id]
+	delete(c.peers, id)
+	c.mu.Unlock()
+	if p != nil {
+		_ = p.pc.Close()
+	}
 }
 
 // sendSignal sends a call.signal to p without waiting; hook sees the reply.
 func (c *Call) sendSignal(conn *wsConn, p *Peer, payload map[string]any, hook func(*frame)) {
 	req := map[string]any{"type": "call.signal", "call_id": c.ID, "from": c.ParticipantID, "to": p.ParticipantID, "signal": payload}
 	if hook == nil {
+		kind, _ := payload["kind"].(string)
 		hook = func(f *frame) {
 			if f.Type == "error" {
-				c.rt.cfg.logger.Info("parley: signal refused", "kind", payload["kind"], "peer", p.ParticipantID, "err", f.asError())
+				c.signalRefused(p, kind, f)
 			}
 		}
 	}
@@ -748,13 +778,7 @@ func (c *Call) onEvent(ev ChannelEvent) {
 			go c.close()
 			return
 		}
-		c.mu.Lock()
-		p := c.peers[e.ParticipantID]
-		delete(c.peers, e.ParticipantID)
-		c.mu.Unlock()
-		if p != nil {
-			_ = p.pc.Close()
-		}
+		c.dropPeer(e.ParticipantID)
 	case *CallEnded:
 		go c.close()
 	}

@@ -17,8 +17,8 @@ import (
 type inbox struct {
 	mu     sync.Mutex
 	msgs   []string
-	tracks []string // kind/codec of remote tracks
-	open map[string]*webrtc.DataChannel // by peer participant id: our own "chat" channel
+	tracks []string                       // kind/codec of remote tracks
+	open   map[string]*webrtc.DataChannel // by peer participant id: our own "chat" channel
 }
 
 func (b *inbox) has(text string) bool {
@@ -189,7 +189,9 @@ func TestCallDataChannel(t *testing.T) {
 		bBox.mu.Lock()
 		defer bBox.mu.Unlock()
 		return len(bBox.tracks) == 1
-	}, func() string { return fmt.Sprintf("bob receiving alice's video after a renegotiation (tracks %v)", bBox.tracks) })
+	}, func() string {
+		return fmt.Sprintf("bob receiving alice's video after a renegotiation (tracks %v)", bBox.tracks)
+	})
 	if bBox.tracks[0] != "video/"+webrtc.MimeTypeVP8 || aPeer.Stats().OffersSent <= offers {
 		t.Fatalf("expected a VP8 video track through a new offer, got %v (offers %d → %d)", bBox.tracks, offers, aPeer.Stats().OffersSent)
 	}
@@ -231,5 +233,52 @@ func TestCallDataChannel(t *testing.T) {
 	info, err := srv.client(t, "alice").GetCall(ctx, aCall.ID)
 	if err != nil || info.EndedAt == nil {
 		t.Fatalf("expected the call ended after both left, got %+v %v", info, err)
+	}
+}
+
+// TestCallGraceTimeout: alice's connection is gone longer than the reconnect grace period; the
+// server makes her leave (reason timeout), bob's peer for her closes, and when alice is back
+// her call is over (the re-attach is refused) rather than half-alive.
+func TestCallGraceTimeout(t *testing.T) {
+	srv := startServer(t, "--call-reconnect-grace-ms", "400")
+	px := startProxy(t, "127.0.0.1:"+srv.Port)
+	ctx := ctxT(t)
+	ch, err := srv.client(t, "alice").CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: "grace", Members: []string{"bob"}})
+	if err != nil {
+		t.Fatalf("create channel: %v", err)
+	}
+	aliceRT := connect(t, srv.client(t, "alice", px.URL), parley.WithBackoff(20*time.Millisecond, 100*time.Millisecond))
+	bobRT := connect(t, srv.client(t, "bob"))
+	go func() {
+		for range aliceRT.Events() {
+		}
+	}()
+	var aBox, bBox inbox
+	aCall, err := aliceRT.StartCall(ctx, ch.ID, callOptions(&aBox)...)
+	if err != nil {
+		t.Fatalf("alice joins: %v", err)
+	}
+	bCall, err := bobRT.StartCall(ctx, ch.ID, callOptions(&bBox)...)
+	if err != nil {
+		t.Fatalf("bob joins: %v", err)
+	}
+	exchange(t, &aBox, &bBox, aCall, bCall, "before the drop")
+
+	px.setOffline(true)
+	px.reset()
+	left := nextEvent(t, bobRT, "alice leaving by timeout", func(e *parley.CallParticipantLeft) bool {
+		return e.ParticipantID == aCall.ParticipantID
+	})
+	if left.Reason != "timeout" {
+		t.Fatalf("expected alice to leave with reason timeout, got %q", left.Reason)
+	}
+	waitFor(t, wait, func() bool { _, ok := bCall.Peer(aCall.ParticipantID); return !ok }, func() string {
+		return "bob's peer for alice closed"
+	})
+	px.setOffline(false)
+	select {
+	case <-aCall.Done():
+	case <-time.After(wait):
+		t.Fatalf("expected alice's call to end after her re-attach was refused, within %v", wait)
 	}
 }
