@@ -257,7 +257,6 @@ export class App implements SidebarActions, ConversationActions {
       default:
         break;
     }
-    this.#calls.onChannelEvent(event);
     this.renderAll();
     if (event.channel_id === this.state.selected) this.#markSelectedRead();
   }

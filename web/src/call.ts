@@ -1,6 +1,6 @@
 //! The call panel: start or join the call of a conversation, send camera and microphone, and show
 //! one video tile per participant. Media and negotiation are the SDK's `CallSession`.
-import { joinCall, type CallPeerInfo, type CallSession, type DeliveredEvent, type ParleyClient } from "@parley/sdk";
+import { isParleyError, joinCall, type CallPeerInfo, type CallSession, type ParleyClient } from "@parley/sdk";
 import { h, replaceChildren } from "./dom.js";
 import type { AppState } from "./state.js";
 
@@ -45,8 +45,17 @@ export class CallController {
     try {
       this.#local = await localMedia();
       if (this.#local) this.#tile("local", `${this.#state.me} (you)`, true).video.srcObject = this.#local;
-      const call = c?.call ?? (await this.#client.rest.startCall(channelId));
-      const session = await joinCall(this.#client, call.id, this.#local ? { stream: this.#local } : {});
+      const options = this.#local ? { stream: this.#local } : {};
+      let session: CallSession;
+      try {
+        const call = c?.call ?? (await this.#client.rest.startCall(channelId));
+        session = await joinCall(this.#client, call.id, options);
+      } catch (e) {
+        // The call we knew of may have ended meanwhile: start (or get) the current one.
+        if (!c?.call || !isParleyError(e, "not_found", "conflict")) throw e;
+        const call = await this.#client.rest.startCall(channelId);
+        session = await joinCall(this.#client, call.id, options);
+      }
       this.#session = session;
       this.#wire(session);
       this.#setStatus(this.#local ? "In call" : "In call (no camera or microphone: receiving only)");
@@ -71,9 +80,6 @@ export class CallController {
   async leaveIfIn(channelId: string): Promise<void> {
     if (this.#session?.channelId === channelId) await this.leave();
   }
-
-  /** Channel events reach the SDK's session on their own; the panel only needs a refresh. */
-  onChannelEvent(_event: DeliveredEvent): void {}
 
   #wire(session: CallSession): void {
     session.on("peer.joined", (peer) => this.#peerTile(peer));
