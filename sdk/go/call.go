@@ -678,6 +678,9 @@ func (c *Call) onSignal(f *frame) {
 			return
 		}
 		c.flushCandidates(p)
+		if sig.ICERestart {
+			p.restartPending = false // this exchange restarts ICE for the pair
+		}
 		// Publish what this side has on the transceivers the offer created.
 		c.mu.Lock()
 		tracks := append([]webrtc.TrackLocal(nil), c.tracks...)

@@ -483,9 +483,12 @@ func (rt *Realtime) resumeHook(conn *wsConn, asked []map[string]any) func(*frame
 			// Resume refused as a whole (another user's session, say): subscribe afresh;
 			// each subscribe ack fills the gap from history.
 			rt.cfg.logger.Warn("parley: resume refused", "err", f.asError())
-			for _, ch := range asked {
-				rt.subscribeOn(conn, ch["channel_id"].(string))
-			}
+			// Not from the reader's goroutine: a write may wait for the frame budget.
+			go func() {
+				for _, ch := range asked {
+					rt.subscribeOn(conn, ch["channel_id"].(string))
+				}
+			}()
 			return
 		}
 		for _, r := range f.Resumed {
@@ -627,18 +630,22 @@ func (rt *Realtime) Subscribe(ctx context.Context, channelID string, opts ...Sub
 		rt.mu.Unlock()
 		return seq, nil
 	}
+	var conn *wsConn
 	if !ok {
 		st = &channelState{ready: make(chan subscribeResult, 1)}
 		for _, o := range opts {
 			o(st)
 		}
 		rt.channels[channelID] = st
-		if rt.conn != nil {
-			rt.subscribeOn(rt.conn, channelID)
-		}
+		// A live connection has already listed its channels: subscribe on it here. Without
+		// one, the next connection subscribes every channel it finds.
+		conn = rt.conn
 	}
 	ready := st.ready
 	rt.mu.Unlock()
+	if conn != nil {
+		rt.subscribeOn(conn, channelID)
+	}
 	select {
 	case r := <-ready:
 		ready <- r // for any other waiter
