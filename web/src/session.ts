@@ -1,6 +1,8 @@
 //! The signed-in development user: a token from `POST /v1/dev/token`, kept in sessionStorage (one sign-in per tab) so a
 //! reload stays signed in. The route exists only while the server runs with its development key.
 
+import { isParleyError, RestClient } from "@parley/sdk";
+
 export interface DevSession {
   token: string;
   userId: string;
@@ -13,29 +15,17 @@ const STORAGE_KEY = "parley.devSession";
 
 /** Signs in as `userId` (in `tenantId`, or the server's default tenant). */
 export async function signInAsDevUser(userId: string, tenantId?: string): Promise<DevSession> {
-  const body: Record<string, string> = { user_id: userId };
-  if (tenantId) body.tenant_id = tenantId;
-  const res = await fetch("/v1/dev/token", {
-    method: "POST",
-    headers: { "content-type": "application/json" },
-    body: JSON.stringify(body),
-  });
-  if (res.status === 404) {
-    throw new Error(
-      "This server does not hand out development tokens (it runs with configured JWT keys). Sign-in as a development user only works on a development server.",
-    );
-  }
-  if (!res.ok) {
-    let message = `HTTP ${res.status}`;
-    try {
-      const err = (await res.json()) as { error?: { message?: string } };
-      if (err.error?.message) message = err.error.message;
-    } catch {
-      // Keep the status line.
+  let data;
+  try {
+    data = await RestClient.devToken(location.origin, tenantId ? { user_id: userId, tenant_id: tenantId } : { user_id: userId });
+  } catch (e) {
+    if (isParleyError(e, "route_not_found", "not_found")) {
+      throw new Error(
+        "This server does not hand out development tokens (it runs with configured JWT keys). Signing in as a development user only works on a development server.",
+      );
     }
-    throw new Error(message);
+    throw e;
   }
-  const data = (await res.json()) as { token: string; user_id: string; tenant_id: string; expires_at: string };
   const session: DevSession = {
     token: data.token,
     userId: data.user_id,

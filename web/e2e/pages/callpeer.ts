@@ -19,7 +19,7 @@ function note(line: string): void {
   document.getElementById("log")?.append(li);
 }
 
-async function join(token: string, channelId: string): Promise<{ participantId: string; peers: number }> {
+async function join(token: string, channelId: string): Promise<{ participantId: string; others: number }> {
   const client = new ParleyClient({ url: location.origin, token });
   client.connection.on("statechange", (c) => note(`connection ${c.current}`));
   await client.connect();
@@ -35,17 +35,25 @@ async function join(token: string, channelId: string): Promise<{ participantId: 
     if (e.track.kind === "video") (document.getElementById("remote") as HTMLVideoElement).srcObject = e.streams[0] ?? new MediaStream([e.track]);
   });
   session.on("error", (e) => note(`error ${e.code}: ${e.message}`));
-  const current = await client.rest.getCall(call.id);
-  note(`joined ${call.id} as ${session.participantId}; participants ${current.participants.map((p) => `${p.user_id}:${p.participant_id}${p.left_at ? " (left)" : ""}`).join(", ")}`);
-  return { participantId: session.participantId, peers: session.peers().length };
+  const present = (await client.rest.getCall(call.id)).participants.filter((p) => !p.left_at);
+  note(`joined ${call.id} as ${session.participantId}`);
+  return { participantId: session.participantId, others: present.filter((p) => p.participant_id !== session.participantId).length };
 }
 
 /** Opens the `chat` data channel to the first peer and listens on every data channel. */
-function openChat(): void {
+async function openChat(): Promise<void> {
   const session = state.session;
-  const peer = session?.peers()[0];
-  const pc = peer ? session?.peerConnection(peer.participantId) : undefined;
-  if (!pc) throw new Error("no peer connection yet");
+  if (!session) throw new Error("not in a call");
+  // The SDK links the peers found at join on the next task: wait (bounded) for the connection.
+  const deadline = Date.now() + 10_000;
+  let pc: RTCPeerConnection | undefined;
+  while (!pc) {
+    const peer = session.peers()[0];
+    pc = peer ? session.peerConnection(peer.participantId) : undefined;
+    if (pc) break;
+    if (Date.now() > deadline) throw new Error("no peer connection 10 s after joining");
+    await new Promise((r) => setTimeout(r, 50));
+  }
   const listen = (dc: RTCDataChannel) => {
     dc.addEventListener("open", () => note(`datachannel ${dc.label} open`));
     dc.addEventListener("message", (ev: MessageEvent) => {
