@@ -221,6 +221,16 @@ func TestCallDataChannel(t *testing.T) {
 		t.Fatalf("expected media on 127.0.0.1 after the restart, selected pair %s", pair)
 	}
 
+	// An ICE restart asked for by the polite side (what an ICE failure triggers).
+	ufragBefore = remoteUfrag(aPeer)
+	bRestarts := bPeer.Stats().ICERestarts
+	bCall.RestartICE()
+	waitFor(t, 20*time.Second, func() bool {
+		return bPeer.Stats().ICERestarts > bRestarts && remoteUfrag(aPeer) != ufragBefore &&
+			bPeer.PeerConnection().SignalingState() == webrtc.SignalingStateStable
+	}, func() string { return "an ICE restart from bob answered by alice" })
+	exchange(t, &aBox, &bBox, aCall, bCall, "3 after bob's ICE restart")
+
 	if err := bCall.Leave(ctx); err != nil {
 		t.Fatalf("bob leaves: %v", err)
 	}
