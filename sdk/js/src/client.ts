@@ -3,20 +3,16 @@
 //! channel's events exactly once in seq order, and sends messages through an outbox that
 //! survives reconnects. It never lets an event through twice and never skips one silently:
 //! what history cannot restore is reported as a `resync`.
-import { Backoff, type BackoffOptions } from "./backoff.js";
+import type { BackoffOptions } from "./backoff.js";
 import { joinCall, type CallSession, type JoinCallOptions } from "./call.js";
-import {
-  Connection,
-  WS_OPEN,
-  type WebSocketConstructor,
-  type WebSocketLike,
-} from "./connection.js";
+import { Connection, type WebSocketConstructor } from "./connection.js";
 import { Emitter } from "./emitter.js";
 import { ParleyError } from "./errors.js";
 import { newClientMsgId, Outbox, type OutboxEntry } from "./outbox.js";
-import { CloseCode, SUBPROTOCOL, isChannelEventType, type ClientRequest } from "./protocol.js";
+import { isChannelEventType, type ClientRequest } from "./protocol.js";
 import { MAX_HISTORY_LIMIT, RestClient, type HistoryQuery, type TokenSource } from "./rest.js";
 import { ChannelSequencer, type DeliveredEvent, type Gap } from "./sequencer.js";
+import { Transport } from "./transport.js";
 import { Typing, type TypingOptions } from "./typing.js";
 import type {
   AckFrame,
@@ -25,7 +21,6 @@ import type {
   CallSignalEvent,
   ChannelEvent,
   ChannelEventType,
-  ErrorFrame,
   Message,
   MessagePage,
   PresenceChangedEvent,
@@ -34,7 +29,6 @@ import type {
   SendResult,
   TypingEvent,
   UnreadUpdatedEvent,
-  WelcomeFrame,
 } from "./types.js";
 
 export interface ParleyClientOptions {
@@ -111,12 +105,6 @@ export interface SendOptions {
   metadata?: unknown;
 }
 
-interface Pending {
-  resolve: (ack: AckFrame) => void;
-  reject: (e: ParleyError) => void;
-  timer: ReturnType<typeof setTimeout>;
-}
-
 interface Sub {
   sequencer: ChannelSequencer;
   /** The subscribe (or resume) of the current connection has been acknowledged. */
@@ -138,36 +126,9 @@ export class ParleyClient extends Emitter<ClientEvents> {
   /** Typing indicators: `keystroke`, `stop`, `users`. */
   readonly typing: Typing;
 
-  readonly #wsUrl: string;
-  readonly #token: TokenSource;
-  readonly #WebSocket: WebSocketConstructor;
-  readonly #backoff: Backoff;
-  readonly #requestTimeoutMs: number;
+  readonly #transport: Transport;
   readonly #maxSendAttempts: number;
-
-  #ws: WebSocketLike | undefined;
-  /** The socket is authenticated (welcome received); requests may be sent. */
-  #ready = false;
-  #wanted = false;
-  #everConnected = false;
-  #sessionId: string | undefined;
-  #nextId = 1;
-  readonly #pending = new Map<string, Pending>();
-  #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
-  #welcomeTimer: ReturnType<typeof setTimeout> | undefined;
-  #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
-  /** The server asked to wait this long (an error frame's `retry_after_ms`) before the next try. */
-  #serverRetryAfterMs: number | undefined;
-  #lastError: ParleyError | undefined;
   #connectWaiters: Array<{ resolve: () => void; reject: (e: ParleyError) => void }> = [];
-
-  // Frame budget (token bucket matching the welcome's limits), so the server never has to refuse.
-  #tokens = 0;
-  #tokensAt = 0;
-  #ratePerMs = 0.045;
-  #burst = 90;
-  readonly #outQueue: string[] = [];
-  #outTimer: ReturnType<typeof setTimeout> | undefined;
 
   readonly #subs = new Map<string, Sub>();
   readonly #outbox = new Outbox();
@@ -184,17 +145,35 @@ export class ParleyClient extends Emitter<ClientEvents> {
   constructor(options: ParleyClientOptions) {
     super();
     const base = options.url.replace(/\/+$/, "");
-    this.#wsUrl = base.replace(/^http/, "ws") + "/v1/ws";
-    this.#token = options.token;
     const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WS) {
       throw new TypeError(
         "parley: no WebSocket constructor; in Node 20 pass `WebSocket` from the `ws` package as the `WebSocket` option",
       );
     }
-    this.#WebSocket = WS;
-    this.#backoff = new Backoff(options.backoff);
-    this.#requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
+    this.#transport = new Transport({
+      wsUrl: base.replace(/^http/, "ws") + "/v1/ws",
+      token: options.token,
+      WebSocket: WS,
+      backoff: options.backoff,
+      requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
+      connection: this.connection,
+      hooks: {
+        restore: (_welcome, previous) => this.#restore(previous),
+        frame: (frame) => this.#onFrame(frame),
+        error: (error) => this.emit("error", error),
+        dropped: () => this.#onDropped(),
+        fatal: (error) => {
+          for (const w of this.#connectWaiters.splice(0)) w.reject(error);
+        },
+      },
+    });
+    this.connection.on("connected", () => {
+      // Subscriptions are back: read positions and queued messages go out now.
+      for (const channelId of this.#reads.keys()) this.#sendRead(channelId);
+      this.#pumpOutbox();
+      for (const w of this.#connectWaiters.splice(0)) w.resolve();
+    });
     this.#maxSendAttempts = options.maxSendAttempts ?? 8;
     this.rest = new RestClient({
       baseUrl: base,
@@ -204,7 +183,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
     this.typing = new Typing(
       {
         send: (channelId, state) => {
-          if (!this.#ready) return;
+          if (!this.#transport.ready) return;
           this.request({ type: state === "start" ? "typing.start" : "typing.stop", channel_id: channelId }).catch(() => {});
         },
         throttleMs: () => this.connection.welcome?.limits.typing_throttle_ms ?? 3_000,
@@ -223,27 +202,17 @@ export class ParleyClient extends Emitter<ClientEvents> {
    */
   connect(): Promise<void> {
     const promise = new Promise<void>((resolve, reject) => this.#connectWaiters.push({ resolve, reject }));
-    if (this.connection.state === "connected") this.#settleConnect();
-    if (!this.#wanted) {
-      this.#wanted = true;
-      this.connection._transition("connecting");
-      this.#open();
+    if (this.connection.state === "connected") {
+      for (const w of this.#connectWaiters.splice(0)) w.resolve();
     }
+    this.#transport.start();
     return promise;
   }
 
   /** Closes the connection for good: pending sends and requests fail with `closed`. */
   close(): void {
-    this.#wanted = false;
-    clearTimeout(this.#reconnectTimer);
     clearTimeout(this.#outboxTimer);
-    const ws = this.#ws;
-    this.#dropSocket();
-    try {
-      ws?.close(1000, "client closed");
-    } catch {
-      /* already closed */
-    }
+    this.#transport.stop("closed by the application");
     const closed = new ParleyError({ code: "closed", message: "the client was closed" });
     for (const entry of this.#outbox.pending()) {
       this.#outbox.remove(entry.clientMsgId);
@@ -253,7 +222,6 @@ export class ParleyClient extends Emitter<ClientEvents> {
     for (const sub of this.#subs.values()) for (const w of sub.waiters.splice(0)) w.reject(closed);
     for (const read of this.#reads.values()) for (const w of read.waiters.splice(0)) w.reject(closed);
     this.typing._dispose();
-    this.connection._transition("disconnected", { reason: "closed by the application" });
     for (const w of this.#connectWaiters.splice(0)) w.reject(closed);
   }
 
@@ -262,8 +230,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
    * resumes). For tests and for "reconnect now" buttons.
    */
   reconnectNow(): void {
-    if (!this.#ws) return;
-    this.#socketLost(this.#ws, "reconnect requested", undefined);
+    this.#transport.reconnectNow();
   }
 
   // ---- channels ----
@@ -283,7 +250,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
       if (!sub) {
         sub = { sequencer: new ChannelSequencer(channelId, options.after), live: false, filling: false, waiters: [] };
         this.#subs.set(channelId, sub);
-        if (this.#ready) this.#subscribeOnServer(channelId, sub).catch(() => {});
+        if (this.#transport.ready) this.#subscribeOnServer(channelId, sub).catch(() => {});
       }
       sub.waiters.push({ resolve, reject });
     });
@@ -298,7 +265,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
     for (const w of sub.waiters.splice(0)) {
       w.reject(new ParleyError({ code: "closed", message: `unsubscribed from ${channelId}` }));
     }
-    if (this.#ready) await this.request({ type: "unsubscribe", channel_id: channelId }).catch(() => {});
+    if (this.#transport.ready) await this.request({ type: "unsubscribe", channel_id: channelId }).catch(() => {});
   }
 
   /** Subscribed channels and the last seq delivered in each. */
@@ -380,7 +347,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
     const entry = { seq: Math.max(seq, current?.seq ?? 0), sent: false, waiters: current?.waiters ?? [] };
     this.#reads.set(channelId, entry);
     const promise = new Promise<number>((resolve, reject) => entry.waiters.push({ resolve, reject }));
-    if (this.#ready) this.#sendRead(channelId);
+    if (this.#transport.ready) this.#sendRead(channelId);
     return promise;
   }
 
@@ -408,7 +375,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
   /** Sets or clears "away" (kept across reconnects). */
   async setAway(away: boolean): Promise<void> {
     this.#away = away;
-    if (this.#ready) await this.request({ type: "presence.set", away });
+    if (this.#transport.ready) await this.request({ type: "presence.set", away });
   }
 
   /** The unread count of a channel as last reported (`unread.updated` or `refreshUnread`). */
@@ -445,206 +412,19 @@ export class ParleyClient extends Emitter<ClientEvents> {
    * `disconnected` if there is no connection or it drops before the answer, with `timeout`, or
    * with the server's error. A `rate_limited` refusal is retried after the delay the server states.
    */
-  async request(frame: ClientRequest, options: { timeoutMs?: number } = {}): Promise<AckFrame> {
-    for (let attempt = 0; ; attempt++) {
-      try {
-        return await this.#requestOnce(frame, options.timeoutMs ?? this.#requestTimeoutMs);
-      } catch (e) {
-        if (e instanceof ParleyError && e.code === "rate_limited" && attempt < 5) {
-          await sleep(e.retryAfterMs ?? 1000);
-          continue;
-        }
-        throw e;
-      }
-    }
-  }
-
-  #requestOnce(frame: ClientRequest, timeoutMs: number): Promise<AckFrame> {
-    const ws = this.#ws;
-    if (!ws || !this.#ready) {
-      return Promise.reject(new ParleyError({ code: "disconnected", message: `${frame.type}: not connected` }));
-    }
-    const id = String(this.#nextId++);
-    return new Promise<AckFrame>((resolve, reject) => {
-      const timer = setTimeout(() => {
-        this.#pending.delete(id);
-        reject(new ParleyError({ code: "timeout", message: `${frame.type}: no answer within ${timeoutMs} ms` }));
-      }, timeoutMs);
-      this.#pending.set(id, { resolve, reject, timer });
-      this.#enqueueFrame({ ...frame, id });
-    });
-  }
-
-  // ---- the socket ----
-
-  #open(): void {
-    if (!this.#wanted) return;
-    this.connection._attempt();
-    let ws: WebSocketLike;
-    try {
-      ws = new this.#WebSocket(this.#wsUrl, [SUBPROTOCOL]) as WebSocketLike;
-    } catch (e) {
-      this.#scheduleReconnect(`cannot open a WebSocket: ${String(e)}`);
-      return;
-    }
-    this.#ws = ws;
-    this.#ready = false;
-    this.#welcomeTimer = setTimeout(() => this.#socketLost(ws, "no welcome in time", undefined), this.#requestTimeoutMs);
-    ws.onopen = () => {
-      if (ws !== this.#ws) return;
-      void this.#authenticate(ws);
-    };
-    ws.onmessage = (event) => {
-      if (ws !== this.#ws) return;
-      const text = typeof event.data === "string" ? event.data : String(event.data);
-      let frame: { type?: unknown };
-      try {
-        frame = JSON.parse(text) as { type?: unknown };
-      } catch {
-        this.emit("error", new ParleyError({ code: "bad_response", message: "a frame that is not JSON" }));
-        return;
-      }
-      this.#onFrame(frame);
-    };
-    ws.onclose = (event) => {
-      if (ws !== this.#ws) return;
-      this.#socketLost(ws, `closed ${event.code}${event.reason ? ` (${event.reason})` : ""}`, event.code);
-    };
-    ws.onerror = () => {
-      // `close` follows; nothing to do here.
-    };
-  }
-
-  async #authenticate(ws: WebSocketLike): Promise<void> {
-    let token: string;
-    try {
-      token = typeof this.#token === "function" ? await this.#token() : this.#token;
-    } catch (e) {
-      this.#lastError = new ParleyError({ code: "token_missing", message: `the token source failed: ${String(e)}`, cause: e });
-      this.#socketLost(ws, "token source failed", undefined);
-      return;
-    }
-    if (ws !== this.#ws || ws.readyState !== WS_OPEN) return;
-    ws.send(JSON.stringify({ type: "auth", token }));
-  }
-
-  /** The socket is gone (closed, failed, or given up on): clean up and plan the next attempt. */
-  #socketLost(ws: WebSocketLike, reason: string, code: number | undefined): void {
-    if (ws !== this.#ws) return;
-    this.#dropSocket();
-    try {
-      if (typeof ws.terminate === "function") ws.terminate();
-      else ws.close();
-    } catch {
-      /* already closed */
-    }
-    if (!this.#wanted) return;
-    const error = this.#lastError;
-    this.#lastError = undefined;
-    if (code === CloseCode.AuthenticationFailed && typeof this.#token === "string") {
-      // A static token the server refused will be refused again: stop and say why.
-      this.#wanted = false;
-      const fatal =
-        error ?? new ParleyError({ code: "token_invalid_claims", message: "the server refused the token" });
-      this.connection._transition("disconnected", { reason, error: fatal });
-      for (const w of this.#connectWaiters.splice(0)) w.reject(fatal);
-      return;
-    }
-    this.#scheduleReconnect(reason, error);
-  }
-
-  #dropSocket(): void {
-    this.#ws = undefined;
-    this.#ready = false;
-    clearTimeout(this.#welcomeTimer);
-    clearInterval(this.#heartbeatTimer);
-    clearTimeout(this.#outTimer);
-    this.#outQueue.length = 0;
-    const lost = new ParleyError({ code: "disconnected", message: "the connection dropped before the answer" });
-    for (const [id, p] of this.#pending) {
-      clearTimeout(p.timer);
-      this.#pending.delete(id);
-      p.reject(lost);
-    }
-    this.#outbox.requeueAll();
-    for (const sub of this.#subs.values()) sub.live = false;
-  }
-
-  #scheduleReconnect(reason: string, error?: ParleyError): void {
-    clearTimeout(this.#reconnectTimer);
-    const delay = this.#backoff.next(this.#serverRetryAfterMs);
-    this.#serverRetryAfterMs = undefined;
-    this.connection._transition("reconnecting", { reason, retryInMs: delay, ...(error ? { error } : {}) });
-    this.#reconnectTimer = setTimeout(() => this.#open(), delay);
-  }
-
-  // ---- frame budget ----
-
-  #enqueueFrame(frame: object): void {
-    this.#outQueue.push(JSON.stringify(frame));
-    this.#flushFrames();
-  }
-
-  #flushFrames(): void {
-    const ws = this.#ws;
-    if (!ws || ws.readyState !== WS_OPEN) return;
-    const now = Date.now();
-    this.#tokens = Math.min(this.#burst, this.#tokens + (now - this.#tokensAt) * this.#ratePerMs);
-    this.#tokensAt = now;
-    while (this.#outQueue.length > 0 && this.#tokens >= 1) {
-      this.#tokens -= 1;
-      ws.send(this.#outQueue.shift() as string);
-    }
-    if (this.#outQueue.length > 0 && this.#outTimer === undefined) {
-      const wait = Math.max(1, Math.ceil((1 - this.#tokens) / this.#ratePerMs));
-      this.#outTimer = setTimeout(() => {
-        this.#outTimer = undefined;
-        this.#flushFrames();
-      }, wait);
-    }
-  }
-
-  #pauseFrames(ms: number): void {
-    // The server refused a frame: spend the budget so nothing more goes out for `ms`.
-    this.#tokens = Math.min(this.#tokens, 1 - ms * this.#ratePerMs);
-    this.#tokensAt = Date.now();
+  request(frame: ClientRequest, options: { timeoutMs?: number } = {}): Promise<AckFrame> {
+    return this.#transport.request(frame, options.timeoutMs);
   }
 
   // ---- incoming frames ----
 
-  #onFrame(frame: { type?: unknown }): void {
+  #onFrame(frame: { type: string }): void {
     const type = frame.type;
-    if (typeof type !== "string") return;
     if (isChannelEventType(type)) {
       this.#onChannelEvent(frame as ChannelEvent);
       return;
     }
     switch (type) {
-      case "welcome":
-        this.#onWelcome(frame as WelcomeFrame);
-        return;
-      case "ack": {
-        const ack = frame as AckFrame;
-        const p = this.#pending.get(ack.id);
-        if (p) {
-          this.#pending.delete(ack.id);
-          clearTimeout(p.timer);
-          p.resolve(ack);
-        }
-        return;
-      }
-      case "error":
-        this.#onError(frame as ErrorFrame);
-        return;
-      case "pong": {
-        const p = this.#pending.get((frame as { id: string }).id);
-        if (p) {
-          this.#pending.delete((frame as { id: string }).id);
-          clearTimeout(p.timer);
-          p.resolve({ type: "ack", id: (frame as { id: string }).id });
-        }
-        return;
-      }
       case "typing":
         this.typing._onEvent(frame as TypingEvent);
         this.emit("typing", frame as TypingEvent);
@@ -667,47 +447,14 @@ export class ParleyClient extends Emitter<ClientEvents> {
     }
   }
 
-  #onError(frame: ErrorFrame): void {
-    const error = new ParleyError({
-      code: frame.code,
-      message: frame.message,
-      retryAfterMs: frame.retry_after_ms ?? undefined,
-    });
-    if (frame.code === "rate_limited" && frame.retry_after_ms) this.#pauseFrames(frame.retry_after_ms);
-    const id = frame.id ?? undefined;
-    const p = id === undefined ? undefined : this.#pending.get(id);
-    if (p && id !== undefined) {
-      this.#pending.delete(id);
-      clearTimeout(p.timer);
-      p.reject(error);
-      return;
-    }
-    // Not tied to a request: usually the reason of a close that follows (a refused token, a flood).
-    this.#lastError = error;
-    if (frame.retry_after_ms) this.#serverRetryAfterMs = frame.retry_after_ms;
-    this.emit("error", error);
-  }
-
-  #onWelcome(welcome: WelcomeFrame): void {
-    clearTimeout(this.#welcomeTimer);
-    const ws = this.#ws;
-    if (!ws) return;
-    this.connection._setWelcome(welcome);
-    const limits = welcome.limits;
-    // Stay a little under the server's budget so it never has to refuse a frame.
-    this.#ratePerMs = Math.max(1, limits.frames_per_second * 0.9) / 1000;
-    this.#burst = Math.max(1, Math.floor(limits.frame_burst * 0.9));
-    this.#tokens = this.#burst;
-    this.#tokensAt = Date.now();
-    this.#ready = true;
-    const previousSession = this.#sessionId;
-    this.#sessionId = welcome.session_id;
-    this.#startHeartbeat(ws, welcome.heartbeat_interval_ms);
-    void this.#restore(ws, previousSession);
+  /** The socket dropped: everything on the wire goes back to waiting for the next one. */
+  #onDropped(): void {
+    this.#outbox.requeueAll();
+    for (const sub of this.#subs.values()) sub.live = false;
   }
 
   /** After a welcome: resume or subscribe every channel, re-send read positions and away. */
-  async #restore(ws: WebSocketLike, previousSession: string | undefined): Promise<void> {
+  async #restore(previousSession: string | undefined): Promise<void> {
     const resumable: Array<{ channel_id: string; seq: number }> = [];
     const fresh: string[] = [];
     for (const [channelId, sub] of this.#subs) {
@@ -717,30 +464,12 @@ export class ParleyClient extends Emitter<ClientEvents> {
         fresh.push(channelId);
       }
     }
-    try {
-      const steps: Promise<unknown>[] = fresh.map((channelId) => this.#subscribeOnServer(channelId, this.#subs.get(channelId) as Sub));
-      if (resumable.length > 0 && previousSession) {
-        steps.push(this.#resume(previousSession, resumable));
-      }
-      if (this.#away) steps.push(this.request({ type: "presence.set", away: true }));
-      await Promise.all(steps);
-    } catch (e) {
-      if (ws !== this.#ws) return; // the connection dropped meanwhile; the next one restores
-      const error = e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: String(e) });
-      this.emit("error", error);
-    }
-    if (ws !== this.#ws) return;
-    const reconnected = this.#everConnected;
-    this.#everConnected = true;
-    this.#backoff.reset();
-    this.connection._transition("connected", { reconnected });
-    this.#settleConnect();
-    for (const channelId of this.#reads.keys()) this.#sendRead(channelId);
-    this.#pumpOutbox();
-  }
-
-  #settleConnect(): void {
-    for (const w of this.#connectWaiters.splice(0)) w.resolve();
+    const steps: Promise<unknown>[] = fresh.map((channelId) =>
+      this.#subscribeOnServer(channelId, this.#subs.get(channelId) as Sub),
+    );
+    if (resumable.length > 0 && previousSession) steps.push(this.#resume(previousSession, resumable));
+    if (this.#away) steps.push(this.request({ type: "presence.set", away: true }));
+    await Promise.all(steps);
   }
 
   async #resume(sessionId: string, channels: Array<{ channel_id: string; seq: number }>): Promise<void> {
@@ -817,7 +546,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
     let failures = 0;
     try {
       for (let gap: Gap | null = sub.sequencer.gap(); gap; gap = sub.sequencer.gap()) {
-        if (this.#subs.get(channelId) !== sub || !this.#wanted) return;
+        if (this.#subs.get(channelId) !== sub || !this.#transport.wanted) return;
         let page: MessagePage;
         try {
           page = await this.rest.history(channelId, { after: gap.after, limit: MAX_HISTORY_LIMIT });
@@ -872,27 +601,12 @@ export class ParleyClient extends Emitter<ClientEvents> {
     this.emit("subscription.lost", { channelId, reason });
   }
 
-  #startHeartbeat(ws: WebSocketLike, intervalMs: number): void {
-    clearInterval(this.#heartbeatTimer);
-    // Browsers cannot see the server's WebSocket pings, so the client checks the path itself:
-    // a `ping` without a `pong` means the connection is dead even if no close arrived.
-    const every = Math.max(1_000, Math.min(intervalMs, 25_000));
-    this.#heartbeatTimer = setInterval(() => {
-      if (ws !== this.#ws) return;
-      this.request({ type: "ping" }).catch((e: unknown) => {
-        if (ws === this.#ws && e instanceof ParleyError && e.code === "timeout") {
-          this.#socketLost(ws, "no pong in time", undefined);
-        }
-      });
-    }, every);
-  }
-
   // ---- outbox ----
 
   #pumpOutbox(): void {
     clearTimeout(this.#outboxTimer);
     this.#outboxTimer = undefined;
-    if (!this.#ready || this.connection.state !== "connected") return;
+    if (!this.#transport.ready || this.connection.state !== "connected") return;
     const now = Date.now();
     const limits = this.connection.welcome?.limits;
     for (const entry of this.#outbox.ready(now)) {
