@@ -107,7 +107,9 @@ describe("chat flow", () => {
     await waitUntil("bob sees alice stop", () => bob.typing.users(channelId).length === 0, {
       detail: () => `typing events: ${seen.join(", ")}`,
     });
-    expect(seen).toEqual(["alice:start", "alice:stop"]);
+    expect(seen[0]).toBe("alice:start");
+    expect(seen.filter((x) => x === "alice:start"), "one start for two quick keystrokes").toHaveLength(1);
+    expect(seen).toContain("alice:stop");
   });
 
   it("moves read positions, announces them and updates unread counts", async () => {
