@@ -59,7 +59,7 @@ export class App implements SidebarActions, ConversationActions {
         h(
           "header",
           { class: "topbar" },
-          h("p", { class: "brand" }, "Parley"),
+          h("h1", { class: "brand" }, "Parley"),
           this.#connection,
           h("span", { class: "spacer" }),
           h("span", { id: "signed-in-as" }, "Signed in as ", h("strong", {}, this.state.me)),
@@ -90,12 +90,22 @@ export class App implements SidebarActions, ConversationActions {
     clearInterval(this.#typingRender);
     void this.#calls.leave();
     this.client.close();
+    document.title = "Parley";
     this.#onSignOut();
   }
 
   renderAll(): void {
     this.#sidebar.render();
     this.#conversation.render();
+    this.#renderTitle();
+  }
+
+  /** "(3) Parley" while 3 messages are unread anywhere. */
+  #renderTitle(): void {
+    let unread = 0;
+    for (const c of this.state.conversations.values()) unread += c.unread;
+    const title = unread > 0 ? `(${unread}) Parley` : "Parley";
+    if (document.title !== title) document.title = title;
   }
 
   // ---- loading ----
@@ -195,6 +205,7 @@ export class App implements SidebarActions, ConversationActions {
       c.unread = u.unread_count;
       c.lastReadSeq = u.last_read_seq;
       this.#sidebar.render();
+      this.#renderTitle();
     });
     this.client.on("subscription.lost", ({ channelId }) => {
       this.#forget(channelId);

@@ -20,8 +20,12 @@ export class ConversationView {
   /** Holds the chat column and, during a call, the call panel beside it. */
   readonly body = h("div", { class: "body" });
   readonly #head = h("header", { class: "conversation-head" });
-  readonly #scroller = h("div", { class: "messages", tabindex: 0, "aria-label": "Messages" });
-  readonly #list = h("ol", { class: "message-list", role: "log", "aria-live": "polite", "aria-relevant": "additions", id: "message-list" });
+  readonly #scroller = h("div", { class: "messages", tabindex: 0, role: "region", "aria-label": "Message history" });
+  readonly #list = h("ol", { class: "message-list", id: "message-list", "aria-label": "Messages" });
+  /** The live region: new messages are announced once (rows are reused across renders). */
+  readonly #log = h("div", { role: "log", "aria-live": "polite", "aria-relevant": "additions" }, this.#list);
+  /** Rendered rows by message key, with what they show, so an unchanged message keeps its row. */
+  #rows = new Map<string, { element: HTMLElement; shown: string }>();
   readonly #edge = h("div", { class: "history-edge" });
   readonly #edgeText = h("span");
   readonly #loadEarlierButton = h("button", { class: "button small", type: "button", id: "load-earlier" }, "Load earlier messages");
@@ -59,7 +63,7 @@ export class ConversationView {
     });
     this.#loadEarlierButton.addEventListener("click", () => void this.#loadEarlier());
     this.#edge.append(this.#edgeText, this.#loadEarlierButton);
-    this.#scroller.append(this.#edge, this.#list);
+    this.#scroller.append(this.#edge, this.#log);
     this.#chat = h("section", { class: "chat", "aria-label": "Chat" }, this.#scroller, this.#typing, composer);
   }
 
@@ -146,13 +150,43 @@ export class ConversationView {
           ? "No messages yet. Say hello!"
           : "This is the beginning of the conversation.";
     const receipts = this.#receipts(c);
-    replaceChildren(this.#list, ...c.messages.map((m) => this.#message(c, m, receipts.get(m.message.seq))));
+    this.#reconcile(c, receipts, switched);
     if (switched || wasAtBottom) {
       this.#scroller.scrollTop = this.#scroller.scrollHeight;
     } else {
       // Keep what the person looks at in place when older messages are added above it.
       this.#scroller.scrollTop = this.#scroller.scrollHeight - fromBottom;
     }
+  }
+
+  /**
+   * Brings the list in line with `c.messages`, touching only rows that changed: a screen reader
+   * then announces new messages once, not the whole list on every render.
+   */
+  #reconcile(c: ConversationState, receipts: Map<number, string[]>, switched: boolean): void {
+    if (switched) {
+      this.#rows = new Map();
+      this.#list.replaceChildren();
+    }
+    const next = new Map<string, { element: HTMLElement; shown: string }>();
+    let cursor: ChildNode | null = this.#list.firstChild;
+    for (const m of c.messages) {
+      const readers = m.delivery === "sent" ? receipts.get(m.message.seq) : undefined;
+      const key = `${m.message.sender_id}\u0000${m.message.client_msg_id}`;
+      const shown = JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? []]);
+      let row = this.#rows.get(key);
+      if (!row || row.shown !== shown) {
+        const element = this.#message(c, m, readers);
+        if (row) row.element.replaceWith(element);
+        if (row && cursor === row.element) cursor = element;
+        row = { element, shown };
+      }
+      next.set(key, row);
+      if (row.element !== cursor) this.#list.insertBefore(row.element, cursor);
+      else cursor = cursor.nextSibling;
+    }
+    for (const [key, row] of this.#rows) if (!next.has(key)) row.element.remove();
+    this.#rows = next;
   }
 
   /** For each other member, the newest loaded message they have read: seq → readers. */
@@ -176,7 +210,13 @@ export class ConversationView {
     return h(
       "li",
       { class: classes, "data-seq": m.delivery === "sent" ? msg.seq : null, "data-client-msg-id": msg.client_msg_id },
-      h("div", { class: "meta" }, h("span", { class: "sender" }, mine ? "You" : msg.sender_id), h("time", { datetime: msg.created_at }, formatTime(msg.created_at))),
+      h(
+        "div",
+        { class: "meta" },
+        h("span", { class: "sender" }, mine ? "You" : msg.sender_id),
+        h("time", { datetime: msg.created_at }, formatTime(msg.created_at)),
+        msg.edited_at && !msg.deleted ? h("span", { class: "edited" }, "(edited)") : null,
+      ),
       h("div", { class: "text" }, msg.deleted ? "Message deleted" : msg.text),
       m.delivery === "pending" ? h("div", { class: "receipt" }, "Sending…") : null,
       m.delivery === "failed"
