@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"testing"
+	"time"
 
 	parley "github.com/parley-chat/parley/sdk/go"
 )
@@ -167,8 +168,15 @@ func TestChatFlow(t *testing.T) {
 		t.Fatalf("expected one channel read up to %d, got %+v %v", last, chans, err)
 	}
 
-	// Typed errors: carol is not a member.
-	carol := srv.client(t, "carol")
+	// Typed errors: carol (signed in with a development token) is not a member.
+	dev, err := parley.RequestDevToken(ctx, srv.URL, parley.DevTokenParams{UserID: "carol", TTL: time.Hour})
+	if err != nil || dev.UserID != "carol" || dev.Token == "" || time.Until(dev.ExpiresAt) > time.Hour+time.Minute {
+		t.Fatalf("expected a one-hour development token for carol, got %+v %v", dev, err)
+	}
+	carol, err := parley.New(srv.URL, parley.WithToken(dev.Token))
+	if err != nil {
+		t.Fatal(err)
+	}
 	_, err = carol.History(ctx, ch.ID, parley.HistoryQuery{})
 	var perr *parley.Error
 	if !errors.Is(err, parley.ErrNotAMember) || !errors.As(err, &perr) || perr.Status != 403 || perr.RequestID == "" {

@@ -113,11 +113,13 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 	if err != nil {
 		return fmt.Errorf("parley: %w", err)
 	}
-	tok, err := c.token(ctx)
-	if err != nil {
-		return fmt.Errorf("parley: token: %w", err)
+	if c.token != nil {
+		tok, err := c.token(ctx)
+		if err != nil {
+			return fmt.Errorf("parley: token: %w", err)
+		}
+		req.Header.Set("Authorization", "Bearer "+tok)
 	}
-	req.Header.Set("Authorization", "Bearer "+tok)
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("User-Agent", c.userAgent)
 	if body != nil {

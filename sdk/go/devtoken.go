@@ -1,0 +1,48 @@
+package parley
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"net/url"
+	"strings"
+	"time"
+)
+
+// DevTokenParams asks a development server for a token.
+type DevTokenParams struct {
+	UserID string `json:"user_id"`
+	// TenantID defaults to "default".
+	TenantID string `json:"tenant_id,omitempty"`
+	// TTL is the token's lifetime, 1 minute to 7 days (0: the server's default, one day).
+	TTL time.Duration `json:"-"`
+}
+
+// DevToken is a token signed with a development server's generated key.
+type DevToken struct {
+	Token     string    `json:"token"`
+	UserID    string    `json:"user_id"`
+	TenantID  string    `json:"tenant_id"`
+	ExpiresAt time.Time `json:"expires_at"`
+}
+
+// RequestDevToken gets a token for any user from a server running in development mode (with
+// its generated development key, no JWT keys configured): POST /v1/dev/token, unauthenticated.
+// Servers with real keys answer 404 (ErrRouteNotFound or ErrNotFound). For local tools and
+// tests only.
+func RequestDevToken(ctx context.Context, baseURL string, p DevTokenParams) (*DevToken, error) {
+	u, err := url.Parse(strings.TrimRight(baseURL, "/"))
+	if err != nil {
+		return nil, fmt.Errorf("parley: base URL: %w", err)
+	}
+	c := &Client{base: u, http: &http.Client{Timeout: 30 * time.Second}, userAgent: "parley-go"}
+	body := map[string]any{"user_id": p.UserID}
+	if p.TenantID != "" {
+		body["tenant_id"] = p.TenantID
+	}
+	if p.TTL > 0 {
+		body["ttl_secs"] = int64(p.TTL / time.Second)
+	}
+	var t DevToken
+	return &t, c.do(ctx, "POST", "/v1/dev/token", nil, body, &t)
+}
