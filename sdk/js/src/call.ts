@@ -163,6 +163,17 @@ export class CallSession extends Emitter<CallEvents> {
     for (const link of this.#links.values()) link.removeTrack(track);
   }
 
+  /**
+   * Sends `next` instead of `previous` to every peer without renegotiating (switching camera,
+   * muting by sending `null`). `previous` must be a track given to `addTrack` or in `stream`.
+   */
+  async replaceTrack(previous: MediaStreamTrack, next: MediaStreamTrack | null): Promise<void> {
+    const streams = this.#tracks.get(previous) ?? [];
+    this.#tracks.delete(previous);
+    if (next) this.#tracks.set(next, streams);
+    await Promise.all([...this.#links.values()].map((link) => link.replaceTrack(previous, next)));
+  }
+
   /** Restarts ICE with every peer (also done on its own after a failure or a reconnect). */
   restartIce(): void {
     for (const link of this.#links.values()) link.restartIce();
@@ -423,6 +434,12 @@ class PeerLink {
     if (this.#closed) return;
     const sender = this.pc.getSenders().find((s) => s.track === track);
     if (sender) this.pc.removeTrack(sender);
+  }
+
+  async replaceTrack(previous: MediaStreamTrack, next: MediaStreamTrack | null): Promise<void> {
+    if (this.#closed) return;
+    const sender = this.pc.getSenders().find((s) => s.track === previous);
+    if (sender) await sender.replaceTrack(next);
   }
 
   restartIce(): void {

@@ -84,7 +84,7 @@ async function waitFor<T>(what: string, read: () => Promise<T>, check: (v: T) =>
   }
 }
 
-it("two browsers call: video both ways, renegotiation, reconnect with ICE restart, leave", { timeout: 120_000 }, async () => {
+it("two browsers call: video both ways, renegotiation, track swap, reconnect with ICE restart, leave", { timeout: 120_000 }, async () => {
   const aliceToken = await server.token("alice");
   const bobToken = await server.token("bob");
   const channel = await new RestClient({ baseUrl: server.url, token: aliceToken }).createChannel({
@@ -106,6 +106,11 @@ it("two browsers call: video both ways, renegotiation, reconnect with ICE restar
   // Renegotiation: a second video track mid-call reaches the other side.
   await call(alice, "addCanvasTrack");
   await waitFor("bob gets alice's second video track", () => logOf(bob), (l) => l.filter((x) => x === "track:alice:video").length >= 2);
+
+  // Replacing a track (a camera switch) needs no renegotiation; video keeps flowing.
+  const bobFramesBeforeSwap = await frames(bob);
+  expect(await call<boolean>(alice, "replaceCamera"), "every sender carries the new track").toBe(true);
+  await waitFor("bob decodes alice's video after the swap", () => frames(bob), (n) => n > bobFramesBeforeSwap + 20);
 
   // Bob's realtime connection drops: he reconnects, re-attaches and restarts ICE; video goes on.
   const ufragsBefore = await call<string[]>(bob, "ufrags");

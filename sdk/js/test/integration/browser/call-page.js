@@ -40,6 +40,7 @@ window.harness = {
     client.connection.on("statechange", (c) => log.push(`conn:${c.current}`));
     await client.connect();
     const stream = await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 }, audio: true });
+    state.stream = stream;
     const options = { stream, RTCPeerConnection: LoopbackPeerConnection };
     const session = callId ? await client.joinCall(callId, options) : await client.startCall(channelId, options);
     state.session = session;
@@ -106,6 +107,23 @@ window.harness = {
     const [track] = stream.getVideoTracks();
     state.canvasTrack = track;
     state.session.addTrack(track, stream);
+  },
+  /** Swaps the camera's video track for a fresh canvas track (no renegotiation). */
+  async replaceCamera() {
+    const camera = state.stream.getVideoTracks()[0];
+    const canvas = document.createElement("canvas");
+    canvas.width = 160;
+    canvas.height = 120;
+    const ctx = canvas.getContext("2d");
+    setInterval(() => {
+      ctx.fillStyle = `hsl(${Date.now() % 360} 80% 50%)`;
+      ctx.fillRect(0, 0, 160, 120);
+    }, 50);
+    const [track] = canvas.captureStream(20).getVideoTracks();
+    await state.session.replaceTrack(camera, track);
+    camera.stop();
+    const sender = state.session.peers().map((p) => state.session.peerConnection(p.participantId).getSenders().find((s) => s.track === track));
+    return sender.every(Boolean);
   },
   removeCanvasTrack() {
     state.session.removeTrack(state.canvasTrack);
