@@ -2,7 +2,7 @@
 //! describe, so they are written here from docs/protocol.md), and the lists of frame and event
 //! types the SDK knows. `test/unit/protocol_tables.test.ts` checks these lists against the tables
 //! in docs/protocol.md, and the `satisfies` clauses below tie them to the generated types.
-import type { ChannelEventType, ServerFrameType, SignalPayload } from "./types.js";
+import type { ChannelEvent, ChannelEventType, ServerFrame, ServerFrameType, SignalPayload } from "./types.js";
 
 /** The WebSocket subprotocol of API v1. */
 export const SUBPROTOCOL = "parley.v1";
@@ -69,6 +69,54 @@ export const CLIENT_FRAME_FIELDS = {
 type FieldsOf<F> = {
   [K in Exclude<keyof F, "type">]-?: undefined extends F[K] ? `${K & string}?` : K & string;
 }[Exclude<keyof F, "type">];
+
+/**
+ * The fields of each server frame (the `type` aside), as the SDK's (generated) types have them.
+ * Exact: `tsc` fails if a field is missing here or is not in the type.
+ */
+export const SERVER_FRAME_FIELDS = {
+  welcome: ["session_id", "user_id", "tenant_id", "heartbeat_interval_ms", "heartbeat_timeout_ms", "limits"],
+  ack: ["id", "channel_id?", "seq?", "message?", "created?", "resumed?", "last_read_seq?", "rolled_back?"],
+  error: ["id?", "code", "message", "retry_after_ms?"],
+  pong: ["id"],
+  "presence.changed": ["user_id", "status", "last_seen?", "last_active?"],
+  typing: ["channel_id", "user_id", "state", "expires_in_ms?"],
+  "read.updated": ["channel_id", "user_id", "last_read_seq"],
+  "unread.updated": ["channel_id", "unread_count", "last_read_seq"],
+  "call.signal": ["call_id", "from", "to", "role", "signal"],
+  "call.participant_reconnecting": ["call_id", "participant_id"],
+  "call.participant_reconnected": ["call_id", "participant_id"],
+} as const satisfies { [K in ServerFrameType]: readonly FieldsOf<Extract<ServerFrame, { type: K }>>[] };
+
+/** The payload fields of each channel event (`type`, `channel_id` and `seq` aside). Exact, like the above. */
+export const CHANNEL_EVENT_FIELDS = {
+  "message.new": ["message"],
+  "message.updated": ["message"],
+  "message.deleted": ["message"],
+  "member.added": ["member", "by"],
+  "member.removed": ["user_id", "by"],
+  "channel.updated": ["channel", "by"],
+  "channel.deleted": ["by"],
+  "call.started": ["call"],
+  "call.participant_joined": ["call_id", "participant"],
+  "call.participant_left": ["call_id", "participant_id", "user_id", "reason"],
+  "call.ended": ["call_id", "by"],
+} as const satisfies {
+  [K in ChannelEventType]: readonly Exclude<FieldsOf<Extract<ChannelEvent, { type: K }>>, "channel_id" | "seq">[];
+};
+
+/** Fields of `U`'s member of each listed type that the list leaves out (never when exact). */
+type Unlisted<M extends { [k: string]: readonly string[] }, U extends { type: string }, Skip extends string = never> = {
+  [K in keyof M]: Exclude<FieldsOf<Extract<U, { type: K }>>, M[K][number] | Skip>;
+}[keyof M];
+const _clientExact: Unlisted<typeof CLIENT_FRAME_FIELDS, ClientFrame> extends never ? true : false = true;
+const _serverExact: Unlisted<typeof SERVER_FRAME_FIELDS, ServerFrame> extends never ? true : false = true;
+const _eventsExact: Unlisted<typeof CHANNEL_EVENT_FIELDS, ChannelEvent, "channel_id" | "seq"> extends never
+  ? true
+  : false = true;
+void _clientExact;
+void _serverExact;
+void _eventsExact;
 
 /** Every channel event type the SDK knows (docs/protocol.md, "Channel events"). */
 export const CHANNEL_EVENT_TYPES = [

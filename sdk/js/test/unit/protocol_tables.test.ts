@@ -6,7 +6,13 @@
  */
 import { readFileSync } from "node:fs";
 import { describe, expect, it } from "vitest";
-import { CHANNEL_EVENT_TYPES, CLIENT_FRAME_FIELDS, SERVER_FRAME_TYPES } from "../../src/protocol.js";
+import {
+  CHANNEL_EVENT_FIELDS,
+  CHANNEL_EVENT_TYPES,
+  CLIENT_FRAME_FIELDS,
+  SERVER_FRAME_FIELDS,
+  SERVER_FRAME_TYPES,
+} from "../../src/protocol.js";
 import { CloseCode } from "../../src/protocol.js";
 
 const doc = readFileSync(new URL("../../../../docs/protocol.md", import.meta.url), "utf8");
@@ -32,6 +38,20 @@ function names(cell: string): string[] {
   return [...cell.matchAll(/`([^`]+)`/g)].map((m) => m[1]!);
 }
 
+/** The field names of a fields cell: backquoted names outside parentheses, without `?`. */
+function fieldNames(cell: string): string[] {
+  let depth = 0;
+  let outside = "";
+  for (const ch of cell) {
+    if (ch === "(") depth += 1;
+    else if (ch === ")") depth = Math.max(0, depth - 1);
+    else if (depth === 0) outside += ch;
+  }
+  return names(outside).map((f) => f.replace(/[:\s].*$/, "").replace(/\?$/, ""));
+}
+
+const bare = (fields: readonly string[]) => fields.map((f) => f.replace(/\?$/, ""));
+
 describe("docs/protocol.md", () => {
   it("client → server: the same frame types with the same fields", () => {
     const documented = new Map<string, string[]>();
@@ -50,6 +70,28 @@ describe("docs/protocol.md", () => {
       .flatMap(([typeCell]) => names(typeCell ?? ""))
       .sort();
     expect([...SERVER_FRAME_TYPES].sort()).toEqual(documented);
+  });
+
+  it("server → client: every field the doc lists is in the SDK's type of that frame", () => {
+    for (const [typeCell, fieldsCell] of table("### Server → client")) {
+      for (const type of names(typeCell ?? "")) {
+        const sdk = SERVER_FRAME_FIELDS[type as keyof typeof SERVER_FRAME_FIELDS];
+        if (!sdk) continue; // "channel events" row
+        for (const field of fieldNames(fieldsCell ?? "")) {
+          expect(bare(sdk), `field ${field} of ${type} (docs/protocol.md) in the SDK`).toContain(field);
+        }
+      }
+    }
+  });
+
+  it("channel events: the payload fields of each event match the doc", () => {
+    for (const [typeCell, payloadCell] of table("## Channel events")) {
+      for (const type of names(typeCell ?? "")) {
+        const sdk = CHANNEL_EVENT_FIELDS[type as keyof typeof CHANNEL_EVENT_FIELDS];
+        expect(sdk, `event ${type} in the SDK`).toBeDefined();
+        expect([...bare(sdk)].sort(), `payload of ${type}`).toEqual(fieldNames(payloadCell ?? "").sort());
+      }
+    }
   });
 
   it("channel events: the same event types", () => {
