@@ -16,7 +16,7 @@ import (
 )
 
 // errConnLost is the cause of requests cut by the end of their connection.
-var errConnLost = errors.New("parley: connection lost")
+var errConnLost = fmt.Errorf("%w: connection lost", ErrNotConnected)
 
 // wsConn is one authenticated WebSocket connection: a reader goroutine that routes replies to
 // their requests (running their hooks first, in frame order) and everything else to the

@@ -98,8 +98,8 @@ func IsAuthError(err error) bool {
 var (
 	// ErrClosed is returned by operations on a Realtime client or Call that was closed.
 	ErrClosed = errors.New("parley: closed")
-	// ErrNotConnected is returned by requests that need a live connection when there is none
-	// (sends do not return it: they wait in the outbox).
+	// ErrNotConnected matches a request cut by a lost connection and not retried (most
+	// requests wait for the next connection and are retried; sends wait in the outbox).
 	ErrNotConnected = errors.New("parley: not connected")
 )
 
