@@ -115,6 +115,9 @@ test("a Go peer and Chromium call each other: video RTP reaches Go, a data chann
   });
   createInterface({ input: peer.stderr! }).on("line", (line) => stderr.push(line));
   const peerExit = new Promise<number | null>((r) => peer!.once("exit", (code) => r(code)));
+  const killOnExit = () => peer?.kill("SIGKILL");
+  process.once("exit", killOnExit);
+  void peerExit.then(() => process.off("exit", killOnExit));
   const seen = (what: string, match: (e: PeerEvent) => boolean) =>
     waitFor(`the Go peer to print ${what}`, () => {
       if (peer!.exitCode !== null) throw new Error(`callpeer exited with ${peer!.exitCode}: ${stderr.slice(-5).join(" | ")}`);

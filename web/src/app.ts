@@ -62,7 +62,7 @@ export class App implements SidebarActions, ConversationActions {
           h("h1", { class: "brand" }, "Parley"),
           this.#connection,
           h("span", { class: "spacer" }),
-          h("span", { id: "signed-in-as" }, "Signed in as ", h("strong", {}, this.state.me)),
+          h("span", { id: "signed-in-as" }, h("span", { class: "signed-in-label" }, "Signed in as "), h("strong", {}, this.state.me)),
           signOut,
         ),
         this.#sidebar.element,

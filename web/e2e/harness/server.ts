@@ -57,6 +57,10 @@ export async function startServer(options: ServerOptions): Promise<ParleyServer>
     { stdio: ["ignore", "pipe", "pipe"], env: { ...process.env, PARLEY_LOG: process.env.PARLEY_LOG ?? "info" } },
   );
   child.stderr!.pipe(log);
+  // If this test process dies without running its `after` hooks, the server goes with it.
+  const killOnExit = () => child.kill("SIGKILL");
+  process.once("exit", killOnExit);
+  void new Promise<void>((resolve) => child.once("exit", () => resolve())).then(() => process.off("exit", killOnExit));
   const exited = new Promise<number | null>((resolve) => child.once("exit", (code) => resolve(code)));
 
   let port: number;
