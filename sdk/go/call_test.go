@@ -292,3 +292,74 @@ func TestCallGraceTimeout(t *testing.T) {
 		t.Fatalf("expected alice's call to end after her re-attach was refused, within %v", wait)
 	}
 }
+
+// TestCallMesh: three participants make a full mesh (each joiner offers to everyone already
+// there; roles by join order) and every one exchanges data with both others.
+func TestCallMesh(t *testing.T) {
+	srv := startServer(t)
+	ctx := ctxT(t)
+	users := []string{"alice", "bob", "carol"}
+	ch, err := srv.client(t, "alice").CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: "mesh", Members: users[1:]})
+	if err != nil {
+		t.Fatalf("create channel: %v", err)
+	}
+	boxes := make([]*inbox, len(users))
+	calls := make([]*parley.Call, len(users))
+	for i, u := range users {
+		rt := connect(t, srv.client(t, u))
+		go func() {
+			for range rt.Events() {
+			}
+		}()
+		boxes[i] = &inbox{}
+		calls[i], err = rt.StartCall(ctx, ch.ID, callOptions(boxes[i])...)
+		if err != nil {
+			t.Fatalf("%s joins: %v", u, err)
+		}
+	}
+	for i := range users {
+		for j := range users {
+			if i == j {
+				continue
+			}
+			p, ok := calls[i].Peer(calls[j].ParticipantID)
+			if !ok {
+				waitFor(t, wait, func() bool { p, ok = calls[i].Peer(calls[j].ParticipantID); return ok }, func() string {
+					return users[i] + " having a peer for " + users[j]
+				})
+			}
+			want := parley.Polite
+			if i < j {
+				want = parley.Impolite
+			}
+			if p.Role != want {
+				t.Fatalf("expected %s to be %s towards %s (join order), got %s", users[i], want, users[j], p.Role)
+			}
+		}
+	}
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		missing := ""
+		for i := range users {
+			for j := range users {
+				if i == j {
+					continue
+				}
+				text := fmt.Sprintf("%s to %s", users[i], users[j])
+				if !boxes[j].has(text) {
+					missing = text
+					if dc := boxes[i].channel(calls[j].ParticipantID); dc != nil {
+						_ = dc.SendText(text)
+					}
+				}
+			}
+		}
+		if missing == "" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("expected every pair of the mesh to exchange data within 20 s; missing %q", missing)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
