@@ -80,7 +80,10 @@ func (rt *Realtime) Post(channelID, text string, opts ...SendOption) *Outgoing {
 		o.ClientMsgID = NewClientMsgID()
 	}
 	if rt.ctx.Err() != nil {
-		o.err = ErrClosed
+		o.err = rt.Err()
+		if o.err == nil {
+			o.err = ErrClosed
+		}
 		close(o.done)
 		return o
 	}

@@ -355,8 +355,11 @@ func (rt *Realtime) run() {
 			break
 		}
 		if rt.fatal(err) {
+			// Final: waiting sends and subscribes fail with the cause, Events() closes.
 			rt.cfg.logger.Warn("parley: giving up", "err", err)
 			rt.setState(StateDisconnected, err)
+			rt.outbox.failAll(err)
+			rt.cancel()
 			return
 		}
 		rt.cfg.logger.Info("parley: connection lost", "err", err, "attempt", attempt)

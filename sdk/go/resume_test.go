@@ -70,3 +70,38 @@ func TestResumeRefusedFillsFromHistory(t *testing.T) {
 		t.Fatalf("expected an empty outbox after the refusal, got %d pending", n)
 	}
 }
+
+// TestRefusedTokenIsFinal: a token the server refuses fails REST calls with a typed 401 and
+// ends a Realtime client (Disconnected, with the error) instead of reconnecting forever.
+func TestRefusedTokenIsFinal(t *testing.T) {
+	srv := startServer(t)
+	ctx := ctxT(t)
+	c, err := parley.New(srv.URL, parley.WithToken("not-a-jwt"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = c.ListChannels(ctx)
+	var perr *parley.Error
+	if !errors.As(err, &perr) || perr.Status != 401 || !parley.IsAuthError(err) {
+		t.Fatalf("expected a 401 token error over REST, got %#v", err)
+	}
+	rt := c.Realtime()
+	defer rt.Close()
+	if err := rt.WaitConnected(ctx); !parley.IsAuthError(err) {
+		t.Fatalf("expected the realtime client to give up with the token error, got %v", err)
+	}
+	if rt.State() != parley.StateDisconnected || !parley.IsAuthError(rt.Err()) {
+		t.Fatalf("expected Disconnected with the token error, got %s, %v", rt.State(), rt.Err())
+	}
+	if _, err := rt.Send(ctx, "ch_x", "never"); !parley.IsAuthError(err) {
+		t.Fatalf("expected a send after giving up to fail with the token error, got %v", err)
+	}
+	select {
+	case _, open := <-rt.Events():
+		if open {
+			t.Fatal("expected no event")
+		}
+	case <-time.After(wait):
+		t.Fatal("expected Events() closed after giving up")
+	}
+}
