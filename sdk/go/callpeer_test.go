@@ -46,7 +46,7 @@ func (c *callpeerLines) all() []map[string]any {
 // SIGTERM.
 func TestCallpeerExample(t *testing.T) {
 	bin := filepath.Join(t.TempDir(), "callpeer")
-	build := exec.Command("go", "build", "-o", bin, "./examples/callpeer")
+	build := exec.Command("go", "build", "-buildvcs=false", "-o", bin, "./examples/callpeer")
 	if out, err := build.CombinedOutput(); err != nil {
 		t.Fatalf("go build ./examples/callpeer: %v\n%s", err, out)
 	}

@@ -26,6 +26,9 @@ if [ -z "${PARLEY_BIN:-}" ]; then
 fi
 echo "==> sdk/go: server binary $PARLEY_BIN" >&2
 
+# No VCS stamping: builds must not depend on the state of the git checkout.
+export GOFLAGS="${GOFLAGS:--buildvcs=false}"
+
 # Modules: only when the module cache lacks them (go mod download is a no-op otherwise).
 if ! go list -m all >/dev/null 2>&1; then
     go mod download
