@@ -23,6 +23,7 @@ import type {
   ChannelEventType,
   Message,
   MessagePage,
+  Presence,
   PresenceChangedEvent,
   ReadUpdatedEvent,
   ResumedChannel,
@@ -141,6 +142,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
   >();
   #away = false;
   readonly #unread = new Map<string, { unreadCount: number; lastReadSeq: number }>();
+  readonly #presence = new Map<string, Presence>();
 
   constructor(options: ParleyClientOptions) {
     super();
@@ -378,6 +380,21 @@ export class ParleyClient extends Emitter<ClientEvents> {
     if (this.#transport.ready) await this.request({ type: "presence.set", away });
   }
 
+  /**
+   * A user's presence as last known: from `presence.changed` events and `loadPresence`. Only
+   * users who share a channel with you are reported by the server.
+   */
+  presenceOf(userId: string): Presence | undefined {
+    return this.#presence.get(userId);
+  }
+
+  /** Fetches the presence of up to 200 users (`POST /v1/presence/query`) into `presenceOf`. */
+  async loadPresence(userIds: readonly string[]): Promise<Presence[]> {
+    const { presence } = await this.rest.queryPresence(userIds);
+    for (const p of presence) this.#presence.set(p.user_id, p);
+    return presence;
+  }
+
   /** The unread count of a channel as last reported (`unread.updated` or `refreshUnread`). */
   unreadCount(channelId: string): number | undefined {
     return this.#unread.get(channelId)?.unreadCount;
@@ -435,7 +452,12 @@ export class ParleyClient extends Emitter<ClientEvents> {
         this.emit("unread.updated", u);
         return;
       }
-      case "presence.changed":
+      case "presence.changed": {
+        const { type: _type, ...presence } = frame as PresenceChangedEvent;
+        this.#presence.set(presence.user_id, presence);
+        this.emit("presence.changed", frame as PresenceChangedEvent);
+        return;
+      }
       case "read.updated":
       case "call.signal":
       case "call.participant_reconnecting":

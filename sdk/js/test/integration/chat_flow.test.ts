@@ -148,6 +148,9 @@ describe("chat flow", () => {
       await carol.setAway(true);
       await waitUntil("bob sees carol away", () => changes.includes("away"), { detail: () => changes.join(",") });
       expect((await bob.rest.userPresence("carol")).status).toBe("away");
+      expect(bob.presenceOf("carol")?.status, "bob's presence cache follows the events").toBe("away");
+      await bob.loadPresence(["alice"]);
+      expect(bob.presenceOf("alice")?.status).toBe("online");
       const { presence } = await bob.rest.queryPresence(["carol", "alice", "nobody-shares-a-channel"]);
       expect(presence.map((p) => p.user_id).sort()).toEqual(["alice", "carol"]);
     } finally {
