@@ -66,11 +66,15 @@ func WithTrack(t webrtc.TrackLocal) CallOption {
 }
 
 // OnTrack calls fn for every remote track; fn must read the track's RTP (in a goroutine).
+// Without OnTrack, remote tracks are read and discarded.
 func OnTrack(fn func(*Peer, *webrtc.TrackRemote, *webrtc.RTPReceiver)) CallOption {
 	return func(c *callConfig) { c.onTrack = fn }
 }
 
-// OnDataChannel calls fn for every data channel a peer opens.
+// OnDataChannel calls fn for every data channel of the call: those a peer opens, and those this
+// side opens (WithDataChannel), before they open. Set the channel's handlers in fn and return:
+// fn may run on the call's goroutine, so calling the Call's methods from it must be done in a
+// goroutine of its own.
 func OnDataChannel(fn func(*Peer, *webrtc.DataChannel)) CallOption {
 	return func(c *callConfig) { c.onDataChannel = fn }
 }
