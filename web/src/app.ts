@@ -1,6 +1,6 @@
 //! The signed-in app: owns the SDK client, keeps `AppState` up to date from REST answers and live
 //! events, and renders the views. Views call back through the `*Actions` interfaces.
-import { ParleyClient, ParleyError, type Channel, type ConnectionStateChange, type DeliveredEvent, type Message } from "@parley/sdk";
+import { isParleyError, ParleyClient, type Channel, type ConnectionStateChange, type DeliveredEvent, type Message } from "@parley/sdk";
 import { h } from "./dom.js";
 import type { DevSession } from "./session.js";
 import { AppState, newConversation, upsertMessage, type ConversationState } from "./state.js";
@@ -21,7 +21,8 @@ const CHANNEL_POLL_MS = 5_000;
 export interface AppOptions {
   session: DevSession;
   root: HTMLElement;
-  onSignOut: () => void;
+  /** Called after signing out; `notice` says why when it was not the person's choice. */
+  onSignOut: (notice?: string) => void;
 }
 
 export class App implements SidebarActions, ConversationActions {
@@ -32,7 +33,7 @@ export class App implements SidebarActions, ConversationActions {
   readonly #conversation: ConversationView;
   readonly #calls: CallController;
   readonly #connection = h("span", { class: "connection", role: "status", id: "connection-status" });
-  readonly #onSignOut: () => void;
+  readonly #onSignOut: (notice?: string) => void;
   /** Sends whose promise failed, kept to offer "Retry": client_msg_id → text. */
   readonly #failed = new Map<string, string>();
   #pollTimer: ReturnType<typeof setInterval> | undefined;
@@ -73,7 +74,12 @@ export class App implements SidebarActions, ConversationActions {
     this.#renderConnection();
     this.renderAll();
     this.client.connect().catch((e: unknown) => this.#fatal(e));
-    await this.refreshChannels();
+    try {
+      await this.refreshChannels();
+    } catch (e) {
+      this.#fatal(e);
+      if (isParleyError(e) && e.code.startsWith("token_")) return;
+    }
     const wanted = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
     if (wanted && this.state.conversations.has(wanted)) this.select(wanted);
     this.#pollTimer = setInterval(() => void this.refreshChannels().catch(() => {}), CHANNEL_POLL_MS);
@@ -85,13 +91,13 @@ export class App implements SidebarActions, ConversationActions {
     document.addEventListener("visibilitychange", () => this.#markSelectedRead());
   }
 
-  signOut(): void {
+  signOut(notice?: string): void {
     clearInterval(this.#pollTimer);
     clearInterval(this.#typingRender);
     void this.#calls.leave();
     this.client.close();
     document.title = "Parley";
-    this.#onSignOut();
+    this.#onSignOut(notice);
   }
 
   renderAll(): void {
@@ -290,14 +296,15 @@ export class App implements SidebarActions, ConversationActions {
   }
 
   #fatal(e: unknown): void {
-    const message = e instanceof ParleyError ? `${e.message} (${e.code})` : String(e);
-    if (e instanceof ParleyError && e.code.startsWith("token_")) {
-      // The stored token is no longer accepted (e.g. the server's development key changed).
-      this.signOut();
+    if (isParleyError(e) && e.code.startsWith("token_")) {
+      // The stored token is no longer accepted (expired, or the server's development key changed).
+      this.signOut(`Your sign-in is no longer valid (${e.code}). Please sign in again.`);
       return;
     }
+    const message = isParleyError(e) ? `${e.message} (${e.code})` : String(e);
     this.#connection.textContent = `Disconnected: ${message}`;
   }
+
 
   // ---- SidebarActions ----
 

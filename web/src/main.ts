@@ -10,10 +10,10 @@ function showApp(session: DevSession): void {
   const app = new App({
     session,
     root: root!,
-    onSignOut: () => {
+    onSignOut: (notice) => {
       forgetSession();
       history.replaceState(null, "", "/");
-      renderSignIn(root!, showApp);
+      renderSignIn(root!, showApp, notice);
     },
   });
   app.start().catch((e: unknown) => console.error("parley: the app failed to start", e));

@@ -4,7 +4,7 @@ import { signInAsDevUser, type DevSession } from "./session.js";
 
 const USER_ID = /^[A-Za-z0-9._@-]{1,64}$/;
 
-export function renderSignIn(root: HTMLElement, onSignedIn: (session: DevSession) => void): void {
+export function renderSignIn(root: HTMLElement, onSignedIn: (session: DevSession) => void, notice?: string): void {
   const userInput = h("input", {
     id: "signin-user",
     type: "text",
@@ -22,7 +22,7 @@ export function renderSignIn(root: HTMLElement, onSignedIn: (session: DevSession
     placeholder: "default",
     spellcheck: "false",
   });
-  const error = h("p", { class: "error-text", role: "alert", id: "signin-error" });
+  const error = h("p", { class: "error-text", role: "alert", id: "signin-error" }, notice ?? "");
   const submit = h("button", { class: "button primary", type: "submit" }, "Sign in");
   const form = h(
     "form",
