@@ -52,6 +52,27 @@ export interface ParleyClientOptions {
    * `internal`. Default 8. (Lost connections and rate limits never count: those always retry.)
    */
   maxSendAttempts?: number;
+  /**
+   * Where the outbox is kept between runs (e.g. `localStorage` in a browser), so messages sent
+   * offline survive a reload. `load` is read once by the constructor (restored messages are sent
+   * once connected, reported by `outbox.sent` / `outbox.failed`); `save` gets every change. Without
+   * it the outbox lives in memory.
+   */
+  outboxStore?: OutboxStore;
+}
+
+/** A message of the outbox, as an `OutboxStore` keeps it. */
+export interface OutboxRecord {
+  clientMsgId: string;
+  channelId: string;
+  text: string;
+  metadata?: unknown;
+}
+
+/** Keeps the outbox between runs. */
+export interface OutboxStore {
+  load(): OutboxRecord[];
+  save(records: OutboxRecord[]): void;
 }
 
 /** A subscribed channel's position. */
@@ -96,6 +117,10 @@ export type ClientEvents = {
   "call.participant_reconnected": CallParticipantReconnectedEvent;
   resync: ResyncInfo;
   "subscription.lost": SubscriptionLost;
+  /** A message of the outbox was acknowledged (also those restored from an `OutboxStore`). */
+  "outbox.sent": { clientMsgId: string; result: SendResult };
+  /** A message of the outbox was refused for good and dropped from it. */
+  "outbox.failed": { clientMsgId: string; error: ParleyError };
   /** Errors not tied to one of your requests (an `error` frame without `id`, a failed history fill). */
   error: ParleyError;
 };
@@ -129,6 +154,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
 
   readonly #transport: Transport;
   readonly #maxSendAttempts: number;
+  readonly #outboxStore: OutboxStore | undefined;
   #connectWaiters: Array<{ resolve: () => void; reject: (e: ParleyError) => void }> = [];
 
   readonly #subs = new Map<string, Sub>();
@@ -177,6 +203,10 @@ export class ParleyClient extends Emitter<ClientEvents> {
       for (const w of this.#connectWaiters.splice(0)) w.resolve();
     });
     this.#maxSendAttempts = options.maxSendAttempts ?? 8;
+    this.#outboxStore = options.outboxStore;
+    for (const record of options.outboxStore?.load() ?? []) {
+      if (!this.#outbox.has(record.clientMsgId)) this.#outbox.add(record);
+    }
     this.rest = new RestClient({
       baseUrl: base,
       token: options.token,
@@ -211,7 +241,10 @@ export class ParleyClient extends Emitter<ClientEvents> {
     return promise;
   }
 
-  /** Closes the connection for good: pending sends and requests fail with `closed`. */
+  /**
+   * Closes the connection for good: pending sends and requests fail with `closed` (an
+   * `outboxStore` keeps the unsent messages for the next client).
+   */
   close(): void {
     clearTimeout(this.#outboxTimer);
     this.#transport.stop("closed by the application");
@@ -303,6 +336,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
       text,
       ...(options.metadata === undefined ? {} : { metadata: options.metadata }),
     });
+    this.#saveOutbox();
     this.typing.reset(channelId);
     this.#pumpOutbox();
     return promise;
@@ -660,11 +694,16 @@ export class ParleyClient extends Emitter<ClientEvents> {
 
   #sendAcked(entry: OutboxEntry, ack: AckFrame): void {
     if (!this.#outbox.has(entry.clientMsgId)) return;
+    if (!ack.message) {
+      this.#failSend(entry, new ParleyError({ code: "bad_response", message: "message.send ack without a message" }));
+      return;
+    }
     this.#outbox.remove(entry.clientMsgId);
-    const waiter = this.#sendWaiters.get(entry.clientMsgId);
+    this.#saveOutbox();
+    const result: SendResult = { message: ack.message, created: ack.created ?? true };
+    this.#sendWaiters.get(entry.clientMsgId)?.resolve(result);
     this.#sendWaiters.delete(entry.clientMsgId);
-    if (ack.message) waiter?.resolve({ message: ack.message, created: ack.created ?? true });
-    else waiter?.reject(new ParleyError({ code: "bad_response", message: "message.send ack without a message" }));
+    this.emit("outbox.sent", { clientMsgId: entry.clientMsgId, result });
     this.#pumpOutbox();
   }
 
@@ -697,8 +736,26 @@ export class ParleyClient extends Emitter<ClientEvents> {
 
   #failSend(entry: OutboxEntry, error: ParleyError): void {
     this.#outbox.remove(entry.clientMsgId);
+    this.#saveOutbox();
     this.#sendWaiters.get(entry.clientMsgId)?.reject(error);
     this.#sendWaiters.delete(entry.clientMsgId);
+    this.emit("outbox.failed", { clientMsgId: entry.clientMsgId, error });
+  }
+
+  #saveOutbox(): void {
+    if (!this.#outboxStore) return;
+    try {
+      this.#outboxStore.save(
+        this.#outbox.pending().map((e) => ({
+          clientMsgId: e.clientMsgId,
+          channelId: e.channelId,
+          text: e.text,
+          ...(e.metadata === undefined ? {} : { metadata: e.metadata }),
+        })),
+      );
+    } catch (e) {
+      this.emit("error", new ParleyError({ code: "internal", message: `the outbox store failed: ${String(e)}`, cause: e }));
+    }
   }
 }
 

@@ -2,6 +2,8 @@
 export { ParleyClient } from "./client.js";
 export type {
   ClientEvents,
+  OutboxRecord,
+  OutboxStore,
   ParleyClientOptions,
   ResyncInfo,
   SendOptions,

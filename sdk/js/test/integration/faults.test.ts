@@ -3,7 +3,7 @@
  * random moments, or takes down): nothing is lost, nothing is doubled, order holds.
  */
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
-import type { ParleyClient } from "../../src/index.js";
+import type { OutboxRecord, ParleyClient } from "../../src/index.js";
 import { EventLog, clientFor } from "../helpers/clients.js";
 import { TcpProxy } from "../helpers/proxy.js";
 import { startServer, type TestServer } from "../helpers/server.js";
@@ -147,6 +147,33 @@ describe("faults", () => {
     expect(log.texts(channelId)).toEqual(["offline 1", "offline 2", "offline 3"]);
     expect(await storedTexts(bob, channelId)).toEqual(["offline 1", "offline 2", "offline 3"]);
     expect(sender.client.pendingMessages()).toHaveLength(0);
+  });
+
+  it("an outbox kept in a store outlives its client: the next client sends it, once", async () => {
+    const channelId = await channelWithBob("stored-outbox");
+    let records: OutboxRecord[] = [];
+    const store = { load: () => records, save: (r: OutboxRecord[]) => (records = r) };
+    const first = await proxied("alice");
+    await first.proxy.down(); // the first client never gets through
+    const firstClient = await clientFor(server, "alice", { url: first.proxy.url, outboxStore: store, backoff: { initialMs: 20, maxMs: 100 } });
+    cleanup.push(() => firstClient.close());
+    void firstClient.connect().catch(() => {});
+    const lost = ["kept 1", "kept 2"].map((t) => firstClient.send(channelId, t).catch((e: unknown) => e));
+    expect(records.map((r) => r.text), "saved as they are queued").toEqual(["kept 1", "kept 2"]);
+    firstClient.close();
+    expect((await Promise.all(lost)).map((e) => (e as { code?: string }).code)).toEqual(["closed", "closed"]);
+    expect(records, "closing keeps the store").toHaveLength(2);
+
+    const next = await clientFor(server, "alice", { outboxStore: store });
+    cleanup.push(() => next.close());
+    const sent: string[] = [];
+    next.on("outbox.sent", (e) => sent.push(e.result.message.text));
+    expect(next.pendingMessages().map((m) => m.text), "restored from the store").toEqual(["kept 1", "kept 2"]);
+    await next.connect();
+    await waitUntil("the restored messages were sent", () => sent.length === 2, { detail: () => sent.join(",") });
+    expect(sent).toEqual(["kept 1", "kept 2"]);
+    expect(records, "the store is empty once sent").toEqual([]);
+    expect(await storedTexts(next, channelId)).toEqual(["kept 1", "kept 2"]);
   });
 
   it("a message whose acknowledgement was lost is resent and stored once", async () => {
