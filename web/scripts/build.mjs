@@ -11,6 +11,11 @@ import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
 
 const webDir = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+/**
+ * The SDK sources to bundle. $PARLEY_SDK_SRC points elsewhere, e.g. at an export of the committed
+ * sdk/js/src while the working tree holds unfinished SDK changes (the output names no paths).
+ */
+const sdkSrc = resolve(process.env.PARLEY_SDK_SRC ?? join(webDir, "../sdk/js/src"));
 
 /** Builds into `outDir` and returns the names of the files written. */
 export async function build(outDir) {
@@ -31,7 +36,7 @@ export async function build(outDir) {
     minify: true,
     sourcemap: false,
     outdir: out,
-    alias: { "@parley/sdk": resolve(webDir, "../sdk/js/src/index.ts") },
+    alias: { "@parley/sdk": join(sdkSrc, "index.ts") },
     logLevel: "warning",
   });
   const files = new Map();

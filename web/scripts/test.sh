@@ -10,16 +10,25 @@
 set -euo pipefail
 
 web="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-cd "$web"
 
 fail() {
   echo "web/scripts/test.sh: $*" >&2
   exit 1
 }
 
+# Paths given relative to where the script was called from.
 [ -n "${PARLEY_BIN:-}" ] || fail "PARLEY_BIN is not set: build the server with \`cargo build -p parley --locked\` and point PARLEY_BIN at \${CARGO_TARGET_DIR:-\$HOME/.cache/parley-target}/debug/parley"
 [ -x "$PARLEY_BIN" ] || fail "PARLEY_BIN=$PARLEY_BIN is not an executable file"
 export PARLEY_BIN="$(cd "$(dirname "$PARLEY_BIN")" && pwd)/$(basename "$PARLEY_BIN")"
+if [ -n "${PARLEY_ARTIFACTS_DIR:-}" ]; then
+  mkdir -p "$PARLEY_ARTIFACTS_DIR"
+  export PARLEY_ARTIFACTS_DIR="$(cd "$PARLEY_ARTIFACTS_DIR" && pwd)"
+fi
+if [ -n "${PARLEY_CALLPEER:-}" ]; then
+  [ -x "$PARLEY_CALLPEER" ] || fail "PARLEY_CALLPEER=$PARLEY_CALLPEER is not an executable file"
+  export PARLEY_CALLPEER="$(cd "$(dirname "$PARLEY_CALLPEER")" && pwd)/$(basename "$PARLEY_CALLPEER")"
+fi
+cd "$web"
 
 # ---- Chromium ----
 chromium="${PARLEY_CHROMIUM:-/usr/bin/chromium}"

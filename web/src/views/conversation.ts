@@ -170,13 +170,16 @@ export class ConversationView {
     }
     const next = new Map<string, { element: HTMLElement; shown: string }>();
     let cursor: ChildNode | null = this.#list.firstChild;
+    let previous: ListedMessage | undefined;
     for (const m of c.messages) {
       const readers = m.delivery === "sent" ? receipts.get(m.message.seq) : undefined;
+      const continued = continues(previous, m);
+      previous = m;
       const key = `${m.message.sender_id}\u0000${m.message.client_msg_id}`;
-      const shown = JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? []]);
+      const shown = JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? [], continued]);
       let row = this.#rows.get(key);
       if (!row || row.shown !== shown) {
-        const element = this.#message(c, m, readers);
+        const element = this.#message(c, m, readers, continued);
         if (row) row.element.replaceWith(element);
         if (row && cursor === row.element) cursor = element;
         row = { element, shown };
@@ -203,10 +206,12 @@ export class ConversationView {
     return out;
   }
 
-  #message(c: ConversationState, m: ListedMessage, readers: string[] | undefined): HTMLElement {
+  #message(c: ConversationState, m: ListedMessage, readers: string[] | undefined, continued: boolean): HTMLElement {
     const msg = m.message;
     const mine = msg.sender_id === this.state.me;
-    const classes = ["message", m.delivery === "sent" ? "" : m.delivery, msg.deleted ? "deleted" : "", mine ? "mine" : ""].filter(Boolean).join(" ");
+    const classes = ["message", m.delivery === "sent" ? "" : m.delivery, msg.deleted ? "deleted" : "", mine ? "mine" : "", continued ? "continued" : ""]
+      .filter(Boolean)
+      .join(" ");
     return h(
       "li",
       { class: classes, "data-seq": m.delivery === "sent" ? msg.seq : null, "data-client-msg-id": msg.client_msg_id },
@@ -249,4 +254,14 @@ export class ConversationView {
       this.#loadingEarlier = false;
     }
   }
+}
+
+/** Messages of one sender within this long of each other are shown as one group. */
+const GROUP_WITHIN_MS = 5 * 60_000;
+
+/** Whether `m` continues the group of `previous` (same sender, shortly after): no header then. */
+function continues(previous: ListedMessage | undefined, m: ListedMessage): boolean {
+  if (!previous || previous.message.sender_id !== m.message.sender_id) return false;
+  const gap = Date.parse(m.message.created_at) - Date.parse(previous.message.created_at);
+  return gap >= 0 && gap < GROUP_WITHIN_MS;
 }
