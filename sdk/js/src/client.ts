@@ -524,7 +524,8 @@ export class ParleyClient extends Emitter<ClientEvents> {
       this.#subscribeOnServer(channelId, this.#subs.get(channelId) as Sub),
     );
     if (resumable.length > 0 && previousSession) steps.push(this.#resume(previousSession, resumable));
-    if (this.#away) steps.push(this.request({ type: "presence.set", away: true }));
+    // "Away" is best effort: a refusal must not keep the subscriptions from coming back.
+    if (this.#away) steps.push(this.request({ type: "presence.set", away: true }).catch(() => {}));
     await Promise.all(steps);
   }
 

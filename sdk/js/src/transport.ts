@@ -298,19 +298,24 @@ export class Transport {
     this.#sessionId = welcome.session_id;
     this.#startHeartbeat(ws, welcome.heartbeat_interval_ms);
     const isCurrent = () => ws === this.#ws;
-    void this.#o.hooks
-      .restore(welcome, previous, isCurrent)
-      .catch((e: unknown) => {
-        if (!isCurrent()) return; // dropped meanwhile; the next socket restores
-        this.#o.hooks.error(e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: String(e) }));
-      })
-      .then(() => {
+    this.#o.hooks.restore(welcome, previous, isCurrent).then(
+      () => {
         if (!isCurrent()) return;
         const reconnected = this.#everConnected;
         this.#everConnected = true;
         this.#backoff.reset();
         this.#o.connection._transition("connected", { reconnected });
-      });
+      },
+      (e: unknown) => {
+        if (!isCurrent()) return; // dropped meanwhile; the next socket restores
+        // Subscriptions are not all back (a request timed out): start over on a new socket
+        // rather than report a connection that misses events.
+        const error = e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: String(e) });
+        this.#o.hooks.error(error);
+        this.#lastError = error;
+        this.#socketLost(ws, `could not restore the subscriptions: ${error.message}`, undefined);
+      },
+    );
   }
 
   #startHeartbeat(ws: WebSocketLike, intervalMs: number): void {

@@ -229,6 +229,37 @@ describe("Transport", () => {
     expect(socket.sent.length - before).toBe(5);
   });
 
+  it("starts over on a new socket when restoring the subscriptions fails", async () => {
+    const t = setup();
+    let fail = true;
+    const transport = new Transport({
+      wsUrl: "ws://test/v1/ws",
+      token: "tok",
+      WebSocket: ScriptedSocket,
+      backoff: { initialMs: 100, maxMs: 1_000, jitter: 0 },
+      requestTimeoutMs: 1_000,
+      connection: t.connection,
+      hooks: {
+        restore: async () => {
+          if (fail) throw new Error("subscribe timed out");
+        },
+        frame: () => {},
+        error: () => {},
+        dropped: () => {},
+        fatal: () => {},
+      },
+    });
+    transport.start();
+    latest().open();
+    await vi.advanceTimersByTimeAsync(0);
+    latest().welcome();
+    await vi.advanceTimersByTimeAsync(0);
+    expect(t.connection.state, "never reported connected").toBe("reconnecting");
+    fail = false;
+    await vi.advanceTimersByTimeAsync(100);
+    await connect(t);
+  });
+
   it("gives up on a socket that sends no welcome in time", async () => {
     const t = setup("tok", 1_000);
     t.transport.start();
