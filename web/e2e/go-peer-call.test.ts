@@ -50,7 +50,7 @@ before(async () => {
     platform: "browser",
     target: ["es2022"],
     outdir: pageDir,
-    alias: { "@parley/sdk": resolve(webDir, "../sdk/js/src/index.ts") },
+    alias: { "@parley/sdk": join(resolve(process.env.PARLEY_SDK_SRC ?? join(webDir, "../sdk/js/src")), "index.ts") },
     logLevel: "warning",
   });
   await copyFile(join(webDir, "e2e/pages/callpeer.html"), join(pageDir, "index.html"));
