@@ -54,4 +54,14 @@ echo "sdk/js: tsc --noEmit"
 npx --no-install tsc --noEmit
 
 echo "sdk/js: vitest (unit + integration, parley at $PARLEY_BIN)"
-npx --no-install vitest run "$@"
+results="$(mktemp)"
+trap 'rm -f "$results"' EXIT
+status=0
+npx --no-install vitest run --reporter=default --reporter=json --outputFile.json="$results" "$@" || status=$?
+# One closing line in the plain form every runner's summary is read in.
+node -e '
+  const r = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+  const skipped = r.numPendingTests + r.numTodoTests;
+  console.log(`sdkjs: ${r.numPassedTests} passed, ${r.numFailedTests} failed` + (skipped ? `, ${skipped} skipped` : ""));
+' "$results" || echo "sdkjs: vitest wrote no results" >&2
+exit "$status"
