@@ -12,8 +12,10 @@ import * as esbuild from "esbuild";
 
 const webDir = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 /**
- * The SDK sources to bundle. $PARLEY_SDK_SRC points elsewhere, e.g. at an export of the committed
- * sdk/js/src while the working tree holds unfinished SDK changes (the output names no paths).
+ * The SDK sources to bundle. $PARLEY_SDK_SRC points elsewhere, e.g. at `src` in an export of the
+ * committed sdk/js while the working tree holds unfinished SDK changes. The export needs the
+ * SDK's package.json and tsconfig.json beside `src`: esbuild reads them (`sideEffects`, class
+ * field semantics), so they change the output. The output names no paths.
  */
 const sdkSrc = resolve(process.env.PARLEY_SDK_SRC ?? join(webDir, "../sdk/js/src"));
 
