@@ -84,7 +84,8 @@ export async function joinCall(client: ParleyClient, callId: string, options: Jo
   if (client.connection.state !== "connected") await client.connect();
   const joined = await client.rest.joinCall(callId);
   const channelId = joined.call.channel_id;
-  const alreadySubscribed = client.subscriptions().some((s) => s.channelId === channelId);
+  // Participants joining and leaving are channel events: the session needs the subscription.
+  const alreadySubscribed = client.isSubscribed(channelId);
   if (!alreadySubscribed) await client.subscribe(channelId);
   const session = new CallSession(client, joined, PC, options, !alreadySubscribed);
   try {

@@ -303,6 +303,11 @@ export class ParleyClient extends Emitter<ClientEvents> {
     if (this.#transport.ready) await this.request({ type: "unsubscribe", channel_id: channelId }).catch(() => {});
   }
 
+  /** Whether the client holds a subscription to the channel (live, or being restored). */
+  isSubscribed(channelId: string): boolean {
+    return this.#subs.has(channelId);
+  }
+
   /** Subscribed channels and the last seq delivered in each. */
   subscriptions(): Subscription[] {
     const out: Subscription[] = [];
