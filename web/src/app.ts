@@ -2,7 +2,7 @@
 //! events, and renders the views. Views call back through the `*Actions` interfaces.
 import { isParleyError, ParleyClient, type Channel, type ConnectionStateChange, type DeliveredEvent, type Message } from "@parley/sdk";
 import { h } from "./dom.js";
-import type { DevSession } from "./session.js";
+import { sessionOutboxStore, type DevSession } from "./session.js";
 import { AppState, newConversation, upsertMessage, type ConversationState } from "./state.js";
 import { CallController } from "./call.js";
 import { ConversationView, type ConversationActions } from "./views/conversation.js";
@@ -43,7 +43,11 @@ export class App implements SidebarActions, ConversationActions {
     this.state = new AppState(options.session.userId);
     this.#root = options.root;
     this.#onSignOut = options.onSignOut;
-    this.client = new ParleyClient({ url: location.origin, token: options.session.token });
+    this.client = new ParleyClient({
+      url: location.origin,
+      token: options.session.token,
+      outboxStore: sessionOutboxStore(options.session),
+    });
     this.#sidebar = new Sidebar(this, this.state);
     this.#conversation = new ConversationView(this.state, this, (id) => this.#calls.channelId === id);
     this.#calls = new CallController(this.client, this.state, this.#conversation.body, () => this.renderAll());
@@ -80,6 +84,7 @@ export class App implements SidebarActions, ConversationActions {
       this.#fatal(e);
       if (isParleyError(e) && e.code.startsWith("token_")) return;
     }
+    this.#showRestoredOutbox();
     const wanted = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
     if (wanted && this.state.conversations.has(wanted)) this.select(wanted);
     this.#pollTimer = setInterval(() => void this.refreshChannels().catch(() => {}), CHANNEL_POLL_MS);
@@ -154,6 +159,16 @@ export class App implements SidebarActions, ConversationActions {
     if (calls) c.call = calls.calls.find((call) => !call.ended_at) ?? null;
   }
 
+  /** Messages restored from the outbox of an earlier page: shown as pending until the SDK sends them. */
+  #showRestoredOutbox(): void {
+    for (const entry of this.client.pendingMessages()) {
+      const c = this.state.conversations.get(entry.channelId);
+      if (!c) continue;
+      upsertMessage(c.messages, pendingMessage(entry.channelId, this.state.me, entry.clientMsgId, entry.text), "pending");
+    }
+    this.#conversation.render();
+  }
+
   async #refreshPresence(): Promise<void> {
     const users = new Set<string>();
     for (const c of this.state.conversations.values()) for (const m of c.members ?? []) if (m.user_id !== this.state.me) users.add(m.user_id);
@@ -212,6 +227,25 @@ export class App implements SidebarActions, ConversationActions {
       c.lastReadSeq = u.last_read_seq;
       this.#sidebar.render();
       this.#renderTitle();
+    });
+    // Every outbox message ends in one of these, also those restored from an earlier page.
+    this.client.on("outbox.sent", ({ clientMsgId, result }) => {
+      this.#failed.delete(clientMsgId);
+      const c = this.state.conversations.get(result.message.channel_id);
+      if (!c) return;
+      upsertMessage(c.messages, result.message);
+      this.#conversation.render();
+    });
+    this.client.on("outbox.failed", ({ clientMsgId, error }) => {
+      for (const c of this.state.conversations.values()) {
+        const i = c.messages.findIndex((m) => m.delivery !== "sent" && m.message.client_msg_id === clientMsgId);
+        if (i < 0) continue;
+        const listed = c.messages[i]!;
+        this.#failed.set(clientMsgId, listed.message.text);
+        c.messages[i] = { message: listed.message, delivery: "failed" };
+        console.warn("parley: send failed", error);
+        this.#conversation.render();
+      }
     });
     this.client.on("subscription.lost", ({ channelId }) => {
       this.#forget(channelId);
@@ -370,32 +404,12 @@ export class App implements SidebarActions, ConversationActions {
   send(channelId: string, text: string, clientMsgId: string = crypto.randomUUID()): void {
     const c = this.state.conversations.get(channelId);
     if (!c) return;
-    const pending: Message = {
-      id: `pending:${clientMsgId}`,
-      channel_id: channelId,
-      seq: 0,
-      sender_id: this.state.me,
-      client_msg_id: clientMsgId,
-      text,
-      created_at: new Date().toISOString(),
-    };
-    upsertMessage(c.messages, pending, "pending");
+    upsertMessage(c.messages, pendingMessage(channelId, this.state.me, clientMsgId, text), "pending");
     this.#conversation.render();
-    this.client.send(channelId, text, { clientMsgId }).then(
-      (result) => {
-        this.#failed.delete(clientMsgId);
-        upsertMessage(c.messages, result.message);
-        this.#conversation.render();
-      },
-      (e: unknown) => {
-        this.#failed.set(clientMsgId, text);
-        const i = c.messages.findIndex((m) => m.delivery !== "sent" && m.message.client_msg_id === clientMsgId);
-        if (i >= 0) c.messages[i] = { message: c.messages[i]!.message, delivery: "failed" };
-        console.warn("parley: send failed", e);
-        this.#conversation.render();
-      },
-    );
+    // The outcome arrives as `outbox.sent` / `outbox.failed` (see #listen).
+    this.client.send(channelId, text, { clientMsgId }).catch(() => {});
   }
+
 
   retry(channelId: string, clientMsgId: string): void {
     const text = this.#failed.get(clientMsgId);
@@ -439,4 +453,17 @@ export class App implements SidebarActions, ConversationActions {
   startOrJoinCall(channelId: string): void {
     void this.#calls.startOrJoin(channelId);
   }
+}
+
+/** Our message as shown while it is on its way (the server's replaces it, by `client_msg_id`). */
+function pendingMessage(channelId: string, me: string, clientMsgId: string, text: string): Message {
+  return {
+    id: `pending:${clientMsgId}`,
+    channel_id: channelId,
+    seq: 0,
+    sender_id: me,
+    client_msg_id: clientMsgId,
+    text,
+    created_at: new Date().toISOString(),
+  };
 }

@@ -1,7 +1,7 @@
 //! The signed-in development user: a token from `POST /v1/dev/token`, kept in sessionStorage (one sign-in per tab) so a
 //! reload stays signed in. The route exists only while the server runs with its development key.
 
-import { isParleyError, RestClient } from "@parley/sdk";
+import { isParleyError, RestClient, type OutboxRecord, type OutboxStore } from "@parley/sdk";
 
 export interface DevSession {
   token: string;
@@ -51,4 +51,26 @@ export function storedSession(): DevSession | null {
 
 export function forgetSession(): void {
   sessionStorage.removeItem(STORAGE_KEY);
+}
+
+/**
+ * Keeps the SDK's outbox (messages not acknowledged yet) in sessionStorage, per user, so a
+ * message written while the server is unreachable is still sent after a reload of the tab.
+ */
+export function sessionOutboxStore(session: DevSession): OutboxStore {
+  const key = `parley.outbox.${session.tenantId}.${session.userId}`;
+  return {
+    load(): OutboxRecord[] {
+      try {
+        const records = JSON.parse(sessionStorage.getItem(key) ?? "[]") as unknown;
+        return Array.isArray(records) ? (records as OutboxRecord[]) : [];
+      } catch {
+        return [];
+      }
+    },
+    save(records: OutboxRecord[]): void {
+      if (records.length === 0) sessionStorage.removeItem(key);
+      else sessionStorage.setItem(key, JSON.stringify(records));
+    },
+  };
 }
