@@ -10,12 +10,12 @@
 use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::queue::FrameSender;
 use axum::extract::ws::Utf8Bytes;
 use parley_proto::calls::SignalPayload;
 use parley_proto::{
     NegotiationError, NegotiationRole, PairNegotiation, Relay, ServerFrame, Side, Signal,
 };
-use tokio::sync::mpsc;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -24,7 +24,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A participant attached to a connection of this node.
 struct Attached {
     conn: u64,
-    tx: mpsc::Sender<Utf8Bytes>,
+    tx: FrameSender,
     call_id: String,
     channel_id: String,
 }
@@ -59,7 +59,7 @@ impl CallRegistry {
         call_id: &str,
         channel_id: &str,
         conn: u64,
-        tx: mpsc::Sender<Utf8Bytes>,
+        tx: FrameSender,
     ) -> bool {
         lock(&self.attached).insert(
             participant_id.to_owned(),

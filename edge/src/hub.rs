@@ -13,9 +13,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::queue::{FrameSender, TrySendError};
 use axum::extract::ws::Utf8Bytes;
 use parley_proto::{ChannelEvent, ChannelSequencer, CloseCode, EventBody, SequencerOutput};
-use tokio::sync::mpsc;
 
 use crate::session::ConnControl;
 
@@ -72,7 +72,7 @@ pub(crate) struct FetchDone {
 pub(crate) struct Subscriber {
     pub conn: u64,
     pub user_id: Arc<str>,
-    pub tx: mpsc::Sender<Utf8Bytes>,
+    pub tx: FrameSender,
     pub ctl: Arc<ConnControl>,
 }
 
@@ -371,11 +371,11 @@ fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
                     }
                     true
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
+                Err(TrySendError::Full(_)) => {
                     reg.sub.ctl.close(CloseCode::SlowConsumer);
                     false
                 }
-                Err(mpsc::error::TrySendError::Closed(_)) => false,
+                Err(TrySendError::Closed(_)) => false,
             }
         });
         if let Some(removed) = &ev.body_is_removal_of {
@@ -401,6 +401,7 @@ fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::queue::{FrameReceiver, frame_queue};
     use parley_proto::{EventBody, Member, Role};
 
     fn ev(seq: u64, body: EventBody) -> Arc<ChannelEvent> {
@@ -436,8 +437,8 @@ mod tests {
         )
     }
 
-    fn sub(conn: u64, user: &str) -> (Subscriber, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(4);
+    fn sub(conn: u64, user: &str) -> (Subscriber, FrameReceiver) {
+        let (tx, rx) = frame_queue(4);
         (
             Subscriber {
                 conn,
@@ -449,9 +450,9 @@ mod tests {
         )
     }
 
-    fn seqs(rx: &mut mpsc::Receiver<Utf8Bytes>) -> Vec<u64> {
+    fn seqs(rx: &mut FrameReceiver) -> Vec<u64> {
         let mut out = Vec::new();
-        while let Ok(m) = rx.try_recv() {
+        while let Some(m) = rx.try_recv() {
             let v: serde_json::Value = serde_json::from_str(m.as_str()).expect("json");
             out.push(v["seq"].as_u64().expect("seq"));
         }
@@ -511,7 +512,7 @@ mod tests {
         let hubs = Hubs::new(Duration::from_millis(50));
         let (slow, _rx_slow) = sub(1, "slow");
         let slow_ctl = slow.ctl.clone();
-        let (tx, mut rx_fast) = mpsc::channel(64);
+        let (tx, mut rx_fast) = frame_queue(64);
         let fast = Subscriber {
             conn: 2,
             user_id: Arc::from("fast"),

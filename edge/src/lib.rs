@@ -24,6 +24,7 @@ use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
 mod calls;
 mod hub;
+mod queue;
 mod session;
 mod upgrade;
 mod users;
@@ -155,6 +156,9 @@ pub struct EdgeConfig {
     pub gap_timeout: Duration,
     /// WebSocket read buffer per connection, in bytes (axum's default is 128 KiB).
     pub read_buffer_bytes: usize,
+    /// Frames that queued up while a connection's socket was busy are written together, up to
+    /// about this many bytes per write (one write per frame when 0).
+    pub write_batch_bytes: usize,
     /// Most events `resume` replays per channel; further behind, that channel is refused.
     pub max_replay: u64,
     /// How long after a connection ends its session can be resumed.
@@ -182,6 +186,7 @@ impl Default for EdgeConfig {
             allowed_origins: Vec::new(),
             gap_timeout: Duration::from_millis(250),
             read_buffer_bytes: 512,
+            write_batch_bytes: 16 * 1024,
             max_replay: 1000,
             resume_window: Duration::from_secs(120),
             presence_grace: Duration::from_secs(5),
@@ -221,6 +226,8 @@ pub struct Edge {
     sessions: users::SessionRegistry,
     /// Call participants attached to this node's connections, and their pair states.
     calls: calls::CallRegistry,
+    /// Every connection's control, for the heartbeat ticker and shutdown.
+    controls: users::ConnControls,
 }
 
 impl Edge {
@@ -230,7 +237,7 @@ impl Edge {
         config: EdgeConfig,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Arc<Edge> {
-        Arc::new(Edge {
+        let edge = Arc::new(Edge {
             gateway,
             hubs: hub::Hubs::new(config.gap_timeout),
             config,
@@ -240,7 +247,17 @@ impl Edge {
             users: users::UserConnections::default(),
             sessions: users::SessionRegistry::default(),
             calls: calls::CallRegistry::default(),
-        })
+            controls: users::ConnControls::default(),
+        });
+        tokio::spawn(heartbeats(Arc::downgrade(&edge)));
+        edge
+    }
+
+    /// Closes every connection with 1001 (going away); connections that open later are closed
+    /// at once too, since `shutdown` is true by then.
+    fn close_all(&self) {
+        self.controls
+            .for_each(|_, ctl| ctl.close(parley_proto::CloseCode::GoingAway));
     }
 
     /// Open WebSocket connections on this node.
@@ -332,6 +349,47 @@ impl Edge {
                         });
                     }
                 }
+            }
+        }
+    }
+}
+
+/// How many slices the heartbeat ticker cuts the interval into: each tick pings the connections
+/// of one slice, so pings spread over the interval instead of leaving in one burst.
+const HEARTBEAT_SLICES: u64 = 8;
+
+/// The node's heartbeat: asks every connection to ping once per heartbeat interval, and closes
+/// them all on shutdown. One task for the node instead of one timer per connection.
+async fn heartbeats(edge: std::sync::Weak<Edge>) {
+    let (period, mut shutdown) = match edge.upgrade() {
+        Some(e) => (
+            (e.config.heartbeat_interval / HEARTBEAT_SLICES as u32).max(Duration::from_millis(1)),
+            e.shutdown.clone(),
+        ),
+        None => return,
+    };
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut slice = 0u64;
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                let Some(edge) = edge.upgrade() else { return };
+                edge.controls.for_each(|conn, ctl| {
+                    if conn % HEARTBEAT_SLICES == slice {
+                        ctl.heartbeat();
+                    }
+                });
+                slice = (slice + 1) % HEARTBEAT_SLICES;
+            }
+            changed = shutdown.changed(), if watching => {
+                if *shutdown.borrow()
+                    && let Some(edge) = edge.upgrade()
+                {
+                    edge.close_all();
+                }
+                watching = changed.is_ok();
             }
         }
     }

@@ -72,7 +72,7 @@ async fn upgrade(
     let cfg = &edge.config;
     let mut ws = ws
         .read_buffer_size(cfg.read_buffer_bytes)
-        .write_buffer_size(0)
+        .write_buffer_size(cfg.write_batch_bytes)
         .max_write_buffer_size(cfg.max_frame_bytes.saturating_mul(4).max(64 * 1024))
         .max_message_size(cfg.max_frame_bytes)
         .max_frame_size(cfg.max_frame_bytes);

@@ -5,15 +5,15 @@ use std::collections::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::queue::FrameSender;
 use axum::extract::ws::Utf8Bytes;
-use tokio::sync::mpsc;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// A connection id with its queue.
-type ConnQueue = (u64, mpsc::Sender<Utf8Bytes>);
+type ConnQueue = (u64, FrameSender);
 
 /// (tenant, user) → connections.
 #[derive(Default)]
@@ -22,7 +22,7 @@ pub(crate) struct UserConnections {
 }
 
 impl UserConnections {
-    pub fn add(&self, tenant: &str, user: &str, conn: u64, tx: mpsc::Sender<Utf8Bytes>) {
+    pub fn add(&self, tenant: &str, user: &str, conn: u64, tx: FrameSender) {
         lock(&self.inner)
             .entry((tenant.to_owned(), user.to_owned()))
             .or_default()
@@ -120,6 +120,33 @@ impl SessionRegistry {
             Some(e) if e.at.elapsed() > window => SessionCheck::Expired,
             Some(_) => SessionCheck::Resumable,
             None => SessionCheck::Unknown,
+        }
+    }
+}
+
+/// Every connection's control on this node, by connection id.
+#[derive(Default)]
+pub(crate) struct ConnControls {
+    inner: Mutex<HashMap<u64, std::sync::Arc<crate::session::ConnControl>>>,
+}
+
+impl ConnControls {
+    pub fn add(&self, conn: u64, ctl: std::sync::Arc<crate::session::ConnControl>) {
+        lock(&self.inner).insert(conn, ctl);
+    }
+
+    pub fn remove(&self, conn: u64) {
+        let mut map = lock(&self.inner);
+        map.remove(&conn);
+        // Give memory back after a wave of disconnects.
+        if map.capacity() > 64 && map.len() < map.capacity() / 4 {
+            map.shrink_to_fit();
+        }
+    }
+
+    pub fn for_each(&self, mut f: impl FnMut(u64, &crate::session::ConnControl)) {
+        for (conn, ctl) in lock(&self.inner).iter() {
+            f(*conn, ctl);
         }
     }
 }
