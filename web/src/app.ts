@@ -36,6 +36,8 @@ export class App implements SidebarActions, ConversationActions {
   readonly #onSignOut: (notice?: string) => void;
   /** Sends whose promise failed, kept to offer "Retry": client_msg_id → text. */
   readonly #failed = new Map<string, string>();
+  /** Aborted on sign-out: removes the window and document listeners of this app. */
+  readonly #stop = new AbortController();
   #pollTimer: ReturnType<typeof setInterval> | undefined;
   #typingRender: ReturnType<typeof setInterval> | undefined;
 
@@ -84,19 +86,27 @@ export class App implements SidebarActions, ConversationActions {
       this.#fatal(e);
       if (isParleyError(e) && e.code.startsWith("token_")) return;
     }
+    if (this.#stop.signal.aborted) return; // signed out meanwhile
     this.#showRestoredOutbox();
     const wanted = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
     if (wanted && this.state.conversations.has(wanted)) this.select(wanted);
     this.#pollTimer = setInterval(() => void this.refreshChannels().catch(() => {}), CHANNEL_POLL_MS);
     this.#typingRender = setInterval(() => this.#conversation.renderTyping(), 1_000);
-    window.addEventListener("hashchange", () => {
-      const id = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
-      if (id && id !== this.state.selected && this.state.conversations.has(id)) this.select(id);
-    });
-    document.addEventListener("visibilitychange", () => this.#markSelectedRead());
+    const signal = this.#stop.signal;
+    window.addEventListener(
+      "hashchange",
+      () => {
+        const id = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
+        if (id && id !== this.state.selected && this.state.conversations.has(id)) this.select(id);
+      },
+      { signal },
+    );
+    document.addEventListener("visibilitychange", () => this.#markSelectedRead(), { signal });
   }
 
   signOut(notice?: string): void {
+    if (this.#stop.signal.aborted) return;
+    this.#stop.abort();
     clearInterval(this.#pollTimer);
     clearInterval(this.#typingRender);
     void this.#calls.leave();
