@@ -211,6 +211,7 @@ export class App implements SidebarActions, ConversationActions {
     this.client.connection.on("statechange", (change: ConnectionStateChange) => {
       this.state.connection = change.current;
       this.#renderConnection();
+      this.#conversation.render(); // your own presence dot follows the connection
       if (change.current === "connected" && change.reconnected) void this.refreshChannels().catch(() => {});
     });
     this.client.on("event", (event: DeliveredEvent) => this.#onChannelEvent(event));

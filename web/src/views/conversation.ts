@@ -121,7 +121,7 @@ export class ConversationView {
         "ul",
         { class: "members", "aria-label": "Members" },
         ...members.map((m) => {
-          const status = m.user_id === this.state.me ? "online" : (this.state.presence.get(m.user_id) ?? "offline");
+          const status = m.user_id === this.state.me ? (this.state.connection === "connected" ? "online" : "offline") : (this.state.presence.get(m.user_id) ?? "offline");
           return h(
             "li",
             { "data-user-id": m.user_id },
