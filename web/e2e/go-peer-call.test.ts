@@ -148,6 +148,10 @@ test("a Go peer and Chromium call each other: video RTP reaches Go, a data chann
     assert.ok(await page.evaluate(() => (window as unknown as PageWindow).callPeerTest.send("hello from chromium")), "the data channel accepts the message");
     await seen("the browser's data channel message", (e) => e.event === "datachannel_message" && e.text === "hello from chromium");
     await waitFor("the echo in the browser", () => page.evaluate(() => (window as unknown as PageWindow).callPeerTest.state.received.includes("echo:hello from chromium")), { timeoutMs: 15_000 });
+    // The Go peer opens a `chat` channel of its own too: the browser sees both open.
+    await waitFor("the Go peer's own chat data channel to open in the browser", () =>
+      page.evaluate(() => (window as unknown as { callPeerTest: { state: { events: string[] } } }).callPeerTest.state.events.filter((e) => e === "datachannel chat open").length >= 2),
+    { timeoutMs: 15_000 });
     await screenshot(page, out, "01-browser-in-call-with-go-peer");
 
     assert.deepEqual(signals.nonLoopback, [], "the browser signalled only 127.0.0.1 candidates");
