@@ -6,7 +6,14 @@
 # again however the run ends. Tests find the services through PARLEY_TEST_DATABASE_URL,
 # PARLEY_TEST_REDIS_URL and PARLEY_TEST_NATS_URL; they must fail, not skip, without them.
 #
-# Extra arguments go to `cargo test`:
+# A full run (no arguments) then runs the client suites against the `parley` binary the Rust
+# tests built: sdk/js (vitest, Node and Chromium), sdk/go (go vet, go test -race) and web/
+# (the web client's checks and its browser tests, playwright-core + Debian's Chromium). Each
+# installs what it needs when missing (npm ci, Go modules, apt-get install chromium).
+# Screenshots and logs of the browser tests go to $PARLEY_ARTIFACTS_DIR (default
+# web/e2e/artifacts).
+#
+# Extra arguments go to `cargo test` (and skip the client suites):
 #   scripts/test.sh                         # everything
 #   scripts/test.sh -p parley-proto         # one crate
 #   scripts/test.sh -p parley-core -- --nocapture
@@ -64,15 +71,24 @@ for arg in "$@"; do
 done
 [ -z "$scope" ] || cargo_args=("$scope" "${cargo_args[@]}")
 
-phase "cargo test ${cargo_args[*]}${*:+ $*}" cargo test "${cargo_args[@]}" "$@"
+# Every suite runs even when an earlier one failed, so one run shows every failure.
+failed=()
+phase "cargo test ${cargo_args[*]}${*:+ $*}" cargo test "${cargo_args[@]}" "$@" || failed+=("cargo test")
 
-# --- SDK suites ---------------------------------------------------------------------
-# Client SDK test suites go here, after the Rust suite, against the same running
-# services (the PARLEY_TEST_* variables above). Run them only on a full run (no
-# arguments given), one `phase "sdk <name>" <command>` each, so each gets its own
-# summary line and a failure fails the whole run. None exist yet.
+# --- client suites (full runs only) -------------------------------------------------
 if [ $# -eq 0 ]; then
-    : # phase "sdk <name>" <command ...>
+    # The binary the Rust integration tests used; rebuilt here only if they did not build it.
+    export PARLEY_BIN="$CARGO_TARGET_DIR/debug/parley"
+    if [ ! -x "$PARLEY_BIN" ]; then
+        phase "cargo build -p parley" cargo build -p parley --locked || failed+=("cargo build")
+    fi
+    phase "sdk/js" sdk/js/scripts/test.sh || failed+=("sdk/js")
+    phase "sdk/go" sdk/go/scripts/test.sh || failed+=("sdk/go")
+    phase "web" web/scripts/test.sh || failed+=("web")
 fi
 
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "==> test.sh: FAILED: ${failed[*]}" >&2
+    exit 1
+fi
 echo "==> test.sh: all phases passed" >&2

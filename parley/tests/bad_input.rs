@@ -213,7 +213,9 @@ async fn rest_bad_inputs_get_typed_errors_and_the_server_keeps_serving() {
         ("unknown query parameter", "GET", format!("{messages}?cursor=1"), None, None, 400, "invalid_argument"),
         ("body over 64 KiB", "POST", messages.clone(), JSON, send(json!({ "client_msg_id": "a", "text": "a".repeat(70 * 1024) })), 413, "payload_too_large"),
         ("unknown route", "GET", "/v1/nope".into(), None, None, 404, "route_not_found"),
-        ("unknown route outside /v1", "GET", "/nope".into(), None, None, 404, "route_not_found"),
+        ("unknown nested route", "GET", "/v1/nope/deeper/still".into(), None, None, 404, "route_not_found"),
+        // Outside /v1, GET is the web client's (tests/web_client.rs); other methods are refused.
+        ("POST outside /v1", "POST", "/nope".into(), JSON, send(json!({})), 405, "method_not_allowed"),
         ("wrong method: PUT /v1/channels", "PUT", "/v1/channels".into(), JSON, send(json!({})), 405, "method_not_allowed"),
         ("wrong method: DELETE /v1/channels", "DELETE", "/v1/channels".into(), None, None, 405, "method_not_allowed"),
         ("wrong method: POST a member", "POST", fx.path("/members/someone"), None, None, 405, "method_not_allowed"),

@@ -75,6 +75,8 @@ pub enum Side {
 /// A participant's role in perfect negotiation with one peer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
+// Named apart from the member `Role` in the OpenAPI document (both were `Role`, and one hid the other).
+#[schema(as = NegotiationRole)]
 pub enum Role {
     /// Gives way on glare: rolls back its own offer and answers the peer's.
     Polite,

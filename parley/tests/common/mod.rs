@@ -209,6 +209,18 @@ impl Server {
         }
     }
 
+    /// SIGTERM: asks the server to shut down (it closes its connections with 1001 and drains).
+    /// Returns without waiting; dropping the server kills it if it is still running.
+    pub fn terminate(&self) {
+        if let Some(c) = &self.child {
+            let status = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status()
+                .expect("run kill");
+            assert!(status.success(), "kill -TERM failed");
+        }
+    }
+
     /// Starts the same command again (same data folder, new port).
     pub fn restart(&mut self) {
         self.kill9();

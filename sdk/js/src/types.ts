@@ -17,25 +17,17 @@ export type SignalPayload = Schemas["SignalPayload"];
 export type SessionLimits = Schemas["SessionLimits"];
 export type IceServer = Schemas["IceServer"];
 
-/**
- * A participant's role in perfect negotiation with one peer.
- *
- * The server's OpenAPI document names this schema `Role`, and (a server bug: two Rust types
- * named `Role` collide in the document) also points the channel-member role at it.
- */
-export type NegotiationRole = Schemas["Role"];
-/**
- * A member's role in a channel. Correction: the OpenAPI document wrongly types member roles as
- * `polite | impolite` (see {@link NegotiationRole}); the server sends these values.
- */
-export type MemberRole = "owner" | "moderator" | "member";
+/** A participant's role in perfect negotiation with one peer. */
+export type NegotiationRole = Schemas["NegotiationRole"];
+/** A member's role in a channel. */
+export type MemberRole = Schemas["Role"];
 
 export type Message = Schemas["Message"];
 export type MessagePage = Schemas["MessagePage"];
 export type SendResult = Schemas["SendResult"];
-export type Channel = Omit<Schemas["Channel"], "role"> & { role?: MemberRole | null };
+export type Channel = Schemas["Channel"];
 export type ChannelList = { channels: Channel[] };
-export type Member = Omit<Schemas["Member"], "role"> & { role: MemberRole };
+export type Member = Schemas["Member"];
 export type MemberList = { members: Member[] };
 export type ReadState = Schemas["ReadState"];
 export type Presence = Schemas["Presence"];
@@ -50,20 +42,13 @@ export type DevToken = Schemas["DevToken"];
 export type DevTokenRequest = Schemas["DevTokenRequest"];
 
 export type CreateChannelRequest = Schemas["CreateChannel"];
-export type AddMemberRequest = Omit<Schemas["AddMember"], "role"> & { role?: MemberRole | null };
+export type AddMemberRequest = Schemas["AddMember"];
 export type SendMessageRequest = Schemas["SendMessage"];
 export type EditMessageRequest = Schemas["EditMessage"];
 export type PatchChannelRequest = Schemas["PatchChannel"];
 
-/** Applies the member-role correction inside event payloads. */
-type CorrectRoles<T> = T extends { type: "member.added" }
-  ? Omit<T, "member"> & { member: Member }
-  : T extends { type: "channel.updated" }
-    ? Omit<T, "channel"> & { channel: Channel }
-    : T;
-
 /** What happened in a channel, by `type` (docs/protocol.md, "Channel events"). */
-export type EventBody = CorrectRoles<Schemas["EventBody"]>;
+export type EventBody = Schemas["EventBody"];
 /** A persisted channel event: `channel_id`, `seq` and a body. */
 export type ChannelEvent = EventBody & { channel_id: string; seq: number };
 export type ChannelEventType = ChannelEvent["type"];

@@ -612,6 +612,11 @@ export interface components {
             /** @description Messages newer than the last one of this page exist. */
             has_after: boolean;
         };
+        /**
+         * @description A participant's role in perfect negotiation with one peer.
+         * @enum {string}
+         */
+        NegotiationRole: "polite" | "impolite";
         /** @description `PATCH /v1/channels/{id}`. */
         PatchChannel: {
             name: string;
@@ -624,7 +629,7 @@ export interface components {
              * @description The joiner's role in perfect negotiation with this peer. The earlier participant of a
              *     pair is impolite, so a joiner is polite towards everyone already there.
              */
-            role: components["schemas"]["Role"];
+            role: components["schemas"]["NegotiationRole"];
         };
         /** @description A user's presence. */
         Presence: {
@@ -684,10 +689,10 @@ export interface components {
             reason?: null | components["schemas"]["ResumeRefusal"];
         };
         /**
-         * @description A participant's role in perfect negotiation with one peer.
+         * @description Role of a member in a channel. Ordered: owner > moderator > member.
          * @enum {string}
          */
-        Role: "polite" | "impolite";
+        Role: "member" | "moderator" | "owner";
         /** @description `POST /v1/channels/{id}/messages`, and the body of the `message.send` frame. */
         SendMessage: {
             /**
@@ -771,7 +776,7 @@ export interface components {
             from: string;
             to: string;
             /** @description The receiver's role in perfect negotiation with the sender. */
-            role: components["schemas"]["Role"];
+            role: components["schemas"]["NegotiationRole"];
             signal: components["schemas"]["SignalPayload"];
             /** @enum {string} */
             type: "call.signal";
