@@ -931,8 +931,14 @@ async fn commit_batch(
             .push(i);
     }
     let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
-    for ((channel_id, tenant), members) in &groups {
-        for (i, outcome) in commit_group(&tx, channel_id, tenant, jobs, members, now).await? {
+    // The channels' parts run pipelined on the one connection: each part's first queries are
+    // sent when it is first polled, in channel order, so the row locks are still requested in
+    // that order, and a batch of many channels costs about the round trips of one.
+    let parts = groups.iter().map(|((channel_id, tenant), members)| {
+        commit_group(&tx, channel_id, tenant, jobs, members, now)
+    });
+    for part in futures::future::try_join_all(parts).await? {
+        for (i, outcome) in part {
             outcomes[i] = Some(outcome);
         }
     }

@@ -59,6 +59,14 @@ impl SqliteStorage {
         let path = dir.join("parley.db");
         let mut write_conn = open_conn(&path, false)?;
         queries::migrate(&mut write_conn)?;
+        // The writer never checkpoints: copying the WAL back into the database (and its fsync)
+        // would stall every commit behind it. A thread of its own does it, next to the writer.
+        write_conn
+            .execute_batch(&format!(
+                "PRAGMA wal_autocheckpoint=0; PRAGMA cache_size=-{WRITER_CACHE_KIB};"
+            ))
+            .map_err(queries::db_err)?;
+        let checkpoint_conn = open_conn(&path, false)?;
         let mut readers = Vec::with_capacity(READERS);
         for _ in 0..READERS {
             readers.push(open_conn(&path, true)?);
@@ -68,14 +76,18 @@ impl SqliteStorage {
             .name("parley-sqlite-writer".into())
             .spawn(move || writer_loop(write_conn, rx))
             .map_err(|e| StorageError::Internal(format!("cannot start writer thread: {e}")))?;
-        Ok(SqliteStorage {
-            inner: Arc::new(Inner {
-                path,
-                writer: tx,
-                readers: Mutex::new(readers),
-                reader_permits: Semaphore::new(READERS),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            path,
+            writer: tx,
+            readers: Mutex::new(readers),
+            reader_permits: Semaphore::new(READERS),
+        });
+        let alive = Arc::downgrade(&inner);
+        std::thread::Builder::new()
+            .name("parley-sqlite-ckpt".into())
+            .spawn(move || checkpoint_loop(checkpoint_conn, alive))
+            .map_err(|e| StorageError::Internal(format!("cannot start checkpoint thread: {e}")))?;
+        Ok(SqliteStorage { inner })
     }
 
     /// Path of the database file.
@@ -202,6 +214,22 @@ where
         };
         if let Some(reply) = self.reply.take() {
             let _ = reply.send(result); // the caller may have gone; the write stands
+        }
+    }
+}
+
+/// Page cache of the writer connection, in KiB.
+const WRITER_CACHE_KIB: u32 = 16 * 1024;
+/// How often the checkpoint thread copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Checkpoints the WAL (PASSIVE: never waits for, nor blocks, the writer or readers) until the
+/// storage is dropped. With the writer's automatic checkpoints off, this keeps the WAL short.
+fn checkpoint_loop(conn: Connection, alive: std::sync::Weak<Inner>) {
+    while alive.strong_count() > 0 {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::warn!(error = %e, "sqlite checkpoint failed; will retry");
         }
     }
 }
