@@ -888,11 +888,19 @@ impl Session {
 
     /// Sends in a task of its own so the connection keeps reading and writing while the commit
     /// syncs; the ack joins the connection's queue after the commit.
+    ///
+    /// Order: the send is polled once here, in the connection's task, before it is spawned. That
+    /// first poll validates and puts the write in its storage writer's queue (both engines queue
+    /// before their first await), so a connection's sends are queued, and committed, in the
+    /// order they arrived. Spawned right away, they would start in the scheduler's order (tokio
+    /// runs the newest spawned task first), and pipelined sends would commit out of order.
     fn send_message(&mut self, id: String, channel_id: String, req: SendMessage) {
         let tx = self.queue_sender();
         let gateway = self.edge.gateway.clone();
         let principal = self.principal.clone();
-        tokio::spawn(async move {
+        // Unconstrained: tokio's cooperative budget could otherwise make that first poll return
+        // early, before the write is queued, once this connection's task has done much work.
+        let mut send = Box::pin(tokio::task::unconstrained(async move {
             let frame = match gateway.send_message(&principal, &channel_id, req).await {
                 Ok(result) => ServerFrame::Ack(Ack {
                     seq: Some(result.message.seq),
@@ -904,7 +912,13 @@ impl Session {
             };
             // Waits for room rather than dropping: an ack is never lost while the socket lives.
             let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
-        });
+        }));
+        // No waker is needed for this poll: the spawned task polls again at once and registers
+        // its own, and whatever completed meanwhile is seen then.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        if send.as_mut().poll(&mut cx).is_pending() {
+            tokio::spawn(send);
+        }
     }
 
     fn queue_sender(&mut self) -> FrameSender {

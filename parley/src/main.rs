@@ -102,5 +102,13 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
         tracing::info!("shutting down: closing WebSockets with 1001");
         let _ = shutdown_tx.send(true);
     };
-    server::serve(listener, node.app, shutdown).await
+    let edge = node.edge.clone();
+    server::serve(listener, node.app, shutdown).await?;
+    // The HTTP server's graceful shutdown does not wait for upgraded connections: give the
+    // WebSockets a moment to send their 1001 close frames before the process exits.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while edge.connection_count() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    Ok(())
 }
