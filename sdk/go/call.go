@@ -54,10 +54,14 @@ type Peer struct {
 	// Negotiation state, owned by the call's goroutine.
 	ignoreOffer    bool
 	restartPending bool
-	pendingCands   []string
-	stats          PeerStats
-	statsMu        sync.Mutex
-	dcOpened       bool
+	// offers counts the offers made; offerRestart says whether the outstanding one (if any)
+	// restarts ICE. A glare or a refusal reported for an offer applies only while it is the last.
+	offers       uint64
+	offerRestart bool
+	pendingCands []string
+	stats        PeerStats
+	statsMu      sync.Mutex
+	dcOpened     bool
 }
 
 // PeerStats counts a peer's negotiations.
@@ -82,15 +86,14 @@ func (p *Peer) CreateDataChannel(label string, init *webrtc.DataChannelInit) (*w
 
 // callInput is one thing for the call's goroutine to handle.
 type callInput struct {
-	signal     *frame       // call.signal or call.participant_reconnect(ing|ed)
-	event      ChannelEvent // a channel event about this call
-	conn       *wsConn      // the client is connected on conn: attach there
-	negotiate  *Peer        // the peer needs an offer
-	candidate  *Peer        // a local candidate for the peer (cand; "" = end of candidates)
-	cand       string
-	rolledBack *Peer  // the server rolled our offer to the peer back (glare)
-	restart    *Peer  // restart ICE with the peer
-	fn         func() // run on the call's goroutine
+	signal    *frame       // call.signal or call.participant_reconnect(ing|ed)
+	event     ChannelEvent // a channel event about this call
+	conn      *wsConn      // the client is connected on conn: attach there
+	negotiate *Peer        // the peer needs an offer
+	candidate *Peer        // a local candidate for the peer (cand; "" = end of candidates)
+	cand      string
+	restart   *Peer  // restart ICE with the peer
+	fn        func() // run on the call's goroutine
 }
 
 // StartCall starts the channel's call (or finds the active one) and joins it.
@@ -346,11 +349,6 @@ func (c *Call) handle(in callInput) {
 		c.offer(in.negotiate)
 	case in.candidate != nil:
 		c.sendCandidate(in.candidate, in.cand)
-	case in.rolledBack != nil:
-		p := in.rolledBack
-		if p.pc.SignalingState() == webrtc.SignalingStateHaveLocalOffer {
-			c.rollbackLocal(p)
-		}
 	case in.restart != nil:
 		p := in.restart
 		p.restartPending = true
@@ -404,6 +402,8 @@ func (c *Call) attach(conn *wsConn) {
 		switch p.pc.SignalingState() {
 		case webrtc.SignalingStateHaveRemoteOffer:
 			c.rollbackRemote(p)
+		case webrtc.SignalingStateHaveLocalOffer:
+			c.rollbackLocal(p)
 		}
 		p.restartPending = true
 		c.offer(p)

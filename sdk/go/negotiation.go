@@ -135,11 +135,15 @@ func (c *Call) offer(p *Peer) {
 	if conn == nil || !present {
 		return
 	}
-	state := p.pc.SignalingState()
-	if state != webrtc.SignalingStateStable && !(state == webrtc.SignalingStateHaveLocalOffer && p.restartPending) {
-		return // pion asks again once stable
+	if p.pc.SignalingState() != webrtc.SignalingStateStable {
+		// pion can neither replace an outstanding offer nor create one while answering: a
+		// negotiation still needed is asked again by pion once stable, and a restart still due
+		// is offered by settled.
+		return
 	}
 	restart := p.restartPending
+	// With ICERestart, CreateOffer restarts the ICE agent at once (new credentials), so it is
+	// only called when the offer can be set right after.
 	offer, err := p.pc.CreateOffer(&webrtc.OfferOptions{ICERestart: restart})
 	if err != nil {
 		c.rt.cfg.logger.Warn("parley: create offer", "err", err)
@@ -150,6 +154,9 @@ func (c *Call) offer(p *Peer) {
 		return
 	}
 	p.restartPending = false
+	p.offers++
+	p.offerRestart = restart
+	gen := p.offers
 	payload := map[string]any{"kind": "offer", "sdp": offer.SDP}
 	if restart {
 		payload["ice_restart"] = true
@@ -160,13 +167,23 @@ func (c *Call) offer(p *Peer) {
 		p.stats.ICERestarts++
 	}
 	p.statsMu.Unlock()
+	// outstanding says whether this offer is still the one waiting for an answer.
+	outstanding := func() bool {
+		return p.offers == gen && p.pc.SignalingState() == webrtc.SignalingStateHaveLocalOffer
+	}
 	c.sendSignal(conn, p, payload, func(f *frame) {
 		switch {
 		case f.Type == "ack" && f.RolledBack != nil && *f.RolledBack:
-			c.inbox.push(callInput{rolledBack: p})
+			// Glare lost: the server dropped this offer; the peer's offer, which we have or will
+			// have received, is answered instead.
+			c.inbox.push(callInput{fn: func() {
+				if outstanding() {
+					c.rollbackLocal(p)
+				}
+			}})
 		case f.Type == "error" && strings.Contains(f.errorText(), "ice_restart_required"):
 			c.inbox.push(callInput{fn: func() {
-				if p.pc.SignalingState() == webrtc.SignalingStateHaveLocalOffer {
+				if outstanding() {
 					c.rollbackLocal(p)
 				}
 				p.restartPending = true
@@ -176,6 +193,15 @@ func (c *Call) offer(p *Peer) {
 			c.signalRefused(p, "offer", f)
 		}
 	})
+}
+
+// settled runs when the pair is back to stable: an ICE restart that could not be offered
+// meanwhile (an ICE failure during an exchange, a restart offer rolled back by glare) is offered
+// now.
+func (c *Call) settled(p *Peer) {
+	if p.restartPending && p.pc.SignalingState() == webrtc.SignalingStateStable {
+		c.offer(p)
+	}
 }
 
 // signalRefused handles a refused signal. The server states why only in the message (a
@@ -315,6 +341,7 @@ func (c *Call) onSignal(f *frame) {
 		if conn != nil {
 			c.sendSignal(conn, p, map[string]any{"kind": "answer", "sdp": answer.SDP}, nil)
 		}
+		c.settled(p)
 	case "answer":
 		if p.pc.SignalingState() != webrtc.SignalingStateHaveLocalOffer {
 			return
@@ -323,7 +350,9 @@ func (c *Call) onSignal(f *frame) {
 			c.rt.cfg.logger.Warn("parley: remote answer", "err", err)
 			return
 		}
+		p.offerRestart = false
 		c.flushCandidates(p)
+		c.settled(p)
 	case "candidate":
 		if p.ignoreOffer {
 			return
@@ -338,6 +367,7 @@ func (c *Call) onSignal(f *frame) {
 	case "rollback":
 		if p.pc.SignalingState() == webrtc.SignalingStateHaveRemoteOffer {
 			c.rollbackRemote(p)
+			c.settled(p)
 		}
 	}
 }
@@ -349,24 +379,60 @@ func (c *Call) flushCandidates(p *Peer) {
 	p.pendingCands = nil
 }
 
+// rollbackLocal withdraws this side's outstanding offer: it lost a glare, or the server forgot
+// it (a rejoin resets the pair). pion (v4) implements no rollback, neither local nor remote, so
+// when a real rollback is refused the offer is closed instead with the description last
+// negotiated with the peer, applied as its answer: the session stays as negotiated (the same
+// transports, transceivers and remote ICE credentials). The peer's offer, applied next, sets
+// what it changes. A restart the withdrawn offer carried is still due (see settled).
 func (c *Call) rollbackLocal(p *Peer) {
+	if p.pc.SignalingState() != webrtc.SignalingStateHaveLocalOffer {
+		return
+	}
+	restart := p.offerRestart
+	p.offerRestart = false
+	if restart {
+		p.restartPending = true
+	}
 	sdp := ""
 	if d := p.pc.PendingLocalDescription(); d != nil {
 		sdp = d.SDP
-	} else if d := p.pc.LocalDescription(); d != nil {
-		sdp = d.SDP
 	}
-	if err := p.pc.SetLocalDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeRollback, SDP: sdp}); err != nil {
+	if err := p.pc.SetLocalDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeRollback, SDP: sdp}); err == nil {
+		return
+	}
+	last := p.pc.CurrentRemoteDescription()
+	if last == nil {
+		// The first offer to the peer: nothing to go back to.
+		c.rt.cfg.logger.Warn("parley: cannot withdraw the first offer to a peer (pion has no rollback)", "peer", p.ParticipantID)
+		return
+	}
+	if err := p.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeAnswer, SDP: last.SDP}); err != nil {
 		c.rt.cfg.logger.Warn("parley: rollback", "err", err)
 	}
 }
 
+// rollbackRemote drops the peer's offer that this side has applied but not answered (the peer
+// rolled it back, or the server forgot it on a rejoin). Without rollback in pion, the offer is
+// answered locally and the answer never sent; the next offer restarts ICE, so that both sides
+// agree on the ICE credentials again whatever that offer had changed.
 func (c *Call) rollbackRemote(p *Peer) {
+	if p.pc.SignalingState() != webrtc.SignalingStateHaveRemoteOffer {
+		return
+	}
 	sdp := ""
 	if d := p.pc.PendingRemoteDescription(); d != nil {
 		sdp = d.SDP
 	}
-	if err := p.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeRollback, SDP: sdp}); err != nil {
+	if err := p.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeRollback, SDP: sdp}); err == nil {
+		return
+	}
+	p.restartPending = true
+	answer, err := p.pc.CreateAnswer(nil)
+	if err == nil {
+		err = p.pc.SetLocalDescription(answer)
+	}
+	if err != nil {
 		c.rt.cfg.logger.Warn("parley: remote rollback", "err", err)
 	}
 }
