@@ -270,15 +270,15 @@ impl Realtime {
         let frame = ServerFrame::PresenceChanged {
             presence: presence_of(user, p),
         };
-        let channels = match self.storage.channels_of(tenant, user).await {
+        let channels = match self.storage.channel_ids_of(tenant, user).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "presence fan-out skipped: channel list unavailable");
                 return;
             }
         };
-        for ch in channels {
-            self.to_channel(&ch.id, Some(user), &frame).await;
+        for channel_id in channels {
+            self.to_channel(&channel_id, Some(user), &frame).await;
         }
     }
 

@@ -178,6 +178,11 @@ pub async fn channel_create_get_list(s: Arc<dyn Storage>) {
         vec![(second.id.clone(), Some(Role::Member))]
     );
     assert_eq!(listed(id("nobody")).await, vec![]);
+    let mut bobs = s.channel_ids_of(&t, &bob).await.expect("ids");
+    bobs.sort();
+    let mut expected = vec![second.id.clone(), first_id.clone()];
+    expected.sort();
+    assert_eq!(bobs, expected, "channel ids of a member of two channels");
 
     let members = s.members(&t, &second.id).await.expect("members");
     let roles: HashSet<(String, Role)> = members
@@ -336,6 +341,10 @@ pub async fn member_add_remove_events(s: Arc<dyn Storage>) {
         "a repeated add changes nothing"
     );
     assert_eq!(s.channels_of(&t, &carol).await.expect("list").len(), 1);
+    assert_eq!(
+        s.channel_ids_of(&t, &carol).await.expect("ids"),
+        vec![ch.id.clone()]
+    );
 
     let removed = s
         .remove_member(&t, &ch.id, &carol, &alice)
@@ -358,6 +367,10 @@ pub async fn member_add_remove_events(s: Arc<dyn Storage>) {
     );
     assert_eq!(s.member(&t, &ch.id, &carol).await.expect("member"), None);
     assert!(s.channels_of(&t, &carol).await.expect("list").is_empty());
+    assert!(
+        s.channel_ids_of(&t, &carol).await.expect("ids").is_empty(),
+        "a removed member's channel ids no longer include the channel"
+    );
 
     let third = s
         .add_member(&t, &ch.id, &dave, Role::Moderator, &alice)
@@ -997,6 +1010,11 @@ pub async fn tenant_isolation(s: Arc<dyn Storage>) {
 
     assert_eq!(s.channel(&b, &ch.id).await.expect("get"), None);
     assert!(s.channels_of(&b, &alice).await.expect("list").is_empty());
+    assert!(s.channel_ids_of(&b, &alice).await.expect("ids").is_empty());
+    assert_eq!(
+        s.channel_ids_of(&a, &alice).await.expect("ids"),
+        vec![ch.id.clone()]
+    );
     assert_eq!(s.member(&b, &ch.id, &alice).await.expect("member"), None);
     assert_missing(s.members(&b, &ch.id).await, "members");
     assert_eq!(

@@ -135,6 +135,10 @@ pub trait Storage: Send + Sync + 'static {
     /// unread count, newest first.
     async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>>;
 
+    /// The ids of the channels `user_id` is a member of, in no particular order. One index read:
+    /// for fan-outs (presence) that need neither the channels nor their unread counts.
+    async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>>;
+
     /// Renames the channel; returns the `channel.updated` event with its new seq.
     async fn rename_channel(
         &self,

@@ -34,6 +34,7 @@ use parley_proto::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
+use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Row, Statement};
 
 mod calls;
@@ -215,6 +216,19 @@ impl Storage for PostgresStorage {
                 Ok(channel)
             })
             .collect()
+    }
+
+    async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client
+            .prepare_cached(SELECT_CHANNEL_IDS_OF)
+            .await
+            .map_err(db_err)?;
+        let rows = client
+            .query(&stmt, &[&tenant, &user_id])
+            .await
+            .map_err(db_err)?;
+        rows.iter().map(|row| get(row, "channel_id")).collect()
     }
 
     async fn rename_channel(
@@ -748,6 +762,8 @@ const SELECT_CHANNELS_OF: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.c
       AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread_count FROM members m \
      JOIN channels c ON c.id = m.channel_id AND c.tenant_id = m.tenant_id \
      WHERE m.tenant_id = $1 AND m.user_id = $2 ORDER BY c.created_at DESC, c.id DESC";
+const SELECT_CHANNEL_IDS_OF: &str =
+    "SELECT channel_id FROM members WHERE tenant_id = $1 AND user_id = $2";
 /// Inserts the channel; nothing (and no error) when the tenant has this DM already.
 const INSERT_CHANNEL: &str = "INSERT INTO channels (id, tenant_id, kind, name, dm_key, created_by, created_at, last_seq) \
      VALUES ($1, $2, $3, $4, $5, $6, $7, 0) ON CONFLICT (tenant_id, dm_key) DO NOTHING RETURNING id";
@@ -802,20 +818,44 @@ const DELETE_MESSAGE: &str = "UPDATE messages SET deleted_at = $3, text = '', me
      WHERE channel_id = $1 AND id = $2 AND deleted_at IS NULL \
      RETURNING seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, deleted_at";
 
-/// Send path: the batch's senders that are members (run after [`LOCK_CHANNEL`]).
-const SEND_MEMBERS: &str = "SELECT user_id FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = ANY($3::TEXT[])";
+/// Send path: locks a batch's channels, in id order (run first in the batch's transaction).
+const LOCK_CHANNELS: &str = "SELECT id, tenant_id, last_seq FROM channels \
+     WHERE id = ANY($1::TEXT[]) ORDER BY id FOR UPDATE";
+/// Send path: which of the batch's (channel, sender) pairs are memberships (run after
+/// [`LOCK_CHANNELS`]).
+const SEND_MEMBERS: &str = "SELECT m.channel_id, m.user_id, m.tenant_id FROM members m \
+     JOIN unnest($1::TEXT[], $2::TEXT[]) AS k(channel_id, user_id) \
+       ON m.channel_id = k.channel_id AND m.user_id = k.user_id";
+/// Send path: allocates `$2[i]` seqs in channel `$1[i]`; the new last_seq of each channel.
+const ALLOCATE_SEQS_MANY: &str = "UPDATE channels c SET last_seq = c.last_seq + k.n \
+     FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, n) WHERE c.id = k.id \
+     RETURNING c.id, c.last_seq";
 /// Send path: messages already stored under the batch's (sender_id, client_msg_id) keys.
-const SEND_EXISTING: &str = "SELECT m.seq, m.id, m.sender_id, m.client_msg_id, m.text, m.metadata, \
-     m.created_at, m.edited_at, m.deleted_at, m.body_hash FROM messages m \
-     JOIN unnest($2::TEXT[], $3::TEXT[]) AS k(sender_id, client_msg_id) \
-       ON m.sender_id = k.sender_id AND m.client_msg_id = k.client_msg_id \
-     WHERE m.channel_id = $1";
-/// Send path: all new messages of one channel in one statement.
+///
+/// One lookup of the idempotency index per key (the `LIMIT 1` keeps the lateral subquery from
+/// being flattened into a join; the key is unique, so it changes nothing else).
+///
+/// It runs as an unnamed statement (`query_typed`), planned for each batch with its values,
+/// never as a cached prepared statement: PostgreSQL keeps a prepared statement's generic plan
+/// once chosen, and one chosen while `messages` was still small and without statistics (a new
+/// database, before autovacuum's first `ANALYZE`) walked the channel's primary key, every message
+/// of the channel per key, instead of the idempotency index. Batches then slowed down as the
+/// channel grew (20 ms and more per check) until the next `ANALYZE`. The planner's few tens of
+/// microseconds per batch cost far less.
+const SEND_EXISTING: &str = "SELECT m.channel_id, m.seq, m.id, m.sender_id, m.client_msg_id, m.text, \
+     m.metadata, m.created_at, m.edited_at, m.deleted_at, m.body_hash \
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::TEXT[]) AS k(channel_id, sender_id, client_msg_id) \
+     CROSS JOIN LATERAL (SELECT x.channel_id, x.seq, x.id, x.sender_id, x.client_msg_id, x.text, \
+       x.metadata, x.created_at, x.edited_at, x.deleted_at, x.body_hash FROM messages x \
+       WHERE x.channel_id = k.channel_id AND x.sender_id = k.sender_id \
+         AND x.client_msg_id = k.client_msg_id \
+       LIMIT 1) m";
+/// Send path: all new messages of a batch, in every channel, in one statement.
 const SEND_INSERT: &str = "INSERT INTO messages \
      (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, created_at) \
-     SELECT $1::TEXT, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $9::BIGINT \
-     FROM unnest($2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
-       AS t(seq, id, sender_id, client_msg_id, body_hash, text, metadata)";
+     SELECT t.channel_id, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $9::BIGINT \
+     FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
+       AS t(channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata)";
 
 /// Newest messages with seq < $2, newest first.
 const PAGE_BEFORE: &str = "SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
@@ -931,13 +971,10 @@ async fn commit_batch(
             .push(i);
     }
     let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
-    // The channels' parts run pipelined on the one connection: each part's first queries are
-    // sent when it is first polled, in channel order, so the row locks are still requested in
-    // that order, and a batch of many channels costs about the round trips of one.
-    let parts = groups.iter().map(|((channel_id, tenant), members)| {
-        commit_group(&tx, channel_id, tenant, jobs, members, now)
-    });
-    for part in futures::future::try_join_all(parts).await? {
+    // All the channels' parts in one set of statements: a batch costs the same five statements
+    // whether it holds one channel or fifty.
+    let groups: Vec<((&str, &str), Vec<usize>)> = groups.into_iter().collect();
+    for part in commit_groups(&tx, &groups, jobs, now).await? {
         for (i, outcome) in part {
             outcomes[i] = Some(outcome);
         }
@@ -951,98 +988,156 @@ async fn commit_batch(
         .collect())
 }
 
-/// Writes one channel's part of a batch: `idxs` index `jobs`, all for `channel_id` in `tenant`.
-async fn commit_group(
+/// Writes the channels' parts of a batch: `groups` holds each channel (with its tenant), in id
+/// order, and the indexes into `jobs` of its sends. The outcomes come back per group.
+async fn commit_groups(
     tx: &Transaction<'_>,
-    channel_id: &str,
-    tenant: &str,
+    groups: &[((&str, &str), Vec<usize>)],
     jobs: &[SendJob],
-    idxs: &[usize],
     now: i64,
-) -> Result<Vec<(usize, StorageResult<SendOutcome>)>, TxError> {
-    let (lock, members, existing) = tokio::try_join!(
-        tx.prepare_cached(LOCK_CHANNEL),
-        tx.prepare_cached(SEND_MEMBERS),
-        tx.prepare_cached(SEND_EXISTING),
-    )?;
-    let mut senders: Vec<&str> = idxs
-        .iter()
-        .map(|&i| jobs[i].new.sender_id.as_str())
-        .collect();
-    senders.sort_unstable();
-    senders.dedup();
-    let mut keys: Vec<(&str, &str)> = idxs
-        .iter()
-        .map(|&i| {
-            (
-                jobs[i].new.sender_id.as_str(),
-                jobs[i].new.client_msg_id.as_str(),
-            )
-        })
-        .collect();
+) -> Result<Vec<Vec<(usize, StorageResult<SendOutcome>)>>, TxError> {
+    let channel_ids: Vec<&str> = groups.iter().map(|((c, _), _)| *c).collect();
+    // Membership pairs and idempotency keys of the whole batch, each once.
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    let mut keys: Vec<(&str, &str, &str)> = Vec::new();
+    for ((channel_id, _), idxs) in groups {
+        for &i in idxs {
+            let new = &jobs[i].new;
+            pairs.push((channel_id, new.sender_id.as_str()));
+            keys.push((
+                channel_id,
+                new.sender_id.as_str(),
+                new.client_msg_id.as_str(),
+            ));
+        }
+    }
+    pairs.sort_unstable();
+    pairs.dedup();
     keys.sort_unstable();
     keys.dedup();
-    let (key_senders, key_ids): (Vec<&str>, Vec<&str>) = keys.into_iter().unzip();
-    // Pipelined, and executed in this order: the membership and key reads start after the lock is
-    // held, so they see every removal committed before this batch took the channel.
-    let (locked, member_rows, existing_rows) = try_join3(
-        tx.query_opt(&lock, &[&channel_id, &tenant]),
-        tx.query(&members, &[&channel_id, &tenant, &senders]),
-        tx.query(&existing, &[&channel_id, &key_senders, &key_ids]),
+    let (pair_channels, pair_users): (Vec<&str>, Vec<&str>) = pairs.into_iter().unzip();
+    let mut key_channels = Vec::with_capacity(keys.len());
+    let mut key_senders = Vec::with_capacity(keys.len());
+    let mut key_ids = Vec::with_capacity(keys.len());
+    for (c, u, k) in keys {
+        key_channels.push(c);
+        key_senders.push(u);
+        key_ids.push(k);
+    }
+    let (lock, members) = tokio::try_join!(
+        tx.prepare_cached(LOCK_CHANNELS),
+        tx.prepare_cached(SEND_MEMBERS),
+    )?;
+    // Pipelined, and executed in this order: the membership and key reads start after the locks
+    // are held, so they see every removal committed before this batch took the channels. The
+    // locks are taken in channel id order, so two nodes' batches never wait on each other in a
+    // cycle.
+    let (locked_rows, member_rows, existing_rows) = try_join3(
+        tx.query(&lock, &[&channel_ids]),
+        tx.query(&members, &[&pair_channels, &pair_users]),
+        tx.query_typed(
+            SEND_EXISTING,
+            &[
+                (&key_channels, Type::TEXT_ARRAY),
+                (&key_senders, Type::TEXT_ARRAY),
+                (&key_ids, Type::TEXT_ARRAY),
+            ],
+        ),
     )
     .await?;
-    let Some(locked) = locked else {
-        // No such channel in this tenant: nobody is a member of it.
-        return Ok(idxs
-            .iter()
-            .map(|&i| (i, Err(StorageError::NotAMember)))
-            .collect());
-    };
-    let last_seq: i64 = get(&locked, "last_seq")?;
-    let members = member_rows
-        .iter()
-        .map(|row| get::<String>(row, "user_id"))
-        .collect::<StorageResult<HashSet<String>>>()?;
-    let existing = existing_rows
-        .iter()
-        .map(|row| {
-            Ok((
-                message_from_row(row, channel_id)?,
-                get::<String>(row, "body_hash")?,
-            ))
-        })
-        .collect::<StorageResult<Vec<(Message, String)>>>()?;
-    let plan = plan_group(jobs, idxs, &members, &existing);
-    if !plan.inserts.is_empty() {
+    let mut locked: HashMap<String, (String, i64)> = HashMap::with_capacity(locked_rows.len());
+    for row in &locked_rows {
+        locked.insert(
+            get(row, "id")?,
+            (get(row, "tenant_id")?, get(row, "last_seq")?),
+        );
+    }
+    let mut members: HashMap<String, HashSet<String>> = HashMap::new();
+    for row in &member_rows {
+        let tenant: String = get(row, "tenant_id")?;
+        let channel_id: String = get(row, "channel_id")?;
+        // A member row of another tenant under the same id cannot exist (ids are global), but
+        // the tenant is part of the rule, so it is checked.
+        if locked.get(&channel_id).is_some_and(|(t, _)| *t == tenant) {
+            members
+                .entry(channel_id)
+                .or_default()
+                .insert(get(row, "user_id")?);
+        }
+    }
+    let mut existing: HashMap<String, Vec<(Message, String)>> = HashMap::new();
+    for row in &existing_rows {
+        let channel_id: String = get(row, "channel_id")?;
+        let stored = (
+            message_from_row(row, &channel_id)?,
+            get::<String>(row, "body_hash")?,
+        );
+        existing.entry(channel_id).or_default().push(stored);
+    }
+    let no_members = HashSet::new();
+    // Plan every group, then write all their new rows at once.
+    let mut plans = Vec::with_capacity(groups.len());
+    let mut ins_channels: Vec<&str> = Vec::new();
+    let mut seqs: Vec<i64> = Vec::new();
+    let mut allocations: Vec<(&str, i64)> = Vec::new();
+    for ((channel_id, tenant), idxs) in groups {
+        let last_seq = match locked.get(*channel_id) {
+            Some((t, last_seq)) if t == tenant => *last_seq,
+            // No such channel in this tenant: nobody is a member of it.
+            _ => {
+                plans.push(None);
+                continue;
+            }
+        };
+        let plan = plan_group(
+            jobs,
+            idxs,
+            members.get(*channel_id).unwrap_or(&no_members),
+            existing.get(*channel_id).map(Vec::as_slice).unwrap_or(&[]),
+        );
         let n = i64::try_from(plan.inserts.len())
             .map_err(|_| StorageError::Internal("batch too large".into()))?;
-        let rows: Vec<&NewMessage> = plan.inserts.iter().map(|&i| &jobs[i].new).collect();
-        let seqs: Vec<i64> = (1..=n).map(|k| last_seq + k).collect();
-        let ids: Vec<&str> = rows.iter().map(|m| m.id.as_str()).collect();
-        let senders: Vec<&str> = rows.iter().map(|m| m.sender_id.as_str()).collect();
-        let client_ids: Vec<&str> = rows.iter().map(|m| m.client_msg_id.as_str()).collect();
-        let hashes: Vec<&str> = plan
-            .inserts
+        if n > 0 {
+            allocations.push((channel_id, n));
+            for k in 1..=n {
+                ins_channels.push(channel_id);
+                seqs.push(last_seq + k);
+            }
+        }
+        plans.push(Some((plan, last_seq)));
+    }
+    if !allocations.is_empty() {
+        let inserts = plans
             .iter()
-            .map(|&i| jobs[i].hash.as_str())
-            .collect();
-        let texts: Vec<&str> = rows.iter().map(|m| m.text.as_str()).collect();
-        let metadata: Vec<Option<String>> = rows
-            .iter()
-            .map(|m| m.metadata.as_ref().map(|v| v.to_string()))
-            .collect();
+            .flatten()
+            .flat_map(|(plan, _)| plan.inserts.iter().map(|&i| &jobs[i]));
+        let mut ids = Vec::with_capacity(seqs.len());
+        let mut senders = Vec::with_capacity(seqs.len());
+        let mut client_ids = Vec::with_capacity(seqs.len());
+        let mut hashes = Vec::with_capacity(seqs.len());
+        let mut texts = Vec::with_capacity(seqs.len());
+        let mut metadata: Vec<Option<String>> = Vec::with_capacity(seqs.len());
+        for job in inserts {
+            ids.push(job.new.id.as_str());
+            senders.push(job.new.sender_id.as_str());
+            client_ids.push(job.new.client_msg_id.as_str());
+            hashes.push(job.hash.as_str());
+            texts.push(job.new.text.as_str());
+            metadata.push(job.new.metadata.as_ref().map(|v| v.to_string()));
+        }
+        let (alloc_channels, counts): (Vec<&str>, Vec<i64>) = allocations.iter().copied().unzip();
         let (allocate, insert) = tokio::try_join!(
-            tx.prepare_cached(ALLOCATE_SEQS),
+            tx.prepare_cached(ALLOCATE_SEQS_MANY),
             tx.prepare_cached(SEND_INSERT)
         )?;
-        // The row is locked, so the seqs are known before the allocation returns; pipelining the
-        // allocation with the insert saves a round trip, and the check below proves the guess.
+        // The rows are locked, so the seqs are known before the allocation returns; pipelining
+        // the allocation with the insert saves a round trip, and the check below proves the guess.
         let (allocated, _) = try_join(
-            tx.query_one(&allocate, &[&channel_id, &tenant, &n]),
+            tx.query(&allocate, &[&alloc_channels, &counts]),
             tx.execute(
                 &insert,
                 &[
-                    &channel_id,
+                    &ins_channels,
                     &seqs,
                     &ids,
                     &senders,
@@ -1055,14 +1150,31 @@ async fn commit_group(
             ),
         )
         .await?;
-        let new_last: i64 = get(&allocated, "last_seq")?;
-        if new_last != last_seq + n {
-            return Err(TxError::Retry(format!(
-                "channel {channel_id}: last_seq moved from {last_seq} to {new_last} under the row lock"
-            )));
+        let mut new_last: HashMap<String, i64> = HashMap::with_capacity(allocated.len());
+        for row in &allocated {
+            new_last.insert(get(row, "id")?, get(row, "last_seq")?);
+        }
+        for (channel_id, n) in &allocations {
+            let before = locked.get(*channel_id).map_or(0, |(_, s)| *s);
+            let after = new_last.get(*channel_id).copied();
+            if after != Some(before + n) {
+                return Err(TxError::Retry(format!(
+                    "channel {channel_id}: last_seq moved from {before} to {after:?} under the row lock"
+                )));
+            }
         }
     }
-    plan.outcomes(jobs, channel_id, last_seq, now)
+    let mut out = Vec::with_capacity(groups.len());
+    for (((channel_id, _), idxs), plan) in groups.iter().zip(plans) {
+        out.push(match plan {
+            Some((plan, last_seq)) => plan.outcomes(jobs, channel_id, last_seq, now)?,
+            None => idxs
+                .iter()
+                .map(|&i| (i, Err(StorageError::NotAMember)))
+                .collect(),
+        });
+    }
+    Ok(out)
 }
 
 /// How one send of a batch is settled.

@@ -225,6 +225,20 @@ pub(super) fn channels_of(c: &Connection, tenant: &str, user: &str) -> StorageRe
     rows.collect::<Result<_, _>>().map_err(db_err)
 }
 
+pub(super) fn channel_ids_of(
+    c: &Connection,
+    tenant: &str,
+    user: &str,
+) -> StorageResult<Vec<String>> {
+    let mut stmt = c
+        .prepare_cached("SELECT channel_id FROM members WHERE tenant_id = ?1 AND user_id = ?2")
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![tenant, user], |r| r.get::<_, String>(0))
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
 /// Allocates the next seq of a channel in the open transaction.
 fn next_seq(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<u64> {
     c.prepare_cached("UPDATE channels SET last_seq = last_seq + 1 WHERE tenant_id = ?1 AND id = ?2 RETURNING last_seq")
