@@ -44,8 +44,10 @@ use super::{
     StorageResult, now_ms, rfc3339, tombstone,
 };
 
-/// Writer tasks of the send path, each with its own connection.
-pub const WRITERS: usize = 4;
+/// Writer tasks of the send path, each with its own connection. Two: one leaves PostgreSQL idle
+/// while it waits for answers, four split the sends into smaller batches that cost PostgreSQL
+/// more per message (docs/benchmarks.md has the figures).
+pub const WRITERS: usize = 2;
 const _: () = assert!(WRITERS > 0, "sends need at least one writer");
 /// Most sends committed in one transaction.
 pub const MAX_BATCH: usize = 512;
@@ -110,13 +112,31 @@ impl PostgresStorage {
         let pool = build_pool(&config, pool_size.max(1))?;
         migrate(&pool).await?;
         let writer_pool = build_pool(&config, WRITERS)?;
+        let mut queues = Vec::with_capacity(WRITERS);
         let writers = (0..WRITERS)
             .map(|_| {
                 let (tx, rx) = mpsc::channel(WRITER_QUEUE);
-                tokio::spawn(writer_loop(writer_pool.clone(), rx));
+                queues.push(rx);
                 tx
             })
             .collect();
+        // The writers (and their connections' I/O) run on a thread of their own: on the shared
+        // runtime, a writer woken by PostgreSQL's answer waited behind every connection's task,
+        // and each batch's round trips paid that wait.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StorageError::Internal(format!("cannot build the send runtime: {e}")))?;
+        std::thread::Builder::new()
+            .name("parley-pg-send".into())
+            .spawn(move || {
+                runtime.block_on(futures::future::join_all(
+                    queues
+                        .into_iter()
+                        .map(|rx| writer_loop(writer_pool.clone(), rx)),
+                ));
+            })
+            .map_err(|e| StorageError::Internal(format!("cannot start the send thread: {e}")))?;
         Ok(PostgresStorage { pool, writers })
     }
 
