@@ -317,6 +317,16 @@ async fn one_run(
         .map(|(name, pct)| format!("{name} {pct:.0}%"))
         .collect();
     println!("server CPU by thread name: {}", per_thread.join(", "));
+    if args.database_url.is_none() {
+        // The WAL's size after the window shows whether it starts over under a steady load.
+        let size =
+            |name: &str| std::fs::metadata(server.data_dir.join(name)).map_or(0, |m| m.len());
+        println!(
+            "sqlite files after the window: database {}, WAL {}",
+            parley_bench::mib(size("parley.db")),
+            parley_bench::mib(size("parley.db-wal"))
+        );
+    }
     if let (Some(a), Some(b)) = (db0, db1) {
         println!(
             "database processes CPU: {:.0}% of one core",
