@@ -71,7 +71,8 @@ pub struct ServeArgs {
     /// Required `aud` of access tokens.
     #[arg(long, env = "PARLEY_JWT_AUDIENCE", default_value = "parley")]
     pub jwt_audience: String,
-    /// Allowed Origin of browser WebSocket upgrades (repeatable; `*` for any). Default: same origin.
+    /// Allowed Origin of browser WebSocket upgrades and of cross-origin (CORS) REST calls
+    /// (repeatable, or comma-separated; `*` for any). Default: same origin only.
     #[arg(
         long = "allowed-origin",
         env = "PARLEY_ALLOWED_ORIGINS",

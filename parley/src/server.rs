@@ -232,7 +232,8 @@ pub async fn build(
             move |req: axum::extract::Request| web.clone().fallback(req)
         })
         .method_not_allowed_fallback(http::method_not_allowed)
-        .layer(axum::middleware::from_fn(http::request_id));
+        .layer(axum::middleware::from_fn(http::request_id))
+        .layer(cors_layer(&args.allowed_origins)?);
     Ok(Node {
         app,
         edge,
@@ -240,6 +241,44 @@ pub async fn build(
         storage_backend: storage.backend(),
         bus_kind: bus.kind(),
     })
+}
+
+/// CORS for browser apps served from another origin, from the same list as the WebSocket origin
+/// check (`--allowed-origin`): none (the default) answers no cross-origin request, `*` any
+/// origin, otherwise the origins listed. Tokens travel in the `Authorization` header, never in
+/// cookies, so credentials are never allowed. The layer is outermost, so errors (401, 429) carry
+/// the headers too and a browser app can read their code, request id and `Retry-After`.
+fn cors_layer(allowed: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+
+    let origin = if allowed.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list = allowed
+            .iter()
+            .map(|o| {
+                HeaderValue::from_str(o.trim_end_matches('/'))
+                    .with_context(|| format!("--allowed-origin {o:?} is not a valid origin"))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        AllowOrigin::list(list)
+    };
+    Ok(CorsLayer::new()
+        .allow_origin(origin)
+        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        .allow_headers([
+            header::AUTHORIZATION,
+            header::CONTENT_TYPE,
+            HeaderName::from_static("x-request-id"),
+        ])
+        .expose_headers([
+            HeaderName::from_static("x-request-id"),
+            header::RETRY_AFTER,
+            HeaderName::from_static("ratelimit"),
+            HeaderName::from_static("ratelimit-policy"),
+        ])
+        .max_age(std::time::Duration::from_secs(600)))
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains.

@@ -1,0 +1,128 @@
+//! CORS for browser apps on another origin: `--allowed-origin` decides which origins may call the
+//! REST API from a browser, preflights are answered, and error responses carry the headers a
+//! browser app needs to read them.
+
+mod common;
+
+use common::{Backend, Server, ServerBuilder, token};
+use reqwest::{Method, StatusCode};
+
+const APP: &str = "http://app.example";
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
+    res.headers().get(name).and_then(|v| v.to_str().ok())
+}
+
+#[tokio::test]
+async fn a_listed_origin_gets_preflights_and_readable_errors() {
+    let server = ServerBuilder::new(Backend::Sqlite)
+        .arg("--allowed-origin")
+        .arg(format!("{APP},http://other.example"))
+        .start();
+
+    // A preflight for an authenticated JSON POST.
+    let res = client()
+        .request(Method::OPTIONS, server.url("/v1/channels"))
+        .header("origin", APP)
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type",
+        )
+        .send()
+        .await
+        .expect("preflight");
+    assert!(res.status().is_success(), "preflight: {}", res.status());
+    assert_eq!(header(&res, "access-control-allow-origin"), Some(APP));
+    let methods = header(&res, "access-control-allow-methods").unwrap_or_default();
+    for m in ["GET", "POST", "PATCH", "DELETE"] {
+        assert!(methods.contains(m), "{m} missing from {methods:?}");
+    }
+    let headers = header(&res, "access-control-allow-headers")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    assert!(headers.contains("authorization") && headers.contains("content-type"));
+    assert_eq!(header(&res, "access-control-allow-credentials"), None);
+
+    // A real call that succeeds.
+    let res = client()
+        .get(server.url("/v1/channels"))
+        .header("origin", APP)
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "access-control-allow-origin"), Some(APP));
+
+    // An error: the browser app can read it, and its request id.
+    let res = client()
+        .get(server.url("/v1/channels"))
+        .header("origin", APP)
+        .bearer_auth("not-a-token")
+        .send()
+        .await
+        .expect("bad token");
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(header(&res, "access-control-allow-origin"), Some(APP));
+    let exposed = header(&res, "access-control-expose-headers")
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    for h in ["x-request-id", "retry-after", "ratelimit"] {
+        assert!(exposed.contains(h), "{h} not exposed: {exposed:?}");
+    }
+
+    // An origin not on the list gets no CORS headers (the browser then refuses the response).
+    let res = client()
+        .get(server.url("/v1/channels"))
+        .header("origin", "http://evil.example")
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("other origin");
+    assert_eq!(header(&res, "access-control-allow-origin"), None);
+}
+
+#[tokio::test]
+async fn without_allowed_origins_no_cross_origin_call_is_allowed() {
+    let server = Server::sqlite();
+    let res = client()
+        .request(Method::OPTIONS, server.url("/v1/channels"))
+        .header("origin", APP)
+        .header("access-control-request-method", "GET")
+        .send()
+        .await
+        .expect("preflight");
+    assert_eq!(header(&res, "access-control-allow-origin"), None);
+    let res = client()
+        .get(server.url("/v1/channels"))
+        .header("origin", APP)
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "access-control-allow-origin"), None);
+}
+
+#[tokio::test]
+async fn a_wildcard_allows_any_origin_without_credentials() {
+    let server = ServerBuilder::new(Backend::Sqlite)
+        .arg("--allowed-origin")
+        .arg("*")
+        .start();
+    let res = client()
+        .get(server.url("/v1/channels"))
+        .header("origin", "http://anywhere.example")
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("list");
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(header(&res, "access-control-allow-origin"), Some("*"));
+    assert_eq!(header(&res, "access-control-allow-credentials"), None);
+}
