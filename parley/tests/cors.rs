@@ -13,6 +13,17 @@ fn client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// `GET /v1/channels` from a browser page of `origin`.
+async fn list_channels(server: &Server, origin: &str, bearer: &str) -> reqwest::Response {
+    client()
+        .get(server.url("/v1/channels"))
+        .header("origin", origin)
+        .bearer_auth(bearer)
+        .send()
+        .await
+        .expect("GET /v1/channels")
+}
+
 fn header<'a>(res: &'a reqwest::Response, name: &str) -> Option<&'a str> {
     res.headers().get(name).and_then(|v| v.to_str().ok())
 }
@@ -49,24 +60,12 @@ async fn a_listed_origin_gets_preflights_and_readable_errors() {
     assert_eq!(header(&res, "access-control-allow-credentials"), None);
 
     // A real call that succeeds.
-    let res = client()
-        .get(server.url("/v1/channels"))
-        .header("origin", APP)
-        .bearer_auth(token("alice"))
-        .send()
-        .await
-        .expect("list");
+    let res = list_channels(&server, APP, &token("alice")).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "access-control-allow-origin"), Some(APP));
 
     // An error: the browser app can read it, and its request id.
-    let res = client()
-        .get(server.url("/v1/channels"))
-        .header("origin", APP)
-        .bearer_auth("not-a-token")
-        .send()
-        .await
-        .expect("bad token");
+    let res = list_channels(&server, APP, "not-a-token").await;
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(header(&res, "access-control-allow-origin"), Some(APP));
     let exposed = header(&res, "access-control-expose-headers")
@@ -77,13 +76,7 @@ async fn a_listed_origin_gets_preflights_and_readable_errors() {
     }
 
     // An origin not on the list gets no CORS headers (the browser then refuses the response).
-    let res = client()
-        .get(server.url("/v1/channels"))
-        .header("origin", "http://evil.example")
-        .bearer_auth(token("alice"))
-        .send()
-        .await
-        .expect("other origin");
+    let res = list_channels(&server, "http://evil.example", &token("alice")).await;
     assert_eq!(header(&res, "access-control-allow-origin"), None);
 }
 
@@ -98,13 +91,7 @@ async fn without_allowed_origins_no_cross_origin_call_is_allowed() {
         .await
         .expect("preflight");
     assert_eq!(header(&res, "access-control-allow-origin"), None);
-    let res = client()
-        .get(server.url("/v1/channels"))
-        .header("origin", APP)
-        .bearer_auth(token("alice"))
-        .send()
-        .await
-        .expect("list");
+    let res = list_channels(&server, APP, &token("alice")).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "access-control-allow-origin"), None);
 }
@@ -115,13 +102,7 @@ async fn a_wildcard_allows_any_origin_without_credentials() {
         .arg("--allowed-origin")
         .arg("*")
         .start();
-    let res = client()
-        .get(server.url("/v1/channels"))
-        .header("origin", "http://anywhere.example")
-        .bearer_auth(token("alice"))
-        .send()
-        .await
-        .expect("list");
+    let res = list_channels(&server, "http://anywhere.example", &token("alice")).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(header(&res, "access-control-allow-origin"), Some("*"));
     assert_eq!(header(&res, "access-control-allow-credentials"), None);

@@ -140,6 +140,28 @@ impl PostgresStorage {
         Ok(PostgresStorage { pool, writers })
     }
 
+    /// Runs one read statement (prepared once per connection) on a pooled connection.
+    async fn read_rows(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StorageResult<Vec<Row>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+        client.query(&stmt, params).await.map_err(db_err)
+    }
+
+    /// [`Self::read_rows`] for a statement that returns at most one row.
+    async fn read_row(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> StorageResult<Option<Row>> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let stmt = client.prepare_cached(sql).await.map_err(db_err)?;
+        client.query_opt(&stmt, params).await.map_err(db_err)
+    }
+
     /// The writer that owns `channel_id`'s sends.
     fn writer_for(&self, channel_id: &str) -> &mpsc::Sender<SendJob> {
         &self.writers[writer_index(channel_id, self.writers.len())]
@@ -205,28 +227,16 @@ impl Storage for PostgresStorage {
     }
 
     async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(SELECT_CHANNEL)
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&stmt, &[&channel_id, &tenant])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .read_row(SELECT_CHANNEL, &[&channel_id, &tenant])
+            .await?;
         row.as_ref().map(channel_from_row).transpose()
     }
 
     async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(SELECT_CHANNELS_OF)
-            .await
-            .map_err(db_err)?;
-        let rows = client
-            .query(&stmt, &[&tenant, &user_id])
-            .await
-            .map_err(db_err)?;
+        let rows = self
+            .read_rows(SELECT_CHANNELS_OF, &[&tenant, &user_id])
+            .await?;
         rows.iter()
             .map(|row| {
                 let mut channel = channel_from_row(row)?;
@@ -239,15 +249,9 @@ impl Storage for PostgresStorage {
     }
 
     async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(SELECT_CHANNEL_IDS_OF)
-            .await
-            .map_err(db_err)?;
-        let rows = client
-            .query(&stmt, &[&tenant, &user_id])
-            .await
-            .map_err(db_err)?;
+        let rows = self
+            .read_rows(SELECT_CHANNEL_IDS_OF, &[&tenant, &user_id])
+            .await?;
         rows.iter().map(|row| get(row, "channel_id")).collect()
     }
 
@@ -306,12 +310,9 @@ impl Storage for PostgresStorage {
         channel_id: &str,
         user_id: &str,
     ) -> StorageResult<Option<Member>> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client.prepare_cached(SELECT_MEMBER).await.map_err(db_err)?;
-        let row = client
-            .query_opt(&stmt, &[&channel_id, &tenant, &user_id])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .read_row(SELECT_MEMBER, &[&channel_id, &tenant, &user_id])
+            .await?;
         row.as_ref().map(member_from_row).transpose()
     }
 
@@ -442,15 +443,9 @@ impl Storage for PostgresStorage {
     }
 
     async fn members(&self, tenant: &str, channel_id: &str) -> StorageResult<Vec<Member>> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(SELECT_MEMBERS)
-            .await
-            .map_err(db_err)?;
-        let rows = client
-            .query(&stmt, &[&channel_id, &tenant])
-            .await
-            .map_err(db_err)?;
+        let rows = self
+            .read_rows(SELECT_MEMBERS, &[&channel_id, &tenant])
+            .await?;
         rows.iter().map(member_from_row).collect()
     }
 
@@ -582,15 +577,9 @@ impl Storage for PostgresStorage {
         channel_id: &str,
         message_id: &str,
     ) -> StorageResult<Option<Message>> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let stmt = client
-            .prepare_cached(SELECT_MESSAGE)
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&stmt, &[&channel_id, &message_id, &tenant])
-            .await
-            .map_err(db_err)?;
+        let row = self
+            .read_row(SELECT_MESSAGE, &[&channel_id, &message_id, &tenant])
+            .await?;
         row.map(|row| message_from_row(&row, channel_id))
             .transpose()
     }
