@@ -312,6 +312,15 @@ pub struct MessagePage {
     pub has_after: bool,
 }
 
+/// `GET /v1/channels/{id}/events`: a channel's persisted events after a seq, ascending, in the
+/// shape of the WebSocket's event frames.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventPage {
+    pub events: Vec<ChannelEvent>,
+    /// Events after the last one of this page exist: ask again with `after` set to its seq.
+    pub has_more: bool,
+}
+
 /// Limits stated in the welcome frame, so clients never guess.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct SessionLimits {

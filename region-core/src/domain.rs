@@ -7,9 +7,9 @@
 use std::sync::Arc;
 
 use parley_proto::{
-    AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode, Member,
-    Message, MessagePage, PatchChannel, Presence, Principal, ReadState, Role, SendMessage,
-    SendResult, ServerFrame, TypingState,
+    AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode,
+    EventPage, Member, Message, MessagePage, PatchChannel, Presence, Principal, ReadState, Role,
+    SendMessage, SendResult, ServerFrame, TypingState,
 };
 use parley_sync::Bus;
 
@@ -105,6 +105,17 @@ pub struct HistoryQuery {
     /// Messages around this seq (half before, the rest at or after).
     pub around: Option<u64>,
     /// Page size, 1–200 (default 50).
+    pub limit: Option<u32>,
+}
+
+/// Event query as given by the caller (`after`, `limit`).
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct EventsQuery {
+    /// Events with a greater seq (default 0: from the channel's first event).
+    pub after: Option<u64>,
+    /// Page size, 1–200 (default 100).
     pub limit: Option<u32>,
 }
 
@@ -514,6 +525,37 @@ impl Core {
             .storage
             .history(&p.tenant_id, channel_id, anchor, limit)
             .await?)
+    }
+
+    /// The channel's persisted events after `q.after`, ascending by seq: every `message.*`,
+    /// `member.*` and `channel.updated` event, so a client can fill any gap in what it received
+    /// live (history holds only the messages' current state).
+    pub async fn events(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        q: EventsQuery,
+    ) -> CoreResult<EventPage> {
+        let limit = q.limit.unwrap_or(100);
+        if !(1..=200).contains(&limit) {
+            return Err(CoreError::InvalidArgument(format!(
+                "limit must be between 1 and 200, got {limit}"
+            )));
+        }
+        self.require_member(p, channel_id).await?;
+        let mut events = self
+            .storage
+            .events(
+                &p.tenant_id,
+                channel_id,
+                q.after.unwrap_or(0),
+                None,
+                limit + 1,
+            )
+            .await?;
+        let has_more = events.len() > limit as usize;
+        events.truncate(limit as usize);
+        Ok(EventPage { events, has_more })
     }
 
     // ---- read state, typing, presence ----

@@ -81,6 +81,23 @@ func TestChatFlow(t *testing.T) {
 	if !del.Message.Deleted || del.Message.Text != "" {
 		t.Fatalf("expected a tombstone, got %+v", del.Message)
 	}
+	// The same two events, persisted, over REST; nothing after them yet.
+	page, err := bob.Events(ctx, ch.ID, up.Seq-1, 2)
+	if err != nil || page.HasMore || len(page.Events) != 2 {
+		t.Fatalf("events page: %+v %v", page, err)
+	}
+	if e, ok := page.Events[0].(*parley.MessageUpdated); !ok || e.Seq != up.Seq || e.Message.Text != "hello, edited" {
+		t.Fatalf("expected the edit first, got %#v", page.Events[0])
+	}
+	if e, ok := page.Events[1].(*parley.MessageDeleted); !ok || e.Seq != del.Seq || !e.Message.Deleted {
+		t.Fatalf("expected the deletion second, got %#v", page.Events[1])
+	}
+	if first, err := bob.Events(ctx, ch.ID, up.Seq-1, 1); err != nil || !first.HasMore || len(first.Events) != 1 {
+		t.Fatalf("expected one event and more after it, got %+v %v", first, err)
+	}
+	if _, err := bob.Events(ctx, ch.ID, 0, 201); !errors.Is(err, parley.ErrInvalidArgument) {
+		t.Fatalf("expected invalid_argument for limit 201, got %v", err)
+	}
 
 	// Idempotent REST send: the same key returns the same message.
 	r1, err := alice.SendMessage(ctx, ch.ID, parley.SendParams{ClientMsgID: "same-key", Text: "once"})

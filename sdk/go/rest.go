@@ -3,6 +3,7 @@ package parley
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/url"
 	"strconv"
 )
@@ -139,6 +140,42 @@ func (c *Client) History(ctx context.Context, channelID string, q HistoryQuery) 
 	}
 	var p MessagePage
 	return &p, c.do(ctx, "GET", "/v1/channels/"+pathEscape(channelID)+"/messages", v, nil, &p)
+}
+
+// EventPage is a page of a channel's persisted events.
+type EventPage struct {
+	// Events are ascending by seq, typed as the Realtime client delivers them (*MessageNew,
+	// *MessageUpdated, *MemberAdded, ...; *UnknownEvent for a type this SDK does not know).
+	Events []ChannelEvent
+	// HasMore says that events after the last one exist: ask again from its seq.
+	HasMore bool
+}
+
+// Events returns the channel's persisted events with a seq greater than after, ascending, at
+// most limit of them (1–200; 0: the server's default, 100): messages, edits, deletions,
+// membership changes and renames. For filling a gap in what was received live.
+func (c *Client) Events(ctx context.Context, channelID string, after uint64, limit int) (*EventPage, error) {
+	v := url.Values{}
+	v.Set("after", strconv.FormatUint(after, 10))
+	if limit != 0 {
+		v.Set("limit", strconv.Itoa(limit))
+	}
+	var wire struct {
+		Events  []json.RawMessage `json:"events"`
+		HasMore bool              `json:"has_more"`
+	}
+	if err := c.do(ctx, "GET", "/v1/channels/"+pathEscape(channelID)+"/events", v, nil, &wire); err != nil {
+		return nil, err
+	}
+	page := &EventPage{HasMore: wire.HasMore, Events: make([]ChannelEvent, 0, len(wire.Events))}
+	for _, raw := range wire.Events {
+		f, err := decodeFrame(raw)
+		if err != nil || !f.isChannelEvent() {
+			return nil, fmt.Errorf("parley: the events page holds something that is not a channel event: %s", raw)
+		}
+		page.Events = append(page.Events, f.channelEvent())
+	}
+	return page, nil
 }
 
 // ---- read state, typing, presence ----

@@ -12,7 +12,7 @@ use super::routes;
     paths(
         routes::create_channel, routes::list_channels, routes::get_channel, routes::patch_channel, routes::delete_channel,
         routes::list_members, routes::add_member, routes::remove_member,
-        routes::send_message, routes::history, routes::edit_message, routes::delete_message,
+        routes::send_message, routes::history, routes::events, routes::edit_message, routes::delete_message,
         routes::mark_read, routes::read_state, routes::typing, routes::user_presence, routes::presence_query,
         routes::start_call, routes::channel_calls, routes::get_call, routes::join_call, routes::leave_call, routes::end_call, routes::dev_token,
     ),

@@ -8,12 +8,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use parley_proto::{
     AddMember, Channel, ChannelList, CreateChannel, DevToken, DevTokenRequest, EditMessage,
-    ErrorBody, MarkRead, Member, MemberList, Message, MessagePage, PatchChannel, Presence,
-    PresenceList, PresenceQuery, ReadState, SendMessage, SendResult, TypingRequest,
+    ErrorBody, EventPage, MarkRead, Member, MemberList, Message, MessagePage, PatchChannel,
+    Presence, PresenceList, PresenceQuery, ReadState, SendMessage, SendResult, TypingRequest,
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
-use crate::domain::HistoryQuery;
+use crate::domain::{EventsQuery, HistoryQuery};
 use crate::validate;
 use parley_proto::calls::{Call, CallList, JoinedCall, LeaveCall};
 
@@ -36,6 +36,7 @@ pub(super) fn routes() -> Router<ApiState> {
             "/v1/channels/{channel_id}/messages",
             post(send_message).get(history),
         )
+        .route("/v1/channels/{channel_id}/events", get(events))
         .route(
             "/v1/channels/{channel_id}/messages/{message_id}",
             axum::routing::patch(edit_message).delete(delete_message),
@@ -216,6 +217,21 @@ pub(super) async fn history(
 ) -> Result<axum::Json<MessagePage>, ApiError> {
     channel_id(&id)?;
     Ok(axum::Json(s.core.history(&p, &id, q).await?))
+}
+
+/// The channel's persisted events after `after` (default 0), ascending by seq, `limit` 1–200
+/// (default 100): messages, edits, deletions, membership changes and renames, each as its
+/// WebSocket event frame. For filling a gap in what a client received live.
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/events", tag = "messages", params(("channel_id" = String, Path), EventsQuery),
+    responses((status = 200, body = EventPage), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn events(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path(id): Path<String>,
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<axum::Json<EventPage>, ApiError> {
+    channel_id(&id)?;
+    Ok(axum::Json(s.core.events(&p, &id, q).await?))
 }
 
 /// Edit your own message. Emits `message.updated` with a seq of its own.

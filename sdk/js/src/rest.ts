@@ -16,6 +16,7 @@ import type {
   Member,
   MemberList,
   Message,
+  EventPage,
   MessagePage,
   Presence,
   PresenceList,
@@ -137,6 +138,25 @@ export class RestClient {
       method: "GET",
       path: `/v1/channels/${enc(channelId)}/messages`,
       query: { before: query.before, after: query.after, around: query.around, limit: query.limit },
+      idempotent: true,
+    });
+  }
+
+  /**
+   * The channel's persisted events after `after` (default 0), ascending by seq, `limit` 1–200
+   * (server default 100): messages, edits, deletions, membership changes and renames, each in the
+   * shape of its realtime event. `has_more` says to ask again from the last seq.
+   */
+  events(channelId: string, query: { after?: number; limit?: number } = {}): Promise<EventPage> {
+    if (query.limit !== undefined && (query.limit < 1 || query.limit > MAX_HISTORY_LIMIT)) {
+      return Promise.reject(
+        new ParleyError({ code: "invalid_argument", message: `limit must be 1–${MAX_HISTORY_LIMIT}, got ${query.limit}` }),
+      );
+    }
+    return this.#call({
+      method: "GET",
+      path: `/v1/channels/${enc(channelId)}/events`,
+      query: { after: query.after, limit: query.limit },
       idempotent: true,
     });
   }

@@ -24,6 +24,8 @@ export type MemberRole = Schemas["Role"];
 
 export type Message = Schemas["Message"];
 export type MessagePage = Schemas["MessagePage"];
+/** `GET /v1/channels/{id}/events`: persisted events after a seq. */
+export type EventPage = Schemas["EventPage"];
 export type SendResult = Schemas["SendResult"];
 export type Channel = Schemas["Channel"];
 export type ChannelList = { channels: Channel[] };

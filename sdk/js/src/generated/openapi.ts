@@ -139,6 +139,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/channels/{channel_id}/events": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * The channel's persisted events after `after` (default 0), ascending by seq, `limit` 1–200
+         *     (default 100): messages, edits, deletions, membership changes and renames, each as its
+         *     WebSocket event frame. For filling a gap in what a client received live.
+         */
+        get: operations["events"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/channels/{channel_id}/members": {
         parameters: {
             query?: never;
@@ -535,6 +556,15 @@ export interface components {
             by: string;
             /** @enum {string} */
             type: "channel.deleted";
+        };
+        /**
+         * @description `GET /v1/channels/{id}/events`: a channel's persisted events after a seq, ascending, in the
+         *     shape of the WebSocket's event frames.
+         */
+        EventPage: {
+            events: components["schemas"]["ChannelEvent"][];
+            /** @description Events after the last one of this page exist: ask again with `after` set to its seq. */
+            has_more: boolean;
         };
         /** @description A STUN or TURN server for the RTCPeerConnection configuration. */
         IceServer: {
@@ -1190,6 +1220,40 @@ export interface operations {
                 };
                 content: {
                     "application/json": components["schemas"]["Call"];
+                };
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    events: {
+        parameters: {
+            query?: {
+                /** @description Events with a greater seq (default 0: from the channel's first event). */
+                after?: number;
+                /** @description Page size, 1–200 (default 100). */
+                limit?: number;
+            };
+            header?: never;
+            path: {
+                channel_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["EventPage"];
                 };
             };
             "4XX": {

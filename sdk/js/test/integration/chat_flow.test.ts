@@ -72,6 +72,11 @@ describe("chat flow", () => {
     const seqs = events.map((e) => e.seq);
     expect(seqs, "strictly increasing without gaps").toEqual(seqs.map((_, i) => (seqs[0] ?? 0) + i));
     expect(events.slice(-3).map((e) => e.type)).toEqual(["message.new", "message.updated", "message.deleted"]);
+    // The same events, persisted, over REST (for filling a gap in what was received live).
+    const from = (events.at(-3)?.seq ?? 1) - 1;
+    const page = await bob.rest.events(channelId, { after: from, limit: 3 });
+    expect(page.events.map((e) => [e.type, e.seq])).toEqual(events.slice(-3).map((e) => [e.type, e.seq]));
+    expect(page.has_more).toBe(false);
   });
 
   it("pages history before, after and around, and refuses a limit over 200", async () => {

@@ -52,6 +52,7 @@ it("every REST operation of the document has a RestClient method", async () => {
     add_member: "addMember",
     remove_member: "removeMember",
     history: "history",
+    events: "events",
     send_message: "sendMessage",
     delete_message: "deleteMessage",
     edit_message: "editMessage",
