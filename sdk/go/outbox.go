@@ -107,12 +107,21 @@ type outbox struct {
 	mu    sync.Mutex
 	items []*Outgoing
 	wake  chan struct{}
+	// closed is the error every send fails with once the client ended (set by failAll).
+	closed error
 }
 
 func newOutbox() *outbox { return &outbox{wake: make(chan struct{}, 1)} }
 
 func (b *outbox) add(o *Outgoing) {
 	b.mu.Lock()
+	if b.closed != nil {
+		// The client ended between Post's check and here: nothing would ever send this.
+		o.err = b.closed
+		b.mu.Unlock()
+		close(o.done)
+		return
+	}
 	b.items = append(b.items, o)
 	b.mu.Unlock()
 	select {
@@ -148,8 +157,13 @@ func (b *outbox) complete(o *Outgoing, m *Message, created bool, err error) {
 	close(o.done)
 }
 
+// failAll ends the outbox: every queued send and every later one fails with err.
 func (b *outbox) failAll(err error) {
 	b.mu.Lock()
+	if b.closed == nil {
+		b.closed = err
+	}
+	err = b.closed
 	items := b.items
 	b.items = nil
 	b.mu.Unlock()
