@@ -167,9 +167,10 @@ fn render_error(
             code: e.code,
             message: e.message,
             request_id: request_id.to_owned(),
+            // Rounded up: a delay under a millisecond is still a delay.
             retry_after_ms: e
                 .retry_after
-                .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                .map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
         },
     };
     let mut res = (status, axum::Json(body)).into_response();
