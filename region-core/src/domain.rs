@@ -119,6 +119,18 @@ pub struct EventsQuery {
     pub limit: Option<u32>,
 }
 
+/// A page size given by the caller (`default` when absent), within 1–200.
+fn page_limit(limit: Option<u32>, default: u32) -> CoreResult<u32> {
+    let limit = limit.unwrap_or(default);
+    if (1..=200).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(CoreError::InvalidArgument(format!(
+            "limit must be between 1 and 200, got {limit}"
+        )))
+    }
+}
+
 /// The region core's domain service.
 pub struct Core {
     storage: Arc<dyn Storage>,
@@ -503,12 +515,7 @@ impl Core {
         channel_id: &str,
         q: HistoryQuery,
     ) -> CoreResult<MessagePage> {
-        let limit = q.limit.unwrap_or(50);
-        if !(1..=200).contains(&limit) {
-            return Err(CoreError::InvalidArgument(format!(
-                "limit must be between 1 and 200, got {limit}"
-            )));
-        }
+        let limit = page_limit(q.limit, 50)?;
         let anchor = match (q.before, q.after, q.around) {
             (None, None, None) => HistoryAnchor::Latest,
             (Some(s), None, None) => HistoryAnchor::Before(s),
@@ -536,12 +543,7 @@ impl Core {
         channel_id: &str,
         q: EventsQuery,
     ) -> CoreResult<EventPage> {
-        let limit = q.limit.unwrap_or(100);
-        if !(1..=200).contains(&limit) {
-            return Err(CoreError::InvalidArgument(format!(
-                "limit must be between 1 and 200, got {limit}"
-            )));
-        }
+        let limit = page_limit(q.limit, 100)?;
         self.require_member(p, channel_id).await?;
         let mut events = self
             .storage

@@ -70,11 +70,7 @@ impl RequestBudget {
             }
             Err(not_until) => Err(Limited {
                 limit: self.burst,
-                // The limiter's next token may be due by the time the wait is measured; a refused
-                // request still gets a delay a client can act on (never "retry after 0 ms").
-                retry_after: not_until
-                    .wait_time_from(self.clock.now())
-                    .max(Duration::from_millis(1)),
+                retry_after: not_until.wait_time_from(self.clock.now()),
             }),
         }
     }

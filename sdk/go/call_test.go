@@ -129,12 +129,7 @@ func TestCallDataChannel(t *testing.T) {
 	fast := parley.WithBackoff(20*time.Millisecond, 200*time.Millisecond)
 	aliceRT := connect(t, srv.client(t, "alice", px.URL), fast)
 	bobRT := connect(t, srv.client(t, "bob"))
-	for _, rt := range []*parley.Realtime{aliceRT, bobRT} {
-		go func() {
-			for range rt.Events() {
-			}
-		}()
-	}
+	discardEvents(aliceRT, bobRT)
 
 	var aBox, bBox inbox
 	aCall, err := aliceRT.StartCall(ctx, ch.ID, callOptions(&aBox)...)
@@ -307,10 +302,7 @@ func TestCallMesh(t *testing.T) {
 	calls := make([]*parley.Call, len(users))
 	for i, u := range users {
 		rt := connect(t, srv.client(t, u))
-		go func() {
-			for range rt.Events() {
-			}
-		}()
+		discardEvents(rt)
 		boxes[i] = &inbox{}
 		calls[i], err = rt.StartCall(ctx, ch.ID, callOptions(boxes[i])...)
 		if err != nil {

@@ -64,10 +64,7 @@ func testCallpeer(t *testing.T, bin string, callpeerFirst bool) {
 
 	// Alice's side: a VP8 track and a "chat" data channel.
 	rt := connect(t, srv.client(t, "alice"))
-	go func() {
-		for range rt.Events() {
-		}
-	}()
+	discardEvents(rt)
 	video, err := webrtc.NewTrackLocalStaticRTP(webrtc.RTPCodecCapability{MimeType: webrtc.MimeTypeVP8, ClockRate: 90000}, "video", "alice")
 	if err != nil {
 		t.Fatal(err)

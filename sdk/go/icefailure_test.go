@@ -207,20 +207,10 @@ func testICEFailure(t *testing.T, aliceTimeouts, bobTimeouts iceTimeouts, untilB
 	if err != nil {
 		t.Fatalf("create channel: %v", err)
 	}
-	var reconnects atomic.Int32
-	onState := parley.WithStateHandler(func(c parley.StateChange) {
-		if c.To == parley.StateReconnecting {
-			reconnects.Add(1)
-		}
-	})
+	reconnects, onState := countReconnects()
 	aliceRT := connect(t, srv.client(t, "alice"), onState)
 	bobRT := connect(t, srv.client(t, "bob"), onState)
-	for _, rt := range []*parley.Realtime{aliceRT, bobRT} {
-		go func() {
-			for range rt.Events() {
-			}
-		}()
-	}
+	discardEvents(aliceRT, bobRT)
 
 	var cut atomic.Bool
 	var offLoopback atomic.Int64
@@ -351,12 +341,7 @@ func TestCallRestartGlare(t *testing.T) {
 	}
 	aliceRT := connect(t, srv.client(t, "alice"))
 	bobRT := connect(t, srv.client(t, "bob"))
-	for _, rt := range []*parley.Realtime{aliceRT, bobRT} {
-		go func() {
-			for range rt.Events() {
-			}
-		}()
-	}
+	discardEvents(aliceRT, bobRT)
 	var aBox, bBox inbox
 	aCall, err := aliceRT.StartCall(ctx, ch.ID, callOptions(&aBox)...)
 	if err != nil {

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"math/rand/v2"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -29,12 +28,7 @@ func TestLosslessReconnect(t *testing.T) {
 		t.Fatalf("create channel: %v", err)
 	}
 
-	var reconnects atomic.Int32
-	onState := parley.WithStateHandler(func(c parley.StateChange) {
-		if c.To == parley.StateReconnecting {
-			reconnects.Add(1)
-		}
-	})
+	reconnects, onState := countReconnects()
 	fast := parley.WithBackoff(20*time.Millisecond, 300*time.Millisecond)
 	bobRT := connect(t, bob, fast, onState, parley.WithRequestTimeout(5*time.Second))
 	aliceRT := connect(t, alice, fast, onState, parley.WithRequestTimeout(5*time.Second))

@@ -13,6 +13,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -279,4 +280,26 @@ func rst(c net.Conn) {
 		_ = tc.SetLinger(0)
 	}
 	_ = c.Close()
+}
+
+// discardEvents reads and drops the events of clients whose events a test does not check, so
+// their delivery never blocks.
+func discardEvents(rts ...*parley.Realtime) {
+	for _, rt := range rts {
+		go func() {
+			for range rt.Events() {
+			}
+		}()
+	}
+}
+
+// countReconnects returns a counter of the Reconnecting transitions of every client given the
+// returned option.
+func countReconnects() (*atomic.Int32, parley.RealtimeOption) {
+	var n atomic.Int32
+	return &n, parley.WithStateHandler(func(c parley.StateChange) {
+		if c.To == parley.StateReconnecting {
+			n.Add(1)
+		}
+	})
 }

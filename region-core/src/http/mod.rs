@@ -167,10 +167,13 @@ fn render_error(
             code: e.code,
             message: e.message,
             request_id: request_id.to_owned(),
-            // Rounded up: a delay under a millisecond is still a delay.
-            retry_after_ms: e
-                .retry_after
-                .map(|d| u64::try_from(d.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX)),
+            // Rounded up, and never 0: a refusal that asks for a delay asks for one a client can
+            // act on (the limiter's next token may be due by the time its wait is measured).
+            retry_after_ms: e.retry_after.map(|d| {
+                u64::try_from(d.as_nanos().div_ceil(1_000_000))
+                    .unwrap_or(u64::MAX)
+                    .max(1)
+            }),
         },
     };
     let mut res = (status, axum::Json(body)).into_response();

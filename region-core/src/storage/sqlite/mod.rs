@@ -68,12 +68,13 @@ impl SqliteStorage {
         let path = dir.join("parley.db");
         let mut write_conn = open_conn(&path, false)?;
         queries::migrate(&mut write_conn)?;
-        // The writer never checkpoints: copying the WAL back into the database (and its fsync)
-        // would stall every commit behind it. A thread of its own does it, next to the writer.
+        // The writer never checkpoints on its own: copying the WAL back into the database (and its
+        // fsync) would stall every commit behind it. A thread of its own does it, next to the
+        // writer. Nor does it sync its commits: the sync thread does (see the module comment).
         write_conn
             .execute_batch(&format!(
                 "PRAGMA wal_autocheckpoint=0; PRAGMA cache_size=-{WRITER_CACHE_KIB}; \
-             PRAGMA journal_size_limit={WAL_KEEP_BYTES};"
+             PRAGMA journal_size_limit={WAL_KEEP_BYTES}; PRAGMA synchronous=NORMAL;"
             ))
             .map_err(queries::db_err)?;
         let checkpoint_conn = open_conn(&path, false)?;
@@ -81,11 +82,8 @@ impl SqliteStorage {
         for _ in 0..READERS {
             readers.push(open_conn(&path, true)?);
         }
-        // The writer's commits do not wait for the disk; the sync thread makes them durable
-        // before anyone is answered (see the module comment).
-        write_conn
-            .execute_batch("PRAGMA synchronous=NORMAL;")
-            .map_err(queries::db_err)?;
+        // The writer's commits (synchronous=NORMAL above) do not wait for the disk; the sync thread
+        // makes them durable before anyone is answered (see the module comment).
         let wal_path = wal_path_of(&path);
         let wal = std::fs::File::open(&wal_path).map_err(|e| {
             StorageError::Unavailable(format!("cannot open {}: {e}", wal_path.display()))
@@ -316,12 +314,9 @@ fn writer_loop(
             jobs: batch,
             commit,
         }) {
-            // The sync thread is gone (it only stops when this sender drops): answer here, syncing
-            // through the connection's own file so that nothing is acknowledged before the disk.
-            let commit = lost.commit.and_then(|()| {
-                conn.query_row("PRAGMA wal_checkpoint(FULL)", [], |_| Ok(()))
-                    .map_err(|e| e.to_string())
-            });
+            // The sync thread is gone (only a panic stops it before this sender drops): nothing
+            // can be confirmed durable any more, so nothing is acknowledged.
+            let commit = Err("the sqlite sync thread stopped".to_owned());
             for job in lost.jobs {
                 job.finish(&commit);
             }
