@@ -24,6 +24,27 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 # Build outside the clone so that fresh clones (CI) reuse one warm target dir.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/parley-target}"
 
+# The shared target dir grows with every change built into it (incremental caches, stale test
+# binaries); once it filled the disk and a run failed with ENOSPC. When the disk it lives on has
+# less than PARLEY_MIN_FREE_GIB (default 12) free, drop its incremental caches, then the whole
+# dir if that was not enough: a cold build is slower than a warm one, but it finishes.
+free_gib() { df -Pk "$1" | awk 'NR == 2 { print int($4 / 1048576) }'; }
+ensure_disk_space() {
+    local min=${PARLEY_MIN_FREE_GIB:-12} free
+    mkdir -p "$CARGO_TARGET_DIR"
+    free=$(free_gib "$CARGO_TARGET_DIR")
+    [ "$free" -lt "$min" ] || return 0
+    echo "test.sh: only $free GiB free next to $CARGO_TARGET_DIR (want $min); removing its incremental caches" >&2
+    rm -rf "$CARGO_TARGET_DIR"/*/incremental
+    free=$(free_gib "$CARGO_TARGET_DIR")
+    [ "$free" -lt "$min" ] || return 0
+    echo "test.sh: still only $free GiB free; removing $CARGO_TARGET_DIR (the build starts cold)" >&2
+    rm -rf "${CARGO_TARGET_DIR:?}"/*
+    free=$(free_gib "$CARGO_TARGET_DIR")
+    [ "$free" -ge "$min" ] || echo "test.sh: warning: $free GiB free after that; the build may run out of space" >&2
+}
+ensure_disk_space
+
 # shellcheck source=scripts/services.sh
 . scripts/services.sh
 
