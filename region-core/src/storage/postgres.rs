@@ -903,17 +903,62 @@ fn writer_index(channel_id: &str, writers: usize) -> usize {
     usize::try_from(hash % writers.max(1) as u64).unwrap_or(0)
 }
 
+/// Batches a writer commits with the idempotency read after a batch found a stored key (see
+/// [`KeyCheck`]).
+const CAREFUL_BATCHES: u32 = 32;
+
+/// Whether a batch reads the stored messages under its idempotency keys before it inserts.
+///
+/// Almost every send is new, and that read cost PostgreSQL about a third of a batch (one index
+/// lookup per send, planned per batch). So a batch first runs [`KeyCheck::Optimistic`]: no read,
+/// and the INSERT itself proves every key new, since the idempotency index is unique. A retried
+/// key makes the INSERT fail with a unique violation; the transaction is rolled back (nothing of
+/// it was written, no seq was spent) and the batch runs again [`KeyCheck::Careful`], which finds
+/// the stored message and answers the retry with it. The writer then stays careful for
+/// [`CAREFUL_BATCHES`] batches, so that a client that keeps retrying costs one extra read per
+/// batch, not a rolled-back transaction per batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KeyCheck {
+    Optimistic,
+    Careful,
+}
+
+/// The [`KeyCheck`] state of one writer.
+#[derive(Debug, Default)]
+struct KeyCheckState {
+    /// Batches left to run careful.
+    careful_left: u32,
+}
+
+impl KeyCheckState {
+    /// The mode of the next batch (counting it against the careful ones).
+    fn next(&mut self) -> KeyCheck {
+        if self.careful_left > 0 {
+            self.careful_left -= 1;
+            KeyCheck::Careful
+        } else {
+            KeyCheck::Optimistic
+        }
+    }
+
+    /// A batch met a stored key (or another unique violation).
+    fn found_stored_key(&mut self) {
+        self.careful_left = CAREFUL_BATCHES;
+    }
+}
+
 /// A send writer: commits everything queued, batch after batch, until every sender is gone.
 async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
+    let mut keys = KeyCheckState::default();
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        run_batch(&pool, &mut jobs).await;
+        run_batch(&pool, &mut jobs, &mut keys).await;
     }
 }
 
 /// Commits `jobs` (draining it) and answers every caller.
-async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
-    let failure = match commit_with_retries(pool, jobs).await {
+async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>, keys: &mut KeyCheckState) {
+    let failure = match commit_with_retries(pool, jobs, keys).await {
         Ok(outcomes) => {
             for (job, outcome) in jobs.drain(..).zip(outcomes) {
                 let _ = job.reply.send(outcome); // the caller may have gone; the send stands
@@ -932,7 +977,7 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
     // exists already, a text PostgreSQL cannot store): commit each alone so it fails alone.
     tracing::warn!(error = %failure, sends = jobs.len(), "postgres send batch failed; committing its sends one by one");
     for job in jobs.drain(..) {
-        let outcome = match commit_with_retries(pool, std::slice::from_ref(&job)).await {
+        let outcome = match commit_with_retries(pool, std::slice::from_ref(&job), keys).await {
             Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| {
                 Err(StorageError::Internal(
                     "send batch of one without an outcome".into(),
@@ -945,15 +990,23 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>) {
 }
 
 /// Commits the batch, retrying it on serialization failures, deadlocks and unique violations (a
-/// concurrent writer on another node took a key; the retry finds its row).
+/// stored key the optimistic attempt did not read, or a key a concurrent writer on another node
+/// took; the careful retry finds its row).
 async fn commit_with_retries(
     pool: &Pool,
     jobs: &[SendJob],
+    keys: &mut KeyCheckState,
 ) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
     let mut attempt = 0;
+    let mut check = keys.next();
     loop {
-        match commit_batch(pool, jobs).await {
+        match commit_batch(pool, jobs, check).await {
             Ok(outcomes) => return Ok(outcomes),
+            Err(e) if e.is_unique_violation() && check == KeyCheck::Optimistic => {
+                // Not a failure: the batch holds a retried key. Again at once, reading the keys.
+                keys.found_stored_key();
+                check = KeyCheck::Careful;
+            }
             Err(e) if (e.is_transient() || e.is_unique_violation()) && attempt < MAX_RETRIES => {
                 attempt += 1;
                 backoff(attempt).await;
@@ -967,6 +1020,7 @@ async fn commit_with_retries(
 async fn commit_batch(
     pool: &Pool,
     jobs: &[SendJob],
+    check: KeyCheck,
 ) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
     let mut client = pool.get().await.map_err(pool_err)?;
     let tx = client.transaction().await?;
@@ -983,7 +1037,7 @@ async fn commit_batch(
     // All the channels' parts in one set of statements: a batch costs the same five statements
     // whether it holds one channel or fifty.
     let groups: Vec<((&str, &str), Vec<usize>)> = groups.into_iter().collect();
-    for part in commit_groups(&tx, &groups, jobs, now).await? {
+    for part in commit_groups(&tx, &groups, jobs, now, check).await? {
         for (i, outcome) in part {
             outcomes[i] = Some(outcome);
         }
@@ -1004,20 +1058,24 @@ async fn commit_groups(
     groups: &[((&str, &str), Vec<usize>)],
     jobs: &[SendJob],
     now: i64,
+    check: KeyCheck,
 ) -> Result<Vec<Vec<(usize, StorageResult<SendOutcome>)>>, TxError> {
     let channel_ids: Vec<&str> = groups.iter().map(|((c, _), _)| *c).collect();
-    // Membership pairs and idempotency keys of the whole batch, each once.
+    // Membership pairs and (when careful) idempotency keys of the whole batch, each once.
+    let careful = check == KeyCheck::Careful;
     let mut pairs: Vec<(&str, &str)> = Vec::new();
     let mut keys: Vec<(&str, &str, &str)> = Vec::new();
     for ((channel_id, _), idxs) in groups {
         for &i in idxs {
             let new = &jobs[i].new;
             pairs.push((channel_id, new.sender_id.as_str()));
-            keys.push((
-                channel_id,
-                new.sender_id.as_str(),
-                new.client_msg_id.as_str(),
-            ));
+            if careful {
+                keys.push((
+                    channel_id,
+                    new.sender_id.as_str(),
+                    new.client_msg_id.as_str(),
+                ));
+            }
         }
     }
     pairs.sort_unstable();
@@ -1040,10 +1098,11 @@ async fn commit_groups(
     // Pipelined, and executed in this order: the membership and key reads start after the locks
     // are held, so they see every removal committed before this batch took the channels. The
     // locks are taken in channel id order, so two nodes' batches never wait on each other in a
-    // cycle.
-    let (locked_rows, member_rows, existing_rows) = try_join3(
-        tx.query(&lock, &[&channel_ids]),
-        tx.query(&members, &[&pair_channels, &pair_users]),
+    // cycle. An optimistic batch reads no keys: its INSERT proves them new (see `KeyCheck`).
+    let existing_read = async {
+        if !careful {
+            return Ok(Vec::new());
+        }
         tx.query_typed(
             SEND_EXISTING,
             &[
@@ -1051,7 +1110,13 @@ async fn commit_groups(
                 (&key_senders, Type::TEXT_ARRAY),
                 (&key_ids, Type::TEXT_ARRAY),
             ],
-        ),
+        )
+        .await
+    };
+    let (locked_rows, member_rows, existing_rows) = try_join3(
+        tx.query(&lock, &[&channel_ids]),
+        tx.query(&members, &[&pair_channels, &pair_users]),
+        existing_read,
     )
     .await?;
     let mut locked: HashMap<String, (String, i64)> = HashMap::with_capacity(locked_rows.len());
@@ -1679,6 +1744,20 @@ fn copy_error(e: &StorageError) -> StorageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_check_is_careful_for_a_while_after_a_stored_key() {
+        let mut keys = KeyCheckState::default();
+        assert_eq!(keys.next(), KeyCheck::Optimistic);
+        keys.found_stored_key();
+        let modes: Vec<KeyCheck> = (0..CAREFUL_BATCHES + 2).map(|_| keys.next()).collect();
+        assert!(
+            modes[..CAREFUL_BATCHES as usize]
+                .iter()
+                .all(|m| *m == KeyCheck::Careful)
+        );
+        assert_eq!(modes[CAREFUL_BATCHES as usize..], [KeyCheck::Optimistic; 2]);
+    }
 
     fn job(sender: &str, client_msg_id: &str, text: &str) -> SendJob {
         let new = NewMessage {
