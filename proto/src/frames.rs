@@ -254,6 +254,16 @@ pub enum ServerFrame {
         unread_count: u64,
         last_read_seq: u64,
     },
+    /// The receiving user became a member of a channel: someone added them, or created a
+    /// channel or DM with them in it. Sent to every connection of that user, subscribed or not,
+    /// so that a channel list can show the channel at once (subscribe to receive its events).
+    /// `channel.role` is the receiving user's role.
+    #[serde(rename = "channel.added")]
+    ChannelAdded {
+        channel: crate::model::Channel,
+        /// Who added the user (the creator, for a new channel or DM).
+        by: String,
+    },
     /// A signal from another participant.
     #[serde(rename = "call.signal")]
     CallSignal {

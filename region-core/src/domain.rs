@@ -248,10 +248,30 @@ impl Core {
                 }
             }
         };
+        let members = new.members.clone();
         let (mut channel, created) = self.storage.create_channel(new).await?;
         // For an existing DM the caller is one of its pair (dm_key says so); this also reads the role.
         channel.role = Some(self.require_member(p, &channel.id).await?);
+        if created {
+            for (user_id, role) in &members {
+                self.tell_added(p, &channel, user_id, *role).await;
+            }
+        }
         Ok((channel, created))
+    }
+
+    /// Tells `user_id`'s connections that they are now a member of `channel` (`channel.added`).
+    async fn tell_added(&self, p: &Principal, channel: &Channel, user_id: &str, role: Role) {
+        let frame = ServerFrame::ChannelAdded {
+            channel: Channel {
+                role: Some(role),
+                last_read_seq: None,
+                unread_count: None,
+                ..channel.clone()
+            },
+            by: p.user_id.clone(),
+        };
+        self.realtime.to_user(&p.tenant_id, user_id, &frame).await;
     }
 
     pub async fn list_channels(&self, p: &Principal) -> CoreResult<Vec<Channel>> {
@@ -339,6 +359,11 @@ impl Core {
         match event {
             Some(event) => {
                 self.publish(&event).await;
+                let channel = Channel {
+                    last_seq: event.seq,
+                    ..ch
+                };
+                self.tell_added(p, &channel, &req.user_id, new_role).await;
                 match event.body {
                     parley_proto::EventBody::MemberAdded { member, .. } => Ok((member, true)),
                     _ => Err(CoreError::Internal(
