@@ -142,6 +142,11 @@ async function scenario(alice: Person, bob: Person): Promise<void> {
   const general = conversationButton(bob, /Channel general/);
   await waitFor("Bob to see 60 unread in general", async () => (await general.getAttribute("aria-label"))?.includes("60 unread"), { timeoutMs: 20_000 });
   await screenshot(bob.page, out, "04-bob-sees-unread-count");
+  // Bob's page heard of the channel at once (channel.added) and received the 60 messages live. A
+  // reload starts from the server's state, so the conversation opens on its newest page.
+  await bob.page.reload();
+  await bob.page.locator("#connection-status[data-state=connected]").waitFor({ timeout: 15_000 });
+  await waitFor("Bob to see 60 unread in general after a reload", async () => (await general.getAttribute("aria-label"))?.includes("60 unread"), { timeoutMs: 15_000 });
   await general.click();
   await bob.page.locator("#message-list li", { hasText: "history message 60" }).waitFor({ timeout: 10_000 });
   assert.equal(await bob.page.locator("#message-list li", { hasText: "history message 1" }).filter({ hasText: /message 1$/ }).count(), 0, "the first page holds the newest 50 messages only");

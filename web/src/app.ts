@@ -11,12 +11,6 @@ import { Sidebar, type SidebarActions } from "./views/sidebar.js";
 
 /** Messages per history page. */
 const PAGE_SIZE = 50;
-/**
- * How often the channel list is refetched. The server tells subscribers of a channel about new
- * members, but nobody tells a user that they were added to a channel they are not subscribed to
- * yet, so new conversations are found by polling (and at once after a reconnect).
- */
-const CHANNEL_POLL_MS = 5_000;
 
 export interface AppOptions {
   session: DevSession;
@@ -38,7 +32,6 @@ export class App implements SidebarActions, ConversationActions {
   readonly #failed = new Map<string, string>();
   /** Aborted on sign-out: removes the window and document listeners of this app. */
   readonly #stop = new AbortController();
-  #pollTimer: ReturnType<typeof setInterval> | undefined;
   #typingRender: ReturnType<typeof setInterval> | undefined;
 
   constructor(options: AppOptions) {
@@ -90,7 +83,6 @@ export class App implements SidebarActions, ConversationActions {
     this.#showRestoredOutbox();
     const wanted = decodeURIComponent(location.hash.replace(/^#\/?/, ""));
     if (wanted && this.state.conversations.has(wanted)) this.select(wanted);
-    this.#pollTimer = setInterval(() => void this.refreshChannels().catch(() => {}), CHANNEL_POLL_MS);
     this.#typingRender = setInterval(() => this.#conversation.renderTyping(), 1_000);
     const signal = this.#stop.signal;
     window.addEventListener(
@@ -107,7 +99,6 @@ export class App implements SidebarActions, ConversationActions {
   signOut(notice?: string): void {
     if (this.#stop.signal.aborted) return;
     this.#stop.abort();
-    clearInterval(this.#pollTimer);
     clearInterval(this.#typingRender);
     void this.#calls.leave();
     this.client.close();
@@ -258,6 +249,9 @@ export class App implements SidebarActions, ConversationActions {
         this.#conversation.render();
       }
     });
+    // A channel or DM someone added us to appears at once (the server pushes `channel.added`); a
+    // removal or deletion ends its subscription (below). The list is also refetched on reconnect.
+    this.client.on("channel.added", () => void this.refreshChannels().catch(() => {}));
     this.client.on("subscription.lost", ({ channelId }) => {
       this.#forget(channelId);
       this.renderAll();

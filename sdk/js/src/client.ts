@@ -1,8 +1,8 @@
 //! `ParleyClient`: the realtime client. It owns one WebSocket at a time, reconnects on its own,
-//! resumes every subscription with its last seq, fills holes from history, delivers each
-//! channel's events exactly once in seq order, and sends messages through an outbox that
-//! survives reconnects. It never lets an event through twice and never skips one silently:
-//! what history cannot restore is reported as a `resync`.
+//! resumes every subscription with its last seq, fills holes from the channel's stored events,
+//! delivers each channel's events exactly once in seq order, and sends messages through an outbox
+//! that survives reconnects. It never lets an event through twice and never skips one silently:
+//! every filled hole is reported as a `resync`.
 import type { BackoffOptions } from "./backoff.js";
 import { joinCall, type CallSession, type JoinCallOptions } from "./call.js";
 import { Connection, type WebSocketConstructor } from "./connection.js";
@@ -19,8 +19,10 @@ import type {
   CallParticipantReconnectedEvent,
   CallParticipantReconnectingEvent,
   CallSignalEvent,
+  ChannelAddedEvent,
   ChannelEvent,
   ChannelEventType,
+  EventPage,
   Message,
   MessagePage,
   Presence,
@@ -82,16 +84,16 @@ export interface Subscription {
   seq: number;
 }
 
-/** A hole in a channel that was filled from history. */
+/** A hole in a channel that was filled from its stored events (`GET …/events`). */
 export interface ResyncInfo {
   channelId: string;
   after: number;
   through: number;
-  /** Messages delivered from history (as `message.new` with `fromHistory: true`). */
+  /** Events delivered from storage (each with `fromHistory: true`), edits and membership included. */
   recovered: number;
   /**
-   * Events in the hole that history cannot restore (edits, deletes of older messages, membership,
-   * calls). Refetch channel state (members, the visible messages) when this is not 0.
+   * Seqs of the hole that storage did not return. The server persists every channel event, so
+   * this stays 0; should it not, refetch channel state (members, the visible messages).
    */
   unrecoverable: number;
 }
@@ -112,6 +114,8 @@ export type ClientEvents = {
   "presence.changed": PresenceChangedEvent;
   "read.updated": ReadUpdatedEvent;
   "unread.updated": UnreadUpdatedEvent;
+  /** You became a member of a channel; subscribe to it to receive its events. */
+  "channel.added": ChannelAddedEvent;
   "call.signal": CallSignalEvent;
   "call.participant_reconnecting": CallParticipantReconnectingEvent;
   "call.participant_reconnected": CallParticipantReconnectedEvent;
@@ -156,6 +160,8 @@ export class ParleyClient extends Emitter<ClientEvents> {
   readonly #maxSendAttempts: number;
   readonly #outboxStore: OutboxStore | undefined;
   #connectWaiters: Array<{ resolve: () => void; reject: (e: ParleyError) => void }> = [];
+  /** Why the client stopped for good (a refused static token), until the next `connect()`. */
+  #ended: ParleyError | undefined;
 
   readonly #subs = new Map<string, Sub>();
   readonly #outbox = new Outbox();
@@ -192,7 +198,9 @@ export class ParleyClient extends Emitter<ClientEvents> {
         error: (error) => this.emit("error", error),
         dropped: () => this.#onDropped(),
         fatal: (error) => {
-          for (const w of this.#connectWaiters.splice(0)) w.reject(error);
+          // Nothing will be sent on this token again: everything waiting fails with the reason.
+          this.#ended = error;
+          this.#failPending(error);
         },
       },
     });
@@ -233,6 +241,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
    * connection fails for good (a refused static token) or `close()` is called first.
    */
   connect(): Promise<void> {
+    this.#ended = undefined;
     const promise = new Promise<void>((resolve, reject) => this.#connectWaiters.push({ resolve, reject }));
     if (this.connection.state === "connected") {
       for (const w of this.#connectWaiters.splice(0)) w.resolve();
@@ -246,18 +255,26 @@ export class ParleyClient extends Emitter<ClientEvents> {
    * `outboxStore` keeps the unsent messages for the next client).
    */
   close(): void {
-    clearTimeout(this.#outboxTimer);
     this.#transport.stop("closed by the application");
-    const closed = new ParleyError({ code: "closed", message: "the client was closed" });
+    this.#ended = new ParleyError({ code: "closed", message: "the client was closed" });
+    this.#failPending(this.#ended);
+    this.typing._dispose();
+  }
+
+  /**
+   * Fails every waiting send, subscription, read and `connect()` with `error`. The messages
+   * leave the outbox in memory but not its `outboxStore`, which keeps them for the next client.
+   */
+  #failPending(error: ParleyError): void {
+    clearTimeout(this.#outboxTimer);
     for (const entry of this.#outbox.pending()) {
       this.#outbox.remove(entry.clientMsgId);
-      this.#sendWaiters.get(entry.clientMsgId)?.reject(closed);
+      this.#sendWaiters.get(entry.clientMsgId)?.reject(error);
       this.#sendWaiters.delete(entry.clientMsgId);
     }
-    for (const sub of this.#subs.values()) for (const w of sub.waiters.splice(0)) w.reject(closed);
-    for (const read of this.#reads.values()) for (const w of read.waiters.splice(0)) w.reject(closed);
-    this.typing._dispose();
-    for (const w of this.#connectWaiters.splice(0)) w.reject(closed);
+    for (const sub of this.#subs.values()) for (const w of sub.waiters.splice(0)) w.reject(error);
+    for (const read of this.#reads.values()) for (const w of read.waiters.splice(0)) w.reject(error);
+    for (const w of this.#connectWaiters.splice(0)) w.reject(error);
   }
 
   /**
@@ -323,9 +340,11 @@ export class ParleyClient extends Emitter<ClientEvents> {
    * Sends a message. It goes into the outbox at once and is sent when connected, one at a time
    * per channel in call order, resent after a reconnect with the same `client_msg_id` (so it is
    * stored once), and resolves with the server's message. Fails for good on a refusal (e.g.
-   * `idempotency_conflict`, `invalid_argument`, `not_a_member`) or on `close()`.
+   * `idempotency_conflict`, `invalid_argument`, `not_a_member`), on `close()`, and when the
+   * server refuses a static token (with that error; also every send after it, until `connect()`).
    */
   send(channelId: string, text: string, options: SendOptions = {}): Promise<SendResult> {
+    if (this.#ended) return Promise.reject(this.#ended);
     const clientMsgId = options.clientMsgId ?? newClientMsgId();
     if (this.#outbox.has(clientMsgId)) {
       return Promise.reject(
@@ -498,6 +517,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
         return;
       }
       case "read.updated":
+      case "channel.added":
       case "call.signal":
       case "call.participant_reconnecting":
       case "call.participant_reconnected":
@@ -601,7 +621,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
     void this.#fill(event.channel_id, sub);
   }
 
-  /** Fills the channel's holes from history, one at a time, until there is none. */
+  /** Fills the channel's holes from the channel's stored events, one at a time, until there is none. */
   async #fill(channelId: string, sub: Sub): Promise<void> {
     if (sub.filling) return;
     sub.filling = true;
@@ -609,9 +629,9 @@ export class ParleyClient extends Emitter<ClientEvents> {
     try {
       for (let gap: Gap | null = sub.sequencer.gap(); gap; gap = sub.sequencer.gap()) {
         if (this.#subs.get(channelId) !== sub || !this.#transport.wanted) return;
-        let page: MessagePage;
+        let page: EventPage;
         try {
-          page = await this.rest.history(channelId, { after: gap.after, limit: MAX_HISTORY_LIMIT });
+          page = await this.rest.events(channelId, { after: gap.after, limit: MAX_HISTORY_LIMIT });
         } catch (e) {
           failures += 1;
           const error = e instanceof ParleyError ? e : new ParleyError({ code: "network", message: String(e) });
@@ -624,7 +644,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
           continue;
         }
         failures = 0;
-        const outcome = sub.sequencer.applyHistory(gap, page.messages, page.has_after);
+        const outcome = sub.sequencer.applyEvents(gap, page.events as ChannelEvent[], page.has_more);
         const recovered = outcome.events.filter((e) => e.fromHistory).length;
         this.#deliver(outcome.events);
         if (recovered > 0 || outcome.unrecoverable > 0) {

@@ -4,27 +4,28 @@
 //! out of order after a fault) and hands them on exactly once, in strictly increasing `seq`. When
 //! it sees a hole — an event further ahead than the next seq, or a server statement that
 //! everything up to some seq will not arrive live (a subscribe ack, a refused resume) — it asks
-//! for the hole to be filled from history (`gap()`), and takes the pages back with
-//! `applyHistory`. History holds messages only: the seqs of other events inside a filled hole
-//! (edits, membership, calls) cannot be recovered, and are counted as `unrecoverable`.
+//! for the hole to be filled (`gap()`), and takes the pages back with `applyEvents` (pages of
+//! `GET /v1/channels/{id}/events`, which hold every persisted event: the hole is filled exactly)
+//! or `applyHistory` (pages of message history: the seqs of other events inside the hole, such as
+//! edits, membership and calls, cannot be recovered from it and are counted as `unrecoverable`).
 import type { ChannelEvent, Message } from "./types.js";
 
 /** A channel event as the SDK delivers it. */
 export type DeliveredEvent = ChannelEvent & {
-  /** Set when the event was rebuilt from history (a `message.new` of a filled gap). */
+  /** Set when the event was read from storage to fill a gap, rather than received live. */
   readonly fromHistory?: true;
 };
 
-/** A hole to fill: fetch history with `after`, keep messages up to `through` (inclusive). */
+/** A hole to fill: fetch events (or history) with `after`, keep those up to `through` (inclusive). */
 export interface Gap {
   after: number;
   through: number;
 }
 
-/** The outcome of one page of history. */
+/** The outcome of one page of events or history. */
 export interface HistoryOutcome {
   events: DeliveredEvent[];
-  /** Seqs of the range that are not messages (other events), skipped for good. */
+  /** Seqs of the range the page did not hold (with history: other events), skipped for good. */
   unrecoverable: number;
 }
 
@@ -37,7 +38,7 @@ export class ChannelSequencer {
   /** Events up to this seq will not come live: they must come from a replay or from history. */
   #liveAfter = 0;
   /** Events that arrived ahead of `delivered + 1`, by seq. */
-  readonly #ahead = new Map<number, ChannelEvent>();
+  readonly #ahead = new Map<number, DeliveredEvent>();
   /** Ids of recently delivered messages (a second copy under another seq is dropped). */
   readonly #messageIds = new Set<string>();
   #duplicates = 0;
@@ -97,29 +98,39 @@ export class ChannelSequencer {
   }
 
   /**
+   * A page of events fetched for `gap` (`GET …/events?after=gap.after`), ascending, with the
+   * page's `has_more`. Delivers the events of the hole in order and moves past it when the page
+   * reaches its end. The events endpoint holds every persisted event, so nothing of the hole is
+   * lost (a seq it lacks is counted as `unrecoverable`; the server never leaves one).
+   */
+  applyEvents(gap: Gap, events: readonly ChannelEvent[], hasMore: boolean): HistoryOutcome {
+    return this.#applyPage(gap, events, hasMore);
+  }
+
+  /**
    * A page of history fetched for `gap` (`?after=gap.after`), ascending, with the page's
    * `has_after`. Delivers the messages of the hole in order and moves past it when the page
-   * reaches its end.
+   * reaches its end; the other events of the hole are counted as `unrecoverable`.
    */
   applyHistory(gap: Gap, messages: readonly Message[], hasAfter: boolean): HistoryOutcome {
+    const events = messages.map(
+      (message): ChannelEvent => ({ type: "message.new", channel_id: this.channelId, seq: message.seq, message }),
+    );
+    return this.#applyPage(gap, events, hasAfter);
+  }
+
+  #applyPage(gap: Gap, page: readonly ChannelEvent[], hasMore: boolean): HistoryOutcome {
     const start = this.#delivered;
     if (start === undefined) return { events: [], unrecoverable: 0 };
     let lastSeq = gap.after;
-    for (const message of messages) {
-      lastSeq = Math.max(lastSeq, message.seq);
-      if (message.seq <= start || message.seq > gap.through || this.#ahead.has(message.seq)) continue;
-      const event: DeliveredEvent = {
-        type: "message.new",
-        channel_id: this.channelId,
-        seq: message.seq,
-        message,
-        fromHistory: true,
-      };
-      this.#ahead.set(message.seq, event);
+    for (const event of page) {
+      lastSeq = Math.max(lastSeq, event.seq);
+      if (event.seq <= start || event.seq > gap.through || this.#ahead.has(event.seq)) continue;
+      this.#ahead.set(event.seq, { ...event, fromHistory: true as const });
     }
-    // History has no holes of its own: up to the last message of the page (or up to the end of
-    // the hole when the page reached the end), every seq without a message was another event.
-    const reached = !hasAfter || lastSeq >= gap.through ? gap.through : lastSeq;
+    // Pages have no holes of their own: up to the last event of the page (or up to the end of
+    // the hole when the page reached the end), every seq the page lacks will not come.
+    const reached = !hasMore || lastSeq >= gap.through ? gap.through : lastSeq;
     const events: DeliveredEvent[] = [];
     let unrecoverable = 0;
     for (let seq = start + 1; seq <= reached; seq++) {

@@ -69,6 +69,8 @@ export type TypingEvent = ServerFrameOf<"typing">;
 export type PresenceChangedEvent = ServerFrameOf<"presence.changed">;
 export type ReadUpdatedEvent = ServerFrameOf<"read.updated">;
 export type UnreadUpdatedEvent = ServerFrameOf<"unread.updated">;
+/** You became a member of a channel (added, or in a channel or DM someone created); `channel.role` is yours. */
+export type ChannelAddedEvent = ServerFrameOf<"channel.added">;
 export type CallSignalEvent = ServerFrameOf<"call.signal">;
 export type CallParticipantReconnectingEvent = ServerFrameOf<"call.participant_reconnecting">;
 export type CallParticipantReconnectedEvent = ServerFrameOf<"call.participant_reconnected">;

@@ -802,6 +802,12 @@ export interface components {
             /** @enum {string} */
             type: "unread.updated";
         } | {
+            channel: components["schemas"]["Channel"];
+            /** @description Who added the user (the creator, for a new channel or DM). */
+            by: string;
+            /** @enum {string} */
+            type: "channel.added";
+        } | {
             call_id: string;
             from: string;
             to: string;

@@ -59,6 +59,16 @@ describe("chat flow", () => {
     expect(bobLog.texts(channelId)).toEqual(["hello bob"]);
   });
 
+  it("tells a connected user at once that they were added to a channel (channel.added)", async () => {
+    const added: { id: string; role: string | undefined; by: string }[] = [];
+    bob.on("channel.added", (e) => added.push({ id: e.channel.id, role: e.channel.role ?? undefined, by: e.by }));
+    const channel = await alice.rest.createChannel({ kind: "channel", name: "announcements" });
+    expect(added, "not a member yet").toEqual([]);
+    await alice.rest.addMember(channel.id, { user_id: "bob", role: "moderator" });
+    await waitUntil("bob hears of the channel", () => added.length === 1, { detail: () => JSON.stringify(added) });
+    expect(added).toEqual([{ id: channel.id, role: "moderator", by: "alice" }]);
+  });
+
   it("delivers edits and deletes as events in seq order", async () => {
     const { message } = await alice.send(channelId, "to be edited");
     const edited = await alice.rest.editMessage(channelId, message.id, { text: "edited" });

@@ -51,7 +51,7 @@ async function sendMany(alice: ParleyClient, channelId: string, prefix: string, 
 }
 
 describe("resume", () => {
-  it("too far behind: the refused channel is filled from history, once and in order", async () => {
+  it("too far behind: the refused channel is filled from storage, once and in order", async () => {
     const s = await server(["--max-replay", "3"]);
     const { alice, bob, proxy, log, resyncs, channelId } = await scene(s);
     const before = await sendMany(alice, channelId, "live", 2);
@@ -64,7 +64,7 @@ describe("resume", () => {
       detail: () => `bob has ${JSON.stringify(log.texts(channelId))}`,
     });
     expect(log.texts(channelId)).toEqual([...before, ...missed]);
-    expect(resyncs.reduce((n, r) => n + r.recovered, 0), "the 10 missed messages came from history").toBe(10);
+    expect(resyncs.reduce((n, r) => n + r.recovered, 0), "the 10 missed messages came from storage").toBe(10);
     expect(log.of(channelId).slice(2).every((e) => "fromHistory" in e && e.fromHistory)).toBe(true);
   });
 
@@ -83,7 +83,7 @@ describe("resume", () => {
     expect(resyncs.length, "a history fill happened").toBeGreaterThan(0);
   });
 
-  it("reports the events history cannot restore (an edit and a member change inside the hole)", async () => {
+  it("fills a hole exactly: an edit and a member change inside it arrive as events, in order", async () => {
     const s = await server(["--max-replay", "1"]);
     const { alice, bob, proxy, log, resyncs, channelId } = await scene(s);
     const { message } = await alice.rest.sendMessage(channelId, { client_msg_id: "first", text: "first" });
@@ -97,7 +97,19 @@ describe("resume", () => {
     await waitUntil("bob has the second message", () => log.texts(channelId).includes("second"), {
       detail: () => JSON.stringify(log.of(channelId).map((e) => [e.seq, e.type])),
     });
-    expect(resyncs.reduce((n, r) => n + r.unrecoverable, 0), "the edit and the member change").toBe(2);
+    const hole = log.of(channelId).slice(1);
+    expect(hole.map((e) => [e.seq, e.type])).toEqual([
+      [message.seq + 1, "message.updated"],
+      [message.seq + 2, "member.added"],
+      [message.seq + 3, "message.new"],
+    ]);
+    expect(hole.every((e) => e.fromHistory === true), "read from storage").toBe(true);
+    const edit = hole[0];
+    expect(edit?.type === "message.updated" && edit.message.text).toBe("first (edited)");
+    const added = hole[1];
+    expect(added?.type === "member.added" && added.member.user_id).toBe("carol");
+    expect(resyncs.reduce((n, r) => n + r.recovered, 0)).toBe(3);
+    expect(resyncs.reduce((n, r) => n + r.unrecoverable, 0), "nothing of the hole is lost").toBe(0);
     const seqs = log.of(channelId).map((e) => e.seq);
     expect(seqs.every((q, i) => i === 0 || q > (seqs[i - 1] ?? 0))).toBe(true);
     expect(bob.subscriptions().find((x) => x.channelId === channelId)?.seq).toBe(message.seq + 3);
@@ -151,9 +163,16 @@ describe("limits and auth", () => {
     const s = await server([]);
     const client = await clientFor(s, "alice", { token: "not-a-jwt" });
     cleanup.push(() => client.close());
+    const queued = client.send("ch-any", "sent before the refusal").catch((e: unknown) => e);
     const outcome = await within("connect() to fail", 10_000, client.connect().catch((e: unknown) => e));
     expect(outcome).toBeInstanceOf(ParleyError);
     expect((outcome as ParleyError).code).toBe("token_malformed");
     expect(client.connection.state).toBe("disconnected");
+    // A send waiting in the outbox fails with the same reason, and so does a later one.
+    const waited = await within("the queued send to fail", 5_000, queued);
+    expect((waited as ParleyError).code).toBe("token_malformed");
+    expect(client.pendingMessages()).toHaveLength(0);
+    const later = await within("a later send to fail", 5_000, client.send("ch-any", "after").catch((e: unknown) => e));
+    expect((later as ParleyError).code).toBe("token_malformed");
   });
 });

@@ -77,6 +77,25 @@ describe("ChannelSequencer", () => {
     expect(s.gap()).toBeNull();
   });
 
+  it("fills a gap exactly from a page of events: other events too, nothing unrecoverable", () => {
+    const s = new ChannelSequencer(CH, 3);
+    s.push(newEvent(8));
+    const gap = s.gap()!;
+    expect(gap).toEqual({ after: 3, through: 7 });
+    // Two pages, as `GET …/events?after=` returns them (`has_more` on the first).
+    const first = s.applyEvents(gap, [newEvent(4), memberEvent(5)], true);
+    expect(seqs(first.events)).toEqual([4, 5]);
+    expect(first.events.every((e) => e.fromHistory === true)).toBe(true);
+    expect(s.gap()).toEqual({ after: 5, through: 7 });
+    const second = s.applyEvents(s.gap()!, [memberEvent(6), newEvent(7), newEvent(8)], false);
+    expect(seqs(second.events)).toEqual([6, 7, 8]);
+    expect(second.events.map((e) => e.type)).toEqual(["member.removed", "message.new", "message.new"]);
+    expect(second.events[2]).not.toHaveProperty("fromHistory"); // 8 came live
+    expect(first.unrecoverable + second.unrecoverable).toBe(0);
+    expect(s.delivered).toBe(8);
+    expect(s.gap()).toBeNull();
+  });
+
   it("fills a long gap page by page", () => {
     const s = new ChannelSequencer(CH, 0);
     s.liveAfter(500);
