@@ -251,6 +251,7 @@ pub enum ServerFrame {
     #[serde(rename = "unread.updated")]
     UnreadUpdated {
         channel_id: String,
+        /// Counted up to 1000, as everywhere (1000 means "1000 or more").
         unread_count: u64,
         last_read_seq: u64,
     },

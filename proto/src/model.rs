@@ -78,7 +78,8 @@ pub struct Channel {
     /// The caller's read position (in the caller's channel list).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_read_seq: Option<u64>,
-    /// Messages from others after the caller's read position that are not deleted.
+    /// Messages from others after the caller's read position that are not deleted, counted up to
+    /// 1000 (1000 means "1000 or more").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unread_count: Option<u64>,
 }
@@ -134,6 +135,8 @@ pub struct MarkRead {
 pub struct ReadState {
     pub channel_id: String,
     pub last_read_seq: u64,
+    /// Messages from others after `last_read_seq` that are not deleted, counted up to 1000 (1000
+    /// means "1000 or more").
     pub unread_count: u64,
 }
 

@@ -26,6 +26,7 @@ use serde_json::json;
 
 use super::{
     HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
+    UNREAD_COUNT_CAP,
 };
 
 /// Generates one `#[tokio::test]` per conformance case. The argument is an expression evaluated
@@ -54,6 +55,7 @@ macro_rules! storage_conformance_tests {
             delete_channel_removes_everything
             metadata_round_trips
             read_state_and_unread_counts
+            unread_counts_stop_at_the_cap
         );
     };
     (@cases ($fixture:expr) $($case:ident)*) => {
@@ -1300,6 +1302,56 @@ pub async fn metadata_round_trips(s: Arc<dyn Storage>) {
         .expect("get")
         .expect("exists");
     assert_eq!((got.text.as_str(), got.metadata), ("cleared", None));
+}
+
+/// Unread counts stop at [`UNREAD_COUNT_CAP`] (in the channel list and the read state alike) and
+/// are exact below it.
+pub async fn unread_counts_stop_at_the_cap(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let over = UNREAD_COUNT_CAP + 5;
+    for chunk in (0..over).collect::<Vec<_>>().chunks(200) {
+        send_all(
+            &s,
+            chunk
+                .iter()
+                .map(|i| msg(&t, &ch.id, &bob, &format!("k{i}"), "busy"))
+                .collect(),
+        )
+        .await;
+    }
+    let counts = |s: Arc<dyn Storage>, t: String, ch: String, alice: String| async move {
+        let listed = s
+            .channels_of(&t, &alice)
+            .await
+            .expect("channels_of")
+            .into_iter()
+            .find(|c| c.id == ch)
+            .expect("listed");
+        let state = s.read_state(&t, &ch, &alice).await.expect("read_state");
+        (listed.unread_count, state.unread_count)
+    };
+    let cap = UNREAD_COUNT_CAP;
+    assert_eq!(
+        counts(s.clone(), t.clone(), ch.id.clone(), alice.clone()).await,
+        (Some(cap), cap),
+        "{over} unread are shown as the cap"
+    );
+    // 6 read: 999 left, below the cap, so exact again.
+    s.mark_read(&t, &ch.id, &alice, 6).await.expect("mark_read");
+    assert_eq!(
+        counts(s.clone(), t.clone(), ch.id.clone(), alice.clone()).await,
+        (Some(over - 6), over - 6)
+    );
+    // Bob's own messages are never unread for him.
+    assert_eq!(
+        s.read_state(&t, &ch.id, &bob)
+            .await
+            .expect("bob")
+            .unread_count,
+        0
+    );
 }
 
 /// Read positions move forward only and are clamped to the channel's last seq; the unread count

@@ -21,6 +21,12 @@ pub mod sqlite;
 pub use postgres::PostgresStorage;
 pub use sqlite::SqliteStorage;
 
+/// Unread counts stop at this number: a count of `UNREAD_COUNT_CAP` means "this many or more".
+/// Counting is a walk over the unread messages, and a member far behind (a busy channel left
+/// for a month) would make every channel list and every `unread.updated` push walk all of them.
+/// Both engines' SQL spell the number out in a `LIMIT`; the conformance suite checks them.
+pub const UNREAD_COUNT_CAP: u64 = 1000;
+
 /// Errors of the storage layer. Mapped once to public error codes by the domain.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -132,7 +138,7 @@ pub trait Storage: Send + Sync + 'static {
     async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>>;
 
     /// The channels `user_id` is a member of, each with the user's role, read position and
-    /// unread count, newest first.
+    /// unread count (up to [`UNREAD_COUNT_CAP`]), newest first.
     async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>>;
 
     /// The ids of the channels `user_id` is a member of, in no particular order. One index read:
@@ -239,7 +245,7 @@ pub trait Storage: Send + Sync + 'static {
     ) -> StorageResult<ReadState>;
 
     /// The member's read position and unread count: messages of others after the position that
-    /// are not deleted. `NotAMember` when the user is not a member.
+    /// are not deleted, up to [`UNREAD_COUNT_CAP`]. `NotAMember` when the user is not a member.
     async fn read_state(
         &self,
         tenant: &str,

@@ -766,9 +766,11 @@ const SELECT_CHANNEL: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.creat
      WHERE c.id = $1 AND c.tenant_id = $2";
 const SELECT_DM: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
      WHERE c.tenant_id = $1 AND c.dm_key = $2";
+/// The caller's channels; unread messages are counted up to [`super::UNREAD_COUNT_CAP`] (the
+/// `LIMIT`, also in [`SELECT_READ_STATE`]), so that the cost stays bounded.
 const SELECT_CHANNELS_OF: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role, m.last_read_seq, \
-     (SELECT COUNT(*) FROM messages x WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq \
-      AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread_count FROM members m \
+     (SELECT COUNT(*) FROM (SELECT 1 FROM messages x WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq \
+      AND x.sender_id <> m.user_id AND x.deleted_at IS NULL LIMIT 1000) u) AS unread_count FROM members m \
      JOIN channels c ON c.id = m.channel_id AND c.tenant_id = m.tenant_id \
      WHERE m.tenant_id = $1 AND m.user_id = $2 ORDER BY c.created_at DESC, c.id DESC";
 const SELECT_CHANNEL_IDS_OF: &str =
@@ -807,8 +809,9 @@ const INSERT_MEMBER: &str = "INSERT INTO members (channel_id, user_id, tenant_id
 /// Moves the read position forward only; `$4` is already clamped to the channel's last seq.
 const MARK_READ: &str = "UPDATE members SET last_read_seq = CASE WHEN $4 > last_read_seq THEN $4 ELSE last_read_seq END \
      WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
-const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, (SELECT COUNT(*) FROM messages x WHERE x.channel_id = m.channel_id \
-     AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL) AS unread_count \
+const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, (SELECT COUNT(*) FROM (SELECT 1 FROM messages x \
+     WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id \
+     AND x.deleted_at IS NULL LIMIT 1000) u) AS unread_count \
      FROM members m WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
 const SHARES_CHANNEL: &str = "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
      WHERE m1.tenant_id = $1 AND m1.user_id = $2 AND m2.user_id = $3 LIMIT 1";

@@ -140,9 +140,11 @@ fn to_i64(v: u64) -> i64 {
 
 const CHANNEL_COLS: &str = "c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq";
 
-/// Unread messages of member row `m`: others' live messages after its read position.
-const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM messages x WHERE x.channel_id = m.channel_id \
-     AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL";
+/// Unread messages of member row `m`: others' live messages after its read position, counted up
+/// to [`UNREAD_COUNT_CAP`](crate::storage::UNREAD_COUNT_CAP) (the `LIMIT`), so that the cost stays
+/// bounded however far behind the member is.
+const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM messages x WHERE x.channel_id = m.channel_id \
+     AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL LIMIT 1000)";
 
 fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
     let kind: String = r.get(1)?;

@@ -431,7 +431,8 @@ export interface components {
             last_read_seq?: number | null;
             /**
              * Format: int64
-             * @description Messages from others after the caller's read position that are not deleted.
+             * @description Messages from others after the caller's read position that are not deleted, counted up to
+             *     1000 (1000 means "1000 or more").
              */
             unread_count?: number | null;
         };
@@ -689,7 +690,11 @@ export interface components {
             channel_id: string;
             /** Format: int64 */
             last_read_seq: number;
-            /** Format: int64 */
+            /**
+             * Format: int64
+             * @description Messages from others after `last_read_seq` that are not deleted, counted up to 1000 (1000
+             *     means "1000 or more").
+             */
             unread_count: number;
         };
         /**
@@ -795,7 +800,10 @@ export interface components {
             type: "read.updated";
         } | {
             channel_id: string;
-            /** Format: int64 */
+            /**
+             * Format: int64
+             * @description Counted up to 1000, as everywhere (1000 means "1000 or more").
+             */
             unread_count: number;
             /** Format: int64 */
             last_read_seq: number;
