@@ -421,6 +421,7 @@ impl Session {
                 code: ErrorCode::RateLimited,
                 message: "too many frames; retry after the stated delay".into(),
                 retry_after_ms: Some(retry.max(1)),
+                reason: None,
             };
             send_text(ws, frame.to_json()).await;
             return Flow::Continue;
@@ -627,7 +628,13 @@ impl Session {
             .calls
             .outgoing(&call_id, &from, &to, route.sender_impolite, &signal)
         {
-            Err(e) => error_frame(Some(id), ErrorCode::Conflict, &format!("{}: {e}", e.code())),
+            Err(e) => ServerFrame::Error {
+                id: Some(id),
+                code: ErrorCode::Conflict,
+                message: format!("{}: {e}", e.code()),
+                retry_after_ms: None,
+                reason: Some(e.code().to_owned()),
+            },
             Ok(Outgoing::Discard) => ServerFrame::ack(id),
             Ok(Outgoing::RolledBack) => ServerFrame::Ack(Ack {
                 rolled_back: Some(true),
@@ -990,6 +997,7 @@ fn error_frame(id: Option<String>, code: ErrorCode, message: &str) -> ServerFram
         code,
         message: message.to_owned(),
         retry_after_ms: None,
+        reason: None,
     }
 }
 

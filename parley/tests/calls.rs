@@ -480,11 +480,12 @@ async fn a_dropped_participant_reattaches_and_restarts_ice() {
         (&json!("error"), &json!("conflict")),
         "{r}"
     );
+    assert_eq!(r["reason"], "peer_gone", "{r}");
     assert!(
         r["message"]
             .as_str()
             .expect("message")
-            .contains("peer_gone"),
+            .starts_with("peer_gone"),
         "{r}"
     );
     // Media does not go through Parley: the pair still talks.
@@ -522,11 +523,12 @@ async fn a_dropped_participant_reattaches_and_restarts_ice() {
             (&json!("error"), &json!("conflict")),
             "{r}"
         );
+        assert_eq!(r["reason"], "ice_restart_required", "{r}");
         assert!(
             r["message"]
                 .as_str()
                 .expect("message")
-                .contains("ice_restart_required"),
+                .starts_with("ice_restart_required"),
             "{r}"
         );
     }
@@ -590,11 +592,12 @@ async fn a_participant_who_does_not_come_back_times_out() {
         (&json!("error"), &json!("conflict")),
         "{r}"
     );
+    assert_eq!(r["reason"], "peer_gone", "{r}");
     assert!(
         r["message"]
             .as_str()
             .expect("message")
-            .contains("peer_gone"),
+            .starts_with("peer_gone"),
         "{r}"
     );
     let ev = b.expect_frame("left (timeout)", left(&pa, "timeout")).await;
@@ -843,11 +846,12 @@ async fn signaling_is_authorized() {
         (&json!("error"), &json!("conflict")),
         "{r}"
     );
+    assert_eq!(r["reason"], "no_pending_offer", "{r}");
     assert!(
         r["message"]
             .as_str()
             .expect("message")
-            .contains("no_pending_offer"),
+            .starts_with("no_pending_offer"),
         "{r}"
     );
     let r = b
@@ -856,11 +860,12 @@ async fn signaling_is_authorized() {
             json!({ "kind": "candidate", "candidate": "candidate:1 1 udp 1 127.0.0.1 9 typ host" }),
         )
         .await;
+    assert_eq!(r["reason"], "no_local_description", "{r}");
     assert!(
         r["message"]
             .as_str()
             .unwrap_or_default()
-            .contains("no_local_description"),
+            .starts_with("no_local_description"),
         "{r}"
     );
     let r = b

@@ -222,6 +222,12 @@ pub enum ServerFrame {
         /// For `rate_limited`: wait this long before retrying.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         retry_after_ms: Option<u64>,
+        /// For a `call.signal` refused with `conflict`: the negotiation rule that refused it, one
+        /// of `peer_gone`, `no_pending_offer`, `answer_from_offerer`, `rollback_from_answerer`,
+        /// `no_local_description`, `ice_restart_required` (stable; the message also starts with
+        /// it).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
     },
     #[serde(rename = "pong")]
     Pong { id: String },

@@ -549,7 +549,7 @@ class PeerLink {
     this.#call._signal(this.info.participantId, signal).then(
       () => {},
       (e: unknown) => {
-        if (e instanceof ParleyError && e.code === "conflict" && needsIceRestart(e.message)) {
+        if (e instanceof ParleyError && e.code === "conflict" && needsIceRestart(e.reason)) {
           this.restartIce();
           return;
         }

@@ -27,6 +27,8 @@ export interface ParleyErrorInit {
   requestId?: string | undefined;
   /** For `rate_limited` (and 503 with `Retry-After`): how long to wait before retrying. */
   retryAfterMs?: number | undefined;
+  /** For a refused `call.signal`: the negotiation rule that refused it (e.g. `ice_restart_required`). */
+  reason?: string | undefined;
   cause?: unknown;
 }
 
@@ -37,6 +39,8 @@ export class ParleyError extends Error {
   readonly status: number | undefined;
   readonly requestId: string | undefined;
   readonly retryAfterMs: number | undefined;
+  /** For a refused `call.signal`: the negotiation rule that refused it (e.g. `ice_restart_required`). */
+  readonly reason: string | undefined;
 
   constructor(init: ParleyErrorInit) {
     super(init.message, init.cause === undefined ? undefined : { cause: init.cause });
@@ -44,6 +48,7 @@ export class ParleyError extends Error {
     this.status = init.status;
     this.requestId = init.requestId;
     this.retryAfterMs = init.retryAfterMs;
+    this.reason = init.reason;
   }
 
   /** Whether retrying the same request later may succeed. */

@@ -68,7 +68,7 @@ export function candidateToWire(candidate: { candidate: string } | null):
   return { kind: "candidate", candidate: candidate.candidate };
 }
 
-/** Whether a refused signal (a `conflict` error) says an ICE restart is required. */
-export function needsIceRestart(message: string): boolean {
-  return message.includes("ice_restart_required") || message.includes("must restart ICE");
+/** Whether a refused signal (a `conflict` error with its `reason`) says an ICE restart is required. */
+export function needsIceRestart(reason: string | undefined): boolean {
+  return reason === "ice_restart_required";
 }

@@ -77,7 +77,7 @@ type FieldsOf<F> = {
 export const SERVER_FRAME_FIELDS = {
   welcome: ["session_id", "user_id", "tenant_id", "heartbeat_interval_ms", "heartbeat_timeout_ms", "limits"],
   ack: ["id", "channel_id?", "seq?", "message?", "created?", "resumed?", "last_read_seq?", "rolled_back?"],
-  error: ["id?", "code", "message", "retry_after_ms?"],
+  error: ["id?", "code", "message", "retry_after_ms?", "reason?"],
   pong: ["id"],
   "presence.changed": ["user_id", "status", "last_seen?", "last_active?"],
   typing: ["channel_id", "user_id", "state", "expires_in_ms?"],

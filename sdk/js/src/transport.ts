@@ -270,7 +270,12 @@ export class Transport {
   }
 
   #onError(frame: ErrorFrame): void {
-    const error = new ParleyError({ code: frame.code, message: frame.message, retryAfterMs: frame.retry_after_ms ?? undefined });
+    const error = new ParleyError({
+      code: frame.code,
+      message: frame.message,
+      retryAfterMs: frame.retry_after_ms ?? undefined,
+      reason: frame.reason ?? undefined,
+    });
     if (frame.code === "rate_limited" && frame.retry_after_ms) this.#pauseFrames(frame.retry_after_ms);
     const id = frame.id ?? undefined;
     const p = id === undefined ? undefined : this.#pending.get(id);

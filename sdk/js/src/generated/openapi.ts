@@ -774,6 +774,13 @@ export interface components {
              * @description For `rate_limited`: wait this long before retrying.
              */
             retry_after_ms?: number | null;
+            /**
+             * @description For a `call.signal` refused with `conflict`: the negotiation rule that refused it, one
+             *     of `peer_gone`, `no_pending_offer`, `answer_from_offerer`, `rollback_from_answerer`,
+             *     `no_local_description`, `ice_restart_required` (stable; the message also starts with
+             *     it).
+             */
+            reason?: string | null;
             /** @enum {string} */
             type: "error";
         } | {

@@ -55,8 +55,9 @@ describe("ICE restarts", () => {
   });
 
   it("recognises the server's refusal of an offer without a restart", () => {
-    expect(needsIceRestart("ice_restart_required: after a reconnect the next offer must restart ICE")).toBe(true);
-    expect(needsIceRestart("no_pending_offer: an answer needs an offer")).toBe(false);
+    expect(needsIceRestart("ice_restart_required")).toBe(true);
+    expect(needsIceRestart("no_pending_offer")).toBe(false);
+    expect(needsIceRestart(undefined)).toBe(false);
   });
 });
 
