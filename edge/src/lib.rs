@@ -22,6 +22,7 @@ use parley_proto::{
 };
 use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
+mod admission;
 mod calls;
 mod hub;
 mod queue;
@@ -169,6 +170,11 @@ pub struct EdgeConfig {
     pub typing_throttle: Duration,
     /// How long a call participant whose connection dropped stays in the call.
     pub call_reconnect_grace: Duration,
+    /// Most WebSocket connections on this node (0: no limit); further upgrades get 503.
+    pub max_connections: u64,
+    /// Most WebSocket connections from one client address (0: no limit); further upgrades from
+    /// that address get 429.
+    pub max_connections_per_ip: u32,
 }
 
 impl Default for EdgeConfig {
@@ -192,6 +198,8 @@ impl Default for EdgeConfig {
             presence_grace: Duration::from_secs(5),
             typing_throttle: Duration::from_secs(3),
             call_reconnect_grace: Duration::from_secs(15),
+            max_connections: 0,
+            max_connections_per_ip: 0,
         }
     }
 }
@@ -228,6 +236,8 @@ pub struct Edge {
     calls: calls::CallRegistry,
     /// Every connection's control, for the heartbeat ticker and shutdown.
     controls: users::ConnControls,
+    /// Connection limits of the node and per client address.
+    admission: Arc<admission::Admission>,
 }
 
 impl Edge {
@@ -237,6 +247,8 @@ impl Edge {
         config: EdgeConfig,
         shutdown: tokio::sync::watch::Receiver<bool>,
     ) -> Arc<Edge> {
+        let admission =
+            admission::Admission::new(config.max_connections, config.max_connections_per_ip);
         let edge = Arc::new(Edge {
             gateway,
             hubs: hub::Hubs::new(config.gap_timeout),
@@ -248,6 +260,7 @@ impl Edge {
             sessions: users::SessionRegistry::default(),
             calls: calls::CallRegistry::default(),
             controls: users::ConnControls::default(),
+            admission,
         });
         tokio::spawn(heartbeats(Arc::downgrade(&edge)));
         edge

@@ -1,17 +1,22 @@
 //! The `/v1/ws` upgrade: subprotocol, Origin allow-list, optional token in the subprotocol
 //! header, and the per-connection buffer and size limits.
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::extract::{State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use parley_proto::error::ErrorDetail;
 use parley_proto::{ErrorBody, ErrorCode, WS_AUTH_SUBPROTOCOL_PREFIX, WS_SUBPROTOCOL};
 
+use crate::admission::Refusal;
 use crate::{Edge, session};
+
+/// The delay stated to a client refused for a connection limit.
+const FULL_RETRY_AFTER_MS: u64 = 5_000;
 
 /// The edge's routes: `GET /v1/ws`.
 pub fn router(edge: Arc<Edge>) -> Router {
@@ -20,6 +25,7 @@ pub fn router(edge: Arc<Edge>) -> Router {
 
 async fn upgrade(
     State(edge): State<Arc<Edge>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -28,16 +34,26 @@ async fn upgrade(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    let reject = |status: StatusCode, code: ErrorCode, message: &str| -> Response {
-        let body = ErrorBody {
-            error: ErrorDetail {
-                code,
-                message: message.to_owned(),
-                request_id: request_id.clone(),
-                retry_after_ms: None,
-            },
+    let refuse =
+        |status: StatusCode, code: ErrorCode, message: &str, retry_after_ms: Option<u64>| {
+            let body = ErrorBody {
+                error: ErrorDetail {
+                    code,
+                    message: message.to_owned(),
+                    request_id: request_id.clone(),
+                    retry_after_ms,
+                },
+            };
+            let mut response = (status, axum::Json(body)).into_response();
+            if let Some(ms) = retry_after_ms {
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            }
+            response
         };
-        (status, axum::Json(body)).into_response()
+    let reject = |status: StatusCode, code: ErrorCode, message: &str| -> Response {
+        refuse(status, code, message, None)
     };
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
         return reject(
@@ -69,6 +85,26 @@ async fn upgrade(
         },
         None => None,
     };
+    // Last: a refused upgrade above takes no place.
+    let slot = match edge.admission.admit(peer.ip()) {
+        Ok(slot) => slot,
+        Err(Refusal::NodeFull) => {
+            return refuse(
+                StatusCode::SERVICE_UNAVAILABLE,
+                ErrorCode::Unavailable,
+                "this node holds as many connections as it may; retry later or on another node",
+                Some(FULL_RETRY_AFTER_MS),
+            );
+        }
+        Err(Refusal::AddressFull) => {
+            return refuse(
+                StatusCode::TOO_MANY_REQUESTS,
+                ErrorCode::RateLimited,
+                "too many connections from this address; close some or retry later",
+                Some(FULL_RETRY_AFTER_MS),
+            );
+        }
+    };
     let cfg = &edge.config;
     let mut ws = ws
         .read_buffer_size(cfg.read_buffer_bytes)
@@ -78,7 +114,7 @@ async fn upgrade(
         .max_frame_size(cfg.max_frame_bytes);
     ws.set_selected_protocol(HeaderValue::from_static(WS_SUBPROTOCOL));
     let edge2 = edge.clone();
-    ws.on_upgrade(move |socket| session::run(edge2, socket, pre_auth))
+    ws.on_upgrade(move |socket| session::run(edge2, socket, pre_auth, slot))
 }
 
 /// Same-origin and Origin-less (non-browser) upgrades are allowed unless a list is configured;

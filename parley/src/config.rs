@@ -94,6 +94,16 @@ pub struct ServeArgs {
     /// Largest WebSocket frame in bytes.
     #[arg(long, env = "PARLEY_WS_MAX_FRAME_BYTES", default_value_t = 65_536)]
     pub ws_max_frame_bytes: usize,
+    /// Most WebSocket connections on this node; further upgrades get 503 `unavailable` with
+    /// `Retry-After`. 0 (the default): the open-files limit minus 512 descriptors kept for
+    /// everything else (database connections, files, REST requests).
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS", default_value_t = 0)]
+    pub max_connections: u64,
+    /// Most WebSocket connections from one client IP address; further upgrades from it get 429
+    /// `rate_limited`. 0 (the default): no per-address limit. Set it when clients connect
+    /// directly; behind a proxy every client has the proxy's address.
+    #[arg(long, env = "PARLEY_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: u32,
     /// Events queued per connection before it is closed as a slow consumer.
     #[arg(long, env = "PARLEY_WS_SEND_QUEUE", default_value_t = 1024)]
     pub ws_send_queue: usize,

@@ -174,6 +174,11 @@ pub async fn build(
         presence_grace: Duration::from_millis(args.presence_grace_ms),
         typing_throttle: Duration::from_millis(args.typing_throttle_ms),
         call_reconnect_grace: Duration::from_millis(args.call_reconnect_grace_ms),
+        max_connections: match args.max_connections {
+            0 => default_max_connections(),
+            n => n,
+        },
+        max_connections_per_ip: args.max_connections_per_ip,
         ..EdgeConfig::default()
     };
     let gateway = Arc::new(LocalGateway {
@@ -462,4 +467,32 @@ impl CoreGateway for LocalGateway {
             .await
             .map_err(gateway_error)
     }
+}
+
+/// Descriptors kept for everything but WebSocket connections when the connection limit is
+/// derived from the open-files limit.
+const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// The default connection limit: the open-files limit minus [`RESERVED_DESCRIPTORS`] (at least
+/// 64), or no limit when the open-files limit is unlimited. The soft limit is first raised to
+/// the hard one (many systems start processes at a soft 1,024), as servers that hold many
+/// sockets do.
+fn default_max_connections() -> u64 {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        limit.current = limit.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, limit) {
+            tracing::warn!(error = %e, "cannot raise the soft open-files limit to the hard one");
+        }
+    }
+    let max = match getrlimit(Resource::Nofile).current {
+        Some(files) => files.saturating_sub(RESERVED_DESCRIPTORS).max(64),
+        None => 0,
+    };
+    tracing::info!(
+        max_connections = max,
+        "connection limit from the open-files limit"
+    );
+    max
 }

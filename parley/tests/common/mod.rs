@@ -486,6 +486,41 @@ impl Ws {
         })
     }
 
+    /// Upgrades with `parley.v1` and the token in the subprotocol header, from a socket bound
+    /// to `source` (a 127.0.0.x address), so that tests can act as several client addresses.
+    pub async fn connect_from(
+        server: &Server,
+        source: std::net::IpAddr,
+        token: &str,
+    ) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+        let mut req = server.ws_url().into_client_request().expect("request");
+        req.headers_mut().insert(
+            "sec-websocket-protocol",
+            format!("parley.v1, parley.auth.{token}")
+                .parse()
+                .expect("header"),
+        );
+        let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+        socket
+            .bind(std::net::SocketAddr::new(source, 0))
+            .expect("bind the source address");
+        let stream = socket
+            .connect(server.addr.parse().expect("server address"))
+            .await
+            .expect("connect");
+        let (stream, _) =
+            tokio_tungstenite::client_async(req, tokio_tungstenite::MaybeTlsStream::Plain(stream))
+                .await?;
+        let mut ws = Ws {
+            stream,
+            welcome: Value::Null,
+            next_id: 1,
+            backlog: Default::default(),
+        };
+        ws.welcome = ws.next_json().await.expect("welcome");
+        Ok(ws)
+    }
+
     pub async fn send_json(&mut self, v: Value) {
         self.stream
             .send(WsMessage::Text(v.to_string().into()))
