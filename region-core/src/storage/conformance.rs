@@ -21,12 +21,13 @@ use std::fmt::Debug;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parley_proto::calls::{CallMode, LeaveReason};
 use parley_proto::{Channel, ChannelEvent, ChannelKind, EventBody, Message, MessagePage, Role};
 use serde_json::json;
 
 use super::{
-    HistoryAnchor, NewChannel, NewMessage, SendOutcome, Storage, StorageError, StorageResult,
-    UNREAD_COUNT_CAP,
+    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError,
+    StorageResult, UNREAD_COUNT_CAP,
 };
 
 /// Generates one `#[tokio::test]` per conformance case. The argument is an expression evaluated
@@ -56,6 +57,9 @@ macro_rules! storage_conformance_tests {
             metadata_round_trips
             read_state_and_unread_counts
             unread_counts_stop_at_the_cap
+            call_lifecycle
+            one_active_call_per_channel
+            end_call_makes_everyone_leave
         );
     };
     (@cases ($fixture:expr) $($case:ident)*) => {
@@ -1302,6 +1306,217 @@ pub async fn metadata_round_trips(s: Arc<dyn Storage>) {
         .expect("get")
         .expect("exists");
     assert_eq!((got.text.as_str(), got.metadata), ("cleared", None));
+}
+
+/// A call's life: started (`call.started`), joined by two (a second join of a user keeps their
+/// participant, no event), left one by one (a second leave changes nothing), ended when the last
+/// one leaves (`call.ended`); joining an ended call is `NotFound`; every event takes the channel's
+/// next seq and is in the channel's event stream.
+pub async fn call_lifecycle(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    send(&s, msg(&t, &ch.id, &alice, "k", "before the call")).await;
+    let call_id = id("call");
+    let (call, started) = s
+        .start_call(new_call(&t, &ch.id, &call_id, &alice))
+        .await
+        .expect("start");
+    assert_eq!(
+        (call.id.as_str(), call.ended_at.as_deref()),
+        (call_id.as_str(), None)
+    );
+    let started = started.expect("a new call emits call.started");
+    assert_eq!(started.seq, 2);
+    assert!(matches!(started.body, EventBody::CallStarted { .. }));
+
+    let (_, pa, joined) = s
+        .join_call(&t, &call_id, &id("pa"), &alice)
+        .await
+        .expect("alice joins");
+    assert_eq!(joined.map(|e| e.seq), Some(3));
+    let (_, again, none) = s
+        .join_call(&t, &call_id, &id("pa2"), &alice)
+        .await
+        .expect("alice joins again");
+    assert_eq!(
+        (again.participant_id.as_str(), none),
+        (pa.participant_id.as_str(), None),
+        "a present user keeps their participant"
+    );
+    let (call, pb, _) = s
+        .join_call(&t, &call_id, &id("pb"), &bob)
+        .await
+        .expect("bob joins");
+    let present: Vec<&str> = call
+        .participants
+        .iter()
+        .map(|p| p.user_id.as_str())
+        .collect();
+    assert_eq!(present, [alice.as_str(), bob.as_str()], "in join order");
+
+    let left = s
+        .leave_call(&t, &call_id, &pa.participant_id, LeaveReason::Left)
+        .await
+        .expect("alice leaves");
+    assert_eq!(event_names(&left), ["call.participant_left"]);
+    assert_eq!(left[0].seq, 5);
+    assert!(
+        s.leave_call(&t, &call_id, &pa.participant_id, LeaveReason::Left)
+            .await
+            .expect("again")
+            .is_empty(),
+        "leaving twice changes nothing"
+    );
+    let last = s
+        .leave_call(&t, &call_id, &pb.participant_id, LeaveReason::Timeout)
+        .await
+        .expect("bob leaves");
+    assert_eq!(
+        event_names(&last),
+        ["call.participant_left", "call.ended"],
+        "the last one out ends the call"
+    );
+    assert_eq!(last.iter().map(|e| e.seq).collect::<Vec<_>>(), [6, 7]);
+    match &last[0].body {
+        EventBody::CallParticipantLeft {
+            reason, user_id, ..
+        } => {
+            assert_eq!(
+                (*reason, user_id.as_str()),
+                (LeaveReason::Timeout, bob.as_str())
+            );
+        }
+        other => panic!("expected call.participant_left, got {other:?}"),
+    }
+
+    let ended = s.call(&t, &call_id).await.expect("get").expect("exists");
+    assert!(ended.ended_at.is_some(), "ended");
+    assert!(ended.participants.iter().all(|p| p.left_at.is_some()));
+    assert_err(
+        s.join_call(&t, &call_id, &id("pc"), &alice).await,
+        |e| matches!(e, StorageError::NotFound),
+        "joining an ended call",
+    );
+    assert_eq!(
+        s.channel(&t, &ch.id)
+            .await
+            .expect("get")
+            .expect("exists")
+            .last_seq,
+        7
+    );
+    // The channel's event stream holds them all, in order after the message.
+    let events = s.events(&t, &ch.id, 0, None, 100).await.expect("events");
+    assert_eq!(
+        event_names(&events),
+        [
+            "message.new",
+            "call.started",
+            "call.participant_joined",
+            "call.participant_joined",
+            "call.participant_left",
+            "call.participant_left",
+            "call.ended"
+        ]
+    );
+    assert_eq!(
+        events.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        (1..=7).collect::<Vec<u64>>()
+    );
+    // Another tenant does not see the call.
+    assert_eq!(s.call(&tenant(), &call_id).await.expect("get"), None);
+}
+
+/// Ten concurrent starts in one channel make one call and one `call.started`; once it ended, a
+/// start makes a new call, listed first.
+pub async fn one_active_call_per_channel(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let s = s.clone();
+            let new = new_call(&t, &ch.id, &id("call"), &alice);
+            tokio::spawn(async move { s.start_call(new).await })
+        })
+        .collect();
+    let mut ids = Vec::new();
+    let mut events = 0;
+    for task in tasks {
+        let (call, event) = task.await.expect("task").expect("start");
+        ids.push(call.id);
+        events += usize::from(event.is_some());
+    }
+    ids.dedup();
+    assert_eq!(ids.len(), 1, "one call: {ids:?}");
+    assert_eq!(events, 1, "one call.started");
+    let first = ids.remove(0);
+    s.end_call(&t, &first, &alice).await.expect("end");
+    let (second, event) = s
+        .start_call(new_call(&t, &ch.id, &id("call"), &alice))
+        .await
+        .expect("start again");
+    assert_ne!(second.id, first);
+    assert!(event.is_some());
+    let listed: Vec<String> = s
+        .channel_calls(&t, &ch.id, 10)
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(listed, [second.id.clone(), first], "newest first");
+}
+
+/// Ending a call makes every present participant leave (`Ended`), then `call.ended`; ending it
+/// again changes nothing.
+pub async fn end_call_makes_everyone_leave(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let call_id = id("call");
+    s.start_call(new_call(&t, &ch.id, &call_id, &alice))
+        .await
+        .expect("start");
+    for (p, u) in [("pa", &alice), ("pb", &bob)] {
+        s.join_call(&t, &call_id, &id(p), u).await.expect("join");
+    }
+    let events = s.end_call(&t, &call_id, &bob).await.expect("end");
+    assert_eq!(
+        event_names(&events),
+        [
+            "call.participant_left",
+            "call.participant_left",
+            "call.ended"
+        ]
+    );
+    assert!(events.iter().all(|e| match &e.body {
+        EventBody::CallParticipantLeft { reason, .. } => *reason == LeaveReason::Ended,
+        EventBody::CallEnded { by, .. } => *by == bob,
+        _ => false,
+    }));
+    assert!(
+        s.end_call(&t, &call_id, &bob)
+            .await
+            .expect("again")
+            .is_empty(),
+        "ending twice changes nothing"
+    );
+}
+
+fn new_call(tenant: &str, channel_id: &str, call_id: &str, by: &str) -> NewCall {
+    NewCall {
+        tenant_id: tenant.to_owned(),
+        channel_id: channel_id.to_owned(),
+        id: call_id.to_owned(),
+        started_by: by.to_owned(),
+        mode: CallMode::P2p,
+    }
+}
+
+fn event_names(events: &[ChannelEvent]) -> Vec<&'static str> {
+    events.iter().map(|e| e.body.name()).collect()
 }
 
 /// Unread counts stop at [`UNREAD_COUNT_CAP`] (in the channel list and the read state alike) and
