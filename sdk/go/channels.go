@@ -11,8 +11,8 @@ import (
 // SubscribeOption configures Subscribe.
 type SubscribeOption func(*channelState)
 
-// Since asks that events after seq be delivered too: the messages between seq and the
-// subscription point are fetched from history and delivered as MessageNew (FromHistory).
+// Since asks that events after seq be delivered too: the events between seq and the
+// subscription point are read from storage and delivered with FromHistory set.
 func Since(seq uint64) SubscribeOption {
 	return func(st *channelState) { st.since = &seq }
 }

@@ -7,7 +7,7 @@
 //     typing, calls), with typed errors (*Error, matched with errors.Is / errors.As).
 //   - Realtime: one WebSocket connection kept alive across network faults, with a visible
 //     connection state, automatic reconnect with backoff and jitter, resume with per-channel
-//     seq, gap filling from history, and an outbox of idempotent sends; every channel event is
+//     seq, exact gap filling from stored events, and an outbox of idempotent sends; every channel event is
 //     delivered once and in seq order.
 //   - Call: a WebRTC call (pion/webrtc v4), one PeerConnection per remote participant,
 //     negotiated through Parley with perfect negotiation, trickle ICE and ICE restarts.

@@ -14,7 +14,7 @@ const (
 	itemFrame itemKind = iota
 	// itemSubscribed: a subscribe ack; live events of the channel follow seq.
 	itemSubscribed
-	// itemFill: the channel's events up to seq could not be replayed; fill from history.
+	// itemFill: the channel's events up to seq could not be replayed; fill from storage.
 	itemFill
 	// itemSubscribeFailed: the channel cannot be subscribed (err).
 	itemSubscribeFailed
@@ -30,7 +30,7 @@ type dispatchItem struct {
 }
 
 // dispatchLoop delivers events in order, keeping each channel's last delivered seq: it drops
-// what was already delivered and fills holes from history before going on.
+// what was already delivered and fills holes from the channel's stored events before going on.
 func (rt *Realtime) dispatchLoop() {
 	defer rt.wg.Done()
 	defer close(rt.events)
@@ -173,9 +173,10 @@ func (rt *Realtime) onEphemeral(ev Event) {
 	rt.emit(ev)
 }
 
-// fill delivers the messages of (from, to] from history as MessageNew (FromHistory) after a
-// Gap notice, and moves the channel's last seq to to. It retries failed requests until the
-// client closes; a channel the user can no longer read is dropped.
+// fill delivers every event of (from, to] from the channel's stored events
+// (GET /v1/channels/{id}/events), in seq order and with FromHistory set, after a Gap notice, and
+// moves the channel's last seq to to. It retries failed requests until the client closes; a
+// channel the user can no longer read is dropped.
 func (rt *Realtime) fill(channelID string, from, to uint64, reason string) {
 	if !rt.emit(&Gap{ChannelID: channelID, From: from, To: to, Reason: reason}) {
 		return
@@ -184,7 +185,7 @@ func (rt *Realtime) fill(channelID string, from, to uint64, reason string) {
 	delay := 50 * time.Millisecond
 	for after < to {
 		ctx, cancel := context.WithTimeout(rt.ctx, 10*time.Second)
-		page, err := rt.client.History(ctx, channelID, HistoryQuery{After: after, FromStart: after == 0, Limit: 200})
+		page, err := rt.client.Events(ctx, channelID, after, 200)
 		cancel()
 		if err != nil {
 			if rt.ctx.Err() != nil {
@@ -196,7 +197,7 @@ func (rt *Realtime) fill(channelID string, from, to uint64, reason string) {
 				rt.mu.Unlock()
 				return
 			}
-			rt.cfg.logger.Info("parley: history fill failed, retrying", "channel", channelID, "err", err)
+			rt.cfg.logger.Info("parley: gap fill failed, retrying", "channel", channelID, "err", err)
 			if sleepCtx(rt.ctx, delay) != nil {
 				return
 			}
@@ -204,30 +205,39 @@ func (rt *Realtime) fill(channelID string, from, to uint64, reason string) {
 			continue
 		}
 		delay = 50 * time.Millisecond
-		for _, m := range page.Messages {
-			if m.Seq <= after || m.Seq > to {
+		for _, ev := range page.Events {
+			meta := ev.Channel()
+			if meta.Seq <= after || meta.Seq > to {
 				continue
 			}
+			after = meta.Seq
 			rt.mu.Lock()
 			st := rt.channels[channelID]
 			if st == nil {
 				rt.mu.Unlock()
 				return
 			}
-			deliver := m.Seq > st.lastSeq
+			deliver := meta.Seq > st.lastSeq
 			if deliver {
-				st.lastSeq = m.Seq
+				st.lastSeq = meta.Seq
+			}
+			if rm, ok := ev.(*MemberRemoved); ok && deliver && rm.UserID == rt.welcome.UserID {
+				delete(rt.channels, channelID)
 			}
 			rt.mu.Unlock()
-			if deliver && !rt.emit(&MessageNew{ChannelMeta: ChannelMeta{ChannelID: channelID, Seq: m.Seq, FromHistory: true}, Message: m}) {
+			if !deliver {
+				continue
+			}
+			meta.FromHistory = true
+			rt.notifyCalls(ev)
+			if !rt.emit(ev) {
 				return
 			}
-			after = m.Seq
 		}
-		if !page.HasAfter || len(page.Messages) == 0 || page.Messages[len(page.Messages)-1].Seq >= to {
+		if !page.HasMore || len(page.Events) == 0 {
 			break
 		}
-		after = max(after, page.Messages[len(page.Messages)-1].Seq)
+		after = max(after, page.Events[len(page.Events)-1].Channel().Seq)
 	}
 	rt.mu.Lock()
 	if st := rt.channels[channelID]; st != nil && st.lastSeq < to {

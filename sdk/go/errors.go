@@ -26,6 +26,10 @@ type Error struct {
 	RequestID string
 	// RetryAfter is the delay the server asks for before a retry (rate_limited), or 0.
 	RetryAfter time.Duration
+	// Reason is, for a refused call signal (Code "conflict"), the negotiation rule that refused
+	// it: "peer_gone", "no_pending_offer", "answer_from_offerer", "rollback_from_answerer",
+	// "no_local_description" or "ice_restart_required". Empty otherwise.
+	Reason string
 }
 
 func (e *Error) Error() string {

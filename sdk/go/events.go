@@ -20,9 +20,9 @@ type ChannelMeta struct {
 	// Seq is the event's per-channel sequence number; a Realtime client delivers each seq of a
 	// channel at most once, in increasing order.
 	Seq uint64
-	// FromHistory is set on a MessageNew that was filled from the history API after a gap or a
-	// refused resume, rather than received as a live or replayed event. It carries the message's
-	// current state (it may since have been edited or deleted).
+	// FromHistory is set on an event read from storage (GET /v1/channels/{id}/events) to fill a
+	// gap or a refused resume, rather than received live or replayed. A MessageNew read this way
+	// carries the message's current state; its later edits in the gap are delivered too.
 	FromHistory bool
 }
 
@@ -116,16 +116,23 @@ type UnknownChannelEvent struct {
 	Raw       json.RawMessage
 }
 
-// Gap says that events of a channel in (From, To] could not be received as events (a refused
-// resume or a hole in live delivery) and were filled from the history API: the messages of that
-// range were delivered as MessageNew with FromHistory set, but other events of the range (edits
-// of older messages, member changes, call events) are not recoverable as events. Refetch what
-// you keep of the channel's state if that matters to you.
+// Gap says that events of a channel in (From, To] could not be received live (a refused resume
+// or a hole in live delivery) and are filled from the channel's stored events: every event of
+// that range follows, in seq order, with FromHistory set (messages, edits, deletions, member
+// changes, renames, call events).
 type Gap struct {
 	ChannelID string
 	From, To  uint64
 	// Reason is "resume_refused: <reason>", "live_gap" or "subscribe".
 	Reason string
+}
+
+// ChannelAdded says the caller became a member of a channel: someone added them, or created a
+// channel or DM with them in it. It reaches every connection of the user, subscribed or not;
+// Subscribe to the channel to receive its events. Info.Role is the caller's role.
+type ChannelAdded struct {
+	Info Channel
+	By   string
 }
 
 // PresenceChanged is a user's presence change.
@@ -192,6 +199,7 @@ func (*PresenceChanged) Type() string             { return "presence.changed" }
 func (*Typing) Type() string                      { return "typing" }
 func (*ReadUpdated) Type() string                 { return "read.updated" }
 func (*UnreadUpdated) Type() string               { return "unread.updated" }
+func (*ChannelAdded) Type() string                { return "channel.added" }
 func (*CallParticipantReconnecting) Type() string { return "call.participant_reconnecting" }
 func (*CallParticipantReconnected) Type() string  { return "call.participant_reconnected" }
 func (e *UnknownEvent) Type() string              { return e.EventType }
@@ -288,7 +296,7 @@ func (f *frame) errorText() string {
 
 // asError turns an error frame into an *Error.
 func (f *frame) asError() *Error {
-	e := &Error{Code: f.Code, Message: f.errorText()}
+	e := &Error{Code: f.Code, Message: f.errorText(), Reason: f.Reason}
 	if f.RetryAfterMS != nil {
 		e.RetryAfter = time.Duration(*f.RetryAfterMS) * time.Millisecond
 	}
@@ -362,6 +370,10 @@ func (f *frame) ephemeralEvent() Event {
 		return &ReadUpdated{ChannelID: f.ChannelID, UserID: f.UserID, LastReadSeq: deref(f.LastReadSeq)}
 	case "unread.updated":
 		return &UnreadUpdated{ChannelID: f.ChannelID, UnreadCount: deref(f.UnreadCount), LastReadSeq: deref(f.LastReadSeq)}
+	case "channel.added":
+		if f.Channel != nil {
+			return &ChannelAdded{Info: *f.Channel, By: f.By}
+		}
 	case "call.participant_reconnecting":
 		return &CallParticipantReconnecting{CallID: f.CallID, ParticipantID: f.PartID}
 	case "call.participant_reconnected":

@@ -181,7 +181,7 @@ func (c *Call) offer(p *Peer) {
 					c.rollbackLocal(p)
 				}
 			}})
-		case f.Type == "error" && strings.Contains(f.errorText(), "ice_restart_required"):
+		case f.Type == "error" && f.Reason == "ice_restart_required":
 			c.inbox.push(callInput{fn: func() {
 				if outstanding() {
 					c.rollbackLocal(p)
@@ -204,9 +204,8 @@ func (c *Call) settled(p *Peer) {
 	}
 }
 
-// signalRefused handles a refused signal. The server states why only in the message (a
-// negotiation rule name such as "peer_gone: ...", or a sentence), so the reasons that end a
-// peer or the call are recognised from it.
+// signalRefused handles a refused signal: a negotiation rule names itself in the error's Reason
+// (peer_gone); the refusals of the call-membership check are told by their code or message.
 func (c *Call) signalRefused(p *Peer, kind string, f *frame) {
 	err := f.asError()
 	msg := err.Message
@@ -216,7 +215,7 @@ func (c *Call) signalRefused(p *Peer, kind string, f *frame) {
 		// This participant is no longer in the call.
 		c.rt.cfg.logger.Warn("parley: signal refused; leaving the call", "kind", kind, "err", err)
 		go c.close()
-	case strings.HasPrefix(msg, "peer_gone") || strings.Contains(msg, "is not a participant of this call"):
+	case err.Reason == "peer_gone" || strings.Contains(msg, "is not a participant of this call"):
 		c.inbox.push(callInput{fn: func() { c.dropPeer(p.ParticipantID) }})
 	default:
 		c.rt.cfg.logger.Info("parley: signal refused", "kind", kind, "peer", p.ParticipantID, "err", err)

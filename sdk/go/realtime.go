@@ -51,8 +51,8 @@ type StateChange struct {
 //   - The events of a subscribed channel are delivered on Events() in increasing seq order,
 //     each seq at most once, across reconnects: a reconnect resumes every channel from the last
 //     delivered seq (the server replays what was missed), and when the server refuses a resume
-//     or live delivery skips a seq, the missing messages are fetched from history (announced by
-//     a Gap event).
+//     or live delivery skips a seq, the missing events are read from storage (announced by a
+//     Gap event).
 //   - Sends go through an outbox with a client_msg_id chosen by the SDK: a send made while
 //     offline waits, a send whose acknowledgement was lost is retried on the next connection
 //     with the same key, and the server keeps the first copy, so each message appears once.

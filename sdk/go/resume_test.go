@@ -11,7 +11,7 @@ import (
 
 // TestResumeRefusedFillsFromHistory: bob is offline while 20 messages are sent; the server
 // replays at most 5, so it refuses his resume (too_far_behind). The client announces a Gap,
-// delivers the 20 messages from history once and in order, then live events go on.
+// delivers the 20 messages from storage once and in order, then live events go on.
 func TestResumeRefusedFillsFromHistory(t *testing.T) {
 	srv := startServer(t, "--max-replay", "5")
 	px := startProxy(t, "127.0.0.1:"+srv.Port)
@@ -68,6 +68,101 @@ func TestResumeRefusedFillsFromHistory(t *testing.T) {
 	}
 	if n := len(bobRT.Pending()); n != 0 {
 		t.Fatalf("expected an empty outbox after the refusal, got %d pending", n)
+	}
+}
+
+// TestGapFillDeliversEveryEvent: while bob is offline, alice edits a message, adds carol and
+// sends another; with a replay of 1 the server refuses bob's resume, and the fill from the
+// channel's stored events delivers all three as their own events, in seq order, each once, with
+// FromHistory set.
+func TestGapFillDeliversEveryEvent(t *testing.T) {
+	srv := startServer(t, "--max-replay", "1")
+	px := startProxy(t, "127.0.0.1:"+srv.Port)
+	ctx := ctxT(t)
+	alice := srv.client(t, "alice")
+	ch, err := alice.CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: "exact", Members: []string{"bob"}})
+	if err != nil {
+		t.Fatalf("create channel: %v", err)
+	}
+	bobRT := connect(t, srv.client(t, "bob", px.URL), parley.WithBackoff(20*time.Millisecond, 200*time.Millisecond))
+	if _, err := bobRT.Subscribe(ctx, ch.ID); err != nil {
+		t.Fatalf("subscribe: %v", err)
+	}
+	first, err := alice.SendMessage(ctx, ch.ID, parley.SendParams{Text: "first"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nextEvent(t, bobRT, "the first message live", func(m *parley.MessageNew) bool { return m.Message.Text == "first" })
+
+	px.setOffline(true)
+	px.reset()
+	waitFor(t, wait, func() bool { return bobRT.State() == parley.StateReconnecting }, func() string {
+		return "bob reconnecting, state " + bobRT.State().String()
+	})
+	if _, err := alice.EditMessage(ctx, ch.ID, first.Message.ID, "first (edited)", nil); err != nil {
+		t.Fatalf("edit: %v", err)
+	}
+	if _, err := alice.AddMember(ctx, ch.ID, "carol", ""); err != nil {
+		t.Fatalf("add carol: %v", err)
+	}
+	if _, err := alice.SendMessage(ctx, ch.ID, parley.SendParams{Text: "second"}); err != nil {
+		t.Fatal(err)
+	}
+	px.setOffline(false)
+
+	s := first.Message.Seq
+	gap := nextEvent(t, bobRT, "a Gap for the refused resume", func(*parley.Gap) bool { return true })
+	if gap.From != s || gap.To != s+3 {
+		t.Fatalf("expected the gap (%d, %d], got %+v", s, s+3, gap)
+	}
+	var got []string
+	for range 3 {
+		ev := nextEvent(t, bobRT, "an event of the gap", func(parley.ChannelEvent) bool { return true })
+		meta := ev.Channel()
+		if !meta.FromHistory {
+			t.Fatalf("%s at seq %d was not marked FromHistory", ev.Type(), meta.Seq)
+		}
+		switch e := ev.(type) {
+		case *parley.MessageUpdated:
+			got = append(got, fmt.Sprintf("%d %s %s", meta.Seq, ev.Type(), e.Message.Text))
+		case *parley.MemberAdded:
+			got = append(got, fmt.Sprintf("%d %s %s", meta.Seq, ev.Type(), e.Member.UserID))
+		case *parley.MessageNew:
+			got = append(got, fmt.Sprintf("%d %s %s", meta.Seq, ev.Type(), e.Message.Text))
+		default:
+			got = append(got, fmt.Sprintf("%d %s", meta.Seq, ev.Type()))
+		}
+	}
+	want := []string{
+		fmt.Sprintf("%d message.updated first (edited)", s+1),
+		fmt.Sprintf("%d member.added carol", s+2),
+		fmt.Sprintf("%d message.new second", s+3),
+	}
+	if fmt.Sprint(got) != fmt.Sprint(want) {
+		t.Fatalf("the gap's events:\n got %v\nwant %v", got, want)
+	}
+	if last, _ := bobRT.LastSeq(ch.ID); last != s+3 {
+		t.Fatalf("expected last delivered seq %d, got %d", s+3, last)
+	}
+}
+
+// TestChannelAddedReachesTheAddedUser: a connected user who is added to a channel (or in a
+// new one) hears of it at once with their role, without a subscription.
+func TestChannelAddedReachesTheAddedUser(t *testing.T) {
+	srv := startServer(t)
+	ctx := ctxT(t)
+	alice := srv.client(t, "alice")
+	daveRT := connect(t, srv.client(t, "dave"))
+	ch, err := alice.CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: "later"})
+	if err != nil {
+		t.Fatalf("create channel: %v", err)
+	}
+	if _, err := alice.AddMember(ctx, ch.ID, "dave", parley.RoleModerator); err != nil {
+		t.Fatalf("add dave: %v", err)
+	}
+	added := nextEvent(t, daveRT, "channel.added for dave", func(*parley.ChannelAdded) bool { return true })
+	if added.Info.ID != ch.ID || added.By != "alice" || added.Info.Role != parley.RoleModerator {
+		t.Fatalf("expected %s added by alice as moderator, got %+v", ch.ID, added)
 	}
 }
 

@@ -81,7 +81,7 @@ func (rt *Realtime) resumeHook(conn *wsConn, asked []map[string]any) func(*frame
 	return func(f *frame) {
 		if f.Type == "error" {
 			// Resume refused as a whole (another user's session, say): subscribe afresh;
-			// each subscribe ack fills the gap from history.
+			// each subscribe ack fills the gap from storage.
 			rt.cfg.logger.Warn("parley: resume refused", "err", f.asError())
 			// Not from the reader's goroutine: a write may wait for the frame budget.
 			go func() {
