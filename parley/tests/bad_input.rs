@@ -526,18 +526,8 @@ async fn a_token_in_the_subprotocol_header_is_accepted() {
 
 /// The refusal of an upgrade: its HTTP status and, when the body was read, its error code.
 fn upgrade_refusal(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> (u16, Option<String>) {
-    match r {
-        Ok(_) => panic!("the upgrade was accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
-            let code = res
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned));
-            (res.status().as_u16(), code)
-        }
-        Err(e) => panic!("expected an HTTP refusal, got {e}"),
-    }
+    let refusal = common::upgrade_refusal(r);
+    (refusal.status, refusal.code)
 }
 
 #[track_caller]

@@ -9,7 +9,6 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use common::{Backend, ServerBuilder, Ws, token, unique};
-use serde_json::Value;
 use tokio::time::Instant;
 
 const A: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1));
@@ -17,25 +16,12 @@ const B: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 2));
 
 /// The HTTP status, error code and `Retry-After` of a refused upgrade.
 fn refusal(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> (u16, String, String) {
-    match r {
-        Ok(_) => panic!("the upgrade was accepted"),
-        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => {
-            let code = res
-                .body()
-                .as_deref()
-                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
-                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned))
-                .unwrap_or_default();
-            let retry = res
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or_default()
-                .to_owned();
-            (res.status().as_u16(), code, retry)
-        }
-        Err(e) => panic!("expected an HTTP refusal, got {e}"),
-    }
+    let r = common::upgrade_refusal(r);
+    (
+        r.status,
+        r.code.unwrap_or_default(),
+        r.retry_after.unwrap_or_default(),
+    )
 }
 
 /// Retries an upgrade from `source` until the node admits it (a closed connection's place is

@@ -653,3 +653,34 @@ impl Ws {
 }
 pub mod call_driver;
 pub mod peer;
+
+/// A refused WebSocket upgrade as the client saw it.
+#[derive(Debug, PartialEq, Eq)]
+pub struct UpgradeRefusal {
+    pub status: u16,
+    /// `error.code` of the JSON body, when there was one.
+    pub code: Option<String>,
+    /// The `Retry-After` header, when there was one.
+    pub retry_after: Option<String>,
+}
+
+/// The refusal of an upgrade; panics when it was accepted or failed otherwise.
+pub fn upgrade_refusal(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> UpgradeRefusal {
+    match r {
+        Ok(_) => panic!("the upgrade was accepted"),
+        Err(tokio_tungstenite::tungstenite::Error::Http(res)) => UpgradeRefusal {
+            status: res.status().as_u16(),
+            code: res
+                .body()
+                .as_deref()
+                .and_then(|b| serde_json::from_slice::<Value>(b).ok())
+                .and_then(|v| v["error"]["code"].as_str().map(str::to_owned)),
+            retry_after: res
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned),
+        },
+        Err(e) => panic!("expected an HTTP refusal, got {e}"),
+    }
+}
