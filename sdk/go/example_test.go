@@ -47,7 +47,7 @@ func ExampleRealtime() {
 		case *parley.MessageNew:
 			fmt.Println(e.Seq, e.Message.Text)
 		case *parley.Gap:
-			log.Printf("filled (%d, %d] from history", e.From, e.To)
+			log.Printf("the events of (%d, %d] follow, read from storage", e.From, e.To)
 		}
 		if _, err := out.Result(); err == nil {
 			break

@@ -9,7 +9,7 @@ import (
 )
 
 // TestLiveGapFilledFromHistory: three live events never reach the client (dropped on arrival);
-// the next live event reveals the hole, which is filled from history before it is delivered:
+// the next live event reveals the hole, which is filled from the channel's stored events before it is delivered:
 // every message once, in seq order.
 func TestLiveGapFilledFromHistory(t *testing.T) {
 	srv := startServer(t)

@@ -140,7 +140,7 @@ func TestLosslessReconnect(t *testing.T) {
 			t.Fatalf("expected m%04d at position %d (send order), got %q", i, i, g.text)
 		}
 	}
-	t.Logf("receiver: %d messages once and in order; %d gaps filled from history", len(received), gaps)
+	t.Logf("receiver: %d messages once and in order; %d gaps filled from storage", len(received), gaps)
 	mu.Unlock()
 
 	// History holds each message once.

@@ -145,7 +145,8 @@ func (c *Client) History(ctx context.Context, channelID string, q HistoryQuery) 
 // EventPage is a page of a channel's persisted events.
 type EventPage struct {
 	// Events are ascending by seq, typed as the Realtime client delivers them (*MessageNew,
-	// *MessageUpdated, *MemberAdded, ...; *UnknownEvent for a type this SDK does not know).
+	// *MessageUpdated, *MemberAdded, ...; *UnknownChannelEvent for a type this SDK does not
+	// know).
 	Events []ChannelEvent
 	// HasMore says that events after the last one exist: ask again from its seq.
 	HasMore bool
@@ -153,7 +154,8 @@ type EventPage struct {
 
 // Events returns the channel's persisted events with a seq greater than after, ascending, at
 // most limit of them (1–200; 0: the server's default, 100): messages, edits, deletions,
-// membership changes and renames. For filling a gap in what was received live.
+// membership changes, renames and call events, each typed as its live event. A Realtime client
+// fills its gaps with it; call it yourself to catch up from a seq you stored.
 func (c *Client) Events(ctx context.Context, channelID string, after uint64, limit int) (*EventPage, error) {
 	v := url.Values{}
 	v.Set("after", strconv.FormatUint(after, 10))
