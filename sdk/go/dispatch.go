@@ -145,15 +145,27 @@ func (rt *Realtime) onChannelEvent(ev ChannelEvent) {
 	if meta.Seq > last+1 {
 		rt.fill(meta.ChannelID, last, meta.Seq-1, "live_gap")
 	}
+	rt.deliver(ev)
+}
+
+// deliver hands on a channel event whose seq is past the channel's last delivered one (live or
+// filled), moving that seq, and forgets the channel when the event ends the subscription.
+// It reports whether the dispatcher should go on with the channel: false when the channel is
+// gone or the client closed.
+func (rt *Realtime) deliver(ev ChannelEvent) bool {
+	meta := ev.Channel()
 	rt.mu.Lock()
-	st = rt.channels[meta.ChannelID]
-	if st == nil || meta.Seq <= st.lastSeq {
+	st := rt.channels[meta.ChannelID]
+	if st == nil {
 		rt.mu.Unlock()
-		return
+		return false
+	}
+	if meta.Seq <= st.lastSeq {
+		rt.mu.Unlock()
+		return true
 	}
 	st.lastSeq = meta.Seq
-	self := rt.welcome.UserID
-	if rm, ok := ev.(*MemberRemoved); ok && rm.UserID == self {
+	if rm, ok := ev.(*MemberRemoved); ok && rm.UserID == rt.welcome.UserID {
 		delete(rt.channels, meta.ChannelID)
 	}
 	if _, ok := ev.(*ChannelDeleted); ok {
@@ -161,7 +173,7 @@ func (rt *Realtime) onChannelEvent(ev ChannelEvent) {
 	}
 	rt.mu.Unlock()
 	rt.notifyCalls(ev)
-	rt.emit(ev)
+	return rt.emit(ev)
 }
 
 func (rt *Realtime) onEphemeral(ev Event) {
@@ -211,26 +223,8 @@ func (rt *Realtime) fill(channelID string, from, to uint64, reason string) {
 				continue
 			}
 			after = meta.Seq
-			rt.mu.Lock()
-			st := rt.channels[channelID]
-			if st == nil {
-				rt.mu.Unlock()
-				return
-			}
-			deliver := meta.Seq > st.lastSeq
-			if deliver {
-				st.lastSeq = meta.Seq
-			}
-			if rm, ok := ev.(*MemberRemoved); ok && deliver && rm.UserID == rt.welcome.UserID {
-				delete(rt.channels, channelID)
-			}
-			rt.mu.Unlock()
-			if !deliver {
-				continue
-			}
 			meta.FromHistory = true
-			rt.notifyCalls(ev)
-			if !rt.emit(ev) {
+			if !rt.deliver(ev) {
 				return
 			}
 		}
