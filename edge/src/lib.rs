@@ -30,7 +30,7 @@ mod session;
 mod upgrade;
 mod users;
 
-pub use upgrade::router;
+pub use upgrade::{AuthFailureGate, parse_origin, router};
 
 /// What the edge asks of the region core.
 #[async_trait]

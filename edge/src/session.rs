@@ -126,7 +126,7 @@ pub(crate) fn run(
     mut ws: WebSocket,
     pre_auth: Option<Principal>,
     slot: crate::admission::Slot,
-) -> impl Future<Output = ()> + Send {
+) -> impl Future<Output = bool> + Send {
     async move {
         // The connection's place, given back when it ends. Boxed: 8 bytes in this future rather
         // than 32 (which pushed the task into the next allocation size class: +300 B per
@@ -141,12 +141,15 @@ pub(crate) fn run(
             };
             principal.map(|p| Session::open(&edge, p))
         };
+        let authenticated = session.is_some();
         if let Some(mut session) = session {
             edge.gateway.connection_opened(&session.principal).await;
             let close = session.serve(&mut ws).await;
             Box::pin(session.end(&mut ws, close)).await;
         }
         edge.connections.fetch_sub(1, Ordering::Relaxed);
+        // For the upgrade's budget of connections that never authenticate.
+        authenticated
     }
 }
 

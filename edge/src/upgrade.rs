@@ -1,8 +1,10 @@
 //! The `/v1/ws` upgrade: subprotocol, Origin allow-list, optional token in the subprotocol
-//! header, and the per-connection buffer and size limits.
+//! header, the per-address budget of failed authentications, and the per-connection buffer and
+//! size limits.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
@@ -18,13 +20,32 @@ use crate::{Edge, session};
 /// The delay stated to a client refused for a connection limit.
 const FULL_RETRY_AFTER_MS: u64 = 5_000;
 
+/// The budget of failed authentications per client address, shared with the REST API: an
+/// upgrade whose subprotocol token is refused, or whose connection ends before it
+/// authenticates (auth timeout, bad auth frame, gone), spends one unit; an address over budget
+/// has its upgrades refused with 429 until the stated delay.
+pub trait AuthFailureGate: Send + Sync {
+    /// How long `ip` must still wait, when it spent its budget.
+    fn blocked(&self, ip: IpAddr) -> Option<Duration>;
+    /// Spends one unit of `ip`'s budget; over budget, the delay to wait.
+    fn failed(&self, ip: IpAddr) -> Result<(), Duration>;
+}
+
+#[derive(Clone)]
+struct UpgradeState {
+    edge: Arc<Edge>,
+    failures: Arc<dyn AuthFailureGate>,
+}
+
 /// The edge's routes: `GET /v1/ws`.
-pub fn router(edge: Arc<Edge>) -> Router {
-    Router::new().route("/v1/ws", get(upgrade)).with_state(edge)
+pub fn router(edge: Arc<Edge>, failures: Arc<dyn AuthFailureGate>) -> Router {
+    Router::new()
+        .route("/v1/ws", get(upgrade))
+        .with_state(UpgradeState { edge, failures })
 }
 
 async fn upgrade(
-    State(edge): State<Arc<Edge>>,
+    State(UpgradeState { edge, failures }): State<UpgradeState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
@@ -55,11 +76,22 @@ async fn upgrade(
     let reject = |status: StatusCode, code: ErrorCode, message: &str| -> Response {
         refuse(status, code, message, None)
     };
+    let failed_auth = |wait: Duration| {
+        refuse(
+            StatusCode::TOO_MANY_REQUESTS,
+            ErrorCode::RateLimited,
+            "too many connections from this address failed to authenticate; retry after the stated delay",
+            Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
+        )
+    };
+    if let Some(wait) = failures.blocked(peer.ip()) {
+        return failed_auth(wait);
+    }
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
         return reject(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
-            "this Origin is not allowed to open a WebSocket",
+            "this Origin is not allowed to open a WebSocket; allow it with --allowed-origin",
         );
     }
     let requested: Vec<String> = ws
@@ -81,7 +113,12 @@ async fn upgrade(
     {
         Some(token) => match edge.gateway.authenticate(token) {
             Ok(p) => Some(p),
-            Err(e) => return reject(StatusCode::UNAUTHORIZED, e.code, &e.message),
+            Err(e) => {
+                if let Err(wait) = failures.failed(peer.ip()) {
+                    return failed_auth(wait);
+                }
+                return reject(StatusCode::UNAUTHORIZED, e.code, &e.message);
+            }
         },
         None => None,
     };
@@ -114,33 +151,120 @@ async fn upgrade(
         .max_frame_size(cfg.max_frame_bytes);
     ws.set_selected_protocol(HeaderValue::from_static(WS_SUBPROTOCOL));
     let edge2 = edge.clone();
-    ws.on_upgrade(move |socket| session::run(edge2, socket, pre_auth, slot))
+    // Boxed: 8 bytes more in every connection's future rather than 33.
+    let on_no_auth = Box::new((failures, peer.ip()));
+    ws.on_upgrade(move |socket| async move {
+        if !session::run(edge2, socket, pre_auth, slot).await {
+            let _ = on_no_auth.0.failed(on_no_auth.1);
+        }
+    })
 }
 
-/// Same-origin and Origin-less (non-browser) upgrades are allowed unless a list is configured;
-/// with a list, the Origin must be on it (`*` allows any).
+/// An origin as compared: lowercase scheme and host, and the port (the scheme's default when
+/// absent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    scheme: String,
+    host: String,
+    port: u16,
+}
+
+/// Parses `scheme://host[:port]` (an `Origin` header, or an entry of `--allowed-origin`, where a
+/// trailing `/` is tolerated), for `http` and `https`. Anything else (a path, user info,
+/// non-ASCII, `null`, another scheme) is `None`: such an Origin is refused.
+pub fn parse_origin(s: &str) -> Option<Origin> {
+    let s = s.trim();
+    let s = s.strip_suffix('/').unwrap_or(s);
+    let (scheme, rest) = s.split_once("://")?;
+    let scheme = scheme.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => 80,
+        "https" => 443,
+        _ => return None,
+    };
+    let (host, port) = parse_authority(rest, default_port)?;
+    Some(Origin { scheme, host, port })
+}
+
+/// `host[:port]` or `[v6][:port]`, lowercase host; `None` unless plain ASCII host characters.
+fn parse_authority(s: &str, default_port: u16) -> Option<(String, u16)> {
+    if s.is_empty() || !s.is_ascii() {
+        return None;
+    }
+    let (host, port) = if let Some(v6) = s.strip_prefix('[') {
+        let (inner, after) = v6.split_once(']')?;
+        if inner.is_empty()
+            || !inner
+                .chars()
+                .all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.')
+        {
+            return None;
+        }
+        (format!("[{}]", inner.to_ascii_lowercase()), after)
+    } else {
+        let (host, after) = match s.find(':') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        };
+        if host.is_empty()
+            || !host
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.' || c == '_')
+        {
+            return None;
+        }
+        (host.to_ascii_lowercase(), after)
+    };
+    let port = match port {
+        "" => default_port,
+        p => {
+            let digits = p.strip_prefix(':')?;
+            if digits.is_empty() || !digits.chars().all(|c| c.is_ascii_digit()) {
+                return None;
+            }
+            digits.parse().ok()?
+        }
+    };
+    Some((host, port))
+}
+
+/// Origin-less (non-browser) upgrades are allowed. A browser's Origin must parse, and then be on
+/// the configured list (`*` allows any; entries normalised as the Origin is), or, without a
+/// list, be this server's own origin: the same scheme (`http`, or `X-Forwarded-Proto` from a
+/// TLS-terminating proxy), host and port as the request's `Host`.
 fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
-    if allowed
-        .iter()
-        .any(|a| a == "*" || a.eq_ignore_ascii_case(origin))
-    {
+    if allowed.iter().any(|a| a == "*") {
         return true;
     }
-    if !allowed.is_empty() {
+    let Some(origin) = origin.to_str().ok().and_then(parse_origin) else {
         return false;
+    };
+    if !allowed.is_empty() {
+        return allowed
+            .iter()
+            .filter_map(|a| parse_origin(a))
+            .any(|a| a == origin);
     }
-    let host = headers
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(',').next())
+        .map(|v| v.trim().to_ascii_lowercase())
+    {
+        Some(p) if p == "https" => "https",
+        _ => "http",
+    };
+    let own = headers
         .get(header::HOST)
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
-    let origin_host = origin
-        .split_once("://")
-        .map(|(_, rest)| rest)
-        .unwrap_or(origin);
-    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+        .and_then(|h| parse_authority(h.trim(), if scheme == "https" { 443 } else { 80 }));
+    match own {
+        Some((host, port)) => origin.scheme == scheme && origin.host == host && origin.port == port,
+        None => false,
+    }
 }
 
 #[cfg(test)]
@@ -166,6 +290,72 @@ mod tests {
         assert!(!origin_allowed(
             &[],
             &headers(Some("http://evil.example"), "chat.example:8080")
+        ));
+    }
+
+    #[test]
+    fn unparseable_origins_and_other_schemes_or_ports_are_refused() {
+        let host = "127.0.0.1:8080";
+        let mut h = headers(None, host);
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_bytes("http://evil.example\u{e9}".as_bytes()).expect("bytes"),
+        );
+        assert!(!origin_allowed(&[], &h));
+        for bad in [
+            "https://127.0.0.1:8080",
+            "http://127.0.0.1:8081",
+            "http://127.0.0.1",
+            "null",
+            "http://127.0.0.1:8080/path",
+            "http://user@127.0.0.1:8080",
+            "ws://127.0.0.1:8080",
+        ] {
+            assert!(!origin_allowed(&[], &headers(Some(bad), host)), "{bad}");
+        }
+        assert!(origin_allowed(
+            &[],
+            &headers(Some("HTTP://127.0.0.1:8080"), host)
+        ));
+        // Behind a TLS-terminating proxy that says so.
+        let mut h = headers(Some("https://chat.example"), "chat.example");
+        h.insert("x-forwarded-proto", HeaderValue::from_static("https"));
+        assert!(origin_allowed(&[], &h));
+        assert!(!origin_allowed(
+            &[],
+            &headers(Some("https://chat.example"), "chat.example")
+        ));
+        assert!(origin_allowed(
+            &[],
+            &headers(Some("http://chat.example"), "chat.example:80")
+        ));
+    }
+
+    #[test]
+    fn list_entries_are_normalised() {
+        let list = vec![
+            "https://App.example/".to_owned(),
+            "http://x.example:8080".to_owned(),
+        ];
+        assert!(origin_allowed(
+            &list,
+            &headers(Some("https://app.example"), "h")
+        ));
+        assert!(origin_allowed(
+            &list,
+            &headers(Some("https://app.example:443"), "h")
+        ));
+        assert!(!origin_allowed(
+            &list,
+            &headers(Some("http://app.example"), "h")
+        ));
+        assert!(origin_allowed(
+            &list,
+            &headers(Some("http://x.example:8080"), "h")
+        ));
+        assert!(!origin_allowed(
+            &list,
+            &headers(Some("http://x.example"), "h")
         ));
     }
 

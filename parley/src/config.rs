@@ -21,7 +21,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the server. With no flags: SQLite in ./parley-data, in-process bus, a development key.
     Serve(Box<ServeArgs>),
-    /// Print a development access token signed with the data folder's development key.
+    /// Print a development access token signed with the development key of a `parley serve`
+    /// data folder.
     Token(TokenArgs),
     /// Apply the database schema and exit.
     Migrate(StorageArgs),
@@ -47,6 +48,27 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,
+    /// Development mode: tokens are signed and verified with a key generated in the data folder,
+    /// `POST /v1/dev/token` hands one out for any user, and the web client signs in as anyone.
+    /// Without JWT keys it is the default only on a loopback `--listen` without
+    /// `--database-url`/`--nats-url`; elsewhere the server refuses to start unless given keys or
+    /// this flag.
+    #[arg(
+        long,
+        env = "PARLEY_DEV",
+        action = clap::ArgAction::SetTrue,
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub dev: bool,
+    /// Host name the server answers to besides localhost, 127.0.0.1 and [::1] (repeatable, or
+    /// comma-separated; `name` for any port, `name:port` for one). In development mode other
+    /// names are refused (DNS rebinding); with keys, setting it turns the same check on.
+    #[arg(
+        long = "allowed-host",
+        env = "PARLEY_ALLOWED_HOSTS",
+        value_delimiter = ','
+    )]
+    pub allowed_hosts: Vec<String>,
     /// Serve the web client from this folder instead of the copy built into the binary (for
     /// working on the web client without rebuilding the server).
     #[arg(long, env = "PARLEY_WEB_DIR")]
@@ -65,6 +87,17 @@ pub struct ServeArgs {
         value_delimiter = ','
     )]
     pub jwt_public_keys: Vec<String>,
+    /// Longest accepted token lifetime: tokens whose `exp` lies further ahead are refused
+    /// (`token_invalid_claims`). E.g. 3600, 90s, 30m, 12h, 7d.
+    #[arg(long, env = "PARLEY_MAX_TOKEN_LIFETIME", default_value = "24h", value_parser = parse_duration)]
+    pub max_token_lifetime: Duration,
+    /// Requests and WebSocket upgrades without a valid token allowed per client IP address per
+    /// minute (sustained); beyond the burst, they get 429 `rate_limited`. 0: no limit.
+    #[arg(long, env = "PARLEY_AUTH_FAILURES_PER_MINUTE", default_value_t = 60)]
+    pub auth_failures_per_minute: u32,
+    /// Burst of requests and upgrades without a valid token per client IP address.
+    #[arg(long, env = "PARLEY_AUTH_FAILURE_BURST", default_value_t = 100)]
+    pub auth_failure_burst: u32,
     /// Required `iss` of access tokens.
     #[arg(long, env = "PARLEY_JWT_ISSUER", default_value = "parley")]
     pub jwt_issuer: String,
@@ -173,7 +206,8 @@ pub struct TokenArgs {
     /// Lifetime, e.g. 3600, 90s, 30m, 12h, 7d.
     #[arg(long, default_value = "24h", value_parser = parse_duration)]
     pub ttl: Duration,
-    /// Data folder holding the development key.
+    /// Data folder of the `parley serve` whose development key signs the token (the key is
+    /// never created here: start the server first).
     #[arg(long, env = "PARLEY_DATA_DIR", default_value = "./parley-data")]
     pub data_dir: PathBuf,
     #[arg(long, env = "PARLEY_JWT_ISSUER", default_value = "parley")]

@@ -24,24 +24,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Serve(args) => serve(*args).await,
-            Command::Token(args) => {
-                let key = DevSigningKey::load_or_create(&args.data_dir).with_context(|| {
-                    format!(
-                        "cannot load the development key in {}",
-                        args.data_dir.display()
-                    )
-                })?;
-                let token = key.sign(
-                    &args.user,
-                    &args.tenant,
-                    args.roles,
-                    args.ttl.as_secs(),
-                    &args.issuer,
-                    &args.audience,
-                );
-                println!("{token}");
-                Ok(())
-            }
+            Command::Token(args) => token(args),
             Command::Migrate(args) => {
                 init_tracing();
                 let storage = server::open_storage(&args).await?;
@@ -52,12 +35,65 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
+/// `parley token`: signs with the development key of an existing data folder, never creating
+/// one (a key made here would not be the server's, and every token would fail its signature).
+fn token(args: parley::config::TokenArgs) -> anyhow::Result<()> {
+    let dir = std::path::absolute(&args.data_dir).unwrap_or_else(|_| args.data_dir.clone());
+    let key_path = dir.join(parley_core::auth::DEV_KEY_FILE);
+    let key = match DevSigningKey::load(&dir) {
+        Ok(key) => key,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+            "no development key at {}: `parley token` signs with the key that `parley serve` \
+             creates in its data folder, and {} has none. Run this command from the folder where \
+             you ran `parley serve`, or pass the server's data folder with --data-dir PATH \
+             (PARLEY_DATA_DIR); start the server first. A server started with \
+             --jwt-hs256-secret or --jwt-public-key has no development key: sign its tokens with \
+             your own key.",
+            key_path.display(),
+            dir.display()
+        ),
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot read the development key {}", key_path.display())
+            });
+        }
+    };
+    let token = key.sign(
+        &args.user,
+        &args.tenant,
+        args.roles,
+        args.ttl.as_secs(),
+        &args.issuer,
+        &args.audience,
+    );
+    eprintln!(
+        "parley token: signed for {} with the development key {} (valid {} s); a server accepts \
+         it only if it runs on that data folder",
+        args.user,
+        key_path.display(),
+        args.ttl.as_secs()
+    );
+    println!("{token}");
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `PARLEY_LOG` (default `info`). Whatever it says, the WebSocket
+/// library logs at most at debug level: at trace it prints every frame's payload, `auth` frames
+/// with their token included, and tokens are never logged.
 fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, filter};
+    let env = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_frames = filter::filter_fn(|meta| {
+        let target = meta.target();
+        let frames = target.starts_with("tungstenite") || target.starts_with("tokio_tungstenite");
+        !frames || *meta.level() <= tracing::Level::DEBUG
+    });
+    tracing_subscriber::registry()
+        .with(env)
+        .with(no_frames)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
         .init();
 }
 
@@ -76,10 +112,13 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
         node.storage_backend, node.bus_kind
     );
     if node.dev_mode {
+        let dir = std::path::absolute(&args.storage.data_dir)
+            .unwrap_or_else(|_| args.storage.data_dir.clone());
         banner.push_str(&format!(
-            "development mode: open http://{addr}/ to try the web client, or get a token with \
+            "development mode (anyone who reaches this server can sign in as anyone): open \
+             http://{addr}/ to try the web client, or get a token with \
              `parley token --user alice --data-dir {}`\n",
-            args.storage.data_dir.display()
+            dir.display()
         ));
     }
     {

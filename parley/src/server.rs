@@ -13,13 +13,13 @@ use axum::Router;
 use axum::routing::get;
 use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
 use parley_core::calls::IceConfig;
-use parley_core::http::{self, ApiDoc, ApiState, DevTokens};
+use parley_core::http::{self, ApiDoc, ApiState, DevTokens, HostAllowList};
 use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
-use parley_core::ratelimit::RequestBudget;
+use parley_core::ratelimit::{AddressBudget, RequestBudget};
 use parley_core::realtime::{Realtime, RealtimeConfig};
 use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
 use parley_core::{Core, CoreError, DomainLimits};
-use parley_edge::{CoreGateway, Edge, EdgeConfig, GatewayError, SignalRoute};
+use parley_edge::{AuthFailureGate, CoreGateway, Edge, EdgeConfig, GatewayError, SignalRoute};
 use parley_proto::PresenceTimings;
 use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, TypingState};
 use parley_sync::Ephemeral;
@@ -44,8 +44,41 @@ pub async fn open_storage(args: &StorageArgs) -> anyhow::Result<Arc<dyn Storage>
     })
 }
 
-/// Builds the authenticator, and the development key when it is the one in use (no JWT keys
-/// configured).
+/// Whether `--listen` names a loopback address (`127.0.0.0/8`, `::1`, `localhost`).
+pub fn listen_is_loopback(listen: &str) -> bool {
+    if let Ok(addr) = listen.parse::<std::net::SocketAddr>() {
+        return addr.ip().is_loopback();
+    }
+    let host = listen.rsplit_once(':').map_or(listen, |(host, _)| host);
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Why development mode may not be the default here, if it may not: it hands a token for any
+/// user to whoever reaches the server, so it is only implied on a loopback address of a single
+/// local node.
+fn dev_mode_not_implied(args: &ServeArgs) -> Option<String> {
+    if !listen_is_loopback(&args.listen) {
+        return Some(format!(
+            "--listen {} is not a loopback address",
+            args.listen
+        ));
+    }
+    if args.storage.database_url.is_some() {
+        return Some("--database-url is set".into());
+    }
+    if args.nats_url.is_some() {
+        return Some("--nats-url is set".into());
+    }
+    None
+}
+
+/// Builds the authenticator, and the development key when it is the one in use: asked for with
+/// `--dev`, or implied with no JWT keys on a loopback address of a single local node. Elsewhere,
+/// without keys, the server refuses to start and names the flags to add.
 pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, Option<DevSigningKey>)> {
     let mut keys = Vec::new();
     if let Some(secret) = &args.jwt_hs256_secret {
@@ -68,21 +101,70 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, Option<
         .map_err(anyhow::Error::msg)?;
         keys.push(key);
     }
+    let max_lifetime = args.max_token_lifetime.as_secs();
     let mut dev = None;
+    let mut hint = None;
     if keys.is_empty() {
-        let dev_key = DevSigningKey::load_or_create(&args.storage.data_dir).with_context(|| {
-            format!(
-                "cannot load the development key in {}",
-                args.storage.data_dir.display()
-            )
-        })?;
+        if !args.dev
+            && let Some(reason) = dev_mode_not_implied(args)
+        {
+            bail!(
+                "no key to verify access tokens with, and development mode (a generated key, and \
+                 a token for any user from POST /v1/dev/token) is only the default on a loopback \
+                 address of a single node, while {reason}. Add --jwt-hs256-secret SECRET or \
+                 --jwt-public-key KID:ALG:PATH (PARLEY_JWT_HS256_SECRET, PARLEY_JWT_PUBLIC_KEYS) \
+                 to verify your identity provider's tokens, or --dev (PARLEY_DEV=1) to run in \
+                 development mode knowingly"
+            );
+        }
+        let dir = std::path::absolute(&args.storage.data_dir)
+            .unwrap_or_else(|_| args.storage.data_dir.clone());
+        let dev_key = DevSigningKey::load_or_create(&dir)
+            .with_context(|| format!("cannot load the development key in {}", dir.display()))?;
         keys.push(dev_key.verification_key());
         dev = Some(dev_key);
+        hint = Some(format!(
+            "this server is in development mode and verifies tokens with the development key of \
+             its data folder {}: sign them with `parley token --data-dir {}` (a token made with \
+             another folder's key is refused), or get one from POST /v1/dev/token",
+            dir.display(),
+            dir.display()
+        ));
+        if dev_mode_not_implied(args).is_some() {
+            tracing::warn!(
+                listen = %args.listen,
+                "development mode (--dev): anyone who reaches this server can sign in as anyone"
+            );
+        }
+    } else if args.dev {
+        bail!(
+            "--dev runs with the generated development key; it cannot be combined with \
+             --jwt-hs256-secret or --jwt-public-key"
+        );
     }
-    Ok((
-        Authenticator::new(keys, args.jwt_issuer.clone(), args.jwt_audience.clone()),
-        dev,
-    ))
+    let mut auth = Authenticator::new(keys, args.jwt_issuer.clone(), args.jwt_audience.clone())
+        .with_max_lifetime(max_lifetime);
+    if let Some(hint) = hint {
+        auth = auth.with_bad_signature_hint(hint);
+    }
+    Ok((auth, dev))
+}
+
+/// Development tokens per client address: a burst of this many, refilled at this rate per minute.
+const DEV_TOKEN_BURST: u32 = 30;
+const DEV_TOKENS_PER_MINUTE: u32 = 60;
+
+/// The failed-authentication budget as the edge's upgrade sees it.
+struct FailureGate(Arc<AddressBudget>);
+
+impl AuthFailureGate for FailureGate {
+    fn blocked(&self, ip: std::net::IpAddr) -> Option<Duration> {
+        self.0.blocked(ip)
+    }
+
+    fn failed(&self, ip: std::net::IpAddr) -> Result<(), Duration> {
+        self.0.spend(ip)
+    }
 }
 
 /// Everything a running node is made of.
@@ -99,6 +181,9 @@ pub async fn build(
     args: &ServeArgs,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Node> {
+    // First: a server that must not start (no keys where development mode is not implied)
+    // touches nothing.
+    let (auth, dev_key) = authenticator(args)?;
     let storage = open_storage(&args.storage).await?;
     let bus: Arc<dyn Bus> = match &args.nats_url {
         Some(url) => Arc::new(
@@ -108,15 +193,38 @@ pub async fn build(
         ),
         None => Arc::new(InProcessBus::default()),
     };
-    let (auth, dev_key) = authenticator(args)?;
     let dev_mode = dev_key.is_some();
+    let max_ttl_secs = auth.max_lifetime_secs();
     let dev_tokens = dev_key.map(|key| {
         Arc::new(DevTokens {
             key,
             issuer: args.jwt_issuer.clone(),
             audience: args.jwt_audience.clone(),
+            per_address: AddressBudget::new(DEV_TOKENS_PER_MINUTE, DEV_TOKEN_BURST),
+            max_ttl_secs,
         })
     });
+    for origin in &args.allowed_origins {
+        if origin != "*" && parley_edge::parse_origin(origin).is_none() {
+            bail!(
+                "--allowed-origin {origin:?} is not an origin: give scheme://host[:port] with \
+                 http or https, or *"
+            );
+        }
+    }
+    let hosts = Arc::new(HostAllowList {
+        enforce: dev_mode || !args.allowed_hosts.is_empty(),
+        extra: args
+            .allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect(),
+    });
+    let auth_failures = Arc::new(AddressBudget::new(
+        args.auth_failures_per_minute,
+        args.auth_failure_burst,
+    ));
     let auth = Arc::new(auth);
     let presence_store: Arc<dyn PresenceStore> = match &args.redis_url {
         Some(url) => Arc::new(
@@ -192,13 +300,19 @@ pub async fn build(
         .context("cannot subscribe to the bus")?;
     tokio::spawn(edge.clone().run_dispatcher(subscription));
     {
-        // Keep the per-user budgets bounded to active users.
+        // Keep the per-user and per-address budgets bounded to active callers.
         let budget = budget.clone();
+        let auth_failures = auth_failures.clone();
+        let dev_tokens = dev_tokens.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(60));
             loop {
                 every.tick().await;
                 budget.forget_idle();
+                auth_failures.forget_idle();
+                if let Some(dev) = &dev_tokens {
+                    dev.per_address.forget_idle();
+                }
             }
         });
     }
@@ -206,6 +320,7 @@ pub async fn build(
         core,
         auth,
         budget,
+        auth_failures: auth_failures.clone(),
         dev_tokens,
     });
     let openapi = ApiDoc::openapi()
@@ -214,7 +329,10 @@ pub async fn build(
     let edge_for_ready = edge.clone();
     let app = Router::new()
         .merge(api)
-        .merge(parley_edge::router(edge.clone()))
+        .merge(parley_edge::router(
+            edge.clone(),
+            Arc::new(FailureGate(auth_failures)),
+        ))
         .route(
             "/v1/openapi.json",
             get(move || {
@@ -237,6 +355,10 @@ pub async fn build(
             move |req: axum::extract::Request| web.clone().fallback(req)
         })
         .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            http::host_check,
+        ))
         .layer(axum::middleware::from_fn(http::request_id))
         .layer(cors_layer(&args.allowed_origins)?);
     Ok(Node {

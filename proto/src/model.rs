@@ -365,7 +365,7 @@ pub struct DevTokenRequest {
     /// Defaults to `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tenant_id: Option<String>,
-    /// Lifetime in seconds, 60–604800 (default 86400).
+    /// Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl_secs: Option<u64>,
 }

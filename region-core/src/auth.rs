@@ -2,7 +2,8 @@
 //!
 //! Every key pins one algorithm: a token whose header names another algorithm is refused, which
 //! rules out `alg: none` and HS/RS confusion. `exp`, `aud`, `iss` and `sub` are required; `nbf`
-//! is honoured. Keys are chosen by `kid`; an unknown `kid` is refused. Tokens are never logged.
+//! is honoured, and `exp` may lie at most the configured maximum lifetime ahead. Keys are chosen
+//! by `kid`; an unknown `kid` is refused. Tokens are never logged.
 
 use std::path::Path;
 
@@ -99,12 +100,17 @@ pub enum Audience {
     Many(Vec<String>),
 }
 
+/// The longest token lifetime accepted unless configured otherwise: 24 hours.
+pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 86_400;
+
 /// Verifies access tokens.
 pub struct Authenticator {
     keys: Vec<VerificationKey>,
     issuer: String,
     audience: String,
     leeway_secs: u64,
+    max_lifetime_secs: u64,
+    bad_signature_hint: Option<String>,
 }
 
 impl Authenticator {
@@ -114,11 +120,42 @@ impl Authenticator {
             issuer,
             audience,
             leeway_secs: 5,
+            max_lifetime_secs: DEFAULT_MAX_LIFETIME_SECS,
+            bad_signature_hint: None,
         }
+    }
+
+    /// Refuses tokens whose `exp` lies more than `secs` ahead (whatever their `iat` says).
+    pub fn with_max_lifetime(mut self, secs: u64) -> Self {
+        self.max_lifetime_secs = secs;
+        self
+    }
+
+    /// A sentence appended to `token_bad_signature` messages, telling what to check (the
+    /// development mode names where its key lives).
+    pub fn with_bad_signature_hint(mut self, hint: impl Into<String>) -> Self {
+        self.bad_signature_hint = Some(hint.into());
+        self
+    }
+
+    /// The longest accepted lifetime, in seconds.
+    pub fn max_lifetime_secs(&self) -> u64 {
+        self.max_lifetime_secs
     }
 
     /// Verifies `token` and returns who it speaks for.
     pub fn verify(&self, token: &str) -> Result<Principal, AuthError> {
+        self.verify_inner(token).map_err(|mut e| {
+            if e.code == ErrorCode::TokenBadSignature
+                && let Some(hint) = &self.bad_signature_hint
+            {
+                e.message = format!("{}; {hint}", e.message);
+            }
+            e
+        })
+    }
+
+    fn verify_inner(&self, token: &str) -> Result<Principal, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| {
             AuthError::new(
                 ErrorCode::TokenMalformed,
@@ -144,6 +181,23 @@ impl Authenticator {
         let data =
             jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(map_jwt_error)?;
         let claims = data.claims;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let latest = now
+            .saturating_add(self.max_lifetime_secs)
+            .saturating_add(self.leeway_secs);
+        if claims.exp > latest {
+            return Err(AuthError::new(
+                ErrorCode::TokenInvalidClaims,
+                format!(
+                    "token expires too far ahead: this server accepts tokens that expire within {} \
+                     seconds (--max-token-lifetime); issue shorter-lived tokens",
+                    self.max_lifetime_secs
+                ),
+            ));
+        }
         if !crate::validate::is_valid_user_id(&claims.sub) {
             return Err(AuthError::new(
                 ErrorCode::TokenInvalidClaims,
@@ -237,19 +291,25 @@ pub const DEV_KEY_FILE: &str = "dev-signing-key";
 pub const DEV_KID: &str = "dev";
 
 impl DevSigningKey {
+    /// Loads the key from `data_dir`; `NotFound` when there is none (it is never created here:
+    /// only the server creates it, so a token command run elsewhere cannot make a key of its own).
+    pub fn load(data_dir: &Path) -> std::io::Result<DevSigningKey> {
+        let path = data_dir.join(DEV_KEY_FILE);
+        let s = std::fs::read_to_string(&path)?;
+        let secret = hex::decode(s.trim()).map_err(|e| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        })?;
+        Ok(DevSigningKey { secret })
+    }
+
     /// Loads the key from `data_dir`, generating and saving it (mode 0600) the first time.
     pub fn load_or_create(data_dir: &Path) -> std::io::Result<DevSigningKey> {
         let path = data_dir.join(DEV_KEY_FILE);
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                let secret = hex::decode(s.trim()).map_err(|e| {
-                    std::io::Error::new(
-                        std::io::ErrorKind::InvalidData,
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
-                Ok(DevSigningKey { secret })
-            }
+        match Self::load(data_dir) {
+            Ok(key) => Ok(key),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 std::fs::create_dir_all(data_dir)?;
                 let secret: [u8; 32] = rand::random();

@@ -4,8 +4,11 @@
 //! how long to wait; an allowed one learns how much budget is left, for the `RateLimit` headers.
 //! Budgets shared across nodes (Redis) come with multi-node presence.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::num::NonZeroU32;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use governor::clock::{Clock, DefaultClock};
 use governor::middleware::StateInformationMiddleware;
@@ -94,6 +97,68 @@ impl RequestBudget {
     }
 }
 
+/// A budget per client IP address (GCRA), for what a caller does before it is known: requests
+/// and WebSocket upgrades that fail to authenticate, and development tokens. Spending it past the
+/// burst blocks the address until the next request is due; [`AddressBudget::blocked`] tells
+/// without spending, so an upgrade can be refused before it takes a connection.
+pub struct AddressBudget {
+    limiter: Option<RateLimiter<IpAddr, DefaultKeyedStateStore<IpAddr>, DefaultClock>>,
+    clock: DefaultClock,
+    blocked: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+impl AddressBudget {
+    /// `per_minute` sustained with bursts of `burst`; `per_minute` 0 turns the budget off.
+    pub fn new(per_minute: u32, burst: u32) -> Self {
+        let limiter = NonZeroU32::new(per_minute).map(|per_minute| {
+            let burst = NonZeroU32::new(burst).unwrap_or(NonZeroU32::MIN);
+            RateLimiter::keyed(Quota::per_minute(per_minute).allow_burst(burst))
+        });
+        AddressBudget {
+            limiter,
+            clock: DefaultClock::default(),
+            blocked: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Spends one unit of `ip`'s budget; over budget, the delay after which it may try again.
+    pub fn spend(&self, ip: IpAddr) -> Result<(), Duration> {
+        let Some(limiter) = &self.limiter else {
+            return Ok(());
+        };
+        match limiter.check_key(&ip) {
+            Ok(()) => Ok(()),
+            Err(not_until) => {
+                let wait = not_until.wait_time_from(self.clock.now());
+                let until = Instant::now() + wait;
+                let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+                blocked.insert(ip, until);
+                Err(wait.max(Duration::from_millis(1)))
+            }
+        }
+    }
+
+    /// Whether `ip` spent its budget and must still wait (how long), without spending.
+    pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        let until = *blocked.get(&ip)?;
+        let now = Instant::now();
+        (until > now).then(|| until - now)
+    }
+
+    /// Forgets addresses whose budget is full again and blocks that ended.
+    pub fn forget_idle(&self) {
+        if let Some(limiter) = &self.limiter {
+            limiter.retain_recent();
+            limiter.shrink_to_fit();
+        }
+        let now = Instant::now();
+        let mut blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
+        blocked.retain(|_, until| *until > now);
+        blocked.shrink_to_fit();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -109,5 +174,22 @@ mod tests {
         assert!(limited.retry_after <= Duration::from_secs(1));
         // Another key has its own budget.
         assert!(b.check("v").is_ok());
+    }
+
+    #[test]
+    fn an_address_over_its_budget_is_blocked_until_the_next_unit() {
+        let b = AddressBudget::new(60, 2);
+        let ip: IpAddr = [127, 0, 0, 1].into();
+        assert_eq!(b.blocked(ip), None);
+        assert!(b.spend(ip).is_ok());
+        assert!(b.spend(ip).is_ok());
+        let wait = b.spend(ip).expect_err("budget spent");
+        assert!(wait <= Duration::from_secs(1));
+        assert!(b.blocked(ip).is_some());
+        assert_eq!(b.blocked([127, 0, 0, 2].into()), None);
+        let off = AddressBudget::new(0, 0);
+        for _ in 0..100 {
+            assert!(off.spend(ip).is_ok());
+        }
     }
 }

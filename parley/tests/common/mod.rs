@@ -50,6 +50,8 @@ pub struct Server {
     pub addr: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    env: Vec<(String, String)>,
+    stderr: Option<PathBuf>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -61,6 +63,8 @@ pub struct ServerBuilder {
     nats: bool,
     redis: bool,
     dev_key: bool,
+    env: Vec<(String, String)>,
+    stderr: Option<PathBuf>,
 }
 
 impl ServerBuilder {
@@ -72,13 +76,29 @@ impl ServerBuilder {
             nats: false,
             redis: false,
             dev_key: false,
+            env: Vec::new(),
+            stderr: None,
         }
     }
 
     /// Run in development mode: no JWT key configured, the server's generated development key
-    /// signs and verifies tokens (the test tokens of [`token`] are then refused).
+    /// signs and verifies tokens (the test tokens of [`token`] are then refused). On SQLite and
+    /// the in-process bus it is the default of a loopback address; with PostgreSQL or NATS the
+    /// server is given `--dev`.
     pub fn dev_key(mut self) -> Self {
         self.dev_key = true;
+        self
+    }
+
+    /// Sets an environment variable of the server process.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Writes the server's stderr (its log) to this file instead of the test's stderr.
+    pub fn stderr_to(mut self, path: &Path) -> Self {
+        self.stderr = Some(path.to_path_buf());
         self
     }
 
@@ -124,6 +144,8 @@ impl ServerBuilder {
         if !self.dev_key {
             args.push("--jwt-hs256-secret".into());
             args.push(SECRET.into());
+        } else if self.backend == Backend::Postgres || self.nats {
+            args.push("--dev".into());
         }
         if self.backend == Backend::Postgres {
             args.push("--database-url".into());
@@ -143,6 +165,8 @@ impl ServerBuilder {
             addr: String::new(),
             data_dir: dir,
             args,
+            env: self.env,
+            stderr: self.stderr,
             _tmp: tmp,
         };
         server.spawn();
@@ -160,14 +184,19 @@ impl Server {
     }
 
     fn spawn(&mut self) {
+        let stderr = match &self.stderr {
+            Some(path) => Stdio::from(std::fs::File::create(path).expect("create the log file")),
+            None => Stdio::inherit(),
+        };
         let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(&self.args)
             .env(
                 "PARLEY_LOG",
                 std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start parley");
         let stdout = child.stdout.take().expect("stdout");
@@ -182,10 +211,19 @@ impl Server {
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("parley did not print its address; it printed {line:?}"))
             .to_owned();
-        // Keep draining stdout so the server never blocks on a full pipe.
+        // Keep draining stdout so the server never blocks on a full pipe; with a log file,
+        // stdout goes next to it (`.stdout`), the first line included.
+        let mut copy = self.stderr.as_ref().map(|p| {
+            let mut f = std::fs::File::create(p.with_extension("stdout")).expect("stdout file");
+            std::io::Write::write_all(&mut f, line.as_bytes()).expect("write stdout file");
+            f
+        });
         std::thread::spawn(move || {
             let mut sink = String::new();
             while reader.read_line(&mut sink).map(|n| n > 0).unwrap_or(false) {
+                if let Some(f) = copy.as_mut() {
+                    let _ = std::io::Write::write_all(f, sink.as_bytes());
+                }
                 sink.clear();
             }
         });
@@ -460,6 +498,16 @@ impl Ws {
         Ws {
             stream: ws.stream,
             welcome,
+            next_id: 1,
+            backlog: Default::default(),
+        }
+    }
+
+    /// Wraps an upgraded stream (not authenticated).
+    pub fn from_stream(stream: WsStream) -> Ws {
+        Ws {
+            stream,
+            welcome: Value::Null,
             next_id: 1,
             backlog: Default::default(),
         }

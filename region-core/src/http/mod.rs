@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 
 use crate::auth::Authenticator;
 use crate::domain::{Core, CoreError};
-use crate::ratelimit::RequestBudget;
+use crate::ratelimit::{AddressBudget, RequestBudget};
 
 mod openapi;
 mod routes;
@@ -31,6 +31,9 @@ pub struct ApiState {
     pub core: Arc<Core>,
     pub auth: Arc<Authenticator>,
     pub budget: Arc<RequestBudget>,
+    /// Per client address: requests whose token is missing or refused (shared with the
+    /// WebSocket upgrades that never authenticate). Over it, such requests get 429.
+    pub auth_failures: Arc<AddressBudget>,
     /// Set only in development mode (the server verifies tokens with its development key):
     /// enables `POST /v1/dev/token`.
     pub dev_tokens: Option<Arc<DevTokens>>,
@@ -41,6 +44,10 @@ pub struct DevTokens {
     pub key: crate::auth::DevSigningKey,
     pub issuer: String,
     pub audience: String,
+    /// Tokens handed out per client address.
+    pub per_address: AddressBudget,
+    /// The longest lifetime a requested token may have (the server's maximum token lifetime).
+    pub max_ttl_secs: u64,
 }
 
 /// Largest REST request body.
@@ -192,9 +199,38 @@ enum AuthOutcome {
     Failed(ApiError),
 }
 
+/// The client's IP address, when the server was started with connect info.
+fn client_ip(req: &Request) -> Option<std::net::IpAddr> {
+    req.extensions()
+        .get::<axum::extract::ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0.ip())
+}
+
+fn address_limited(message: &str, wait: Duration) -> Response {
+    let mut e = ApiError::new(ErrorCode::RateLimited, message);
+    e.retry_after = Some(wait);
+    e.into_response()
+}
+
+/// Path of the development token route, which needs no token and has a budget of its own.
+const DEV_TOKEN_PATH: &str = "/v1/dev/token";
+
 /// Verifies the bearer token (if any) and spends one request of the user's budget; adds the
-/// `RateLimit` headers to the response.
+/// `RateLimit` headers to the response. A missing or refused token spends one unit of the client
+/// address's failure budget; over it, the answer is 429 instead of 401.
 async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Next) -> Response {
+    let ip = client_ip(&req);
+    if req.uri().path() == DEV_TOKEN_PATH {
+        if let (Some(dev), Some(ip)) = (&state.dev_tokens, ip)
+            && let Err(wait) = dev.per_address.spend(ip)
+        {
+            return address_limited(
+                "too many development tokens requested from this address; retry after the stated delay",
+                wait,
+            );
+        }
+        return next.run(req).await;
+    }
     let outcome = match bearer(req.headers()) {
         Ok(token) => match state.auth.verify(token) {
             Ok(p) => AuthOutcome::Ok(p),
@@ -216,6 +252,14 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
             AuthOutcome::Failed(e)
         }
     };
+    if let (AuthOutcome::Failed(_), Some(ip)) = (&outcome, ip)
+        && let Err(wait) = state.auth_failures.spend(ip)
+    {
+        return address_limited(
+            "too many requests without a valid token from this address; retry after the stated delay",
+            wait,
+        );
+    }
     let mut rate_headers = None;
     if let AuthOutcome::Ok(p) = &outcome {
         match state
@@ -261,6 +305,80 @@ fn set_header(res: &mut Response, name: &'static str, value: &str) {
     if let Ok(v) = HeaderValue::from_str(value) {
         res.headers_mut().insert(name, v);
     }
+}
+
+/// Which `Host` names the server answers to. Development mode hands out tokens to anyone who can
+/// reach it, so it answers only loopback names and the configured ones: a page of another site
+/// whose name an attacker points at 127.0.0.1 (DNS rebinding) is refused, since its requests
+/// carry that name in `Host`.
+#[derive(Debug, Clone, Default)]
+pub struct HostAllowList {
+    /// Check at all (development mode, or names configured).
+    pub enforce: bool,
+    /// Configured names (`--allowed-host`), lowercase: `name` (any port) or `name:port`.
+    pub extra: Vec<String>,
+}
+
+impl HostAllowList {
+    /// Whether a `Host` value (`name`, `name:port`, `[v6]:port`) is allowed.
+    pub fn allows(&self, host: &str) -> bool {
+        if !self.enforce {
+            return true;
+        }
+        let host = host.trim().to_ascii_lowercase();
+        let name = split_host(&host);
+        let loopback = name == "localhost"
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        loopback || self.extra.iter().any(|a| *a == host || *a == name)
+    }
+}
+
+/// The name part of a `Host` value (brackets kept for IPv6).
+fn split_host(host: &str) -> &str {
+    if host.starts_with('[') {
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((name, port)) if port.chars().all(|c| c.is_ascii_digit()) => name,
+        _ => host,
+    }
+}
+
+/// Refuses requests whose `Host` is not on the [`HostAllowList`] with 403 `forbidden`.
+pub async fn host_check(
+    State(list): State<Arc<HostAllowList>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    if list.enforce {
+        let host = req
+            .headers()
+            .get(axum::http::header::HOST)
+            .map(|v| v.to_str().unwrap_or("\u{fffd}").to_owned())
+            .or_else(|| req.uri().authority().map(|a| a.as_str().to_owned()));
+        if let Some(host) = host
+            && !list.allows(&host)
+        {
+            let shown: String = host.chars().take(80).collect();
+            return ApiError::new(
+                ErrorCode::Forbidden,
+                format!(
+                    "this server does not answer to the host name {shown:?}: it answers \
+                     localhost, 127.0.0.1, [::1] and the names given with --allowed-host \
+                     (PARLEY_ALLOWED_HOSTS); add this name there to reach the server by it"
+                ),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// Reads `Authorization: Bearer <token>`.
@@ -360,5 +478,41 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
                     format!("invalid query: {}", e.body_text()),
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_are_loopback_names_or_configured_ones() {
+        let dev = HostAllowList {
+            enforce: true,
+            extra: vec!["chat.example".into(), "other.example:8443".into()],
+        };
+        for ok in [
+            "localhost",
+            "localhost:8080",
+            "127.0.0.1:1",
+            "[::1]:8080",
+            "[::1]",
+            "LOCALHOST:80",
+            "chat.example:9",
+            "other.example:8443",
+        ] {
+            assert!(dev.allows(ok), "{ok} should pass");
+        }
+        for bad in [
+            "evil.example:8080",
+            "localhost.evil.example",
+            "other.example:80",
+            "127.0.0.1.evil.example",
+            "",
+            "10.0.0.1:8080",
+        ] {
+            assert!(!dev.allows(bad), "{bad} should be refused");
+        }
+        assert!(HostAllowList::default().allows("evil.example"));
     }
 }

@@ -432,10 +432,12 @@ pub(super) async fn dev_token(
     validate::user_id(&req.user_id).map_err(invalid)?;
     let tenant = req.tenant_id.unwrap_or_else(|| "default".to_owned());
     validate::user_id(&tenant).map_err(|m| invalid(format!("tenant: {m}")))?;
-    let ttl = req.ttl_secs.unwrap_or(86_400);
-    if !(60..=604_800).contains(&ttl) {
+    // Never longer than the server accepts (--max-token-lifetime).
+    let max_ttl = dev.max_ttl_secs.max(60);
+    let ttl = req.ttl_secs.unwrap_or(86_400.min(max_ttl));
+    if !(60..=max_ttl).contains(&ttl) {
         return Err(invalid(format!(
-            "ttl_secs {ttl} is out of range; use 60-604800"
+            "ttl_secs {ttl} is out of range; use 60-{max_ttl} (the server's maximum token lifetime)"
         )));
     }
     let token = dev.key.sign(

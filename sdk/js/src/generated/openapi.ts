@@ -473,7 +473,7 @@ export interface components {
             tenant_id?: string | null;
             /**
              * Format: int64
-             * @description Lifetime in seconds, 60–604800 (default 86400).
+             * @description Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower).
              */
             ttl_secs?: number | null;
         };
