@@ -1,7 +1,9 @@
 //! Secure by default: development mode only where it is asked for or harmless, host names
 //! checked against DNS rebinding, a strict Origin check, tokens never logged, a maximum token
 //! lifetime, a budget of failed authentications per client address, and `parley token` paired
-//! with the server's data folder.
+//! with the server's data folder. Settings are given through their `PARLEY_*` environment
+//! variables, which a server without them ignores: run against one, each test fails on what it
+//! checks rather than on an unknown flag.
 
 mod common;
 
@@ -204,8 +206,7 @@ async fn the_default_loopback_server_and_parley_dev_run_in_development_mode() {
 async fn development_mode_answers_only_loopback_and_configured_host_names() {
     let server = ServerBuilder::new(Backend::Sqlite)
         .dev_key()
-        .arg("--allowed-host")
-        .arg("chat.example")
+        .env("PARLEY_ALLOWED_HOSTS", "chat.example")
         .start();
     let port = server.addr.rsplit(':').next().expect("port").to_owned();
     let body = json!({ "user_id": "mallory" });
@@ -440,8 +441,7 @@ async fn no_token_reaches_the_log_even_at_trace() {
 #[tokio::test]
 async fn tokens_that_expire_too_far_ahead_are_refused() {
     let server = ServerBuilder::new(Backend::Sqlite)
-        .arg("--max-token-lifetime")
-        .arg("2h")
+        .env("PARLEY_MAX_TOKEN_LIFETIME", "2h")
         .start();
     let claims = |exp: u64| json!({ "sub": "alice", "tid": "default", "exp": exp, "aud": "parley", "iss": "parley" });
     let forever = sign(claims(1u64 << 62));
@@ -504,8 +504,7 @@ async fn tokens_that_expire_too_far_ahead_are_refused() {
 async fn dev_tokens_stay_within_the_maximum_lifetime() {
     let server = ServerBuilder::new(Backend::Sqlite)
         .dev_key()
-        .arg("--max-token-lifetime")
-        .arg("1h")
+        .env("PARLEY_MAX_TOKEN_LIFETIME", "1h")
         .start();
     let r = call(
         &server,
@@ -536,10 +535,8 @@ async fn dev_tokens_stay_within_the_maximum_lifetime() {
 #[tokio::test]
 async fn requests_with_bad_or_missing_tokens_are_limited_per_address() {
     let server = ServerBuilder::new(Backend::Sqlite)
-        .arg("--auth-failures-per-minute")
-        .arg("1")
-        .arg("--auth-failure-burst")
-        .arg("3")
+        .env("PARLEY_AUTH_FAILURES_PER_MINUTE", "1")
+        .env("PARLEY_AUTH_FAILURE_BURST", "3")
         .start();
     for t in [None, Some("garbage"), Some("x.y.z")] {
         let r = call(&server, "GET", "/v1/channels", None, t, None, None).await;
@@ -597,10 +594,8 @@ async fn requests_with_bad_or_missing_tokens_are_limited_per_address() {
 #[tokio::test]
 async fn websockets_that_never_authenticate_are_limited_per_address() {
     let server = ServerBuilder::new(Backend::Sqlite)
-        .arg("--auth-failures-per-minute")
-        .arg("1")
-        .arg("--auth-failure-burst")
-        .arg("3")
+        .env("PARLEY_AUTH_FAILURES_PER_MINUTE", "1")
+        .env("PARLEY_AUTH_FAILURE_BURST", "3")
         .start();
     let mut ws = Ws::connect_raw(&server, &["parley.v1"])
         .await
