@@ -232,6 +232,12 @@ fn parse_authority(s: &str, default_port: u16) -> Option<(String, u16)> {
 /// the configured list (`*` allows any; entries normalised as the Origin is), or, without a
 /// list, be this server's own origin: the same scheme (`http`, or `X-Forwarded-Proto` from a
 /// TLS-terminating proxy), host and port as the request's `Host`.
+///
+/// `Host` is the client's word. In development mode the HTTP layer lets only loopback and
+/// configured names through (a DNS-rebinding page cannot make them its own). Outside it, a
+/// rebinding page can make its Origin and Host agree and open a socket, but gains nothing by it:
+/// tokens are bearer tokens the page cannot read (never cookies), so the socket cannot
+/// authenticate. `--allowed-host` turns the name check on there too.
 fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
