@@ -84,9 +84,6 @@ async fn upgrade(
             Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
         )
     };
-    if let Some(wait) = failures.blocked(peer.ip()) {
-        return failed_auth(wait);
-    }
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
         return reject(
             StatusCode::FORBIDDEN,
@@ -120,7 +117,14 @@ async fn upgrade(
                 return reject(StatusCode::UNAUTHORIZED, e.code, &e.message);
             }
         },
-        None => None,
+        // Authentication will come in a frame: from an address whose connections keep failing
+        // to authenticate, refused before it takes a connection.
+        None => {
+            if let Some(wait) = failures.blocked(peer.ip()) {
+                return failed_auth(wait);
+            }
+            None
+        }
     };
     // Last: a refused upgrade above takes no place.
     let slot = match edge.admission.admit(peer.ip()) {

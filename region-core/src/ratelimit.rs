@@ -121,8 +121,21 @@ impl AddressBudget {
         }
     }
 
+    /// The key of an address: IPv4 as is, IPv6 by its /64 network (what one subscriber gets, so
+    /// one client cannot walk through addresses to reset its budget).
+    fn key(ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V4(_) => ip,
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => IpAddr::V4(v4),
+                None => IpAddr::V6((u128::from(v6) & !u128::from(u64::MAX)).into()),
+            },
+        }
+    }
+
     /// Spends one unit of `ip`'s budget; over budget, the delay after which it may try again.
     pub fn spend(&self, ip: IpAddr) -> Result<(), Duration> {
+        let ip = Self::key(ip);
         let Some(limiter) = &self.limiter else {
             return Ok(());
         };
@@ -140,6 +153,7 @@ impl AddressBudget {
 
     /// Whether `ip` spent its budget and must still wait (how long), without spending.
     pub fn blocked(&self, ip: IpAddr) -> Option<Duration> {
+        let ip = Self::key(ip);
         let blocked = self.blocked.lock().unwrap_or_else(|e| e.into_inner());
         let until = *blocked.get(&ip)?;
         let now = Instant::now();
@@ -187,6 +201,14 @@ mod tests {
         assert!(wait <= Duration::from_secs(1));
         assert!(b.blocked(ip).is_some());
         assert_eq!(b.blocked([127, 0, 0, 2].into()), None);
+        // IPv6 addresses of one /64 share a budget.
+        let a: IpAddr = "2001:db8::1".parse().expect("v6");
+        let b2: IpAddr = "2001:db8::ffff:2".parse().expect("v6");
+        assert!(b.spend(a).is_ok());
+        assert!(b.spend(b2).is_ok());
+        assert!(b.spend(a).is_err());
+        assert!(b.blocked(b2).is_some());
+        assert!(b.blocked("2001:db8:0:1::1".parse().expect("v6")).is_none());
         let off = AddressBudget::new(0, 0);
         for _ in 0..100 {
             assert!(off.spend(ip).is_ok());
