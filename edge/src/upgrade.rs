@@ -173,6 +173,18 @@ pub struct Origin {
     port: u16,
 }
 
+/// The form a browser sends: `scheme://host`, with `:port` unless it is the scheme's default.
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let default = if self.scheme == "https" { 443 } else { 80 };
+        write!(f, "{}://{}", self.scheme, self.host)?;
+        if self.port != default {
+            write!(f, ":{}", self.port)?;
+        }
+        Ok(())
+    }
+}
+
 /// Parses `scheme://host[:port]` (an `Origin` header, or an entry of `--allowed-origin`, where a
 /// trailing `/` is tolerated), for `http` and `https`. Anything else (a path, user info,
 /// non-ASCII, `null`, another scheme) is `None`: such an Origin is refused.
@@ -339,6 +351,23 @@ mod tests {
             &[],
             &headers(Some("http://chat.example"), "chat.example:80")
         ));
+    }
+
+    #[test]
+    fn origins_print_as_browsers_send_them() {
+        let show = |s: &str| parse_origin(s).map(|o| o.to_string());
+        assert_eq!(
+            show("HTTPS://App.example:443/").as_deref(),
+            Some("https://app.example")
+        );
+        assert_eq!(
+            show("http://[::1]:8080").as_deref(),
+            Some("http://[::1]:8080")
+        );
+        assert_eq!(
+            show("http://x.example:80").as_deref(),
+            Some("http://x.example")
+        );
     }
 
     #[test]

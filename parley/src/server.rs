@@ -385,7 +385,10 @@ fn cors_layer(allowed: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer>
         let list = allowed
             .iter()
             .map(|o| {
-                HeaderValue::from_str(o.trim_end_matches('/'))
+                // The form browsers send (lowercase, no default port), as the WebSocket
+                // check normalises it.
+                let canonical = parley_edge::parse_origin(o).map(|o| o.to_string());
+                HeaderValue::from_str(canonical.as_deref().unwrap_or(o))
                     .with_context(|| format!("--allowed-origin {o:?} is not a valid origin"))
             })
             .collect::<anyhow::Result<Vec<_>>>()?;

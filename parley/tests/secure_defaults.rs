@@ -368,6 +368,20 @@ async fn allowed_origins_are_normalised_and_exact() {
         );
         assert_eq!(refused.status, 403, "{bad}");
     }
+    // CORS reads the same list the same way.
+    let res = reqwest::Client::new()
+        .get(server.url("/v1/channels"))
+        .header("origin", "https://app.example")
+        .bearer_auth(token("alice"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        res.headers()
+            .get("access-control-allow-origin")
+            .and_then(|v| v.to_str().ok()),
+        Some("https://app.example")
+    );
     let err = serve_must_exit(&["--listen", "127.0.0.1:0", "--allowed-origin", "app.example"]);
     assert!(err.contains("--allowed-origin"), "{err}");
 }
