@@ -212,6 +212,19 @@ pub async fn build(
             );
         }
     }
+    for host in &args.allowed_hosts {
+        let host = host.trim();
+        if host.is_empty()
+            || !host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
+            })
+        {
+            bail!(
+                "--allowed-host {host:?} is not a host name: give a name like chat.example, or \
+                 name:port (no scheme, no path)"
+            );
+        }
+    }
     let hosts = Arc::new(HostAllowList {
         enforce: dev_mode || !args.allowed_hosts.is_empty(),
         extra: args

@@ -259,6 +259,14 @@ async fn development_mode_answers_only_loopback_and_configured_host_names() {
         .await;
         assert_eq!(r.status, 200, "{host}: {}", r.body);
     }
+    let err = serve_must_exit(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--allowed-host",
+        "http://chat.example/",
+    ]);
+    assert!(err.contains("--allowed-host"), "{err}");
+
     let same = format!("localhost:{port}");
     let ok = format!("http://localhost:{port}");
     let ws = upgrade_with(

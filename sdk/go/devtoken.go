@@ -14,7 +14,8 @@ type DevTokenParams struct {
 	UserID string `json:"user_id"`
 	// TenantID defaults to "default".
 	TenantID string `json:"tenant_id,omitempty"`
-	// TTL is the token's lifetime, 1 minute to 7 days (0: the server's default, one day).
+	// TTL is the token's lifetime, 1 minute up to the server's maximum token lifetime
+	// (--max-token-lifetime, one day by default); 0: one day, or that maximum when lower.
 	TTL time.Duration `json:"-"`
 }
 
