@@ -197,6 +197,19 @@ async fn the_default_loopback_server_and_parley_dev_run_in_development_mode() {
     assert!(err.contains("cannot listen"), "PARLEY_DEV=1: {err}");
 }
 
+/// A cluster node (PostgreSQL and NATS) runs in development mode when given `--dev` (what the
+/// test harness passes for `dev_key()` there).
+#[tokio::test]
+async fn a_cluster_node_runs_in_development_mode_with_dev() {
+    let server = ServerBuilder::new(Backend::Postgres)
+        .nats()
+        .dev_key()
+        .start();
+    let t = dev_token(&server, &common::unique("dev")).await;
+    let r = call(&server, "GET", "/v1/channels", None, Some(&t), None, None).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 // ---- 2. DNS rebinding ----
 
 /// In development mode a request whose Host is not a loopback name (a page of `evil.example`
