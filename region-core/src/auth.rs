@@ -102,6 +102,9 @@ pub enum Audience {
 
 /// The longest token lifetime accepted unless configured otherwise: 24 hours.
 pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 86_400;
+/// Allowance on the maximum lifetime for an issuer whose clock runs ahead of ours: a token issued
+/// for exactly the maximum by such an issuer is still accepted.
+pub const LIFETIME_SLACK_SECS: u64 = 300;
 
 /// Verifies access tokens.
 pub struct Authenticator {
@@ -187,7 +190,7 @@ impl Authenticator {
             .unwrap_or(0);
         let latest = now
             .saturating_add(self.max_lifetime_secs)
-            .saturating_add(self.leeway_secs);
+            .saturating_add(LIFETIME_SLACK_SECS);
         if claims.exp > latest {
             return Err(AuthError::new(
                 ErrorCode::TokenInvalidClaims,
@@ -374,4 +377,64 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     let mut f = opts.open(path)?;
     f.write_all(contents.as_bytes())?;
     f.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    }
+
+    #[test]
+    fn exp_may_lie_at_most_the_maximum_lifetime_and_the_slack_ahead() {
+        let key = DevSigningKey::from_secret(vec![9; 32]);
+        let auth = Authenticator::new(vec![key.verification_key()], "i".into(), "a".into())
+            .with_max_lifetime(3600);
+        let within = key.sign(
+            "u",
+            "t",
+            Vec::new(),
+            3600 + LIFETIME_SLACK_SECS - 60,
+            "i",
+            "a",
+        );
+        assert!(auth.verify(&within).is_ok());
+        let beyond = key.sign(
+            "u",
+            "t",
+            Vec::new(),
+            3600 + LIFETIME_SLACK_SECS + 60,
+            "i",
+            "a",
+        );
+        let e = auth.verify(&beyond).expect_err("too long");
+        assert_eq!(e.code, ErrorCode::TokenInvalidClaims);
+        assert!(e.message.contains("--max-token-lifetime"));
+        let forever = key.sign("u", "t", Vec::new(), (1u64 << 62) - now(), "i", "a");
+        assert_eq!(
+            auth.verify(&forever).map_err(|e| e.code),
+            Err(ErrorCode::TokenInvalidClaims)
+        );
+    }
+
+    #[test]
+    fn the_bad_signature_hint_is_appended() {
+        let key = DevSigningKey::from_secret(vec![9; 32]);
+        let other = DevSigningKey::from_secret(vec![8; 32]);
+        let auth = Authenticator::new(vec![key.verification_key()], "i".into(), "a".into())
+            .with_bad_signature_hint("check the data folder");
+        let t = other.sign("u", "t", Vec::new(), 60, "i", "a");
+        let e = auth.verify(&t).expect_err("bad signature");
+        assert_eq!(e.code, ErrorCode::TokenBadSignature);
+        assert!(
+            e.message.ends_with("check the data folder"),
+            "{}",
+            e.message
+        );
+    }
 }
