@@ -401,3 +401,44 @@ test("a call rings, is answered, announces joins and leaves, and ends as a misse
     await kim.page.locator(".call-notice[data-kind=missed]", { hasText: "mo did not answer your call" }).waitFor({ timeout: 10_000 });
   });
 });
+
+test("a call in a channel invites the members quietly, without taking over their page", { timeout: 120_000 }, async () => {
+  const uma = await signedIn("uma");
+  const vic = await signedIn("vic");
+  await onFailure([uma, vic], "channel-call", async () => {
+    await createChannel(uma, "standup", ["vic"]);
+    await sidebar(vic).getByRole("button", { name: /Channel standup/ }).click();
+    await vic.page.getByRole("heading", { name: "# standup" }).waitFor();
+
+    await uma.page.getByRole("button", { name: "Start call" }).click();
+    await uma.page.locator("#call-waiting", { hasText: "Waiting for others to join…" }).waitFor({ timeout: 15_000 });
+    const invite = vic.page.getByRole("dialog", { name: "Call started" });
+    await invite.waitFor({ timeout: 10_000 });
+    assert.equal(await vic.page.locator("#incoming-call-text").textContent(), "uma started a call in # standup.");
+    assert.equal(await vic.page.locator("#incoming-call").getAttribute("data-sound"), null, "no ring tone for a channel call");
+    // The page stays usable: Vic writes while the notice is up.
+    await vic.page.getByLabel("Message #standup").fill("joining in a second");
+    await vic.page.getByLabel("Message #standup").press("Enter");
+    await row(uma, "joining in a second").waitFor({ timeout: 10_000 });
+    await screenshot(vic.page, out, "22-vic-invited-to-a-channel-call");
+    await invite.getByRole("button", { name: "Join" }).click();
+    await invite.waitFor({ state: "detached", timeout: 5_000 });
+    await vic.page.locator("#call-status", { hasText: "In call" }).waitFor({ timeout: 15_000 });
+    await uma.page.locator("#call-notices li", { hasText: "vic joined the call" }).waitFor({ timeout: 15_000 });
+    await vic.page.getByRole("button", { name: "Leave" }).click();
+    await uma.page.locator("#call-notices li", { hasText: "vic left the call" }).waitFor({ timeout: 15_000 });
+    await uma.page.locator("#call-waiting", { hasText: "You are the only one in the call." }).waitFor({ timeout: 5_000 });
+    await uma.page.getByRole("button", { name: "Leave" }).click();
+    await vic.page.locator(".call-notice[data-kind=ended]", { hasText: "Call with uma and you" }).waitFor({ timeout: 15_000 });
+
+    // Dismissed, and nobody joins: a channel call waits (no "No answer"); its starter ends it.
+    await uma.page.getByRole("button", { name: "Start call" }).click();
+    await invite.waitFor({ timeout: 10_000 });
+    await vic.page.keyboard.press("Escape");
+    await invite.waitFor({ state: "detached", timeout: 5_000 });
+    await uma.page.getByRole("button", { name: "Leave" }).click();
+    await vic.page.locator(".call-notice[data-kind=missed]", { hasText: "uma started a call no one joined" }).waitFor({ timeout: 15_000 });
+    await uma.page.locator(".call-notice[data-kind=missed]", { hasText: "No one joined your call" }).waitFor({ timeout: 15_000 });
+    await screenshot(vic.page, out, "23-vic-sees-the-unjoined-call");
+  });
+});

@@ -203,10 +203,12 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
     if (call.participants.some((p) => p.user_id === this.state.me && !p.left_at)) return;
     const c = this.state.conversations.get(call.channel_id);
     if (!c || Date.parse(call.started_at) + ringTimeoutMs() < Date.now()) return;
-    const text = c.channel.kind === "dm" ? `${call.started_by} is calling you.` : `${call.started_by} started a call in # ${this.state.title(c)}.`;
+    const dm = c.channel.kind === "dm";
+    const text = dm ? `${call.started_by} is calling you.` : `${call.started_by} started a call in # ${this.state.title(c)}.`;
     this.#ringer.ring({
       call,
       text,
+      mode: dm ? "ring" : "notify",
       accept: () => {
         this.select(call.channel_id);
         void this.#calls.startOrJoin(call.channel_id);

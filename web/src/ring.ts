@@ -1,7 +1,9 @@
-//! An incoming call: a dialog that rings (Accept / Decline), with a ring tone where the browser
-//! lets the page play sound (autoplay rules may keep it silent until the page was interacted
-//! with; the dialog shows either way). It stops when answered, declined, answered in another tab,
-//! when the call ends, and after the ring time.
+//! An incoming call. In a DM: a dialog that rings (Accept / Decline), with a ring tone where the
+//! browser lets the page play sound (autoplay rules may keep it silent until the page was
+//! interacted with; the dialog shows either way). In a channel, where a call is an invitation to
+//! many rather than a call to you: a quiet notice in a corner (Join / Dismiss), no tone. Either
+//! stops when answered, declined, answered in another tab, when the call ends, and after the ring
+//! time.
 import type { Call } from "@parley/sdk";
 import { h } from "./dom.js";
 
@@ -16,6 +18,8 @@ export interface Ringing {
   call: Call;
   /** "alice is calling you", "alice started a call in # general". */
   text: string;
+  /** `ring` (a DM: modal, with a tone) or `notify` (a channel: a quiet notice). */
+  mode: "ring" | "notify";
   accept: () => void;
 }
 
@@ -25,6 +29,7 @@ export class Ringer {
   #timer: ReturnType<typeof setTimeout> | undefined;
   #audio: AudioContext | null = null;
   #tone: ReturnType<typeof setInterval> | undefined;
+  #cleanup: (() => void) | null = null;
 
   /** The call ringing now, if any. */
   get callId(): string | null {
@@ -37,12 +42,13 @@ export class Ringer {
     const left = Date.parse(r.call.started_at) + ringTimeoutMs() - Date.now();
     if (left <= 0) return;
     this.#callId = r.call.id;
-    const accept = h("button", { class: "button primary", type: "button", id: "accept-call" }, "Accept");
-    const decline = h("button", { class: "button danger", type: "button", id: "decline-call" }, "Decline");
+    const ring = r.mode === "ring";
+    const accept = h("button", { class: "button primary", type: "button", id: "accept-call" }, ring ? "Accept" : "Join");
+    const decline = h("button", { class: ring ? "button danger" : "button", type: "button", id: "decline-call" }, ring ? "Decline" : "Dismiss");
     const dialog = h(
       "dialog",
-      { class: "incoming-call", id: "incoming-call", "aria-labelledby": "incoming-call-title", "data-call-id": r.call.id },
-      h("h2", { id: "incoming-call-title" }, "Incoming call"),
+      { class: `incoming-call${ring ? "" : " call-invite"}`, id: "incoming-call", "aria-labelledby": "incoming-call-title", "data-call-id": r.call.id },
+      h("h2", { id: "incoming-call-title" }, ring ? "Incoming call" : "Call started"),
       h("p", { id: "incoming-call-text" }, r.text),
       h("div", { class: "dialog-actions" }, decline, accept),
     );
@@ -55,16 +61,29 @@ export class Ringer {
     dialog.addEventListener("close", () => this.stop(r.call.id));
     this.#dialog = dialog;
     document.body.append(dialog);
-    dialog.showModal();
-    accept.focus();
     this.#timer = setTimeout(() => this.stop(r.call.id), left);
-    this.#startTone(dialog);
+    if (ring) {
+      dialog.showModal();
+      accept.focus();
+      this.#startTone(dialog);
+    } else {
+      // Not modal: whoever is typing keeps typing. Escape dismisses it, wherever the focus is,
+      // unless something else (a dialog, a message being edited) takes that Escape.
+      dialog.show();
+      const onKey = (e: KeyboardEvent) => {
+        if (e.key === "Escape" && !e.defaultPrevented && !document.querySelector("dialog[open]:modal")) this.stop(r.call.id);
+      };
+      document.addEventListener("keydown", onKey);
+      this.#cleanup = () => document.removeEventListener("keydown", onKey);
+    }
   }
 
   /** Stops ringing (only if `callId` is the ringing call, when given). */
   stop(callId?: string): void {
     if (callId !== undefined && callId !== this.#callId) return;
     this.#callId = null;
+    this.#cleanup?.();
+    this.#cleanup = null;
     clearTimeout(this.#timer);
     clearInterval(this.#tone);
     this.#tone = undefined;

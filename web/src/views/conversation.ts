@@ -254,7 +254,7 @@ export class ConversationView {
     const me = this.state.me;
     let text: string;
     if (!answered) {
-      if (call.started_by !== me) text = `Missed call from ${call.started_by}`;
+      if (call.started_by !== me) text = c.channel.kind === "dm" ? `Missed call from ${call.started_by}` : `${call.started_by} started a call no one joined`;
       else if (c.channel.kind === "dm") text = `${this.state.dmPartner(c) ?? "They"} did not answer your call`;
       else text = "No one joined your call";
     } else {
