@@ -172,7 +172,7 @@ export class ConversationView {
         { class: "button", type: "button", id: "members-button", "aria-haspopup": "dialog", onclick: () => this.actions.openMembers(c.channel.id) },
         `Members (${members.length})`,
       ),
-      canAdd ? h("button", { class: "button", type: "button", onclick: () => this.actions.addMember(c.channel.id) }, "Add member") : null,
+      canAdd ? h("button", { class: "button add-member", type: "button", onclick: () => this.actions.addMember(c.channel.id) }, "Add member") : null,
       h("button", { class: "button primary", type: "button", id: "call-button", disabled: inThisCall, onclick: () => this.actions.startOrJoinCall(c.channel.id) }, callLabel),
     );
   }
