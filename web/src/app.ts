@@ -32,13 +32,12 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
   #members: MembersDialog | null = null;
   #shell: HTMLElement | null = null;
   /** On narrow screens the conversation list is behind this button. */
-  readonly #sidebarToggle = h("button", {
-    class: "button small sidebar-toggle",
-    type: "button",
-    id: "sidebar-toggle",
-    "aria-controls": "sidebar",
-    "aria-expanded": "false",
-  }, h("span", { "aria-hidden": "true" }, "☰"), "Conversations");
+  readonly #sidebarToggle = h(
+    "button",
+    { class: "button small sidebar-toggle", type: "button", id: "sidebar-toggle", "aria-controls": "sidebar", "aria-expanded": "false" },
+    h("span", { "aria-hidden": "true" }, "☰"),
+    "Conversations",
+  );
   readonly #connection = h("span", { class: "connection", role: "status", id: "connection-status" });
   readonly #onSignOut: (notice?: string) => void;
   /** Sends whose promise failed, kept to offer "Retry": client_msg_id → text. */
@@ -67,21 +66,21 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
     const signOut = h("button", { class: "button small", type: "button", onclick: () => this.signOut() }, "Sign out");
     this.#sidebarToggle.addEventListener("click", () => this.#showSidebar(this.#sidebarToggle.getAttribute("aria-expanded") !== "true"));
     this.#shell = h(
-        "div",
-        { class: "shell" },
-        h(
-          "header",
-          { class: "topbar" },
-          this.#sidebarToggle,
-          h("h1", { class: "brand" }, "Parley"),
-          this.#connection,
-          h("span", { class: "spacer" }),
-          h("span", { id: "signed-in-as" }, h("span", { class: "signed-in-label" }, "Signed in as "), h("strong", {}, this.state.me)),
-          signOut,
-        ),
-        this.#sidebar.element,
-        this.#conversation.element,
-      );
+      "div",
+      { class: "shell" },
+      h(
+        "header",
+        { class: "topbar" },
+        this.#sidebarToggle,
+        h("h1", { class: "brand" }, "Parley"),
+        this.#connection,
+        h("span", { class: "spacer" }),
+        h("span", { id: "signed-in-as" }, h("span", { class: "signed-in-label" }, "Signed in as "), h("strong", {}, this.state.me)),
+        signOut,
+      ),
+      this.#sidebar.element,
+      this.#conversation.element,
+    );
     this.#root.replaceChildren(this.#shell);
     this.#root.removeAttribute("aria-busy");
     this.#renderConnection();
