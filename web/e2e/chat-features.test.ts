@@ -380,10 +380,11 @@ test("a call rings, is answered, announces joins and leaves, and ends as a misse
     await kim.page.locator(".call-notice[data-kind=ended]", { hasText: "Call with you and lea" }).waitFor({ timeout: 15_000 });
     await lea.page.locator(".call-notice[data-kind=ended]", { hasText: "Call with kim and you" }).waitFor({ timeout: 15_000 });
 
-    // Kim calls again; Lea declines; after the ring time Kim gives up, and both see a missed call.
+    // Kim calls again; Lea declines (Escape; chat-and-call clicks Decline); after the ring time
+    // Kim gives up, and both see a missed call.
     await kim.page.getByRole("button", { name: "Start call" }).click();
     await ringing.waitFor({ timeout: 10_000 });
-    await ringing.getByRole("button", { name: "Decline" }).click();
+    await lea.page.keyboard.press("Escape");
     await ringing.waitFor({ state: "detached", timeout: 5_000 });
     await kim.page.locator("#call-status", { hasText: "No answer from lea." }).waitFor({ timeout: RING_MS + 10_000 });
     await kim.page.locator(".call-notice[data-kind=missed]", { hasText: "lea did not answer your call" }).waitFor({ timeout: 10_000 });
