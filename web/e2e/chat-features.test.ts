@@ -443,3 +443,50 @@ test("a call in a channel invites the members quietly, without taking over their
     await screenshot(vic.page, out, "23-vic-sees-the-unjoined-call");
   });
 });
+
+test("an unread count computed before your read does not bring the badge back", { timeout: 60_000 }, async () => {
+  // Wes's WebSocket goes through the test, which can hand his page a frame as the server would.
+  const context = await newContext(browser, server.origin);
+  contexts.push(context);
+  const page = await context.newPage();
+  logPageErrors(page, "wes", log);
+  const sockets: Array<import("playwright-core").WebSocketRoute> = [];
+  await page.routeWebSocket(/\/v1\/ws$/, (ws) => {
+    sockets.push(ws);
+    ws.connectToServer();
+  });
+  await page.goto(server.origin);
+  await page.getByLabel("User id").fill("wes");
+  await page.getByRole("button", { name: "Sign in" }).click();
+  await page.locator("#connection-status[data-state=connected]").waitFor({ timeout: 15_000 });
+  const wes: Person = { name: "wes", page };
+  const xan = await signedIn("xan");
+  await onFailure([wes, xan], "stale-unread", async () => {
+    await openDm(xan, "wes");
+    await xan.page.getByLabel("Message wes").fill("one");
+    await xan.page.getByLabel("Message wes").press("Enter");
+    const dm = sidebar(wes).getByRole("button", { name: /Direct message with xan/ });
+    await waitFor("Wes to see 1 unread", async () => (await dm.getAttribute("aria-label"))?.includes("1 unread"), { timeoutMs: 10_000 });
+    await dm.click();
+    await row(wes, "one").waitFor({ timeout: 10_000 });
+    await waitFor("the DM to be read on Wes's side", async () => !(await dm.getAttribute("aria-label"))?.includes("unread"), { timeoutMs: 10_000 });
+    const seq = Number(await row(wes, "one").getAttribute("data-seq"));
+    const channelId = await dm.getAttribute("data-channel-id");
+
+    // The count looked up when "one" arrived, before Wes read it, comes after his read.
+    const socket = sockets[sockets.length - 1]!;
+    socket.send(JSON.stringify({ type: "unread.updated", channel_id: channelId, unread_count: 1, last_read_seq: seq - 1 }));
+    await page.evaluate(() => new Promise((r) => setTimeout(r, 300)));
+    assert.ok(!(await dm.getAttribute("aria-label"))?.includes("unread"), "a stale count does not mark the read DM unread again");
+    await screenshot(page, out, "24-stale-unread-ignored");
+
+    // A real change still shows: Wes looks elsewhere, Xan writes again.
+    await page.getByRole("button", { name: "New channel" }).click();
+    await page.getByRole("dialog").getByLabel("Channel name").fill("elsewhere");
+    await page.getByRole("dialog").getByRole("button", { name: "Create channel" }).click();
+    await page.getByRole("heading", { name: "# elsewhere" }).waitFor();
+    await xan.page.getByLabel("Message wes").fill("two");
+    await xan.page.getByLabel("Message wes").press("Enter");
+    await waitFor("Wes to see 1 unread again", async () => (await dm.getAttribute("aria-label"))?.includes("1 unread"), { timeoutMs: 10_000 });
+  });
+});

@@ -289,6 +289,9 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
     this.client.on("unread.updated", (u) => {
       const c = this.state.conversations.get(u.channel_id);
       if (!c) return;
+      // Counted against an older read position than ours (the server looked it up before our
+      // read reached it, and the frames can cross): stale, it would bring back a read badge.
+      if (u.last_read_seq < c.lastReadSeq) return;
       c.unread = u.unread_count;
       c.lastReadSeq = u.last_read_seq;
       this.#sidebar.render();
