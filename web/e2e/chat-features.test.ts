@@ -199,6 +199,13 @@ test("your own messages can be edited and deleted, with the keyboard too", { tim
     await composer.press("ArrowUp");
     await waitFor("the editor on dora's last message", async () => (await edit.isVisible()) && (await edit.inputValue()) === "second", { timeoutMs: 5_000 });
     assert.ok(await edit.evaluate((el) => el === document.activeElement), "the editor has the focus");
+    // While Dora types, Eli answers and the list changes around her: she keeps typing undisturbed.
+    await edit.pressSequentially(" and more");
+    await eli.page.getByLabel("Message dora").fill("ok");
+    await eli.page.getByLabel("Message dora").press("Enter");
+    await row(dora, "ok").waitFor({ timeout: 10_000 });
+    assert.ok(await edit.evaluate((el) => el === document.activeElement), "the editor keeps the focus while the list changes");
+    assert.equal(await edit.inputValue(), "second and more");
     await edit.press("Escape");
     await edit.waitFor({ state: "detached", timeout: 5_000 });
     assert.ok(await composer.evaluate((el) => el === document.activeElement), "the composer has the focus again");

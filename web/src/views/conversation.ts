@@ -229,7 +229,11 @@ export class ConversationView {
         previous = m;
         const editing = this.#editing && m.delivery === "sent" && !m.message.deleted && this.#editing.id === m.message.id ? this.#editing : null;
         key = `${m.message.sender_id}\u0000${m.message.client_msg_id}`;
-        shown = JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? [], continued, editing && [editing.error, editing.saving]]);
+        // The row being edited is kept while receipts and grouping change around it: rebuilding
+        // it would take the focus (and the caret) away from the person typing.
+        shown = editing
+          ? JSON.stringify(["editing", m.message.text, m.message.edited_at ?? null, editing.error, editing.saving])
+          : JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? [], continued]);
         make = () => this.#message(c, m, readers, continued, editing);
       }
       let row = this.#rows.get(key);
