@@ -62,7 +62,8 @@ export class MembersDialog {
         if (!user) throw new Error("Enter a user id.");
         const role = (this.#role.value || "member") as MemberRole;
         await this.actions.addMemberAs(this.channelId, user, role);
-        this.#user.value = "";
+        // Keep whatever was typed meanwhile (the list shows the new member before this returns).
+        if (this.#user.value.trim() === user) this.#user.value = "";
         this.#user.focus();
       });
     });
