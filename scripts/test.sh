@@ -21,8 +21,9 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-# Build outside the clone so that fresh clones (CI) reuse one warm target dir.
-export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/parley-target}"
+# Build where `cargo run` builds (the clone's ./target), so the README's two commands share one
+# build. CI (.ci/run) sets CARGO_TARGET_DIR to a warm dir outside the clone instead.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 
 # The shared target dir grows with every change built into it (incremental caches, stale test
 # binaries); once it filled the disk and a run failed with ENOSPC. When the disk it lives on has

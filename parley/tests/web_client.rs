@@ -105,3 +105,35 @@ async fn web_dir_is_served_at_the_root_and_the_api_keeps_its_errors() {
     let escape = get("/../../etc/passwd").await.unwrap();
     assert!(!escape.text().await.unwrap().contains("root:"));
 }
+
+#[tokio::test]
+async fn built_in_web_client_serves_its_icons() {
+    // No --web-dir: the copy of web/dist built into the binary.
+    let server = ServerBuilder::new(Backend::Sqlite).start();
+    let http = reqwest::Client::new();
+
+    // Browsers ask for /favicon.ico on their own; it must not be a 404 on every load.
+    let ico = http.get(server.url("/favicon.ico")).send().await.unwrap();
+    assert_eq!(ico.status(), 200);
+    assert_eq!(ico.headers()["content-type"], "image/x-icon");
+    let bytes = ico.bytes().await.unwrap();
+    assert_eq!(
+        &bytes[..6],
+        &[0, 0, 1, 0, 1, 0],
+        "an ICO header with one image"
+    );
+
+    let svg = http.get(server.url("/favicon.svg")).send().await.unwrap();
+    assert_eq!(svg.status(), 200);
+    assert_eq!(svg.headers()["content-type"], "image/svg+xml");
+    assert!(svg.text().await.unwrap().starts_with("<svg"));
+
+    // The page declares it.
+    let page = http.get(server.url("/")).send().await.unwrap();
+    assert!(
+        page.text()
+            .await
+            .unwrap()
+            .contains(r#"<link rel="icon" href="/favicon.svg""#)
+    );
+}

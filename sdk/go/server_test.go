@@ -34,8 +34,8 @@ func parleyBin(t testing.TB) string {
 	}
 	target := os.Getenv("CARGO_TARGET_DIR")
 	if target == "" {
-		home, _ := os.UserHomeDir()
-		target = filepath.Join(home, ".cache", "parley-target")
+		// Where `cargo build` puts it: the repository's target/ (the tests run in sdk/go).
+		target, _ = filepath.Abs(filepath.Join("..", "..", "target"))
 	}
 	bin := filepath.Join(target, "debug", "parley")
 	if _, err := os.Stat(bin); err != nil {

@@ -163,6 +163,11 @@ async function scenario(alice: Person, bob: Person): Promise<void> {
   await conversationButton(bob, /Direct message with alice/).click();
   await alice.page.getByRole("button", { name: "Start call" }).click();
   await alice.page.locator("#call-status", { hasText: "In call" }).waitFor({ timeout: 15_000 });
+  // Bob's page rings; he declines, then joins from the conversation's header after all.
+  const ringing = bob.page.getByRole("dialog", { name: "Incoming call" });
+  await ringing.waitFor({ timeout: 10_000 });
+  await ringing.getByRole("button", { name: "Decline" }).click();
+  await ringing.waitFor({ state: "detached", timeout: 5_000 });
   await bob.page.getByRole("button", { name: /Join call \(1 in call\)/ }).click();
   await bob.page.locator("#call-status", { hasText: "In call" }).waitFor({ timeout: 15_000 });
   for (const p of [alice, bob]) {

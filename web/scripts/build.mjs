@@ -9,6 +9,7 @@ import { mkdir, readFile, rm, writeFile } from "node:fs/promises";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import * as esbuild from "esbuild";
+import { faviconIco } from "./favicon.mjs";
 
 const webDir = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 /**
@@ -69,6 +70,9 @@ export async function build(outDir) {
     html = html.replaceAll(`/${name}"`, `/${name}?v=${hash}"`);
   }
   files.set("index.html", new TextEncoder().encode(html));
+  // The icon: SVG for browsers that read index.html's <link>, ICO at /favicon.ico for the rest.
+  files.set("favicon.svg", await readFile(join(webDir, "src/favicon.svg")));
+  files.set("favicon.ico", faviconIco());
 
   for (const [name, body] of files) {
     await mkdir(dirname(join(out, name)), { recursive: true });

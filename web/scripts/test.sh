@@ -4,7 +4,8 @@
 #   2. npm ci in web/ when node_modules is missing or older than package-lock.json;
 #   3. tsc --noEmit (the app, strict, and the tests);
 #   4. web/dist is what the sources build (rebuilt into a temporary folder and compared);
-#   5. the browser tests in web/e2e (node --test), against $PARLEY_BIN.
+#   5. the browser tests in web/e2e (node --test), against $PARLEY_BIN (default: the debug build
+#      in $CARGO_TARGET_DIR, or in the repository's ./target where `cargo run` builds).
 # Screenshots and server logs go to $PARLEY_ARTIFACTS_DIR, or web/e2e/artifacts.
 # The Go peer test builds sdk/go/examples/callpeer with `go build`.
 set -euo pipefail
@@ -17,7 +18,10 @@ fail() {
 }
 
 # Paths given relative to where the script was called from.
-[ -n "${PARLEY_BIN:-}" ] || fail "PARLEY_BIN is not set: build the server with \`cargo build -p parley --locked\` and point PARLEY_BIN at \${CARGO_TARGET_DIR:-\$HOME/.cache/parley-target}/debug/parley"
+if [ -z "${PARLEY_BIN:-}" ]; then
+  PARLEY_BIN="${CARGO_TARGET_DIR:-$(cd "$web/.." && pwd)/target}/debug/parley"
+  [ -x "$PARLEY_BIN" ] || fail "no server at $PARLEY_BIN: build it with \`cargo build -p parley --locked\` (from the repository root), or point PARLEY_BIN at a parley binary"
+fi
 [ -x "$PARLEY_BIN" ] || fail "PARLEY_BIN=$PARLEY_BIN is not an executable file"
 export PARLEY_BIN="$(cd "$(dirname "$PARLEY_BIN")" && pwd)/$(basename "$PARLEY_BIN")"
 if [ -n "${PARLEY_ARTIFACTS_DIR:-}" ]; then

@@ -1,12 +1,14 @@
 //! The signed-in app: owns the SDK client, keeps `AppState` up to date from REST answers and live
 //! events, and renders the views. Views call back through the `*Actions` interfaces.
-import { isParleyError, ParleyClient, type Channel, type ConnectionStateChange, type DeliveredEvent, type Message } from "@parley/sdk";
+import { isParleyError, ParleyClient, type Call, type Channel, type ConnectionStateChange, type DeliveredEvent, type MemberRole, type Message } from "@parley/sdk";
 import { h } from "./dom.js";
 import { sessionOutboxStore, type DevSession } from "./session.js";
 import { AppState, newConversation, upsertMessage, type ConversationState } from "./state.js";
 import { CallController } from "./call.js";
 import { ConversationView, type ConversationActions } from "./views/conversation.js";
-import { openFormDialog } from "./views/dialog.js";
+import { Ringer, ringTimeoutMs } from "./ring.js";
+import { openConfirmDialog, openFormDialog } from "./views/dialog.js";
+import { MembersDialog, type MembersActions } from "./views/members.js";
 import { Sidebar, type SidebarActions } from "./views/sidebar.js";
 
 /** Messages per history page. */
@@ -19,13 +21,23 @@ export interface AppOptions {
   onSignOut: (notice?: string) => void;
 }
 
-export class App implements SidebarActions, ConversationActions {
+export class App implements SidebarActions, ConversationActions, MembersActions {
   readonly state: AppState;
   readonly client: ParleyClient;
   readonly #root: HTMLElement;
   readonly #sidebar: Sidebar;
   readonly #conversation: ConversationView;
   readonly #calls: CallController;
+  readonly #ringer = new Ringer();
+  #members: MembersDialog | null = null;
+  #shell: HTMLElement | null = null;
+  /** On narrow screens the conversation list is behind this button. */
+  readonly #sidebarToggle = h(
+    "button",
+    { class: "button small sidebar-toggle", type: "button", id: "sidebar-toggle", "aria-controls": "sidebar", "aria-expanded": "false" },
+    h("span", { "aria-hidden": "true" }, "☰"),
+    "Conversations",
+  );
   readonly #connection = h("span", { class: "connection", role: "status", id: "connection-status" });
   readonly #onSignOut: (notice?: string) => void;
   /** Sends whose promise failed, kept to offer "Retry": client_msg_id → text. */
@@ -52,23 +64,24 @@ export class App implements SidebarActions, ConversationActions {
   /** Connects, loads the conversations, and shows the app. */
   async start(): Promise<void> {
     const signOut = h("button", { class: "button small", type: "button", onclick: () => this.signOut() }, "Sign out");
-    this.#root.replaceChildren(
+    this.#sidebarToggle.addEventListener("click", () => this.#showSidebar(this.#sidebarToggle.getAttribute("aria-expanded") !== "true"));
+    this.#shell = h(
+      "div",
+      { class: "shell" },
       h(
-        "div",
-        { class: "shell" },
-        h(
-          "header",
-          { class: "topbar" },
-          h("h1", { class: "brand" }, "Parley"),
-          this.#connection,
-          h("span", { class: "spacer" }),
-          h("span", { id: "signed-in-as" }, h("span", { class: "signed-in-label" }, "Signed in as "), h("strong", {}, this.state.me)),
-          signOut,
-        ),
-        this.#sidebar.element,
-        this.#conversation.element,
+        "header",
+        { class: "topbar" },
+        this.#sidebarToggle,
+        h("h1", { class: "brand" }, "Parley"),
+        this.#connection,
+        h("span", { class: "spacer" }),
+        h("span", { id: "signed-in-as" }, h("span", { class: "signed-in-label" }, "Signed in as "), h("strong", {}, this.state.me)),
+        signOut,
       ),
+      this.#sidebar.element,
+      this.#conversation.element,
     );
+    this.#root.replaceChildren(this.#shell);
     this.#root.removeAttribute("aria-busy");
     this.#renderConnection();
     this.renderAll();
@@ -94,12 +107,29 @@ export class App implements SidebarActions, ConversationActions {
       { signal },
     );
     document.addEventListener("visibilitychange", () => this.#markSelectedRead(), { signal });
+    // Escape closes the conversation list when it covers the conversation (narrow screens).
+    document.addEventListener(
+      "keydown",
+      (e) => {
+        if (e.key === "Escape" && this.#shell?.classList.contains("sidebar-open") && this.state.selected) this.#showSidebar(false);
+      },
+      { signal },
+    );
+  }
+
+  /** Shows or hides the conversation list over the conversation (narrow screens only, by CSS). */
+  #showSidebar(open: boolean): void {
+    this.#shell?.classList.toggle("sidebar-open", open);
+    this.#sidebarToggle.setAttribute("aria-expanded", String(open));
+    if (open) this.#sidebar.element.querySelector<HTMLElement>("button.conversation[aria-current=true], button.conversation")?.focus();
   }
 
   signOut(notice?: string): void {
     if (this.#stop.signal.aborted) return;
     this.#stop.abort();
     clearInterval(this.#typingRender);
+    this.#ringer.stop();
+    this.#members?.close();
     void this.#calls.leave();
     this.client.close();
     document.title = "Parley";
@@ -109,6 +139,8 @@ export class App implements SidebarActions, ConversationActions {
   renderAll(): void {
     this.#sidebar.render();
     this.#conversation.render();
+    this.#members?.render();
+    if (this.#shell) this.#shell.dataset.selected = String(this.state.selected !== null);
     this.#renderTitle();
   }
 
@@ -157,7 +189,39 @@ export class App implements SidebarActions, ConversationActions {
       c.members = members.members;
       for (const m of members.members) c.readBy.set(m.user_id, Math.max(c.readBy.get(m.user_id) ?? 0, m.last_read_seq ?? 0));
     }
-    if (calls) c.call = calls.calls.find((call) => !call.ended_at) ?? null;
+    if (calls) {
+      c.call = calls.calls.find((call) => !call.ended_at) ?? null;
+      c.pastCalls = calls.calls.filter((call) => call.ended_at);
+      if (c.call) this.#maybeRing(c.call);
+    }
+  }
+
+  /** Rings for a call someone else started, unless we are in it or it started too long ago. */
+  #maybeRing(call: Call): void {
+    if (call.ended_at || call.started_by === this.state.me || this.#calls.channelId === call.channel_id) return;
+    if (call.participants.some((p) => p.user_id === this.state.me && !p.left_at)) return;
+    const c = this.state.conversations.get(call.channel_id);
+    if (!c || Date.parse(call.started_at) + ringTimeoutMs() < Date.now()) return;
+    const dm = c.channel.kind === "dm";
+    const text = dm ? `${call.started_by} is calling you.` : `${call.started_by} started a call in # ${this.state.title(c)}.`;
+    this.#ringer.ring({
+      call,
+      text,
+      mode: dm ? "ring" : "notify",
+      accept: () => {
+        this.select(call.channel_id);
+        void this.#calls.startOrJoin(call.channel_id);
+      },
+    });
+  }
+
+  /** A call ended: keep it (with its participants, from the server) for the conversation's notice. */
+  async #callEnded(channelId: string, callId: string): Promise<void> {
+    const call = await this.client.rest.getCall(callId);
+    const c = this.state.conversations.get(channelId);
+    if (!c) return;
+    c.pastCalls = [...c.pastCalls.filter((p) => p.id !== call.id), call];
+    if (channelId === this.state.selected) this.#conversation.render();
   }
 
   /** Messages restored from the outbox of an earlier page: shown as pending until the SDK sends them. */
@@ -225,6 +289,9 @@ export class App implements SidebarActions, ConversationActions {
     this.client.on("unread.updated", (u) => {
       const c = this.state.conversations.get(u.channel_id);
       if (!c) return;
+      // Counted against an older read position than ours (the server looked it up before our
+      // read reached it, and the frames can cross): stale, it would bring back a read badge.
+      if (u.last_read_seq < c.lastReadSeq) return;
       c.unread = u.unread_count;
       c.lastReadSeq = u.last_read_seq;
       this.#sidebar.render();
@@ -290,8 +357,11 @@ export class App implements SidebarActions, ConversationActions {
         break;
       case "call.started":
         c.call = event.call;
+        this.#maybeRing(event.call);
         break;
       case "call.participant_joined":
+        // Answered in another tab of ours.
+        if (event.participant.user_id === this.state.me) this.#ringer.stop(event.call_id);
         if (c.call && c.call.id === event.call_id) {
           c.call = { ...c.call, participants: [...c.call.participants.filter((p) => p.participant_id !== event.participant.participant_id), event.participant] };
         }
@@ -306,6 +376,8 @@ export class App implements SidebarActions, ConversationActions {
         break;
       case "call.ended":
         if (c.call && c.call.id === event.call_id) c.call = null;
+        this.#ringer.stop(event.call_id);
+        void this.#callEnded(c.channel.id, event.call_id).catch((e: unknown) => console.warn("parley: cannot load the ended call", e));
         break;
       case "channel.deleted":
         this.#forget(c.channel.id);
@@ -351,6 +423,7 @@ export class App implements SidebarActions, ConversationActions {
     const c = this.state.conversations.get(channelId);
     if (!c) return;
     this.state.selected = channelId;
+    this.#showSidebar(false);
     if (location.hash !== `#${channelId}`) history.replaceState(null, "", `#${encodeURIComponent(channelId)}`);
     this.renderAll();
     if (!c.historyLoaded) {
@@ -457,6 +530,65 @@ export class App implements SidebarActions, ConversationActions {
 
   startOrJoinCall(channelId: string): void {
     void this.#calls.startOrJoin(channelId);
+  }
+
+  async editMessage(channelId: string, messageId: string, text: string): Promise<void> {
+    try {
+      const message = await this.client.rest.editMessage(channelId, messageId, { text });
+      const c = this.state.conversations.get(channelId);
+      if (c) upsertMessage(c.messages, message);
+    } catch (e) {
+      throw new Error(isParleyError(e) ? `Not saved: ${e.message}` : "Not saved: the server could not be reached.");
+    }
+  }
+
+  deleteMessage(channelId: string, messageId: string): void {
+    openConfirmDialog({
+      title: "Delete message",
+      body: "Delete this message for everyone? It is replaced by “Message deleted”.",
+      confirmLabel: "Delete",
+      danger: true,
+      confirm: async () => {
+        const tombstone = await this.client.rest.deleteMessage(channelId, messageId);
+        const c = this.state.conversations.get(channelId);
+        if (c) upsertMessage(c.messages, tombstone);
+        this.#conversation.render();
+      },
+    });
+  }
+
+  openMembers(channelId: string): void {
+    this.#members?.close();
+    this.#members = new MembersDialog(this.state, this, channelId, () => {
+      this.#members = null;
+    });
+  }
+
+  // ---- MembersActions ----
+
+  async addMemberAs(channelId: string, userId: string, role: MemberRole): Promise<void> {
+    const member = await this.client.rest.addMember(channelId, role === "member" ? { user_id: userId } : { user_id: userId, role });
+    if (member.role !== role) {
+      // Adding someone who is already a member changes nothing (the API has no role change).
+      throw new Error(`${userId} is already a ${member.role} of this channel.`);
+    }
+    const c = this.state.conversations.get(channelId);
+    if (c) c.members = [...(c.members ?? []).filter((m) => m.user_id !== member.user_id), member];
+    await this.#refreshPresence().catch(() => {});
+    this.renderAll();
+  }
+
+  async removeMember(channelId: string, userId: string): Promise<void> {
+    await this.client.rest.removeMember(channelId, userId);
+    const c = this.state.conversations.get(channelId);
+    if (userId === this.state.me) {
+      this.#members?.close();
+      this.#forget(channelId);
+    } else if (c) {
+      c.members = (c.members ?? []).filter((m) => m.user_id !== userId);
+      c.readBy.delete(userId);
+    }
+    this.renderAll();
   }
 }
 

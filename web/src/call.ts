@@ -1,7 +1,12 @@
 //! The call panel: start or join the call of a conversation, send camera and microphone, and show
 //! one video tile per participant. Media and negotiation are the SDK's `CallSession`.
+//!
+//! While nobody else is in the call the panel says so ("Calling bob…", or that bob is offline);
+//! in a DM the caller gives up after the ring time ("No answer"), which ends the call, and both
+//! sides then see it as a missed call in the conversation. Joins and leaves are announced.
 import { isParleyError, joinCall, type CallPeerInfo, type CallSession, type ParleyClient } from "@parley/sdk";
 import { h, replaceChildren } from "./dom.js";
+import { ringTimeoutMs } from "./ring.js";
 import type { AppState } from "./state.js";
 
 interface Tile {
@@ -20,6 +25,12 @@ export class CallController {
   #local: MediaStream | null = null;
   #panel: HTMLElement | null = null;
   #status: HTMLElement | null = null;
+  /** "Calling bob…" while nobody else is in the call. */
+  #waiting: HTMLElement | null = null;
+  #notices: HTMLElement | null = null;
+  #noAnswer: ReturnType<typeof setTimeout> | undefined;
+  /** Participants in the call with us (for the join and leave notices). */
+  readonly #present = new Set<string>();
   readonly #tiles = new Map<string, Tile>();
 
   constructor(client: ParleyClient, state: AppState, container: HTMLElement, onChange: () => void) {
@@ -59,7 +70,11 @@ export class CallController {
       this.#session = session;
       this.#wire(session);
       this.#setStatus(this.#local ? "In call" : "In call (no camera or microphone: receiving only)");
-      for (const peer of session.peers()) this.#peerTile(peer);
+      for (const peer of session.peers()) {
+        this.#present.add(peer.participantId);
+        this.#peerTile(peer);
+      }
+      if (session.peers().length === 0) this.#awaitAnswer(channelId, title);
     } catch (e) {
       this.#teardown();
       this.#showPanel(title, `Could not join the call: ${e instanceof Error ? e.message : String(e)}`, true);
@@ -81,14 +96,58 @@ export class CallController {
     if (this.#session?.channelId === channelId) await this.leave();
   }
 
+  /** Nobody else is in the call yet: say whom we wait for; in a DM, give up after the ring time. */
+  #awaitAnswer(channelId: string, title: string): void {
+    const c = this.#state.conversations.get(channelId);
+    const partner = c ? this.#state.dmPartner(c) : null;
+    let text = c?.channel.kind === "dm" ? `Calling ${title}…` : "Waiting for others to join…";
+    if (partner && (this.#state.presence.get(partner) ?? "offline") === "offline") {
+      text = `${partner} is offline. They will see a missed call.`;
+    }
+    this.#setWaiting(text);
+    if (c?.channel.kind !== "dm") return;
+    const session = this.#session;
+    clearTimeout(this.#noAnswer);
+    this.#noAnswer = setTimeout(() => {
+      if (!session || this.#session !== session || this.#present.size > 0) return;
+      void this.leave().then(() => this.#showPanel(title, `No answer from ${partner ?? title}.`, true));
+    }, ringTimeoutMs());
+  }
+
+  #setWaiting(text: string): void {
+    if (!this.#waiting) return;
+    this.#waiting.textContent = text;
+    this.#waiting.hidden = text === "";
+  }
+
+  #notice(text: string): void {
+    if (!this.#notices) return;
+    this.#notices.append(h("li", {}, text));
+    while (this.#notices.children.length > 3) this.#notices.firstElementChild?.remove();
+  }
+
   #wire(session: CallSession): void {
-    session.on("peer.joined", (peer) => this.#peerTile(peer));
+    session.on("peer.joined", (peer) => {
+      this.#peerTile(peer);
+      if (!this.#present.has(peer.participantId)) {
+        this.#present.add(peer.participantId);
+        this.#notice(`${peer.userId} joined the call`);
+      }
+      clearTimeout(this.#noAnswer);
+      this.#setWaiting("");
+    });
     session.on("track", ({ participantId, userId, role, track, streams }) => {
       const tile = this.#peerTile({ participantId, userId, role });
       const stream = streams[0] ?? new MediaStream([track]);
       if (tile.video.srcObject !== stream) tile.video.srcObject = stream;
     });
-    session.on("peer.left", ({ participantId }) => this.#removeTile(participantId));
+    session.on("peer.left", ({ participantId, userId, reason }) => {
+      this.#removeTile(participantId);
+      if (this.#present.delete(participantId)) {
+        this.#notice(reason === "timeout" ? `${userId} lost their connection and left the call` : `${userId} left the call`);
+      }
+      if (this.#present.size === 0 && this.#session === session) this.#setWaiting("You are the only one in the call.");
+    });
     session.on("peer.reconnecting", ({ participantId }) => this.#tiles.get(participantId)?.element.setAttribute("data-state", "reconnecting"));
     session.on("peer.reconnected", ({ participantId }) => this.#tiles.get(participantId)?.element.removeAttribute("data-state"));
     session.on("peer.connectionstatechange", ({ participantId, state }) => {
@@ -113,6 +172,8 @@ export class CallController {
 
   #showPanel(title: string, status: string, closable = false): void {
     this.#status = h("p", { class: "call-status", role: "status", id: "call-status" }, status);
+    this.#waiting = h("p", { class: "call-waiting", role: "status", id: "call-waiting", hidden: true });
+    this.#notices = h("ul", { class: "call-notices", role: "log", "aria-live": "polite", id: "call-notices" });
     const controls: HTMLElement[] = [];
     if (closable) {
       controls.push(h("button", { class: "button", type: "button", onclick: () => this.#closePanel() }, "Close"));
@@ -129,6 +190,8 @@ export class CallController {
       { class: "call", "aria-label": `Call in ${title}`, id: "call-panel" },
       h("div", { class: "call-head" }, h("h3", {}, `Call · ${title}`), ...controls),
       this.#status,
+      this.#waiting,
+      this.#notices,
       tiles,
     );
     for (const tile of this.#tiles.values()) tiles.append(tile.element);
@@ -175,6 +238,8 @@ export class CallController {
 
   #teardown(): void {
     this.#session = null;
+    clearTimeout(this.#noAnswer);
+    this.#present.clear();
     for (const id of [...this.#tiles.keys()]) this.#removeTile(id);
     for (const track of this.#local?.getTracks() ?? []) track.stop();
     this.#local = null;

@@ -20,6 +20,8 @@ export interface ConversationState {
   readBy: Map<string, number>;
   /** The channel's active call, if any. */
   call: Call | null;
+  /** Ended calls (newest 50 from the server, and those ended since), shown as notices in the conversation. */
+  pastCalls: Call[];
   /** Loaded history, ascending by seq. */
   messages: ListedMessage[];
   /** Older messages exist that are not loaded yet. */
@@ -37,6 +39,7 @@ export function newConversation(channel: Channel): ConversationState {
     members: null,
     readBy: new Map(),
     call: null,
+    pastCalls: [],
     messages: [],
     hasBefore: false,
     historyLoaded: false,
@@ -67,10 +70,35 @@ export class AppState {
     return c.channel.name ?? c.channel.id;
   }
 
+  /**
+   * What tells this channel apart from others of the same name ("" when its name is unique in
+   * the list): the other members ("with bob, carol"), and the end of its id when that is not
+   * enough. Channel names are not unique per tenant, so two "general" channels are common.
+   */
+  disambiguation(c: ConversationState): string {
+    if (c.channel.kind !== "channel") return "";
+    const name = this.title(c).toLocaleLowerCase();
+    const twins = [...this.conversations.values()].filter((o) => o !== c && o.channel.kind === "channel" && this.title(o).toLocaleLowerCase() === name);
+    if (twins.length === 0) return "";
+    const mine = this.#membersLabel(c);
+    const clash = twins.some((o) => this.#membersLabel(o) === mine);
+    const tail = `…${c.channel.id.slice(-4)}`;
+    if (!mine) return tail;
+    return clash ? `${mine} · ${tail}` : mine;
+  }
+
+  #membersLabel(c: ConversationState): string {
+    if (!c.members) return "";
+    const others = c.members.map((m) => m.user_id).filter((u) => u !== this.me).sort();
+    if (others.length === 0) return "only you";
+    const shown = others.slice(0, 2).join(", ");
+    return others.length > 2 ? `with ${shown} +${others.length - 2}` : `with ${shown}`;
+  }
+
   sortedConversations(kind: "channel" | "dm"): ConversationState[] {
     return [...this.conversations.values()]
       .filter((c) => c.channel.kind === kind)
-      .sort((a, b) => this.title(a).localeCompare(this.title(b)));
+      .sort((a, b) => this.title(a).localeCompare(this.title(b)) || a.channel.id.localeCompare(b.channel.id));
   }
 }
 

@@ -3,7 +3,7 @@
 # (with the race detector) against a real `parley` binary.
 #
 # Needs PARLEY_BIN (the server binary); without it the tests look at
-# ${CARGO_TARGET_DIR:-~/.cache/parley-target}/debug/parley and fail, saying how to build it,
+# ${CARGO_TARGET_DIR:-<repository>/target}/debug/parley and fail, saying how to build it,
 # when it is not there. Extra arguments go to `go test` (e.g. -run TestChatFlow -v).
 set -euo pipefail
 
@@ -15,7 +15,7 @@ if ! command -v go >/dev/null 2>&1; then
 fi
 
 if [ -z "${PARLEY_BIN:-}" ]; then
-    default="${CARGO_TARGET_DIR:-${HOME:-/root}/.cache/parley-target}/debug/parley"
+    default="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}/debug/parley"
     if [ -x "$default" ]; then
         export PARLEY_BIN="$default"
     else

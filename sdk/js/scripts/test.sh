@@ -4,12 +4,12 @@
 #
 #   PARLEY_BIN=/path/to/parley sdk/js/scripts/test.sh [vitest arguments...]
 #
-# PARLEY_BIN defaults to the debug build in $CARGO_TARGET_DIR (default ~/.cache/parley-target).
+# PARLEY_BIN defaults to the debug build in $CARGO_TARGET_DIR (default: the repository's ./target).
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-target_dir="${CARGO_TARGET_DIR:-$HOME/.cache/parley-target}"
+target_dir="${CARGO_TARGET_DIR:-$(cd ../.. && pwd)/target}"
 export PARLEY_BIN="${PARLEY_BIN:-$target_dir/debug/parley}"
 if [[ ! -x "$PARLEY_BIN" ]]; then
   echo "sdk/js: no parley binary at PARLEY_BIN=$PARLEY_BIN" >&2

@@ -23,6 +23,8 @@ export async function launchChromium(): Promise<Browser> {
     "--disable-extensions",
     "--no-first-run",
     "--mute-audio",
+    // An incoming call may ring without an earlier click on the page (the tone is still muted).
+    "--autoplay-policy=no-user-gesture-required",
   ];
   // Chromium's sandbox refuses to start as root (CI runs as root).
   if (process.getuid?.() === 0) args.push("--no-sandbox");

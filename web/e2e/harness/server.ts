@@ -33,7 +33,7 @@ export function parleyBin(): string {
   if (!bin) {
     throw new Error(
       "PARLEY_BIN is not set: build the server (cargo build -p parley --locked) and set PARLEY_BIN " +
-        "to ${CARGO_TARGET_DIR:-$HOME/.cache/parley-target}/debug/parley",
+        "to ${CARGO_TARGET_DIR:-<repository>/target}/debug/parley (web/scripts/test.sh does)",
     );
   }
   return bin;

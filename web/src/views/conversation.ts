@@ -1,5 +1,10 @@
-//! The open conversation: its header (members with presence, add member, call button), the
-//! message list that pages back through history, read receipts, the typing line and the composer.
+//! The open conversation: its header (members with presence, the members dialog, add member, call
+//! button), the message list that pages back through history with notices of past calls, read
+//! receipts, editing and deleting your own messages, the typing line and the composer.
+//!
+//! Keys: Enter sends, Shift+Enter starts a new line, ArrowUp in an empty composer edits your last
+//! message; while editing, Enter saves and Escape cancels.
+import type { Call } from "@parley/sdk";
 import { formatTime, h, listNames, replaceChildren } from "../dom.js";
 import type { AppState, ConversationState, ListedMessage } from "../state.js";
 
@@ -9,7 +14,23 @@ export interface ConversationActions {
   typing(channelId: string, active: boolean): void;
   loadEarlier(channelId: string): Promise<void>;
   addMember(channelId: string): void;
+  openMembers(channelId: string): void;
   startOrJoinCall(channelId: string): void;
+  /** Saves a new text for one of your messages; rejects with a readable error. */
+  editMessage(channelId: string, messageId: string, text: string): Promise<void>;
+  /** Asks, then deletes one of your messages. */
+  deleteMessage(channelId: string, messageId: string): void;
+}
+
+/** One row of the list: a message, or the notice of a past call. */
+type Entry = { kind: "message"; m: ListedMessage } | { kind: "call"; call: Call };
+
+/** The message of ours being edited: its id, the text typed so far, and how saving went. */
+interface Editing {
+  id: string;
+  draft: string | null;
+  error: string;
+  saving: boolean;
 }
 
 /** Below this many pixels from the top, the list fetches older messages by itself. */
@@ -36,6 +57,8 @@ export class ConversationView {
   readonly #chat: HTMLElement;
   #shownId: string | null = null;
   #loadingEarlier = false;
+  /** The id of the message of ours being edited, and the edit's error, if any. */
+  #editing: Editing | null = null;
 
   constructor(
     private readonly state: AppState,
@@ -52,6 +75,12 @@ export class ConversationView {
       if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
         e.preventDefault();
         this.#submit();
+      } else if (e.key === "ArrowUp" && this.#input.value === "" && !e.isComposing) {
+        const last = this.#lastEditable();
+        if (last) {
+          e.preventDefault();
+          this.#startEdit(last.id);
+        }
       }
     });
     this.#input.addEventListener("input", () => {
@@ -81,6 +110,7 @@ export class ConversationView {
     const switched = this.#shownId !== c.channel.id;
     if (switched) {
       this.#shownId = c.channel.id;
+      this.#editing = null;
       this.#input.value = "";
       replaceChildren(this.element, this.#head, this.body);
       if (!this.body.contains(this.#chat)) this.body.prepend(this.#chat);
@@ -114,9 +144,15 @@ export class ConversationView {
     const inThisCall = this.inCall(c.channel.id);
     const callLabel = inThisCall ? `In call (${present})` : c.call ? `Join call (${present} in call)` : "Start call";
     const canAdd = c.channel.kind === "channel" && (c.channel.role === "owner" || c.channel.role === "moderator");
+    const twin = this.state.disambiguation(c);
     replaceChildren(
       this.#head,
-      h("h2", { id: "conversation-title" }, c.channel.kind === "dm" ? title : `# ${title}`),
+      h(
+        "div",
+        { class: "title-block" },
+        h("h2", { id: "conversation-title" }, c.channel.kind === "dm" ? title : `# ${title}`),
+        twin ? h("span", { class: "twin", id: "conversation-twin" }, `${twin} · created by ${c.channel.created_by}`) : null,
+      ),
       h(
         "ul",
         { class: "members", "aria-label": "Members" },
@@ -131,7 +167,12 @@ export class ConversationView {
           );
         }),
       ),
-      canAdd ? h("button", { class: "button", type: "button", onclick: () => this.actions.addMember(c.channel.id) }, "Add member") : null,
+      h(
+        "button",
+        { class: "button", type: "button", id: "members-button", "aria-haspopup": "dialog", onclick: () => this.actions.openMembers(c.channel.id) },
+        `Members (${members.length})`,
+      ),
+      canAdd ? h("button", { class: "button add-member", type: "button", onclick: () => this.actions.addMember(c.channel.id) }, "Add member") : null,
       h("button", { class: "button primary", type: "button", id: "call-button", disabled: inThisCall, onclick: () => this.actions.startOrJoinCall(c.channel.id) }, callLabel),
     );
   }
@@ -171,15 +212,33 @@ export class ConversationView {
     const next = new Map<string, { element: HTMLElement; shown: string }>();
     let cursor: ChildNode | null = this.#list.firstChild;
     let previous: ListedMessage | undefined;
-    for (const m of c.messages) {
-      const readers = m.delivery === "sent" ? receipts.get(m.message.seq) : undefined;
-      const continued = continues(previous, m);
-      previous = m;
-      const key = `${m.message.sender_id}\u0000${m.message.client_msg_id}`;
-      const shown = JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? [], continued]);
+    for (const entry of timeline(c)) {
+      let key: string;
+      let shown: string;
+      let make: () => HTMLElement;
+      if (entry.kind === "call") {
+        const call = entry.call;
+        key = `call\u0000${call.id}`;
+        shown = JSON.stringify([call.ended_at, call.participants.length]);
+        make = () => this.#callNotice(c, call);
+        previous = undefined;
+      } else {
+        const m = entry.m;
+        const readers = m.delivery === "sent" ? receipts.get(m.message.seq) : undefined;
+        const continued = continues(previous, m);
+        previous = m;
+        const editing = this.#editing && m.delivery === "sent" && !m.message.deleted && this.#editing.id === m.message.id ? this.#editing : null;
+        key = `${m.message.sender_id}\u0000${m.message.client_msg_id}`;
+        // The row being edited is kept while receipts and grouping change around it: rebuilding
+        // it would take the focus (and the caret) away from the person typing.
+        shown = editing
+          ? JSON.stringify(["editing", m.message.text, m.message.edited_at ?? null, editing.error, editing.saving])
+          : JSON.stringify([m.delivery, m.message.seq, m.message.text, m.message.deleted ?? false, m.message.edited_at ?? null, readers ?? [], continued]);
+        make = () => this.#message(c, m, readers, continued, editing);
+      }
       let row = this.#rows.get(key);
       if (!row || row.shown !== shown) {
-        const element = this.#message(c, m, readers, continued);
+        const element = make();
         if (row) row.element.replaceWith(element);
         if (row && cursor === row.element) cursor = element;
         row = { element, shown };
@@ -192,29 +251,61 @@ export class ConversationView {
     this.#rows = next;
   }
 
+  /** "Missed call from alice", "bob did not answer", "Call with alice and bob · 3 min". */
+  #callNotice(c: ConversationState, call: Call): HTMLElement {
+    const joined = [...new Set(call.participants.map((p) => p.user_id))];
+    const answered = joined.some((u) => u !== call.started_by);
+    const me = this.state.me;
+    let text: string;
+    if (!answered) {
+      if (call.started_by !== me) text = c.channel.kind === "dm" ? `Missed call from ${call.started_by}` : `${call.started_by} started a call no one joined`;
+      else if (c.channel.kind === "dm") text = `${this.state.dmPartner(c) ?? "They"} did not answer your call`;
+      else text = "No one joined your call";
+    } else {
+      const minutes = Math.round((Date.parse(call.ended_at ?? call.started_at) - Date.parse(call.started_at)) / 60_000);
+      const names = joined.map((u) => (u === me ? "you" : u));
+      text = `Call with ${listNames(names)} · ${minutes < 1 ? "under a minute" : `${minutes} min`}`;
+    }
+    return h(
+      "li",
+      { class: "call-notice", "data-call-id": call.id, "data-kind": answered ? "ended" : "missed" },
+      h("span", { class: "call-icon", "aria-hidden": "true" }, answered ? "☎" : "✆"),
+      h("span", { class: "text" }, text),
+      h("time", { datetime: call.started_at }, formatTime(call.started_at)),
+    );
+  }
+
   /** For each other member, the newest loaded message they have read: seq → readers. */
   #receipts(c: ConversationState): Map<number, string[]> {
     const out = new Map<number, string[]>();
     const sent = c.messages.filter((m) => m.delivery === "sent");
     for (const [user, readSeq] of c.readBy) {
       if (user === this.state.me) continue;
-      let seen: number | undefined;
-      for (const m of sent) if (m.message.seq <= readSeq) seen = m.message.seq;
-      if (seen === undefined) continue;
-      out.set(seen, [...(out.get(seen) ?? []), user].sort());
+      let seen: ListedMessage | undefined;
+      for (const m of sent) if (m.message.seq <= readSeq) seen = m;
+      // Under their own message, "Seen by" would only say that they saw what they wrote.
+      if (seen === undefined || seen.message.sender_id === user) continue;
+      out.set(seen.message.seq, [...(out.get(seen.message.seq) ?? []), user].sort());
     }
     return out;
   }
 
-  #message(c: ConversationState, m: ListedMessage, readers: string[] | undefined, continued: boolean): HTMLElement {
+  #message(
+    c: ConversationState,
+    m: ListedMessage,
+    readers: string[] | undefined,
+    continued: boolean,
+    editing: Editing | null,
+  ): HTMLElement {
     const msg = m.message;
     const mine = msg.sender_id === this.state.me;
-    const classes = ["message", m.delivery === "sent" ? "" : m.delivery, msg.deleted ? "deleted" : "", mine ? "mine" : "", continued ? "continued" : ""]
+    const classes = ["message", m.delivery === "sent" ? "" : m.delivery, msg.deleted ? "deleted" : "", mine ? "mine" : "", continued ? "continued" : "", editing ? "editing" : ""]
       .filter(Boolean)
       .join(" ");
+    const editable = mine && m.delivery === "sent" && !msg.deleted;
     return h(
       "li",
-      { class: classes, "data-seq": m.delivery === "sent" ? msg.seq : null, "data-client-msg-id": msg.client_msg_id },
+      { class: classes, "data-seq": m.delivery === "sent" ? msg.seq : null, "data-client-msg-id": msg.client_msg_id, "data-message-id": m.delivery === "sent" ? msg.id : null },
       h(
         "div",
         { class: "meta" },
@@ -222,7 +313,19 @@ export class ConversationView {
         h("time", { datetime: msg.created_at }, formatTime(msg.created_at)),
         msg.edited_at && !msg.deleted ? h("span", { class: "edited" }, "(edited)") : null,
       ),
-      h("div", { class: "text" }, msg.deleted ? "Message deleted" : msg.text),
+      editing ? this.#editForm(c, msg.id, msg.text, editing) : h("div", { class: "text" }, msg.deleted ? "Message deleted" : msg.text),
+      editable && !editing
+        ? h(
+            "div",
+            { class: "actions" },
+            h("button", { class: "button small", type: "button", "aria-label": "Edit message", onclick: () => this.#startEdit(msg.id) }, "Edit"),
+            h(
+              "button",
+              { class: "button small danger", type: "button", "aria-label": "Delete message", onclick: () => this.actions.deleteMessage(c.channel.id, msg.id) },
+              "Delete",
+            ),
+          )
+        : null,
       m.delivery === "pending" ? h("div", { class: "receipt" }, "Sending…") : null,
       m.delivery === "failed"
         ? h(
@@ -234,6 +337,91 @@ export class ConversationView {
         : null,
       readers ? h("div", { class: "receipt read-receipt", "data-readers": readers.join(",") }, `Seen by ${listNames(readers)}`) : null,
     );
+  }
+
+  /** The inline editor of one of our messages: Enter saves, Shift+Enter is a new line, Escape cancels. */
+  #editForm(c: ConversationState, messageId: string, text: string, editing: Editing): HTMLElement {
+    const input = h("textarea", { id: "edit-input", class: "edit-input", rows: 2, maxlength: 4000, "aria-label": "Edit message" });
+    input.value = editing.draft ?? text;
+    input.addEventListener("input", () => {
+      if (this.#editing?.id === messageId) this.#editing.draft = input.value;
+    });
+    const save = () => {
+      const next = input.value.trim();
+      if (!next || this.#editing?.saving) return;
+      if (next === text) {
+        this.#cancelEdit();
+        return;
+      }
+      this.#editing = { id: messageId, draft: next, error: "", saving: true };
+      this.render();
+      this.actions.editMessage(c.channel.id, messageId, next).then(
+        () => {
+          if (this.#editing?.id === messageId) this.#editing = null;
+          this.render();
+          this.#input.focus();
+        },
+        (e: unknown) => {
+          if (this.#editing?.id === messageId) this.#editing = { id: messageId, draft: next, error: e instanceof Error ? e.message : String(e), saving: false };
+          this.render();
+        },
+      );
+    };
+    input.addEventListener("keydown", (e) => {
+      if (e.key === "Enter" && !e.shiftKey && !e.isComposing) {
+        e.preventDefault();
+        save();
+      } else if (e.key === "Escape") {
+        e.preventDefault();
+        e.stopPropagation();
+        this.#cancelEdit();
+      }
+    });
+    const form = h(
+      "form",
+      { class: "edit", "aria-label": "Edit message" },
+      input,
+      h(
+        "div",
+        { class: "edit-actions" },
+        h("span", { class: "hint" }, "Enter to save · Escape to cancel"),
+        h("button", { class: "button small", type: "button", onclick: () => this.#cancelEdit() }, "Cancel"),
+        h("button", { class: "button small primary", type: "submit", disabled: editing.saving }, editing.saving ? "Saving…" : "Save"),
+      ),
+      editing.error ? h("p", { class: "error-text", role: "alert" }, editing.error) : null,
+    );
+    form.addEventListener("submit", (e) => {
+      e.preventDefault();
+      save();
+    });
+    queueMicrotask(() => {
+      if (!input.isConnected || document.activeElement === input) return;
+      input.focus();
+      input.setSelectionRange(input.value.length, input.value.length);
+    });
+    return form;
+  }
+
+  /** Our newest message that can still be edited. */
+  #lastEditable(): { id: string } | null {
+    const c = this.#shownId ? this.state.conversations.get(this.#shownId) : undefined;
+    if (!c) return null;
+    for (let i = c.messages.length - 1; i >= 0; i--) {
+      const m = c.messages[i]!;
+      if (m.delivery === "sent" && m.message.sender_id === this.state.me && !m.message.deleted) return { id: m.message.id };
+    }
+    return null;
+  }
+
+  #startEdit(messageId: string): void {
+    this.#editing = { id: messageId, draft: null, error: "", saving: false };
+    this.render();
+  }
+
+  #cancelEdit(): void {
+    this.#editing = null;
+    this.render();
+    this.#input.focus();
   }
 
   #submit(): void {
@@ -264,4 +452,29 @@ function continues(previous: ListedMessage | undefined, m: ListedMessage): boole
   if (!previous || previous.message.sender_id !== m.message.sender_id) return false;
   const gap = Date.parse(m.message.created_at) - Date.parse(previous.message.created_at);
   return gap >= 0 && gap < GROUP_WITHIN_MS;
+}
+
+/**
+ * The rows of the list: messages in seq order (pending ones last) with the notices of past calls
+ * placed by time. Calls older than the loaded history are left out while older pages exist.
+ */
+function timeline(c: ConversationState): Entry[] {
+  const sent = c.messages.filter((m) => m.delivery === "sent");
+  const oldest = sent[0] ? Date.parse(sent[0].message.created_at) : Number.NEGATIVE_INFINITY;
+  const calls = c.pastCalls
+    .filter((call) => call.ended_at && (!c.hasBefore || Date.parse(call.started_at) >= oldest))
+    .sort((a, b) => Date.parse(a.started_at) - Date.parse(b.started_at));
+  const out: Entry[] = [];
+  let i = 0;
+  for (const m of c.messages) {
+    if (m.delivery === "sent") {
+      const at = Date.parse(m.message.created_at);
+      while (i < calls.length && Date.parse(calls[i]!.started_at) < at) out.push({ kind: "call", call: calls[i++]! });
+    } else {
+      while (i < calls.length) out.push({ kind: "call", call: calls[i++]! });
+    }
+    out.push({ kind: "message", m });
+  }
+  while (i < calls.length) out.push({ kind: "call", call: calls[i++]! });
+  return out;
 }

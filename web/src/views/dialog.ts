@@ -72,3 +72,46 @@ export function openFormDialog(options: {
   dialog.showModal();
   inputs[0]?.focus();
 }
+
+/**
+ * A yes/no question in a modal dialog ("Delete this message?"). `confirm` may fail: its message is
+ * shown and the dialog stays open. Escape or Cancel closes it without doing anything.
+ */
+export function openConfirmDialog(options: {
+  title: string;
+  body: string;
+  confirmLabel: string;
+  danger?: boolean;
+  confirm: () => Promise<void>;
+}): void {
+  const id = `dialog-${++dialogCount}`;
+  const error = h("p", { class: "error-text", role: "alert" });
+  const ok = h("button", { class: `button ${options.danger ? "danger" : "primary"}`, type: "submit" }, options.confirmLabel);
+  const cancel = h("button", { class: "button", type: "button" }, "Cancel");
+  const form = h(
+    "form",
+    { method: "dialog" },
+    h("h2", { id: `${id}-title` }, options.title),
+    h("p", { id: `${id}-body` }, options.body),
+    error,
+    h("div", { class: "dialog-actions" }, cancel, ok),
+  );
+  const dialog = h("dialog", { "aria-labelledby": `${id}-title`, "aria-describedby": `${id}-body` }, form);
+  cancel.addEventListener("click", () => dialog.close());
+  dialog.addEventListener("close", () => dialog.remove());
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    ok.disabled = true;
+    error.textContent = "";
+    options.confirm().then(
+      () => dialog.close(),
+      (err: unknown) => {
+        ok.disabled = false;
+        error.textContent = err instanceof Error ? err.message : String(err);
+      },
+    );
+  });
+  document.body.append(dialog);
+  dialog.showModal();
+  cancel.focus();
+}

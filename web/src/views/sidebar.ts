@@ -1,5 +1,6 @@
 //! The conversation list: channels and direct messages, each with its unread count; DMs show
-//! the other person's presence, and a conversation with an active call says so.
+//! the other person's presence, and a conversation with an active call says so. Channels that
+//! share a name show what tells them apart (their other members, or the end of their id).
 import { h, replaceChildren } from "../dom.js";
 import type { AppState, ConversationState } from "../state.js";
 
@@ -18,7 +19,7 @@ export class Sidebar {
     this.#actions = actions;
     this.element = h(
       "nav",
-      { class: "sidebar", "aria-label": "Conversations" },
+      { class: "sidebar", id: "sidebar", "aria-label": "Conversations" },
       h(
         "section",
         { "aria-labelledby": "channels-heading" },
@@ -64,7 +65,8 @@ export class Sidebar {
     const selected = this.state.selected === c.channel.id;
     const partner = this.state.dmPartner(c);
     const status = partner ? (this.state.presence.get(partner) ?? "offline") : null;
-    const labelParts = [c.channel.kind === "dm" ? `Direct message with ${title}` : `Channel ${title}`];
+    const twin = this.state.disambiguation(c);
+    const labelParts = [c.channel.kind === "dm" ? `Direct message with ${title}` : `Channel ${title}${twin ? ` (${twin})` : ""}`];
     if (status) labelParts.push(status);
     if (c.unread > 0) labelParts.push(`${c.unread} unread`);
     if (c.call) labelParts.push("call in progress");
@@ -81,7 +83,7 @@ export class Sidebar {
       status
         ? h("span", { class: "presence", "data-status": status, "data-user-id": partner, title: status })
         : h("span", { class: "hash", "aria-hidden": "true" }, "#"),
-      h("span", { class: "name" }, title),
+      h("span", { class: "name" }, title, twin ? h("span", { class: "twin" }, twin) : null),
       c.call ? h("span", { class: "call-badge", "aria-hidden": "true" }, "call") : null,
       c.unread > 0 ? h("span", { class: "unread", "aria-hidden": "true", "data-unread": c.unread }, c.unread > 99 ? "99+" : c.unread) : null,
     );

@@ -2,9 +2,10 @@
 // failure, and on process exit as a last resort).
 import { execFile, spawn, type ChildProcess } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { homedir, tmpdir } from "node:os";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
 
 const run = promisify(execFile);
@@ -12,7 +13,7 @@ const run = promisify(execFile);
 /** The server binary: `PARLEY_BIN`, or the debug build in the project's target dir. */
 export function parleyBin(): string {
   if (process.env.PARLEY_BIN) return process.env.PARLEY_BIN;
-  const target = process.env.CARGO_TARGET_DIR ?? join(homedir(), ".cache", "parley-target");
+  const target = process.env.CARGO_TARGET_DIR ?? fileURLToPath(new URL("../../../../target", import.meta.url));
   return join(target, "debug", "parley");
 }
 
