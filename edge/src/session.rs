@@ -460,12 +460,12 @@ impl Session {
         Ok(())
     }
 
-    /// Arms the expiry timer once the token's `exp` is within the next heartbeats; fails when
-    /// it has passed.
+    /// Arms the expiry timer once the token's `exp` is within the next heartbeats; fails (with
+    /// the error frame in the outbox) when it has passed.
     fn watch_token(&mut self) -> Result<(), CloseCode> {
         let horizon = self.edge.config.heartbeat_interval * 2;
         match token_deadline(unix_now(), self.principal.expires_at, horizon) {
-            TokenDeadline::Expired => Err(CloseCode::TokenExpired),
+            TokenDeadline::Expired => Err(self.token_expired()),
             TokenDeadline::In(left) => {
                 let at = tokio::time::Instant::now() + left;
                 match &mut self.expiry {

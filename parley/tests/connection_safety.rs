@@ -144,6 +144,11 @@ async fn a_client_that_floods_requests_and_never_reads_is_closed_and_goes_offlin
         );
     }
     let rss_after = rss_kib(server.pid());
+    eprintln!(
+        "flood without reading: {sent} requests sent, server VmRSS {rss_before} KiB -> {rss_after} KiB, \
+         offline {:?} after the sends blocked",
+        stuck_since.map(|s| seen_at.saturating_duration_since(s))
+    );
     assert!(
         rss_after < rss_before + 32 * 1024,
         "server memory grew from {rss_before} KiB to {rss_after} KiB"
