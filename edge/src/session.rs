@@ -407,7 +407,9 @@ impl Session {
             // Replies first, before the next frame is read: a client that does not read its
             // replies stops being read (TCP holds it back) instead of growing the outbox.
             if !self.out.is_empty() {
-                if let Err(end) = self.write(ws, None, true).await {
+                // Boxed (here and below): a write is short-lived and must not size every idle
+                // connection's task.
+                if let Err(end) = Box::pin(self.write(ws, None, true)).await {
                     return end;
                 }
                 continue;
@@ -432,7 +434,7 @@ impl Session {
                     }
                 },
                 Some(frame) = next_queued(&mut self.queue) => {
-                    if let Err(end) = self.write(ws, Some(frame), true).await {
+                    if let Err(end) = Box::pin(self.write(ws, Some(frame), true)).await {
                         return end;
                     }
                 }
@@ -508,31 +510,34 @@ impl Session {
         let ctl = self.ctl.clone();
         let last_heard = self.last_heard;
         let out = std::mem::take(&mut self.out);
-        // Boxed: it is short-lived and must not size every idle connection's task.
         let queue = if with_queued {
             self.queue.as_mut().map(|(_, rx)| rx)
         } else {
             None
         };
-        let mut send = Box::pin(send_batch(ws, out, first, queue));
-        let mut woken = false;
-        let result = loop {
-            tokio::select! {
-                biased;
-                _ = ctl.notify.notified() => {
-                    if let Some(code) = ctl.close_reason() {
-                        break Err(Some(code));
+        // Not boxed: the callers box the whole write.
+        let (result, woken) = {
+            let send = send_batch(ws, out, first, queue);
+            tokio::pin!(send);
+            let mut woken = false;
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    _ = ctl.notify.notified() => {
+                        if let Some(code) = ctl.close_reason() {
+                            break Err(Some(code));
+                        }
+                        if ctl.ping_is_due() && is_dead(Instant::now(), last_heard, heartbeat_timeout) {
+                            break Err(Some(CloseCode::HeartbeatTimeout));
+                        }
+                        woken = true;
                     }
-                    if ctl.ping_is_due() && is_dead(Instant::now(), last_heard, heartbeat_timeout) {
-                        break Err(Some(CloseCode::HeartbeatTimeout));
-                    }
-                    woken = true;
+                    _ = token_expired(&mut self.expiry) => break Err(Some(CloseCode::TokenExpired)),
+                    r = &mut send => break r.map_err(|_| None),
                 }
-                _ = token_expired(&mut self.expiry) => break Err(Some(CloseCode::TokenExpired)),
-                r = &mut send => break r.map_err(|_| None),
-            }
+            };
+            (result, woken)
         };
-        drop(send);
         if woken {
             // Handled by the loop's first branch on its next turn (ping, unread counts).
             ctl.notify.notify_one();
