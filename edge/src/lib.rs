@@ -146,7 +146,8 @@ pub struct EdgeConfig {
     pub frames_per_second: u32,
     /// Burst of client frames above the sustained rate.
     pub frame_burst: u32,
-    /// Consecutive rate-limited frames after which the connection is closed with 4008.
+    /// Refused (rate-limited) frames that close the connection with 4008; the count drains at
+    /// `frames_per_second` per second (`parley_proto::conn::FloodMeter`).
     pub flood_close_after: u32,
     /// Frames queued for a connection before it is closed as a slow consumer (4009).
     pub send_queue: usize,
