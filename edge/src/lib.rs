@@ -146,7 +146,8 @@ pub struct EdgeConfig {
     pub frames_per_second: u32,
     /// Burst of client frames above the sustained rate.
     pub frame_burst: u32,
-    /// Consecutive rate-limited frames after which the connection is closed with 4008.
+    /// Refused (rate-limited) frames that close the connection with 4008; the count drains at
+    /// `frames_per_second` per second (`parley_proto::conn::FloodMeter`).
     pub flood_close_after: u32,
     /// Frames queued for a connection before it is closed as a slow consumer (4009).
     pub send_queue: usize,
@@ -162,6 +163,8 @@ pub struct EdgeConfig {
     pub write_batch_bytes: usize,
     /// Most events `resume` replays per channel; further behind, that channel is refused.
     pub max_replay: u64,
+    /// Most channels in one `resume` frame (bounds the work of one request).
+    pub max_resume_channels: usize,
     /// How long after a connection ends its session can be resumed.
     pub resume_window: Duration,
     /// Stated in the welcome: presence grace period (enforced by the core).
@@ -194,6 +197,7 @@ impl Default for EdgeConfig {
             read_buffer_bytes: 512,
             write_batch_bytes: 16 * 1024,
             max_replay: 1000,
+            max_resume_channels: 100,
             resume_window: Duration::from_secs(120),
             presence_grace: Duration::from_secs(5),
             typing_throttle: Duration::from_secs(3),
@@ -211,8 +215,10 @@ impl EdgeConfig {
             max_text_chars: self.max_text_chars,
             frames_per_second: self.frames_per_second,
             frame_burst: self.frame_burst,
+            flood_close_after: self.flood_close_after,
             send_queue: self.send_queue,
             max_replay: self.max_replay,
+            max_resume_channels: self.max_resume_channels,
             resume_window_ms: u64::try_from(self.resume_window.as_millis()).unwrap_or(u64::MAX),
             presence_grace_ms: u64::try_from(self.presence_grace.as_millis()).unwrap_or(u64::MAX),
             typing_throttle_ms: u64::try_from(self.typing_throttle.as_millis()).unwrap_or(u64::MAX),

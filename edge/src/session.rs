@@ -3,18 +3,29 @@
 //!
 //! A connection is one task that both reads and writes its socket (no split halves, no extra
 //! tasks while idle), so an idle connection costs little more than its socket buffers.
+//!
+//! No write can block the connection: request handlers never touch the socket, they put their
+//! replies in the session's outbox, and the loop writes the outbox (then the queued events)
+//! before it reads the next frame. Every write watches the connection's control, so a close
+//! (slow consumer, shutdown, token expiry) or a peer that stopped reading (nothing read for the
+//! heartbeat timeout while the write is stuck) ends it. A client that floods requests and never
+//! reads is thus held by TCP flow control and closed at the heartbeat timeout. The decisions
+//! themselves (flood rule, token deadline, liveness) are plain functions of `now` in
+//! `parley_proto::conn`.
 
 use std::collections::HashSet;
 use std::num::NonZeroU32;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures::SinkExt;
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use parley_proto::NegotiationRole;
 use parley_proto::calls::SignalPayload;
+use parley_proto::conn::{FloodMeter, TokenDeadline, is_dead, millis_until, token_deadline};
 use parley_proto::frames::Ack;
 use parley_proto::{
     ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel,
@@ -53,6 +64,11 @@ impl ConnControl {
 
     fn take_ping_due(&self) -> bool {
         self.ping_due.swap(false, Ordering::AcqRel)
+    }
+
+    /// A ping is due (not consumed: the loop sends it once the write in progress is done).
+    fn ping_is_due(&self) -> bool {
+        self.ping_due.load(Ordering::Acquire)
     }
 
     pub fn close(&self, code: CloseCode) {
@@ -107,8 +123,18 @@ struct Session {
     queue: Option<(FrameSender, FrameReceiver)>,
     ctl: Arc<ConnControl>,
     limiter: DefaultDirectRateLimiter,
-    limited_in_a_row: u32,
+    /// Frames refused over the budget, draining at the sustained rate (closes with 4008).
+    flood: FloodMeter,
+    /// When a frame was last read. While a write is stuck nothing is read, so a peer that does
+    /// not read is dead at the heartbeat timeout like one that does not answer.
     last_heard: Instant,
+    /// Replies and pings waiting to be written, before the queued events. Request handlers only
+    /// ever add here; the loop writes it before reading the next frame, so it holds the replies
+    /// of one request at most (a resume flushes as it goes).
+    out: Vec<Message>,
+    /// Armed once the token's expiry is within a heartbeat interval (boxed: most connections
+    /// never hold one).
+    expiry: Option<Pin<Box<tokio::time::Sleep>>>,
     session_id: String,
     /// An unread-count refresh is running; changes meanwhile wait for the next one.
     unread_in_flight: Arc<std::sync::atomic::AtomicBool>,
@@ -134,12 +160,18 @@ pub(crate) fn run(
         let _slot = Box::new(slot);
         edge.connections.fetch_add(1, Ordering::Relaxed);
         let session = {
-            let principal = match pre_auth {
-                Some(p) => Some(p),
+            let authed = match pre_auth {
+                Some(p) => Some((p, None)),
                 // Boxed: the auth future is large and is needed once.
                 None => Box::pin(authenticate(&edge, &mut ws)).await,
             };
-            principal.map(|p| Session::open(&edge, p))
+            authed.map(|(p, ack)| {
+                let mut session = Session::open(&edge, p);
+                if let Some(id) = ack {
+                    session.reply(ServerFrame::ack(id));
+                }
+                session
+            })
         };
         let authenticated = session.is_some();
         if let Some(mut session) = session {
@@ -169,8 +201,10 @@ impl Session {
             queue: None,
             ctl: Arc::new(ConnControl::default()),
             limiter: RateLimiter::direct(quota),
-            limited_in_a_row: 0,
+            flood: FloodMeter::default(),
             last_heard: Instant::now(),
+            out: Vec::new(),
+            expiry: None,
             session_id: format!("ses_{}", ulid::Ulid::new()),
             unread_in_flight: Arc::default(),
             edge: edge.clone(),
@@ -205,8 +239,19 @@ impl Session {
         edge.sessions
             .closed(&self.session_id, edge.config.resume_window);
         edge.gateway.connection_closed(&self.principal);
-        if let Some(code) = close {
-            send_close(ws, code).await;
+        match close {
+            Some(code) => {
+                // Whatever the outbox holds (the error that explains the close) goes first.
+                let out = std::mem::take(&mut self.out);
+                if send_close(ws, out, code).await {
+                    drain(ws).await;
+                }
+            }
+            // The client closed (or the socket failed): answer its close frame, which the
+            // library has queued, so the client sees a clean close rather than 1006.
+            None => {
+                let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, ws.flush()).await;
+            }
         }
     }
 }
@@ -243,72 +288,93 @@ async fn call_participants_dropped(edge: &Arc<Edge>, tenant: &str, conn: u64) {
     }
 }
 
-/// Waits for the `auth` frame. Sends the error and the close itself on failure.
-async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
+/// Waits for the `auth` frame; returns the principal and the id of the frame (to ack). Sends
+/// the error and the close itself on failure. The whole step, writes included, ends at the
+/// authentication deadline.
+async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<(Principal, Option<String>)> {
     let deadline = tokio::time::Instant::now() + edge.config.auth_timeout;
+    let mut out = Vec::new();
+    let end = match tokio::time::timeout_at(deadline, await_auth(edge, ws, &mut out)).await {
+        Ok(Ok(authed)) => return Some(authed),
+        Ok(Err(end)) => end,
+        Err(_) => {
+            out.push(error_message(
+                None,
+                ErrorCode::AuthRequired,
+                "no auth frame arrived in time",
+            ));
+            Some(CloseCode::AuthTimeout)
+        }
+    };
+    match end {
+        Some(code) => {
+            if send_close(ws, out, code).await {
+                drain(ws).await;
+            }
+        }
+        // The client closed: answer its close frame.
+        None => {
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, ws.flush()).await;
+        }
+    }
+    None
+}
+
+/// Reads frames until a valid `auth`; `Err` carries the close code to send after `out` (none
+/// when the client closed or the socket failed).
+async fn await_auth(
+    edge: &Edge,
+    ws: &mut WebSocket,
+    out: &mut Vec<Message>,
+) -> Result<(Principal, Option<String>), Option<CloseCode>> {
     let mut frames = 0u32;
     loop {
+        // The replies to earlier frames leave before the next one is read.
+        if !out.is_empty() {
+            send_batch(ws, std::mem::take(out), None, None)
+                .await
+                .map_err(|_| None)?;
+        }
         frames += 1;
         if frames > MAX_FRAMES_BEFORE_AUTH {
-            send_error(
-                ws,
+            out.push(error_message(
                 None,
                 ErrorCode::AuthRequired,
                 "too many frames before authentication",
-            )
-            .await;
-            send_close(ws, CloseCode::AuthFailed).await;
-            return None;
+            ));
+            return Err(Some(CloseCode::AuthFailed));
         }
-        let msg = match tokio::time::timeout_at(deadline, ws.recv()).await {
-            Err(_) => {
-                send_error(
-                    ws,
-                    None,
-                    ErrorCode::AuthRequired,
-                    "no auth frame arrived in time",
-                )
-                .await;
-                send_close(ws, CloseCode::AuthTimeout).await;
-                return None;
-            }
-            Ok(None) | Ok(Some(Err(_))) => return None,
-            Ok(Some(Ok(m))) => m,
-        };
-        let text = match msg {
-            Message::Text(t) => t,
-            Message::Close(_) => return None,
-            Message::Ping(_) | Message::Pong(_) => continue,
-            Message::Binary(_) => {
-                send_error(
-                    ws,
+        let text = match ws.recv().await {
+            None | Some(Err(_)) => return Err(None),
+            Some(Ok(Message::Text(t))) => t,
+            Some(Ok(Message::Close(_))) => return Err(None),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Binary(_))) => {
+                out.push(error_message(
                     None,
                     ErrorCode::InvalidRequest,
                     "binary frames are not supported; send JSON text frames",
-                )
-                .await;
+                ));
                 continue;
             }
         };
         match ClientFrame::parse(text.as_str()) {
             Ok(ClientFrame::Auth { id, token }) => match edge.gateway.authenticate(&token) {
-                Ok(p) => {
-                    if let Some(id) = id {
-                        send_text(ws, ServerFrame::ack(id).to_json()).await;
-                    }
-                    return Some(p);
-                }
+                Ok(p) => return Ok((p, id)),
                 Err(e) => {
-                    send_error(ws, id, e.code, &e.message).await;
-                    send_close(ws, CloseCode::AuthFailed).await;
-                    return None;
+                    out.push(error_message(id, e.code, &e.message));
+                    return Err(Some(CloseCode::AuthFailed));
                 }
             },
             Ok(other) => {
                 let id = frame_id(&other);
-                send_error(ws, id, ErrorCode::AuthRequired, "send an auth frame first").await;
+                out.push(error_message(
+                    id,
+                    ErrorCode::AuthRequired,
+                    "send an auth frame first",
+                ));
             }
-            Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
+            Err(FrameError { id, code, message }) => out.push(error_message(id, code, &message)),
         }
     }
 }
@@ -326,37 +392,39 @@ impl Session {
             tenant_id: self.principal.tenant_id.clone(),
             heartbeat_interval_ms: millis(heartbeat_interval),
             heartbeat_timeout_ms: millis(heartbeat_timeout),
+            token_expires_at: self.principal.expires_at,
+            token_expires_in_ms: millis_until(unix_now(), self.principal.expires_at),
             limits: self.edge.config.session_limits(),
-        }
-        .to_json();
-        if ws.send(Message::Text(welcome.into())).await.is_err() {
-            return None;
-        }
+        };
+        self.reply(welcome);
         // Heartbeats and shutdown arrive through `ctl` too (from the node's ticker and
         // `Edge::shut_down`): no timer or watch per connection, so idle ones stay small.
         if *self.edge.shutdown.borrow() {
             return Some(CloseCode::GoingAway);
         }
+        if let Err(code) = self.watch_token() {
+            return Some(code);
+        }
         let ctl = self.ctl.clone();
         loop {
+            // Replies first, before the next frame is read: a client that does not read its
+            // replies stops being read (TCP holds it back) instead of growing the outbox.
+            if !self.out.is_empty() {
+                // Boxed (here and below): a write is short-lived and must not size every idle
+                // connection's task.
+                if let Err(end) = Box::pin(self.write(ws, None, true)).await {
+                    return end;
+                }
+                continue;
+            }
             tokio::select! {
                 biased;
                 _ = ctl.notify.notified() => {
-                    if let Some(code) = ctl.close_reason() {
+                    if let Err(code) = self.on_control(heartbeat_timeout) {
                         return Some(code);
                     }
-                    if ctl.take_ping_due() {
-                        if self.last_heard.elapsed() > heartbeat_timeout {
-                            return Some(CloseCode::HeartbeatTimeout);
-                        }
-                        if ws.send(Message::Ping(Default::default())).await.is_err() {
-                            return None;
-                        }
-                    }
-                    if ctl.has_unread_dirty() {
-                        self.refresh_unread();
-                    }
                 }
+                _ = token_expired(&mut self.expiry) => return Some(self.token_expired()),
                 incoming = ws.recv() => match incoming {
                     None => return None,
                     Some(Err(e)) => return classify_read_error(e),
@@ -369,51 +437,140 @@ impl Session {
                     }
                 },
                 Some(frame) = next_queued(&mut self.queue) => {
-                    // A close must not wait for a stuck send; anything else must not abandon it:
-                    // a send that is pending has usually queued the frame already, so starting
-                    // it over would deliver the frame twice.
-                    // Boxed: it is short-lived and must not size every idle connection's task.
-                    let mut send = Box::pin(send_batch(ws, frame, &mut self.queue));
-                    let mut woken = false;
-                    loop {
-                        tokio::select! {
-                            biased;
-                            _ = ctl.notify.notified() => {
-                                if let Some(code) = ctl.close_reason() {
-                                    return Some(code);
-                                }
-                                woken = true;
-                            }
-                            r = &mut send => {
-                                if r.is_err() {
-                                    return None;
-                                }
-                                break;
-                            }
-                        }
-                    }
-                    drop(send);
-                    if woken {
-                        // Handled by the first branch on the next turn (ping, unread counts).
-                        ctl.notify.notify_one();
+                    if let Err(end) = Box::pin(self.write(ws, Some(frame), true)).await {
+                        return end;
                     }
                 }
             }
         }
     }
 
-    /// Handles one client message.
+    /// Acts on the connection's control: a close from outside, a due heartbeat (liveness,
+    /// ping, the token's deadline), unread counts to refresh.
+    fn on_control(&mut self, heartbeat_timeout: Duration) -> Result<(), CloseCode> {
+        let ctl = self.ctl.clone();
+        if let Some(code) = ctl.close_reason() {
+            return Err(code);
+        }
+        if ctl.take_ping_due() {
+            if is_dead(Instant::now(), self.last_heard, heartbeat_timeout) {
+                return Err(CloseCode::HeartbeatTimeout);
+            }
+            self.out.push(Message::Ping(Default::default()));
+            self.watch_token()?;
+        }
+        if ctl.has_unread_dirty() {
+            self.refresh_unread();
+        }
+        Ok(())
+    }
+
+    /// Arms the expiry timer once the token's `exp` is within the next heartbeats; fails (with
+    /// the error frame in the outbox) when it has passed.
+    fn watch_token(&mut self) -> Result<(), CloseCode> {
+        let horizon = self.edge.config.heartbeat_interval * 2;
+        match token_deadline(unix_now(), self.principal.expires_at, horizon) {
+            TokenDeadline::Expired => Err(self.token_expired()),
+            TokenDeadline::In(left) => {
+                let at = tokio::time::Instant::now() + left;
+                match &mut self.expiry {
+                    Some(sleep) => sleep.as_mut().reset(at),
+                    None => self.expiry = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+                Ok(())
+            }
+            TokenDeadline::Later => {
+                self.expiry = None;
+                Ok(())
+            }
+        }
+    }
+
+    /// The token expired: says so, then the connection closes with 4011.
+    fn token_expired(&mut self) -> CloseCode {
+        self.expiry = None;
+        self.reply(error_frame(
+            None,
+            ErrorCode::TokenExpired,
+            "the token expired; reconnect with a new token (send auth.refresh before exp to keep \
+             the connection)",
+        ));
+        CloseCode::TokenExpired
+    }
+
+    /// Writes the outbox, then `first` and whatever else is queued, in one flush. The write
+    /// watches the control meanwhile: a close from outside ends it, and so does a peer that
+    /// takes nothing for the heartbeat timeout (nothing is read while a write is stuck). A write
+    /// that is pending is never started over: it has usually queued its frames already.
+    /// `Err` carries the close code to send (none when the socket failed).
+    async fn write(
+        &mut self,
+        ws: &mut WebSocket,
+        first: Option<Utf8Bytes>,
+        with_queued: bool,
+    ) -> Result<(), Option<CloseCode>> {
+        let heartbeat_timeout = self.edge.config.heartbeat_timeout;
+        let ctl = self.ctl.clone();
+        let last_heard = self.last_heard;
+        let out = std::mem::take(&mut self.out);
+        let queue = if with_queued {
+            self.queue.as_mut().map(|(_, rx)| rx)
+        } else {
+            None
+        };
+        // Not boxed: the callers box the whole write.
+        let (result, woken) = {
+            let send = send_batch(ws, out, first, queue);
+            tokio::pin!(send);
+            let mut woken = false;
+            let result = loop {
+                tokio::select! {
+                    biased;
+                    _ = ctl.notify.notified() => {
+                        if let Some(code) = ctl.close_reason() {
+                            break Err(Some(code));
+                        }
+                        if ctl.ping_is_due() && is_dead(Instant::now(), last_heard, heartbeat_timeout) {
+                            break Err(Some(CloseCode::HeartbeatTimeout));
+                        }
+                        woken = true;
+                    }
+                    _ = token_expired(&mut self.expiry) => break Err(Some(CloseCode::TokenExpired)),
+                    r = &mut send => break r.map_err(|_| None),
+                }
+            };
+            (result, woken)
+        };
+        if woken {
+            // Handled by the loop's first branch on its next turn (ping, unread counts).
+            ctl.notify.notify_one();
+        }
+        if result == Err(Some(CloseCode::TokenExpired)) {
+            self.token_expired();
+        }
+        result
+    }
+
+    /// Adds a reply to the outbox.
+    fn reply(&mut self, frame: ServerFrame) {
+        self.out.push(Message::Text(frame.to_json().into()));
+    }
+
+    /// Handles one client message; its replies go to the outbox.
     async fn on_message(&mut self, ws: &mut WebSocket, msg: Message) -> Flow {
         match &msg {
             Message::Ping(_) | Message::Pong(_) => return Flow::Continue,
-            // The library answers the close handshake; nothing more to send.
+            // The library has queued its answer; `end` writes it.
             Message::Close(_) => return Flow::End(None),
             Message::Text(_) | Message::Binary(_) => {}
         }
         // Every data frame spends budget, binary ones included.
         if self.limiter.check().is_err() {
-            self.limited_in_a_row += 1;
-            if self.limited_in_a_row >= self.edge.config.flood_close_after {
+            let cfg = &self.edge.config;
+            if self
+                .flood
+                .refused(Instant::now(), cfg.frames_per_second, cfg.flood_close_after)
+            {
                 return Flow::End(Some(CloseCode::RateLimitFlood));
             }
             let id = match &msg {
@@ -423,60 +580,57 @@ impl Session {
                     .and_then(frame_id),
                 _ => None,
             };
-            let retry = 1000 / u64::from(self.edge.config.frames_per_second.max(1));
-            let frame = ServerFrame::Error {
+            let retry = 1000 / u64::from(cfg.frames_per_second.max(1));
+            self.reply(ServerFrame::Error {
                 id,
                 code: ErrorCode::RateLimited,
                 message: "too many frames; retry after the stated delay".into(),
                 retry_after_ms: Some(retry.max(1)),
                 reason: None,
-            };
-            send_text(ws, frame.to_json()).await;
+            });
             return Flow::Continue;
         }
-        self.limited_in_a_row = 0;
         let Message::Text(text) = msg else {
-            send_error(
-                ws,
+            self.reply(error_frame(
                 None,
                 ErrorCode::InvalidRequest,
                 "binary frames are not supported; send JSON text frames",
-            )
-            .await;
+            ));
             return Flow::Continue;
         };
-        match ClientFrame::parse(text.as_str()) {
-            Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
-            Ok(ClientFrame::Auth { id, .. }) => {
-                send_error(
-                    ws,
-                    id,
-                    ErrorCode::InvalidRequest,
-                    "this connection is already authenticated",
-                )
-                .await
+        let frame = match ClientFrame::parse(text.as_str()) {
+            Ok(frame) => frame,
+            Err(FrameError { id, code, message }) => {
+                self.reply(error_frame(id, code, &message));
+                return Flow::Continue;
             }
-            Ok(ClientFrame::Ping { id }) => send_text(ws, ServerFrame::Pong { id }.to_json()).await,
-            Ok(ClientFrame::Subscribe { id, channel_id }) => {
-                self.subscribe(ws, id, channel_id).await
-            }
-            Ok(ClientFrame::Unsubscribe { id, channel_id }) => {
+        };
+        let reply = match frame {
+            ClientFrame::Auth { id, .. } => error_frame(
+                id,
+                ErrorCode::InvalidRequest,
+                "this connection is already authenticated; use auth.refresh to replace its token",
+            ),
+            ClientFrame::AuthRefresh { id, token } => self.refresh_token(id, &token),
+            ClientFrame::Ping { id } => ServerFrame::Pong { id },
+            ClientFrame::Subscribe { id, channel_id } => self.subscribe(id, channel_id).await,
+            ClientFrame::Unsubscribe { id, channel_id } => {
                 if self.subscriptions.remove(&channel_id) {
                     self.edge.hubs.unsubscribe(&channel_id, self.conn);
                 }
-                let ack = ServerFrame::Ack(Ack {
+                ServerFrame::Ack(Ack {
                     channel_id: Some(channel_id),
                     ..Ack::new(id)
-                });
-                send_text(ws, ack.to_json()).await;
+                })
             }
-            Ok(ClientFrame::MessageSend {
+            ClientFrame::MessageSend {
                 id,
                 channel_id,
                 client_msg_id,
                 text,
                 metadata,
-            }) => {
+            } => {
+                // Acked through the queue after the commit.
                 self.send_message(
                     id,
                     channel_id,
@@ -486,62 +640,92 @@ impl Session {
                         metadata,
                     },
                 );
+                return Flow::Continue;
             }
-            Ok(ClientFrame::Resume {
+            ClientFrame::Resume {
                 id,
                 session_id,
                 channels,
-            }) => self.resume(ws, id, session_id, channels).await,
-            Ok(ClientFrame::TypingStart { id, channel_id }) => {
-                self.typing(ws, id, channel_id, TypingState::Start).await
+            } => return self.resume(ws, id, session_id, channels).await,
+            ClientFrame::TypingStart { id, channel_id } => {
+                self.typing(id, channel_id, TypingState::Start).await
             }
-            Ok(ClientFrame::TypingStop { id, channel_id }) => {
-                self.typing(ws, id, channel_id, TypingState::Stop).await
+            ClientFrame::TypingStop { id, channel_id } => {
+                self.typing(id, channel_id, TypingState::Stop).await
             }
-            Ok(ClientFrame::Read {
+            ClientFrame::Read {
                 id,
                 channel_id,
                 seq,
-            }) => {
-                let frame = match self
-                    .edge
-                    .gateway
-                    .mark_read(&self.principal, &channel_id, seq)
-                    .await
-                {
-                    Ok(state) => ServerFrame::Ack(Ack {
-                        channel_id: Some(channel_id),
-                        last_read_seq: Some(state.last_read_seq),
-                        ..Ack::new(id)
-                    }),
-                    Err(e) => error_frame(Some(id), e.code, &e.message),
-                };
-                send_text(ws, frame.to_json()).await;
-            }
-            Ok(ClientFrame::CallAttach {
+            } => match self
+                .edge
+                .gateway
+                .mark_read(&self.principal, &channel_id, seq)
+                .await
+            {
+                Ok(state) => ServerFrame::Ack(Ack {
+                    channel_id: Some(channel_id),
+                    last_read_seq: Some(state.last_read_seq),
+                    ..Ack::new(id)
+                }),
+                Err(e) => error_frame(Some(id), e.code, &e.message),
+            },
+            ClientFrame::CallAttach {
                 id,
                 call_id,
                 participant_id,
-            }) => {
-                let frame = self.call_attach(id, call_id, participant_id).await;
-                send_text(ws, frame.to_json()).await;
-            }
-            Ok(ClientFrame::CallSignal {
+            } => self.call_attach(id, call_id, participant_id).await,
+            ClientFrame::CallSignal {
                 id,
                 call_id,
                 from,
                 to,
                 signal,
-            }) => {
-                let frame = self.call_signal(id, call_id, from, to, signal).await;
-                send_text(ws, frame.to_json()).await;
-            }
-            Ok(ClientFrame::PresenceSet { id, away }) => {
+            } => self.call_signal(id, call_id, from, to, signal).await,
+            ClientFrame::PresenceSet { id, away } => {
                 self.edge.gateway.set_away(&self.principal, away).await;
-                send_text(ws, ServerFrame::ack(id).to_json()).await;
+                ServerFrame::ack(id)
             }
-        }
+        };
+        self.reply(reply);
         Flow::Continue
+    }
+
+    /// `auth.refresh`: a valid token of the same user and tenant replaces the connection's
+    /// token (its expiry and roles); anything else leaves the old one in force.
+    fn refresh_token(&mut self, id: String, token: &str) -> ServerFrame {
+        let principal = match self.edge.gateway.authenticate(token) {
+            Ok(p) => p,
+            Err(e) => return error_frame(Some(id), e.code, &e.message),
+        };
+        if principal.user_id != self.principal.user_id
+            || principal.tenant_id != self.principal.tenant_id
+        {
+            return error_frame(
+                Some(id),
+                ErrorCode::TokenInvalidClaims,
+                "the token is for another user or tenant (sub and tid must be the connection's); \
+                 the connection keeps its token",
+            );
+        }
+        let now = unix_now();
+        if token_deadline(now, principal.expires_at, Duration::ZERO) == TokenDeadline::Expired {
+            // Accepted by the verifier's clock-skew leeway, but already past its exp.
+            return error_frame(
+                Some(id),
+                ErrorCode::TokenExpired,
+                "the token has expired; the connection keeps its token",
+            );
+        }
+        self.principal = principal;
+        if let Err(code) = self.watch_token() {
+            self.ctl.close(code);
+        }
+        ServerFrame::Ack(Ack {
+            token_expires_at: Some(self.principal.expires_at),
+            token_expires_in_ms: Some(millis_until(now, self.principal.expires_at)),
+            ..Ack::new(id)
+        })
     }
 
     /// Attaches a call participant to this connection; a participant coming back inside its
@@ -678,14 +862,8 @@ impl Session {
         }
     }
 
-    async fn typing(
-        &mut self,
-        ws: &mut WebSocket,
-        id: String,
-        channel_id: String,
-        state: TypingState,
-    ) {
-        let frame = match self
+    async fn typing(&mut self, id: String, channel_id: String, state: TypingState) -> ServerFrame {
+        match self
             .edge
             .gateway
             .typing(&self.principal, &channel_id, state)
@@ -696,8 +874,7 @@ impl Session {
                 ..Ack::new(id)
             }),
             Err(e) => error_frame(Some(id), e.code, &e.message),
-        };
-        send_text(ws, frame.to_json()).await;
+        }
     }
 
     /// Looks up the unread counts of the channels that changed and queues `unread.updated`
@@ -746,7 +923,20 @@ impl Session {
         id: String,
         session_id: String,
         channels: Vec<ResumeChannel>,
-    ) {
+    ) -> Flow {
+        let max_channels = self.edge.config.max_resume_channels;
+        if channels.len() > max_channels {
+            self.reply(error_frame(
+                Some(id),
+                ErrorCode::InvalidArgument,
+                &format!(
+                    "resume names {} channels; at most {max_channels} (limits.max_resume_channels) \
+                     per frame: split them over several resume frames",
+                    channels.len()
+                ),
+            ));
+            return Flow::Continue;
+        }
         let window = self.edge.config.resume_window;
         let check = self.edge.sessions.check(
             &session_id,
@@ -755,14 +945,12 @@ impl Session {
             window,
         );
         if check == SessionCheck::Foreign {
-            send_error(
-                ws,
+            self.reply(error_frame(
                 Some(id),
                 ErrorCode::InvalidArgument,
                 "session_id belongs to another user",
-            )
-            .await;
-            return;
+            ));
+            return Flow::Continue;
         }
         let max_replay = self.edge.config.max_replay;
         let mut outcomes = Vec::with_capacity(channels.len());
@@ -822,7 +1010,14 @@ impl Session {
                 Ok(events) if events.len() as u64 == expected => {
                     for ev in &events {
                         if let Ok(json) = serde_json::to_string(ev) {
-                            send_text(ws, json).await;
+                            self.out.push(Message::Text(json.into()));
+                        }
+                        // Written as it goes, before anything queued (live events of the
+                        // channels already resumed follow the ack).
+                        if self.out.len() >= MAX_FRAMES_PER_WRITE
+                            && let Err(end) = self.write(ws, None, false).await
+                        {
+                            return Flow::End(end);
                         }
                     }
                     outcomes.push(ResumedChannel {
@@ -842,23 +1037,22 @@ impl Session {
                 }),
             }
         }
-        let ack = ServerFrame::Ack(Ack {
+        self.reply(ServerFrame::Ack(Ack {
             resumed: Some(outcomes),
             ..Ack::new(id)
-        });
-        send_text(ws, ack.to_json()).await;
+        }));
+        Flow::Continue
     }
 
-    async fn subscribe(&mut self, ws: &mut WebSocket, id: String, channel_id: String) {
-        let frame = match self.subscribe_inner(&channel_id).await {
+    async fn subscribe(&mut self, id: String, channel_id: String) -> ServerFrame {
+        match self.subscribe_inner(&channel_id).await {
             Ok(seq) => ServerFrame::Ack(Ack {
                 channel_id: Some(channel_id),
                 seq: Some(seq),
                 ..Ack::new(id)
             }),
             Err(e) => error_frame(Some(id), e.code, &e.message),
-        };
-        send_text(ws, frame.to_json()).await;
+        }
     }
 
     /// Subscribes (pending, membership check, confirm); returns the seq after which events
@@ -946,14 +1140,21 @@ impl Session {
 /// write instead of one write per frame (acks under load, bursts of events).
 const MAX_FRAMES_PER_WRITE: usize = 64;
 
-/// Writes `first` and whatever else is queued (up to [`MAX_FRAMES_PER_WRITE`]), then flushes.
+/// Writes `out`, then `first` and whatever else is queued (up to [`MAX_FRAMES_PER_WRITE`] from
+/// the queue), then flushes.
 async fn send_batch(
     ws: &mut WebSocket,
-    first: Utf8Bytes,
-    queue: &mut Option<(FrameSender, FrameReceiver)>,
+    out: Vec<Message>,
+    first: Option<Utf8Bytes>,
+    queue: Option<&mut FrameReceiver>,
 ) -> Result<(), axum::Error> {
-    ws.feed(Message::Text(first)).await?;
-    if let Some((_, rx)) = queue {
+    for m in out {
+        ws.feed(m).await?;
+    }
+    if let Some(first) = first {
+        ws.feed(Message::Text(first)).await?;
+    }
+    if let Some(rx) = queue {
         for _ in 1..MAX_FRAMES_PER_WRITE {
             match rx.try_recv() {
                 Some(frame) => ws.feed(Message::Text(frame)).await?,
@@ -962,6 +1163,21 @@ async fn send_batch(
         }
     }
     ws.flush().await
+}
+
+/// Resolves when the armed token-expiry timer fires; never when none is armed.
+async fn token_expired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Time since the Unix epoch, the unit of a token's `exp`.
+fn unix_now() -> Duration {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
 }
 
 async fn next_queued(queue: &mut Option<(FrameSender, FrameReceiver)>) -> Option<Utf8Bytes> {
@@ -985,7 +1201,8 @@ fn classify_read_error(e: axum::Error) -> Option<CloseCode> {
 fn frame_id(f: &ClientFrame) -> Option<String> {
     match f {
         ClientFrame::Auth { id, .. } => id.clone(),
-        ClientFrame::Subscribe { id, .. }
+        ClientFrame::AuthRefresh { id, .. }
+        | ClientFrame::Subscribe { id, .. }
         | ClientFrame::Unsubscribe { id, .. }
         | ClientFrame::MessageSend { id, .. }
         | ClientFrame::Resume { id, .. }
@@ -1009,25 +1226,43 @@ fn error_frame(id: Option<String>, code: ErrorCode, message: &str) -> ServerFram
     }
 }
 
-async fn send_error(ws: &mut WebSocket, id: Option<String>, code: ErrorCode, message: &str) {
-    send_text(ws, error_frame(id, code, message).to_json()).await;
+fn error_message(id: Option<String>, code: ErrorCode, message: &str) -> Message {
+    Message::Text(error_frame(id, code, message).to_json().into())
 }
 
-async fn send_text(ws: &mut WebSocket, text: String) {
-    let _ = ws.send(Message::Text(text.into())).await;
-}
+/// How long the last frames and the close frame may take to leave: a peer that does not read
+/// them in this time would not read them at all.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// Sends a close frame with the code and its stated reason, giving a stuck peer one second.
-async fn send_close(ws: &mut WebSocket, code: CloseCode) {
+/// How long the server keeps reading after its close frame, for the peer's answer.
+const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Writes `last` (the error that explains the close, say), then a close frame with the code
+/// and its stated reason, giving a stuck peer [`CLOSE_WRITE_TIMEOUT`]. True when it was written.
+async fn send_close(ws: &mut WebSocket, last: Vec<Message>, code: CloseCode) -> bool {
     let frame = CloseFrame {
         code: code.code(),
         reason: Utf8Bytes::from_static(code.reason()),
     };
-    let _ = tokio::time::timeout(
-        std::time::Duration::from_secs(1),
-        ws.send(Message::Close(Some(frame))),
+    let write = async {
+        for m in last {
+            ws.feed(m).await?;
+        }
+        ws.send(Message::Close(Some(frame))).await
+    };
+    matches!(
+        tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await,
+        Ok(Ok(()))
     )
-    .await;
+}
+
+/// After our close frame, reads (and drops) what the peer still sends until it answers the
+/// close, for at most [`CLOSE_DRAIN_TIMEOUT`]. Closing the socket with unread input would make
+/// the kernel reset the connection, and a reset discards the close frame before the peer reads
+/// it; a flooding client would never learn why it was closed.
+async fn drain(ws: &mut WebSocket) {
+    let deadline = tokio::time::Instant::now() + CLOSE_DRAIN_TIMEOUT;
+    while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.recv()).await {}
 }
 
 fn millis(d: std::time::Duration) -> u64 {

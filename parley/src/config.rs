@@ -152,6 +152,9 @@ pub struct ServeArgs {
     /// Most events replayed per channel on resume; further behind, the channel is refused.
     #[arg(long, env = "PARLEY_MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: u64,
+    /// Most channels one `resume` frame may name (stated in the welcome limits).
+    #[arg(long, env = "PARLEY_WS_MAX_RESUME_CHANNELS", default_value_t = 100)]
+    pub ws_max_resume_channels: usize,
     /// How long after a connection ends its session can be resumed, in milliseconds.
     #[arg(long, env = "PARLEY_RESUME_WINDOW_MS", default_value_t = 120_000)]
     pub resume_window_ms: u64,

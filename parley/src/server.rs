@@ -291,6 +291,7 @@ pub async fn build(
         send_queue: args.ws_send_queue,
         allowed_origins: args.allowed_origins.clone(),
         max_replay: args.max_replay,
+        max_resume_channels: args.ws_max_resume_channels.max(1),
         resume_window: Duration::from_millis(args.resume_window_ms),
         presence_grace: Duration::from_millis(args.presence_grace_ms),
         typing_throttle: Duration::from_millis(args.typing_throttle_ms),

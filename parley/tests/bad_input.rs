@@ -16,8 +16,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
 
-/// Consecutive rate-limited frames after which a connection is closed with 4008
-/// (`EdgeConfig::flood_close_after`, not configurable from the command line).
+/// Rate-limited frames after which a connection is closed with 4008 when they come faster than
+/// the budget drains them (`EdgeConfig::flood_close_after`, stated in the welcome limits).
 const FLOOD_CLOSE_AFTER: usize = 200;
 
 /// A server with a channel whose second member (the bystander) holds a subscribed WebSocket

@@ -153,10 +153,13 @@ pub enum CloseCode {
     AuthTimeout,
     /// 4003: the connection missed its pongs and is considered dead.
     HeartbeatTimeout,
-    /// 4008: too many rate-limited frames in a row.
+    /// 4008: the connection kept sending over its frame budget (see [`crate::conn::FloodMeter`]).
     RateLimitFlood,
     /// 4009: the client did not read fast enough; its send queue filled. Resume to catch up.
     SlowConsumer,
+    /// 4011: the connection's token expired and no `auth.refresh` replaced it. Reconnect with a
+    /// new token.
+    TokenExpired,
 }
 
 impl CloseCode {
@@ -172,6 +175,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => 4003,
             CloseCode::RateLimitFlood => 4008,
             CloseCode::SlowConsumer => 4009,
+            CloseCode::TokenExpired => 4011,
         }
     }
 
@@ -189,6 +193,7 @@ impl CloseCode {
             HeartbeatTimeout,
             RateLimitFlood,
             SlowConsumer,
+            TokenExpired,
         ]
         .into_iter()
         .find(|c| c.code() == code)
@@ -206,6 +211,7 @@ impl CloseCode {
             CloseCode::HeartbeatTimeout => "heartbeat timeout",
             CloseCode::RateLimitFlood => "rate limit flood",
             CloseCode::SlowConsumer => "slow consumer",
+            CloseCode::TokenExpired => "token expired",
         }
     }
 }

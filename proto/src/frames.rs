@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::ToSchema;
 
+use crate::conn::{MAX_ECHO_BYTES, MAX_ERROR_MESSAGE_BYTES, MAX_REQUEST_ID_CHARS, truncate_echo};
 use crate::error::ErrorCode;
 use crate::model::{Message, SessionLimits};
 
@@ -24,6 +25,10 @@ pub enum ClientFrame {
         id: Option<String>,
         token: String,
     },
+    /// Replace the connection's token before it expires, with a new token for the same user and
+    /// tenant. Acked with the new expiry; a refused token leaves the old one in force.
+    #[serde(rename = "auth.refresh")]
+    AuthRefresh { id: String, token: String },
     /// Start receiving the events of a channel. Acked with the seq from which delivery starts.
     #[serde(rename = "subscribe")]
     Subscribe { id: String, channel_id: String },
@@ -129,6 +134,7 @@ pub struct ResumedChannel {
 /// The frame types a client may send, for error messages and docs.
 pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "auth",
+    "auth.refresh",
     "subscribe",
     "unsubscribe",
     "message.send",
@@ -158,9 +164,24 @@ impl ClientFrame {
         let value: Value = serde_json::from_str(text).map_err(|e| FrameError {
             id: None,
             code: ErrorCode::MalformedJson,
-            message: format!("frame is not valid JSON: {e}"),
+            message: truncate_echo(
+                &format!("frame is not valid JSON: {e}"),
+                MAX_ERROR_MESSAGE_BYTES,
+            )
+            .into_owned(),
         })?;
         let id = value.get("id").and_then(Value::as_str).map(str::to_owned);
+        if id
+            .as_deref()
+            .is_some_and(|id| id.chars().count() > MAX_REQUEST_ID_CHARS)
+        {
+            // Not echoed: every reply carries the id.
+            return Err(FrameError {
+                id: None,
+                code: ErrorCode::InvalidRequest,
+                message: format!("id must be at most {MAX_REQUEST_ID_CHARS} characters"),
+            });
+        }
         let Some(obj) = value.as_object() else {
             return Err(FrameError {
                 id,
@@ -180,7 +201,8 @@ impl ClientFrame {
                 id,
                 code: ErrorCode::UnknownFrameType,
                 message: format!(
-                    "unknown frame type {kind:?}; expected one of {}",
+                    "unknown frame type {:?}; expected one of {}",
+                    truncate_echo(&kind, MAX_ECHO_BYTES),
                     CLIENT_FRAME_TYPES.join(", ")
                 ),
             });
@@ -188,7 +210,12 @@ impl ClientFrame {
         serde_json::from_value(value).map_err(|e| FrameError {
             id,
             code: ErrorCode::InvalidRequest,
-            message: format!("invalid {kind:?} frame: {e}"),
+            // serde quotes offending values (a whole string of the frame, perhaps): cut it.
+            message: truncate_echo(
+                &format!("invalid {kind:?} frame: {e}"),
+                MAX_ERROR_MESSAGE_BYTES,
+            )
+            .into_owned(),
         })
     }
 }
@@ -207,6 +234,11 @@ pub enum ServerFrame {
         heartbeat_interval_ms: u64,
         /// A connection that has not answered (pong or any frame) for this long is closed (4003).
         heartbeat_timeout_ms: u64,
+        /// The token's `exp` (seconds since the Unix epoch). At that moment the connection is
+        /// closed with 4011 unless an `auth.refresh` gave it a new token.
+        token_expires_at: u64,
+        /// The same, as milliseconds from when the frame was sent (immune to clock skew).
+        token_expires_in_ms: u64,
         limits: SessionLimits,
     },
     /// Success of the request with the same `id`.
@@ -322,6 +354,12 @@ pub struct Ack {
     /// relayed; answer the peer's offer instead.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back: Option<bool>,
+    /// For `auth.refresh`: the new token's `exp` (seconds since the Unix epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_at: Option<u64>,
+    /// For `auth.refresh`: the same, as milliseconds from when the ack was sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_expires_in_ms: Option<u64>,
 }
 
 impl Ack {
@@ -401,5 +439,41 @@ mod tests {
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         let e = ClientFrame::parse(r#"[1,2]"#).expect_err("not an object");
         assert_eq!(e.code, ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn client_input_echoed_in_errors_is_capped() {
+        let kind = "x".repeat(60_000);
+        let e = ClientFrame::parse(&serde_json::json!({"type": kind, "id": "1"}).to_string())
+            .expect_err("unknown");
+        assert_eq!(e.code, ErrorCode::UnknownFrameType);
+        assert!(e.message.len() < 1_000, "{} bytes", e.message.len());
+        let big = "y".repeat(60_000);
+        let e = ClientFrame::parse(
+            &serde_json::json!({"type": "read", "id": "1", "channel_id": "c", "seq": big})
+                .to_string(),
+        )
+        .expect_err("wrong type");
+        assert!(
+            e.message.len() <= MAX_ERROR_MESSAGE_BYTES + 3,
+            "{}",
+            e.message.len()
+        );
+        let e = ClientFrame::parse(&serde_json::json!({"type": "ping", "id": big}).to_string())
+            .expect_err("long id");
+        assert_eq!((e.code, e.id), (ErrorCode::InvalidRequest, None));
+    }
+
+    #[test]
+    fn parses_auth_refresh() {
+        let f =
+            ClientFrame::parse(r#"{"type":"auth.refresh","id":"9","token":"t"}"#).expect("valid");
+        assert_eq!(
+            f,
+            ClientFrame::AuthRefresh {
+                id: "9".into(),
+                token: "t".into()
+            }
+        );
     }
 }

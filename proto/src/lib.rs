@@ -8,6 +8,7 @@
 //! state machine here is unit-tested without sleeps.
 
 pub mod calls;
+pub mod conn;
 pub mod error;
 pub mod frames;
 pub mod model;

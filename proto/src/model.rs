@@ -335,10 +335,17 @@ pub struct SessionLimits {
     pub frames_per_second: u32,
     /// Frames a connection may send in a burst above the sustained rate.
     pub frame_burst: u32,
+    /// Refused frames (over the budget) that close the connection with 4008. The count drains by
+    /// `frames_per_second` per second, so a burst of this many closes, and so does a sustained
+    /// rate above twice the budget.
+    pub flood_close_after: u32,
     /// Events the server queues for a connection before closing it as a slow consumer (4009).
     pub send_queue: usize,
     /// Most events replayed per channel by `resume`; further behind, the channel is refused.
     pub max_replay: u64,
+    /// Most channels in one `resume` frame; more is refused with `invalid_argument` (split the
+    /// channels over several `resume` frames).
+    pub max_resume_channels: usize,
     /// How long after a connection ends its session can be resumed, in milliseconds.
     pub resume_window_ms: u64,
     /// Grace period before a user with no connection goes offline, in milliseconds.
@@ -355,6 +362,9 @@ pub struct Principal {
     pub tenant_id: String,
     /// Roles granted by the token issuer (application-defined; Parley checks channel roles).
     pub roles: Vec<String>,
+    /// The token's `exp` (seconds since the Unix epoch): a WebSocket session ends then unless
+    /// the client sends `auth.refresh`.
+    pub expires_at: u64,
 }
 
 /// `POST /v1/dev/token` (development mode only).

@@ -218,6 +218,7 @@ impl Authenticator {
             user_id: claims.sub,
             tenant_id: tenant,
             roles: claims.roles,
+            expires_at: claims.exp,
         })
     }
 

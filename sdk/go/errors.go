@@ -130,6 +130,8 @@ const (
 	CloseHeartbeatTimeout = 4003
 	CloseRateLimitFlood   = 4008
 	CloseSlowConsumer     = 4009
+	// CloseTokenExpired: the token expired and was not refreshed (auth.refresh).
+	CloseTokenExpired = 4011
 )
 
 // errorBody is the REST error envelope.

@@ -220,6 +220,8 @@ type frame struct {
 	Resumed     []resumedChannel `json:"resumed"`
 	LastReadSeq *uint64          `json:"last_read_seq"`
 	RolledBack  *bool            `json:"rolled_back"`
+	TokenExpAt  *int64           `json:"token_expires_at"`
+	TokenExpIn  *int64           `json:"token_expires_in_ms"`
 	ChannelID   string           `json:"channel_id"`
 	Member      *Member          `json:"member"`
 	By          string           `json:"by"`

@@ -237,3 +237,60 @@ func TestRefusedTokenIsFinal(t *testing.T) {
 		t.Fatal("expected Events() closed after giving up")
 	}
 }
+
+// TestResumeSplitsAtTheStatedChannelCap: with at most 3 channels per resume frame, bob resumes
+// 8 channels after a drop. The client sends three resume frames, so every missed message is
+// replayed by the server (no Gap, nothing from history) instead of the whole resume being
+// refused and filled from storage.
+func TestResumeSplitsAtTheStatedChannelCap(t *testing.T) {
+	srv := startServer(t, "--ws-max-resume-channels", "3")
+	px := startProxy(t, "127.0.0.1:"+srv.Port)
+	ctx := ctxT(t)
+	alice := srv.client(t, "alice")
+	var ids []string
+	for i := range 8 {
+		ch, err := alice.CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: fmt.Sprintf("cap %d", i), Members: []string{"bob"}})
+		if err != nil {
+			t.Fatalf("create channel: %v", err)
+		}
+		ids = append(ids, ch.ID)
+	}
+	bobRT := connect(t, srv.client(t, "bob", px.URL), parley.WithBackoff(20*time.Millisecond, 200*time.Millisecond))
+	if got := bobRT.Welcome().Limits.MaxResumeChannels; got != 3 {
+		t.Fatalf("welcome states max_resume_channels %d, want 3", got)
+	}
+	for _, id := range ids {
+		if _, err := bobRT.Subscribe(ctx, id); err != nil {
+			t.Fatalf("subscribe: %v", err)
+		}
+	}
+	px.setOffline(true)
+	px.reset()
+	waitFor(t, wait, func() bool { return bobRT.State() == parley.StateReconnecting }, func() string {
+		return "bob reconnecting, state " + bobRT.State().String()
+	})
+	for _, id := range ids {
+		if _, err := alice.SendMessage(ctx, id, parley.SendParams{Text: "missed in " + id}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	px.setOffline(false)
+	got := map[string]bool{}
+	deadline := time.After(wait)
+	for len(got) < len(ids) {
+		select {
+		case ev := <-bobRT.Events():
+			switch e := ev.(type) {
+			case *parley.Gap:
+				t.Fatalf("a gap: the resume was refused (%+v)", e)
+			case *parley.MessageNew:
+				if e.FromHistory {
+					t.Fatalf("%q came from history, not from the resume", e.Message.Text)
+				}
+				got[e.ChannelID] = true
+			}
+		case <-deadline:
+			t.Fatalf("only %d of %d channels got their missed message", len(got), len(ids))
+		}
+	}
+}

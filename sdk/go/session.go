@@ -41,15 +41,20 @@ func (rt *Realtime) serve(conn *wsConn) error {
 		rt.mu.Unlock()
 	}()
 
-	if len(resume) > 0 {
-		req := map[string]any{"type": "resume", "session_id": prevSession, "channels": resume}
-		reply, err := conn.request(rt.ctx, req, rt.resumeHook(conn, resume))
-		if err != nil {
+	// At most Limits.MaxResumeChannels per resume frame (the server refuses more).
+	per := conn.welcome.Limits.MaxResumeChannels
+	if per <= 0 {
+		per = len(resume)
+	}
+	for len(resume) > 0 {
+		part := resume[:min(per, len(resume))]
+		resume = resume[len(part):]
+		req := map[string]any{"type": "resume", "session_id": prevSession, "channels": part}
+		if _, err := conn.request(rt.ctx, req, rt.resumeHook(conn, part)); err != nil {
 			conn.close(1000, "resume failed")
 			<-conn.done
 			return conn.cause()
 		}
-		_ = reply
 	}
 	for _, id := range fresh {
 		rt.subscribeOn(conn, id)
@@ -67,9 +72,10 @@ func (rt *Realtime) serve(conn *wsConn) error {
 	}
 
 	var wg sync.WaitGroup
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); rt.outbox.flush(rt, conn) }()
 	go func() { defer wg.Done(); rt.keepalive(conn) }()
+	go func() { defer wg.Done(); rt.refreshToken(conn) }()
 	<-conn.done
 	wg.Wait()
 	return conn.cause()
@@ -146,6 +152,70 @@ func (rt *Realtime) keepalive(conn *wsConn) {
 			}
 		}
 	}
+}
+
+// refreshToken keeps the connection's token from expiring: ahead of the expiry (a quarter of
+// the remaining lifetime, between 1 s and 60 s) it asks the TokenSource for a token and sends
+// auth.refresh. It stops when a refresh brings no later expiry (a static token): the server
+// then closes the connection at the expiry (4011), and the reconnect asks the TokenSource again.
+func (rt *Realtime) refreshToken(conn *wsConn) {
+	expiresAt := conn.welcome.TokenExpiresAt
+	deadline := time.Now().Add(time.Duration(conn.welcome.TokenExpiresInMS) * time.Millisecond)
+	if expiresAt == 0 {
+		return // a server that does not state the expiry
+	}
+	for {
+		left := time.Until(deadline)
+		ahead := min(60*time.Second, max(time.Second, left/4))
+		t := time.NewTimer(left - ahead)
+		select {
+		case <-conn.done:
+			t.Stop()
+			return
+		case <-t.C:
+		}
+		newExp, in, err := rt.refreshOnce(conn)
+		switch {
+		case err == nil && newExp > expiresAt:
+			expiresAt = newExp
+			deadline = time.Now().Add(in)
+		case err == nil:
+			return // no later expiry to be had
+		default:
+			rt.cfg.logger.Warn("parley: token refresh failed", "err", err)
+			if time.Until(deadline) < 500*time.Millisecond {
+				return // the server closes at the expiry; the reconnect gets a new token
+			}
+			// Try again a little later, while there is time.
+			select {
+			case <-conn.done:
+				return
+			case <-time.After(max(250*time.Millisecond, time.Until(deadline)/4)):
+			}
+		}
+	}
+}
+
+// refreshOnce asks the TokenSource for a token and sends it in auth.refresh; returns the new
+// expiry (Unix seconds) and the time until it.
+func (rt *Realtime) refreshOnce(conn *wsConn) (int64, time.Duration, error) {
+	ctx, cancel := context.WithTimeout(conn.ctx, rt.cfg.requestTimeout)
+	defer cancel()
+	token, err := rt.client.token(ctx)
+	if err != nil {
+		return 0, 0, err
+	}
+	reply, err := conn.request(ctx, map[string]any{"type": "auth.refresh", "token": token}, nil)
+	if err != nil {
+		return 0, 0, err
+	}
+	if reply.Type == "error" {
+		return 0, 0, reply.asError()
+	}
+	if reply.TokenExpAt == nil || reply.TokenExpIn == nil {
+		return 0, 0, errors.New("parley: auth.refresh ack without the new expiry")
+	}
+	return *reply.TokenExpAt, time.Duration(*reply.TokenExpIn) * time.Millisecond, nil
 }
 
 // liveConn waits for a connected state and returns its connection.

@@ -166,23 +166,35 @@ type JoinedCall struct {
 
 // SessionLimits are the limits stated in the welcome frame.
 type SessionLimits struct {
-	MaxFrameBytes    int   `json:"max_frame_bytes"`
-	MaxTextChars     int   `json:"max_text_chars"`
-	FramesPerSecond  int   `json:"frames_per_second"`
-	FrameBurst       int   `json:"frame_burst"`
-	SendQueue        int   `json:"send_queue"`
-	MaxReplay        int64 `json:"max_replay"`
-	ResumeWindowMS   int64 `json:"resume_window_ms"`
-	PresenceGraceMS  int64 `json:"presence_grace_ms"`
-	TypingThrottleMS int64 `json:"typing_throttle_ms"`
+	MaxFrameBytes   int `json:"max_frame_bytes"`
+	MaxTextChars    int `json:"max_text_chars"`
+	FramesPerSecond int `json:"frames_per_second"`
+	FrameBurst      int `json:"frame_burst"`
+	// FloodCloseAfter refused frames close the connection (4008); the count drains at
+	// FramesPerSecond per second.
+	FloodCloseAfter int   `json:"flood_close_after"`
+	SendQueue       int   `json:"send_queue"`
+	MaxReplay       int64 `json:"max_replay"`
+	// MaxResumeChannels is the most channels one resume frame may name; the client splits
+	// larger resumes.
+	MaxResumeChannels int   `json:"max_resume_channels"`
+	ResumeWindowMS    int64 `json:"resume_window_ms"`
+	PresenceGraceMS   int64 `json:"presence_grace_ms"`
+	TypingThrottleMS  int64 `json:"typing_throttle_ms"`
 }
 
 // Welcome is the server's first frame on a connection.
 type Welcome struct {
-	SessionID           string        `json:"session_id"`
-	UserID              string        `json:"user_id"`
-	TenantID            string        `json:"tenant_id"`
-	HeartbeatIntervalMS int64         `json:"heartbeat_interval_ms"`
-	HeartbeatTimeoutMS  int64         `json:"heartbeat_timeout_ms"`
-	Limits              SessionLimits `json:"limits"`
+	SessionID           string `json:"session_id"`
+	UserID              string `json:"user_id"`
+	TenantID            string `json:"tenant_id"`
+	HeartbeatIntervalMS int64  `json:"heartbeat_interval_ms"`
+	HeartbeatTimeoutMS  int64  `json:"heartbeat_timeout_ms"`
+	// TokenExpiresAt is the token's exp (Unix seconds): the server closes the connection then
+	// (4011) unless the client refreshed its token (the Realtime client does, with its
+	// TokenSource).
+	TokenExpiresAt int64 `json:"token_expires_at"`
+	// TokenExpiresInMS is the same, in milliseconds from when the welcome was sent.
+	TokenExpiresInMS int64         `json:"token_expires_in_ms"`
+	Limits           SessionLimits `json:"limits"`
 }

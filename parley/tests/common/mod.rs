@@ -239,6 +239,11 @@ impl Server {
         format!("ws://{}/v1/ws", self.addr)
     }
 
+    /// The server process's id (to read its memory in /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the server is running").id()
+    }
+
     /// SIGKILL: no shutdown, no flush beyond what was already durable.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -193,7 +193,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
       requestTimeoutMs: options.requestTimeoutMs ?? 10_000,
       connection: this.connection,
       hooks: {
-        restore: (_welcome, previous) => this.#restore(previous),
+        restore: (welcome, previous) => this.#restore(previous, welcome.limits.max_resume_channels),
         frame: (frame) => this.#onFrame(frame),
         error: (error) => this.emit("error", error),
         dropped: () => this.#onDropped(),
@@ -535,7 +535,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
   }
 
   /** After a welcome: resume or subscribe every channel, re-send read positions and away. */
-  async #restore(previousSession: string | undefined): Promise<void> {
+  async #restore(previousSession: string | undefined, maxResumeChannels: number): Promise<void> {
     const resumable: Array<{ channel_id: string; seq: number }> = [];
     const fresh: string[] = [];
     for (const [channelId, sub] of this.#subs) {
@@ -548,7 +548,13 @@ export class ParleyClient extends Emitter<ClientEvents> {
     const steps: Promise<unknown>[] = fresh.map((channelId) =>
       this.#subscribeOnServer(channelId, this.#subs.get(channelId) as Sub),
     );
-    if (resumable.length > 0 && previousSession) steps.push(this.#resume(previousSession, resumable));
+    if (previousSession) {
+      // At most `limits.max_resume_channels` per frame (the server refuses more): one resume per slice.
+      const per = Math.max(1, maxResumeChannels || resumable.length);
+      for (let i = 0; i < resumable.length; i += per) {
+        steps.push(this.#resume(previousSession, resumable.slice(i, i + per)));
+      }
+    }
     // "Away" is best effort: a refusal must not keep the subscriptions from coming back.
     if (this.#away) steps.push(this.request({ type: "presence.set", away: true }).catch(() => {}));
     await Promise.all(steps);

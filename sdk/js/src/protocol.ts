@@ -10,6 +10,7 @@ export const SUBPROTOCOL = "parley.v1";
 /** Every frame a client may send, by `type`. */
 export type ClientFrame =
   | { type: "auth"; token: string; id?: string }
+  | { type: "auth.refresh"; id: string; token: string }
   | { type: "subscribe"; id: string; channel_id: string }
   | { type: "unsubscribe"; id: string; channel_id: string }
   | {
@@ -53,6 +54,7 @@ export interface ResumeChannel {
 /** The fields of each client frame (the `type` aside), as docs/protocol.md lists them. */
 export const CLIENT_FRAME_FIELDS = {
   auth: ["token", "id?"],
+  "auth.refresh": ["id", "token"],
   subscribe: ["id", "channel_id"],
   unsubscribe: ["id", "channel_id"],
   "message.send": ["id", "channel_id", "client_msg_id", "text", "metadata?"],
@@ -75,8 +77,28 @@ type FieldsOf<F> = {
  * Exact: `tsc` fails if a field is missing here or is not in the type.
  */
 export const SERVER_FRAME_FIELDS = {
-  welcome: ["session_id", "user_id", "tenant_id", "heartbeat_interval_ms", "heartbeat_timeout_ms", "limits"],
-  ack: ["id", "channel_id?", "seq?", "message?", "created?", "resumed?", "last_read_seq?", "rolled_back?"],
+  welcome: [
+    "session_id",
+    "user_id",
+    "tenant_id",
+    "heartbeat_interval_ms",
+    "heartbeat_timeout_ms",
+    "token_expires_at",
+    "token_expires_in_ms",
+    "limits",
+  ],
+  ack: [
+    "id",
+    "channel_id?",
+    "seq?",
+    "message?",
+    "created?",
+    "resumed?",
+    "last_read_seq?",
+    "rolled_back?",
+    "token_expires_at?",
+    "token_expires_in_ms?",
+  ],
   error: ["id?", "code", "message", "retry_after_ms?", "reason?"],
   pong: ["id"],
   "presence.changed": ["user_id", "status", "last_seen?", "last_active?"],
@@ -179,4 +201,5 @@ export const CloseCode = {
   HeartbeatTimeout: 4003,
   RateLimitFlood: 4008,
   SlowConsumer: 4009,
+  TokenExpired: 4011,
 } as const;

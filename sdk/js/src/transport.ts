@@ -58,6 +58,10 @@ export class Transport {
   #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   #welcomeTimer: ReturnType<typeof setTimeout> | undefined;
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
+  /** When to replace the connection's token (`auth.refresh`) before it expires. */
+  #refreshTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The connection's token `exp` as the server last stated it (seconds since the epoch). */
+  #tokenExpiresAt = 0;
   /** The server asked to wait this long (an error frame's `retry_after_ms`) before the next try. */
   #serverRetryAfterMs: number | undefined;
   #lastError: ParleyError | undefined;
@@ -224,6 +228,7 @@ export class Transport {
     this.#ready = false;
     clearTimeout(this.#welcomeTimer);
     clearInterval(this.#heartbeatTimer);
+    clearTimeout(this.#refreshTimer);
     clearTimeout(this.#outTimer);
     this.#outTimer = undefined;
     this.#outQueue.length = 0;
@@ -302,6 +307,8 @@ export class Transport {
     const previous = this.#sessionId;
     this.#sessionId = welcome.session_id;
     this.#startHeartbeat(ws, welcome.heartbeat_interval_ms);
+    this.#tokenExpiresAt = welcome.token_expires_at;
+    this.#scheduleRefresh(ws, welcome.token_expires_in_ms);
     const isCurrent = () => ws === this.#ws;
     this.#o.hooks.restore(welcome, previous, isCurrent).then(
       () => {
@@ -334,6 +341,46 @@ export class Transport {
         if (ws === this.#ws && e instanceof ParleyError && e.code === "timeout") this.#socketLost(ws, "no pong in time", undefined);
       });
     }, every);
+  }
+
+  // ---- token refresh ----
+
+  /**
+   * The server closes the connection (4011) when its token expires. With a token function, the
+   * transport asks it for a new token ahead of that and sends `auth.refresh`: a quarter of the
+   * remaining lifetime ahead, between 1 s and 60 s. A static token cannot be refreshed: the
+   * connection ends at its expiry, and reconnecting with it is refused. Refreshing stops when a
+   * refresh brings no later expiry (a function that returns the same token until it expires).
+   */
+  #scheduleRefresh(ws: WebSocketLike, expiresInMs: number | undefined): void {
+    clearTimeout(this.#refreshTimer);
+    if (typeof this.#o.token !== "function" || !(expiresInMs !== undefined && expiresInMs > 0)) return;
+    const expiresAt = Date.now() + expiresInMs;
+    const ahead = Math.min(60_000, Math.max(1_000, expiresInMs / 4));
+    this.#refreshTimer = setTimeout(() => void this.#refreshToken(ws, expiresAt), Math.max(0, expiresInMs - ahead));
+  }
+
+  async #refreshToken(ws: WebSocketLike, expiresAt: number): Promise<void> {
+    const source = this.#o.token;
+    if (ws !== this.#ws || typeof source !== "function") return;
+    try {
+      const token = await source();
+      if (ws !== this.#ws) return;
+      const ack = await this.request({ type: "auth.refresh", token });
+      const next = ack.token_expires_at ?? 0;
+      if (ws !== this.#ws || next <= this.#tokenExpiresAt) return; // nothing later to be had
+      this.#tokenExpiresAt = next;
+      this.#scheduleRefresh(ws, ack.token_expires_in_ms ?? undefined);
+    } catch (e) {
+      if (ws !== this.#ws) return;
+      // Try again while there is time; at the expiry the server closes and the reconnect asks
+      // the token function anew.
+      const left = expiresAt - Date.now();
+      if (left > 500) {
+        this.#o.hooks.error(e instanceof ParleyError ? e : new ParleyError({ code: "token_missing", message: `token refresh failed: ${String(e)}`, cause: e }));
+        this.#refreshTimer = setTimeout(() => void this.#refreshToken(ws, expiresAt), Math.max(250, left / 4));
+      }
+    }
   }
 
   // ---- frame budget ----

@@ -376,6 +376,16 @@ export interface components {
              *     relayed; answer the peer's offer instead.
              */
             rolled_back?: boolean | null;
+            /**
+             * Format: int64
+             * @description For `auth.refresh`: the new token's `exp` (seconds since the Unix epoch).
+             */
+            token_expires_at?: number | null;
+            /**
+             * Format: int64
+             * @description For `auth.refresh`: the same, as milliseconds from when the ack was sent.
+             */
+            token_expires_in_ms?: number | null;
         };
         /** @description `POST /v1/channels/{id}/members`. */
         AddMember: {
@@ -759,6 +769,17 @@ export interface components {
              * @description A connection that has not answered (pong or any frame) for this long is closed (4003).
              */
             heartbeat_timeout_ms: number;
+            /**
+             * Format: int64
+             * @description The token's `exp` (seconds since the Unix epoch). At that moment the connection is
+             *     closed with 4011 unless an `auth.refresh` gave it a new token.
+             */
+            token_expires_at: number;
+            /**
+             * Format: int64
+             * @description The same, as milliseconds from when the frame was sent (immune to clock skew).
+             */
+            token_expires_in_ms: number;
             limits: components["schemas"]["SessionLimits"];
             /** @enum {string} */
             type: "welcome";
@@ -858,6 +879,13 @@ export interface components {
              * @description Frames a connection may send in a burst above the sustained rate.
              */
             frame_burst: number;
+            /**
+             * Format: int32
+             * @description Refused frames (over the budget) that close the connection with 4008. The count drains by
+             *     `frames_per_second` per second, so a burst of this many closes, and so does a sustained
+             *     rate above twice the budget.
+             */
+            flood_close_after: number;
             /** @description Events the server queues for a connection before closing it as a slow consumer (4009). */
             send_queue: number;
             /**
@@ -865,6 +893,11 @@ export interface components {
              * @description Most events replayed per channel by `resume`; further behind, the channel is refused.
              */
             max_replay: number;
+            /**
+             * @description Most channels in one `resume` frame; more is refused with `invalid_argument` (split the
+             *     channels over several `resume` frames).
+             */
+            max_resume_channels: number;
             /**
              * Format: int64
              * @description How long after a connection ends its session can be resumed, in milliseconds.

@@ -116,6 +116,38 @@ describe("resume", () => {
   });
 });
 
+describe("resume over the channel cap", () => {
+  it("splits a resume over several frames of at most limits.max_resume_channels: every channel is replayed, none refilled", async () => {
+    const s = await server(["--ws-max-resume-channels", "3"]);
+    const alice = await clientFor(s, "alice");
+    cleanup.push(() => alice.close());
+    const ids: string[] = [];
+    for (let i = 0; i < 8; i++) {
+      ids.push((await alice.rest.createChannel({ kind: "channel", name: `cap ${i}`, members: ["bob"] })).id);
+    }
+    const proxy = new TcpProxy(s.port);
+    await proxy.up();
+    const bob = await clientFor(s, "bob", { url: proxy.url, backoff: { initialMs: 20, maxMs: 200 } });
+    cleanup.push(() => bob.close(), () => proxy.down());
+    const log = new EventLog(bob);
+    const resyncs: ResyncInfo[] = [];
+    bob.on("resync", (r) => resyncs.push(r));
+    await bob.connect();
+    expect(bob.connection.welcome?.limits.max_resume_channels).toBe(3);
+    for (const id of ids) await bob.subscribe(id);
+    await proxy.down();
+    await waitUntil("bob is reconnecting", () => bob.connection.state === "reconnecting");
+    for (const id of ids) await alice.rest.sendMessage(id, { client_msg_id: `m-${id}`, text: `missed in ${id}` });
+    await proxy.up();
+    await waitUntil("bob has every missed message", () => ids.every((id) => log.texts(id).length === 1), {
+      detail: () => JSON.stringify(ids.map((id) => log.texts(id))),
+    });
+    // Replayed by the server's resume (not refused as a whole and filled from storage).
+    expect(resyncs).toEqual([]);
+    expect(ids.every((id) => log.of(id).every((e) => !("fromHistory" in e && e.fromHistory)))).toBe(true);
+  });
+});
+
 describe("limits and auth", () => {
   it("paces its frames to the welcome's budget: 20 sends at 5 frames/s are never refused, also after a reconnect", async () => {
     const s = await server(["--ws-frames-per-second", "5", "--ws-frame-burst", "5"]);

@@ -41,8 +41,12 @@ class ScriptedSocket {
     this.readyState = 3;
     this.onclose?.({ code, reason });
   }
-  welcome(limits: Partial<{ frames_per_second: number; frame_burst: number }> = {}): void {
+  welcome(
+    limits: Partial<{ frames_per_second: number; frame_burst: number }> = {},
+    token: { token_expires_at?: number; token_expires_in_ms?: number } = {},
+  ): void {
     this.receive({
+      ...token,
       type: "welcome",
       session_id: `ses_${ScriptedSocket.all.indexOf(this)}`,
       user_id: "u",
@@ -266,5 +270,42 @@ describe("Transport", () => {
     latest().open();
     await vi.advanceTimersByTimeAsync(1_000);
     expect(t.changes.at(-1)).toMatchObject({ current: "reconnecting", reason: "no welcome in time" });
+  });
+
+  it("refreshes a token function's token ahead of its expiry, and stops when the expiry no longer moves", async () => {
+    let n = 0;
+    const t = setup(() => `tok${++n}`);
+    t.transport.start();
+    const socket = latest();
+    socket.open();
+    await vi.advanceTimersByTimeAsync(0);
+    socket.welcome({}, { token_expires_at: 1_000, token_expires_in_ms: 8_000 });
+    await vi.advanceTimersByTimeAsync(0);
+    const refreshes = () => socket.sent.filter((f) => f.type === "auth.refresh");
+    // A quarter of 8 s ahead: at 6 s.
+    await vi.advanceTimersByTimeAsync(5_900);
+    expect(refreshes()).toEqual([]);
+    await vi.advanceTimersByTimeAsync(200);
+    expect(refreshes()).toMatchObject([{ type: "auth.refresh", token: "tok2" }]);
+    socket.receive({ type: "ack", id: refreshes()[0]!.id, token_expires_at: 1_008, token_expires_in_ms: 8_000 });
+    await vi.advanceTimersByTimeAsync(6_100);
+    expect(refreshes()).toHaveLength(2);
+    // The same expiry again (a function that hands out the same token): no more refreshes.
+    socket.receive({ type: "ack", id: refreshes()[1]!.id, token_expires_at: 1_008, token_expires_in_ms: 1_900 });
+    await vi.advanceTimersByTimeAsync(10_000);
+    expect(refreshes()).toHaveLength(2);
+    t.transport.stop("done");
+  });
+
+  it("does not refresh a static token", async () => {
+    const t = setup("static");
+    t.transport.start();
+    const socket = latest();
+    socket.open();
+    await vi.advanceTimersByTimeAsync(0);
+    socket.welcome({}, { token_expires_at: 1_000, token_expires_in_ms: 4_000 });
+    await vi.advanceTimersByTimeAsync(10_000);
+    expect(socket.sent.filter((f) => f.type === "auth.refresh")).toEqual([]);
+    t.transport.stop("done");
   });
 });
