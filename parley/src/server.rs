@@ -179,6 +179,7 @@ pub async fn build(
             n => n,
         },
         max_connections_per_ip: args.max_connections_per_ip,
+        commit_poll_interval: Duration::from_millis(args.commit_poll_interval_ms),
         ..EdgeConfig::default()
     };
     let gateway = Arc::new(LocalGateway {
@@ -466,6 +467,13 @@ impl CoreGateway for LocalGateway {
             .channel_events(tenant, channel_id, after, up_to, limit)
             .await
             .map_err(gateway_error)
+    }
+
+    async fn last_seqs(
+        &self,
+        channels: &[(String, String)],
+    ) -> Result<Vec<(String, u64)>, GatewayError> {
+        self.core.last_seqs(channels).await.map_err(gateway_error)
     }
 }
 

@@ -79,7 +79,7 @@ impl<T> ChannelSequencer<T> {
 
     /// Whether something is known to be missing: events wait behind a gap, storage holds
     /// committed events not delivered yet, or a resync was asked for.
-    fn has_gap(&self) -> bool {
+    pub fn has_gap(&self) -> bool {
         !self.pending.is_empty() || self.committed > self.delivered || self.force_all
     }
 

@@ -1,8 +1,15 @@
 //! Channel, member and message rules: who may do what, what input is valid, and which events
 //! follow. Every call re-checks the caller's membership; nothing is cached here.
 //!
-//! After a write commits, its event is published on the bus. A publish that fails is logged and
-//! recovered by the nodes' gap filling (they read storage), so the write is never undone.
+//! After a write commits, its event is published on the bus. A publish that fails is logged,
+//! retried in the background a few times, and in any case recovered by the nodes: each one
+//! polls the committed last seq of the channels it has subscribers in and fills what the bus did
+//! not bring from storage. The write is never undone.
+//!
+//! Fault injection (tests only): `PARLEY_FAULT_ABORT_AFTER_COMMIT=<event type>` (read once when
+//! the core is built) makes the process abort right after committing the first event of that
+//! type (e.g. `message.new`), before publishing it: the window a crash between commit and publish
+//! hits.
 
 use std::sync::Arc;
 
@@ -138,7 +145,20 @@ pub struct Core {
     limits: DomainLimits,
     realtime: Arc<Realtime>,
     ice: crate::calls::IceConfig,
+    /// Failed publishes being retried in the background (at most [`MAX_PUBLISH_RETRIES`]).
+    retrying: Arc<std::sync::atomic::AtomicUsize>,
+    /// The event type after whose commit the process aborts (fault injection, tests only).
+    abort_after_commit: Option<String>,
 }
+
+/// Environment variable of the commit/publish fault injection (see the module comment).
+pub const FAULT_ABORT_AFTER_COMMIT: &str = "PARLEY_FAULT_ABORT_AFTER_COMMIT";
+/// Failed publishes retried at once; beyond that a failure is left to the nodes' polling.
+const MAX_PUBLISH_RETRIES: usize = 1024;
+/// Attempts of a background publish retry, the first one after [`PUBLISH_RETRY_FIRST`], each
+/// pause twice the one before (about 3 s in all).
+const PUBLISH_RETRY_ATTEMPTS: u32 = 4;
+const PUBLISH_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Most users in one bulk presence query.
 pub const MAX_PRESENCE_QUERY: usize = 200;
@@ -151,12 +171,23 @@ impl Core {
         realtime: Arc<Realtime>,
         ice: crate::calls::IceConfig,
     ) -> Self {
+        let abort_after_commit = std::env::var(FAULT_ABORT_AFTER_COMMIT)
+            .ok()
+            .filter(|v| !v.is_empty());
+        if let Some(kind) = &abort_after_commit {
+            tracing::warn!(
+                event_type = %kind,
+                "fault injection on: the process aborts after committing the first {kind} event ({FAULT_ABORT_AFTER_COMMIT})"
+            );
+        }
         Core {
             storage,
             bus,
             limits,
             realtime,
             ice,
+            retrying: Arc::default(),
+            abort_after_commit,
         }
     }
 
@@ -782,12 +813,61 @@ impl Core {
         }
     }
 
-    async fn publish(&self, event: &ChannelEvent) {
-        if let Err(e) = self.bus.publish(event).await {
-            tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
-                "publish failed; receivers will fill the gap from storage");
+    /// The committed last seq of each `(tenant, channel_id)` (see [`Storage::last_seqs`]), in
+    /// calls of at most [`crate::storage::MAX_LAST_SEQS`] channels.
+    pub async fn last_seqs(&self, channels: &[(String, String)]) -> CoreResult<Vec<(String, u64)>> {
+        let mut out = Vec::with_capacity(channels.len());
+        for chunk in channels.chunks(crate::storage::MAX_LAST_SEQS) {
+            out.extend(self.storage.last_seqs(chunk).await?);
         }
+        Ok(out)
     }
+
+    async fn publish(&self, event: &ChannelEvent) {
+        if let Some(kind) = &self.abort_after_commit
+            && event_type(event) == kind.as_str()
+        {
+            tracing::error!(channel = %event.channel_id, seq = event.seq,
+                "fault injection: aborting after the commit, before the publish ({FAULT_ABORT_AFTER_COMMIT})");
+            std::process::abort();
+        }
+        let Err(e) = self.bus.publish(event).await else {
+            return;
+        };
+        tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
+            "publish failed; retrying in the background, and nodes fill the gap from storage");
+        // Bounded: beyond MAX_PUBLISH_RETRIES outstanding retries, the nodes' polling of the
+        // committed seqs alone delivers the event (within a poll interval and a gap timeout).
+        let retrying = self.retrying.clone();
+        if retrying.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_PUBLISH_RETRIES {
+            retrying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return;
+        }
+        let (bus, event) = (self.bus.clone(), event.clone());
+        tokio::spawn(async move {
+            let mut pause = PUBLISH_RETRY_FIRST;
+            for attempt in 1..=PUBLISH_RETRY_ATTEMPTS {
+                tokio::time::sleep(pause).await;
+                match bus.publish(&event).await {
+                    Ok(()) => break,
+                    Err(e) if attempt == PUBLISH_RETRY_ATTEMPTS => {
+                        tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
+                            "publish retries failed; nodes fill the gap from storage");
+                    }
+                    Err(_) => pause *= 2,
+                }
+            }
+            retrying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        });
+    }
+}
+
+/// The wire `type` of an event (`message.new`, ...).
+fn event_type(event: &ChannelEvent) -> String {
+    serde_json::to_value(&event.body)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn require_role(have: Role, need: Role, what: &str) -> CoreResult<()> {

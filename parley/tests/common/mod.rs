@@ -50,6 +50,7 @@ pub struct Server {
     pub addr: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
+    envs: Vec<(String, String)>,
     _tmp: Option<tempfile::TempDir>,
 }
 
@@ -61,6 +62,7 @@ pub struct ServerBuilder {
     nats: bool,
     redis: bool,
     dev_key: bool,
+    envs: Vec<(String, String)>,
 }
 
 impl ServerBuilder {
@@ -72,7 +74,14 @@ impl ServerBuilder {
             nats: false,
             redis: false,
             dev_key: false,
+            envs: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable of the server process (fault-injection hooks).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
     }
 
     /// Run in development mode: no JWT key configured, the server's generated development key
@@ -143,6 +152,7 @@ impl ServerBuilder {
             addr: String::new(),
             data_dir: dir,
             args,
+            envs: self.envs,
             _tmp: tmp,
         };
         server.spawn();
@@ -162,6 +172,7 @@ impl Server {
     fn spawn(&mut self) {
         let mut child = Command::new(env!("CARGO_BIN_EXE_parley"))
             .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .env(
                 "PARLEY_LOG",
                 std::env::var("PARLEY_LOG").unwrap_or_else(|_| "warn".into()),
@@ -199,6 +210,22 @@ impl Server {
 
     pub fn ws_url(&self) -> String {
         format!("ws://{}/v1/ws", self.addr)
+    }
+
+    /// Waits up to `within` for the process to exit on its own; its exit status, or `None`
+    /// while it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for parley") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: no shutdown, no flush beyond what was already durable.

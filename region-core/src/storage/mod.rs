@@ -313,7 +313,17 @@ pub trait Storage: Send + Sync + 'static {
         up_to: Option<u64>,
         limit: u32,
     ) -> StorageResult<Vec<ChannelEvent>>;
+
+    /// The committed `last_seq` of each given channel, named by `(tenant, channel_id)`, in one
+    /// query, as `(channel_id, last_seq)` in no particular order. Channels that do not exist
+    /// (or not in that tenant) are left out. At most [`MAX_LAST_SEQS`] channels per call.
+    /// Nodes poll it for the channels they have subscribers in, so that an event whose publish
+    /// was lost is still delivered.
+    async fn last_seqs(&self, channels: &[(String, String)]) -> StorageResult<Vec<(String, u64)>>;
 }
+
+/// Most channels one [`Storage::last_seqs`] call may name.
+pub const MAX_LAST_SEQS: usize = 1000;
 
 // ---- helpers shared by the engines ----
 

@@ -702,6 +702,34 @@ impl Storage for PostgresStorage {
             .map(|row| event_from_row(row, channel_id))
             .collect()
     }
+
+    async fn last_seqs(&self, channels: &[(String, String)]) -> StorageResult<Vec<(String, u64)>> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        if channels.len() > super::MAX_LAST_SEQS {
+            return Err(StorageError::Internal(format!(
+                "last_seqs of {} channels, more than {}",
+                channels.len(),
+                super::MAX_LAST_SEQS
+            )));
+        }
+        let ids: Vec<&str> = channels.iter().map(|(_, id)| id.as_str()).collect();
+        let rows = self.read_rows(SELECT_LAST_SEQS, &[&ids]).await?;
+        let wanted: HashSet<(&str, &str)> = channels
+            .iter()
+            .map(|(tenant, id)| (tenant.as_str(), id.as_str()))
+            .collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = get(row, "id")?;
+            let tenant: String = get(row, "tenant_id")?;
+            if wanted.contains(&(tenant.as_str(), id.as_str())) {
+                out.push((id, seq_from(get(row, "last_seq")?)?));
+            }
+        }
+        Ok(out)
+    }
 }
 
 // ---- SQL ----
@@ -815,6 +843,9 @@ const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, (SELECT COUNT(*) FROM (
      FROM members m WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
 const SHARES_CHANNEL: &str = "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
      WHERE m1.tenant_id = $1 AND m1.user_id = $2 AND m2.user_id = $3 LIMIT 1";
+/// The primary key serves it: one index probe per channel.
+const SELECT_LAST_SEQS: &str =
+    "SELECT id, tenant_id, last_seq FROM channels WHERE id = ANY($1::TEXT[])";
 const SELECT_LAST_SEQ: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2";
 const DELETE_MEMBER: &str =
     "DELETE FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";

@@ -652,4 +652,19 @@ impl Storage for SqliteStorage {
         self.read(move |c| queries::events(c, &t, &id, after, up_to, limit))
             .await
     }
+
+    async fn last_seqs(&self, channels: &[(String, String)]) -> StorageResult<Vec<(String, u64)>> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        if channels.len() > super::MAX_LAST_SEQS {
+            return Err(StorageError::Internal(format!(
+                "last_seqs of {} channels, more than {}",
+                channels.len(),
+                super::MAX_LAST_SEQS
+            )));
+        }
+        let channels = channels.to_vec();
+        self.read(move |c| queries::last_seqs(c, &channels)).await
+    }
 }
