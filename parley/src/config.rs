@@ -38,6 +38,15 @@ pub struct StorageArgs {
     /// PostgreSQL connections per node.
     #[arg(long, env = "PARLEY_DATABASE_POOL", default_value_t = 16)]
     pub database_pool: usize,
+    /// Longest run of one PostgreSQL statement, in milliseconds (`statement_timeout`, set on
+    /// every connection); a longer one is cancelled and the request fails with `unavailable`.
+    /// 0: no limit.
+    #[arg(
+        long,
+        env = "PARLEY_DATABASE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 15_000
+    )]
+    pub database_statement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

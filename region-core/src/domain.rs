@@ -93,6 +93,7 @@ impl From<StorageError> for CoreError {
             StorageError::IdempotencyConflict => CoreError::IdempotencyConflict,
             StorageError::Conflict(m) => CoreError::Conflict(m),
             StorageError::Unavailable(m) => CoreError::Unavailable(m),
+            StorageError::Timeout(m) => CoreError::Unavailable(m),
             StorageError::Internal(m) => CoreError::Internal(m),
         }
     }

@@ -18,7 +18,7 @@ pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
 
-pub use postgres::PostgresStorage;
+pub use postgres::{PostgresOptions, PostgresStorage};
 pub use sqlite::SqliteStorage;
 
 /// Unread counts stop at this number: a count of `UNREAD_COUNT_CAP` means "this many or more".
@@ -43,6 +43,9 @@ pub enum StorageError {
     /// The database cannot be reached or refused the connection; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// A statement ran longer than the configured limit and was cancelled; the caller may retry.
+    #[error("storage timed out: {0}")]
+    Timeout(String),
     #[error("storage failure: {0}")]
     Internal(String),
 }
