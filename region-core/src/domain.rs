@@ -901,3 +901,117 @@ fn event_message(event: ChannelEvent) -> CoreResult<Message> {
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", ulid::Ulid::new())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence_store::MemoryPresenceStore;
+    use crate::realtime::RealtimeConfig;
+    use crate::storage::SqliteStorage;
+    use futures::StreamExt;
+    use parley_sync::{BusError, BusMessage, BusSubscription, Ephemeral, InProcessBus};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// An in-process bus whose first `fail` publishes of channel events fail, as a NATS
+    /// publish does while the client's outgoing queue is full or the server unreachable.
+    struct FlakyBus {
+        inner: InProcessBus,
+        fail: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Bus for FlakyBus {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
+            let left = self.fail.load(Ordering::SeqCst);
+            if left > 0 {
+                self.fail.store(left - 1, Ordering::SeqCst);
+                return Err(BusError::Unavailable("injected".into()));
+            }
+            self.inner.publish(event).await
+        }
+        async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError> {
+            self.inner.publish_ephemeral(event).await
+        }
+        async fn subscribe(&self) -> Result<BusSubscription, BusError> {
+            self.inner.subscribe().await
+        }
+    }
+
+    /// A failed publish is retried in the background: the event reaches the bus without any
+    /// further write in the channel.
+    #[tokio::test]
+    async fn a_failed_publish_is_retried_in_the_background() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(dir.path()).await.expect("open"));
+        let bus = Arc::new(FlakyBus {
+            inner: InProcessBus::default(),
+            fail: AtomicUsize::new(0),
+        });
+        let realtime = Realtime::new(
+            bus.clone(),
+            storage.clone(),
+            Arc::new(MemoryPresenceStore::default()),
+            RealtimeConfig::default(),
+        );
+        let core = Core::new(
+            storage,
+            bus.clone(),
+            DomainLimits::default(),
+            realtime,
+            crate::calls::IceConfig::default(),
+        );
+        let alice = Principal {
+            user_id: "alice".into(),
+            tenant_id: "t".into(),
+            roles: Vec::new(),
+        };
+        let (channel, _) = core
+            .create_channel(
+                &alice,
+                CreateChannel {
+                    kind: ChannelKind::Channel,
+                    name: Some("retry".into()),
+                    members: Vec::new(),
+                },
+            )
+            .await
+            .expect("create");
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        bus.fail.store(2, Ordering::SeqCst);
+        let sent = core
+            .send_message(
+                &alice,
+                &channel.id,
+                SendMessage {
+                    client_msg_id: "k1".into(),
+                    text: "hello".into(),
+                    metadata: None,
+                },
+            )
+            .await
+            .expect("send");
+        let seq = sent.message.seq;
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match sub.next().await {
+                    Some(BusMessage::Event(ev)) if ev.channel_id == channel.id => return ev.seq,
+                    Some(_) => continue,
+                    None => panic!("bus ended"),
+                }
+            }
+        })
+        .await
+        .expect("the event is published by a background retry within 5 s");
+        assert_eq!(got, seq);
+        assert_eq!(
+            bus.fail.load(Ordering::SeqCst),
+            0,
+            "two attempts failed first"
+        );
+    }
+}
