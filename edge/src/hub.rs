@@ -649,4 +649,29 @@ mod tests {
         }
         assert_eq!(seen.len(), 3, "every channel got its turn: {seen:?}");
     }
+
+    #[test]
+    fn early_events_beyond_the_bound_make_the_hub_re_read_from_storage() {
+        let hubs = Hubs::new(Duration::from_millis(0));
+        let (tx, mut rx) = frame_queue(2 * MAX_EARLY);
+        let s = Subscriber {
+            conn: 1,
+            user_id: Arc::from("alice"),
+            tx,
+            ctl: Arc::new(ConnControl::default()),
+        };
+        hubs.register_pending("t", "ch", s);
+        for seq in 1..=(MAX_EARLY as u64 + 5) {
+            hubs.on_event(added(seq, "x"));
+        }
+        hubs.confirm("t", "ch", 1, 0).expect("member");
+        let reqs = hubs.poll_gaps(usize::MAX);
+        assert_eq!(reqs.len(), 1, "the events that did not fit are fetched");
+        assert_eq!(
+            (reqs[0].after, reqs[0].up_to),
+            (MAX_EARLY as u64, None),
+            "everything after what was delivered"
+        );
+        assert_eq!(seqs(&mut rx), (1..=MAX_EARLY as u64).collect::<Vec<_>>());
+    }
 }
