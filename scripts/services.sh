@@ -18,8 +18,11 @@
 #   scripts/services.sh run -- CMD [ARGS...]   # start, run CMD, stop
 #
 # Exported by start: PARLEY_TEST_DATABASE_URL, PARLEY_TEST_REDIS_URL, PARLEY_TEST_NATS_URL,
-# PARLEY_SERVICES_DIR (the temp folder; service logs are its *.log files) and
-# PARLEY_NATS_SERVER_BIN (the nats-server used, for tests that start private servers).
+# PARLEY_SERVICES_DIR (the temp folder; service logs are its *.log files),
+# PARLEY_NATS_SERVER_BIN (the nats-server used, for tests that start private servers),
+# PARLEY_TEST_PG_CA (PEM of the CA that signed the test PostgreSQL's certificate: it runs with
+# ssl=on, for 127.0.0.1 and localhost, and takes plain connections too) and
+# PARLEY_TEST_PG_WRONG_CA (PEM of another CA, which signed nothing the server has).
 #
 # Knobs: PARLEY_PG_PORT / PARLEY_REDIS_PORT / PARLEY_NATS_PORT (a port set here must be
 # free; unset = first free port from 55432 / 56379 / 54222 upwards),
@@ -262,6 +265,7 @@ _parley_nats_bin() {
 _parley_have_pg() {
     _parley_pg_bindir >/dev/null && _parley_pg_tool psql >/dev/null && _parley_pg_tool pg_isready >/dev/null
 }
+_parley_have_openssl() { command -v openssl >/dev/null 2>&1; }
 _parley_have_redis() { command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1; }
 _parley_have_nats() { _parley_nats_bin >/dev/null; }
 
@@ -319,6 +323,7 @@ parley_services_install() {
     t0=$(_parley_now_ms)
     _parley_have_pg || missing+=(postgresql)
     _parley_have_redis || missing+=(redis-server) # redis-server brings redis-tools (redis-cli)
+    _parley_have_openssl || missing+=(openssl)       # the test PostgreSQL's TLS certificates
     if [ ${#missing[@]} -gt 0 ]; then
         _parley_apt_install "${missing[@]}" || return 1
     fi
@@ -356,6 +361,36 @@ _parley_nats_ready() {
 
 _parley_pg_ready() { "$(_parley_pg_tool pg_isready)" -q -h 127.0.0.1 -p "$1" -U postgres -d postgres 2>/dev/null; }
 
+# A CA and a server certificate for the test PostgreSQL (127.0.0.1 and localhost), signed by
+# it, in DIR/pg/tls; the CA's PEM in DIR/pg-ca.pem, and an unrelated CA in DIR/pg-wrong-ca.pem
+# (for tests that must see verification fail). EC P-256 keys, valid for 2 days.
+_parley_pg_certs() { # DIR
+    local dir=$1 tls=$1/pg/tls log=$1/postgres-initdb.log
+    mkdir -p "$tls"
+    local ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+    printf '%s\n' "basicConstraints=critical,CA:FALSE" "keyUsage=critical,digitalSignature" \
+        "extendedKeyUsage=serverAuth" "subjectAltName=IP:127.0.0.1,DNS:localhost" >"$tls/server.ext"
+    if ! (
+        for ca in ca wrong-ca; do
+            openssl req -x509 "${ec[@]}" -days 2 -subj "/CN=parley test $ca" \
+                -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign" \
+                -keyout "$tls/$ca.key" -out "$dir/pg-$ca.pem" || exit 1
+        done
+        openssl req "${ec[@]}" -subj "/CN=localhost" -keyout "$tls/server.key" -out "$tls/server.csr" &&
+            openssl x509 -req -in "$tls/server.csr" -CA "$dir/pg-ca.pem" -CAkey "$tls/ca.key" \
+                -CAcreateserial -days 2 -extfile "$tls/server.ext" -out "$tls/server.crt"
+    ) >>"$log" 2>&1; then
+        _parley_err "postgres: generating the TLS certificates with openssl failed; log: $log"
+        _parley_log_tail "$log"
+        return 1
+    fi
+    chmod 600 "$tls/server.key"
+    chmod 644 "$dir/pg-ca.pem" "$dir/pg-wrong-ca.pem"
+    if [ "$(id -u)" = 0 ]; then
+        chown -R postgres: "$tls"
+    fi
+}
+
 _parley_start_postgres() { # DIR PORT
     local dir=$1 port=$2 bindir psql t0
     t0=$(_parley_now_ms)
@@ -376,10 +411,11 @@ _parley_start_postgres() { # DIR PORT
         _parley_log_tail "$dir/postgres-initdb.log"
         return 1
     fi
+    _parley_pg_certs "$dir" || return 1
     : >"$dir/pg.spawned" # tells stop to wait for postmaster.pid if it isn't there yet
     # pg_ctl -W: don't wait here; _parley_wait below waits with our timeout and message.
     if ! (_parley_as_postgres "$bindir/pg_ctl" -D "$dir/pg/data" -l "$dir/postgres.log" -W \
-        -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories='$dir/pg/sock' -c fsync=off -c synchronous_commit=off -c full_page_writes=off" \
+        -o "-c listen_addresses=127.0.0.1 -p $port -c unix_socket_directories='$dir/pg/sock' -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c ssl=on -c ssl_cert_file='$dir/pg/tls/server.crt' -c ssl_key_file='$dir/pg/tls/server.key'" \
         start) >>"$dir/postgres-initdb.log" 2>&1; then
         _parley_err "postgres: pg_ctl start failed; logs: $dir/postgres-initdb.log $dir/postgres.log"
         _parley_log_tail "$dir/postgres-initdb.log"
@@ -505,6 +541,8 @@ export PARLEY_TEST_DATABASE_URL='postgres://postgres@127.0.0.1:$pg_port/parley_t
 export PARLEY_TEST_REDIS_URL='redis://127.0.0.1:$redis_port'
 export PARLEY_TEST_NATS_URL='nats://127.0.0.1:$nats_port'
 export PARLEY_NATS_SERVER_BIN='$(_parley_nats_bin)'
+export PARLEY_TEST_PG_CA='$dir/pg-ca.pem'
+export PARLEY_TEST_PG_WRONG_CA='$dir/pg-wrong-ca.pem'
 EOF
     # shellcheck source=/dev/null
     . "$dir/env"
@@ -566,7 +604,7 @@ parley_services_stop() {
     t0=$(_parley_now_ms)
     if [ -z "$dir" ] || [ ! -d "$dir" ]; then
         [ "$dir" != "${PARLEY_SERVICES_DIR:-}" ] ||
-            unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN
+            unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN PARLEY_TEST_PG_CA PARLEY_TEST_PG_WRONG_CA
         return 0
     fi
     _parley_kill nats "$dir/nats.pid" nats-server || {
@@ -591,7 +629,7 @@ parley_services_stop() {
         fi
     fi
     if [ "$dir" = "${PARLEY_SERVICES_DIR:-}" ]; then
-        unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN
+        unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN PARLEY_TEST_PG_CA PARLEY_TEST_PG_WRONG_CA
     fi
     [ "$ok" = 1 ]
 }

@@ -21,8 +21,11 @@ use crate::session::ConnControl;
 
 /// Most events fetched from storage per gap-fill round trip.
 pub(crate) const FETCH_LIMIT: u32 = 500;
-/// Most events buffered for a hub that is not initialized yet.
-const MAX_EARLY: usize = 10_000;
+/// Most events buffered for a hub that is not initialized yet; beyond it the hub re-reads from
+/// storage once initialized.
+const MAX_EARLY: usize = 1024;
+/// Most events one hub's sequencer holds behind a gap; beyond it the hub re-reads from storage.
+pub(crate) const MAX_PENDING: usize = 1024;
 
 /// An event encoded once per node, shared by every subscriber's queue.
 pub(crate) struct Encoded {
@@ -93,6 +96,8 @@ struct Hub {
     seq: Option<ChannelSequencer<Arc<Encoded>>>,
     /// Events that arrived before initialization.
     early: Vec<Arc<Encoded>>,
+    /// Events arrived before initialization that did not fit in `early`: resync once initialized.
+    early_overflow: bool,
     subs: Vec<Registration>,
 }
 
@@ -115,6 +120,8 @@ struct HubsInner {
     hubs: HashMap<String, Hub>,
     /// Hubs whose sequencer may need a gap fill.
     gapped: HashSet<String>,
+    /// Counts gap polls, to rotate where each one starts.
+    poll_turn: usize,
 }
 
 impl Hubs {
@@ -142,6 +149,7 @@ impl Hubs {
                 tenant: tenant.to_owned(),
                 seq: None,
                 early: Vec::new(),
+                early_overflow: false,
                 subs: Vec::new(),
             });
         hub.subs.retain(|r| r.sub.conn != sub.conn);
@@ -178,16 +186,24 @@ impl Hubs {
         if hub.seq.is_none() {
             hub.tenant = tenant.to_owned();
             let now = Instant::now();
-            hub.seq = Some(ChannelSequencer::new(last_seq, gap_timeout));
+            hub.seq = Some(ChannelSequencer::with_max_pending(
+                last_seq,
+                gap_timeout,
+                MAX_PENDING,
+            ));
             let early = std::mem::take(&mut hub.early);
+            let overflowed = std::mem::take(&mut hub.early_overflow);
             let mut deliverable = Vec::new();
             if let Some(seq) = hub.seq.as_mut() {
                 for ev in early {
                     seq.handle_event(ev.seq, ev, now, &mut deliverable);
                 }
+                if overflowed {
+                    seq.force_resync(now);
+                }
             }
             deliver(hub, deliverable, channel_id);
-            let open_gap = hub.seq.as_ref().is_some_and(|s| s.pending_len() > 0);
+            let open_gap = hub.seq.as_ref().is_some_and(|s| s.has_gap());
             if open_gap {
                 inner.gapped.insert(channel_id.to_owned());
             }
@@ -257,7 +273,7 @@ impl Hubs {
             if full_page && done.req.up_to.is_none() {
                 seq.force_resync(now); // more may follow the page we got
             }
-            gapped = seq.pending_len() > 0 || full_page;
+            gapped = seq.has_gap() || full_page;
         }
         self.after_feed(&mut inner, &channel_id, gapped);
     }
@@ -276,14 +292,23 @@ impl Hubs {
         inner.gapped.extend(ids);
     }
 
-    /// Gap fills that are due now.
-    pub fn poll_gaps(&self) -> Vec<FetchRequest> {
+    /// Gap fills that are due now, at most `limit` (the others stay due for a later poll; the
+    /// polls start at a rotating place so that every channel gets its turn).
+    pub fn poll_gaps(&self, limit: usize) -> Vec<FetchRequest> {
         let mut inner = self.lock();
         let now = Instant::now();
         let mut out = Vec::new();
         let mut settled = Vec::new();
-        let ids: Vec<String> = inner.gapped.iter().cloned().collect();
+        let mut ids: Vec<String> = inner.gapped.iter().cloned().collect();
+        if !ids.is_empty() {
+            inner.poll_turn = inner.poll_turn.wrapping_add(1);
+            let start = inner.poll_turn % ids.len();
+            ids.rotate_left(start);
+        }
         for id in ids {
+            if out.len() >= limit {
+                break;
+            }
             let Some(hub) = inner.hubs.get_mut(&id) else {
                 settled.push(id);
                 continue;
@@ -300,7 +325,7 @@ impl Hubs {
                 }),
                 SequencerOutput::WaitUntil(_) => {}
                 SequencerOutput::Idle => {
-                    if seq.pending_len() == 0 {
+                    if !seq.has_gap() {
                         settled.push(id);
                     }
                 }
@@ -310,6 +335,35 @@ impl Hubs {
             inner.gapped.remove(&id);
         }
         out
+    }
+
+    /// The channels whose committed last seq this node should check: every hub delivering
+    /// events, as `(tenant, channel_id)`.
+    pub fn watched_channels(&self) -> Vec<(String, String)> {
+        self.lock()
+            .hubs
+            .iter()
+            .filter(|(_, hub)| hub.seq.is_some())
+            .map(|(id, hub)| (hub.tenant.clone(), id.clone()))
+            .collect()
+    }
+
+    /// Storage's committed last seqs of watched channels: a hub behind one opens a gap that is
+    /// filled from storage unless the bus brings the events within the gap timeout.
+    pub fn observe_committed(&self, last_seqs: Vec<(String, u64)>) {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        let mut behind = Vec::new();
+        for (id, last_seq) in last_seqs {
+            let Some(seq) = inner.hubs.get_mut(&id).and_then(|h| h.seq.as_mut()) else {
+                continue;
+            };
+            if last_seq > seq.delivered() {
+                seq.observe_committed(last_seq, now);
+                behind.push(id);
+            }
+        }
+        inner.gapped.extend(behind);
     }
 
     fn after_feed(&self, inner: &mut HubsInner, channel_id: &str, gapped: bool) {
@@ -345,12 +399,14 @@ fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant, channel_id: &str) -> bool
     let Some(seq) = hub.seq.as_mut() else {
         if hub.early.len() < MAX_EARLY {
             hub.early.push(ev);
+        } else {
+            hub.early_overflow = true;
         }
         return false;
     };
     let mut deliverable = Vec::new();
     seq.handle_event(ev.seq, ev, now, &mut deliverable);
-    let gapped = seq.pending_len() > 0;
+    let gapped = seq.has_gap();
     deliver(hub, deliverable, channel_id);
     gapped
 }
@@ -538,7 +594,7 @@ mod tests {
         hubs.register_pending("t", "ch", s);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.on_event(added(2, "x"));
-        let reqs = hubs.poll_gaps();
+        let reqs = hubs.poll_gaps(usize::MAX);
         assert_eq!(reqs.len(), 1);
         assert_eq!((reqs[0].after, reqs[0].up_to), (0, Some(1)));
         let req = reqs.into_iter().next().expect("one");
@@ -547,6 +603,75 @@ mod tests {
             events: vec![(*added(1, "w")).clone()],
         });
         assert_eq!(seqs(&mut rx), vec![1, 2]);
-        assert!(hubs.poll_gaps().is_empty());
+        assert!(hubs.poll_gaps(usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn a_committed_seq_no_event_brought_is_fetched() {
+        let hubs = Hubs::new(Duration::from_millis(0));
+        let (s, mut rx) = sub(1, "alice");
+        hubs.register_pending("t", "ch", s);
+        hubs.confirm("t", "ch", 1, 3).expect("member");
+        assert_eq!(hubs.watched_channels(), vec![("t".into(), "ch".into())]);
+        hubs.observe_committed(vec![("ch".into(), 3), ("other".into(), 9)]);
+        assert!(hubs.poll_gaps(usize::MAX).is_empty(), "nothing missing yet");
+        hubs.observe_committed(vec![("ch".into(), 4)]);
+        let reqs = hubs.poll_gaps(usize::MAX);
+        assert_eq!(reqs.len(), 1);
+        assert_eq!((reqs[0].after, reqs[0].up_to), (3, Some(4)));
+        let req = reqs.into_iter().next().expect("one");
+        hubs.on_fetch_done(FetchDone {
+            req,
+            events: vec![(*added(4, "w")).clone()],
+        });
+        assert_eq!(seqs(&mut rx), vec![4]);
+        assert!(hubs.poll_gaps(usize::MAX).is_empty());
+    }
+
+    #[test]
+    fn gap_polls_are_limited_and_take_turns() {
+        let hubs = Hubs::new(Duration::from_millis(0));
+        let mut rxs = Vec::new();
+        for (conn, ch) in ["a", "b", "c"].iter().enumerate() {
+            let (s, rx) = sub(conn as u64, "alice");
+            rxs.push(rx);
+            hubs.register_pending("t", ch, s);
+            hubs.confirm("t", ch, conn as u64, 0).expect("member");
+            hubs.observe_committed(vec![((*ch).into(), 1)]);
+        }
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..3 {
+            let reqs = hubs.poll_gaps(1);
+            assert_eq!(reqs.len(), 1, "one fetch per poll when the limit is 1");
+            for req in reqs {
+                seen.insert(req.channel_id.clone());
+            }
+        }
+        assert_eq!(seen.len(), 3, "every channel got its turn: {seen:?}");
+    }
+
+    #[test]
+    fn early_events_beyond_the_bound_make_the_hub_re_read_from_storage() {
+        let hubs = Hubs::new(Duration::from_millis(0));
+        let (tx, mut rx) = frame_queue(2 * MAX_EARLY);
+        let s = Subscriber {
+            conn: 1,
+            user_id: Arc::from("alice"),
+            tx,
+            ctl: Arc::new(ConnControl::default()),
+        };
+        hubs.register_pending("t", "ch", s);
+        for seq in 1..=(MAX_EARLY as u64 + 5) {
+            hubs.on_event(added(seq, "x"));
+        }
+        hubs.confirm("t", "ch", 1, 0).expect("member");
+        let reqs = hubs.poll_gaps(usize::MAX);
+        assert_eq!(reqs.len(), 1, "the events that did not fit are fetched");
+        assert_eq!(
+            (reqs[0].after, reqs[0].up_to),
+            (MAX_EARLY as u64, None),
+            "everything after what was delivered"
+        );
+        assert_eq!(seqs(&mut rx), (1..=MAX_EARLY as u64).collect::<Vec<_>>());
     }
 }

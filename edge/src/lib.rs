@@ -110,6 +110,14 @@ pub trait CoreGateway: Send + Sync + 'static {
         up_to: Option<u64>,
         limit: u32,
     ) -> Result<Vec<ChannelEvent>, GatewayError>;
+
+    /// The committed last seq of each `(tenant, channel_id)`, as `(channel_id, last_seq)`;
+    /// unknown channels are left out. Polled for the channels this node has subscribers in, so
+    /// that events whose publish was lost are still delivered.
+    async fn last_seqs(
+        &self,
+        channels: &[(String, String)],
+    ) -> Result<Vec<(String, u64)>, GatewayError>;
 }
 
 /// Where a signal goes, as the core sees it.
@@ -156,6 +164,11 @@ pub struct EdgeConfig {
     pub allowed_origins: Vec<String>,
     /// How long an out-of-order gap may stay open before it is filled from storage.
     pub gap_timeout: Duration,
+    /// How often the node reads the committed last seq of the channels it has subscribers in
+    /// (one batched query), so that an event whose publish was lost (bus down, publisher dead
+    /// between commit and publish) still reaches them: within about this interval plus
+    /// `gap_timeout`. Zero turns the poll off.
+    pub commit_poll_interval: Duration,
     /// WebSocket read buffer per connection, in bytes (axum's default is 128 KiB).
     pub read_buffer_bytes: usize,
     /// Frames that queued up while a connection's socket was busy are written together, up to
@@ -194,6 +207,7 @@ impl Default for EdgeConfig {
             send_queue: 1024,
             allowed_origins: Vec::new(),
             gap_timeout: Duration::from_millis(250),
+            commit_poll_interval: Duration::from_secs(1),
             read_buffer_bytes: 512,
             write_batch_bytes: 16 * 1024,
             max_replay: 1000,
@@ -338,12 +352,28 @@ impl Edge {
     }
 
     /// Feeds this node's bus subscription into the hubs until the bus ends. Also fills gaps
-    /// from storage. Run it once per node, before accepting connections.
+    /// from storage, and polls storage for committed events the bus did not bring. Run it once
+    /// per node, before accepting connections.
+    ///
+    /// Bounded: at most [`MAX_FETCHES_IN_FLIGHT`] gap fills run at once (a resync of every hub
+    /// after a bus reconnection goes through them in turns), their answers come back through a
+    /// channel of that capacity, and at most one commit poll is in flight.
     pub async fn run_dispatcher(self: Arc<Self>, mut bus: BusSubscription) {
         use futures::StreamExt;
-        let (fetch_tx, mut fetch_rx) = tokio::sync::mpsc::unbounded_channel::<hub::FetchDone>();
+        let (fetch_tx, mut fetch_rx) =
+            tokio::sync::mpsc::channel::<hub::FetchDone>(MAX_FETCHES_IN_FLIGHT);
+        let mut in_flight = 0usize;
         let mut tick = tokio::time::interval(self.config.gap_timeout / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let poll_every = self.config.commit_poll_interval;
+        let mut poll = tokio::time::interval(if poll_every.is_zero() {
+            Duration::from_secs(3600)
+        } else {
+            poll_every
+        });
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let (seqs_tx, mut seqs_rx) = tokio::sync::mpsc::channel::<Vec<(String, u64)>>(1);
+        let mut polling = false;
         loop {
             tokio::select! {
                 msg = bus.next() => match msg {
@@ -352,9 +382,36 @@ impl Edge {
                     Some(BusMessage::Ephemeral(ev)) => self.deliver_ephemeral(&ev),
                     None => break,
                 },
-                Some(done) = fetch_rx.recv() => self.hubs.on_fetch_done(done),
+                Some(done) = fetch_rx.recv() => {
+                    in_flight = in_flight.saturating_sub(1);
+                    self.hubs.on_fetch_done(done);
+                }
+                Some(seqs) = seqs_rx.recv() => {
+                    polling = false;
+                    self.hubs.observe_committed(seqs);
+                }
+                _ = poll.tick(), if !poll_every.is_zero() && !polling => {
+                    let channels = self.hubs.watched_channels();
+                    if !channels.is_empty() {
+                        polling = true;
+                        let gateway = self.gateway.clone();
+                        let tx = seqs_tx.clone();
+                        tokio::spawn(async move {
+                            let seqs = match gateway.last_seqs(&channels).await {
+                                Ok(seqs) => seqs,
+                                Err(e) => {
+                                    tracing::warn!(channels = channels.len(), error = %e, "commit poll failed; will retry");
+                                    Vec::new()
+                                }
+                            };
+                            let _ = tx.send(seqs).await;
+                        });
+                    }
+                }
                 _ = tick.tick() => {
-                    for req in self.hubs.poll_gaps() {
+                    let room = MAX_FETCHES_IN_FLIGHT - in_flight;
+                    for req in self.hubs.poll_gaps(room) {
+                        in_flight += 1;
                         let gateway = self.gateway.clone();
                         let tx = fetch_tx.clone();
                         tokio::spawn(async move {
@@ -364,7 +421,9 @@ impl Edge {
                             if let Err(e) = &result {
                                 tracing::warn!(channel = %req.channel_id, error = %e, "gap fill failed; will retry");
                             }
-                            let _ = tx.send(hub::FetchDone { req, events: result.unwrap_or_default() });
+                            // Never blocks for long: at most MAX_FETCHES_IN_FLIGHT answers are
+                            // ever outstanding, the channel's capacity.
+                            let _ = tx.send(hub::FetchDone { req, events: result.unwrap_or_default() }).await;
                         });
                     }
                 }
@@ -372,6 +431,9 @@ impl Edge {
         }
     }
 }
+
+/// Most gap fills (storage reads) a node runs at once.
+const MAX_FETCHES_IN_FLIGHT: usize = 32;
 
 /// How many slices the heartbeat ticker cuts the interval into: each tick pings the connections
 /// of one slice, so pings spread over the interval instead of leaving in one burst.

@@ -39,6 +39,15 @@ pub struct StorageArgs {
     /// PostgreSQL connections per node.
     #[arg(long, env = "PARLEY_DATABASE_POOL", default_value_t = 16)]
     pub database_pool: usize,
+    /// Longest run of one PostgreSQL statement, in milliseconds (`statement_timeout`, set on
+    /// every connection); a longer one is cancelled and the request fails with `unavailable`.
+    /// 0: no limit.
+    #[arg(
+        long,
+        env = "PARLEY_DATABASE_STATEMENT_TIMEOUT_MS",
+        default_value_t = 15_000
+    )]
+    pub database_statement_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]
@@ -189,6 +198,11 @@ pub struct ServeArgs {
     /// lifetime. A node that dies takes about this long to have its users go offline elsewhere.
     #[arg(long, env = "PARLEY_PRESENCE_TTL_MS", default_value_t = 10_000)]
     pub presence_ttl_ms: u64,
+    /// How often a node reads the committed last seq of the channels it has subscribers in (one
+    /// query per interval), so that an event whose publish was lost still reaches them, in
+    /// milliseconds. 0 turns it off.
+    #[arg(long, env = "PARLEY_COMMIT_POLL_INTERVAL_MS", default_value_t = 1_000)]
+    pub commit_poll_interval_ms: u64,
     /// Redis URL (redis://host:port) for presence shared by several nodes. Without it, presence
     /// is kept in memory (one node).
     #[arg(long, env = "PARLEY_REDIS_URL")]

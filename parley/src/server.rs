@@ -17,7 +17,7 @@ use parley_core::http::{self, ApiDoc, ApiState, DevTokens, HostAllowList};
 use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
 use parley_core::ratelimit::{AddressBudget, RequestBudget};
 use parley_core::realtime::{Realtime, RealtimeConfig};
-use parley_core::storage::{PostgresStorage, SqliteStorage, Storage};
+use parley_core::storage::{PostgresOptions, PostgresStorage, SqliteStorage, Storage};
 use parley_core::{Core, CoreError, DomainLimits};
 use parley_edge::{AuthFailureGate, CoreGateway, Edge, EdgeConfig, GatewayError, SignalRoute};
 use parley_proto::PresenceTimings;
@@ -34,9 +34,15 @@ use crate::web::WebClient;
 pub async fn open_storage(args: &StorageArgs) -> anyhow::Result<Arc<dyn Storage>> {
     Ok(match &args.database_url {
         Some(url) => Arc::new(
-            PostgresStorage::connect(url, args.database_pool)
-                .await
-                .context("cannot open PostgreSQL storage")?,
+            PostgresStorage::connect_with(
+                url,
+                PostgresOptions {
+                    pool_size: args.database_pool,
+                    statement_timeout: Duration::from_millis(args.database_statement_timeout_ms),
+                },
+            )
+            .await
+            .context("cannot open PostgreSQL storage")?,
         ),
         None => Arc::new(SqliteStorage::open(&args.data_dir).await.with_context(|| {
             format!("cannot open SQLite storage in {}", args.data_dir.display())
@@ -301,6 +307,7 @@ pub async fn build(
             n => n,
         },
         max_connections_per_ip: args.max_connections_per_ip,
+        commit_poll_interval: Duration::from_millis(args.commit_poll_interval_ms),
         ..EdgeConfig::default()
     };
     let gateway = Arc::new(LocalGateway {
@@ -605,6 +612,13 @@ impl CoreGateway for LocalGateway {
             .channel_events(tenant, channel_id, after, up_to, limit)
             .await
             .map_err(gateway_error)
+    }
+
+    async fn last_seqs(
+        &self,
+        channels: &[(String, String)],
+    ) -> Result<Vec<(String, u64)>, GatewayError> {
+        self.core.last_seqs(channels).await.map_err(gateway_error)
     }
 }
 

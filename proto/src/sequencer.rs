@@ -6,6 +6,16 @@
 //! when a gap stays open longer than `gap_timeout` (a publish was lost, or its node died between
 //! commit and publish), asks its driver to fetch the missing range from storage.
 //!
+//! A gap can also be revealed by storage rather than by a later event: the driver periodically
+//! reads the channel's committed last seq and passes it to
+//! [`ChannelSequencer::observe_committed`]; if nothing brings the missing events within
+//! `gap_timeout`, they are fetched. So the last event of a quiet channel, whose publish was lost,
+//! is still delivered.
+//!
+//! Memory is bounded: at most `max_pending` events wait behind a gap. One more makes the
+//! sequencer drop what it buffered and re-read everything after `delivered` from storage (a
+//! resync): nothing is lost, since storage holds every committed event.
+//!
 //! Sans-IO: the driver passes `now` in and performs the fetch; nothing here sleeps or does IO.
 
 use std::collections::BTreeMap;
@@ -24,8 +34,15 @@ pub struct ChannelSequencer<T> {
     fetching: bool,
     /// The next fetch asks for everything newer than `delivered`, not just up to the gap.
     force_all: bool,
+    /// Highest seq storage said was committed (see [`ChannelSequencer::observe_committed`]).
+    committed: u64,
     gap_timeout: Duration,
+    /// Most events held in `pending`; one more turns into a resync.
+    max_pending: usize,
 }
+
+/// Default bound of the events held behind a gap, per channel.
+pub const DEFAULT_MAX_PENDING: usize = 1024;
 
 /// What the driver must do after [`ChannelSequencer::poll_output`].
 #[derive(Debug, PartialEq, Eq)]
@@ -43,14 +60,27 @@ pub enum SequencerOutput {
 impl<T> ChannelSequencer<T> {
     /// A sequencer that has delivered everything up to `delivered`.
     pub fn new(delivered: u64, gap_timeout: Duration) -> Self {
+        Self::with_max_pending(delivered, gap_timeout, DEFAULT_MAX_PENDING)
+    }
+
+    /// [`new`](Self::new) holding at most `max_pending` (at least 1) events behind a gap.
+    pub fn with_max_pending(delivered: u64, gap_timeout: Duration, max_pending: usize) -> Self {
         ChannelSequencer {
             delivered,
             pending: BTreeMap::new(),
             gap_since: None,
             fetching: false,
             force_all: false,
+            committed: delivered,
             gap_timeout,
+            max_pending: max_pending.max(1),
         }
+    }
+
+    /// Whether something is known to be missing: events wait behind a gap, storage holds
+    /// committed events not delivered yet, or a resync was asked for.
+    pub fn has_gap(&self) -> bool {
+        !self.pending.is_empty() || self.committed > self.delivered || self.force_all
     }
 
     /// Highest seq delivered in order.
@@ -75,16 +105,35 @@ impl<T> ChannelSequencer<T> {
                 self.delivered += 1;
                 out.push(next);
             }
-            if self.pending.is_empty() {
+            if !self.has_gap() {
                 self.gap_since = None;
-            } else {
+            } else if !self.force_all {
                 self.gap_since = Some(now);
             }
+        } else if self.pending.len() >= self.max_pending && !self.pending.contains_key(&seq) {
+            // Over the bound: drop the buffer and re-read everything after `delivered` from
+            // storage, which has every event buffered here and this one too.
+            self.pending.clear();
+            self.force_resync(now);
         } else {
             self.pending.entry(seq).or_insert(event);
             if self.gap_since.is_none() {
                 self.gap_since = Some(now);
             }
+        }
+    }
+
+    /// Storage says the channel's committed events go up to `last_seq`. When that is past what
+    /// was delivered, a gap opens: if the bus does not bring the missing events within
+    /// `gap_timeout` (their publish was lost, or their node died before publishing), they are
+    /// fetched.
+    pub fn observe_committed(&mut self, last_seq: u64, now: Instant) {
+        if last_seq <= self.committed {
+            return;
+        }
+        self.committed = last_seq;
+        if last_seq > self.delivered && self.gap_since.is_none() {
+            self.gap_since = Some(now);
         }
     }
 
@@ -111,8 +160,10 @@ impl<T> ChannelSequencer<T> {
         self.fetching = true;
         let up_to = if self.force_all {
             None
+        } else if let Some(first) = self.pending.keys().next() {
+            Some(first - 1)
         } else {
-            self.pending.keys().next().map(|first| first - 1)
+            Some(self.committed)
         };
         self.force_all = false;
         SequencerOutput::Fetch {
@@ -125,9 +176,9 @@ impl<T> ChannelSequencer<T> {
     /// If the gap is still open, the next fetch waits another `gap_timeout`.
     pub fn fetch_done(&mut self, now: Instant) {
         self.fetching = false;
-        if self.pending.is_empty() {
+        if !self.has_gap() {
             self.gap_since = None;
-        } else {
+        } else if !self.force_all {
             self.gap_since = Some(now);
         }
     }
@@ -239,5 +290,107 @@ mod tests {
         );
         s.fetch_done(t0);
         assert_eq!(s.poll_output(t0 + GAP * 2), SequencerOutput::Idle);
+    }
+
+    #[test]
+    fn pending_events_are_bounded_and_an_overflow_resyncs_from_storage() {
+        let t0 = Instant::now();
+        let mut s = ChannelSequencer::with_max_pending(0, GAP, 3);
+        for seq in 2..=4 {
+            assert!(feed(&mut s, seq, t0).is_empty());
+        }
+        assert_eq!(s.pending_len(), 3);
+        // One more than the bound: the buffer is dropped, never grown...
+        assert!(feed(&mut s, 5, t0).is_empty());
+        assert_eq!(s.pending_len(), 0);
+        // ...and everything after `delivered` is re-read at once, with no upper bound.
+        assert_eq!(
+            s.poll_output(t0),
+            SequencerOutput::Fetch {
+                after: 0,
+                up_to: None
+            }
+        );
+        // The fetch brings every committed event back; delivery is complete and in order.
+        let mut out = Vec::new();
+        for seq in 1..=5 {
+            s.handle_event(seq, seq, t0, &mut out);
+        }
+        s.fetch_done(t0);
+        assert_eq!(out, vec![1, 2, 3, 4, 5]);
+        assert_eq!(s.poll_output(t0 + GAP * 2), SequencerOutput::Idle);
+    }
+
+    #[test]
+    fn the_bound_holds_under_a_long_stream_of_out_of_order_events() {
+        let t0 = Instant::now();
+        let mut s = ChannelSequencer::with_max_pending(0, GAP, 16);
+        let mut out = Vec::new();
+        for seq in 2..10_000u64 {
+            s.handle_event(seq, seq, t0, &mut out);
+            assert!(s.pending_len() <= 16);
+        }
+        assert!(out.is_empty());
+        assert!(matches!(
+            s.poll_output(t0),
+            SequencerOutput::Fetch {
+                after: 0,
+                up_to: None
+            }
+        ));
+    }
+
+    #[test]
+    fn a_committed_seq_seen_in_storage_opens_a_gap_the_bus_can_still_close() {
+        let t0 = Instant::now();
+        let mut s = ChannelSequencer::<u64>::new(4, GAP);
+        s.observe_committed(5, t0);
+        assert_eq!(s.poll_output(t0), SequencerOutput::WaitUntil(t0 + GAP));
+        // The publish arrives in time: nothing to fetch.
+        assert_eq!(feed(&mut s, 5, t0 + GAP / 2), vec![5]);
+        assert_eq!(s.poll_output(t0 + GAP * 2), SequencerOutput::Idle);
+        // An older or equal watermark changes nothing.
+        s.observe_committed(5, t0 + GAP * 2);
+        s.observe_committed(3, t0 + GAP * 2);
+        assert_eq!(s.poll_output(t0 + GAP * 4), SequencerOutput::Idle);
+    }
+
+    #[test]
+    fn a_committed_seq_never_published_is_fetched_after_the_gap_timeout() {
+        let t0 = Instant::now();
+        let mut s = ChannelSequencer::<u64>::new(4, GAP);
+        s.observe_committed(6, t0);
+        assert_eq!(
+            s.poll_output(t0 + GAP),
+            SequencerOutput::Fetch {
+                after: 4,
+                up_to: Some(6)
+            }
+        );
+        let mut out = Vec::new();
+        s.handle_event(5, 5, t0 + GAP, &mut out);
+        s.handle_event(6, 6, t0 + GAP, &mut out);
+        s.fetch_done(t0 + GAP);
+        assert_eq!(out, vec![5, 6]);
+        assert_eq!(s.poll_output(t0 + GAP * 3), SequencerOutput::Idle);
+    }
+
+    #[test]
+    fn a_fetch_that_leaves_committed_events_missing_is_retried() {
+        let t0 = Instant::now();
+        let mut s = ChannelSequencer::<u64>::new(0, GAP);
+        s.observe_committed(2, t0);
+        assert!(matches!(
+            s.poll_output(t0 + GAP),
+            SequencerOutput::Fetch { .. }
+        ));
+        s.fetch_done(t0 + GAP); // the read failed
+        assert_eq!(
+            s.poll_output(t0 + GAP * 2),
+            SequencerOutput::Fetch {
+                after: 0,
+                up_to: Some(2)
+            }
+        );
     }
 }

@@ -1,8 +1,15 @@
 //! Channel, member and message rules: who may do what, what input is valid, and which events
 //! follow. Every call re-checks the caller's membership; nothing is cached here.
 //!
-//! After a write commits, its event is published on the bus. A publish that fails is logged and
-//! recovered by the nodes' gap filling (they read storage), so the write is never undone.
+//! After a write commits, its event is published on the bus. A publish that fails is logged,
+//! retried in the background a few times, and in any case recovered by the nodes: each one
+//! polls the committed last seq of the channels it has subscribers in and fills what the bus did
+//! not bring from storage. The write is never undone.
+//!
+//! Fault injection (tests only): `PARLEY_FAULT_ABORT_AFTER_COMMIT=<event type>` (read once when
+//! the core is built) makes the process abort right after committing the first event of that
+//! type (e.g. `message.new`), before publishing it: the window a crash between commit and publish
+//! hits.
 
 use std::sync::Arc;
 
@@ -86,6 +93,7 @@ impl From<StorageError> for CoreError {
             StorageError::IdempotencyConflict => CoreError::IdempotencyConflict,
             StorageError::Conflict(m) => CoreError::Conflict(m),
             StorageError::Unavailable(m) => CoreError::Unavailable(m),
+            StorageError::Timeout(m) => CoreError::Unavailable(m),
             StorageError::Internal(m) => CoreError::Internal(m),
         }
     }
@@ -138,7 +146,20 @@ pub struct Core {
     limits: DomainLimits,
     realtime: Arc<Realtime>,
     ice: crate::calls::IceConfig,
+    /// Failed publishes being retried in the background (at most [`MAX_PUBLISH_RETRIES`]).
+    retrying: Arc<std::sync::atomic::AtomicUsize>,
+    /// The event type after whose commit the process aborts (fault injection, tests only).
+    abort_after_commit: Option<String>,
 }
+
+/// Environment variable of the commit/publish fault injection (see the module comment).
+pub const FAULT_ABORT_AFTER_COMMIT: &str = "PARLEY_FAULT_ABORT_AFTER_COMMIT";
+/// Failed publishes retried at once; beyond that a failure is left to the nodes' polling.
+const MAX_PUBLISH_RETRIES: usize = 1024;
+/// Attempts of a background publish retry, the first one after [`PUBLISH_RETRY_FIRST`], each
+/// pause twice the one before (about 3 s in all).
+const PUBLISH_RETRY_ATTEMPTS: u32 = 4;
+const PUBLISH_RETRY_FIRST: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Most users in one bulk presence query.
 pub const MAX_PRESENCE_QUERY: usize = 200;
@@ -151,12 +172,23 @@ impl Core {
         realtime: Arc<Realtime>,
         ice: crate::calls::IceConfig,
     ) -> Self {
+        let abort_after_commit = std::env::var(FAULT_ABORT_AFTER_COMMIT)
+            .ok()
+            .filter(|v| !v.is_empty());
+        if let Some(kind) = &abort_after_commit {
+            tracing::warn!(
+                event_type = %kind,
+                "fault injection on: the process aborts after committing the first {kind} event ({FAULT_ABORT_AFTER_COMMIT})"
+            );
+        }
         Core {
             storage,
             bus,
             limits,
             realtime,
             ice,
+            retrying: Arc::default(),
+            abort_after_commit,
         }
     }
 
@@ -782,12 +814,61 @@ impl Core {
         }
     }
 
-    async fn publish(&self, event: &ChannelEvent) {
-        if let Err(e) = self.bus.publish(event).await {
-            tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
-                "publish failed; receivers will fill the gap from storage");
+    /// The committed last seq of each `(tenant, channel_id)` (see [`Storage::last_seqs`]), in
+    /// calls of at most [`crate::storage::MAX_LAST_SEQS`] channels.
+    pub async fn last_seqs(&self, channels: &[(String, String)]) -> CoreResult<Vec<(String, u64)>> {
+        let mut out = Vec::with_capacity(channels.len());
+        for chunk in channels.chunks(crate::storage::MAX_LAST_SEQS) {
+            out.extend(self.storage.last_seqs(chunk).await?);
         }
+        Ok(out)
     }
+
+    async fn publish(&self, event: &ChannelEvent) {
+        if let Some(kind) = &self.abort_after_commit
+            && event_type(event) == kind.as_str()
+        {
+            tracing::error!(channel = %event.channel_id, seq = event.seq,
+                "fault injection: aborting after the commit, before the publish ({FAULT_ABORT_AFTER_COMMIT})");
+            std::process::abort();
+        }
+        let Err(e) = self.bus.publish(event).await else {
+            return;
+        };
+        tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
+            "publish failed; retrying in the background, and nodes fill the gap from storage");
+        // Bounded: beyond MAX_PUBLISH_RETRIES outstanding retries, the nodes' polling of the
+        // committed seqs alone delivers the event (within a poll interval and a gap timeout).
+        let retrying = self.retrying.clone();
+        if retrying.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_PUBLISH_RETRIES {
+            retrying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            return;
+        }
+        let (bus, event) = (self.bus.clone(), event.clone());
+        tokio::spawn(async move {
+            let mut pause = PUBLISH_RETRY_FIRST;
+            for attempt in 1..=PUBLISH_RETRY_ATTEMPTS {
+                tokio::time::sleep(pause).await;
+                match bus.publish(&event).await {
+                    Ok(()) => break,
+                    Err(e) if attempt == PUBLISH_RETRY_ATTEMPTS => {
+                        tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
+                            "publish retries failed; nodes fill the gap from storage");
+                    }
+                    Err(_) => pause *= 2,
+                }
+            }
+            retrying.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        });
+    }
+}
+
+/// The wire `type` of an event (`message.new`, ...).
+fn event_type(event: &ChannelEvent) -> String {
+    serde_json::to_value(&event.body)
+        .ok()
+        .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_default()
 }
 
 fn require_role(have: Role, need: Role, what: &str) -> CoreResult<()> {
@@ -819,4 +900,118 @@ fn event_message(event: ChannelEvent) -> CoreResult<Message> {
 /// A new opaque id: `prefix` + ULID (time-ordered, 26 characters).
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}{}", ulid::Ulid::new())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::presence_store::MemoryPresenceStore;
+    use crate::realtime::RealtimeConfig;
+    use crate::storage::SqliteStorage;
+    use futures::StreamExt;
+    use parley_sync::{BusError, BusMessage, BusSubscription, Ephemeral, InProcessBus};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    /// An in-process bus whose first `fail` publishes of channel events fail, as a NATS
+    /// publish does while the client's outgoing queue is full or the server unreachable.
+    struct FlakyBus {
+        inner: InProcessBus,
+        fail: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Bus for FlakyBus {
+        fn kind(&self) -> &'static str {
+            "flaky"
+        }
+        async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
+            let left = self.fail.load(Ordering::SeqCst);
+            if left > 0 {
+                self.fail.store(left - 1, Ordering::SeqCst);
+                return Err(BusError::Unavailable("injected".into()));
+            }
+            self.inner.publish(event).await
+        }
+        async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError> {
+            self.inner.publish_ephemeral(event).await
+        }
+        async fn subscribe(&self) -> Result<BusSubscription, BusError> {
+            self.inner.subscribe().await
+        }
+    }
+
+    /// A failed publish is retried in the background: the event reaches the bus without any
+    /// further write in the channel.
+    #[tokio::test]
+    async fn a_failed_publish_is_retried_in_the_background() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let storage: Arc<dyn Storage> =
+            Arc::new(SqliteStorage::open(dir.path()).await.expect("open"));
+        let bus = Arc::new(FlakyBus {
+            inner: InProcessBus::default(),
+            fail: AtomicUsize::new(0),
+        });
+        let realtime = Realtime::new(
+            bus.clone(),
+            storage.clone(),
+            Arc::new(MemoryPresenceStore::default()),
+            RealtimeConfig::default(),
+        );
+        let core = Core::new(
+            storage,
+            bus.clone(),
+            DomainLimits::default(),
+            realtime,
+            crate::calls::IceConfig::default(),
+        );
+        let alice = Principal {
+            user_id: "alice".into(),
+            tenant_id: "t".into(),
+            roles: Vec::new(),
+        };
+        let (channel, _) = core
+            .create_channel(
+                &alice,
+                CreateChannel {
+                    kind: ChannelKind::Channel,
+                    name: Some("retry".into()),
+                    members: Vec::new(),
+                },
+            )
+            .await
+            .expect("create");
+        let mut sub = bus.subscribe().await.expect("subscribe");
+        bus.fail.store(2, Ordering::SeqCst);
+        let sent = core
+            .send_message(
+                &alice,
+                &channel.id,
+                SendMessage {
+                    client_msg_id: "k1".into(),
+                    text: "hello".into(),
+                    metadata: None,
+                },
+            )
+            .await
+            .expect("send");
+        let seq = sent.message.seq;
+        let got = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                match sub.next().await {
+                    Some(BusMessage::Event(ev)) if ev.channel_id == channel.id => return ev.seq,
+                    Some(_) => continue,
+                    None => panic!("bus ended"),
+                }
+            }
+        })
+        .await
+        .expect("the event is published by a background retry within 5 s");
+        assert_eq!(got, seq);
+        assert_eq!(
+            bus.fail.load(Ordering::SeqCst),
+            0,
+            "two attempts failed first"
+        );
+    }
 }

@@ -217,3 +217,146 @@ fn with_database(url: &str, db: &str) -> String {
         None => format!("{base}/{db}"),
     }
 }
+
+/// `PARLEY_TEST_PG_CA` / `PARLEY_TEST_PG_WRONG_CA`, exported by `scripts/services.sh start`.
+fn test_ca(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
+        panic!(
+            "{var} is not set: run the tests through scripts/test.sh (or eval \"$(scripts/services.sh start)\"), \
+             which starts PostgreSQL with ssl=on and a generated certificate and exports it"
+        )
+    })
+}
+
+/// `url` with more query parameters.
+fn with_params(url: &str, params: &str) -> String {
+    let sep = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{sep}{params}")
+}
+
+/// With `sslmode=verify-full` and the test CA as `sslrootcert`, the storage connects, and the
+/// server sees its connections as TLS connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_verify_full_with_the_right_ca_connects_over_tls() {
+    let app = format!(
+        "parley-tls-{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    let url = with_params(
+        &database_url(),
+        &format!(
+            "sslmode=verify-full&sslrootcert={}&application_name={app}",
+            test_ca("PARLEY_TEST_PG_CA")
+        ),
+    );
+    let s = PostgresStorage::connect(&url, 2)
+        .await
+        .unwrap_or_else(|e| panic!("verify-full with the test CA: {e}"));
+    assert!(
+        s.channel("t", "no-such-channel")
+            .await
+            .expect("a read over TLS")
+            .is_none()
+    );
+    let (admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("admin connection");
+    let connection = tokio::spawn(connection);
+    let row = admin
+        .query_one(
+            "SELECT count(*) FILTER (WHERE s.ssl), count(*) FROM pg_stat_activity a \
+             JOIN pg_stat_ssl s USING (pid) WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .expect("pg_stat_ssl");
+    let (tls, all): (i64, i64) = (row.get(0), row.get(1));
+    assert!(all > 0, "the storage holds connections");
+    assert_eq!(tls, all, "every connection of the storage uses TLS");
+    drop(admin);
+    let _ = connection.await;
+}
+
+/// A CA that did not sign the server's certificate: `verify-full` and `verify-ca` refuse to
+/// connect. `require` without a CA encrypts without checking (libpq's meaning) and connects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_a_wrong_ca_is_refused() {
+    let wrong = test_ca("PARLEY_TEST_PG_WRONG_CA");
+    for mode in ["verify-full", "verify-ca"] {
+        let url = with_params(
+            &database_url(),
+            &format!("sslmode={mode}&sslrootcert={wrong}"),
+        );
+        match PostgresStorage::connect(&url, 1).await {
+            Err(StorageError::Unavailable(_)) => {}
+            Err(other) => panic!("{mode} with a wrong CA: expected Unavailable, got {other:?}"),
+            Ok(_) => panic!("{mode} with a wrong CA connected"),
+        }
+    }
+    let url = with_params(&database_url(), "sslmode=require");
+    PostgresStorage::connect(&url, 1)
+        .await
+        .unwrap_or_else(|e| panic!("sslmode=require: {e}"));
+}
+
+/// A statement that runs past `statement_timeout` (here: waiting for a row lock held by another
+/// transaction) is cancelled and fails with `StorageError::Timeout`, instead of hanging for as
+/// long as the lock is held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_over_the_timeout_fails_with_a_typed_error() {
+    use parley_core::storage::PostgresOptions;
+    use std::time::Duration;
+
+    let s = PostgresStorage::connect_with(
+        &database_url(),
+        PostgresOptions {
+            pool_size: 2,
+            statement_timeout: Duration::from_millis(300),
+        },
+    )
+    .await
+    .expect("connect");
+    let (tenant, user) = ("t-timeout", format!("user-{}", ulid::Ulid::new()));
+    let channel_id = format!("ch-{}", ulid::Ulid::new());
+    s.create_channel(NewChannel {
+        tenant_id: tenant.into(),
+        id: channel_id.clone(),
+        kind: ChannelKind::Channel,
+        name: Some("locked".into()),
+        created_by: user.clone(),
+        members: vec![(user.clone(), Role::Owner)],
+        dm_key: None,
+    })
+    .await
+    .expect("create channel");
+
+    let (mut admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("admin connection");
+    let connection = tokio::spawn(connection);
+    let lock = admin.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM channels WHERE id = $1 FOR UPDATE",
+        &[&channel_id],
+    )
+    .await
+    .expect("lock the channel row");
+
+    let renamed = tokio::time::timeout(
+        Duration::from_secs(10),
+        s.rename_channel(tenant, &channel_id, "never", &user),
+    )
+    .await
+    .expect("the statement is cancelled by statement_timeout, not left hanging");
+    match renamed {
+        Err(StorageError::Timeout(_)) => {}
+        other => panic!("expected StorageError::Timeout, got {other:?}"),
+    }
+    lock.rollback().await.expect("rollback");
+    drop(admin);
+    let _ = connection.await;
+    // The lock gone, the same call succeeds.
+    s.rename_channel(tenant, &channel_id, "free", &user)
+        .await
+        .expect("rename once the lock is gone");
+}

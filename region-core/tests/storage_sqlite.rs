@@ -14,3 +14,112 @@ async fn storage() -> (Arc<SqliteStorage>, tempfile::TempDir) {
         .expect("open SQLite storage");
     (Arc::new(storage), dir)
 }
+
+/// Between a commit and its sync to disk, no read shows the new seq: a power loss then would
+/// give the seq to another message. The sync thread is held by a test gate; the commit is
+/// visible in the database file (a connection of our own sees it), yet every read of the
+/// storage either waits or shows the channel as it was. Once the sync runs, the send is acked
+/// and the reads show it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn readers_see_only_durable_commits() {
+    use parley_core::storage::sqlite::{SyncGate, SyncHooks};
+    use parley_core::storage::{HistoryAnchor, NewChannel, NewMessage, Storage};
+    use parley_proto::{ChannelKind, Role};
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let gate = SyncGate::default();
+    let s = Arc::new(
+        SqliteStorage::open_with_hooks(
+            dir.path(),
+            SyncHooks {
+                fail_after: None,
+                gate: Some(gate.clone()),
+            },
+        )
+        .await
+        .expect("open"),
+    );
+    let (t, alice, ch) = ("t", "alice", "ch-durable");
+    s.create_channel(NewChannel {
+        tenant_id: t.into(),
+        id: ch.into(),
+        kind: ChannelKind::Channel,
+        name: Some("durable".into()),
+        created_by: alice.into(),
+        members: vec![(alice.into(), Role::Owner)],
+        dm_key: None,
+    })
+    .await
+    .expect("create");
+
+    gate.close();
+    let send = tokio::spawn({
+        let s = s.clone();
+        async move {
+            s.send_message(NewMessage {
+                tenant_id: t.into(),
+                channel_id: ch.into(),
+                id: "msg-1".into(),
+                sender_id: alice.into(),
+                client_msg_id: "k1".into(),
+                text: "not on disk yet".into(),
+                metadata: None,
+            })
+            .await
+        }
+    });
+    // The commit is in the WAL (visible to any connection) but not synced.
+    let raw = rusqlite::Connection::open(dir.path().join("parley.db")).expect("raw connection");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let last: i64 = raw
+            .query_row("SELECT last_seq FROM channels WHERE id = ?1", [ch], |r| {
+                r.get(0)
+            })
+            .expect("raw read");
+        if last == 1 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writer did not commit"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let wait = Duration::from_millis(300);
+    let shown = |what: &str, seq: u64| assert_eq!(seq, 0, "{what} showed a seq not yet durable");
+    if let Ok(r) = tokio::time::timeout(wait, s.channel(t, ch)).await {
+        shown("channel", r.expect("channel").expect("exists").last_seq);
+    }
+    if let Ok(r) = tokio::time::timeout(wait, s.history(t, ch, HistoryAnchor::Latest, 50)).await {
+        shown(
+            "history",
+            r.expect("history").messages.len().try_into().expect("len"),
+        );
+    }
+    if let Ok(r) = tokio::time::timeout(wait, s.events(t, ch, 0, None, 50)).await {
+        shown("events", r.expect("events").len().try_into().expect("len"));
+    }
+    if let Ok(r) = tokio::time::timeout(wait, s.last_seqs(&[(t.into(), ch.into())])).await {
+        shown("last_seqs", r.expect("last_seqs")[0].1);
+    }
+    if let Ok(r) = tokio::time::timeout(wait, s.channels_of(t, alice)).await {
+        shown("channels_of", r.expect("channels_of")[0].last_seq);
+    }
+    assert!(!send.is_finished(), "no ack before the sync");
+
+    gate.open();
+    let sent = send.await.expect("send task").expect("send");
+    assert_eq!(sent.message.seq, 1);
+    assert_eq!(
+        s.channel(t, ch)
+            .await
+            .expect("channel")
+            .expect("exists")
+            .last_seq,
+        1
+    );
+    assert_eq!(s.events(t, ch, 0, None, 50).await.expect("events").len(), 1);
+}

@@ -81,6 +81,7 @@ impl ServerBuilder {
         }
     }
 
+
     /// Run in development mode: no JWT key configured, the server's generated development key
     /// signs and verifies tokens (the test tokens of [`token`] are then refused). On SQLite and
     /// the in-process bus it is the default of a loopback address; with PostgreSQL or NATS the
@@ -242,6 +243,22 @@ impl Server {
     /// The server process's id (to read its memory in /proc).
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the server is running").id()
+    }
+
+    /// Waits up to `within` for the process to exit on its own; its exit status, or `None`
+    /// while it still runs.
+    pub fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().expect("waiting for parley") {
+                return Some(status);
+            }
+            if std::time::Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 
     /// SIGKILL: no shutdown, no flush beyond what was already durable.

@@ -60,6 +60,7 @@ macro_rules! storage_conformance_tests {
             call_lifecycle
             one_active_call_per_channel
             end_call_makes_everyone_leave
+            last_seqs_in_one_call
         );
     };
     (@cases ($fixture:expr) $($case:ident)*) => {
@@ -1517,6 +1518,45 @@ fn new_call(tenant: &str, channel_id: &str, call_id: &str, by: &str) -> NewCall 
 
 fn event_names(events: &[ChannelEvent]) -> Vec<&'static str> {
     events.iter().map(|e| e.body.name()).collect()
+}
+
+/// `last_seqs` gives the committed last seq of each named channel in one call; unknown
+/// channels and channels named with another tenant are left out.
+pub async fn last_seqs_in_one_call(s: Arc<dyn Storage>) {
+    let (t, other) = (tenant(), tenant());
+    let alice = id("alice");
+    let a = channel(&s, &t, &alice, &[]).await;
+    let b = channel(&s, &t, &alice, &[]).await;
+    let quiet = channel(&s, &t, &alice, &[]).await;
+    for i in 0..3 {
+        send(&s, msg(&t, &a.id, &alice, &format!("a{i}"), "a")).await;
+    }
+    send(&s, msg(&t, &b.id, &alice, "b0", "b")).await;
+    s.rename_channel(&t, &b.id, "renamed", &alice)
+        .await
+        .expect("rename");
+    let mut got = s
+        .last_seqs(&[
+            (t.clone(), a.id.clone()),
+            (t.clone(), b.id.clone()),
+            (t.clone(), quiet.id.clone()),
+            (t.clone(), id("ch")),
+            (other.clone(), a.id.clone()),
+        ])
+        .await
+        .expect("last_seqs");
+    got.sort();
+    let mut want = vec![(a.id.clone(), 3), (b.id.clone(), 2), (quiet.id.clone(), 0)];
+    want.sort();
+    assert_eq!(got, want);
+    assert!(s.last_seqs(&[]).await.expect("empty").is_empty());
+    // Only the other tenant's name for the channel: nothing.
+    assert!(
+        s.last_seqs(&[(other, a.id.clone())])
+            .await
+            .expect("other tenant")
+            .is_empty()
+    );
 }
 
 /// Unread counts stop at [`UNREAD_COUNT_CAP`] (in the channel list and the read state alike) and

@@ -18,7 +18,7 @@ pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
 
-pub use postgres::PostgresStorage;
+pub use postgres::{PostgresOptions, PostgresStorage};
 pub use sqlite::SqliteStorage;
 
 /// Unread counts stop at this number: a count of `UNREAD_COUNT_CAP` means "this many or more".
@@ -43,6 +43,9 @@ pub enum StorageError {
     /// The database cannot be reached or refused the connection; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
+    /// A statement ran longer than the configured limit and was cancelled; the caller may retry.
+    #[error("storage timed out: {0}")]
+    Timeout(String),
     #[error("storage failure: {0}")]
     Internal(String),
 }
@@ -313,7 +316,17 @@ pub trait Storage: Send + Sync + 'static {
         up_to: Option<u64>,
         limit: u32,
     ) -> StorageResult<Vec<ChannelEvent>>;
+
+    /// The committed `last_seq` of each given channel, named by `(tenant, channel_id)`, in one
+    /// query, as `(channel_id, last_seq)` in no particular order. Channels that do not exist
+    /// (or not in that tenant) are left out. At most [`MAX_LAST_SEQS`] channels per call.
+    /// Nodes poll it for the channels they have subscribers in, so that an event whose publish
+    /// was lost is still delivered.
+    async fn last_seqs(&self, channels: &[(String, String)]) -> StorageResult<Vec<(String, u64)>>;
 }
+
+/// Most channels one [`Storage::last_seqs`] call may name.
+pub const MAX_LAST_SEQS: usize = 1000;
 
 // ---- helpers shared by the engines ----
 

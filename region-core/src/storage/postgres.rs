@@ -38,6 +38,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Row, Statement};
 
 mod calls;
+pub(crate) mod tls;
 
 use super::{
     HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, Storage, StorageError,
@@ -57,6 +58,27 @@ const WRITER_QUEUE: usize = 4096;
 /// send batch, a unique violation caused by a concurrent writer on another node).
 const MAX_RETRIES: u32 = 5;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Default longest run of one statement (`statement_timeout`, set on every connection).
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How [`PostgresStorage::connect_with`] connects.
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// Connections serving reads and the writes other than sends.
+    pub pool_size: usize,
+    /// Longest run of one statement; longer ones are cancelled by PostgreSQL and fail with
+    /// [`StorageError::Timeout`]. Zero: no limit. Migrations are not limited.
+    pub statement_timeout: Duration,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            pool_size: 16,
+            statement_timeout: DEFAULT_STATEMENT_TIMEOUT,
+        }
+    }
+}
 /// Longest wait for a pooled connection before the call fails with `Unavailable`.
 const POOL_WAIT: Duration = Duration::from_secs(10);
 
@@ -100,18 +122,50 @@ impl PostgresStorage {
     /// [`WRITERS`] send writers hold one more connection each. Must be called within a tokio
     /// runtime, which then runs the writers.
     pub async fn connect(url: &str, pool_size: usize) -> StorageResult<PostgresStorage> {
-        let mut config: tokio_postgres::Config = url
+        Self::connect_with(
+            url,
+            PostgresOptions {
+                pool_size,
+                ..PostgresOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// [`connect`](Self::connect) with every option. The URL may ask for TLS with
+    /// `sslmode=require|verify-ca|verify-full` and name the trusted CA with `sslrootcert=PATH`
+    /// (see [`tls`]).
+    pub async fn connect_with(
+        url: &str,
+        options: PostgresOptions,
+    ) -> StorageResult<PostgresStorage> {
+        let pool_size = options.pool_size;
+        let tls_params = tls::split(url)?;
+        let mut config: tokio_postgres::Config = tls_params
+            .url
             .parse()
             .map_err(|e| StorageError::Internal(format!("invalid PostgreSQL url: {e}")))?;
+        config.ssl_mode(tls::ssl_mode(tls_params.mode));
+        let tls = tls::client_config(&tls_params)?;
+        if !options.statement_timeout.is_zero() {
+            // A startup parameter: set on every connection, with no extra round trip.
+            let ms = options.statement_timeout.as_millis().max(1);
+            let mut startup = config.get_options().unwrap_or("").to_owned();
+            if !startup.is_empty() {
+                startup.push(' ');
+            }
+            startup.push_str(&format!("-c statement_timeout={ms}"));
+            config.options(&startup);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         if config.get_application_name().is_none() {
             config.application_name("parley");
         }
-        let pool = build_pool(&config, pool_size.max(1))?;
+        let pool = build_pool(&config, tls.as_ref(), pool_size.max(1))?;
         migrate(&pool).await?;
-        let writer_pool = build_pool(&config, WRITERS)?;
+        let writer_pool = build_pool(&config, tls.as_ref(), WRITERS)?;
         let mut queues = Vec::with_capacity(WRITERS);
         let writers = (0..WRITERS)
             .map(|_| {
@@ -702,6 +756,34 @@ impl Storage for PostgresStorage {
             .map(|row| event_from_row(row, channel_id))
             .collect()
     }
+
+    async fn last_seqs(&self, channels: &[(String, String)]) -> StorageResult<Vec<(String, u64)>> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        if channels.len() > super::MAX_LAST_SEQS {
+            return Err(StorageError::Internal(format!(
+                "last_seqs of {} channels, more than {}",
+                channels.len(),
+                super::MAX_LAST_SEQS
+            )));
+        }
+        let ids: Vec<&str> = channels.iter().map(|(_, id)| id.as_str()).collect();
+        let rows = self.read_rows(SELECT_LAST_SEQS, &[&ids]).await?;
+        let wanted: HashSet<(&str, &str)> = channels
+            .iter()
+            .map(|(tenant, id)| (tenant.as_str(), id.as_str()))
+            .collect();
+        let mut out = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = get(row, "id")?;
+            let tenant: String = get(row, "tenant_id")?;
+            if wanted.contains(&(tenant.as_str(), id.as_str())) {
+                out.push((id, seq_from(get(row, "last_seq")?)?));
+            }
+        }
+        Ok(out)
+    }
 }
 
 // ---- SQL ----
@@ -815,6 +897,9 @@ const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, (SELECT COUNT(*) FROM (
      FROM members m WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
 const SHARES_CHANNEL: &str = "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
      WHERE m1.tenant_id = $1 AND m1.user_id = $2 AND m2.user_id = $3 LIMIT 1";
+/// The primary key serves it: one index probe per channel.
+const SELECT_LAST_SEQS: &str =
+    "SELECT id, tenant_id, last_seq FROM channels WHERE id = ANY($1::TEXT[])";
 const SELECT_LAST_SEQ: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2";
 const DELETE_MEMBER: &str =
     "DELETE FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
@@ -970,7 +1055,11 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>, keys: &mut KeyCheckStat
         }
         Err(e) => e.into_storage(),
     };
-    if matches!(failure, StorageError::Unavailable(_)) || jobs.len() == 1 {
+    if matches!(
+        failure,
+        StorageError::Unavailable(_) | StorageError::Timeout(_)
+    ) || jobs.len() == 1
+    {
         for job in jobs.drain(..) {
             let _ = job.reply.send(Err(copy_error(&failure)));
         }
@@ -1470,14 +1559,22 @@ fn cut(mut rows: Vec<Row>, keep: i64) -> (Vec<Row>, bool) {
 
 // ---- pool and migrations ----
 
-fn build_pool(config: &tokio_postgres::Config, size: usize) -> StorageResult<Pool> {
-    let manager = Manager::from_config(
-        config.clone(),
-        NoTls,
-        ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        },
-    );
+fn build_pool(
+    config: &tokio_postgres::Config,
+    tls: Option<&rustls::ClientConfig>,
+    size: usize,
+) -> StorageResult<Pool> {
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls {
+        None => Manager::from_config(config.clone(), NoTls, manager_config),
+        Some(tls) => Manager::from_config(
+            config.clone(),
+            tokio_postgres_rustls::MakeRustlsConnect::new(tls.clone()),
+            manager_config,
+        ),
+    };
     Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
@@ -1510,6 +1607,8 @@ async fn migrate_once(pool: &Pool) -> Result<(), TxError> {
     client.batch_execute(CREATE_SCHEMA_MIGRATIONS).await?;
     for (version, sql) in MIGRATIONS {
         let tx = client.transaction().await?;
+        // A migration may take long on a big database: no statement timeout within it.
+        tx.batch_execute("SET LOCAL statement_timeout = 0").await?;
         let claimed = tx.query_opt(CLAIM_MIGRATION, &[version, &now_ms()]).await?;
         if claimed.is_some() {
             tx.batch_execute(sql).await?;
@@ -1681,6 +1780,9 @@ fn db_err(e: tokio_postgres::Error) -> StorageError {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         let detail = format!("postgres {code}: {}", db.message());
+        if *db.code() == SqlState::QUERY_CANCELED {
+            return StorageError::Timeout(detail);
+        }
         if *db.code() == SqlState::UNIQUE_VIOLATION {
             return StorageError::Conflict(format!(
                 "{detail} ({})",
@@ -1740,6 +1842,7 @@ fn copy_error(e: &StorageError) -> StorageError {
         StorageError::IdempotencyConflict => StorageError::IdempotencyConflict,
         StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
         StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
+        StorageError::Timeout(m) => StorageError::Timeout(m.clone()),
         StorageError::Internal(m) => StorageError::Internal(m.clone()),
     }
 }

@@ -14,9 +14,25 @@
 //! connection closes, and this storage keeps its connections open until it is dropped.)
 //! Reads run on a small pool of read connections on tokio's blocking threads; WAL lets them run
 //! beside the writer.
+//!
+//! **Readers see only durable commits.** A read connection sees a batch as soon as the writer
+//! commits it, before the sync thread has made it durable: a read answered then could show a
+//! seq that a power loss would hand to another message. So every batch gets a generation number,
+//! published *before* its `COMMIT` runs (`announced`); the sync thread publishes the highest
+//! generation it has made durable (`durable`). A read, once its statements are done, waits until
+//! `durable` reaches the `announced` it then sees: whatever its snapshots contained was
+//! announced before, hence is durable when the read answers. The wait is at most one sync.
+//!
+//! **A failed `fdatasync` stops the process** (exit code [`EXIT_FSYNC_FAILED`]): after such a
+//! failure the kernel may have dropped the dirty pages and cleared the error, so a retry could
+//! "succeed" without the data (fsyncgate). Nothing of the batch, nor anything after it, is
+//! answered: callers get no ack, readers wait for a durability that never comes.
+//!
+//! Fault injection (tests only): `PARLEY_FAULT_FSYNC_FAIL_AFTER=N`, read when the storage is
+//! opened, makes every WAL sync after the first N fail as if the disk had reported an error.
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -50,18 +66,82 @@ struct Inner {
     writer: std::sync::mpsc::SyncSender<Box<dyn ErasedJob>>,
     readers: Mutex<Vec<Connection>>,
     reader_permits: Semaphore,
+    /// Generation of the last batch the writer started to commit (see the module comment).
+    announced: Arc<AtomicU64>,
+    /// Highest generation the sync thread made durable.
+    durable: tokio::sync::watch::Receiver<u64>,
+}
+
+/// Exit code of the process when the WAL cannot be synced to disk (`EX_IOERR`).
+pub const EXIT_FSYNC_FAILED: i32 = 74;
+/// Environment variable of the sync-failure fault injection (see the module comment).
+pub const FAULT_FSYNC_FAIL_AFTER: &str = "PARLEY_FAULT_FSYNC_FAIL_AFTER";
+
+/// Test hooks of the sync thread; none in production.
+#[derive(Default, Clone)]
+pub struct SyncHooks {
+    /// Syncs after this many fail as a disk error would.
+    pub fail_after: Option<u64>,
+    /// While this gate is closed the sync thread waits before each sync (tests of what readers
+    /// see between a commit and its sync).
+    pub gate: Option<SyncGate>,
+}
+
+/// Holds the sync thread before each sync while closed. For tests.
+#[derive(Clone, Default)]
+pub struct SyncGate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl SyncGate {
+    /// Closes the gate: the next sync waits until [`open`](Self::open).
+    pub fn close(&self) {
+        *self.0.0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+    }
+
+    /// Opens the gate and lets a waiting sync go.
+    pub fn open(&self) {
+        *self.0.0.lock().unwrap_or_else(|p| p.into_inner()) = false;
+        self.0.1.notify_all();
+    }
+
+    fn pass(&self) {
+        let mut closed = self.0.0.lock().unwrap_or_else(|p| p.into_inner());
+        while *closed {
+            closed = self.0.1.wait(closed).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 impl SqliteStorage {
     /// Opens (creating if needed) `parley.db` in `dir` and applies migrations.
     pub async fn open(dir: &Path) -> StorageResult<SqliteStorage> {
+        let fail_after = std::env::var(FAULT_FSYNC_FAIL_AFTER)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok());
+        if let Some(n) = fail_after {
+            tracing::warn!(
+                "fault injection on: every WAL sync after the first {n} fails ({FAULT_FSYNC_FAIL_AFTER})"
+            );
+        }
+        Self::open_with_hooks(
+            dir,
+            SyncHooks {
+                fail_after,
+                gate: None,
+            },
+        )
+        .await
+    }
+
+    /// [`open`](Self::open) with test hooks on the sync thread. For tests.
+    #[doc(hidden)]
+    pub async fn open_with_hooks(dir: &Path, hooks: SyncHooks) -> StorageResult<SqliteStorage> {
         let dir = dir.to_path_buf();
-        tokio::task::spawn_blocking(move || Self::open_blocking(&dir))
+        tokio::task::spawn_blocking(move || Self::open_blocking(&dir, hooks))
             .await
             .map_err(|e| StorageError::Internal(format!("open task failed: {e}")))?
     }
 
-    fn open_blocking(dir: &Path) -> StorageResult<SqliteStorage> {
+    fn open_blocking(dir: &Path, hooks: SyncHooks) -> StorageResult<SqliteStorage> {
         std::fs::create_dir_all(dir).map_err(|e| {
             StorageError::Unavailable(format!("cannot create {}: {e}", dir.display()))
         })?;
@@ -89,9 +169,11 @@ impl SqliteStorage {
             StorageError::Unavailable(format!("cannot open {}: {e}", wal_path.display()))
         })?;
         let (sync_tx, sync_rx) = std::sync::mpsc::sync_channel::<Synced>(SYNC_QUEUE);
+        let (durable_tx, durable) = tokio::sync::watch::channel(0u64);
+        let announced = Arc::new(AtomicU64::new(0));
         std::thread::Builder::new()
             .name("parley-sqlite-sync".into())
-            .spawn(move || sync_loop(wal, sync_rx))
+            .spawn(move || sync_loop(wal, sync_rx, &durable_tx, &hooks))
             .map_err(|e| StorageError::Internal(format!("cannot start sync thread: {e}")))?;
         let (tx, rx) = std::sync::mpsc::sync_channel::<Box<dyn ErasedJob>>(WRITE_QUEUE);
         let restart = Arc::new(AtomicBool::new(false));
@@ -99,7 +181,8 @@ impl SqliteStorage {
             .name("parley-sqlite-writer".into())
             .spawn({
                 let restart = restart.clone();
-                move || writer_loop(write_conn, rx, sync_tx, &restart)
+                let announced = announced.clone();
+                move || writer_loop(write_conn, rx, sync_tx, &restart, &announced)
             })
             .map_err(|e| StorageError::Internal(format!("cannot start writer thread: {e}")))?;
         let inner = Arc::new(Inner {
@@ -107,6 +190,8 @@ impl SqliteStorage {
             writer: tx,
             readers: Mutex::new(readers),
             reader_permits: Semaphore::new(READERS),
+            announced,
+            durable,
         });
         let alive = Arc::downgrade(&inner);
         std::thread::Builder::new()
@@ -151,8 +236,27 @@ impl SqliteStorage {
             .map_err(|_| StorageError::Unavailable("sqlite writer stopped".into()))?
     }
 
-    /// Runs `f` on a read connection.
+    /// Runs `f` on a read connection; answers once every commit `f` may have seen is durable
+    /// (see the module comment).
     async fn read<T, F>(&self, f: F) -> StorageResult<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
+    {
+        let (result, seen) = self.read_now(f).await?;
+        let mut durable = self.inner.durable.clone();
+        if *durable.borrow() < seen {
+            durable
+                .wait_for(|d| *d >= seen)
+                .await
+                .map_err(|_| StorageError::Unavailable("the sqlite sync thread stopped".into()))?;
+        }
+        result
+    }
+
+    /// Runs `f` on a read connection; returns its result and the generation announced when it
+    /// was done.
+    async fn read_now<T, F>(&self, f: F) -> StorageResult<(StorageResult<T>, u64)>
     where
         T: Send + 'static,
         F: FnOnce(&Connection) -> StorageResult<T> + Send + 'static,
@@ -172,10 +276,12 @@ impl SqliteStorage {
                 .pop()
                 .ok_or_else(|| StorageError::Internal("reader pool empty under permit".into()))?;
             let result = f(&conn);
+            // After the statements: every commit their snapshots saw was announced by now.
+            let seen = inner.announced.load(Ordering::SeqCst);
             if let Ok(mut pool) = inner.readers.lock() {
                 pool.push(conn);
             }
-            result
+            Ok((result, seen))
         })
         .await
         .map_err(|e| StorageError::Internal(format!("read task failed: {e}")))?
@@ -284,6 +390,8 @@ const SYNC_QUEUE: usize = 64;
 struct Synced {
     jobs: Vec<Box<dyn ErasedJob>>,
     commit: Result<(), String>,
+    /// The batch's generation (see the module comment).
+    generation: u64,
 }
 
 /// The write-ahead log next to the database file `db`.
@@ -299,6 +407,7 @@ fn writer_loop(
     rx: std::sync::mpsc::Receiver<Box<dyn ErasedJob>>,
     synced: std::sync::mpsc::SyncSender<Synced>,
     restart: &AtomicBool,
+    announced: &AtomicU64,
 ) {
     while let Ok(first) = rx.recv() {
         let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(64);
@@ -309,10 +418,13 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        // Announced before the batch can become visible to readers (its COMMIT).
+        let generation = announced.fetch_add(1, Ordering::SeqCst) + 1;
         let commit = run_batch(&conn, &mut batch);
         if let Err(std::sync::mpsc::SendError(lost)) = synced.send(Synced {
             jobs: batch,
             commit,
+            generation,
         }) {
             // The sync thread is gone (only a panic stops it before this sender drops): nothing
             // can be confirmed durable any more, so nothing is acknowledged.
@@ -330,27 +442,51 @@ fn writer_loop(
     }
 }
 
-/// The sync thread: makes committed batches durable, then answers their callers. It takes every
-/// batch queued while the previous sync ran, so one `fdatasync` covers them all.
-fn sync_loop(wal: std::fs::File, rx: std::sync::mpsc::Receiver<Synced>) {
+/// The sync thread: makes committed batches durable, then lets readers see them and answers
+/// their callers. It takes every batch queued while the previous sync ran, so one `fdatasync`
+/// covers them all. A failed sync ends the process (see the module comment).
+fn sync_loop(
+    wal: std::fs::File,
+    rx: std::sync::mpsc::Receiver<Synced>,
+    durable: &tokio::sync::watch::Sender<u64>,
+    hooks: &SyncHooks,
+) {
     let mut ready: Vec<Synced> = Vec::new();
+    let mut syncs = 0u64;
     while let Ok(first) = rx.recv() {
         ready.push(first);
         while let Ok(more) = rx.try_recv() {
             ready.push(more);
         }
-        let synced = if ready.iter().any(|b| b.commit.is_ok()) {
-            wal.sync_data().map_err(|e| {
-                tracing::error!(error = %e, "fdatasync of the sqlite WAL failed; commits not durable");
-                format!("the write-ahead log could not be synced to disk: {e}")
-            })
-        } else {
-            Ok(())
-        };
+        if ready.iter().any(|b| b.commit.is_ok()) {
+            if let Some(gate) = &hooks.gate {
+                gate.pass();
+            }
+            syncs += 1;
+            let synced = match hooks.fail_after {
+                Some(n) if syncs > n => Err(std::io::Error::other(format!(
+                    "injected failure ({FAULT_FSYNC_FAIL_AFTER}={n})"
+                ))),
+                _ => wal.sync_data(),
+            };
+            if let Err(e) = synced {
+                // fsyncgate: the kernel may have dropped the unsynced pages and cleared the
+                // error; nothing written since the last good sync can be trusted to be on disk.
+                // Stop before anyone is told otherwise.
+                tracing::error!(
+                    error = %e,
+                    exit_code = EXIT_FSYNC_FAILED,
+                    "fdatasync of the sqlite WAL failed: commits since the last sync may not be on disk; stopping the process now (nothing after the failure was acknowledged)"
+                );
+                std::process::exit(EXIT_FSYNC_FAILED);
+            }
+        }
+        if let Some(last) = ready.last() {
+            durable.send_replace(last.generation);
+        }
         for batch in ready.drain(..) {
-            let fate = batch.commit.and(synced.clone());
             for job in batch.jobs {
-                job.finish(&fate);
+                job.finish(&batch.commit);
             }
         }
     }
@@ -651,5 +787,20 @@ impl Storage for SqliteStorage {
         let (t, id) = (tenant.to_owned(), channel_id.to_owned());
         self.read(move |c| queries::events(c, &t, &id, after, up_to, limit))
             .await
+    }
+
+    async fn last_seqs(&self, channels: &[(String, String)]) -> StorageResult<Vec<(String, u64)>> {
+        if channels.is_empty() {
+            return Ok(Vec::new());
+        }
+        if channels.len() > super::MAX_LAST_SEQS {
+            return Err(StorageError::Internal(format!(
+                "last_seqs of {} channels, more than {}",
+                channels.len(),
+                super::MAX_LAST_SEQS
+            )));
+        }
+        let channels = channels.to_vec();
+        self.read(move |c| queries::last_seqs(c, &channels)).await
     }
 }

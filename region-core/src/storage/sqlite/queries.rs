@@ -206,6 +206,43 @@ pub(super) fn channel(c: &Connection, tenant: &str, id: &str) -> StorageResult<O
     .map_err(db_err)
 }
 
+/// `last_seq` of each `(tenant, id)`, in one statement: the ids travel as one JSON array and
+/// each is one primary-key probe.
+pub(super) fn last_seqs(
+    c: &Connection,
+    channels: &[(String, String)],
+) -> StorageResult<Vec<(String, u64)>> {
+    let ids = serde_json::to_string(&channels.iter().map(|(_, id)| id).collect::<Vec<_>>())
+        .map_err(|e| StorageError::Internal(format!("encoding channel ids: {e}")))?;
+    let wanted: std::collections::HashSet<(&str, &str)> = channels
+        .iter()
+        .map(|(tenant, id)| (tenant.as_str(), id.as_str()))
+        .collect();
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT id, tenant_id, last_seq FROM channels \
+             WHERE id IN (SELECT value FROM json_each(?1))",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![ids], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        })
+        .map_err(db_err)?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, tenant, last_seq) = row.map_err(db_err)?;
+        if wanted.contains(&(tenant.as_str(), id.as_str())) {
+            out.push((id, u64::try_from(last_seq).unwrap_or(0)));
+        }
+    }
+    Ok(out)
+}
+
 pub(super) fn channels_of(c: &Connection, tenant: &str, user: &str) -> StorageResult<Vec<Channel>> {
     let mut stmt = c
         .prepare_cached(&format!(
