@@ -155,6 +155,7 @@ pub async fn build(
         bus.clone(),
         DomainLimits {
             max_text_chars: args.max_text_chars,
+            max_call_participants: usize::from(args.max_call_participants),
         },
         realtime,
         ice,

@@ -293,10 +293,14 @@ pub struct SendResult {
     pub created: bool,
 }
 
-/// `GET /v1/channels`.
+/// `GET /v1/channels`: a page of the caller's channels, newest first (by channel id, descending).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChannelList {
     pub channels: Vec<Channel>,
+    /// Opaque cursor of the next page (pass it as `cursor`); `null` on the last page.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/channels/{id}/members`.

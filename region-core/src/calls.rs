@@ -125,11 +125,20 @@ impl Core {
         }
         let (call, me, event) = self
             .storage()
-            .join_call(&p.tenant_id, call_id, &new_id("part_"), &p.user_id)
+            .join_call(
+                &p.tenant_id,
+                call_id,
+                &new_id("part_"),
+                &p.user_id,
+                self.limits().max_call_participants,
+            )
             .await
             .map_err(|e| match e {
                 crate::storage::StorageError::NotFound => {
                     CoreError::Conflict("the call has ended".into())
+                }
+                crate::storage::StorageError::CallFull => {
+                    CoreError::CallFull(self.limits().max_call_participants)
                 }
                 other => other.into(),
             })?;

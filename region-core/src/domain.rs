@@ -23,12 +23,16 @@ use crate::validate;
 pub struct DomainLimits {
     /// Longest message text, in characters.
     pub max_text_chars: usize,
+    /// Most participants present in one call at once: a P2P mesh costs every participant a
+    /// connection and an upload per other participant, so it grows as n².
+    pub max_call_participants: usize,
 }
 
 impl Default for DomainLimits {
     fn default() -> Self {
         DomainLimits {
             max_text_chars: 4000,
+            max_call_participants: 8,
         }
     }
 }
@@ -54,6 +58,10 @@ pub enum CoreError {
     Conflict(String),
     #[error("client_msg_id was already used in this channel with a different text or metadata")]
     IdempotencyConflict,
+    #[error(
+        "the call has {0} participants, the most a call may have; try again when someone leaves"
+    )]
+    CallFull(usize),
     #[error("storage is unavailable, retry: {0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -72,6 +80,7 @@ impl CoreError {
             CoreError::Forbidden(_) => ErrorCode::Forbidden,
             CoreError::Conflict(_) => ErrorCode::Conflict,
             CoreError::IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            CoreError::CallFull(_) => ErrorCode::CallFull,
             CoreError::Unavailable(_) => ErrorCode::Unavailable,
             CoreError::Internal(_) => ErrorCode::Internal,
         }
@@ -85,6 +94,8 @@ impl From<StorageError> for CoreError {
             StorageError::NotAMember => CoreError::NotAMember,
             StorageError::IdempotencyConflict => CoreError::IdempotencyConflict,
             StorageError::Conflict(m) => CoreError::Conflict(m),
+            // Mapped with the configured cap where a join is refused; this is the fallback.
+            StorageError::CallFull => CoreError::Conflict("the call is full".into()),
             StorageError::Unavailable(m) => CoreError::Unavailable(m),
             StorageError::Internal(m) => CoreError::Internal(m),
         }
@@ -117,6 +128,55 @@ pub struct EventsQuery {
     pub after: Option<u64>,
     /// Page size, 1–200 (default 100).
     pub limit: Option<u32>,
+}
+
+/// `GET /v1/channels` query: `limit` and `cursor`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ChannelsQuery {
+    /// Page size, 1–200 (default 100).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page; absent for the first page.
+    #[param(min_length = 1, max_length = 100)]
+    pub cursor: Option<String>,
+}
+
+/// Channels per page of `GET /v1/channels` when the caller names no `limit`.
+pub const DEFAULT_CHANNEL_PAGE: u32 = 100;
+/// Most channels per page of `GET /v1/channels`.
+pub const MAX_CHANNEL_PAGE: u32 = 200;
+
+/// Version tag inside channel cursors, so their content can change without old cursors being
+/// misread.
+const CHANNEL_CURSOR_TAG: &str = "c1:";
+
+/// The cursor that continues a channel listing after `last_id`: opaque to clients (base64url).
+fn encode_channel_cursor(last_id: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .encode(format!("{CHANNEL_CURSOR_TAG}{last_id}"))
+}
+
+/// The channel id a cursor continues after; `invalid_argument` for anything this server did not
+/// hand out.
+fn decode_channel_cursor(cursor: &str) -> CoreResult<String> {
+    use base64::Engine;
+    let bad = || {
+        CoreError::InvalidArgument(
+            "cursor is not one this server handed out; pass next_cursor of the previous page \
+             unchanged, or omit it for the first page"
+                .into(),
+        )
+    };
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(cursor)
+        .map_err(|_| bad())?;
+    let text = String::from_utf8(bytes).map_err(|_| bad())?;
+    let id = text.strip_prefix(CHANNEL_CURSOR_TAG).ok_or_else(bad)?;
+    validate::channel_id(id).map_err(|_| bad())?;
+    Ok(id.to_owned())
 }
 
 /// A page size given by the caller (`default` when absent), within 1–200.
@@ -274,8 +334,35 @@ impl Core {
         self.realtime.to_user(&p.tenant_id, user_id, &frame).await;
     }
 
-    pub async fn list_channels(&self, p: &Principal) -> CoreResult<Vec<Channel>> {
-        Ok(self.storage.channels_of(&p.tenant_id, &p.user_id).await?)
+    /// A page of the caller's channels, newest first (by channel id, descending), each with the
+    /// caller's role, read position and unread count, and the cursor of the next page.
+    pub async fn list_channels(
+        &self,
+        p: &Principal,
+        q: ChannelsQuery,
+    ) -> CoreResult<parley_proto::ChannelList> {
+        let limit = q.limit.unwrap_or(DEFAULT_CHANNEL_PAGE);
+        if !(1..=MAX_CHANNEL_PAGE).contains(&limit) {
+            return Err(CoreError::InvalidArgument(format!(
+                "limit must be between 1 and {MAX_CHANNEL_PAGE}, got {limit}"
+            )));
+        }
+        let before = q.cursor.as_deref().map(decode_channel_cursor).transpose()?;
+        // One more than asked tells whether another page follows.
+        let mut channels = self
+            .storage
+            .channels_page(&p.tenant_id, &p.user_id, before.as_deref(), limit + 1)
+            .await?;
+        let next_cursor = if channels.len() > limit as usize {
+            channels.truncate(limit as usize);
+            channels.last().map(|c| encode_channel_cursor(&c.id))
+        } else {
+            None
+        };
+        Ok(parley_proto::ChannelList {
+            channels,
+            next_cursor,
+        })
     }
 
     pub async fn get_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<Channel> {

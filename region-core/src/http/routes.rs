@@ -13,7 +13,7 @@ use parley_proto::{
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
-use crate::domain::{EventsQuery, HistoryQuery};
+use crate::domain::{ChannelsQuery, EventsQuery, HistoryQuery};
 use crate::validate;
 use parley_proto::calls::{Call, CallList, JoinedCall, LeaveCall};
 
@@ -86,16 +86,18 @@ pub(super) async fn create_channel(
     Ok((status, axum::Json(channel)).into_response())
 }
 
-/// The caller's channels, each with its `last_seq` and the caller's role.
-#[utoipa::path(get, path = "/v1/channels", tag = "channels",
+/// A page of the caller's channels, newest first (by channel id, descending), each with its
+/// `last_seq`, the caller's role, read position and unread count. `limit` 1–200 (default 100);
+/// `next_cursor` is `null` on the last page, else pass it as `cursor` for the next one. A cursor
+/// this server did not hand out is 400 `invalid_argument`.
+#[utoipa::path(get, path = "/v1/channels", tag = "channels", params(ChannelsQuery),
     responses((status = 200, body = ChannelList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn list_channels(
     State(s): State<ApiState>,
     Authed(p): Authed,
+    ApiQuery(q): ApiQuery<ChannelsQuery>,
 ) -> Result<axum::Json<ChannelList>, ApiError> {
-    Ok(axum::Json(ChannelList {
-        channels: s.core.list_channels(&p).await?,
-    }))
+    Ok(axum::Json(s.core.list_channels(&p, q).await?))
 }
 
 #[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
