@@ -316,12 +316,13 @@ fn valid_channel(channel_id: &str) -> Result<(), GatewayError> {
 }
 
 fn gateway_error(e: CoreError) -> GatewayError {
-    if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
-        tracing::error!(error = %detail, "core call failed");
+    if let Some(detail) = e.detail() {
+        tracing::error!(code = e.code().as_str(), error = %detail, "core call failed");
     }
+    // The detail stays in the log; the client gets the code's fixed sentence.
     GatewayError {
         code: e.code(),
-        message: e.to_string(),
+        message: e.public_message(),
     }
 }
 

@@ -69,6 +69,25 @@ pub enum CoreError {
 }
 
 impl CoreError {
+    /// What a client is told: the sentence of the error, except for `unavailable` and `internal`,
+    /// whose details (driver messages, file paths) stay in the server's log ([`Self::detail`]) and
+    /// whose sentence never changes.
+    pub fn public_message(&self) -> String {
+        match self {
+            CoreError::Unavailable(_) => UNAVAILABLE_MESSAGE.to_owned(),
+            CoreError::Internal(_) => INTERNAL_MESSAGE.to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The detail of an `unavailable` or `internal` error, for the server's log only.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            CoreError::Unavailable(d) | CoreError::Internal(d) => Some(d),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             CoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
@@ -103,6 +122,12 @@ impl From<StorageError> for CoreError {
 }
 
 pub type CoreResult<T> = Result<T, CoreError>;
+
+/// The message of every `unavailable` error a client receives.
+pub const UNAVAILABLE_MESSAGE: &str =
+    "a service the server depends on (storage, presence) is unavailable; retry later";
+/// The message of every `internal` error a client receives.
+pub const INTERNAL_MESSAGE: &str = "internal error";
 
 /// History query as given by the caller (`before`, `after`, `around`, `limit`).
 #[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]

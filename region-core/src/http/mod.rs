@@ -115,6 +115,9 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// What went wrong inside (driver message, path): logged with the request id by
+    /// [`request_id`], never sent.
+    pub detail: Option<String>,
 }
 
 impl ApiError {
@@ -123,16 +126,16 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            detail: None,
         }
     }
 }
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
-        if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
-            tracing::error!(error = %detail, "request failed");
-        }
-        ApiError::new(e.code(), e.to_string())
+        let mut api = ApiError::new(e.code(), e.public_message());
+        api.detail = e.detail().map(str::to_owned);
+        api
     }
 }
 
@@ -162,6 +165,9 @@ fn render_error(
     request_id: &str,
 ) -> Response {
     let e = pending.0;
+    if let Some(detail) = &e.detail {
+        tracing::error!(request_id, code = e.code.as_str(), error = %detail, "request failed");
+    }
     let body = ErrorBody {
         error: ErrorDetail {
             code: e.code,
