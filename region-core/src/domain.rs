@@ -316,12 +316,18 @@ impl Core {
                         "a DM needs exactly one other member in \"members\"".into(),
                     ));
                 };
+                if *other == p.user_id {
+                    return Err(CoreError::InvalidArgument(
+                        "a DM is between two users; \"members\" must name the other one, not you"
+                            .into(),
+                    ));
+                }
                 let mut pair = [p.user_id.clone(), other.clone()];
                 pair.sort();
-                let mut members = vec![(p.user_id.clone(), Role::Member)];
-                if *other != p.user_id {
-                    members.push((other.clone(), Role::Member));
-                }
+                let members = vec![
+                    (p.user_id.clone(), Role::Member),
+                    (other.clone(), Role::Member),
+                ];
                 NewChannel {
                     tenant_id: p.tenant_id.clone(),
                     id,
