@@ -255,7 +255,7 @@ pub async fn build(
 /// cookies, so credentials are never allowed. The layer is outermost, so errors (401, 429) carry
 /// the headers too and a browser app can read their code, request id and `Retry-After`.
 fn cors_layer(allowed: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
-    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use axum::http::{HeaderName, HeaderValue, header};
     use tower_http::cors::{AllowOrigin, CorsLayer};
 
     let origin = if allowed.iter().any(|o| o == "*") {
@@ -272,7 +272,8 @@ fn cors_layer(allowed: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer>
     };
     Ok(CorsLayer::new()
         .allow_origin(origin)
-        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        // Every method a route answers (PUT for the read position, among others).
+        .allow_methods(http::api_methods())
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,

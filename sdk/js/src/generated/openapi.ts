@@ -86,7 +86,12 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** The caller's channels, each with its `last_seq` and the caller's role. */
+        /**
+         * A page of the caller's channels, newest first (by channel id, descending), each with its
+         *     `last_seq`, the caller's role, read position and unread count. `limit` 1–200 (default 100);
+         *     `next_cursor` is `null` on the last page, else pass it as `cursor` for the next one. A cursor
+         *     this server did not hand out is 400 `invalid_argument`.
+         */
         get: operations["list_channels"];
         put?: never;
         /**
@@ -447,9 +452,11 @@ export interface components {
          * @enum {string}
          */
         ChannelKind: "channel" | "dm";
-        /** @description `GET /v1/channels`. */
+        /** @description `GET /v1/channels`: a page of the caller's channels, newest first (by channel id, descending). */
         ChannelList: {
             channels: components["schemas"]["Channel"][];
+            /** @description Opaque cursor of the next page (pass it as `cursor`); `null` on the last page. */
+            next_cursor: string | null;
         };
         /** @description `POST /v1/channels`. */
         CreateChannel: {
@@ -490,7 +497,7 @@ export interface components {
          * @description A stable, machine-readable error code. The HTTP status that goes with it is [`ErrorCode::status`].
          * @enum {string}
          */
-        ErrorCode: "malformed_json" | "invalid_request" | "invalid_argument" | "payload_too_large" | "token_missing" | "token_malformed" | "token_bad_signature" | "token_unknown_key" | "token_expired" | "token_not_yet_valid" | "token_invalid_claims" | "not_a_member" | "forbidden" | "not_found" | "idempotency_conflict" | "conflict" | "rate_limited" | "auth_required" | "unknown_frame_type" | "route_not_found" | "method_not_allowed" | "unavailable" | "internal";
+        ErrorCode: "malformed_json" | "invalid_request" | "invalid_argument" | "payload_too_large" | "token_missing" | "token_malformed" | "token_bad_signature" | "token_unknown_key" | "token_expired" | "token_not_yet_valid" | "token_invalid_claims" | "not_a_member" | "forbidden" | "not_found" | "idempotency_conflict" | "conflict" | "call_full" | "rate_limited" | "auth_required" | "unknown_frame_type" | "route_not_found" | "method_not_allowed" | "unavailable" | "internal";
         /** @description The inside of [`ErrorBody`]. */
         ErrorDetail: {
             code: components["schemas"]["ErrorCode"];
@@ -1030,7 +1037,12 @@ export interface operations {
     };
     list_channels: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Page size, 1–200 (default 100). */
+                limit?: number;
+                /** @description The `next_cursor` of the previous page; absent for the first page. */
+                cursor?: string;
+            };
             header?: never;
             path?: never;
             cookie?: never;
