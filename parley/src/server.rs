@@ -13,7 +13,7 @@ use axum::Router;
 use axum::routing::get;
 use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
 use parley_core::calls::IceConfig;
-use parley_core::http::{self, ApiDoc, ApiState, DevTokens};
+use parley_core::http::{self, ApiState, DevTokens};
 use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
 use parley_core::ratelimit::RequestBudget;
 use parley_core::realtime::{Realtime, RealtimeConfig};
@@ -25,7 +25,6 @@ use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, 
 use parley_sync::Ephemeral;
 use parley_sync::{Bus, InProcessBus, NatsBus};
 use tokio::net::TcpListener;
-use utoipa::OpenApi;
 
 use crate::config::{ServeArgs, StorageArgs};
 use crate::web::WebClient;
@@ -203,15 +202,15 @@ pub async fn build(
             }
         });
     }
+    let openapi = http::served_document(core.limits())
+        .to_json()
+        .context("cannot render the OpenAPI document")?;
     let api = http::router(ApiState {
         core,
         auth,
         budget,
         dev_tokens,
     });
-    let openapi = ApiDoc::openapi()
-        .to_json()
-        .context("cannot render the OpenAPI document")?;
     let edge_for_ready = edge.clone();
     let app = Router::new()
         .merge(api)

@@ -97,7 +97,8 @@ async fn pages_list_every_channel_once(backend: Backend) {
         "/v1/channels?limit=0",
         "/v1/channels?limit=201",
         "/v1/channels?cursor=not-a-cursor",
-        "/v1/channels?cursor=YzE6Y2hfeA", // base64 of "c1:ch_x": not a channel id
+        "/v1/channels?cursor=c1.short",
+        "/v1/channels?cursor=c1.01JABCDEFGHJKMNPQRSTVWXYZ0X",
     ] {
         let res = api.get(path).await;
         assert_eq!(

@@ -172,13 +172,15 @@ impl Core {
         call_id: &str,
         participant_id: &str,
     ) -> CoreResult<()> {
+        validate::generated_id("participant", "part_", participant_id)
+            .map_err(CoreError::InvalidArgument)?;
         let call = self.get_call(p, call_id).await?;
         let mine = call
             .participants
             .iter()
             .any(|x| x.participant_id == participant_id && x.user_id == p.user_id);
         if !mine {
-            return Err(CoreError::InvalidArgument(format!(
+            return Err(CoreError::NotFoundIn(format!(
                 "{participant_id} is not your participant in this call"
             )));
         }

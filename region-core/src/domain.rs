@@ -50,6 +50,9 @@ pub enum CoreError {
     UserNotFound,
     #[error("call not found")]
     CallNotFound,
+    /// A user, participant or similar named by the caller is not where the caller says.
+    #[error("{0}")]
+    NotFoundIn(String),
     #[error("you are not a member of this channel")]
     NotAMember,
     #[error("{0}")]
@@ -94,7 +97,8 @@ impl CoreError {
             CoreError::NotFound
             | CoreError::MessageNotFound
             | CoreError::UserNotFound
-            | CoreError::CallNotFound => ErrorCode::NotFound,
+            | CoreError::CallNotFound
+            | CoreError::NotFoundIn(_) => ErrorCode::NotFound,
             CoreError::NotAMember => ErrorCode::NotAMember,
             CoreError::Forbidden(_) => ErrorCode::Forbidden,
             CoreError::Conflict(_) => ErrorCode::Conflict,
@@ -129,10 +133,10 @@ pub const UNAVAILABLE_MESSAGE: &str =
 /// The message of every `internal` error a client receives.
 pub const INTERNAL_MESSAGE: &str = "internal error";
 
-/// History query as given by the caller (`before`, `after`, `around`, `limit`).
-#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+/// History query as given by the caller (`before`, `after`, `around`, `limit`). Its parameters in
+/// the OpenAPI document ([`utoipa::IntoParams`] below) say that at most one anchor is given.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Messages with a smaller seq (older), newest page first.
     pub before: Option<u64>,
@@ -150,9 +154,96 @@ pub struct HistoryQuery {
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Events with a greater seq (default 0: from the channel's first event).
+    #[param(maximum = 9223372036854775807_i64)]
     pub after: Option<u64>,
     /// Page size, 1–200 (default 100).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
+}
+
+/// The largest seq: seqs are stored as signed 64-bit integers.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// A seq given by the caller, within 0–2^63−1.
+fn seq_arg(name: &str, seq: u64) -> CoreResult<u64> {
+    if seq <= MAX_SEQ {
+        Ok(seq)
+    } else {
+        Err(CoreError::InvalidArgument(format!(
+            "{name} must be at most {MAX_SEQ}, got {seq}"
+        )))
+    }
+}
+
+impl utoipa::IntoParams for HistoryQuery {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::Required;
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn, ParameterStyle};
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+        let seq = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int64,
+                )))
+                .minimum(Some(0))
+                .maximum(Some(MAX_SEQ as i64))
+        };
+        let only = |name: &str, what: &str| {
+            ObjectBuilder::new()
+                .title(Some(name))
+                .property(name, seq().description(Some(what)))
+                .required(name)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        let anchor = OneOfBuilder::new()
+            .item(only(
+                "before",
+                "Messages with a smaller seq (older), newest page first.",
+            ))
+            .item(only("after", "Messages with a greater seq (newer)."))
+            .item(only(
+                "around",
+                "Messages around this seq (half before, the rest at or after).",
+            ))
+            .item(
+                ObjectBuilder::new()
+                    .title(Some("latest"))
+                    .max_properties(Some(0))
+                    .additional_properties(Some(AdditionalProperties::FreeForm(false))),
+            );
+        vec![
+            ParameterBuilder::new()
+                .name("anchor")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .style(Some(ParameterStyle::Form))
+                .explode(Some(true))
+                .description(Some(
+                    "At most one of the query parameters `before`, `after`, `around` (a seq); none \
+                     for the newest page. Two or more are `invalid_argument`.",
+                ))
+                .schema(Some(anchor))
+                .build(),
+            ParameterBuilder::new()
+                .name("limit")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some("Page size, 1–200 (default 50)."))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                            utoipa::openapi::KnownFormat::Int32,
+                        )))
+                        .minimum(Some(1))
+                        .maximum(Some(200)),
+                ))
+                .build(),
+        ]
+    }
 }
 
 /// `GET /v1/channels` query: `limit` and `cursor`.
@@ -164,7 +255,7 @@ pub struct ChannelsQuery {
     #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
     /// The `next_cursor` of the previous page; absent for the first page.
-    #[param(min_length = 1, max_length = 100)]
+    #[param(pattern = r"^c1\.[0-9A-Za-z]{26}$")]
     pub cursor: Option<String>,
 }
 
@@ -173,35 +264,33 @@ pub const DEFAULT_CHANNEL_PAGE: u32 = 100;
 /// Most channels per page of `GET /v1/channels`.
 pub const MAX_CHANNEL_PAGE: u32 = 200;
 
-/// Version tag inside channel cursors, so their content can change without old cursors being
-/// misread.
-const CHANNEL_CURSOR_TAG: &str = "c1:";
+/// Version tag that starts every channel cursor, so their content can change without old cursors
+/// being misread.
+const CHANNEL_CURSOR_TAG: &str = "c1.";
 
-/// The cursor that continues a channel listing after `last_id`: opaque to clients (base64url).
+/// The cursor that continues a channel listing after the channel `last_id`. Clients treat it as
+/// opaque; the OpenAPI document states its shape, so that every cursor it calls valid is one.
 fn encode_channel_cursor(last_id: &str) -> String {
-    use base64::Engine;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .encode(format!("{CHANNEL_CURSOR_TAG}{last_id}"))
+    format!(
+        "{CHANNEL_CURSOR_TAG}{}",
+        last_id.strip_prefix("ch_").unwrap_or(last_id)
+    )
 }
 
-/// The channel id a cursor continues after; `invalid_argument` for anything this server did not
+/// The channel id a cursor continues after; `invalid_argument` for anything this server would not
 /// hand out.
 fn decode_channel_cursor(cursor: &str) -> CoreResult<String> {
-    use base64::Engine;
-    let bad = || {
-        CoreError::InvalidArgument(
-            "cursor is not one this server handed out; pass next_cursor of the previous page \
-             unchanged, or omit it for the first page"
-                .into(),
-        )
-    };
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(cursor)
-        .map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let id = text.strip_prefix(CHANNEL_CURSOR_TAG).ok_or_else(bad)?;
-    validate::channel_id(id).map_err(|_| bad())?;
-    Ok(id.to_owned())
+    cursor
+        .strip_prefix(CHANNEL_CURSOR_TAG)
+        .map(|rest| format!("ch_{rest}"))
+        .filter(|id| validate::channel_id(id).is_ok())
+        .ok_or_else(|| {
+            CoreError::InvalidArgument(
+                "cursor is not one this server hands out; pass next_cursor of the previous page \
+                 unchanged, or omit it for the first page"
+                    .into(),
+            )
+        })
 }
 
 /// A page size given by the caller (`default` when absent), within 1–200.
@@ -518,7 +607,7 @@ impl Core {
                 .member(&p.tenant_id, channel_id, user_id)
                 .await?
                 .ok_or_else(|| {
-                    CoreError::InvalidArgument(format!("{user_id} is not a member of this channel"))
+                    CoreError::NotFoundIn(format!("{user_id} is not a member of this channel"))
                 })?;
             require_role(role, Role::Moderator, "removing members")?;
             if target.role > Role::Member {
@@ -659,7 +748,10 @@ impl Core {
         q: HistoryQuery,
     ) -> CoreResult<MessagePage> {
         let limit = page_limit(q.limit, 50)?;
-        let anchor = match (q.before, q.after, q.around) {
+        let before = q.before.map(|s| seq_arg("before", s)).transpose()?;
+        let after = q.after.map(|s| seq_arg("after", s)).transpose()?;
+        let around = q.around.map(|s| seq_arg("around", s)).transpose()?;
+        let anchor = match (before, after, around) {
             (None, None, None) => HistoryAnchor::Latest,
             (Some(s), None, None) => HistoryAnchor::Before(s),
             (None, Some(s), None) => HistoryAnchor::After(s),
@@ -687,16 +779,11 @@ impl Core {
         q: EventsQuery,
     ) -> CoreResult<EventPage> {
         let limit = page_limit(q.limit, 100)?;
+        let after = seq_arg("after", q.after.unwrap_or(0))?;
         self.require_member(p, channel_id).await?;
         let mut events = self
             .storage
-            .events(
-                &p.tenant_id,
-                channel_id,
-                q.after.unwrap_or(0),
-                None,
-                limit + 1,
-            )
+            .events(&p.tenant_id, channel_id, after, None, limit + 1)
             .await?;
         let has_more = events.len() > limit as usize;
         events.truncate(limit as usize);
@@ -713,6 +800,7 @@ impl Core {
         channel_id: &str,
         seq: u64,
     ) -> CoreResult<ReadState> {
+        let seq = seq_arg("seq", seq)?;
         self.require_member(p, channel_id).await?;
         let before = self
             .storage

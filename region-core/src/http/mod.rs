@@ -23,7 +23,7 @@ use crate::ratelimit::RequestBudget;
 mod openapi;
 mod routes;
 
-pub use openapi::{ApiDoc, api_methods};
+pub use openapi::{ApiDoc, api_methods, served_document};
 
 /// What the REST handlers share.
 #[derive(Clone)]

@@ -787,7 +787,12 @@ pub(super) fn history(
             newer.truncate(limit as usize);
             has_before = match newer.first() {
                 Some(m) => !message_range(c, channel_id, 0, to_i64(m.seq), true, 1)?.is_empty(),
-                None => !message_range(c, channel_id, 0, to_i64(s) + 1, true, 1)?.is_empty(),
+                None => {
+                    // saturating: `after` may be the largest seq (found by Schemathesis: an
+                    // overflow panic, a 500, for after=2^63-1).
+                    !message_range(c, channel_id, 0, to_i64(s).saturating_add(1), true, 1)?
+                        .is_empty()
+                }
             };
             return Ok(MessagePage {
                 messages: newer,
