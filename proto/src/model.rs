@@ -390,7 +390,7 @@ pub struct SendMessage {
     pub text: String,
     /// Small free-form JSON object (at most 2 KiB serialized).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -403,7 +403,7 @@ pub struct EditMessage {
     pub text: String,
     /// Small free-form JSON object (at most 2 KiB serialized).
     #[serde(default)]
-    #[schema(value_type = Option<Object>)]
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
     pub metadata: Option<serde_json::Value>,
 }
 
