@@ -175,14 +175,22 @@ impl Core {
         validate::generated_id("participant", "part_", participant_id)
             .map_err(CoreError::InvalidArgument)?;
         let call = self.get_call(p, call_id).await?;
-        let mine = call
+        match call
             .participants
             .iter()
-            .any(|x| x.participant_id == participant_id && x.user_id == p.user_id);
-        if !mine {
-            return Err(CoreError::NotFoundIn(format!(
-                "{participant_id} is not your participant in this call"
-            )));
+            .find(|x| x.participant_id == participant_id)
+        {
+            None => {
+                return Err(CoreError::NotFoundIn(format!(
+                    "{participant_id} is no participant of this call"
+                )));
+            }
+            Some(x) if x.user_id != p.user_id => {
+                return Err(CoreError::InvalidArgument(format!(
+                    "{participant_id} is not your participant in this call"
+                )));
+            }
+            Some(_) => {}
         }
         self.leave_participant(&p.tenant_id, call_id, participant_id, LeaveReason::Left)
             .await
