@@ -23,7 +23,7 @@ bin="${PARLEY_BIN:-$target_dir/debug/parley}"
 venv="${PARLEY_SCHEMATHESIS_VENV:-${HOME:-/root}/.cache/parley-schemathesis}"
 examples="${PARLEY_SCHEMATHESIS_EXAMPLES:-30}"
 seed="${PARLEY_SCHEMATHESIS_SEED:-1}"
-reports="${PARLEY_ARTIFACTS_DIR:-$target_dir}/schemathesis"
+reports="$(realpath -m "${PARLEY_ARTIFACTS_DIR:-$target_dir}/schemathesis")"
 
 if [ ! -x "$bin" ]; then
     echo "schemathesis.sh: no parley binary at $bin; build it (cargo build -p parley --locked) or set PARLEY_BIN" >&2
@@ -80,13 +80,14 @@ token="$("$bin" token --user schemathesis --data-dir "$work/data")"
 mkdir -p "$reports"
 echo "schemathesis.sh: st run $url/v1/openapi.json --checks all -n $examples --seed $seed" >&2
 status=0
-timeout 900 "$st" run "$url/v1/openapi.json" \
+# From the throwaway folder: Schemathesis keeps its example database in ./.schemathesis.
+(cd "$work" && timeout 900 "$st" run "$url/v1/openapi.json" \
     --header "Authorization: Bearer $token" \
     --checks all \
     --max-examples "$examples" \
     --seed "$seed" \
     --no-color \
-    --report junit --report-dir "$reports" \
+    --report junit --report-dir "$reports") \
     || status=$?
 if [ "$status" -ne 0 ]; then
     echo "schemathesis.sh: failures (exit $status); server log: $reports/parley-stderr.log" >&2
