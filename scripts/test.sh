@@ -8,8 +8,9 @@
 #
 # A full run (no arguments) then runs the client suites against the `parley` binary the Rust
 # tests built: sdk/js (vitest, Node and Chromium), sdk/go (go vet, go test -race) and web/
-# (the web client's checks and its browser tests, playwright-core + Debian's Chromium). Each
-# installs what it needs when missing (npm ci, Go modules, apt-get install chromium).
+# (the web client's checks and its browser tests, playwright-core + Debian's Chromium), and
+# Schemathesis against the served OpenAPI document (scripts/schemathesis.sh). Each installs what
+# it needs when missing (npm ci, Go modules, apt-get install chromium, pip install schemathesis).
 # Screenshots and logs of the browser tests go to $PARLEY_ARTIFACTS_DIR (default
 # web/e2e/artifacts).
 #
@@ -107,6 +108,8 @@ if [ $# -eq 0 ]; then
     phase "sdk/js" sdk/js/scripts/test.sh || failed+=("sdk/js")
     phase "sdk/go" sdk/go/scripts/test.sh || failed+=("sdk/go")
     phase "web" web/scripts/test.sh || failed+=("web")
+    # Schemathesis against the served OpenAPI document, every check (bounded: a few minutes).
+    phase "schemathesis" scripts/schemathesis.sh || failed+=("schemathesis")
 fi
 
 if [ ${#failed[@]} -gt 0 ]; then

@@ -158,6 +158,9 @@ pub struct ServeArgs {
     /// Longest message text in characters.
     #[arg(long, env = "PARLEY_MAX_TEXT_CHARS", default_value_t = 4000)]
     pub max_text_chars: usize,
+    /// Most participants in one call (a P2P mesh grows as n²); a join beyond it is `call_full`.
+    #[arg(long, env = "PARLEY_MAX_CALL_PARTICIPANTS", default_value_t = 8, value_parser = clap::value_parser!(u16).range(2..))]
+    pub max_call_participants: u16,
     /// Most events replayed per channel on resume; further behind, the channel is refused.
     #[arg(long, env = "PARLEY_MAX_REPLAY", default_value_t = 1000)]
     pub max_replay: u64,

@@ -25,7 +25,6 @@ use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, 
 use parley_sync::Ephemeral;
 use parley_sync::{Bus, InProcessBus, NatsBus};
 use tokio::net::TcpListener;
-use utoipa::OpenApi;
 
 use crate::config::{ServeArgs, StorageArgs};
 use crate::web::WebClient;
@@ -282,6 +281,7 @@ pub async fn build(
         bus.clone(),
         DomainLimits {
             max_text_chars: args.max_text_chars,
+            max_call_participants: usize::from(args.max_call_participants),
         },
         realtime,
         ice,
@@ -337,6 +337,9 @@ pub async fn build(
             }
         });
     }
+    let openapi = http::served_document(core.limits())
+        .to_json()
+        .context("cannot render the OpenAPI document")?;
     let api = http::router(ApiState {
         core,
         auth,
@@ -344,9 +347,6 @@ pub async fn build(
         auth_failures: auth_failures.clone(),
         dev_tokens,
     });
-    let openapi = ApiDoc::openapi()
-        .to_json()
-        .context("cannot render the OpenAPI document")?;
     let edge_for_ready = edge.clone();
     let app = Router::new()
         .merge(api)
@@ -397,7 +397,7 @@ pub async fn build(
 /// cookies, so credentials are never allowed. The layer is outermost, so errors (401, 429) carry
 /// the headers too and a browser app can read their code, request id and `Retry-After`.
 fn cors_layer(allowed: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer> {
-    use axum::http::{HeaderName, HeaderValue, Method, header};
+    use axum::http::{HeaderName, HeaderValue, header};
     use tower_http::cors::{AllowOrigin, CorsLayer};
 
     let origin = if allowed.iter().any(|o| o == "*") {
@@ -417,7 +417,8 @@ fn cors_layer(allowed: &[String]) -> anyhow::Result<tower_http::cors::CorsLayer>
     };
     Ok(CorsLayer::new()
         .allow_origin(origin)
-        .allow_methods([Method::GET, Method::POST, Method::PATCH, Method::DELETE])
+        // Every method a route answers (PUT for the read position, among others).
+        .allow_methods(http::api_methods())
         .allow_headers([
             header::AUTHORIZATION,
             header::CONTENT_TYPE,
@@ -461,12 +462,13 @@ fn valid_channel(channel_id: &str) -> Result<(), GatewayError> {
 }
 
 fn gateway_error(e: CoreError) -> GatewayError {
-    if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
-        tracing::error!(error = %detail, "core call failed");
+    if let Some(detail) = e.detail() {
+        tracing::error!(code = e.code().as_str(), error = %detail, "core call failed");
     }
+    // The detail stays in the log; the client gets the code's fixed sentence.
     GatewayError {
         code: e.code(),
-        message: e.to_string(),
+        message: e.public_message(),
     }
 }
 

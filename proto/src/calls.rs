@@ -98,6 +98,8 @@ pub struct JoinedCall {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LeaveCall {
+    /// Your participant id from the join: `part_` and 26 letters and digits.
+    #[schema(pattern = r"^part_[0-9A-Za-z]{26}$")]
     pub participant_id: String,
 }
 

@@ -43,6 +43,8 @@ pub enum ErrorCode {
     IdempotencyConflict,
     /// The request conflicts with the resource's state (e.g. adding members to a DM).
     Conflict,
+    /// The call already has as many participants as the server allows (`--max-call-participants`).
+    CallFull,
     /// Too many requests; retry after the stated delay.
     RateLimited,
     /// A WebSocket request needs an authenticated session first.
@@ -70,7 +72,7 @@ impl ErrorCode {
             NotAMember | Forbidden => 403,
             NotFound | RouteNotFound => 404,
             MethodNotAllowed => 405,
-            IdempotencyConflict | Conflict => 409,
+            IdempotencyConflict | Conflict | CallFull => 409,
             PayloadTooLarge => 413,
             RateLimited => 429,
             Internal => 500,
@@ -98,6 +100,7 @@ impl ErrorCode {
             NotFound => "not_found",
             IdempotencyConflict => "idempotency_conflict",
             Conflict => "conflict",
+            CallFull => "call_full",
             RateLimited => "rate_limited",
             AuthRequired => "auth_required",
             UnknownFrameType => "unknown_frame_type",

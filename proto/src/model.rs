@@ -113,6 +113,7 @@ pub struct Presence {
 #[serde(deny_unknown_fields)]
 pub struct PresenceQuery {
     /// At most 200 user ids. Users who share no channel with the caller are left out.
+    #[schema(max_items = 200, value_type = Vec<UserId>)]
     pub user_ids: Vec<String>,
 }
 
@@ -127,6 +128,8 @@ pub struct PresenceList {
 #[serde(deny_unknown_fields)]
 pub struct MarkRead {
     /// Read up to this seq (clamped to the channel's last seq). An older seq changes nothing.
+    #[schema(maximum = 9223372036854775807_i64)]
+    #[serde(deserialize_with = "integral::u64")]
     pub seq: u64,
 }
 
@@ -234,8 +237,37 @@ impl EventBody {
 
 // ---- request and response bodies of the REST API ----
 
-/// `POST /v1/channels`.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+/// What the server accepts as a user (or tenant) id, as a regular expression.
+pub const USER_ID_PATTERN: &str = r"^[A-Za-z0-9_.:@|-]{1,128}$";
+/// What the server accepts as a channel name: 1–100 characters (the length is stated apart), at
+/// least one of them not whitespace, none of them a control character.
+pub const CHANNEL_NAME_PATTERN: &str =
+    r"^[^\x00-\x1F\x7F-\x9F]*[^\x00-\x1F\x7F-\x9F\s][^\x00-\x1F\x7F-\x9F]*$";
+
+/// The schema of a user id in the OpenAPI document: 1–128 characters of `A-Z a-z 0-9 _ . : @ - |`.
+/// Not a wire type (ids travel as strings).
+pub struct UserId;
+
+impl utoipa::PartialSchema for UserId {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{ObjectBuilder, Type};
+        ObjectBuilder::new()
+            .schema_type(Type::String)
+            .min_length(Some(1))
+            .max_length(Some(128))
+            .pattern(Some(USER_ID_PATTERN))
+            .description(Some(
+                "A user id: 1–128 characters of A-Z a-z 0-9 _ . : @ - |",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for UserId {}
+
+/// `POST /v1/channels`. Its schema ([`utoipa::PartialSchema`] below) states the two shapes the
+/// server accepts: a channel, or a DM with exactly one other member.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateChannel {
     pub kind: ChannelKind,
@@ -247,10 +279,82 @@ pub struct CreateChannel {
     pub members: Vec<String>,
 }
 
+impl utoipa::PartialSchema for CreateChannel {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        use utoipa::openapi::schema::{
+            AdditionalProperties, ArrayBuilder, ObjectBuilder, OneOfBuilder, Type,
+        };
+        let kind = |k: &str| {
+            ObjectBuilder::new()
+                .schema_type(Type::String)
+                .enum_values(Some([k]))
+        };
+        let members = |min: usize, max: usize, what: &str| {
+            ArrayBuilder::new()
+                .items(<UserId as utoipa::PartialSchema>::schema())
+                .min_items(Some(min))
+                .max_items(Some(max))
+                .description(Some(what))
+        };
+        let closed = || Some(AdditionalProperties::FreeForm(false));
+        let channel = ObjectBuilder::new()
+            .title(Some("channel"))
+            .property("kind", kind("channel"))
+            .required("kind")
+            .property(
+                "name",
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .min_length(Some(1))
+                    .max_length(Some(100))
+                    .pattern(Some(CHANNEL_NAME_PATTERN))
+                    .description(Some(
+                        "1–100 characters, not blank, without control characters.",
+                    )),
+            )
+            .required("name")
+            .property(
+                "members",
+                members(0, 100, "Other users to add as members (at most 100)."),
+            )
+            .additional_properties(closed());
+        let dm = ObjectBuilder::new()
+            .title(Some("dm"))
+            .property("kind", kind("dm"))
+            .required("kind")
+            .property(
+                "members",
+                members(
+                    1,
+                    1,
+                    "Exactly one user: the other party (not the caller). A DM has no name.",
+                ),
+            )
+            .required("members")
+            .property("name", ObjectBuilder::new().schema_type(Type::Null))
+            .additional_properties(closed());
+        OneOfBuilder::new()
+            .item(channel)
+            .item(dm)
+            .description(Some(
+                "`POST /v1/channels`: a channel (with a name) or a DM (with exactly one other member).",
+            ))
+            .into()
+    }
+}
+
+impl ToSchema for CreateChannel {}
+
 /// `PATCH /v1/channels/{id}`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PatchChannel {
+    /// 1–100 characters, not blank, without control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 100,
+        pattern = r"^[^\x00-\x1F\x7F-\x9F]*[^\x00-\x1F\x7F-\x9F\s][^\x00-\x1F\x7F-\x9F]*$"
+    )]
     pub name: String,
 }
 
@@ -258,6 +362,11 @@ pub struct PatchChannel {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AddMember {
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$"
+    )]
     pub user_id: String,
     /// Defaults to `member`. Only an owner may add moderators or owners.
     #[serde(default)]
@@ -270,10 +379,18 @@ pub struct AddMember {
 pub struct SendMessage {
     /// Idempotency key chosen by the client, 1–64 characters. A retry with the same key returns
     /// the original message; the same key with another body is `idempotency_conflict`.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = r"^[A-Za-z0-9_.:@|-]{1,64}$"
+    )]
     pub client_msg_id: String,
+    /// Not blank; at most the server's `max_text_chars` characters (stated in the welcome).
+    #[schema(min_length = 1, pattern = r"^[^\x00]*\S[^\x00]*$")]
     pub text: String,
     /// Small free-form JSON object (at most 2 KiB serialized).
     #[serde(default)]
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -281,8 +398,12 @@ pub struct SendMessage {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct EditMessage {
+    /// Not blank; at most the server's `max_text_chars` characters (stated in the welcome).
+    #[schema(min_length = 1, pattern = r"^[^\x00]*\S[^\x00]*$")]
     pub text: String,
+    /// Small free-form JSON object (at most 2 KiB serialized).
     #[serde(default)]
+    #[schema(value_type = Option<std::collections::HashMap<String, serde_json::Value>>)]
     pub metadata: Option<serde_json::Value>,
 }
 
@@ -293,10 +414,14 @@ pub struct SendResult {
     pub created: bool,
 }
 
-/// `GET /v1/channels`.
+/// `GET /v1/channels`: a page of the caller's channels, newest first (by channel id, descending).
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ChannelList {
     pub channels: Vec<Channel>,
+    /// Opaque cursor of the next page (pass it as `cursor`); `null` on the last page.
+    #[serde(default)]
+    #[schema(required = true)]
+    pub next_cursor: Option<String>,
 }
 
 /// `GET /v1/channels/{id}/members`.
@@ -371,12 +496,27 @@ pub struct Principal {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DevTokenRequest {
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$"
+    )]
     pub user_id: String,
     /// Defaults to `default`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(
+        min_length = 1,
+        max_length = 128,
+        pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$"
+    )]
     pub tenant_id: Option<String>,
     /// Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "integral::opt_u64"
+    )]
+    #[schema(minimum = 60, maximum = 604800)]
     pub ttl_secs: Option<u64>,
 }
 
@@ -387,4 +527,69 @@ pub struct DevToken {
     pub user_id: String,
     pub tenant_id: String,
     pub expires_at: String,
+}
+
+/// Integers as JSON Schema counts them: `3` and `3.0` alike (a number with no fractional part is
+/// an integer there, and generated clients may send one).
+mod integral {
+    use serde::Deserializer;
+    use serde::de::{Error, Visitor};
+    use std::fmt;
+
+    struct U64;
+
+    impl<'de> Visitor<'de> for U64 {
+        type Value = u64;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a non-negative integer")
+        }
+
+        fn visit_u64<E: Error>(self, v: u64) -> Result<u64, E> {
+            Ok(v)
+        }
+
+        fn visit_i64<E: Error>(self, v: i64) -> Result<u64, E> {
+            u64::try_from(v).map_err(|_| E::custom(format!("{v} is negative")))
+        }
+
+        fn visit_f64<E: Error>(self, v: f64) -> Result<u64, E> {
+            // 2^64 is exactly representable; every integral f64 below it fits a u64.
+            if v.fract() == 0.0 && (0.0..18_446_744_073_709_551_616.0).contains(&v) {
+                Ok(v as u64)
+            } else {
+                Err(E::custom(format!("{v} is not a non-negative integer")))
+            }
+        }
+    }
+
+    struct OptU64;
+
+    impl<'de> Visitor<'de> for OptU64 {
+        type Value = Option<u64>;
+
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a non-negative integer or null")
+        }
+
+        fn visit_none<E: Error>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+
+        fn visit_unit<E: Error>(self) -> Result<Option<u64>, E> {
+            Ok(None)
+        }
+
+        fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<Option<u64>, D::Error> {
+            u64(d).map(Some)
+        }
+    }
+
+    pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+        d.deserialize_any(U64)
+    }
+
+    pub fn opt_u64<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        d.deserialize_option(OptU64)
+    }
 }

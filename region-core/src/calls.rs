@@ -125,11 +125,20 @@ impl Core {
         }
         let (call, me, event) = self
             .storage()
-            .join_call(&p.tenant_id, call_id, &new_id("part_"), &p.user_id)
+            .join_call(
+                &p.tenant_id,
+                call_id,
+                &new_id("part_"),
+                &p.user_id,
+                self.limits().max_call_participants,
+            )
             .await
             .map_err(|e| match e {
                 crate::storage::StorageError::NotFound => {
                     CoreError::Conflict("the call has ended".into())
+                }
+                crate::storage::StorageError::CallFull => {
+                    CoreError::CallFull(self.limits().max_call_participants)
                 }
                 other => other.into(),
             })?;
@@ -163,15 +172,25 @@ impl Core {
         call_id: &str,
         participant_id: &str,
     ) -> CoreResult<()> {
+        validate::generated_id("participant", "part_", participant_id)
+            .map_err(CoreError::InvalidArgument)?;
         let call = self.get_call(p, call_id).await?;
-        let mine = call
+        match call
             .participants
             .iter()
-            .any(|x| x.participant_id == participant_id && x.user_id == p.user_id);
-        if !mine {
-            return Err(CoreError::InvalidArgument(format!(
-                "{participant_id} is not your participant in this call"
-            )));
+            .find(|x| x.participant_id == participant_id)
+        {
+            None => {
+                return Err(CoreError::NotFoundIn(format!(
+                    "{participant_id} is no participant of this call"
+                )));
+            }
+            Some(x) if x.user_id != p.user_id => {
+                return Err(CoreError::InvalidArgument(format!(
+                    "{participant_id} is not your participant in this call"
+                )));
+            }
+            Some(_) => {}
         }
         self.leave_participant(&p.tenant_id, call_id, participant_id, LeaveReason::Left)
             .await

@@ -30,12 +30,16 @@ use crate::validate;
 pub struct DomainLimits {
     /// Longest message text, in characters.
     pub max_text_chars: usize,
+    /// Most participants present in one call at once: a P2P mesh costs every participant a
+    /// connection and an upload per other participant, so it grows as n².
+    pub max_call_participants: usize,
 }
 
 impl Default for DomainLimits {
     fn default() -> Self {
         DomainLimits {
             max_text_chars: 4000,
+            max_call_participants: 8,
         }
     }
 }
@@ -53,6 +57,9 @@ pub enum CoreError {
     UserNotFound,
     #[error("call not found")]
     CallNotFound,
+    /// A user, participant or similar named by the caller is not where the caller says.
+    #[error("{0}")]
+    NotFoundIn(String),
     #[error("you are not a member of this channel")]
     NotAMember,
     #[error("{0}")]
@@ -61,6 +68,10 @@ pub enum CoreError {
     Conflict(String),
     #[error("client_msg_id was already used in this channel with a different text or metadata")]
     IdempotencyConflict,
+    #[error(
+        "the call has {0} participants, the most a call may have; try again when someone leaves"
+    )]
+    CallFull(usize),
     #[error("storage is unavailable, retry: {0}")]
     Unavailable(String),
     #[error("internal error")]
@@ -68,17 +79,38 @@ pub enum CoreError {
 }
 
 impl CoreError {
+    /// What a client is told: the sentence of the error, except for `unavailable` and `internal`,
+    /// whose details (driver messages, file paths) stay in the server's log ([`Self::detail`]) and
+    /// whose sentence never changes.
+    pub fn public_message(&self) -> String {
+        match self {
+            CoreError::Unavailable(_) => UNAVAILABLE_MESSAGE.to_owned(),
+            CoreError::Internal(_) => INTERNAL_MESSAGE.to_owned(),
+            other => other.to_string(),
+        }
+    }
+
+    /// The detail of an `unavailable` or `internal` error, for the server's log only.
+    pub fn detail(&self) -> Option<&str> {
+        match self {
+            CoreError::Unavailable(d) | CoreError::Internal(d) => Some(d),
+            _ => None,
+        }
+    }
+
     pub fn code(&self) -> ErrorCode {
         match self {
             CoreError::InvalidArgument(_) => ErrorCode::InvalidArgument,
             CoreError::NotFound
             | CoreError::MessageNotFound
             | CoreError::UserNotFound
-            | CoreError::CallNotFound => ErrorCode::NotFound,
+            | CoreError::CallNotFound
+            | CoreError::NotFoundIn(_) => ErrorCode::NotFound,
             CoreError::NotAMember => ErrorCode::NotAMember,
             CoreError::Forbidden(_) => ErrorCode::Forbidden,
             CoreError::Conflict(_) => ErrorCode::Conflict,
             CoreError::IdempotencyConflict => ErrorCode::IdempotencyConflict,
+            CoreError::CallFull(_) => ErrorCode::CallFull,
             CoreError::Unavailable(_) => ErrorCode::Unavailable,
             CoreError::Internal(_) => ErrorCode::Internal,
         }
@@ -92,6 +124,8 @@ impl From<StorageError> for CoreError {
             StorageError::NotAMember => CoreError::NotAMember,
             StorageError::IdempotencyConflict => CoreError::IdempotencyConflict,
             StorageError::Conflict(m) => CoreError::Conflict(m),
+            // Mapped with the configured cap where a join is refused; this is the fallback.
+            StorageError::CallFull => CoreError::Conflict("the call is full".into()),
             StorageError::Unavailable(m) => CoreError::Unavailable(m),
             StorageError::Timeout(m) => CoreError::Unavailable(m),
             StorageError::Internal(m) => CoreError::Internal(m),
@@ -101,10 +135,16 @@ impl From<StorageError> for CoreError {
 
 pub type CoreResult<T> = Result<T, CoreError>;
 
-/// History query as given by the caller (`before`, `after`, `around`, `limit`).
-#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+/// The message of every `unavailable` error a client receives.
+pub const UNAVAILABLE_MESSAGE: &str =
+    "a service the server depends on (storage, presence) is unavailable; retry later";
+/// The message of every `internal` error a client receives.
+pub const INTERNAL_MESSAGE: &str = "internal error";
+
+/// History query as given by the caller (`before`, `after`, `around`, `limit`). Its parameters in
+/// the OpenAPI document ([`utoipa::IntoParams`] below) say that at most one anchor is given.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
 pub struct HistoryQuery {
     /// Messages with a smaller seq (older), newest page first.
     pub before: Option<u64>,
@@ -122,9 +162,143 @@ pub struct HistoryQuery {
 #[into_params(parameter_in = Query)]
 pub struct EventsQuery {
     /// Events with a greater seq (default 0: from the channel's first event).
+    #[param(maximum = 9223372036854775807_i64)]
     pub after: Option<u64>,
     /// Page size, 1–200 (default 100).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<u32>,
+}
+
+/// The largest seq: seqs are stored as signed 64-bit integers.
+pub const MAX_SEQ: u64 = i64::MAX as u64;
+
+/// A seq given by the caller, within 0–2^63−1.
+fn seq_arg(name: &str, seq: u64) -> CoreResult<u64> {
+    if seq <= MAX_SEQ {
+        Ok(seq)
+    } else {
+        Err(CoreError::InvalidArgument(format!(
+            "{name} must be at most {MAX_SEQ}, got {seq}"
+        )))
+    }
+}
+
+impl utoipa::IntoParams for HistoryQuery {
+    fn into_params(
+        _: impl Fn() -> Option<utoipa::openapi::path::ParameterIn>,
+    ) -> Vec<utoipa::openapi::path::Parameter> {
+        use utoipa::openapi::Required;
+        use utoipa::openapi::path::{ParameterBuilder, ParameterIn, ParameterStyle};
+        use utoipa::openapi::schema::{AdditionalProperties, ObjectBuilder, OneOfBuilder, Type};
+        let seq = || {
+            ObjectBuilder::new()
+                .schema_type(Type::Integer)
+                .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                    utoipa::openapi::KnownFormat::Int64,
+                )))
+                .minimum(Some(0))
+                .maximum(Some(MAX_SEQ as i64))
+        };
+        let only = |name: &str, what: &str| {
+            ObjectBuilder::new()
+                .title(Some(name))
+                .property(name, seq().description(Some(what)))
+                .required(name)
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        let anchor = OneOfBuilder::new()
+            .item(only(
+                "before",
+                "Messages with a smaller seq (older), newest page first.",
+            ))
+            .item(only("after", "Messages with a greater seq (newer)."))
+            .item(only(
+                "around",
+                "Messages around this seq (half before, the rest at or after).",
+            ))
+            .item(
+                ObjectBuilder::new()
+                    .title(Some("latest"))
+                    .max_properties(Some(0))
+                    .additional_properties(Some(AdditionalProperties::FreeForm(false))),
+            );
+        vec![
+            ParameterBuilder::new()
+                .name("anchor")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .style(Some(ParameterStyle::Form))
+                .explode(Some(true))
+                .description(Some(
+                    "At most one of the query parameters `before`, `after`, `around` (a seq); none \
+                     for the newest page. Two or more are `invalid_argument`.",
+                ))
+                .schema(Some(anchor))
+                .build(),
+            ParameterBuilder::new()
+                .name("limit")
+                .parameter_in(ParameterIn::Query)
+                .required(Required::False)
+                .description(Some("Page size, 1–200 (default 50)."))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::Integer)
+                        .format(Some(utoipa::openapi::SchemaFormat::KnownFormat(
+                            utoipa::openapi::KnownFormat::Int32,
+                        )))
+                        .minimum(Some(1))
+                        .maximum(Some(200)),
+                ))
+                .build(),
+        ]
+    }
+}
+
+/// `GET /v1/channels` query: `limit` and `cursor`.
+#[derive(Debug, Clone, Default, serde::Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ChannelsQuery {
+    /// Page size, 1–200 (default 100).
+    #[param(minimum = 1, maximum = 200)]
+    pub limit: Option<u32>,
+    /// The `next_cursor` of the previous page; absent for the first page.
+    #[param(pattern = r"^c1\.[0-9A-Za-z]{26}$")]
+    pub cursor: Option<String>,
+}
+
+/// Channels per page of `GET /v1/channels` when the caller names no `limit`.
+pub const DEFAULT_CHANNEL_PAGE: u32 = 100;
+/// Most channels per page of `GET /v1/channels`.
+pub const MAX_CHANNEL_PAGE: u32 = 200;
+
+/// Version tag that starts every channel cursor, so their content can change without old cursors
+/// being misread.
+const CHANNEL_CURSOR_TAG: &str = "c1.";
+
+/// The cursor that continues a channel listing after the channel `last_id`. Clients treat it as
+/// opaque; the OpenAPI document states its shape, so that every cursor it calls valid is one.
+fn encode_channel_cursor(last_id: &str) -> String {
+    format!(
+        "{CHANNEL_CURSOR_TAG}{}",
+        last_id.strip_prefix("ch_").unwrap_or(last_id)
+    )
+}
+
+/// The channel id a cursor continues after; `invalid_argument` for anything this server would not
+/// hand out.
+fn decode_channel_cursor(cursor: &str) -> CoreResult<String> {
+    cursor
+        .strip_prefix(CHANNEL_CURSOR_TAG)
+        .map(|rest| format!("ch_{rest}"))
+        .filter(|id| validate::channel_id(id).is_ok())
+        .ok_or_else(|| {
+            CoreError::InvalidArgument(
+                "cursor is not one this server hands out; pass next_cursor of the previous page \
+                 unchanged, or omit it for the first page"
+                    .into(),
+            )
+        })
 }
 
 /// A page size given by the caller (`default` when absent), within 1–200.
@@ -263,12 +437,18 @@ impl Core {
                         "a DM needs exactly one other member in \"members\"".into(),
                     ));
                 };
+                if *other == p.user_id {
+                    return Err(CoreError::InvalidArgument(
+                        "a DM is between two users; \"members\" must name the other one, not you"
+                            .into(),
+                    ));
+                }
                 let mut pair = [p.user_id.clone(), other.clone()];
                 pair.sort();
-                let mut members = vec![(p.user_id.clone(), Role::Member)];
-                if *other != p.user_id {
-                    members.push((other.clone(), Role::Member));
-                }
+                let members = vec![
+                    (p.user_id.clone(), Role::Member),
+                    (other.clone(), Role::Member),
+                ];
                 NewChannel {
                     tenant_id: p.tenant_id.clone(),
                     id,
@@ -306,8 +486,35 @@ impl Core {
         self.realtime.to_user(&p.tenant_id, user_id, &frame).await;
     }
 
-    pub async fn list_channels(&self, p: &Principal) -> CoreResult<Vec<Channel>> {
-        Ok(self.storage.channels_of(&p.tenant_id, &p.user_id).await?)
+    /// A page of the caller's channels, newest first (by channel id, descending), each with the
+    /// caller's role, read position and unread count, and the cursor of the next page.
+    pub async fn list_channels(
+        &self,
+        p: &Principal,
+        q: ChannelsQuery,
+    ) -> CoreResult<parley_proto::ChannelList> {
+        let limit = q.limit.unwrap_or(DEFAULT_CHANNEL_PAGE);
+        if !(1..=MAX_CHANNEL_PAGE).contains(&limit) {
+            return Err(CoreError::InvalidArgument(format!(
+                "limit must be between 1 and {MAX_CHANNEL_PAGE}, got {limit}"
+            )));
+        }
+        let before = q.cursor.as_deref().map(decode_channel_cursor).transpose()?;
+        // One more than asked tells whether another page follows.
+        let mut channels = self
+            .storage
+            .channels_page(&p.tenant_id, &p.user_id, before.as_deref(), limit + 1)
+            .await?;
+        let next_cursor = if channels.len() > limit as usize {
+            channels.truncate(limit as usize);
+            channels.last().map(|c| encode_channel_cursor(&c.id))
+        } else {
+            None
+        };
+        Ok(parley_proto::ChannelList {
+            channels,
+            next_cursor,
+        })
     }
 
     pub async fn get_channel(&self, p: &Principal, channel_id: &str) -> CoreResult<Channel> {
@@ -432,7 +639,7 @@ impl Core {
                 .member(&p.tenant_id, channel_id, user_id)
                 .await?
                 .ok_or_else(|| {
-                    CoreError::InvalidArgument(format!("{user_id} is not a member of this channel"))
+                    CoreError::NotFoundIn(format!("{user_id} is not a member of this channel"))
                 })?;
             require_role(role, Role::Moderator, "removing members")?;
             if target.role > Role::Member {
@@ -573,7 +780,10 @@ impl Core {
         q: HistoryQuery,
     ) -> CoreResult<MessagePage> {
         let limit = page_limit(q.limit, 50)?;
-        let anchor = match (q.before, q.after, q.around) {
+        let before = q.before.map(|s| seq_arg("before", s)).transpose()?;
+        let after = q.after.map(|s| seq_arg("after", s)).transpose()?;
+        let around = q.around.map(|s| seq_arg("around", s)).transpose()?;
+        let anchor = match (before, after, around) {
             (None, None, None) => HistoryAnchor::Latest,
             (Some(s), None, None) => HistoryAnchor::Before(s),
             (None, Some(s), None) => HistoryAnchor::After(s),
@@ -601,16 +811,11 @@ impl Core {
         q: EventsQuery,
     ) -> CoreResult<EventPage> {
         let limit = page_limit(q.limit, 100)?;
+        let after = seq_arg("after", q.after.unwrap_or(0))?;
         self.require_member(p, channel_id).await?;
         let mut events = self
             .storage
-            .events(
-                &p.tenant_id,
-                channel_id,
-                q.after.unwrap_or(0),
-                None,
-                limit + 1,
-            )
+            .events(&p.tenant_id, channel_id, after, None, limit + 1)
             .await?;
         let has_more = events.len() > limit as usize;
         events.truncate(limit as usize);
@@ -627,6 +832,7 @@ impl Core {
         channel_id: &str,
         seq: u64,
     ) -> CoreResult<ReadState> {
+        let seq = seq_arg("seq", seq)?;
         self.require_member(p, channel_id).await?;
         let before = self
             .storage
@@ -969,6 +1175,7 @@ mod tests {
             user_id: "alice".into(),
             tenant_id: "t".into(),
             roles: Vec::new(),
+            expires_at: u64::MAX,
         };
         let (channel, _) = core
             .create_channel(

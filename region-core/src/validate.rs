@@ -79,6 +79,9 @@ pub fn message_text(s: &str, max_chars: usize) -> Result<(), String> {
     if s.is_empty() {
         return Err("message text must not be empty".into());
     }
+    if s.trim().is_empty() {
+        return Err("message text must not be blank (only whitespace)".into());
+    }
     if s.contains('\0') {
         // PostgreSQL cannot store NUL in text; refuse it on every engine alike.
         return Err("message text must not contain NUL characters".into());
@@ -128,6 +131,8 @@ mod tests {
         assert!(message_text(&"é".repeat(10), 10).is_ok());
         assert!(message_text(&"é".repeat(11), 10).is_err());
         assert!(message_text("", 10).is_err());
+        assert!(message_text(" \t\n\u{3000}", 10).is_err());
+        assert!(message_text(" hi ", 10).is_ok());
     }
 
     #[test]

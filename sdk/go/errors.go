@@ -77,6 +77,7 @@ var (
 	ErrMethodNotAllowed    = &Error{Code: "method_not_allowed"}
 	ErrIdempotencyConflict = &Error{Code: "idempotency_conflict"}
 	ErrConflict            = &Error{Code: "conflict"}
+	ErrCallFull            = &Error{Code: "call_full"}
 	ErrPayloadTooLarge     = &Error{Code: "payload_too_large"}
 	ErrRateLimited         = &Error{Code: "rate_limited"}
 	ErrInternal            = &Error{Code: "internal"}

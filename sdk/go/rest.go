@@ -25,12 +25,68 @@ func (c *Client) CreateChannel(ctx context.Context, p CreateChannelParams) (*Cha
 	return &ch, c.do(ctx, "POST", "/v1/channels", nil, p, &ch)
 }
 
-// ListChannels returns the caller's channels with their last seq, read position and unread count.
+// ListChannels returns every channel of the caller, newest first, with their last seq, read
+// position and unread count. It reads the list page by page (ListChannelsPage, the largest pages
+// the server serves) until the last one.
 func (c *Client) ListChannels(ctx context.Context) ([]Channel, error) {
-	var out struct {
-		Channels []Channel `json:"channels"`
+	var all []Channel
+	cursor := ""
+	for {
+		page, err := c.ListChannelsPage(ctx, ChannelsQuery{Limit: MaxChannelPage, Cursor: cursor})
+		if err != nil {
+			return all, err
+		}
+		all = append(all, page.Channels...)
+		if page.NextCursor == "" {
+			return all, nil
+		}
+		cursor = page.NextCursor
 	}
-	return out.Channels, c.do(ctx, "GET", "/v1/channels", nil, nil, &out)
+}
+
+// MaxChannelPage is the largest page of ListChannelsPage the server serves; its default is 100.
+const MaxChannelPage = 200
+
+// ChannelsQuery selects a page of ListChannelsPage.
+type ChannelsQuery struct {
+	// Limit is the page size, 1–200; 0 for the server's default (100).
+	Limit int
+	// Cursor is the NextCursor of the previous page; empty for the first page.
+	Cursor string
+}
+
+// ChannelPage is one page of the caller's channels, newest first.
+type ChannelPage struct {
+	Channels []Channel `json:"channels"`
+	// NextCursor continues the listing (pass it as ChannelsQuery.Cursor); empty on the last page.
+	NextCursor string `json:"next_cursor"`
+}
+
+// ListChannelsPage returns one page of the caller's channels (GET /v1/channels?limit=&cursor=).
+// A cursor the server did not hand out is ErrInvalidArgument.
+func (c *Client) ListChannelsPage(ctx context.Context, q ChannelsQuery) (*ChannelPage, error) {
+	if q.Limit < 0 || q.Limit > MaxChannelPage {
+		return nil, &Error{Code: "invalid_argument", Message: fmt.Sprintf("limit must be 1–%d, got %d", MaxChannelPage, q.Limit)}
+	}
+	query := url.Values{}
+	if q.Limit > 0 {
+		query.Set("limit", strconv.Itoa(q.Limit))
+	}
+	if q.Cursor != "" {
+		query.Set("cursor", q.Cursor)
+	}
+	var raw struct {
+		Channels   []Channel `json:"channels"`
+		NextCursor *string   `json:"next_cursor"`
+	}
+	if err := c.do(ctx, "GET", "/v1/channels", query, nil, &raw); err != nil {
+		return nil, err
+	}
+	page := &ChannelPage{Channels: raw.Channels}
+	if raw.NextCursor != nil {
+		page.NextCursor = *raw.NextCursor
+	}
+	return page, nil
 }
 
 // Channel returns one channel.

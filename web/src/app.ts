@@ -156,7 +156,7 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
 
   /** Fetches the channel list; new conversations get subscribed, their members and calls loaded. */
   async refreshChannels(): Promise<void> {
-    const { channels } = await this.client.rest.listChannels();
+    const channels = await this.client.rest.allChannels();
     const fresh: ConversationState[] = [];
     for (const channel of channels) {
       const known = this.state.conversations.get(channel.id);

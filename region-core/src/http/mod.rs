@@ -23,7 +23,7 @@ use crate::ratelimit::{AddressBudget, RequestBudget};
 mod openapi;
 mod routes;
 
-pub use openapi::ApiDoc;
+pub use openapi::{ApiDoc, api_methods, served_document};
 
 /// What the REST handlers share.
 #[derive(Clone)]
@@ -122,6 +122,9 @@ pub struct ApiError {
     pub code: ErrorCode,
     pub message: String,
     pub retry_after: Option<Duration>,
+    /// What went wrong inside (driver message, path): logged with the request id by
+    /// [`request_id`], never sent.
+    pub detail: Option<String>,
 }
 
 impl ApiError {
@@ -130,16 +133,16 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after: None,
+            detail: None,
         }
     }
 }
 
 impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
-        if let CoreError::Internal(detail) | CoreError::Unavailable(detail) = &e {
-            tracing::error!(error = %detail, "request failed");
-        }
-        ApiError::new(e.code(), e.to_string())
+        let mut api = ApiError::new(e.code(), e.public_message());
+        api.detail = e.detail().map(str::to_owned);
+        api
     }
 }
 
@@ -169,6 +172,9 @@ fn render_error(
     request_id: &str,
 ) -> Response {
     let e = pending.0;
+    if let Some(detail) = &e.detail {
+        tracing::error!(request_id, code = e.code.as_str(), error = %detail, "request failed");
+    }
     let body = ErrorBody {
         error: ErrorDetail {
             code: e.code,

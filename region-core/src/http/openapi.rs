@@ -22,6 +22,52 @@ use super::routes;
 )]
 pub struct ApiDoc;
 
+/// The document as this server serves it: [`ApiDoc`] with the limits of its configuration filled
+/// in (the longest message text, `--max-text-chars`).
+pub fn served_document(limits: &crate::DomainLimits) -> utoipa::openapi::OpenApi {
+    use utoipa::openapi::RefOr;
+    use utoipa::openapi::schema::Schema;
+    let mut doc = ApiDoc::openapi();
+    if let Some(components) = doc.components.as_mut() {
+        for body in ["SendMessage", "EditMessage"] {
+            if let Some(RefOr::T(Schema::Object(object))) = components.schemas.get_mut(body)
+                && let Some(RefOr::T(Schema::Object(text))) = object.properties.get_mut("text")
+            {
+                text.max_length = Some(limits.max_text_chars);
+            }
+        }
+    }
+    doc
+}
+
+/// The HTTP methods of the API, for CORS (`Access-Control-Allow-Methods`): every method of every
+/// documented operation, and GET for the WebSocket upgrade. Taken from the document, which is
+/// generated from the handlers' annotations, so a new route's method is allowed as it is added
+/// (`routes_and_document_agree` in `parley/tests/openapi_routes.rs` checks that they agree).
+pub fn api_methods() -> Vec<axum::http::Method> {
+    use axum::http::Method;
+    let doc = ApiDoc::openapi();
+    let mut methods = vec![Method::GET];
+    for item in doc.paths.paths.values() {
+        let ops = [
+            (Method::GET, &item.get),
+            (Method::PUT, &item.put),
+            (Method::POST, &item.post),
+            (Method::DELETE, &item.delete),
+            (Method::PATCH, &item.patch),
+            (Method::HEAD, &item.head),
+            (Method::OPTIONS, &item.options),
+            (Method::TRACE, &item.trace),
+        ];
+        for (method, op) in ops {
+            if op.is_some() && !methods.contains(&method) {
+                methods.push(method);
+            }
+        }
+    }
+    methods
+}
+
 struct BearerAuth;
 
 impl Modify for BearerAuth {

@@ -13,7 +13,7 @@ use parley_proto::{
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
-use crate::domain::{EventsQuery, HistoryQuery};
+use crate::domain::{ChannelsQuery, EventsQuery, HistoryQuery};
 use crate::validate;
 use parley_proto::calls::{Call, CallList, JoinedCall, LeaveCall};
 
@@ -86,19 +86,21 @@ pub(super) async fn create_channel(
     Ok((status, axum::Json(channel)).into_response())
 }
 
-/// The caller's channels, each with its `last_seq` and the caller's role.
-#[utoipa::path(get, path = "/v1/channels", tag = "channels",
+/// A page of the caller's channels, newest first (by channel id, descending), each with its
+/// `last_seq`, the caller's role, read position and unread count. `limit` 1–200 (default 100);
+/// `next_cursor` is `null` on the last page, else pass it as `cursor` for the next one. A cursor
+/// this server did not hand out is 400 `invalid_argument`.
+#[utoipa::path(get, path = "/v1/channels", tag = "channels", params(ChannelsQuery),
     responses((status = 200, body = ChannelList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn list_channels(
     State(s): State<ApiState>,
     Authed(p): Authed,
+    ApiQuery(q): ApiQuery<ChannelsQuery>,
 ) -> Result<axum::Json<ChannelList>, ApiError> {
-    Ok(axum::Json(ChannelList {
-        channels: s.core.list_channels(&p).await?,
-    }))
+    Ok(axum::Json(s.core.list_channels(&p, q).await?))
 }
 
-#[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = Channel), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn get_channel(
     State(s): State<ApiState>,
@@ -110,7 +112,7 @@ pub(super) async fn get_channel(
 }
 
 /// Rename a channel (owners and moderators). Emits `channel.updated`.
-#[utoipa::path(patch, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)), request_body = PatchChannel,
+#[utoipa::path(patch, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")), request_body = PatchChannel,
     responses((status = 200, body = Channel), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn patch_channel(
     State(s): State<ApiState>,
@@ -123,7 +125,7 @@ pub(super) async fn patch_channel(
 }
 
 /// Delete a channel (owners; either party of a DM) with its history.
-#[utoipa::path(delete, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path)),
+#[utoipa::path(delete, path = "/v1/channels/{channel_id}", tag = "channels", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")),
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn delete_channel(
     State(s): State<ApiState>,
@@ -135,7 +137,7 @@ pub(super) async fn delete_channel(
     Ok(StatusCode::NO_CONTENT)
 }
 
-#[utoipa::path(get, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = MemberList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn list_members(
     State(s): State<ApiState>,
@@ -149,7 +151,7 @@ pub(super) async fn list_members(
 }
 
 /// Add a member (owners and moderators; only owners add moderators or owners). Emits `member.added`.
-#[utoipa::path(post, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path)), request_body = AddMember,
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/members", tag = "members", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")), request_body = AddMember,
     responses((status = 201, body = Member, description = "added"), (status = 200, body = Member, description = "already a member"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn add_member(
@@ -171,7 +173,7 @@ pub(super) async fn add_member(
 /// Remove a member, or leave when `user_id` is yourself. Emits `member.removed`; the removed user
 /// receives nothing more from the channel from that event on.
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/members/{user_id}", tag = "members",
-    params(("channel_id" = String, Path), ("user_id" = String, Path)),
+    params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$"), ("user_id" = String, Path, min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$")),
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn remove_member(
     State(s): State<ApiState>,
@@ -186,7 +188,7 @@ pub(super) async fn remove_member(
 /// Send a message. Idempotent on `client_msg_id`: a retry returns the original message (200,
 /// `created: false`); the same key with another body is 409 `idempotency_conflict`. The response
 /// is sent only after the commit is durable.
-#[utoipa::path(post, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path)), request_body = SendMessage,
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")), request_body = SendMessage,
     responses((status = 201, body = SendResult, description = "created"), (status = 200, body = SendResult, description = "idempotent retry"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn send_message(
@@ -207,7 +209,7 @@ pub(super) async fn send_message(
 
 /// A page of history, keyset-paginated on seq: `before`, `after` or `around` (at most one), and
 /// `limit` 1–200 (default 50). Messages come ascending by seq; deleted ones as tombstones.
-#[utoipa::path(get, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path), HistoryQuery),
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/messages", tag = "messages", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$"), HistoryQuery),
     responses((status = 200, body = MessagePage), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn history(
     State(s): State<ApiState>,
@@ -222,7 +224,7 @@ pub(super) async fn history(
 /// The channel's persisted events after `after` (default 0), ascending by seq, `limit` 1–200
 /// (default 100): messages, edits, deletions, membership changes and renames, each as its
 /// WebSocket event frame. For filling a gap in what a client received live.
-#[utoipa::path(get, path = "/v1/channels/{channel_id}/events", tag = "messages", params(("channel_id" = String, Path), EventsQuery),
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/events", tag = "messages", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$"), EventsQuery),
     responses((status = 200, body = EventPage), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn events(
     State(s): State<ApiState>,
@@ -236,7 +238,7 @@ pub(super) async fn events(
 
 /// Edit your own message. Emits `message.updated` with a seq of its own.
 #[utoipa::path(patch, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
-    params(("channel_id" = String, Path), ("message_id" = String, Path)), request_body = EditMessage,
+    params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$"), ("message_id" = String, Path, pattern = r"^msg_[0-9A-Za-z]{26}$")), request_body = EditMessage,
     responses((status = 200, body = Message), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn edit_message(
     State(s): State<ApiState>,
@@ -252,7 +254,7 @@ pub(super) async fn edit_message(
 /// Delete a message (yours; any, for owners and moderators). Leaves a tombstone and emits
 /// `message.deleted`.
 #[utoipa::path(delete, path = "/v1/channels/{channel_id}/messages/{message_id}", tag = "messages",
-    params(("channel_id" = String, Path), ("message_id" = String, Path)),
+    params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$"), ("message_id" = String, Path, pattern = r"^msg_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = Message, description = "the tombstone"), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn delete_message(
     State(s): State<ApiState>,
@@ -267,7 +269,7 @@ pub(super) async fn delete_message(
 /// Mark the channel read up to `seq`. The position only moves forward (an older seq returns the
 /// current state unchanged) and is clamped to the channel's last seq. Emits `read.updated` to the
 /// channel and `unread.updated` to the caller's connections.
-#[utoipa::path(put, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path)), request_body = MarkRead,
+#[utoipa::path(put, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")), request_body = MarkRead,
     responses((status = 200, body = ReadState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn mark_read(
     State(s): State<ApiState>,
@@ -280,7 +282,7 @@ pub(super) async fn mark_read(
 }
 
 /// The caller's read position and unread count in a channel.
-#[utoipa::path(get, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/read", tag = "read state", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = ReadState), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn read_state(
     State(s): State<ApiState>,
@@ -293,7 +295,7 @@ pub(super) async fn read_state(
 
 /// Typing started or stopped (the WebSocket `typing.start`/`typing.stop` over REST). Throttled
 /// per user and channel; the indicator expires on its own.
-#[utoipa::path(post, path = "/v1/channels/{channel_id}/typing", tag = "presence", params(("channel_id" = String, Path)), request_body = TypingRequest,
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/typing", tag = "presence", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")), request_body = TypingRequest,
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn typing(
     State(s): State<ApiState>,
@@ -308,7 +310,7 @@ pub(super) async fn typing(
 
 /// A user's presence. Only users who share a channel with the caller are visible; others are
 /// `not_found`, like users who do not exist.
-#[utoipa::path(get, path = "/v1/users/{user_id}/presence", tag = "presence", params(("user_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/users/{user_id}/presence", tag = "presence", params(("user_id" = String, Path, min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$")),
     responses((status = 200, body = Presence), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn user_presence(
     State(s): State<ApiState>,
@@ -334,7 +336,7 @@ pub(super) async fn presence_query(
 
 /// Start a call in a channel or DM (members only). One active call per channel: a second start
 /// returns the active call with 200. Emits `call.started`.
-#[utoipa::path(post, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path)),
+#[utoipa::path(post, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")),
     responses((status = 201, body = Call, description = "started"), (status = 200, body = Call, description = "the active call"),
         (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn start_call(
@@ -353,7 +355,7 @@ pub(super) async fn start_call(
 }
 
 /// The channel's calls, newest first (its call history).
-#[utoipa::path(get, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/channels/{channel_id}/calls", tag = "calls", params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = CallList), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn channel_calls(
     State(s): State<ApiState>,
@@ -366,7 +368,7 @@ pub(super) async fn channel_calls(
     }))
 }
 
-#[utoipa::path(get, path = "/v1/calls/{call_id}", tag = "calls", params(("call_id" = String, Path)),
+#[utoipa::path(get, path = "/v1/calls/{call_id}", tag = "calls", params(("call_id" = String, Path, pattern = r"^call_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = Call), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn get_call(
     State(s): State<ApiState>,
@@ -379,7 +381,7 @@ pub(super) async fn get_call(
 /// Join an active call: returns your participant id, the participants already there with your
 /// negotiation role towards each (you are polite towards earlier joiners), and the ICE servers.
 /// Emits `call.participant_joined`. Then attach your WebSocket with `call.attach`.
-#[utoipa::path(post, path = "/v1/calls/{call_id}/join", tag = "calls", params(("call_id" = String, Path)),
+#[utoipa::path(post, path = "/v1/calls/{call_id}/join", tag = "calls", params(("call_id" = String, Path, pattern = r"^call_[0-9A-Za-z]{26}$")),
     responses((status = 200, body = JoinedCall), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn join_call(
     State(s): State<ApiState>,
@@ -391,7 +393,7 @@ pub(super) async fn join_call(
 
 /// Leave a call. The call ends when its last participant leaves. Emits `call.participant_left`
 /// (and `call.ended`).
-#[utoipa::path(post, path = "/v1/calls/{call_id}/leave", tag = "calls", params(("call_id" = String, Path)), request_body = LeaveCall,
+#[utoipa::path(post, path = "/v1/calls/{call_id}/leave", tag = "calls", params(("call_id" = String, Path, pattern = r"^call_[0-9A-Za-z]{26}$")), request_body = LeaveCall,
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn leave_call(
     State(s): State<ApiState>,
@@ -405,7 +407,7 @@ pub(super) async fn leave_call(
 
 /// End a call for everyone (owners and moderators; either party of a DM). Emits
 /// `call.participant_left` for each participant, then `call.ended`.
-#[utoipa::path(post, path = "/v1/calls/{call_id}/end", tag = "calls", params(("call_id" = String, Path)),
+#[utoipa::path(post, path = "/v1/calls/{call_id}/end", tag = "calls", params(("call_id" = String, Path, pattern = r"^call_[0-9A-Za-z]{26}$")),
     responses((status = 204), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
 pub(super) async fn end_call(
     State(s): State<ApiState>,

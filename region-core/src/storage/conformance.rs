@@ -37,6 +37,7 @@ macro_rules! storage_conformance_tests {
     ($fixture:expr) => {
         $crate::storage_conformance_tests!(@cases ($fixture)
             channel_create_get_list
+            channels_page_through_every_channel
             dm_unique_per_pair
             rename_emits_channel_updated
             member_add_remove_events
@@ -59,6 +60,7 @@ macro_rules! storage_conformance_tests {
             unread_counts_stop_at_the_cap
             call_lifecycle
             one_active_call_per_channel
+            concurrent_joins_stop_at_the_cap
             end_call_makes_everyone_leave
             last_seqs_in_one_call
         );
@@ -215,6 +217,64 @@ pub async fn channel_create_get_list(s: Arc<dyn Storage>) {
         (bob.as_str(), Role::Member)
     );
     assert_eq!(s.member(&t, &first_id, &carol).await.expect("member"), None);
+}
+
+/// A user's channels come in pages by id descending: each page holds at most `limit`, the next
+/// one starts below the last id of the previous, and together they list every channel exactly
+/// once, with each page's own role and unread count.
+pub async fn channels_page_through_every_channel(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let mut ids = Vec::new();
+    for _ in 0..7 {
+        ids.push(channel(&s, &t, &alice, &[(&bob, Role::Member)]).await.id);
+    }
+    // Someone else's channel is never listed.
+    channel(&s, &t, &bob, &[]).await;
+    send(&s, msg(&t, &ids[2], &bob, "k1", "hello")).await;
+    let ids_sent_to = ids[2].clone();
+    ids.sort();
+    ids.reverse();
+
+    let mut pages = Vec::new();
+    let mut before: Option<String> = None;
+    loop {
+        let page = s
+            .channels_page(&t, &alice, before.as_deref(), 3)
+            .await
+            .expect("channels_page");
+        assert!(page.len() <= 3, "a page holds at most its limit");
+        if page.is_empty() {
+            break;
+        }
+        before = page.last().map(|c| c.id.clone());
+        pages.push(page);
+    }
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, vec![3, 3, 1]);
+    let listed: Vec<String> = pages.iter().flatten().map(|c| c.id.clone()).collect();
+    assert_eq!(listed, ids, "every channel once, by id descending");
+    for c in pages.iter().flatten() {
+        assert_eq!(c.role, Some(Role::Owner));
+        let expected = if c.id == ids_sent_to { 1 } else { 0 };
+        assert_eq!(c.unread_count, Some(expected), "unread count of {}", c.id);
+    }
+    assert!(
+        s.channels_page(&t, &alice, Some(&ids[6]), 3)
+            .await
+            .expect("past the end")
+            .is_empty(),
+        "nothing below the last id"
+    );
+    assert_eq!(
+        s.channels_of(&t, &alice)
+            .await
+            .expect("channels_of")
+            .into_iter()
+            .map(|c| c.id)
+            .collect::<Vec<_>>(),
+        ids
+    );
 }
 
 /// A DM exists once per pair and tenant: a second create returns it with `created = false`.
@@ -1332,12 +1392,12 @@ pub async fn call_lifecycle(s: Arc<dyn Storage>) {
     assert!(matches!(started.body, EventBody::CallStarted { .. }));
 
     let (_, pa, joined) = s
-        .join_call(&t, &call_id, &id("pa"), &alice)
+        .join_call(&t, &call_id, &id("pa"), &alice, NO_CAP)
         .await
         .expect("alice joins");
     assert_eq!(joined.map(|e| e.seq), Some(3));
     let (_, again, none) = s
-        .join_call(&t, &call_id, &id("pa2"), &alice)
+        .join_call(&t, &call_id, &id("pa2"), &alice, NO_CAP)
         .await
         .expect("alice joins again");
     assert_eq!(
@@ -1346,7 +1406,7 @@ pub async fn call_lifecycle(s: Arc<dyn Storage>) {
         "a present user keeps their participant"
     );
     let (call, pb, _) = s
-        .join_call(&t, &call_id, &id("pb"), &bob)
+        .join_call(&t, &call_id, &id("pb"), &bob, NO_CAP)
         .await
         .expect("bob joins");
     let present: Vec<&str> = call
@@ -1395,7 +1455,7 @@ pub async fn call_lifecycle(s: Arc<dyn Storage>) {
     assert!(ended.ended_at.is_some(), "ended");
     assert!(ended.participants.iter().all(|p| p.left_at.is_some()));
     assert_err(
-        s.join_call(&t, &call_id, &id("pc"), &alice).await,
+        s.join_call(&t, &call_id, &id("pc"), &alice, NO_CAP).await,
         |e| matches!(e, StorageError::NotFound),
         "joining an ended call",
     );
@@ -1427,6 +1487,73 @@ pub async fn call_lifecycle(s: Arc<dyn Storage>) {
     );
     // Another tenant does not see the call.
     assert_eq!(s.call(&tenant(), &call_id).await.expect("get"), None);
+}
+
+/// A join cap the call cases never reach.
+const NO_CAP: usize = 64;
+
+/// Ten users join a call capped at three at once: exactly three get in and the others are
+/// refused with `CallFull`; a present user re-joining a full call keeps their participant; after a
+/// leave, the next join gets in.
+pub async fn concurrent_joins_stop_at_the_cap(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let alice = id("alice");
+    let ch = channel(&s, &t, &alice, &[]).await;
+    let call_id = id("call");
+    s.start_call(new_call(&t, &ch.id, &call_id, &alice))
+        .await
+        .expect("start");
+    let users: Vec<String> = (0..10).map(|i| id(&format!("u{i}"))).collect();
+    let tasks: Vec<_> = users
+        .iter()
+        .map(|u| {
+            let (s, t, call_id, u) = (s.clone(), t.clone(), call_id.clone(), u.clone());
+            tokio::spawn(async move { s.join_call(&t, &call_id, &id("p"), &u, 3).await })
+        })
+        .collect();
+    let mut joined = Vec::new();
+    let mut full = 0;
+    for task in tasks {
+        match task.await.expect("task") {
+            Ok((_, p, event)) => {
+                assert!(event.is_some(), "a new participant emits its event");
+                joined.push(p);
+            }
+            Err(StorageError::CallFull) => full += 1,
+            Err(e) => panic!("join: {e:?}"),
+        }
+    }
+    assert_eq!((joined.len(), full), (3, 7));
+    let call = s.call(&t, &call_id).await.expect("get").expect("exists");
+    assert_eq!(
+        call.participants.len(),
+        3,
+        "nobody beyond the cap was added"
+    );
+
+    let (_, again, event) = s
+        .join_call(&t, &call_id, &id("p"), &joined[0].user_id, 3)
+        .await
+        .expect("a present user re-joins a full call");
+    assert_eq!(
+        (again.participant_id.as_str(), event),
+        (joined[0].participant_id.as_str(), None)
+    );
+    s.leave_call(&t, &call_id, &joined[1].participant_id, LeaveReason::Left)
+        .await
+        .expect("leave");
+    let newcomer = users
+        .iter()
+        .find(|u| joined.iter().all(|p| p.user_id != **u))
+        .expect("someone left out");
+    s.join_call(&t, &call_id, &id("p"), newcomer, 3)
+        .await
+        .expect("a place is free again");
+    assert_err(
+        s.join_call(&t, &call_id, &id("p"), &alice, 3).await,
+        |e| matches!(e, StorageError::CallFull),
+        "full again",
+    );
 }
 
 /// Ten concurrent starts in one channel make one call and one `call.started`; once it ended, a
@@ -1481,7 +1608,9 @@ pub async fn end_call_makes_everyone_leave(s: Arc<dyn Storage>) {
         .await
         .expect("start");
     for (p, u) in [("pa", &alice), ("pb", &bob)] {
-        s.join_call(&t, &call_id, &id(p), u).await.expect("join");
+        s.join_call(&t, &call_id, &id(p), u, NO_CAP)
+            .await
+            .expect("join");
     }
     let events = s.end_call(&t, &call_id, &bob).await.expect("end");
     assert_eq!(

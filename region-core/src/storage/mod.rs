@@ -40,6 +40,9 @@ pub enum StorageError {
     IdempotencyConflict,
     #[error("conflict: {0}")]
     Conflict(String),
+    /// The call has as many participants as the join allowed.
+    #[error("the call is full")]
+    CallFull,
     /// The database cannot be reached or refused the connection; the caller may retry.
     #[error("storage unavailable: {0}")]
     Unavailable(String),
@@ -140,9 +143,35 @@ pub trait Storage: Send + Sync + 'static {
     /// The channel, without a role.
     async fn channel(&self, tenant: &str, channel_id: &str) -> StorageResult<Option<Channel>>;
 
-    /// The channels `user_id` is a member of, each with the user's role, read position and
-    /// unread count (up to [`UNREAD_COUNT_CAP`]), newest first.
-    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>>;
+    /// One page of the channels `user_id` is a member of, each with the user's role, read
+    /// position and unread count (up to [`UNREAD_COUNT_CAP`]): at most `limit` of them, ordered
+    /// by channel id descending (ids are ULIDs, so newest first), only those with an id below
+    /// `before` when given. The unread counts are computed for the page's channels only.
+    async fn channels_page(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> StorageResult<Vec<Channel>>;
+
+    /// Every channel of `user_id`, in the order of [`Storage::channels_page`], read page by page.
+    /// For tests and tools; the API serves pages.
+    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
+        const PAGE: u32 = 500;
+        let mut all: Vec<Channel> = Vec::new();
+        loop {
+            let before = all.last().map(|c| c.id.clone());
+            let page = self
+                .channels_page(tenant, user_id, before.as_deref(), PAGE)
+                .await?;
+            let full = page.len() == PAGE as usize;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
 
     /// The ids of the channels `user_id` is a member of, in no particular order. One index read:
     /// for fan-outs (presence) that need neither the channels nor their unread counts.
@@ -278,13 +307,16 @@ pub trait Storage: Send + Sync + 'static {
 
     /// Adds the user to an active call under `participant_id` and emits
     /// `call.participant_joined`. A user already present keeps their participant (returned, no
-    /// event). `NotFound` when the call is unknown or has ended.
+    /// event). `NotFound` when the call is unknown or has ended; `CallFull` when it has
+    /// `max_participants` present participants already (checked in the transaction that adds
+    /// the participant, so concurrent joins never exceed it).
     async fn join_call(
         &self,
         tenant: &str,
         call_id: &str,
         participant_id: &str,
         user_id: &str,
+        max_participants: usize,
     ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)>;
 
     /// Marks a participant as left (`call.participant_left`); when nobody is left the call ends

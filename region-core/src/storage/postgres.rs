@@ -287,9 +287,16 @@ impl Storage for PostgresStorage {
         row.as_ref().map(channel_from_row).transpose()
     }
 
-    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
+    async fn channels_page(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> StorageResult<Vec<Channel>> {
+        let limit = i64::from(limit);
         let rows = self
-            .read_rows(SELECT_CHANNELS_OF, &[&tenant, &user_id])
+            .read_rows(SELECT_CHANNELS_PAGE, &[&tenant, &user_id, &before, &limit])
             .await?;
         rows.iter()
             .map(|row| {
@@ -454,9 +461,18 @@ impl Storage for PostgresStorage {
         call_id: &str,
         participant_id: &str,
         user_id: &str,
+        max_participants: usize,
     ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
         transact!(self.pool, |tx| {
-            calls::join_call(&tx, tenant, call_id, participant_id, user_id).await?
+            calls::join_call(
+                &tx,
+                tenant,
+                call_id,
+                participant_id,
+                user_id,
+                max_participants,
+            )
+            .await?
         })
     }
 
@@ -848,13 +864,17 @@ const SELECT_CHANNEL: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.creat
      WHERE c.id = $1 AND c.tenant_id = $2";
 const SELECT_DM: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
      WHERE c.tenant_id = $1 AND c.dm_key = $2";
-/// The caller's channels; unread messages are counted up to [`super::UNREAD_COUNT_CAP`] (the
-/// `LIMIT`, also in [`SELECT_READ_STATE`]), so that the cost stays bounded.
-const SELECT_CHANNELS_OF: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role, m.last_read_seq, \
+/// A page of the caller's channels by id descending. The inner query picks the page's channel
+/// ids first, so unread messages (counted up to [`super::UNREAD_COUNT_CAP`], the `LIMIT`, also in
+/// [`SELECT_READ_STATE`]) are counted for those channels only.
+const SELECT_CHANNELS_PAGE: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role, m.last_read_seq, \
      (SELECT COUNT(*) FROM (SELECT 1 FROM messages x WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq \
-      AND x.sender_id <> m.user_id AND x.deleted_at IS NULL LIMIT 1000) u) AS unread_count FROM members m \
-     JOIN channels c ON c.id = m.channel_id AND c.tenant_id = m.tenant_id \
-     WHERE m.tenant_id = $1 AND m.user_id = $2 ORDER BY c.created_at DESC, c.id DESC";
+      AND x.sender_id <> m.user_id AND x.deleted_at IS NULL LIMIT 1000) u) AS unread_count \
+     FROM (SELECT channel_id FROM members WHERE tenant_id = $1 AND user_id = $2 \
+           AND ($3::TEXT IS NULL OR channel_id < $3::TEXT) ORDER BY channel_id DESC LIMIT $4) p \
+     JOIN members m ON m.channel_id = p.channel_id AND m.user_id = $2 \
+     JOIN channels c ON c.id = p.channel_id AND c.tenant_id = m.tenant_id \
+     ORDER BY p.channel_id DESC";
 const SELECT_CHANNEL_IDS_OF: &str =
     "SELECT channel_id FROM members WHERE tenant_id = $1 AND user_id = $2";
 /// Inserts the channel; nothing (and no error) when the tenant has this DM already.
@@ -1841,6 +1861,7 @@ fn copy_error(e: &StorageError) -> StorageError {
         StorageError::NotAMember => StorageError::NotAMember,
         StorageError::IdempotencyConflict => StorageError::IdempotencyConflict,
         StorageError::Conflict(m) => StorageError::Conflict(m.clone()),
+        StorageError::CallFull => StorageError::CallFull,
         StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
         StorageError::Timeout(m) => StorageError::Timeout(m.clone()),
         StorageError::Internal(m) => StorageError::Internal(m.clone()),

@@ -47,11 +47,14 @@ if [[ ! -d node_modules || package-lock.json -nt node_modules ]]; then
   touch node_modules
 fi
 
+# Type-check first, on a tree without a build (as in a fresh clone): the examples import
+# `@parley/sdk`, which tsconfig's `paths` maps to src/, so `npm run typecheck` needs no build.
+rm -rf dist
+echo "sdk/js: tsc --noEmit (before any build)"
+npx --no-install tsc --noEmit
+
 echo "sdk/js: build (tsup)"
 npx --no-install tsup --silent
-
-echo "sdk/js: tsc --noEmit"
-npx --no-install tsc --noEmit
 
 echo "sdk/js: vitest (unit + integration, parley at $PARLEY_BIN)"
 results="$(mktemp)"

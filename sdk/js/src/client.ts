@@ -458,9 +458,9 @@ export class ParleyClient extends Emitter<ClientEvents> {
     return this.#unread.get(channelId)?.unreadCount;
   }
 
-  /** Fetches every channel's unread count and read position (`GET /v1/channels`). */
+  /** Fetches every channel's unread count and read position (`GET /v1/channels`, every page). */
   async refreshUnread(): Promise<Map<string, { unreadCount: number; lastReadSeq: number }>> {
-    const { channels } = await this.rest.listChannels();
+    const channels = await this.rest.allChannels();
     for (const c of channels) {
       this.#unread.set(c.id, { unreadCount: c.unread_count ?? 0, lastReadSeq: c.last_read_seq ?? 0 });
     }

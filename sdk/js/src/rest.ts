@@ -53,11 +53,20 @@ export type HistoryQuery =
 /** The largest history page the server serves. */
 export const MAX_HISTORY_LIMIT = 200;
 
+/** Channel list paging: `limit` 1–200 (server default 100), `cursor` a previous page's `next_cursor`. */
+export interface ChannelListQuery {
+  limit?: number;
+  cursor?: string;
+}
+
+/** The largest channel page the server serves (its default is 100). */
+export const MAX_CHANNEL_PAGE = 200;
+
 interface Request {
   method: "GET" | "POST" | "PUT" | "PATCH" | "DELETE";
   path: string;
   body?: unknown;
-  query?: Record<string, number | undefined>;
+  query?: Record<string, number | string | undefined>;
   /** Safe to repeat after a 503 or a network error. */
   idempotent: boolean;
   auth?: boolean;
@@ -82,9 +91,35 @@ export class RestClient {
 
   // ---- channels ----
 
-  /** Your channels, each with `last_seq`, `last_read_seq` and `unread_count`. */
-  listChannels(): Promise<ChannelList> {
-    return this.#call({ method: "GET", path: "/v1/channels", idempotent: true });
+  /**
+   * One page of your channels, newest first, each with `last_seq`, `last_read_seq` and
+   * `unread_count`. Pass the page's `next_cursor` as `cursor` for the next one; it is `null` on
+   * the last page. `allChannels()` follows the cursors for you.
+   */
+  listChannels(query: ChannelListQuery = {}): Promise<ChannelList> {
+    if (query.limit !== undefined && (query.limit < 1 || query.limit > MAX_CHANNEL_PAGE)) {
+      return Promise.reject(
+        new ParleyError({ code: "invalid_argument", message: `limit must be 1–${MAX_CHANNEL_PAGE}, got ${query.limit}` }),
+      );
+    }
+    return this.#call({
+      method: "GET",
+      path: "/v1/channels",
+      query: { limit: query.limit, cursor: query.cursor },
+      idempotent: true,
+    });
+  }
+
+  /** Every one of your channels, newest first: `listChannels` page after page until the last. */
+  async allChannels(options: { pageSize?: number } = {}): Promise<Channel[]> {
+    const all: Channel[] = [];
+    let cursor: string | undefined;
+    for (;;) {
+      const page = await this.listChannels({ limit: options.pageSize ?? MAX_CHANNEL_PAGE, cursor });
+      all.push(...page.channels);
+      if (page.next_cursor === null || page.next_cursor === undefined) return all;
+      cursor = page.next_cursor;
+    }
   }
 
   /** Creates a channel (`{kind: "channel", name, members?}`) or a DM (`{kind: "dm", members: [other]}`). */

@@ -28,7 +28,8 @@ export type MessagePage = Schemas["MessagePage"];
 export type EventPage = Schemas["EventPage"];
 export type SendResult = Schemas["SendResult"];
 export type Channel = Schemas["Channel"];
-export type ChannelList = { channels: Channel[] };
+/** A page of `GET /v1/channels`: `next_cursor` continues it, `null` on the last page. */
+export type ChannelList = Schemas["ChannelList"];
 export type Member = Schemas["Member"];
 export type MemberList = { members: Member[] };
 export type ReadState = Schemas["ReadState"];

@@ -154,6 +154,7 @@ pub(super) async fn join_call(
     call_id: &str,
     participant_id: &str,
     user: &str,
+    max_participants: usize,
 ) -> Result<(Call, CallParticipant, Option<ChannelEvent>), TxError> {
     let current = call(tx, tenant, call_id)
         .await?
@@ -173,6 +174,15 @@ pub(super) async fn join_call(
     {
         let p = p.clone();
         return Ok((current, p, None));
+    }
+    // Counted under the channel lock: concurrent joins serialize here.
+    let present = current
+        .participants
+        .iter()
+        .filter(|p| p.left_at.is_none())
+        .count();
+    if present >= max_participants {
+        return Err(StorageError::CallFull.into());
     }
     let now = now_ms();
     let insert =

@@ -531,9 +531,20 @@ impl Storage for SqliteStorage {
         self.read(move |c| queries::channel(c, &t, &id)).await
     }
 
-    async fn channels_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<Channel>> {
-        let (t, u) = (tenant.to_owned(), user_id.to_owned());
-        self.read(move |c| queries::channels_of(c, &t, &u)).await
+    async fn channels_page(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        before: Option<&str>,
+        limit: u32,
+    ) -> StorageResult<Vec<Channel>> {
+        let (t, u, b) = (
+            tenant.to_owned(),
+            user_id.to_owned(),
+            before.map(str::to_owned),
+        );
+        self.read(move |c| queries::channels_page(c, &t, &u, b.as_deref(), limit))
+            .await
     }
 
     async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>> {
@@ -733,6 +744,7 @@ impl Storage for SqliteStorage {
         call_id: &str,
         participant_id: &str,
         user_id: &str,
+        max_participants: usize,
     ) -> StorageResult<(Call, CallParticipant, Option<ChannelEvent>)> {
         let (t, id, pid, u) = (
             tenant.to_owned(),
@@ -740,7 +752,7 @@ impl Storage for SqliteStorage {
             participant_id.to_owned(),
             user_id.to_owned(),
         );
-        self.write(move |c| queries::join_call(c, &t, &id, &pid, &u))
+        self.write(move |c| queries::join_call(c, &t, &id, &pid, &u, max_participants))
             .await
     }
 

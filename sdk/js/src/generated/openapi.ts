@@ -86,7 +86,12 @@ export interface paths {
             path?: never;
             cookie?: never;
         };
-        /** The caller's channels, each with its `last_seq` and the caller's role. */
+        /**
+         * A page of the caller's channels, newest first (by channel id, descending), each with its
+         *     `last_seq`, the caller's role, read position and unread count. `limit` 1–200 (default 100);
+         *     `next_cursor` is `null` on the last page, else pass it as `cursor` for the next one. A cursor
+         *     this server did not hand out is 400 `invalid_argument`.
+         */
         get: operations["list_channels"];
         put?: never;
         /**
@@ -457,17 +462,26 @@ export interface components {
          * @enum {string}
          */
         ChannelKind: "channel" | "dm";
-        /** @description `GET /v1/channels`. */
+        /** @description `GET /v1/channels`: a page of the caller's channels, newest first (by channel id, descending). */
         ChannelList: {
             channels: components["schemas"]["Channel"][];
+            /** @description Opaque cursor of the next page (pass it as `cursor`); `null` on the last page. */
+            next_cursor: string | null;
         };
-        /** @description `POST /v1/channels`. */
+        /** @description `POST /v1/channels`: a channel (with a name) or a DM (with exactly one other member). */
         CreateChannel: {
-            kind: components["schemas"]["ChannelKind"];
-            /** @description Required for `channel`, forbidden for `dm`. 1–100 characters. */
-            name?: string | null;
-            /** @description Other users to add as members. For a DM: exactly one user, the other party. */
+            /** @enum {string} */
+            kind: "channel";
+            /** @description 1–100 characters, not blank, without control characters. */
+            name: string;
+            /** @description Other users to add as members (at most 100). */
             members?: string[];
+        } | {
+            /** @enum {string} */
+            kind: "dm";
+            /** @description Exactly one user: the other party (not the caller). A DM has no name. */
+            members: string[];
+            name?: null;
         };
         /** @description A development token, signed with the server's development key. */
         DevToken: {
@@ -489,8 +503,12 @@ export interface components {
         };
         /** @description `PATCH /v1/channels/{id}/messages/{msg}`. */
         EditMessage: {
+            /** @description Not blank; at most the server's `max_text_chars` characters (stated in the welcome). */
             text: string;
-            metadata?: unknown;
+            /** @description Small free-form JSON object (at most 2 KiB serialized). */
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
         };
         /** @description The REST error body: `{"error": {"code", "message", "request_id"}}`. */
         ErrorBody: {
@@ -500,7 +518,7 @@ export interface components {
          * @description A stable, machine-readable error code. The HTTP status that goes with it is [`ErrorCode::status`].
          * @enum {string}
          */
-        ErrorCode: "malformed_json" | "invalid_request" | "invalid_argument" | "payload_too_large" | "token_missing" | "token_malformed" | "token_bad_signature" | "token_unknown_key" | "token_expired" | "token_not_yet_valid" | "token_invalid_claims" | "not_a_member" | "forbidden" | "not_found" | "idempotency_conflict" | "conflict" | "rate_limited" | "auth_required" | "unknown_frame_type" | "route_not_found" | "method_not_allowed" | "unavailable" | "internal";
+        ErrorCode: "malformed_json" | "invalid_request" | "invalid_argument" | "payload_too_large" | "token_missing" | "token_malformed" | "token_bad_signature" | "token_unknown_key" | "token_expired" | "token_not_yet_valid" | "token_invalid_claims" | "not_a_member" | "forbidden" | "not_found" | "idempotency_conflict" | "conflict" | "call_full" | "rate_limited" | "auth_required" | "unknown_frame_type" | "route_not_found" | "method_not_allowed" | "unavailable" | "internal";
         /** @description The inside of [`ErrorBody`]. */
         ErrorDetail: {
             code: components["schemas"]["ErrorCode"];
@@ -595,6 +613,7 @@ export interface components {
         };
         /** @description `POST /v1/calls/{id}/leave`. */
         LeaveCall: {
+            /** @description Your participant id from the join: `part_` and 26 letters and digits. */
             participant_id: string;
         };
         /**
@@ -660,6 +679,7 @@ export interface components {
         NegotiationRole: "polite" | "impolite";
         /** @description `PATCH /v1/channels/{id}`. */
         PatchChannel: {
+            /** @description 1–100 characters, not blank, without control characters. */
             name: string;
         };
         /** @description Another participant as seen by one who joins, with the role the joiner plays towards them. */
@@ -688,7 +708,7 @@ export interface components {
         /** @description `POST /v1/presence/query`. */
         PresenceQuery: {
             /** @description At most 200 user ids. Users who share no channel with the caller are left out. */
-            user_ids: string[];
+            user_ids: components["schemas"]["UserId"][];
         };
         /**
          * @description A user's status.
@@ -745,9 +765,12 @@ export interface components {
              *     the original message; the same key with another body is `idempotency_conflict`.
              */
             client_msg_id: string;
+            /** @description Not blank; at most the server's `max_text_chars` characters (stated in the welcome). */
             text: string;
             /** @description Small free-form JSON object (at most 2 KiB serialized). */
-            metadata?: unknown;
+            metadata?: {
+                [key: string]: unknown;
+            } | null;
         };
         /** @description Response of a send: the message, and whether this call created it (false on an idempotent retry). */
         SendResult: {
@@ -936,6 +959,8 @@ export interface components {
          * @enum {string}
          */
         TypingState: "start" | "stop";
+        /** @description A user id: 1–128 characters of A-Z a-z 0-9 _ . : @ - | */
+        UserId: string;
     };
     responses: never;
     parameters: never;
@@ -1063,7 +1088,12 @@ export interface operations {
     };
     list_channels: {
         parameters: {
-            query?: never;
+            query?: {
+                /** @description Page size, 1–200 (default 100). */
+                limit?: number;
+                /** @description The `next_cursor` of the previous page; absent for the first page. */
+                cursor?: string;
+            };
             header?: never;
             path?: never;
             cookie?: never;
@@ -1423,12 +1453,26 @@ export interface operations {
     history: {
         parameters: {
             query?: {
-                /** @description Messages with a smaller seq (older), newest page first. */
-                before?: number;
-                /** @description Messages with a greater seq (newer). */
-                after?: number;
-                /** @description Messages around this seq (half before, the rest at or after). */
-                around?: number;
+                /** @description At most one of the query parameters `before`, `after`, `around` (a seq); none for the newest page. Two or more are `invalid_argument`. */
+                anchor?: {
+                    /**
+                     * Format: int64
+                     * @description Messages with a smaller seq (older), newest page first.
+                     */
+                    before: number;
+                } | {
+                    /**
+                     * Format: int64
+                     * @description Messages with a greater seq (newer).
+                     */
+                    after: number;
+                } | {
+                    /**
+                     * Format: int64
+                     * @description Messages around this seq (half before, the rest at or after).
+                     */
+                    around: number;
+                } | Record<string, never>;
                 /** @description Page size, 1–200 (default 50). */
                 limit?: number;
             };
