@@ -13,7 +13,7 @@ use axum::Router;
 use axum::routing::get;
 use parley_core::auth::{Authenticator, DevSigningKey, VerificationKey};
 use parley_core::calls::IceConfig;
-use parley_core::http::{self, ApiDoc, ApiState, DevTokens, HostAllowList};
+use parley_core::http::{self, ApiState, DevTokens, HostAllowList};
 use parley_core::presence_store::{MemoryPresenceStore, PresenceStore, RedisPresenceStore};
 use parley_core::ratelimit::{AddressBudget, RequestBudget};
 use parley_core::realtime::{Realtime, RealtimeConfig};

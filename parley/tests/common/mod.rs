@@ -81,7 +81,6 @@ impl ServerBuilder {
         }
     }
 
-
     /// Run in development mode: no JWT key configured, the server's generated development key
     /// signs and verifies tokens (the test tokens of [`token`] are then refused). On SQLite and
     /// the in-process bus it is the default of a loopback address; with PostgreSQL or NATS the
