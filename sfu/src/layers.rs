@@ -1,0 +1,310 @@
+//! Simulcast layer selection, as pure functions (no I/O, no clock, no str0m types).
+//!
+//! A published video track has one or more layers, ordered from lowest to highest (for browser
+//! simulcast: rid `q`, `h`, `f`; a track without simulcast has one layer). Per subscriber, the SFU
+//! decides which layer of each subscribed track to forward:
+//!
+//! 1. [`allocate`] splits the subscriber's downstream budget (its bandwidth estimate minus what
+//!    its audio needs) over its video subscriptions: first the lowest active layer of every
+//!    wanted track (in the order given, so callers put the most important first), then upgrades
+//!    one step at a time, round robin, while the budget holds and the layer does not exceed what
+//!    the subscriber asked for. A track that is paused, has no active layer, or whose lowest layer
+//!    does not fit the remaining budget gets no video (`None`).
+//! 2. [`forward`] applies the choice frame by frame: the subscriber keeps receiving its current
+//!    layer until a keyframe of the target layer arrives, and switches on that keyframe (a
+//!    decoder can only start a new spatial layer on a keyframe). A target of `None` stops video
+//!    at once.
+
+/// What the SFU knows of one layer of a published video track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerInfo {
+    /// Measured (or, before any measurement, nominal) bitrate in bits per second.
+    pub bitrate_bps: u64,
+    /// Frame size from the layer's last keyframe; 0 when not known yet.
+    pub width: u32,
+    pub height: u32,
+    /// Whether the publisher currently sends this layer (browsers drop layers under their own
+    /// bandwidth limits).
+    pub active: bool,
+}
+
+/// One video subscription of a subscriber, as input to [`allocate`].
+#[derive(Debug, Clone, Copy)]
+pub struct VideoWant<'a> {
+    /// The track's layers, lowest first.
+    pub layers: &'a [LayerInfo],
+    /// Largest frame size the subscriber wants (its tile size); `None`: no limit.
+    pub max_size: Option<(u32, u32)>,
+    /// `false` when the subscriber paused this track's video.
+    pub enabled: bool,
+}
+
+/// The highest layer index the subscriber's requested size calls for: the lowest active layer
+/// at least as large as the request in both dimensions, or the highest active layer if none is
+/// (or if the request is `None`). Layers of unknown size count as large enough only when no
+/// layer below is known to be. `None` if no layer is active.
+pub fn size_cap(layers: &[LayerInfo], max_size: Option<(u32, u32)>) -> Option<usize> {
+    let highest = layers.iter().rposition(|l| l.active)?;
+    let Some((max_w, max_h)) = max_size else {
+        return Some(highest);
+    };
+    layers
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.active)
+        .find(|(_, l)| l.width == 0 || (l.width >= max_w && l.height >= max_h))
+        .map(|(i, _)| i)
+        .or(Some(highest))
+}
+
+/// Chooses one layer (index into `layers`) or none for every want; see the module docs.
+pub fn allocate(budget_bps: u64, wants: &[VideoWant<'_>]) -> Vec<Option<usize>> {
+    let caps: Vec<Option<usize>> = wants
+        .iter()
+        .map(|w| {
+            if w.enabled {
+                size_cap(w.layers, w.max_size)
+            } else {
+                None
+            }
+        })
+        .collect();
+    let mut chosen: Vec<Option<usize>> = vec![None; wants.len()];
+    let mut remaining = budget_bps;
+
+    // Everyone wanted gets its lowest active layer, while the budget lasts.
+    for (i, want) in wants.iter().enumerate() {
+        if caps[i].is_none() {
+            continue;
+        }
+        let Some(lowest) = want.layers.iter().position(|l| l.active) else {
+            continue;
+        };
+        let cost = want.layers[lowest].bitrate_bps;
+        if cost <= remaining {
+            remaining -= cost;
+            chosen[i] = Some(lowest);
+        }
+    }
+
+    // Then one step up at a time, round robin, while it fits.
+    loop {
+        let mut upgraded = false;
+        for (i, want) in wants.iter().enumerate() {
+            let (Some(current), Some(cap)) = (chosen[i], caps[i]) else {
+                continue;
+            };
+            if current >= cap {
+                continue;
+            }
+            let Some(next) = (current + 1..=cap).find(|&j| want.layers[j].active) else {
+                continue;
+            };
+            let extra = want.layers[next]
+                .bitrate_bps
+                .saturating_sub(want.layers[current].bitrate_bps);
+            if extra <= remaining {
+                remaining -= extra;
+                chosen[i] = Some(next);
+                upgraded = true;
+            }
+        }
+        if !upgraded {
+            return chosen;
+        }
+    }
+}
+
+/// What to do with one incoming frame of a subscribed track.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Forward<L> {
+    /// Whether to send this frame to the subscriber.
+    pub send: bool,
+    /// The layer the subscriber is on after this frame.
+    pub current: Option<L>,
+    /// `true` when this frame starts a new layer (the caller rebases timestamps).
+    pub switched: bool,
+}
+
+/// Decides one frame: `current` is the layer the subscriber is receiving (`None` before its first
+/// keyframe), `target` the layer [`allocate`] chose, `layer` and `keyframe` describe the frame.
+pub fn forward<L: PartialEq + Copy>(
+    current: Option<L>,
+    target: Option<L>,
+    layer: L,
+    keyframe: bool,
+) -> Forward<L> {
+    let Some(target) = target else {
+        return Forward {
+            send: false,
+            current: None,
+            switched: false,
+        };
+    };
+    if layer == target && current != Some(target) {
+        if keyframe {
+            return Forward {
+                send: true,
+                current: Some(target),
+                switched: true,
+            };
+        }
+        return Forward {
+            send: false,
+            current,
+            switched: false,
+        };
+    }
+    Forward {
+        send: current == Some(layer),
+        current,
+        switched: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layer(kbps: u64, width: u32, height: u32) -> LayerInfo {
+        LayerInfo {
+            bitrate_bps: kbps * 1000,
+            width,
+            height,
+            active: true,
+        }
+    }
+
+    fn three() -> [LayerInfo; 3] {
+        [
+            layer(150, 320, 180),
+            layer(500, 640, 360),
+            layer(1500, 1280, 720),
+        ]
+    }
+
+    fn want(layers: &[LayerInfo]) -> VideoWant<'_> {
+        VideoWant {
+            layers,
+            max_size: None,
+            enabled: true,
+        }
+    }
+
+    #[test]
+    fn one_track_gets_the_best_layer_the_budget_holds() {
+        let l = three();
+        assert_eq!(allocate(5_000_000, &[want(&l)]), vec![Some(2)]);
+        assert_eq!(allocate(1_500_000, &[want(&l)]), vec![Some(2)]);
+        assert_eq!(allocate(1_499_999, &[want(&l)]), vec![Some(1)]);
+        assert_eq!(allocate(500_000, &[want(&l)]), vec![Some(1)]);
+        assert_eq!(allocate(200_000, &[want(&l)]), vec![Some(0)]);
+        // Not even the lowest layer fits: no video rather than a congested link.
+        assert_eq!(allocate(100_000, &[want(&l)]), vec![None]);
+    }
+
+    #[test]
+    fn requested_size_caps_the_layer() {
+        let l = three();
+        let mut w = want(&l);
+        w.max_size = Some((320, 180));
+        assert_eq!(allocate(10_000_000, &[w]), vec![Some(0)]);
+        w.max_size = Some((400, 200));
+        assert_eq!(allocate(10_000_000, &[w]), vec![Some(1)]);
+        w.max_size = Some((1920, 1080));
+        assert_eq!(allocate(10_000_000, &[w]), vec![Some(2)]);
+        // A tiny tile still gets the lowest layer, not nothing.
+        w.max_size = Some((16, 16));
+        assert_eq!(allocate(10_000_000, &[w]), vec![Some(0)]);
+    }
+
+    #[test]
+    fn paused_or_inactive_gets_nothing_and_inactive_layers_are_skipped() {
+        let l = three();
+        let mut w = want(&l);
+        w.enabled = false;
+        assert_eq!(allocate(10_000_000, &[w]), vec![None]);
+
+        let mut l = three();
+        l[1].active = false;
+        assert_eq!(allocate(1_000_000, &[want(&l)]), vec![Some(0)]);
+        assert_eq!(allocate(2_000_000, &[want(&l)]), vec![Some(2)]);
+        for x in &mut l {
+            x.active = false;
+        }
+        assert_eq!(allocate(10_000_000, &[want(&l)]), vec![None]);
+    }
+
+    #[test]
+    fn budget_is_shared_lowest_first_then_round_robin() {
+        let l = three();
+        let wants = [want(&l), want(&l), want(&l)];
+        // 3 × q = 450k; with 1 Mbps, 550k left: one upgrade to h (+350k), 200k left.
+        assert_eq!(allocate(1_000_000, &wants), vec![Some(1), Some(0), Some(0)]);
+        // 3 × h = 1.5 Mbps.
+        assert_eq!(allocate(1_500_000, &wants), vec![Some(1), Some(1), Some(1)]);
+        // Only two q fit: the third (last in priority) gets none.
+        assert_eq!(allocate(300_000, &wants), vec![Some(0), Some(0), None]);
+        assert_eq!(allocate(100_000_000, &wants), vec![Some(2); 3]);
+    }
+
+    #[test]
+    fn single_layer_track_is_all_or_nothing() {
+        let l = [layer(800, 0, 0)];
+        assert_eq!(allocate(1_000_000, &[want(&l)]), vec![Some(0)]);
+        assert_eq!(allocate(700_000, &[want(&l)]), vec![None]);
+        let mut w = want(&l);
+        w.max_size = Some((100, 100));
+        assert_eq!(allocate(1_000_000, &[w]), vec![Some(0)]);
+    }
+
+    #[test]
+    fn unknown_sizes_do_not_block_a_size_cap() {
+        let mut l = three();
+        for x in &mut l {
+            x.width = 0;
+            x.height = 0;
+        }
+        let mut w = want(&l);
+        w.max_size = Some((640, 360));
+        // Unknown sizes count as large enough: the lowest layer serves the request.
+        assert_eq!(size_cap(&l, w.max_size), Some(0));
+        assert_eq!(size_cap(&l, None), Some(2));
+    }
+
+    #[test]
+    fn switches_happen_on_a_keyframe_of_the_target() {
+        // Nothing is sent before the first keyframe of the target.
+        let f = forward(None, Some('h'), 'h', false);
+        assert_eq!((f.send, f.current), (false, None));
+        let f = forward(None, Some('h'), 'q', true);
+        assert_eq!((f.send, f.current), (false, None));
+        let f = forward(None, Some('h'), 'h', true);
+        assert_eq!((f.send, f.current, f.switched), (true, Some('h'), true));
+        // On h, target f: h continues until f's keyframe, then f and only f.
+        let f = forward(Some('h'), Some('f'), 'h', false);
+        assert_eq!((f.send, f.current), (true, Some('h')));
+        let f = forward(Some('h'), Some('f'), 'f', false);
+        assert_eq!((f.send, f.current), (false, Some('h')));
+        let f = forward(Some('h'), Some('f'), 'f', true);
+        assert_eq!((f.send, f.current, f.switched), (true, Some('f'), true));
+        let f = forward(Some('f'), Some('f'), 'h', true);
+        assert_eq!((f.send, f.current), (false, Some('f')));
+        // Down works the same way (the lower layer's keyframe).
+        let f = forward(Some('f'), Some('q'), 'f', false);
+        assert_eq!((f.send, f.current), (true, Some('f')));
+        let f = forward(Some('f'), Some('q'), 'q', true);
+        assert_eq!((f.send, f.current, f.switched), (true, Some('q'), true));
+        // Steady state: only the current layer, keyframes or not, no switch flag.
+        let f = forward(Some('q'), Some('q'), 'q', true);
+        assert_eq!((f.send, f.current, f.switched), (true, Some('q'), false));
+    }
+
+    #[test]
+    fn no_target_stops_video_at_once() {
+        for (layer, key) in [('h', true), ('h', false), ('q', true)] {
+            let f = forward(Some('h'), None, layer, key);
+            assert_eq!((f.send, f.current), (false, None));
+        }
+    }
+}
