@@ -32,7 +32,7 @@ const REALLOCATE_EVERY: Duration = Duration::from_secs(1);
 /// A layer not seen for this long counts as stopped by its publisher.
 const LAYER_IDLE: Duration = Duration::from_secs(2);
 /// Bandwidth set aside per subscribed audio track before video is allocated.
-const AUDIO_RESERVE_BPS: u64 = 50_000;
+const AUDIO_RESERVE_BPS: u64 = 40_000;
 
 /// Configuration of an [`Sfu`].
 #[derive(Debug, Clone)]
@@ -103,21 +103,12 @@ pub enum TrackKind {
 }
 
 /// What a subscriber wants of one video track.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct VideoPrefs {
     /// `true`: no video of this track at all until resumed.
     pub paused: bool,
     /// Largest frame size wanted (the tile size on screen); `None`: the best that fits.
     pub max_size: Option<(u32, u32)>,
-}
-
-impl Default for VideoPrefs {
-    fn default() -> Self {
-        VideoPrefs {
-            paused: false,
-            max_size: None,
-        }
-    }
 }
 
 /// Something the call layer should know or tell a client.
@@ -793,12 +784,10 @@ impl Sfu {
                         p.timeout = t;
                         break;
                     }
-                    Ok(Output::Transmit(t)) => {
-                        self.out.push_back(SfuOutput::Transmit(Datagram {
-                            destination: t.destination,
-                            contents: t.contents.into(),
-                        }))
-                    }
+                    Ok(Output::Transmit(t)) => self.out.push_back(SfuOutput::Transmit(Datagram {
+                        destination: t.destination,
+                        contents: t.contents.into(),
+                    })),
                     Ok(Output::Event(e)) => events.push(e),
                     Err(e) => {
                         tracing::debug!(target: LOG, participant = ?id, "poll_output: {e}");
@@ -813,9 +802,8 @@ impl Sfu {
             }
             if !alive && self.participants.contains_key(&id) {
                 self.remove(now, id);
-                self.out.push_back(SfuOutput::Event(SfuEvent::Disconnected {
-                    participant: id,
-                }));
+                self.out
+                    .push_back(SfuOutput::Event(SfuEvent::Disconnected { participant: id }));
             }
         }
     }
@@ -841,7 +829,9 @@ impl Sfu {
                     self.request_keyframe(now, track, layer);
                 }
             }
-            Event::MediaAdded(m) => self.media_added(now, id, m.mid, m.kind, m.direction, m.simulcast),
+            Event::MediaAdded(m) => {
+                self.media_added(now, id, m.mid, m.kind, m.direction, m.simulcast)
+            }
             Event::MediaChanged(m) => self.media_changed(now, id, m.mid, m.direction),
             Event::MediaData(data) => self.forward(now, id, data),
             Event::KeyframeRequest(req) => {
@@ -857,6 +847,7 @@ impl Sfu {
                 }
             }
             Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) => {
+                tracing::debug!(target: LOG, participant = ?id, %estimate, "egress estimate");
                 if let Some(p) = self.participants.get_mut(&id) {
                     p.estimate_bps = estimate.as_u64();
                 }
@@ -987,7 +978,11 @@ impl Sfu {
         let others: Vec<ParticipantId> = match self.rooms.get_mut(&room) {
             Some(r) => {
                 r.tracks.push(track);
-                r.participants.iter().copied().filter(|o| *o != id).collect()
+                r.participants
+                    .iter()
+                    .copied()
+                    .filter(|o| *o != id)
+                    .collect()
             }
             None => vec![],
         };
@@ -1180,12 +1175,15 @@ impl Sfu {
             .values()
             .filter(|s| s.kind == TrackKind::Audio && s.slot.is_some())
             .count() as u64;
-        let budget = p
-            .estimate_bps
-            .saturating_sub(audio * AUDIO_RESERVE_BPS);
+        let budget = p.estimate_bps.saturating_sub(audio * AUDIO_RESERVE_BPS);
         let infos: Vec<Vec<LayerInfo>> = video
             .iter()
-            .map(|t| self.tracks.get(t).map(|t| layer_infos(t, now)).unwrap_or_default())
+            .map(|t| {
+                self.tracks
+                    .get(t)
+                    .map(|t| layer_infos(t, now))
+                    .unwrap_or_default()
+            })
             .collect();
         let wants: Vec<VideoWant<'_>> = video
             .iter()
@@ -1376,11 +1374,12 @@ impl Sfu {
                 if !f.send {
                     if let Some(now_layer) = switched_to {
                         let layer = now_layer.map(|i| layer_name(track, i));
-                        self.out.push_back(SfuOutput::Event(SfuEvent::LayerSwitched {
-                            subscriber: s,
-                            track: track_id,
-                            layer,
-                        }));
+                        self.out
+                            .push_back(SfuOutput::Event(SfuEvent::LayerSwitched {
+                                subscriber: s,
+                                track: track_id,
+                                layer,
+                            }));
                     }
                     continue;
                 }
@@ -1400,9 +1399,7 @@ impl Sfu {
                 },
             };
             let time = data.time;
-            let numer = sub
-                .ts
-                .rewrite(time.numer(), time.denom(), now, rebase);
+            let numer = sub.ts.rewrite(time.numer(), time.denom(), now, rebase);
             let mut writer = writer;
             if let Some(level) = data.ext_vals.audio_level {
                 writer = writer.audio_level(level, data.ext_vals.voice_activity.unwrap_or(false));
@@ -1422,11 +1419,12 @@ impl Sfu {
             }
             if let Some(now_layer) = switched_to {
                 let layer = now_layer.map(|i| layer_name(track, i));
-                self.out.push_back(SfuOutput::Event(SfuEvent::LayerSwitched {
-                    subscriber: s,
-                    track: track_id,
-                    layer,
-                }));
+                self.out
+                    .push_back(SfuOutput::Event(SfuEvent::LayerSwitched {
+                        subscriber: s,
+                        track: track_id,
+                        layer,
+                    }));
             }
             if !sp.dirty {
                 sp.dirty = true;

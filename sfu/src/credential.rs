@@ -69,7 +69,10 @@ fn mac(secret: &[u8]) -> HmacSha256 {
 /// newline (ids are ULIDs/UUIDs in Parley; a newline would be a caller bug).
 pub fn issue(secret: &[u8], claims: &Claims) -> String {
     for id in [&claims.tenant, &claims.call, &claims.participant] {
-        assert!(!id.contains('\n'), "credential ids must not contain a newline");
+        assert!(
+            !id.contains('\n'),
+            "credential ids must not contain a newline"
+        );
     }
     let payload = format!(
         "{}\n{}\n{}\n{}",

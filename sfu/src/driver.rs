@@ -294,14 +294,8 @@ fn handle_command(sfu: &mut Sfu, command: Command) {
             credential,
             reply,
         } => {
-            let _ = reply.send(sfu.join(
-                now,
-                unix_now(),
-                &tenant,
-                &call,
-                &participant,
-                &credential,
-            ));
+            let _ =
+                reply.send(sfu.join(now, unix_now(), &tenant, &call, &participant, &credential));
         }
         Command::Offer(p, sdp, r) => {
             let _ = r.send(sfu.apply_offer(now, p, &sdp));

@@ -6,10 +6,11 @@
 //!
 //! 1. [`allocate`] splits the subscriber's downstream budget (its bandwidth estimate minus what
 //!    its audio needs) over its video subscriptions: first the lowest active layer of every
-//!    wanted track (in the order given, so callers put the most important first), then upgrades
-//!    one step at a time, round robin, while the budget holds and the layer does not exceed what
-//!    the subscriber asked for. A track that is paused, has no active layer, or whose lowest layer
-//!    does not fit the remaining budget gets no video (`None`).
+//!    wanted track, whatever the budget (the estimate chooses layers; it never turns video off,
+//!    only the subscriber does, by pausing), then upgrades one step at a time, round robin in
+//!    the order given (callers put the most important first), while the budget holds and the
+//!    layer does not exceed what the subscriber asked for. A track that is paused or has no
+//!    active layer gets no video (`None`).
 //! 2. [`forward`] applies the choice frame by frame: the subscriber keeps receiving its current
 //!    layer until a keyframe of the target layer arrives, and switches on that keyframe (a
 //!    decoder can only start a new spatial layer on a keyframe). A target of `None` stops video
@@ -72,7 +73,8 @@ pub fn allocate(budget_bps: u64, wants: &[VideoWant<'_>]) -> Vec<Option<usize>> 
     let mut chosen: Vec<Option<usize>> = vec![None; wants.len()];
     let mut remaining = budget_bps;
 
-    // Everyone wanted gets its lowest active layer, while the budget lasts.
+    // Everyone wanted gets its lowest active layer, even past the budget: the estimate picks
+    // layers, it never turns video off (a subscriber turns it off by pausing).
     for (i, want) in wants.iter().enumerate() {
         if caps[i].is_none() {
             continue;
@@ -80,11 +82,8 @@ pub fn allocate(budget_bps: u64, wants: &[VideoWant<'_>]) -> Vec<Option<usize>> 
         let Some(lowest) = want.layers.iter().position(|l| l.active) else {
             continue;
         };
-        let cost = want.layers[lowest].bitrate_bps;
-        if cost <= remaining {
-            remaining -= cost;
-            chosen[i] = Some(lowest);
-        }
+        remaining = remaining.saturating_sub(want.layers[lowest].bitrate_bps);
+        chosen[i] = Some(lowest);
     }
 
     // Then one step up at a time, round robin, while it fits.
@@ -199,8 +198,9 @@ mod tests {
         assert_eq!(allocate(1_499_999, &[want(&l)]), vec![Some(1)]);
         assert_eq!(allocate(500_000, &[want(&l)]), vec![Some(1)]);
         assert_eq!(allocate(200_000, &[want(&l)]), vec![Some(0)]);
-        // Not even the lowest layer fits: no video rather than a congested link.
-        assert_eq!(allocate(100_000, &[want(&l)]), vec![None]);
+        // Not even the lowest layer fits: still the lowest layer.
+        assert_eq!(allocate(100_000, &[want(&l)]), vec![Some(0)]);
+        assert_eq!(allocate(0, &[want(&l)]), vec![Some(0)]);
     }
 
     #[test]
@@ -243,8 +243,10 @@ mod tests {
         assert_eq!(allocate(1_000_000, &wants), vec![Some(1), Some(0), Some(0)]);
         // 3 × h = 1.5 Mbps.
         assert_eq!(allocate(1_500_000, &wants), vec![Some(1), Some(1), Some(1)]);
-        // Only two q fit: the third (last in priority) gets none.
-        assert_eq!(allocate(300_000, &wants), vec![Some(0), Some(0), None]);
+        // Not even three q fit: all get q, none more.
+        assert_eq!(allocate(300_000, &wants), vec![Some(0), Some(0), Some(0)]);
+        // Upgrades go in priority order: with 450k + 350k, only the first reaches h.
+        assert_eq!(allocate(800_000, &wants), vec![Some(1), Some(0), Some(0)]);
         assert_eq!(allocate(100_000_000, &wants), vec![Some(2); 3]);
     }
 
@@ -252,7 +254,7 @@ mod tests {
     fn single_layer_track_is_all_or_nothing() {
         let l = [layer(800, 0, 0)];
         assert_eq!(allocate(1_000_000, &[want(&l)]), vec![Some(0)]);
-        assert_eq!(allocate(700_000, &[want(&l)]), vec![None]);
+        assert_eq!(allocate(700_000, &[want(&l)]), vec![Some(0)]);
         let mut w = want(&l);
         w.max_size = Some((100, 100));
         assert_eq!(allocate(1_000_000, &[w]), vec![Some(0)]);

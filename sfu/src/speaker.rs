@@ -97,7 +97,7 @@ impl<K: Clone + Eq + Hash> SpeakerDetector<K> {
             .iter()
             .filter(|(t, _)| from.is_none_or(|f| *t >= f))
             .fold((0u32, 0u32), |(s, n), (_, l)| (s + u32::from(*l), n + 1));
-        if n == 0 { 0 } else { (sum / n) as u8 }
+        sum.checked_div(n).unwrap_or(0) as u8
     }
 
     /// Re-evaluates at `now`; returns `Some(new speaker)` when the announcement changes
@@ -131,7 +131,10 @@ impl<K: Clone + Eq + Hash> SpeakerDetector<K> {
             return Some(Some(best));
         };
         if best == current
-            || best_loudness < self.loudness(&current, now).saturating_add(self.config.margin)
+            || best_loudness
+                < self
+                    .loudness(&current, now)
+                    .saturating_add(self.config.margin)
         {
             self.challenger = None;
             return None;
@@ -182,7 +185,7 @@ mod tests {
             for (who, level) in levels {
                 d.record(who, now, *level);
             }
-            if t % 100 == 0
+            if t.is_multiple_of(100)
                 && let Some(change) = d.tick(now)
             {
                 changes.push((t, change));
@@ -224,7 +227,10 @@ mod tests {
         assert_eq!(changes.len(), 1, "{changes:?}");
         let (at, who) = changes[0];
         assert_eq!(who, Some("b"));
-        assert!((4900 + 800..=4900 + 800 + 600).contains(&at), "switched at {at}");
+        assert!(
+            (4900 + 800..=4900 + 800 + 600).contains(&at),
+            "switched at {at}"
+        );
     }
 
     #[test]
