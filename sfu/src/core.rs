@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::format::PayloadParams;
-use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Pt, Rid};
+use str0m::media::{Direction, KeyframeRequestKind, MediaData, MediaKind, Mid, Pt, Rid, Rids};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 
@@ -58,6 +58,9 @@ pub struct SfuConfig {
     pub max_participants: usize,
     /// Most tracks one participant may publish.
     pub max_tracks_per_participant: usize,
+    /// A participant from which nothing arrived for this long (no media, no RTCP, no ICE
+    /// consent checks, which clients send every few seconds) is removed as disconnected.
+    pub idle_timeout: Duration,
     pub speaker: SpeakerConfig,
 }
 
@@ -74,6 +77,7 @@ impl SfuConfig {
             max_participants_per_room: 100,
             max_participants: 2_000,
             max_tracks_per_participant: 8,
+            idle_timeout: Duration::from_secs(15),
             speaker: SpeakerConfig::default(),
         }
     }
@@ -116,8 +120,8 @@ pub struct VideoPrefs {
 pub enum SfuEvent {
     /// ICE and DTLS are up with this participant.
     Connected { participant: ParticipantId },
-    /// The participant's connection died (ICE timeout, DTLS close) and it was removed from its
-    /// room, as if it had left.
+    /// The participant's connection died (nothing received for `idle_timeout`, or DTLS closed)
+    /// and it was removed from its room, as if it had left.
     Disconnected { participant: ParticipantId },
     /// A participant started sending a track (from its offer). `mid` is the client's own mid;
     /// `layers` the simulcast rids, lowest first (empty without simulcast).
@@ -261,6 +265,7 @@ struct Participant {
     slots: Vec<Slot>,
     subs: HashMap<TrackId, Sub>,
     estimate_bps: u64,
+    last_input: Instant,
     timeout: Instant,
     dirty: bool,
     /// Last `RenegotiationNeeded` counts sent (not repeated while unchanged).
@@ -381,6 +386,9 @@ pub struct Sfu {
     dirty: Vec<ParticipantId>,
     next_tick: Instant,
     next_reallocate: Instant,
+    /// Set while an offer's events are processed: slot checks wait for the whole offer.
+    applying_offer: bool,
+    deferred_slot_checks: Vec<ParticipantId>,
     stats: SfuStats,
 }
 
@@ -404,6 +412,8 @@ impl Sfu {
             dirty: Vec::new(),
             next_tick: now + TICK,
             next_reallocate: now + REALLOCATE_EVERY,
+            applying_offer: false,
+            deferred_slot_checks: Vec::new(),
             stats: SfuStats::default(),
         }
     }
@@ -497,6 +507,7 @@ impl Sfu {
                 slots: Vec::new(),
                 subs: HashMap::new(),
                 estimate_bps: self.config.initial_bitrate_bps,
+                last_input: now,
                 timeout: now,
                 dirty: false,
                 asked_slots: (0, 0),
@@ -559,8 +570,38 @@ impl Sfu {
         }
         p.negotiated = true;
         self.mark_dirty(participant);
+        self.applying_offer = true;
+        // str0m announces new media (`MediaAdded`) only once connected; register the offer's
+        // tracks and slots right away so subscriptions bind before the first packet.
+        let mids: Vec<Mid> = answer
+            .lines()
+            .filter_map(|l| l.trim_end().strip_prefix("a=mid:"))
+            .map(Mid::from)
+            .collect();
+        for mid in mids {
+            let Some(p) = self.participants.get(&participant) else {
+                break;
+            };
+            let Some(media) = p.rtc.media(mid) else {
+                // The data channel's m-line.
+                continue;
+            };
+            let rids = match media.rids_rx() {
+                Rids::Specific(rids) => rids.clone(),
+                _ => Vec::new(),
+            };
+            let (kind, direction) = (media.kind(), media.direction());
+            self.media_added(now, participant, mid, kind, direction, rids);
+        }
         self.run(now);
-        self.check_slots(participant);
+        self.applying_offer = false;
+        let mut deferred = std::mem::take(&mut self.deferred_slot_checks);
+        deferred.push(participant);
+        deferred.sort();
+        deferred.dedup();
+        for id in deferred {
+            self.check_slots(id);
+        }
         Ok(answer)
     }
 
@@ -705,6 +746,7 @@ impl Sfu {
             }
         }
         let p = self.participants.get_mut(&id).expect("present");
+        p.last_input = now;
         if let Err(e) = p.rtc.handle_input(Input::Receive(now, receive)) {
             tracing::debug!(target: LOG, participant = ?id, "handle_input: {e}");
         }
@@ -830,7 +872,14 @@ impl Sfu {
                 }
             }
             Event::MediaAdded(m) => {
-                self.media_added(now, id, m.mid, m.kind, m.direction, m.simulcast)
+                let rids = m
+                    .simulcast
+                    .map(|s| if s.recv.is_empty() { s.send } else { s.recv })
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|l| l.rid)
+                    .collect();
+                self.media_added(now, id, m.mid, m.kind, m.direction, rids)
             }
             Event::MediaChanged(m) => self.media_changed(now, id, m.mid, m.direction),
             Event::MediaData(data) => self.forward(now, id, data),
@@ -868,7 +917,7 @@ impl Sfu {
         mid: Mid,
         kind: MediaKind,
         direction: Direction,
-        simulcast: Option<str0m::media::Simulcast>,
+        rids: Vec<Rid>,
     ) {
         let kind = match kind {
             MediaKind::Audio => TrackKind::Audio,
@@ -877,11 +926,13 @@ impl Sfu {
         match direction {
             // The client sends: a published track.
             Direction::RecvOnly | Direction::SendRecv => {
-                self.publish(now, id, mid, kind, simulcast);
+                self.publish(now, id, mid, kind, rids);
             }
             // The client receives: a slot for a subscription.
             Direction::SendOnly => {
-                if let Some(p) = self.participants.get_mut(&id) {
+                if let Some(p) = self.participants.get_mut(&id)
+                    && !p.slots.iter().any(|s| s.mid == mid)
+                {
                     p.slots.push(Slot {
                         mid,
                         kind,
@@ -930,7 +981,7 @@ impl Sfu {
         id: ParticipantId,
         mid: Mid,
         kind: TrackKind,
-        simulcast: Option<str0m::media::Simulcast>,
+        mut rids: Vec<Rid>,
     ) {
         let max_tracks = self.config.max_tracks_per_participant;
         let Some(p) = self.participants.get_mut(&id) else {
@@ -939,12 +990,6 @@ impl Sfu {
         if p.published.contains_key(&mid) || p.published.len() >= max_tracks {
             return;
         }
-        let mut rids: Vec<Rid> = simulcast
-            .map(|s| if s.recv.is_empty() { s.send } else { s.recv })
-            .unwrap_or_default()
-            .into_iter()
-            .map(|l| l.rid)
-            .collect();
         let rank = |r: &Rid| match &**r {
             "q" => 0,
             "h" => 1,
@@ -1126,6 +1171,10 @@ impl Sfu {
     /// Emits `RenegotiationNeeded` when the subscriber lacks slots (after its first offer, and
     /// only when the numbers changed).
     fn check_slots(&mut self, id: ParticipantId) {
+        if self.applying_offer {
+            self.deferred_slot_checks.push(id);
+            return;
+        }
         let Some(p) = self.participants.get_mut(&id) else {
             return;
         };
@@ -1291,6 +1340,18 @@ impl Sfu {
     }
 
     fn tick(&mut self, now: Instant) {
+        let idle = self.config.idle_timeout;
+        let gone: Vec<ParticipantId> = self
+            .participants
+            .iter()
+            .filter(|(_, p)| now.saturating_duration_since(p.last_input) > idle)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            tracing::debug!(target: LOG, participant = ?id, "idle: removed");
+            self.remove(now, id);
+            self.emit(SfuEvent::Disconnected { participant: id });
+        }
         let mut changes = Vec::new();
         for (key, room) in &mut self.rooms {
             if let Some(change) = room.speaker.tick(now) {

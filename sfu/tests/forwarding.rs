@@ -102,6 +102,18 @@ async fn one_publisher_reaches_eight_subscribers() -> anyhow::Result<()> {
     publisher_client.start_media();
     tokio::time::sleep(MEDIA).await;
 
+    // Only the subscribers without slots were asked to renegotiate, once each.
+    let asked: Vec<ParticipantId> = sfu
+        .events()
+        .iter()
+        .filter_map(|e| match e {
+            SfuEvent::RenegotiationNeeded { participant, .. } => Some(*participant),
+            _ => None,
+        })
+        .collect();
+    let without_slots: Vec<ParticipantId> = subs[4..].iter().map(|(_, id)| *id).collect();
+    assert_eq!(asked, without_slots);
+
     for (c, id) in &subs {
         let received = c.received();
         let audio_mid = bound_mid(&sfu, *id, audio).expect("audio bound");
@@ -440,4 +452,126 @@ fn layer_frames(c: &Client, mid: &str) -> HashMap<String, u64> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_subscriber_gets_a_keyframe_and_requests_reach_the_publisher_throttled()
+-> anyhow::Result<()> {
+    let sfu = TestSfu::start(true).await;
+    let p = Client::new("pub", publisher(-30)).await;
+    let pub_id = sfu.connect(&p).await?;
+    let (_, video) = tracks_of(&sfu, pub_id).await?;
+    let early = Client::new("early", receiver(1)).await;
+    let early_id = sfu.connect(&early).await?;
+    p.start_media();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The publisher sends keyframes only on request: a subscriber joining now can only decode
+    // because the SFU asks for one when it subscribes.
+    let late = Client::new("late", receiver(1)).await;
+    let late_id = sfu.connect(&late).await?;
+    let late_mid = bound_mid(&sfu, late_id, video).expect("video bound");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let v = late.received().get(&late_mid).cloned().unwrap_or_default();
+    assert!(v.keyframes >= 1, "late subscriber got no keyframe: {v:?}");
+    assert!(v.frames >= 5, "late subscriber: {v:?}");
+
+    // Ten PLIs from a subscriber within a second reach the publisher at most about once a
+    // second per layer (not ten times), and bring a keyframe.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let early_mid = bound_mid(&sfu, early_id, video).expect("video bound");
+    let before = p.keyframe_requests();
+    let keyframes_before = early.received()[&early_mid].keyframes;
+    for _ in 0..10 {
+        early.request_keyframe(&early_mid).await?;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let forwarded = p.keyframe_requests() - before;
+    assert!(
+        (1..=3).contains(&forwarded),
+        "10 PLIs in 1 s became {forwarded} requests at the publisher"
+    );
+    assert!(early.received()[&early_mid].keyframes > keyframes_before);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaving_or_vanishing_unpublishes_and_frees_slots() -> anyhow::Result<()> {
+    let sfu = TestSfu::start_with(|c| c.idle_timeout = Duration::from_secs(2)).await;
+    let a = Client::new("a", publisher(-30)).await;
+    let a_id = sfu.connect(&a).await?;
+    let (a_audio, a_video) = tracks_of(&sfu, a_id).await?;
+    let s = Client::new("s", receiver(1)).await;
+    let s_id = sfu.connect(&s).await?;
+    a.start_media();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // a leaves: both tracks are unpublished and s's slots freed.
+    sfu.handle.leave(a_id).await?;
+    for track in [a_audio, a_video] {
+        sfu.wait_event("a's track unpublished", |e| match e {
+            SfuEvent::TrackUnpublished { track: t, .. } if *t == track => Some(()),
+            _ => None,
+        })
+        .await?;
+        sfu.wait_event("s's slot freed", |e| match e {
+            SfuEvent::SubscriptionUnbound {
+                subscriber,
+                track: t,
+                ..
+            } if *subscriber == s_id && *t == track => Some(()),
+            _ => None,
+        })
+        .await?;
+    }
+    assert_eq!(
+        sfu.handle.leave(a_id).await,
+        Err(SfuError::UnknownParticipant)
+    );
+
+    // b publishes, s gets b's tracks on the freed slots (no renegotiation), then b's process
+    // vanishes without a word: after the idle timeout b is removed and its tracks go away.
+    let b = Client::new("b", publisher(-30)).await;
+    let b_id = sfu.connect(&b).await?;
+    let (_, b_video) = tracks_of(&sfu, b_id).await?;
+    b.start_media();
+    let mid = sfu
+        .wait_event("b's video bound at s", |e| match e {
+            SfuEvent::SubscriptionBound {
+                subscriber,
+                track,
+                mid,
+            } if *subscriber == s_id && *track == b_video => Some(mid.clone()),
+            _ => None,
+        })
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let from_b = s.received()[&mid]
+        .sources
+        .iter()
+        .filter(|(k, _)| k.starts_with("b/v/"))
+        .map(|(_, n)| *n)
+        .sum::<u64>();
+    assert!(from_b >= 5, "b's video on the reused slot: {from_b}");
+    assert!(
+        !sfu.events()
+            .iter()
+            .any(|e| matches!(e, SfuEvent::RenegotiationNeeded { participant, .. } if *participant == s_id)),
+        "a freed slot is reused without renegotiation"
+    );
+    drop(b);
+    sfu.wait_event("b disconnected", |e| match e {
+        SfuEvent::Disconnected { participant } if *participant == b_id => Some(()),
+        _ => None,
+    })
+    .await?;
+    sfu.wait_event("b's video unpublished", |e| match e {
+        SfuEvent::TrackUnpublished { track, .. } if *track == b_video => Some(()),
+        _ => None,
+    })
+    .await?;
+    // s is still there (it keeps sending RTCP and consent checks).
+    assert_eq!(sfu.handle.stats().await?.participants, 1);
+    Ok(())
 }

@@ -24,7 +24,9 @@ use parley_sfu::credential::{self, Claims};
 use parley_sfu::{ListenConfig, SfuConfig, SfuEvent, SfuHandle, SfuServer};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::Codec;
-use str0m::media::{Direction, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer};
+use str0m::media::{
+    Direction, KeyframeRequestKind, MediaKind, MediaTime, Mid, Rid, Simulcast, SimulcastLayer,
+};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
@@ -74,13 +76,18 @@ impl Drop for TestSfu {
 
 impl TestSfu {
     pub async fn start(auto_subscribe: bool) -> TestSfu {
+        TestSfu::start_with(|c| c.auto_subscribe = auto_subscribe).await
+    }
+
+    /// An SFU with the test secret, configured further by `tweak`.
+    pub async fn start_with(tweak: impl FnOnce(&mut SfuConfig)) -> TestSfu {
         // RUST_LOG=parley_sfu=debug shows the SFU's decisions.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let mut config = SfuConfig::new(SECRET, vec![]);
-        config.auto_subscribe = auto_subscribe;
+        tweak(&mut config);
         let mut server = SfuServer::start(
             ListenConfig {
                 listen: SocketAddr::new(LOOPBACK, 0),
@@ -197,6 +204,7 @@ enum Command {
     Offer(usize, usize, Reply<String>),
     Answer(String, Reply<()>),
     StartMedia,
+    RequestKeyframe(String, Reply<()>),
 }
 
 pub struct Client {
@@ -298,8 +306,15 @@ impl Client {
             .collect()
     }
 
+    /// Keyframe requests (PLI/FIR) this client received for what it publishes.
     pub fn keyframe_requests(&self) -> u64 {
         self.shared.lock().unwrap().keyframe_requests
+    }
+
+    /// Sends a PLI for what arrives on the receive slot `mid`.
+    pub async fn request_keyframe(&self, mid: &str) -> anyhow::Result<()> {
+        self.call(|r| Command::RequestKeyframe(mid.to_owned(), r))
+            .await
     }
 }
 
@@ -354,6 +369,17 @@ impl Driver {
                     None => break,
                     Some(Command::Offer(a, v, r)) => { let _ = r.send(self.offer(a, v)); }
                     Some(Command::Answer(sdp, r)) => { let _ = r.send(self.answer(&sdp)); }
+                    Some(Command::RequestKeyframe(mid, r)) => {
+                        let result = self
+                            .rtc
+                            .writer(Mid::from(mid.as_str()))
+                            .context("no such mid")
+                            .and_then(|mut w| {
+                                w.request_keyframe(None, KeyframeRequestKind::Pli)
+                                    .map_err(|e| anyhow!("request_keyframe: {e}"))
+                            });
+                        let _ = r.send(result);
+                    }
                     Some(Command::StartMedia) => {
                         self.media_on = true;
                         self.next_audio = Instant::now();
