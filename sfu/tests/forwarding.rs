@@ -575,3 +575,40 @@ async fn leaving_or_vanishing_unpublishes_and_frees_slots() -> anyhow::Result<()
     assert_eq!(sfu.handle.stats().await?.participants, 1);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ice_restart_from_a_new_address_keeps_media_flowing() -> anyhow::Result<()> {
+    let sfu = TestSfu::start(true).await;
+    let p = Client::new("pub", publisher(-30)).await;
+    let pub_id = sfu.connect(&p).await?;
+    let (_, video) = tracks_of(&sfu, pub_id).await?;
+    let s = Client::new("sub", receiver(1)).await;
+    let sub_id = sfu.connect(&s).await?;
+    p.start_media();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mid = bound_mid(&sfu, sub_id, video).expect("video bound");
+    let old_addr = s.local_addr();
+
+    // The subscriber's network changes: new socket, new ufrag. The SFU can only find it by the
+    // new ufrag (the address is unknown to it), answers with a new ufrag of its own, and media
+    // resumes on the same slot.
+    let offer = s.ice_restart_offer(true).await?;
+    let answer = sfu.handle.apply_offer(sub_id, &offer).await?;
+    let ufrag = |sdp: &str| {
+        sdp.lines()
+            .find_map(|l| l.strip_prefix("a=ice-ufrag:"))
+            .map(str::to_owned)
+    };
+    assert_ne!(ufrag(&offer), None);
+    s.accept_answer(&answer).await?;
+    assert_ne!(s.local_addr(), old_addr);
+    s.wait_connected().await?;
+    let before = s.received()[&mid].frames;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let after = s.received()[&mid].frames;
+    assert!(
+        after >= before + 10,
+        "video after the ICE restart: {before} -> {after}"
+    );
+    Ok(())
+}

@@ -196,6 +196,7 @@ struct Shared {
     connected: bool,
     keyframe_requests: u64,
     sent_keyframes: u64,
+    addr: Option<SocketAddr>,
 }
 
 type Reply<T> = oneshot::Sender<anyhow::Result<T>>;
@@ -205,6 +206,7 @@ enum Command {
     Answer(String, Reply<()>),
     StartMedia,
     RequestKeyframe(String, Reply<()>),
+    IceRestart(bool, Reply<String>),
 }
 
 pub struct Client {
@@ -226,7 +228,10 @@ impl Client {
         let addr = socket.local_addr().unwrap();
         let mut rtc = Rtc::builder().build(Instant::now());
         rtc.add_local_candidate(Candidate::host(addr, "udp").unwrap());
-        let shared = Arc::new(Mutex::new(Shared::default()));
+        let shared = Arc::new(Mutex::new(Shared {
+            addr: Some(addr),
+            ..Shared::default()
+        }));
         let (commands, rx) = mpsc::unbounded_channel();
         let driver = Driver {
             name: name.to_owned(),
@@ -235,6 +240,7 @@ impl Client {
             socket,
             addr,
             pending: None,
+            rebound: None,
             first_offer_done: false,
             audio_mid: None,
             video_mid: None,
@@ -307,8 +313,19 @@ impl Client {
     }
 
     /// Keyframe requests (PLI/FIR) this client received for what it publishes.
+    /// The client's current UDP address.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.shared.lock().unwrap().addr
+    }
+
     pub fn keyframe_requests(&self) -> u64 {
         self.shared.lock().unwrap().keyframe_requests
+    }
+
+    /// An ICE-restart offer. With `rebind`, the client also moves to a new UDP socket (a new
+    /// port on 127.0.0.1, as after a network change) and drops its old candidate.
+    pub async fn ice_restart_offer(&self, rebind: bool) -> anyhow::Result<String> {
+        self.call(|r| Command::IceRestart(rebind, r)).await
     }
 
     /// Sends a PLI for what arrives on the receive slot `mid`.
@@ -325,6 +342,8 @@ struct Driver {
     socket: UdpSocket,
     addr: SocketAddr,
     pending: Option<SdpPendingOffer>,
+    /// The new address of an ICE restart with rebind, until its answer is applied.
+    rebound: Option<SocketAddr>,
     first_offer_done: bool,
     audio_mid: Option<Mid>,
     video_mid: Option<Mid>,
@@ -352,6 +371,8 @@ impl Driver {
         let mut buf = vec![0u8; 65536];
         loop {
             let timeout = self.drain().await;
+            let connected = self.rtc.is_connected();
+            self.shared.lock().unwrap().connected = connected;
             let now = Instant::now();
             let mut wake = timeout;
             if self.media_on {
@@ -379,6 +400,9 @@ impl Driver {
                                     .map_err(|e| anyhow!("request_keyframe: {e}"))
                             });
                         let _ = r.send(result);
+                    }
+                    Some(Command::IceRestart(rebind, r)) => {
+                        let _ = r.send(self.ice_restart(rebind));
                     }
                     Some(Command::StartMedia) => {
                         self.media_on = true;
@@ -418,7 +442,6 @@ impl Driver {
 
     fn event(&mut self, e: Event) {
         match e {
-            Event::Connected => self.shared.lock().unwrap().connected = true,
             Event::MediaData(d) => {
                 let packets = (**d.seq_range.end()) - (**d.seq_range.start()) + 1;
                 let source = source_tag(&d.data).unwrap_or_else(|| "untagged".into());
@@ -489,6 +512,24 @@ impl Driver {
         Ok(offer.to_sdp_string())
     }
 
+    fn ice_restart(&mut self, rebind: bool) -> anyhow::Result<String> {
+        let mut api = self.rtc.sdp_api();
+        api.ice_restart(!rebind);
+        let (offer, pending) = api.apply().context("nothing to offer")?;
+        self.pending = Some(pending);
+        if rebind {
+            let std_socket = std::net::UdpSocket::bind((Ipv4Addr::LOCALHOST, 0))?;
+            std_socket.set_nonblocking(true)?;
+            self.socket = UdpSocket::from_std(std_socket)?;
+            self.addr = self.socket.local_addr()?;
+            // str0m clears the old candidates when the answer is applied; the new one is
+            // added after that.
+            self.rebound = Some(self.addr);
+            self.shared.lock().unwrap().addr = Some(self.addr);
+        }
+        Ok(offer.to_sdp_string())
+    }
+
     fn answer(&mut self, sdp: &str) -> anyhow::Result<()> {
         // Loopback only: the SFU must announce 127.0.0.1 and nothing else.
         for line in sdp.lines() {
@@ -501,6 +542,12 @@ impl Driver {
         let answer = SdpAnswer::from_sdp_string(sdp)?;
         let pending = self.pending.take().context("no pending offer")?;
         self.rtc.sdp_api().accept_answer(pending, answer)?;
+        if let Some(addr) = self.rebound.take() {
+            self.rtc
+                .add_local_candidate(Candidate::host(addr, "udp")?)
+                .context("str0m refused the new candidate")?;
+        }
+        self.shared.lock().unwrap().connected = self.rtc.is_connected();
         Ok(())
     }
 
