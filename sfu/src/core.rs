@@ -31,6 +31,9 @@ const TICK: Duration = Duration::from_millis(100);
 const REALLOCATE_EVERY: Duration = Duration::from_secs(1);
 /// A layer not seen for this long counts as stopped by its publisher.
 const LAYER_IDLE: Duration = Duration::from_secs(2);
+/// A DTLS record header, used to ask str0m whether it would accept non-STUN traffic from an
+/// address (`Rtc::accepts`), i.e. whether ICE has verified that address.
+const DTLS_PROBE: [u8; 13] = [23, 0xfe, 0xfd, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0];
 /// Bandwidth set aside per subscribed audio track before video is allocated.
 const AUDIO_RESERVE_BPS: u64 = 40_000;
 
@@ -732,7 +735,20 @@ impl Sfu {
                 return;
             }
         };
-        if !p.addrs.contains(&source) {
+        if let Err(e) = p.rtc.handle_input(Input::Receive(now, receive)) {
+            tracing::debug!(target: LOG, participant = ?id, "handle_input: {e}");
+        }
+        // Learn the source address only once str0m has verified it (a STUN request with valid
+        // MESSAGE-INTEGRITY makes it a viable remote candidate): someone who only knows a
+        // participant's ufrag cannot bind addresses to it, or push its real address out.
+        let known = p.addrs.contains(&source);
+        let verified = known
+            || Receive::new(Protocol::Udp, source, destination, &DTLS_PROBE)
+                .is_ok_and(|probe| p.rtc.accepts(&Input::Receive(now, probe)));
+        if verified {
+            p.last_input = now;
+        }
+        if verified && !known {
             if p.addrs.len() >= MAX_ADDRS_PER_PARTICIPANT {
                 let old = p.addrs.remove(0);
                 self.by_addr.remove(&old);
@@ -744,11 +760,6 @@ impl Sfu {
             {
                 q.addrs.retain(|a| *a != source);
             }
-        }
-        let p = self.participants.get_mut(&id).expect("present");
-        p.last_input = now;
-        if let Err(e) = p.rtc.handle_input(Input::Receive(now, receive)) {
-            tracing::debug!(target: LOG, participant = ?id, "handle_input: {e}");
         }
         self.mark_dirty(id);
         self.run(now);

@@ -612,3 +612,108 @@ async fn ice_restart_from_a_new_address_keeps_media_flowing() -> anyhow::Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn knowing_a_ufrag_does_not_let_a_stranger_take_over_the_route() -> anyhow::Result<()> {
+    let sfu = TestSfu::start(true).await;
+    // The publisher connects by hand, to learn the SFU's ufrag for it from the answer.
+    let p = Client::new("pub", publisher(-30)).await;
+    let pub_id = sfu
+        .handle
+        .join(
+            common::TENANT,
+            common::CALL,
+            "pub",
+            &common::credential("pub"),
+        )
+        .await?;
+    let answer = sfu
+        .handle
+        .apply_offer(pub_id, &p.offer(0, 0).await?)
+        .await?;
+    p.accept_answer(&answer).await?;
+    p.wait_connected().await?;
+    let ufrag = answer
+        .lines()
+        .find_map(|l| l.trim_end().strip_prefix("a=ice-ufrag:"))
+        .expect("ufrag in the answer")
+        .to_owned();
+    let (_, video) = tracks_of(&sfu, pub_id).await?;
+    let s = Client::new("sub", receiver(1)).await;
+    let sub_id = sfu.connect(&s).await?;
+    p.start_media();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mid = bound_mid(&sfu, sub_id, video).expect("video bound");
+
+    // Twenty strangers keep sending binding requests that name the publisher's ufrag, without
+    // valid integrity, from twenty addresses (more than the SFU remembers per participant). If
+    // the SFU learned addresses from them, the publisher's own address would be pushed out and
+    // its media dropped.
+    let stun = forged_binding_request(&format!("{ufrag}:evil"));
+    let mut strangers = Vec::new();
+    for _ in 0..20 {
+        strangers.push(tokio::net::UdpSocket::bind("127.0.0.1:0").await?);
+    }
+    let target = sfu.handle.local_addr();
+    let flood = async {
+        for _ in 0..60 {
+            for socket in &strangers {
+                socket.send_to(&stun, target).await?;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        anyhow::Ok(())
+    };
+    let before = s.received()[&mid].frames;
+    flood.await?;
+    let after = s.received()[&mid].frames;
+    assert!(
+        after >= before + 8,
+        "the publisher's video stopped during the flood: {before} -> {after}"
+    );
+    // And no stranger got anything back.
+    let mut buf = [0u8; 1500];
+    for socket in &strangers {
+        assert!(socket.try_recv_from(&mut buf).is_err());
+    }
+    Ok(())
+}
+
+/// A well-formed STUN binding request (USERNAME, MESSAGE-INTEGRITY, FINGERPRINT) whose integrity
+/// is made up: what someone who knows a ufrag but not the password can send.
+fn forged_binding_request(username: &str) -> Vec<u8> {
+    fn attr(out: &mut Vec<u8>, kind: u16, value: &[u8]) {
+        out.extend_from_slice(&kind.to_be_bytes());
+        out.extend_from_slice(&(value.len() as u16).to_be_bytes());
+        out.extend_from_slice(value);
+        while !out.len().is_multiple_of(4) {
+            out.push(0);
+        }
+    }
+    fn crc32(data: &[u8]) -> u32 {
+        let mut crc = 0xffff_ffffu32;
+        for b in data {
+            crc ^= u32::from(*b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xedb8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    let mut body = Vec::new();
+    attr(&mut body, 0x0006, username.as_bytes());
+    attr(&mut body, 0x0024, &0x6e7f_00ffu32.to_be_bytes()); // PRIORITY
+    attr(&mut body, 0x0008, &[0x5a; 20]); // MESSAGE-INTEGRITY, made up
+    let mut m = vec![0x00, 0x01];
+    m.extend_from_slice(&((body.len() + 8) as u16).to_be_bytes());
+    m.extend_from_slice(&[0x21, 0x12, 0xa4, 0x42]);
+    m.extend_from_slice(&[9; 12]);
+    m.extend_from_slice(&body);
+    let fingerprint = crc32(&m) ^ 0x5354_554e;
+    attr(&mut m, 0x8028, &fingerprint.to_be_bytes());
+    m
+}
