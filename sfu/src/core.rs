@@ -308,7 +308,7 @@ impl TsRewrite {
             let ticks =
                 (elapsed.as_micros() as u64).saturating_mul(u64::from(frequency)) / 1_000_000;
             let expected = last.saturating_add(ticks.max(1));
-            self.offset = expected as i64 - numer as i64;
+            self.offset = (expected as i64).wrapping_sub(numer as i64);
         }
         let out = (numer as i64).saturating_add(self.offset).max(0) as u64;
         self.last = Some((out, now));
@@ -1587,4 +1587,51 @@ pub fn vp8_keyframe_size(frame: &[u8]) -> Option<(u32, u32)> {
     let w = u32::from(u16::from_le_bytes([frame[6], frame[7]]) & 0x3fff);
     let h = u32::from(u16::from_le_bytes([frame[8], frame[9]]) & 0x3fff);
     Some((w, h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_stay_continuous_across_a_rebase() {
+        let t0 = Instant::now();
+        let mut ts = TsRewrite::default();
+        // The first frame passes unchanged; later ones keep their spacing.
+        assert_eq!(ts.rewrite(1_000, 90_000, t0, false), 1_000);
+        assert_eq!(
+            ts.rewrite(4_000, 90_000, t0 + Duration::from_millis(33), false),
+            4_000
+        );
+        // A switch to a layer with another timestamp base, 100 ms later: the output continues
+        // from the last one plus the elapsed time, then keeps the new layer's spacing.
+        let after = ts.rewrite(9_000_000, 90_000, t0 + Duration::from_millis(133), true);
+        assert_eq!(after, 4_000 + 9_000);
+        assert_eq!(
+            ts.rewrite(9_003_000, 90_000, t0 + Duration::from_millis(166), false),
+            after + 3_000
+        );
+        // A rebase with no time elapsed still moves forward.
+        let again = ts.rewrite(5, 90_000, t0 + Duration::from_millis(166), true);
+        assert_eq!(again, after + 3_001);
+        // Extreme inputs do not panic.
+        ts.rewrite(u64::MAX, 90_000, t0, true);
+        ts.rewrite(0, 90_000, t0, true);
+    }
+
+    #[test]
+    fn vp8_keyframe_size_reads_the_header_and_ignores_the_rest() {
+        let key = [0x10, 0, 0, 0x9d, 0x01, 0x2a, 0x00, 0x05, 0xd0, 0x02, 0xff];
+        assert_eq!(vp8_keyframe_size(&key), Some((1280, 720)));
+        // Interframe, bad start code, truncated.
+        assert_eq!(
+            vp8_keyframe_size(&[0x11, 0, 0, 0x9d, 0x01, 0x2a, 0, 5, 0xd0, 2]),
+            None
+        );
+        assert_eq!(
+            vp8_keyframe_size(&[0x10, 0, 0, 0x9d, 0x01, 0x2b, 0, 5, 0xd0, 2]),
+            None
+        );
+        assert_eq!(vp8_keyframe_size(&key[..9]), None);
+    }
 }
