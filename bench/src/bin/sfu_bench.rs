@@ -60,6 +60,9 @@ struct Args {
     /// Video frames per second per layer.
     #[arg(long, default_value_t = 30)]
     fps: u32,
+    /// `SfuConfig::send_buffer_video`: packets of send history per outgoing video stream.
+    #[arg(long, default_value_t = 1000)]
+    send_buffer_video: usize,
 }
 
 const SECRET: &[u8] = b"sfu bench secret";
@@ -146,6 +149,7 @@ fn main() -> anyhow::Result<()> {
     let mut config = SfuConfig::new(SECRET, vec![sfu_addr]);
     config.max_participants_per_room = args.publishers + args.subscribers + 1;
     config.max_participants = config.max_participants_per_room;
+    config.send_buffer_video = args.send_buffer_video;
     let mut m = Measured {
         sfu: Sfu::new(config, start),
         cpu: Duration::ZERO,
@@ -430,8 +434,8 @@ fn main() -> anyhow::Result<()> {
 
     let per_sec = rtp as f64 / wall;
     println!(
-        "publishers {} × (Opus 50 pkt/s + VP8 simulcast q/h/f at {} fps), subscribers {}",
-        args.publishers, args.fps, args.subscribers
+        "publishers {} × (Opus 50 pkt/s + VP8 simulcast q/h/f at {} fps), subscribers {}, video send buffer {} packets",
+        args.publishers, args.fps, args.subscribers, args.send_buffer_video
     );
     println!(
         "measured {:.1} s: {} RTP datagrams out to subscribers ({:.0}/s), {} packets forwarded by the core's count",
