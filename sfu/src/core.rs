@@ -1625,6 +1625,68 @@ mod tests {
         ts.rewrite(0, 90_000, t0, true);
     }
 
+    fn cred(who: &str, call: &str) -> String {
+        credential::issue(
+            b"s",
+            &credential::Claims {
+                tenant: "t".into(),
+                call: call.into(),
+                participant: who.into(),
+                expiry: 100,
+            },
+        )
+    }
+
+    #[test]
+    fn joins_are_limited_and_a_rejoin_replaces_the_session() {
+        let now = Instant::now();
+        let mut config = SfuConfig::new(b"s".to_vec(), vec!["127.0.0.1:3479".parse().unwrap()]);
+        config.max_participants_per_room = 2;
+        config.max_participants = 3;
+        let mut sfu = Sfu::new(config, now);
+        let a = sfu.join(now, 0, "t", "c1", "a", &cred("a", "c1")).unwrap();
+        sfu.join(now, 0, "t", "c1", "b", &cred("b", "c1")).unwrap();
+        assert_eq!(
+            sfu.join(now, 0, "t", "c1", "c", &cred("c", "c1")),
+            Err(SfuError::RoomFull)
+        );
+        // A rejoin replaces the old session (a new handle; the old one is gone).
+        let a2 = sfu.join(now, 0, "t", "c1", "a", &cred("a", "c1")).unwrap();
+        assert_ne!(a, a2);
+        assert_eq!(sfu.leave(now, a), Err(SfuError::UnknownParticipant));
+        assert_eq!(sfu.stats().participants, 2);
+        sfu.join(now, 0, "t", "c2", "x", &cred("x", "c2")).unwrap();
+        assert_eq!(
+            sfu.join(now, 0, "t", "c2", "y", &cred("y", "c2")),
+            Err(SfuError::ServerFull)
+        );
+        // Expired, and bad SDP for an admitted participant.
+        assert_eq!(
+            sfu.join(now, 100, "t", "c2", "y", &cred("y", "c2")),
+            Err(SfuError::Credential(CredentialError::Expired))
+        );
+        assert_eq!(
+            sfu.apply_offer(now, a2, "v=0 nonsense"),
+            Err(SfuError::BadSdp)
+        );
+        let huge = "a".repeat(MAX_SDP_LEN + 1);
+        assert_eq!(sfu.apply_offer(now, a2, &huge), Err(SfuError::BadSdp));
+        assert_eq!(
+            sfu.add_remote_candidate(a2, "candidate:garbage"),
+            Err(SfuError::BadCandidate)
+        );
+        // Subscribing to a track that does not exist.
+        assert_eq!(
+            sfu.subscribe(now, a2, TrackId(999), VideoPrefs::default()),
+            Err(SfuError::UnknownTrack)
+        );
+        // Leaving empties the rooms.
+        for id in [a2, ParticipantId(2)] {
+            sfu.leave(now, id).unwrap();
+        }
+        assert_eq!(sfu.stats().rooms, 1);
+    }
+
     #[test]
     fn vp8_keyframe_size_reads_the_header_and_ignores_the_rest() {
         let key = [0x10, 0, 0, 0x9d, 0x01, 0x2a, 0x00, 0x05, 0xd0, 0x02, 0xff];
