@@ -295,6 +295,10 @@ struct Sub {
     target: Option<usize>,
     /// Layer index being forwarded.
     current: Option<usize>,
+    /// Highest VP8 temporal layer to forward (`None`: all), and the highest one the subscriber
+    /// is in sync with.
+    temporal_cap: Option<u8>,
+    temporal_synced: u8,
     ts: TsRewrite,
 }
 
@@ -1107,6 +1111,8 @@ impl Sfu {
                     prefs,
                     target: None,
                     current: None,
+                    temporal_cap: None,
+                    temporal_synced: u8::MAX,
                     ts: TsRewrite::default(),
                 },
             );
@@ -1264,6 +1270,7 @@ impl Sfu {
             })
             .collect();
         let chosen = layers::allocate(budget, &wants);
+        let caps = layers::temporal_caps(budget, &wants, &chosen);
         let desired: u64 = wants
             .iter()
             .map(|w| {
@@ -1277,8 +1284,9 @@ impl Sfu {
         let p = self.participants.get_mut(&id).expect("present");
         let mut requests = Vec::new();
         let mut stopped = Vec::new();
-        for (track, target) in video.iter().zip(chosen) {
+        for ((track, target), cap) in video.iter().zip(chosen).zip(caps) {
             let sub = p.subs.get_mut(track).expect("present");
+            sub.temporal_cap = cap;
             if sub.target != target {
                 sub.target = target;
                 match target {
@@ -1462,6 +1470,22 @@ impl Sfu {
                     continue;
                 }
                 rebase |= f.switched;
+                // Temporal layers (VP8 with a TL0PICIDX): drop above the cap at once.
+                if let str0m::format::CodecExtra::Vp8(e) = &data.codec_extra
+                    && e.tl0_picture_id.is_some()
+                {
+                    let (send, synced) = layers::temporal_forward(
+                        sub.temporal_cap,
+                        sub.temporal_synced,
+                        e.layer_index,
+                        e.sync,
+                        keyframe,
+                    );
+                    sub.temporal_synced = synced;
+                    if !send {
+                        continue;
+                    }
+                }
             }
             let Some(writer) = sp.rtc.writer(mid) else {
                 continue;

@@ -15,6 +15,9 @@
 //!    layer until a keyframe of the target layer arrives, and switches on that keyframe (a
 //!    decoder can only start a new spatial layer on a keyframe). A target of `None` stops video
 //!    at once.
+//! 3. [`temporal_caps`] and [`temporal_forward`]: a track that does not fit in the budget even at
+//!    its lowest layer is cut to its temporal base layer at once (no keyframe needed), and the
+//!    higher temporal layers come back at their next sync frame.
 
 /// What the SFU knows of one layer of a published video track.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +162,62 @@ pub fn forward<L: PartialEq + Copy>(
         current,
         switched: false,
     }
+}
+
+/// Temporal-layer caps that go with an [`allocate`] result: walking the wants in order, a track
+/// whose chosen layer no longer fits in what is left of the budget is capped to its temporal
+/// base layer (`Some(0)`: VP8 TL0 only, a fraction of the frame rate and bitrate), at once and
+/// without waiting for a keyframe. `None`: no cap.
+pub fn temporal_caps(
+    budget_bps: u64,
+    wants: &[VideoWant<'_>],
+    chosen: &[Option<usize>],
+) -> Vec<Option<u8>> {
+    let mut remaining = budget_bps;
+    wants
+        .iter()
+        .zip(chosen)
+        .map(|(want, choice)| {
+            let cost = choice.map_or(0, |i| want.layers[i].bitrate_bps);
+            if cost <= remaining {
+                remaining -= cost;
+                None
+            } else {
+                remaining = 0;
+                choice.map(|_| 0)
+            }
+        })
+        .collect()
+}
+
+/// Whether to send one frame of a temporally layered stream (VP8 with temporal layers), and the
+/// highest temporal layer the subscriber is decoding afterwards (`synced`).
+///
+/// Frames above `cap` are dropped (a temporal base never references them, so this is safe at
+/// any moment). A layer above `synced` is only picked up again at a keyframe or at a frame
+/// flagged as a layer sync point (it references nothing of its own layer).
+pub fn temporal_forward(
+    cap: Option<u8>,
+    synced: u8,
+    temporal: u8,
+    sync: bool,
+    keyframe: bool,
+) -> (bool, u8) {
+    let cap = cap.unwrap_or(u8::MAX);
+    let synced = synced.min(cap);
+    if keyframe {
+        return (true, cap);
+    }
+    if temporal > cap {
+        return (false, synced);
+    }
+    if temporal <= synced {
+        return (true, synced);
+    }
+    if sync {
+        return (true, temporal);
+    }
+    (false, synced)
 }
 
 #[cfg(test)]
@@ -308,5 +367,46 @@ mod tests {
             let f = forward(Some('h'), None, layer, key);
             assert_eq!((f.send, f.current), (false, None));
         }
+    }
+
+    #[test]
+    fn temporal_caps_apply_only_past_the_budget() {
+        let l = three();
+        let wants = [want(&l), want(&l), want(&l)];
+        let chosen = allocate(300_000, &wants);
+        // Two q layers fit in 300k, the third does not: it drops to its temporal base.
+        assert_eq!(
+            temporal_caps(300_000, &wants, &chosen),
+            vec![None, None, Some(0)]
+        );
+        let chosen = allocate(10_000_000, &wants);
+        assert_eq!(temporal_caps(10_000_000, &wants, &chosen), vec![None; 3]);
+        // No video chosen: no cap needed.
+        assert_eq!(temporal_caps(0, &wants[..1], &[None]), vec![None]);
+    }
+
+    #[test]
+    fn temporal_layers_drop_at_once_and_come_back_on_a_sync_frame() {
+        // Uncapped: everything passes.
+        assert_eq!(
+            temporal_forward(None, u8::MAX, 2, false, false),
+            (true, u8::MAX)
+        );
+        // Capped to the base: TL1/TL2 dropped at once, TL0 kept.
+        assert_eq!(
+            temporal_forward(Some(0), u8::MAX, 2, false, false),
+            (false, 0)
+        );
+        assert_eq!(temporal_forward(Some(0), 0, 1, true, false), (false, 0));
+        assert_eq!(temporal_forward(Some(0), 0, 0, false, false), (true, 0));
+        // Cap lifted: TL1 only from its next sync frame, TL2 likewise.
+        assert_eq!(temporal_forward(None, 0, 1, false, false), (false, 0));
+        assert_eq!(temporal_forward(None, 0, 1, true, false), (true, 1));
+        assert_eq!(temporal_forward(None, 1, 1, false, false), (true, 1));
+        assert_eq!(temporal_forward(None, 1, 2, false, false), (false, 1));
+        assert_eq!(temporal_forward(None, 1, 2, true, false), (true, 2));
+        // A keyframe resynchronizes every allowed layer.
+        assert_eq!(temporal_forward(None, 0, 0, false, true), (true, u8::MAX));
+        assert_eq!(temporal_forward(Some(1), 0, 0, false, true), (true, 1));
     }
 }
