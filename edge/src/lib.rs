@@ -25,6 +25,7 @@ use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 mod admission;
 mod calls;
 mod hub;
+pub mod metrics;
 mod queue;
 mod session;
 mod upgrade;
@@ -341,8 +342,14 @@ impl Edge {
         loop {
             tokio::select! {
                 msg = bus.next() => match msg {
-                    Some(BusMessage::Event(ev)) => self.hubs.on_event(ev),
-                    Some(BusMessage::Resync) => self.hubs.resync_all(),
+                    Some(BusMessage::Event(ev)) => {
+                        metrics::bus_received(&ev);
+                        self.hubs.on_event(ev)
+                    }
+                    Some(BusMessage::Resync) => {
+                        metrics::bus_resync();
+                        self.hubs.resync_all()
+                    }
                     Some(BusMessage::Ephemeral(ev)) => self.deliver_ephemeral(&ev),
                     None => break,
                 },

@@ -142,8 +142,10 @@ pub(crate) fn run(
             principal.map(|p| Session::open(&edge, p))
         };
         if let Some(mut session) = session {
+            crate::metrics::connection_opened();
             edge.gateway.connection_opened(&session.principal).await;
             let close = session.serve(&mut ws).await;
+            crate::metrics::connection_closed(close);
             Box::pin(session.end(&mut ws, close)).await;
         }
         edge.connections.fetch_sub(1, Ordering::Relaxed);
@@ -287,7 +289,9 @@ async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
                 continue;
             }
         };
-        match ClientFrame::parse(text.as_str()) {
+        let parsed = ClientFrame::parse(text.as_str());
+        crate::metrics::frame_in(parsed.as_ref().ok());
+        match parsed {
             Ok(ClientFrame::Auth { id, token }) => match edge.gateway.authenticate(&token) {
                 Ok(p) => {
                     if let Some(id) = id {
@@ -326,6 +330,7 @@ impl Session {
             limits: self.edge.config.session_limits(),
         }
         .to_json();
+        crate::metrics::frame_out(&welcome);
         if ws.send(Message::Text(welcome.into())).await.is_err() {
             return None;
         }
@@ -409,6 +414,7 @@ impl Session {
         }
         // Every data frame spends budget, binary ones included.
         if self.limiter.check().is_err() {
+            crate::metrics::frame_rate_limited();
             self.limited_in_a_row += 1;
             if self.limited_in_a_row >= self.edge.config.flood_close_after {
                 return Flow::End(Some(CloseCode::RateLimitFlood));
@@ -442,7 +448,9 @@ impl Session {
             .await;
             return Flow::Continue;
         };
-        match ClientFrame::parse(text.as_str()) {
+        let parsed = ClientFrame::parse(text.as_str());
+        crate::metrics::frame_in(parsed.as_ref().ok());
+        match parsed {
             Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
             Ok(ClientFrame::Auth { id, .. }) => {
                 send_error(
@@ -910,17 +918,24 @@ impl Session {
         let tx = self.queue_sender();
         let gateway = self.edge.gateway.clone();
         let principal = self.principal.clone();
+        let started = Instant::now();
         // Unconstrained: tokio's cooperative budget could otherwise make that first poll return
         // early, before the write is queued, once this connection's task has done much work.
         let mut send = Box::pin(tokio::task::unconstrained(async move {
             let frame = match gateway.send_message(&principal, &channel_id, req).await {
-                Ok(result) => ServerFrame::Ack(Ack {
-                    seq: Some(result.message.seq),
-                    created: Some(result.created),
-                    message: Some(result.message),
-                    ..Ack::new(id)
-                }),
-                Err(e) => error_frame(Some(id), e.code, &e.message),
+                Ok(result) => {
+                    crate::metrics::send_answered(started, None);
+                    ServerFrame::Ack(Ack {
+                        seq: Some(result.message.seq),
+                        created: Some(result.created),
+                        message: Some(result.message),
+                        ..Ack::new(id)
+                    })
+                }
+                Err(e) => {
+                    crate::metrics::send_answered(started, Some(e.code.as_str()));
+                    error_frame(Some(id), e.code, &e.message)
+                }
             };
             // Waits for room rather than dropping: an ack is never lost while the socket lives.
             let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
@@ -949,11 +964,18 @@ async fn send_batch(
     first: Utf8Bytes,
     queue: &mut Option<(FrameSender, FrameReceiver)>,
 ) -> Result<(), axum::Error> {
+    if let Some((_, rx)) = queue {
+        crate::metrics::send_queue_depth(rx.len() + 1);
+    }
+    crate::metrics::frame_out(&first);
     ws.feed(Message::Text(first)).await?;
     if let Some((_, rx)) = queue {
         for _ in 1..MAX_FRAMES_PER_WRITE {
             match rx.try_recv() {
-                Some(frame) => ws.feed(Message::Text(frame)).await?,
+                Some(frame) => {
+                    crate::metrics::frame_out(&frame);
+                    ws.feed(Message::Text(frame)).await?
+                }
                 None => break,
             }
         }
@@ -1011,6 +1033,7 @@ async fn send_error(ws: &mut WebSocket, id: Option<String>, code: ErrorCode, mes
 }
 
 async fn send_text(ws: &mut WebSocket, text: String) {
+    crate::metrics::frame_out(&text);
     let _ = ws.send(Message::Text(text.into())).await;
 }
 

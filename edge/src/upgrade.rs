@@ -56,6 +56,7 @@ async fn upgrade(
         refuse(status, code, message, None)
     };
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
+        crate::metrics::upgrade_refused("origin");
         return reject(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
@@ -69,6 +70,7 @@ async fn upgrade(
         .map(|p| p.trim().to_owned())
         .collect();
     if !requested.iter().any(|p| p == WS_SUBPROTOCOL) {
+        crate::metrics::upgrade_refused("subprotocol");
         return reject(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidRequest,
@@ -81,7 +83,11 @@ async fn upgrade(
     {
         Some(token) => match edge.gateway.authenticate(token) {
             Ok(p) => Some(p),
-            Err(e) => return reject(StatusCode::UNAUTHORIZED, e.code, &e.message),
+            Err(e) => {
+                crate::metrics::upgrade_refused("auth");
+                tracing::info!(request_id = %request_id, code = %e.code, "websocket upgrade refused: authentication failed");
+                return reject(StatusCode::UNAUTHORIZED, e.code, &e.message);
+            }
         },
         None => None,
     };
@@ -89,6 +95,7 @@ async fn upgrade(
     let slot = match edge.admission.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(Refusal::NodeFull) => {
+            crate::metrics::upgrade_refused("node_full");
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
@@ -97,6 +104,7 @@ async fn upgrade(
             );
         }
         Err(Refusal::AddressFull) => {
+            crate::metrics::upgrade_refused("address_full");
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::RateLimited,

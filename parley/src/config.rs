@@ -157,6 +157,10 @@ pub struct ServeArgs {
     /// is kept in memory (one node).
     #[arg(long, env = "PARLEY_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Log line format on stderr: text (for people) or json (one object per line, for log
+    /// pipelines). The level filter comes from PARLEY_LOG (default info).
+    #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -3,4 +3,5 @@
 
 pub mod config;
 pub mod server;
+pub mod telemetry;
 pub mod web;

@@ -43,7 +43,7 @@ fn main() -> anyhow::Result<()> {
                 Ok(())
             }
             Command::Migrate(args) => {
-                init_tracing();
+                parley::telemetry::init_logging(parley::telemetry::LogFormat::Text);
                 let storage = server::open_storage(&args).await?;
                 println!("schema up to date ({})", storage.backend());
                 Ok(())
@@ -52,17 +52,8 @@ fn main() -> anyhow::Result<()> {
     })
 }
 
-fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
-    init_tracing();
+    parley::telemetry::init_logging(args.log_format);
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let node = server::build(&args, shutdown_rx).await?;
     let listener = TcpListener::bind(&args.listen)

@@ -212,6 +212,7 @@ pub async fn build(
         .to_json()
         .context("cannot render the OpenAPI document")?;
     let edge_for_ready = edge.clone();
+    let metrics = crate::telemetry::metrics_handle()?;
     let app = Router::new()
         .merge(api)
         .merge(parley_edge::router(edge.clone()))
@@ -219,6 +220,16 @@ pub async fn build(
             "/v1/openapi.json",
             get(move || {
                 std::future::ready(([("content-type", "application/json")], openapi.clone()))
+            }),
+        )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = crate::telemetry::render(&metrics);
+                std::future::ready((
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    body,
+                ))
             }),
         )
         .route("/healthz", get(|| async { "ok" }))
@@ -237,6 +248,7 @@ pub async fn build(
             move |req: axum::extract::Request| web.clone().fallback(req)
         })
         .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(crate::telemetry::HttpLayer)
         .layer(axum::middleware::from_fn(http::request_id))
         .layer(cors_layer(&args.allowed_origins)?);
     Ok(Node {

@@ -783,7 +783,9 @@ impl Core {
     }
 
     async fn publish(&self, event: &ChannelEvent) {
-        if let Err(e) = self.bus.publish(event).await {
+        let published = self.bus.publish(event).await;
+        crate::metrics::bus_publish(self.bus.kind(), published.is_ok());
+        if let Err(e) = published {
             tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,
                 "publish failed; receivers will fill the gap from storage");
         }

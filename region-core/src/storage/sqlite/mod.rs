@@ -284,6 +284,8 @@ const SYNC_QUEUE: usize = 64;
 struct Synced {
     jobs: Vec<Box<dyn ErasedJob>>,
     commit: Result<(), String>,
+    /// When the writer took the batch (for the commit latency metric).
+    started: std::time::Instant,
 }
 
 /// The write-ahead log next to the database file `db`.
@@ -301,6 +303,7 @@ fn writer_loop(
     restart: &AtomicBool,
 ) {
     while let Ok(first) = rx.recv() {
+        let started = std::time::Instant::now();
         let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -313,6 +316,7 @@ fn writer_loop(
         if let Err(std::sync::mpsc::SendError(lost)) = synced.send(Synced {
             jobs: batch,
             commit,
+            started,
         }) {
             // The sync thread is gone (only a panic stops it before this sender drops): nothing
             // can be confirmed durable any more, so nothing is acknowledged.
@@ -349,6 +353,10 @@ fn sync_loop(wal: std::fs::File, rx: std::sync::mpsc::Receiver<Synced>) {
         };
         for batch in ready.drain(..) {
             let fate = batch.commit.and(synced.clone());
+            crate::metrics::storage_batch("sqlite", batch.jobs.len(), batch.started.elapsed());
+            if fate.is_err() {
+                crate::metrics::storage_batch_failed("sqlite");
+            }
             for job in batch.jobs {
                 job.finish(&fate);
             }

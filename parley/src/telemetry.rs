@@ -1,0 +1,234 @@
+//! What an operator sees: logs (text or JSON), the Prometheus recorder behind `/metrics`, and
+//! the HTTP layer that gives every request a span, an access log line and its metrics.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::OnceLock;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request};
+use axum::response::Response;
+use metrics::{Unit, counter, describe_counter, describe_gauge, describe_histogram, gauge};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tracing::Instrument;
+
+/// How log lines are written to stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event, with its span fields (request id) in front.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`, and `span` / `spans`
+    /// with the request id of the request the line belongs to.
+    Json,
+}
+
+/// Starts logging to stderr. The filter comes from `PARLEY_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
+}
+
+/// Buckets of latency histograms, in seconds: 0.5 ms to 10 s.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Buckets of count histograms (batch sizes, queue depths).
+const COUNT_BUCKETS: &[f64] = &[
+    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0,
+];
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process's Prometheus recorder (once; later calls return the same handle) and
+/// describes every metric. Histograms get explicit buckets, so they render as histograms.
+pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_size".into()), COUNT_BUCKETS)?
+        .set_buckets_for_metric(Matcher::Suffix("_depth".into()), COUNT_BUCKETS)?
+        .install_recorder()?;
+    describe();
+    parley_core::metrics::describe();
+    parley_edge::metrics::describe();
+    let handle = HANDLE.get_or_init(|| handle).clone();
+    // Histograms are drained into their buckets on every render; without scrapes, this keeps
+    // their pending samples bounded.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
+}
+
+fn describe() {
+    describe_counter!(
+        "parley_http_requests_total",
+        "HTTP requests answered, by method, route template and status."
+    );
+    describe_histogram!(
+        "parley_http_request_duration_seconds",
+        Unit::Seconds,
+        "Time to answer an HTTP request (until the response head), by method and route template."
+    );
+    describe_gauge!(
+        "process_resident_memory_bytes",
+        Unit::Bytes,
+        "Resident memory of the process."
+    );
+    describe_gauge!("process_open_fds", "Open file descriptors of the process.");
+    describe_gauge!(
+        "process_max_fds",
+        "The process's limit of open file descriptors (soft limit)."
+    );
+}
+
+/// Renders `/metrics`, sampling the process gauges first.
+pub fn render(handle: &PrometheusHandle) -> String {
+    sample_process();
+    handle.render()
+}
+
+/// Resident memory and open files, read from `/proc` (Linux); left unset elsewhere.
+fn sample_process() {
+    if let Ok(statm) = std::fs::read_to_string("/proc/self/statm")
+        && let Some(pages) = statm
+            .split_whitespace()
+            .nth(1)
+            .and_then(|v| v.parse::<u64>().ok())
+    {
+        let bytes = pages * rustix::param::page_size() as u64;
+        gauge!("process_resident_memory_bytes").set(bytes as f64);
+    }
+    if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
+        gauge!("process_open_fds").set(dir.count() as f64);
+    }
+    if let Some(max) = rustix::process::getrlimit(rustix::process::Resource::Nofile).current {
+        gauge!("process_max_fds").set(max as f64);
+    }
+}
+
+/// The caller of a request, left in the response extensions by the REST authentication
+/// (`tenant/user`), for the access log.
+pub use parley_core::http::CallerId;
+
+/// A tower layer for every HTTP route: a `request` span carrying the request id (so every log
+/// line of the request has it), one access log line, and the request metrics. Apply it inside
+/// the request-id middleware so the id is known, and with `Router::layer`, so the route
+/// template ([`MatchedPath`]) is known.
+#[derive(Clone, Copy, Default)]
+pub struct HttpLayer;
+
+impl<S> tower::Layer<S> for HttpLayer {
+    type Service = HttpService<S>;
+    fn layer(&self, inner: S) -> HttpService<S> {
+        HttpService { inner }
+    }
+}
+
+#[derive(Clone)]
+pub struct HttpService<S> {
+    inner: S,
+}
+
+impl<S> tower::Service<Request> for HttpService<S>
+where
+    S: tower::Service<Request, Response = Response> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+{
+    type Response = Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request) -> Self::Future {
+        let started = Instant::now();
+        let method = method_label(req.method());
+        let route: String = req
+            .extensions()
+            .get::<MatchedPath>()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_else(|| "unmatched".to_owned());
+        let request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let span = tracing::info_span!("request", request_id = %request_id, method, route = %route);
+        let fut = self.inner.call(req).instrument(span.clone());
+        Box::pin(async move {
+            let res = fut.await?;
+            let elapsed = started.elapsed();
+            let status = res.status().as_u16();
+            let user = res
+                .extensions()
+                .get::<CallerId>()
+                .map(|c| c.0.as_str())
+                .unwrap_or("-");
+            span.in_scope(|| {
+                tracing::info!(
+                    target: "parley::access",
+                    request_id = %request_id,
+                    method,
+                    route = %route,
+                    user,
+                    status,
+                    latency_ms = elapsed.as_secs_f64() * 1000.0,
+                    "request"
+                );
+            });
+            counter!(
+                "parley_http_requests_total",
+                "method" => method,
+                "route" => route.clone(),
+                "status" => status.to_string()
+            )
+            .increment(1);
+            metrics::histogram!(
+                "parley_http_request_duration_seconds",
+                "method" => method,
+                "route" => route
+            )
+            .record(elapsed.as_secs_f64());
+            Ok(res)
+        })
+    }
+}
+
+/// The method as a label from a fixed set.
+fn method_label(m: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *m {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
