@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use parley_proto::{ChannelEvent, ClientFrame, CloseCode, EventBody};
+use parley_proto::{ChannelEvent, ClientFrame, CloseCode, ErrorCode, EventBody, Principal};
 
 /// The transport label of WebSocket connections.
 const WS: &str = "websocket";
@@ -26,6 +26,10 @@ pub fn describe() {
     describe_counter!(
         "parley_connections_closed_total",
         "Client connections ended, by transport and close code (code \"none\": the peer went away without a close frame)."
+    );
+    describe_counter!(
+        "parley_auth_failures_total",
+        "Refused authentications of WebSocket connections (auth frame or subprotocol token)."
     );
     describe_counter!(
         "parley_upgrades_refused_total",
@@ -85,22 +89,47 @@ pub fn describe() {
 }
 
 /// A connection authenticated (pair with [`connection_closed`]).
-pub fn connection_opened() {
+pub fn connection_opened(p: &Principal, session_id: &str) {
     gauge!("parley_connections", "transport" => WS).increment(1.0);
     counter!("parley_connections_opened_total", "transport" => WS).increment(1);
+    tracing::info!(
+        transport = WS,
+        session_id,
+        tenant = %p.tenant_id,
+        user = %p.user_id,
+        "connection opened"
+    );
 }
 
-/// An authenticated connection ended with `code` (`None`: no close frame was sent).
-pub fn connection_closed(code: Option<CloseCode>) {
+/// An authenticated connection ended with `code` (`None`: the peer closed or went away and
+/// the server sent no code of its own).
+pub fn connection_closed(p: &Principal, session_id: &str, code: Option<CloseCode>) {
     gauge!("parley_connections", "transport" => WS).decrement(1.0);
-    let code = code.map(close_label).unwrap_or("none");
-    counter!("parley_connections_closed_total", "transport" => WS, "code" => code).increment(1);
-    if code == "4009" {
-        counter!("parley_slow_consumer_closes_total").increment(1);
+    let label = code.map(close_label).unwrap_or("none");
+    counter!("parley_connections_closed_total", "transport" => WS, "code" => label).increment(1);
+    let reason = code
+        .map(|c| c.reason())
+        .unwrap_or("closed by the client or the network");
+    match code {
+        Some(CloseCode::SlowConsumer) => {
+            counter!("parley_slow_consumer_closes_total").increment(1);
+            tracing::warn!(transport = WS, session_id, tenant = %p.tenant_id, user = %p.user_id,
+                close_code = label, reason, "connection closed: slow consumer");
+        }
+        Some(CloseCode::RateLimitFlood) => {
+            counter!("parley_rate_limited_total", "limit" => "ws_frame_flood").increment(1);
+            tracing::warn!(transport = WS, session_id, tenant = %p.tenant_id, user = %p.user_id,
+                close_code = label, reason, "connection closed: frame flood");
+        }
+        _ => tracing::info!(transport = WS, session_id, tenant = %p.tenant_id, user = %p.user_id,
+            close_code = label, reason, "connection closed"),
     }
-    if code == "4008" {
-        counter!("parley_rate_limited_total", "limit" => "ws_frame_flood").increment(1);
-    }
+}
+
+/// A WebSocket `auth` frame was refused (logged with its code; never the token).
+pub fn auth_failed(code: ErrorCode) {
+    counter!("parley_auth_failures_total", "transport" => WS).increment(1);
+    tracing::info!(transport = WS, code = %code, "authentication failed");
 }
 
 /// The close code as a label (a fixed set: the protocol's close codes).
@@ -132,6 +161,9 @@ fn close_label(code: CloseCode) -> &'static str {
 /// node_full, address_full, draining).
 pub fn upgrade_refused(reason: &'static str) {
     counter!("parley_upgrades_refused_total", "reason" => reason).increment(1);
+    if reason == "auth" {
+        counter!("parley_auth_failures_total", "transport" => WS).increment(1);
+    }
     if reason == "address_full" {
         counter!("parley_rate_limited_total", "limit" => "ws_connections_per_ip").increment(1);
     }

@@ -142,10 +142,10 @@ pub(crate) fn run(
             principal.map(|p| Session::open(&edge, p))
         };
         if let Some(mut session) = session {
-            crate::metrics::connection_opened();
+            crate::metrics::connection_opened(&session.principal, &session.session_id);
             edge.gateway.connection_opened(&session.principal).await;
             let close = session.serve(&mut ws).await;
-            crate::metrics::connection_closed(close);
+            crate::metrics::connection_closed(&session.principal, &session.session_id, close);
             Box::pin(session.end(&mut ws, close)).await;
         }
         edge.connections.fetch_sub(1, Ordering::Relaxed);
@@ -300,6 +300,7 @@ async fn authenticate(edge: &Edge, ws: &mut WebSocket) -> Option<Principal> {
                     return Some(p);
                 }
                 Err(e) => {
+                    crate::metrics::auth_failed(e.code);
                     send_error(ws, id, e.code, &e.message).await;
                     send_close(ws, CloseCode::AuthFailed).await;
                     return None;
