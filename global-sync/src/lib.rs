@@ -78,6 +78,11 @@ pub trait Bus: Send + Sync + 'static {
     /// `in-process` or `nats`, for logs.
     fn kind(&self) -> &'static str;
 
+    /// Whether the bus is connected now (for readiness). Always in process.
+    fn check(&self) -> Result<(), BusError> {
+        Ok(())
+    }
+
     /// Publishes one committed event to every subscribed node, this one included. Called after
     /// the commit; a failure here is recovered by the receivers' gap filling.
     async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError>;

@@ -256,6 +256,16 @@ impl Bus for NatsBus {
         "nats"
     }
 
+    fn check(&self) -> Result<(), BusError> {
+        match self.inner.client.connection_state() {
+            State::Connected => Ok(()),
+            other => Err(BusError::Unavailable(format!(
+                "not connected to NATS at {} ({other:?})",
+                self.inner.url
+            ))),
+        }
+    }
+
     async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
         let subject = subject_for(&event.channel_id)?;
         let payload = serde_json::to_vec(event)

@@ -92,6 +92,8 @@ pub struct Node {
     pub dev_mode: bool,
     pub storage_backend: &'static str,
     pub bus_kind: &'static str,
+    /// Set on SIGTERM: readiness answers 503 and new upgrades are refused.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Builds the node and starts its bus dispatcher.
@@ -140,7 +142,7 @@ pub async fn build(
     let realtime = Realtime::new(
         bus.clone(),
         storage.clone(),
-        presence_store,
+        presence_store.clone(),
         realtime_config,
     );
     tokio::spawn(realtime.clone().run_timers());
@@ -211,7 +213,14 @@ pub async fn build(
     let openapi = ApiDoc::openapi()
         .to_json()
         .context("cannot render the OpenAPI document")?;
-    let edge_for_ready = edge.clone();
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readiness = Arc::new(crate::health::Readiness::new(
+        storage.clone(),
+        bus.clone(),
+        presence_store,
+        edge.clone(),
+        draining.clone(),
+    ));
     let metrics = crate::telemetry::metrics_handle()?;
     let app = Router::new()
         .merge(api)
@@ -236,8 +245,8 @@ pub async fn build(
         .route(
             "/readyz",
             get(move || {
-                let n = edge_for_ready.connection_count();
-                async move { format!("ready connections={n}") }
+                let readiness = readiness.clone();
+                async move { readiness.answer().await }
             }),
         )
         .fallback({
@@ -257,6 +266,7 @@ pub async fn build(
         dev_mode,
         storage_backend: storage.backend(),
         bus_kind: bus.kind(),
+        draining,
     })
 }
 
