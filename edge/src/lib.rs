@@ -24,6 +24,7 @@ use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
 mod admission;
 mod calls;
+mod drain;
 mod hub;
 pub mod metrics;
 mod queue;
@@ -239,6 +240,10 @@ pub struct Edge {
     controls: users::ConnControls,
     /// Connection limits of the node and per client address.
     admission: Arc<admission::Admission>,
+    /// Draining: upgrades refused, clients told to reconnect elsewhere (see `drain.rs`).
+    draining: std::sync::atomic::AtomicBool,
+    /// `message.send`s between their arrival and their ack being queued.
+    sends_in_flight: AtomicU64,
 }
 
 impl Edge {
@@ -262,6 +267,8 @@ impl Edge {
             calls: calls::CallRegistry::default(),
             controls: users::ConnControls::default(),
             admission,
+            draining: Default::default(),
+            sends_in_flight: AtomicU64::new(0),
         });
         tokio::spawn(heartbeats(Arc::downgrade(&edge)));
         edge

@@ -346,6 +346,10 @@ impl Session {
                 biased;
                 _ = ctl.notify.notified() => {
                     if let Some(code) = ctl.close_reason() {
+                        if code == CloseCode::GoingAway {
+                            // Draining: acks of sends that finished go out before the 1001.
+                            Box::pin(flush_queued(ws, &mut self.queue)).await;
+                        }
                         return Some(code);
                     }
                     if ctl.take_ping_due() {
@@ -920,6 +924,8 @@ impl Session {
         let gateway = self.edge.gateway.clone();
         let principal = self.principal.clone();
         let started = Instant::now();
+        let edge = self.edge.clone();
+        edge.send_started();
         // Unconstrained: tokio's cooperative budget could otherwise make that first poll return
         // early, before the write is queued, once this connection's task has done much work.
         let mut send = Box::pin(tokio::task::unconstrained(async move {
@@ -940,6 +946,7 @@ impl Session {
             };
             // Waits for room rather than dropping: an ack is never lost while the socket lives.
             let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
+            edge.send_finished();
         }));
         // No waker is needed for this poll: the spawned task polls again at once and registers
         // its own, and whatever completed meanwhile is seen then.
@@ -982,6 +989,19 @@ async fn send_batch(
         }
     }
     ws.flush().await
+}
+
+/// Writes whatever is queued, giving a stuck peer one second.
+async fn flush_queued(ws: &mut WebSocket, queue: &mut Option<(FrameSender, FrameReceiver)>) {
+    let Some((_, rx)) = queue else { return };
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+        while let Some(frame) = rx.try_recv() {
+            crate::metrics::frame_out(&frame);
+            ws.feed(Message::Text(frame)).await?;
+        }
+        ws.flush().await
+    })
+    .await;
 }
 
 async fn next_queued(queue: &mut Option<(FrameSender, FrameReceiver)>) -> Option<Utf8Bytes> {

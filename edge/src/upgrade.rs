@@ -55,6 +55,15 @@ async fn upgrade(
     let reject = |status: StatusCode, code: ErrorCode, message: &str| -> Response {
         refuse(status, code, message, None)
     };
+    if edge.is_draining() {
+        crate::metrics::upgrade_refused("draining");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is draining; connect to another node",
+            Some(FULL_RETRY_AFTER_MS),
+        );
+    }
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
         crate::metrics::upgrade_refused("origin");
         return reject(

@@ -161,6 +161,12 @@ pub struct ServeArgs {
     /// pipelines). The level filter comes from PARLEY_LOG (default info).
     #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: crate::telemetry::LogFormat,
+    /// On SIGTERM, how long the node drains before it closes the connections left with 1001, in
+    /// milliseconds: readiness answers 503, upgrades are refused, every client gets a
+    /// `reconnect` frame with a delay hint within the first half of this window. 0: close at
+    /// once. A second SIGTERM or Ctrl-C ends the window early.
+    #[arg(long, env = "PARLEY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
+    pub drain_window_ms: u64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -13,7 +13,6 @@
 //! The reasons go to the log (at warn, once per change), never into the answer.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -32,8 +31,6 @@ pub struct Readiness {
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn PresenceStore>,
     pub edge: Arc<Edge>,
-    /// Set when the node starts draining (SIGTERM); never cleared.
-    pub draining: Arc<AtomicBool>,
     /// The last answer's failing components, to log changes once.
     last_failing: std::sync::Mutex<Vec<&'static str>>,
 }
@@ -44,14 +41,12 @@ impl Readiness {
         bus: Arc<dyn Bus>,
         presence: Arc<dyn PresenceStore>,
         edge: Arc<Edge>,
-        draining: Arc<AtomicBool>,
     ) -> Readiness {
         Readiness {
             storage,
             bus,
             presence,
             edge,
-            draining,
             last_failing: Default::default(),
         }
     }
@@ -84,7 +79,7 @@ impl Readiness {
         if self.presence.kind() == "redis" {
             parts.push(("redis", presence));
         }
-        let draining = self.draining.load(Ordering::Acquire);
+        let draining = self.edge.is_draining();
         let failing: Vec<&'static str> = parts
             .iter()
             .filter(|(_, r)| r.is_err())

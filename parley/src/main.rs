@@ -79,26 +79,38 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
         let _ = out.write_all(banner.as_bytes());
         let _ = out.flush();
     }
+    let edge = node.edge.clone();
+    let drain_window = std::time::Duration::from_millis(args.drain_window_ms);
     let shutdown = async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         #[cfg(unix)]
-        let term_recv = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
+        let mut signal = async move || match term.as_mut() {
+            Some(t) => tokio::select! {
+                _ = t.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            },
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         };
         #[cfg(not(unix))]
-        let term_recv = std::future::pending::<()>();
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term_recv => {},
+        let mut signal = async || {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        signal().await;
+        if !drain_window.is_zero() {
+            // Drain: readiness false, upgrades refused, clients told to reconnect elsewhere.
+            tracing::info!(window_ms = drain_window.as_millis() as u64, "draining");
+            edge.drain(drain_window);
+            tokio::select! {
+                _ = tokio::time::sleep(drain_window) => {},
+                _ = signal() => tracing::info!("second signal: ending the drain window early"),
+            }
         }
+        // In-flight sends finish and their acks are queued before the 1001 closes.
+        edge.sends_settled(std::time::Duration::from_secs(5)).await;
         tracing::info!("shutting down: closing WebSockets with 1001");
         let _ = shutdown_tx.send(true);
     };

@@ -92,8 +92,6 @@ pub struct Node {
     pub dev_mode: bool,
     pub storage_backend: &'static str,
     pub bus_kind: &'static str,
-    /// Set on SIGTERM: readiness answers 503 and new upgrades are refused.
-    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Builds the node and starts its bus dispatcher.
@@ -213,13 +211,11 @@ pub async fn build(
     let openapi = ApiDoc::openapi()
         .to_json()
         .context("cannot render the OpenAPI document")?;
-    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let readiness = Arc::new(crate::health::Readiness::new(
         storage.clone(),
         bus.clone(),
         presence_store,
         edge.clone(),
-        draining.clone(),
     ));
     let metrics = crate::telemetry::metrics_handle()?;
     let app = Router::new()
@@ -266,7 +262,6 @@ pub async fn build(
         dev_mode,
         storage_backend: storage.backend(),
         bus_kind: bus.kind(),
-        draining,
     })
 }
 
