@@ -164,7 +164,7 @@ pub struct ServeArgs {
     /// On SIGTERM, how long the node drains before it closes the connections left with 1001, in
     /// milliseconds: readiness answers 503, upgrades are refused, every client gets a
     /// `reconnect` frame with a delay hint within the first half of this window. 0: close at
-    /// once. A second SIGTERM or Ctrl-C ends the window early.
+    /// once. The window ends early when every client has left, or on a second SIGTERM or Ctrl-C.
     #[arg(long, env = "PARLEY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
 }

@@ -102,10 +102,17 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
         signal().await;
         if !drain_window.is_zero() {
             // Drain: readiness false, upgrades refused, clients told to reconnect elsewhere.
+            // The window ends early once every client has left.
             tracing::info!(window_ms = drain_window.as_millis() as u64, "draining");
             edge.drain(drain_window);
+            let all_left = async {
+                while edge.connection_count() > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            };
             tokio::select! {
                 _ = tokio::time::sleep(drain_window) => {},
+                _ = all_left => tracing::info!("every client left: ending the drain window"),
                 _ = signal() => tracing::info!("second signal: ending the drain window early"),
             }
         }
