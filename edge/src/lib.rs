@@ -351,6 +351,9 @@ impl Edge {
                 msg = bus.next() => match msg {
                     Some(BusMessage::Event(ev)) => {
                         metrics::bus_received(&ev);
+                        // A traced event is delivered inside its `bus.deliver` span.
+                        let span = parley_sync::take_received_span();
+                        let _entered = span.as_ref().map(|s| s.enter());
                         self.hubs.on_event(ev)
                     }
                     Some(BusMessage::Resync) => {

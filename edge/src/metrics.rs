@@ -88,6 +88,16 @@ pub fn describe() {
     );
 }
 
+/// Registers the series an alert or dashboard reads at 0, so they exist before their first
+/// event.
+pub fn init() {
+    gauge!("parley_connections", "transport" => WS).increment(0.0);
+    counter!("parley_slow_consumer_closes_total").absolute(0);
+    counter!("parley_bus_resyncs_total").absolute(0);
+    gauge!("parley_calls_active").set(0.0);
+    gauge!("parley_call_participants").set(0.0);
+}
+
 /// A connection authenticated (pair with [`connection_closed`]).
 pub fn connection_opened(p: &Principal, session_id: &str) {
     gauge!("parley_connections", "transport" => WS).increment(1.0);

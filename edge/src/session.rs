@@ -928,26 +928,30 @@ impl Session {
         edge.send_started();
         // Unconstrained: tokio's cooperative budget could otherwise make that first poll return
         // early, before the write is queued, once this connection's task has done much work.
-        let mut send = Box::pin(tokio::task::unconstrained(async move {
-            let frame = match gateway.send_message(&principal, &channel_id, req).await {
-                Ok(result) => {
-                    crate::metrics::send_answered(started, None);
-                    ServerFrame::Ack(Ack {
-                        seq: Some(result.message.seq),
-                        created: Some(result.created),
-                        message: Some(result.message),
-                        ..Ack::new(id)
-                    })
-                }
-                Err(e) => {
-                    crate::metrics::send_answered(started, Some(e.code.as_str()));
-                    error_frame(Some(id), e.code, &e.message)
-                }
-            };
-            // Waits for room rather than dropping: an ack is never lost while the socket lives.
-            let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
-            edge.send_finished();
-        }));
+        let span = tracing::debug_span!("ws.message.send", session_id = %self.session_id);
+        let mut send = Box::pin(tokio::task::unconstrained(tracing::Instrument::instrument(
+            async move {
+                let frame = match gateway.send_message(&principal, &channel_id, req).await {
+                    Ok(result) => {
+                        crate::metrics::send_answered(started, None);
+                        ServerFrame::Ack(Ack {
+                            seq: Some(result.message.seq),
+                            created: Some(result.created),
+                            message: Some(result.message),
+                            ..Ack::new(id)
+                        })
+                    }
+                    Err(e) => {
+                        crate::metrics::send_answered(started, Some(e.code.as_str()));
+                        error_frame(Some(id), e.code, &e.message)
+                    }
+                };
+                // Waits for room rather than dropping: an ack is never lost while the socket lives.
+                let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
+                edge.send_finished();
+            },
+            span,
+        )));
         // No waker is needed for this poll: the spawned task polls again at once and registers
         // its own, and whatever completed meanwhile is seen then.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());

@@ -17,9 +17,11 @@ use parley_proto::ChannelEvent;
 
 mod in_process;
 mod nats;
+mod trace;
 
 pub use in_process::InProcessBus;
 pub use nats::NatsBus;
+pub use trace::take_received_span;
 
 /// What a node's bus subscription yields.
 #[derive(Debug, Clone)]

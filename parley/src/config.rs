@@ -167,6 +167,13 @@ pub struct ServeArgs {
     /// once. The window ends early when every client has left, or on a second SIGTERM or Ctrl-C.
     #[arg(long, env = "PARLEY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
     pub drain_window_ms: u64,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317). Off when unset.
+    #[arg(long, env = "PARLEY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces recorded when exporting (0–1; e.g. 0.01 for 1%, 0.001 for 0.1%).
+    /// Traces continued from another node follow that node's decision.
+    #[arg(long, env = "PARLEY_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -53,6 +53,29 @@ impl Readiness {
 
     /// Checks every dependency at once and answers.
     pub async fn answer(&self) -> Response {
+        let (ready, line) = self.evaluate().await;
+        let status = if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        };
+        (status, line).into_response()
+    }
+
+    /// Evaluates readiness every `every`, so `parley_ready` and `parley_dependency_up` are
+    /// current for Prometheus without a probe calling `/readyz`.
+    pub fn spawn_probe(self: Arc<Self>, every: Duration) {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                self.evaluate().await;
+            }
+        });
+    }
+
+    /// Whether the node is ready, and the line that says so; updates the readiness gauges.
+    async fn evaluate(&self) -> (bool, String) {
         let storage = async {
             match tokio::time::timeout(CHECK_TIMEOUT, self.storage.channel("readyz", "ch_readyz"))
                 .await
@@ -98,12 +121,32 @@ impl Readiness {
             ));
         }
         line.push_str(&format!(" connections={}", self.edge.connection_count()));
-        let status = if ready {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
-        (status, line).into_response()
+        metrics::gauge!("parley_ready").set(if ready { 1.0 } else { 0.0 });
+        metrics::gauge!("parley_draining").set(if draining { 1.0 } else { 0.0 });
+        for (name, r) in &parts {
+            metrics::gauge!("parley_dependency_up", "dependency" => *name).set(if r.is_ok() {
+                1.0
+            } else {
+                0.0
+            });
+        }
+        (ready, line)
+    }
+
+    /// Help text of the readiness gauges.
+    pub fn describe() {
+        metrics::describe_gauge!(
+            "parley_ready",
+            "1 while /readyz would answer 200 (dependencies reachable, not draining), else 0."
+        );
+        metrics::describe_gauge!(
+            "parley_draining",
+            "1 while the node drains (after SIGTERM)."
+        );
+        metrics::describe_gauge!(
+            "parley_dependency_up",
+            "1 while a configured dependency (storage, nats, redis) answers, else 0."
+        );
     }
 
     fn log_changes(&self, parts: &[(&'static str, Result<(), String>)], failing: &[&'static str]) {

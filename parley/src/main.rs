@@ -53,7 +53,14 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
-    parley::telemetry::init_logging(args.log_format);
+    let otlp = args
+        .otlp_endpoint
+        .as_ref()
+        .map(|endpoint| parley::telemetry::OtlpConfig {
+            endpoint: endpoint.clone(),
+            sample_ratio: args.trace_sample_ratio,
+        });
+    let traces = parley::telemetry::init(args.log_format, otlp.as_ref())?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let node = server::build(&args, shutdown_rx).await?;
     let listener = TcpListener::bind(&args.listen)
@@ -129,5 +136,6 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
     while edge.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    traces.shutdown();
     Ok(())
 }

@@ -99,6 +99,8 @@ pub async fn build(
     args: &ServeArgs,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Node> {
+    // First: everything after records metrics.
+    let metrics = crate::telemetry::metrics_handle()?;
     let storage = open_storage(&args.storage).await?;
     let bus: Arc<dyn Bus> = match &args.nats_url {
         Some(url) => Arc::new(
@@ -217,7 +219,9 @@ pub async fn build(
         presence_store,
         edge.clone(),
     ));
-    let metrics = crate::telemetry::metrics_handle()?;
+    readiness.clone().spawn_probe(Duration::from_secs(5));
+    parley_core::metrics::init(storage.backend(), bus.kind());
+    parley_edge::metrics::init();
     let app = Router::new()
         .merge(api)
         .merge(parley_edge::router(edge.clone()))

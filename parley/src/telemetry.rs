@@ -40,6 +40,104 @@ pub fn init_logging(format: LogFormat) {
     }
 }
 
+/// Where traces go, when they are exported.
+#[derive(Debug, Clone)]
+pub struct OtlpConfig {
+    /// The OTLP/gRPC endpoint, e.g. `http://127.0.0.1:4317`.
+    pub endpoint: String,
+    /// Share of new traces recorded, 0–1. A trace continued from another node follows that
+    /// node's decision.
+    pub sample_ratio: f64,
+}
+
+/// The tracer provider while traces are exported; flushes on [`Tracing::shutdown`].
+pub struct Tracing(Option<opentelemetry_sdk::trace::SdkTracerProvider>);
+
+impl Tracing {
+    /// Exports the spans still buffered.
+    pub fn shutdown(self) {
+        if let Some(p) = self.0
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "flushing traces at shutdown failed");
+        }
+    }
+}
+
+/// Targets whose spans never go to the OpenTelemetry layer: the exporter's own transport (it
+/// would trace itself).
+const NOT_TRACED: &[&str] = &["h2", "tonic", "hyper", "tower", "opentelemetry"];
+
+/// Starts logging (as [`init_logging`]) and, with `otlp`, span export over OTLP/gRPC. Must run
+/// inside the tokio runtime (the exporter's channel lives on it).
+pub fn init(format: LogFormat, otlp: Option<&OtlpConfig>) -> anyhow::Result<Tracing> {
+    let Some(otlp) = otlp else {
+        init_logging(format);
+        return Ok(Tracing(None));
+    };
+    use opentelemetry::trace::TracerProvider as _;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::Sampler;
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, Layer, filter};
+
+    let ratio = otlp.sample_ratio;
+    if !(0.0..=1.0).contains(&ratio) {
+        anyhow::bail!("--trace-sample-ratio must be between 0 and 1, got {ratio}");
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .with_endpoint(otlp.endpoint.clone())
+        .build()?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("parley")
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.instance.id",
+            format!("node_{}", ulid::Ulid::new()),
+        ))
+        .build();
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
+            ratio,
+        ))))
+        .with_resource(resource)
+        .build();
+    opentelemetry::global::set_text_map_propagator(
+        opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+    );
+    let tracer = provider.tracer("parley");
+    // Logs keep their own level filter; spans (debug and up, e.g. `ws.message.send`,
+    // `storage.commit`, `bus.publish`) go to OpenTelemetry.
+    let log_filter =
+        EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let otel = tracing_opentelemetry::layer()
+        .with_tracer(tracer)
+        .with_filter(filter::filter_fn(|meta| {
+            meta.level() <= &tracing::Level::DEBUG
+                && !NOT_TRACED
+                    .iter()
+                    .any(|t| meta.target() == *t || meta.target().starts_with(&format!("{t}::")))
+        }));
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt: Box<dyn Layer<_> + Send + Sync> = match format {
+        LogFormat::Text => fmt.with_filter(log_filter).boxed(),
+        LogFormat::Json => fmt
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(log_filter)
+            .boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
+        .try_init()?;
+    tracing::info!(endpoint = %otlp.endpoint, sample_ratio = ratio, "exporting traces over OTLP");
+    Ok(Tracing(Some(provider)))
+}
+
 /// Buckets of latency histograms, in seconds: 0.5 ms to 10 s.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -64,6 +162,7 @@ pub fn metrics_handle() -> anyhow::Result<PrometheusHandle> {
         .set_buckets_for_metric(Matcher::Suffix("_depth".into()), COUNT_BUCKETS)?
         .install_recorder()?;
     describe();
+    crate::health::Readiness::describe();
     parley_core::metrics::describe();
     parley_edge::metrics::describe();
     let handle = HANDLE.get_or_init(|| handle).clone();

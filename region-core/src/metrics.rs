@@ -37,6 +37,14 @@ pub fn describe() {
     );
 }
 
+/// Registers the counters an alert or dashboard reads at 0, so they exist before their first
+/// event.
+pub fn init(engine: &'static str, bus: &'static str) {
+    counter!("parley_storage_batch_failures_total", "engine" => engine).absolute(0);
+    counter!("parley_bus_publish_failures_total", "bus" => bus).absolute(0);
+    counter!("parley_bus_published_total", "bus" => bus).absolute(0);
+}
+
 /// A batch of `size` writes was settled (committed, or failed and answered) after `elapsed`.
 pub fn storage_batch(engine: &'static str, size: usize, elapsed: Duration) {
     histogram!("parley_storage_batch_size", "engine" => engine).record(size as f64);
