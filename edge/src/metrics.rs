@@ -179,8 +179,8 @@ pub fn upgrade_refused(reason: &'static str) {
     }
 }
 
-/// A client frame arrived (`None`: it did not parse as a frame).
-pub fn frame_in(frame: Option<&ClientFrame>) {
+/// A client frame arrived (`None`: it did not parse as a frame); returns its type.
+pub fn frame_in(frame: Option<&ClientFrame>) -> &'static str {
     let kind = match frame {
         None => "invalid",
         Some(ClientFrame::Auth { .. }) => "auth",
@@ -199,6 +199,7 @@ pub fn frame_in(frame: Option<&ClientFrame>) {
         Some(_) => "other",
     };
     counter!("parley_ws_frames_in_total", "type" => kind).increment(1);
+    kind
 }
 
 /// A WS frame was refused by the per-connection frame budget.

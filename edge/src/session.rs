@@ -369,8 +369,15 @@ impl Session {
                     Some(Err(e)) => return classify_read_error(e),
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
-                        // Boxed: request handling is large and rare next to idling.
-                        if let Flow::End(code) = Box::pin(self.on_message(ws, msg)).await {
+                        // Boxed: request handling is large and rare next to idling. Its span
+                        // (debug: free unless traces are exported) is each WS operation's.
+                        let span = tracing::debug_span!(
+                            "ws.frame",
+                            session_id = %self.session_id,
+                            op = tracing::field::Empty
+                        );
+                        let handled = tracing::Instrument::instrument(self.on_message(ws, msg), span);
+                        if let Flow::End(code) = Box::pin(handled).await {
                             return code;
                         }
                     }
@@ -454,7 +461,8 @@ impl Session {
             return Flow::Continue;
         };
         let parsed = ClientFrame::parse(text.as_str());
-        crate::metrics::frame_in(parsed.as_ref().ok());
+        let op = crate::metrics::frame_in(parsed.as_ref().ok());
+        tracing::Span::current().record("op", op);
         match parsed {
             Err(FrameError { id, code, message }) => send_error(ws, id, code, &message).await,
             Ok(ClientFrame::Auth { id, .. }) => {

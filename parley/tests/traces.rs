@@ -172,7 +172,16 @@ async fn one_message_trace_spans_both_nodes() {
         "spans of one trace from both nodes: {nodes:?}"
     );
     let names: BTreeSet<&str> = spans.iter().map(|s| s.name.as_str()).collect();
+    let frame = spans
+        .iter()
+        .find(|s| s.name == "ws.frame")
+        .expect("ws.frame");
+    assert_eq!(
+        frame.attrs.get("op").map(String::as_str),
+        Some("message.send")
+    );
     for name in [
+        "ws.frame",
         "ws.message.send",
         "storage.commit",
         "bus.publish",
