@@ -72,6 +72,14 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 phase "install services" parley_services_install
+# promtool checks the alert rules in ops/ (parley/tests/ops_assets.rs); Debian's prometheus
+# package brings it (no daemon is started).
+install_promtool() {
+    command -v promtool >/dev/null 2>&1 && return 0
+    command -v apt-get >/dev/null 2>&1 || { echo "test.sh: promtool missing and no apt-get: install Prometheus' promtool" >&2; return 1; }
+    apt-get install -y --no-install-recommends prometheus >/dev/null
+}
+phase "install promtool" install_promtool
 phase "start services" parley_services_start
 
 # Belt and braces: never hand the tests an environment they would have to skip in.

@@ -29,6 +29,13 @@ struct Attached {
     channel_id: String,
 }
 
+/// Publishes the calls and participants held by this node's connections.
+fn record_gauges(attached: &HashMap<String, Attached>) {
+    let calls: std::collections::HashSet<&str> =
+        attached.values().map(|a| a.call_id.as_str()).collect();
+    crate::metrics::calls_on_node(calls.len(), attached.len());
+}
+
 /// (call, local participant, remote participant)
 type PairKey = (String, String, String);
 
@@ -61,15 +68,19 @@ impl CallRegistry {
         conn: u64,
         tx: FrameSender,
     ) -> bool {
-        lock(&self.attached).insert(
-            participant_id.to_owned(),
-            Attached {
-                conn,
-                tx,
-                call_id: call_id.to_owned(),
-                channel_id: channel_id.to_owned(),
-            },
-        );
+        {
+            let mut attached = lock(&self.attached);
+            attached.insert(
+                participant_id.to_owned(),
+                Attached {
+                    conn,
+                    tx,
+                    call_id: call_id.to_owned(),
+                    channel_id: channel_id.to_owned(),
+                },
+            );
+            record_gauges(&attached);
+        }
         let was_reconnecting = match lock(&self.reconnecting).remove(participant_id) {
             Some(timer) => {
                 timer.abort();
@@ -133,6 +144,9 @@ impl CallRegistry {
             if let Some(a) = attached.remove(&pid) {
                 out.push((pid, a.call_id, a.channel_id));
             }
+        }
+        if !out.is_empty() {
+            record_gauges(&attached);
         }
         drop(attached);
         let mut pairs = lock(&self.pairs);

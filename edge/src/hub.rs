@@ -35,6 +35,8 @@ pub(crate) struct Encoded {
     /// For events that change unread counts: the sender of a new message (whose own count does
     /// not change), or `Some("")` for a deletion.
     unread_change_by: Option<String>,
+    /// When the event was committed (ms since the epoch), for the fan-out latency metric.
+    committed_ms: Option<i64>,
     json: Utf8Bytes,
 }
 
@@ -53,6 +55,7 @@ impl Encoded {
                 EventBody::MessageDeleted { .. } => Some(String::new()),
                 _ => None,
             },
+            committed_ms: crate::metrics::commit_time_ms(ev),
             json: Utf8Bytes::from(json),
         }))
     }
@@ -414,12 +417,14 @@ fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant, channel_id: &str) -> bool
 /// Hands in-order events to every active subscriber, applying removals and deletion.
 fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
     for ev in events {
+        let mut copies = 0;
         hub.subs.retain(|reg| {
             if reg.state != SubState::Active {
                 return true;
             }
             match reg.sub.tx.try_send(ev.json.clone()) {
                 Ok(()) => {
+                    copies += 1;
                     if let Some(by) = &ev.unread_change_by
                         && by.as_str() != &*reg.sub.user_id
                     {
@@ -434,6 +439,7 @@ fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
                 Err(TrySendError::Closed(_)) => false,
             }
         });
+        crate::metrics::fanned_out(ev.committed_ms, copies);
         if let Some(removed) = &ev.body_is_removal_of {
             hub.subs.retain_mut(|reg| {
                 if &*reg.sub.user_id != removed.as_str() {

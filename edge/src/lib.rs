@@ -24,7 +24,9 @@ use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
 
 mod admission;
 mod calls;
+mod drain;
 mod hub;
+pub mod metrics;
 mod queue;
 mod session;
 mod upgrade;
@@ -258,6 +260,10 @@ pub struct Edge {
     controls: users::ConnControls,
     /// Connection limits of the node and per client address.
     admission: Arc<admission::Admission>,
+    /// Draining: upgrades refused, clients told to reconnect elsewhere (see `drain.rs`).
+    draining: std::sync::atomic::AtomicBool,
+    /// `message.send`s between their arrival and their ack being queued.
+    sends_in_flight: AtomicU64,
 }
 
 impl Edge {
@@ -281,6 +287,8 @@ impl Edge {
             calls: calls::CallRegistry::default(),
             controls: users::ConnControls::default(),
             admission,
+            draining: Default::default(),
+            sends_in_flight: AtomicU64::new(0),
         });
         tokio::spawn(heartbeats(Arc::downgrade(&edge)));
         edge
@@ -377,8 +385,17 @@ impl Edge {
         loop {
             tokio::select! {
                 msg = bus.next() => match msg {
-                    Some(BusMessage::Event(ev)) => self.hubs.on_event(ev),
-                    Some(BusMessage::Resync) => self.hubs.resync_all(),
+                    Some(BusMessage::Event(ev)) => {
+                        metrics::bus_received(&ev);
+                        // A traced event is delivered inside its `bus.deliver` span.
+                        let span = parley_sync::take_received_span();
+                        let _entered = span.as_ref().map(|s| s.enter());
+                        self.hubs.on_event(ev)
+                    }
+                    Some(BusMessage::Resync) => {
+                        metrics::bus_resync();
+                        self.hubs.resync_all()
+                    }
                     Some(BusMessage::Ephemeral(ev)) => self.deliver_ephemeral(&ev),
                     None => break,
                 },

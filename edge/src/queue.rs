@@ -110,6 +110,11 @@ impl FrameReceiver {
         }
     }
 
+    /// Frames queued now.
+    pub fn len(&self) -> usize {
+        self.0.lock().frames.len()
+    }
+
     /// The next frame if one is queued.
     pub fn try_recv(&mut self) -> Option<Utf8Bytes> {
         let mut state = self.0.lock();

@@ -175,8 +175,10 @@ pub(crate) fn run(
         };
         let authenticated = session.is_some();
         if let Some(mut session) = session {
+            crate::metrics::connection_opened(&session.principal, &session.session_id);
             edge.gateway.connection_opened(&session.principal).await;
             let close = session.serve(&mut ws).await;
+            crate::metrics::connection_closed(&session.principal, &session.session_id, close);
             Box::pin(session.end(&mut ws, close)).await;
         }
         edge.connections.fetch_sub(1, Ordering::Relaxed);
@@ -358,10 +360,13 @@ async fn await_auth(
                 continue;
             }
         };
-        match ClientFrame::parse(text.as_str()) {
+        let parsed = ClientFrame::parse(text.as_str());
+        crate::metrics::frame_in(parsed.as_ref().ok());
+        match parsed {
             Ok(ClientFrame::Auth { id, token }) => match edge.gateway.authenticate(&token) {
                 Ok(p) => return Ok((p, id)),
                 Err(e) => {
+                    crate::metrics::auth_failed(e.code);
                     out.push(error_message(id, e.code, &e.message));
                     return Err(Some(CloseCode::AuthFailed));
                 }
@@ -421,6 +426,10 @@ impl Session {
                 biased;
                 _ = ctl.notify.notified() => {
                     if let Err(code) = self.on_control(heartbeat_timeout) {
+                        if code == CloseCode::GoingAway {
+                            // Draining: acks of sends that finished go out before the 1001.
+                            Box::pin(flush_queued(ws, &mut self.queue)).await;
+                        }
                         return Some(code);
                     }
                 }
@@ -430,8 +439,15 @@ impl Session {
                     Some(Err(e)) => return classify_read_error(e),
                     Some(Ok(msg)) => {
                         self.last_heard = Instant::now();
-                        // Boxed: request handling is large and rare next to idling.
-                        if let Flow::End(code) = Box::pin(self.on_message(ws, msg)).await {
+                        // Boxed: request handling is large and rare next to idling. Its span
+                        // (debug: free unless traces are exported) is each WS operation's.
+                        let span = tracing::debug_span!(
+                            "ws.frame",
+                            session_id = %self.session_id,
+                            op = tracing::field::Empty
+                        );
+                        let handled = tracing::Instrument::instrument(self.on_message(ws, msg), span);
+                        if let Flow::End(code) = Box::pin(handled).await {
                             return code;
                         }
                     }
@@ -566,6 +582,7 @@ impl Session {
         }
         // Every data frame spends budget, binary ones included.
         if self.limiter.check().is_err() {
+            crate::metrics::frame_rate_limited();
             let cfg = &self.edge.config;
             if self
                 .flood
@@ -598,7 +615,10 @@ impl Session {
             ));
             return Flow::Continue;
         };
-        let frame = match ClientFrame::parse(text.as_str()) {
+        let parsed = ClientFrame::parse(text.as_str());
+        let op = crate::metrics::frame_in(parsed.as_ref().ok());
+        tracing::Span::current().record("op", op);
+        let frame = match parsed {
             Ok(frame) => frame,
             Err(FrameError { id, code, message }) => {
                 self.reply(error_frame(id, code, &message));
@@ -1107,21 +1127,35 @@ impl Session {
         let tx = self.queue_sender();
         let gateway = self.edge.gateway.clone();
         let principal = self.principal.clone();
+        let started = Instant::now();
+        let edge = self.edge.clone();
+        edge.send_started();
         // Unconstrained: tokio's cooperative budget could otherwise make that first poll return
         // early, before the write is queued, once this connection's task has done much work.
-        let mut send = Box::pin(tokio::task::unconstrained(async move {
-            let frame = match gateway.send_message(&principal, &channel_id, req).await {
-                Ok(result) => ServerFrame::Ack(Ack {
-                    seq: Some(result.message.seq),
-                    created: Some(result.created),
-                    message: Some(result.message),
-                    ..Ack::new(id)
-                }),
-                Err(e) => error_frame(Some(id), e.code, &e.message),
-            };
-            // Waits for room rather than dropping: an ack is never lost while the socket lives.
-            let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
-        }));
+        let span = tracing::debug_span!("ws.message.send", session_id = %self.session_id);
+        let mut send = Box::pin(tokio::task::unconstrained(tracing::Instrument::instrument(
+            async move {
+                let frame = match gateway.send_message(&principal, &channel_id, req).await {
+                    Ok(result) => {
+                        crate::metrics::send_answered(started, None);
+                        ServerFrame::Ack(Ack {
+                            seq: Some(result.message.seq),
+                            created: Some(result.created),
+                            message: Some(result.message),
+                            ..Ack::new(id)
+                        })
+                    }
+                    Err(e) => {
+                        crate::metrics::send_answered(started, Some(e.code.as_str()));
+                        error_frame(Some(id), e.code, &e.message)
+                    }
+                };
+                // Waits for room rather than dropping: an ack is never lost while the socket lives.
+                let _ = tx.send(Utf8Bytes::from(frame.to_json())).await;
+                edge.send_finished();
+            },
+            span,
+        )));
         // No waker is needed for this poll: the spawned task polls again at once and registers
         // its own, and whatever completed meanwhile is seen then.
         let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
@@ -1148,16 +1182,26 @@ async fn send_batch(
     first: Option<Utf8Bytes>,
     queue: Option<&mut FrameReceiver>,
 ) -> Result<(), axum::Error> {
+    if let Some(rx) = &queue {
+        crate::metrics::send_queue_depth(rx.len() + usize::from(first.is_some()));
+    }
     for m in out {
+        if let Message::Text(t) = &m {
+            crate::metrics::frame_out(t);
+        }
         ws.feed(m).await?;
     }
     if let Some(first) = first {
+        crate::metrics::frame_out(&first);
         ws.feed(Message::Text(first)).await?;
     }
     if let Some(rx) = queue {
         for _ in 1..MAX_FRAMES_PER_WRITE {
             match rx.try_recv() {
-                Some(frame) => ws.feed(Message::Text(frame)).await?,
+                Some(frame) => {
+                    crate::metrics::frame_out(&frame);
+                    ws.feed(Message::Text(frame)).await?
+                }
                 None => break,
             }
         }
@@ -1178,6 +1222,19 @@ fn unix_now() -> Duration {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
+}
+
+/// Writes whatever is queued, giving a stuck peer [`CLOSE_WRITE_TIMEOUT`].
+async fn flush_queued(ws: &mut WebSocket, queue: &mut Option<(FrameSender, FrameReceiver)>) {
+    let Some((_, rx)) = queue else { return };
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
+        while let Some(frame) = rx.try_recv() {
+            crate::metrics::frame_out(&frame);
+            ws.feed(Message::Text(frame)).await?;
+        }
+        ws.flush().await
+    })
+    .await;
 }
 
 async fn next_queued(queue: &mut Option<(FrameSender, FrameReceiver)>) -> Option<Utf8Bytes> {

@@ -77,6 +77,7 @@ async fn upgrade(
         refuse(status, code, message, None)
     };
     let failed_auth = |wait: Duration| {
+        crate::metrics::upgrade_refused("auth_failures");
         refuse(
             StatusCode::TOO_MANY_REQUESTS,
             ErrorCode::RateLimited,
@@ -84,7 +85,17 @@ async fn upgrade(
             Some(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1)),
         )
     };
+    if edge.is_draining() {
+        crate::metrics::upgrade_refused("draining");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::Unavailable,
+            "this node is draining; connect to another node",
+            Some(FULL_RETRY_AFTER_MS),
+        );
+    }
     if !origin_allowed(&edge.config.allowed_origins, &headers) {
+        crate::metrics::upgrade_refused("origin");
         return reject(
             StatusCode::FORBIDDEN,
             ErrorCode::Forbidden,
@@ -98,6 +109,7 @@ async fn upgrade(
         .map(|p| p.trim().to_owned())
         .collect();
     if !requested.iter().any(|p| p == WS_SUBPROTOCOL) {
+        crate::metrics::upgrade_refused("subprotocol");
         return reject(
             StatusCode::BAD_REQUEST,
             ErrorCode::InvalidRequest,
@@ -111,6 +123,8 @@ async fn upgrade(
         Some(token) => match edge.gateway.authenticate(token) {
             Ok(p) => Some(p),
             Err(e) => {
+                crate::metrics::upgrade_refused("auth");
+                tracing::info!(request_id = %request_id, code = %e.code, "websocket upgrade refused: authentication failed");
                 if let Err(wait) = failures.failed(peer.ip()) {
                     return failed_auth(wait);
                 }
@@ -130,6 +144,7 @@ async fn upgrade(
     let slot = match edge.admission.admit(peer.ip()) {
         Ok(slot) => slot,
         Err(Refusal::NodeFull) => {
+            crate::metrics::upgrade_refused("node_full");
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 ErrorCode::Unavailable,
@@ -138,6 +153,7 @@ async fn upgrade(
             );
         }
         Err(Refusal::AddressFull) => {
+            crate::metrics::upgrade_refused("address_full");
             return refuse(
                 StatusCode::TOO_MANY_REQUESTS,
                 ErrorCode::RateLimited,

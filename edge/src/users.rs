@@ -40,6 +40,15 @@ impl UserConnections {
         }
     }
 
+    /// Calls `f` with every connection's queue.
+    pub fn for_each_queue(&self, mut f: impl FnMut(u64, &FrameSender)) {
+        for conns in lock(&self.inner).values() {
+            for (conn, tx) in conns {
+                f(*conn, tx);
+            }
+        }
+    }
+
     /// Best effort: a full queue drops the frame.
     pub fn deliver(&self, tenant: &str, user: &str, frame: &Utf8Bytes) {
         let map = lock(&self.inner);

@@ -17,9 +17,11 @@ use parley_proto::ChannelEvent;
 
 mod in_process;
 mod nats;
+mod trace;
 
 pub use in_process::InProcessBus;
 pub use nats::NatsBus;
+pub use trace::take_received_span;
 
 /// What a node's bus subscription yields.
 #[derive(Debug, Clone)]
@@ -77,6 +79,11 @@ pub enum BusError {
 pub trait Bus: Send + Sync + 'static {
     /// `in-process` or `nats`, for logs.
     fn kind(&self) -> &'static str;
+
+    /// Whether the bus is connected now (for readiness). Always in process.
+    fn check(&self) -> Result<(), BusError> {
+        Ok(())
+    }
 
     /// Publishes one committed event to every subscribed node, this one included. Called after
     /// the commit; a failure here is recovered by the receivers' gap filling.

@@ -256,6 +256,16 @@ impl Bus for NatsBus {
         "nats"
     }
 
+    fn check(&self) -> Result<(), BusError> {
+        match self.inner.client.connection_state() {
+            State::Connected => Ok(()),
+            other => Err(BusError::Unavailable(format!(
+                "not connected to NATS at {} ({other:?})",
+                self.inner.url
+            ))),
+        }
+    }
+
     async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
         let subject = subject_for(&event.channel_id)?;
         let payload = serde_json::to_vec(event)
@@ -269,7 +279,17 @@ impl Bus for NatsBus {
         } else {
             Duration::ZERO
         };
-        match timeout(wait, client.publish(subject, Bytes::from(payload))).await {
+        let sent = match crate::trace::current_headers() {
+            Some(headers) => {
+                timeout(
+                    wait,
+                    client.publish_with_headers(subject, headers, Bytes::from(payload)),
+                )
+                .await
+            }
+            None => timeout(wait, client.publish(subject, Bytes::from(payload))).await,
+        };
+        match sent {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(match err.kind() {
                 PublishErrorKind::MaxPayloadExceeded | PublishErrorKind::InvalidSubject => {
@@ -399,6 +419,7 @@ impl SubscriptionState {
                     Some(Some(message)) => {
                         self.slow_backlog = Some(delivered + 1);
                         if let Some(item) = decode_message(&message.subject, &message.payload) {
+                            traced(&item, message.headers.as_ref());
                             return Some(item);
                         }
                         continue;
@@ -421,6 +442,7 @@ impl SubscriptionState {
                 message = self.subscriber.next() => {
                     let message = message?;
                     if let Some(item) = decode_message(&message.subject, &message.payload) {
+                        traced(&item, message.headers.as_ref());
                         return Some(item);
                     }
                 }
@@ -442,6 +464,13 @@ fn subject_for(channel_id: &str) -> Result<String, BusError> {
         )));
     }
     Ok(format!("{SUBJECT_PREFIX}{channel_id}"))
+}
+
+/// Leaves the trace context of a received event for the dispatcher (see `trace.rs`).
+fn traced(item: &BusMessage, headers: Option<&async_nats::HeaderMap>) {
+    if let BusMessage::Event(ev) = item {
+        crate::trace::received(headers, ev);
+    }
 }
 
 /// Decodes a message received on `parley.ev.>` into what the subscription yields.

@@ -210,6 +210,23 @@ pub struct ServeArgs {
     /// is kept in memory (one node).
     #[arg(long, env = "PARLEY_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// Log line format on stderr: text (for people) or json (one object per line, for log
+    /// pipelines). The level filter comes from PARLEY_LOG (default info).
+    #[arg(long, env = "PARLEY_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: crate::telemetry::LogFormat,
+    /// On SIGTERM, how long the node drains before it closes the connections left with 1001, in
+    /// milliseconds: readiness answers 503, upgrades are refused, every client gets a
+    /// `reconnect` frame with a delay hint within the first half of this window. 0: close at
+    /// once. The window ends early when every client has left, or on a second SIGTERM or Ctrl-C.
+    #[arg(long, env = "PARLEY_DRAIN_WINDOW_MS", default_value_t = 10_000)]
+    pub drain_window_ms: u64,
+    /// Export traces over OTLP/gRPC to this endpoint (e.g. http://127.0.0.1:4317). Off when unset.
+    #[arg(long, env = "PARLEY_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces recorded when exporting (0–1; e.g. 0.01 for 1%, 0.001 for 0.1%).
+    /// Traces continued from another node follow that node's decision.
+    #[arg(long, env = "PARLEY_TRACE_SAMPLE_RATIO", default_value_t = 0.01)]
+    pub trace_sample_ratio: f64,
 }
 
 #[derive(Debug, Clone, Args)]

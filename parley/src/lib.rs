@@ -2,5 +2,7 @@
 //! into one server. `main.rs` only parses the command line and calls in here.
 
 pub mod config;
+pub mod health;
 pub mod server;
+pub mod telemetry;
 pub mod web;

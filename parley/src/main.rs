@@ -26,7 +26,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(args) => serve(*args).await,
             Command::Token(args) => token(args),
             Command::Migrate(args) => {
-                init_tracing();
+                parley::telemetry::init_logging(parley::telemetry::LogFormat::Text);
                 let storage = server::open_storage(&args).await?;
                 println!("schema up to date ({})", storage.backend());
                 Ok(())
@@ -77,28 +77,15 @@ fn token(args: parley::config::TokenArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Logs to stderr, filtered by `PARLEY_LOG` (default `info`). Whatever it says, the WebSocket
-/// library logs at most at debug level: at trace it prints every frame's payload, `auth` frames
-/// with their token included, and tokens are never logged.
-fn init_tracing() {
-    use tracing_subscriber::layer::SubscriberExt;
-    use tracing_subscriber::util::SubscriberInitExt;
-    use tracing_subscriber::{EnvFilter, filter};
-    let env = EnvFilter::try_from_env("PARLEY_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let no_frames = filter::filter_fn(|meta| {
-        let target = meta.target();
-        let frames = target.starts_with("tungstenite") || target.starts_with("tokio_tungstenite");
-        !frames || *meta.level() <= tracing::Level::DEBUG
-    });
-    tracing_subscriber::registry()
-        .with(env)
-        .with(no_frames)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-        .init();
-}
-
 async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
-    init_tracing();
+    let otlp = args
+        .otlp_endpoint
+        .as_ref()
+        .map(|endpoint| parley::telemetry::OtlpConfig {
+            endpoint: endpoint.clone(),
+            sample_ratio: args.trace_sample_ratio,
+        });
+    let traces = parley::telemetry::init(args.log_format, otlp.as_ref())?;
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let node = server::build(&args, shutdown_rx).await?;
     let listener = TcpListener::bind(&args.listen)
@@ -127,26 +114,45 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
         let _ = out.write_all(banner.as_bytes());
         let _ = out.flush();
     }
+    let edge = node.edge.clone();
+    let drain_window = std::time::Duration::from_millis(args.drain_window_ms);
     let shutdown = async move {
-        let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         let mut term =
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         #[cfg(unix)]
-        let term_recv = async {
-            match term.as_mut() {
-                Some(t) => {
-                    t.recv().await;
-                }
-                None => std::future::pending().await,
+        let mut signal = async move || match term.as_mut() {
+            Some(t) => tokio::select! {
+                _ = t.recv() => {},
+                _ = tokio::signal::ctrl_c() => {},
+            },
+            None => {
+                let _ = tokio::signal::ctrl_c().await;
             }
         };
         #[cfg(not(unix))]
-        let term_recv = std::future::pending::<()>();
-        tokio::select! {
-            _ = ctrl_c => {},
-            _ = term_recv => {},
+        let mut signal = async || {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        signal().await;
+        if !drain_window.is_zero() {
+            // Drain: readiness false, upgrades refused, clients told to reconnect elsewhere.
+            // The window ends early once every client has left.
+            tracing::info!(window_ms = drain_window.as_millis() as u64, "draining");
+            edge.drain(drain_window);
+            let all_left = async {
+                while edge.connection_count() > 0 {
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(drain_window) => {},
+                _ = all_left => tracing::info!("every client left: ending the drain window"),
+                _ = signal() => tracing::info!("second signal: ending the drain window early"),
+            }
         }
+        // In-flight sends finish and their acks are queued before the 1001 closes.
+        edge.sends_settled(std::time::Duration::from_secs(5)).await;
         tracing::info!("shutting down: closing WebSockets with 1001");
         let _ = shutdown_tx.send(true);
     };
@@ -158,5 +164,6 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
     while edge.connection_count() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+    traces.shutdown();
     Ok(())
 }

@@ -189,6 +189,8 @@ pub async fn build(
     // First: a server that must not start (no keys where development mode is not implied)
     // touches nothing.
     let (auth, dev_key) = authenticator(args)?;
+    // First: everything after records metrics.
+    let metrics = crate::telemetry::metrics_handle()?;
     let storage = open_storage(&args.storage).await?;
     let bus: Arc<dyn Bus> = match &args.nats_url {
         Some(url) => Arc::new(
@@ -266,7 +268,7 @@ pub async fn build(
     let realtime = Realtime::new(
         bus.clone(),
         storage.clone(),
-        presence_store,
+        presence_store.clone(),
         realtime_config,
     );
     tokio::spawn(realtime.clone().run_timers());
@@ -347,7 +349,15 @@ pub async fn build(
         auth_failures: auth_failures.clone(),
         dev_tokens,
     });
-    let edge_for_ready = edge.clone();
+    let readiness = Arc::new(crate::health::Readiness::new(
+        storage.clone(),
+        bus.clone(),
+        presence_store,
+        edge.clone(),
+    ));
+    readiness.clone().spawn_probe(Duration::from_secs(5));
+    parley_core::metrics::init(storage.backend(), bus.kind());
+    parley_edge::metrics::init();
     let app = Router::new()
         .merge(api)
         .merge(parley_edge::router(
@@ -360,12 +370,22 @@ pub async fn build(
                 std::future::ready(([("content-type", "application/json")], openapi.clone()))
             }),
         )
+        .route(
+            "/metrics",
+            get(move || {
+                let body = crate::telemetry::render(&metrics);
+                std::future::ready((
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    body,
+                ))
+            }),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route(
             "/readyz",
             get(move || {
-                let n = edge_for_ready.connection_count();
-                async move { format!("ready connections={n}") }
+                let readiness = readiness.clone();
+                async move { readiness.answer().await }
             }),
         )
         .fallback({
@@ -380,6 +400,7 @@ pub async fn build(
             hosts,
             http::host_check,
         ))
+        .layer(crate::telemetry::HttpLayer)
         .layer(axum::middleware::from_fn(http::request_id))
         .layer(cors_layer(&args.allowed_origins)?);
     Ok(Node {

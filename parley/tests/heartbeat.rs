@@ -97,7 +97,11 @@ async fn a_client_that_stops_answering_is_closed_with_4003() {
 
 #[tokio::test]
 async fn shutdown_closes_every_connection_with_1001() {
-    let server = server();
+    // Clients that ignore the drain's reconnect frame are closed at the end of the window.
+    let server = ServerBuilder::new(Backend::Sqlite)
+        .arg("--drain-window-ms")
+        .arg("300")
+        .start();
     let mut waiting = Vec::new();
     for user in ["alice", "bob"] {
         let mut ws = Ws::connect(&server, &token(user)).await;

@@ -263,6 +263,11 @@ pub enum ServerFrame {
     },
     #[serde(rename = "pong")]
     Pong { id: String },
+    /// The node is draining (a rolling deploy): reconnect after `delay_ms` (jittered per
+    /// connection so clients do not all come back at once) and resume. Until then the
+    /// connection works as before; it is closed with 1001 at the end of the drain window.
+    #[serde(rename = "reconnect")]
+    Reconnect { delay_ms: u64, reason: String },
     /// A user's presence changed (sent to the subscribers of channels shared with that user).
     #[serde(rename = "presence.changed")]
     PresenceChanged {

@@ -672,9 +672,8 @@ impl Core {
         validate::message_text(&req.text, self.limits.max_text_chars)
             .map_err(CoreError::InvalidArgument)?;
         validate::metadata(req.metadata.as_ref()).map_err(CoreError::InvalidArgument)?;
-        let sent = self
-            .storage
-            .send_message(NewMessage {
+        let sent = tracing::Instrument::instrument(
+            self.storage.send_message(NewMessage {
                 tenant_id: p.tenant_id.clone(),
                 channel_id: channel_id.to_owned(),
                 id: new_id("msg_"),
@@ -682,8 +681,10 @@ impl Core {
                 client_msg_id: req.client_msg_id,
                 text: req.text,
                 metadata: req.metadata.filter(|m| !m.is_null()),
-            })
-            .await;
+            }),
+            tracing::debug_span!("storage.commit"),
+        )
+        .await;
         // The write re-checks membership; only a refused one needs the channel lookup that
         // tells "no such channel" (404) from "not a member" (403).
         let outcome = match sent {
@@ -1038,7 +1039,13 @@ impl Core {
                 "fault injection: aborting after the commit, before the publish ({FAULT_ABORT_AFTER_COMMIT})");
             std::process::abort();
         }
-        let Err(e) = self.bus.publish(event).await else {
+        let published = tracing::Instrument::instrument(
+            self.bus.publish(event),
+            tracing::debug_span!("bus.publish", seq = event.seq),
+        )
+        .await;
+        crate::metrics::bus_publish(self.bus.kind(), published.is_ok());
+        let Err(e) = published else {
             return;
         };
         tracing::warn!(channel = %event.channel_id, seq = event.seq, error = %e,

@@ -8,6 +8,7 @@ pub mod auth;
 pub mod calls;
 pub mod domain;
 pub mod http;
+pub mod metrics;
 pub mod presence_store;
 pub mod ratelimit;
 pub mod realtime;

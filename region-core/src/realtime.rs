@@ -267,6 +267,7 @@ impl Realtime {
     }
 
     async fn announce_presence(&self, tenant: &str, user: &str, p: UserPresence) {
+        crate::metrics::presence_transition(p.status.as_str());
         let frame = ServerFrame::PresenceChanged {
             presence: presence_of(user, p),
         };

@@ -18,6 +18,10 @@ import (
 // errConnLost is the cause of requests cut by the end of their connection.
 var errConnLost = fmt.Errorf("%w: connection lost", ErrNotConnected)
 
+// errServerDraining ends a connection the client left because the server asked it to (a
+// `reconnect` frame): the next connection is made at once, without backoff.
+var errServerDraining = fmt.Errorf("%w: the server asked to reconnect (draining)", ErrNotConnected)
+
 // wsConn is one authenticated WebSocket connection: a reader goroutine that routes replies to
 // their requests (running their hooks first, in frame order) and everything else to the
 // dispatcher or to calls.
@@ -34,6 +38,9 @@ type wsConn struct {
 	next    uint64
 	pending map[string]*pendingRequest
 	err     error
+	// leaving: the client is leaving on the server's request; the connection's end is
+	// errServerDraining whatever the close looked like.
+	leaving bool
 }
 
 type pendingRequest struct {
@@ -201,8 +208,47 @@ func (wc *wsConn) route(f *frame) {
 		}
 	case "welcome":
 		return
+	case "reconnect":
+		var delay time.Duration
+		if f.DelayMS != nil && *f.DelayMS > 0 {
+			delay = time.Duration(*f.DelayMS) * time.Millisecond
+		}
+		go wc.leaveAfter(delay)
+		return
 	}
 	rt.dispatch.push(dispatchItem{kind: itemFrame, f: f})
+}
+
+// leaveAfter leaves a draining server: after the hinted delay (the server jitters it), and once
+// the requests in flight are answered (at most 2 s more), it closes the connection with 1000;
+// the connection loop reconnects at once and resumes (behind a load balancer, on another node).
+func (wc *wsConn) leaveAfter(delay time.Duration) {
+	t := time.NewTimer(delay)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-wc.done:
+		return
+	}
+	settleBy := time.Now().Add(2 * time.Second)
+	for time.Now().Before(settleBy) {
+		wc.mu.Lock()
+		inFlight := len(wc.pending)
+		wc.mu.Unlock()
+		if inFlight == 0 {
+			break
+		}
+		select {
+		case <-time.After(20 * time.Millisecond):
+		case <-wc.done:
+			return
+		}
+	}
+	wc.mu.Lock()
+	wc.leaving = true
+	wc.mu.Unlock()
+	_ = wc.c.Close(websocket.StatusNormalClosure, "server asked to reconnect")
+	wc.fail(errServerDraining)
 }
 
 // fail ends the connection (once) and fails every request waiting for a reply.
@@ -214,6 +260,9 @@ func (wc *wsConn) fail(err error) {
 	}
 	if err == nil {
 		err = errConnLost
+	}
+	if wc.leaving {
+		err = errServerDraining
 	}
 	wc.err = err
 	pending := wc.pending

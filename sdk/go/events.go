@@ -237,6 +237,7 @@ type frame struct {
 	LastActive  *time.Time       `json:"last_active"`
 	State       TypingState      `json:"state"`
 	ExpiresInMS *int64           `json:"expires_in_ms"`
+	DelayMS     *int64           `json:"delay_ms"`
 	UnreadCount *uint64          `json:"unread_count"`
 	From        string           `json:"from"`
 	To          string           `json:"to"`

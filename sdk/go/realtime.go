@@ -370,6 +370,9 @@ func (rt *Realtime) run() {
 			rt.setState(StateReconnecting, err)
 		}
 		delay := rt.backoff(attempt, err)
+		if errors.Is(err, errServerDraining) {
+			delay = 0 // the server's hint was the delay
+		}
 		attempt++
 		t := time.NewTimer(delay)
 		select {

@@ -52,6 +52,7 @@ type server struct {
 	bin  string
 	dir  string
 	logs *lockedBuffer
+	cmd  *exec.Cmd
 }
 
 var listening = regexp.MustCompile(`listening on (http://127\.0\.0\.1:(\d+))`)
@@ -93,7 +94,7 @@ func startServer(t testing.TB, flags ...string) *server {
 		if m == nil {
 			t.Fatalf("expected `parley listening on http://127.0.0.1:PORT` as the first stdout line, got %q; log: %s", l, logs.tail(2000))
 		}
-		return &server{URL: m[1], Port: m[2], bin: bin, dir: dir, logs: logs}
+		return &server{URL: m[1], Port: m[2], bin: bin, dir: dir, logs: logs, cmd: cmd}
 	case <-time.After(30 * time.Second):
 		t.Fatalf("the server did not print its address within 30 s; log: %s", logs.tail(2000))
 	}

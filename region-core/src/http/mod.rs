@@ -65,6 +65,10 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
+/// The authenticated caller (`tenant/user`), left in the response extensions for the access log.
+#[derive(Debug, Clone)]
+pub struct CallerId(pub String);
+
 /// The request id of the current request, set by [`request_id`].
 #[derive(Debug, Clone)]
 pub struct RequestId(pub String);
@@ -274,6 +278,7 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
         {
             Ok(allowed) => rate_headers = Some(allowed),
             Err(limited) => {
+                crate::metrics::rest_rate_limited();
                 let mut e = ApiError::new(
                     ErrorCode::RateLimited,
                     "request budget spent; retry after the stated delay",
@@ -291,8 +296,15 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
             }
         }
     }
+    let caller = match &outcome {
+        AuthOutcome::Ok(p) => Some(CallerId(format!("{}/{}", p.tenant_id, p.user_id))),
+        AuthOutcome::Failed(_) => None,
+    };
     req.extensions_mut().insert(outcome);
     let mut res = next.run(req).await;
+    if let Some(c) = caller {
+        res.extensions_mut().insert(c);
+    }
     if let Some(a) = rate_headers {
         set_header(&mut res, "ratelimit-policy", &state.budget.policy());
         set_header(
@@ -423,7 +435,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Authed {
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<AuthOutcome>() {
             Some(AuthOutcome::Ok(p)) => Ok(Authed(p.clone())),
-            Some(AuthOutcome::Failed(e)) => Err(e.clone()),
+            Some(AuthOutcome::Failed(e)) => {
+                // The code only: never the token.
+                tracing::info!(code = %e.code, "authentication failed");
+                Err(e.clone())
+            }
             None => Err(ApiError::new(
                 ErrorCode::Internal,
                 "authentication middleware missing",

@@ -40,6 +40,11 @@ pub trait PresenceStore: Send + Sync + 'static {
     /// `memory` or `redis`.
     fn kind(&self) -> &'static str;
 
+    /// Whether the store answers now (for readiness). Always in memory.
+    async fn check(&self) -> Result<(), PresenceStoreError> {
+        Ok(())
+    }
+
     /// Records this node's view of a user (offline removes this node's entry and remembers
     /// `last_seen`). Returns the user's presence across the cluster afterwards.
     async fn set_local(

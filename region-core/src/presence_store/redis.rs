@@ -239,6 +239,15 @@ impl PresenceStore for RedisPresenceStore {
         "redis"
     }
 
+    async fn check(&self) -> Result<(), PresenceStoreError> {
+        let mut conn = self.conn.clone();
+        ::redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map(|_| ())
+            .map_err(|e| PresenceStoreError(e.to_string()))
+    }
+
     async fn set_local(
         &self,
         tenant: &str,

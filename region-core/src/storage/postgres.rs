@@ -1060,7 +1060,9 @@ async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut keys = KeyCheckState::default();
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let (started, size) = (std::time::Instant::now(), jobs.len());
         run_batch(&pool, &mut jobs, &mut keys).await;
+        crate::metrics::storage_batch("postgres", size, started.elapsed());
     }
 }
 
@@ -1087,6 +1089,7 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>, keys: &mut KeyCheckStat
     }
     // The database refused the batch as a whole, which one bad request can cause (an id that
     // exists already, a text PostgreSQL cannot store): commit each alone so it fails alone.
+    crate::metrics::storage_batch_failed("postgres");
     tracing::warn!(error = %failure, sends = jobs.len(), "postgres send batch failed; committing its sends one by one");
     for job in jobs.drain(..) {
         let outcome = match commit_with_retries(pool, std::slice::from_ref(&job), keys).await {

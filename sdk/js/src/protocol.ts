@@ -109,6 +109,7 @@ export const SERVER_FRAME_FIELDS = {
   "call.signal": ["call_id", "from", "to", "role", "signal"],
   "call.participant_reconnecting": ["call_id", "participant_id"],
   "call.participant_reconnected": ["call_id", "participant_id"],
+  reconnect: ["delay_ms", "reason"],
 } as const satisfies { [K in ServerFrameType]: readonly FieldsOf<Extract<ServerFrame, { type: K }>>[] };
 
 /** The payload fields of each channel event (`type`, `channel_id` and `seq` aside). Exact, like the above. */
@@ -170,6 +171,7 @@ export const SERVER_FRAME_TYPES = [
   "call.signal",
   "call.participant_reconnecting",
   "call.participant_reconnected",
+  "reconnect",
 ] as const satisfies readonly ServerFrameType[];
 
 // Compile-time exhaustiveness: a type the server declares but these lists miss fails `tsc`.

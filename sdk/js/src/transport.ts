@@ -57,6 +57,10 @@ export class Transport {
   readonly #pending = new Map<string, Pending>();
   #reconnectTimer: ReturnType<typeof setTimeout> | undefined;
   #welcomeTimer: ReturnType<typeof setTimeout> | undefined;
+  /** Set by a `reconnect` frame: when to leave the draining node. */
+  #drainTimer: ReturnType<typeof setTimeout> | undefined;
+  /** The next reconnect follows a `reconnect` frame: no backoff (the hint was the delay). */
+  #reconnectAtOnce = false;
   #heartbeatTimer: ReturnType<typeof setInterval> | undefined;
   /** When to replace the connection's token (`auth.refresh`) before it expires. */
   #refreshTimer: ReturnType<typeof setTimeout> | undefined;
@@ -227,6 +231,7 @@ export class Transport {
     this.#ws = undefined;
     this.#ready = false;
     clearTimeout(this.#welcomeTimer);
+    clearTimeout(this.#drainTimer);
     clearInterval(this.#heartbeatTimer);
     clearTimeout(this.#refreshTimer);
     clearTimeout(this.#outTimer);
@@ -243,7 +248,8 @@ export class Transport {
 
   #scheduleReconnect(reason: string, error?: ParleyError): void {
     clearTimeout(this.#reconnectTimer);
-    const delay = this.#backoff.next(this.#serverRetryAfterMs);
+    const delay = this.#reconnectAtOnce ? 0 : this.#backoff.next(this.#serverRetryAfterMs);
+    this.#reconnectAtOnce = false;
     this.#serverRetryAfterMs = undefined;
     this.#o.connection._transition("reconnecting", { reason, retryInMs: delay, ...(error ? { error } : {}) });
     this.#reconnectTimer = setTimeout(() => this.#open(), delay);
@@ -269,9 +275,37 @@ export class Transport {
       case "error":
         this.#onError(frame as ErrorFrame);
         return;
+      case "reconnect":
+        this.#onReconnectHint(ws, (frame as { delay_ms?: number }).delay_ms ?? 0);
+        return;
       default:
         this.#o.hooks.frame(frame);
     }
+  }
+
+  /**
+   * The server drains (a rolling deploy): after the hinted delay (jittered by the server), and
+   * once the requests in flight on this socket are answered (at most 2 s more), leave it and
+   * reconnect at once; the new connection resumes (behind a load balancer, on another node).
+   */
+  #onReconnectHint(ws: WebSocketLike, delayMs: number): void {
+    clearTimeout(this.#drainTimer);
+    const settleBy = Date.now() + Math.max(0, delayMs) + 2_000;
+    const leave = () => {
+      if (ws !== this.#ws) return;
+      if (this.#pending.size > 0 && Date.now() < settleBy) {
+        this.#drainTimer = setTimeout(leave, 20);
+        return;
+      }
+      this.#reconnectAtOnce = true;
+      try {
+        ws.close(1000, "server asked to reconnect");
+      } catch {
+        /* already closed */
+      }
+      this.#socketLost(ws, "server draining", undefined);
+    };
+    this.#drainTimer = setTimeout(leave, Math.max(0, delayMs));
   }
 
   #onError(frame: ErrorFrame): void {

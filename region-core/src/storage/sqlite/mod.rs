@@ -392,6 +392,8 @@ struct Synced {
     commit: Result<(), String>,
     /// The batch's generation (see the module comment).
     generation: u64,
+    /// When the writer took the batch (for the commit latency metric).
+    started: std::time::Instant,
 }
 
 /// The write-ahead log next to the database file `db`.
@@ -410,6 +412,7 @@ fn writer_loop(
     announced: &AtomicU64,
 ) {
     while let Ok(first) = rx.recv() {
+        let started = std::time::Instant::now();
         let mut batch: Vec<Box<dyn ErasedJob>> = Vec::with_capacity(64);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -425,6 +428,7 @@ fn writer_loop(
             jobs: batch,
             commit,
             generation,
+            started,
         }) {
             // The sync thread is gone (only a panic stops it before this sender drops): nothing
             // can be confirmed durable any more, so nothing is acknowledged.
@@ -485,6 +489,10 @@ fn sync_loop(
             durable.send_replace(last.generation);
         }
         for batch in ready.drain(..) {
+            crate::metrics::storage_batch("sqlite", batch.jobs.len(), batch.started.elapsed());
+            if batch.commit.is_err() {
+                crate::metrics::storage_batch_failed("sqlite");
+            }
             for job in batch.jobs {
                 job.finish(&batch.commit);
             }

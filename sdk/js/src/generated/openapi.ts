@@ -831,6 +831,12 @@ export interface components {
             id: string;
             /** @enum {string} */
             type: "pong";
+        } | {
+            /** Format: int64 */
+            delay_ms: number;
+            reason: string;
+            /** @enum {string} */
+            type: "reconnect";
         } | (components["schemas"]["Presence"] & {
             /** @enum {string} */
             type: "presence.changed";

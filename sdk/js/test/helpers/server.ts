@@ -31,6 +31,8 @@ export interface TestServer {
   token(user: string, options?: { tenant?: string; ttl?: string }): Promise<string>;
   /** The server's stderr so far (for failure messages). */
   logs(): string;
+  /** Sends a signal to the server process (SIGTERM: it drains). */
+  signal(sig: NodeJS.Signals): void;
   stop(): Promise<void>;
 }
 
@@ -78,6 +80,9 @@ export async function startServer(flags: string[] = []): Promise<TestServer> {
       return stdout.trim();
     },
     logs: () => stderr,
+    signal: (sig) => {
+      child.kill(sig);
+    },
     async stop() {
       if (child.exitCode === null && child.signalCode === null) {
         const exited = new Promise<void>((resolve) => child.once("exit", () => resolve()));
