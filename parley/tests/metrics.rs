@@ -299,15 +299,16 @@ async fn a_chat_flow_moves_the_counters_and_histograms_by_its_amounts() {
     // Bob leaves with a normal close: one close with code "none" (the server answers the
     // client's close; it chooses no code of its own), one connection fewer.
     bob.stream.close(None).await.expect("close");
-    let after = eventually(&server, |s| s.get("parley_connections", &ws) == 1.0).await;
+    // Both moves: the gauge and the counter are two updates, and a scrape may fall between.
+    let closed = [("transport", "websocket"), ("code", "none")];
+    let after = eventually(&server, |s| {
+        s.get("parley_connections", &ws) == 1.0
+            && delta(&before, s, "parley_connections_closed_total", &closed) == 1.0
+    })
+    .await;
     assert_eq!(after.get("parley_connections", &ws), 1.0);
     assert_eq!(
-        delta(
-            &before,
-            &after,
-            "parley_connections_closed_total",
-            &[("transport", "websocket"), ("code", "none")]
-        ),
+        delta(&before, &after, "parley_connections_closed_total", &closed),
         1.0
     );
 
