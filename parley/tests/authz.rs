@@ -85,6 +85,12 @@ fn every_channel_route(
             None,
         ),
         (
+            "change role",
+            "PATCH",
+            room.path(&format!("/members/{}", room.bob_id)),
+            Some(json!({ "role": "owner" })),
+        ),
+        (
             "leave",
             "DELETE",
             room.path(&format!("/members/{caller_id}")),

@@ -193,6 +193,9 @@ pub enum EventBody {
     MemberAdded { member: Member, by: String },
     #[serde(rename = "member.removed")]
     MemberRemoved { user_id: String, by: String },
+    /// A member's role changed; `member` carries the new role.
+    #[serde(rename = "member.updated")]
+    MemberUpdated { member: Member, by: String },
     #[serde(rename = "channel.updated")]
     ChannelUpdated { channel: Channel, by: String },
     #[serde(rename = "call.started")]
@@ -225,6 +228,7 @@ impl EventBody {
             EventBody::MessageDeleted { .. } => "message.deleted",
             EventBody::MemberAdded { .. } => "member.added",
             EventBody::MemberRemoved { .. } => "member.removed",
+            EventBody::MemberUpdated { .. } => "member.updated",
             EventBody::ChannelUpdated { .. } => "channel.updated",
             EventBody::ChannelDeleted { .. } => "channel.deleted",
             EventBody::CallStarted { .. } => "call.started",
@@ -371,6 +375,13 @@ pub struct AddMember {
     /// Defaults to `member`. Only an owner may add moderators or owners.
     #[serde(default)]
     pub role: Option<Role>,
+}
+
+/// `PATCH /v1/channels/{id}/members/{user_id}`: the member's new role.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateMember {
+    pub role: Role,
 }
 
 /// `POST /v1/channels/{id}/messages`, and the body of the `message.send` frame.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use parley_proto::{
     AddMember, Channel, ChannelEvent, ChannelKind, CreateChannel, EditMessage, ErrorCode,
     EventPage, Member, Message, MessagePage, PatchChannel, Presence, Principal, ReadState, Role,
-    SendMessage, SendResult, ServerFrame, TypingState,
+    SendMessage, SendResult, ServerFrame, TypingState, UpdateMember,
 };
 use parley_sync::Bus;
 
@@ -657,6 +657,69 @@ impl Core {
                 .await?;
         }
         Ok(())
+    }
+
+    /// Changes a member's role. Only an owner changes another member's role (every change touches
+    /// a moderator or an owner, on one side or the other); any member may lower their own role but
+    /// never raise it. The channel's only owner cannot be demoted (409 `conflict`): another member
+    /// is made owner first. The roles of a DM are fixed. Setting the role a member already has
+    /// changes nothing and emits nothing; returns the member and whether their role changed.
+    pub async fn update_member_role(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        user_id: &str,
+        req: UpdateMember,
+    ) -> CoreResult<(Member, bool)> {
+        validate::user_id(user_id).map_err(CoreError::InvalidArgument)?;
+        let (role, ch) = self.member_and_channel(p, channel_id).await?;
+        if ch.kind == ChannelKind::Dm {
+            return Err(CoreError::Conflict("the roles in a DM are fixed".into()));
+        }
+        let not_a_member =
+            || CoreError::NotFoundIn(format!("{user_id} is not a member of this channel"));
+        let target = self
+            .storage
+            .member(&p.tenant_id, channel_id, user_id)
+            .await?
+            .ok_or_else(not_a_member)?;
+        if user_id == p.user_id {
+            if req.role > role {
+                return Err(CoreError::Forbidden(
+                    "you cannot raise your own role; an owner can".into(),
+                ));
+            }
+        } else {
+            require_role(role, Role::Owner, "changing another member's role")?;
+        }
+        if target.role == req.role {
+            return Ok((target, false));
+        }
+        let event = match self
+            .storage
+            .update_member_role(&p.tenant_id, channel_id, user_id, req.role, &p.user_id)
+            .await
+        {
+            Ok(e) => e,
+            Err(StorageError::NotFound) => return Err(not_a_member()),
+            Err(e) => return Err(e.into()),
+        };
+        let Some(event) = event else {
+            // Another request set the same role in between.
+            let m = self
+                .storage
+                .member(&p.tenant_id, channel_id, user_id)
+                .await?
+                .ok_or_else(not_a_member)?;
+            return Ok((m, false));
+        };
+        self.publish(&event).await;
+        match event.body {
+            parley_proto::EventBody::MemberUpdated { member, .. } => Ok((member, true)),
+            _ => Err(CoreError::Internal(
+                "update_member_role returned another event".into(),
+            )),
+        }
     }
 
     // ---- messages ----

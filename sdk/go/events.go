@@ -60,6 +60,13 @@ type MemberAdded struct {
 	By     string
 }
 
+// MemberUpdated is a role change; Member carries the new role.
+type MemberUpdated struct {
+	ChannelMeta
+	Member Member
+	By     string
+}
+
 // MemberRemoved is a removal; when UserID is the caller, the subscription has ended.
 type MemberRemoved struct {
 	ChannelMeta
@@ -187,6 +194,7 @@ func (*MessageUpdated) Type() string              { return "message.updated" }
 func (*MessageDeleted) Type() string              { return "message.deleted" }
 func (*MemberAdded) Type() string                 { return "member.added" }
 func (*MemberRemoved) Type() string               { return "member.removed" }
+func (*MemberUpdated) Type() string               { return "member.updated" }
 func (*ChannelUpdated) Type() string              { return "channel.updated" }
 func (*ChannelDeleted) Type() string              { return "channel.deleted" }
 func (*CallStarted) Type() string                 { return "call.started" }
@@ -333,6 +341,10 @@ func (f *frame) channelEvent() ChannelEvent {
 	case "member.added":
 		if f.Member != nil {
 			return &MemberAdded{ChannelMeta: meta, Member: *f.Member, By: f.By}
+		}
+	case "member.updated":
+		if f.Member != nil {
+			return &MemberUpdated{ChannelMeta: meta, Member: *f.Member, By: f.By}
 		}
 	case "member.removed":
 		return &MemberRemoved{ChannelMeta: meta, UserID: f.UserID, By: f.By}

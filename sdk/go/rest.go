@@ -127,6 +127,15 @@ func (c *Client) AddMember(ctx context.Context, channelID, userID string, role M
 	return &m, c.do(ctx, "POST", "/v1/channels/"+pathEscape(channelID)+"/members", nil, body, &m)
 }
 
+// UpdateMemberRole changes a member's role and returns the member as they now are. Only an owner
+// changes another member's role; anyone may lower their own. Demoting the channel's only owner
+// is refused (Code "conflict"). Subscribers receive *MemberUpdated.
+func (c *Client) UpdateMemberRole(ctx context.Context, channelID, userID string, role MemberRole) (*Member, error) {
+	var m Member
+	path := "/v1/channels/" + pathEscape(channelID) + "/members/" + pathEscape(userID)
+	return &m, c.do(ctx, "PATCH", path, nil, map[string]any{"role": role}, &m)
+}
+
 // RemoveMember removes a user from a channel (or, for the caller's own id, leaves it).
 func (c *Client) RemoveMember(ctx context.Context, channelID, userID string) error {
 	return c.do(ctx, "DELETE", "/v1/channels/"+pathEscape(channelID)+"/members/"+pathEscape(userID), nil, nil, nil)

@@ -261,7 +261,7 @@ test("\"Seen by\" is never shown under a person's own message", { timeout: 60_00
   });
 });
 
-test("members are seen, added and removed from the channel header, within each role", { timeout: 90_000 }, async () => {
+test("members are seen, added, removed and their roles changed from the channel header, within each role", { timeout: 90_000 }, async () => {
   const fay = await signedIn("fay");
   await onFailure([fay], "members", async () => {
     await createChannel(fay, "team");
@@ -271,16 +271,16 @@ test("members are seen, added and removed from the channel header, within each r
     assert.equal(await dialog.locator("li[data-user-id=fay]").getAttribute("data-role"), "owner");
     // An owner adds a moderator and a member.
     await dialog.getByLabel("User id").fill("gus");
-    await dialog.getByLabel("Role").selectOption("moderator");
+    await dialog.getByLabel("Role", { exact: true }).selectOption("moderator");
     await dialog.getByRole("button", { name: "Add", exact: true }).click();
     await dialog.locator("li[data-user-id=gus][data-role=moderator]").waitFor({ timeout: 10_000 });
     await dialog.getByLabel("User id").fill("hal");
-    await dialog.getByLabel("Role").selectOption("member");
+    await dialog.getByLabel("Role", { exact: true }).selectOption("member");
     await dialog.getByRole("button", { name: "Add", exact: true }).click();
     await dialog.locator("li[data-user-id=hal][data-role=member]").waitFor({ timeout: 10_000 });
     // Adding someone again under another role says so instead of pretending.
     await dialog.getByLabel("User id").fill("hal");
-    await dialog.getByLabel("Role").selectOption("moderator");
+    await dialog.getByLabel("Role", { exact: true }).selectOption("moderator");
     await dialog.getByRole("button", { name: "Add", exact: true }).click();
     await dialog.getByRole("alert").filter({ hasText: "hal is already a member" }).waitFor({ timeout: 10_000 });
     await screenshot(fay.page, out, "08-owner-members-dialog");
@@ -295,8 +295,30 @@ test("members are seen, added and removed from the channel header, within each r
     const halDialog = hal.page.locator("#members-dialog");
     await halDialog.locator("li[data-user-id=fay][data-role=owner]").waitFor();
     assert.equal(await halDialog.getByRole("button", { name: /^Remove / }).count(), 0);
+    assert.equal(await halDialog.locator("select.role-select").count(), 0, "a member changes no role");
     assert.ok(await halDialog.locator("form.members-add").isHidden(), "no add form for a member");
     await screenshot(hal.page, out, "09-member-members-dialog");
+
+    // The owner changes roles from the list; the member's open dialog follows live.
+    await fay.page.getByRole("button", { name: "Members (3)" }).click();
+    await dialog.waitFor();
+    assert.deepEqual(await dialog.getByLabel("Role of hal").locator("option").allTextContents(), ["member", "moderator", "owner"]);
+    await dialog.getByLabel("Role of hal").selectOption("moderator");
+    await dialog.locator("li[data-user-id=hal][data-role=moderator]").waitFor({ timeout: 10_000 });
+    await halDialog.locator("li[data-user-id=hal][data-role=moderator]").waitFor({ timeout: 10_000 });
+    await halDialog.locator("form.members-add").waitFor({ timeout: 10_000 }); // now a moderator: hal adds members
+    await screenshot(hal.page, out, "09b-member-promoted-live");
+    // The only owner cannot step down: the server refuses and the list keeps her an owner.
+    await dialog.getByLabel("Role of fay").selectOption("member");
+    await dialog.getByRole("alert").filter({ hasText: "only owner" }).waitFor({ timeout: 10_000 });
+    assert.equal(await dialog.locator("li[data-user-id=fay]").getAttribute("data-role"), "owner");
+    assert.equal(await dialog.getByLabel("Role of fay").inputValue(), "owner");
+    await screenshot(fay.page, out, "09c-owner-changes-roles");
+    await dialog.getByLabel("Role of hal").selectOption("member");
+    await halDialog.locator("li[data-user-id=hal][data-role=member]").waitFor({ timeout: 10_000 });
+    assert.ok(await halDialog.locator("form.members-add").isHidden(), "a member again: no add form");
+    await fay.page.keyboard.press("Escape");
+    await dialog.waitFor({ state: "detached", timeout: 5_000 });
 
     // A moderator removes members, not owners, and adds members only.
     const gus = await signedIn("gus");
@@ -305,7 +327,10 @@ test("members are seen, added and removed from the channel header, within each r
     const gusDialog = gus.page.locator("#members-dialog");
     await gusDialog.getByRole("button", { name: "Remove hal" }).waitFor();
     assert.equal(await gusDialog.getByRole("button", { name: "Remove fay" }).count(), 0, "a moderator cannot remove the owner");
-    assert.deepEqual(await gusDialog.getByLabel("Role").locator("option").allTextContents(), ["member"]);
+    assert.deepEqual(await gusDialog.getByLabel("Role", { exact: true }).locator("option").allTextContents(), ["member"]);
+    // A moderator changes no one else's role, and may only step down themselves.
+    assert.equal(await gusDialog.locator("select.role-select").count(), 1);
+    assert.deepEqual(await gusDialog.getByLabel("Role of gus").locator("option").allTextContents(), ["member", "moderator"]);
     await screenshot(gus.page, out, "10-moderator-members-dialog");
     await gusDialog.getByRole("button", { name: "Remove hal" }).click();
     await gusDialog.locator("li[data-user-id=hal]").waitFor({ state: "detached", timeout: 10_000 });

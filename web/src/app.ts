@@ -348,6 +348,10 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
         c.members = [...(c.members ?? []).filter((m) => m.user_id !== event.member.user_id), event.member];
         void this.#refreshPresence().then(() => this.renderAll());
         break;
+      case "member.updated":
+        c.members = (c.members ?? []).map((m) => (m.user_id === event.member.user_id ? event.member : m));
+        if (event.member.user_id === this.state.me) c.channel = { ...c.channel, role: event.member.role };
+        break;
       case "member.removed":
         c.members = (c.members ?? []).filter((m) => m.user_id !== event.user_id);
         c.readBy.delete(event.user_id);
@@ -569,12 +573,22 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
   async addMemberAs(channelId: string, userId: string, role: MemberRole): Promise<void> {
     const member = await this.client.rest.addMember(channelId, role === "member" ? { user_id: userId } : { user_id: userId, role });
     if (member.role !== role) {
-      // Adding someone who is already a member changes nothing (the API has no role change).
-      throw new Error(`${userId} is already a ${member.role} of this channel.`);
+      // Adding someone who is already a member changes nothing; their role is changed in the list.
+      throw new Error(`${userId} is already a ${member.role} of this channel; change their role in the list.`);
     }
     const c = this.state.conversations.get(channelId);
     if (c) c.members = [...(c.members ?? []).filter((m) => m.user_id !== member.user_id), member];
     await this.#refreshPresence().catch(() => {});
+    this.renderAll();
+  }
+
+  async changeRole(channelId: string, userId: string, role: MemberRole): Promise<void> {
+    const member = await this.client.rest.updateMemberRole(channelId, userId, role);
+    const c = this.state.conversations.get(channelId);
+    if (c) {
+      c.members = (c.members ?? []).map((m) => (m.user_id === member.user_id ? member : m));
+      if (member.user_id === this.state.me) c.channel = { ...c.channel, role: member.role };
+    }
     this.renderAll();
   }
 

@@ -11,7 +11,7 @@ use super::routes;
     info(title = "Parley API", version = "v1", description = "Chat channels, DMs, members and messages. Real-time events travel over the WebSocket at /v1/ws (subprotocol parley.v1), described in docs/protocol.md."),
     paths(
         routes::create_channel, routes::list_channels, routes::get_channel, routes::patch_channel, routes::delete_channel,
-        routes::list_members, routes::add_member, routes::remove_member,
+        routes::list_members, routes::add_member, routes::update_member, routes::remove_member,
         routes::send_message, routes::history, routes::events, routes::edit_message, routes::delete_message,
         routes::mark_read, routes::read_state, routes::typing, routes::user_presence, routes::presence_query,
         routes::start_call, routes::channel_calls, routes::get_call, routes::join_call, routes::leave_call, routes::end_call, routes::dev_token,

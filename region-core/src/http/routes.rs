@@ -10,6 +10,7 @@ use parley_proto::{
     AddMember, Channel, ChannelList, CreateChannel, DevToken, DevTokenRequest, EditMessage,
     ErrorBody, EventPage, MarkRead, Member, MemberList, Message, MessagePage, PatchChannel,
     Presence, PresenceList, PresenceQuery, ReadState, SendMessage, SendResult, TypingRequest,
+    UpdateMember,
 };
 
 use super::{ApiError, ApiJson, ApiQuery, ApiState, Authed};
@@ -30,7 +31,7 @@ pub(super) fn routes() -> Router<ApiState> {
         )
         .route(
             "/v1/channels/{channel_id}/members/{user_id}",
-            axum::routing::delete(remove_member),
+            axum::routing::delete(remove_member).patch(update_member),
         )
         .route(
             "/v1/channels/{channel_id}/messages",
@@ -183,6 +184,25 @@ pub(super) async fn remove_member(
     channel_id(&id)?;
     s.core.remove_member(&p, &id, &user).await?;
     Ok(StatusCode::NO_CONTENT)
+}
+
+/// Change a member's role. Only an owner changes another member's role; anyone may lower their
+/// own role, never raise it. The channel's only owner cannot be demoted (409 `conflict`); the
+/// roles of a DM are fixed (409 `conflict`). Emits `member.updated` when the role changed; setting
+/// the role the member already has changes nothing. Answers the member as they now are.
+#[utoipa::path(patch, path = "/v1/channels/{channel_id}/members/{user_id}", tag = "members",
+    params(("channel_id" = String, Path, pattern = r"^ch_[0-9A-Za-z]{26}$"), ("user_id" = String, Path, min_length = 1, max_length = 128, pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$")),
+    request_body = UpdateMember,
+    responses((status = 200, body = Member), (status = "4XX", body = ErrorBody)), security(("bearer" = [])))]
+pub(super) async fn update_member(
+    State(s): State<ApiState>,
+    Authed(p): Authed,
+    Path((id, user)): Path<(String, String)>,
+    ApiJson(req): ApiJson<UpdateMember>,
+) -> Result<axum::Json<Member>, ApiError> {
+    channel_id(&id)?;
+    let (member, _) = s.core.update_member_role(&p, &id, &user, req).await?;
+    Ok(axum::Json(member))
 }
 
 /// Send a message. Idempotent on `client_msg_id`: a retry returns the original message (200,

@@ -41,6 +41,7 @@ macro_rules! storage_conformance_tests {
             dm_unique_per_pair
             rename_emits_channel_updated
             member_add_remove_events
+            member_role_changes
             non_member_cannot_send
             removed_member_cannot_send
             removal_races_sends
@@ -481,6 +482,114 @@ pub async fn member_add_remove_events(s: Arc<dyn Storage>) {
 // ---- sends ----
 
 /// Only members send; a refused send allocates no seq.
+/// A role change is a `member.updated` event with the next seq; setting the same role changes
+/// nothing; the only owner cannot be demoted, even when two owners demote each other at once.
+pub async fn member_role_changes(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
+    let before = s
+        .member(&t, &ch.id, &bob)
+        .await
+        .expect("member")
+        .expect("bob");
+
+    let promoted = s
+        .update_member_role(&t, &ch.id, &bob, Role::Moderator, &alice)
+        .await
+        .expect("promote")
+        .expect("changed");
+    assert_eq!(promoted.seq, ch.last_seq + 1);
+    assert_eq!(
+        promoted.body,
+        EventBody::MemberUpdated {
+            member: parley_proto::Member {
+                role: Role::Moderator,
+                ..before
+            },
+            by: alice.clone()
+        }
+    );
+    assert_eq!(
+        s.member(&t, &ch.id, &bob)
+            .await
+            .expect("member")
+            .expect("bob")
+            .role,
+        Role::Moderator
+    );
+    assert_eq!(
+        s.update_member_role(&t, &ch.id, &bob, Role::Moderator, &alice)
+            .await
+            .expect("same role"),
+        None,
+        "setting the role a member has changes nothing"
+    );
+    assert_err(
+        s.update_member_role(&t, &ch.id, &carol, Role::Member, &alice)
+            .await,
+        is_not_found,
+        "a non-member's role",
+    );
+    assert_err(
+        s.update_member_role(&t, &id("missing"), &bob, Role::Member, &alice)
+            .await,
+        is_not_found,
+        "a role in an unknown channel",
+    );
+    assert_err(
+        s.update_member_role(&t, &ch.id, &alice, Role::Member, &alice)
+            .await,
+        |e| matches!(e, StorageError::Conflict(_)),
+        "demoting the only owner",
+    );
+    assert_eq!(
+        s.member(&t, &ch.id, &alice)
+            .await
+            .expect("member")
+            .expect("alice")
+            .role,
+        Role::Owner
+    );
+
+    // Two owners demote each other at once: one wins, the other is the last owner.
+    let made_owner = s
+        .update_member_role(&t, &ch.id, &bob, Role::Owner, &alice)
+        .await
+        .expect("make owner")
+        .expect("changed");
+    let (a, b) = tokio::join!(
+        s.update_member_role(&t, &ch.id, &bob, Role::Member, &alice),
+        s.update_member_role(&t, &ch.id, &alice, Role::Member, &bob),
+    );
+    let won: Vec<ChannelEvent> = [a, b]
+        .into_iter()
+        .filter_map(|r| match r {
+            Ok(Some(e)) => Some(e),
+            Err(StorageError::Conflict(_)) => None,
+            other => panic!("a concurrent demotion: {other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        won.len(),
+        1,
+        "exactly one of two crossing demotions commits"
+    );
+    let owners = s
+        .members(&t, &ch.id)
+        .await
+        .expect("members")
+        .into_iter()
+        .filter(|m| m.role == Role::Owner)
+        .count();
+    assert_eq!(owners, 1, "the channel keeps one owner");
+    assert_eq!(
+        events(&s, &t, &ch.id, ch.last_seq).await,
+        vec![promoted, made_owner, won[0].clone()],
+        "each change is one event, in seq order"
+    );
+}
+
 pub async fn non_member_cannot_send(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, mallory) = (id("alice"), id("mallory"));
@@ -516,7 +625,7 @@ pub async fn non_member_cannot_send(s: Arc<dyn Storage>) {
 pub async fn removed_member_cannot_send(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, bob) = (id("alice"), id("bob"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     let sent = send(&s, msg(&t, &ch.id, &bob, "k1", "hello")).await;
     assert_eq!((sent.message.seq, sent.created), (1, true));
     s.remove_member(&t, &ch.id, &bob, &alice)
@@ -555,7 +664,7 @@ pub async fn removed_member_cannot_send(s: Arc<dyn Storage>) {
 pub async fn removal_races_sends(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, bob) = (id("alice"), id("bob"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     let sends: Vec<_> = (0..60)
         .map(|i| {
             let (s, new) = (s.clone(), msg(&t, &ch.id, &bob, &format!("k{i}"), "racing"));
@@ -798,7 +907,7 @@ pub async fn retries_among_new_sends(s: Arc<dyn Storage>) {
 pub async fn idempotency_conflict(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, bob) = (id("alice"), id("bob"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     let first = send(&s, msg(&t, &ch.id, &alice, "k", "hello")).await;
     assert!(first.created);
     assert_err(
@@ -1376,7 +1485,7 @@ pub async fn metadata_round_trips(s: Arc<dyn Storage>) {
 pub async fn call_lifecycle(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, bob) = (id("alice"), id("bob"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     send(&s, msg(&t, &ch.id, &alice, "k", "before the call")).await;
     let call_id = id("call");
     let (call, started) = s
@@ -1602,7 +1711,7 @@ pub async fn one_active_call_per_channel(s: Arc<dyn Storage>) {
 pub async fn end_call_makes_everyone_leave(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, bob) = (id("alice"), id("bob"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     let call_id = id("call");
     s.start_call(new_call(&t, &ch.id, &call_id, &alice))
         .await
@@ -1693,7 +1802,7 @@ pub async fn last_seqs_in_one_call(s: Arc<dyn Storage>) {
 pub async fn unread_counts_stop_at_the_cap(s: Arc<dyn Storage>) {
     let t = tenant();
     let (alice, bob) = (id("alice"), id("bob"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     let over = UNREAD_COUNT_CAP + 5;
     for chunk in (0..over).collect::<Vec<_>>().chunks(200) {
         send_all(
@@ -1743,7 +1852,7 @@ pub async fn unread_counts_stop_at_the_cap(s: Arc<dyn Storage>) {
 pub async fn read_state_and_unread_counts(s: Arc<dyn Storage>) {
     let (t, other_tenant) = (tenant(), tenant());
     let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
-    let ch = channel(&s, &t, &alice, &[(&bob, Role::Member)]).await;
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
     send(&s, msg(&t, &ch.id, &bob, "b1", "from bob")).await; // 1
     send(&s, msg(&t, &ch.id, &alice, "a1", "one")).await; // 2
     let doomed = send(&s, msg(&t, &ch.id, &alice, "a2", "two")).await.message; // 3

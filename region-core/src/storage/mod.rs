@@ -27,6 +27,10 @@ pub use sqlite::SqliteStorage;
 /// Both engines' SQL spell the number out in a `LIMIT`; the conformance suite checks them.
 pub const UNREAD_COUNT_CAP: u64 = 1000;
 
+/// The sentence of the `Conflict` refusing to demote a channel's only owner.
+pub const LAST_OWNER: &str =
+    "this member is the channel's only owner; make another member owner first";
+
 /// Errors of the storage layer. Mapped once to public error codes by the domain.
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
@@ -221,6 +225,19 @@ pub trait Storage: Send + Sync + 'static {
         tenant: &str,
         channel_id: &str,
         user_id: &str,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>>;
+
+    /// Changes a member's role and appends `member.updated`; `None` when the member already has
+    /// that role (nothing changes), `NotFound` when the user is not a member. Demoting the
+    /// channel's only owner is refused with `Conflict`, checked in the same transaction, so two
+    /// owners demoting each other at once cannot leave the channel without one.
+    async fn update_member_role(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        role: Role,
         by: &str,
     ) -> StorageResult<Option<ChannelEvent>>;
 

@@ -577,6 +577,47 @@ impl Storage for PostgresStorage {
         })
     }
 
+    async fn update_member_role(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        role: Role,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>> {
+        transact!(self.pool, |tx| {
+            // The channel lock orders role changes: two owners demoting each other at once see
+            // each other's change, and one of them is refused as the last owner.
+            lock_channel(&tx, tenant, channel_id).await?;
+            let select = tx.prepare_cached(SELECT_MEMBER).await?;
+            let row = tx
+                .query_opt(&select, &[&channel_id, &tenant, &user_id])
+                .await?
+                .ok_or(StorageError::NotFound)?;
+            let current = member_from_row(&row)?;
+            if current.role == role {
+                return Ok(None);
+            }
+            if current.role == Role::Owner {
+                let count = tx.prepare_cached(COUNT_OWNERS).await?;
+                let owners: i64 = tx.query_one(&count, &[&channel_id, &tenant]).await?.get(0);
+                if owners <= 1 {
+                    return Err(TxError::Storage(StorageError::Conflict(
+                        super::LAST_OWNER.into(),
+                    )));
+                }
+            }
+            let update = tx.prepare_cached(UPDATE_MEMBER_ROLE).await?;
+            tx.execute(&update, &[&channel_id, &tenant, &user_id, &role.as_str()])
+                .await?;
+            let body = EventBody::MemberUpdated {
+                member: Member { role, ..current },
+                by: by.to_owned(),
+            };
+            Some(append_event(&tx, tenant, channel_id, body).await?)
+        })
+    }
+
     async fn send_message(&self, new: NewMessage) -> StorageResult<SendOutcome> {
         let hash = new.body_hash();
         let (reply, answer) = oneshot::channel();
@@ -921,6 +962,10 @@ const SHARES_CHANNEL: &str = "SELECT 1 FROM members m1 JOIN members m2 ON m2.cha
 const SELECT_LAST_SEQS: &str =
     "SELECT id, tenant_id, last_seq FROM channels WHERE id = ANY($1::TEXT[])";
 const SELECT_LAST_SEQ: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2";
+const COUNT_OWNERS: &str =
+    "SELECT COUNT(*) FROM members WHERE channel_id = $1 AND tenant_id = $2 AND role = 'owner'";
+const UPDATE_MEMBER_ROLE: &str =
+    "UPDATE members SET role = $4 WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
 const DELETE_MEMBER: &str =
     "DELETE FROM members WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
 

@@ -15,6 +15,7 @@ import type {
   JoinedCall,
   Member,
   MemberList,
+  MemberRole,
   Message,
   EventPage,
   MessagePage,
@@ -24,6 +25,7 @@ import type {
   SendMessageRequest,
   SendResult,
   TypingState,
+  UpdateMemberRequest,
 } from "./types.js";
 
 /** A bearer token, or a function that returns a fresh one (called for every request). */
@@ -149,6 +151,20 @@ export class RestClient {
 
   addMember(channelId: string, body: AddMemberRequest): Promise<Member> {
     return this.#call({ method: "POST", path: `/v1/channels/${enc(channelId)}/members`, body, idempotent: true });
+  }
+
+  /**
+   * Changes a member's role; resolves to the member as they now are. Only an owner changes another
+   * member's role; anyone may lower their own. Demoting the channel's only owner is refused
+   * (`conflict`). Others receive `member.updated`.
+   */
+  updateMemberRole(channelId: string, userId: string, role: MemberRole): Promise<Member> {
+    return this.#call({
+      method: "PATCH",
+      path: `/v1/channels/${enc(channelId)}/members/${enc(userId)}`,
+      body: { role } satisfies UpdateMemberRequest,
+      idempotent: true,
+    });
   }
 
   /** Removes a member (or leaves, with your own user id). */

@@ -46,6 +46,7 @@ export type DevTokenRequest = Schemas["DevTokenRequest"];
 
 export type CreateChannelRequest = Schemas["CreateChannel"];
 export type AddMemberRequest = Schemas["AddMember"];
+export type UpdateMemberRequest = Schemas["UpdateMember"];
 export type SendMessageRequest = Schemas["SendMessage"];
 export type EditMessageRequest = Schemas["EditMessage"];
 export type PatchChannelRequest = Schemas["PatchChannel"];

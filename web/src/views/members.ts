@@ -1,7 +1,8 @@
 //! The members dialog of a conversation, opened from its header: everyone with their role and
 //! presence, and what the signed-in person's role allows. Owners add members, moderators and
-//! owners, and remove anyone; moderators add and remove members; everyone can leave a channel.
-//! The members of a DM are fixed. The server checks every one of these again.
+//! owners, remove anyone and change anyone's role; moderators add and remove members; everyone
+//! can lower their own role and leave a channel. The members of a DM are fixed. The server checks
+//! every one of these again (and refuses to demote a channel's only owner).
 import type { Member, MemberRole } from "@parley/sdk";
 import { h, replaceChildren } from "../dom.js";
 import type { AppState, ConversationState } from "../state.js";
@@ -9,6 +10,7 @@ import type { AppState, ConversationState } from "../state.js";
 export interface MembersActions {
   addMemberAs(channelId: string, userId: string, role: MemberRole): Promise<void>;
   removeMember(channelId: string, userId: string): Promise<void>;
+  changeRole(channelId: string, userId: string, role: MemberRole): Promise<void>;
 }
 
 const ROLE_RANK: Record<MemberRole, number> = { member: 0, moderator: 1, owner: 2 };
@@ -27,6 +29,19 @@ export function canRemove(c: ConversationState, target: Member, me: string): boo
   const mine = c.channel.role ?? "member";
   if (mine === "owner") return true;
   return mine === "moderator" && ROLE_RANK[target.role] < ROLE_RANK.moderator;
+}
+
+/**
+ * The roles the signed-in person may set for `target`, its current one included; fewer than two
+ * means its role cannot be changed from here. Owners set any role of anyone; anyone may lower
+ * their own role, never raise it.
+ */
+export function settableRoles(c: ConversationState, target: Member, me: string): MemberRole[] {
+  if (c.channel.kind !== "channel") return [];
+  const mine = c.channel.role ?? "member";
+  const all: MemberRole[] = ["member", "moderator", "owner"];
+  if (target.user_id === me) return all.filter((r) => ROLE_RANK[r] <= ROLE_RANK[mine]);
+  return mine === "owner" ? all : [];
 }
 
 export class MembersDialog {
@@ -112,7 +127,7 @@ export class MembersDialog {
           h("span", { class: "presence", "data-status": status, "aria-hidden": "true" }),
           h("span", { class: "member-name" }, me ? `${m.user_id} (you)` : m.user_id),
           h("span", { class: "visually-hidden" }, `, ${status}, `),
-          h("span", { class: "role-badge" }, m.role),
+          this.#roleControl(c, m),
           canRemove(c, m, this.state.me)
             ? h(
                 "button",
@@ -135,10 +150,34 @@ export class MembersDialog {
       c.channel.kind === "dm"
         ? "The members of a direct message are fixed."
         : roles.length === 0
-          ? `You are a ${c.channel.role ?? "member"} here: owners and moderators add and remove members.`
+          ? `You are a ${c.channel.role ?? "member"} here: owners and moderators add and remove members, owners change roles.`
           : c.channel.role === "moderator"
-            ? "As a moderator you add and remove members; owners manage moderators and owners."
-            : "As an owner you add and remove anyone.";
+            ? "As a moderator you add and remove members; owners manage moderators, owners and roles."
+            : "As an owner you add and remove anyone and change roles; a channel keeps at least one owner.";
+  }
+
+  /** A role selector when the signed-in person may change `m`'s role, its badge otherwise. */
+  #roleControl(c: ConversationState, m: Member): HTMLElement {
+    const roles = settableRoles(c, m, this.state.me);
+    if (roles.length < 2) return h("span", { class: "role-badge" }, m.role);
+    const select = h(
+      "select",
+      { class: "role-select", "aria-label": `Role of ${m.user_id}` },
+      ...roles.map((r) => h("option", { value: r }, r)),
+    );
+    select.value = m.role;
+    select.addEventListener("change", () => {
+      const role = select.value as MemberRole;
+      void this.#run(async () => {
+        try {
+          await this.actions.changeRole(this.channelId, m.user_id, role);
+        } finally {
+          // Refused or not, the list shows the role the member has.
+          this.render();
+        }
+      });
+    });
+    return select;
   }
 
   async #run(action: () => Promise<void>): Promise<void> {

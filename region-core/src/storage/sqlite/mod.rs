@@ -638,6 +638,24 @@ impl Storage for SqliteStorage {
             .await
     }
 
+    async fn update_member_role(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        role: Role,
+        by: &str,
+    ) -> StorageResult<Option<ChannelEvent>> {
+        let (t, id, u, b) = (
+            tenant.to_owned(),
+            channel_id.to_owned(),
+            user_id.to_owned(),
+            by.to_owned(),
+        );
+        self.write(move |c| queries::update_member_role(c, &t, &id, &u, role, &b))
+            .await
+    }
+
     async fn send_message(&self, new: NewMessage) -> StorageResult<SendOutcome> {
         self.write(move |c| queries::send_message(c, &new)).await
     }

@@ -8,8 +8,8 @@ use parley_proto::{
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::storage::{
-    HistoryAnchor, NewCall, NewChannel, NewMessage, SendOutcome, StorageError, StorageResult,
-    now_ms, rfc3339, tombstone,
+    HistoryAnchor, LAST_OWNER, NewCall, NewChannel, NewMessage, SendOutcome, StorageError,
+    StorageResult, now_ms, rfc3339, tombstone,
 };
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -500,6 +500,50 @@ pub(super) fn remove_member(
         channel_id,
         EventBody::MemberRemoved {
             user_id: user.to_owned(),
+            by: by.to_owned(),
+        },
+    )
+    .map(Some)
+}
+
+pub(super) fn update_member_role(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    user: &str,
+    role: Role,
+    by: &str,
+) -> StorageResult<Option<ChannelEvent>> {
+    let Some(current) = member(c, tenant, channel_id, user)? else {
+        return Err(StorageError::NotFound);
+    };
+    if current.role == role {
+        return Ok(None);
+    }
+    if current.role == Role::Owner {
+        let owners: i64 = c
+            .query_row(
+                "SELECT COUNT(*) FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND role = 'owner'",
+                params![tenant, channel_id],
+                |r| r.get(0),
+            )
+            .map_err(db_err)?;
+        if owners <= 1 {
+            return Err(StorageError::Conflict(LAST_OWNER.into()));
+        }
+    }
+    c.execute(
+        "UPDATE members SET role = ?4 WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+        params![tenant, channel_id, user, role.as_str()],
+    )
+    .map_err(db_err)?;
+    let member = Member { role, ..current };
+    append_event(
+        c,
+        tenant,
+        channel_id,
+        EventBody::MemberUpdated {
+            member,
             by: by.to_owned(),
         },
     )

@@ -199,7 +199,13 @@ export interface paths {
         delete: operations["remove_member"];
         options?: never;
         head?: never;
-        patch?: never;
+        /**
+         * Change a member's role. Only an owner changes another member's role; anyone may lower their
+         *     own role, never raise it. The channel's only owner cannot be demoted (409 `conflict`); the
+         *     roles of a DM are fixed (409 `conflict`). Emits `member.updated` when the role changed; setting
+         *     the role the member already has changes nothing. Answers the member as they now are.
+         */
+        patch: operations["update_member"];
         trace?: never;
     };
     "/v1/channels/{channel_id}/messages": {
@@ -555,6 +561,11 @@ export interface components {
             by: string;
             /** @enum {string} */
             type: "member.removed";
+        } | {
+            member: components["schemas"]["Member"];
+            by: string;
+            /** @enum {string} */
+            type: "member.updated";
         } | {
             channel: components["schemas"]["Channel"];
             by: string;
@@ -965,6 +976,10 @@ export interface components {
          * @enum {string}
          */
         TypingState: "start" | "stop";
+        /** @description `PATCH /v1/channels/{id}/members/{user_id}`: the member's new role. */
+        UpdateMember: {
+            role: components["schemas"]["Role"];
+        };
         /** @description A user id: 1–128 characters of A-Z a-z 0-9 _ . : @ - | */
         UserId: string;
     };
@@ -1445,6 +1460,40 @@ export interface operations {
                     [name: string]: unknown;
                 };
                 content?: never;
+            };
+            "4XX": {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ErrorBody"];
+                };
+            };
+        };
+    };
+    update_member: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                channel_id: string;
+                user_id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["UpdateMember"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["Member"];
+                };
             };
             "4XX": {
                 headers: {

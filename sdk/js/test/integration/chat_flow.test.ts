@@ -202,6 +202,20 @@ describe("chat flow", () => {
     expect(bobLog.texts(channelId).filter((t) => t === "same key")).toHaveLength(1);
   });
 
+  it("changes a member's role, and the member sees member.updated live", async () => {
+    const updates: string[] = [];
+    bob.on("member.updated", (e) => updates.push(`${e.member.user_id}:${e.member.role}:${e.by}`));
+    const member = await alice.rest.updateMemberRole(channelId, "bob", "moderator");
+    expect(member).toMatchObject({ user_id: "bob", role: "moderator" });
+    await waitUntil("bob sees his new role", () => updates.length === 1, { detail: () => updates.join(",") });
+    expect(updates).toEqual(["bob:moderator:alice"]);
+    const raise = await bob.rest.updateMemberRole(channelId, "bob", "owner").catch((x: unknown) => x);
+    expect((raise as ParleyError).code).toBe("forbidden");
+    const lastOwner = await alice.rest.updateMemberRole(channelId, "alice", "member").catch((x: unknown) => x);
+    expect((lastOwner as ParleyError).code).toBe("conflict");
+    expect((lastOwner as ParleyError).status).toBe(409);
+  });
+
   it("ends the subscription of a removed member", async () => {
     const lost: string[] = [];
     bob.on("subscription.lost", (e) => lost.push(`${e.channelId}:${e.reason}`));

@@ -50,6 +50,7 @@ it("every REST operation of the document has a RestClient method", async () => {
     start_call: "startCall",
     list_members: "listMembers",
     add_member: "addMember",
+    update_member: "updateMemberRole",
     remove_member: "removeMember",
     history: "history",
     events: "events",
