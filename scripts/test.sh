@@ -77,7 +77,9 @@ phase "install services" parley_services_install
 install_promtool() {
     command -v promtool >/dev/null 2>&1 && return 0
     command -v apt-get >/dev/null 2>&1 || { echo "test.sh: promtool missing and no apt-get: install Prometheus' promtool" >&2; return 1; }
-    apt-get install -y --no-install-recommends prometheus >/dev/null
+    # On a new machine the package lists may be empty: fetch them once when the install fails.
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null ||
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 }
 phase "install promtool" install_promtool
 phase "start services" parley_services_start

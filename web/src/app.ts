@@ -180,7 +180,22 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
 
   async #load(c: ConversationState): Promise<void> {
     const id = c.channel.id;
-    this.client.subscribe(id).catch((e: unknown) => console.warn(`parley: cannot subscribe to ${id}`, e));
+    const listedSeq = c.channel.last_seq;
+    this.client
+      .subscribe(id)
+      .then(async (sub) => {
+        // Events committed between the channel list and the subscription are history to it: no
+        // message.new or unread.updated tells of them, so read the count again, unless a push
+        // (newer than any list) arrives meanwhile.
+        if (sub.seq <= listedSeq) return;
+        const pushes = c.unreadPushes;
+        const listed = (await this.client.rest.allChannels()).find((x) => x.id === id);
+        if (!listed || c.unreadPushes !== pushes) return;
+        c.unread = listed.unread_count ?? c.unread;
+        c.lastReadSeq = Math.max(c.lastReadSeq, listed.last_read_seq ?? 0);
+        this.renderAll();
+      })
+      .catch((e: unknown) => console.warn(`parley: cannot subscribe to ${id}`, e));
     const [members, calls] = await Promise.all([
       this.client.rest.listMembers(id).catch(() => null),
       this.client.rest.channelCalls(id).catch(() => null),
@@ -292,6 +307,7 @@ export class App implements SidebarActions, ConversationActions, MembersActions 
       // Counted against an older read position than ours (the server looked it up before our
       // read reached it, and the frames can cross): stale, it would bring back a read badge.
       if (u.last_read_seq < c.lastReadSeq) return;
+      c.unreadPushes += 1;
       c.unread = u.unread_count;
       c.lastReadSeq = u.last_read_seq;
       this.#sidebar.render();

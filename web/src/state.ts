@@ -13,6 +13,8 @@ export interface ListedMessage {
 export interface ConversationState {
   channel: Channel;
   unread: number;
+  /** Bumped by every `unread.updated`: a count fetched over REST meanwhile is older than it. */
+  unreadPushes: number;
   lastReadSeq: number;
   /** Members, once fetched. */
   members: Member[] | null;
@@ -35,6 +37,7 @@ export function newConversation(channel: Channel): ConversationState {
   return {
     channel,
     unread: channel.unread_count ?? 0,
+    unreadPushes: 0,
     lastReadSeq: channel.last_read_seq ?? 0,
     members: null,
     readBy: new Map(),
