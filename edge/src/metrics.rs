@@ -168,7 +168,7 @@ fn close_label(code: CloseCode) -> &'static str {
 }
 
 /// A WebSocket upgrade was refused; `reason` is one of a fixed set (origin, subprotocol, auth,
-/// node_full, address_full, draining).
+/// node_full, address_full, auth_failures, draining).
 pub fn upgrade_refused(reason: &'static str) {
     counter!("parley_upgrades_refused_total", "reason" => reason).increment(1);
     if reason == "auth" {
@@ -176,6 +176,9 @@ pub fn upgrade_refused(reason: &'static str) {
     }
     if reason == "address_full" {
         counter!("parley_rate_limited_total", "limit" => "ws_connections_per_ip").increment(1);
+    }
+    if reason == "auth_failures" {
+        counter!("parley_rate_limited_total", "limit" => "auth_failures_per_ip").increment(1);
     }
 }
 

@@ -398,3 +398,42 @@ async fn refused_upgrades_and_rate_limits_are_counted_by_reason() {
         1.0
     );
 }
+
+/// Requests without a valid token from one address, past its failed-authentication budget, are
+/// refused with 429 and counted under `parley_rate_limited_total{limit="auth_failures_per_ip"}`,
+/// one per refusal.
+#[tokio::test]
+async fn refused_failed_authentications_are_counted_by_their_limit() {
+    let server = ServerBuilder::new(Backend::Sqlite)
+        .arg("--auth-failures-per-minute")
+        .arg("1")
+        .arg("--auth-failure-burst")
+        .arg("2")
+        .start();
+    let before = Scrape::take(&server).await;
+    let http = reqwest::Client::new();
+    let mut limited = 0.0;
+    for _ in 0..5 {
+        let res = http
+            .get(server.url("/v1/channels"))
+            .send()
+            .await
+            .expect("request");
+        match res.status().as_u16() {
+            401 => {}
+            429 => limited += 1.0,
+            other => panic!("a request without a token got {other}"),
+        }
+    }
+    assert!(limited >= 1.0, "the budget of 2 failures refuses some of 5");
+    let after = Scrape::take(&server).await;
+    assert_eq!(
+        delta(
+            &before,
+            &after,
+            "parley_rate_limited_total",
+            &[("limit", "auth_failures_per_ip")]
+        ),
+        limited
+    );
+}

@@ -70,6 +70,12 @@ pub fn presence_transition(status: &'static str) {
     counter!("parley_presence_transitions_total", "status" => status).increment(1);
 }
 
+/// A REST request was refused by a per-address budget: `auth_failures_per_ip` (requests without
+/// a valid token) or `dev_token_per_ip` (development tokens).
+pub fn address_rate_limited(limit: &'static str) {
+    counter!("parley_rate_limited_total", "limit" => limit).increment(1);
+}
+
 /// A REST request was refused by the per-user request budget.
 pub fn rest_rate_limited() {
     counter!("parley_rate_limited_total", "limit" => "rest_user").increment(1);

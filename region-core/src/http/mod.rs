@@ -216,7 +216,8 @@ fn client_ip(req: &Request) -> Option<std::net::IpAddr> {
         .map(|c| c.0.ip())
 }
 
-fn address_limited(message: &str, wait: Duration) -> Response {
+fn address_limited(limit: &'static str, message: &str, wait: Duration) -> Response {
+    crate::metrics::address_rate_limited(limit);
     let mut e = ApiError::new(ErrorCode::RateLimited, message);
     e.retry_after = Some(wait);
     e.into_response()
@@ -235,6 +236,7 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
             && let Err(wait) = dev.per_address.spend(ip)
         {
             return address_limited(
+                "dev_token_per_ip",
                 "too many development tokens requested from this address; retry after the stated delay",
                 wait,
             );
@@ -266,6 +268,7 @@ async fn authenticate(State(state): State<ApiState>, mut req: Request, next: Nex
         && let Err(wait) = state.auth_failures.spend(ip)
     {
         return address_limited(
+            "auth_failures_per_ip",
             "too many requests without a valid token from this address; retry after the stated delay",
             wait,
         );
