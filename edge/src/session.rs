@@ -444,7 +444,8 @@ impl Session {
                         let span = tracing::debug_span!(
                             "ws.frame",
                             session_id = %self.session_id,
-                            op = tracing::field::Empty
+                            op = tracing::field::Empty,
+                            request_id = tracing::field::Empty
                         );
                         let handled = tracing::Instrument::instrument(self.on_message(ws, msg), span);
                         if let Flow::End(code) = Box::pin(handled).await {
@@ -619,7 +620,15 @@ impl Session {
         let op = crate::metrics::frame_in(parsed.as_ref().ok());
         tracing::Span::current().record("op", op);
         let frame = match parsed {
-            Ok(frame) => frame,
+            Ok(frame) => {
+                // The client's request id (bounded: longer ones are refused below, unechoed).
+                if let Some(id) = frame_id(&frame)
+                    .filter(|id| id.chars().count() <= parley_proto::conn::MAX_REQUEST_ID_CHARS)
+                {
+                    tracing::Span::current().record("request_id", id.as_str());
+                }
+                frame
+            }
             Err(FrameError { id, code, message }) => {
                 self.reply(error_frame(id, code, &message));
                 return Flow::Continue;

@@ -180,6 +180,13 @@ async fn one_message_trace_spans_both_nodes() {
         frame.attrs.get("op").map(String::as_str),
         Some("message.send")
     );
+    // The WS operation's span carries its request id (the frame's `id`, echoed in the ack).
+    assert_eq!(
+        frame.attrs.get("request_id").map(String::as_str),
+        ack["id"].as_str(),
+        "ws.frame span attributes: {:?}",
+        frame.attrs
+    );
     for name in [
         "ws.frame",
         "ws.message.send",
