@@ -460,6 +460,15 @@ pub async fn serve(
     app: Router,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    use axum::serve::ListenerExt;
+    // Frames are small and latency-bound. Without TCP_NODELAY a small write waits for the
+    // peer's delayed ACK (Nagle): ~44 ms at p90 in the chat-mix benchmark, 2.3 ms with it
+    // (docs/benchmarks.md).
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an accepted socket");
+        }
+    });
     axum::serve(
         listener,
         app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
