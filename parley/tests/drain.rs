@@ -82,12 +82,20 @@ async fn connect(server: &Server, user: &str) -> Ws {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_one_of_two_nodes_under_load_without_losing_acked_messages() {
-    let a = ServerBuilder::new(Backend::Postgres)
-        .nats()
+    // The clients send bursts back to back for the whole window: a frame budget large enough
+    // that this test is about draining, never about the budget (with TCP_NODELAY the acks come
+    // back fast enough for the default 50/s to refuse sends).
+    let budget = |b: ServerBuilder| {
+        b.arg("--ws-frames-per-second")
+            .arg("100000")
+            .arg("--ws-frame-burst")
+            .arg("100000")
+    };
+    let a = budget(ServerBuilder::new(Backend::Postgres).nats())
         .arg("--drain-window-ms")
         .arg(WINDOW_MS.to_string())
         .start();
-    let b = std::sync::Arc::new(ServerBuilder::new(Backend::Postgres).nats().start());
+    let b = std::sync::Arc::new(budget(ServerBuilder::new(Backend::Postgres).nats()).start());
     let (sender_id, reader_id, stayer_id) = (unique("mover"), unique("reader"), unique("stayer"));
     let channel = b
         .api(&sender_id)
