@@ -243,22 +243,40 @@ const OUT_TYPES: &[&str] = &[
 /// writes `"type"` ahead of any client-supplied text (frames put it first, events after their
 /// channel id and seq); a type outside the known set counts as `other`.
 pub fn frame_out(json: &str) {
-    counter!("parley_ws_frames_out_total", "type" => frame_type(json)).increment(1);
+    // Once per frame written, so once per delivery: the handles are looked up in the recorder
+    // once (after it is installed, at the first frame), not hashed into its registry each time.
+    static COUNTERS: std::sync::OnceLock<Vec<metrics::Counter>> = std::sync::OnceLock::new();
+    let counters = COUNTERS.get_or_init(|| {
+        OUT_TYPES
+            .iter()
+            .chain(std::iter::once(&"other"))
+            .map(|t| counter!("parley_ws_frames_out_total", "type" => *t))
+            .collect()
+    });
+    counters[frame_type_index(json)].increment(1);
 }
 
+#[cfg(test)]
 fn frame_type(json: &str) -> &'static str {
+    OUT_TYPES
+        .get(frame_type_index(json))
+        .copied()
+        .unwrap_or("other")
+}
+
+/// The position of the frame's type in [`OUT_TYPES`], or its length for `other`.
+fn frame_type_index(json: &str) -> usize {
     const KEY: &str = "\"type\":\"";
     let head = &json.as_bytes()[..json.len().min(256)];
     let Some(at) = head.windows(KEY.len()).position(|w| w == KEY.as_bytes()) else {
-        return "other";
+        return OUT_TYPES.len();
     };
     let rest = &json[at + KEY.len()..];
     let name = rest.split('"').next().unwrap_or("");
     OUT_TYPES
         .iter()
-        .find(|t| **t == name)
-        .copied()
-        .unwrap_or("other")
+        .position(|t| *t == name)
+        .unwrap_or(OUT_TYPES.len())
 }
 
 /// A message.send was answered; `error` is the error code's name, if it failed.
