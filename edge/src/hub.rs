@@ -17,7 +17,9 @@ use crate::queue::{FrameSender, TrySendError};
 use axum::extract::ws::Utf8Bytes;
 use parley_proto::{ChannelEvent, ChannelSequencer, CloseCode, EventBody, SequencerOutput};
 
+use crate::interest::{NodeInterest, Registered};
 use crate::session::ConnControl;
+use parley_sync::Topic;
 
 /// Most events fetched from storage per gap-fill round trip.
 pub(crate) const FETCH_LIMIT: u32 = 500;
@@ -95,6 +97,8 @@ enum SubState {
 
 struct Hub {
     tenant: String,
+    /// The channel's registration as a bus topic, made when the hub was created.
+    registered: crate::interest::Registered,
     /// `None` until the first confirmation tells where delivery starts.
     seq: Option<ChannelSequencer<Arc<Encoded>>>,
     /// Events that arrived before initialization.
@@ -116,6 +120,8 @@ pub(crate) enum ConfirmError {
 pub(crate) struct Hubs {
     inner: Mutex<HubsInner>,
     gap_timeout: Duration,
+    /// A channel is a bus topic while its hub exists.
+    interest: Arc<NodeInterest>,
 }
 
 #[derive(Default)]
@@ -128,11 +134,20 @@ struct HubsInner {
 }
 
 impl Hubs {
-    pub fn new(gap_timeout: Duration) -> Self {
+    pub fn new(gap_timeout: Duration, interest: Arc<NodeInterest>) -> Self {
         Hubs {
             inner: Mutex::new(HubsInner::default()),
             gap_timeout,
+            interest,
         }
+    }
+
+    /// Drops a hub and the node's interest in its channel.
+    fn remove_hub(&self, inner: &mut HubsInner, channel_id: &str) {
+        if inner.hubs.remove(channel_id).is_some() {
+            self.interest.remove(Topic::Channel(channel_id.to_owned()));
+        }
+        inner.gapped.remove(channel_id);
     }
 
     fn lock(&self) -> MutexGuard<'_, HubsInner> {
@@ -142,14 +157,17 @@ impl Hubs {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Step 1 of subscribing: register without delivery.
-    pub fn register_pending(&self, tenant: &str, channel_id: &str, sub: Subscriber) {
+    /// Step 1 of subscribing: register without delivery. The first registration of a channel
+    /// makes it a bus topic; the caller awaits the returned registration before it reads the
+    /// channel's last seq, so that no event committed after that read can be missed.
+    pub fn register_pending(&self, tenant: &str, channel_id: &str, sub: Subscriber) -> Registered {
         let mut inner = self.lock();
         let hub = inner
             .hubs
             .entry(channel_id.to_owned())
             .or_insert_with(|| Hub {
                 tenant: tenant.to_owned(),
+                registered: self.interest.add(Topic::Channel(channel_id.to_owned())),
                 seq: None,
                 early: Vec::new(),
                 early_overflow: false,
@@ -160,6 +178,16 @@ impl Hubs {
             sub,
             state: SubState::Pending { revoked: false },
         });
+        hub.registered.clone()
+    }
+
+    /// Whether the channel's hub already delivers events (its starting seq is known), so a
+    /// new subscriber's live position comes from the hub, not from storage.
+    pub fn is_live(&self, channel_id: &str) -> bool {
+        self.lock()
+            .hubs
+            .get(channel_id)
+            .is_some_and(|h| h.seq.is_some())
     }
 
     /// Step 2: the core said the user is a member and the channel's last seq was `last_seq`.
@@ -237,8 +265,7 @@ impl Hubs {
         if let Some(hub) = inner.hubs.get_mut(channel_id) {
             hub.subs.retain(|r| r.sub.conn != conn);
             if hub.subs.is_empty() {
-                inner.hubs.remove(channel_id);
-                inner.gapped.remove(channel_id);
+                self.remove_hub(&mut inner, channel_id);
             }
         }
     }
@@ -375,8 +402,7 @@ impl Hubs {
             .get(channel_id)
             .is_some_and(|h| h.subs.is_empty() && h.seq.is_some());
         if deleted {
-            inner.hubs.remove(channel_id);
-            inner.gapped.remove(channel_id);
+            self.remove_hub(inner, channel_id);
         } else if gapped {
             inner.gapped.insert(channel_id.to_owned());
         }
@@ -523,9 +549,9 @@ mod tests {
 
     #[test]
     fn a_pending_subscriber_receives_nothing_and_a_confirmed_one_receives_in_order() {
-        let hubs = Hubs::new(Duration::from_millis(50));
+        let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (s, mut rx) = sub(1, "alice");
-        hubs.register_pending("t", "ch", s);
+        let _ = hubs.register_pending("t", "ch", s);
         hubs.on_event(added(3, "x"));
         assert!(seqs(&mut rx).is_empty());
         assert_eq!(
@@ -540,12 +566,12 @@ mod tests {
 
     #[test]
     fn a_removal_seen_while_pending_revokes_the_subscription() {
-        let hubs = Hubs::new(Duration::from_millis(50));
+        let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (other, _rx_other) = sub(2, "bob");
-        hubs.register_pending("t", "ch", other);
+        let _ = hubs.register_pending("t", "ch", other);
         assert_eq!(hubs.confirm("t", "ch", 2, 0), Ok(0));
         let (s, mut rx) = sub(1, "alice");
-        hubs.register_pending("t", "ch", s);
+        let _ = hubs.register_pending("t", "ch", s);
         hubs.on_event(removal(1, "alice"));
         assert_eq!(hubs.confirm("t", "ch", 1, 0), Err(ConfirmError::Revoked));
         hubs.on_event(added(2, "carol"));
@@ -554,11 +580,11 @@ mod tests {
 
     #[test]
     fn a_removed_member_gets_the_removal_and_nothing_after() {
-        let hubs = Hubs::new(Duration::from_millis(50));
+        let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (a, mut rx_a) = sub(1, "alice");
         let (b, mut rx_b) = sub(2, "bob");
-        hubs.register_pending("t", "ch", a);
-        hubs.register_pending("t", "ch", b);
+        let _ = hubs.register_pending("t", "ch", a);
+        let _ = hubs.register_pending("t", "ch", b);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.confirm("t", "ch", 2, 0).expect("member");
         hubs.on_event(added(1, "x"));
@@ -571,7 +597,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_closes_only_that_connection() {
-        let hubs = Hubs::new(Duration::from_millis(50));
+        let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (slow, _rx_slow) = sub(1, "slow");
         let slow_ctl = slow.ctl.clone();
         let (tx, mut rx_fast) = frame_queue(64);
@@ -581,8 +607,8 @@ mod tests {
             tx,
             ctl: Arc::new(ConnControl::default()),
         };
-        hubs.register_pending("t", "ch", slow);
-        hubs.register_pending("t", "ch", fast);
+        let _ = hubs.register_pending("t", "ch", slow);
+        let _ = hubs.register_pending("t", "ch", fast);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.confirm("t", "ch", 2, 0).expect("member");
         for s in 1..=10 {
@@ -595,9 +621,9 @@ mod tests {
 
     #[test]
     fn a_gap_is_reported_for_filling_and_closed_by_the_fetch() {
-        let hubs = Hubs::new(Duration::from_millis(0));
+        let hubs = Hubs::new(Duration::from_millis(0), Default::default());
         let (s, mut rx) = sub(1, "alice");
-        hubs.register_pending("t", "ch", s);
+        let _ = hubs.register_pending("t", "ch", s);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.on_event(added(2, "x"));
         let reqs = hubs.poll_gaps(usize::MAX);
@@ -614,9 +640,9 @@ mod tests {
 
     #[test]
     fn a_committed_seq_no_event_brought_is_fetched() {
-        let hubs = Hubs::new(Duration::from_millis(0));
+        let hubs = Hubs::new(Duration::from_millis(0), Default::default());
         let (s, mut rx) = sub(1, "alice");
-        hubs.register_pending("t", "ch", s);
+        let _ = hubs.register_pending("t", "ch", s);
         hubs.confirm("t", "ch", 1, 3).expect("member");
         assert_eq!(hubs.watched_channels(), vec![("t".into(), "ch".into())]);
         hubs.observe_committed(vec![("ch".into(), 3), ("other".into(), 9)]);
@@ -636,12 +662,12 @@ mod tests {
 
     #[test]
     fn gap_polls_are_limited_and_take_turns() {
-        let hubs = Hubs::new(Duration::from_millis(0));
+        let hubs = Hubs::new(Duration::from_millis(0), Default::default());
         let mut rxs = Vec::new();
         for (conn, ch) in ["a", "b", "c"].iter().enumerate() {
             let (s, rx) = sub(conn as u64, "alice");
             rxs.push(rx);
-            hubs.register_pending("t", ch, s);
+            let _ = hubs.register_pending("t", ch, s);
             hubs.confirm("t", ch, conn as u64, 0).expect("member");
             hubs.observe_committed(vec![((*ch).into(), 1)]);
         }
@@ -658,7 +684,7 @@ mod tests {
 
     #[test]
     fn early_events_beyond_the_bound_make_the_hub_re_read_from_storage() {
-        let hubs = Hubs::new(Duration::from_millis(0));
+        let hubs = Hubs::new(Duration::from_millis(0), Default::default());
         let (tx, mut rx) = frame_queue(2 * MAX_EARLY);
         let s = Subscriber {
             conn: 1,
@@ -666,7 +692,7 @@ mod tests {
             tx,
             ctl: Arc::new(ConnControl::default()),
         };
-        hubs.register_pending("t", "ch", s);
+        let _ = hubs.register_pending("t", "ch", s);
         for seq in 1..=(MAX_EARLY as u64 + 5) {
             hubs.on_event(added(seq, "x"));
         }

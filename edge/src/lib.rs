@@ -20,12 +20,13 @@ use parley_proto::{
     ChannelEvent, ErrorCode, Principal, ReadState, SendMessage, SendResult, SessionLimits,
     TypingState,
 };
-use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget};
+use parley_sync::{BusMessage, BusSubscription, Ephemeral, EphemeralTarget, NodeSubscription};
 
 mod admission;
 mod calls;
 mod drain;
 mod hub;
+mod interest;
 pub mod metrics;
 mod queue;
 mod session;
@@ -247,6 +248,8 @@ pub struct Edge {
     gateway: Arc<dyn CoreGateway>,
     config: EdgeConfig,
     hubs: hub::Hubs,
+    /// What this node receives from the bus (driven by `hubs` and `users`).
+    interest: Arc<interest::NodeInterest>,
     next_conn: AtomicU64,
     shutdown: tokio::sync::watch::Receiver<bool>,
     connections: AtomicU64,
@@ -275,14 +278,16 @@ impl Edge {
     ) -> Arc<Edge> {
         let admission =
             admission::Admission::new(config.max_connections, config.max_connections_per_ip);
+        let interest = Arc::new(interest::NodeInterest::default());
         let edge = Arc::new(Edge {
             gateway,
-            hubs: hub::Hubs::new(config.gap_timeout),
+            hubs: hub::Hubs::new(config.gap_timeout, interest.clone()),
+            users: users::UserConnections::new(interest.clone()),
+            interest,
             config,
             next_conn: AtomicU64::new(1),
             shutdown,
             connections: AtomicU64::new(0),
-            users: users::UserConnections::default(),
             sessions: users::SessionRegistry::default(),
             calls: calls::CallRegistry::default(),
             controls: users::ConnControls::default(),
@@ -359,6 +364,42 @@ impl Edge {
         }
     }
 
+    /// Takes the node's bus subscription: from now on the hubs and user registry say what it
+    /// receives, and a task feeds it to them (see [`Edge::run_dispatcher`]). Call it once per
+    /// node, before accepting connections.
+    pub fn start_dispatcher(self: &Arc<Self>, subscription: NodeSubscription) {
+        self.interest.set(subscription.interest);
+        tokio::spawn(self.clone().run_dispatcher(subscription.stream));
+    }
+
+    /// Waits until the user's bus topic is registered (logs and goes on if the bus could not
+    /// confirm it: a reconnection will bring a resync).
+    async fn user_topic_registered(&self, p: &Principal) {
+        if let Err(e) = self.users.registered(&p.tenant_id, &p.user_id).await {
+            tracing::warn!(error = %e, "user topic not confirmed by the bus");
+        }
+    }
+
+    /// The membership check of a subscribe whose pending registration is made: waits for the
+    /// channel's bus topic to be registered, then asks the core (which returns the channel's
+    /// last seq). A registration the bus could not confirm refuses the subscribe (`unavailable`,
+    /// the client retries) rather than risk a silent gap.
+    async fn subscribe_check(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        registered: interest::Registered,
+    ) -> Result<u64, GatewayError> {
+        if let Err(e) = registered.await {
+            tracing::warn!(channel = %channel_id, error = %e, "channel topic not confirmed by the bus");
+            return Err(GatewayError {
+                code: ErrorCode::Unavailable,
+                message: "the server cannot receive this channel's events right now; retry".into(),
+            });
+        }
+        self.gateway.subscribe_check(p, channel_id).await
+    }
+
     /// Feeds this node's bus subscription into the hubs until the bus ends. Also fills gaps
     /// from storage, and polls storage for committed events the bus did not bring. Run it once
     /// per node, before accepting connections.
@@ -387,6 +428,7 @@ impl Edge {
                 msg = bus.next() => match msg {
                     Some(BusMessage::Event(ev)) => {
                         metrics::bus_received(&ev);
+                        metrics::bus_event_received();
                         // A traced event is delivered inside its `bus.deliver` span.
                         let span = parley_sync::take_received_span();
                         let _entered = span.as_ref().map(|s| s.enter());
@@ -396,7 +438,10 @@ impl Edge {
                         metrics::bus_resync();
                         self.hubs.resync_all()
                     }
-                    Some(BusMessage::Ephemeral(ev)) => self.deliver_ephemeral(&ev),
+                    Some(BusMessage::Ephemeral(ev)) => {
+                        metrics::bus_ephemeral_received();
+                        self.deliver_ephemeral(&ev)
+                    }
                     None => break,
                 },
                 Some(done) = fetch_rx.recv() => {

@@ -66,6 +66,18 @@ pub fn describe() {
         "parley_bus_resyncs_total",
         "Times the bus subscription may have lost events (lag, reconnect) and every hub re-read from storage."
     );
+    describe_counter!(
+        "parley_bus_events_received_total",
+        "Persisted channel events this node received from the bus (only channels with local subscribers)."
+    );
+    describe_counter!(
+        "parley_bus_ephemerals_received_total",
+        "Ephemeral events (typing, presence, receipts, user-targeted) this node received from the bus."
+    );
+    describe_gauge!(
+        "parley_bus_topics",
+        "Bus topics this node subscribes to, by kind (channel: a channel with local subscribers; user: a user with local connections)."
+    );
     describe_histogram!(
         "parley_ws_send_queue_depth",
         "Frames waiting in a connection's send queue when its writer takes the next batch."
@@ -94,6 +106,10 @@ pub fn init() {
     gauge!("parley_connections", "transport" => WS).increment(0.0);
     counter!("parley_slow_consumer_closes_total").absolute(0);
     counter!("parley_bus_resyncs_total").absolute(0);
+    counter!("parley_bus_events_received_total").absolute(0);
+    counter!("parley_bus_ephemerals_received_total").absolute(0);
+    gauge!("parley_bus_topics", "kind" => "channel").increment(0.0);
+    gauge!("parley_bus_topics", "kind" => "user").increment(0.0);
     gauge!("parley_calls_active").set(0.0);
     gauge!("parley_call_participants").set(0.0);
 }
@@ -312,6 +328,25 @@ pub fn bus_received(ev: &ChannelEvent) {
     if let Some(ms) = commit_time_ms(ev) {
         histogram!("parley_bus_receive_lag_seconds").record(seconds_since(ms));
     }
+}
+
+/// A persisted event arrived from the bus.
+pub fn bus_event_received() {
+    counter!("parley_bus_events_received_total").increment(1);
+}
+
+/// An ephemeral event arrived from the bus.
+pub fn bus_ephemeral_received() {
+    counter!("parley_bus_ephemerals_received_total").increment(1);
+}
+
+/// The node took (`+1`) or dropped (`-1`) a bus topic.
+pub fn interest_changed(topic: &parley_sync::Topic, by: f64) {
+    let kind = match topic {
+        parley_sync::Topic::Channel(_) => "channel",
+        parley_sync::Topic::User { .. } => "user",
+    };
+    gauge!("parley_bus_topics", "kind" => kind).increment(by);
 }
 
 /// The bus asked for a resync (events may have been lost).

@@ -175,6 +175,8 @@ pub(crate) fn run(
         };
         let authenticated = session.is_some();
         if let Some(mut session) = session {
+            // Nothing targeted at the user after the welcome may be missed.
+            edge.user_topic_registered(&session.principal).await;
             crate::metrics::connection_opened(&session.principal, &session.session_id);
             edge.gateway.connection_opened(&session.principal).await;
             let close = session.serve(&mut ws).await;
@@ -237,7 +239,7 @@ impl Session {
         }
         edge.users
             .remove(&self.principal.tenant_id, &self.principal.user_id, conn);
-        call_participants_dropped(&edge, &self.principal.tenant_id, conn).await;
+        call_participants_dropped(&edge, &self.principal, conn).await;
         edge.sessions
             .closed(&self.session_id, edge.config.resume_window);
         edge.gateway.connection_closed(&self.principal);
@@ -260,8 +262,11 @@ impl Session {
 
 /// The participants this connection carried stay in their calls as reconnecting for the grace
 /// period, then leave unless they attach again.
-async fn call_participants_dropped(edge: &Arc<Edge>, tenant: &str, conn: u64) {
+async fn call_participants_dropped(edge: &Arc<Edge>, p: &Principal, conn: u64) {
+    let tenant = p.tenant_id.as_str();
     for (participant_id, call_id, channel_id) in edge.calls.detach_connection(conn) {
+        // The node must still hear that the participant reconnected on another node.
+        let hold = crate::users::UserConnections::hold(edge, tenant, &p.user_id);
         let frame = ServerFrame::CallParticipantReconnecting {
             call_id: call_id.clone(),
             participant_id: participant_id.clone(),
@@ -271,6 +276,7 @@ async fn call_participants_dropped(edge: &Arc<Edge>, tenant: &str, conn: u64) {
         let grace = edge.config.call_reconnect_grace;
         let (edge2, tenant2, pid) = (edge.clone(), tenant.to_owned(), participant_id.clone());
         let timer = tokio::spawn(async move {
+            let _hold = hold;
             tokio::time::sleep(grace).await;
             edge2.calls.forget(&pid);
             edge2
@@ -1095,11 +1101,11 @@ impl Session {
             ctl: self.ctl.clone(),
         };
         let hubs = &self.edge.hubs;
-        hubs.register_pending(&self.principal.tenant_id, channel_id, sub);
+        let registered = hubs.register_pending(&self.principal.tenant_id, channel_id, sub);
+        // The channel's bus topic is registered before its last seq is read.
         let result = match self
             .edge
-            .gateway
-            .subscribe_check(&self.principal, channel_id)
+            .subscribe_check(&self.principal, channel_id, registered)
             .await
         {
             Ok(last_seq) => hubs

@@ -1,12 +1,18 @@
 //! Per-user bookkeeping of one node: which connections a user holds (for user-targeted events
 //! such as `unread.updated`), and which sessions can still be resumed.
+//!
+//! A user is a bus topic of the node while they have a connection here, or something else holds
+//! them ([`UserConnections::hold`]: a call participant inside its reconnect grace, which must
+//! still hear that it reconnected elsewhere).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::interest::{NodeInterest, Registered};
 use crate::queue::FrameSender;
 use axum::extract::ws::Utf8Bytes;
+use parley_sync::Topic;
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -15,35 +21,123 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 /// A connection id with its queue.
 type ConnQueue = (u64, FrameSender);
 
+/// One user's presence on this node.
+struct UserEntry {
+    conns: Vec<ConnQueue>,
+    /// Holders other than connections ([`UserHold`]).
+    holds: usize,
+    registered: Registered,
+}
+
 /// (tenant, user) → connections.
-#[derive(Default)]
 pub(crate) struct UserConnections {
-    inner: Mutex<HashMap<(String, String), Vec<ConnQueue>>>,
+    inner: Mutex<HashMap<(String, String), UserEntry>>,
+    interest: Arc<NodeInterest>,
+}
+
+/// Keeps a user a bus topic of the node while it lives.
+pub(crate) struct UserHold {
+    edge: std::sync::Weak<crate::Edge>,
+    tenant: String,
+    user: String,
+}
+
+impl Drop for UserHold {
+    fn drop(&mut self) {
+        if let Some(edge) = self.edge.upgrade() {
+            edge.users.release(&self.tenant, &self.user);
+        }
+    }
 }
 
 impl UserConnections {
+    pub fn new(interest: Arc<NodeInterest>) -> Self {
+        UserConnections {
+            inner: Mutex::default(),
+            interest,
+        }
+    }
+
+    /// The entry of a user, made (and registered as a topic) when missing.
+    fn entry<'a>(
+        &self,
+        map: &'a mut HashMap<(String, String), UserEntry>,
+        tenant: &str,
+        user: &str,
+    ) -> &'a mut UserEntry {
+        map.entry((tenant.to_owned(), user.to_owned()))
+            .or_insert_with(|| UserEntry {
+                conns: Vec::new(),
+                holds: 0,
+                registered: self.interest.add(Topic::User {
+                    tenant_id: tenant.to_owned(),
+                    user_id: user.to_owned(),
+                }),
+            })
+    }
+
+    /// Drops a user's entry, and the topic, once nothing holds it.
+    fn settle(&self, map: &mut HashMap<(String, String), UserEntry>, key: (String, String)) {
+        if map
+            .get(&key)
+            .is_some_and(|e| e.conns.is_empty() && e.holds == 0)
+        {
+            map.remove(&key);
+            let (tenant_id, user_id) = key;
+            self.interest.remove(Topic::User { tenant_id, user_id });
+        }
+    }
+
     pub fn add(&self, tenant: &str, user: &str, conn: u64, tx: FrameSender) {
+        let mut map = lock(&self.inner);
+        self.entry(&mut map, tenant, user).conns.push((conn, tx));
+    }
+
+    /// The registration of the user's topic (a connection awaits it before its welcome, so
+    /// that nothing targeted at the user after the welcome is missed).
+    pub fn registered(&self, tenant: &str, user: &str) -> Registered {
         lock(&self.inner)
-            .entry((tenant.to_owned(), user.to_owned()))
-            .or_default()
-            .push((conn, tx));
+            .get(&(tenant.to_owned(), user.to_owned()))
+            .map(|e| e.registered.clone())
+            .unwrap_or_else(crate::interest::registered_now)
     }
 
     pub fn remove(&self, tenant: &str, user: &str, conn: u64) {
         let mut map = lock(&self.inner);
         let key = (tenant.to_owned(), user.to_owned());
-        if let Some(v) = map.get_mut(&key) {
-            v.retain(|(c, _)| *c != conn);
-            if v.is_empty() {
-                map.remove(&key);
-            }
+        if let Some(e) = map.get_mut(&key) {
+            e.conns.retain(|(c, _)| *c != conn);
+            self.settle(&mut map, key);
+        }
+    }
+
+    /// Keeps the user a topic of this node until the hold is dropped.
+    pub fn hold(edge: &std::sync::Arc<crate::Edge>, tenant: &str, user: &str) -> UserHold {
+        {
+            let users = &edge.users;
+            let mut map = lock(&users.inner);
+            users.entry(&mut map, tenant, user).holds += 1;
+        }
+        UserHold {
+            edge: Arc::downgrade(edge),
+            tenant: tenant.to_owned(),
+            user: user.to_owned(),
+        }
+    }
+
+    fn release(&self, tenant: &str, user: &str) {
+        let mut map = lock(&self.inner);
+        let key = (tenant.to_owned(), user.to_owned());
+        if let Some(e) = map.get_mut(&key) {
+            e.holds = e.holds.saturating_sub(1);
+            self.settle(&mut map, key);
         }
     }
 
     /// Calls `f` with every connection's queue.
     pub fn for_each_queue(&self, mut f: impl FnMut(u64, &FrameSender)) {
-        for conns in lock(&self.inner).values() {
-            for (conn, tx) in conns {
+        for e in lock(&self.inner).values() {
+            for (conn, tx) in &e.conns {
                 f(*conn, tx);
             }
         }
@@ -52,8 +146,8 @@ impl UserConnections {
     /// Best effort: a full queue drops the frame.
     pub fn deliver(&self, tenant: &str, user: &str, frame: &Utf8Bytes) {
         let map = lock(&self.inner);
-        if let Some(conns) = map.get(&(tenant.to_owned(), user.to_owned())) {
-            for (_, tx) in conns {
+        if let Some(e) = map.get(&(tenant.to_owned(), user.to_owned())) {
+            for (_, tx) in &e.conns {
                 let _ = tx.try_send(frame.clone());
             }
         }

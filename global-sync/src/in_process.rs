@@ -8,7 +8,9 @@ use parley_proto::ChannelEvent;
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
 
-use crate::{Bus, BusError, BusMessage, BusSubscription, Ephemeral};
+use crate::{
+    Bus, BusError, BusMessage, Ephemeral, Interest, NodeSubscription, Registration, Topic,
+};
 
 /// What travels on the broadcast channel.
 #[derive(Debug, Clone)]
@@ -54,14 +56,29 @@ impl Bus for InProcessBus {
         Ok(())
     }
 
-    async fn subscribe(&self) -> Result<BusSubscription, BusError> {
+    async fn subscribe(&self) -> Result<NodeSubscription, BusError> {
         let rx = self.tx.subscribe();
-        Ok(BroadcastStream::new(rx)
+        let stream = BroadcastStream::new(rx)
             .map(|item| match item {
                 Ok(Item::Event(ev)) => BusMessage::Event(ev),
                 Ok(Item::Ephemeral(ev)) => BusMessage::Ephemeral(ev),
                 Err(_lagged) => BusMessage::Resync,
             })
-            .boxed())
+            .boxed();
+        Ok(NodeSubscription {
+            stream,
+            interest: Arc::new(Everything),
+        })
     }
+}
+
+/// The in-process bus has one node, which receives every event: nothing to register.
+struct Everything;
+
+impl Interest for Everything {
+    fn add(&self, _topic: &Topic) -> Registration {
+        Registration::ready()
+    }
+
+    fn remove(&self, _topic: &Topic) {}
 }

@@ -1,10 +1,19 @@
-//! The Bus: how committed channel events reach every node.
+//! The Bus: how committed channel events reach the nodes that need them.
 //!
 //! One node uses [`InProcessBus`]; several nodes share a NATS server through [`NatsBus`]. The bus
-//! promises delivery to every node that is subscribed, not order across publishers: each node
+//! promises delivery to every node that is interested, not order across publishers: each node
 //! restores per-channel order with `parley_proto::ChannelSequencer` and fills gaps from storage.
 //! When a node may have missed messages (a lagging in-process receiver, a NATS reconnect), the
 //! subscription yields [`BusMessage::Resync`] so the node re-reads from storage.
+//!
+//! **Interest.** A node receives only the [`Topic`]s it asked for through its subscription's
+//! [`Interest`] handle: a channel while it has local subscribers (the channel's persisted events
+//! and its ephemerals: typing, presence, receipts), a user while that user has local connections
+//! (user-targeted events: `channel.added`, unread counts, call signals). An added topic is
+//! *registered* once [`Interest::add`]'s [`Registration`] resolves: every event published after
+//! that reaches the subscription, so a node that adds a channel's interest, waits, and only then
+//! reads the channel's last seq from storage misses nothing between that read and the live
+//! stream. The in-process bus delivers everything to its one node; its interest is a no-op.
 //!
 //! The bus never touches storage and never decides who may see what.
 
@@ -20,7 +29,7 @@ mod nats;
 mod trace;
 
 pub use in_process::InProcessBus;
-pub use nats::NatsBus;
+pub use nats::{NatsBus, NatsOptions};
 pub use trace::take_received_span;
 
 /// What a node's bus subscription yields.
@@ -66,7 +75,67 @@ pub enum EphemeralTarget {
 /// The stream of a node's subscription. It ends only when the bus is shut down.
 pub type BusSubscription = Pin<Box<dyn Stream<Item = BusMessage> + Send>>;
 
-#[derive(Debug, thiserror::Error)]
+/// What a node can be interested in.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Topic {
+    /// A channel's persisted events and its ephemerals ([`EphemeralTarget::Channel`]).
+    Channel(String),
+    /// Events targeted at one user's connections or call participants
+    /// ([`EphemeralTarget::User`], [`EphemeralTarget::Participant`]).
+    User { tenant_id: String, user_id: String },
+}
+
+/// A node's subscription: the stream of what it receives, and the handle that says what that is.
+pub struct NodeSubscription {
+    pub stream: BusSubscription,
+    pub interest: Arc<dyn Interest>,
+}
+
+/// What a node receives. Both calls are cheap and never block; the caller keeps one holder
+/// per topic (adding a topic twice is harmless, removing it once ends it).
+pub trait Interest: Send + Sync + 'static {
+    /// Starts receiving `topic`. The registration resolves once every event published from
+    /// then on is sure to reach the subscription, or with an error when the bus could not
+    /// confirm it (the topic stays added; a reconnection brings a [`BusMessage::Resync`]).
+    /// Calls take effect in the order they are made, across `add` and `remove`.
+    fn add(&self, topic: &Topic) -> Registration;
+
+    /// Stops receiving `topic`. Events already on their way may still arrive.
+    fn remove(&self, topic: &Topic);
+}
+
+/// The pending confirmation of an [`Interest::add`].
+pub struct Registration(Option<tokio::sync::oneshot::Receiver<Result<(), BusError>>>);
+
+impl Registration {
+    /// Already registered (the in-process bus).
+    pub fn ready() -> Registration {
+        Registration(None)
+    }
+
+    /// Resolved by whoever sends on the other end; a dropped sender counts as a failure.
+    pub fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), BusError>>) -> Registration {
+        Registration(Some(rx))
+    }
+}
+
+impl std::future::Future for Registration {
+    type Output = Result<(), BusError>;
+
+    fn poll(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.0.as_mut() {
+            None => std::task::Poll::Ready(Ok(())),
+            Some(rx) => Pin::new(rx).poll(cx).map(|r| {
+                r.unwrap_or_else(|_| Err(BusError::Unavailable("the bus shut down".into())))
+            }),
+        }
+    }
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
     #[error("bus unavailable: {0}")]
     Unavailable(String),
@@ -74,7 +143,7 @@ pub enum BusError {
     Codec(String),
 }
 
-/// Publishes committed events and subscribes a node to all of them.
+/// Publishes committed events and subscribes a node to the ones it is interested in.
 #[async_trait]
 pub trait Bus: Send + Sync + 'static {
     /// `in-process` or `nats`, for logs.
@@ -92,6 +161,7 @@ pub trait Bus: Send + Sync + 'static {
     /// Publishes an ephemeral event to every subscribed node, this one included. Best effort.
     async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError>;
 
-    /// Subscribes this node to every channel event and every ephemeral event.
-    async fn subscribe(&self) -> Result<BusSubscription, BusError>;
+    /// Opens this node's subscription. Over NATS it receives nothing until topics are added
+    /// through its [`Interest`]; in process it receives everything.
+    async fn subscribe(&self) -> Result<NodeSubscription, BusError>;
 }

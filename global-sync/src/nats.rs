@@ -1,9 +1,29 @@
 //! The bus of a cluster: committed channel events over core NATS subjects.
 //!
-//! This module owns [`NatsBus`]: the NATS connection of one node, the subject layout
-//! (`parley.ev.<channel_id>`, one subject per channel, every node subscribed to `parley.ev.>`),
-//! the JSON encoding of [`ChannelEvent`] on the wire, and the translation of connection trouble
-//! into [`BusMessage::Resync`].
+//! This module owns [`NatsBus`]: the NATS connection of one node, the subject layout, the
+//! node's interest (which subjects it subscribes to), the JSON encoding of [`ChannelEvent`] and
+//! [`Ephemeral`] on the wire, and the translation of connection trouble into
+//! [`BusMessage::Resync`].
+//!
+//! # Subjects
+//!
+//! | subject | carries | published by |
+//! |---|---|---|
+//! | `parley.ch.<channel_id>.ev` | the channel's persisted events ([`ChannelEvent`]) | cores only |
+//! | `parley.ch.<channel_id>.eph` | the channel's ephemerals (typing, presence, receipts, call notices) | cores and edges |
+//! | `parley.user.<tenant>.<user>` | ephemerals for one user's connections or call participants | cores and edges |
+//! | `parley.barrier` | nobody subscribes: a request there is a round trip to the server | every node |
+//!
+//! A node subscribes to `parley.ch.<channel_id>.*` (one subscription per channel, both kinds)
+//! while the channel has local subscribers, and to `parley.user.<tenant>.<user>` while the user
+//! has local connections (see [`crate::Interest`]). Channel ids are one subject token already
+//! (generated `ch_` ids; anything else is refused); tenant and user ids may hold `.`, so their
+//! tokens escape every byte outside `A-Z a-z 0-9 _ - : @ |` as `%XX`. Channel ids are unique
+//! across tenants, so channel subjects need no tenant. The split between `.ev` and `.eph` is what
+//! the NATS permissions act on: only the core's credentials may publish `parley.ch.*.ev`
+//! (`scripts/services.sh` shows the permissions, `docs/operations.md` explains them).
+//!
+//! # Exactness
 //!
 //! Core NATS, not JetStream: storage is the durable log and the bus is only the fast path, so a
 //! message lost on the way is acceptable as long as the receiver learns that it may have lost
@@ -14,10 +34,12 @@
 //!   consumer); that resync comes once the backlog held by the client has been delivered.
 //!   (A server that gives up on a slow client closes the connection: a reconnection.)
 //!
-//! Before yielding a `Resync` after a reconnection, and before [`Bus::subscribe`] returns, the
-//! subscription does a round trip to the server, so the server has registered the
-//! subscription by the time the node re-reads storage: nothing committed after that read can
-//! slip through unseen.
+//! Interest changes go, in the order they are made, through one task that sends the `SUB`s and
+//! `UNSUB`s and then does one round trip to the server for the whole batch ([`Inner::barrier`]);
+//! only then does each [`crate::Registration`] resolve. So the server has registered a topic by
+//! the time the node reads storage for it, and nothing committed after that read can slip
+//! through unseen. Before yielding a `Resync` after a reconnection the subscription does the same
+//! round trip (the client re-sends every subscription first).
 
 use std::fmt;
 use std::sync::Arc;
@@ -29,23 +51,60 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Subscriber};
 use async_trait::async_trait;
 use bytes::Bytes;
+use futures::stream::{AbortHandle, Abortable, SelectAll};
 use futures::{FutureExt, StreamExt};
 use parley_proto::ChannelEvent;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 
-use crate::{Bus, BusError, BusMessage, BusSubscription, Ephemeral};
+use crate::{
+    Bus, BusError, BusMessage, Ephemeral, EphemeralTarget, Interest, NodeSubscription,
+    Registration, Topic,
+};
 
-/// Every channel event goes to `parley.ev.<channel_id>`.
-const SUBJECT_PREFIX: &str = "parley.ev.";
-/// Ephemeral events share the subscription under a token no channel id can take (they start
-/// with `ch_`), so one subscription carries both, in one order per publisher.
-const EPHEMERAL_SUBJECT: &str = "parley.ev._eph";
-/// What a node subscribes to: the events of every channel.
-const SUBJECT_ALL: &str = "parley.ev.>";
+/// How a node authenticates to NATS and checks the server's certificate. Credentials in the
+/// URL (`nats://user:password@host`) work too; these take precedence.
+#[derive(Clone, Default)]
+pub struct NatsOptions {
+    /// User name, with `password`.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    /// A token (instead of user and password).
+    pub token: Option<String>,
+    /// PEM file of the CA that signed the server's certificate; setting it requires TLS.
+    pub tls_ca: Option<std::path::PathBuf>,
+    /// Client certificate and key (PEM), for servers that verify clients.
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
+    /// Refuse a server that does not offer TLS.
+    pub require_tls: bool,
+}
+
+impl fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NatsOptions")
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "***"))
+            .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("require_tls", &self.require_tls)
+            .finish()
+    }
+}
+
+/// Channel subjects: `parley.ch.<channel_id>.ev` and `.eph`.
+const CHANNEL_PREFIX: &str = "parley.ch.";
+const PERSISTED_SUFFIX: &str = ".ev";
+const EPHEMERAL_SUFFIX: &str = ".eph";
+/// User subjects: `parley.user.<tenant>.<user>`.
+const USER_PREFIX: &str = "parley.user.";
 /// A subject nobody subscribes to: a request on it comes back as "no responders" once the
 /// server has processed everything this connection sent before it.
 const BARRIER_SUBJECT: &str = "parley.barrier";
+/// Most interest changes sent before one barrier confirms them.
+const INTEREST_BATCH: usize = 4096;
 /// The name this client gives itself on the server (visible in `connz`).
 const CONNECTION_NAME: &str = "parley";
 
@@ -142,7 +201,22 @@ impl NatsBus {
     /// separated by commas). Keeps trying for about 10 seconds, then fails with
     /// [`BusError::Unavailable`]. An invalid URL or a rejected authentication fails at once.
     pub async fn connect(url: &str) -> Result<NatsBus, BusError> {
+        NatsBus::connect_with(url, &NatsOptions::default()).await
+    }
+
+    /// [`NatsBus::connect`] with credentials and TLS settings.
+    pub async fn connect_with(url: &str, auth: &NatsOptions) -> Result<NatsBus, BusError> {
         let shown = redact_url(url);
+        if auth.password.is_some() != auth.user.is_some() {
+            return Err(BusError::Unavailable(
+                "a NATS user needs a password, and a password a user".into(),
+            ));
+        }
+        if auth.tls_cert.is_some() != auth.tls_key.is_some() {
+            return Err(BusError::Unavailable(
+                "a NATS client certificate needs its key, and a key its certificate".into(),
+            ));
+        }
         let addrs = url
             .split(',')
             .map(str::trim)
@@ -165,7 +239,7 @@ impl NatsBus {
         let client = loop {
             attempts += 1;
             let remaining = deadline.saturating_duration_since(Instant::now());
-            let options = connect_options(&signals, &shown).connection_timeout(
+            let options = connect_options(&signals, &shown, auth).connection_timeout(
                 remaining.clamp(Duration::from_millis(1), CONNECT_ATTEMPT_TIMEOUT),
             );
             let error = match timeout(remaining, options.connect(addrs.clone())).await {
@@ -210,10 +284,26 @@ impl NatsBus {
 /// The options of every connection attempt. The event callback only bumps counters and wakes
 /// subscriptions; it holds no client, so dropping the last bus and subscription closes the
 /// connection.
-fn connect_options(signals: &Arc<Signals>, url: &str) -> ConnectOptions {
+fn connect_options(signals: &Arc<Signals>, url: &str, auth: &NatsOptions) -> ConnectOptions {
     let signals = Arc::clone(signals);
     let url = url.to_owned();
-    ConnectOptions::new()
+    let mut options = ConnectOptions::new();
+    if let (Some(user), Some(password)) = (&auth.user, &auth.password) {
+        options = options.user_and_password(user.clone(), password.clone());
+    }
+    if let Some(token) = &auth.token {
+        options = options.token(token.clone());
+    }
+    if let Some(ca) = &auth.tls_ca {
+        options = options.add_root_certificates(ca.clone()).require_tls(true);
+    }
+    if let (Some(cert), Some(key)) = (&auth.tls_cert, &auth.tls_key) {
+        options = options.add_client_certificate(cert.clone(), key.clone());
+    }
+    if auth.require_tls {
+        options = options.require_tls(true);
+    }
+    options
         .name(CONNECTION_NAME)
         .ping_interval(PING_INTERVAL)
         .max_reconnects(None)
@@ -267,7 +357,7 @@ impl Bus for NatsBus {
     }
 
     async fn publish(&self, event: &ChannelEvent) -> Result<(), BusError> {
-        let subject = subject_for(&event.channel_id)?;
+        let subject = persisted_subject(&event.channel_id)?;
         let payload = serde_json::to_vec(event)
             .map_err(|err| BusError::Codec(format!("encoding a channel event: {err}")))?;
         let client = &self.inner.client;
@@ -309,6 +399,7 @@ impl Bus for NatsBus {
     }
 
     async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError> {
+        let subject = ephemeral_subject(&event.target)?;
         let payload = serde_json::to_vec(event)
             .map_err(|err| BusError::Codec(format!("encoding an ephemeral event: {err}")))?;
         // Best effort: never wait while disconnected, at most a moment while connected.
@@ -319,9 +410,7 @@ impl Bus for NatsBus {
         };
         match timeout(
             wait,
-            self.inner
-                .client
-                .publish(EPHEMERAL_SUBJECT, Bytes::from(payload)),
+            self.inner.client.publish(subject, Bytes::from(payload)),
         )
         .await
         {
@@ -331,43 +420,136 @@ impl Bus for NatsBus {
         }
     }
 
-    async fn subscribe(&self) -> Result<BusSubscription, BusError> {
+    async fn subscribe(&self) -> Result<NodeSubscription, BusError> {
         let inner = Arc::clone(&self.inner);
         // Taken before subscribing: a reconnection in between costs a spurious resync, never a
         // missed one.
         let seen_connects = inner.stats.connects.load(Ordering::Acquire);
         let seen_slow = inner.signals.slow_consumers.load(Ordering::Acquire);
         let wake = inner.signals.wake.subscribe();
-        let subscriber = inner.client.subscribe(SUBJECT_ALL).await.map_err(|err| {
-            BusError::Unavailable(format!("subscribing on NATS at {}: {err}", inner.url))
-        })?;
-        if let Err(err) = inner.barrier().await {
-            // The subscription stays registered in the client, which re-sends it when it gets
-            // the connection back; that reconnection then makes the stream yield a resync.
-            tracing::warn!(error = %err, "NATS subscription not confirmed by the server");
-        }
+        let (commands, commands_rx) = mpsc::unbounded_channel();
+        let (streams_tx, streams_rx) = mpsc::unbounded_channel();
+        tokio::spawn(interest_worker(Arc::clone(&inner), commands_rx, streams_tx));
         let state = SubscriptionState {
             inner,
-            subscriber,
+            subs: SelectAll::new(),
+            new_subs: streams_rx,
+            new_subs_open: true,
             wake,
             wake_open: true,
             seen_connects,
             seen_slow,
             slow_backlog: None,
         };
-        Ok(futures::stream::unfold(state, |mut state| async move {
+        let stream = futures::stream::unfold(state, |mut state| async move {
             let item = state.next_message().await?;
             Some((item, state))
         })
-        .boxed())
+        .boxed();
+        Ok(NodeSubscription {
+            stream,
+            interest: Arc::new(NatsInterest { commands }),
+        })
     }
 }
 
-/// One subscription: the NATS subscriber plus what it needs to notice a resync.
+/// A change of interest, in the order the node made it.
+enum Command {
+    Add(Topic, oneshot::Sender<Result<(), BusError>>),
+    Remove(Topic),
+}
+
+/// The node's [`Interest`] over NATS: commands for [`interest_worker`].
+struct NatsInterest {
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl Interest for NatsInterest {
+    fn add(&self, topic: &Topic) -> Registration {
+        let (tx, rx) = oneshot::channel();
+        // A closed worker drops the sender: the registration then fails.
+        let _ = self.commands.send(Command::Add(topic.clone(), tx));
+        Registration::waiting(rx)
+    }
+
+    fn remove(&self, topic: &Topic) {
+        let _ = self.commands.send(Command::Remove(topic.clone()));
+    }
+}
+
+/// A topic's NATS subscription, as the subscription stream polls it.
+type TopicStream = Abortable<Subscriber>;
+
+/// Applies interest changes in order: a `SUB` for each new topic (its subscriber handed to the
+/// stream), an `UNSUB` for each removed one (its subscriber aborted: the stream drops it, which
+/// unsubscribes), then one barrier for the batch, after which its registrations resolve. Ends
+/// when the node's [`Interest`] handle is dropped.
+async fn interest_worker(
+    inner: Arc<Inner>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+    streams: mpsc::UnboundedSender<TopicStream>,
+) {
+    let mut held: std::collections::HashMap<Topic, AbortHandle> = Default::default();
+    let mut batch = Vec::new();
+    while commands.recv_many(&mut batch, INTEREST_BATCH).await > 0 {
+        let mut waiting = Vec::new();
+        for command in batch.drain(..) {
+            match command {
+                Command::Add(topic, done) => {
+                    if !held.contains_key(&topic) {
+                        let subject = match interest_subject(&topic) {
+                            Ok(subject) => subject,
+                            Err(err) => {
+                                let _ = done.send(Err(err));
+                                continue;
+                            }
+                        };
+                        match inner.client.subscribe(subject).await {
+                            Ok(subscriber) => {
+                                let (handle, registration) = AbortHandle::new_pair();
+                                held.insert(topic, handle);
+                                let _ = streams.send(Abortable::new(subscriber, registration));
+                            }
+                            Err(err) => {
+                                let _ = done.send(Err(BusError::Unavailable(format!(
+                                    "subscribing on NATS at {}: {err}",
+                                    inner.url
+                                ))));
+                                continue;
+                            }
+                        }
+                    }
+                    waiting.push(done);
+                }
+                Command::Remove(topic) => {
+                    if let Some(handle) = held.remove(&topic) {
+                        handle.abort();
+                    }
+                }
+            }
+        }
+        if !waiting.is_empty() {
+            let confirmed = inner.barrier().await;
+            if let Err(err) = &confirmed {
+                // The subscriptions stay registered in the client, which re-sends them when it
+                // gets the connection back; that reconnection then makes the stream resync.
+                tracing::warn!(error = %err, "NATS subscriptions not confirmed by the server");
+            }
+            for done in waiting {
+                let _ = done.send(confirmed.clone());
+            }
+        }
+    }
+}
+
+/// The node's subscription: every topic's subscriber, plus what it needs to notice a resync.
 struct SubscriptionState {
     /// Keeps the connection alive and gives the client for barriers.
     inner: Arc<Inner>,
-    subscriber: Subscriber,
+    subs: SelectAll<TopicStream>,
+    /// Subscribers of newly added topics, from [`interest_worker`].
+    new_subs: mpsc::UnboundedReceiver<TopicStream>,
+    new_subs_open: bool,
     wake: watch::Receiver<()>,
     /// False once the wake sender is gone (cannot happen while `inner` lives; kept defensive so
     /// a closed channel never spins the loop).
@@ -375,13 +557,14 @@ struct SubscriptionState {
     seen_connects: u64,
     seen_slow: u64,
     /// Set when messages were dropped for a slow consumer: the resync waits until the backlog
-    /// the subscriber holds is delivered (so the node re-reads only what is really missing, and
+    /// the subscribers hold is delivered (so the node re-reads only what is really missing, and
     /// a burst of drops makes one resync), counting the messages delivered meanwhile.
     slow_backlog: Option<usize>,
 }
 
 impl SubscriptionState {
-    /// The next item of the stream; `None` once the connection is closed for good.
+    /// The next item of the stream; `None` once the node's interest handle is gone and every
+    /// subscriber has ended.
     async fn next_message(&mut self) -> Option<BusMessage> {
         loop {
             // Checked on every turn, not only on wake-ups: should the client ever drop an event
@@ -401,6 +584,11 @@ impl SubscriptionState {
                 return Some(BusMessage::Resync);
             }
 
+            // Take in the subscribers of new topics first: their messages wait in them.
+            while let Ok(sub) = self.new_subs.try_recv() {
+                self.subs.push(sub);
+            }
+
             let slow = self.inner.signals.slow_consumers.load(Ordering::Acquire);
             if slow != self.seen_slow {
                 self.seen_slow = slow;
@@ -409,14 +597,13 @@ impl SubscriptionState {
             if let Some(delivered) = self.slow_backlog {
                 // Under a sustained overload the backlog never empties: resync after at most
                 // one buffer's worth, which is all that was queued when the drop happened.
-                let ready = if delivered < SUBSCRIPTION_CAPACITY {
-                    self.subscriber.next().now_or_never()
+                let ready = if delivered < SUBSCRIPTION_CAPACITY && !self.subs.is_empty() {
+                    self.subs.next().now_or_never().flatten()
                 } else {
                     None
                 };
                 match ready {
-                    Some(None) => return None,
-                    Some(Some(message)) => {
+                    Some(message) => {
                         self.slow_backlog = Some(delivered + 1);
                         if let Some(item) = decode_message(&message.subject, &message.payload) {
                             traced(&item, message.headers.as_ref());
@@ -432,6 +619,9 @@ impl SubscriptionState {
                 }
             }
 
+            if !self.new_subs_open && self.subs.is_empty() {
+                return None;
+            }
             tokio::select! {
                 biased;
                 changed = self.wake.changed(), if self.wake_open => {
@@ -439,9 +629,15 @@ impl SubscriptionState {
                         self.wake_open = false;
                     }
                 }
-                message = self.subscriber.next() => {
-                    let message = message?;
-                    if let Some(item) = decode_message(&message.subject, &message.payload) {
+                sub = self.new_subs.recv(), if self.new_subs_open => match sub {
+                    Some(sub) => self.subs.push(sub),
+                    None => self.new_subs_open = false,
+                },
+                message = self.subs.next(), if !self.subs.is_empty() => {
+                    // `None`: the last subscriber ended (its topic was removed).
+                    if let Some(message) = message
+                        && let Some(item) = decode_message(&message.subject, &message.payload)
+                    {
                         traced(&item, message.headers.as_ref());
                         return Some(item);
                     }
@@ -451,19 +647,78 @@ impl SubscriptionState {
     }
 }
 
-/// The subject of a channel's events. A channel id must be one subject token: not empty, no
-/// `.`, `*`, `>`, whitespace or control characters.
-fn subject_for(channel_id: &str) -> Result<String, BusError> {
-    let bad = channel_id.is_empty()
-        || channel_id
+/// Whether `id` can be one subject token as it is: not empty, no `.`, `*`, `>`, whitespace or
+/// control characters.
+fn is_token(id: &str) -> bool {
+    !id.is_empty()
+        && !id
             .chars()
-            .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control());
-    if bad {
-        return Err(BusError::Codec(format!(
+            .any(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+}
+
+fn channel_token(channel_id: &str) -> Result<&str, BusError> {
+    if is_token(channel_id) {
+        Ok(channel_id)
+    } else {
+        Err(BusError::Codec(format!(
             "channel id {channel_id:?} is not a valid NATS subject token"
-        )));
+        )))
     }
-    Ok(format!("{SUBJECT_PREFIX}{channel_id}"))
+}
+
+/// A tenant or user id as one subject token: bytes outside `A-Z a-z 0-9 _ - : @ |` become
+/// `%XX`, so distinct ids give distinct tokens.
+fn escaped_token(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b':' | b'@' | b'|') {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    if out.is_empty() {
+        out.push('%');
+    }
+    out
+}
+
+/// The subject of a channel's persisted events.
+fn persisted_subject(channel_id: &str) -> Result<String, BusError> {
+    Ok(format!(
+        "{CHANNEL_PREFIX}{}{PERSISTED_SUFFIX}",
+        channel_token(channel_id)?
+    ))
+}
+
+fn user_subject(tenant_id: &str, user_id: &str) -> String {
+    format!(
+        "{USER_PREFIX}{}.{}",
+        escaped_token(tenant_id),
+        escaped_token(user_id)
+    )
+}
+
+/// The subject of an ephemeral event, from its target.
+fn ephemeral_subject(target: &EphemeralTarget) -> Result<String, BusError> {
+    Ok(match target {
+        EphemeralTarget::Channel { channel_id } => format!(
+            "{CHANNEL_PREFIX}{}{EPHEMERAL_SUFFIX}",
+            channel_token(channel_id)?
+        ),
+        EphemeralTarget::User { tenant_id, user_id }
+        | EphemeralTarget::Participant {
+            tenant_id, user_id, ..
+        } => user_subject(tenant_id, user_id),
+    })
+}
+
+/// What a node subscribes to for a topic.
+fn interest_subject(topic: &Topic) -> Result<String, BusError> {
+    Ok(match topic {
+        Topic::Channel(channel_id) => format!("{CHANNEL_PREFIX}{}.*", channel_token(channel_id)?),
+        Topic::User { tenant_id, user_id } => user_subject(tenant_id, user_id),
+    })
 }
 
 /// Leaves the trace context of a received event for the dispatcher (see `trace.rs`).
@@ -473,23 +728,43 @@ fn traced(item: &BusMessage, headers: Option<&async_nats::HeaderMap>) {
     }
 }
 
-/// Decodes a message received on `parley.ev.>` into what the subscription yields.
+/// Decodes a message received on a node's subjects into what the subscription yields.
+/// Anything that is not what its subject says is logged and dropped: it comes from the network.
 fn decode_message(subject: &str, payload: &[u8]) -> Option<BusMessage> {
-    if subject == EPHEMERAL_SUBJECT {
-        return match serde_json::from_slice::<Ephemeral>(payload) {
-            Ok(e) => Some(BusMessage::Ephemeral(Arc::new(e))),
-            Err(err) => {
-                tracing::warn!(subject, error = %err, "dropping an undecodable ephemeral bus message");
-                None
-            }
-        };
+    if let Some(rest) = subject.strip_prefix(CHANNEL_PREFIX) {
+        if let Some(channel) = rest.strip_suffix(PERSISTED_SUFFIX) {
+            return decode(channel, subject, payload)
+                .map(|event| BusMessage::Event(Arc::new(event)));
+        }
+        if let Some(channel) = rest.strip_suffix(EPHEMERAL_SUFFIX) {
+            return decode_ephemeral(subject, payload)
+                .filter(|e| {
+                    matches!(&e.target, EphemeralTarget::Channel { channel_id } if channel_id == channel)
+                })
+                .map(|e| BusMessage::Ephemeral(Arc::new(e)));
+        }
+    } else if subject.starts_with(USER_PREFIX) {
+        return decode_ephemeral(subject, payload)
+            .filter(|e| ephemeral_subject(&e.target).is_ok_and(|s| s == subject))
+            .map(|e| BusMessage::Ephemeral(Arc::new(e)));
     }
-    decode(subject, payload).map(|event| BusMessage::Event(Arc::new(event)))
+    tracing::warn!(subject, "dropping a NATS bus message on an unknown subject");
+    None
 }
 
-/// Decodes a message received on `parley.ev.>`. Anything else than a channel event of the
-/// channel its subject names is logged and dropped: it comes from the network.
-fn decode(subject: &str, payload: &[u8]) -> Option<ChannelEvent> {
+fn decode_ephemeral(subject: &str, payload: &[u8]) -> Option<Ephemeral> {
+    match serde_json::from_slice::<Ephemeral>(payload) {
+        Ok(e) => Some(e),
+        Err(err) => {
+            tracing::warn!(subject, error = %err, "dropping an undecodable ephemeral bus message");
+            None
+        }
+    }
+}
+
+/// Decodes a persisted event received on `subject`, the subject of `channel`. Anything else
+/// than a channel event of that channel is logged and dropped.
+fn decode(channel: &str, subject: &str, payload: &[u8]) -> Option<ChannelEvent> {
     let event = match serde_json::from_slice::<ChannelEvent>(payload) {
         Ok(event) => event,
         Err(err) => {
@@ -502,7 +777,7 @@ fn decode(subject: &str, payload: &[u8]) -> Option<ChannelEvent> {
             return None;
         }
     };
-    if subject.strip_prefix(SUBJECT_PREFIX) != Some(event.channel_id.as_str()) {
+    if channel != event.channel_id {
         tracing::warn!(
             subject,
             channel_id = %event.channel_id,
@@ -558,29 +833,104 @@ mod tests {
     #[test]
     fn subjects_are_one_token_per_channel() {
         assert_eq!(
-            subject_for("ch_01JABCDEF").unwrap(),
-            "parley.ev.ch_01JABCDEF"
+            persisted_subject("ch_01JABCDEF").unwrap(),
+            "parley.ch.ch_01JABCDEF.ev"
+        );
+        assert_eq!(
+            interest_subject(&Topic::Channel("ch_1".into())).unwrap(),
+            "parley.ch.ch_1.*"
         );
         for bad in [
             "", "a.b", "a*", ">", "a b", "a\tb", "a\nb", "a\u{0}b", "a\u{a0}b",
         ] {
             assert!(
-                matches!(subject_for(bad), Err(BusError::Codec(_))),
+                matches!(persisted_subject(bad), Err(BusError::Codec(_))),
                 "{bad:?} accepted"
             );
+            let target = EphemeralTarget::Channel {
+                channel_id: bad.into(),
+            };
+            assert!(matches!(
+                ephemeral_subject(&target),
+                Err(BusError::Codec(_))
+            ));
         }
+    }
+
+    #[test]
+    fn user_subjects_escape_ids_into_one_token_each() {
+        let target = |t: &str, u: &str| EphemeralTarget::User {
+            tenant_id: t.into(),
+            user_id: u.into(),
+        };
+        assert_eq!(
+            ephemeral_subject(&target("acme", "alice@x.io")).unwrap(),
+            "parley.user.acme.alice@x%2Eio"
+        );
+        // Distinct ids, distinct subjects (the escape is injective).
+        let a = ephemeral_subject(&target("a.b", "c")).unwrap();
+        let b = ephemeral_subject(&target("a", "b.c")).unwrap();
+        let c = ephemeral_subject(&target("a%2Eb", "c")).unwrap();
+        assert!(a != b && a != c && b != c, "{a} {b} {c}");
+        assert_eq!(a.split('.').count(), 4, "{a}");
+        // A participant goes to its user's subject.
+        let p = EphemeralTarget::Participant {
+            tenant_id: "t".into(),
+            user_id: "u".into(),
+            participant_id: "par_1".into(),
+        };
+        assert_eq!(ephemeral_subject(&p).unwrap(), "parley.user.t.u");
+        assert_eq!(
+            interest_subject(&Topic::User {
+                tenant_id: "t".into(),
+                user_id: "u".into()
+            })
+            .unwrap(),
+            "parley.user.t.u"
+        );
     }
 
     #[test]
     fn decode_accepts_events_on_their_own_subject_only() {
         let ev = event("ch_1");
         let payload = serde_json::to_vec(&ev).unwrap();
-        assert_eq!(decode("parley.ev.ch_1", &payload), Some(ev));
-        assert_eq!(decode("parley.ev.ch_2", &payload), None);
-        assert_eq!(decode("parley.ev.ch_1.x", &payload), None);
-        assert_eq!(decode("parley.ev.ch_1", b"not json"), None);
-        assert_eq!(decode("parley.ev.ch_1", b"{\"channel_id\":\"ch_1\"}"), None);
-        assert_eq!(decode("parley.ev.ch_1", &[0xff, 0xfe]), None);
+        assert_eq!(decode("ch_1", "parley.ch.ch_1.ev", &payload), Some(ev));
+        assert_eq!(decode("ch_2", "parley.ch.ch_2.ev", &payload), None);
+        assert_eq!(decode("ch_1", "parley.ch.ch_1.ev", b"not json"), None);
+        assert_eq!(
+            decode("ch_1", "parley.ch.ch_1.ev", b"{\"channel_id\":\"ch_1\"}"),
+            None
+        );
+        assert_eq!(decode("ch_1", "parley.ch.ch_1.ev", &[0xff, 0xfe]), None);
+        assert!(decode_message("parley.ch.ch_1.ev", &payload).is_some());
+        assert!(decode_message("parley.ch.ch_2.ev", &payload).is_none());
+        assert!(decode_message("parley.ch.ch_1.x", &payload).is_none());
+        assert!(decode_message("parley.ch.ch_1.eph", &payload).is_none());
+    }
+
+    #[test]
+    fn decode_accepts_ephemerals_on_their_target_subject_only() {
+        let eph = |target| {
+            serde_json::to_vec(&Ephemeral {
+                target,
+                skip_user: None,
+                frame: serde_json::json!({"type": "typing"}),
+            })
+            .unwrap()
+        };
+        let ch = eph(EphemeralTarget::Channel {
+            channel_id: "ch_1".into(),
+        });
+        assert!(decode_message("parley.ch.ch_1.eph", &ch).is_some());
+        assert!(decode_message("parley.ch.ch_2.eph", &ch).is_none());
+        assert!(decode_message("parley.ch.ch_1.ev", &ch).is_none());
+        let user = eph(EphemeralTarget::User {
+            tenant_id: "t".into(),
+            user_id: "u.1".into(),
+        });
+        assert!(decode_message("parley.user.t.u%2E1", &user).is_some());
+        assert!(decode_message("parley.user.t.other", &user).is_none());
+        assert!(decode_message("parley.ch.ch_1.eph", &user).is_none());
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use parley_proto::{ChannelEvent, EventBody};
-use parley_sync::{Bus, BusError, BusMessage, BusSubscription, NatsBus};
+use parley_sync::{Bus, BusError, BusMessage, BusSubscription, NatsBus, NodeSubscription, Topic};
 use tokio::time::{Instant, timeout, timeout_at};
 
 // ---- helpers -----------------------------------------------------------------------------
@@ -51,6 +51,21 @@ fn event(channel_id: &str, seq: u64) -> ChannelEvent {
             by: "usr_admin".into(),
         },
     }
+}
+
+/// A subscription of `bus` interested in `channels`, registered on the server.
+async fn subscribe_to(bus: &NatsBus, channels: &[&str]) -> NodeSubscription {
+    let sub = bus.subscribe().await.expect("subscribe");
+    for channel in channels {
+        timeout(
+            Duration::from_secs(10),
+            sub.interest.add(&Topic::Channel((*channel).to_owned())),
+        )
+        .await
+        .expect("registration timed out")
+        .expect("registration");
+    }
+    sub
 }
 
 /// The next item of `sub`, or a panic naming `what` at `deadline`.
@@ -239,7 +254,8 @@ impl Drop for NatsServer {
 
 // ---- tests -------------------------------------------------------------------------------
 
-/// Two nodes (two connections): everything A publishes reaches B and A itself, in A's order.
+/// Two nodes (two connections): everything A publishes reaches B and A itself, in A's order
+/// per channel.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_reach_every_node_in_publish_order() {
     const N: u64 = 1_000;
@@ -247,12 +263,12 @@ async fn events_reach_every_node_in_publish_order() {
     let a = NatsBus::connect(&url).await.expect("connect A");
     let b = NatsBus::connect(&url).await.expect("connect B");
     assert_eq!(a.kind(), "nats");
-    let mut sub_a = a.subscribe().await.expect("subscribe A");
-    let mut sub_b = b.subscribe().await.expect("subscribe B");
-
-    // Several channels, interleaved: NATS keeps one publisher's order across subjects.
+    // Several channels, interleaved.
     let prefix = unique_prefix("order");
     let channels: Vec<String> = (0..4).map(|i| format!("{prefix}_{i}")).collect();
+    let names: Vec<&str> = channels.iter().map(String::as_str).collect();
+    let mut sub_a = subscribe_to(&a, &names).await.stream;
+    let mut sub_b = subscribe_to(&b, &names).await.stream;
     let sent: Vec<ChannelEvent> = (1..=N)
         .map(|seq| event(&channels[(seq % 4) as usize], seq))
         .collect();
@@ -263,12 +279,25 @@ async fn events_reach_every_node_in_publish_order() {
             .expect("publish");
     }
 
+    // Each topic is its own NATS subscription: the order holds per channel, not across them
+    // (nodes order per channel anyway).
     let deadline = Instant::now() + Duration::from_secs(30);
     for (name, sub) in [("A", &mut sub_a), ("B", &mut sub_b)] {
-        for (i, want) in sent.iter().enumerate() {
+        let mut got: Vec<Vec<ChannelEvent>> = vec![Vec::new(); 4];
+        for i in 0..N {
             let what = format!("event {} of {N} on node {name}", i + 1);
-            let got = next_own_event(sub, &prefix, deadline, &what).await;
-            assert_eq!(&got, want, "node {name}: {what} out of order");
+            let ev = next_own_event(sub, &prefix, deadline, &what).await;
+            let at = channels
+                .iter()
+                .position(|c| *c == ev.channel_id)
+                .expect("own channel");
+            got[at].push(ev);
+        }
+        for (at, channel) in channels.iter().enumerate() {
+            let want: Vec<&ChannelEvent> =
+                sent.iter().filter(|e| e.channel_id == *channel).collect();
+            let have: Vec<&ChannelEvent> = got[at].iter().collect();
+            assert_eq!(have, want, "node {name}: channel {channel} out of order");
         }
     }
 }
@@ -278,16 +307,20 @@ async fn events_reach_every_node_in_publish_order() {
 async fn malformed_payloads_are_skipped() {
     let url = shared_nats_url();
     let bus = NatsBus::connect(&url).await.expect("connect");
-    let mut sub = bus.subscribe().await.expect("subscribe");
-    let raw = async_nats::connect(&url).await.expect("raw connect");
-
     let prefix = unique_prefix("malformed");
     let channel = format!("{prefix}_c");
-    let own_subject = format!("parley.ev.{channel}");
+    let other = format!("{prefix}_x");
+    let mut sub = subscribe_to(&bus, &[&channel, &other]).await.stream;
+    let raw = async_nats::connect(&url).await.expect("raw connect");
+
+    let own_subject = format!("parley.ch.{channel}.ev");
+    let other_subject = format!("parley.ch.{other}.ev");
     let valid = |seq| serde_json::to_vec(&event(&channel, seq)).unwrap();
     // All from one connection, so they reach the subscriber in this order.
-    raw.publish("parley.ev.x", "not json".into()).await.unwrap();
-    raw.publish("parley.ev.x", vec![0xff, 0x00, 0xfe].into())
+    raw.publish(other_subject.clone(), "not json".into())
+        .await
+        .unwrap();
+    raw.publish(other_subject.clone(), vec![0xff, 0x00, 0xfe].into())
         .await
         .unwrap();
     raw.publish(
@@ -296,8 +329,12 @@ async fn malformed_payloads_are_skipped() {
     )
     .await
     .unwrap();
-    // A valid event on another channel's subject is dropped too.
-    raw.publish("parley.ev.x", valid(1).into()).await.unwrap();
+    // A valid event on another channel's subject is dropped too, and so is a persisted event
+    // on the channel's ephemeral subject.
+    raw.publish(other_subject, valid(1).into()).await.unwrap();
+    raw.publish(format!("parley.ch.{channel}.eph"), valid(1).into())
+        .await
+        .unwrap();
     raw.publish(own_subject, valid(2).into()).await.unwrap();
     raw.flush().await.unwrap();
 
@@ -363,11 +400,11 @@ async fn reconnection_yields_resync_on_every_subscription() {
     let server = NatsServer::start(port);
     let url = server.url();
     let bus = NatsBus::connect(&url).await.expect("connect");
-    let mut subs = vec![
-        bus.subscribe().await.expect("subscribe 1"),
-        bus.subscribe().await.expect("subscribe 2"),
-    ];
     let channel = unique_prefix("reconnect");
+    let mut subs = vec![
+        subscribe_to(&bus, &[&channel]).await.stream,
+        subscribe_to(&bus, &[&channel]).await.stream,
+    ];
 
     bus.publish(&event(&channel, 1)).await.expect("publish 1");
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -420,7 +457,7 @@ async fn reconnection_yields_resync_on_every_subscription() {
 
     // A bus on another connection sees them too (the server is really back).
     let other = NatsBus::connect(&url).await.expect("connect other");
-    let mut other_sub = other.subscribe().await.expect("subscribe other");
+    let mut other_sub = subscribe_to(&other, &[&channel]).await.stream;
     bus.publish(&event(&channel, 4)).await.expect("publish 4");
     let got = next_own_event(
         &mut other_sub,
@@ -443,8 +480,8 @@ async fn slow_consumer_yields_resync() {
     let publisher = NatsBus::connect(&server.url())
         .await
         .expect("connect publisher");
-    let mut sub = slow.subscribe().await.expect("subscribe");
     let channel = unique_prefix("slow");
+    let mut sub = subscribe_to(&slow, &[&channel]).await.stream;
 
     // An observer with room for everything tells when the server has delivered all N events
     // (the slow bus's client reads its socket just as fast; it only has nowhere to put them).
@@ -454,7 +491,7 @@ async fn slow_consumer_yields_resync() {
         .await
         .expect("connect observer");
     let mut observer = observer_client
-        .subscribe("parley.ev.>")
+        .subscribe("parley.ch.>")
         .await
         .expect("observer subscribe");
     // A round trip: the server has registered the observer's subscription.
@@ -529,8 +566,8 @@ async fn ephemeral_events_reach_every_node() {
     let url = shared_nats_url();
     let a = NatsBus::connect(&url).await.expect("connect a");
     let b = NatsBus::connect(&url).await.expect("connect b");
-    let mut sub_b = b.subscribe().await.expect("subscribe b");
     let channel_id = unique_prefix("eph");
+    let mut sub_b = subscribe_to(&b, &[&channel_id]).await.stream;
     let sent = Ephemeral {
         target: EphemeralTarget::Channel {
             channel_id: channel_id.clone(),
@@ -549,4 +586,223 @@ async fn ephemeral_events_reach_every_node() {
             break;
         }
     }
+}
+
+/// A node receives the topics it added and nothing else; a removed topic stops; a user topic
+/// brings that user's ephemerals (and a participant's) and no one else's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_receives_only_its_topics() {
+    use parley_sync::{Ephemeral, EphemeralTarget};
+    let url = shared_nats_url();
+    let publisher = NatsBus::connect(&url).await.expect("connect publisher");
+    let node = NatsBus::connect(&url).await.expect("connect node");
+    let prefix = unique_prefix("interest");
+    let (x, y) = (format!("{prefix}_x"), format!("{prefix}_y"));
+    let sub = subscribe_to(&node, &[&x]).await;
+    let tenant = prefix.clone();
+    let me = Topic::User {
+        tenant_id: tenant.clone(),
+        user_id: "me.1".into(),
+    };
+    sub.interest.add(&me).await.expect("user registration");
+    let mut stream = sub.stream;
+    let to_user = |user: &str, n: u64| Ephemeral {
+        target: EphemeralTarget::User {
+            tenant_id: tenant.clone(),
+            user_id: user.into(),
+        },
+        skip_user: None,
+        frame: serde_json::json!({ "type": "unread.updated", "n": n }),
+    };
+
+    publisher.publish(&event(&y, 1)).await.expect("publish y1");
+    publisher.publish(&event(&x, 1)).await.expect("publish x1");
+    publisher
+        .publish_ephemeral(&to_user("someone.else", 1))
+        .await
+        .expect("publish other user");
+    publisher
+        .publish_ephemeral(&to_user("me.1", 2))
+        .await
+        .expect("publish me");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    match next_item(&mut stream, deadline, "x1").await {
+        BusMessage::Event(ev) => assert_eq!((ev.channel_id.as_str(), ev.seq), (x.as_str(), 1)),
+        other => panic!("expected x1 first (y is not a topic), got {other:?}"),
+    }
+    match next_item(&mut stream, deadline, "my ephemeral").await {
+        BusMessage::Ephemeral(e) => assert_eq!(*e, to_user("me.1", 2)),
+        other => panic!("expected my ephemeral (not the other user's), got {other:?}"),
+    }
+
+    // Swap x for y: once y is registered, x's removal has reached the server too.
+    sub.interest.remove(&Topic::Channel(x.clone()));
+    sub.interest
+        .add(&Topic::Channel(y.clone()))
+        .await
+        .expect("registration of y");
+    publisher.publish(&event(&x, 2)).await.expect("publish x2");
+    publisher.publish(&event(&y, 2)).await.expect("publish y2");
+    match next_item(&mut stream, deadline, "y2").await {
+        BusMessage::Event(ev) => assert_eq!((ev.channel_id.as_str(), ev.seq), (y.as_str(), 2)),
+        other => panic!("expected y2 (x was removed), got {other:?}"),
+    }
+    let quiet = timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(quiet.is_err(), "nothing else arrives: {quiet:?}");
+}
+
+/// A registration is exact: an event published by another connection right after the
+/// registration resolved always arrives (the server had the subscription by then).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_published_right_after_registration_arrives() {
+    let url = shared_nats_url();
+    let publisher = NatsBus::connect(&url).await.expect("connect publisher");
+    let node = NatsBus::connect(&url).await.expect("connect node");
+    let sub = node.subscribe().await.expect("subscribe");
+    let mut stream = sub.stream;
+    let prefix = unique_prefix("exact");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..100 {
+        let channel = format!("{prefix}_{i}");
+        sub.interest
+            .add(&Topic::Channel(channel.clone()))
+            .await
+            .expect("registration");
+        publisher
+            .publish(&event(&channel, 1))
+            .await
+            .expect("publish");
+        let got = next_own_event(&mut stream, &channel, deadline, &format!("round {i}")).await;
+        assert_eq!(got.channel_id, channel);
+    }
+}
+
+// ---- authentication and permissions (the shared server runs with them: scripts/services.sh) --
+
+/// A variable of `scripts/services.sh start`, or a panic saying how to get it.
+fn services_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests through scripts/test.sh, or \
+             eval \"$(scripts/services.sh start)\", which starts nats-server with authorization \
+             and exports its credentials"
+        )
+    })
+}
+
+fn edge_options() -> parley_sync::NatsOptions {
+    parley_sync::NatsOptions {
+        user: Some(services_var("PARLEY_TEST_NATS_EDGE_USER")),
+        password: Some(services_var("PARLEY_TEST_NATS_EDGE_PASSWORD")),
+        ..Default::default()
+    }
+}
+
+/// An edge's credentials may publish ephemerals but not persisted events: the server refuses
+/// the publish (a permissions violation reported to the client) and no subscriber sees the
+/// injected event, while the ephemeral the same client sends next does arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_credentials_cannot_publish_persisted_events() {
+    use parley_sync::{Ephemeral, EphemeralTarget};
+    let plain = services_var("PARLEY_TEST_NATS_PLAIN_URL");
+    let channel = unique_prefix("inject");
+    // The victim node, with the core's credentials (in the shared URL).
+    let node = NatsBus::connect(&shared_nats_url())
+        .await
+        .expect("connect node");
+    let mut stream = subscribe_to(&node, &[&channel]).await.stream;
+
+    let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
+    let opts = edge_options();
+    let attacker = async_nats::ConnectOptions::with_user_and_password(
+        opts.user.clone().unwrap(),
+        opts.password.clone().unwrap(),
+    )
+    .event_callback(move |event| {
+        if let async_nats::Event::ServerError(err) = event {
+            let _ = errors_tx.send(err.to_string());
+        }
+        std::future::ready(())
+    })
+    .connect(&plain)
+    .await
+    .expect("the edge's credentials are accepted");
+
+    let forged = serde_json::to_vec(&event(&channel, 1)).unwrap();
+    attacker
+        .publish(format!("parley.ch.{channel}.ev"), forged.into())
+        .await
+        .expect("queued");
+    let allowed = Ephemeral {
+        target: EphemeralTarget::Channel {
+            channel_id: channel.clone(),
+        },
+        skip_user: None,
+        frame: serde_json::json!({ "type": "typing" }),
+    };
+    attacker
+        .publish(
+            format!("parley.ch.{channel}.eph"),
+            serde_json::to_vec(&allowed).unwrap().into(),
+        )
+        .await
+        .expect("queued");
+    attacker.flush().await.expect("flush");
+
+    let refusal = timeout(Duration::from_secs(10), errors.recv())
+        .await
+        .expect("the server reports the refused publish")
+        .expect("error");
+    assert!(
+        refusal.to_lowercase().contains("permissions violation")
+            && refusal.contains(&format!("parley.ch.{channel}.ev")),
+        "{refusal}"
+    );
+    // Same publisher, so in order: the ephemeral comes, the forged event before it did not.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    match next_item(&mut stream, deadline, "the edge's ephemeral").await {
+        BusMessage::Ephemeral(got) => assert_eq!(*got, allowed),
+        other => panic!("the forged event got through, or something else came: {other:?}"),
+    }
+    let quiet = timeout(Duration::from_millis(300), stream.next()).await;
+    assert!(quiet.is_err(), "nothing else arrives: {quiet:?}");
+
+    // The edge's bus works with its credentials: it receives the channel's events.
+    let edge = NatsBus::connect_with(&plain, &edge_options())
+        .await
+        .expect("edge connects");
+    let mut edge_stream = subscribe_to(&edge, &[&channel]).await.stream;
+    node.publish(&event(&channel, 2))
+        .await
+        .expect("core publishes");
+    let got = next_own_event(&mut edge_stream, &channel, deadline, "the core's event").await;
+    assert_eq!(got.seq, 2);
+}
+
+/// Without credentials, or with a wrong password, the server refuses the connection, and
+/// `connect` fails at once (no retrying for 10 s) without showing the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_valid_credentials_are_refused() {
+    let plain = services_var("PARLEY_TEST_NATS_PLAIN_URL");
+    let started = Instant::now();
+    let err = NatsBus::connect(&plain)
+        .await
+        .expect_err("a connection without credentials was accepted");
+    assert!(
+        err.to_string().to_lowercase().contains("author"),
+        "the error names the refusal: {err}"
+    );
+    let wrong = parley_sync::NatsOptions {
+        password: Some("not-the-password".into()),
+        ..edge_options()
+    };
+    let err = NatsBus::connect_with(&plain, &wrong)
+        .await
+        .expect_err("a wrong password was accepted");
+    assert!(!err.to_string().contains("not-the-password"), "{err}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "refusals are final, not retried: {:?}",
+        started.elapsed()
+    );
 }

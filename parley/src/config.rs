@@ -85,6 +85,34 @@ pub struct ServeArgs {
     /// NATS URL (nats://host:port). Without it, the in-process bus (one node).
     #[arg(long, env = "PARLEY_NATS_URL")]
     pub nats_url: Option<String>,
+    /// NATS user name (with --nats-password).
+    #[arg(long, env = "PARLEY_NATS_USER", requires = "nats_password")]
+    pub nats_user: Option<String>,
+    /// NATS password of --nats-user.
+    #[arg(
+        long,
+        env = "PARLEY_NATS_PASSWORD",
+        hide_env_values = true,
+        requires = "nats_user"
+    )]
+    pub nats_password: Option<String>,
+    /// NATS token (instead of a user and password).
+    #[arg(
+        long,
+        env = "PARLEY_NATS_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "nats_user"
+    )]
+    pub nats_token: Option<String>,
+    /// PEM file of the CA that signed the NATS server's certificate; TLS is then required.
+    #[arg(long, env = "PARLEY_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for a NATS server that verifies clients (with --nats-tls-key).
+    #[arg(long, env = "PARLEY_NATS_TLS_CERT", requires = "nats_tls_key")]
+    pub nats_tls_cert: Option<PathBuf>,
+    /// Key (PEM) of --nats-tls-cert.
+    #[arg(long, env = "PARLEY_NATS_TLS_KEY", requires = "nats_tls_cert")]
+    pub nats_tls_key: Option<PathBuf>,
     /// HS256 verification secret for access tokens (hex or plain text). Disables the dev key.
     #[arg(long, env = "PARLEY_JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,

@@ -155,6 +155,19 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, Option<
     Ok((auth, dev))
 }
 
+/// Credentials and TLS of the node's NATS connection.
+pub fn nats_options(args: &ServeArgs) -> parley_sync::NatsOptions {
+    parley_sync::NatsOptions {
+        user: args.nats_user.clone(),
+        password: args.nats_password.clone(),
+        token: args.nats_token.clone(),
+        tls_ca: args.nats_tls_ca.clone(),
+        tls_cert: args.nats_tls_cert.clone(),
+        tls_key: args.nats_tls_key.clone(),
+        require_tls: false,
+    }
+}
+
 /// Development tokens per client address: a burst of this many, refilled at this rate per minute.
 const DEV_TOKEN_BURST: u32 = 30;
 const DEV_TOKENS_PER_MINUTE: u32 = 60;
@@ -194,7 +207,7 @@ pub async fn build(
     let storage = open_storage(&args.storage).await?;
     let bus: Arc<dyn Bus> = match &args.nats_url {
         Some(url) => Arc::new(
-            NatsBus::connect(url)
+            NatsBus::connect_with(url, &nats_options(args))
                 .await
                 .context("cannot connect to NATS")?,
         ),
@@ -321,7 +334,7 @@ pub async fn build(
         .subscribe()
         .await
         .context("cannot subscribe to the bus")?;
-    tokio::spawn(edge.clone().run_dispatcher(subscription));
+    edge.start_dispatcher(subscription);
     {
         // Keep the per-user and per-address budgets bounded to active callers.
         let budget = budget.clone();

@@ -1212,7 +1212,7 @@ mod tests {
         async fn publish_ephemeral(&self, event: &Ephemeral) -> Result<(), BusError> {
             self.inner.publish_ephemeral(event).await
         }
-        async fn subscribe(&self) -> Result<BusSubscription, BusError> {
+        async fn subscribe(&self) -> Result<parley_sync::NodeSubscription, BusError> {
             self.inner.subscribe().await
         }
     }
@@ -1258,7 +1258,7 @@ mod tests {
             )
             .await
             .expect("create");
-        let mut sub = bus.subscribe().await.expect("subscribe");
+        let mut sub = bus.subscribe().await.expect("subscribe").stream;
         bus.fail.store(2, Ordering::SeqCst);
         let sent = core
             .send_message(

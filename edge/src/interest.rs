@@ -1,0 +1,55 @@
+//! What this node receives from the bus: the topics its hubs and user registry hold.
+//!
+//! A channel is a topic while it has a hub (local subscribers, pending or confirmed); a user
+//! while they have a connection here (or a call participant inside its reconnect grace). The
+//! registries call [`NodeInterest::add`] when an entry appears and [`NodeInterest::remove`] when
+//! it goes, under their own lock, so the bus sees the changes of one topic in the order they
+//! happened. The registration of an add is kept with the entry, shared: whoever needs the topic
+//! live (a subscribe about to read the channel's last seq, a connection about to be welcomed)
+//! awaits it, whether it started the add or joined an entry that already existed.
+
+use std::sync::{Arc, OnceLock};
+
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use parley_sync::{BusError, Interest, Topic};
+
+/// The confirmation of a topic's registration on the bus, awaitable by many.
+pub(crate) type Registered = Shared<BoxFuture<'static, Result<(), BusError>>>;
+
+/// An already confirmed registration.
+pub(crate) fn registered_now() -> Registered {
+    futures::future::ready(Ok(())).boxed().shared()
+}
+
+/// The node's handle on its bus interest; set once the dispatcher starts. Before that (and
+/// without a bus) every topic counts as registered.
+#[derive(Default)]
+pub(crate) struct NodeInterest {
+    handle: OnceLock<Arc<dyn Interest>>,
+}
+
+impl NodeInterest {
+    pub fn set(&self, interest: Arc<dyn Interest>) {
+        if self.handle.set(interest).is_err() {
+            tracing::error!("the node's bus interest was set twice; keeping the first");
+        }
+    }
+
+    /// Starts receiving `topic`.
+    pub fn add(&self, topic: Topic) -> Registered {
+        crate::metrics::interest_changed(&topic, 1.0);
+        match self.handle.get() {
+            Some(interest) => interest.add(&topic).boxed().shared(),
+            None => registered_now(),
+        }
+    }
+
+    /// Stops receiving `topic`.
+    pub fn remove(&self, topic: Topic) {
+        crate::metrics::interest_changed(&topic, -1.0);
+        if let Some(interest) = self.handle.get() {
+            interest.remove(&topic);
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Interest-based fan-out: two `parley serve` nodes over PostgreSQL and NATS, each subscribed on
+//! NATS only to the channels its own connections subscribe to. A node with no subscriber of a
+//! channel receives none of its events, observed through the node's bus counters on /metrics.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Backend, Server, ServerBuilder, Ws, token, unique};
+
+/// The value of an unlabelled metric, or of one series given with its labels
+/// (`name{kind="channel"}`), on the node's /metrics; 0 when absent.
+async fn metric(server: &Server, series: &str) -> f64 {
+    let text = reqwest::get(server.url("/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            (name == series).then(|| value.parse::<f64>().expect("metric value"))
+        })
+        .unwrap_or(0.0)
+}
+
+/// Node B holds the only subscriber of channel X; node A holds the only subscriber of channel
+/// Y. Messages go to both channels, sent through both nodes. Each node's bus delivers it exactly
+/// the events of its own channel: A gets Y's and none of X's (not even those A itself
+/// committed), B gets X's and none of Y's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
+    let a = ServerBuilder::new(Backend::Postgres).nats().start();
+    let b = ServerBuilder::new(Backend::Postgres).nats().start();
+    let owner = unique("owner");
+    let member = unique("member");
+    let api_a = a.api(&owner);
+    let api_b = b.api(&owner);
+    let x = api_b.create_channel("x", &[&member]).await;
+    let y = api_b.create_channel("y", &[&member]).await;
+
+    let mut on_a = Ws::connect(&a, &token(&member)).await;
+    let from_y = on_a.subscribe(&y).await;
+    let mut on_b = Ws::connect(&b, &token(&member)).await;
+    let from_x = on_b.subscribe(&x).await;
+    assert_eq!(
+        metric(&a, "parley_bus_topics{kind=\"channel\"}").await,
+        1.0,
+        "node A subscribes to one channel"
+    );
+    let received_a = metric(&a, "parley_bus_events_received_total").await;
+    let received_b = metric(&b, "parley_bus_events_received_total").await;
+
+    const X_VIA_B: usize = 20;
+    const X_VIA_A: usize = 5;
+    const Y_VIA_B: usize = 3;
+    for i in 0..X_VIA_B {
+        let r = api_b.send(&x, &format!("xb{i}"), "to x via b").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    for i in 0..X_VIA_A {
+        let r = api_a.send(&x, &format!("xa{i}"), "to x via a").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    for i in 0..Y_VIA_B {
+        let r = api_b.send(&y, &format!("yb{i}"), "to y via b").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+
+    // The subscribers get everything of their channel, in order.
+    let mut seqs = Vec::new();
+    for _ in 0..X_VIA_B + X_VIA_A {
+        seqs.push(on_b.next_event().await["seq"].as_u64().expect("seq"));
+    }
+    let want: Vec<u64> = (from_x + 1..=from_x + (X_VIA_B + X_VIA_A) as u64).collect();
+    assert_eq!(seqs, want);
+    let mut seqs = Vec::new();
+    for _ in 0..Y_VIA_B {
+        seqs.push(on_a.next_event().await["seq"].as_u64().expect("seq"));
+    }
+    let want: Vec<u64> = (from_y + 1..=from_y + Y_VIA_B as u64).collect();
+    assert_eq!(seqs, want);
+
+    // Anything late would arrive within this pause (the bus is on loopback).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(&a, "parley_bus_events_received_total").await - received_a,
+        Y_VIA_B as f64,
+        "node A received exactly Y's events, none of X's"
+    );
+    assert_eq!(
+        metric(&b, "parley_bus_events_received_total").await - received_b,
+        (X_VIA_B + X_VIA_A) as f64,
+        "node B received exactly X's events, none of Y's"
+    );
+
+    // Once its last subscriber leaves, the node drops the channel.
+    let ack = on_a
+        .request(serde_json::json!({ "type": "unsubscribe", "channel_id": y }))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(
+        metric(&a, "parley_bus_topics{kind=\"channel\"}").await,
+        0.0,
+        "node A subscribes to no channel"
+    );
+    let received_a = metric(&a, "parley_bus_events_received_total").await;
+    let r = api_b.send(&y, "after", "nobody on a").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = api_b.send(&x, "after", "still b").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    on_b.next_event().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        metric(&a, "parley_bus_events_received_total").await,
+        received_a,
+        "node A receives nothing once its subscriber left"
+    );
+}
