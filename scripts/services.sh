@@ -17,7 +17,10 @@
 #   scripts/services.sh status [DIR]
 #   scripts/services.sh run -- CMD [ARGS...]   # start, run CMD, stop
 #
-# Exported by start: PARLEY_TEST_DATABASE_URL, PARLEY_TEST_REDIS_URL, PARLEY_TEST_NATS_URL,
+# Exported by start: PARLEY_TEST_DATABASE_URL, PARLEY_TEST_REDIS_URL, PARLEY_TEST_NATS_URL
+# (carrying the core user's credentials: nats-server runs with authorization, see
+# _parley_nats_conf), PARLEY_TEST_NATS_PLAIN_URL (the same server, no credentials),
+# PARLEY_TEST_NATS_CORE_USER/_PASSWORD and PARLEY_TEST_NATS_EDGE_USER/_PASSWORD,
 # PARLEY_SERVICES_DIR (the temp folder; service logs are its *.log files),
 # PARLEY_NATS_SERVER_BIN (the nats-server used, for tests that start private servers),
 # PARLEY_TEST_PG_CA (PEM of the CA that signed the test PostgreSQL's certificate: it runs with
@@ -445,6 +448,46 @@ _parley_start_redis() { # DIR PORT
     _parley_log "redis ready on 127.0.0.1:$port in $(_parley_since "$t0")"
 }
 
+# A random password (hex, so it needs no quoting in a URL or the config file).
+_parley_secret() { od -An -tx1 -N16 /dev/urandom | tr -d ' \n'; }
+
+# DIR/nats.conf: the server on 127.0.0.1:PORT with JetStream, and the two users Parley's roles
+# connect as, with the permissions of docs/operations.md ("NATS credentials and permissions").
+# Passwords are fresh per start, in DIR/nats-core.password and DIR/nats-edge.password.
+_parley_nats_conf() { # DIR PORT
+    local dir=$1 port=$2 core_pw edge_pw
+    core_pw=$(_parley_secret) && edge_pw=$(_parley_secret) || return 1
+    [ -n "$core_pw" ] && [ -n "$edge_pw" ] || return 1
+    (umask 077 && printf '%s' "$core_pw" >"$dir/nats-core.password" &&
+        printf '%s' "$edge_pw" >"$dir/nats-edge.password") || return 1
+    (umask 077 && cat >"$dir/nats.conf") <<EOF
+listen: "127.0.0.1:$port"
+jetstream { store_dir: "$dir/nats" }
+authorization {
+  users = [
+    # Cores (and --role all nodes): publish persisted events (parley.ch.<channel>.ev) and
+    # ephemerals, answer RPC requests as the queue group parley-core, receive events.
+    {
+      user: "parley-core", password: "$core_pw"
+      permissions: {
+        publish: { allow: ["parley.ch.*.ev", "parley.ch.*.eph", "parley.user.>", "parley.barrier"] }
+        subscribe: { allow: ["parley.ch.*.*", "parley.user.>", "parley.rpc.v1.> parley-core", "_INBOX.>"] }
+        allow_responses: true
+      }
+    }
+    # Edges: send RPC requests and ephemerals, receive events; never publish persisted events.
+    {
+      user: "parley-edge", password: "$edge_pw"
+      permissions: {
+        publish: { allow: ["parley.rpc.>", "parley.ch.*.eph", "parley.user.>", "parley.barrier"] }
+        subscribe: { allow: ["parley.ch.*.*", "parley.user.>", "_INBOX.>"] }
+      }
+    }
+  ]
+}
+EOF
+}
+
 _parley_start_nats() { # DIR PORT
     local dir=$1 port=$2 bin pid t0
     t0=$(_parley_now_ms)
@@ -453,8 +496,17 @@ _parley_start_nats() { # DIR PORT
         return 1
     }
     mkdir -p "$dir/nats"
-    # No -m: the monitoring port stays off.
-    _parley_spawn "$dir/nats.pid" "$dir/nats.log" "$bin" -a 127.0.0.1 -p "$port" -js -sd "$dir/nats"
+    _parley_nats_conf "$dir" "$port" || {
+        _parley_err "nats: cannot write $dir/nats.conf"
+        return 1
+    }
+    if ! "$bin" -c "$dir/nats.conf" -t >"$dir/nats-conf-check.log" 2>&1; then
+        _parley_err "nats: $dir/nats.conf refused by nats-server -t; log: $dir/nats-conf-check.log"
+        _parley_log_tail "$dir/nats-conf-check.log"
+        return 1
+    fi
+    # No monitoring port: it stays off.
+    _parley_spawn "$dir/nats.pid" "$dir/nats.log" "$bin" -c "$dir/nats.conf"
     pid=$_parley_spawned_pid
     _parley_wait nats "$port" "$dir/nats.log" "$pid" _parley_nats_ready "$port" || return 1
     _parley_log "nats ready on 127.0.0.1:$port in $(_parley_since "$t0")"
@@ -539,7 +591,12 @@ parley_services_start() {
 export PARLEY_SERVICES_DIR='$dir'
 export PARLEY_TEST_DATABASE_URL='postgres://postgres@127.0.0.1:$pg_port/parley_test'
 export PARLEY_TEST_REDIS_URL='redis://127.0.0.1:$redis_port'
-export PARLEY_TEST_NATS_URL='nats://127.0.0.1:$nats_port'
+export PARLEY_TEST_NATS_URL='nats://parley-core:$(cat "$dir/nats-core.password")@127.0.0.1:$nats_port'
+export PARLEY_TEST_NATS_PLAIN_URL='nats://127.0.0.1:$nats_port'
+export PARLEY_TEST_NATS_CORE_USER='parley-core'
+export PARLEY_TEST_NATS_CORE_PASSWORD='$(cat "$dir/nats-core.password")'
+export PARLEY_TEST_NATS_EDGE_USER='parley-edge'
+export PARLEY_TEST_NATS_EDGE_PASSWORD='$(cat "$dir/nats-edge.password")'
 export PARLEY_NATS_SERVER_BIN='$(_parley_nats_bin)'
 export PARLEY_TEST_PG_CA='$dir/pg-ca.pem'
 export PARLEY_TEST_PG_WRONG_CA='$dir/pg-wrong-ca.pem'
@@ -604,7 +661,7 @@ parley_services_stop() {
     t0=$(_parley_now_ms)
     if [ -z "$dir" ] || [ ! -d "$dir" ]; then
         [ "$dir" != "${PARLEY_SERVICES_DIR:-}" ] ||
-            unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN PARLEY_TEST_PG_CA PARLEY_TEST_PG_WRONG_CA
+            unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_TEST_NATS_PLAIN_URL PARLEY_TEST_NATS_CORE_USER PARLEY_TEST_NATS_CORE_PASSWORD PARLEY_TEST_NATS_EDGE_USER PARLEY_TEST_NATS_EDGE_PASSWORD PARLEY_NATS_SERVER_BIN PARLEY_TEST_PG_CA PARLEY_TEST_PG_WRONG_CA
         return 0
     fi
     _parley_kill nats "$dir/nats.pid" nats-server || {
@@ -629,7 +686,7 @@ parley_services_stop() {
         fi
     fi
     if [ "$dir" = "${PARLEY_SERVICES_DIR:-}" ]; then
-        unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_NATS_SERVER_BIN PARLEY_TEST_PG_CA PARLEY_TEST_PG_WRONG_CA
+        unset PARLEY_SERVICES_DIR PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL PARLEY_TEST_NATS_PLAIN_URL PARLEY_TEST_NATS_CORE_USER PARLEY_TEST_NATS_CORE_PASSWORD PARLEY_TEST_NATS_EDGE_USER PARLEY_TEST_NATS_EDGE_PASSWORD PARLEY_NATS_SERVER_BIN PARLEY_TEST_PG_CA PARLEY_TEST_PG_WRONG_CA
     fi
     [ "$ok" = 1 ]
 }

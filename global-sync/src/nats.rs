@@ -227,6 +227,34 @@ impl NatsBus {
         if addrs.is_empty() {
             return Err(BusError::Unavailable("empty NATS URL".into()));
         }
+        // The client does not read credentials from the URL itself: `user:password@` (or a
+        // lone `token@`) of the first server is used unless the options give some.
+        let mut auth = auth.clone();
+        if auth.user.is_none()
+            && auth.token.is_none()
+            && let Some(user) = addrs[0].username()
+        {
+            let user = percent_decode(user);
+            match addrs[0].password() {
+                Some(password) => {
+                    auth.user = Some(user);
+                    auth.password = Some(percent_decode(password));
+                }
+                None => auth.token = Some(user),
+            }
+        }
+        let auth = &auth;
+        // Without its user info: the client would otherwise show the password in debug logs.
+        let addrs = addrs
+            .into_iter()
+            .map(|addr| {
+                let mut url = url_without_user_info(addr.as_url_str());
+                if url.is_empty() {
+                    url = addr.as_url_str().to_owned();
+                }
+                url.parse::<ServerAddr>().unwrap_or(addr)
+            })
+            .collect::<Vec<_>>();
 
         let signals = Arc::new(Signals {
             slow_consumers: AtomicU64::new(0),
@@ -788,6 +816,48 @@ fn decode(channel: &str, subject: &str, payload: &[u8]) -> Option<ChannelEvent> 
     Some(event)
 }
 
+/// `url` without its `user:password@` part.
+fn url_without_user_info(url: &str) -> String {
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('/') {
+            Some((authority, path)) => format!(
+                "{scheme}://{}/{path}",
+                authority
+                    .rsplit_once('@')
+                    .map_or(authority, |(_, host)| host)
+            ),
+            None => format!(
+                "{scheme}://{}",
+                rest.rsplit_once('@').map_or(rest, |(_, host)| host)
+            ),
+        },
+        None => url
+            .rsplit_once('@')
+            .map_or(url, |(_, host)| host)
+            .to_owned(),
+    }
+}
+
+/// `%XX` escapes of a URL's user info, decoded (invalid escapes are kept as they are).
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = s.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// `url` with the password (or token) of any `user:password@` part replaced by `***`.
 fn redact_url(url: &str) -> String {
     url.split(',')
@@ -931,6 +1001,26 @@ mod tests {
         assert!(decode_message("parley.user.t.u%2E1", &user).is_some());
         assert!(decode_message("parley.user.t.other", &user).is_none());
         assert!(decode_message("parley.ch.ch_1.eph", &user).is_none());
+    }
+
+    #[test]
+    fn user_info_is_taken_out_of_urls() {
+        assert_eq!(
+            url_without_user_info("nats://u:p@127.0.0.1:4222"),
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            url_without_user_info("nats://127.0.0.1:4222/"),
+            "nats://127.0.0.1:4222/"
+        );
+        assert_eq!(url_without_user_info("tok@h:1"), "h:1");
+    }
+
+    #[test]
+    fn url_user_info_is_percent_decoded() {
+        assert_eq!(percent_decode("p%40ss%3Aw"), "p@ss:w");
+        assert_eq!(percent_decode("plain"), "plain");
+        assert_eq!(percent_decode("bad%zz%4"), "bad%zz%4");
     }
 
     #[test]

@@ -311,7 +311,14 @@ async fn malformed_payloads_are_skipped() {
     let channel = format!("{prefix}_c");
     let other = format!("{prefix}_x");
     let mut sub = subscribe_to(&bus, &[&channel, &other]).await.stream;
-    let raw = async_nats::connect(&url).await.expect("raw connect");
+    // A plain client with the core's credentials (it does not read them from the URL).
+    let raw = async_nats::ConnectOptions::with_user_and_password(
+        services_var("PARLEY_TEST_NATS_CORE_USER"),
+        services_var("PARLEY_TEST_NATS_CORE_PASSWORD"),
+    )
+    .connect(services_var("PARLEY_TEST_NATS_PLAIN_URL"))
+    .await
+    .expect("raw connect");
 
     let own_subject = format!("parley.ch.{channel}.ev");
     let other_subject = format!("parley.ch.{other}.ev");

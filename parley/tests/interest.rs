@@ -119,3 +119,62 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
         "node A receives nothing once its subscriber left"
     );
 }
+
+/// A variable of `scripts/services.sh start`, or a panic saying how to get it.
+fn services_var(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!(
+            "{name} is not set: run the tests through scripts/test.sh, or \
+             eval \"$(scripts/services.sh start)\", which starts nats-server with authorization"
+        )
+    })
+}
+
+/// The NATS credentials come from `--nats-user`/`--nats-password` (or `PARLEY_NATS_*`): with
+/// them the node connects (ready, nats=ok); without them the test server refuses it and the node
+/// does not start, saying why and without printing the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_credentials_come_from_flags_and_environment() {
+    let plain = services_var("PARLEY_TEST_NATS_PLAIN_URL");
+    let user = services_var("PARLEY_TEST_NATS_CORE_USER");
+    let password = services_var("PARLEY_TEST_NATS_CORE_PASSWORD");
+    let node = ServerBuilder::new(Backend::Sqlite)
+        .arg("--nats-url")
+        .arg(plain.clone())
+        .arg("--nats-user")
+        .arg(user.clone())
+        .env("PARLEY_NATS_PASSWORD", &password)
+        .start();
+    let res = reqwest::get(node.url("/readyz")).await.expect("/readyz");
+    let status = res.status().as_u16();
+    let body = res.text().await.expect("body");
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("nats=ok"), "{body}");
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    for extra in [
+        vec![],
+        vec![
+            "--nats-user",
+            user.as_str(),
+            "--nats-password",
+            "wrong-password",
+        ],
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_parley"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--dev", "--data-dir"])
+            .arg(dir.path())
+            .args(["--nats-url", &plain])
+            .args(&extra)
+            .env("RUST_BACKTRACE", "0")
+            .output()
+            .expect("run parley");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "started without valid credentials");
+        assert!(
+            stderr.contains("cannot connect to NATS") && stderr.contains("authorization"),
+            "{stderr}"
+        );
+        assert!(!stderr.contains("wrong-password"), "{stderr}");
+    }
+}
