@@ -27,9 +27,18 @@ pub(crate) fn registered_now() -> Registered {
 #[derive(Default)]
 pub(crate) struct NodeInterest {
     handle: OnceLock<Arc<dyn Interest>>,
+    /// Forgets a channel's membership answers when the channel stops being a topic.
+    membership: Option<Arc<crate::membership::MembershipCache>>,
 }
 
 impl NodeInterest {
+    pub fn new(membership: Arc<crate::membership::MembershipCache>) -> NodeInterest {
+        NodeInterest {
+            handle: OnceLock::new(),
+            membership: Some(membership),
+        }
+    }
+
     pub fn set(&self, interest: Arc<dyn Interest>) {
         if self.handle.set(interest).is_err() {
             tracing::error!("the node's bus interest was set twice; keeping the first");
@@ -48,6 +57,9 @@ impl NodeInterest {
     /// Stops receiving `topic`.
     pub fn remove(&self, topic: Topic) {
         crate::metrics::interest_changed(&topic, -1.0);
+        if let (Topic::Channel(channel_id), Some(m)) = (&topic, &self.membership) {
+            m.unwatch(channel_id);
+        }
         if let Some(interest) = self.handle.get() {
             interest.remove(&topic);
         }

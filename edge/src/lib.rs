@@ -27,6 +27,7 @@ mod calls;
 mod drain;
 mod hub;
 mod interest;
+pub mod membership;
 pub mod metrics;
 mod queue;
 mod session;
@@ -43,6 +44,13 @@ pub trait CoreGateway: Send + Sync + 'static {
 
     /// Checks that `p` may subscribe to the channel; returns the channel's last committed seq.
     async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError>;
+
+    /// Checks that `p` is a member of the channel, when no seq is needed (a subscribe to a
+    /// channel whose hub is already live here). The membership cache answers it without a
+    /// round trip when it can.
+    async fn member_check(&self, p: &Principal, channel_id: &str) -> Result<(), GatewayError> {
+        self.subscribe_check(p, channel_id).await.map(|_| ())
+    }
 
     /// Sends a message; resolves after the durable commit.
     async fn send_message(
@@ -194,6 +202,8 @@ pub struct EdgeConfig {
     /// Most WebSocket connections from one client address (0: no limit); further upgrades from
     /// that address get 429.
     pub max_connections_per_ip: u32,
+    /// Most channels whose membership answers the edge keeps (`membership.rs`).
+    pub membership_cache_channels: usize,
 }
 
 impl Default for EdgeConfig {
@@ -221,6 +231,7 @@ impl Default for EdgeConfig {
             call_reconnect_grace: Duration::from_secs(15),
             max_connections: 0,
             max_connections_per_ip: 0,
+            membership_cache_channels: 10_000,
         }
     }
 }
@@ -245,7 +256,9 @@ impl EdgeConfig {
 
 /// One node's edge: its connections' subscriptions and the fan-out to them.
 pub struct Edge {
+    /// The core, behind the membership cache.
     gateway: Arc<dyn CoreGateway>,
+    membership: Arc<membership::MembershipCache>,
     config: EdgeConfig,
     hubs: hub::Hubs,
     /// What this node receives from the bus (driven by `hubs` and `users`).
@@ -278,9 +291,14 @@ impl Edge {
     ) -> Arc<Edge> {
         let admission =
             admission::Admission::new(config.max_connections, config.max_connections_per_ip);
-        let interest = Arc::new(interest::NodeInterest::default());
-        let edge = Arc::new(Edge {
+        let membership = Arc::new(membership::MembershipCache::new(
             gateway,
+            config.membership_cache_channels,
+        ));
+        let interest = Arc::new(interest::NodeInterest::new(membership.clone()));
+        let edge = Arc::new(Edge {
+            gateway: membership.clone(),
+            membership,
             hubs: hub::Hubs::new(config.gap_timeout, interest.clone()),
             users: users::UserConnections::new(interest.clone()),
             interest,
@@ -397,6 +415,12 @@ impl Edge {
                 message: "the server cannot receive this channel's events right now; retry".into(),
             });
         }
+        self.membership.watch(channel_id);
+        if self.hubs.is_live(channel_id) {
+            // Live delivery starts at the hub's position, not storage's: only the membership
+            // matters, which the cache may know.
+            return self.gateway.member_check(p, channel_id).await.map(|()| 0);
+        }
         self.gateway.subscribe_check(p, channel_id).await
     }
 
@@ -429,6 +453,8 @@ impl Edge {
                     Some(BusMessage::Event(ev)) => {
                         metrics::bus_received(&ev);
                         metrics::bus_event_received();
+                        // Before any delivery: a removed member's cached answer goes first.
+                        self.membership.on_event(&ev);
                         // A traced event is delivered inside its `bus.deliver` span.
                         let span = parley_sync::take_received_span();
                         let _entered = span.as_ref().map(|s| s.enter());
@@ -436,6 +462,7 @@ impl Edge {
                     }
                     Some(BusMessage::Resync) => {
                         metrics::bus_resync();
+                        self.membership.clear();
                         self.hubs.resync_all()
                     }
                     Some(BusMessage::Ephemeral(ev)) => {
@@ -446,6 +473,9 @@ impl Edge {
                 },
                 Some(done) = fetch_rx.recv() => {
                     in_flight = in_flight.saturating_sub(1);
+                    for ev in &done.events {
+                        self.membership.on_event(ev);
+                    }
                     self.hubs.on_fetch_done(done);
                 }
                 Some(seqs) = seqs_rx.recv() => {

@@ -74,6 +74,10 @@ pub fn describe() {
         "parley_bus_ephemerals_received_total",
         "Ephemeral events (typing, presence, receipts, user-targeted) this node received from the bus."
     );
+    describe_counter!(
+        "parley_membership_cache_lookups_total",
+        "Membership answers looked up in the edge's cache, by result (hit: answered without asking the core)."
+    );
     describe_gauge!(
         "parley_bus_topics",
         "Bus topics this node subscribes to, by kind (channel: a channel with local subscribers; user: a user with local connections)."
@@ -109,6 +113,8 @@ pub fn init() {
     counter!("parley_bus_events_received_total").absolute(0);
     counter!("parley_bus_ephemerals_received_total").absolute(0);
     gauge!("parley_bus_topics", "kind" => "channel").increment(0.0);
+    counter!("parley_membership_cache_lookups_total", "result" => "hit").absolute(0);
+    counter!("parley_membership_cache_lookups_total", "result" => "miss").absolute(0);
     gauge!("parley_bus_topics", "kind" => "user").increment(0.0);
     gauge!("parley_calls_active").set(0.0);
     gauge!("parley_call_participants").set(0.0);
@@ -328,6 +334,12 @@ pub fn bus_received(ev: &ChannelEvent) {
     if let Some(ms) = commit_time_ms(ev) {
         histogram!("parley_bus_receive_lag_seconds").record(seconds_since(ms));
     }
+}
+
+/// A membership answer was looked up in the edge's cache.
+pub fn membership_lookup(hit: bool) {
+    let result = if hit { "hit" } else { "miss" };
+    counter!("parley_membership_cache_lookups_total", "result" => result).increment(1);
 }
 
 /// A persisted event arrived from the bus.

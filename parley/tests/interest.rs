@@ -178,3 +178,81 @@ async fn nats_credentials_come_from_flags_and_environment() {
         assert!(!stderr.contains("wrong-password"), "{stderr}");
     }
 }
+
+/// The edge's membership cache across processes: the member's socket is on node A (where its
+/// re-subscribe is answered from the cache), the removal is made through REST on node B. After
+/// `member.removed` the member gets nothing more of the channel on A, and A's cache no longer
+/// says "member": a re-subscribe, typing and a read are refused, while another subscriber on A
+/// keeps receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_through_another_node_gets_nothing_more() {
+    use serde_json::json;
+    let a = ServerBuilder::new(Backend::Postgres).nats().start();
+    let b = ServerBuilder::new(Backend::Postgres).nats().start();
+    let owner = unique("owner");
+    let member = unique("member");
+    let watcher = unique("watcher");
+    let api_b = b.api(&owner);
+    let channel = api_b.create_channel("cached", &[&member, &watcher]).await;
+
+    let mut watcher_ws = Ws::connect(&a, &token(&watcher)).await;
+    watcher_ws.subscribe(&channel).await;
+    let mut member_ws = Ws::connect(&a, &token(&member)).await;
+    member_ws.subscribe(&channel).await;
+    // The hub is live on A: a re-subscribe needs only the membership, which A has cached.
+    let hits = metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await;
+    member_ws.subscribe(&channel).await;
+    assert_eq!(
+        metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await,
+        hits + 1.0,
+        "the re-subscribe was answered from the cache"
+    );
+    let typing = member_ws
+        .request(json!({ "type": "typing.start", "channel_id": channel }))
+        .await;
+    assert_eq!(typing["type"], "ack", "{typing}");
+
+    let removed = api_b
+        .request(
+            "DELETE",
+            &format!("/v1/channels/{channel}/members/{member}"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, 204, "{}", removed.body);
+    let removal = loop {
+        let ev = member_ws.next_event().await;
+        if ev["type"] == "member.removed" {
+            break ev;
+        }
+    };
+    assert_eq!(removal["user_id"], json!(member));
+    let removal_seq = removal["seq"].as_u64().expect("seq");
+
+    for frame in [
+        json!({ "type": "subscribe", "channel_id": channel }),
+        json!({ "type": "typing.start", "channel_id": channel }),
+        json!({ "type": "read", "channel_id": channel, "seq": removal_seq }),
+    ] {
+        let reply = member_ws.request(frame.clone()).await;
+        assert_eq!(reply["type"], "error", "{frame} -> {reply}");
+        assert_eq!(reply["code"], "not_a_member", "{frame} -> {reply}");
+    }
+
+    let r = api_b
+        .send(&channel, "after-removal", "not for the removed")
+        .await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let seen = loop {
+        let ev = watcher_ws.next_event().await;
+        if ev["type"] == "message.new" {
+            break ev;
+        }
+    };
+    assert_eq!(seen["message"]["client_msg_id"], "after-removal", "{seen}");
+    let late = member_ws.events_within(Duration::from_millis(500)).await;
+    assert!(
+        late.iter().all(|e| e["channel_id"] != json!(channel)),
+        "the removed member got {late:?}"
+    );
+}

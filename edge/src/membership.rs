@@ -1,0 +1,572 @@
+//! The membership cache: who is (and who is not) a member of the channels this node receives,
+//! as the core last said, so that the edge's own decisions skip a round trip to the core.
+//!
+//! It is a layer around any [`CoreGateway`]: every call goes through to the core, except
+//! [`CoreGateway::member_check`] on a cached answer (a subscribe to a channel whose hub is
+//! already live here needs no seq from storage, only the membership), and the edge-local
+//! preconditions of typing and reads: a caller the cache knows is not a member is refused at
+//! once. The core still checks every call that reaches it (the edge is not trusted with rules).
+//!
+//! **Correctness.** An answer is cached only for a channel this node is *watching*: its bus
+//! topic is registered (see `interest.rs`), so every later `member.*` and `channel.deleted`
+//! event reaches the dispatcher, which invalidates the entries they concern *before* the hubs
+//! deliver them. An answer that raced with an invalidation is not cached: every invalidation
+//! bumps an epoch, and an answer is kept only if the epoch did not move while it was computed.
+//! When the channel stops being watched (its hub is gone) or the bus may have lost events (a
+//! resync), its entries go.
+//!
+//! **Bounds.** At most `channels` channels (least recently used evicted), each with at most
+//! [`MAX_USERS_PER_CHANNEL`] answers (cleared when full). Hits and misses are counted on
+//! `/metrics` (`parley_membership_cache_lookups_total{result}`).
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use async_trait::async_trait;
+use hashlink::LruCache;
+use parley_proto::{
+    ChannelEvent, ErrorCode, EventBody, Principal, ReadState, SendMessage, SendResult, TypingState,
+};
+use parley_sync::Ephemeral;
+
+use crate::{CoreGateway, GatewayError, SignalRoute};
+
+/// Most cached answers per channel; a full channel's answers are dropped at once.
+pub(crate) const MAX_USERS_PER_CHANNEL: usize = 4096;
+
+/// What the core said about a user of a channel.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Answer {
+    Member,
+    NotMember,
+}
+
+#[derive(Default)]
+struct State {
+    /// channel → user → (tenant, answer).
+    entries: Option<LruCache<String, HashMap<String, (String, Answer)>>>,
+    /// Channels whose events reach this node.
+    watched: HashSet<String>,
+    /// Moves on every invalidation.
+    epoch: u64,
+}
+
+/// A [`CoreGateway`] that remembers membership answers.
+pub struct MembershipCache {
+    inner: Arc<dyn CoreGateway>,
+    state: Mutex<State>,
+}
+
+fn not_a_member() -> GatewayError {
+    GatewayError {
+        code: ErrorCode::NotAMember,
+        message: "you are not a member of this channel".into(),
+    }
+}
+
+impl MembershipCache {
+    /// A cache of at most `channels` channels in front of `inner`.
+    pub fn new(inner: Arc<dyn CoreGateway>, channels: usize) -> MembershipCache {
+        MembershipCache {
+            inner,
+            state: Mutex::new(State {
+                entries: Some(LruCache::new(channels.max(1))),
+                ..State::default()
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The channel's events reach this node from now on: its answers may be cached.
+    pub fn watch(&self, channel_id: &str) {
+        self.lock().watched.insert(channel_id.to_owned());
+    }
+
+    /// The channel's events stop reaching this node: its answers go.
+    pub fn unwatch(&self, channel_id: &str) {
+        let mut s = self.lock();
+        s.epoch += 1;
+        s.watched.remove(channel_id);
+        if let Some(e) = s.entries.as_mut() {
+            e.remove(channel_id);
+        }
+    }
+
+    /// Events may have been lost: forget every answer (the channels stay watched).
+    pub fn clear(&self) {
+        let mut s = self.lock();
+        s.epoch += 1;
+        if let Some(e) = s.entries.as_mut() {
+            e.clear();
+        }
+    }
+
+    /// A persisted event is about to be delivered: drop what it makes stale.
+    pub fn on_event(&self, ev: &ChannelEvent) {
+        let user = match &ev.body {
+            EventBody::MemberAdded { member, .. } | EventBody::MemberUpdated { member, .. } => {
+                Some(member.user_id.as_str())
+            }
+            EventBody::MemberRemoved { user_id, .. } => Some(user_id.as_str()),
+            EventBody::ChannelDeleted { .. } => None,
+            _ => return,
+        };
+        let mut s = self.lock();
+        s.epoch += 1;
+        let Some(entries) = s.entries.as_mut() else {
+            return;
+        };
+        match user {
+            Some(user) => {
+                if let Some(users) = entries.get_mut(&ev.channel_id) {
+                    users.remove(user);
+                }
+            }
+            None => {
+                entries.remove(&ev.channel_id);
+            }
+        }
+    }
+
+    /// The cached answer for `p` in the channel, counted as a hit or a miss.
+    fn lookup(&self, p: &Principal, channel_id: &str) -> Option<Answer> {
+        let mut s = self.lock();
+        let answer = s
+            .entries
+            .as_mut()
+            .and_then(|e| e.get(channel_id))
+            .and_then(|users| users.get(&p.user_id))
+            .filter(|(tenant, _)| *tenant == p.tenant_id)
+            .map(|(_, a)| *a);
+        crate::metrics::membership_lookup(answer.is_some());
+        answer
+    }
+
+    fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Keeps the core's answer, if the channel is watched and nothing was invalidated since
+    /// `epoch`.
+    fn remember(&self, epoch: u64, p: &Principal, channel_id: &str, answer: Answer) {
+        let mut s = self.lock();
+        if s.epoch != epoch || !s.watched.contains(channel_id) {
+            return;
+        }
+        let Some(entries) = s.entries.as_mut() else {
+            return;
+        };
+        if entries.get(channel_id).is_none() {
+            entries.insert(channel_id.to_owned(), HashMap::new());
+        }
+        if let Some(users) = entries.get_mut(channel_id) {
+            if users.len() >= MAX_USERS_PER_CHANNEL {
+                users.clear();
+            }
+            users.insert(p.user_id.clone(), (p.tenant_id.clone(), answer));
+        }
+    }
+
+    /// Caches what a core result says about membership.
+    fn learn<T>(&self, epoch: u64, p: &Principal, channel_id: &str, r: &Result<T, GatewayError>) {
+        match r {
+            Ok(_) => self.remember(epoch, p, channel_id, Answer::Member),
+            Err(e) if e.code == ErrorCode::NotAMember => {
+                self.remember(epoch, p, channel_id, Answer::NotMember)
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// A non-member known to the cache is refused without asking the core.
+    fn precondition(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError> {
+        match self.lookup(p, channel_id) {
+            Some(Answer::NotMember) => Err(not_a_member()),
+            _ => Ok(self.epoch()),
+        }
+    }
+
+    #[cfg(test)]
+    fn cached(&self, p: &Principal, channel_id: &str) -> Option<Answer> {
+        let mut s = self.lock();
+        s.entries
+            .as_mut()
+            .and_then(|e| e.get(channel_id))
+            .and_then(|u| u.get(&p.user_id))
+            .map(|(_, a)| *a)
+    }
+}
+
+#[async_trait]
+impl CoreGateway for MembershipCache {
+    fn authenticate(&self, token: &str) -> Result<Principal, GatewayError> {
+        self.inner.authenticate(token)
+    }
+
+    async fn subscribe_check(&self, p: &Principal, channel_id: &str) -> Result<u64, GatewayError> {
+        let epoch = self.epoch();
+        let r = self.inner.subscribe_check(p, channel_id).await;
+        self.learn(epoch, p, channel_id, &r);
+        r
+    }
+
+    async fn member_check(&self, p: &Principal, channel_id: &str) -> Result<(), GatewayError> {
+        match self.lookup(p, channel_id) {
+            Some(Answer::Member) => Ok(()),
+            Some(Answer::NotMember) => Err(not_a_member()),
+            None => self.subscribe_check(p, channel_id).await.map(|_| ()),
+        }
+    }
+
+    async fn send_message(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        req: SendMessage,
+    ) -> Result<SendResult, GatewayError> {
+        self.inner.send_message(p, channel_id, req).await
+    }
+
+    async fn connection_opened(&self, p: &Principal) {
+        self.inner.connection_opened(p).await
+    }
+
+    fn connection_closed(&self, p: &Principal) {
+        self.inner.connection_closed(p)
+    }
+
+    async fn typing(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        state: TypingState,
+    ) -> Result<(), GatewayError> {
+        let epoch = self.precondition(p, channel_id)?;
+        let r = self.inner.typing(p, channel_id, state).await;
+        self.learn(epoch, p, channel_id, &r);
+        r
+    }
+
+    async fn mark_read(
+        &self,
+        p: &Principal,
+        channel_id: &str,
+        seq: u64,
+    ) -> Result<ReadState, GatewayError> {
+        let epoch = self.precondition(p, channel_id)?;
+        let r = self.inner.mark_read(p, channel_id, seq).await;
+        self.learn(epoch, p, channel_id, &r);
+        r
+    }
+
+    async fn read_state(&self, p: &Principal, channel_id: &str) -> Result<ReadState, GatewayError> {
+        let epoch = self.precondition(p, channel_id)?;
+        let r = self.inner.read_state(p, channel_id).await;
+        self.learn(epoch, p, channel_id, &r);
+        r
+    }
+
+    async fn set_away(&self, p: &Principal, away: bool) {
+        self.inner.set_away(p, away).await
+    }
+
+    async fn attach_call(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+    ) -> Result<String, GatewayError> {
+        self.inner.attach_call(p, call_id, participant_id).await
+    }
+
+    async fn check_signal(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        from: &str,
+        to: &str,
+    ) -> Result<SignalRoute, GatewayError> {
+        // The call's channel is only known from the answer; a successful check says the caller
+        // is a member of it.
+        let epoch = self.epoch();
+        let r = self.inner.check_signal(p, call_id, from, to).await;
+        if let Ok(route) = &r {
+            self.remember(epoch, p, &route.channel_id, Answer::Member);
+        }
+        r
+    }
+
+    async fn publish_ephemeral(&self, event: Ephemeral) {
+        self.inner.publish_ephemeral(event).await
+    }
+
+    async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {
+        self.inner
+            .participant_timed_out(tenant, call_id, participant_id)
+            .await
+    }
+
+    async fn channel_events(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        after: u64,
+        up_to: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<ChannelEvent>, GatewayError> {
+        self.inner
+            .channel_events(tenant, channel_id, after, up_to, limit)
+            .await
+    }
+
+    async fn last_seqs(
+        &self,
+        channels: &[(String, String)],
+    ) -> Result<Vec<(String, u64)>, GatewayError> {
+        self.inner.last_seqs(channels).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use parley_proto::{Member, Role};
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    /// A core where only `alice` of tenant `t` is a member; counts membership checks.
+    #[derive(Default)]
+    struct Core {
+        checks: AtomicU64,
+    }
+
+    fn principal(tenant: &str, user: &str) -> Principal {
+        Principal {
+            user_id: user.into(),
+            tenant_id: tenant.into(),
+            roles: Vec::new(),
+            expires_at: u64::MAX,
+        }
+    }
+
+    fn member(p: &Principal) -> Result<(), GatewayError> {
+        if p.tenant_id == "t" && p.user_id == "alice" {
+            Ok(())
+        } else {
+            Err(not_a_member())
+        }
+    }
+
+    #[async_trait]
+    impl CoreGateway for Core {
+        fn authenticate(&self, _: &str) -> Result<Principal, GatewayError> {
+            Err(not_a_member())
+        }
+        async fn subscribe_check(&self, p: &Principal, _: &str) -> Result<u64, GatewayError> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            member(p).map(|()| 7)
+        }
+        async fn send_message(
+            &self,
+            _: &Principal,
+            _: &str,
+            _: SendMessage,
+        ) -> Result<SendResult, GatewayError> {
+            Err(not_a_member())
+        }
+        async fn connection_opened(&self, _: &Principal) {}
+        fn connection_closed(&self, _: &Principal) {}
+        async fn typing(&self, p: &Principal, _: &str, _: TypingState) -> Result<(), GatewayError> {
+            self.checks.fetch_add(1, Ordering::SeqCst);
+            member(p)
+        }
+        async fn mark_read(
+            &self,
+            _: &Principal,
+            _: &str,
+            _: u64,
+        ) -> Result<ReadState, GatewayError> {
+            Err(not_a_member())
+        }
+        async fn read_state(&self, _: &Principal, _: &str) -> Result<ReadState, GatewayError> {
+            Err(not_a_member())
+        }
+        async fn set_away(&self, _: &Principal, _: bool) {}
+        async fn attach_call(
+            &self,
+            _: &Principal,
+            _: &str,
+            _: &str,
+        ) -> Result<String, GatewayError> {
+            Err(not_a_member())
+        }
+        async fn check_signal(
+            &self,
+            _: &Principal,
+            _: &str,
+            _: &str,
+            _: &str,
+        ) -> Result<SignalRoute, GatewayError> {
+            Err(not_a_member())
+        }
+        async fn publish_ephemeral(&self, _: Ephemeral) {}
+        async fn participant_timed_out(&self, _: &str, _: &str, _: &str) {}
+        async fn channel_events(
+            &self,
+            _: &str,
+            _: &str,
+            _: u64,
+            _: Option<u64>,
+            _: u32,
+        ) -> Result<Vec<ChannelEvent>, GatewayError> {
+            Ok(Vec::new())
+        }
+        async fn last_seqs(
+            &self,
+            _: &[(String, String)],
+        ) -> Result<Vec<(String, u64)>, GatewayError> {
+            Ok(Vec::new())
+        }
+    }
+
+    fn removal(channel: &str, user: &str) -> ChannelEvent {
+        ChannelEvent {
+            channel_id: channel.into(),
+            seq: 9,
+            body: EventBody::MemberRemoved {
+                user_id: user.into(),
+                by: "owner".into(),
+            },
+        }
+    }
+
+    fn setup() -> (Arc<Core>, MembershipCache) {
+        let core = Arc::new(Core::default());
+        let cache = MembershipCache::new(core.clone(), 2);
+        (core, cache)
+    }
+
+    #[tokio::test]
+    async fn answers_are_cached_only_for_watched_channels() {
+        let (core, cache) = setup();
+        let alice = principal("t", "alice");
+        cache.member_check(&alice, "ch").await.expect("member");
+        cache.member_check(&alice, "ch").await.expect("member");
+        assert_eq!(
+            core.checks.load(Ordering::SeqCst),
+            2,
+            "not watched: no caching"
+        );
+        cache.watch("ch");
+        cache.member_check(&alice, "ch").await.expect("member");
+        cache.member_check(&alice, "ch").await.expect("member");
+        assert_eq!(
+            core.checks.load(Ordering::SeqCst),
+            3,
+            "the second check was a hit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_removal_event_invalidates_before_the_next_check() {
+        let (core, cache) = setup();
+        let alice = principal("t", "alice");
+        cache.watch("ch");
+        cache.member_check(&alice, "ch").await.expect("member");
+        assert_eq!(cache.cached(&alice, "ch"), Some(Answer::Member));
+        cache.on_event(&removal("ch", "alice"));
+        assert_eq!(cache.cached(&alice, "ch"), None);
+        cache
+            .member_check(&alice, "ch")
+            .await
+            .expect("asks the core again");
+        assert_eq!(core.checks.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_known_non_member_is_refused_without_the_core() {
+        let (core, cache) = setup();
+        let bob = principal("t", "bob");
+        cache.watch("ch");
+        let e = cache
+            .typing(&bob, "ch", TypingState::Start)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotAMember);
+        let e = cache
+            .typing(&bob, "ch", TypingState::Start)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotAMember);
+        assert_eq!(
+            core.checks.load(Ordering::SeqCst),
+            1,
+            "the second was refused at the edge"
+        );
+        // Added to the channel: the event clears the negative answer.
+        cache.on_event(&ChannelEvent {
+            channel_id: "ch".into(),
+            seq: 3,
+            body: EventBody::MemberAdded {
+                member: Member {
+                    user_id: "bob".into(),
+                    role: Role::Member,
+                    joined_at: "t".into(),
+                    last_read_seq: 0,
+                },
+                by: "owner".into(),
+            },
+        });
+        assert_eq!(cache.cached(&bob, "ch"), None);
+    }
+
+    #[tokio::test]
+    async fn answers_do_not_cross_tenants_and_unwatch_or_clear_forgets() {
+        let (_core, cache) = setup();
+        let alice = principal("t", "alice");
+        let other_alice = principal("u", "alice");
+        cache.watch("ch");
+        cache.member_check(&alice, "ch").await.expect("member");
+        let e = cache.member_check(&other_alice, "ch").await.unwrap_err();
+        assert_eq!(
+            e.code,
+            ErrorCode::NotAMember,
+            "another tenant's alice is not a member"
+        );
+        cache.unwatch("ch");
+        assert_eq!(cache.cached(&alice, "ch"), None);
+        cache.watch("ch");
+        cache.member_check(&alice, "ch").await.expect("member");
+        cache.clear();
+        assert_eq!(cache.cached(&alice, "ch"), None);
+    }
+
+    #[tokio::test]
+    async fn an_answer_that_raced_an_invalidation_is_not_kept() {
+        let (_core, cache) = setup();
+        let alice = principal("t", "alice");
+        cache.watch("ch");
+        let epoch = cache.epoch();
+        cache.on_event(&removal("ch", "alice")); // arrives while the core was answering
+        cache.remember(epoch, &alice, "ch", Answer::Member);
+        assert_eq!(cache.cached(&alice, "ch"), None);
+    }
+
+    #[tokio::test]
+    async fn at_most_the_configured_channels_are_kept() {
+        let (_core, cache) = setup();
+        let alice = principal("t", "alice");
+        for ch in ["a", "b", "c"] {
+            cache.watch(ch);
+            cache.member_check(&alice, ch).await.expect("member");
+        }
+        assert_eq!(
+            cache.cached(&alice, "a"),
+            None,
+            "the least recently used went"
+        );
+        assert!(cache.cached(&alice, "b").is_some() && cache.cached(&alice, "c").is_some());
+    }
+}
