@@ -91,7 +91,8 @@ for var in PARLEY_TEST_DATABASE_URL PARLEY_TEST_REDIS_URL PARLEY_TEST_NATS_URL; 
         exit 1
     fi
 done
-echo "test.sh: $PARLEY_TEST_DATABASE_URL $PARLEY_TEST_REDIS_URL $PARLEY_TEST_NATS_URL (target dir $CARGO_TARGET_DIR)" >&2
+# The NATS URL carries the test server's core password: shown without it.
+echo "test.sh: $PARLEY_TEST_DATABASE_URL $PARLEY_TEST_REDIS_URL $(printf '%s' "$PARLEY_TEST_NATS_URL" | sed -E 's#(//[^:/@]*):[^@]*@#\1:***@#') (target dir $CARGO_TARGET_DIR)" >&2
 
 # --workspace, unless the arguments choose packages themselves (-p/--package/--manifest-path).
 cargo_args=(--locked --no-fail-fast)
