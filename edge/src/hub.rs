@@ -538,6 +538,11 @@ mod tests {
         )
     }
 
+    /// Step 1 of subscribing, without a bus (the registration is ready at once).
+    fn pending(hubs: &Hubs, tenant: &str, channel_id: &str, sub: Subscriber) {
+        drop(hubs.register_pending(tenant, channel_id, sub));
+    }
+
     fn seqs(rx: &mut FrameReceiver) -> Vec<u64> {
         let mut out = Vec::new();
         while let Some(m) = rx.try_recv() {
@@ -551,7 +556,7 @@ mod tests {
     fn a_pending_subscriber_receives_nothing_and_a_confirmed_one_receives_in_order() {
         let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (s, mut rx) = sub(1, "alice");
-        let _ = hubs.register_pending("t", "ch", s);
+        pending(&hubs, "t", "ch", s);
         hubs.on_event(added(3, "x"));
         assert!(seqs(&mut rx).is_empty());
         assert_eq!(
@@ -568,10 +573,10 @@ mod tests {
     fn a_removal_seen_while_pending_revokes_the_subscription() {
         let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (other, _rx_other) = sub(2, "bob");
-        let _ = hubs.register_pending("t", "ch", other);
+        pending(&hubs, "t", "ch", other);
         assert_eq!(hubs.confirm("t", "ch", 2, 0), Ok(0));
         let (s, mut rx) = sub(1, "alice");
-        let _ = hubs.register_pending("t", "ch", s);
+        pending(&hubs, "t", "ch", s);
         hubs.on_event(removal(1, "alice"));
         assert_eq!(hubs.confirm("t", "ch", 1, 0), Err(ConfirmError::Revoked));
         hubs.on_event(added(2, "carol"));
@@ -583,8 +588,8 @@ mod tests {
         let hubs = Hubs::new(Duration::from_millis(50), Default::default());
         let (a, mut rx_a) = sub(1, "alice");
         let (b, mut rx_b) = sub(2, "bob");
-        let _ = hubs.register_pending("t", "ch", a);
-        let _ = hubs.register_pending("t", "ch", b);
+        pending(&hubs, "t", "ch", a);
+        pending(&hubs, "t", "ch", b);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.confirm("t", "ch", 2, 0).expect("member");
         hubs.on_event(added(1, "x"));
@@ -607,8 +612,8 @@ mod tests {
             tx,
             ctl: Arc::new(ConnControl::default()),
         };
-        let _ = hubs.register_pending("t", "ch", slow);
-        let _ = hubs.register_pending("t", "ch", fast);
+        pending(&hubs, "t", "ch", slow);
+        pending(&hubs, "t", "ch", fast);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.confirm("t", "ch", 2, 0).expect("member");
         for s in 1..=10 {
@@ -623,7 +628,7 @@ mod tests {
     fn a_gap_is_reported_for_filling_and_closed_by_the_fetch() {
         let hubs = Hubs::new(Duration::from_millis(0), Default::default());
         let (s, mut rx) = sub(1, "alice");
-        let _ = hubs.register_pending("t", "ch", s);
+        pending(&hubs, "t", "ch", s);
         hubs.confirm("t", "ch", 1, 0).expect("member");
         hubs.on_event(added(2, "x"));
         let reqs = hubs.poll_gaps(usize::MAX);
@@ -642,7 +647,7 @@ mod tests {
     fn a_committed_seq_no_event_brought_is_fetched() {
         let hubs = Hubs::new(Duration::from_millis(0), Default::default());
         let (s, mut rx) = sub(1, "alice");
-        let _ = hubs.register_pending("t", "ch", s);
+        pending(&hubs, "t", "ch", s);
         hubs.confirm("t", "ch", 1, 3).expect("member");
         assert_eq!(hubs.watched_channels(), vec![("t".into(), "ch".into())]);
         hubs.observe_committed(vec![("ch".into(), 3), ("other".into(), 9)]);
@@ -667,7 +672,7 @@ mod tests {
         for (conn, ch) in ["a", "b", "c"].iter().enumerate() {
             let (s, rx) = sub(conn as u64, "alice");
             rxs.push(rx);
-            let _ = hubs.register_pending("t", ch, s);
+            pending(&hubs, "t", ch, s);
             hubs.confirm("t", ch, conn as u64, 0).expect("member");
             hubs.observe_committed(vec![((*ch).into(), 1)]);
         }
@@ -692,7 +697,7 @@ mod tests {
             tx,
             ctl: Arc::new(ConnControl::default()),
         };
-        let _ = hubs.register_pending("t", "ch", s);
+        pending(&hubs, "t", "ch", s);
         for seq in 1..=(MAX_EARLY as u64 + 5) {
             hubs.on_event(added(seq, "x"));
         }

@@ -41,10 +41,13 @@ enum Answer {
     NotMember,
 }
 
+/// A channel's answers: user → (tenant, answer).
+type ChannelAnswers = HashMap<String, (String, Answer)>;
+
 #[derive(Default)]
 struct State {
-    /// channel → user → (tenant, answer).
-    entries: Option<LruCache<String, HashMap<String, (String, Answer)>>>,
+    /// channel → its answers.
+    entries: Option<LruCache<String, ChannelAnswers>>,
     /// Channels whose events reach this node.
     watched: HashSet<String>,
     /// Moves on every invalidation.

@@ -524,8 +524,8 @@ async fn interest_worker(
         for command in batch.drain(..) {
             match command {
                 Command::Add(topic, done) => {
-                    if !held.contains_key(&topic) {
-                        let subject = match interest_subject(&topic) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = held.entry(topic) {
+                        let subject = match interest_subject(slot.key()) {
                             Ok(subject) => subject,
                             Err(err) => {
                                 let _ = done.send(Err(err));
@@ -535,7 +535,7 @@ async fn interest_worker(
                         match inner.client.subscribe(subject).await {
                             Ok(subscriber) => {
                                 let (handle, registration) = AbortHandle::new_pair();
-                                held.insert(topic, handle);
+                                slot.insert(handle);
                                 let _ = streams.send(Abortable::new(subscriber, registration));
                             }
                             Err(err) => {
