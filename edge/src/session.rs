@@ -175,8 +175,8 @@ pub(crate) fn run(
         };
         let authenticated = session.is_some();
         if let Some(mut session) = session {
-            // Nothing targeted at the user after the welcome may be missed.
-            edge.user_topic_registered(&session.principal).await;
+            // Nothing targeted at the user after the welcome may be missed. Boxed: needed once.
+            Box::pin(edge.user_topic_registered(&session.principal)).await;
             crate::metrics::connection_opened(&session.principal, &session.session_id);
             edge.gateway.connection_opened(&session.principal).await;
             let close = session.serve(&mut ws).await;

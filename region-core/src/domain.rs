@@ -1185,7 +1185,7 @@ mod tests {
     use crate::realtime::RealtimeConfig;
     use crate::storage::SqliteStorage;
     use futures::StreamExt;
-    use parley_sync::{BusError, BusMessage, BusSubscription, Ephemeral, InProcessBus};
+    use parley_sync::{BusError, BusMessage, Ephemeral, InProcessBus};
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
