@@ -17,9 +17,13 @@ use parley_sync::{BusError, Interest, Topic};
 /// The confirmation of a topic's registration on the bus, awaitable by many.
 pub(crate) type Registered = Shared<BoxFuture<'static, Result<(), BusError>>>;
 
-/// An already confirmed registration.
+/// An already confirmed registration (one shared value: no allocation per topic, which matters
+/// for the in-process bus, where every topic is registered at once).
 pub(crate) fn registered_now() -> Registered {
-    futures::future::ready(Ok(())).boxed().shared()
+    static READY: OnceLock<Registered> = OnceLock::new();
+    READY
+        .get_or_init(|| futures::future::ready(Ok(())).boxed().shared())
+        .clone()
 }
 
 /// The node's handle on its bus interest; set once the dispatcher starts. Before that (and
@@ -49,7 +53,14 @@ impl NodeInterest {
     pub fn add(&self, topic: Topic) -> Registered {
         crate::metrics::interest_changed(&topic, 1.0);
         match self.handle.get() {
-            Some(interest) => interest.add(&topic).boxed().shared(),
+            Some(interest) => {
+                let registration = interest.add(&topic);
+                if registration.is_ready() {
+                    registered_now()
+                } else {
+                    registration.boxed().shared()
+                }
+            }
             None => registered_now(),
         }
     }

@@ -113,6 +113,11 @@ impl Registration {
         Registration(None)
     }
 
+    /// Whether it is registered already (nothing to wait for).
+    pub fn is_ready(&self) -> bool {
+        self.0.is_none()
+    }
+
     /// Resolved by whoever sends on the other end; a dropped sender counts as a failure.
     pub fn waiting(rx: tokio::sync::oneshot::Receiver<Result<(), BusError>>) -> Registration {
         Registration(Some(rx))
