@@ -14,6 +14,7 @@ pub mod frames;
 pub mod model;
 pub mod presence;
 pub mod sequencer;
+pub mod session;
 pub mod signaling;
 pub mod typing;
 
