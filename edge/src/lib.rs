@@ -246,6 +246,8 @@ impl EdgeConfig {
 pub struct Edge {
     gateway: Arc<dyn CoreGateway>,
     config: EdgeConfig,
+    /// The connection protocol's rules, shared by every session of the node.
+    session_config: Arc<parley_proto::session::SessionConfig>,
     hubs: hub::Hubs,
     next_conn: AtomicU64,
     shutdown: tokio::sync::watch::Receiver<bool>,
@@ -278,6 +280,7 @@ impl Edge {
         let edge = Arc::new(Edge {
             gateway,
             hubs: hub::Hubs::new(config.gap_timeout),
+            session_config: Arc::new(session::session_config(&config)),
             config,
             next_conn: AtomicU64::new(1),
             shutdown,
