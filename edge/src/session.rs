@@ -238,7 +238,10 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = ctl.notify.notified() => ctl.feed(&mut self.machine),
-                _ = timeout(&mut self.timer) => self.machine.handle_timeout(Instant::now()),
+                _ = timeout(&mut self.timer) => {
+                    let now = fired_at(&mut self.timer);
+                    self.machine.handle_timeout(now);
+                }
                 incoming = ws.recv(), if read => {
                     // Its span (debug: free unless traces are exported) is each WS operation's,
                     // and covers the requests the frame causes.
@@ -388,10 +391,7 @@ impl Conn {
             tokio::select! {
                 biased;
                 _ = ctl.notify.notified() => ctl.feed(machine),
-                _ = timeout(timer) => {
-                    machine.handle_timeout(Instant::now());
-                    *timer = None;
-                }
+                _ = timeout(timer) => machine.handle_timeout(fired_at(timer)),
                 r = &mut send => return r.map_err(|_| None),
             }
             if let Some(code) = machine.closing() {
@@ -798,6 +798,16 @@ impl Conn {
     fn queue_sender(&mut self) -> FrameSender {
         let cap = self.edge.config.send_queue.max(1);
         self.queue.get_or_insert_with(|| frame_queue(cap)).0.clone()
+    }
+}
+
+/// The timer fired: drops it (the loop arms the next) and says when, never before its deadline
+/// (the runtime's timer may round), so the machine sees the time it asked for.
+fn fired_at(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) -> Instant {
+    let now = Instant::now();
+    match timer.take() {
+        Some(sleep) => now.max(sleep.deadline().into_std()),
+        None => now,
     }
 }
 

@@ -576,3 +576,70 @@ fn subscribe_failure_forgets_the_channel_and_unread_lookups_coalesce() {
     );
     assert_eq!(h.requests.len(), 2, "and no more");
 }
+
+#[test]
+fn a_refused_refresh_leaves_the_old_token_which_still_ends_the_session_with_4011() {
+    let mut h = Harness::open(config(), Duration::from_secs(30));
+    h.text(
+        1_000,
+        json!({"type": "auth.refresh", "id": "r1", "token": "other"}),
+    );
+    let tag = h.last_request().tag;
+    h.reply(
+        1_001,
+        tag,
+        Reply::Verified(Ok(verified("mallory", Duration::from_secs(3600)))),
+    );
+    assert_eq!(h.frames[0]["code"], "token_invalid_claims");
+    // An expired token of the right user is refused too (the verifier's leeway let it through).
+    h.text(
+        2_000,
+        json!({"type": "auth.refresh", "id": "r2", "token": "stale"}),
+    );
+    let tag = h.last_request().tag;
+    h.reply(
+        2_001,
+        tag,
+        Reply::Verified(Ok(verified("alice", Duration::ZERO))),
+    );
+    assert_eq!(h.frames[1]["code"], "token_expired");
+    assert!(h.closed.is_none());
+    h.s.handle_timeout(h.at(30_000));
+    h.drain();
+    assert_eq!(h.frames.last().unwrap()["code"], "token_expired");
+    assert_eq!(h.closed, Some(Some(CloseCode::TokenExpired)));
+}
+
+#[test]
+fn the_token_deadline_is_not_a_timer_until_it_is_near_and_a_past_one_closes_at_open() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    assert_eq!(h.s.poll_timeout(), None);
+    // Opened with a token that is already past its exp: welcome, then the 4011.
+    let t0 = Instant::now();
+    let mut s = Session::new(
+        Arc::new(config()),
+        "ses".into(),
+        Some(verified("alice", Duration::ZERO)),
+        t0,
+    );
+    let mut outs = Vec::new();
+    while let Some(o) = s.poll_output() {
+        outs.push(o);
+    }
+    assert!(matches!(
+        outs.last(),
+        Some(Output::Close(Some(CloseCode::TokenExpired)))
+    ));
+    let texts: Vec<Value> = outs
+        .iter()
+        .filter_map(|o| match o {
+            Output::Transmit(Transmit::Text(t)) => Some(serde_json::from_str(t).unwrap()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(texts[0]["type"], "welcome");
+    assert_eq!(texts[1]["code"], "token_expired");
+    h.s.handle_heartbeat(h.at(1_000));
+    h.drain();
+    assert_eq!(h.pings, 1);
+}
