@@ -63,8 +63,8 @@ pub(crate) fn session_config(cfg: &crate::EdgeConfig) -> SessionConfig {
 enum Note {
     /// The unread count of a subscribed channel changed.
     Unread(String),
-    /// The reply to a request that ran in a task of its own.
-    Done(u64, Reply),
+    /// The reply to a request that ran in a task of its own (boxed: a send's result is large).
+    Done(u64, Box<Reply>),
 }
 
 /// Tells a connection, from outside its task, to close (the hub, on a full queue), that a ping
@@ -106,7 +106,7 @@ impl ConnControl {
     }
 
     fn post(&self, tag: u64, reply: Reply) {
-        self.lock().push(Note::Done(tag, reply));
+        self.lock().push(Note::Done(tag, Box::new(reply)));
         self.notify.notify_one();
     }
 
@@ -126,7 +126,7 @@ impl ConnControl {
         for note in notes {
             match note {
                 Note::Unread(channel_id) => m.unread_changed(&channel_id),
-                Note::Done(tag, reply) => m.handle_reply(now, tag, reply),
+                Note::Done(tag, reply) => m.handle_reply(now, tag, *reply),
             }
         }
         if let Some(code) = self.close_reason() {
