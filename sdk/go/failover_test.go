@@ -57,10 +57,10 @@ type failoverMember struct {
 	from    uint64
 	before  string // the node it was on before the kill
 
-	mu    sync.Mutex
-	seqs  []uint64
-	ids   []string
-	gaps  int
+	mu   sync.Mutex
+	seqs []uint64
+	ids  []string
+	gaps int
 }
 
 func (m *failoverMember) last() uint64 {

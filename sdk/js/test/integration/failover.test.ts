@@ -5,10 +5,12 @@
  * node reconnects to the other address and resumes, and every client's delivered seqs per channel
  * are contiguous, without duplicates, and complete up to the last acknowledged message.
  */
+import net from "node:net";
 import WebSocket from "ws";
 import { afterEach, describe, expect, it } from "vitest";
-import { ParleyClient, type DeliveredEvent } from "../../src/index.js";
+import { ParleyClient, RestClient, type DeliveredEvent } from "../../src/index.js";
 import { startDeployment } from "../helpers/nodes.js";
+import { startServer } from "../helpers/server.js";
 import { sleep, waitUntil, within } from "../helpers/wait.js";
 
 const SECRET = "sdk-js-failover-test-secret-0123456789abcdef";
@@ -172,4 +174,27 @@ describe("failover", () => {
     },
     150_000,
   );
+
+  it("a REST request whose first address refuses connections goes to the next one at once, whatever its method", async () => {
+    const server = await startServer();
+    cleanup.push(() => server.stop());
+    const dead = await new Promise<string>((resolve) => {
+      const l = net.createServer().listen(0, "127.0.0.1", () => {
+        const port = (l.address() as net.AddressInfo).port;
+        l.close(() => resolve(`http://127.0.0.1:${port}`));
+      });
+    });
+    const token = await server.token("alice");
+    const rest = new RestClient({ baseUrl: [dead, server.url], urlOrder: "listed", token, maxRetries: 0 });
+    expect(rest.baseUrl).toBe(dead);
+    const channel = await rest.createChannel({ kind: "channel", name: "refused-first" });
+    expect(channel.name).toBe("refused-first");
+    expect(rest.baseUrl, "REST stays on the address that answered").toBe(server.url);
+    // The realtime client starts where its REST is after a refusal too.
+    const client = new ParleyClient({ url: [dead, server.url], urlOrder: "listed", token, WebSocket, backoff: { initialMs: 50, maxMs: 200 } });
+    cleanup.push(() => client.close());
+    await client.connect();
+    expect(client.connection.url).toBe(server.url);
+    await client.subscribe(channel.id);
+  });
 });
