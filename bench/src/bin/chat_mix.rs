@@ -33,8 +33,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use parley_bench::{
-    AuthMode, FrameHead as Frame, Rest, ServerProcess, Ws, due_offset, percentile, source_addr, token,
-    ws_connect,
+    AuthMode, FrameHead as Frame, Rest, ServerProcess, Ws, due_offset, percentile, source_addr,
+    token, ws_connect,
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};

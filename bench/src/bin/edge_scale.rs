@@ -489,8 +489,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     for k in 0..edges {
         let all_n = on_edge(k, n);
         let per = (edges_sub[k].rss as f64 - edges0[k].rss as f64) / all_n.max(1) as f64;
-        let over_idle =
-            (edges_sub[k].rss as f64 - edges_idle[k].rss as f64) / all_n.max(1) as f64;
+        let over_idle = (edges_sub[k].rss as f64 - edges_idle[k].rss as f64) / all_n.max(1) as f64;
         println!(
             "  edge {k}: {per:.0} B per subscribed connection from none ({over_idle:+.0} B over idle)"
         );
@@ -913,7 +912,9 @@ async fn generator(args: GenArgs) -> anyhow::Result<()> {
                     received.push([r.index as u64, r.room.messages]);
                     lat.extend_from_slice(&r.latencies_us);
                 }
-                let path = args.plan.with_file_name(format!("latencies-{}.bin", args.index));
+                let path = args
+                    .plan
+                    .with_file_name(format!("latencies-{}.bin", args.index));
                 let bytes: Vec<u8> = lat.iter().flat_map(|v| v.to_le_bytes()).collect();
                 std::fs::write(&path, bytes)?;
                 let room_acked: Vec<u64> = shared
@@ -958,7 +959,11 @@ async fn wait_until(timeout: Duration, cond: impl Fn() -> bool) -> bool {
 
 /// One client connection: opens, holds, subscribes, sends its share of the chat mix, and checks
 /// and times what it receives, until told to stop.
-async fn connection(shared: Arc<Shared>, i: usize, mut phase: watch::Receiver<Phase>) -> ConnResult {
+async fn connection(
+    shared: Arc<Shared>,
+    i: usize,
+    mut phase: watch::Receiver<Phase>,
+) -> ConnResult {
     let plan = &shared.plan;
     let c = &shared.counters;
     let mut r = ConnResult {
@@ -1004,9 +1009,7 @@ async fn connection(shared: Arc<Shared>, i: usize, mut phase: watch::Receiver<Ph
     };
     loop {
         let next_due = mix.as_ref().map(|mp| (due(mp, j), mp.clone()));
-        let sending = next_due
-            .as_ref()
-            .is_some_and(|(d, mp)| *d < mp.send_end_us);
+        let sending = next_due.as_ref().is_some_and(|(d, mp)| *d < mp.send_end_us);
         let wait = next_due
             .as_ref()
             .map(|(d, mp)| Duration::from_micros((mp.start_us + d).saturating_sub(epoch_us())))
