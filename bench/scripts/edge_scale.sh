@@ -40,4 +40,6 @@ echo "edge_scale.sh: topology=$topology, open files per process $(ulimit -Sn), l
   --database-url "$PARLEY_TEST_DATABASE_URL" \
   --nats-url "$PARLEY_TEST_NATS_URL" \
   --topology "$topology" \
+  --db-pid "$(head -n 1 "$PARLEY_SERVICES_DIR/pg/data/postmaster.pid")" \
+  --nats-pid "$(cat "$PARLEY_SERVICES_DIR/nats.pid")" \
   "$@"

@@ -120,6 +120,12 @@ struct RunArgs {
     /// Longest wait for each open/subscribe/fan-out phase.
     #[arg(long, default_value_t = 300)]
     phase_timeout_secs: u64,
+    /// The PostgreSQL postmaster's pid: its CPU (with its backends) is reported too.
+    #[arg(long)]
+    db_pid: Option<u32>,
+    /// The nats-server's pid: its CPU is reported too.
+    #[arg(long)]
+    nats_pid: Option<u32>,
     /// Extra flag for every `parley serve` (repeatable), e.g. --server-arg=--database-pool=32.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -265,6 +271,35 @@ impl Servers {
                 .collect::<anyhow::Result<_>>()?,
         ))
     }
+}
+
+/// CPU so far of PostgreSQL (postmaster and backends) and nats-server, when their pids are known.
+fn others_cpu(args: &RunArgs) -> (Option<Duration>, Option<Duration>) {
+    (
+        args.db_pid.map(parley_bench::tree_cpu),
+        args.nats_pid
+            .and_then(|p| parley_bench::cpu_time(&p.to_string()).ok()),
+    )
+}
+
+/// `, PostgreSQL 1.2 s, NATS 0.3 s` (or in % of one core over `window` seconds).
+fn others_note(
+    a: &(Option<Duration>, Option<Duration>),
+    b: &(Option<Duration>, Option<Duration>),
+    window: Option<f64>,
+) -> String {
+    let fmt = |d: Duration| match window {
+        Some(w) => format!("{:.0}%", d.as_secs_f64() / w * 100.0),
+        None => format!("{:.2} s", d.as_secs_f64()),
+    };
+    let mut out = String::new();
+    if let (Some(x), Some(y)) = (a.0, b.0) {
+        out += &format!(", PostgreSQL {}", fmt(y.saturating_sub(x)));
+    }
+    if let (Some(x), Some(y)) = (a.1, b.1) {
+        out += &format!(", NATS {}", fmt(y.saturating_sub(x)));
+    }
+    out
 }
 
 fn print_mem(label: &str, core: &MemStatus, edges: &[MemStatus]) {
@@ -500,6 +535,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let mut fanout_rows = Vec::new();
     for k in 0..args.fanouts {
         let (c0, e0) = servers.cpu()?;
+        let x0 = others_cpu(&args);
         for g in generators.iter_mut() {
             g.send(&format!("fanout {k}")).await?;
         }
@@ -518,6 +554,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             answers.push(g.answer().await?);
         }
         let (c1, e1) = servers.cpu()?;
+        let x1 = others_cpu(&args);
         let got = sum(&answers, "count");
         let last = answers
             .iter()
@@ -540,7 +577,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         samples.sort_unstable();
         let ms = |us: u64| us as f64 / 1000.0;
         println!(
-            "fan-out {k} (seq {seq}): {got}/{opened} delivered; send -> commit (REST answer) {:.1} ms; commit -> first {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms (send -> last {:.1} ms); CPU core {:.2} s, edges {}",
+            "fan-out {k} (seq {seq}): {got}/{opened} delivered; send -> commit (REST answer) {:.1} ms; commit -> first {:.1} ms, p50 {:.1} ms, p99 {:.1} ms, last {:.1} ms (send -> last {:.1} ms); CPU core {:.2} s, edges {}{}",
             ms(acked_at - sent_at),
             first as f64 / 1000.0 - acked_at as f64 / 1000.0,
             percentile(&samples, 50.0) as f64 / 1000.0,
@@ -553,6 +590,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 .map(|(b, a)| format!("{:.2} s", (*b - *a).as_secs_f64()))
                 .collect::<Vec<_>>()
                 .join(", "),
+            others_note(&x0, &x1, None),
         );
         fanout_rows.push((
             got,
@@ -581,9 +619,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| parley_bench::cpu_time(&p.to_string()).unwrap_or_default())
             .collect();
+        let x0 = others_cpu(&args);
         let t0 = Instant::now();
         tokio::time::sleep(Duration::from_secs(args.duration_secs)).await;
         let (c1, e1) = servers.cpu()?;
+        let x1 = others_cpu(&args);
         let g1: Vec<Duration> = gen_pids
             .iter()
             .map(|p| parley_bench::cpu_time(&p.to_string()).unwrap_or_default())
@@ -675,13 +715,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ms(lat.last().copied().unwrap_or(0))
         );
         println!(
-            "  CPU over the window (% of one core): core {:.0}%, edges {}, load generators {gen_cpu:.0}% | {}",
+            "  CPU over the window (% of one core): core {:.0}%, edges {}, load generators {gen_cpu:.0}%{} | {}",
             (c1 - c0).as_secs_f64() / measured * 100.0,
             edge_cpu
                 .iter()
                 .map(|c| format!("{c:.0}%"))
                 .collect::<Vec<_>>()
                 .join(", "),
+            others_note(&x0, &x1, Some(measured)),
             loadavg()
         );
         print_mem("after the chat mix window", &core_mix, &edges_mix);
