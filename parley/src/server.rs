@@ -314,7 +314,7 @@ pub async fn build(
         };
         responder.start(shutdown.clone()).await?;
         if matches!(presence_store.kind(), "memory") {
-            tracing::warn!(
+            tracing::info!(
                 "--role core without --redis-url keeps presence in this process's memory: \
                  right for one core only"
             );

@@ -6,46 +6,104 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{Ipv4Addr, TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::call_driver::*;
 use common::{Backend, Server, ServerBuilder, Ws, token, unique};
 use serde_json::{Value, json};
 
-/// A core process: PostgreSQL, NATS, Redis; `extra` flags and environment added.
-fn core_with(extra: &[&str], env: &[(&str, &str)]) -> Server {
-    let b = ServerBuilder::new(Backend::Postgres)
-        .nats()
-        .redis()
-        .arg("--role")
-        .arg("core");
-    let b = extra.iter().fold(b, |b, a| b.arg(*a));
-    env.iter().fold(b, |b, (k, v)| b.env(k, v)).start()
+/// A nats-server of one test alone, on a free 127.0.0.1 port: the cores of concurrent tests
+/// must not answer each other's edges (they share the queue group `parley-core`).
+struct Nats {
+    child: Child,
+    port: u16,
 }
 
-fn core() -> Server {
-    core_with(&[], &[])
+impl Nats {
+    fn start() -> Nats {
+        let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
+            "PARLEY_NATS_SERVER_BIN is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\"), which exports it",
+        );
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let mut nats = Nats { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
+            assert!(
+                nats.child.try_wait().expect("nats-server").is_none(),
+                "nats-server exited before listening"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nats
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// A core process on PostgreSQL and this NATS (and the test Redis when `redis`).
+    fn core_with(&self, redis: bool, extra: &[&str], env: &[(&str, &str)]) -> Server {
+        let mut b = ServerBuilder::new(Backend::Postgres)
+            .arg("--nats-url")
+            .arg(self.url())
+            .arg("--role")
+            .arg("core");
+        if redis {
+            b = b.redis();
+        }
+        let b = extra.iter().fold(b, |b, a| b.arg(*a));
+        env.iter().fold(b, |b, (k, v)| b.env(k, v)).start()
+    }
+
+    fn core(&self) -> Server {
+        self.core_with(false, &[], &[])
+    }
+
+    /// An edge process: this NATS only (no database, no Redis).
+    fn edge_with(&self, extra: &[&str]) -> Server {
+        let b = ServerBuilder::new(Backend::Sqlite)
+            .arg("--nats-url")
+            .arg(self.url())
+            .arg("--role")
+            .arg("edge");
+        extra.iter().fold(b, |b, a| b.arg(*a)).start()
+    }
+
+    fn edge(&self) -> Server {
+        self.edge_with(&[])
+    }
 }
 
-/// An edge process: NATS only (no database, no Redis).
-fn edge_with(extra: &[&str]) -> Server {
-    let b = ServerBuilder::new(Backend::Sqlite)
-        .nats()
-        .arg("--role")
-        .arg("edge");
-    extra.iter().fold(b, |b, a| b.arg(*a)).start()
-}
-
-fn edge() -> Server {
-    edge_with(&[])
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 /// REST through an edge behaves as REST on a single node: writes, reads, typed errors with the
 /// request id, the client's request id kept, rate-limit headers, unknown routes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_goes_through_the_edge_to_a_core() {
-    let _core = core();
-    let e = edge();
+    let nats = Nats::start();
+    let _core = nats.core();
+    let e = nats.edge();
     let (alice, bob) = (unique("alice"), unique("bob"));
     let api = e.api(&alice);
     let channel = api.create_channel("via edge", &[&bob]).await;
@@ -111,9 +169,10 @@ async fn rest_goes_through_the_edge_to_a_core() {
 /// on its edge with exactly the missed events.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_send_typing_read_and_resume_across_two_edges_and_two_cores() {
-    let _c1 = core();
-    let _c2 = core();
-    let (a, b) = (edge(), edge());
+    let nats = Nats::start();
+    let _c1 = nats.core();
+    let _c2 = nats.core();
+    let (a, b) = (nats.edge(), nats.edge());
     let (alice, bob) = (unique("alice"), unique("bob"));
     let channel = a.api(&alice).create_channel("split", &[&bob]).await;
     let mut alice_ws = Ws::connect(&a, &token(&alice)).await;
@@ -203,10 +262,11 @@ async fn subscribe_send_typing_read_and_resume_across_two_edges_and_two_cores() 
 /// sending order and history holds them in that order, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelined_sends_commit_in_order_across_the_hop_with_cores_answering_out_of_order() {
+    let nats = Nats::start();
     let delay = [("PARLEY_FAULT_RPC_DELAY_MS", "40")];
-    let _c1 = core_with(&[], &delay);
-    let _c2 = core_with(&[], &delay);
-    let e = edge_with(&[
+    let _c1 = nats.core_with(false, &[], &delay);
+    let _c2 = nats.core_with(false, &[], &delay);
+    let e = nats.edge_with(&[
         "--ws-frames-per-second",
         "100000",
         "--ws-frame-burst",
@@ -298,10 +358,11 @@ async fn presence_change(ws: &mut Ws, user: &str, status: &str, within: Duration
 /// killed with kill -9, the user goes offline within the TTL plus the grace period and a sweep.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_edge_takes_its_users_offline() {
+    let nats = Nats::start();
     let timing = ["--presence-grace-ms", "1000", "--presence-ttl-ms", "2000"];
-    let _core = core_with(&timing, &[]);
-    let mut a = edge_with(&timing);
-    let b = edge_with(&timing);
+    let _core = nats.core_with(true, &timing, &[]);
+    let mut a = nats.edge_with(&timing);
+    let b = nats.edge_with(&timing);
     let (alice, bob) = (unique("alice"), unique("bob"));
     let channel = b.api(&bob).create_channel("presence", &[&alice]).await;
     let mut bob_ws = Ws::connect(&b, &token(&bob)).await;
@@ -352,8 +413,9 @@ async fn a_killed_edge_takes_its_users_offline() {
 /// exchange data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn call_signals_cross_two_edges() {
-    let _core = core();
-    let (e1, e2) = (edge(), edge());
+    let nats = Nats::start();
+    let _core = nats.core();
+    let (e1, e2) = (nats.edge(), nats.edge());
     let (alice, bob) = (unique("alice"), unique("bob"));
     let channel = e1.api(&alice).create_channel("split call", &[&bob]).await;
     let call_id = start_call(&e1.api(&alice), &channel).await;
@@ -458,9 +520,12 @@ async fn send_until_acked(
 /// clients with the same `client_msg_id`, end up there exactly once too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_core_killed_under_send_load_loses_and_duplicates_nothing() {
-    let mut c1 = core();
-    let _c2 = core();
-    let e = edge_with(&[
+    let nats = Nats::start();
+    // The core to be killed is slow (requests and replies delayed up to 300 ms each), so that
+    // requests are in flight on it when it dies.
+    let mut c1 = nats.core_with(false, &[], &[("PARLEY_FAULT_RPC_DELAY_MS", "300")]);
+    let _c2 = nats.core();
+    let e = nats.edge_with(&[
         "--rpc-timeout-ms",
         "1500",
         "--ws-frames-per-second",
@@ -507,6 +572,25 @@ async fn a_core_killed_under_send_load_loses_and_duplicates_nothing() {
             .expect("sender");
         acked.extend(got);
     }
+    let metrics = reqwest::get(e.url("/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let lost_in_flight: f64 = metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("parley_rpc_failures_total")
+                && l.contains("send_batch")
+                && l.contains("timeout")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        lost_in_flight >= 1.0,
+        "the kill took requests in flight with it (timed out, then retried): {lost_in_flight}"
+    );
     assert_eq!(acked.len(), 4 * N);
     assert!(
         before_kill < (4 * N) as u64 / 2,
@@ -541,5 +625,63 @@ async fn a_core_killed_under_send_load_loses_and_duplicates_nothing() {
         seqs,
         (1..=(4 * N) as u64).collect::<Vec<_>>(),
         "no gap in seq"
+    );
+}
+
+/// The core that committed a message dies before publishing it (`PARLEY_FAULT_ABORT_AFTER_COMMIT`):
+/// Bob, subscribed on the edge, still receives it within a few seconds once a core answers the
+/// edge's commit poll, with no further traffic in the DM; Alice's send is answered either
+/// `unavailable` or, retried by the edge on the new core, with the original message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_core_died_before_publishing_reaches_the_edge_subscriber() {
+    let nats = Nats::start();
+    let mut c1 = nats.core_with(
+        false,
+        &[],
+        &[("PARLEY_FAULT_ABORT_AFTER_COMMIT", "message.new")],
+    );
+    let e = nats.edge_with(&["--rpc-timeout-ms", "1000"]);
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let dm = e
+        .api(&alice)
+        .post("/v1/channels", json!({ "kind": "dm", "members": [bob] }))
+        .await
+        .ok()["id"]
+        .as_str()
+        .expect("dm id")
+        .to_owned();
+    let mut bob_ws = Ws::connect(&e, &token(&bob)).await;
+    assert_eq!(bob_ws.subscribe(&dm).await, 0);
+    let api = e.api(&alice);
+    let send = {
+        let dm = dm.clone();
+        tokio::spawn(async move { api.send(&dm, "last-words", "good night").await })
+    };
+    let status = c1
+        .wait_exit(Duration::from_secs(10))
+        .expect("the core exited (fault injection)");
+    assert!(!status.success(), "the core aborted: {status}");
+    let _c2 = nats.core();
+    let ev = tokio::time::timeout(Duration::from_secs(8), bob_ws.next_event())
+        .await
+        .expect("the message committed by the dead core reaches the edge's subscriber");
+    assert_eq!(
+        (ev["type"].as_str(), ev["seq"].as_u64()),
+        (Some("message.new"), Some(1))
+    );
+    assert_eq!(ev["message"]["text"], "good night");
+    let answer = send.await.expect("send task");
+    assert!(
+        answer.status == 503 || (answer.status == 200 && answer.body["message"]["seq"] == 1),
+        "{} {}",
+        answer.status,
+        answer.body
+    );
+    assert!(
+        bob_ws
+            .events_within(Duration::from_millis(1500))
+            .await
+            .is_empty(),
+        "delivered once"
     );
 }
