@@ -39,9 +39,7 @@ pub const MAX_IN_FLIGHT: usize = 1024;
 /// Largest answer body a core sends (REST pages); above it the request fails with
 /// `unavailable` and a sentence asking for less.
 fn max_reply_bytes(client: &Client) -> usize {
-    usize::try_from(client.server_info().max_payload)
-        .unwrap_or(1024 * 1024)
-        .saturating_sub(4096)
+    client.server_info().max_payload.saturating_sub(4096)
 }
 
 /// What the responder serves with.
@@ -157,11 +155,10 @@ impl Responder {
                 self.serve(p, |r: MarkRead, _| async move {
                     valid_channel(&r.channel_id)?;
                     let caller = Principal::from(r.caller);
-                    Ok(self
-                        .core
+                    self.core
                         .mark_read(&caller, &r.channel_id, r.seq)
                         .await
-                        .map_err(rpc_err)?)
+                        .map_err(rpc_err)
                 })
                 .await
             }
@@ -169,22 +166,20 @@ impl Responder {
                 self.serve_read(p, |r: GetReadState, _| async move {
                     valid_channel(&r.channel_id)?;
                     let caller = Principal::from(r.caller);
-                    Ok(self
-                        .core
+                    self.core
                         .read_state(&caller, &r.channel_id)
                         .await
-                        .map_err(rpc_err)?)
+                        .map_err(rpc_err)
                 })
                 .await
             }
             AttachCall::NAME => {
                 self.serve(p, |r: AttachCall, _| async move {
                     let caller = Principal::from(r.caller);
-                    Ok(self
-                        .core
+                    self.core
                         .attach_check(&caller, &r.call_id, &r.participant_id)
                         .await
-                        .map_err(rpc_err)?)
+                        .map_err(rpc_err)
                 })
                 .await
             }
@@ -221,17 +216,16 @@ impl Responder {
             }
             ChannelEvents::NAME => {
                 self.serve_read(p, |r: ChannelEvents, _| async move {
-                    Ok(self
-                        .core
+                    self.core
                         .channel_events(&r.tenant_id, &r.channel_id, r.after, r.up_to, r.limit)
                         .await
-                        .map_err(rpc_err)?)
+                        .map_err(rpc_err)
                 })
                 .await
             }
             LastSeqs::NAME => {
                 self.serve_read(p, |r: LastSeqs, _| async move {
-                    Ok(self.core.last_seqs(&r.channels).await.map_err(rpc_err)?)
+                    self.core.last_seqs(&r.channels).await.map_err(rpc_err)
                 })
                 .await
             }
@@ -318,11 +312,9 @@ impl Responder {
             let caller = caller.clone();
             let mut fut = Box::pin(tokio::task::unconstrained(async move {
                 valid_channel(&s.channel_id)?;
-                Ok::<_, RpcError>(
-                    core.send_message(&caller, &s.channel_id, s.send)
-                        .await
-                        .map_err(rpc_err)?,
-                )
+                core.send_message(&caller, &s.channel_id, s.send)
+                    .await
+                    .map_err(rpc_err)
             }));
             let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
             let early = match fut.as_mut().poll(&mut cx) {
