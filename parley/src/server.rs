@@ -418,6 +418,7 @@ async fn build_edge(
     ));
     readiness.clone().spawn_probe(Duration::from_secs(5));
     parley_edge::metrics::init();
+    crate::rpc::describe_metrics();
     let app = Router::new().merge(parley_edge::router(
         edge.clone(),
         Arc::new(FailureGate(auth_failures)),

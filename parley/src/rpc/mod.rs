@@ -23,6 +23,23 @@ pub mod gateway;
 pub mod presence;
 pub mod responder;
 
+/// Help text of the edge's RPC metrics.
+pub fn describe_metrics() {
+    metrics::describe_histogram!(
+        "parley_rpc_duration_seconds",
+        metrics::Unit::Seconds,
+        "One request to a core, from the first attempt to the answer (retries included)."
+    );
+    metrics::describe_counter!(
+        "parley_rpc_failures_total",
+        "Failed attempts to reach a core, by method and kind (timeout, no_responders, other)."
+    );
+    metrics::describe_histogram!(
+        "parley_rpc_send_batch_size",
+        "Sends per send_batch request."
+    );
+}
+
 /// Which failures a call may be retried after.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Retry {
