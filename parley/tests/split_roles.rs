@@ -685,3 +685,85 @@ async fn a_message_whose_core_died_before_publishing_reaches_the_edge_subscriber
         "delivered once"
     );
 }
+
+/// Reads `n` channel events.
+async fn read_events(mut ws: Ws, n: usize) -> (Ws, Vec<Value>) {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        out.push(ws.next_event().await);
+    }
+    (ws, out)
+}
+
+/// Concurrent senders on two edges (REST and WebSocket) with two cores committing: the
+/// subscribers on both edges receive one complete sequence 1..=N in seq order, each event once,
+/// and nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_on_two_edges_see_one_gapless_order_under_concurrent_senders() {
+    let nats = Nats::start();
+    let _c1 = nats.core();
+    let _c2 = nats.core();
+    let (a, b) = (nats.edge(), nats.edge());
+    let (alice, bob, carol, dave) = (
+        unique("alice"),
+        unique("bob"),
+        unique("carol"),
+        unique("dave"),
+    );
+    let channel = a
+        .api(&alice)
+        .create_channel("gapless", &[&bob, &carol, &dave])
+        .await;
+    let mut carol_ws = Ws::connect(&a, &token(&carol)).await;
+    let mut dave_ws = Ws::connect(&b, &token(&dave)).await;
+    assert_eq!(carol_ws.subscribe(&channel).await, 0);
+    assert_eq!(dave_ws.subscribe(&channel).await, 0);
+    const PER: usize = 40;
+    let total = 4 * PER;
+    let carol_reader = tokio::spawn(read_events(carol_ws, total));
+    let dave_reader = tokio::spawn(read_events(dave_ws, total));
+    let mut senders = Vec::new();
+    for (edge, user) in [(&a, &alice), (&b, &bob)] {
+        for t in 0..2 {
+            let api = edge.api(user);
+            let channel = channel.clone();
+            let prefix = format!("{user}-{t}");
+            senders.push(tokio::spawn(async move {
+                for i in 0..PER {
+                    let r = api
+                        .send(
+                            &channel,
+                            &format!("{prefix}-{i}"),
+                            &format!("{prefix} #{i}"),
+                        )
+                        .await;
+                    assert_eq!(r.status, 201, "{}", r.body);
+                }
+            }));
+        }
+    }
+    for s in senders {
+        tokio::time::timeout(Duration::from_secs(60), s)
+            .await
+            .expect("sends within 60 s")
+            .expect("sender");
+    }
+    let want: Vec<u64> = (1..=total as u64).collect();
+    for reader in [carol_reader, dave_reader] {
+        let (mut ws, events) = tokio::time::timeout(Duration::from_secs(60), reader)
+            .await
+            .expect("events within 60 s")
+            .expect("reader");
+        let seqs: Vec<u64> = events
+            .iter()
+            .map(|e| e["seq"].as_u64().expect("seq"))
+            .collect();
+        assert_eq!(seqs, want, "in order, each once, no gap");
+        assert!(
+            ws.events_within(Duration::from_millis(500))
+                .await
+                .is_empty(),
+            "nothing after the last"
+        );
+    }
+}
