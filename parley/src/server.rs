@@ -179,6 +179,9 @@ pub struct Node {
     pub dev_mode: bool,
     pub storage_backend: &'static str,
     pub bus_kind: &'static str,
+    /// A core's RPC responder: after shutdown it stops taking requests and finishes those in
+    /// flight; wait for it before the process exits.
+    pub responder: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Builds the node and starts its bus dispatcher.
@@ -299,6 +302,7 @@ pub async fn build(
         "/v1/openapi.json",
         get(move || std::future::ready(([("content-type", "application/json")], openapi.clone()))),
     );
+    let mut responder_task = None;
     if let (Role::Core, Some(nats)) = (args.role, &nats) {
         // Forwarded REST runs through the same routes and middleware as direct REST.
         let forwarded = Router::new()
@@ -312,7 +316,7 @@ pub async fn build(
             core: core.clone(),
             http: forwarded,
         };
-        responder.start(shutdown.clone()).await?;
+        responder_task = Some(responder.start(shutdown.clone()).await?);
         if matches!(presence_store.kind(), "memory") {
             tracing::info!(
                 "--role core without --redis-url keeps presence in this process's memory: \
@@ -343,6 +347,7 @@ pub async fn build(
         dev_mode,
         storage_backend: storage.backend(),
         bus_kind: bus.kind(),
+        responder: responder_task,
     })
 }
 
@@ -430,6 +435,7 @@ async fn build_edge(
         dev_mode,
         storage_backend: "none (edge)",
         bus_kind: bus.kind(),
+        responder: None,
     })
 }
 

@@ -767,3 +767,25 @@ async fn subscribers_on_two_edges_see_one_gapless_order_under_concurrent_senders
         );
     }
 }
+
+/// SIGTERM on a core with a request in flight: the core stops taking requests but answers the
+/// one it took before exiting (the edge's client gets 200, not a timeout's 503).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_terminated_core_answers_the_requests_it_took() {
+    let nats = Nats::start();
+    let mut c = nats.core_with(false, &[], &[("PARLEY_FAULT_RPC_DELAY_MS", "600")]);
+    let e = nats.edge_with(&["--rpc-timeout-ms", "4000"]);
+    let alice = unique("alice");
+    let channel = e.api(&alice).create_channel("last", &["bob"]).await;
+    let api = e.api(&alice);
+    let path = format!("/v1/channels/{channel}");
+    let pending = tokio::spawn(async move { api.get(&path).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    c.terminate();
+    let answer = pending.await.expect("request task");
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert!(
+        c.wait_exit(Duration::from_secs(15)).is_some(),
+        "the core exits after answering"
+    );
+}

@@ -54,7 +54,10 @@ impl Responder {
     /// Subscribes (the server has the subscription when this returns), then answers in a task
     /// until `shutdown` turns true; then stops taking requests (the queue group sends them to
     /// the other cores) and lets those in flight finish.
-    pub async fn start(self, shutdown: tokio::sync::watch::Receiver<bool>) -> anyhow::Result<()> {
+    pub async fn start(
+        self,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let sub = self
             .client
             .queue_subscribe(RPC_SUBJECT_ALL, CORE_QUEUE_GROUP.to_owned())
@@ -65,8 +68,7 @@ impl Responder {
             .flush()
             .await
             .map_err(|e| anyhow::anyhow!("NATS did not confirm the RPC subscription: {e}"))?;
-        tokio::spawn(self.run(sub, shutdown));
-        Ok(())
+        Ok(tokio::spawn(self.run(sub, shutdown)))
     }
 
     async fn run(
