@@ -523,3 +523,147 @@ pub fn machine_summary() -> String {
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     format!("{cores} cores, kernel {}", kernel.trim())
 }
+
+impl Rest {
+    /// Sends a message over REST as `token`; returns its seq once committed.
+    pub async fn send_message(
+        &self,
+        token: &str,
+        channel: &str,
+        client_msg_id: &str,
+        text: &str,
+    ) -> anyhow::Result<u64> {
+        let res = self
+            .http
+            .post(format!("{}/v1/channels/{channel}/messages", self.base))
+            .bearer_auth(token)
+            .json(&json!({ "client_msg_id": client_msg_id, "text": text }))
+            .send()
+            .await?;
+        let status = res.status();
+        let body: Value = res.json().await.unwrap_or(Value::Null);
+        if !status.is_success() {
+            bail!("send message: {status} {body}");
+        }
+        body["message"]["seq"]
+            .as_u64()
+            .or_else(|| body["seq"].as_u64())
+            .context("seq in the send response")
+    }
+}
+
+/// The top-level fields of a server frame that a load generator looks at, borrowed from the raw
+/// text (nested `message` fields are skipped; see [`due_offset`] for the text).
+#[derive(Debug, Deserialize)]
+pub struct FrameHead<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: &'a str,
+    #[serde(default, borrow)]
+    pub id: Option<&'a str>,
+    #[serde(default, borrow)]
+    pub channel_id: Option<&'a str>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default, borrow)]
+    pub code: Option<&'a str>,
+}
+
+/// The intended send time (µs from the run's start) a benchmark message's text starts with:
+/// `t<µs>.`, cut out of the raw `message.new` frame.
+pub fn due_offset(raw: &str) -> Option<u64> {
+    let at = raw.find("\"text\":\"t")? + "\"text\":\"t".len();
+    let rest = &raw[at..];
+    let end = rest.find('.')?;
+    rest[..end].parse().ok()
+}
+
+/// Microseconds since the Unix epoch: a clock every process of one machine shares.
+pub fn epoch_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
+}
+
+/// What a receiver saw of one channel: seqs must rise by exactly one from the subscribe ack's.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SeqCheck {
+    pub subscribed: bool,
+    pub last_seq: u64,
+    pub messages: u64,
+    pub gaps: u64,
+    pub repeats: u64,
+    /// Events of the channel that arrived before its subscribe ack.
+    pub before_ack: u64,
+}
+
+impl SeqCheck {
+    /// The subscribe ack said the channel is live after `seq`.
+    pub fn subscribed_at(&mut self, seq: u64) {
+        self.subscribed = true;
+        self.last_seq = seq;
+    }
+
+    /// A channel event with `seq` arrived (`message` when it is a `message.new`).
+    pub fn observe(&mut self, seq: u64, message: bool) {
+        if !self.subscribed {
+            self.before_ack += 1;
+        } else if seq == self.last_seq + 1 {
+            self.last_seq = seq;
+        } else if seq > self.last_seq + 1 {
+            self.gaps += seq - self.last_seq - 1;
+            self.last_seq = seq;
+        } else {
+            self.repeats += 1;
+        }
+        if message {
+            self.messages += 1;
+        }
+    }
+}
+
+impl Rest {
+    /// The chat mix's channels: for every user a personal 1-member channel (`personal-{i}`,
+    /// created by that user), and rooms of `room_size` consecutive users (`room-{r}`, created by
+    /// its first user). `tokens[i]` is user `users[i]`'s token; `concurrency` calls in flight.
+    /// Returns the personal channel of each user and the room ids, in order.
+    pub async fn create_chat_mix_channels(
+        &self,
+        users: &[String],
+        tokens: &[String],
+        room_size: usize,
+        concurrency: usize,
+    ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+        let n = users.len();
+        let room_size = room_size.max(1);
+        let personal: Vec<String> = futures::stream::iter((0..n).map(|i| {
+            let (rest, tok) = (self.clone(), tokens[i].clone());
+            async move {
+                rest.create_channel(&tok, &format!("personal-{i}"), &[])
+                    .await
+            }
+        }))
+        .buffered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()
+        .context("create the personal channels")?;
+        let rooms: Vec<String> = futures::stream::iter((0..n.div_ceil(room_size)).map(|r| {
+            let first = r * room_size;
+            let members: Vec<String> = users[first + 1..(first + room_size).min(n)].to_vec();
+            let (rest, tok) = (self.clone(), tokens[first].clone());
+            async move {
+                rest.create_channel(&tok, &format!("room-{r}"), &members)
+                    .await
+            }
+        }))
+        .buffered(concurrency.max(1))
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<_>>()
+        .context("create the rooms")?;
+        Ok((personal, rooms))
+    }
+}

@@ -260,6 +260,8 @@ pub struct Edge {
     gateway: Arc<dyn CoreGateway>,
     membership: Arc<membership::MembershipCache>,
     config: EdgeConfig,
+    /// The connection protocol's rules, shared by every session of the node.
+    session_config: Arc<parley_proto::session::SessionConfig>,
     hubs: hub::Hubs,
     /// What this node receives from the bus (driven by `hubs` and `users`).
     interest: Arc<interest::NodeInterest>,
@@ -302,6 +304,7 @@ impl Edge {
             hubs: hub::Hubs::new(config.gap_timeout, interest.clone()),
             users: users::UserConnections::new(interest.clone()),
             interest,
+            session_config: Arc::new(session::session_config(&config)),
             config,
             next_conn: AtomicU64::new(1),
             shutdown,

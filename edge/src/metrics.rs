@@ -227,6 +227,11 @@ pub fn frame_in(frame: Option<&ClientFrame>) -> &'static str {
     kind
 }
 
+/// A WS frame was read, by its `type` (`"invalid"` when it could not be parsed).
+pub fn frame_in_type(kind: &'static str) {
+    counter!("parley_ws_frames_in_total", "type" => kind).increment(1);
+}
+
 /// A WS frame was refused by the per-connection frame budget.
 pub fn frame_rate_limited() {
     counter!("parley_rate_limited_total", "limit" => "ws_frames").increment(1);

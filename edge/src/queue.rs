@@ -7,9 +7,9 @@
 //! its header.
 //!
 //! One reader (the connection's task), any number of writers (hubs, the user registry, call
-//! signaling, the connection's own request tasks). Writers either `try_send` (never wait: a full
-//! queue is the writer's signal that the reader is too slow) or `send().await` (wait for room:
-//! acknowledgements must not be dropped).
+//! signaling). Writers `try_send` and never wait: a full queue is the writer's signal that the
+//! reader is too slow. (Acknowledgements do not come through here: the session machine queues
+//! them, in send order, with its own bound.)
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,8 +28,6 @@ struct Shared {
     capacity: usize,
     /// Woken when a frame is added or the queue closes (one waiter: the reader).
     readable: Notify,
-    /// Woken when a frame is taken or the queue closes.
-    writable: Notify,
 }
 
 impl Shared {
@@ -54,7 +52,6 @@ pub(crate) fn frame_queue(capacity: usize) -> (FrameSender, FrameReceiver) {
         }),
         capacity: capacity.max(1),
         readable: Notify::new(),
-        writable: Notify::new(),
     });
     (FrameSender(shared.clone()), FrameReceiver(shared))
 }
@@ -73,22 +70,6 @@ impl FrameSender {
         drop(state);
         self.0.readable.notify_one();
         Ok(())
-    }
-
-    /// Adds a frame, waiting for room. Fails only when the reader is gone.
-    pub async fn send(&self, mut frame: Utf8Bytes) -> Result<(), Utf8Bytes> {
-        loop {
-            // Registered before the check, so a frame taken in between still wakes us.
-            let room = self.0.writable.notified();
-            tokio::pin!(room);
-            room.as_mut().enable();
-            match self.try_send(frame) {
-                Ok(()) => return Ok(()),
-                Err(TrySendError::Closed(f)) => return Err(f),
-                Err(TrySendError::Full(f)) => frame = f,
-            }
-            room.await;
-        }
     }
 }
 
@@ -123,8 +104,6 @@ impl FrameReceiver {
             // Give the buffer back: an idle connection holds none.
             state.frames = VecDeque::new();
         }
-        drop(state);
-        self.0.writable.notify_waiters();
         Some(frame)
     }
 }
@@ -134,8 +113,6 @@ impl Drop for FrameReceiver {
         let mut state = self.0.lock();
         state.closed = true;
         state.frames = VecDeque::new();
-        drop(state);
-        self.0.writable.notify_waiters();
     }
 }
 
@@ -161,31 +138,6 @@ mod tests {
         assert!(rx.try_recv().is_none());
         drop(rx);
         assert!(matches!(tx.try_send(f("d")), Err(TrySendError::Closed(_))));
-        assert!(tx.send(f("e")).await.is_err());
-    }
-
-    #[tokio::test]
-    async fn send_waits_for_room_and_every_waiter_gets_in() {
-        let (tx, mut rx) = frame_queue(1);
-        tx.try_send(f("first")).unwrap();
-        let mut waiting = Vec::new();
-        for _ in 0..5 {
-            let tx = tx.clone();
-            waiting.push(tokio::spawn(async move { tx.send(f("later")).await }));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let mut got = Vec::new();
-        for _ in 0..6 {
-            let frame = tokio::time::timeout(Duration::from_secs(2), rx.recv())
-                .await
-                .expect("a frame within 2 s");
-            got.push(frame.unwrap().to_string());
-        }
-        assert_eq!(got[0], "first");
-        assert!(got[1..].iter().all(|s| s == "later"));
-        for w in waiting {
-            assert!(w.await.unwrap().is_ok());
-        }
     }
 
     #[tokio::test]

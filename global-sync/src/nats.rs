@@ -309,6 +309,13 @@ impl NatsBus {
     }
 }
 
+impl NatsBus {
+    /// The node's NATS connection, shared with the edge ↔ core RPC (`--role edge|core`).
+    pub fn client(&self) -> Client {
+        self.inner.client.clone()
+    }
+}
+
 /// The options of every connection attempt. The event callback only bumps counters and wakes
 /// subscriptions; it holds no client, so dropping the last bus and subscription closes the
 /// connection.

@@ -50,10 +50,34 @@ pub struct StorageArgs {
     pub database_statement_timeout_ms: u64,
 }
 
+/// What one `parley serve` process does (docs/topologies.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Everything in one process (the default).
+    All,
+    /// REST, rules, storage, presence store, calls; answers edges over NATS. Needs --nats-url.
+    Core,
+    /// Client WebSockets and REST (forwarded to a core); no database. Needs --nats-url.
+    Edge,
+    /// The SFU (not available yet).
+    Sfu,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// What this process does: `all` (one process, the default), `core` (REST, rules, storage,
+    /// presence store; answers edges over NATS request/reply in the queue group `parley-core`),
+    /// or `edge` (client WebSockets and REST, which it forwards to a core; holds no database
+    /// credentials). `core` and `edge` need --nats-url.
+    #[arg(long, env = "PARLEY_ROLE", value_enum, default_value = "all")]
+    pub role: Role,
+    /// How long an edge waits for a core's answer to one RPC attempt, in milliseconds; a call
+    /// that may be retried (reads, and sends, which are idempotent by `client_msg_id`) gets up
+    /// to three attempts.
+    #[arg(long, env = "PARLEY_RPC_TIMEOUT_MS", default_value_t = 5_000)]
+    pub rpc_timeout_ms: u64,
     /// Address to listen on.
     #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,

@@ -27,9 +27,10 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What readiness looks at.
 pub struct Readiness {
-    pub storage: Arc<dyn Storage>,
+    /// None on an edge (`--role edge`), which has no storage or presence store of its own.
+    pub storage: Option<Arc<dyn Storage>>,
     pub bus: Arc<dyn Bus>,
-    pub presence: Arc<dyn PresenceStore>,
+    pub presence: Option<Arc<dyn PresenceStore>>,
     pub edge: Arc<Edge>,
     /// The last answer's failing components, to log changes once.
     last_failing: std::sync::Mutex<Vec<&'static str>>,
@@ -37,9 +38,9 @@ pub struct Readiness {
 
 impl Readiness {
     pub fn new(
-        storage: Arc<dyn Storage>,
+        storage: Option<Arc<dyn Storage>>,
         bus: Arc<dyn Bus>,
-        presence: Arc<dyn PresenceStore>,
+        presence: Option<Arc<dyn PresenceStore>>,
         edge: Arc<Edge>,
     ) -> Readiness {
         Readiness {
@@ -77,8 +78,10 @@ impl Readiness {
     /// Whether the node is ready, and the line that says so; updates the readiness gauges.
     async fn evaluate(&self) -> (bool, String) {
         let storage = async {
-            match tokio::time::timeout(CHECK_TIMEOUT, self.storage.channel("readyz", "ch_readyz"))
-                .await
+            let Some(storage) = &self.storage else {
+                return Ok(());
+            };
+            match tokio::time::timeout(CHECK_TIMEOUT, storage.channel("readyz", "ch_readyz")).await
             {
                 Ok(Ok(_)) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
@@ -86,7 +89,10 @@ impl Readiness {
             }
         };
         let presence = async {
-            match tokio::time::timeout(CHECK_TIMEOUT, self.presence.check()).await {
+            let Some(presence) = &self.presence else {
+                return Ok(());
+            };
+            match tokio::time::timeout(CHECK_TIMEOUT, presence.check()).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.0),
                 Err(_) => Err(format!("no answer within {CHECK_TIMEOUT:?}")),
@@ -95,11 +101,14 @@ impl Readiness {
         let (storage, presence) = tokio::join!(storage, presence);
         let bus = self.bus.check().map_err(|e| e.to_string());
 
-        let mut parts: Vec<(&'static str, Result<(), String>)> = vec![("storage", storage)];
+        let mut parts: Vec<(&'static str, Result<(), String>)> = Vec::new();
+        if self.storage.is_some() {
+            parts.push(("storage", storage));
+        }
         if self.bus.kind() == "nats" {
             parts.push(("nats", bus));
         }
-        if self.presence.kind() == "redis" {
+        if self.presence.as_ref().is_some_and(|p| p.kind() == "redis") {
             parts.push(("redis", presence));
         }
         let draining = self.edge.is_draining();

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod health;
+pub mod rpc;
 pub mod server;
 pub mod telemetry;
 pub mod web;

@@ -157,7 +157,12 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
         let _ = shutdown_tx.send(true);
     };
     let edge = node.edge.clone();
+    let responder = node.responder;
     server::serve(listener, node.app, shutdown).await?;
+    if let Some(responder) = responder {
+        // A core answers the requests it took before leaving (bounded inside).
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), responder).await;
+    }
     // The HTTP server's graceful shutdown does not wait for upgraded connections: give the
     // WebSockets a moment to send their 1001 close frames before the process exits.
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);

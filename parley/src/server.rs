@@ -26,7 +26,7 @@ use parley_sync::Ephemeral;
 use parley_sync::{Bus, InProcessBus, NatsBus};
 use tokio::net::TcpListener;
 
-use crate::config::{ServeArgs, StorageArgs};
+use crate::config::{Role, ServeArgs, StorageArgs};
 use crate::web::WebClient;
 
 /// Opens the configured storage (applying migrations).
@@ -192,6 +192,9 @@ pub struct Node {
     pub dev_mode: bool,
     pub storage_backend: &'static str,
     pub bus_kind: &'static str,
+    /// A core's RPC responder: after shutdown it stops taking requests and finishes those in
+    /// flight; wait for it before the process exits.
+    pub responder: Option<tokio::task::JoinHandle<()>>,
 }
 
 /// Builds the node and starts its bus dispatcher.
@@ -199,18 +202,30 @@ pub async fn build(
     args: &ServeArgs,
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Node> {
+    match args.role {
+        Role::Sfu => bail!("--role sfu is not available in this build; use all, core or edge"),
+        Role::Edge => return build_edge(args, shutdown).await,
+        Role::Core if args.nats_url.is_none() => {
+            bail!("--role core answers edges over NATS: give --nats-url (PARLEY_NATS_URL) too")
+        }
+        Role::All | Role::Core => {}
+    }
     // First: a server that must not start (no keys where development mode is not implied)
     // touches nothing.
     let (auth, dev_key) = authenticator(args)?;
     // First: everything after records metrics.
     let metrics = crate::telemetry::metrics_handle()?;
     let storage = open_storage(&args.storage).await?;
-    let bus: Arc<dyn Bus> = match &args.nats_url {
-        Some(url) => Arc::new(
+    let nats = match &args.nats_url {
+        Some(url) => Some(
             NatsBus::connect_with(url, &nats_options(args))
                 .await
                 .context("cannot connect to NATS")?,
         ),
+        None => None,
+    };
+    let bus: Arc<dyn Bus> = match &nats {
+        Some(nats) => Arc::new(nats.clone()),
         None => Arc::new(InProcessBus::default()),
     };
     let dev_mode = dev_key.is_some();
@@ -224,36 +239,7 @@ pub async fn build(
             max_ttl_secs,
         })
     });
-    for origin in &args.allowed_origins {
-        if origin != "*" && parley_edge::parse_origin(origin).is_none() {
-            bail!(
-                "--allowed-origin {origin:?} is not an origin: give scheme://host[:port] with \
-                 http or https, or *"
-            );
-        }
-    }
-    for host in &args.allowed_hosts {
-        let host = host.trim();
-        if host.is_empty()
-            || !host.chars().all(|c| {
-                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
-            })
-        {
-            bail!(
-                "--allowed-host {host:?} is not a host name: give a name like chat.example, or \
-                 name:port (no scheme, no path)"
-            );
-        }
-    }
-    let hosts = Arc::new(HostAllowList {
-        enforce: dev_mode || !args.allowed_hosts.is_empty(),
-        extra: args
-            .allowed_hosts
-            .iter()
-            .map(|h| h.trim().to_ascii_lowercase())
-            .filter(|h| !h.is_empty())
-            .collect(),
-    });
+    let hosts = host_allow_list(args, dev_mode)?;
     let auth_failures = Arc::new(AddressBudget::new(
         args.auth_failures_per_minute,
         args.auth_failure_burst,
@@ -302,7 +288,281 @@ pub async fn build(
         ice,
     ));
     let budget = Arc::new(RequestBudget::new(args.rate_per_minute, args.rate_burst));
-    let edge_config = EdgeConfig {
+    let gateway = Arc::new(LocalGateway {
+        core: core.clone(),
+        auth: auth.clone(),
+    });
+    let edge = Edge::new(gateway, edge_config(args), shutdown.clone());
+    if args.role == Role::All {
+        let subscription = bus
+            .subscribe()
+            .await
+            .context("cannot subscribe to the bus")?;
+        edge.start_dispatcher(subscription);
+    }
+    spawn_forget_idle(budget.clone(), auth_failures.clone(), dev_tokens.clone());
+    let openapi = http::served_document(core.limits())
+        .to_json()
+        .context("cannot render the OpenAPI document")?;
+    let api = http::router(ApiState {
+        core: core.clone(),
+        auth,
+        budget,
+        auth_failures: auth_failures.clone(),
+        dev_tokens,
+    })
+    .route(
+        "/v1/openapi.json",
+        get(move || std::future::ready(([("content-type", "application/json")], openapi.clone()))),
+    );
+    let mut responder_task = None;
+    if let (Role::Core, Some(nats)) = (args.role, &nats) {
+        // Forwarded REST runs through the same routes and middleware as direct REST.
+        let forwarded = Router::new()
+            .merge(api.clone())
+            .fallback(http::route_not_found)
+            .method_not_allowed_fallback(http::method_not_allowed)
+            .layer(crate::telemetry::HttpLayer)
+            .layer(axum::middleware::from_fn(http::request_id));
+        let responder = crate::rpc::responder::Responder {
+            client: nats.client(),
+            core: core.clone(),
+            http: forwarded,
+        };
+        responder_task = Some(responder.start(shutdown.clone()).await?);
+        if matches!(presence_store.kind(), "memory") {
+            tracing::info!(
+                "--role core without --redis-url keeps presence in this process's memory: \
+                 right for one core only"
+            );
+        }
+    }
+    let readiness = Arc::new(crate::health::Readiness::new(
+        Some(storage.clone()),
+        bus.clone(),
+        Some(presence_store),
+        edge.clone(),
+    ));
+    readiness.clone().spawn_probe(Duration::from_secs(5));
+    parley_core::metrics::init(storage.backend(), bus.kind());
+    parley_edge::metrics::init();
+    let mut app = Router::new().merge(api);
+    if args.role == Role::All {
+        app = app.merge(parley_edge::router(
+            edge.clone(),
+            Arc::new(FailureGate(auth_failures)),
+        ));
+    }
+    let app = finish_app(app, args, metrics, readiness, hosts, None)?;
+    Ok(Node {
+        app,
+        edge,
+        dev_mode,
+        storage_backend: storage.backend(),
+        bus_kind: bus.kind(),
+        responder: responder_task,
+    })
+}
+
+/// An edge process (`--role edge`): client WebSockets and REST, the core reached over NATS.
+async fn build_edge(
+    args: &ServeArgs,
+    shutdown: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<Node> {
+    if args.storage.database_url.is_some() {
+        bail!(
+            "--role edge holds no database credentials: remove --database-url \
+             (PARLEY_DATABASE_URL); the cores (--role core) open the database"
+        );
+    }
+    if args.redis_url.is_some() {
+        bail!(
+            "--role edge does not open Redis: remove --redis-url (PARLEY_REDIS_URL); an edge \
+             sends its users' presence to the cores, which hold the presence store"
+        );
+    }
+    let Some(url) = &args.nats_url else {
+        bail!("--role edge reaches the cores over NATS: give --nats-url (PARLEY_NATS_URL) too");
+    };
+    let (auth, dev_key) = authenticator(args)?;
+    let metrics = crate::telemetry::metrics_handle()?;
+    let nats = NatsBus::connect_with(url, &nats_options(args))
+        .await
+        .context("cannot connect to NATS")?;
+    let bus: Arc<dyn Bus> = Arc::new(nats.clone());
+    let dev_mode = dev_key.is_some();
+    let hosts = host_allow_list(args, dev_mode)?;
+    let auth_failures = Arc::new(AddressBudget::new(
+        args.auth_failures_per_minute,
+        args.auth_failure_burst,
+    ));
+    let rpc = crate::rpc::RpcClient::new(nats.client(), Duration::from_millis(args.rpc_timeout_ms));
+    let presence = crate::rpc::presence::EdgePresence::new(
+        rpc.clone(),
+        PresenceTimings {
+            offline_grace_ms: args.presence_grace_ms,
+            away_after_ms: args.away_after_ms,
+        },
+        Duration::from_millis((args.presence_ttl_ms / 4).max(100)),
+    );
+    tokio::spawn(presence.clone().run());
+    let gateway = Arc::new(crate::rpc::gateway::NatsGateway::new(
+        rpc.clone(),
+        Arc::new(auth),
+        bus.clone(),
+        presence,
+    ));
+    let edge = Edge::new(gateway, edge_config(args), shutdown);
+    let subscription = bus
+        .subscribe()
+        .await
+        .context("cannot subscribe to the bus")?;
+    edge.start_dispatcher(subscription);
+    {
+        let auth_failures = auth_failures.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                auth_failures.forget_idle();
+            }
+        });
+    }
+    let readiness = Arc::new(crate::health::Readiness::new(
+        None,
+        bus.clone(),
+        None,
+        edge.clone(),
+    ));
+    readiness.clone().spawn_probe(Duration::from_secs(5));
+    parley_edge::metrics::init();
+    crate::rpc::describe_metrics();
+    let app = Router::new().merge(parley_edge::router(
+        edge.clone(),
+        Arc::new(FailureGate(auth_failures)),
+    ));
+    let app = finish_app(app, args, metrics, readiness, hosts, Some(rpc))?;
+    Ok(Node {
+        app,
+        edge,
+        dev_mode,
+        storage_backend: "none (edge)",
+        bus_kind: bus.kind(),
+        responder: None,
+    })
+}
+
+/// Keeps the per-user and per-address budgets bounded to active callers.
+fn spawn_forget_idle(
+    budget: Arc<RequestBudget>,
+    auth_failures: Arc<AddressBudget>,
+    dev_tokens: Option<Arc<DevTokens>>,
+) {
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(60));
+        loop {
+            every.tick().await;
+            budget.forget_idle();
+            auth_failures.forget_idle();
+            if let Some(dev) = &dev_tokens {
+                dev.per_address.forget_idle();
+            }
+        }
+    });
+}
+
+/// Checks `--allowed-origin` and `--allowed-host`; the host list the app enforces.
+fn host_allow_list(args: &ServeArgs, dev_mode: bool) -> anyhow::Result<Arc<HostAllowList>> {
+    for origin in &args.allowed_origins {
+        if origin != "*" && parley_edge::parse_origin(origin).is_none() {
+            bail!(
+                "--allowed-origin {origin:?} is not an origin: give scheme://host[:port] with \
+                 http or https, or *"
+            );
+        }
+    }
+    for host in &args.allowed_hosts {
+        let host = host.trim();
+        if host.is_empty()
+            || !host.chars().all(|c| {
+                c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '[' | ']')
+            })
+        {
+            bail!(
+                "--allowed-host {host:?} is not a host name: give a name like chat.example, or \
+                 name:port (no scheme, no path)"
+            );
+        }
+    }
+    Ok(Arc::new(HostAllowList {
+        enforce: dev_mode || !args.allowed_hosts.is_empty(),
+        extra: args
+            .allowed_hosts
+            .iter()
+            .map(|h| h.trim().to_ascii_lowercase())
+            .filter(|h| !h.is_empty())
+            .collect(),
+    }))
+}
+
+/// The node's operational routes, the fallback (the web client; on an edge, `/v1/*` is
+/// forwarded to a core first) and the layers every request goes through.
+fn finish_app(
+    app: Router,
+    args: &ServeArgs,
+    metrics: metrics_exporter_prometheus::PrometheusHandle,
+    readiness: Arc<crate::health::Readiness>,
+    hosts: Arc<HostAllowList>,
+    forward_to: Option<crate::rpc::RpcClient>,
+) -> anyhow::Result<Router> {
+    let web = match &args.web_dir {
+        Some(dir) => WebClient::Dir(dir.clone()),
+        None => WebClient::Built,
+    };
+    Ok(app
+        .route(
+            "/metrics",
+            get(move || {
+                let body = crate::telemetry::render(&metrics);
+                std::future::ready((
+                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+                    body,
+                ))
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let readiness = readiness.clone();
+                async move { readiness.answer().await }
+            }),
+        )
+        .fallback(move |req: axum::extract::Request| {
+            let web = web.clone();
+            let forward_to = forward_to.clone();
+            async move {
+                let path = req.uri().path();
+                match forward_to {
+                    Some(rpc) if path == "/v1" || path.starts_with("/v1/") => {
+                        crate::rpc::forward::forward(rpc, req).await
+                    }
+                    _ => web.fallback(req).await,
+                }
+            }
+        })
+        .method_not_allowed_fallback(http::method_not_allowed)
+        .layer(axum::middleware::from_fn_with_state(
+            hosts,
+            http::host_check,
+        ))
+        .layer(crate::telemetry::HttpLayer)
+        .layer(axum::middleware::from_fn(http::request_id))
+        .layer(cors_layer(&args.allowed_origins)?))
+}
+
+fn edge_config(args: &ServeArgs) -> EdgeConfig {
+    EdgeConfig {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
         heartbeat_timeout: Duration::from_millis(args.heartbeat_timeout_ms.max(200)),
         max_frame_bytes: args.ws_max_frame_bytes,
@@ -324,105 +584,7 @@ pub async fn build(
         max_connections_per_ip: args.max_connections_per_ip,
         commit_poll_interval: Duration::from_millis(args.commit_poll_interval_ms),
         ..EdgeConfig::default()
-    };
-    let gateway = Arc::new(LocalGateway {
-        core: core.clone(),
-        auth: auth.clone(),
-    });
-    let edge = Edge::new(gateway, edge_config, shutdown);
-    let subscription = bus
-        .subscribe()
-        .await
-        .context("cannot subscribe to the bus")?;
-    edge.start_dispatcher(subscription);
-    {
-        // Keep the per-user and per-address budgets bounded to active callers.
-        let budget = budget.clone();
-        let auth_failures = auth_failures.clone();
-        let dev_tokens = dev_tokens.clone();
-        tokio::spawn(async move {
-            let mut every = tokio::time::interval(Duration::from_secs(60));
-            loop {
-                every.tick().await;
-                budget.forget_idle();
-                auth_failures.forget_idle();
-                if let Some(dev) = &dev_tokens {
-                    dev.per_address.forget_idle();
-                }
-            }
-        });
     }
-    let openapi = http::served_document(core.limits())
-        .to_json()
-        .context("cannot render the OpenAPI document")?;
-    let api = http::router(ApiState {
-        core,
-        auth,
-        budget,
-        auth_failures: auth_failures.clone(),
-        dev_tokens,
-    });
-    let readiness = Arc::new(crate::health::Readiness::new(
-        storage.clone(),
-        bus.clone(),
-        presence_store,
-        edge.clone(),
-    ));
-    readiness.clone().spawn_probe(Duration::from_secs(5));
-    parley_core::metrics::init(storage.backend(), bus.kind());
-    parley_edge::metrics::init();
-    let app = Router::new()
-        .merge(api)
-        .merge(parley_edge::router(
-            edge.clone(),
-            Arc::new(FailureGate(auth_failures)),
-        ))
-        .route(
-            "/v1/openapi.json",
-            get(move || {
-                std::future::ready(([("content-type", "application/json")], openapi.clone()))
-            }),
-        )
-        .route(
-            "/metrics",
-            get(move || {
-                let body = crate::telemetry::render(&metrics);
-                std::future::ready((
-                    [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
-                    body,
-                ))
-            }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let readiness = readiness.clone();
-                async move { readiness.answer().await }
-            }),
-        )
-        .fallback({
-            let web = match &args.web_dir {
-                Some(dir) => WebClient::Dir(dir.clone()),
-                None => WebClient::Built,
-            };
-            move |req: axum::extract::Request| web.clone().fallback(req)
-        })
-        .method_not_allowed_fallback(http::method_not_allowed)
-        .layer(axum::middleware::from_fn_with_state(
-            hosts,
-            http::host_check,
-        ))
-        .layer(crate::telemetry::HttpLayer)
-        .layer(axum::middleware::from_fn(http::request_id))
-        .layer(cors_layer(&args.allowed_origins)?);
-    Ok(Node {
-        app,
-        edge,
-        dev_mode,
-        storage_backend: storage.backend(),
-        bus_kind: bus.kind(),
-    })
 }
 
 /// CORS for browser apps served from another origin, from the same list as the WebSocket origin

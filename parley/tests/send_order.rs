@@ -1,5 +1,6 @@
 //! Sends pipelined on one connection (many in flight, no waiting for acks) commit in the order
-//! they were sent: their seqs increase in sending order, on both storage engines.
+//! they were sent: their seqs increase in sending order, on both storage engines, and their acks
+//! arrive in sending order.
 
 mod common;
 
@@ -39,6 +40,9 @@ async fn pipelined_sends_commit_in_sending_order(backend: Backend) {
             continue;
         }
         let i: usize = frame["id"].as_str().unwrap()[1..].parse().unwrap();
+        // The acks leave in sending order too (the session machine holds an ack until the
+        // sends before it are acked).
+        assert_eq!(i, seq_of.len(), "ack of s{i} out of sending order");
         let ch = frame["message"]["channel_id"].as_str().unwrap().to_owned();
         seq_of.insert(i, (ch, frame["seq"].as_u64().unwrap()));
     }

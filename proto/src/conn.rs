@@ -56,6 +56,30 @@ impl FloodMeter {
     }
 }
 
+/// The frame budget: `per_second` frames per second sustained, bursts of up to `burst` (the
+/// generic cell rate algorithm: one cell every `1/per_second`, at most `burst` ahead of time).
+#[derive(Debug, Clone, Default)]
+pub struct FrameBudget {
+    /// When the budget is back to full (theoretical arrival time of the next frame, pushed by
+    /// every frame admitted).
+    tat: Option<Instant>,
+}
+
+impl FrameBudget {
+    /// A frame at `now`: true when admitted (and charged), false when over the budget.
+    #[must_use]
+    pub fn check(&mut self, now: Instant, per_second: u32, burst: u32) -> bool {
+        let interval = Duration::from_secs(1) / per_second.max(1);
+        let tolerance = interval * burst.max(1);
+        let next = self.tat.map_or(now, |tat| tat.max(now)) + interval;
+        if next.saturating_duration_since(now) > tolerance {
+            return false;
+        }
+        self.tat = Some(next);
+        true
+    }
+}
+
 /// What a connection does about its token's expiry, decided at `now_unix` (seconds since the
 /// epoch; `exp` is the token's claim, in the same unit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -127,6 +151,25 @@ mod tests {
             let now = t0 + Duration::from_millis(i * 1000 * 2 / 9);
             assert!(!m.refused(now, 5, 200), "closed at refusal {i}");
         }
+    }
+
+    #[test]
+    fn budget_admits_a_burst_then_the_sustained_rate() {
+        let (mut b, t0) = (FrameBudget::default(), Instant::now());
+        for i in 0..100 {
+            assert!(b.check(t0, 50, 100), "frame {i} of the burst");
+        }
+        assert!(!b.check(t0, 50, 100), "the burst is spent");
+        // One frame per 20 ms comes back.
+        assert!(!b.check(t0 + Duration::from_millis(19), 50, 100));
+        assert!(b.check(t0 + Duration::from_millis(20), 50, 100));
+        assert!(!b.check(t0 + Duration::from_millis(20), 50, 100));
+        // After a quiet second, 50 more fit.
+        let t1 = t0 + Duration::from_millis(1020);
+        for i in 0..50 {
+            assert!(b.check(t1, 50, 100), "frame {i} after a second");
+        }
+        assert!(!b.check(t1, 50, 100));
     }
 
     #[test]

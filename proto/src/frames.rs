@@ -158,6 +158,44 @@ pub struct FrameError {
 }
 
 impl ClientFrame {
+    /// The request's `id` (optional only on `auth`).
+    pub fn id(&self) -> Option<&str> {
+        match self {
+            ClientFrame::Auth { id, .. } => id.as_deref(),
+            ClientFrame::AuthRefresh { id, .. }
+            | ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::MessageSend { id, .. }
+            | ClientFrame::Resume { id, .. }
+            | ClientFrame::TypingStart { id, .. }
+            | ClientFrame::TypingStop { id, .. }
+            | ClientFrame::Read { id, .. }
+            | ClientFrame::PresenceSet { id, .. }
+            | ClientFrame::CallAttach { id, .. }
+            | ClientFrame::CallSignal { id, .. }
+            | ClientFrame::Ping { id } => Some(id),
+        }
+    }
+
+    /// The frame's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ClientFrame::Auth { .. } => "auth",
+            ClientFrame::AuthRefresh { .. } => "auth.refresh",
+            ClientFrame::Subscribe { .. } => "subscribe",
+            ClientFrame::Unsubscribe { .. } => "unsubscribe",
+            ClientFrame::MessageSend { .. } => "message.send",
+            ClientFrame::Ping { .. } => "ping",
+            ClientFrame::Resume { .. } => "resume",
+            ClientFrame::TypingStart { .. } => "typing.start",
+            ClientFrame::TypingStop { .. } => "typing.stop",
+            ClientFrame::Read { .. } => "read",
+            ClientFrame::PresenceSet { .. } => "presence.set",
+            ClientFrame::CallAttach { .. } => "call.attach",
+            ClientFrame::CallSignal { .. } => "call.signal",
+        }
+    }
+
     /// Parses a text frame, classifying failures into `malformed_json`, `unknown_frame_type` and
     /// `invalid_request`.
     pub fn parse(text: &str) -> Result<ClientFrame, FrameError> {

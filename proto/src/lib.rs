@@ -13,7 +13,9 @@ pub mod error;
 pub mod frames;
 pub mod model;
 pub mod presence;
+pub mod rpc;
 pub mod sequencer;
+pub mod session;
 pub mod signaling;
 pub mod typing;
 

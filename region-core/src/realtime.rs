@@ -248,7 +248,31 @@ impl Realtime {
             last_active_ms: c.last_active_ms,
             last_seen_ms: c.last_seen_ms,
         };
-        let cluster = match self.store.set_local(&tenant, &user, local).await {
+        self.apply_on(None, &tenant, &user, local).await;
+    }
+
+    /// Presence decided by an edge (`--role edge`, which aggregates its own connections and
+    /// applies the grace period): written under the edge's node id, announced when the user's
+    /// cluster-wide status changes, as this node's own transitions are.
+    pub async fn apply_edge(&self, node: &str, tenant: &str, user: &str, local: LocalPresence) {
+        self.apply_on(Some(node), tenant, user, local).await;
+    }
+
+    /// Refreshes an edge's entries (see [`PresenceStore::refresh_on`]).
+    pub async fn refresh_edge(&self, node: &str, local: &[(String, String, LocalPresence)]) {
+        if let Err(e) = self.store.refresh_on(node, local).await {
+            tracing::warn!(error = %e, node, "presence refresh of an edge failed");
+        }
+    }
+
+    async fn apply_on(&self, node: Option<&str>, tenant: &str, user: &str, local: LocalPresence) {
+        let (tenant, user) = (tenant.to_owned(), user.to_owned());
+        let c = local;
+        let written = match node {
+            Some(node) => self.store.set_local_on(node, &tenant, &user, local).await,
+            None => self.store.set_local(&tenant, &user, local).await,
+        };
+        let cluster = match written {
             Ok(p) => p,
             Err(e) => {
                 tracing::warn!(error = %e, "presence store failed; announcing this node's view");

@@ -19,11 +19,13 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net/http"
 	"net/url"
 	"strings"
+	"syscall"
 	"time"
 )
 
@@ -36,9 +38,12 @@ func StaticToken(token string) TokenSource {
 	return func(context.Context) (string, error) { return token, nil }
 }
 
-// Client is a REST client of one Parley server for one user. It is safe for concurrent use.
+// Client is a REST client of one Parley deployment (one address, or several: WithURLs) for one
+// user. It is safe for concurrent use.
 type Client struct {
-	base      *url.URL
+	addrs     *addresses
+	more      []string
+	order     URLOrder
 	token     TokenSource
 	http      *http.Client
 	userAgent string
@@ -67,47 +72,83 @@ func WithUserAgent(ua string) Option {
 	return func(c *Client) { c.userAgent = ua }
 }
 
-// New returns a client of the server at baseURL (for example "http://127.0.0.1:8080").
+// WithURLs adds more addresses of the same deployment (its edges, say) to the base URL of New.
+// The client uses one address at a time for REST and the realtime connection; when the
+// connection drops or cannot be made, the next attempt goes to the next address (after the
+// usual backoff), and a REST request that fails with a network error moves REST to the next
+// address too (a request whose connection was refused, so it reached no server, is sent to the
+// next address at once). The order is random unless WithURLOrder(URLOrderListed). See
+// docs/failover.md.
+func WithURLs(urls ...string) Option {
+	return func(c *Client) { c.more = append(c.more, urls...) }
+}
+
+// WithURLOrder sets the order in which several addresses are used (default URLOrderRandom).
+func WithURLOrder(order URLOrder) Option {
+	return func(c *Client) { c.order = order }
+}
+
+// New returns a client of the server at baseURL (for example "http://127.0.0.1:8080"); more
+// addresses of the same deployment can be added with WithURLs.
 func New(baseURL string, opts ...Option) (*Client, error) {
-	u, err := url.Parse(strings.TrimRight(baseURL, "/"))
-	if err != nil {
-		return nil, fmt.Errorf("parley: base URL: %w", err)
-	}
-	if u.Scheme != "http" && u.Scheme != "https" {
-		return nil, fmt.Errorf("parley: base URL %q: scheme must be http or https", baseURL)
+	if _, err := parseBaseURL(baseURL); err != nil {
+		return nil, err
 	}
 	c := &Client{
-		base:      u,
 		http:      &http.Client{Timeout: 30 * time.Second},
 		userAgent: "parley-go",
 	}
 	for _, o := range opts {
 		o(c)
 	}
+	addrs, err := newAddresses(append([]string{baseURL}, c.more...), c.order)
+	if err != nil {
+		return nil, err
+	}
+	c.addrs, c.more = addrs, nil
 	if c.token == nil {
 		return nil, fmt.Errorf("parley: no token: use WithToken or WithTokenSource")
 	}
 	return c, nil
 }
 
-// BaseURL returns the server's base URL.
-func (c *Client) BaseURL() string { return c.base.String() }
+// BaseURL returns the address in use (with several addresses, the one that last answered).
+func (c *Client) BaseURL() string { return c.addrs.current().String() }
+
+// BaseURLs returns every address of the deployment, in the order they are tried.
+func (c *Client) BaseURLs() []string { return c.addrs.all() }
 
 // do sends a request with a JSON body (nil for none) and decodes a JSON answer into out (nil to
-// discard it). Non-2xx answers become *Error.
+// discard it). Non-2xx answers become *Error. A refused connection (the request reached no
+// server) is tried at the next address at once, while there is one not tried yet.
 func (c *Client) do(ctx context.Context, method, path string, query url.Values, body, out any) error {
-	u := *c.base
-	u.Path = c.base.Path + path
-	if query != nil {
-		u.RawQuery = query.Encode()
-	}
-	var rd io.Reader
+	var payload []byte
 	if body != nil {
 		b, err := json.Marshal(body)
 		if err != nil {
 			return fmt.Errorf("parley: encoding request: %w", err)
 		}
-		rd = bytes.NewReader(b)
+		payload = b
+	}
+	for refusals := 0; ; refusals++ {
+		err := c.doOnce(ctx, method, path, query, payload, body != nil, out)
+		if errors.Is(err, syscall.ECONNREFUSED) && refusals < c.addrs.len()-1 && ctx.Err() == nil {
+			continue
+		}
+		return err
+	}
+}
+
+func (c *Client) doOnce(ctx context.Context, method, path string, query url.Values, payload []byte, hasBody bool, out any) error {
+	base := c.addrs.current()
+	u := *base
+	u.Path = base.Path + path
+	if query != nil {
+		u.RawQuery = query.Encode()
+	}
+	var rd io.Reader
+	if hasBody {
+		rd = bytes.NewReader(payload)
 	}
 	req, err := http.NewRequestWithContext(ctx, method, u.String(), rd)
 	if err != nil {
@@ -122,11 +163,15 @@ func (c *Client) do(ctx context.Context, method, path string, query url.Values, 
 	}
 	req.Header.Set("Accept", "application/json")
 	req.Header.Set("User-Agent", c.userAgent)
-	if body != nil {
+	if hasBody {
 		req.Header.Set("Content-Type", "application/json")
 	}
 	resp, err := c.http.Do(req)
 	if err != nil {
+		if ctx.Err() == nil {
+			// This address did not answer: the next request goes to the next one.
+			c.addrs.failed(base)
+		}
 		return fmt.Errorf("parley: %s %s: %w", method, path, err)
 	}
 	defer resp.Body.Close()

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"net/url"
 	"strconv"
 	"sync"
 	"time"
@@ -48,12 +49,12 @@ type pendingRequest struct {
 	hook  func(*frame)
 }
 
-// dial connects, authenticates and reads the welcome.
-func (rt *Realtime) dial(ctx context.Context) (*wsConn, error) {
+// dial connects to the base URL base, authenticates and reads the welcome.
+func (rt *Realtime) dial(ctx context.Context, base *url.URL) (*wsConn, error) {
 	dctx, cancel := context.WithTimeout(ctx, rt.cfg.dialTimeout)
 	defer cancel()
-	u := *rt.client.base
-	u.Path = rt.client.base.Path + "/v1/ws"
+	u := *base
+	u.Path = base.Path + "/v1/ws"
 	switch u.Scheme {
 	case "https":
 		u.Scheme = "wss"

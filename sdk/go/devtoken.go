@@ -2,10 +2,7 @@ package parley
 
 import (
 	"context"
-	"fmt"
 	"net/http"
-	"net/url"
-	"strings"
 	"time"
 )
 
@@ -32,11 +29,11 @@ type DevToken struct {
 // Servers with real keys answer 404 (ErrRouteNotFound or ErrNotFound). For local tools and
 // tests only.
 func RequestDevToken(ctx context.Context, baseURL string, p DevTokenParams) (*DevToken, error) {
-	u, err := url.Parse(strings.TrimRight(baseURL, "/"))
+	addrs, err := newAddresses([]string{baseURL}, URLOrderListed)
 	if err != nil {
-		return nil, fmt.Errorf("parley: base URL: %w", err)
+		return nil, err
 	}
-	c := &Client{base: u, http: &http.Client{Timeout: 30 * time.Second}, userAgent: "parley-go"}
+	c := &Client{addrs: addrs, http: &http.Client{Timeout: 30 * time.Second}, userAgent: "parley-go"}
 	body := map[string]any{"user_id": p.UserID}
 	if p.TenantID != "" {
 		body["tenant_id"] = p.TenantID

@@ -76,6 +76,7 @@ type Realtime struct {
 	connReady chan struct{} // closed when the state becomes Connected; replaced on loss
 	sessionID string
 	welcome   Welcome
+	url       string // base URL of the current (or last attempted) connection
 	channels  map[string]*channelState
 	calls     map[string]*Call
 	handlers  []func(StateChange)
@@ -239,6 +240,14 @@ func (rt *Realtime) Welcome() Welcome {
 	return rt.welcome
 }
 
+// URL returns the base URL of the current (or last, or being attempted) connection: with several
+// addresses (WithURLs), which one the client is on.
+func (rt *Realtime) URL() string {
+	rt.mu.Lock()
+	defer rt.mu.Unlock()
+	return rt.url
+}
+
 // UserID returns the authenticated user's id (empty before the first connection).
 func (rt *Realtime) UserID() string { return rt.Welcome().UserID }
 
@@ -346,7 +355,11 @@ func (rt *Realtime) run() {
 	defer rt.wg.Done()
 	attempt := 0
 	for rt.ctx.Err() == nil {
-		conn, err := rt.dial(rt.ctx)
+		base := rt.client.addrs.current()
+		rt.mu.Lock()
+		rt.url = base.String()
+		rt.mu.Unlock()
+		conn, err := rt.dial(rt.ctx, base)
 		if err == nil {
 			attempt = 0
 			err = rt.serve(conn)
@@ -354,6 +367,9 @@ func (rt *Realtime) run() {
 		if rt.ctx.Err() != nil {
 			break
 		}
+		// Whatever ended it (the node died, drains, or the path to it broke), the next attempt
+		// goes to the next address of the deployment; with one address this changes nothing.
+		rt.client.addrs.failed(base)
 		if rt.fatal(err) {
 			// Final: waiting sends and subscribes fail with the cause, Events() closes.
 			rt.cfg.logger.Warn("parley: giving up", "err", err)

@@ -32,8 +32,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
-use parley_bench::{AuthMode, Rest, ServerProcess, Ws, percentile, source_addr, token, ws_connect};
-use serde::Deserialize;
+use parley_bench::{
+    AuthMode, FrameHead as Frame, Rest, ServerProcess, Ws, due_offset, percentile, source_addr,
+    token, ws_connect,
+};
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
 use tokio_tungstenite::tungstenite::Message as WsMessage;
@@ -143,30 +145,6 @@ struct ConnResult {
     failure: Option<String>,
 }
 
-/// The top-level fields of a server frame the client needs (nested `message` fields are skipped;
-/// the text of a `message.new` is cut out of the raw frame, see `due_offset`).
-#[derive(Deserialize)]
-struct Frame<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: &'a str,
-    #[serde(default, borrow)]
-    id: Option<&'a str>,
-    #[serde(default, borrow)]
-    channel_id: Option<&'a str>,
-    #[serde(default)]
-    seq: Option<u64>,
-    #[serde(default, borrow)]
-    code: Option<&'a str>,
-}
-
-/// The intended send time (µs from the start) a message's text starts with: `t<µs>.`.
-fn due_offset(raw: &str) -> Option<u64> {
-    let at = raw.find("\"text\":\"t")? + "\"text\":\"t".len();
-    let rest = &raw[at..];
-    let end = rest.find('.')?;
-    rest[..end].parse().ok()
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
     let n = args.connections.max(1);
     let room_size = args.room_size.max(1);
@@ -213,35 +191,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let tokens: Vec<String> = users.iter().map(|u| token(u)).collect();
     let rest = Rest::new(server.http_base());
     let conc = args.setup_concurrency.max(1);
-    let personal: Vec<String> = futures::stream::iter((0..n).map(|i| {
-        let (rest, tok) = (rest.clone(), tokens[i].clone());
-        async move {
-            rest.create_channel(&tok, &format!("personal-{i}"), &[])
-                .await
-        }
-    }))
-    .buffered(conc)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<anyhow::Result<_>>()
-    .context("create the personal channels")?;
-    let room_ids: Vec<String> = futures::stream::iter((0..rooms).map(|r| {
-        let first = r * room_size;
-        let last = (first + room_size).min(n);
-        let members: Vec<String> = users[first + 1..last].to_vec();
-        let (rest, tok) = (rest.clone(), tokens[first].clone());
-        async move {
-            rest.create_channel(&tok, &format!("room-{r}"), &members)
-                .await
-        }
-    }))
-    .buffered(conc)
-    .collect::<Vec<_>>()
-    .await
-    .into_iter()
-    .collect::<anyhow::Result<_>>()
-    .context("create the rooms")?;
+    let (personal, room_ids) = rest
+        .create_chat_mix_channels(&users, &tokens, room_size, conc)
+        .await?;
     println!(
         "created {n} personal channels and {rooms} rooms in {:.1} s",
         t.elapsed().as_secs_f64()

@@ -54,6 +54,28 @@ pub trait PresenceStore: Send + Sync + 'static {
         local: LocalPresence,
     ) -> Result<UserPresence, PresenceStoreError>;
 
+    /// Like [`set_local`](Self::set_local), for another node: an edge (`--role edge`) whose
+    /// presence a core writes under the edge's node id. One node's store (memory) has no nodes
+    /// and keeps the last write.
+    async fn set_local_on(
+        &self,
+        _node: &str,
+        tenant: &str,
+        user: &str,
+        local: LocalPresence,
+    ) -> Result<UserPresence, PresenceStoreError> {
+        self.set_local(tenant, user, local).await
+    }
+
+    /// Like [`refresh`](Self::refresh), for another node (an edge).
+    async fn refresh_on(
+        &self,
+        _node: &str,
+        local: &[(String, String, LocalPresence)],
+    ) -> Result<(), PresenceStoreError> {
+        self.refresh(local).await
+    }
+
     /// Presence of users, in the order asked; unknown users are offline.
     async fn get(
         &self,

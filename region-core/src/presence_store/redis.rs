@@ -190,12 +190,12 @@ impl RedisPresenceStore {
         format!("{}{tenant}\n{user}", self.user_prefix)
     }
 
-    fn node_field(&self) -> String {
-        format!("node:{}", self.node_id)
+    fn node_field(node: &str) -> String {
+        format!("node:{node}")
     }
 
-    fn index_member(&self, tenant: &str, user: &str) -> String {
-        format!("{tenant}\n{user}\n{}", self.node_id)
+    fn index_member(node: &str, tenant: &str, user: &str) -> String {
+        format!("{tenant}\n{user}\n{node}")
     }
 
     fn entry(&self, now: u64, local: &LocalPresence) -> (u64, String) {
@@ -212,9 +212,11 @@ impl RedisPresenceStore {
     }
 
     /// Adds the commands writing this node's entry for a user to `pipe`.
+    #[allow(clippy::too_many_arguments)]
     fn write_entry(
         &self,
         pipe: &mut ::redis::Pipeline,
+        node: &str,
         now: u64,
         tenant: &str,
         user: &str,
@@ -223,11 +225,14 @@ impl RedisPresenceStore {
         let key = self.user_key(tenant, user);
         let (expires, value) = self.entry(now, local);
         // HSET first: a sweep running between the two commands sees a live entry and keeps it.
-        pipe.cmd("HSET").arg(&key).arg(self.node_field()).arg(value);
+        pipe.cmd("HSET")
+            .arg(&key)
+            .arg(Self::node_field(node))
+            .arg(value);
         pipe.cmd("ZADD")
             .arg(&self.index_key)
             .arg(expires)
-            .arg(self.index_member(tenant, user))
+            .arg(Self::index_member(node, tenant, user))
             .ignore();
         pipe.cmd("PEXPIRE").arg(&key).arg(RETENTION_MS).ignore();
     }
@@ -254,6 +259,16 @@ impl PresenceStore for RedisPresenceStore {
         user: &str,
         local: LocalPresence,
     ) -> Result<UserPresence, PresenceStoreError> {
+        self.set_local_on(&self.node_id, tenant, user, local).await
+    }
+
+    async fn set_local_on(
+        &self,
+        node: &str,
+        tenant: &str,
+        user: &str,
+        local: LocalPresence,
+    ) -> Result<UserPresence, PresenceStoreError> {
         let now = now_ms();
         let key = self.user_key(tenant, user);
         let mut conn = self.conn.clone();
@@ -261,8 +276,8 @@ impl PresenceStore for RedisPresenceStore {
             self.offline_script
                 .key(&key)
                 .key(&self.index_key)
-                .arg(self.node_field())
-                .arg(self.index_member(tenant, user))
+                .arg(Self::node_field(node))
+                .arg(Self::index_member(node, tenant, user))
                 .arg(local.last_seen_ms.unwrap_or(now))
                 .arg(local.last_active_ms)
                 .arg(RETENTION_MS)
@@ -272,7 +287,7 @@ impl PresenceStore for RedisPresenceStore {
         } else {
             let mut pipe = ::redis::pipe();
             pipe.atomic();
-            self.write_entry(&mut pipe, now, tenant, user, &local);
+            self.write_entry(&mut pipe, node, now, tenant, user, &local);
             pipe.cmd("HGETALL").arg(&key);
             let (_created, fields): (i64, HashMap<String, String>) =
                 pipe.query_async(&mut conn).await.map_err(redis_error)?;
@@ -304,12 +319,20 @@ impl PresenceStore for RedisPresenceStore {
         &self,
         local: &[(String, String, LocalPresence)],
     ) -> Result<(), PresenceStoreError> {
+        self.refresh_on(&self.node_id, local).await
+    }
+
+    async fn refresh_on(
+        &self,
+        node: &str,
+        local: &[(String, String, LocalPresence)],
+    ) -> Result<(), PresenceStoreError> {
         let now = now_ms();
         let mut pipe = ::redis::pipe();
         let mut count = 0usize;
         for (tenant, user, presence) in local {
             if presence.status != PresenceStatus::Offline {
-                self.write_entry(&mut pipe, now, tenant, user, presence);
+                self.write_entry(&mut pipe, node, now, tenant, user, presence);
                 count += 1;
             }
         }
@@ -323,7 +346,7 @@ impl PresenceStore for RedisPresenceStore {
         if recreated > 0 {
             tracing::warn!(
                 recreated,
-                node = %self.node_id,
+                node,
                 "presence entries were missing and have been written again (this node was too slow to refresh \
                  within the TTL, or an earlier write failed); other nodes may have announced these users offline"
             );

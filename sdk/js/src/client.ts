@@ -7,6 +7,7 @@ import type { BackoffOptions } from "./backoff.js";
 import { joinCall, type CallSession, type JoinCallOptions } from "./call.js";
 import { Connection, type WebSocketConstructor } from "./connection.js";
 import { Emitter } from "./emitter.js";
+import { Endpoints, type UrlOrder } from "./endpoints.js";
 import { ParleyError } from "./errors.js";
 import { newClientMsgId, Outbox, type OutboxEntry } from "./outbox.js";
 import { isChannelEventType, type ClientRequest } from "./protocol.js";
@@ -35,8 +36,19 @@ import type {
 } from "./types.js";
 
 export interface ParleyClientOptions {
-  /** The server's base URL, e.g. `http://127.0.0.1:8080` (the WebSocket is `/v1/ws` under it). */
-  url: string;
+  /**
+   * The server's base URL, e.g. `http://127.0.0.1:8080` (the WebSocket is `/v1/ws` under it), or
+   * several addresses of the same deployment (its edges, say). The client uses one at a time for
+   * the WebSocket and REST; when its connection drops or cannot be made, the next attempt goes to
+   * the next address (after the usual backoff), and the resume is exact on any of them. See
+   * docs/failover.md.
+   */
+  url: string | readonly string[];
+  /**
+   * With several addresses: `random` (default) shuffles them once per client, spreading clients
+   * over the deployment; `listed` keeps the given order (a primary, then fallbacks).
+   */
+  urlOrder?: UrlOrder;
   /** A token, or a function returning a fresh one (called for every connection and REST call). */
   token: TokenSource;
   /** WebSocket constructor. Default `globalThis.WebSocket`; in Node 20 pass `WebSocket` from `ws`. */
@@ -178,7 +190,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
 
   constructor(options: ParleyClientOptions) {
     super();
-    const base = options.url.replace(/\/+$/, "");
+    const endpoints = new Endpoints(options.url, options.urlOrder);
     const WS = options.WebSocket ?? (globalThis as { WebSocket?: WebSocketConstructor }).WebSocket;
     if (!WS) {
       throw new TypeError(
@@ -186,7 +198,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
       );
     }
     this.#transport = new Transport({
-      wsUrl: base.replace(/^http/, "ws") + "/v1/ws",
+      endpoints,
       token: options.token,
       WebSocket: WS,
       backoff: options.backoff,
@@ -216,7 +228,7 @@ export class ParleyClient extends Emitter<ClientEvents> {
       if (!this.#outbox.has(record.clientMsgId)) this.#outbox.add(record);
     }
     this.rest = new RestClient({
-      baseUrl: base,
+      baseUrl: endpoints,
       token: options.token,
       ...(options.fetch ? { fetch: options.fetch } : {}),
     });

@@ -34,6 +34,7 @@ export class Connection extends Emitter<ConnectionEvents> {
   #state: ConnectionState = "disconnected";
   #welcome: WelcomeFrame | undefined;
   #attempts = 0;
+  #url: string | undefined;
 
   get state(): ConnectionState {
     return this.#state;
@@ -47,6 +48,14 @@ export class Connection extends Emitter<ConnectionEvents> {
   /** The server's session id of the current (or last) connection. */
   get sessionId(): string | undefined {
     return this.#welcome?.session_id;
+  }
+
+  /**
+   * The base URL of the current (or last, or being attempted) connection: with several
+   * addresses, which one the client is on.
+   */
+  get url(): string | undefined {
+    return this.#url;
   }
 
   /** Connection attempts since the last time the state was `connected`. */
@@ -73,6 +82,11 @@ export class Connection extends Emitter<ConnectionEvents> {
   /** @internal Used by the client. */
   _setWelcome(welcome: WelcomeFrame): void {
     this.#welcome = welcome;
+  }
+
+  /** @internal Used by the client. */
+  _setUrl(url: string): void {
+    this.#url = url;
   }
 
   /** @internal Used by the client. */

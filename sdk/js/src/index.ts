@@ -12,6 +12,8 @@ export type {
 } from "./client.js";
 export { Connection } from "./connection.js";
 export type { ConnectionState, ConnectionStateChange, WebSocketConstructor } from "./connection.js";
+export { Endpoints } from "./endpoints.js";
+export type { UrlOrder } from "./endpoints.js";
 export { RestClient, MAX_HISTORY_LIMIT, MAX_CHANNEL_PAGE } from "./rest.js";
 export type { ChannelListQuery, HistoryQuery, RestClientOptions, TokenSource } from "./rest.js";
 export { ParleyError, isParleyError } from "./errors.js";

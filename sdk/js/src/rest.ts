@@ -1,6 +1,7 @@
 //! `RestClient`: one method per operation of the v1 REST API (the server's OpenAPI document),
 //! typed errors, and automatic retries where a retry cannot do harm.
 import { parseRetryAfter } from "./backoff.js";
+import { Endpoints, type UrlOrder } from "./endpoints.js";
 import { ParleyError } from "./errors.js";
 import type {
   AddMemberRequest,
@@ -32,8 +33,15 @@ import type {
 export type TokenSource = string | (() => string | Promise<string>);
 
 export interface RestClientOptions {
-  /** The server's base URL, e.g. `http://127.0.0.1:8080`. */
-  baseUrl: string;
+  /**
+   * The server's base URL, e.g. `http://127.0.0.1:8080`, or several addresses of the same
+   * deployment (its edges): requests go to one; after a network error the next one takes over,
+   * and a request whose connection was refused (it never reached a server) is sent to the next
+   * address at once. See docs/failover.md.
+   */
+  baseUrl: string | readonly string[] | Endpoints;
+  /** The order in which several addresses are used. Default `random`. */
+  urlOrder?: UrlOrder;
   token: TokenSource;
   /** `fetch` to use; default `globalThis.fetch`. */
   fetch?: typeof fetch;
@@ -75,20 +83,31 @@ interface Request {
 }
 
 export class RestClient {
-  readonly baseUrl: string;
+  readonly #endpoints: Endpoints;
   readonly #token: TokenSource;
   readonly #fetch: typeof fetch;
   readonly #timeoutMs: number;
   readonly #maxRetries: number;
 
   constructor(options: RestClientOptions) {
-    this.baseUrl = options.baseUrl.replace(/\/+$/, "");
+    this.#endpoints =
+      options.baseUrl instanceof Endpoints ? options.baseUrl : new Endpoints(options.baseUrl, options.urlOrder);
     this.#token = options.token;
     const f = options.fetch ?? globalThis.fetch;
     if (typeof f !== "function") throw new TypeError("parley: no fetch available; pass `fetch`");
     this.#fetch = f.bind(globalThis);
     this.#timeoutMs = options.timeoutMs ?? 15_000;
     this.#maxRetries = options.maxRetries ?? 2;
+  }
+
+  /** The address requests go to now (with several addresses, the one that last answered). */
+  get baseUrl(): string {
+    return this.#endpoints.current;
+  }
+
+  /** Every address of the deployment, in the order they are tried. */
+  get baseUrls(): readonly string[] {
+    return this.#endpoints.all;
   }
 
   // ---- channels ----
@@ -318,10 +337,18 @@ export class RestClient {
   // ---- plumbing ----
 
   async #call<T>(req: Request): Promise<T> {
+    // Refused connections move on through the other addresses without counting as retries:
+    // the request reached no server, so any request may go again.
+    let refusals = 0;
     for (let attempt = 0; ; attempt++) {
       try {
         return await this.#once<T>(req);
       } catch (e) {
+        if (e instanceof ParleyError && e.code === "network" && refused(e.cause) && refusals < this.#endpoints.size - 1) {
+          refusals += 1;
+          attempt -= 1;
+          continue;
+        }
         if (!(e instanceof ParleyError) || attempt >= this.#maxRetries) throw e;
         const safe = e.code === "rate_limited" || (req.idempotent && (e.code === "unavailable" || e.code === "network"));
         if (!safe) throw e;
@@ -331,7 +358,8 @@ export class RestClient {
   }
 
   async #once<T>(req: Request): Promise<T> {
-    const url = new URL(this.baseUrl + req.path);
+    const base = this.#endpoints.current;
+    const url = new URL(base + req.path);
     for (const [key, value] of Object.entries(req.query ?? {})) {
       if (value !== undefined) url.searchParams.set(key, String(value));
     }
@@ -354,6 +382,8 @@ export class RestClient {
     } catch (cause) {
       clearTimeout(timer);
       const timedOut = controller.signal.aborted;
+      // This address did not answer: the next request goes to the next one.
+      this.#endpoints.failed(base);
       throw new ParleyError({
         code: timedOut ? "timeout" : "network",
         message: timedOut
@@ -373,6 +403,14 @@ export class RestClient {
       clearTimeout(timer);
     }
   }
+}
+
+/** Whether a `fetch` failure was a refused connection (Node's undici: `cause.code`). */
+function refused(cause: unknown): boolean {
+  for (let c = cause, depth = 0; c && typeof c === "object" && depth < 4; c = (c as { cause?: unknown }).cause, depth++) {
+    if ((c as { code?: unknown }).code === "ECONNREFUSED") return true;
+  }
+  return false;
 }
 
 function errorFromResponse(response: Response, text: string, req: Request): ParleyError {

@@ -6,6 +6,7 @@
 //! that is done.
 import { Backoff, type BackoffOptions } from "./backoff.js";
 import { WS_OPEN, type Connection, type WebSocketConstructor, type WebSocketLike } from "./connection.js";
+import { type Endpoints, wsUrlOf } from "./endpoints.js";
 import { ParleyError } from "./errors.js";
 import { CloseCode, SUBPROTOCOL, type ClientRequest } from "./protocol.js";
 import type { TokenSource } from "./rest.js";
@@ -29,7 +30,11 @@ export interface TransportHooks {
 }
 
 export interface TransportOptions {
-  wsUrl: string;
+  /**
+   * The deployment's addresses. Each attempt connects to the current one; a socket that drops
+   * or cannot be opened hands over to the next (the backoff still applies between attempts).
+   */
+  endpoints: Endpoints;
   token: TokenSource;
   WebSocket: WebSocketConstructor;
   backoff?: BackoffOptions | undefined;
@@ -48,6 +53,8 @@ export class Transport {
   readonly #o: TransportOptions;
   readonly #backoff: Backoff;
   #ws: WebSocketLike | undefined;
+  /** The base URL the current socket was opened to. */
+  #base = "";
   /** The socket is authenticated (welcome received): requests may be sent. */
   #ready = false;
   #wanted = false;
@@ -157,14 +164,18 @@ export class Transport {
   #open(): void {
     if (!this.#wanted) return;
     this.#o.connection._attempt();
+    const base = this.#o.endpoints.current;
+    this.#o.connection._setUrl(base);
     let ws: WebSocketLike;
     try {
-      ws = new this.#o.WebSocket(this.#o.wsUrl, [SUBPROTOCOL]) as WebSocketLike;
+      ws = new this.#o.WebSocket(wsUrlOf(base), [SUBPROTOCOL]) as WebSocketLike;
     } catch (e) {
-      this.#scheduleReconnect(`cannot open a WebSocket: ${String(e)}`);
+      this.#o.endpoints.failed(base);
+      this.#scheduleReconnect(`cannot open a WebSocket to ${base}: ${String(e)}`);
       return;
     }
     this.#ws = ws;
+    this.#base = base;
     this.#ready = false;
     this.#welcomeTimer = setTimeout(() => this.#socketLost(ws, "no welcome in time", undefined), this.#o.requestTimeoutMs);
     ws.onopen = () => {
@@ -206,6 +217,9 @@ export class Transport {
   #socketLost(ws: WebSocketLike, reason: string, code: number | undefined): void {
     if (ws !== this.#ws) return;
     this.#dropSocket();
+    // Whatever ended it (the node died, drains, or the path to it broke), the next attempt goes
+    // to the next address of the deployment; with one address this changes nothing.
+    this.#o.endpoints.failed(this.#base);
     try {
       if (typeof ws.terminate === "function") ws.terminate();
       else ws.close();

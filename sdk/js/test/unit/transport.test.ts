@@ -5,6 +5,7 @@
  */
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
 import { Connection, type ConnectionStateChange } from "../../src/connection.js";
+import { Endpoints } from "../../src/endpoints.js";
 import type { ParleyError } from "../../src/errors.js";
 import { Transport, type TransportHooks } from "../../src/transport.js";
 
@@ -70,7 +71,7 @@ class ScriptedSocket {
 
 const latest = () => ScriptedSocket.all.at(-1)!;
 
-function setup(token: string | (() => string) = "tok", requestTimeoutMs = 1_000) {
+function setup(token: string | (() => string) = "tok", requestTimeoutMs = 1_000, urls: string[] = ["http://test"]) {
   const connection = new Connection();
   const changes: ConnectionStateChange[] = [];
   connection.on("statechange", (c) => changes.push(c));
@@ -86,7 +87,7 @@ function setup(token: string | (() => string) = "tok", requestTimeoutMs = 1_000)
     fatal: (e) => fatal.push(e),
   };
   const transport = new Transport({
-    wsUrl: "ws://test/v1/ws",
+    endpoints: new Endpoints(urls, "listed"),
     token,
     WebSocket: ScriptedSocket,
     backoff: { initialMs: 100, maxMs: 1_000, jitter: 0 },
@@ -140,6 +141,30 @@ describe("Transport", () => {
     expect(t.changes.at(-1)).toMatchObject({ current: "connected", reconnected: true });
     latest().drop();
     expect(t.changes.at(-1)?.retryInMs, "backoff starts over after a good connection").toBe(100);
+  });
+
+  it("moves to the next address after a drop and after a refused attempt, round robin, with the backoff", async () => {
+    const t = setup("tok", 1_000, ["http://a:1", "http://b:2/", "https://c:3"]);
+    t.transport.start();
+    expect(latest().url).toBe("ws://a:1/v1/ws");
+    await connect(t);
+    expect(t.connection.url).toBe("http://a:1");
+    latest().drop(); // node a dies
+    expect(t.changes.at(-1)).toMatchObject({ current: "reconnecting", retryInMs: 100 });
+    const before = ScriptedSocket.all.length;
+    await vi.advanceTimersByTimeAsync(99);
+    expect(ScriptedSocket.all.length, "the backoff applies to the next address too").toBe(before);
+    await vi.advanceTimersByTimeAsync(1);
+    expect(latest().url).toBe("ws://b:2/v1/ws");
+    latest().drop(); // b refuses
+    await vi.advanceTimersByTimeAsync(200);
+    expect(latest().url).toBe("wss://c:3/v1/ws");
+    await connect(t);
+    expect(t.connection.url).toBe("https://c:3");
+    expect(t.restores, "the resume names the previous session whatever the node").toEqual([undefined, "ses_0"]);
+    latest().drop();
+    await vi.advanceTimersByTimeAsync(100);
+    expect(latest().url, "after the last address, the first again").toBe("ws://a:1/v1/ws");
   });
 
   it("waits at least the retry_after_ms of an error frame before reconnecting", async () => {
@@ -237,7 +262,7 @@ describe("Transport", () => {
     const t = setup();
     let fail = true;
     const transport = new Transport({
-      wsUrl: "ws://test/v1/ws",
+      endpoints: new Endpoints("http://test"),
       token: "tok",
       WebSocket: ScriptedSocket,
       backoff: { initialMs: 100, maxMs: 1_000, jitter: 0 },

@@ -1,0 +1,1025 @@
+//! The protocol of one client connection as a sans-IO state machine: authentication and the
+//! welcome, requests and their replies, the two-step subscribe as the connection sees it, the
+//! resume decision, the frame budget and the flood rule, heartbeats and liveness, token expiry
+//! and `auth.refresh`, the bound on what it queues, and close codes.
+//!
+//! A [`Session`] does no IO, starts no task and reads no clock. Its driver (the edge's WebSocket
+//! driver; a WebTransport one later) feeds it:
+//! - what the client sent ([`Session::handle_input`]),
+//! - the replies to the requests it handed out ([`Session::handle_reply`]),
+//! - the node's heartbeat ([`Session::handle_heartbeat`], once per `heartbeat_interval`: the edge
+//!   ticks every connection from one node-wide timer, so an idle connection holds no timer),
+//! - server-side events: a close ([`Session::close`]: shutdown, a full event queue),
+//!   an unread count that changed ([`Session::unread_changed`]),
+//! - the time, with every call, and [`Session::handle_timeout`] at [`Session::poll_timeout`];
+//!
+//! and takes its [`Output`]s with [`Session::poll_output`], in order: frames to write, requests
+//! to run against the core, and at last the close.
+//!
+//! **No write can block a session.** The session only queues; the driver writes what
+//! `poll_output` gives it as fast as the peer reads. Frames queued for writing are bounded
+//! ([`SessionConfig::outbox_limit`], plus one resume step): beyond that the session closes as a
+//! slow consumer (4009). A peer that stops reading is also closed at its heartbeat timeout, since
+//! a driver whose write is stuck reads nothing (so nothing is heard). While
+//! [`Session::wants_read`] is false (a request is being answered, a resume runs) the driver reads
+//! no further frame, so the work of one connection is one request at a time, plus its sends.
+//!
+//! Server events of subscribed channels are not routed through the session (that would copy every
+//! delivery): the driver writes them from its own bounded queue after the session's frames, and
+//! reports a full queue with `close(CloseCode::SlowConsumer)`. While [`Session::holds_events`] is
+//! true (a resume is replaying) it writes none of them, so a resume's replay and ack come first.
+//!
+//! **Send order.** `message.send`s are handed out as [`Op::Send`] in the order received, numbered
+//! by a per-connection `seq` (1, 2, 3, … without gaps); the driver must start them in that order
+//! (see [`Request`]), and the session acks them in that order whatever order their results come
+//! back in. So pipelined sends of one connection commit, and are acked, in the order sent.
+
+mod io;
+#[cfg(test)]
+mod tests;
+
+pub use io::*;
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::conn::{FloodMeter, FrameBudget, is_dead};
+use crate::frames::{Ack, FrameError};
+use crate::{
+    ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel,
+    SendMessage, ServerFrame,
+};
+
+/// The connection's phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for a valid `auth` frame; `frames` read so far.
+    AwaitingAuth {
+        frames: u32,
+    },
+    Open,
+    Closed,
+}
+
+/// A request whose reply a client is waiting for (one at a time, see [`Session::wants_read`]).
+#[derive(Debug)]
+enum Waiting {
+    Auth {
+        id: Option<String>,
+    },
+    Refresh {
+        id: String,
+    },
+    Subscribe {
+        id: String,
+        channel_id: String,
+    },
+    /// Acked with the channel (typing).
+    AckChannel {
+        id: String,
+        channel_id: String,
+    },
+    Read {
+        id: String,
+        channel_id: String,
+    },
+    /// Acked with nothing but the id (presence.set, call.attach).
+    Ack {
+        id: String,
+    },
+    Signal {
+        id: String,
+    },
+    /// A step of the running resume.
+    Resume,
+}
+
+/// A send waiting for its result, or holding it until the sends before it are acked.
+#[derive(Debug)]
+struct PendingSend {
+    tag: u64,
+    /// The client's request id (taken when the ack is built).
+    id: String,
+    done: Option<ServerFrame>,
+}
+
+/// A resume in progress: one channel at a time, each fully replayed (or refused) before the next.
+#[derive(Debug)]
+struct Resume {
+    id: String,
+    /// Set once the earlier session was looked up: its window passed (or it is unknown here).
+    window_passed: Option<bool>,
+    channels: std::vec::IntoIter<ResumeChannel>,
+    /// The channel being resumed: (channel, last seen seq, live from seq once subscribed).
+    current: Option<(String, u64, Option<u64>)>,
+    outcomes: Vec<ResumedChannel>,
+    /// A step's request is out.
+    busy: bool,
+}
+
+/// One connection's protocol. See the module documentation.
+#[derive(Debug)]
+pub struct Session {
+    config: Arc<SessionConfig>,
+    phase: Phase,
+    session_id: String,
+    principal: Option<Principal>,
+    /// Before authentication: the auth deadline. After: when the token expires.
+    deadline: Instant,
+    /// The token's expiry is close enough to be a timeout (within two heartbeat intervals, as
+    /// seen at the last heartbeat): idle connections with long tokens need no timer.
+    token_armed: bool,
+    budget: FrameBudget,
+    flood: FloodMeter,
+    last_heard: Instant,
+    /// Channels subscribed or being subscribed.
+    subscriptions: HashSet<String>,
+    out: VecDeque<Output>,
+    /// `Transmit`s in `out`.
+    transmits: usize,
+    next_tag: u64,
+    sends: u64,
+    /// Sends handed out and not yet acked, in `seq` order.
+    pending_sends: VecDeque<PendingSend>,
+    waiting: VecDeque<(u64, Waiting)>,
+    /// Channels whose unread count changed, not yet looked up.
+    unread_dirty: Vec<String>,
+    /// The tag of the unread lookup in flight (0: none). One at a time, so bursts coalesce.
+    unread_tag: u64,
+    resume: Option<Box<Resume>>,
+}
+
+impl Session {
+    /// A session for a new connection at `now`. `session_id` names it in the welcome (and in a
+    /// later resume). With `pre_auth` (a token the transport already verified, e.g. from the
+    /// WebSocket subprotocol header) it opens at once; otherwise it waits for an `auth` frame
+    /// until `auth_timeout`.
+    pub fn new(
+        config: Arc<SessionConfig>,
+        session_id: String,
+        pre_auth: Option<Verified>,
+        now: Instant,
+    ) -> Session {
+        let deadline = now + config.auth_timeout;
+        let mut s = Session {
+            config,
+            phase: Phase::AwaitingAuth { frames: 0 },
+            session_id,
+            principal: None,
+            deadline,
+            token_armed: false,
+            budget: FrameBudget::default(),
+            flood: FloodMeter::default(),
+            last_heard: now,
+            subscriptions: HashSet::new(),
+            out: VecDeque::new(),
+            transmits: 0,
+            next_tag: 1,
+            sends: 0,
+            pending_sends: VecDeque::new(),
+            waiting: VecDeque::new(),
+            unread_dirty: Vec::new(),
+            unread_tag: 0,
+            resume: None,
+        };
+        if let Some(v) = pre_auth {
+            s.open(now, v, None);
+        }
+        s
+    }
+
+    /// The verified caller, once authenticated.
+    pub fn principal(&self) -> Option<&Principal> {
+        self.principal.as_ref()
+    }
+
+    pub fn session_id(&self) -> &str {
+        &self.session_id
+    }
+
+    /// Channels subscribed or being subscribed (for the driver's teardown).
+    pub fn subscriptions(&self) -> impl Iterator<Item = &str> {
+        self.subscriptions.iter().map(String::as_str)
+    }
+
+    /// Whether the driver should read the client's next frame: false while a request's reply is
+    /// awaited or a resume runs, and once closed.
+    pub fn wants_read(&self) -> bool {
+        self.phase != Phase::Closed && self.waiting.is_empty() && self.resume.is_none()
+    }
+
+    /// Whether the driver must hold back queued server events (a resume is replaying).
+    pub fn holds_events(&self) -> bool {
+        self.resume.is_some()
+    }
+
+    /// The close decided, if any: `Some(code)` once the session is over (the close code is also
+    /// the last output).
+    pub fn closing(&self) -> Option<Option<CloseCode>> {
+        match (self.phase, self.out.back()) {
+            (Phase::Closed, Some(Output::Close(c))) => Some(*c),
+            (Phase::Closed, _) => Some(None),
+            _ => None,
+        }
+    }
+
+    /// When [`Session::handle_timeout`] must be called next, if ever.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::AwaitingAuth { .. } => Some(self.deadline),
+            Phase::Open if self.token_armed => Some(self.deadline),
+            _ => None,
+        }
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if self.out.is_empty() {
+            self.advance_resume();
+        }
+        let o = self.out.pop_front()?;
+        if matches!(o, Output::Transmit(_)) {
+            self.transmits -= 1;
+        }
+        if self.out.is_empty() {
+            // Give the buffer back: an idle connection holds none.
+            self.out = VecDeque::new();
+        }
+        Some(o)
+    }
+
+    /// Time passed: the auth deadline or the token's expiry may have come.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        match self.phase {
+            Phase::AwaitingAuth { .. } if now >= self.deadline => {
+                self.error(
+                    None,
+                    ErrorCode::AuthRequired,
+                    "no auth frame arrived in time",
+                );
+                self.close(Some(CloseCode::AuthTimeout));
+            }
+            Phase::Open if self.token_armed && now >= self.deadline => self.token_expired(),
+            _ => {}
+        }
+    }
+
+    /// The node's heartbeat: closes a connection from which nothing was heard for the heartbeat
+    /// timeout (4003), otherwise pings it and looks at its token's expiry.
+    pub fn handle_heartbeat(&mut self, now: Instant) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if is_dead(now, self.last_heard, self.config.heartbeat_timeout) {
+            self.close(Some(CloseCode::HeartbeatTimeout));
+            return;
+        }
+        self.transmit(Transmit::Ping);
+        self.watch_token(now);
+    }
+
+    /// Closes the session from the server's side (shutdown: 1001, a full event queue: 4009).
+    /// What is queued for writing still goes first, except for a slow consumer, which would not
+    /// read it.
+    pub fn close(&mut self, code: Option<CloseCode>) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.phase = Phase::Closed;
+        if code == Some(CloseCode::SlowConsumer) {
+            self.out.clear();
+        } else {
+            // Requests not handed out yet are not made any more.
+            self.out.retain(|o| matches!(o, Output::Transmit(_)));
+        }
+        self.transmits = self.out.len();
+        self.waiting.clear();
+        self.pending_sends.clear();
+        self.resume = None;
+        self.out.push_back(Output::Close(code));
+    }
+
+    /// The unread count of a subscribed channel changed: an `unread.updated` follows (looked up
+    /// one channel at a time, so bursts coalesce).
+    pub fn unread_changed(&mut self, channel_id: &str) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        if !self.unread_dirty.iter().any(|c| c == channel_id) {
+            self.unread_dirty.push(channel_id.to_owned());
+        }
+        self.next_unread();
+    }
+
+    /// What the client sent.
+    pub fn handle_input(&mut self, now: Instant, input: Input<'_>) -> Verdict {
+        let code = match input {
+            Input::Text(_) | Input::Binary | Input::Heard => None,
+            Input::TooBig => Some(Some(CloseCode::MessageTooBig)),
+            Input::InvalidUtf8 => Some(Some(CloseCode::InvalidPayload)),
+            Input::ProtocolViolation => Some(Some(CloseCode::PolicyViolation)),
+            Input::Closed => Some(None),
+        };
+        if let Some(code) = code {
+            self.close(code);
+            return Verdict::Ignored;
+        }
+        match self.phase {
+            Phase::Closed => Verdict::Ignored,
+            Phase::AwaitingAuth { frames } => {
+                let verdict = self.before_auth(input);
+                // The replies leave, and then the connection closes, after the last allowed frame.
+                if let Phase::AwaitingAuth { .. } = self.phase {
+                    let frames = frames + 1;
+                    self.phase = Phase::AwaitingAuth { frames };
+                    if frames >= self.config.max_frames_before_auth && self.waiting.is_empty() {
+                        self.error(
+                            None,
+                            ErrorCode::AuthRequired,
+                            "too many frames before authentication",
+                        );
+                        self.close(Some(CloseCode::AuthFailed));
+                    }
+                }
+                verdict
+            }
+            Phase::Open => {
+                self.last_heard = now;
+                let text = match input {
+                    Input::Text(t) => Some(t),
+                    Input::Binary => None,
+                    _ => return Verdict::Ignored,
+                };
+                // Every data frame spends budget, binary ones included.
+                let limits = &self.config.limits;
+                if !self
+                    .budget
+                    .check(now, limits.frames_per_second, limits.frame_burst)
+                {
+                    let (fps, close_at) = (limits.frames_per_second, limits.flood_close_after);
+                    if self.flood.refused(now, fps, close_at) {
+                        self.close(Some(CloseCode::RateLimitFlood));
+                    } else {
+                        let id = text
+                            .and_then(|t| ClientFrame::parse(t).ok())
+                            .and_then(|f| f.id().map(str::to_owned));
+                        let retry = (1000 / u64::from(fps.max(1))).max(1);
+                        self.reply(ServerFrame::Error {
+                            id,
+                            code: ErrorCode::RateLimited,
+                            message: "too many frames; retry after the stated delay".into(),
+                            retry_after_ms: Some(retry),
+                            reason: None,
+                        });
+                    }
+                    return Verdict::Refused;
+                }
+                let Some(text) = text else {
+                    self.error(
+                        None,
+                        ErrorCode::InvalidRequest,
+                        "binary frames are not supported; send JSON text frames",
+                    );
+                    return Verdict::Ignored;
+                };
+                match ClientFrame::parse(text) {
+                    Ok(frame) => {
+                        let kind = frame.kind();
+                        self.on_frame(frame);
+                        Verdict::Accepted(kind)
+                    }
+                    Err(FrameError { id, code, message }) => {
+                        self.error(id, code, &message);
+                        Verdict::Accepted("invalid")
+                    }
+                }
+            }
+        }
+    }
+
+    /// A frame before authentication.
+    fn before_auth(&mut self, input: Input<'_>) -> Verdict {
+        let text = match input {
+            Input::Text(t) => t,
+            Input::Binary => {
+                self.error(
+                    None,
+                    ErrorCode::InvalidRequest,
+                    "binary frames are not supported; send JSON text frames",
+                );
+                return Verdict::Ignored;
+            }
+            _ => return Verdict::Ignored,
+        };
+        if !self.waiting.is_empty() {
+            // The driver reads nothing while the token is checked; one that does gets this.
+            self.error(None, ErrorCode::AuthRequired, "authentication in progress");
+            return Verdict::Accepted("invalid");
+        }
+        match ClientFrame::parse(text) {
+            Ok(ClientFrame::Auth { id, token }) => {
+                self.request(Op::Authenticate { token }, Some(Waiting::Auth { id }));
+                Verdict::Accepted("auth")
+            }
+            Ok(other) => {
+                let id = other.id().map(str::to_owned);
+                self.error(id, ErrorCode::AuthRequired, "send an auth frame first");
+                Verdict::Accepted(other.kind())
+            }
+            Err(FrameError { id, code, message }) => {
+                self.error(id, code, &message);
+                Verdict::Accepted("invalid")
+            }
+        }
+    }
+
+    /// Authenticated: registration, the ack of the `auth` frame, the welcome, the token's watch.
+    fn open(&mut self, now: Instant, v: Verified, auth_id: Option<String>) {
+        self.phase = Phase::Open;
+        self.last_heard = now;
+        self.deadline = now + v.expires_in;
+        let tag = self.take_tag();
+        self.push(Output::Request(Request { tag, op: Op::Open }));
+        if let Some(id) = auth_id {
+            self.reply(ServerFrame::ack(id));
+        }
+        let cfg = &self.config;
+        let welcome = ServerFrame::Welcome {
+            session_id: self.session_id.clone(),
+            user_id: v.principal.user_id.clone(),
+            tenant_id: v.principal.tenant_id.clone(),
+            heartbeat_interval_ms: millis(cfg.heartbeat_interval),
+            heartbeat_timeout_ms: millis(cfg.heartbeat_timeout),
+            token_expires_at: v.principal.expires_at,
+            token_expires_in_ms: millis(v.expires_in),
+            limits: cfg.limits.clone(),
+        };
+        self.principal = Some(v.principal);
+        self.reply(welcome);
+        self.watch_token(now);
+    }
+
+    /// Arms the expiry timeout once the token's expiry is within the next heartbeats; closes
+    /// (4011) when it has passed.
+    fn watch_token(&mut self, now: Instant) {
+        let horizon = self.config.heartbeat_interval * 2;
+        match self.deadline.checked_duration_since(now) {
+            None => self.token_expired(),
+            Some(left) if left.is_zero() => self.token_expired(),
+            Some(left) => self.token_armed = left <= horizon,
+        }
+    }
+
+    /// The token expired: says so, then closes with 4011.
+    fn token_expired(&mut self) {
+        self.token_armed = false;
+        self.error(
+            None,
+            ErrorCode::TokenExpired,
+            "the token expired; reconnect with a new token (send auth.refresh before exp to keep \
+             the connection)",
+        );
+        self.close(Some(CloseCode::TokenExpired));
+    }
+
+    /// A parsed frame of an authenticated connection.
+    fn on_frame(&mut self, frame: ClientFrame) {
+        match frame {
+            ClientFrame::Auth { id, .. } => self.error(
+                id,
+                ErrorCode::InvalidRequest,
+                "this connection is already authenticated; use auth.refresh to replace its token",
+            ),
+            ClientFrame::AuthRefresh { id, token } => {
+                self.request(Op::Authenticate { token }, Some(Waiting::Refresh { id }))
+            }
+            ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }),
+            ClientFrame::Subscribe { id, channel_id } => {
+                self.subscriptions.insert(channel_id.clone());
+                let op = Op::Subscribe {
+                    channel_id: channel_id.clone(),
+                };
+                self.request(op, Some(Waiting::Subscribe { id, channel_id }));
+            }
+            ClientFrame::Unsubscribe { id, channel_id } => {
+                if self.subscriptions.remove(&channel_id) {
+                    let op = Op::Unsubscribe {
+                        channel_id: channel_id.clone(),
+                    };
+                    self.request(op, None);
+                }
+                self.reply(ServerFrame::Ack(Ack {
+                    channel_id: Some(channel_id),
+                    ..Ack::new(id)
+                }));
+            }
+            ClientFrame::MessageSend {
+                id,
+                channel_id,
+                client_msg_id,
+                text,
+                metadata,
+            } => {
+                self.sends += 1;
+                let (tag, seq) = (self.take_tag(), self.sends);
+                self.pending_sends.push_back(PendingSend {
+                    tag,
+                    id,
+                    done: None,
+                });
+                self.push(Output::Request(Request {
+                    tag,
+                    op: Op::Send {
+                        seq,
+                        channel_id,
+                        message: SendMessage {
+                            client_msg_id,
+                            text,
+                            metadata,
+                        },
+                    },
+                }));
+            }
+            ClientFrame::Resume {
+                id,
+                session_id,
+                channels,
+            } => self.start_resume(id, session_id, channels),
+            ClientFrame::TypingStart { id, channel_id } => self.typing(id, channel_id, true),
+            ClientFrame::TypingStop { id, channel_id } => self.typing(id, channel_id, false),
+            ClientFrame::Read {
+                id,
+                channel_id,
+                seq,
+            } => {
+                let op = Op::MarkRead {
+                    channel_id: channel_id.clone(),
+                    seq,
+                };
+                self.request(op, Some(Waiting::Read { id, channel_id }));
+            }
+            ClientFrame::PresenceSet { id, away } => {
+                self.request(Op::SetAway { away }, Some(Waiting::Ack { id }))
+            }
+            ClientFrame::CallAttach {
+                id,
+                call_id,
+                participant_id,
+            } => self.request(
+                Op::CallAttach {
+                    call_id,
+                    participant_id,
+                },
+                Some(Waiting::Ack { id }),
+            ),
+            ClientFrame::CallSignal {
+                id,
+                call_id,
+                from,
+                to,
+                signal,
+            } => self.request(
+                Op::CallSignal {
+                    call_id,
+                    from,
+                    to,
+                    signal,
+                },
+                Some(Waiting::Signal { id }),
+            ),
+        }
+    }
+
+    fn typing(&mut self, id: String, channel_id: String, start: bool) {
+        let state = if start {
+            crate::TypingState::Start
+        } else {
+            crate::TypingState::Stop
+        };
+        let op = Op::Typing {
+            channel_id: channel_id.clone(),
+            state,
+        };
+        self.request(op, Some(Waiting::AckChannel { id, channel_id }));
+    }
+
+    /// The answer to the request tagged `tag`. Unknown tags (requests of a closed session) are
+    /// ignored.
+    pub fn handle_reply(&mut self, now: Instant, tag: u64, reply: Reply) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        if tag == self.unread_tag && tag != 0 {
+            self.unread_tag = 0;
+            if let Reply::ReadState(Ok(state)) = reply {
+                self.reply(ServerFrame::UnreadUpdated {
+                    channel_id: state.channel_id,
+                    unread_count: state.unread_count,
+                    last_read_seq: state.last_read_seq,
+                });
+            }
+            self.next_unread();
+            return;
+        }
+        if let Reply::Sent(result) = reply {
+            self.on_sent(tag, result);
+            return;
+        }
+        let Some(pos) = self.waiting.iter().position(|(t, _)| *t == tag) else {
+            return;
+        };
+        let Some((_, waiting)) = self.waiting.remove(pos) else {
+            return;
+        };
+        if self.waiting.is_empty() {
+            self.waiting = VecDeque::new();
+        }
+        match (waiting, reply) {
+            (Waiting::Auth { id }, Reply::Verified(r)) => match r {
+                Ok(v) if self.phase != Phase::Open => self.open(now, v, id),
+                Ok(_) => {}
+                Err(e) => {
+                    self.error(id, e.code, &e.message);
+                    self.close(Some(CloseCode::AuthFailed));
+                }
+            },
+            (Waiting::Refresh { id }, Reply::Verified(r)) => self.refreshed(now, id, r),
+            (Waiting::Subscribe { id, channel_id }, Reply::Subscribed(r)) => match r {
+                Ok(seq) => self.reply(ServerFrame::Ack(Ack {
+                    channel_id: Some(channel_id),
+                    seq: Some(seq),
+                    ..Ack::new(id)
+                })),
+                Err(e) => {
+                    self.subscriptions.remove(&channel_id);
+                    self.error(Some(id), e.code, &e.message);
+                }
+            },
+            (Waiting::AckChannel { id, channel_id }, Reply::Done(r)) => match r {
+                Ok(()) => self.reply(ServerFrame::Ack(Ack {
+                    channel_id: Some(channel_id),
+                    ..Ack::new(id)
+                })),
+                Err(e) => self.error(Some(id), e.code, &e.message),
+            },
+            (Waiting::Read { id, channel_id }, Reply::ReadState(r)) => match r {
+                Ok(state) => self.reply(ServerFrame::Ack(Ack {
+                    channel_id: Some(channel_id),
+                    last_read_seq: Some(state.last_read_seq),
+                    ..Ack::new(id)
+                })),
+                Err(e) => self.error(Some(id), e.code, &e.message),
+            },
+            (Waiting::Ack { id }, Reply::Done(r)) => match r {
+                Ok(()) => self.reply(ServerFrame::ack(id)),
+                Err(e) => self.error(Some(id), e.code, &e.message),
+            },
+            (Waiting::Signal { id }, Reply::Signaled(r)) => match r {
+                Ok(SignalOutcome::Acked) => self.reply(ServerFrame::ack(id)),
+                Ok(SignalOutcome::RolledBack) => self.reply(ServerFrame::Ack(Ack {
+                    rolled_back: Some(true),
+                    ..Ack::new(id)
+                })),
+                Ok(SignalOutcome::Refused { reason, message }) => self.reply(ServerFrame::Error {
+                    id: Some(id),
+                    code: ErrorCode::Conflict,
+                    message,
+                    retry_after_ms: None,
+                    reason: Some(reason),
+                }),
+                Err(e) => self.error(Some(id), e.code, &e.message),
+            },
+            (Waiting::Resume, reply) => self.resume_step(reply),
+            (waiting, reply) => {
+                // A driver bug: the reply does not fit the request. Say so rather than hang.
+                let id = match waiting {
+                    Waiting::Auth { id } => id,
+                    Waiting::Refresh { id }
+                    | Waiting::Subscribe { id, .. }
+                    | Waiting::AckChannel { id, .. }
+                    | Waiting::Read { id, .. }
+                    | Waiting::Ack { id }
+                    | Waiting::Signal { id } => Some(id),
+                    Waiting::Resume => None,
+                };
+                let _ = reply;
+                self.error(id, ErrorCode::Internal, "internal error");
+            }
+        }
+    }
+
+    /// `auth.refresh`: a valid token of the same user and tenant replaces the connection's token
+    /// (its expiry and roles); anything else leaves the old one in force.
+    fn refreshed(&mut self, now: Instant, id: String, r: Result<Verified, CoreError>) {
+        let v = match r {
+            Ok(v) => v,
+            Err(e) => return self.error(Some(id), e.code, &e.message),
+        };
+        let same = self.principal.as_ref().is_some_and(|p| {
+            p.user_id == v.principal.user_id && p.tenant_id == v.principal.tenant_id
+        });
+        if !same {
+            return self.error(
+                Some(id),
+                ErrorCode::TokenInvalidClaims,
+                "the token is for another user or tenant (sub and tid must be the connection's); \
+                 the connection keeps its token",
+            );
+        }
+        if v.expires_in.is_zero() {
+            // Accepted by the verifier's clock-skew leeway, but already past its exp.
+            return self.error(
+                Some(id),
+                ErrorCode::TokenExpired,
+                "the token has expired; the connection keeps its token",
+            );
+        }
+        self.deadline = now + v.expires_in;
+        let exp = v.principal.expires_at;
+        self.principal = Some(v.principal);
+        self.reply(ServerFrame::Ack(Ack {
+            token_expires_at: Some(exp),
+            token_expires_in_ms: Some(millis(v.expires_in)),
+            ..Ack::new(id)
+        }));
+        self.watch_token(now);
+    }
+
+    /// A send's result: its ack waits for the sends before it.
+    fn on_sent(&mut self, tag: u64, result: Result<crate::SendResult, CoreError>) {
+        let Ok(pos) = self.pending_sends.binary_search_by_key(&tag, |p| p.tag) else {
+            return;
+        };
+        let pending = &mut self.pending_sends[pos];
+        if pending.done.is_some() {
+            return;
+        }
+        let id = std::mem::take(&mut pending.id);
+        let frame = match result {
+            Ok(r) => ServerFrame::Ack(Ack {
+                seq: Some(r.message.seq),
+                created: Some(r.created),
+                message: Some(r.message),
+                ..Ack::new(id)
+            }),
+            Err(e) => error_frame(Some(id), e.code, &e.message),
+        };
+        self.pending_sends[pos].done = Some(frame);
+        while self.pending_sends.front().is_some_and(|p| p.done.is_some()) {
+            if let Some(PendingSend {
+                done: Some(frame), ..
+            }) = self.pending_sends.pop_front()
+            {
+                self.reply(frame);
+            }
+        }
+        if self.pending_sends.is_empty() {
+            self.pending_sends = VecDeque::new();
+        }
+    }
+
+    fn next_unread(&mut self) {
+        if self.unread_tag != 0 || self.phase != Phase::Open {
+            return;
+        }
+        let Some(channel_id) = self.unread_dirty.pop() else {
+            self.unread_dirty = Vec::new();
+            return;
+        };
+        let tag = self.take_tag();
+        self.unread_tag = tag;
+        self.push(Output::Request(Request {
+            tag,
+            op: Op::ReadState { channel_id },
+        }));
+    }
+
+    fn start_resume(&mut self, id: String, session_id: String, channels: Vec<ResumeChannel>) {
+        let max = self.config.limits.max_resume_channels;
+        if channels.len() > max {
+            return self.error(
+                Some(id),
+                ErrorCode::InvalidArgument,
+                &format!(
+                    "resume names {} channels; at most {max} (limits.max_resume_channels) \
+                     per frame: split them over several resume frames",
+                    channels.len()
+                ),
+            );
+        }
+        self.resume = Some(Box::new(Resume {
+            id,
+            window_passed: None,
+            channels: channels.into_iter(),
+            current: None,
+            outcomes: Vec::new(),
+            busy: true,
+        }));
+        self.request(Op::CheckSession { session_id }, Some(Waiting::Resume));
+    }
+
+    /// The reply to the running resume's step.
+    fn resume_step(&mut self, reply: Reply) {
+        let Some(mut r) = self.resume.take() else {
+            return;
+        };
+        r.busy = false;
+        match reply {
+            Reply::SessionChecked(SessionStatus::Foreign) => {
+                return self.error(
+                    Some(r.id),
+                    ErrorCode::InvalidArgument,
+                    "session_id belongs to another user",
+                );
+            }
+            Reply::SessionChecked(status) => {
+                r.window_passed = Some(matches!(
+                    status,
+                    SessionStatus::Expired | SessionStatus::Unknown
+                ));
+            }
+            Reply::Subscribed(result) => {
+                let Some((channel_id, last_seen, _)) = r.current.take() else {
+                    return;
+                };
+                match result {
+                    Err(_) => {
+                        self.subscriptions.remove(&channel_id);
+                        r.outcomes
+                            .push(refused(channel_id, None, ResumeRefusal::NotAMember));
+                    }
+                    Ok(live_from) => {
+                        let max_replay = self.config.limits.max_replay;
+                        if r.window_passed == Some(true) {
+                            r.outcomes.push(refused(
+                                channel_id,
+                                Some(live_from),
+                                ResumeRefusal::WindowPassed,
+                            ));
+                        } else if live_from.saturating_sub(last_seen) > max_replay {
+                            r.outcomes.push(refused(
+                                channel_id,
+                                Some(live_from),
+                                ResumeRefusal::TooFarBehind,
+                            ));
+                        } else if live_from > last_seen {
+                            let limit =
+                                u32::try_from(max_replay.saturating_add(1)).unwrap_or(u32::MAX);
+                            let op = Op::ChannelEvents {
+                                channel_id: channel_id.clone(),
+                                after: last_seen,
+                                up_to: live_from,
+                                limit,
+                            };
+                            r.current = Some((channel_id, last_seen, Some(live_from)));
+                            r.busy = true;
+                            self.resume = Some(r);
+                            self.request(op, Some(Waiting::Resume));
+                            return;
+                        } else {
+                            r.outcomes.push(replayed(channel_id, 0, live_from));
+                        }
+                    }
+                }
+            }
+            Reply::Events(result) => {
+                let Some((channel_id, last_seen, Some(live_from))) = r.current.take() else {
+                    return;
+                };
+                // Exactly the range or nothing: a short read would be a silent gap.
+                let expected = live_from.saturating_sub(last_seen);
+                match result {
+                    Ok(events) if events.len() as u64 == expected => {
+                        for ev in &events {
+                            if let Ok(json) = serde_json::to_string(ev) {
+                                self.transmit(Transmit::Text(json));
+                            }
+                        }
+                        r.outcomes.push(replayed(channel_id, expected, live_from));
+                    }
+                    _ => r.outcomes.push(refused(
+                        channel_id,
+                        Some(live_from),
+                        ResumeRefusal::TooFarBehind,
+                    )),
+                }
+            }
+            _ => {}
+        }
+        if self.phase == Phase::Open {
+            self.resume = Some(r);
+            if self.out.is_empty() {
+                self.advance_resume();
+            }
+        }
+    }
+
+    /// Starts the resume's next step once what the last one queued has been taken: a resume
+    /// writes as it goes, one channel's replay at a time.
+    fn advance_resume(&mut self) {
+        let Some(r) = self.resume.as_mut() else {
+            return;
+        };
+        if r.busy || r.window_passed.is_none() {
+            return;
+        }
+        match r.channels.next() {
+            Some(ResumeChannel { channel_id, seq }) => {
+                r.current = Some((channel_id.clone(), seq, None));
+                r.busy = true;
+                self.subscriptions.insert(channel_id.clone());
+                self.request(Op::Subscribe { channel_id }, Some(Waiting::Resume));
+            }
+            None => {
+                let Some(r) = self.resume.take() else { return };
+                self.reply(ServerFrame::Ack(Ack {
+                    resumed: Some(r.outcomes),
+                    ..Ack::new(r.id)
+                }));
+            }
+        }
+    }
+
+    fn take_tag(&mut self) -> u64 {
+        let tag = self.next_tag;
+        self.next_tag += 1;
+        tag
+    }
+
+    /// Hands a request out; `waiting` says what its reply answers (none: no reply).
+    fn request(&mut self, op: Op, waiting: Option<Waiting>) {
+        let tag = self.take_tag();
+        if let Some(w) = waiting {
+            self.waiting.push_back((tag, w));
+        }
+        self.push(Output::Request(Request { tag, op }));
+    }
+
+    fn push(&mut self, o: Output) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        self.out.push_back(o);
+    }
+
+    /// Queues a frame; beyond the bound the connection is a slow consumer.
+    fn transmit(&mut self, t: Transmit) {
+        if self.phase == Phase::Closed {
+            return;
+        }
+        let bound = self
+            .config
+            .outbox_limit
+            .saturating_add(usize::try_from(self.config.limits.max_replay).unwrap_or(usize::MAX))
+            .saturating_add(1);
+        if self.transmits >= bound {
+            self.close(Some(CloseCode::SlowConsumer));
+            return;
+        }
+        self.transmits += 1;
+        self.out.push_back(Output::Transmit(t));
+    }
+
+    fn reply(&mut self, frame: ServerFrame) {
+        self.transmit(Transmit::Text(frame.to_json()));
+    }
+
+    fn error(&mut self, id: Option<String>, code: ErrorCode, message: &str) {
+        self.reply(error_frame(id, code, message));
+    }
+}
+
+fn refused(channel_id: String, seq: Option<u64>, reason: ResumeRefusal) -> ResumedChannel {
+    ResumedChannel {
+        channel_id,
+        replayed: false,
+        events: 0,
+        seq,
+        reason: Some(reason),
+    }
+}
+
+fn replayed(channel_id: String, events: u64, seq: u64) -> ResumedChannel {
+    ResumedChannel {
+        channel_id,
+        replayed: true,
+        events,
+        seq: Some(seq),
+        reason: None,
+    }
+}
+
+fn error_frame(id: Option<String>, code: ErrorCode, message: &str) -> ServerFrame {
+    ServerFrame::Error {
+        id,
+        code,
+        message: message.to_owned(),
+        retry_after_ms: None,
+        reason: None,
+    }
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
