@@ -17,6 +17,7 @@ use crate::queue::{FrameSender, TrySendError};
 use axum::extract::ws::Utf8Bytes;
 use parley_proto::{ChannelEvent, ChannelSequencer, CloseCode, EventBody, SequencerOutput};
 
+use crate::presence_batch::{EncodedPresence, PresenceBatcher};
 use crate::session::ConnControl;
 
 /// Most events fetched from storage per gap-fill round trip.
@@ -116,6 +117,8 @@ pub(crate) enum ConfirmError {
 pub(crate) struct Hubs {
     inner: Mutex<HubsInner>,
     gap_timeout: Duration,
+    /// Presence changes gathered per connection (see `presence_batch`).
+    presence: Arc<PresenceBatcher>,
 }
 
 #[derive(Default)]
@@ -132,6 +135,7 @@ impl Hubs {
         Hubs {
             inner: Mutex::new(HubsInner::default()),
             gap_timeout,
+            presence: Arc::default(),
         }
     }
 
@@ -227,6 +231,20 @@ impl Hubs {
         for reg in &hub.subs {
             if reg.state == SubState::Active && skip_user != Some(&*reg.sub.user_id) {
                 let _ = reg.sub.tx.try_send(frame.clone());
+            }
+        }
+    }
+
+    /// A presence change for the channel's active subscribers (not the user themself): noted
+    /// per connection and sent coalesced (one frame per connection per interval).
+    pub fn deliver_presence(&self, channel_id: &str, p: &Arc<EncodedPresence>) {
+        let inner = self.lock();
+        let Some(hub) = inner.hubs.get(channel_id) else {
+            return;
+        };
+        for reg in &hub.subs {
+            if reg.state == SubState::Active && reg.sub.user_id != p.user_id {
+                self.presence.add(reg.sub.conn, &reg.sub.tx, p);
             }
         }
     }

@@ -27,6 +27,7 @@ mod calls;
 mod drain;
 mod hub;
 pub mod metrics;
+mod presence_batch;
 mod queue;
 mod session;
 mod upgrade;
@@ -336,6 +337,12 @@ impl Edge {
                 return;
             }
             self.calls.peer_reconnected(&pid);
+        }
+        if let EphemeralTarget::Channel { channel_id } = &ev.target
+            && let Some(p) = presence_batch::EncodedPresence::from_frame(&ev.frame)
+        {
+            self.hubs.deliver_presence(channel_id, &p);
+            return;
         }
         let Ok(json) = serde_json::to_string(&ev.frame) else {
             return;

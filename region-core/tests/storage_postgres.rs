@@ -105,7 +105,7 @@ async fn unread_counters_migration_backfills() {
         let conn = tokio::spawn(conn);
         client
             .batch_execute(
-                "ALTER TABLE channels DROP COLUMN msg_count, DROP COLUMN deleted_count; \
+                "ALTER TABLE channels DROP COLUMN msg_count, DROP COLUMN deleted_count, DROP COLUMN member_count; \
                  ALTER TABLE members DROP COLUMN read_count, DROP COLUMN skip_count; \
                  DELETE FROM schema_migrations WHERE version = 3;",
             )

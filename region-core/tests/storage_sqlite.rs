@@ -30,7 +30,7 @@ async fn unread_counters_migration_backfills() {
     {
         let c = rusqlite::Connection::open(dir.path().join("parley.db")).expect("open db");
         c.execute_batch(
-            "ALTER TABLE channels DROP COLUMN msg_count; ALTER TABLE channels DROP COLUMN deleted_count; \
+            "ALTER TABLE channels DROP COLUMN msg_count; ALTER TABLE channels DROP COLUMN deleted_count; ALTER TABLE channels DROP COLUMN member_count; \
              ALTER TABLE members DROP COLUMN read_count; ALTER TABLE members DROP COLUMN skip_count; \
              DELETE FROM schema_migrations WHERE version = 3;",
         )

@@ -62,6 +62,7 @@ macro_rules! storage_conformance_tests {
             unread_counts_follow_every_change
             unread_reads_in_the_middle_of_a_long_channel
             unread_counts_exact_under_concurrency
+            presence_channels_leave_out_large_ones
             call_lifecycle
             one_active_call_per_channel
             concurrent_joins_stop_at_the_cap
@@ -2145,6 +2146,70 @@ pub async fn unread_counts_exact_under_concurrency(s: Arc<dyn Storage>) {
         "after concurrent sends, reads and deletes",
     )
     .await;
+}
+
+/// `presence_channel_ids_of` lists the user's channels with at most the given number of
+/// members, following joins and removals (and a backfilled migration, in the engines' tests).
+pub async fn presence_channels_leave_out_large_ones(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let users: Vec<String> = (0..5).map(|i| id(&format!("u{i}"))).collect();
+    let small = channel(&s, &t, &users[0], &[(users[1].as_str(), Role::Member)]).await;
+    let others: Vec<(&str, Role)> = users[1..4]
+        .iter()
+        .map(|u| (u.as_str(), Role::Member))
+        .collect();
+    let large = channel(&s, &t, &users[0], &others).await;
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let of = |user: String, max: u64| {
+        let (s, t) = (s.clone(), t.clone());
+        async move {
+            let mut v = s
+                .presence_channel_ids_of(&t, &user, max)
+                .await
+                .expect("presence_channel_ids_of");
+            v.sort();
+            v
+        }
+    };
+    assert_eq!(
+        of(users[0].clone(), 3).await,
+        vec![small.id.clone()],
+        "4 members > 3"
+    );
+    assert_eq!(
+        of(users[0].clone(), 4).await,
+        sorted(vec![small.id.clone(), large.id.clone()])
+    );
+    assert!(
+        of(users[4].clone(), 100).await.is_empty(),
+        "not a member anywhere"
+    );
+    s.remove_member(&t, &large.id, &users[3], &users[0])
+        .await
+        .expect("remove");
+    assert_eq!(
+        of(users[0].clone(), 3).await,
+        sorted(vec![small.id.clone(), large.id.clone()]),
+        "3 members after a removal"
+    );
+    s.add_member(&t, &large.id, &users[4], Role::Member, &users[0])
+        .await
+        .expect("add");
+    assert_eq!(
+        of(users[4].clone(), 3).await,
+        Vec::<String>::new(),
+        "4 again"
+    );
+    assert_eq!(of(users[4].clone(), 4).await, vec![large.id.clone()]);
+    assert!(
+        s.presence_channel_ids_of(&tenant(), &users[0], 100)
+            .await
+            .expect("other tenant")
+            .is_empty()
+    );
 }
 
 /// Read positions move forward only and are clamped to the channel's last seq; the unread count

@@ -194,6 +194,16 @@ pub trait Storage: Send + Sync + 'static {
     /// for fan-outs (presence) that need neither the channels nor their unread counts.
     async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>>;
 
+    /// The ids of the channels `user_id` is a member of that have at most `max_members` members,
+    /// in no particular order: the channels presence changes are announced in (larger ones opt
+    /// out). The member count is a counter of the channel row, so this is one index read too.
+    async fn presence_channel_ids_of(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        max_members: u64,
+    ) -> StorageResult<Vec<String>>;
+
     /// Renames the channel; returns the `channel.updated` event with its new seq.
     async fn rename_channel(
         &self,

@@ -263,7 +263,11 @@ impl Storage for PostgresStorage {
                 .map(|(user, role)| (user.as_str(), role.as_str()))
                 .unzip();
             let members = tx.prepare_cached(INSERT_MEMBERS).await?;
-            tx.execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles])
+            let n = tx
+                .execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles])
+                .await?;
+            let count = tx.prepare_cached(ADD_MEMBER_COUNT).await?;
+            tx.execute(&count, &[&new.id, &i64::try_from(n).unwrap_or(0)])
                 .await?;
             let channel = Channel {
                 id: new.id.clone(),
@@ -312,6 +316,19 @@ impl Storage for PostgresStorage {
     async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>> {
         let rows = self
             .read_rows(SELECT_CHANNEL_IDS_OF, &[&tenant, &user_id])
+            .await?;
+        rows.iter().map(|row| get(row, "channel_id")).collect()
+    }
+
+    async fn presence_channel_ids_of(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        max_members: u64,
+    ) -> StorageResult<Vec<String>> {
+        let max = i64::try_from(max_members).unwrap_or(i64::MAX);
+        let rows = self
+            .read_rows(SELECT_PRESENCE_CHANNEL_IDS_OF, &[&tenant, &user_id, &max])
             .await?;
         rows.iter().map(|row| get(row, "channel_id")).collect()
     }
@@ -561,8 +578,12 @@ impl Storage for PostgresStorage {
             if tx.execute(&insert, &params).await? == 0 {
                 return Ok(None);
             }
-            let counters = tx.prepare_cached(NEW_MEMBER_COUNTERS).await?;
+            let (counters, count) = tokio::try_join!(
+                tx.prepare_cached(NEW_MEMBER_COUNTERS),
+                tx.prepare_cached(ADD_MEMBER_COUNT)
+            )?;
             tx.execute(&counters, &[&channel_id, &user_id]).await?;
+            tx.execute(&count, &[&channel_id, &1i64]).await?;
             let member = Member {
                 user_id: user_id.to_owned(),
                 role,
@@ -596,6 +617,8 @@ impl Storage for PostgresStorage {
             {
                 return Ok(None);
             }
+            let count = tx.prepare_cached(ADD_MEMBER_COUNT).await?;
+            tx.execute(&count, &[&channel_id, &-1i64]).await?;
             let body = EventBody::MemberRemoved {
                 user_id: user_id.to_owned(),
                 by: by.to_owned(),
@@ -938,11 +961,13 @@ CREATE TABLE IF NOT EXISTS channel_events (
 const UNREAD_COUNTERS_MIGRATION: &str = "
 ALTER TABLE channels ADD COLUMN IF NOT EXISTS msg_count BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE channels ADD COLUMN IF NOT EXISTS deleted_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN IF NOT EXISTS member_count BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN IF NOT EXISTS read_count BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN IF NOT EXISTS skip_count BIGINT NOT NULL DEFAULT 0;
 UPDATE channels SET
   msg_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id),
-  deleted_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id AND x.deleted_at IS NOT NULL);
+  deleted_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id AND x.deleted_at IS NOT NULL),
+  member_count = (SELECT COUNT(*) FROM members x WHERE x.channel_id = channels.id);
 UPDATE members SET
   read_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = members.channel_id
                 AND x.seq <= members.last_read_seq),
@@ -968,6 +993,12 @@ const SELECT_CHANNELS_PAGE: &str = "SELECT c.id, c.kind, c.name, c.created_by, c
      JOIN members m ON m.channel_id = p.channel_id AND m.user_id = $2 \
      JOIN channels c ON c.id = p.channel_id AND c.tenant_id = m.tenant_id \
      ORDER BY p.channel_id DESC";
+/// The user's channels with at most `$3` members (the presence fan-out's).
+const SELECT_PRESENCE_CHANNEL_IDS_OF: &str = "SELECT m.channel_id FROM members m \
+     JOIN channels c ON c.id = m.channel_id \
+     WHERE m.tenant_id = $1 AND m.user_id = $2 AND c.member_count <= $3";
+/// Moves a channel's member count by `$2`.
+const ADD_MEMBER_COUNT: &str = "UPDATE channels SET member_count = member_count + $2 WHERE id = $1";
 const SELECT_CHANNEL_IDS_OF: &str =
     "SELECT channel_id FROM members WHERE tenant_id = $1 AND user_id = $2";
 /// Inserts the channel; nothing (and no error) when the tenant has this DM already.

@@ -96,11 +96,13 @@ CREATE INDEX call_participants_by_call ON call_participants (call_id, joined_at)
 pub(crate) const UNREAD_COUNTERS_MIGRATION: &str = r#"
 ALTER TABLE channels ADD COLUMN msg_count BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE channels ADD COLUMN deleted_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN member_count BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN read_count BIGINT NOT NULL DEFAULT 0;
 ALTER TABLE members ADD COLUMN skip_count BIGINT NOT NULL DEFAULT 0;
 UPDATE channels SET
   msg_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id),
-  deleted_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id AND x.deleted_at IS NOT NULL);
+  deleted_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id AND x.deleted_at IS NOT NULL),
+  member_count = (SELECT COUNT(*) FROM members x WHERE x.channel_id = channels.id);
 UPDATE members SET
   read_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = members.channel_id
                 AND x.seq <= members.last_read_seq),
@@ -210,6 +212,11 @@ pub(super) fn create_channel(c: &Connection, new: &NewChannel) -> StorageResult<
         stmt.execute(params![new.id, user, new.tenant_id, role.as_str(), now])
             .map_err(db_err)?;
     }
+    c.execute(
+        "UPDATE channels SET member_count = (SELECT COUNT(*) FROM members WHERE channel_id = ?1) WHERE id = ?1",
+        params![new.id],
+    )
+    .map_err(db_err)?;
     let channel = channel(c, &new.tenant_id, &new.id)?.ok_or(StorageError::NotFound)?;
     Ok((channel, true))
 }
@@ -304,6 +311,27 @@ pub(super) fn channel_ids_of(
         .map_err(db_err)?;
     let rows = stmt
         .query_map(params![tenant, user], |r| r.get::<_, String>(0))
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
+/// The channels of `user` with at most `max_members` members (the presence fan-out's channels).
+pub(super) fn presence_channel_ids_of(
+    c: &Connection,
+    tenant: &str,
+    user: &str,
+    max_members: u64,
+) -> StorageResult<Vec<String>> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT m.channel_id FROM members m JOIN channels c ON c.id = m.channel_id \
+             WHERE m.tenant_id = ?1 AND m.user_id = ?2 AND c.member_count <= ?3",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![tenant, user, to_i64(max_members)], |r| {
+            r.get::<_, String>(0)
+        })
         .map_err(db_err)?;
     rows.collect::<Result<_, _>>().map_err(db_err)
 }
@@ -507,6 +535,11 @@ pub(super) fn add_member(
     if n == 0 {
         return Ok(None);
     }
+    c.execute(
+        "UPDATE channels SET member_count = member_count + 1 WHERE id = ?1",
+        params![channel_id],
+    )
+    .map_err(db_err)?;
     // Read position 0: every message of the channel is after it; the deleted ones and the
     // member's own (from an earlier membership) are not unread.
     c.execute(
@@ -551,6 +584,11 @@ pub(super) fn remove_member(
     if n == 0 {
         return Ok(None);
     }
+    c.execute(
+        "UPDATE channels SET member_count = member_count - 1 WHERE id = ?1",
+        params![channel_id],
+    )
+    .map_err(db_err)?;
     append_event(
         c,
         tenant,
