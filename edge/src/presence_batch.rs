@@ -83,11 +83,11 @@ impl PresenceBatcher {
                 pending.order.push(p.clone());
             }
         }
-        if !inner.flusher_running {
-            if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                inner.flusher_running = true;
-                rt.spawn(flush_loop(Arc::downgrade(self)));
-            }
+        if !inner.flusher_running
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            inner.flusher_running = true;
+            rt.spawn(flush_loop(Arc::downgrade(self)));
         }
     }
 

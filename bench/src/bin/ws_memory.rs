@@ -162,7 +162,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "ws_memory: {} | open files limit {soft} (hard {hard}), inherited by the server",
         parley_bench::machine_summary()
     );
-    let mut server = ServerProcess::start(&args.parley, &args.server_args)?;
+    // Setup adds every user to the channels over REST: raise the REST budget far above it.
+    let mut server_args: Vec<String> =
+        ["--rate-per-minute", "100000000", "--rate-burst", "1000000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    server_args.extend(args.server_args.iter().cloned());
+    let mut server = ServerProcess::start(&args.parley, &server_args)?;
     println!("server: {} (pid {})", server.banner, server.pid());
     let n_users = args.users.unwrap_or(args.connections).max(1);
     println!("{n_users} distinct users, members of every channel");
