@@ -18,6 +18,7 @@ use axum::extract::ws::Utf8Bytes;
 use parley_proto::{ChannelEvent, ChannelSequencer, CloseCode, EventBody, SequencerOutput};
 
 use crate::interest::{NodeInterest, Registered};
+use crate::presence_batch::{EncodedPresence, PresenceBatcher};
 use crate::session::ConnControl;
 use parley_sync::Topic;
 
@@ -122,6 +123,8 @@ pub(crate) struct Hubs {
     gap_timeout: Duration,
     /// A channel is a bus topic while its hub exists.
     interest: Arc<NodeInterest>,
+    /// Presence changes gathered per connection (see `presence_batch`).
+    presence: Arc<PresenceBatcher>,
 }
 
 #[derive(Default)]
@@ -139,6 +142,7 @@ impl Hubs {
             inner: Mutex::new(HubsInner::default()),
             gap_timeout,
             interest,
+            presence: Arc::default(),
         }
     }
 
@@ -255,6 +259,20 @@ impl Hubs {
         for reg in &hub.subs {
             if reg.state == SubState::Active && skip_user != Some(&*reg.sub.user_id) {
                 let _ = reg.sub.tx.try_send(frame.clone());
+            }
+        }
+    }
+
+    /// A presence change for the channel's active subscribers (not the user themself): noted
+    /// per connection and sent coalesced (one frame per connection per interval).
+    pub fn deliver_presence(&self, channel_id: &str, p: &Arc<EncodedPresence>) {
+        let inner = self.lock();
+        let Some(hub) = inner.hubs.get(channel_id) else {
+            return;
+        };
+        for reg in &hub.subs {
+            if reg.state == SubState::Active && reg.sub.user_id != p.user_id {
+                self.presence.add(reg.sub.conn, &reg.sub.tx, p);
             }
         }
     }

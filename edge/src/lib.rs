@@ -29,6 +29,7 @@ mod hub;
 mod interest;
 pub mod membership;
 pub mod metrics;
+mod presence_batch;
 mod queue;
 mod session;
 mod upgrade;
@@ -362,6 +363,12 @@ impl Edge {
                 return;
             }
             self.calls.peer_reconnected(&pid);
+        }
+        if let EphemeralTarget::Channel { channel_id } = &ev.target
+            && let Some(p) = presence_batch::EncodedPresence::from_frame(&ev.frame)
+        {
+            self.hubs.deliver_presence(channel_id, &p);
+            return;
         }
         let Ok(json) = serde_json::to_string(&ev.frame) else {
             return;

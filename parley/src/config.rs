@@ -228,6 +228,14 @@ pub struct ServeArgs {
     /// Idle time (no send, read or typing) after which an online user is away, in milliseconds.
     #[arg(long, env = "PARLEY_AWAY_AFTER_MS", default_value_t = 300_000)]
     pub away_after_ms: u64,
+    /// Presence changes are announced only in channels with at most this many members; larger
+    /// channels get no `presence.changed` (clients ask `POST /v1/presence/query`).
+    #[arg(
+        long,
+        env = "PARLEY_PRESENCE_FANOUT_MAX_MEMBERS",
+        default_value_t = 1_000
+    )]
+    pub presence_fanout_max_members: u64,
     /// Minimum interval between two typing announcements of a user in a channel, in milliseconds.
     #[arg(long, env = "PARLEY_TYPING_THROTTLE_MS", default_value_t = 3_000)]
     pub typing_throttle_ms: u64,

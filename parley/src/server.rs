@@ -262,6 +262,7 @@ pub async fn build(
         typing_expiry_ms: args.typing_expiry_ms,
         // Four refreshes fit in one TTL: a node's users outlive a missed refresh or two.
         presence_refresh: Duration::from_millis((args.presence_ttl_ms / 4).max(100)),
+        presence_fanout_max_members: args.presence_fanout_max_members,
         ..RealtimeConfig::default()
     };
     let realtime = Realtime::new(

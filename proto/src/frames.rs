@@ -312,6 +312,12 @@ pub enum ServerFrame {
         #[serde(flatten)]
         presence: crate::model::Presence,
     },
+    /// Several users' presence changes for one connection, coalesced over a short interval
+    /// (each user once, latest state): handle it as one `presence.changed` per entry.
+    #[serde(rename = "presence.batch")]
+    PresenceBatch {
+        presences: Vec<crate::model::Presence>,
+    },
     /// Someone is typing (`state: start`, valid `expires_in_ms`) or stopped.
     #[serde(rename = "typing")]
     Typing {

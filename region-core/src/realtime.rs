@@ -29,6 +29,9 @@ pub struct RealtimeConfig {
     /// How often this node refreshes its presence entries (and sweeps those of dead nodes):
     /// a fraction of the presence store's TTL.
     pub presence_refresh: Duration,
+    /// Presence changes are announced only in channels with at most this many members; larger
+    /// channels opt out of the fan-out (their clients use the bulk presence query).
+    pub presence_fanout_max_members: u64,
 }
 
 impl Default for RealtimeConfig {
@@ -42,6 +45,7 @@ impl Default for RealtimeConfig {
             typing_expiry_ms: 6_000,
             tick: Duration::from_millis(250),
             presence_refresh: Duration::from_secs(2),
+            presence_fanout_max_members: 1_000,
         }
     }
 }
@@ -295,7 +299,11 @@ impl Realtime {
         let frame = ServerFrame::PresenceChanged {
             presence: presence_of(user, p),
         };
-        let channels = match self.storage.channel_ids_of(tenant, user).await {
+        let channels = match self
+            .storage
+            .presence_channel_ids_of(tenant, user, self.config.presence_fanout_max_members)
+            .await
+        {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(error = %e, "presence fan-out skipped: channel list unavailable");

@@ -54,12 +54,75 @@ async fn concurrent_migrations_on_a_fresh_database() {
             .await
             .expect("read migrations");
         let versions: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-        assert_eq!(versions, vec![1, 2], "each migration recorded exactly once");
+        assert_eq!(
+            versions,
+            vec![1, 2, 3],
+            "each migration recorded exactly once"
+        );
         drop(client);
         let _ = conn.await;
     }
     admin
         .batch_execute(&format!("DROP DATABASE {db}"))
+        .await
+        .expect("drop database");
+    drop(admin);
+    let _ = connection.await;
+}
+
+/// Migration 3 fills the unread counters of a database written before it: in a fresh database
+/// the counters are dropped and the migration unrecorded, and connecting applies it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unread_counters_migration_backfills() {
+    use parley_core::storage::conformance::{assert_unread_exact, unread_fixture};
+    let url = database_url();
+    let (admin, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let connection = tokio::spawn(connection);
+    let db = format!(
+        "parley_unread_{}",
+        ulid::Ulid::new().to_string().to_lowercase()
+    );
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create database");
+    let fresh_url = with_database(&url, &db);
+    let s: Arc<dyn Storage> = Arc::new(
+        PostgresStorage::connect(&fresh_url, 2)
+            .await
+            .expect("connect"),
+    );
+    let (t, ch, users) = unread_fixture(&s).await;
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    assert_unread_exact(&s, &t, &ch, &users, "before").await;
+    drop(s);
+    {
+        let (client, conn) = tokio_postgres::connect(&fresh_url, tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let conn = tokio::spawn(conn);
+        client
+            .batch_execute(
+                "ALTER TABLE channels DROP COLUMN msg_count, DROP COLUMN deleted_count, DROP COLUMN member_count; \
+                 ALTER TABLE members DROP COLUMN read_count, DROP COLUMN skip_count; \
+                 DELETE FROM schema_migrations WHERE version = 3;",
+            )
+            .await
+            .expect("undo migration 3");
+        drop(client);
+        let _ = conn.await;
+    }
+    let s: Arc<dyn Storage> = Arc::new(
+        PostgresStorage::connect(&fresh_url, 2)
+            .await
+            .expect("reconnect"),
+    );
+    assert_unread_exact(&s, &t, &ch, &users, "after the migration").await;
+    drop(s);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
         .await
         .expect("drop database");
     drop(admin);

@@ -15,6 +15,31 @@ async fn storage() -> (Arc<SqliteStorage>, tempfile::TempDir) {
     (Arc::new(storage), dir)
 }
 
+/// Migration 3 fills the unread counters of a database written before it: the counters are
+/// dropped and the migration unrecorded, and reopening the database applies it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unread_counters_migration_backfills() {
+    use parley_core::storage::Storage;
+    use parley_core::storage::conformance::{assert_unread_exact, unread_fixture};
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let s: Arc<dyn Storage> = Arc::new(SqliteStorage::open(dir.path()).await.expect("open"));
+    let (t, ch, users) = unread_fixture(&s).await;
+    let users: Vec<&str> = users.iter().map(String::as_str).collect();
+    assert_unread_exact(&s, &t, &ch, &users, "before").await;
+    drop(s);
+    {
+        let c = rusqlite::Connection::open(dir.path().join("parley.db")).expect("open db");
+        c.execute_batch(
+            "ALTER TABLE channels DROP COLUMN msg_count; ALTER TABLE channels DROP COLUMN deleted_count; ALTER TABLE channels DROP COLUMN member_count; \
+             ALTER TABLE members DROP COLUMN read_count; ALTER TABLE members DROP COLUMN skip_count; \
+             DELETE FROM schema_migrations WHERE version = 3;",
+        )
+        .expect("undo migration 3");
+    }
+    let s: Arc<dyn Storage> = Arc::new(SqliteStorage::open(dir.path()).await.expect("reopen"));
+    assert_unread_exact(&s, &t, &ch, &users, "after the migration").await;
+}
+
 /// Between a commit and its sync to disk, no read shows the new seq: a power loss then would
 /// give the seq to another message. The sync thread is held by a test gate; the commit is
 /// visible in the database file (a connection of our own sees it), yet every read of the

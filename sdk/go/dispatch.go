@@ -48,6 +48,11 @@ func (rt *Realtime) dispatchLoop() {
 		case itemFrame:
 			if item.f.isChannelEvent() {
 				rt.onChannelEvent(item.f.channelEvent())
+			} else if item.f.Type == "presence.batch" {
+				// Several users' changes coalesced by the server: one PresenceChanged each.
+				for _, p := range item.f.Presences {
+					rt.onEphemeral(&PresenceChanged{p})
+				}
 			} else {
 				rt.onEphemeral(item.f.ephemeralEvent())
 			}

@@ -217,6 +217,9 @@ type frame struct {
 	Type string  `json:"type"`
 	ID   *string `json:"id"`
 
+	// presence.batch
+	Presences []Presence `json:"presences"`
+
 	// error
 	Code         string          `json:"code"`
 	Message      json.RawMessage `json:"-"`

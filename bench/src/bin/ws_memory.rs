@@ -36,9 +36,10 @@ struct Args {
     /// Client source addresses 127.0.0.2 .. 127.0.0.(1+K).
     #[arg(long, default_value_t = 4)]
     source_addrs: usize,
-    /// Distinct users the connections authenticate as (in turn); all are members of every channel.
-    #[arg(long, default_value_t = 99)]
-    users: usize,
+    /// Distinct users the connections authenticate as (in turn); all are members of every
+    /// channel. Default: one user per connection (per-user state on the server shows only then).
+    #[arg(long)]
+    users: Option<usize>,
     /// Channels the connections subscribe to in phase 2 (connection i takes channel i mod C).
     #[arg(long, default_value_t = 1)]
     channels: usize,
@@ -161,9 +162,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "ws_memory: {} | open files limit {soft} (hard {hard}), inherited by the server",
         parley_bench::machine_summary()
     );
-    let mut server = ServerProcess::start(&args.parley, &args.server_args)?;
+    // Setup adds every user to the channels over REST: raise the REST budget far above it.
+    let mut server_args: Vec<String> =
+        ["--rate-per-minute", "100000000", "--rate-burst", "1000000"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+    server_args.extend(args.server_args.iter().cloned());
+    let mut server = ServerProcess::start(&args.parley, &server_args)?;
     println!("server: {} (pid {})", server.banner, server.pid());
-    let users: Vec<String> = (0..args.users.max(1)).map(|i| format!("u{i}")).collect();
+    let n_users = args.users.unwrap_or(args.connections).max(1);
+    println!("{n_users} distinct users, members of every channel");
+    let users: Vec<String> = (0..n_users).map(|i| format!("u{i}")).collect();
     let tokens: Vec<String> = users.iter().map(|u| token(u)).collect();
     let rest = Rest::new(server.http_base());
     let owner = token("bench-owner");
@@ -173,8 +183,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let id = rest
             .create_channel(&owner, &format!("bench-{c}"), &initial)
             .await?;
-        for u in users.iter().skip(99) {
-            rest.add_member(&owner, &id, u).await?;
+        let adds = futures::stream::iter(users.iter().skip(99).map(|u| {
+            let (rest, owner, id) = (&rest, &owner, &id);
+            async move { rest.add_member(owner, id, u).await }
+        }))
+        .buffer_unordered(32)
+        .collect::<Vec<_>>()
+        .await;
+        for a in adds {
+            a?;
         }
         channels.push(id);
     }

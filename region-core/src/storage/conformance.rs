@@ -59,6 +59,10 @@ macro_rules! storage_conformance_tests {
             metadata_round_trips
             read_state_and_unread_counts
             unread_counts_stop_at_the_cap
+            unread_counts_follow_every_change
+            unread_reads_in_the_middle_of_a_long_channel
+            unread_counts_exact_under_concurrency
+            presence_channels_leave_out_large_ones
             call_lifecycle
             one_active_call_per_channel
             concurrent_joins_stop_at_the_cap
@@ -1844,6 +1848,367 @@ pub async fn unread_counts_stop_at_the_cap(s: Arc<dyn Storage>) {
             .expect("bob")
             .unread_count,
         0
+    );
+}
+
+/// The unread count the rules define, computed from the stored messages: every member's live
+/// messages of others after the member's read position (capped). Checks it against `read_state`
+/// and the channel list for each of `users` (all members).
+pub async fn assert_unread_exact(
+    s: &Arc<dyn Storage>,
+    t: &str,
+    ch: &str,
+    users: &[&str],
+    what: &str,
+) {
+    let mut all: Vec<Message> = Vec::new();
+    loop {
+        let after = all.last().map_or(0, |m| m.seq);
+        let page = history(s, t, ch, HistoryAnchor::After(after), 200).await;
+        all.extend(page.messages);
+        if !page.has_after {
+            break;
+        }
+    }
+    let members = s.members(t, ch).await.expect("members");
+    for user in users {
+        let member = members
+            .iter()
+            .find(|m| m.user_id == *user)
+            .unwrap_or_else(|| panic!("{what}: {user} is a member"));
+        let expected = all
+            .iter()
+            .filter(|m| m.seq > member.last_read_seq && m.sender_id != *user && !m.deleted)
+            .count() as u64;
+        let expected = expected.min(UNREAD_COUNT_CAP);
+        let state = s.read_state(t, ch, user).await.expect("read_state");
+        assert_eq!(
+            (state.last_read_seq, state.unread_count),
+            (member.last_read_seq, expected),
+            "{what}: read state of {user}"
+        );
+        let listed = s
+            .channels_of(t, user)
+            .await
+            .expect("channels_of")
+            .into_iter()
+            .find(|c| c.id == ch)
+            .expect("listed");
+        assert_eq!(
+            (listed.last_read_seq, listed.unread_count),
+            (Some(member.last_read_seq), Some(expected)),
+            "{what}: channel list of {user}"
+        );
+    }
+}
+
+/// The unread counts stay exact through everything that moves them: own messages, deletions
+/// (of own and others' messages, before and after a reader's position), edits, reads at a
+/// message seq and at an event seq in the middle, a member who joins late, and a member who
+/// leaves and comes back (their messages from the first membership are still their own).
+pub async fn unread_counts_follow_every_change(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob, carol, dave) = (id("alice"), id("bob"), id("carol"), id("dave"));
+    let ch = channel(
+        &s,
+        &t,
+        &alice,
+        &[(bob.as_str(), Role::Member), (carol.as_str(), Role::Member)],
+    )
+    .await;
+    let ch = ch.id.as_str();
+    let three = [alice.as_str(), bob.as_str(), carol.as_str()];
+    assert_unread_exact(&s, &t, ch, &three, "a new channel").await;
+    let mut sent = Vec::new();
+    for (i, who) in [&bob, &alice, &bob, &carol, &bob, &alice]
+        .into_iter()
+        .enumerate()
+    {
+        sent.push(
+            send(&s, msg(&t, ch, who, &format!("m{i}"), "hello"))
+                .await
+                .message,
+        );
+    }
+    assert_unread_exact(&s, &t, ch, &three, "own messages are not unread").await;
+    assert_eq!(
+        s.read_state(&t, ch, &carol)
+            .await
+            .expect("carol")
+            .unread_count,
+        5,
+        "carol has 5 unread (one of the 6 is hers)"
+    );
+
+    // Carol reads up to bob's second message (a message seq in the middle).
+    s.mark_read(&t, ch, &carol, sent[2].seq)
+        .await
+        .expect("read");
+    assert_unread_exact(&s, &t, ch, &three, "read at a message in the middle").await;
+    // Deleting a message carol has read changes nothing for her; bob's own deleted message
+    // changes nothing for him; alice had not read it: one fewer for her.
+    s.delete_message(&t, ch, &sent[0].id, &bob)
+        .await
+        .expect("delete");
+    assert_unread_exact(
+        &s,
+        &t,
+        ch,
+        &three,
+        "an own message deleted, behind a reader",
+    )
+    .await;
+    // A message none of the others has read, deleted by someone else than its sender.
+    let deleted = s
+        .delete_message(&t, ch, &sent[4].id, &alice)
+        .await
+        .expect("delete");
+    assert_unread_exact(
+        &s,
+        &t,
+        ch,
+        &three,
+        "a message deleted ahead of every reader",
+    )
+    .await;
+    // An edit is not a new message.
+    s.edit_message(&t, ch, &sent[5].id, "edited", None)
+        .await
+        .expect("edit");
+    assert_unread_exact(&s, &t, ch, &three, "an edit").await;
+    // Bob reads up to the deletion event's seq (an event, not a message).
+    s.mark_read(&t, ch, &bob, deleted.seq).await.expect("read");
+    assert_unread_exact(&s, &t, ch, &three, "read at an event seq").await;
+    // Going back changes nothing.
+    s.mark_read(&t, ch, &bob, 1).await.expect("read back");
+    assert_unread_exact(&s, &t, ch, &three, "a read behind the position").await;
+
+    // Dave joins late: the channel's live history is unread for him.
+    s.add_member(&t, ch, &dave, Role::Member, &alice)
+        .await
+        .expect("add dave");
+    let four = [alice.as_str(), bob.as_str(), carol.as_str(), dave.as_str()];
+    assert_unread_exact(&s, &t, ch, &four, "a member who joins late").await;
+    let dave_msg = send(&s, msg(&t, ch, &dave, "d1", "hi all")).await.message;
+    send(&s, msg(&t, ch, &dave, "d2", "again")).await;
+    assert_unread_exact(&s, &t, ch, &four, "the late member's own messages").await;
+
+    // Carol leaves; messages meanwhile; she comes back with her old messages still her own.
+    send(&s, msg(&t, ch, &carol, "c2", "bye")).await;
+    s.remove_member(&t, ch, &carol, &alice)
+        .await
+        .expect("remove carol");
+    send(&s, msg(&t, ch, &bob, "b-away", "while carol is away")).await;
+    s.delete_message(&t, ch, &dave_msg.id, &dave)
+        .await
+        .expect("delete");
+    s.add_member(&t, ch, &carol, Role::Member, &alice)
+        .await
+        .expect("add carol back");
+    assert_unread_exact(&s, &t, ch, &four, "a member who came back").await;
+
+    // Everybody reads to the end in turn, with messages in between.
+    for (i, user) in four.iter().enumerate() {
+        s.mark_read(&t, ch, user, u64::MAX).await.expect("read all");
+        send(&s, msg(&t, ch, &alice, &format!("tail{i}"), "more")).await;
+        assert_unread_exact(&s, &t, ch, &four, "reads to the end").await;
+    }
+}
+
+/// For the engines' migration tests: a channel with own, others' and deleted messages and read
+/// positions in the middle; returns `(tenant, channel, members)`. Check it with
+/// [`assert_unread_exact`].
+pub async fn unread_fixture(s: &Arc<dyn Storage>) -> (String, String, Vec<String>) {
+    let t = tenant();
+    let users: Vec<String> = (0..3).map(|i| id(&format!("u{i}"))).collect();
+    let ch = channel(
+        s,
+        &t,
+        &users[0],
+        &[
+            (users[1].as_str(), Role::Member),
+            (users[2].as_str(), Role::Member),
+        ],
+    )
+    .await;
+    let mut sent = Vec::new();
+    for i in 0..12 {
+        sent.push(
+            send(s, msg(&t, &ch.id, &users[i % 3], &format!("k{i}"), "x"))
+                .await
+                .message,
+        );
+    }
+    for i in [1, 7, 10] {
+        s.delete_message(&t, &ch.id, &sent[i].id, &users[0])
+            .await
+            .expect("delete");
+    }
+    s.mark_read(&t, &ch.id, &users[1], sent[4].seq)
+        .await
+        .expect("read");
+    s.mark_read(&t, &ch.id, &users[2], sent[9].seq)
+        .await
+        .expect("read");
+    (t, ch.id, users)
+}
+
+/// Reads at many positions of a long channel, forward in small and large steps (the counters are
+/// moved by the range just read or set from the range still unread, whichever is shorter), with
+/// own and deleted messages spread over it.
+pub async fn unread_reads_in_the_middle_of_a_long_channel(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob) = (id("alice"), id("bob"));
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
+    let ch = ch.id.as_str();
+    let users = [alice.as_str(), bob.as_str()];
+    let mut sent = Vec::new();
+    for chunk in (0..300).collect::<Vec<_>>().chunks(100) {
+        let requests = chunk
+            .iter()
+            .map(|i| {
+                let who = if i % 3 == 0 { &alice } else { &bob };
+                msg(&t, ch, who, &format!("k{i}"), "text")
+            })
+            .collect();
+        sent.extend(send_all(&s, requests).await.into_iter().map(|o| o.message));
+    }
+    for m in sent.iter().filter(|m| m.seq % 7 == 0) {
+        s.delete_message(&t, ch, &m.id, &alice)
+            .await
+            .expect("delete");
+    }
+    assert_unread_exact(&s, &t, ch, &users, "300 messages, some deleted").await;
+    let mut position = 0;
+    for step in [1, 2, 40, 3, 150, 1, 60, 5, 200] {
+        position += step;
+        s.mark_read(&t, ch, &alice, position)
+            .await
+            .expect("alice reads");
+        s.mark_read(&t, ch, &bob, position * 2)
+            .await
+            .expect("bob reads");
+        assert_unread_exact(&s, &t, ch, &users, &format!("read to {position}")).await;
+    }
+}
+
+/// Sends from several members, deletions and reads all at once: afterwards every count is
+/// exact (no update of a counter is lost or applied twice under concurrency).
+pub async fn unread_counts_exact_under_concurrency(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let users: Vec<String> = (0..5).map(|i| id(&format!("u{i}"))).collect();
+    let others: Vec<(&str, Role)> = users[1..]
+        .iter()
+        .map(|u| (u.as_str(), Role::Member))
+        .collect();
+    let ch = channel(&s, &t, &users[0], &others).await;
+    let ch = ch.id.clone();
+    let early = send_all(
+        &s,
+        (0..20)
+            .map(|i| msg(&t, &ch, &users[i % 5], &format!("e{i}"), "early"))
+            .collect(),
+    )
+    .await;
+    let mut tasks = Vec::new();
+    for round in 0..4 {
+        for (u, user) in users.iter().enumerate() {
+            let (s, t, ch, user) = (s.clone(), t.clone(), ch.clone(), user.clone());
+            tasks.push(tokio::spawn(async move {
+                for k in 0..5 {
+                    send(&s, msg(&t, &ch, &user, &format!("r{round}-{k}"), "x")).await;
+                    if (k + u) % 2 == 0 {
+                        let last = s.channel(&t, &ch).await.expect("channel").expect("exists");
+                        s.mark_read(&t, &ch, &user, last.last_seq.saturating_sub(3))
+                            .await
+                            .expect("read");
+                    }
+                }
+            }));
+        }
+        let doomed = early[round * 5].message.id.clone();
+        let (s2, t2, ch2, by) = (s.clone(), t.clone(), ch.clone(), users[0].clone());
+        tasks.push(tokio::spawn(async move {
+            s2.delete_message(&t2, &ch2, &doomed, &by)
+                .await
+                .expect("delete");
+        }));
+    }
+    for task in tasks {
+        task.await.expect("task");
+    }
+    let names: Vec<&str> = users.iter().map(String::as_str).collect();
+    assert_unread_exact(
+        &s,
+        &t,
+        &ch,
+        &names,
+        "after concurrent sends, reads and deletes",
+    )
+    .await;
+}
+
+/// `presence_channel_ids_of` lists the user's channels with at most the given number of
+/// members, following joins and removals (and a backfilled migration, in the engines' tests).
+pub async fn presence_channels_leave_out_large_ones(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let users: Vec<String> = (0..5).map(|i| id(&format!("u{i}"))).collect();
+    let small = channel(&s, &t, &users[0], &[(users[1].as_str(), Role::Member)]).await;
+    let others: Vec<(&str, Role)> = users[1..4]
+        .iter()
+        .map(|u| (u.as_str(), Role::Member))
+        .collect();
+    let large = channel(&s, &t, &users[0], &others).await;
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let of = |user: String, max: u64| {
+        let (s, t) = (s.clone(), t.clone());
+        async move {
+            let mut v = s
+                .presence_channel_ids_of(&t, &user, max)
+                .await
+                .expect("presence_channel_ids_of");
+            v.sort();
+            v
+        }
+    };
+    assert_eq!(
+        of(users[0].clone(), 3).await,
+        vec![small.id.clone()],
+        "4 members > 3"
+    );
+    assert_eq!(
+        of(users[0].clone(), 4).await,
+        sorted(vec![small.id.clone(), large.id.clone()])
+    );
+    assert!(
+        of(users[4].clone(), 100).await.is_empty(),
+        "not a member anywhere"
+    );
+    s.remove_member(&t, &large.id, &users[3], &users[0])
+        .await
+        .expect("remove");
+    assert_eq!(
+        of(users[0].clone(), 3).await,
+        sorted(vec![small.id.clone(), large.id.clone()]),
+        "3 members after a removal"
+    );
+    s.add_member(&t, &large.id, &users[4], Role::Member, &users[0])
+        .await
+        .expect("add");
+    assert_eq!(
+        of(users[4].clone(), 3).await,
+        Vec::<String>::new(),
+        "4 again"
+    );
+    assert_eq!(of(users[4].clone(), 4).await, vec![large.id.clone()]);
+    assert!(
+        s.presence_channel_ids_of(&tenant(), &users[0], 100)
+            .await
+            .expect("other tenant")
+            .is_empty()
     );
 }
 

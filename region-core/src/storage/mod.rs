@@ -27,6 +27,19 @@ pub use sqlite::SqliteStorage;
 /// Both engines' SQL spell the number out in a `LIMIT`; the conformance suite checks them.
 pub const UNREAD_COUNT_CAP: u64 = 1000;
 
+/// The seq range whose messages a read position moving from `old` to `target` (at most `last`,
+/// the channel's last seq) has to count to keep the unread counters: `(from, to, tail)`, the
+/// range `(from, to]`. With `tail` false it is the range just read, `(old, target]` (the counters
+/// move by what it holds); with `tail` true the range still unread, `(target, last]` (the
+/// counters are set from it). The shorter of the two, so a read to the end counts nothing.
+pub(crate) fn read_count_range(old: i64, target: i64, last: i64) -> (i64, i64, bool) {
+    if last - target < target - old {
+        (target, last, true)
+    } else {
+        (old, target, false)
+    }
+}
+
 /// The sentence of the `Conflict` refusing to demote a channel's only owner.
 pub const LAST_OWNER: &str =
     "this member is the channel's only owner; make another member owner first";
@@ -180,6 +193,16 @@ pub trait Storage: Send + Sync + 'static {
     /// The ids of the channels `user_id` is a member of, in no particular order. One index read:
     /// for fan-outs (presence) that need neither the channels nor their unread counts.
     async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>>;
+
+    /// The ids of the channels `user_id` is a member of that have at most `max_members` members,
+    /// in no particular order: the channels presence changes are announced in (larger ones opt
+    /// out). The member count is a counter of the channel row, so this is one index read too.
+    async fn presence_channel_ids_of(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        max_members: u64,
+    ) -> StorageResult<Vec<String>>;
 
     /// Renames the channel; returns the `channel.updated` event with its new seq.
     async fn rename_channel(

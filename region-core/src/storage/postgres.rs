@@ -263,7 +263,11 @@ impl Storage for PostgresStorage {
                 .map(|(user, role)| (user.as_str(), role.as_str()))
                 .unzip();
             let members = tx.prepare_cached(INSERT_MEMBERS).await?;
-            tx.execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles])
+            let n = tx
+                .execute(&members, &[&new.id, &new.tenant_id, &now, &users, &roles])
+                .await?;
+            let count = tx.prepare_cached(ADD_MEMBER_COUNT).await?;
+            tx.execute(&count, &[&new.id, &i64::try_from(n).unwrap_or(0)])
                 .await?;
             let channel = Channel {
                 id: new.id.clone(),
@@ -312,6 +316,19 @@ impl Storage for PostgresStorage {
     async fn channel_ids_of(&self, tenant: &str, user_id: &str) -> StorageResult<Vec<String>> {
         let rows = self
             .read_rows(SELECT_CHANNEL_IDS_OF, &[&tenant, &user_id])
+            .await?;
+        rows.iter().map(|row| get(row, "channel_id")).collect()
+    }
+
+    async fn presence_channel_ids_of(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        max_members: u64,
+    ) -> StorageResult<Vec<String>> {
+        let max = i64::try_from(max_members).unwrap_or(i64::MAX);
+        let rows = self
+            .read_rows(SELECT_PRESENCE_CHANNEL_IDS_OF, &[&tenant, &user_id, &max])
             .await?;
         rows.iter().map(|row| get(row, "channel_id")).collect()
     }
@@ -384,29 +401,54 @@ impl Storage for PostgresStorage {
         user_id: &str,
         seq: u64,
     ) -> StorageResult<ReadState> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let last = client
-            .prepare_cached(SELECT_LAST_SEQ)
-            .await
-            .map_err(db_err)?;
-        let row = client
-            .query_opt(&last, &[&channel_id, &tenant])
-            .await
-            .map_err(db_err)?
-            .ok_or(StorageError::NotFound)?;
-        let last_seq: i64 = get(&row, "last_seq")?;
-        let target = i64::try_from(seq).unwrap_or(i64::MAX).min(last_seq);
-        let update = client.prepare_cached(MARK_READ).await.map_err(db_err)?;
-        if client
-            .execute(&update, &[&channel_id, &tenant, &user_id, &target])
-            .await
-            .map_err(db_err)?
-            == 0
-        {
-            return Err(StorageError::NotAMember);
-        }
-        drop(client);
-        self.read_state(tenant, channel_id, user_id).await
+        transact!(self.pool, |tx| {
+            // Channel first (shared), then the member row: the order every writer uses.
+            let (lock, member) = tokio::try_join!(
+                tx.prepare_cached(LOCK_CHANNEL_SHARE),
+                tx.prepare_cached(LOCK_MEMBER)
+            )?;
+            let row = tx
+                .query_opt(&lock, &[&channel_id, &tenant])
+                .await?
+                .ok_or(StorageError::NotFound)?;
+            let last_seq: i64 = get(&row, "last_seq")?;
+            let target = i64::try_from(seq).unwrap_or(i64::MAX).min(last_seq);
+            let row = tx
+                .query_opt(&member, &[&channel_id, &tenant, &user_id])
+                .await?
+                .ok_or(StorageError::NotAMember)?;
+            let old: i64 = get(&row, "last_read_seq")?;
+            if target > old {
+                let (from, to, tail) = super::read_count_range(old, target, last_seq);
+                let count = tx.prepare_cached(COUNT_READ_RANGE).await?;
+                let row = tx
+                    .query_one(&count, &[&channel_id, &from, &to, &user_id])
+                    .await?;
+                let (all, skipped): (i64, i64) = (get(&row, "all_count")?, get(&row, "skipped")?);
+                let update = tx
+                    .prepare_cached(if tail {
+                        MARK_READ_TAIL
+                    } else {
+                        MARK_READ_FORWARD
+                    })
+                    .await?;
+                tx.execute(
+                    &update,
+                    &[&channel_id, &tenant, &user_id, &target, &all, &skipped],
+                )
+                .await?;
+            }
+            let state = tx.prepare_cached(SELECT_READ_STATE).await?;
+            let row = tx
+                .query_opt(&state, &[&channel_id, &tenant, &user_id])
+                .await?
+                .ok_or(StorageError::NotAMember)?;
+            ReadState {
+                channel_id: channel_id.to_owned(),
+                last_read_seq: seq_from(get(&row, "last_read_seq")?)?,
+                unread_count: seq_from(get(&row, "unread_count")?)?,
+            }
+        })
     }
 
     async fn read_state(
@@ -536,6 +578,12 @@ impl Storage for PostgresStorage {
             if tx.execute(&insert, &params).await? == 0 {
                 return Ok(None);
             }
+            let (counters, count) = tokio::try_join!(
+                tx.prepare_cached(NEW_MEMBER_COUNTERS),
+                tx.prepare_cached(ADD_MEMBER_COUNT)
+            )?;
+            tx.execute(&counters, &[&channel_id, &user_id]).await?;
+            tx.execute(&count, &[&channel_id, &1i64]).await?;
             let member = Member {
                 user_id: user_id.to_owned(),
                 role,
@@ -569,6 +617,8 @@ impl Storage for PostgresStorage {
             {
                 return Ok(None);
             }
+            let count = tx.prepare_cached(ADD_MEMBER_COUNT).await?;
+            tx.execute(&count, &[&channel_id, &-1i64]).await?;
             let body = EventBody::MemberRemoved {
                 user_id: user_id.to_owned(),
                 by: by.to_owned(),
@@ -672,6 +722,14 @@ impl Storage for PostgresStorage {
                 .query_opt(&delete, &[&channel_id, &message_id, &now_ms()])
                 .await?;
             let message = message_from_row(&row.ok_or(StorageError::NotFound)?, channel_id)?;
+            let (deleted, members) = tokio::try_join!(
+                tx.prepare_cached(DELETED_COUNTERS[0]),
+                tx.prepare_cached(DELETED_COUNTERS[1])
+            )?;
+            let seq = seq_param(message.seq);
+            tx.execute(&deleted, &[&channel_id]).await?;
+            tx.execute(&members, &[&channel_id, &seq, &message.sender_id])
+                .await?;
             append_event(
                 &tx,
                 tenant,
@@ -894,7 +952,28 @@ CREATE TABLE IF NOT EXISTS channel_events (
 );",
     ),
     (2, calls::MIGRATION),
+    (3, UNREAD_COUNTERS_MIGRATION),
 ];
+
+/// Migration 3: the unread counters (`schema.md`, "Unread counts"), backfilled from the rows
+/// already stored (each member's messages counted once); new writes keep them with O(1) work
+/// per message.
+const UNREAD_COUNTERS_MIGRATION: &str = "
+ALTER TABLE channels ADD COLUMN IF NOT EXISTS msg_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN IF NOT EXISTS deleted_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN IF NOT EXISTS member_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN IF NOT EXISTS read_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN IF NOT EXISTS skip_count BIGINT NOT NULL DEFAULT 0;
+UPDATE channels SET
+  msg_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id),
+  deleted_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id AND x.deleted_at IS NOT NULL),
+  member_count = (SELECT COUNT(*) FROM members x WHERE x.channel_id = channels.id);
+UPDATE members SET
+  read_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = members.channel_id
+                AND x.seq <= members.last_read_seq),
+  skip_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = members.channel_id
+                AND x.seq > members.last_read_seq
+                AND (x.sender_id = members.user_id OR x.deleted_at IS NOT NULL));";
 
 const CREATE_SCHEMA_MIGRATIONS: &str = "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at BIGINT NOT NULL)";
 /// Claims a migration; a concurrent claimer waits on the row until the first commits.
@@ -905,17 +984,21 @@ const SELECT_CHANNEL: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.creat
      WHERE c.id = $1 AND c.tenant_id = $2";
 const SELECT_DM: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq FROM channels c \
      WHERE c.tenant_id = $1 AND c.dm_key = $2";
-/// A page of the caller's channels by id descending. The inner query picks the page's channel
-/// ids first, so unread messages (counted up to [`super::UNREAD_COUNT_CAP`], the `LIMIT`, also in
-/// [`SELECT_READ_STATE`]) are counted for those channels only.
+/// A page of the caller's channels by id descending; the unread counts come from the counters,
+/// O(1) per channel (also in [`SELECT_READ_STATE`]), shown up to [`super::UNREAD_COUNT_CAP`].
 const SELECT_CHANNELS_PAGE: &str = "SELECT c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq, m.role, m.last_read_seq, \
-     (SELECT COUNT(*) FROM (SELECT 1 FROM messages x WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq \
-      AND x.sender_id <> m.user_id AND x.deleted_at IS NULL LIMIT 1000) u) AS unread_count \
+     LEAST(GREATEST(c.msg_count - m.read_count - m.skip_count, 0), 1000) AS unread_count \
      FROM (SELECT channel_id FROM members WHERE tenant_id = $1 AND user_id = $2 \
            AND ($3::TEXT IS NULL OR channel_id < $3::TEXT) ORDER BY channel_id DESC LIMIT $4) p \
      JOIN members m ON m.channel_id = p.channel_id AND m.user_id = $2 \
      JOIN channels c ON c.id = p.channel_id AND c.tenant_id = m.tenant_id \
      ORDER BY p.channel_id DESC";
+/// The user's channels with at most `$3` members (the presence fan-out's).
+const SELECT_PRESENCE_CHANNEL_IDS_OF: &str = "SELECT m.channel_id FROM members m \
+     JOIN channels c ON c.id = m.channel_id \
+     WHERE m.tenant_id = $1 AND m.user_id = $2 AND c.member_count <= $3";
+/// Moves a channel's member count by `$2`.
+const ADD_MEMBER_COUNT: &str = "UPDATE channels SET member_count = member_count + $2 WHERE id = $1";
 const SELECT_CHANNEL_IDS_OF: &str =
     "SELECT channel_id FROM members WHERE tenant_id = $1 AND user_id = $2";
 /// Inserts the channel; nothing (and no error) when the tenant has this DM already.
@@ -949,19 +1032,48 @@ const SELECT_MEMBERS: &str = "SELECT user_id, role, joined_at, last_read_seq FRO
      ORDER BY joined_at, user_id";
 const INSERT_MEMBER: &str = "INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) \
      VALUES ($1, $2, $3, $4, $5) ON CONFLICT (channel_id, user_id) DO NOTHING";
-/// Moves the read position forward only; `$4` is already clamped to the channel's last seq.
-const MARK_READ: &str = "UPDATE members SET last_read_seq = CASE WHEN $4 > last_read_seq THEN $4 ELSE last_read_seq END \
-     WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
-const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, (SELECT COUNT(*) FROM (SELECT 1 FROM messages x \
-     WHERE x.channel_id = m.channel_id AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id \
-     AND x.deleted_at IS NULL LIMIT 1000) u) AS unread_count \
-     FROM members m WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
+/// Read path: the channel's last seq, with a share lock that waits for (and holds off) the
+/// writes that move the unread counters (sends, deletions, joins all lock the row for update).
+const LOCK_CHANNEL_SHARE: &str =
+    "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2 FOR SHARE";
+const LOCK_MEMBER: &str = "SELECT last_read_seq FROM members \
+     WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3 FOR UPDATE";
+/// Messages of seq range ($2, $3], and those of them that are not unread for user $4.
+const COUNT_READ_RANGE: &str = "SELECT COUNT(*) AS all_count, \
+     COUNT(*) FILTER (WHERE sender_id = $4 OR deleted_at IS NOT NULL) AS skipped \
+     FROM messages WHERE channel_id = $1 AND seq > $2 AND seq <= $3";
+/// Moves the read position to `$4` over the messages just read ($5 of them, $6 not unread).
+const MARK_READ_FORWARD: &str = "UPDATE members SET last_read_seq = $4, read_count = read_count + $5, \
+     skip_count = skip_count - $6 WHERE channel_id = $1 AND tenant_id = $2 AND user_id = $3";
+/// Moves the read position to `$4` with $5 messages after it, $6 of them not unread.
+const MARK_READ_TAIL: &str = "UPDATE members m SET last_read_seq = $4, read_count = c.msg_count - $5, \
+     skip_count = $6 FROM channels c \
+     WHERE c.id = m.channel_id AND m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
+const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, \
+     LEAST(GREATEST(c.msg_count - m.read_count - m.skip_count, 0), 1000) AS unread_count \
+     FROM members m JOIN channels c ON c.id = m.channel_id \
+     WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
+/// A new member's counters: read position 0, so the channel's deleted messages and the user's own
+/// (from an earlier membership) are the messages after it that are not unread.
+const NEW_MEMBER_COUNTERS: &str = "UPDATE members SET read_count = 0, skip_count = \
+     (SELECT deleted_count FROM channels WHERE id = $1) + \
+     (SELECT COUNT(*) FROM messages WHERE channel_id = $1 AND sender_id = $2 AND deleted_at IS NULL) \
+     WHERE channel_id = $1 AND user_id = $2";
+/// A deleted message (seq $2, sent by $3) stops being unread for those who had not read it.
+const DELETED_COUNTERS: [&str; 2] = [
+    "UPDATE channels SET deleted_count = deleted_count + 1 WHERE id = $1",
+    "UPDATE members SET skip_count = skip_count + 1 \
+     WHERE channel_id = $1 AND last_read_seq < $2 AND user_id <> $3",
+];
+/// Send path: each sender's new messages are after their read position and not unread for them.
+const SEND_SENDER_COUNTERS: &str = "UPDATE members m SET skip_count = m.skip_count + k.n \
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS k(channel_id, user_id, n) \
+     WHERE m.channel_id = k.channel_id AND m.user_id = k.user_id";
 const SHARES_CHANNEL: &str = "SELECT 1 FROM members m1 JOIN members m2 ON m2.channel_id = m1.channel_id \
      WHERE m1.tenant_id = $1 AND m1.user_id = $2 AND m2.user_id = $3 LIMIT 1";
 /// The primary key serves it: one index probe per channel.
 const SELECT_LAST_SEQS: &str =
     "SELECT id, tenant_id, last_seq FROM channels WHERE id = ANY($1::TEXT[])";
-const SELECT_LAST_SEQ: &str = "SELECT last_seq FROM channels WHERE id = $1 AND tenant_id = $2";
 const COUNT_OWNERS: &str =
     "SELECT COUNT(*) FROM members WHERE channel_id = $1 AND tenant_id = $2 AND role = 'owner'";
 const UPDATE_MEMBER_ROLE: &str =
@@ -989,7 +1101,7 @@ const SEND_MEMBERS: &str = "SELECT m.channel_id, m.user_id, m.tenant_id FROM mem
      JOIN unnest($1::TEXT[], $2::TEXT[]) AS k(channel_id, user_id) \
        ON m.channel_id = k.channel_id AND m.user_id = k.user_id";
 /// Send path: allocates `$2[i]` seqs in channel `$1[i]`; the new last_seq of each channel.
-const ALLOCATE_SEQS_MANY: &str = "UPDATE channels c SET last_seq = c.last_seq + k.n \
+const ALLOCATE_SEQS_MANY: &str = "UPDATE channels c SET last_seq = c.last_seq + k.n, msg_count = c.msg_count + k.n \
      FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, n) WHERE c.id = k.id \
      RETURNING c.id, c.last_seq";
 /// Send path: messages already stored under the batch's (sender_id, client_msg_id) keys.
@@ -1360,13 +1472,27 @@ async fn commit_groups(
             metadata.push(job.new.metadata.as_ref().map(|v| v.to_string()));
         }
         let (alloc_channels, counts): (Vec<&str>, Vec<i64>) = allocations.iter().copied().unzip();
-        let (allocate, insert) = tokio::try_join!(
+        // Each sender's count of new messages per channel, for their unread counters.
+        let mut per_sender: Vec<(&str, &str)> = ins_channels
+            .iter()
+            .copied()
+            .zip(senders.iter().copied())
+            .collect();
+        per_sender.sort_unstable();
+        let (mut sc_channels, mut sc_users, mut sc_counts) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in per_sender.chunk_by(|a, b| a == b) {
+            sc_channels.push(pair[0].0);
+            sc_users.push(pair[0].1);
+            sc_counts.push(pair.len() as i64);
+        }
+        let (allocate, insert, sender_counters) = tokio::try_join!(
             tx.prepare_cached(ALLOCATE_SEQS_MANY),
-            tx.prepare_cached(SEND_INSERT)
+            tx.prepare_cached(SEND_INSERT),
+            tx.prepare_cached(SEND_SENDER_COUNTERS)
         )?;
         // The rows are locked, so the seqs are known before the allocation returns; pipelining
         // the allocation with the insert saves a round trip, and the check below proves the guess.
-        let (allocated, _) = try_join(
+        let (allocated, _, _) = try_join3(
             tx.query(&allocate, &[&alloc_channels, &counts]),
             tx.execute(
                 &insert,
@@ -1382,6 +1508,7 @@ async fn commit_groups(
                     &now,
                 ],
             ),
+            tx.execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts]),
         )
         .await?;
         let mut new_last: HashMap<String, i64> = HashMap::with_capacity(allocated.len());

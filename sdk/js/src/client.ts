@@ -27,6 +27,7 @@ import type {
   Message,
   MessagePage,
   Presence,
+  PresenceBatchFrame,
   PresenceChangedEvent,
   ReadUpdatedEvent,
   ResumedChannel,
@@ -526,6 +527,14 @@ export class ParleyClient extends Emitter<ClientEvents> {
         const { type: _type, ...presence } = frame as PresenceChangedEvent;
         this.#presence.set(presence.user_id, presence);
         this.emit("presence.changed", frame as PresenceChangedEvent);
+        return;
+      }
+      case "presence.batch": {
+        // Several users' changes coalesced by the server: one `presence.changed` each.
+        for (const presence of (frame as PresenceBatchFrame).presences) {
+          this.#presence.set(presence.user_id, presence);
+          this.emit("presence.changed", { type: "presence.changed", ...presence });
+        }
         return;
       }
       case "read.updated":

@@ -69,6 +69,7 @@ export type ErrorFrame = ServerFrameOf<"error">;
 export type ResumedChannel = Schemas["ResumedChannel"];
 export type TypingEvent = ServerFrameOf<"typing">;
 export type PresenceChangedEvent = ServerFrameOf<"presence.changed">;
+export type PresenceBatchFrame = ServerFrameOf<"presence.batch">;
 export type ReadUpdatedEvent = ServerFrameOf<"read.updated">;
 export type UnreadUpdatedEvent = ServerFrameOf<"unread.updated">;
 /** You became a member of a channel (added, or in a channel or DM someone created); `channel.role` is yours. */

@@ -560,6 +560,17 @@ impl Storage for SqliteStorage {
         self.read(move |c| queries::channel_ids_of(c, &t, &u)).await
     }
 
+    async fn presence_channel_ids_of(
+        &self,
+        tenant: &str,
+        user_id: &str,
+        max_members: u64,
+    ) -> StorageResult<Vec<String>> {
+        let (t, u) = (tenant.to_owned(), user_id.to_owned());
+        self.read(move |c| queries::presence_channel_ids_of(c, &t, &u, max_members))
+            .await
+    }
+
     async fn rename_channel(
         &self,
         tenant: &str,

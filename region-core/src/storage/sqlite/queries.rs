@@ -9,7 +9,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::storage::{
     HistoryAnchor, LAST_OWNER, NewCall, NewChannel, NewMessage, SendOutcome, StorageError,
-    StorageResult, now_ms, rfc3339, tombstone,
+    StorageResult, now_ms, read_count_range, rfc3339, tombstone,
 };
 
 const MIGRATIONS: &[(i64, &str)] = &[
@@ -87,7 +87,29 @@ CREATE TABLE call_participants (
 CREATE INDEX call_participants_by_call ON call_participants (call_id, joined_at);
 "#,
     ),
+    (3, UNREAD_COUNTERS_MIGRATION),
 ];
+
+/// Migration 3: the unread counters (see `schema.md`, "Unread counts"), backfilled from the rows
+/// already stored. The backfill counts every member's messages once; new writes keep the
+/// counters with O(1) work per message.
+pub(crate) const UNREAD_COUNTERS_MIGRATION: &str = r#"
+ALTER TABLE channels ADD COLUMN msg_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN deleted_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE channels ADD COLUMN member_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN read_count BIGINT NOT NULL DEFAULT 0;
+ALTER TABLE members ADD COLUMN skip_count BIGINT NOT NULL DEFAULT 0;
+UPDATE channels SET
+  msg_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id),
+  deleted_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = channels.id AND x.deleted_at IS NOT NULL),
+  member_count = (SELECT COUNT(*) FROM members x WHERE x.channel_id = channels.id);
+UPDATE members SET
+  read_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = members.channel_id
+                AND x.seq <= members.last_read_seq),
+  skip_count = (SELECT COUNT(*) FROM messages x WHERE x.channel_id = members.channel_id
+                AND x.seq > members.last_read_seq
+                AND (x.sender_id = members.user_id OR x.deleted_at IS NOT NULL));
+"#;
 
 /// Applies the migrations that are not applied yet, each in its own transaction.
 pub(super) fn migrate(conn: &mut Connection) -> StorageResult<()> {
@@ -140,11 +162,9 @@ fn to_i64(v: u64) -> i64 {
 
 const CHANNEL_COLS: &str = "c.id, c.kind, c.name, c.created_by, c.created_at, c.last_seq";
 
-/// Unread messages of member row `m`: others' live messages after its read position, counted up
-/// to [`UNREAD_COUNT_CAP`](crate::storage::UNREAD_COUNT_CAP) (the `LIMIT`), so that the cost stays
-/// bounded however far behind the member is.
-const UNREAD_COUNT: &str = "SELECT COUNT(*) FROM (SELECT 1 FROM messages x WHERE x.channel_id = m.channel_id \
-     AND x.seq > m.last_read_seq AND x.sender_id <> m.user_id AND x.deleted_at IS NULL LIMIT 1000)";
+/// Unread messages of member row `m` joined with its channel row `c`: O(1) from the counters
+/// (`schema.md`, "Unread counts"), shown up to [`UNREAD_COUNT_CAP`](crate::storage::UNREAD_COUNT_CAP).
+const UNREAD_COUNT: &str = "MIN(MAX(c.msg_count - m.read_count - m.skip_count, 0), 1000)";
 
 fn channel_row(r: &Row<'_>) -> rusqlite::Result<Channel> {
     let kind: String = r.get(1)?;
@@ -192,6 +212,11 @@ pub(super) fn create_channel(c: &Connection, new: &NewChannel) -> StorageResult<
         stmt.execute(params![new.id, user, new.tenant_id, role.as_str(), now])
             .map_err(db_err)?;
     }
+    c.execute(
+        "UPDATE channels SET member_count = (SELECT COUNT(*) FROM members WHERE channel_id = ?1) WHERE id = ?1",
+        params![new.id],
+    )
+    .map_err(db_err)?;
     let channel = channel(c, &new.tenant_id, &new.id)?.ok_or(StorageError::NotFound)?;
     Ok((channel, true))
 }
@@ -255,7 +280,7 @@ pub(super) fn channels_page(
 ) -> StorageResult<Vec<Channel>> {
     let mut stmt = c
         .prepare_cached(&format!(
-            "SELECT {CHANNEL_COLS}, m.role, m.last_read_seq, ({UNREAD_COUNT}) \
+            "SELECT {CHANNEL_COLS}, m.role, m.last_read_seq, {UNREAD_COUNT} \
              FROM (SELECT channel_id FROM members WHERE tenant_id = ?1 AND user_id = ?2 \
                    AND (?3 IS NULL OR channel_id < ?3) ORDER BY channel_id DESC LIMIT ?4) p \
              JOIN members m ON m.channel_id = p.channel_id AND m.user_id = ?2 \
@@ -290,6 +315,27 @@ pub(super) fn channel_ids_of(
     rows.collect::<Result<_, _>>().map_err(db_err)
 }
 
+/// The channels of `user` with at most `max_members` members (the presence fan-out's channels).
+pub(super) fn presence_channel_ids_of(
+    c: &Connection,
+    tenant: &str,
+    user: &str,
+    max_members: u64,
+) -> StorageResult<Vec<String>> {
+    let mut stmt = c
+        .prepare_cached(
+            "SELECT m.channel_id FROM members m JOIN channels c ON c.id = m.channel_id \
+             WHERE m.tenant_id = ?1 AND m.user_id = ?2 AND c.member_count <= ?3",
+        )
+        .map_err(db_err)?;
+    let rows = stmt
+        .query_map(params![tenant, user, to_i64(max_members)], |r| {
+            r.get::<_, String>(0)
+        })
+        .map_err(db_err)?;
+    rows.collect::<Result<_, _>>().map_err(db_err)
+}
+
 /// Allocates the next seq of a channel in the open transaction.
 fn next_seq(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<u64> {
     c.prepare_cached("UPDATE channels SET last_seq = last_seq + 1 WHERE tenant_id = ?1 AND id = ?2 RETURNING last_seq")
@@ -299,6 +345,35 @@ fn next_seq(c: &Connection, tenant: &str, channel_id: &str) -> StorageResult<u64
         .map_err(db_err)?
         .map(to_u64)
         .ok_or(StorageError::NotFound)
+}
+
+/// Allocates the seq of a new message of `sender` in the open transaction and keeps the unread
+/// counters: the channel counts one message more, and the sender one more message after their
+/// read position that is not unread for them (their own). O(1) whatever the member count.
+fn next_message_seq(
+    c: &Connection,
+    tenant: &str,
+    channel_id: &str,
+    sender: &str,
+) -> StorageResult<u64> {
+    let seq = c
+        .prepare_cached(
+            "UPDATE channels SET last_seq = last_seq + 1, msg_count = msg_count + 1 \
+             WHERE tenant_id = ?1 AND id = ?2 RETURNING last_seq",
+        )
+        .map_err(db_err)?
+        .query_row(params![tenant, channel_id], |r| r.get::<_, i64>(0))
+        .optional()
+        .map_err(db_err)?
+        .map(to_u64)
+        .ok_or(StorageError::NotFound)?;
+    c.prepare_cached(
+        "UPDATE members SET skip_count = skip_count + 1 WHERE channel_id = ?1 AND user_id = ?2",
+    )
+    .map_err(db_err)?
+    .execute(params![channel_id, sender])
+    .map_err(db_err)?;
+    Ok(seq)
 }
 
 /// Allocates a seq and persists `body` as a channel event.
@@ -460,6 +535,21 @@ pub(super) fn add_member(
     if n == 0 {
         return Ok(None);
     }
+    c.execute(
+        "UPDATE channels SET member_count = member_count + 1 WHERE id = ?1",
+        params![channel_id],
+    )
+    .map_err(db_err)?;
+    // Read position 0: every message of the channel is after it; the deleted ones and the
+    // member's own (from an earlier membership) are not unread.
+    c.execute(
+        "UPDATE members SET read_count = 0, skip_count = \
+           (SELECT deleted_count FROM channels WHERE id = ?1) + \
+           (SELECT COUNT(*) FROM messages WHERE channel_id = ?1 AND sender_id = ?2 AND deleted_at IS NULL) \
+         WHERE channel_id = ?1 AND user_id = ?2",
+        params![channel_id, user],
+    )
+    .map_err(db_err)?;
     let member = Member {
         user_id: user.to_owned(),
         role,
@@ -494,6 +584,11 @@ pub(super) fn remove_member(
     if n == 0 {
         return Ok(None);
     }
+    c.execute(
+        "UPDATE channels SET member_count = member_count - 1 WHERE id = ?1",
+        params![channel_id],
+    )
+    .map_err(db_err)?;
     append_event(
         c,
         tenant,
@@ -569,16 +664,41 @@ pub(super) fn mark_read(
         .map_err(db_err)?
         .ok_or(StorageError::NotFound)?;
     let target = to_i64(seq).min(last);
-    let n = c
+    let old: i64 = c
         .prepare_cached(
-            "UPDATE members SET last_read_seq = CASE WHEN ?4 > last_read_seq THEN ?4 ELSE last_read_seq END \
-             WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
+            "SELECT last_read_seq FROM members WHERE tenant_id = ?1 AND channel_id = ?2 AND user_id = ?3",
         )
         .map_err(db_err)?
-        .execute(params![tenant, channel_id, user, target])
-        .map_err(db_err)?;
-    if n == 0 {
-        return Err(StorageError::NotAMember);
+        .query_row(params![tenant, channel_id, user], |r| r.get(0))
+        .optional()
+        .map_err(db_err)?
+        .ok_or(StorageError::NotAMember)?;
+    if target > old {
+        // The counters move with the position: count the messages of whichever seq range is
+        // shorter, the one just read (old, target] or the one still after it (target, last].
+        let (from, to, tail) = read_count_range(old, target, last);
+        let (all, skipped): (i64, i64) = c
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(sender_id = ?4 OR deleted_at IS NOT NULL), 0) \
+                 FROM messages WHERE channel_id = ?1 AND seq > ?2 AND seq <= ?3",
+            )
+            .map_err(db_err)?
+            .query_row(params![channel_id, from, to, user], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(db_err)?;
+        let sql = if !tail {
+            "UPDATE members SET last_read_seq = ?4, read_count = read_count + ?5, \
+             skip_count = skip_count - ?6 WHERE channel_id = ?1 AND user_id = ?2 AND tenant_id = ?3"
+        } else {
+            "UPDATE members SET last_read_seq = ?4, \
+             read_count = (SELECT msg_count FROM channels WHERE id = ?1) - ?5, skip_count = ?6 \
+             WHERE channel_id = ?1 AND user_id = ?2 AND tenant_id = ?3"
+        };
+        c.prepare_cached(sql)
+            .map_err(db_err)?
+            .execute(params![channel_id, user, tenant, target, all, skipped])
+            .map_err(db_err)?;
     }
     read_state(c, tenant, channel_id, user)
 }
@@ -590,7 +710,7 @@ pub(super) fn read_state(
     user: &str,
 ) -> StorageResult<ReadState> {
     c.prepare_cached(&format!(
-        "SELECT m.last_read_seq, ({UNREAD_COUNT}) FROM members m \
+        "SELECT m.last_read_seq, {UNREAD_COUNT} FROM members m JOIN channels c ON c.id = m.channel_id \
          WHERE m.tenant_id = ?1 AND m.channel_id = ?2 AND m.user_id = ?3"
     ))
     .map_err(db_err)?
@@ -687,7 +807,7 @@ pub(super) fn send_message(c: &Connection, new: &NewMessage) -> StorageResult<Se
             Err(StorageError::IdempotencyConflict)
         };
     }
-    let seq = next_seq(c, &new.tenant_id, &new.channel_id)?;
+    let seq = next_message_seq(c, &new.tenant_id, &new.channel_id, &new.sender_id)?;
     let now = now_ms();
     let metadata = new.metadata.as_ref().map(|m| m.to_string());
     c.prepare_cached(
@@ -773,6 +893,19 @@ pub(super) fn delete_message(
     c.execute(
         "UPDATE messages SET deleted_at = ?3, text = '', metadata = NULL WHERE channel_id = ?1 AND id = ?2",
         params![channel_id, message_id, now_ms()],
+    )
+    .map_err(db_err)?;
+    // The message stops being unread for every member who had not read it yet (its sender
+    // already counted it as their own).
+    c.execute(
+        "UPDATE channels SET deleted_count = deleted_count + 1 WHERE id = ?1",
+        params![channel_id],
+    )
+    .map_err(db_err)?;
+    c.execute(
+        "UPDATE members SET skip_count = skip_count + 1 \
+         WHERE channel_id = ?1 AND last_read_seq < ?2 AND user_id <> ?3",
+        params![channel_id, to_i64(m.seq), m.sender_id],
     )
     .map_err(db_err)?;
     append_event(

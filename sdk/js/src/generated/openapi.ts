@@ -852,6 +852,10 @@ export interface components {
             /** @enum {string} */
             type: "presence.changed";
         }) | {
+            presences: components["schemas"]["Presence"][];
+            /** @enum {string} */
+            type: "presence.batch";
+        } | {
             channel_id: string;
             user_id: string;
             state: components["schemas"]["TypingState"];

@@ -150,6 +150,26 @@ describe("chat flow", () => {
     });
   });
 
+  it("delivers coalesced presence (presence.batch) as one presence.changed per user", async () => {
+    const users = ["batch1", "batch2", "batch3"];
+    const seen = new Set<string>();
+    bob.on("presence.changed", (e) => {
+      if (users.includes(e.user_id) && e.status === "online") seen.add(e.user_id);
+    });
+    for (const user_id of users) await alice.rest.addMember(channelId, { user_id });
+    const clients = await Promise.all(users.map((u) => clientFor(server, u)));
+    try {
+      // Connected together, well within one coalescing interval of each other.
+      await Promise.all(clients.map((c) => c.connect()));
+      await waitUntil("bob sees the three users online", () => seen.size === users.length, {
+        detail: () => [...seen].join(","),
+      });
+      expect(bob.presenceOf("batch2")?.status, "the presence cache follows batched changes").toBe("online");
+    } finally {
+      for (const c of clients) c.close();
+    }
+  });
+
   it("reports presence: online, away, offline, and answers presence queries", async () => {
     const changes: string[] = [];
     bob.on("presence.changed", (e) => {
