@@ -206,9 +206,24 @@ pub enum SfuNotice {
     Disconnected,
 }
 
+/// What a participant asks of its call's SFU (through its edge and the core).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum SfuClientRequest {
+    /// `call.signal` to `sfu`.
+    Signal(SignalPayload),
+    /// `call.sfu`.
+    Subscription {
+        op: SfuOp,
+        track_id: String,
+        paused: Option<bool>,
+        max_size: Option<(u32, u32)>,
+    },
+}
+
 /// A request from a core to the SFU process serving a call (in-process, or over the bus).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(tag = "request", rename_all = "snake_case")]
 pub enum SfuRequest {
     /// A participant's offer; `credential` starts a new session of the participant.
     Offer {
