@@ -759,10 +759,13 @@ pub async fn start_for_core(
         None => None,
     };
     if nats.is_some() && args.sfu_secret.is_none() {
-        anyhow::bail!(
-            "with --nats-url, give --sfu-secret (PARLEY_SFU_SECRET): every core and SFU process \
-             must share it"
+        // Several nodes cannot share a random secret: without one, calls stay P2P.
+        tracing::warn!(
+            target: LOG,
+            "no SFU: with --nats-url, give every node and SFU process the same --sfu-secret \
+             (PARLEY_SFU_SECRET); calls stay peer to peer"
         );
+        return Ok(None);
     }
     let secret = args.secret();
     let server = if args.no_sfu {
