@@ -306,6 +306,18 @@ impl CoreGateway for MembershipCache {
         self.inner.publish_ephemeral(event).await
     }
 
+    async fn sfu_request(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+        req: parley_proto::calls::SfuClientRequest,
+    ) -> Result<Option<String>, GatewayError> {
+        self.inner
+            .sfu_request(p, call_id, participant_id, req)
+            .await
+    }
+
     async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {
         self.inner
             .participant_timed_out(tenant, call_id, participant_id)

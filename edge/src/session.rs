@@ -466,6 +466,50 @@ impl Conn {
                 to,
                 signal,
             } => Reply::Signaled(self.call_signal(call_id, from, to, signal).await),
+            Op::SfuSignal {
+                id,
+                call_id,
+                from,
+                signal,
+            } => {
+                let Some(p) = self.machine.principal().cloned() else {
+                    return;
+                };
+                let (edge, tx) = (self.edge.clone(), self.queue_sender());
+                Reply::Frame(
+                    crate::calls::sfu_signal(&edge, &p, self.conn, tx, id, call_id, from, signal)
+                        .await,
+                )
+            }
+            Op::SfuSubscription {
+                id,
+                call_id,
+                participant_id,
+                op,
+                track_id,
+                paused,
+                max_size,
+            } => {
+                let Some(p) = self.machine.principal().cloned() else {
+                    return;
+                };
+                let edge = self.edge.clone();
+                Reply::Frame(
+                    crate::calls::sfu_subscription(
+                        &edge,
+                        &p,
+                        self.conn,
+                        id,
+                        call_id,
+                        participant_id,
+                        op,
+                        track_id,
+                        paused,
+                        max_size,
+                    )
+                    .await,
+                )
+            }
             Op::CheckSession { session_id } => {
                 let Some(p) = self.machine.principal() else {
                     return;

@@ -53,13 +53,13 @@ pub struct StorageArgs {
 /// What one `parley serve` process does (docs/topologies.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Role {
-    /// Everything in one process (the default).
+    /// Everything in one process (the default), an SFU included unless `--no-sfu`.
     All,
     /// REST, rules, storage, presence store, calls; answers edges over NATS. Needs --nats-url.
     Core,
     /// Client WebSockets and REST (forwarded to a core); no database. Needs --nats-url.
     Edge,
-    /// The SFU (not available yet).
+    /// An SFU process only (docs/sfu.md): registers in NATS, needs --nats-url and --sfu-secret.
     Sfu,
 }
 
@@ -69,8 +69,8 @@ pub struct ServeArgs {
     pub storage: StorageArgs,
     /// What this process does: `all` (one process, the default), `core` (REST, rules, storage,
     /// presence store; answers edges over NATS request/reply in the queue group `parley-core`),
-    /// or `edge` (client WebSockets and REST, which it forwards to a core; holds no database
-    /// credentials). `core` and `edge` need --nats-url.
+    /// `edge` (client WebSockets and REST, which it forwards to a core; holds no database
+    /// credentials), or `sfu` (an SFU process). `core`, `edge` and `sfu` need --nats-url.
     #[arg(long, env = "PARLEY_ROLE", value_enum, default_value = "all")]
     pub role: Role,
     /// How long an edge waits for a core's answer to one RPC attempt, in milliseconds; a call
@@ -254,6 +254,9 @@ pub struct ServeArgs {
     /// Lifetime of TURN credentials, in seconds.
     #[arg(long, env = "PARLEY_TURN_TTL_SECS", default_value_t = 3600)]
     pub turn_ttl_secs: u64,
+    /// The SFU (`--sfu-*` flags; see docs/sfu.md).
+    #[command(flatten)]
+    pub sfu: crate::sfu_role::SfuArgs,
     /// How long a call participant whose connection dropped stays in the call, in milliseconds.
     #[arg(long, env = "PARLEY_CALL_RECONNECT_GRACE_MS", default_value_t = 15_000)]
     pub call_reconnect_grace_ms: u64,

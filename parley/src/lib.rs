@@ -5,5 +5,6 @@ pub mod config;
 pub mod health;
 pub mod rpc;
 pub mod server;
+pub mod sfu_role;
 pub mod telemetry;
 pub mod web;

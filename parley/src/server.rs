@@ -203,7 +203,7 @@ pub async fn build(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Node> {
     match args.role {
-        Role::Sfu => bail!("--role sfu is not available in this build; use all, core or edge"),
+        Role::Sfu => bail!("--role sfu runs through parley::sfu_role::serve_sfu, not the node build"),
         Role::Edge => return build_edge(args, shutdown).await,
         Role::Core if args.nats_url.is_none() => {
             bail!("--role core answers edges over NATS: give --nats-url (PARLEY_NATS_URL) too")
@@ -288,6 +288,16 @@ pub async fn build(
         realtime,
         ice,
     ));
+    if let Some(sfu) =
+        crate::sfu_role::start_for_core(&args.sfu, args.nats_url.as_deref(), &core, bus.clone())
+            .await?
+    {
+        // The driver lives as long as the process.
+        tokio::spawn(async move {
+            let _sfu = sfu;
+            std::future::pending::<()>().await
+        });
+    }
     let budget = Arc::new(RequestBudget::new(args.rate_per_minute, args.rate_burst));
     let gateway = Arc::new(LocalGateway {
         core: core.clone(),
@@ -795,6 +805,19 @@ impl CoreGateway for LocalGateway {
 
     async fn publish_ephemeral(&self, event: Ephemeral) {
         self.core.realtime().publish_raw(event).await;
+    }
+
+    async fn sfu_request(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+        req: parley_proto::calls::SfuClientRequest,
+    ) -> Result<Option<String>, GatewayError> {
+        self.core
+            .sfu_request(p, call_id, participant_id, req)
+            .await
+            .map_err(gateway_error)
     }
 
     async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {

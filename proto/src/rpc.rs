@@ -211,6 +211,21 @@ impl RpcMethod for CheckSignal {
     type Reply = SignalRoute;
 }
 
+/// A participant's request to its call's SFU (an offer, a candidate, a subscription change).
+/// Answers the SFU's answer SDP for an offer, nothing otherwise.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SfuRequest {
+    pub caller: Caller,
+    pub call_id: String,
+    pub participant_id: String,
+    pub request: crate::calls::SfuClientRequest,
+}
+
+impl RpcMethod for SfuRequest {
+    const NAME: &'static str = "sfu_request";
+    type Reply = Option<String>;
+}
+
 /// A call participant did not come back within the grace period (leaving is idempotent).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ParticipantTimedOut {

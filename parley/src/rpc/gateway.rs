@@ -24,7 +24,7 @@ use parley_core::auth::Authenticator;
 use parley_edge::{CoreGateway, GatewayError, SignalRoute};
 use parley_proto::rpc::{
     AttachCall, BatchedSend, Caller, ChannelEvents, CheckSignal, GetReadState, LastSeqs, MarkRead,
-    ParticipantTimedOut, Reply, SendBatch, SubscribeCheck, Typing,
+    ParticipantTimedOut, Reply, SfuRequest, SendBatch, SubscribeCheck, Typing,
 };
 use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, TypingState};
 use parley_sync::{Bus, Ephemeral};
@@ -339,6 +339,23 @@ impl CoreGateway for NatsGateway {
         if let Err(e) = self.bus.publish_ephemeral(&event).await {
             tracing::debug!(error = %e, "ephemeral event dropped");
         }
+    }
+
+    async fn sfu_request(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+        req: parley_proto::calls::SfuClientRequest,
+    ) -> Result<Option<String>, GatewayError> {
+        let req = SfuRequest {
+            caller: p.into(),
+            call_id: call_id.to_owned(),
+            participant_id: participant_id.to_owned(),
+            request: req,
+        };
+        // An offer applied twice would renegotiate twice: only retried when no core took it.
+        Ok(self.rpc.call(&req, &[], Retry::Undelivered).await?.0)
     }
 
     async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {

@@ -26,7 +26,7 @@ use parley_core::{Core, CoreError};
 use parley_proto::calls::LeaveReason;
 use parley_proto::rpc::{
     self, AttachCall, CORE_QUEUE_GROUP, ChannelEvents, CheckSignal, GetReadState, HttpRequest,
-    HttpResponse, LastSeqs, MarkRead, ParticipantTimedOut, PresenceEntry, PresenceRefresh,
+    HttpResponse, LastSeqs, MarkRead, ParticipantTimedOut, SfuRequest, PresenceEntry, PresenceRefresh,
     PresenceUpdate, RPC_SUBJECT_ALL, RPC_SUBJECT_PREFIX, Reply, RpcError, RpcMethod, SendBatch,
     SignalRoute, SubscribeCheck, Typing,
 };
@@ -198,6 +198,16 @@ impl Responder {
                         target_user: route.target_user,
                         sender_impolite: route.impolite == parley_proto::Side::A,
                     })
+                })
+                .await
+            }
+            SfuRequest::NAME => {
+                self.serve(p, |r: SfuRequest, _| async move {
+                    let caller = Principal::from(r.caller);
+                    self.core
+                        .sfu_request(&caller, &r.call_id, &r.participant_id, r.request)
+                        .await
+                        .map_err(rpc_err)
                 })
                 .await
             }

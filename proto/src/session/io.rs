@@ -120,6 +120,24 @@ pub enum Op {
         to: String,
         signal: SignalPayload,
     },
+    /// Relay a signal to the call's SFU (the reserved peer `sfu`). Reply: [`Reply::Frame`].
+    SfuSignal {
+        id: String,
+        call_id: String,
+        from: String,
+        signal: SignalPayload,
+    },
+    /// Change a subscription at the call's SFU (`call.sfu`). Reply: [`Reply::Frame`].
+    SfuSubscription {
+        id: String,
+        call_id: String,
+        participant_id: String,
+        op: crate::calls::SfuOp,
+        track_id: String,
+        paused: Option<bool>,
+        /// Requested maximum width and height.
+        max_size: Option<(u32, u32)>,
+    },
     /// Look up an earlier session for `resume`. Reply: [`Reply::SessionChecked`].
     CheckSession { session_id: String },
     /// Read `after < seq <= up_to` of a channel, at most `limit` events (a resume's replay).
@@ -192,6 +210,8 @@ pub enum Reply {
     Signaled(Result<SignalOutcome, CoreError>),
     SessionChecked(SessionStatus),
     Events(Result<Vec<ChannelEvent>, CoreError>),
+    /// The frame that answers the request (its ack or error), written as is.
+    Frame(ServerFrame),
 }
 
 /// A frame for the driver to write.

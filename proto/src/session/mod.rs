@@ -91,6 +91,10 @@ enum Waiting {
     Signal {
         id: String,
     },
+    /// Answered by the frame in [`Reply::Frame`] (the SFU's requests).
+    Frame {
+        id: String,
+    },
     /// A step of the running resume.
     Resume,
 }
@@ -579,6 +583,42 @@ impl Session {
                 from,
                 to,
                 signal,
+            } if to == crate::calls::SFU_PEER => self.request(
+                Op::SfuSignal {
+                    id: id.clone(),
+                    call_id,
+                    from,
+                    signal,
+                },
+                Some(Waiting::Frame { id }),
+            ),
+            ClientFrame::CallSfu {
+                id,
+                call_id,
+                participant_id,
+                op,
+                track_id,
+                paused,
+                max_width,
+                max_height,
+            } => self.request(
+                Op::SfuSubscription {
+                    id: id.clone(),
+                    call_id,
+                    participant_id,
+                    op,
+                    track_id,
+                    paused,
+                    max_size: max_width.zip(max_height),
+                },
+                Some(Waiting::Frame { id }),
+            ),
+            ClientFrame::CallSignal {
+                id,
+                call_id,
+                from,
+                to,
+                signal,
             } => self.request(
                 Op::CallSignal {
                     call_id,
@@ -690,6 +730,7 @@ impl Session {
                 }),
                 Err(e) => self.error(Some(id), e.code, &e.message),
             },
+            (Waiting::Frame { .. }, Reply::Frame(frame)) => self.reply(frame),
             (Waiting::Resume, reply) => self.resume_step(reply),
             (waiting, reply) => {
                 // A driver bug: the reply does not fit the request. Say so rather than hang.
@@ -700,7 +741,8 @@ impl Session {
                     | Waiting::AckChannel { id, .. }
                     | Waiting::Read { id, .. }
                     | Waiting::Ack { id }
-                    | Waiting::Signal { id } => Some(id),
+                    | Waiting::Signal { id }
+                    | Waiting::Frame { id } => Some(id),
                     Waiting::Resume => None,
                 };
                 let _ = reply;
