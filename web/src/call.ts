@@ -4,6 +4,10 @@
 //! While nobody else is in the call the panel says so ("Calling bob…", or that bob is offline);
 //! in a DM the caller gives up after the ring time ("No answer"), which ends the call, and both
 //! sides then see it as a missed call in the conversation. Joins and leaves are announced.
+//!
+//! The tiles are a grid, one per participant. When the server moves the call to the SFU (past
+//! its participant threshold) the SDK moves the media by itself; the panel says so, and marks the
+//! participant the SFU announces as the active speaker.
 import { isParleyError, joinCall, type CallPeerInfo, type CallSession, type ParleyClient } from "@parley/sdk";
 import { h, replaceChildren } from "./dom.js";
 import { ringTimeoutMs } from "./ring.js";
@@ -32,6 +36,8 @@ export class CallController {
   /** Participants in the call with us (for the join and leave notices). */
   readonly #present = new Set<string>();
   readonly #tiles = new Map<string, Tile>();
+  /** The tile of the active speaker (SFU mode). */
+  #speaker: string | null = null;
 
   constructor(client: ParleyClient, state: AppState, container: HTMLElement, onChange: () => void) {
     this.#client = client;
@@ -69,7 +75,8 @@ export class CallController {
       }
       this.#session = session;
       this.#wire(session);
-      this.#setStatus(this.#local ? "In call" : "In call (no camera or microphone: receiving only)");
+      this.#setMode(session.mode);
+      this.#setStatus(this.#inCallText());
       for (const peer of session.peers()) {
         this.#present.add(peer.participantId);
         this.#peerTile(peer);
@@ -140,7 +147,20 @@ export class CallController {
       const tile = this.#peerTile({ participantId, userId, role });
       const stream = streams[0] ?? new MediaStream([track]);
       if (tile.video.srcObject !== stream) tile.video.srcObject = stream;
+      // A stream that gained a track after being attached plays it without re-attaching; make
+      // sure a paused element starts again.
+      void tile.video.play().catch(() => {});
     });
+    session.on("track.removed", ({ participantId, streams }) => {
+      const tile = this.#tiles.get(participantId);
+      if (tile && streams[0] && streams[0].getTracks().length === 0 && tile.video.srcObject === streams[0]) tile.video.srcObject = null;
+    });
+    session.on("mode", ({ mode }) => {
+      this.#setMode(mode);
+      if (mode === "sfu") this.#notice("The call moved to the server (SFU)");
+      this.#setStatus(this.#inCallText());
+    });
+    session.on("active_speaker", ({ participantId }) => this.#markSpeaker(participantId === session.participantId ? "local" : participantId));
     session.on("peer.left", ({ participantId, userId, reason }) => {
       this.#removeTile(participantId);
       if (this.#present.delete(participantId)) {
@@ -156,7 +176,7 @@ export class CallController {
     });
     session.on("statechange", ({ state }) => {
       if (state === "reconnecting") this.#setStatus("Reconnecting…");
-      else if (state === "active") this.#setStatus("In call");
+      else if (state === "active") this.#setStatus(this.#inCallText());
     });
     session.on("ended", ({ reason }) => {
       if (this.#session !== session) return;
@@ -205,6 +225,24 @@ export class CallController {
     this.#panel = null;
   }
 
+  #inCallText(): string {
+    const sfu = this.#session?.mode === "sfu" ? " · through the server (SFU)" : "";
+    return (this.#local ? "In call" : "In call (no camera or microphone: receiving only)") + sfu;
+  }
+
+  #setMode(mode: string): void {
+    if (this.#panel) this.#panel.dataset.mode = mode;
+  }
+
+  /** Marks the tile of the active speaker (`null`: nobody). */
+  #markSpeaker(tileId: string | null): void {
+    this.#speaker = tileId;
+    for (const [id, tile] of this.#tiles) {
+      if (id === tileId) tile.element.dataset.speaking = "true";
+      else delete tile.element.dataset.speaking;
+    }
+  }
+
   #setStatus(text: string): void {
     if (this.#status) this.#status.textContent = text;
   }
@@ -223,6 +261,7 @@ export class CallController {
     video.muted = local;
     const caption = h("figcaption", {}, label);
     const element = h("figure", { class: "tile", "data-participant-id": id, "data-local": local ? "true" : null }, video, caption);
+    if (id === this.#speaker) element.dataset.speaking = "true";
     this.#tiles.set(id, { element, video, caption });
     this.#panel?.querySelector(".tiles")?.append(element);
     return this.#tiles.get(id)!;
@@ -238,6 +277,7 @@ export class CallController {
 
   #teardown(): void {
     this.#session = null;
+    this.#speaker = null;
     clearTimeout(this.#noAnswer);
     this.#present.clear();
     for (const id of [...this.#tiles.keys()]) this.#removeTile(id);
