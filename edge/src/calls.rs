@@ -12,7 +12,9 @@ use std::sync::{Mutex, MutexGuard};
 
 use crate::queue::FrameSender;
 use axum::extract::ws::Utf8Bytes;
-use parley_proto::calls::SignalPayload;
+use parley_proto::calls::{SFU_PEER, SfuClientRequest, SfuOp, SignalPayload};
+use parley_proto::frames::Ack;
+use parley_proto::{ErrorCode, Principal, SignalKind};
 use parley_proto::{
     NegotiationError, NegotiationRole, PairNegotiation, Relay, ServerFrame, Side, Signal,
 };
@@ -92,6 +94,10 @@ impl CallRegistry {
             // Both views of each pair held here: the participant's own (it is side A) and those
             // of the other local participants facing it (it is side B).
             for ((_, local, remote), pair) in lock(&self.pairs).iter_mut() {
+                if remote == SFU_PEER {
+                    // The media path to the SFU does not change with the WebSocket.
+                    continue;
+                }
                 if local == participant_id {
                     pair.handle_rejoined(Side::A);
                 } else if remote == participant_id {
@@ -213,6 +219,10 @@ impl CallRegistry {
     /// Delivers an incoming signal to its local participant: updates the receiver's view of the
     /// pair and queues the frame. Returns false when the participant is not attached here.
     pub fn deliver(&self, to: &str, frame: &ServerFrame) -> bool {
+        let tx = match lock(&self.attached).get(to) {
+            Some(a) => a.tx.clone(),
+            None => return false,
+        };
         let ServerFrame::CallSignal {
             call_id,
             from,
@@ -221,11 +231,11 @@ impl CallRegistry {
             ..
         } = frame
         else {
-            return false;
-        };
-        let tx = match lock(&self.attached).get(to) {
-            Some(a) => a.tx.clone(),
-            None => return false,
+            // SFU notices (`call.sfu`) and other participant-targeted frames: queue as they are.
+            if let Ok(json) = serde_json::to_string(frame) {
+                let _ = tx.try_send(Utf8Bytes::from(json));
+            }
+            return true;
         };
         {
             let key = (call_id.clone(), to.to_owned(), from.clone());
@@ -249,5 +259,171 @@ impl CallRegistry {
             let _ = tx.try_send(Utf8Bytes::from(json));
         }
         true
+    }
+}
+
+impl CallRegistry {
+    /// Runs a signal of `from` to the SFU through the participant's SFU pair: the client is
+    /// always the offerer (impolite side A), the SFU the answerer.
+    fn sfu_outgoing(
+        &self,
+        call_id: &str,
+        from: &str,
+        payload: &SignalPayload,
+    ) -> Result<Outgoing, NegotiationError> {
+        self.outgoing(call_id, from, SFU_PEER, true, payload)
+    }
+
+    /// The SFU's answer (`answered`) or refusal (`!answered`) of an offer of `from`: the pair
+    /// returns to stable either way.
+    fn sfu_settled(&self, call_id: &str, from: &str, answered: bool) {
+        let key = (call_id.to_owned(), from.to_owned(), SFU_PEER.to_owned());
+        if let Some(pair) = lock(&self.pairs).get_mut(&key) {
+            let (side, kind) = if answered {
+                (Side::B, SignalKind::Answer)
+            } else {
+                (Side::A, SignalKind::Rollback)
+            };
+            if let Err(e) = pair.handle_signal(side, Signal::from_wire(kind, false)) {
+                tracing::debug!(error = %e, call = %call_id, "SFU pair out of step");
+            }
+        }
+    }
+}
+
+/// The error frame of a refused SFU request: the reason (the message's `reason:` prefix, when
+/// the core put one there) goes in `reason`.
+fn sfu_error(id: String, code: ErrorCode, message: String) -> ServerFrame {
+    let reason = message
+        .split_once(": ")
+        .map(|(r, _)| r)
+        .filter(|r| !r.is_empty() && r.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'))
+        .map(str::to_owned);
+    ServerFrame::Error {
+        id: Some(id),
+        code,
+        message,
+        retry_after_ms: None,
+        reason,
+    }
+}
+
+/// `call.signal` to the reserved peer `sfu` (docs/calls.md): checked by the participant's SFU
+/// pair, passed to the call's SFU through the core; an offer's answer is queued to the
+/// connection as a `call.signal` from `sfu`.
+pub(crate) async fn sfu_signal(
+    edge: &crate::Edge,
+    principal: &Principal,
+    conn: u64,
+    tx: FrameSender,
+    id: String,
+    call_id: String,
+    from: String,
+    signal: SignalPayload,
+) -> ServerFrame {
+    if !edge.calls.is_attached_to(&from, conn) {
+        return sfu_error(
+            id,
+            ErrorCode::InvalidRequest,
+            "attach the participant to this connection first (call.attach)".into(),
+        );
+    }
+    if signal.kind == SignalKind::Answer {
+        return sfu_error(
+            id,
+            ErrorCode::Conflict,
+            "answer_from_offerer: the SFU never offers; only offers, candidates and rollbacks go to it"
+                .into(),
+        );
+    }
+    match edge.calls.sfu_outgoing(&call_id, &from, &signal) {
+        Err(e) => {
+            return sfu_error(id, ErrorCode::Conflict, format!("{}: {e}", e.code()));
+        }
+        Ok(Outgoing::Discard | Outgoing::RolledBack) => return ServerFrame::ack(id),
+        Ok(Outgoing::Forward) => {}
+    }
+    let kind = signal.kind;
+    if matches!(kind, SignalKind::EndOfCandidates | SignalKind::Rollback) {
+        // Nothing for the SFU: it is ICE-lite, and a rolled-back offer never reached it.
+        return ServerFrame::ack(id);
+    }
+    let result = edge
+        .gateway
+        .sfu_request(
+            principal,
+            &call_id,
+            &from,
+            SfuClientRequest::Signal(signal),
+        )
+        .await;
+    match result {
+        Ok(answer) => {
+            if kind == SignalKind::Offer {
+                edge.calls.sfu_settled(&call_id, &from, true);
+                if let Some(sdp) = answer {
+                    let frame = ServerFrame::CallSignal {
+                        call_id,
+                        from: SFU_PEER.to_owned(),
+                        to: from,
+                        role: NegotiationRole::Impolite,
+                        signal: SignalPayload {
+                            kind: SignalKind::Answer,
+                            sdp: Some(sdp),
+                            candidate: None,
+                            ice_restart: false,
+                            credential: None,
+                        },
+                    };
+                    if let Ok(json) = serde_json::to_string(&frame) {
+                        let _ = tx.try_send(Utf8Bytes::from(json));
+                    }
+                }
+            }
+            ServerFrame::ack(id)
+        }
+        Err(e) => {
+            if kind == SignalKind::Offer {
+                edge.calls.sfu_settled(&call_id, &from, false);
+            }
+            sfu_error(id, e.code, e.message)
+        }
+    }
+}
+
+/// `call.sfu`: a subscription change of the connection's participant.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn sfu_subscription(
+    edge: &crate::Edge,
+    principal: &Principal,
+    conn: u64,
+    id: String,
+    call_id: String,
+    participant_id: String,
+    op: SfuOp,
+    track_id: String,
+    paused: Option<bool>,
+    max_size: Option<(u32, u32)>,
+) -> ServerFrame {
+    if !edge.calls.is_attached_to(&participant_id, conn) {
+        return sfu_error(
+            id,
+            ErrorCode::InvalidRequest,
+            "attach the participant to this connection first (call.attach)".into(),
+        );
+    }
+    let req = SfuClientRequest::Subscription {
+        op,
+        track_id,
+        paused,
+        max_size,
+    };
+    match edge
+        .gateway
+        .sfu_request(principal, &call_id, &participant_id, req)
+        .await
+    {
+        Ok(_) => ServerFrame::Ack(Ack::new(id)),
+        Err(e) => sfu_error(id, e.code, e.message),
     }
 }

@@ -103,6 +103,22 @@ pub trait CoreGateway: Send + Sync + 'static {
     /// The participant did not reconnect within the grace period: it leaves the call.
     async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str);
 
+    /// A request of participant `participant_id` to its call's SFU: an offer (the answer SDP
+    /// comes back), a candidate, or a subscription change (docs/calls.md, "Calls through the
+    /// SFU"). Refusals carry the SFU's reason as the start of the message (`reason: ...`).
+    async fn sfu_request(
+        &self,
+        _p: &Principal,
+        _call_id: &str,
+        _participant_id: &str,
+        _req: parley_proto::calls::SfuClientRequest,
+    ) -> Result<Option<String>, GatewayError> {
+        Err(GatewayError {
+            code: parley_proto::ErrorCode::Unavailable,
+            message: "no SFU is reachable from this node".into(),
+        })
+    }
+
     /// Persisted events with `after < seq <= up_to`, ascending, at most `limit` (gap filling).
     async fn channel_events(
         &self,

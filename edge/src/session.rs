@@ -711,6 +711,32 @@ impl Session {
                 to,
                 signal,
             } => self.call_signal(id, call_id, from, to, signal).await,
+            ClientFrame::CallSfu {
+                id,
+                call_id,
+                participant_id,
+                op,
+                track_id,
+                paused,
+                max_width,
+                max_height,
+            } => {
+                let max_size = max_width.zip(max_height);
+                let edge = self.edge.clone();
+                crate::calls::sfu_subscription(
+                    &edge,
+                    &self.principal,
+                    self.conn,
+                    id,
+                    call_id,
+                    participant_id,
+                    op,
+                    track_id,
+                    paused,
+                    max_size,
+                )
+                .await
+            }
             ClientFrame::PresenceSet { id, away } => {
                 self.edge.gateway.set_away(&self.principal, away).await;
                 ServerFrame::ack(id)
@@ -828,6 +854,20 @@ impl Session {
         to: String,
         signal: SignalPayload,
     ) -> ServerFrame {
+        if to == parley_proto::calls::SFU_PEER {
+            let (edge, tx) = (self.edge.clone(), self.queue_sender());
+            return crate::calls::sfu_signal(
+                &edge,
+                &self.principal,
+                self.conn,
+                tx,
+                id,
+                call_id,
+                from,
+                signal,
+            )
+            .await;
+        }
         if !self.edge.calls.is_attached_to(&from, self.conn) {
             return error_frame(
                 Some(id),
@@ -1278,6 +1318,7 @@ fn frame_id(f: &ClientFrame) -> Option<String> {
         | ClientFrame::PresenceSet { id, .. }
         | ClientFrame::CallAttach { id, .. }
         | ClientFrame::CallSignal { id, .. }
+        | ClientFrame::CallSfu { id, .. }
         | ClientFrame::Ping { id } => Some(id.clone()),
     }
 }

@@ -194,6 +194,9 @@ pub struct ServeArgs {
     /// Lifetime of TURN credentials, in seconds.
     #[arg(long, env = "PARLEY_TURN_TTL_SECS", default_value_t = 3600)]
     pub turn_ttl_secs: u64,
+    /// The SFU (`--sfu-*` flags; see docs/sfu.md).
+    #[command(flatten)]
+    pub sfu: crate::sfu_role::SfuArgs,
     /// How long a call participant whose connection dropped stays in the call, in milliseconds.
     #[arg(long, env = "PARLEY_CALL_RECONNECT_GRACE_MS", default_value_t = 15_000)]
     pub call_reconnect_grace_ms: u64,

@@ -4,5 +4,6 @@
 pub mod config;
 pub mod health;
 pub mod server;
+pub mod sfu_role;
 pub mod telemetry;
 pub mod web;

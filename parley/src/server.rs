@@ -288,6 +288,13 @@ pub async fn build(
         realtime,
         ice,
     ));
+    if let Some(sfu) = crate::sfu_role::start_in_process(&args.sfu, &core, bus.clone()).await? {
+        // The driver lives as long as the process.
+        tokio::spawn(async move {
+            let _sfu = sfu;
+            std::future::pending::<()>().await
+        });
+    }
     let budget = Arc::new(RequestBudget::new(args.rate_per_minute, args.rate_burst));
     let edge_config = EdgeConfig {
         heartbeat_interval: Duration::from_millis(args.heartbeat_interval_ms.max(100)),
@@ -619,6 +626,19 @@ impl CoreGateway for LocalGateway {
 
     async fn publish_ephemeral(&self, event: Ephemeral) {
         self.core.realtime().publish_raw(event).await;
+    }
+
+    async fn sfu_request(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+        req: parley_proto::calls::SfuClientRequest,
+    ) -> Result<Option<String>, GatewayError> {
+        self.core
+            .sfu_request(p, call_id, participant_id, req)
+            .await
+            .map_err(gateway_error)
     }
 
     async fn participant_timed_out(&self, tenant: &str, call_id: &str, participant_id: &str) {

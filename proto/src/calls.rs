@@ -6,7 +6,7 @@ use utoipa::ToSchema;
 
 use crate::signaling::{Role as NegotiationRole, SignalKind};
 
-/// How media flows: directly between participants, or through the SFU (a later version).
+/// How media flows: directly between participants (a mesh), or through the call's SFU.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum CallMode {
@@ -54,6 +54,10 @@ pub struct Call {
     pub ended_at: Option<String>,
     /// Participants, present and past, in join order.
     pub participants: Vec<CallParticipant>,
+    /// In `sfu` mode: the call's SFU assignment (opaque). A new value means the call moved to
+    /// another SFU process: clients open a new SFU connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sfu_session: Option<String>,
 }
 
 /// `GET /v1/channels/{id}/calls`.
@@ -92,7 +96,24 @@ pub struct JoinedCall {
     /// The participants already in the call, each with the joiner's role towards them.
     pub peers: Vec<Peer>,
     pub ice_servers: Vec<IceServer>,
+    /// In `sfu` mode: what the participant needs to connect to the call's SFU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sfu: Option<SfuAccess>,
 }
+
+/// The participant's access to the call's SFU (the join answer in `sfu` mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SfuAccess {
+    /// The call's `sfu_session` this access is for.
+    pub session: String,
+    /// Opaque; goes in the first offer of a new SFU connection (`signal.credential`).
+    pub credential: String,
+    /// Unix seconds after which the SFU refuses the credential.
+    pub expires_at: u64,
+}
+
+/// The reserved participant id of the SFU in `call.signal` (`to`/`from`).
+pub const SFU_PEER: &str = "sfu";
 
 /// `POST /v1/calls/{id}/leave`.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -114,6 +135,138 @@ pub struct SignalPayload {
     /// For offers: this offer restarts ICE.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub ice_restart: bool,
+    /// For the first offer of a new connection to the SFU (`to: "sfu"`): the participant's SFU
+    /// credential from the join answer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential: Option<String>,
+}
+
+/// Why a call's mode or SFU session changed (`call.mode_changed`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum ModeChangeReason {
+    /// A join made the present participants reach the server's threshold.
+    Threshold,
+    /// The server puts every call on the SFU.
+    Always,
+    /// The call's SFU process died; the call moved to another.
+    SfuFailover,
+}
+
+/// `op` of a client's `call.sfu` frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum SfuOp {
+    Subscribe,
+    Unsubscribe,
+    Video,
+}
+
+/// Audio or video, on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MediaKind {
+    Audio,
+    Video,
+}
+
+/// An SFU notice for one participant (`call.sfu`, the `event` and its fields).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum SfuNotice {
+    /// A track exists in the call.
+    TrackPublished {
+        track_id: String,
+        publisher: String,
+        kind: MediaKind,
+        /// The publisher's own mid of the track.
+        mid: String,
+        /// Simulcast rids, lowest first; empty without simulcast.
+        layers: Vec<String>,
+    },
+    TrackUnpublished { track_id: String, publisher: String },
+    /// The subscribed track arrives on the receiver's slot `mid`.
+    Bound {
+        track_id: String,
+        publisher: String,
+        mid: String,
+    },
+    /// The slot `mid` no longer carries the track.
+    Unbound { track_id: String, mid: String },
+    /// Add this many `recvonly` transceivers of each kind and offer again.
+    Renegotiate { audio: usize, video: usize },
+    /// The layer now sent of a video track (`None`: no video).
+    Layer {
+        track_id: String,
+        layer: Option<String>,
+    },
+    /// ICE and DTLS with the SFU are up.
+    Connected,
+    /// The SFU dropped the participant's connection.
+    Disconnected,
+}
+
+/// What a participant asks of its call's SFU (through its edge and the core).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum SfuClientRequest {
+    /// `call.signal` to `sfu`.
+    Signal(SignalPayload),
+    /// `call.sfu`.
+    Subscription {
+        op: SfuOp,
+        track_id: String,
+        paused: Option<bool>,
+        max_size: Option<(u32, u32)>,
+    },
+}
+
+/// A request from a core to the SFU process serving a call (in-process, or over the bus).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum SfuRequest {
+    /// A participant's offer; `credential` starts a new session of the participant.
+    Offer {
+        tenant: String,
+        call_id: String,
+        channel_id: String,
+        participant_id: String,
+        user_id: String,
+        sdp: String,
+        credential: Option<String>,
+    },
+    Candidate {
+        tenant: String,
+        call_id: String,
+        participant_id: String,
+        candidate: String,
+    },
+    Subscription {
+        tenant: String,
+        call_id: String,
+        participant_id: String,
+        op: SfuOp,
+        track_id: String,
+        paused: Option<bool>,
+        max_size: Option<(u32, u32)>,
+    },
+    Leave {
+        tenant: String,
+        call_id: String,
+        participant_id: String,
+    },
+    /// Every participant of the call leaves.
+    EndCall { tenant: String, call_id: String },
+}
+
+/// The SFU's answer to an [`SfuRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum SfuReply {
+    Answer { sdp: String },
+    Done,
+    /// Refused; `code` is the SFU's stable error code (`credential_expired`, `bad_sdp`, ...).
+    Refused { code: String },
 }
 
 /// Why a participant left.

@@ -91,6 +91,21 @@ pub enum ClientFrame {
         to: String,
         signal: crate::calls::SignalPayload,
     },
+    /// Subscription management in an SFU call (see docs/calls.md).
+    #[serde(rename = "call.sfu")]
+    CallSfu {
+        id: String,
+        call_id: String,
+        participant_id: String,
+        op: crate::calls::SfuOp,
+        track_id: String,
+        #[serde(default)]
+        paused: Option<bool>,
+        #[serde(default)]
+        max_width: Option<u32>,
+        #[serde(default)]
+        max_height: Option<u32>,
+    },
 }
 
 /// One channel of a `resume` request.
@@ -329,6 +344,29 @@ pub enum ServerFrame {
     CallParticipantReconnected {
         call_id: String,
         participant_id: String,
+    },
+    /// The call moved to the SFU, or to another SFU (to the channel's subscribers).
+    #[serde(rename = "call.mode_changed")]
+    CallModeChanged {
+        call_id: String,
+        mode: crate::calls::CallMode,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        sfu_session: Option<String>,
+        reason: crate::calls::ModeChangeReason,
+    },
+    /// The SFU's active speaker of a call (to the channel's subscribers).
+    #[serde(rename = "call.active_speaker")]
+    CallActiveSpeaker {
+        call_id: String,
+        participant_id: Option<String>,
+    },
+    /// An SFU notice for one participant.
+    #[serde(rename = "call.sfu")]
+    CallSfu {
+        call_id: String,
+        participant_id: String,
+        #[serde(flatten)]
+        notice: crate::calls::SfuNotice,
     },
 }
 

@@ -2,14 +2,20 @@
 //! and whether a signal may pass between two participants. ICE servers and short-lived TURN
 //! credentials (coturn's REST API scheme) are handed out on join.
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use hmac::{Hmac, Mac};
 use parley_proto::calls::{
-    Call, CallMode, CallParticipant, IceServer, JoinedCall, LeaveReason, Peer,
+    Call, CallMode, CallParticipant, IceServer, JoinedCall, LeaveReason, ModeChangeReason, Peer,
+    SfuAccess, SfuClientRequest, SfuReply, SfuRequest,
 };
-use parley_proto::{ChannelEvent, NegotiationRole, Principal, Role, Side, impolite_side};
+use parley_proto::{
+    ChannelEvent, EventBody, NegotiationRole, Principal, Role, ServerFrame, Side, SignalKind,
+    impolite_side,
+};
 
 use crate::domain::{Core, CoreError, CoreResult, new_id};
 use crate::storage::NewCall;
@@ -71,6 +77,186 @@ pub struct SignalRoute {
     pub impolite: Side,
 }
 
+/// A live SFU process, as the registry shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SfuNode {
+    pub id: String,
+    /// Participants it serves (the placement picks the lowest).
+    pub load: u64,
+}
+
+/// How a core reaches SFU processes: the registry of live ones and their control requests
+/// (in-process for `--role all`, over the bus for `--role sfu` processes).
+#[async_trait::async_trait]
+pub trait SfuDirectory: Send + Sync {
+    /// The live SFU processes with their load.
+    fn live(&self) -> Vec<SfuNode>;
+    /// One request to one SFU process; `Err` when it cannot be reached.
+    async fn request(&self, node: &str, req: SfuRequest) -> Result<SfuReply, String>;
+}
+
+/// When calls go to the SFU, and the credentials the core issues for it.
+#[derive(Debug, Clone)]
+pub struct SfuSettings {
+    /// Shared with the SFU processes (HMAC-SHA256 of the credentials).
+    pub secret: Vec<u8>,
+    /// Present participants at which a call escalates (0: never).
+    pub threshold: usize,
+    /// Every call starts on the SFU.
+    pub always: bool,
+    /// Lifetime of a participant's SFU credential.
+    pub credential_ttl: Duration,
+}
+
+/// Where a call's media goes: one SFU process, under a session id that changes when the call
+/// moves to another one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Placement {
+    node: String,
+    session: String,
+    channel_id: String,
+}
+
+/// The core's SFU side: settings, the directory, and the placement of this core's SFU calls.
+pub struct SfuPlane {
+    settings: SfuSettings,
+    directory: Arc<dyn SfuDirectory>,
+    /// (tenant, call) -> placement.
+    calls: Mutex<HashMap<(String, String), Placement>>,
+}
+
+impl SfuPlane {
+    pub fn new(settings: SfuSettings, directory: Arc<dyn SfuDirectory>) -> SfuPlane {
+        SfuPlane {
+            settings,
+            directory,
+            calls: Mutex::default(),
+        }
+    }
+
+    pub fn settings(&self) -> &SfuSettings {
+        &self.settings
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, String), Placement>> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The least-loaded live SFU (counting the calls this core placed on each), other than
+    /// `avoid`.
+    fn pick(&self, avoid: Option<&str>) -> Option<String> {
+        let placed: HashMap<String, u64> =
+            self.lock().values().fold(HashMap::new(), |mut m, p| {
+                *m.entry(p.node.clone()).or_default() += 1;
+                m
+            });
+        self.directory
+            .live()
+            .into_iter()
+            .filter(|n| Some(n.id.as_str()) != avoid)
+            .min_by_key(|n| (n.load + placed.get(&n.id).copied().unwrap_or(0), n.id.clone()))
+            .map(|n| n.id)
+    }
+
+    fn placement(&self, tenant: &str, call_id: &str) -> Option<Placement> {
+        self.lock()
+            .get(&(tenant.to_owned(), call_id.to_owned()))
+            .cloned()
+    }
+
+    /// Places the call if it is not placed yet. Returns the placement and whether it is new.
+    fn place(&self, tenant: &str, call_id: &str, channel_id: &str) -> Option<(Placement, bool)> {
+        if let Some(p) = self.placement(tenant, call_id) {
+            return Some((p, false));
+        }
+        let node = self.pick(None)?;
+        let mut calls = self.lock();
+        let key = (tenant.to_owned(), call_id.to_owned());
+        if let Some(p) = calls.get(&key) {
+            return Some((p.clone(), false));
+        }
+        let p = Placement {
+            node,
+            session: new_id("sfus_"),
+            channel_id: channel_id.to_owned(),
+        };
+        calls.insert(key, p.clone());
+        Some((p, true))
+    }
+
+    fn forget(&self, tenant: &str, call_id: &str) -> Option<Placement> {
+        self.lock().remove(&(tenant.to_owned(), call_id.to_owned()))
+    }
+
+    /// A credential for `participant` of the call, with its expiry.
+    fn credential(&self, tenant: &str, call_id: &str, participant: &str) -> (String, u64) {
+        let expiry = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+            + self.settings.credential_ttl.as_secs();
+        let claims = parley_sfu::credential::Claims {
+            tenant: tenant.to_owned(),
+            call: call_id.to_owned(),
+            participant: participant.to_owned(),
+            expiry,
+        };
+        (
+            parley_sfu::credential::issue(&self.settings.secret, &claims),
+            expiry,
+        )
+    }
+
+    /// Calls whose SFU is no longer live, moved to another live SFU: (tenant, call, new placement).
+    fn move_dead(&self) -> Vec<(String, String, Placement)> {
+        let live: Vec<String> = self.directory.live().into_iter().map(|n| n.id).collect();
+        let dead: Vec<(String, String)> = self
+            .lock()
+            .iter()
+            .filter(|(_, p)| !live.contains(&p.node))
+            .map(|(k, _)| k.clone())
+            .collect();
+        let mut moved = Vec::new();
+        for (tenant, call) in dead {
+            let Some(node) = self.pick(None) else { break };
+            let mut calls = self.lock();
+            if let Some(p) = calls.get_mut(&(tenant.clone(), call.clone())) {
+                if live.contains(&p.node) {
+                    continue;
+                }
+                p.node = node;
+                p.session = new_id("sfus_");
+                moved.push((tenant, call, p.clone()));
+            }
+        }
+        moved
+    }
+}
+
+/// How a refusal of the SFU reaches the client: the code and a message that starts with the
+/// SFU's reason.
+fn sfu_refusal(code: &str) -> CoreError {
+    match code {
+        c if c.starts_with("credential_") => CoreError::Forbidden(format!(
+            "{c}: the SFU credential was refused; join the call again for a fresh one"
+        )),
+        "bad_sdp" | "bad_candidate" => {
+            CoreError::InvalidArgument(format!("{code}: the SFU could not use it"))
+        }
+        "room_full" | "server_full" => {
+            CoreError::Conflict(format!("{code}: the SFU holds no more participants"))
+        }
+        "unknown_track" => CoreError::NotFoundIn(format!("{code}: no such track in this call")),
+        "not_allowed" => {
+            CoreError::Forbidden(format!("{code}: not your own track, nor another call's"))
+        }
+        "unknown_participant" | "credential_missing" => CoreError::Forbidden(format!(
+            "credential_missing: the first offer of an SFU connection carries the credential from the join answer"
+        )),
+        _ => CoreError::Unavailable(format!("SFU refused: {code}")),
+    }
+}
+
 /// Order key of a participant in a pair: the earlier joiner is impolite.
 fn join_key(p: &CallParticipant) -> (&str, &str) {
     (p.joined_at.as_str(), p.participant_id.as_str())
@@ -87,33 +273,69 @@ impl Core {
                 channel_id: channel_id.to_owned(),
                 id: new_id("call_"),
                 started_by: p.user_id.clone(),
-                mode: CallMode::P2p,
+                mode: if self.sfu().is_some_and(|s| s.settings.always) {
+                    CallMode::Sfu
+                } else {
+                    CallMode::P2p
+                },
             })
             .await?;
         let created = event.is_some();
+        let mut call = call;
+        self.overlay_sfu(&p.tenant_id, &mut call);
+        let event = event.map(|mut e| {
+            if let EventBody::CallStarted { call: c } = &mut e.body {
+                *c = call.clone();
+            }
+            e
+        });
         self.publish_all(event).await;
         Ok((call, created))
+    }
+
+    /// Shows the call's SFU state: its mode and session. A call stored in `sfu` mode (started
+    /// with "always SFU") is placed here on first sight.
+    fn overlay_sfu(&self, tenant: &str, call: &mut Call) {
+        let Some(plane) = self.sfu() else { return };
+        let placement = if call.ended_at.is_some() {
+            plane.placement(tenant, &call.id)
+        } else if call.mode == CallMode::Sfu {
+            plane
+                .place(tenant, &call.id, &call.channel_id)
+                .map(|(p, _)| p)
+        } else {
+            plane.placement(tenant, &call.id)
+        };
+        if let Some(p) = placement {
+            call.mode = CallMode::Sfu;
+            call.sfu_session = Some(p.session);
+        }
     }
 
     /// A call of a channel the caller is a member of.
     pub async fn get_call(&self, p: &Principal, call_id: &str) -> CoreResult<Call> {
         validate::generated_id("call", "call_", call_id).map_err(CoreError::InvalidArgument)?;
-        let call = self
+        let mut call = self
             .storage()
             .call(&p.tenant_id, call_id)
             .await?
             .ok_or(CoreError::CallNotFound)?;
         self.require_member(p, &call.channel_id).await?;
+        self.overlay_sfu(&p.tenant_id, &mut call);
         Ok(call)
     }
 
     /// The channel's calls, newest first.
     pub async fn channel_calls(&self, p: &Principal, channel_id: &str) -> CoreResult<Vec<Call>> {
         self.require_member(p, channel_id).await?;
-        Ok(self
+        let mut calls = self
             .storage()
             .channel_calls(&p.tenant_id, channel_id, 50)
-            .await?)
+            .await?;
+        for call in &mut calls {
+            self.overlay_sfu(&p.tenant_id, call);
+        }
+        Ok(calls)
     }
 
     /// Joins an active call. Returns the participant id, the others with the joiner's role
@@ -143,6 +365,35 @@ impl Core {
                 other => other.into(),
             })?;
         self.publish_all(event).await;
+        let mut call = call;
+        self.overlay_sfu(&p.tenant_id, &mut call);
+        if let Some(plane) = self.sfu()
+            && call.mode == CallMode::P2p
+            && plane.settings.threshold > 0
+            && call.participants.iter().filter(|x| x.left_at.is_none()).count()
+                >= plane.settings.threshold
+            && let Some((placement, new)) = plane.place(&p.tenant_id, call_id, &call.channel_id)
+        {
+            call.mode = CallMode::Sfu;
+            call.sfu_session = Some(placement.session.clone());
+            if new {
+                tracing::info!(call = %call_id, sfu = %placement.node, "call escalated to the SFU");
+                self.announce_mode(&call.channel_id, call_id, &placement, ModeChangeReason::Threshold)
+                    .await;
+            }
+        }
+        let sfu = match (self.sfu(), &call.sfu_session) {
+            (Some(plane), Some(session)) => {
+                let (credential, expires_at) =
+                    plane.credential(&p.tenant_id, call_id, &me.participant_id);
+                Some(SfuAccess {
+                    session: session.clone(),
+                    credential,
+                    expires_at,
+                })
+            }
+            _ => None,
+        };
         let peers = call
             .participants
             .iter()
@@ -162,6 +413,7 @@ impl Core {
             participant_id: me.participant_id,
             call,
             peers,
+            sfu,
         })
     }
 
@@ -209,7 +461,162 @@ impl Core {
             .leave_call(tenant, call_id, participant_id, reason)
             .await?;
         self.publish_many(&events).await;
+        self.sfu_after_leave(tenant, call_id, Some(participant_id), &events)
+            .await;
         Ok(())
+    }
+
+    /// Tells the call's SFU that a participant left, or that the call ended.
+    async fn sfu_after_leave(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        participant_id: Option<&str>,
+        events: &[ChannelEvent],
+    ) {
+        let Some(plane) = self.sfu() else { return };
+        let ended = events
+            .iter()
+            .any(|e| matches!(e.body, EventBody::CallEnded { .. }));
+        let placement = if ended {
+            plane.forget(tenant, call_id)
+        } else {
+            plane.placement(tenant, call_id)
+        };
+        let Some(placement) = placement else { return };
+        let req = match (ended, participant_id) {
+            (false, Some(pid)) => SfuRequest::Leave {
+                tenant: tenant.to_owned(),
+                call_id: call_id.to_owned(),
+                participant_id: pid.to_owned(),
+            },
+            _ => SfuRequest::EndCall {
+                tenant: tenant.to_owned(),
+                call_id: call_id.to_owned(),
+            },
+        };
+        if let Err(e) = plane.directory.request(&placement.node, req).await {
+            tracing::debug!(call = %call_id, error = %e, "SFU not told of a leave");
+        }
+    }
+
+    async fn announce_mode(
+        &self,
+        channel_id: &str,
+        call_id: &str,
+        placement: &Placement,
+        reason: ModeChangeReason,
+    ) {
+        let frame = ServerFrame::CallModeChanged {
+            call_id: call_id.to_owned(),
+            mode: CallMode::Sfu,
+            sfu_session: Some(placement.session.clone()),
+            reason,
+        };
+        self.realtime().to_channel(channel_id, None, &frame).await;
+    }
+
+    /// A participant's request to its call's SFU (docs/calls.md): the offer's answer SDP, or
+    /// nothing.
+    pub async fn sfu_request(
+        &self,
+        p: &Principal,
+        call_id: &str,
+        participant_id: &str,
+        req: SfuClientRequest,
+    ) -> CoreResult<Option<String>> {
+        let call = self.get_call(p, call_id).await?;
+        if call.ended_at.is_some() {
+            return Err(CoreError::Conflict("the call has ended".into()));
+        }
+        let present = call.participants.iter().any(|x| {
+            x.participant_id == participant_id && x.user_id == p.user_id && x.left_at.is_none()
+        });
+        if !present {
+            return Err(CoreError::Forbidden(format!(
+                "{participant_id} is not your present participant in this call"
+            )));
+        }
+        let (Some(plane), Some(placement)) = (
+            self.sfu(),
+            self.sfu()
+                .and_then(|s| s.placement(&p.tenant_id, call_id)),
+        ) else {
+            return Err(CoreError::Conflict(
+                "not_sfu: the call is in p2p mode; signal the other participants".into(),
+            ));
+        };
+        let (tenant, call_id, participant_id) = (
+            p.tenant_id.clone(),
+            call_id.to_owned(),
+            participant_id.to_owned(),
+        );
+        let request = match req {
+            SfuClientRequest::Signal(signal) => match signal.kind {
+                SignalKind::Offer => SfuRequest::Offer {
+                    tenant,
+                    call_id,
+                    channel_id: call.channel_id.clone(),
+                    participant_id,
+                    user_id: p.user_id.clone(),
+                    sdp: signal.sdp.ok_or_else(|| {
+                        CoreError::InvalidArgument("an offer needs its sdp".into())
+                    })?,
+                    credential: signal.credential,
+                },
+                SignalKind::Candidate => SfuRequest::Candidate {
+                    tenant,
+                    call_id,
+                    participant_id,
+                    candidate: signal.candidate.ok_or_else(|| {
+                        CoreError::InvalidArgument("a candidate signal needs its candidate".into())
+                    })?,
+                },
+                _ => return Ok(None),
+            },
+            SfuClientRequest::Subscription {
+                op,
+                track_id,
+                paused,
+                max_size,
+            } => SfuRequest::Subscription {
+                tenant,
+                call_id,
+                participant_id,
+                op,
+                track_id,
+                paused,
+                max_size,
+            },
+        };
+        match plane.directory.request(&placement.node, request).await {
+            Ok(SfuReply::Answer { sdp }) => Ok(Some(sdp)),
+            Ok(SfuReply::Done) => Ok(None),
+            Ok(SfuReply::Refused { code }) => Err(sfu_refusal(&code)),
+            Err(e) => Err(CoreError::Unavailable(format!("SFU unreachable: {e}"))),
+        }
+    }
+
+    /// Moves the calls of SFU processes that stopped announcing themselves to live ones and
+    /// tells their channels (`call.mode_changed`, reason `sfu_failover`). Runs until the
+    /// process ends; checks every `every`.
+    pub async fn run_sfu_failover(self: Arc<Self>, every: Duration) {
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(plane) = self.sfu() else { return };
+            for (_tenant, call_id, placement) in plane.move_dead() {
+                tracing::warn!(call = %call_id, sfu = %placement.node, "call moved to another SFU");
+                self.announce_mode(
+                    &placement.channel_id,
+                    &call_id,
+                    &placement,
+                    ModeChangeReason::SfuFailover,
+                )
+                .await;
+            }
+        }
     }
 
     /// Ends a call: owners and moderators of the channel (either party in a DM).
@@ -231,6 +638,8 @@ impl Core {
             .end_call(&p.tenant_id, call_id, &p.user_id)
             .await?;
         self.publish_many(&events).await;
+        self.sfu_after_leave(&p.tenant_id, call_id, None, &events)
+            .await;
         Ok(())
     }
 

@@ -324,6 +324,8 @@ pub struct Core {
     retrying: Arc<std::sync::atomic::AtomicUsize>,
     /// The event type after whose commit the process aborts (fault injection, tests only).
     abort_after_commit: Option<String>,
+    /// The SFU plane (placement, escalation, credentials), when this node can reach SFUs.
+    sfu: std::sync::OnceLock<Arc<crate::calls::SfuPlane>>,
 }
 
 /// Environment variable of the commit/publish fault injection (see the module comment).
@@ -363,7 +365,17 @@ impl Core {
             ice,
             retrying: Arc::default(),
             abort_after_commit,
+            sfu: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets calls use SFUs (once, at startup; later calls are ignored).
+    pub fn set_sfu(&self, plane: Arc<crate::calls::SfuPlane>) {
+        let _ = self.sfu.set(plane);
+    }
+
+    pub fn sfu(&self) -> Option<&Arc<crate::calls::SfuPlane>> {
+        self.sfu.get()
     }
 
     pub fn ice(&self) -> &crate::calls::IceConfig {

@@ -61,6 +61,7 @@ async fn call_from(tx: &impl deadpool_postgres::GenericClient, row: &Row) -> Res
         started_at: rfc3339(get(row, "started_at")?),
         ended_at: get::<Option<i64>>(row, "ended_at")?.map(rfc3339),
         participants,
+        sfu_session: None,
     })
 }
 

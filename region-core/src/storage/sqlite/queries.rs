@@ -988,6 +988,7 @@ fn call_from(
         started_at: rfc3339(started_at),
         ended_at: ended_at.map(rfc3339),
         participants,
+        sfu_session: None,
     })
 }
 
