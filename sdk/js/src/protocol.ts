@@ -122,7 +122,7 @@ export const SERVER_FRAME_FIELDS = {
   "call.participant_reconnecting": ["call_id", "participant_id"],
   "call.participant_reconnected": ["call_id", "participant_id"],
   "call.mode_changed": ["call_id", "mode", "sfu_session?", "reason"],
-  "call.active_speaker": ["call_id", "participant_id"],
+  "call.active_speaker": ["call_id", "participant_id?"],
   "call.sfu": ["call_id", "participant_id", "event"],
   reconnect: ["delay_ms", "reason"],
 } as const satisfies { [K in ServerFrameType]: readonly FieldsOf<Extract<ServerFrame, { type: K }>>[] };

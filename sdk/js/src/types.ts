@@ -14,7 +14,7 @@ export type LeaveReason = Schemas["LeaveReason"];
 export type ResumeRefusal = Schemas["ResumeRefusal"];
 export type SignalKind = Schemas["SignalKind"];
 /** A call signal; `credential` goes in the first offer of a connection to the SFU (docs/calls.md). */
-export type SignalPayload = Schemas["SignalPayload"] & { credential?: string | null };
+export type SignalPayload = Schemas["SignalPayload"];
 export type SessionLimits = Schemas["SessionLimits"];
 export type IceServer = Schemas["IceServer"];
 
@@ -40,16 +40,9 @@ export type Call = Schemas["Call"];
 export type CallList = Schemas["CallList"];
 export type CallParticipant = Schemas["CallParticipant"];
 /** The SFU block of a join answer in `sfu` mode: the credential for the SFU connection. */
-export interface SfuJoin {
-  /** The call's SFU assignment this credential is for (the call's `sfu_session`). */
-  session: string;
-  /** Opaque; goes in the first offer of a connection to the SFU. */
-  credential: string;
-  /** Unix seconds. */
-  expires_at: number;
-}
+export type SfuJoin = Schemas["SfuAccess"];
 /** The join answer; `sfu` is there when the call is in `sfu` mode. */
-export type JoinedCall = Schemas["JoinedCall"] & { call: { sfu_session?: string | null }; sfu?: SfuJoin | null };
+export type JoinedCall = Schemas["JoinedCall"];
 export type Peer = Schemas["Peer"];
 export type ErrorBody = Schemas["ErrorBody"];
 export type DevToken = Schemas["DevToken"];
@@ -71,33 +64,12 @@ export type ChannelEventType = ChannelEvent["type"];
 export type ChannelEventOf<T extends ChannelEventType> = Extract<ChannelEvent, { type: T }>;
 
 /** Why a call's mode changed. */
-export type ModeChangeReason = "threshold" | "always" | "sfu_failover";
-
-/** The SFU frames of docs/protocol.md (hand-made until the OpenAPI document describes them). */
-export type SfuServerFrame =
-  | {
-      type: "call.mode_changed";
-      call_id: string;
-      mode: Schemas["CallMode"];
-      sfu_session?: string | null;
-      reason: ModeChangeReason;
-    }
-  | { type: "call.active_speaker"; call_id: string; participant_id: string | null }
-  | ({ type: "call.sfu"; call_id: string; participant_id: string } & SfuNotice);
-
+export type ModeChangeReason = Schemas["ModeChangeReason"];
 /** The `event` of a `call.sfu` notice from the server, with its fields (docs/calls.md, "SFU notices"). */
-export type SfuNotice =
-  | { event: "track_published"; track_id: string; publisher: string; kind: "audio" | "video"; mid: string; layers: string[] }
-  | { event: "track_unpublished"; track_id: string; publisher: string }
-  | { event: "bound"; track_id: string; publisher: string; mid: string }
-  | { event: "unbound"; track_id: string; mid: string }
-  | { event: "renegotiate"; audio: number; video: number }
-  | { event: "layer"; track_id: string; layer: string | null }
-  | { event: "connected" }
-  | { event: "disconnected" };
+export type SfuNotice = Schemas["SfuNotice"];
 
 /** A frame from the server other than a channel event. */
-export type ServerFrame = Schemas["ServerFrame"] | SfuServerFrame;
+export type ServerFrame = Schemas["ServerFrame"];
 export type ServerFrameType = ServerFrame["type"];
 export type ServerFrameOf<T extends ServerFrameType> = Extract<ServerFrame, { type: T }>;
 export type WelcomeFrame = ServerFrameOf<"welcome">;
