@@ -161,6 +161,7 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "presence.set",
     "call.attach",
     "call.signal",
+    "call.sfu",
 ];
 
 /// Why a client frame could not be parsed.
