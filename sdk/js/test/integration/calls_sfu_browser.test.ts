@@ -42,6 +42,7 @@ beforeAll(async () => {
     "--disable-dev-shm-usage",
     "--no-first-run",
     "--mute-audio",
+    "--autoplay-policy=no-user-gesture-required", // the speaking page's AudioContext starts without a click
   ];
   if (process.getuid?.() === 0) args.push("--no-sandbox"); // Chromium's sandbox refuses root
   browser = await chromium.launch({ executablePath: CHROMIUM, headless: true, args, timeout: 30_000 }).catch((e: unknown) => {
@@ -105,7 +106,8 @@ it(
     try {
       // ---- two people: peer to peer ----
       const a = await call<Promise<{ callId: string }>>(alice, "start", { url: server.url, token: tokens.alice, channelId: channel.id });
-      await call(bob, "start", { url: server.url, token: tokens.bob, callId: a.callId });
+      // Bob sends a steady tone: he is the one speaking.
+      await call(bob, "start", { url: server.url, token: tokens.bob, callId: a.callId, tone: true });
       expect(await call<string>(alice, "mode")).toBe("p2p");
       await waitFor("alice and bob connect peer to peer", () => call<string[]>(alice, "peers"), (p) => p.some((x) => x.endsWith(":connected")));
 
@@ -121,6 +123,8 @@ it(
         await waitFor(`${name} decodes ${want.join(" and ")} through the SFU`, () => sfuFrames(page), (f) => want.every((u) => (f[u] ?? 0) > 10), 60_000);
         await waitFor(`${name}'s P2P connections are closed`, () => call<number>(page, "openP2P"), (n) => n === 0);
       }
+      // Carol opened one slot per kind; the SFU asked for one more each and she offered again.
+      expect(await call<{ audio: number; video: number }>(carol, "sfuSlots")).toEqual({ audio: 2, video: 2 });
       expect(await logOf(alice)).toContain("mode:sfu");
       expect(await logOf(alice)).toContain("sfu:connected");
       // Simulcast: the camera goes to the SFU as three encodings, lowest first.
@@ -149,14 +153,16 @@ it(
       await call(alice, "setVideo", { user: "carol", prefs: { paused: false, maxSize: { width: 160, height: 120 } } });
       await keepsDecoding(alice, "alice (resumed)", "carol");
 
-      // ---- active speaker: the SFU announces someone, to everyone ----
+      // ---- active speaker: the SFU announces bob (the only one speaking) to everyone ----
       for (const [name, page] of Object.entries(pages)) {
-        await waitFor(`${name} knows an active speaker`, () => call<string | null>(page, "activeSpeaker"), (s) => s !== null);
+        const expected = name === "bob" ? "me" : "bob";
+        await waitFor(`${name} to see bob as the active speaker`, () => call<string | null>(page, "activeSpeaker"), (s) => s === expected);
       }
 
       // ---- bob leaves; alice and carol keep decoding each other ----
       await call(bob, "leave");
       await waitFor("alice sees bob leave", () => logOf(alice), (l) => l.includes("left:bob:left"));
+      await waitFor("alice's slots for bob are freed", () => logOf(alice), (l) => l.includes("track.removed:bob:video") && l.lastIndexOf("track.removed:bob:video") > l.lastIndexOf("track:bob:video"));
       await keepsDecoding(alice, "alice", "carol");
       await keepsDecoding(carol, "carol", "alice");
 

@@ -34,12 +34,26 @@ const state = {};
 
 window.harness = {
   log,
-  async start({ url, token, channelId, callId, sfu }) {
+  async start({ url, token, channelId, callId, sfu, tone }) {
     const client = new parley.ParleyClient({ url, token, backoff: { initialMs: 100, maxMs: 1000 } });
     state.client = client;
     client.connection.on("statechange", (c) => log.push(`conn:${c.current}`));
     await client.connect();
-    const stream = await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 }, audio: true });
+    let stream = await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 }, audio: true });
+    if (tone) {
+      // A steady 440 Hz tone instead of the fake microphone (which beeps 20 ms every 500 ms, too
+      // quiet on average to count as speech): this person is the one speaking.
+      const audio = new AudioContext();
+      const oscillator = audio.createOscillator();
+      const gain = audio.createGain();
+      gain.gain.value = 0.5;
+      const destination = audio.createMediaStreamDestination();
+      oscillator.connect(gain).connect(destination);
+      oscillator.start();
+      await audio.resume();
+      for (const t of stream.getAudioTracks()) t.stop();
+      stream = new MediaStream([...stream.getVideoTracks(), ...destination.stream.getAudioTracks()]);
+    }
     state.stream = stream;
     const options = { stream, RTCPeerConnection: LoopbackPeerConnection, ...(sfu ? { sfu } : {}) };
     const session = callId ? await client.joinCall(callId, options) : await client.startCall(channelId, options);
@@ -110,6 +124,14 @@ window.harness = {
     const pc = state.session.sfuConnection();
     const sender = pc?.getSenders().find((s) => s.track?.kind === "video");
     return (sender?.getParameters().encodings ?? []).map((e) => e.rid ?? "");
+  },
+  /** SFU mode: receive slots (recvonly transceivers) per kind. */
+  sfuSlots() {
+    const out = { audio: 0, video: 0 };
+    for (const t of state.session.sfuConnection()?.getTransceivers() ?? []) {
+      if (t.direction === "recvonly") out[t.receiver.track.kind] += 1;
+    }
+    return out;
   },
   /** P2P connections still open. */
   openP2P() {
