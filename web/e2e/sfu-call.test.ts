@@ -45,9 +45,34 @@ interface Person {
   signals: SignalLog;
 }
 
-async function open(name: string): Promise<Person> {
+/**
+ * Makes the page's microphone a steady 440 Hz tone (Chromium's fake microphone beeps 20 ms every
+ * half second, too quiet on average to count as speech): that person is the one speaking.
+ * Serialized into the page.
+ */
+function speakWithTone(): void {
+  const devices = navigator.mediaDevices;
+  const original = devices.getUserMedia.bind(devices);
+  devices.getUserMedia = async (constraints?: MediaStreamConstraints) => {
+    const stream = await original(constraints);
+    if (!constraints?.audio) return stream;
+    const audio = new AudioContext();
+    const oscillator = audio.createOscillator();
+    const gain = audio.createGain();
+    gain.gain.value = 0.5;
+    const destination = audio.createMediaStreamDestination();
+    oscillator.connect(gain).connect(destination);
+    oscillator.start();
+    await audio.resume();
+    for (const t of stream.getAudioTracks()) t.stop();
+    return new MediaStream([...stream.getVideoTracks(), ...destination.stream.getAudioTracks()]);
+  };
+}
+
+async function open(name: string, speaking = false): Promise<Person> {
   const context = await newContext(browser, server.origin);
   await context.addInitScript(installLoopbackWebRTC);
+  if (speaking) await context.addInitScript(speakWithTone);
   const page = await context.newPage();
   logPageErrors(page, name, log);
   const signals = watchSignals(page);
@@ -115,7 +140,8 @@ test("four people in one call: it escalates to the SFU, each decodes the three o
 
   const people: Person[] = [];
   try {
-    for (const name of names) people.push(await open(name));
+    // Bob speaks (a steady tone); the others' fake microphones are nearly silent.
+    for (const name of names) people.push(await open(name, name === "bob"));
     const [alice, bob, carol, dave] = people as [Person, Person, Person, Person];
     for (const p of people) {
       await p.page.getByRole("navigation", { name: "Conversations" }).getByRole("button", { name: /Channel standup/ }).click();
@@ -147,9 +173,11 @@ test("four people in one call: it escalates to the SFU, each decodes the three o
     }
     for (const p of people) await screenshot(p.page, out, `02-${p.name}-sfu-grid`);
 
-    // ---- the active speaker is marked in the grid ----
+    // ---- the active speaker (bob) is marked in every grid: his tile, or bob's own ----
     for (const p of people) {
-      await p.page.locator("#call-tiles figure[data-speaking=true]").waitFor({ timeout: 30_000 });
+      const speaking = p.page.locator("#call-tiles figure[data-speaking=true]");
+      const tile = p.name === "bob" ? speaking.and(p.page.locator("figure[data-local]")) : speaking.filter({ has: p.page.locator("figcaption", { hasText: /^bob$/ }) });
+      await tile.waitFor({ timeout: 30_000 });
       assert.equal(await p.page.locator("#call-tiles figure[data-speaking=true]").count(), 1, `${p.name}'s grid marks one speaker`);
     }
     await screenshot(alice.page, out, "03-alice-active-speaker");
