@@ -302,7 +302,8 @@ export class CallSession extends Emitter<CallEvents> {
   /** Restarts ICE with every peer (also done on its own after a failure or a reconnect). */
   restartIce(): void {
     for (const link of this.#links.values()) link.restartIce();
-    this.#sfu?.restartIce();
+    // The SFU connection needs no ICE restart for a WebSocket reconnect (docs/calls.md): its
+    // media path did not change. ICE failures restart it on their own.
   }
 
   /** Leaves the call: tells the server, closes every RTCPeerConnection. */
@@ -490,7 +491,8 @@ export class CallSession extends Emitter<CallEvents> {
     this.#state = "active";
     this.emit("statechange", { state: "active", reason: "reattached" });
     for (const link of this.#links.values()) link.restartIce();
-    this.#sfu?.restartIce();
+    // The SFU connection needs no ICE restart for a WebSocket reconnect (docs/calls.md): its
+    // media path did not change. ICE failures restart it on their own.
   }
 
   // ---- SFU mode ----
