@@ -56,6 +56,13 @@ afterAll(async () => {
   if (webDir) rmSync(webDir, { recursive: true, force: true });
 });
 
+/**
+ * Cameras at 640×480, large enough for Chromium to send two simulcast layers (it sends fewer
+ * than asked for small captures). One fake camera is shared by all pages of the browser, at the
+ * size the first page opened it with, so every page asks for the same.
+ */
+const VGA = { width: 640, height: 480 };
+
 /** The in-process SFU on loopback only, and escalation at the third participant. */
 const SFU_FLAGS = ["--sfu-listen", "127.0.0.1:0", "--sfu-threshold", "3"];
 
@@ -105,14 +112,14 @@ it(
     const pages = { alice, bob, carol };
     try {
       // ---- two people: peer to peer ----
-      const a = await call<Promise<{ callId: string }>>(alice, "start", { url: server.url, token: tokens.alice, channelId: channel.id });
+      const a = await call<Promise<{ callId: string }>>(alice, "start", { url: server.url, token: tokens.alice, channelId: channel.id, size: VGA });
       // Bob sends a steady tone: he is the one speaking.
-      await call(bob, "start", { url: server.url, token: tokens.bob, callId: a.callId, tone: true });
+      await call(bob, "start", { url: server.url, token: tokens.bob, callId: a.callId, tone: true, size: VGA });
       expect(await call<string>(alice, "mode")).toBe("p2p");
       await waitFor("alice and bob connect peer to peer", () => call<string[]>(alice, "peers"), (p) => p.some((x) => x.endsWith(":connected")));
 
       // ---- the third join escalates; carol opens only one slot per kind, so she must re-offer ----
-      await call(carol, "start", { url: server.url, token: tokens.carol, callId: a.callId, sfu: { slots: { audio: 1, video: 1 } } });
+      await call(carol, "start", { url: server.url, token: tokens.carol, callId: a.callId, sfu: { slots: { audio: 1, video: 1 } }, size: VGA });
       expect(await call<string>(carol, "mode"), "the join that crosses the threshold answers in sfu mode").toBe("sfu");
       for (const [name, page] of Object.entries(pages)) {
         await waitFor(`${name}'s call is in sfu mode`, () => call<string>(page, "mode"), (m) => m === "sfu");
@@ -152,6 +159,11 @@ it(
       expect(stillPaused - paused, "no video of carol reaches alice while paused").toBeLessThanOrEqual(2);
       await call(alice, "setVideo", { user: "carol", prefs: { paused: false, maxSize: { width: 160, height: 120 } } });
       await keepsDecoding(alice, "alice (resumed)", "carol");
+      // A 160×120 tile gets carol's lowest layer (q: 160×120); a large one her highest sent (h).
+      await waitFor("the SFU to send alice carol's q layer for a 160×120 tile", () => call<string | null | undefined>(alice, "layerOf", { user: "carol" }), (l) => l === "q");
+      await call(alice, "setVideo", { user: "carol", prefs: { maxSize: { width: 1280, height: 720 } } });
+      await waitFor("the SFU to switch alice to a higher layer of carol for a large tile", () => call<string | null | undefined>(alice, "layerOf", { user: "carol" }), (l) => l === "h" || l === "f");
+      await keepsDecoding(alice, "alice (after the layer switch)", "carol");
 
       // ---- active speaker: the SFU announces bob (the only one speaking) to everyone ----
       for (const [name, page] of Object.entries(pages)) {
@@ -170,6 +182,7 @@ it(
       expect(errors, "no negotiation errors").toEqual([]);
     } catch (e) {
       for (const [name, page] of Object.entries(pages)) console.log(`${name}: ${JSON.stringify(await logOf(page).catch(() => []))}`);
+      for (const [name, page] of Object.entries(pages)) console.log(`${name} sends: ${JSON.stringify(await call(page, "sentLayers").catch(() => []))}`);
       console.log(server.logs().slice(-4000));
       throw e;
     } finally {

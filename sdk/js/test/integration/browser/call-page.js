@@ -34,12 +34,12 @@ const state = {};
 
 window.harness = {
   log,
-  async start({ url, token, channelId, callId, sfu, tone }) {
+  async start({ url, token, channelId, callId, sfu, tone, size }) {
     const client = new parley.ParleyClient({ url, token, backoff: { initialMs: 100, maxMs: 1000 } });
     state.client = client;
     client.connection.on("statechange", (c) => log.push(`conn:${c.current}`));
     await client.connect();
-    let stream = await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 }, audio: true });
+    let stream = await navigator.mediaDevices.getUserMedia({ video: { width: size?.width ?? 320, height: size?.height ?? 240 }, audio: true });
     if (tone) {
       // A steady 440 Hz tone instead of the fake microphone (which beeps 20 ms every 500 ms, too
       // quiet on average to count as speech): this person is the one speaking.
@@ -157,6 +157,19 @@ window.harness = {
   },
   async setVideo({ user, prefs }) {
     await state.session.setVideo(window.harness.trackIdOf({ user, kind: "video" }), prefs);
+  },
+  /** SFU mode: what this page sends of its camera, per rid (`rid:WxH:frames:limitation`). */
+  async sentLayers() {
+    const out = [];
+    (await state.session.sfuConnection().getStats()).forEach((s) => {
+      if (s.type === "outbound-rtp" && s.kind === "video") out.push(`${s.rid}:${s.frameWidth}x${s.frameHeight}:${s.framesEncoded}:${s.qualityLimitationReason}:${s.active}`);
+    });
+    return out.sort();
+  },
+  /** SFU mode: the simulcast layer the SFU says it sends of a user's video (`null`: none, `undefined`: not said). */
+  layerOf({ user }) {
+    const ids = new Map(state.session.peers().map((p) => [p.userId, p.participantId]));
+    return state.session.remoteTracks().find((t) => t.participantId === ids.get(user) && t.kind === "video")?.layer;
   },
   activeSpeaker() {
     const id = state.session.activeSpeaker;
