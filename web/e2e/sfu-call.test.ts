@@ -172,6 +172,8 @@ test("four people in one call: it escalates to the SFU, each decodes the three o
       await waitFor(`${p.name} to keep one peer connection (the SFU)`, async () => (await openPeerConnections(p.page)) === 1, { timeoutMs: 30_000 });
     }
     for (const p of people) await screenshot(p.page, out, `02-${p.name}-sfu-grid`);
+    // Each grid asked the SFU for the others' video at its tile size (call.sfu op "video").
+    for (const p of people) assert.ok((p.signals.sentTypes.get("call.sfu") ?? 0) >= 3, `${p.name} asked for tile sizes (call.sfu frames: ${p.signals.sentTypes.get("call.sfu") ?? 0})`);
 
     // ---- the active speaker (bob) is marked in every grid: his tile, or bob's own ----
     for (const p of people) {

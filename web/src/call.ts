@@ -38,6 +38,10 @@ export class CallController {
   readonly #tiles = new Map<string, Tile>();
   /** The tile of the active speaker (SFU mode). */
   #speaker: string | null = null;
+  /** SFU mode: the size last asked of each remote video track ("WxH"), by track id. */
+  readonly #askedSizes = new Map<string, string>();
+  #sizeTimer: ReturnType<typeof setTimeout> | undefined;
+  readonly #onResize = () => this.#sizeSoon();
 
   constructor(client: ParleyClient, state: AppState, container: HTMLElement, onChange: () => void) {
     this.#client = client;
@@ -75,6 +79,7 @@ export class CallController {
       }
       this.#session = session;
       this.#wire(session);
+      window.addEventListener("resize", this.#onResize);
       this.#setMode(session.mode);
       this.#setStatus(this.#inCallText());
       for (const peer of session.peers()) {
@@ -150,7 +155,9 @@ export class CallController {
       // A stream that gained a track after being attached plays it without re-attaching; make
       // sure a paused element starts again.
       void tile.video.play().catch(() => {});
+      this.#sizeSoon();
     });
+    session.on("tracks.changed", () => this.#sizeSoon());
     session.on("track.removed", ({ participantId, streams }) => {
       const tile = this.#tiles.get(participantId);
       if (tile && streams[0] && streams[0].getTracks().length === 0 && tile.video.srcObject === streams[0]) tile.video.srcObject = null;
@@ -234,6 +241,37 @@ export class CallController {
     if (this.#panel) this.#panel.dataset.mode = mode;
   }
 
+  /** Asks the SFU for each remote video at its tile's size, shortly (tiles settle first). */
+  #sizeSoon(): void {
+    clearTimeout(this.#sizeTimer);
+    this.#sizeTimer = setTimeout(() => this.#sizeTiles(), 300);
+  }
+
+  /**
+   * SFU mode: tells the SFU the size of each remote video's tile (in device pixels), so that it
+   * sends the smallest simulcast layer that fills it rather than the largest that fits the
+   * bandwidth. Only changes are sent.
+   */
+  #sizeTiles(): void {
+    const session = this.#session;
+    if (!session || session.mode !== "sfu") return;
+    const ratio = window.devicePixelRatio || 1;
+    for (const track of session.remoteTracks()) {
+      if (track.kind !== "video" || !track.subscribed) continue;
+      const tile = this.#tiles.get(track.participantId);
+      if (!tile || tile.element.clientWidth === 0) continue;
+      const width = Math.round(tile.element.clientWidth * ratio);
+      const height = Math.round(tile.element.clientHeight * ratio);
+      const key = `${width}x${height}`;
+      if (this.#askedSizes.get(track.trackId) === key) continue;
+      this.#askedSizes.set(track.trackId, key);
+      session.setVideo(track.trackId, { maxSize: { width, height } }).catch((e: unknown) => {
+        this.#askedSizes.delete(track.trackId);
+        console.warn("parley: asking the SFU for a tile size", e);
+      });
+    }
+  }
+
   /** Marks the tile of the active speaker (`null`: nobody). */
   #markSpeaker(tileId: string | null): void {
     this.#speaker = tileId;
@@ -278,6 +316,9 @@ export class CallController {
   #teardown(): void {
     this.#session = null;
     this.#speaker = null;
+    this.#askedSizes.clear();
+    clearTimeout(this.#sizeTimer);
+    window.removeEventListener("resize", this.#onResize);
     clearTimeout(this.#noAnswer);
     this.#present.clear();
     for (const id of [...this.#tiles.keys()]) this.#removeTile(id);
