@@ -453,6 +453,9 @@ func (c *Call) onSFUSignal(sig *signalPayload) {
 		if err := link.pc.SetRemoteDescription(webrtc.SessionDescription{Type: webrtc.SDPTypeAnswer, SDP: sig.SDP}); err != nil {
 			c.rt.cfg.logger.Warn("parley: the SFU's answer", "err", err)
 		}
+		// The answer may come before the offer's ack: either means the credential was taken,
+		// and a re-offer must not carry it again (that would open a new SFU session).
+		link.offerAcked = true
 		link.offering = false
 		if link.again || link.restartPending {
 			c.sfuOffer(link)
