@@ -168,10 +168,14 @@ export class CallSession extends Emitter<CallEvents> {
   #mode: CallMode;
   /** The connection to the SFU (SFU mode). */
   #sfu: SfuLink | undefined;
-  /** The SFU assignment `#sfu` belongs to. */
+  /** The SFU assignment the session is moving to, or is on. */
   #sfuSession: string | undefined;
+  /** The SFU assignment `#sfu` belongs to. */
+  #sfuLinkSession: string | undefined;
   /** The credential of the last join answer in SFU mode. */
   #sfuJoin: SfuJoin | undefined;
+  /** A connection to the SFU is being set up (a join for the credential may be under way). */
+  #sfuStarting = false;
   /** Re-joins for a fresh credential in a row without the SFU connection coming up. */
   #sfuRetries = 0;
   /** Tracks published in the call (SFU mode), by track id. */
@@ -372,7 +376,7 @@ export class CallSession extends Emitter<CallEvents> {
           this.#link(info, true);
         }
       }
-      if (this.#mode === "sfu") void this.#startSfu(joined.call.sfu_session ?? this.#sfuJoin?.session);
+      if (this.#mode === "sfu") void this.#startSfu(joined.call.sfu_session ?? this.#sfuJoin?.session, false);
     }, 0);
   }
 
@@ -518,7 +522,7 @@ export class CallSession extends Emitter<CallEvents> {
     const changed = mode !== this.#mode;
     this.#mode = mode;
     if (changed) this.emit("mode", { mode });
-    if (mode === "sfu" && (!this.#sfu || session !== this.#sfuSession)) void this.#startSfu(session);
+    if (mode === "sfu") void this.#startSfu(session, false);
   }
 
   /**
@@ -527,9 +531,20 @@ export class CallSession extends Emitter<CallEvents> {
    * the P2P connections stay until the SFU connection is up, so media keeps flowing during the
    * move. Joins again first when the credential at hand is for another session or expired.
    */
-  async #startSfu(session: string | undefined): Promise<void> {
+  async #startSfu(session: string | undefined, force: boolean): Promise<void> {
     if (this.#state === "left" || this.#state === "ended") return;
+    // One connection per session: the join answer and a `call.mode_changed` may both ask.
+    if (!force && ((this.#sfuStarting && session === this.#sfuSession) || (this.#sfu && session === this.#sfuLinkSession))) return;
     this.#sfuSession = session;
+    this.#sfuStarting = true;
+    try {
+      await this.#connectSfu(session);
+    } finally {
+      this.#sfuStarting = false;
+    }
+  }
+
+  async #connectSfu(session: string | undefined): Promise<void> {
     let credential = this.#sfuJoin;
     const fresh = (j: SfuJoin | undefined) =>
       j !== undefined && (session === undefined || j.session === session) && j.expires_at * 1000 > Date.now() + 5_000;
@@ -549,11 +564,11 @@ export class CallSession extends Emitter<CallEvents> {
         return;
       }
     }
-    if (this.#sfuSession !== session && session !== undefined && this.#sfuSession !== undefined) return; // superseded
     this.#openSfu(credential as SfuJoin);
   }
 
   #openSfu(credential: SfuJoin): void {
+    this.#sfuLinkSession = credential.session;
     this.#sfu?.close();
     this.#dropSfuState();
     const others = Math.max(1, this.#known.size);
@@ -590,7 +605,7 @@ export class CallSession extends Emitter<CallEvents> {
           if (error.code === "forbidden" && error.reason?.startsWith("credential") && this.#sfuRetries < 1) {
             this.#sfuRetries += 1;
             this.#sfuJoin = undefined;
-            void this.#startSfu(this.#sfuSession);
+            void this.#startSfu(this.#sfuSession, true);
             return;
           }
           this.emit("error", error);
@@ -673,7 +688,7 @@ export class CallSession extends Emitter<CallEvents> {
         return;
       case "disconnected":
         // The SFU dropped this connection: a new one, with a credential (joining again if needed).
-        if (link) void this.#startSfu(this.#sfuSession);
+        if (link) void this.#startSfu(this.#sfuSession, true);
         return;
     }
   }
