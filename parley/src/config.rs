@@ -50,10 +50,22 @@ pub struct StorageArgs {
     pub database_statement_timeout_ms: u64,
 }
 
+/// What one `parley serve` process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Everything in one process (the default), an SFU included unless `--no-sfu`.
+    All,
+    /// An SFU process only (docs/sfu.md): registers in NATS, needs --nats-url and --sfu-secret.
+    Sfu,
+}
+
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
     pub storage: StorageArgs,
+    /// What this process does: `all` (one process, the default) or `sfu` (an SFU process).
+    #[arg(long, env = "PARLEY_ROLE", value_enum, default_value = "all")]
+    pub role: Role,
     /// Address to listen on.
     #[arg(long, env = "PARLEY_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: String,

@@ -86,6 +86,11 @@ async fn serve(args: parley::config::ServeArgs) -> anyhow::Result<()> {
             sample_ratio: args.trace_sample_ratio,
         });
     let traces = parley::telemetry::init(args.log_format, otlp.as_ref())?;
+    if args.role == parley::config::Role::Sfu {
+        let result = parley::sfu_role::serve_sfu(&args).await;
+        traces.shutdown();
+        return result;
+    }
     let (shutdown_tx, shutdown_rx) = tokio::sync::watch::channel(false);
     let node = server::build(&args, shutdown_rx).await?;
     let listener = TcpListener::bind(&args.listen)

@@ -543,43 +543,275 @@ impl SfuDirectory for LocalDirectory {
     }
 }
 
-/// `--role all`: runs the SFU inside this process and lets the core escalate calls to it.
-/// Returns the running server (keep it alive for the process's lifetime), or `None` with
-/// `--no-sfu`.
-pub async fn start_in_process(
+// ---- the registry and control plane over NATS ----
+
+/// Subject of the SFU processes' heartbeats (`{node, load}` as JSON, every
+/// [`HEARTBEAT_EVERY`]).
+pub const HEARTBEAT_SUBJECT: &str = "parley.sfu.hb";
+/// Prefix of each SFU process's control subject (`parley.sfu.ctl.<node>`, request/reply).
+pub const CONTROL_PREFIX: &str = "parley.sfu.ctl.";
+const HEARTBEAT_EVERY: Duration = Duration::from_millis(500);
+/// An SFU not heard from for this long is dead: its calls move to another one.
+const HEARTBEAT_TTL: Duration = Duration::from_millis(2_000);
+/// How long a core waits for an SFU's reply.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Heartbeat {
+    node: String,
+    load: u64,
+}
+
+/// The registry as a core sees it: every SFU process's last heartbeat, over NATS.
+pub struct NatsDirectory {
+    client: async_nats::Client,
+    nodes: Arc<Mutex<HashMap<String, (u64, tokio::time::Instant)>>>,
+}
+
+impl NatsDirectory {
+    pub async fn start(client: async_nats::Client) -> anyhow::Result<Arc<NatsDirectory>> {
+        use futures::StreamExt;
+        let mut sub = client
+            .subscribe(HEARTBEAT_SUBJECT)
+            .await
+            .context("cannot subscribe to SFU heartbeats")?;
+        let nodes: Arc<Mutex<HashMap<String, (u64, tokio::time::Instant)>>> = Arc::default();
+        let table = nodes.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = sub.next().await {
+                if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
+                    let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
+                    t.insert(hb.node, (hb.load, tokio::time::Instant::now()));
+                    t.retain(|_, (_, seen)| seen.elapsed() < HEARTBEAT_TTL * 30);
+                }
+            }
+        });
+        Ok(Arc::new(NatsDirectory { client, nodes }))
+    }
+}
+
+#[async_trait::async_trait]
+impl SfuDirectory for NatsDirectory {
+    fn live(&self) -> Vec<SfuNode> {
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, (_, seen))| seen.elapsed() < HEARTBEAT_TTL)
+            .map(|(id, (load, _))| SfuNode {
+                id: id.clone(),
+                load: *load,
+            })
+            .collect()
+    }
+
+    async fn request(&self, node: &str, req: SfuRequest) -> Result<SfuReply, String> {
+        let body = serde_json::to_vec(&req).map_err(|e| e.to_string())?;
+        let reply = tokio::time::timeout(
+            CONTROL_TIMEOUT,
+            self.client
+                .request(format!("{CONTROL_PREFIX}{node}"), body.into()),
+        )
+        .await
+        .map_err(|_| format!("SFU {node} did not answer"))?
+        .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())
+    }
+}
+
+/// Makes `service` reachable as SFU `node`: answers its control subject and heartbeats.
+pub async fn register(
+    client: async_nats::Client,
+    node: String,
+    service: Arc<SfuService>,
+) -> anyhow::Result<()> {
+    use futures::StreamExt;
+    let mut control = client
+        .subscribe(format!("{CONTROL_PREFIX}{node}"))
+        .await
+        .context("cannot subscribe to the SFU control subject")?;
+    {
+        let client = client.clone();
+        let service = service.clone();
+        tokio::spawn(async move {
+            while let Some(msg) = control.next().await {
+                let (client, service) = (client.clone(), service.clone());
+                tokio::spawn(async move {
+                    let reply = match serde_json::from_slice::<SfuRequest>(&msg.payload) {
+                        Ok(req) => service.handle_request(req).await,
+                        Err(_) => SfuReply::Refused {
+                            code: "bad_request".into(),
+                        },
+                    };
+                    if let (Some(to), Ok(body)) = (msg.reply, serde_json::to_vec(&reply)) {
+                        let _ = client.publish(to, body.into()).await;
+                    }
+                });
+            }
+        });
+    }
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(HEARTBEAT_EVERY);
+        loop {
+            tick.tick().await;
+            let hb = Heartbeat {
+                node: node.clone(),
+                load: service.load(),
+            };
+            if let Ok(body) = serde_json::to_vec(&hb) {
+                let _ = client.publish(HEARTBEAT_SUBJECT, body.into()).await;
+                let _ = client.flush().await;
+            }
+        }
+    });
+    Ok(())
+}
+
+fn settings(args: &SfuArgs, secret: Vec<u8>) -> SfuSettings {
+    SfuSettings {
+        secret,
+        threshold: args.sfu_threshold,
+        always: args.sfu_always,
+        credential_ttl: Duration::from_secs(args.sfu_credential_ttl_secs.max(10)),
+    }
+}
+
+/// The SFU side of a node that runs the core (`--role all`): with NATS, the core places calls
+/// on every SFU process that heartbeats there (this process's own SFU included, unless
+/// `--no-sfu`); without NATS, on the SFU inside this process. Returns the in-process SFU's
+/// server (keep it for the process's lifetime).
+pub async fn start_for_core(
     args: &SfuArgs,
+    nats_url: Option<&str>,
     core: &Arc<Core>,
     bus: Arc<dyn Bus>,
 ) -> anyhow::Result<Option<SfuServer>> {
-    if args.no_sfu {
-        return Ok(None);
+    let nats = match nats_url {
+        Some(url) => Some(
+            async_nats::connect(url)
+                .await
+                .context("cannot connect to NATS (SFU registry)")?,
+        ),
+        None => None,
+    };
+    if nats.is_some() && args.sfu_secret.is_none() {
+        anyhow::bail!(
+            "with --nats-url, give --sfu-secret (PARLEY_SFU_SECRET): every core and SFU process \
+             must share it"
+        );
     }
     let secret = args.secret();
-    let listen = ListenConfig {
-        listen: args.sfu_listen,
-        announce: args.sfu_announce.clone(),
+    let server = if args.no_sfu {
+        None
+    } else {
+        let listen = ListenConfig {
+            listen: args.sfu_listen,
+            announce: args.sfu_announce.clone(),
+        };
+        Some(SfuService::start(listen, secret.clone(), bus).await?)
     };
-    let (service, server) = SfuService::start(listen, secret.clone(), bus).await?;
-    tracing::info!(
-        target: LOG,
-        listen = %server.handle().local_addr(),
-        announce = ?server.handle().announced(),
-        threshold = args.sfu_threshold,
-        always = args.sfu_always,
-        "SFU running in this process"
+    let directory: Arc<dyn SfuDirectory> = match (&nats, &server) {
+        (Some(client), server) => {
+            if let Some((service, _)) = server {
+                let node = format!("sfu-{}", ulid::Ulid::new().to_string().to_lowercase());
+                register(client.clone(), node, service.clone()).await?;
+            }
+            NatsDirectory::start(client.clone()).await?
+        }
+        (None, Some((service, _))) => Arc::new(LocalDirectory {
+            id: format!("local-{}", ulid::Ulid::new()),
+            service: service.clone(),
+        }),
+        (None, None) => return Ok(None),
+    };
+    if let Some((_, s)) = &server {
+        tracing::info!(
+            target: LOG,
+            listen = %s.handle().local_addr(),
+            announce = ?s.handle().announced(),
+            threshold = args.sfu_threshold,
+            always = args.sfu_always,
+            "SFU running in this process"
+        );
+    }
+    core.set_sfu(Arc::new(SfuPlane::new(settings(args, secret), directory)));
+    tokio::spawn(core.clone().run_sfu_failover(HEARTBEAT_EVERY));
+    Ok(server.map(|(_, s)| s))
+}
+
+/// `parley serve --role sfu`: an SFU process. It registers in NATS (heartbeats with its load,
+/// a control subject the cores send requests to), sends participants' notices over the bus,
+/// and serves `/healthz` and `/v1/sfu` (its node id, UDP address and load) over HTTP.
+pub async fn serve_sfu(args: &crate::config::ServeArgs) -> anyhow::Result<()> {
+    let url = args
+        .nats_url
+        .as_deref()
+        .context("--role sfu registers in NATS: give --nats-url (PARLEY_NATS_URL)")?;
+    if args.sfu.sfu_secret.is_none() {
+        anyhow::bail!(
+            "--role sfu needs --sfu-secret (PARLEY_SFU_SECRET), the secret the cores issue \
+             credentials with"
+        );
+    }
+    let bus: Arc<dyn Bus> = Arc::new(
+        parley_sync::NatsBus::connect(url)
+            .await
+            .context("cannot connect to NATS")?,
     );
-    let directory = Arc::new(LocalDirectory {
-        id: format!("local-{}", ulid::Ulid::new()),
-        service,
-    });
-    core.set_sfu(Arc::new(SfuPlane::new(
-        SfuSettings {
-            secret,
-            threshold: args.sfu_threshold,
-            always: args.sfu_always,
-            credential_ttl: Duration::from_secs(args.sfu_credential_ttl_secs.max(10)),
-        },
-        directory,
-    )));
-    Ok(Some(server))
+    let client = async_nats::connect(url)
+        .await
+        .context("cannot connect to NATS")?;
+    let listen = ListenConfig {
+        listen: args.sfu.sfu_listen,
+        announce: args.sfu.sfu_announce.clone(),
+    };
+    let (service, server) = SfuService::start(listen, args.sfu.secret(), bus).await?;
+    let node = format!("sfu-{}", ulid::Ulid::new().to_string().to_lowercase());
+    register(client, node.clone(), service.clone()).await?;
+    let udp = server.handle().local_addr();
+    let status = {
+        let (node, service) = (node.clone(), service.clone());
+        move || {
+            let body = serde_json::json!({
+                "node": node,
+                "udp": udp.to_string(),
+                "participants": service.load(),
+            });
+            std::future::ready(axum::Json(body))
+        }
+    };
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok" }))
+        .route("/v1/sfu", axum::routing::get(status));
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "parley listening on http://{addr} (role: sfu, node: {node}, udp: {udp})"
+        );
+        let _ = out.flush();
+    }
+    tracing::info!(target: LOG, %node, %udp, "SFU process registered");
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async {
+            #[cfg(unix)]
+            if let Ok(mut term) =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            {
+                tokio::select! {
+                    _ = term.recv() => {},
+                    _ = tokio::signal::ctrl_c() => {},
+                }
+                return;
+            }
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    drop(server);
+    Ok(())
 }

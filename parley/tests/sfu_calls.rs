@@ -14,6 +14,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
 
 use common::{Backend, Server, ServerBuilder, Ws, token, unique};
+const SECRET: &str = "sfu-test-shared-secret";
 use media::{Client, ClientConfig};
 use serde_json::{Value, json};
 
@@ -112,7 +113,17 @@ impl Member {
 
     /// The first frame (already seen or arriving within `WAIT`) that matches.
     async fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(f) = self.seen.iter().find(|f| pred(f)) {
+        self.wait_for_from(0, what, pred).await
+    }
+
+    /// The first frame from `seen[start..]` on (or arriving within `WAIT`) that matches.
+    async fn wait_for_from(
+        &mut self,
+        start: usize,
+        what: &str,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        if let Some(f) = self.seen.iter().skip(start).find(|f| pred(f)) {
             return f.clone();
         }
         let deadline = Instant::now() + WAIT;
@@ -158,6 +169,7 @@ impl Member {
     async fn connect_media(&mut self, config: ClientConfig) {
         let client = Client::new(&self.name, config).await;
         let offer = client.offer(0, 0).await.expect("offer");
+        let mark = self.seen.len();
         let credential = self.joined["sfu"]["credential"]
             .as_str()
             .expect("an sfu block in the join answer")
@@ -167,7 +179,7 @@ impl Member {
             .await;
         assert_eq!(ack["type"], "ack", "{}: offer to sfu refused: {ack}", self.name);
         let answer = self
-            .wait_for("the SFU's answer", |f| {
+            .wait_for_from(mark, "the SFU's answer", |f| {
                 f["type"] == "call.signal" && f["from"] == "sfu" && f["signal"]["kind"] == "answer"
             })
             .await;
@@ -559,4 +571,116 @@ async fn without_a_valid_credential_there_is_no_media() {
     );
     assert!(stranger.received().is_empty());
     assert!(stranger.wait_connected().await.is_err());
+}
+
+/// Two `--role sfu` processes and a core on NATS: the call's SFU is killed with SIGKILL, the
+/// core moves the call to the other one (`call.mode_changed`, `sfu_failover`), and every
+/// participant's media flows again through the new SFU within 10 s of the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_sfu_process_dies_the_call_moves_and_media_flows_again_within_10_s() {
+    let sfu_process = || {
+        ServerBuilder::new(Backend::Sqlite)
+            .nats()
+            .arg("--role")
+            .arg("sfu")
+            .arg("--sfu-secret")
+            .arg(SECRET)
+            .start()
+    };
+    let mut sfus = [sfu_process(), sfu_process()];
+    let core = ServerBuilder::new(Backend::Sqlite)
+        .nats()
+        .arg("--no-sfu")
+        .arg("--sfu-always")
+        .arg("--sfu-secret")
+        .arg(SECRET)
+        .start();
+    // Both SFUs heartbeat every 500 ms; let the core hear them.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (channel, mut ms) = members(&core, 3).await;
+    let call = start_call(&core, &ms[0].user, &channel).await;
+    let call_id = call["id"].as_str().expect("call id").to_owned();
+    let session = call["sfu_session"].as_str().expect("placed").to_owned();
+    for m in ms.iter_mut() {
+        m.join(&core, &call_id).await;
+        m.connect_media(publisher(2)).await;
+    }
+    for m in &ms {
+        m.client().start_media();
+    }
+    let expected = |i: usize| -> BTreeSet<String> {
+        (0..3)
+            .filter(|j| *j != i)
+            .flat_map(|j| [format!("p{j}/a"), format!("p{j}/v")])
+            .collect()
+    };
+    wait_media(&ms, &expected, Instant::now() + WAIT).await;
+
+    // Which SFU holds the call: the one with three participants.
+    let mut holder = None;
+    for (i, s) in sfus.iter().enumerate() {
+        let status: Value = reqwest::get(s.url("/v1/sfu"))
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        if status["participants"] == 3 {
+            holder = Some(i);
+        }
+    }
+    let holder = holder.expect("one SFU holds the call's three participants");
+    sfus[holder].kill9();
+    let killed = Instant::now();
+
+    for m in ms.iter_mut() {
+        let moved = m
+            .wait_for("call.mode_changed after the failover", |f| {
+                f["type"] == "call.mode_changed" && f["reason"] == "sfu_failover"
+            })
+            .await;
+        let new_session = moved["sfu_session"].as_str().expect("session");
+        assert_ne!(new_session, session, "a new SFU session");
+        let again = m.join(&core, &call_id).await;
+        assert_eq!(again["sfu"]["session"], new_session);
+        m.connect_media(publisher(2)).await;
+        m.client().start_media();
+    }
+    wait_media(&ms, &expected, killed + Duration::from_secs(10)).await;
+    eprintln!("media flowed again {:?} after the kill", killed.elapsed());
+    let other = 1 - holder;
+    let status: Value = reqwest::get(sfus[other].url("/v1/sfu"))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["participants"], 3, "the surviving SFU holds the call");
+}
+
+/// Waits until every member's current media client received exactly the expected sources
+/// (at least a few frames of each), failing at `deadline`.
+async fn wait_media(
+    ms: &[Member],
+    expected: &impl Fn(usize) -> BTreeSet<String>,
+    deadline: Instant,
+) {
+    loop {
+        let done = ms.iter().enumerate().all(|(i, m)| {
+            let counts = m.client().sources();
+            let got: BTreeSet<String> = counts
+                .iter()
+                .map(|s| s.rsplit_once('/').map_or(s.clone(), |(p, _)| p.to_owned()))
+                .collect();
+            got == expected(i)
+        });
+        if done {
+            return;
+        }
+        if Instant::now() > deadline {
+            let got: Vec<BTreeSet<String>> = ms.iter().map(|m| m.client().sources()).collect();
+            panic!("media did not reach everyone in time: {got:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
