@@ -2,6 +2,9 @@ package parley_test
 
 import (
 	"context"
+	"encoding/json"
+	"net/http"
+	"os"
 	"strconv"
 	"sync"
 	"testing"
@@ -196,3 +199,101 @@ func TestCallSFUEscalation(t *testing.T) {
 }
 
 func itoa(n int) string { return strconv.Itoa(n) }
+
+// TestCallSFUFailover: a core (no SFU of its own, every call on the SFU) and two `--role sfu`
+// processes on NATS. Three Go participants publish through the SFU that holds the call; it is
+// killed with SIGKILL; the core moves the call to the other SFU (`call.mode_changed`,
+// `sfu_failover`), and every Call moves by itself — it joins again for a credential, opens a new
+// SFU connection — so that each receives both others' video again within 10 s of the kill.
+// Needs NATS: PARLEY_TEST_NATS_URL (scripts/test.sh starts it).
+func TestCallSFUFailover(t *testing.T) {
+	nats := os.Getenv("PARLEY_TEST_NATS_URL")
+	if nats == "" {
+		t.Fatal("PARLEY_TEST_NATS_URL is not set: run the tests with scripts/test.sh, or start the services with `eval \"$(scripts/services.sh start)\"` first")
+	}
+	const secret = "sdk-go-failover-secret"
+	sfus := []*server{
+		startServer(t, "--role", "sfu", "--nats-url", nats, "--sfu-secret", secret),
+		startServer(t, "--role", "sfu", "--nats-url", nats, "--sfu-secret", secret),
+	}
+	srv := startServer(t, "--dev", "--nats-url", nats, "--no-sfu", "--sfu-always", "--sfu-secret", secret)
+	time.Sleep(1500 * time.Millisecond) // the SFUs announce themselves every 500 ms
+	ctx := ctxT(t)
+	users := []string{"alice", "bob", "carol"}
+	ch, err := srv.client(t, "alice").CreateChannel(ctx, parley.CreateChannelParams{Kind: parley.KindChannel, Name: "failover", Members: users[1:]})
+	if err != nil {
+		t.Fatalf("create channel: %v", err)
+	}
+	mediaCtx, stopMedia := context.WithCancel(ctx)
+	defer stopMedia()
+	counters := make([]*sfuCounter, len(users))
+	calls := make([]*parley.Call, len(users))
+	for i, u := range users {
+		rt := connect(t, srv.client(t, u))
+		discardEvents(rt)
+		counters[i] = &sfuCounter{}
+		opts := append(syntheticMedia(t, mediaCtx, u), parley.WithLoopbackOnly(), counters[i].option())
+		calls[i], err = rt.StartCall(ctx, ch.ID, opts...)
+		if err != nil {
+			t.Fatalf("%s joins: %v", u, err)
+		}
+		if calls[i].Mode() != parley.ModeSFU {
+			t.Fatalf("expected the call on the SFU from the start (--sfu-always), got %s", calls[i].Mode())
+		}
+	}
+	receivingAll := func(more []int) bool {
+		for i := range users {
+			for j := range users {
+				if i != j && counters[i].get(calls[j].ParticipantID, "video") <= more[i*len(users)+j] {
+					return false
+				}
+			}
+		}
+		return true
+	}
+	snapshot := func(plus int) []int {
+		out := make([]int, len(users)*len(users))
+		for i := range users {
+			for j := range users {
+				out[i*len(users)+j] = counters[i].get(calls[j].ParticipantID, "video") + plus
+			}
+		}
+		return out
+	}
+	base := make([]int, len(users)*len(users))
+	for i := range base {
+		base[i] = 30
+	}
+	waitFor(t, 30*time.Second, func() bool { return receivingAll(base) }, func() string {
+		return "everyone receiving both others' video through the first SFU"
+	})
+	// The SFU holding the call: the one with three participants.
+	holder := -1
+	for i, s := range sfus {
+		var status struct {
+			Participants int `json:"participants"`
+		}
+		resp, err := http.Get(s.URL + "/v1/sfu")
+		if err != nil {
+			t.Fatalf("SFU status: %v", err)
+		}
+		_ = json.NewDecoder(resp.Body).Decode(&status)
+		resp.Body.Close()
+		if status.Participants == 3 {
+			holder = i
+		}
+	}
+	if holder < 0 {
+		t.Fatal("expected one SFU to hold the call's three participants")
+	}
+	_ = sfus[holder].cmd.Process.Kill()
+	killed := time.Now()
+	after := snapshot(30)
+	waitFor(t, 10*time.Second, func() bool { return receivingAll(after) }, func() string {
+		return "everyone receiving both others' video again through the other SFU within 10 s of the kill"
+	})
+	t.Logf("media flowed again %v after the kill", time.Since(killed).Round(10*time.Millisecond))
+	for _, c := range calls {
+		_ = c.Leave(ctx)
+	}
+}
