@@ -105,6 +105,8 @@ export type CallEvents = {
   "sfu.connectionstatechange": { state: RTCPeerConnectionState };
   /** SFU mode: the tracks published in the call changed (see `remoteTracks()`). */
   "tracks.changed": { tracks: RemoteTrackInfo[] };
+  /** SFU mode: the simulcast layer the SFU sends you of a video track changed (`null`: no video now). */
+  "track.layer": { trackId: string; participantId: string; layer: string | null };
   /** SFU mode: the loudest participant (`null`: nobody speaks). */
   "active_speaker": { participantId: string | null; userId: string | null };
   /** The RTCPeerConnection of a peer changed its `connectionState`. */
@@ -681,7 +683,9 @@ export class CallSession extends Emitter<CallEvents> {
         return;
       case "layer": {
         const t = this.#remoteTracks.get(e.track_id);
-        if (t) t.layer = e.layer;
+        const layer = e.layer ?? null;
+        if (t) t.layer = layer;
+        this.emit("track.layer", { trackId: e.track_id, participantId: t?.participantId ?? "", layer });
         return;
       }
       case "connected":
