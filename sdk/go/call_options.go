@@ -27,6 +27,14 @@ type callConfig struct {
 	onSFUState    func(webrtc.PeerConnectionState)
 	onMode        func(CallMode)
 	onSpeaker     func(string)
+	sfuSlots      *[2]int
+}
+
+// WithSFUSlots sets how many receive slots (audio, video) the connection to the SFU opens up
+// front. Default: one of each per other participant. When the SFU binds more tracks than there
+// are slots it asks for more, and the Call adds them and offers again.
+func WithSFUSlots(audio, video int) CallOption {
+	return func(c *callConfig) { c.sfuSlots = &[2]int{audio, video} }
 }
 
 // OnSFUTrack calls fn for every receive slot on which media from the SFU arrives, with the

@@ -339,7 +339,11 @@ func (c *Call) startSFU(session string) {
 	c.mu.Lock()
 	c.sfu = link
 	c.mu.Unlock()
-	c.addSlots(link, others, others)
+	audio, video := others, others
+	if s := c.cfg.sfuSlots; s != nil {
+		audio, video = s[0], s[1]
+	}
+	c.addSlots(link, audio, video)
 	c.sfuOffer(link)
 }
 

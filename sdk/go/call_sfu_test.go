@@ -111,6 +111,10 @@ func TestCallSFUEscalation(t *testing.T) {
 			counters[i].option(),
 			parley.OnModeChange(func(mode parley.CallMode) { m <- mode }),
 		)
+		if u == "carol" {
+			// One slot per kind for two others: the SFU asks for more and carol offers again.
+			opts = append(opts, parley.WithSFUSlots(1, 1))
+		}
 		calls[i], err = rt.StartCall(ctx, ch.ID, opts...)
 		if err != nil {
 			t.Fatalf("%s joins: %v", u, err)
@@ -156,6 +160,17 @@ func TestCallSFUEscalation(t *testing.T) {
 		if calls[i].SFUConnection() == nil || calls[i].SFUConnection().ConnectionState() != webrtc.PeerConnectionStateConnected {
 			t.Fatalf("expected %s's SFU connection to be connected", users[i])
 		}
+	}
+
+	// Carol opened one slot per kind and was asked for one more of each.
+	slots := map[webrtc.RTPCodecType]int{}
+	for _, tr := range calls[2].SFUConnection().GetTransceivers() {
+		if tr.Direction() == webrtc.RTPTransceiverDirectionRecvonly {
+			slots[tr.Kind()]++
+		}
+	}
+	if slots[webrtc.RTPCodecTypeAudio] != 2 || slots[webrtc.RTPCodecTypeVideo] != 2 {
+		t.Fatalf("expected carol to have added a receive slot of each kind when asked (2 audio, 2 video), got %v", slots)
 	}
 
 	// Alice unsubscribes from bob's video: its slot is unbound and no more of it arrives.
