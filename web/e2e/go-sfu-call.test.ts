@@ -5,7 +5,8 @@
  * (e2e/pages/callpeer.ts, fake camera) joins, and a second Go peer's join escalates the call.
  * Both SDKs move to the SFU by themselves; the first Go peer counts the browser's video RTP
  * arriving through the SFU, and the browser counts the Go peer's video and audio packets on its
- * SFU connection.
+ * SFU connection. The browser's microphone is a steady tone, and the Go peer hears it announced
+ * as the active speaker.
  */
 import { spawn, execFileSync, type ChildProcess } from "node:child_process";
 import { existsSync } from "node:fs";
@@ -73,7 +74,7 @@ after(async () => {
 
 interface PageWindow {
   callPeerTest: {
-    join(token: string, channelId: string): Promise<{ participantId: string; others: number }>;
+    join(token: string, channelId: string, tone?: boolean): Promise<{ participantId: string; others: number }>;
     mode(): string;
     sfuPackets(): Promise<Record<string, { audio: number; video: number }>>;
     state: { events: string[] };
@@ -142,7 +143,8 @@ test("Go SDK and TypeScript SDK in one SFU call: the call escalates, each receiv
     logPageErrors(page, "chromium", log);
     const signals = watchSignals(page);
     await page.goto(server.origin);
-    const me = await page.evaluate(([token, ch]) => (window as unknown as PageWindow).callPeerTest.join(token!, ch!), [browserToken, channelId]);
+    // The browser sends a steady tone as its microphone: the SFU's active speaker.
+    const me = await page.evaluate(([token, ch]) => (window as unknown as PageWindow).callPeerTest.join(token!, ch!, true), [browserToken, channelId]);
     assert.equal(me.others, 1, "the browser finds the Go peer in the call");
     assert.equal(await page.evaluate(() => (window as unknown as PageWindow).callPeerTest.mode()), "p2p");
     await seen(go, "the browser's video over P2P", (e) => e.event === "rtp" && e.kind === "video" && (e.packets ?? 0) > 0);
@@ -172,6 +174,9 @@ test("Go SDK and TypeScript SDK in one SFU call: the call escalates, each receiv
     }, { timeoutMs: 40_000, intervalMs: 250 });
     log(`browser received from the Go peer through the SFU: ${JSON.stringify(later)}`);
     await screenshot(page, out, "01-browser-in-sfu-call-with-go-peers");
+
+    // The Go SDK hears the active speaker: the browser, the only one making a sound.
+    await seen(go, "the browser announced as the active speaker", (e) => e.event === "speaker" && e.participant_id === me.participantId, 30_000);
 
     assert.deepEqual(signals.nonLoopback, [], "the browser signalled only 127.0.0.1 candidates");
     const errors = (await page.evaluate(() => (window as unknown as PageWindow).callPeerTest.state.events)).filter((l) => l.startsWith("error"));

@@ -19,11 +19,25 @@ function note(line: string): void {
   document.getElementById("log")?.append(li);
 }
 
-async function join(token: string, channelId: string): Promise<{ participantId: string; others: number }> {
+/** A steady 440 Hz tone as a microphone track (loud enough to be the SFU's active speaker). */
+async function toneTrack(): Promise<MediaStreamTrack> {
+  const audio = new AudioContext();
+  const oscillator = audio.createOscillator();
+  const gain = audio.createGain();
+  gain.gain.value = 0.5;
+  const destination = audio.createMediaStreamDestination();
+  oscillator.connect(gain).connect(destination);
+  oscillator.start();
+  await audio.resume();
+  return destination.stream.getAudioTracks()[0]!;
+}
+
+async function join(token: string, channelId: string, tone = false): Promise<{ participantId: string; others: number }> {
   const client = new ParleyClient({ url: location.origin, token });
   client.connection.on("statechange", (c) => note(`connection ${c.current}`));
   await client.connect();
   const stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
+  if (tone) stream.addTrack(await toneTrack());
   const video = document.getElementById("local") as HTMLVideoElement;
   video.srcObject = stream;
   const call = await client.rest.startCall(channelId);
