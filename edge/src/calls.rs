@@ -350,12 +350,7 @@ pub(crate) async fn sfu_signal(
     }
     let result = edge
         .gateway
-        .sfu_request(
-            principal,
-            &call_id,
-            &from,
-            SfuClientRequest::Signal(signal),
-        )
+        .sfu_request(principal, &call_id, &from, SfuClientRequest::Signal(signal))
         .await;
     match result {
         Ok(answer) => {

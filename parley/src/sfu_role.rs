@@ -92,6 +92,8 @@ struct State {
     by_name: HashMap<(String, String, String), ParticipantId>,
     members: HashMap<ParticipantId, Member>,
     tracks: HashMap<TrackId, TrackInfo>,
+    /// Calls the cores placed here: (tenant, call) -> session.
+    claims: HashMap<(String, String), String>,
 }
 
 /// The SFU process's side of the control plane: admits participants, passes offers,
@@ -154,6 +156,19 @@ impl SfuService {
     /// Participants admitted now (the load the registry shows).
     pub fn load(&self) -> u64 {
         self.lock().members.len() as u64
+    }
+
+    /// The calls placed here, as (tenant, call, session).
+    fn claims(&self) -> Vec<Claimed> {
+        self.lock()
+            .claims
+            .iter()
+            .map(|((tenant, call_id), session)| Claimed {
+                tenant: tenant.clone(),
+                call_id: call_id.clone(),
+                session: session.clone(),
+            })
+            .collect()
     }
 
     fn lookup(&self, tenant: &str, call: &str, participant: &str) -> Option<ParticipantId> {
@@ -287,9 +302,18 @@ impl SfuService {
                 }
                 SfuReply::Done
             }
+            SfuRequest::Claim {
+                tenant,
+                call_id,
+                session,
+            } => {
+                self.lock().claims.insert((tenant, call_id), session);
+                SfuReply::Done
+            }
             SfuRequest::EndCall { tenant, call_id } => {
                 let pids: Vec<ParticipantId> = {
                     let mut st = self.lock();
+                    st.claims.remove(&(tenant.clone(), call_id.clone()));
                     let pids: Vec<ParticipantId> = st
                         .members
                         .iter()
@@ -560,12 +584,30 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(3);
 struct Heartbeat {
     node: String,
     load: u64,
+    /// The calls placed on this SFU.
+    #[serde(default)]
+    calls: Vec<Claimed>,
+}
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct Claimed {
+    tenant: String,
+    call_id: String,
+    session: String,
+}
+
+/// What a core knows of one SFU process from its last heartbeat.
+struct NodeView {
+    load: u64,
+    seen: tokio::time::Instant,
+    /// (tenant, call) -> session.
+    calls: HashMap<(String, String), String>,
 }
 
 /// The registry as a core sees it: every SFU process's last heartbeat, over NATS.
 pub struct NatsDirectory {
     client: async_nats::Client,
-    nodes: Arc<Mutex<HashMap<String, (u64, tokio::time::Instant)>>>,
+    nodes: Arc<Mutex<HashMap<String, NodeView>>>,
 }
 
 impl NatsDirectory {
@@ -575,14 +617,24 @@ impl NatsDirectory {
             .subscribe(HEARTBEAT_SUBJECT)
             .await
             .context("cannot subscribe to SFU heartbeats")?;
-        let nodes: Arc<Mutex<HashMap<String, (u64, tokio::time::Instant)>>> = Arc::default();
+        let nodes: Arc<Mutex<HashMap<String, NodeView>>> = Arc::default();
         let table = nodes.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
                 if let Ok(hb) = serde_json::from_slice::<Heartbeat>(&msg.payload) {
                     let mut t = table.lock().unwrap_or_else(|p| p.into_inner());
-                    t.insert(hb.node, (hb.load, tokio::time::Instant::now()));
-                    t.retain(|_, (_, seen)| seen.elapsed() < HEARTBEAT_TTL * 30);
+                    let calls = hb
+                        .calls
+                        .into_iter()
+                        .map(|c| ((c.tenant, c.call_id), c.session))
+                        .collect();
+                    let view = NodeView {
+                        load: hb.load,
+                        seen: tokio::time::Instant::now(),
+                        calls,
+                    };
+                    t.insert(hb.node, view);
+                    t.retain(|_, v| v.seen.elapsed() < HEARTBEAT_TTL * 30);
                 }
             }
         });
@@ -597,11 +649,22 @@ impl SfuDirectory for NatsDirectory {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .iter()
-            .filter(|(_, (_, seen))| seen.elapsed() < HEARTBEAT_TTL)
-            .map(|(id, (load, _))| SfuNode {
+            .filter(|(_, v)| v.seen.elapsed() < HEARTBEAT_TTL)
+            .map(|(id, v)| SfuNode {
                 id: id.clone(),
-                load: *load,
+                load: v.load,
             })
+            .collect()
+    }
+
+    fn claims(&self, tenant: &str, call_id: &str) -> Vec<(String, String)> {
+        let key = (tenant.to_owned(), call_id.to_owned());
+        self.nodes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(_, v)| v.seen.elapsed() < HEARTBEAT_TTL)
+            .filter_map(|(id, v)| v.calls.get(&key).map(|s| (id.clone(), s.clone())))
             .collect()
     }
 
@@ -657,6 +720,7 @@ pub async fn register(
             let hb = Heartbeat {
                 node: node.clone(),
                 load: service.load(),
+                calls: service.claims(),
             };
             if let Ok(body) = serde_json::to_vec(&hb) {
                 let _ = client.publish(HEARTBEAT_SUBJECT, body.into()).await;

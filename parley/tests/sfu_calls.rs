@@ -86,7 +86,9 @@ impl Member {
             self.pid = pid;
             self.call_id = call_id.to_owned();
             let ack = self
-                .request(json!({"type": "call.attach", "call_id": call_id, "participant_id": self.pid}))
+                .request(
+                    json!({"type": "call.attach", "call_id": call_id, "participant_id": self.pid}),
+                )
                 .await;
             assert_eq!(ack["type"], "ack", "attach: {ack}");
         } else {
@@ -177,7 +179,11 @@ impl Member {
         let ack = self
             .to_sfu(json!({"kind": "offer", "sdp": offer, "credential": credential}))
             .await;
-        assert_eq!(ack["type"], "ack", "{}: offer to sfu refused: {ack}", self.name);
+        assert_eq!(
+            ack["type"], "ack",
+            "{}: offer to sfu refused: {ack}",
+            self.name
+        );
         let answer = self
             .wait_for_from(mark, "the SFU's answer", |f| {
                 f["type"] == "call.signal" && f["from"] == "sfu" && f["signal"]["kind"] == "answer"
@@ -274,11 +280,7 @@ async fn start_call(server: &Server, user: &str, channel: &str) -> Value {
 /// Checks one subscriber: the set of (publisher, kind) that reached it is `expected`, and
 /// each expected track arrived on the slot the SFU bound it to, with enough packets and, for
 /// video, at least one keyframe.
-fn check_received(
-    sub: &Member,
-    expected: &BTreeSet<String>,
-    track_of: &HashMap<String, String>,
-) {
+fn check_received(sub: &Member, expected: &BTreeSet<String>, track_of: &HashMap<String, String>) {
     let got = sub.received_sources();
     assert_eq!(&got, expected, "{}: the tracks that arrived", sub.name);
     let received = sub.client().received();
@@ -292,7 +294,11 @@ fn check_received(
             .sources
             .keys()
             .all(|s| s.starts_with(&format!("{source}/")));
-        assert!(only_this, "{}: slot {mid} carried {:?}", sub.name, stats.sources);
+        assert!(
+            only_this,
+            "{}: slot {mid} carried {:?}",
+            sub.name, stats.sources
+        );
         if source.ends_with("/a") {
             assert!(stats.packets >= 50, "{}: {source}: {stats:?}", sub.name);
         } else {
@@ -418,7 +424,12 @@ async fn one_publisher_reaches_eight_subscribers_through_the_binary() {
     for s in subs {
         let tracks = track_map(s, &[publisher]);
         check_received(s, &expected, &tracks);
-        assert_eq!(s.client().received().len(), 2, "{}: only its two slots", s.name);
+        assert_eq!(
+            s.client().received().len(),
+            2,
+            "{}: only its two slots",
+            s.name
+        );
     }
     // The publisher subscribes to nothing, so nothing arrives there.
     assert!(publisher.client().received().is_empty());
@@ -536,9 +547,16 @@ async fn without_a_valid_credential_there_is_no_media() {
     let offer = stranger.offer(0, 0).await.expect("offer");
     // No credential in a first offer.
     let r = ms[1].to_sfu(json!({"kind": "offer", "sdp": offer})).await;
-    assert_eq!((r["type"].as_str(), r["reason"].as_str()), (Some("error"), Some("credential_missing")), "{r}");
+    assert_eq!(
+        (r["type"].as_str(), r["reason"].as_str()),
+        (Some("error"), Some("credential_missing")),
+        "{r}"
+    );
     // A forged one.
-    let own = ms[1].joined["sfu"]["credential"].as_str().expect("credential").to_owned();
+    let own = ms[1].joined["sfu"]["credential"]
+        .as_str()
+        .expect("credential")
+        .to_owned();
     let (body, tag) = own.rsplit_once('.').expect("v1.payload.tag");
     let flipped = if tag.starts_with('A') { "B" } else { "A" };
     let forged = format!("{body}.{flipped}{}", &tag[1..]);
@@ -548,7 +566,10 @@ async fn without_a_valid_credential_there_is_no_media() {
     assert_eq!(r["code"], "forbidden", "{r}");
     assert_eq!(r["reason"], "credential_bad_signature", "{r}");
     // Someone else's (p0's credential, offered as p1).
-    let theirs = ms[0].joined["sfu"]["credential"].as_str().expect("credential").to_owned();
+    let theirs = ms[0].joined["sfu"]["credential"]
+        .as_str()
+        .expect("credential")
+        .to_owned();
     let r = ms[1]
         .to_sfu(json!({"kind": "offer", "sdp": offer, "credential": theirs}))
         .await;
@@ -655,7 +676,10 @@ async fn when_the_sfu_process_dies_the_call_moves_and_media_flows_again_within_1
         .json()
         .await
         .expect("json");
-    assert_eq!(status["participants"], 3, "the surviving SFU holds the call");
+    assert_eq!(
+        status["participants"], 3,
+        "the surviving SFU holds the call"
+    );
 }
 
 /// Waits until every member's current media client received exactly the expected sources
@@ -683,4 +707,81 @@ async fn wait_media(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Two nodes on PostgreSQL and NATS, two `--role sfu` processes: participants whose WebSockets
+/// and joins are on different nodes all reach the one SFU the call was placed on (the placing
+/// core claims the call at the SFU; the other core reads the claim from its heartbeats).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_on_different_nodes_reach_the_same_sfu() {
+    let sfu_process = || {
+        ServerBuilder::new(Backend::Sqlite)
+            .nats()
+            .arg("--role")
+            .arg("sfu")
+            .arg("--sfu-secret")
+            .arg(SECRET)
+            .start()
+    };
+    let sfus = [sfu_process(), sfu_process()];
+    let node = || {
+        ServerBuilder::new(Backend::Postgres)
+            .nats()
+            .arg("--no-sfu")
+            .arg("--sfu-always")
+            .arg("--sfu-secret")
+            .arg(SECRET)
+            .start()
+    };
+    let (a, b) = (node(), node());
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let users: Vec<String> = (0..4).map(|i| unique(&format!("p{i}"))).collect();
+    let refs: Vec<&str> = users.iter().skip(1).map(String::as_str).collect();
+    let channel = a.api(&users[0]).create_channel(&unique("sfu"), &refs).await;
+    let mut ms = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        let node = if i < 2 { &a } else { &b };
+        ms.push(Member::connect(node, &format!("p{i}"), u, &channel).await);
+    }
+    let call = start_call(&a, &ms[0].user, &channel).await;
+    let call_id = call["id"].as_str().expect("call id").to_owned();
+    let session = call["sfu_session"].as_str().expect("placed").to_owned();
+    // One heartbeat carries the claim to node b.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for (i, m) in ms.iter_mut().enumerate() {
+        let node = if i < 2 { &a } else { &b };
+        let joined = m.join(node, &call_id).await;
+        assert_eq!(
+            joined["call"]["sfu_session"],
+            session.as_str(),
+            "{}",
+            m.name
+        );
+        assert_eq!(joined["sfu"]["session"], session.as_str(), "{}", m.name);
+    }
+    for m in ms.iter_mut() {
+        m.connect_media(publisher(3)).await;
+    }
+    for m in &ms {
+        m.client().start_media();
+    }
+    let expected = |i: usize| -> BTreeSet<String> {
+        (0..4)
+            .filter(|j| *j != i)
+            .flat_map(|j| [format!("p{j}/a"), format!("p{j}/v")])
+            .collect()
+    };
+    wait_media(&ms, &expected, Instant::now() + WAIT).await;
+    let mut loads = Vec::new();
+    for s in &sfus {
+        let status: Value = reqwest::get(s.url("/v1/sfu"))
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("json");
+        loads.push(status["participants"].as_u64().unwrap_or(0));
+    }
+    loads.sort_unstable();
+    assert_eq!(loads, [0, 4], "all four on one SFU");
 }

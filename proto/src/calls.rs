@@ -184,7 +184,10 @@ pub enum SfuNotice {
         /// Simulcast rids, lowest first; empty without simulcast.
         layers: Vec<String>,
     },
-    TrackUnpublished { track_id: String, publisher: String },
+    TrackUnpublished {
+        track_id: String,
+        publisher: String,
+    },
     /// The subscribed track arrives on the receiver's slot `mid`.
     Bound {
         track_id: String,
@@ -192,9 +195,15 @@ pub enum SfuNotice {
         mid: String,
     },
     /// The slot `mid` no longer carries the track.
-    Unbound { track_id: String, mid: String },
+    Unbound {
+        track_id: String,
+        mid: String,
+    },
     /// Add this many `recvonly` transceivers of each kind and offer again.
-    Renegotiate { audio: usize, video: usize },
+    Renegotiate {
+        audio: usize,
+        video: usize,
+    },
     /// The layer now sent of a video track (`None`: no video).
     Layer {
         track_id: String,
@@ -257,16 +266,27 @@ pub enum SfuRequest {
     },
     /// Every participant of the call leaves.
     EndCall { tenant: String, call_id: String },
+    /// The core placed the call on this SFU under `session`: the SFU lists the claim in its
+    /// heartbeats, so every core routes the call here.
+    Claim {
+        tenant: String,
+        call_id: String,
+        session: String,
+    },
 }
 
 /// The SFU's answer to an [`SfuRequest`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum SfuReply {
-    Answer { sdp: String },
+    Answer {
+        sdp: String,
+    },
     Done,
     /// Refused; `code` is the SFU's stable error code (`credential_expired`, `bad_sdp`, ...).
-    Refused { code: String },
+    Refused {
+        code: String,
+    },
 }
 
 /// Why a participant left.

@@ -93,6 +93,24 @@ pub trait SfuDirectory: Send + Sync {
     fn live(&self) -> Vec<SfuNode>;
     /// One request to one SFU process; `Err` when it cannot be reached.
     async fn request(&self, node: &str, req: SfuRequest) -> Result<SfuReply, String>;
+    /// The live SFUs that claim the call, with the session of each claim (from their
+    /// heartbeats): how a core learns placements other cores made.
+    fn claims(&self, _tenant: &str, _call_id: &str) -> Vec<(String, String)> {
+        Vec::new()
+    }
+}
+
+/// The session id of a call on an SFU node: the same on every core.
+fn session_of(call_id: &str, node: &str) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(format!("{call_id}\n{node}").as_bytes());
+    format!("sfus_{}", hex::encode(&digest[..10]))
+}
+
+/// Highest-random-weight rank of `node` for the call: every core ranks the same way.
+fn rank(call_id: &str, node: &str) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(format!("rank\n{call_id}\n{node}").as_bytes()).into()
 }
 
 /// When calls go to the SFU, and the credentials the core issues for it.
@@ -142,20 +160,57 @@ impl SfuPlane {
         self.calls.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The least-loaded live SFU (counting the calls this core placed on each), other than
-    /// `avoid`.
-    fn pick(&self, avoid: Option<&str>) -> Option<String> {
-        let placed: HashMap<String, u64> =
-            self.lock().values().fold(HashMap::new(), |mut m, p| {
-                *m.entry(p.node.clone()).or_default() += 1;
-                m
-            });
+    /// The least-loaded live SFU (counting the calls this core placed on each); ties go to the
+    /// highest rank for the call.
+    fn pick(&self, call_id: &str) -> Option<String> {
+        let placed: HashMap<String, u64> = self.lock().values().fold(HashMap::new(), |mut m, p| {
+            *m.entry(p.node.clone()).or_default() += 1;
+            m
+        });
         self.directory
             .live()
             .into_iter()
-            .filter(|n| Some(n.id.as_str()) != avoid)
-            .min_by_key(|n| (n.load + placed.get(&n.id).copied().unwrap_or(0), n.id.clone()))
+            .min_by_key(|n| {
+                let load = n.load + placed.get(&n.id).copied().unwrap_or(0);
+                let r = rank(call_id, &n.id);
+                (load, std::cmp::Reverse(r))
+            })
             .map(|n| n.id)
+    }
+
+    /// Where a call whose SFU died goes: the live SFU of highest rank for the call, so that
+    /// every core moves it to the same one without talking to each other.
+    fn pick_failover(&self, call_id: &str) -> Option<String> {
+        self.directory
+            .live()
+            .into_iter()
+            .max_by_key(|n| rank(call_id, &n.id))
+            .map(|n| n.id)
+    }
+
+    /// The claim to follow for the call: the one with the smallest session among live SFUs.
+    fn claimed(&self, tenant: &str, call_id: &str) -> Option<(String, String)> {
+        self.directory
+            .claims(tenant, call_id)
+            .into_iter()
+            .min_by(|a, b| a.1.cmp(&b.1))
+    }
+
+    fn send_claim(&self, tenant: &str, call_id: &str, p: &Placement) {
+        let directory = self.directory.clone();
+        let (node, req) = (
+            p.node.clone(),
+            SfuRequest::Claim {
+                tenant: tenant.to_owned(),
+                call_id: call_id.to_owned(),
+                session: p.session.clone(),
+            },
+        );
+        tokio::spawn(async move {
+            if let Err(e) = directory.request(&node, req).await {
+                tracing::debug!(sfu = %node, error = %e, "claim not delivered");
+            }
+        });
     }
 
     fn placement(&self, tenant: &str, call_id: &str) -> Option<Placement> {
@@ -169,18 +224,31 @@ impl SfuPlane {
         if let Some(p) = self.placement(tenant, call_id) {
             return Some((p, false));
         }
-        let node = self.pick(None)?;
-        let mut calls = self.lock();
         let key = (tenant.to_owned(), call_id.to_owned());
-        if let Some(p) = calls.get(&key) {
-            return Some((p.clone(), false));
+        // Placed by another core already: follow it.
+        if let Some((node, session)) = self.claimed(tenant, call_id) {
+            let p = Placement {
+                node,
+                session,
+                channel_id: channel_id.to_owned(),
+            };
+            let mut calls = self.lock();
+            return Some((calls.entry(key).or_insert(p).clone(), false));
         }
+        let node = self.pick(call_id)?;
         let p = Placement {
+            session: session_of(call_id, &node),
             node,
-            session: new_id("sfus_"),
             channel_id: channel_id.to_owned(),
         };
-        calls.insert(key, p.clone());
+        {
+            let mut calls = self.lock();
+            if let Some(p) = calls.get(&key) {
+                return Some((p.clone(), false));
+            }
+            calls.insert(key, p.clone());
+        }
+        self.send_claim(tenant, call_id, &p);
         Some((p, true))
     }
 
@@ -207,27 +275,50 @@ impl SfuPlane {
         )
     }
 
-    /// Calls whose SFU is no longer live, moved to another live SFU: (tenant, call, new placement).
-    fn move_dead(&self) -> Vec<(String, String, Placement)> {
+    /// Follows the registry: a call whose SFU is no longer live moves to the live SFU of
+    /// highest rank (or the one another core already moved it to); a call that another core
+    /// placed elsewhere under a smaller session follows that placement (two cores that
+    /// escalated the same call at once agree within one heartbeat). Returns what moved.
+    fn reconcile(&self) -> Vec<(String, String, Placement)> {
         let live: Vec<String> = self.directory.live().into_iter().map(|n| n.id).collect();
-        let dead: Vec<(String, String)> = self
+        let placed: Vec<((String, String), Placement)> = self
             .lock()
             .iter()
-            .filter(|(_, p)| !live.contains(&p.node))
-            .map(|(k, _)| k.clone())
+            .map(|(k, p)| (k.clone(), p.clone()))
             .collect();
         let mut moved = Vec::new();
-        for (tenant, call) in dead {
-            let Some(node) = self.pick(None) else { break };
-            let mut calls = self.lock();
-            if let Some(p) = calls.get_mut(&(tenant.clone(), call.clone())) {
-                if live.contains(&p.node) {
-                    continue;
-                }
-                p.node = node;
-                p.session = new_id("sfus_");
-                moved.push((tenant, call, p.clone()));
+        for ((tenant, call), current) in placed {
+            let claim = self.claimed(&tenant, &call);
+            let target = match claim {
+                Some((node, session)) if session < current.session => Some((node, session, false)),
+                _ if live.contains(&current.node) => None,
+                Some((node, session)) if node != current.node => Some((node, session, false)),
+                _ => self
+                    .pick_failover(&call)
+                    .map(|node| (node.clone(), session_of(&call, &node), true)),
+            };
+            let Some((node, session, claim_it)) = target else {
+                continue;
+            };
+            if node == current.node && session == current.session {
+                continue;
             }
+            let p = Placement {
+                node,
+                session,
+                channel_id: current.channel_id.clone(),
+            };
+            {
+                let mut calls = self.lock();
+                match calls.get_mut(&(tenant.clone(), call.clone())) {
+                    Some(slot) if *slot == current => *slot = p.clone(),
+                    _ => continue,
+                }
+            }
+            if claim_it {
+                self.send_claim(&tenant, &call, &p);
+            }
+            moved.push((tenant, call, p));
         }
         moved
     }
@@ -370,7 +461,11 @@ impl Core {
         if let Some(plane) = self.sfu()
             && call.mode == CallMode::P2p
             && plane.settings.threshold > 0
-            && call.participants.iter().filter(|x| x.left_at.is_none()).count()
+            && call
+                .participants
+                .iter()
+                .filter(|x| x.left_at.is_none())
+                .count()
                 >= plane.settings.threshold
             && let Some((placement, new)) = plane.place(&p.tenant_id, call_id, &call.channel_id)
         {
@@ -378,8 +473,13 @@ impl Core {
             call.sfu_session = Some(placement.session.clone());
             if new {
                 tracing::info!(call = %call_id, sfu = %placement.node, "call escalated to the SFU");
-                self.announce_mode(&call.channel_id, call_id, &placement, ModeChangeReason::Threshold)
-                    .await;
+                self.announce_mode(
+                    &call.channel_id,
+                    call_id,
+                    &placement,
+                    ModeChangeReason::Threshold,
+                )
+                .await;
             }
         }
         let sfu = match (self.sfu(), &call.sfu_session) {
@@ -539,8 +639,7 @@ impl Core {
         }
         let (Some(plane), Some(placement)) = (
             self.sfu(),
-            self.sfu()
-                .and_then(|s| s.placement(&p.tenant_id, call_id)),
+            self.sfu().and_then(|s| s.placement(&p.tenant_id, call_id)),
         ) else {
             return Err(CoreError::Conflict(
                 "not_sfu: the call is in p2p mode; signal the other participants".into(),
@@ -606,7 +705,7 @@ impl Core {
         loop {
             tick.tick().await;
             let Some(plane) = self.sfu() else { return };
-            for (_tenant, call_id, placement) in plane.move_dead() {
+            for (_tenant, call_id, placement) in plane.reconcile() {
                 tracing::warn!(call = %call_id, sfu = %placement.node, "call moved to another SFU");
                 self.announce_mode(
                     &placement.channel_id,
