@@ -4,7 +4,8 @@
  * the escalation threshold (4, the default): the call moves to the SFU without ending, every
  * page decodes the three others' video through its one connection to the SFU (`framesDecoded`
  * rising per tile), the grid marks the active speaker, and after one person leaves the other
- * three keep decoding each other. Screenshots of each stage go to the artefact folder.
+ * three keep decoding each other. A tile scrolled out of view gets no video until it is back.
+ * Screenshots of each stage go to the artefact folder.
  */
 import { after, before, test } from "node:test";
 import assert from "node:assert/strict";
@@ -184,6 +185,29 @@ test("four people in one call: it escalates to the SFU, each decodes the three o
     }
     await screenshot(alice.page, out, "03-alice-active-speaker");
 
+    // ---- tiles out of view get no video: alice's window shrinks, then grows again ----
+    await alice.page.setViewportSize({ width: 1100, height: 360 });
+    const outOfView = await waitFor("some of alice's remote tiles to be out of view", () =>
+      alice.page.evaluate(() => {
+        const box = document.querySelector("#call-tiles")!.getBoundingClientRect();
+        const bottom = Math.min(box.bottom, window.innerHeight);
+        const hidden = [...document.querySelectorAll<HTMLElement>("#call-tiles figure:not([data-local])")]
+          .filter((f) => f.getBoundingClientRect().top >= bottom)
+          .map((f) => f.querySelector("figcaption")?.textContent ?? "?");
+        return hidden.length > 0 ? hidden : false;
+      }), { timeoutMs: 10_000 });
+    const inView = ["bob", "carol", "dave"].filter((n) => !outOfView.includes(n));
+    log(`alice's tiles out of view: ${outOfView.join(", ")}; in view: ${inView.join(", ")}`);
+    await new Promise((r) => setTimeout(r, 2_000)); // the pause reaches the SFU; frames in flight drain
+    const hiddenBefore = await framesPerTile(alice.page);
+    await new Promise((r) => setTimeout(r, 2_000));
+    const hiddenAfter = await framesPerTile(alice.page);
+    for (const n of outOfView) assert.ok((hiddenAfter[n] ?? 0) - (hiddenBefore[n] ?? 0) <= 2, `no video of ${n} while the tile is out of view (${hiddenBefore[n]} → ${hiddenAfter[n]})`);
+    if (inView.length > 0) await decodesEach(alice, inView, 10, 30_000);
+    await screenshot(alice.page, out, "04-alice-small-window");
+    await alice.page.setViewportSize({ width: 1100, height: 720 });
+    await decodesEach(alice, outOfView, 10, 30_000);
+
     // ---- dave leaves; the three others keep decoding each other ----
     await dave.page.locator("#leave-call").click();
     for (const p of [alice, bob, carol]) {
@@ -192,7 +216,7 @@ test("four people in one call: it escalates to the SFU, each decodes the three o
       const frames = await decodesEach(p, others, 20, 60_000);
       log(`${p.name} after dave left: ${JSON.stringify(frames)}`);
     }
-    await screenshot(alice.page, out, "04-alice-after-dave-left");
+    await screenshot(alice.page, out, "05-alice-after-dave-left");
 
     for (const p of people) assert.deepEqual(p.signals.nonLoopback, [], `${p.name} signalled only 127.0.0.1 candidates`);
   } catch (e) {

@@ -42,6 +42,20 @@ export class CallController {
   readonly #askedSizes = new Map<string, string>();
   #sizeTimer: ReturnType<typeof setTimeout> | undefined;
   readonly #onResize = () => this.#sizeSoon();
+  /** Remote tiles scrolled out of the grid's view (their video is paused at the SFU). */
+  readonly #hidden = new Set<string>();
+  readonly #visibility =
+    typeof IntersectionObserver === "undefined"
+      ? null
+      : new IntersectionObserver((entries) => {
+          for (const entry of entries) {
+            const id = (entry.target as HTMLElement).dataset.participantId;
+            if (!id) continue;
+            if (entry.isIntersecting) this.#hidden.delete(id);
+            else this.#hidden.add(id);
+          }
+          this.#sizeSoon();
+        });
 
   constructor(client: ParleyClient, state: AppState, container: HTMLElement, onChange: () => void) {
     this.#client = client;
@@ -262,10 +276,12 @@ export class CallController {
       if (!tile || tile.element.clientWidth === 0) continue;
       const width = Math.round(tile.element.clientWidth * ratio);
       const height = Math.round(tile.element.clientHeight * ratio);
-      const key = `${width}x${height}`;
+      // A tile out of view (a large call, scrolled) gets no video until it is back.
+      const paused = this.#hidden.has(track.participantId);
+      const key = `${width}x${height}${paused ? " paused" : ""}`;
       if (this.#askedSizes.get(track.trackId) === key) continue;
       this.#askedSizes.set(track.trackId, key);
-      session.setVideo(track.trackId, { maxSize: { width, height } }).catch((e: unknown) => {
+      session.setVideo(track.trackId, { paused, maxSize: { width, height } }).catch((e: unknown) => {
         this.#askedSizes.delete(track.trackId);
         console.warn("parley: asking the SFU for a tile size", e);
       });
@@ -300,6 +316,7 @@ export class CallController {
     const caption = h("figcaption", {}, label);
     const element = h("figure", { class: "tile", "data-participant-id": id, "data-local": local ? "true" : null }, video, caption);
     if (id === this.#speaker) element.dataset.speaking = "true";
+    if (!local) this.#visibility?.observe(element);
     this.#tiles.set(id, { element, video, caption });
     this.#panel?.querySelector(".tiles")?.append(element);
     return this.#tiles.get(id)!;
@@ -309,6 +326,8 @@ export class CallController {
     const tile = this.#tiles.get(id);
     if (!tile) return;
     tile.video.srcObject = null;
+    this.#visibility?.unobserve(tile.element);
+    this.#hidden.delete(id);
     tile.element.remove();
     this.#tiles.delete(id);
   }
