@@ -311,6 +311,7 @@ fn sfu_error(id: String, code: ErrorCode, message: String) -> ServerFrame {
 /// `call.signal` to the reserved peer `sfu` (docs/calls.md): checked by the participant's SFU
 /// pair, passed to the call's SFU through the core; an offer's answer is queued to the
 /// connection as a `call.signal` from `sfu`.
+#[allow(clippy::too_many_arguments)]
 pub(crate) async fn sfu_signal(
     edge: &crate::Edge,
     principal: &Principal,

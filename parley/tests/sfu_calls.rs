@@ -7,7 +7,7 @@
 
 mod common;
 #[path = "../../sfu/tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod media;
 
 use std::collections::{BTreeSet, HashMap};
@@ -161,7 +161,7 @@ impl Member {
     }
 
     /// Sends `call.signal` to `sfu`; returns the ack or error.
-    async fn to_sfu(&mut self, signal: Value) -> Value {
+    async fn signal_sfu(&mut self, signal: Value) -> Value {
         let frame = json!({"type": "call.signal", "call_id": self.call_id, "from": self.pid, "to": "sfu", "signal": signal});
         self.request(frame).await
     }
@@ -177,7 +177,7 @@ impl Member {
             .expect("an sfu block in the join answer")
             .to_owned();
         let ack = self
-            .to_sfu(json!({"kind": "offer", "sdp": offer, "credential": credential}))
+            .signal_sfu(json!({"kind": "offer", "sdp": offer, "credential": credential}))
             .await;
         assert_eq!(
             ack["type"], "ack",
@@ -335,7 +335,9 @@ async fn a_call_escalates_at_the_threshold_and_media_flows_through_the_sfu() {
         assert!(joined.get("sfu").is_none(), "no SFU access in a P2P call");
     }
     // The SFU refuses to negotiate in a P2P call.
-    let refused = ms[0].to_sfu(json!({"kind": "offer", "sdp": "v=0"})).await;
+    let refused = ms[0]
+        .signal_sfu(json!({"kind": "offer", "sdp": "v=0"}))
+        .await;
     assert_eq!(refused["type"], "error", "{refused}");
     assert_eq!(refused["reason"], "not_sfu", "{refused}");
     // The fourth join reaches the default threshold of 4.
@@ -546,7 +548,9 @@ async fn without_a_valid_credential_there_is_no_media() {
     let stranger = Client::new("stranger", receiver(1)).await;
     let offer = stranger.offer(0, 0).await.expect("offer");
     // No credential in a first offer.
-    let r = ms[1].to_sfu(json!({"kind": "offer", "sdp": offer})).await;
+    let r = ms[1]
+        .signal_sfu(json!({"kind": "offer", "sdp": offer}))
+        .await;
     assert_eq!(
         (r["type"].as_str(), r["reason"].as_str()),
         (Some("error"), Some("credential_missing")),
@@ -561,7 +565,7 @@ async fn without_a_valid_credential_there_is_no_media() {
     let flipped = if tag.starts_with('A') { "B" } else { "A" };
     let forged = format!("{body}.{flipped}{}", &tag[1..]);
     let r = ms[1]
-        .to_sfu(json!({"kind": "offer", "sdp": offer, "credential": forged}))
+        .signal_sfu(json!({"kind": "offer", "sdp": offer, "credential": forged}))
         .await;
     assert_eq!(r["code"], "forbidden", "{r}");
     assert_eq!(r["reason"], "credential_bad_signature", "{r}");
@@ -571,7 +575,7 @@ async fn without_a_valid_credential_there_is_no_media() {
         .expect("credential")
         .to_owned();
     let r = ms[1]
-        .to_sfu(json!({"kind": "offer", "sdp": offer, "credential": theirs}))
+        .signal_sfu(json!({"kind": "offer", "sdp": offer, "credential": theirs}))
         .await;
     assert_eq!(r["reason"], "credential_wrong_subject", "{r}");
     // A member who has not joined the call cannot signal the SFU at all.

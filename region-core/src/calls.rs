@@ -341,9 +341,11 @@ fn sfu_refusal(code: &str) -> CoreError {
         "not_allowed" => {
             CoreError::Forbidden(format!("{code}: not your own track, nor another call's"))
         }
-        "unknown_participant" | "credential_missing" => CoreError::Forbidden(format!(
-            "credential_missing: the first offer of an SFU connection carries the credential from the join answer"
-        )),
+        "unknown_participant" | "credential_missing" => CoreError::Forbidden(
+            "credential_missing: the first offer of an SFU connection carries the credential \
+             from the join answer"
+                .into(),
+        ),
         _ => CoreError::Unavailable(format!("SFU refused: {code}")),
     }
 }
@@ -395,7 +397,13 @@ impl Core {
                 .place(tenant, &call.id, &call.channel_id)
                 .map(|(p, _)| p)
         } else {
-            plane.placement(tenant, &call.id)
+            plane.placement(tenant, &call.id).or_else(|| {
+                // Escalated by another core: its claim is in the SFUs' heartbeats.
+                plane.claimed(tenant, &call.id)?;
+                plane
+                    .place(tenant, &call.id, &call.channel_id)
+                    .map(|(p, _)| p)
+            })
         };
         if let Some(p) = placement {
             call.mode = CallMode::Sfu;
