@@ -62,8 +62,9 @@ func syntheticMedia(t *testing.T, ctx context.Context, name string) []parley.Cal
 	}
 	frame := make([]byte, 600)
 	size := uint32(len(frame) - 10)
-	tag := 1<<4 | size<<5                                                                            // key frame, version 0, shown, first partition size
-	copy(frame, []byte{byte(tag), byte(tag >> 8), byte(tag >> 16), 0x9d, 0x01, 0x2a, 64, 1, 240, 0}) // 320×240
+	// A key frame, version 0, shown, with its first partition size; the start code; 320×240.
+	tag := 1<<4 | size<<5
+	copy(frame, []byte{byte(tag), byte(tag >> 8), byte(tag >> 16), 0x9d, 0x01, 0x2a, 64, 1, 240, 0})
 	go func() {
 		vt, at := time.NewTicker(time.Second/30), time.NewTicker(20*time.Millisecond)
 		defer vt.Stop()
