@@ -41,6 +41,15 @@ type Call struct {
 	everAttached bool
 	left         bool
 	attachedCh   chan struct{}
+
+	// SFU mode (call_sfu.go).
+	mode         CallMode
+	sfu          *sfuLink
+	sfuJoin      *SFUJoin
+	remoteTracks map[string]*RemoteTrack
+	speaker      string
+	// present is every other participant in the call (for the receive slots to open).
+	present map[string]bool
 }
 
 // Peer is the connection to one remote participant.
@@ -94,6 +103,7 @@ type callInput struct {
 	cand      string
 	restart   *Peer  // restart ICE with the peer
 	fn        func() // run on the call's goroutine
+	sfu       *frame // call.mode_changed, call.sfu, call.active_speaker
 }
 
 // StartCall starts the channel's call (or finds the active one) and joins it.
@@ -138,6 +148,13 @@ func (rt *Realtime) JoinCall(ctx context.Context, callID string, opts ...CallOpt
 		peers:         map[string]*Peer{},
 		tracks:        append([]webrtc.TrackLocal(nil), cfg.tracks...),
 		attachedCh:    make(chan struct{}),
+		mode:          joined.Call.Mode,
+		sfuJoin:       joined.SFU,
+		remoteTracks:  map[string]*RemoteTrack{},
+		present:       map[string]bool{},
+	}
+	for _, p := range joined.Peers {
+		c.present[p.ParticipantID] = true
 	}
 	rt.mu.Lock()
 	rt.calls[callID] = c
@@ -313,9 +330,15 @@ func (c *Call) run() {
 		c.mu.Lock()
 		peers := c.peerList()
 		c.peers = map[string]*Peer{}
+		link := c.sfu
+		c.sfu = nil
 		c.mu.Unlock()
 		for _, p := range peers {
 			_ = p.pc.Close()
+		}
+		if link != nil {
+			link.closed = true
+			_ = link.pc.Close()
 		}
 	}()
 	for {
@@ -345,6 +368,8 @@ func (c *Call) handle(in callInput) {
 		c.onSignal(in.signal)
 	case in.event != nil:
 		c.onEvent(in.event)
+	case in.sfu != nil:
+		c.onSFUFrame(in.sfu)
 	case in.negotiate != nil:
 		c.offer(in.negotiate)
 	case in.candidate != nil:
@@ -386,6 +411,11 @@ func (c *Call) attach(conn *wsConn) {
 	c.mu.Unlock()
 	if !reattach {
 		close(c.attachedCh)
+		if c.Mode() == ModeSFU {
+			// The peers are listed for display only: media goes to the SFU.
+			c.startSFU(c.joined.Call.SFUSession)
+			return
+		}
 		for _, jp := range c.joined.Peers {
 			p, err := c.peer(jp.ParticipantID, jp.Role, true)
 			if err != nil {

@@ -23,6 +23,43 @@ type callConfig struct {
 	onTrack       func(*Peer, *webrtc.TrackRemote, *webrtc.RTPReceiver)
 	onDataChannel func(*Peer, *webrtc.DataChannel)
 	onPeerState   func(*Peer, webrtc.PeerConnectionState)
+	onSFUTrack    func(*Call, string, *webrtc.TrackRemote, *webrtc.RTPReceiver)
+	onSFUState    func(webrtc.PeerConnectionState)
+	onMode        func(CallMode)
+	onSpeaker     func(string)
+	sfuSlots      *[2]int
+}
+
+// WithSFUSlots sets how many receive slots (audio, video) the connection to the SFU opens up
+// front. Default: one of each per other participant. When the SFU binds more tracks than there
+// are slots it asks for more, and the Call adds them and offers again.
+func WithSFUSlots(audio, video int) CallOption {
+	return func(c *callConfig) { c.sfuSlots = &[2]int{audio, video} }
+}
+
+// OnSFUTrack calls fn for every receive slot on which media from the SFU arrives, with the
+// slot's mid; fn must read the track's RTP (in a goroutine). Call.SFUBinding(mid) says whose
+// track the slot carries at any moment (the SFU may bind a slot to another track later).
+// Without OnSFUTrack, the media is read and discarded.
+func OnSFUTrack(fn func(c *Call, mid string, t *webrtc.TrackRemote, r *webrtc.RTPReceiver)) CallOption {
+	return func(c *callConfig) { c.onSFUTrack = fn }
+}
+
+// OnSFUStateChange calls fn for every connection state change of the connection to the SFU.
+func OnSFUStateChange(fn func(webrtc.PeerConnectionState)) CallOption {
+	return func(c *callConfig) { c.onSFUState = fn }
+}
+
+// OnModeChange calls fn when the call's mode changes (ModeSFU after an escalation; the Call
+// moves its media to the SFU by itself). fn runs on the call's goroutine: do not block in it.
+func OnModeChange(fn func(CallMode)) CallOption {
+	return func(c *callConfig) { c.onMode = fn }
+}
+
+// OnActiveSpeaker calls fn with the participant the SFU announces as speaking ("" for nobody).
+// fn runs on the call's goroutine: do not block in it.
+func OnActiveSpeaker(fn func(participantID string)) CallOption {
+	return func(c *callConfig) { c.onSpeaker = fn }
 }
 
 // WithSettingEngine sets the pion SettingEngine of every PeerConnection of the call (network

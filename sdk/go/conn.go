@@ -207,6 +207,15 @@ func (wc *wsConn) route(f *frame) {
 		if call := rt.call(f.CallID); call != nil {
 			call.inbox.push(callInput{signal: f})
 		}
+	case "call.mode_changed", "call.sfu", "call.active_speaker":
+		// SFU mode (call_sfu.go). Notices for one participant stop here; mode changes and
+		// the active speaker are delivered as events too.
+		if call := rt.call(f.CallID); call != nil {
+			call.inbox.push(callInput{sfu: f})
+		}
+		if f.Type == "call.sfu" {
+			return
+		}
 	case "welcome":
 		return
 	case "reconnect":

@@ -254,7 +254,20 @@ type frame struct {
 	To          string           `json:"to"`
 	Role        NegotiationRole  `json:"role"`
 	Signal      *signalPayload   `json:"signal"`
-	raw         json.RawMessage
+
+	// call.mode_changed, call.sfu, call.active_speaker
+	Mode       CallMode `json:"mode"`
+	SFUSession string   `json:"sfu_session"`
+	Event      string   `json:"event"`
+	TrackID    string   `json:"track_id"`
+	Publisher  string   `json:"publisher"`
+	Kind       string   `json:"kind"`
+	Mid        string   `json:"mid"`
+	Layers     []string `json:"layers"`
+	Layer      *string  `json:"layer"`
+	Audio      int      `json:"audio"`
+	Video      int      `json:"video"`
+	raw        json.RawMessage
 }
 
 // resumedChannel is one channel's outcome in a resume ack.
@@ -272,6 +285,7 @@ type signalPayload struct {
 	SDP        string `json:"sdp,omitempty"`
 	Candidate  string `json:"candidate,omitempty"`
 	ICERestart bool   `json:"ice_restart,omitempty"`
+	Credential string `json:"credential,omitempty"`
 }
 
 // decodeFrame parses a server frame. The "message" field is a string in error frames and an

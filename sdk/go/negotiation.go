@@ -277,6 +277,15 @@ func (c *Call) onSignal(f *frame) {
 	if f.Signal == nil || f.To != c.ParticipantID {
 		return
 	}
+	if f.From == SFUPeerID {
+		c.onSFUSignal(f.Signal)
+		return
+	}
+	if _, ok := c.Peer(f.From); !ok && c.Mode() == ModeSFU {
+		// Nobody needs a new P2P connection in sfu mode (a late P2P offer of a participant who
+		// has not escalated yet goes unanswered; it escalates too).
+		return
+	}
 	role := f.Role
 	if role == "" {
 		role = Polite
@@ -440,11 +449,20 @@ func (c *Call) rollbackRemote(p *Peer) {
 // end of the call closes everything.
 func (c *Call) onEvent(ev ChannelEvent) {
 	switch e := ev.(type) {
+	case *CallParticipantJoined:
+		if e.Participant.ParticipantID != c.ParticipantID {
+			c.mu.Lock()
+			c.present[e.Participant.ParticipantID] = true
+			c.mu.Unlock()
+		}
 	case *CallParticipantLeft:
 		if e.ParticipantID == c.ParticipantID {
 			go c.close()
 			return
 		}
+		c.mu.Lock()
+		delete(c.present, e.ParticipantID)
+		c.mu.Unlock()
 		c.dropPeer(e.ParticipantID)
 	case *CallEnded:
 		go c.close()

@@ -116,9 +116,12 @@ const (
 
 // CallInfo is a call of a channel. One call per channel is active at a time.
 type CallInfo struct {
-	ID           string            `json:"id"`
-	ChannelID    string            `json:"channel_id"`
-	Mode         CallMode          `json:"mode"`
+	ID        string   `json:"id"`
+	ChannelID string   `json:"channel_id"`
+	Mode      CallMode `json:"mode"`
+	// SFUSession names the call's SFU assignment in sfu mode (it changes when the call moves
+	// to another SFU process).
+	SFUSession   string            `json:"sfu_session,omitempty"`
 	StartedBy    string            `json:"started_by"`
 	StartedAt    time.Time         `json:"started_at"`
 	EndedAt      *time.Time        `json:"ended_at,omitempty"`
@@ -162,6 +165,16 @@ type JoinedCall struct {
 	ParticipantID string      `json:"participant_id"`
 	Peers         []CallPeer  `json:"peers"`
 	ICEServers    []ICEServer `json:"ice_servers"`
+	// SFU is there when the call is in sfu mode: the credential for the SFU connection.
+	SFU *SFUJoin `json:"sfu,omitempty"`
+}
+
+// SFUJoin is the SFU block of a join answer (docs/calls.md, "The join answer in sfu mode").
+type SFUJoin struct {
+	Session    string `json:"session"`
+	Credential string `json:"credential"`
+	// ExpiresAt is Unix seconds.
+	ExpiresAt int64 `json:"expires_at"`
 }
 
 // SessionLimits are the limits stated in the welcome frame.

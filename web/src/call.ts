@@ -4,6 +4,10 @@
 //! While nobody else is in the call the panel says so ("Calling bob…", or that bob is offline);
 //! in a DM the caller gives up after the ring time ("No answer"), which ends the call, and both
 //! sides then see it as a missed call in the conversation. Joins and leaves are announced.
+//!
+//! The tiles are a grid, one per participant. When the server moves the call to the SFU (past
+//! its participant threshold) the SDK moves the media by itself; the panel says so, and marks the
+//! participant the SFU announces as the active speaker.
 import { isParleyError, joinCall, type CallPeerInfo, type CallSession, type ParleyClient } from "@parley/sdk";
 import { h, replaceChildren } from "./dom.js";
 import { ringTimeoutMs } from "./ring.js";
@@ -32,6 +36,26 @@ export class CallController {
   /** Participants in the call with us (for the join and leave notices). */
   readonly #present = new Set<string>();
   readonly #tiles = new Map<string, Tile>();
+  /** The tile of the active speaker (SFU mode). */
+  #speaker: string | null = null;
+  /** SFU mode: the size last asked of each remote video track ("WxH"), by track id. */
+  readonly #askedSizes = new Map<string, string>();
+  #sizeTimer: ReturnType<typeof setTimeout> | undefined;
+  readonly #onResize = () => this.#sizeSoon();
+  /** Remote tiles scrolled out of the grid's view (their video is paused at the SFU). */
+  readonly #hidden = new Set<string>();
+  readonly #visibility =
+    typeof IntersectionObserver === "undefined"
+      ? null
+      : new IntersectionObserver((entries) => {
+          for (const entry of entries) {
+            const id = (entry.target as HTMLElement).dataset.participantId;
+            if (!id) continue;
+            if (entry.isIntersecting) this.#hidden.delete(id);
+            else this.#hidden.add(id);
+          }
+          this.#sizeSoon();
+        });
 
   constructor(client: ParleyClient, state: AppState, container: HTMLElement, onChange: () => void) {
     this.#client = client;
@@ -69,7 +93,9 @@ export class CallController {
       }
       this.#session = session;
       this.#wire(session);
-      this.#setStatus(this.#local ? "In call" : "In call (no camera or microphone: receiving only)");
+      window.addEventListener("resize", this.#onResize);
+      this.#setMode(session.mode);
+      this.#setStatus(this.#inCallText());
       for (const peer of session.peers()) {
         this.#present.add(peer.participantId);
         this.#peerTile(peer);
@@ -140,7 +166,22 @@ export class CallController {
       const tile = this.#peerTile({ participantId, userId, role });
       const stream = streams[0] ?? new MediaStream([track]);
       if (tile.video.srcObject !== stream) tile.video.srcObject = stream;
+      // A stream that gained a track after being attached plays it without re-attaching; make
+      // sure a paused element starts again.
+      void tile.video.play().catch(() => {});
+      this.#sizeSoon();
     });
+    session.on("tracks.changed", () => this.#sizeSoon());
+    session.on("track.removed", ({ participantId, streams }) => {
+      const tile = this.#tiles.get(participantId);
+      if (tile && streams[0] && streams[0].getTracks().length === 0 && tile.video.srcObject === streams[0]) tile.video.srcObject = null;
+    });
+    session.on("mode", ({ mode }) => {
+      this.#setMode(mode);
+      if (mode === "sfu") this.#notice("The call moved to the server (SFU)");
+      this.#setStatus(this.#inCallText());
+    });
+    session.on("active_speaker", ({ participantId }) => this.#markSpeaker(participantId === session.participantId ? "local" : participantId));
     session.on("peer.left", ({ participantId, userId, reason }) => {
       this.#removeTile(participantId);
       if (this.#present.delete(participantId)) {
@@ -156,7 +197,7 @@ export class CallController {
     });
     session.on("statechange", ({ state }) => {
       if (state === "reconnecting") this.#setStatus("Reconnecting…");
-      else if (state === "active") this.#setStatus("In call");
+      else if (state === "active") this.#setStatus(this.#inCallText());
     });
     session.on("ended", ({ reason }) => {
       if (this.#session !== session) return;
@@ -205,6 +246,57 @@ export class CallController {
     this.#panel = null;
   }
 
+  #inCallText(): string {
+    const sfu = this.#session?.mode === "sfu" ? " · through the server (SFU)" : "";
+    return (this.#local ? "In call" : "In call (no camera or microphone: receiving only)") + sfu;
+  }
+
+  #setMode(mode: string): void {
+    if (this.#panel) this.#panel.dataset.mode = mode;
+  }
+
+  /** Asks the SFU for each remote video at its tile's size, shortly (tiles settle first). */
+  #sizeSoon(): void {
+    clearTimeout(this.#sizeTimer);
+    this.#sizeTimer = setTimeout(() => this.#sizeTiles(), 300);
+  }
+
+  /**
+   * SFU mode: tells the SFU the size of each remote video's tile (in device pixels), so that it
+   * sends the smallest simulcast layer that fills it rather than the largest that fits the
+   * bandwidth. Only changes are sent.
+   */
+  #sizeTiles(): void {
+    const session = this.#session;
+    if (!session || session.mode !== "sfu") return;
+    const ratio = window.devicePixelRatio || 1;
+    for (const track of session.remoteTracks()) {
+      if (track.kind !== "video" || !track.subscribed) continue;
+      const tile = this.#tiles.get(track.participantId);
+      if (!tile || tile.element.clientWidth === 0) continue;
+      const width = Math.round(tile.element.clientWidth * ratio);
+      const height = Math.round(tile.element.clientHeight * ratio);
+      // A tile out of view (a large call, scrolled) gets no video until it is back.
+      const paused = this.#hidden.has(track.participantId);
+      const key = `${width}x${height}${paused ? " paused" : ""}`;
+      if (this.#askedSizes.get(track.trackId) === key) continue;
+      this.#askedSizes.set(track.trackId, key);
+      session.setVideo(track.trackId, { paused, maxSize: { width, height } }).catch((e: unknown) => {
+        this.#askedSizes.delete(track.trackId);
+        console.warn("parley: asking the SFU for a tile size", e);
+      });
+    }
+  }
+
+  /** Marks the tile of the active speaker (`null`: nobody). */
+  #markSpeaker(tileId: string | null): void {
+    this.#speaker = tileId;
+    for (const [id, tile] of this.#tiles) {
+      if (id === tileId) tile.element.dataset.speaking = "true";
+      else delete tile.element.dataset.speaking;
+    }
+  }
+
   #setStatus(text: string): void {
     if (this.#status) this.#status.textContent = text;
   }
@@ -223,6 +315,8 @@ export class CallController {
     video.muted = local;
     const caption = h("figcaption", {}, label);
     const element = h("figure", { class: "tile", "data-participant-id": id, "data-local": local ? "true" : null }, video, caption);
+    if (id === this.#speaker) element.dataset.speaking = "true";
+    if (!local) this.#visibility?.observe(element);
     this.#tiles.set(id, { element, video, caption });
     this.#panel?.querySelector(".tiles")?.append(element);
     return this.#tiles.get(id)!;
@@ -232,12 +326,18 @@ export class CallController {
     const tile = this.#tiles.get(id);
     if (!tile) return;
     tile.video.srcObject = null;
+    this.#visibility?.unobserve(tile.element);
+    this.#hidden.delete(id);
     tile.element.remove();
     this.#tiles.delete(id);
   }
 
   #teardown(): void {
     this.#session = null;
+    this.#speaker = null;
+    this.#askedSizes.clear();
+    clearTimeout(this.#sizeTimer);
+    window.removeEventListener("resize", this.#onResize);
     clearTimeout(this.#noAnswer);
     this.#present.clear();
     for (const id of [...this.#tiles.keys()]) this.#removeTile(id);

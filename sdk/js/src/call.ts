@@ -6,6 +6,11 @@
 //!
 //! It never decides roles itself (the server does) and never looks inside SDP except for the ICE
 //! ufrag, to tell the server whether an offer restarts ICE.
+//!
+//! In SFU mode (the call's `mode` is `sfu` from the start, or becomes `sfu` when the server
+//! escalates it) the session holds one connection to the SFU instead (`call_sfu.ts`), moves its
+//! media there by itself, and closes the P2P connections once the SFU connection is up.
+import { SfuLink, type SfuBinding, type SfuOptions } from "./call_sfu.js";
 import type { ParleyClient } from "./client.js";
 import type { ConnectionStateChange } from "./connection.js";
 import { Emitter } from "./emitter.js";
@@ -20,6 +25,9 @@ import {
   type SignalingStateLike,
 } from "./negotiation.js";
 import type {
+  CallMode,
+  CallSfuEvent,
+  SfuJoin,
   CallSignalEvent,
   ChannelEventOf,
   IceServer,
@@ -41,6 +49,33 @@ export interface JoinCallOptions {
   rtcConfiguration?: RTCConfiguration;
   /** Receive audio/video even when not sending that kind. Default both true. */
   receive?: { audio?: boolean; video?: boolean };
+  /** SFU mode: simulcast and receive slots (see `SfuOptions`). */
+  sfu?: SfuOptions;
+}
+
+
+
+
+/** A track published in an SFU call, as the SFU announced it. */
+export interface RemoteTrackInfo {
+  /** The SFU's id of the track (for `subscribe`, `unsubscribe`, `setVideo`). */
+  trackId: string;
+  participantId: string;
+  kind: "audio" | "video";
+  /** This client asked for it (or was subscribed automatically) and has not unsubscribed. */
+  subscribed: boolean;
+  /** The receive slot it arrives on, while bound. */
+  mid?: string;
+  /** The simulcast layer the SFU last said it sends (`null`: no video now). */
+  layer?: string | null;
+}
+
+/** What a subscriber wants of a video track (SFU mode). */
+export interface VideoPreferences {
+  /** No video of the track until resumed (audio is not affected). */
+  paused?: boolean;
+  /** The largest frame size wanted, e.g. the tile size on screen; the SFU picks the layer. */
+  maxSize?: { width: number; height: number };
 }
 
 export type CallState = "active" | "reconnecting" | "left" | "ended";
@@ -57,8 +92,23 @@ export type CallEvents = {
   "peer.joined": CallPeerInfo;
   /** A participant left (their RTCPeerConnection is closed). */
   "peer.left": CallPeerInfo & { reason: LeaveReason | "unknown" };
-  /** A remote track arrived. */
+  /**
+   * A remote track arrived. In SFU mode `streams[0]` is the participant's stream (its bound
+   * tracks), and a slot that is re-bound to another track reports that track anew.
+   */
   track: CallPeerInfo & { track: MediaStreamTrack; streams: readonly MediaStream[] };
+  /** SFU mode: a remote track stopped arriving (unsubscribed, unpublished, or its publisher left). */
+  "track.removed": CallPeerInfo & { track: MediaStreamTrack; streams: readonly MediaStream[] };
+  /** The call's mode changed (`sfu` after an escalation): the session moves its media itself. */
+  mode: { mode: CallMode };
+  /** SFU mode: the connection to the SFU changed its `connectionState`. */
+  "sfu.connectionstatechange": { state: RTCPeerConnectionState };
+  /** SFU mode: the tracks published in the call changed (see `remoteTracks()`). */
+  "tracks.changed": { tracks: RemoteTrackInfo[] };
+  /** SFU mode: the simulcast layer the SFU sends you of a video track changed (`null`: no video now). */
+  "track.layer": { trackId: string; participantId: string; layer: string | null };
+  /** SFU mode: the loudest participant (`null`: nobody speaks). */
+  "active_speaker": { participantId: string | null; userId: string | null };
   /** The RTCPeerConnection of a peer changed its `connectionState`. */
   "peer.connectionstatechange": CallPeerInfo & { state: RTCPeerConnectionState };
   /** A peer's realtime connection dropped / came back (media may pause; an ICE restart follows). */
@@ -117,6 +167,22 @@ export class CallSession extends Emitter<CallEvents> {
   readonly #tracks = new Map<MediaStreamTrack, MediaStream[]>();
   #state: CallState = "active";
   readonly #offs: Array<() => void> = [];
+  #mode: CallMode;
+  /** The connection to the SFU (SFU mode). */
+  #sfu: SfuLink | undefined;
+  /** The SFU assignment the session is moving to, or is on. */
+  #sfuSession: string | undefined;
+  /** The SFU assignment `#sfu` belongs to. */
+  #sfuLinkSession: string | undefined;
+  /** The credential of the last join answer in SFU mode. */
+  #sfuJoin: SfuJoin | undefined;
+  /** A connection to the SFU is being set up (a join for the credential may be under way). */
+  #sfuStarting = false;
+  /** Re-joins for a fresh credential in a row without the SFU connection coming up. */
+  #sfuRetries = 0;
+  /** Tracks published in the call (SFU mode), by track id. */
+  readonly #remoteTracks = new Map<string, RemoteTrackInfo>();
+  #activeSpeaker: string | null = null;
 
   /** @internal Use `joinCall`. */
   constructor(
@@ -135,6 +201,8 @@ export class CallSession extends Emitter<CallEvents> {
     this.#PC = PC;
     this.#options = options;
     this.#unsubscribeOnLeave = unsubscribeOnLeave;
+    this.#mode = joined.call.mode;
+    this.#sfuJoin = joined.sfu ?? undefined;
     for (const track of options.stream?.getTracks() ?? []) this.#tracks.set(track, [options.stream as MediaStream]);
   }
 
@@ -142,9 +210,66 @@ export class CallSession extends Emitter<CallEvents> {
     return this.#state;
   }
 
-  /** The peers you are connected (or connecting) to. */
+  /** How media flows: `p2p` (a mesh) or `sfu`. Changes by itself when the server escalates. */
+  get mode(): CallMode {
+    return this.#mode;
+  }
+
+  /** The participant the SFU announced as speaking (SFU mode), or `null`. */
+  get activeSpeaker(): string | null {
+    return this.#activeSpeaker;
+  }
+
+  /** The other participants: those you have a connection to (P2P), or everyone present (SFU). */
   peers(): CallPeerInfo[] {
+    if (this.#mode === "sfu") return [...this.#known.values()];
     return [...this.#links.values()].map((l) => l.info);
+  }
+
+  /** The RTCPeerConnection to the SFU (SFU mode), e.g. for `getStats()`. */
+  sfuConnection(): RTCPeerConnection | undefined {
+    return this.#sfu?.pc;
+  }
+
+  /** SFU mode: the tracks the others publish, and which of them you receive. */
+  remoteTracks(): RemoteTrackInfo[] {
+    return [...this.#remoteTracks.values()].map((t) => ({ ...t }));
+  }
+
+  /**
+   * SFU mode: receive a track (everyone is subscribed to everything by default). For video,
+   * `prefs` set pause and size at once.
+   */
+  async subscribe(trackId: string, prefs: VideoPreferences = {}): Promise<void> {
+    await this.#sfuOp("subscribe", trackId, prefs);
+    const t = this.#remoteTracks.get(trackId);
+    if (t) t.subscribed = true;
+  }
+
+  /** SFU mode: stop receiving a track (its slot is freed for another). */
+  async unsubscribe(trackId: string): Promise<void> {
+    await this.#sfuOp("unsubscribe", trackId, {});
+    const t = this.#remoteTracks.get(trackId);
+    if (t) t.subscribed = false;
+  }
+
+  /**
+   * SFU mode: pause or resume a subscribed video track (audio is not affected), or set the
+   * largest size you want of it (the tile size): the SFU sends the smallest simulcast layer at
+   * least that large, within your bandwidth.
+   */
+  async setVideo(trackId: string, prefs: VideoPreferences): Promise<void> {
+    await this.#sfuOp("video", trackId, prefs);
+  }
+
+  /** SFU mode: shorthand for `setVideo(trackId, { paused: true })`. */
+  pauseVideo(trackId: string): Promise<void> {
+    return this.setVideo(trackId, { paused: true });
+  }
+
+  /** SFU mode: shorthand for `setVideo(trackId, { paused: false })`. */
+  resumeVideo(trackId: string): Promise<void> {
+    return this.setVideo(trackId, { paused: false });
   }
 
   /** The RTCPeerConnection to one peer (e.g. for `getStats()`), if there is one. */
@@ -156,12 +281,14 @@ export class CallSession extends Emitter<CallEvents> {
   addTrack(track: MediaStreamTrack, ...streams: MediaStream[]): void {
     this.#tracks.set(track, streams);
     for (const link of this.#links.values()) link.addTrack(track, streams);
+    this.#sfu?.addTrack(track, streams);
   }
 
   /** Stops sending a track to every peer; renegotiates. The track itself is not stopped. */
   removeTrack(track: MediaStreamTrack): void {
     this.#tracks.delete(track);
     for (const link of this.#links.values()) link.removeTrack(track);
+    this.#sfu?.removeTrack(track);
   }
 
   /**
@@ -172,12 +299,17 @@ export class CallSession extends Emitter<CallEvents> {
     const streams = this.#tracks.get(previous) ?? [];
     this.#tracks.delete(previous);
     if (next) this.#tracks.set(next, streams);
-    await Promise.all([...this.#links.values()].map((link) => link.replaceTrack(previous, next)));
+    await Promise.all([
+      ...[...this.#links.values()].map((link) => link.replaceTrack(previous, next)),
+      this.#sfu?.replaceTrack(previous, next),
+    ]);
   }
 
   /** Restarts ICE with every peer (also done on its own after a failure or a reconnect). */
   restartIce(): void {
     for (const link of this.#links.values()) link.restartIce();
+    // The SFU connection needs no ICE restart for a WebSocket reconnect (docs/calls.md): its
+    // media path did not change. ICE failures restart it on their own.
   }
 
   /** Leaves the call: tells the server, closes every RTCPeerConnection. */
@@ -221,6 +353,15 @@ export class CallSession extends Emitter<CallEvents> {
         if (info) this.emit("peer.reconnected", info);
       }),
       c.connection.on("statechange", (change) => this.#onConnection(change)),
+      c.on("call.mode_changed", (e) => {
+        if (e.call_id === this.callId) this.#onMode(e.mode, e.sfu_session ?? undefined);
+      }),
+      c.on("call.sfu", (e) => {
+        if (e.call_id === this.callId) this.#onSfuNotice(e);
+      }),
+      c.on("call.active_speaker", (e) => {
+        if (e.call_id === this.callId) this.#onActiveSpeaker(e.participant_id ?? null);
+      }),
     );
     // Offer to everyone already there on the next task, so that listeners attached right after
     // `await joinCall(...)` see their `peer.joined` and every later event.
@@ -228,8 +369,16 @@ export class CallSession extends Emitter<CallEvents> {
       if (this.#state === "left" || this.#state === "ended") return;
       for (const peer of joined.peers) {
         const info = { participantId: peer.participant_id, userId: peer.user_id, role: peer.role };
-        this.#link(info, true);
+        if (this.#mode === "sfu") {
+          if (!this.#known.has(info.participantId)) {
+            this.#known.set(info.participantId, info);
+            this.emit("peer.joined", info);
+          }
+        } else {
+          this.#link(info, true);
+        }
       }
+      if (this.#mode === "sfu") void this.#startSfu(joined.call.sfu_session ?? this.#sfuJoin?.session, false);
     }, 0);
   }
 
@@ -253,16 +402,7 @@ export class CallSession extends Emitter<CallEvents> {
   #link(info: CallPeerInfo, initiator: boolean): PeerLink {
     let link = this.#links.get(info.participantId);
     if (link) return link;
-    const configuration: RTCConfiguration = {
-      iceServers: this.iceServers.map((s) => ({
-        urls: s.urls,
-        ...(s.username ? { username: s.username } : {}),
-        ...(s.credential ? { credential: s.credential } : {}),
-      })),
-      ...this.#options.rtcConfiguration,
-      bundlePolicy: "max-bundle",
-    };
-    link = new PeerLink(this, info, new this.#PC(configuration));
+    link = new PeerLink(this, info, new this.#PC(this.#rtcConfiguration()));
     this.#links.set(info.participantId, link);
     if (!this.#known.has(info.participantId)) {
       this.#known.set(info.participantId, info);
@@ -282,8 +422,15 @@ export class CallSession extends Emitter<CallEvents> {
   #onSignal(frame: CallSignalEvent): void {
     if (frame.call_id !== this.callId || frame.to !== this.participantId) return;
     if (this.#state === "left" || this.#state === "ended") return;
+    if (frame.from === SFU_PEER) {
+      this.#onSfuSignal(frame.signal);
+      return;
+    }
     let link = this.#links.get(frame.from);
     if (!link) {
+      // In SFU mode nobody needs a new P2P connection (a late P2P offer from a participant who
+      // has not escalated yet goes unanswered; it escalates too).
+      if (this.#mode === "sfu") return;
       const known = this.#known.get(frame.from);
       link = this.#link({ participantId: frame.from, userId: known?.userId ?? "", role: frame.role }, false);
     }
@@ -350,6 +497,251 @@ export class CallSession extends Emitter<CallEvents> {
     this.#state = "active";
     this.emit("statechange", { state: "active", reason: "reattached" });
     for (const link of this.#links.values()) link.restartIce();
+    // The SFU connection needs no ICE restart for a WebSocket reconnect (docs/calls.md): its
+    // media path did not change. ICE failures restart it on their own.
+  }
+
+  // ---- SFU mode ----
+
+  async #sfuOp(op: "subscribe" | "unsubscribe" | "video", trackId: string, prefs: VideoPreferences): Promise<void> {
+    if (this.#mode !== "sfu") {
+      throw new ParleyError({ code: "conflict", message: `${op}: the call is not in SFU mode (mode ${this.#mode})` });
+    }
+    await this.#client.request({
+      type: "call.sfu",
+      call_id: this.callId,
+      participant_id: this.participantId,
+      op,
+      track_id: trackId,
+      ...(prefs.paused !== undefined ? { paused: prefs.paused } : {}),
+      ...(prefs.maxSize ? { max_width: prefs.maxSize.width, max_height: prefs.maxSize.height } : {}),
+    });
+  }
+
+  /** The server changed the call's mode (escalation, or a move to another SFU). */
+  #onMode(mode: CallMode, session: string | undefined): void {
+    if (this.#state === "left" || this.#state === "ended") return;
+    const changed = mode !== this.#mode;
+    this.#mode = mode;
+    if (changed) this.emit("mode", { mode });
+    if (mode === "sfu") void this.#startSfu(session, false);
+  }
+
+  /**
+   * Opens a connection to the SFU of `session`: publishes the local tracks there and opens
+   * receive slots for everyone present. A previous SFU connection (another session) is closed;
+   * the P2P connections stay until the SFU connection is up, so media keeps flowing during the
+   * move. Joins again first when the credential at hand is for another session or expired.
+   */
+  async #startSfu(session: string | undefined, force: boolean): Promise<void> {
+    if (this.#state === "left" || this.#state === "ended") return;
+    // One connection per session: the join answer and a `call.mode_changed` may both ask.
+    if (!force && ((this.#sfuStarting && session === this.#sfuSession) || (this.#sfu && session === this.#sfuLinkSession))) return;
+    this.#sfuSession = session;
+    this.#sfuStarting = true;
+    try {
+      await this.#connectSfu(session);
+    } finally {
+      this.#sfuStarting = false;
+    }
+  }
+
+  async #connectSfu(session: string | undefined): Promise<void> {
+    let credential = this.#sfuJoin;
+    const fresh = (j: SfuJoin | undefined) =>
+      j !== undefined && (session === undefined || j.session === session) && j.expires_at * 1000 > Date.now() + 5_000;
+    if (!fresh(credential)) {
+      try {
+        const joined = await this.#client.rest.joinCall(this.callId);
+        this.#sfuJoin = joined.sfu ?? undefined;
+        credential = this.#sfuJoin;
+        if (joined.call.sfu_session) this.#sfuSession = joined.call.sfu_session;
+      } catch (e) {
+        this.emit("error", toParleyError("joining again for the SFU credential", e));
+        return;
+      }
+      if (this.#over()) return;
+      if (!credential) {
+        this.emit("error", new ParleyError({ code: "internal", message: "call (SFU): the join answer has no SFU credential" }));
+        return;
+      }
+    }
+    this.#openSfu(credential as SfuJoin);
+  }
+
+  #openSfu(credential: SfuJoin): void {
+    this.#sfuLinkSession = credential.session;
+    this.#sfu?.close();
+    this.#dropSfuState();
+    const others = Math.max(1, this.#known.size);
+    const slots = this.#options.sfu?.slots ?? {};
+    const receive = this.#options.receive ?? {};
+    const link: SfuLink = new SfuLink(
+      new this.#PC(this.#rtcConfiguration()),
+      {
+        signal: async (signal) => {
+          await this._signal(SFU_PEER, signal);
+        },
+        onTrack: (binding, track, stream) => {
+          this.#setBinding(binding, track.kind);
+          this.emit("track", { ...this.#infoOf(binding.publisher), track, streams: [stream] });
+        },
+        onTrackRemoved: (binding, track, stream) => {
+          const t = this.#remoteTracks.get(binding.track);
+          if (t) delete t.mid;
+          this.emit("track.removed", { ...this.#infoOf(binding.publisher), track, streams: [stream] });
+        },
+        onConnectionState: (state) => {
+          if (this.#sfu !== link) return;
+          this.emit("sfu.connectionstatechange", { state });
+          if (state === "connected") {
+            this.#sfuRetries = 0;
+            // The media flows through the SFU now: the mesh is no longer needed.
+            this.#closeP2P();
+          }
+        },
+        onError: (what, e) => {
+          if (this.#sfu !== link) return;
+          const error = toParleyError(`call (SFU): ${what}`, e);
+          // A refused credential (expired, or for a session that moved): join again, once in a row.
+          if (error.code === "forbidden" && error.reason?.startsWith("credential") && this.#sfuRetries < 1) {
+            this.#sfuRetries += 1;
+            this.#sfuJoin = undefined;
+            void this.#startSfu(this.#sfuSession, true);
+            return;
+          }
+          this.emit("error", error);
+        },
+      },
+      credential.credential,
+      this.#options.sfu,
+    );
+    this.#sfu = link;
+    link.start(this.#tracks, {
+      audio: receive.audio === false ? 0 : (slots.audio ?? others),
+      video: receive.video === false ? 0 : (slots.video ?? others),
+    });
+  }
+
+  /** Bindings and track ids belong to one SFU session. */
+  #dropSfuState(): void {
+    if (this.#remoteTracks.size > 0) {
+      this.#remoteTracks.clear();
+      this.emit("tracks.changed", { tracks: [] });
+    }
+  }
+
+  #closeP2P(): void {
+    for (const link of this.#links.values()) link.close();
+    this.#links.clear();
+  }
+
+  #onSfuSignal(signal: SignalPayload): void {
+    const link = this.#sfu;
+    if (!link) return;
+    switch (signal.kind) {
+      case "answer":
+        void link.onAnswer(signal.sdp ?? "");
+        return;
+      case "candidate":
+        void link.onCandidate(signal.candidate ?? "");
+        return;
+      default:
+        return; // the SFU never offers
+    }
+  }
+
+  #onSfuNotice(e: CallSfuEvent): void {
+    if (e.participant_id !== this.participantId) return;
+    const link = this.#sfu;
+    switch (e.event) {
+      case "track_published": {
+        if (e.publisher === this.participantId) return;
+        const existing = this.#remoteTracks.get(e.track_id);
+        this.#remoteTracks.set(e.track_id, {
+          trackId: e.track_id,
+          participantId: e.publisher,
+          kind: e.kind,
+          subscribed: existing?.subscribed ?? true,
+          ...(existing?.mid ? { mid: existing.mid } : {}),
+        });
+        this.emit("tracks.changed", { tracks: this.remoteTracks() });
+        return;
+      }
+      case "track_unpublished":
+        if (this.#remoteTracks.delete(e.track_id)) this.emit("tracks.changed", { tracks: this.remoteTracks() });
+        return;
+      case "bound":
+        link?.bind({ track: e.track_id, publisher: e.publisher, mid: e.mid });
+        return;
+      case "unbound":
+        link?.unbind(e.track_id, e.mid);
+        return;
+      case "renegotiate":
+        link?.addSlots(e.audio, e.video);
+        link?.negotiate();
+        return;
+      case "layer": {
+        const t = this.#remoteTracks.get(e.track_id);
+        const layer = e.layer ?? null;
+        if (t) t.layer = layer;
+        this.emit("track.layer", { trackId: e.track_id, participantId: t?.participantId ?? "", layer });
+        return;
+      }
+      case "connected":
+        return;
+      case "disconnected":
+        // The SFU dropped this connection: a new one, with a credential (joining again if needed).
+        if (link) void this.#startSfu(this.#sfuSession, true);
+        return;
+    }
+  }
+
+  #setBinding(binding: SfuBinding, kind: string): void {
+    const t = this.#remoteTracks.get(binding.track);
+    if (t) {
+      t.mid = binding.mid;
+      return;
+    }
+    this.#remoteTracks.set(binding.track, {
+      trackId: binding.track,
+      participantId: binding.publisher,
+      kind: kind === "audio" ? "audio" : "video",
+      subscribed: true,
+      mid: binding.mid,
+    });
+  }
+
+  #onActiveSpeaker(participantId: string | null): void {
+    if (participantId === this.#activeSpeaker) return;
+    this.#activeSpeaker = participantId;
+    const userId =
+      participantId === null
+        ? null
+        : participantId === this.participantId
+          ? (this.#client.connection.welcome?.user_id ?? null)
+          : (this.#known.get(participantId)?.userId ?? null);
+    this.emit("active_speaker", { participantId, userId });
+  }
+
+  #infoOf(participantId: string): CallPeerInfo {
+    return this.#known.get(participantId) ?? { participantId, userId: "", role: "impolite" };
+  }
+
+  #rtcConfiguration(): RTCConfiguration {
+    return {
+      iceServers: this.iceServers.map((s) => ({
+        urls: s.urls,
+        ...(s.username ? { username: s.username } : {}),
+        ...(s.credential ? { credential: s.credential } : {}),
+      })),
+      ...this.#options.rtcConfiguration,
+      bundlePolicy: "max-bundle",
+    };
+  }
+
+  #over(): boolean {
+    return this.#state === "left" || this.#state === "ended";
   }
 
   #finish(state: "left" | "ended", reason?: CallEvents["ended"]["reason"]): void {
@@ -358,9 +750,18 @@ export class CallSession extends Emitter<CallEvents> {
     for (const off of this.#offs.splice(0)) off();
     for (const link of this.#links.values()) link.close();
     this.#links.clear();
+    this.#sfu?.close();
+    this.#sfu = undefined;
     this.emit("statechange", { state });
     this.emit("ended", { reason: reason ?? "left" });
   }
+}
+
+/** The `to` / `from` of signals exchanged with the SFU. */
+export const SFU_PEER = "sfu";
+
+function toParleyError(what: string, e: unknown): ParleyError {
+  return e instanceof ParleyError ? e : new ParleyError({ code: "internal", message: `${what}: ${String(e)}`, cause: e });
 }
 
 /** One RTCPeerConnection and its perfect-negotiation state. */

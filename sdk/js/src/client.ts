@@ -17,7 +17,10 @@ import { Transport } from "./transport.js";
 import { Typing, type TypingOptions } from "./typing.js";
 import type {
   AckFrame,
+  CallActiveSpeakerEvent,
+  CallModeChangedEvent,
   CallParticipantReconnectedEvent,
+  CallSfuEvent,
   CallParticipantReconnectingEvent,
   CallSignalEvent,
   ChannelAddedEvent,
@@ -132,6 +135,12 @@ export type ClientEvents = {
   "call.signal": CallSignalEvent;
   "call.participant_reconnecting": CallParticipantReconnectingEvent;
   "call.participant_reconnected": CallParticipantReconnectedEvent;
+  /** A call moved to the SFU (or to another SFU); a joined `CallSession` follows on its own. */
+  "call.mode_changed": CallModeChangedEvent;
+  /** The active speaker of a call through the SFU. */
+  "call.active_speaker": CallActiveSpeakerEvent;
+  /** An SFU notice for one of your participants (bindings, renegotiation; `CallSession` handles them). */
+  "call.sfu": CallSfuEvent;
   resync: ResyncInfo;
   "subscription.lost": SubscriptionLost;
   /** A message of the outbox was acknowledged (also those restored from an `OutboxStore`). */
@@ -542,6 +551,9 @@ export class ParleyClient extends Emitter<ClientEvents> {
       case "call.signal":
       case "call.participant_reconnecting":
       case "call.participant_reconnected":
+      case "call.mode_changed":
+      case "call.active_speaker":
+      case "call.sfu":
         this.emit(type, frame as never);
         return;
       default:

@@ -19,7 +19,10 @@ export type { ChannelListQuery, HistoryQuery, RestClientOptions, TokenSource } f
 export { ParleyError, isParleyError } from "./errors.js";
 export type { ParleyErrorCode, SdkErrorCode } from "./errors.js";
 export { CallSession, joinCall } from "./call.js";
-export type { CallEvents, CallPeerInfo, CallState, JoinCallOptions } from "./call.js";
+export { SFU_PEER } from "./call.js";
+export type { CallEvents, CallPeerInfo, CallState, JoinCallOptions, RemoteTrackInfo, VideoPreferences } from "./call.js";
+export { SfuLink, SIMULCAST_ENCODINGS } from "./call_sfu.js";
+export type { SfuBinding, SfuHost, SfuOptions } from "./call_sfu.js";
 export { Backoff, parseRetryAfter } from "./backoff.js";
 export type { BackoffOptions } from "./backoff.js";
 export { ChannelSequencer } from "./sequencer.js";

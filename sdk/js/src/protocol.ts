@@ -35,6 +35,17 @@ export type ClientFrame =
       from: string;
       to: string;
       signal: SignalPayload;
+    }
+  | {
+      type: "call.sfu";
+      id: string;
+      call_id: string;
+      participant_id: string;
+      op: "subscribe" | "unsubscribe" | "video";
+      track_id: string;
+      paused?: boolean;
+      max_width?: number;
+      max_height?: number;
     };
 
 export type ClientFrameType = ClientFrame["type"];
@@ -66,6 +77,7 @@ export const CLIENT_FRAME_FIELDS = {
   "presence.set": ["id", "away"],
   "call.attach": ["id", "call_id", "participant_id"],
   "call.signal": ["id", "call_id", "from", "to", "signal"],
+  "call.sfu": ["id", "call_id", "participant_id", "op", "track_id", "paused?", "max_width?", "max_height?"],
 } as const satisfies { [K in ClientFrameType]: readonly FieldsOf<Extract<ClientFrame, { type: K }>>[] };
 
 type FieldsOf<F> = {
@@ -110,6 +122,9 @@ export const SERVER_FRAME_FIELDS = {
   "call.signal": ["call_id", "from", "to", "role", "signal"],
   "call.participant_reconnecting": ["call_id", "participant_id"],
   "call.participant_reconnected": ["call_id", "participant_id"],
+  "call.mode_changed": ["call_id", "mode", "sfu_session?", "reason"],
+  "call.active_speaker": ["call_id", "participant_id?"],
+  "call.sfu": ["call_id", "participant_id", "event"],
   reconnect: ["delay_ms", "reason"],
 } as const satisfies { [K in ServerFrameType]: readonly FieldsOf<Extract<ServerFrame, { type: K }>>[] };
 
@@ -175,6 +190,9 @@ export const SERVER_FRAME_TYPES = [
   "call.signal",
   "call.participant_reconnecting",
   "call.participant_reconnected",
+  "call.mode_changed",
+  "call.active_speaker",
+  "call.sfu",
   "reconnect",
 ] as const satisfies readonly ServerFrameType[];
 

@@ -13,6 +13,7 @@ export type CallMode = Schemas["CallMode"];
 export type LeaveReason = Schemas["LeaveReason"];
 export type ResumeRefusal = Schemas["ResumeRefusal"];
 export type SignalKind = Schemas["SignalKind"];
+/** A call signal; `credential` goes in the first offer of a connection to the SFU (docs/calls.md). */
 export type SignalPayload = Schemas["SignalPayload"];
 export type SessionLimits = Schemas["SessionLimits"];
 export type IceServer = Schemas["IceServer"];
@@ -38,6 +39,9 @@ export type PresenceList = Schemas["PresenceList"];
 export type Call = Schemas["Call"];
 export type CallList = Schemas["CallList"];
 export type CallParticipant = Schemas["CallParticipant"];
+/** The SFU block of a join answer in `sfu` mode: the credential for the SFU connection. */
+export type SfuJoin = Schemas["SfuAccess"];
+/** The join answer; `sfu` is there when the call is in `sfu` mode. */
 export type JoinedCall = Schemas["JoinedCall"];
 export type Peer = Schemas["Peer"];
 export type ErrorBody = Schemas["ErrorBody"];
@@ -59,6 +63,11 @@ export type ChannelEventType = ChannelEvent["type"];
 /** The channel event of one `type`. */
 export type ChannelEventOf<T extends ChannelEventType> = Extract<ChannelEvent, { type: T }>;
 
+/** Why a call's mode changed. */
+export type ModeChangeReason = Schemas["ModeChangeReason"];
+/** The `event` of a `call.sfu` notice from the server, with its fields (docs/calls.md, "SFU notices"). */
+export type SfuNotice = Schemas["SfuNotice"];
+
 /** A frame from the server other than a channel event. */
 export type ServerFrame = Schemas["ServerFrame"];
 export type ServerFrameType = ServerFrame["type"];
@@ -77,3 +86,6 @@ export type ChannelAddedEvent = ServerFrameOf<"channel.added">;
 export type CallSignalEvent = ServerFrameOf<"call.signal">;
 export type CallParticipantReconnectingEvent = ServerFrameOf<"call.participant_reconnecting">;
 export type CallParticipantReconnectedEvent = ServerFrameOf<"call.participant_reconnected">;
+export type CallModeChangedEvent = ServerFrameOf<"call.mode_changed">;
+export type CallActiveSpeakerEvent = ServerFrameOf<"call.active_speaker">;
+export type CallSfuEvent = ServerFrameOf<"call.sfu">;

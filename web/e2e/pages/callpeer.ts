@@ -19,11 +19,25 @@ function note(line: string): void {
   document.getElementById("log")?.append(li);
 }
 
-async function join(token: string, channelId: string): Promise<{ participantId: string; others: number }> {
+/** A steady 440 Hz tone as a microphone track (loud enough to be the SFU's active speaker). */
+async function toneTrack(): Promise<MediaStreamTrack> {
+  const audio = new AudioContext();
+  const oscillator = audio.createOscillator();
+  const gain = audio.createGain();
+  gain.gain.value = 0.5;
+  const destination = audio.createMediaStreamDestination();
+  oscillator.connect(gain).connect(destination);
+  oscillator.start();
+  await audio.resume();
+  return destination.stream.getAudioTracks()[0]!;
+}
+
+async function join(token: string, channelId: string, tone = false): Promise<{ participantId: string; others: number }> {
   const client = new ParleyClient({ url: location.origin, token });
   client.connection.on("statechange", (c) => note(`connection ${c.current}`));
   await client.connect();
   const stream = await navigator.mediaDevices.getUserMedia({ video: true, audio: false });
+  if (tone) stream.addTrack(await toneTrack());
   const video = document.getElementById("local") as HTMLVideoElement;
   video.srcObject = stream;
   const call = await client.rest.startCall(channelId);
@@ -35,6 +49,7 @@ async function join(token: string, channelId: string): Promise<{ participantId: 
     if (e.track.kind === "video") (document.getElementById("remote") as HTMLVideoElement).srcObject = e.streams[0] ?? new MediaStream([e.track]);
   });
   session.on("error", (e) => note(`error ${e.code}: ${e.message}`));
+  session.on("mode", (e) => note(`mode ${e.mode}`));
   const present = (await client.rest.getCall(call.id)).participants.filter((p) => !p.left_at);
   note(`joined ${call.id} as ${session.participantId}`);
   return { participantId: session.participantId, others: present.filter((p) => p.participant_id !== session.participantId).length };
@@ -68,6 +83,31 @@ async function openChat(): Promise<void> {
   state.channel = dc;
 }
 
+/** The call's mode (`sfu` once escalated). */
+function mode(): string {
+  return state.session?.mode ?? "none";
+}
+
+/**
+ * RTP packets received through the SFU, per publisher (participant id) and kind, from the SFU
+ * connection's `inbound-rtp` stats and the slot bindings (`remoteTracks()[].mid`).
+ */
+async function sfuPackets(): Promise<Record<string, { audio: number; video: number }>> {
+  const session = state.session;
+  const pc = session?.sfuConnection();
+  const out: Record<string, { audio: number; video: number }> = {};
+  if (!session || !pc) return out;
+  const byMid = new Map(session.remoteTracks().filter((t) => t.mid !== undefined).map((t) => [t.mid, t.participantId]));
+  (await pc.getStats()).forEach((s: { type: string; kind?: string; mid?: string; packetsReceived?: number }) => {
+    if (s.type !== "inbound-rtp" || (s.kind !== "audio" && s.kind !== "video")) return;
+    const who = byMid.get(s.mid);
+    if (!who) return;
+    const entry = (out[who] ??= { audio: 0, video: 0 });
+    entry[s.kind] += s.packetsReceived ?? 0;
+  });
+  return out;
+}
+
 function send(text: string): boolean {
   if (state.channel?.readyState !== "open") return false;
   state.channel.send(text);
@@ -80,9 +120,11 @@ declare global {
       join: typeof join;
       openChat: typeof openChat;
       send: typeof send;
+      mode: typeof mode;
+      sfuPackets: typeof sfuPackets;
       state: State;
     };
   }
 }
 
-window.callPeerTest = { join, openChat, send, state };
+window.callPeerTest = { join, openChat, send, mode, sfuPackets, state };

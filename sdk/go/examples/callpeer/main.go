@@ -13,8 +13,15 @@
 //	{"event":"datachannel_message","text":"…","label":"…","participant_id":"…"}
 //	{"event":"track","kind":"video","codec":"video/VP8","participant_id":"…","track_id":"…"}
 //	{"event":"rtp","kind":"video","packets":N,"participant_id":"…","track_id":"…"}   (≤ 1/s per track)
+//	{"event":"mode","mode":"sfu"}                       (the call escalated to the SFU)
+//	{"event":"sfu_state","state":"connected"}          (the connection to the SFU)
+//	{"event":"sfu_rtp","kind":"video","publisher":"…","packets":N}   (through the SFU, per publisher and kind, ≤ 1/s)
+//	{"event":"speaker","participant_id":"…"}          (the SFU's active speaker)
 //	{"event":"left","call_id":"…"}
 //	{"event":"error","error":"…"}
+//
+// With --publish it sends synthetic media too: VP8 video (every frame a keyframe with a 320×240
+// header, not decodable) and Opus silence, so that others count its packets.
 //
 // It exits 0 after leaving the call on SIGINT, SIGTERM or when --timeout passes, and 1 when it
 // cannot join.
@@ -36,6 +43,7 @@ import (
 	"time"
 
 	"github.com/pion/webrtc/v4"
+	"github.com/pion/webrtc/v4/pkg/media"
 
 	parley "github.com/parley-chat/parley/sdk/go"
 )
@@ -46,6 +54,7 @@ func main() {
 	channel := flag.String("channel", "", "id of the channel whose call to join")
 	timeout := flag.Duration("timeout", 60*time.Second, "leave the call and exit after this long")
 	verbose := flag.Bool("verbose", false, "log SDK diagnostics on stderr")
+	publish := flag.Bool("publish", false, "send synthetic VP8 video and Opus audio")
 	flag.Parse()
 	if *url == "" || *token == "" || *channel == "" {
 		fmt.Fprintln(os.Stderr, "callpeer: --url, --token and --channel are required")
@@ -53,7 +62,7 @@ func main() {
 		os.Exit(2)
 	}
 	out := &output{enc: json.NewEncoder(os.Stdout)}
-	if err := run(*url, *token, *channel, *timeout, *verbose, out); err != nil {
+	if err := run(*url, *token, *channel, *timeout, *verbose, *publish, out); err != nil {
 		out.emit(map[string]any{"event": "error", "error": err.Error()})
 		os.Exit(1)
 	}
@@ -71,7 +80,7 @@ func (o *output) emit(v map[string]any) {
 	_ = o.enc.Encode(v)
 }
 
-func run(url, token, channel string, timeout time.Duration, verbose bool, out *output) error {
+func run(url, token, channel string, timeout time.Duration, verbose, publish bool, out *output) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	ctx, cancel := context.WithTimeout(ctx, timeout)
@@ -99,7 +108,16 @@ func run(url, token, channel string, timeout time.Duration, verbose bool, out *o
 	}()
 
 	counters := &rtpCounters{out: out}
-	call, err := rt.StartCall(joinCtx, channel,
+	sfuCounters := newSFUCounters(out)
+	var media []parley.CallOption
+	if publish {
+		video, audio, err := syntheticTracks(ctx)
+		if err != nil {
+			return err
+		}
+		media = append(media, parley.WithTrack(video), parley.WithTrack(audio))
+	}
+	call, err := rt.StartCall(joinCtx, channel, append(media,
 		parley.WithLoopbackOnly(),
 		parley.WithMediaEngine(mediaEngine()),
 		parley.WithReceive(webrtc.RTPCodecTypeVideo, webrtc.RTPCodecTypeAudio),
@@ -115,11 +133,20 @@ func run(url, token, channel string, timeout time.Duration, verbose bool, out *o
 				out.emit(map[string]any{"event": "peer_connected", "participant_id": p.ParticipantID})
 			}
 		}),
-	)
+		parley.OnModeChange(func(m parley.CallMode) { out.emit(map[string]any{"event": "mode", "mode": string(m)}) }),
+		parley.OnSFUStateChange(func(s webrtc.PeerConnectionState) {
+			out.emit(map[string]any{"event": "sfu_state", "state": s.String()})
+		}),
+		parley.OnActiveSpeaker(func(id string) { out.emit(map[string]any{"event": "speaker", "participant_id": id}) }),
+		parley.OnSFUTrack(func(c *parley.Call, mid string, t *webrtc.TrackRemote, _ *webrtc.RTPReceiver) {
+			go sfuCounters.count(ctx, c, mid, t)
+		}),
+	)...)
 	if err != nil {
 		return fmt.Errorf("joining the call of %s: %w", channel, err)
 	}
-	out.emit(map[string]any{"event": "joined", "call_id": call.ID, "participant_id": call.ParticipantID})
+	out.emit(map[string]any{"event": "joined", "call_id": call.ID, "participant_id": call.ParticipantID, "mode": string(call.Mode())})
+	go sfuCounters.report(ctx)
 
 	select {
 	case <-ctx.Done():
@@ -200,4 +227,112 @@ func (c *rtpCounters) count(ctx context.Context, participant string, t *webrtc.T
 			return
 		}
 	}
+}
+
+// sfuCounters counts the RTP packets that arrive through the SFU per publisher and kind: a
+// receive slot may carry another publisher's track later, so each packet counts for the
+// publisher bound to its slot when it arrives.
+type sfuCounters struct {
+	out    *output
+	mu     sync.Mutex
+	counts map[[2]string]int64
+}
+
+func newSFUCounters(out *output) *sfuCounters {
+	return &sfuCounters{out: out, counts: map[[2]string]int64{}}
+}
+
+func (s *sfuCounters) count(ctx context.Context, c *parley.Call, mid string, t *webrtc.TrackRemote) {
+	kind := t.Kind().String()
+	for ctx.Err() == nil {
+		if _, _, err := t.ReadRTP(); err != nil {
+			return
+		}
+		b, ok := c.SFUBinding(mid)
+		if !ok {
+			continue
+		}
+		s.mu.Lock()
+		s.counts[[2]string{b.ParticipantID, kind}]++
+		s.mu.Unlock()
+	}
+}
+
+// report prints the counts that changed, once a second.
+func (s *sfuCounters) report(ctx context.Context) {
+	reported := map[[2]string]int64{}
+	tick := time.NewTicker(time.Second)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		s.mu.Lock()
+		for k, n := range s.counts {
+			if reported[k] != n {
+				reported[k] = n
+				s.out.emit(map[string]any{"event": "sfu_rtp", "publisher": k[0], "kind": k[1], "packets": n})
+			}
+		}
+		s.mu.Unlock()
+	}
+}
+
+// syntheticTracks returns a VP8 and an Opus track fed with synthetic samples until ctx ends:
+// 30 VP8 frames a second, each a keyframe (a valid frame tag and 320×240 header, then filler;
+// counted by receivers, not decodable), and 50 Opus silence frames a second.
+func syntheticTracks(ctx context.Context) (*webrtc.TrackLocalStaticSample, *webrtc.TrackLocalStaticSample, error) {
+	video, err := webrtc.NewTrackLocalStaticSample(webrtc.RTPCodecCapability{MimeType: webrtc.MimeTypeVP8, ClockRate: 90000}, "video", "callpeer")
+	if err != nil {
+		return nil, nil, err
+	}
+	audio, err := webrtc.NewTrackLocalStaticSample(webrtc.RTPCodecCapability{MimeType: webrtc.MimeTypeOpus, ClockRate: 48000, Channels: 2}, "audio", "callpeer")
+	if err != nil {
+		return nil, nil, err
+	}
+	frame := vp8Keyframe(320, 240, 900)
+	go func() {
+		tick := time.NewTicker(time.Second / 30)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				_ = video.WriteSample(media.Sample{Data: frame, Duration: time.Second / 30})
+			}
+		}
+	}()
+	go func() {
+		silence := []byte{0xf8, 0xff, 0xfe} // an Opus frame of 20 ms silence
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-tick.C:
+				_ = audio.WriteSample(media.Sample{Data: silence, Duration: 20 * time.Millisecond})
+			}
+		}
+	}()
+	return video, audio, nil
+}
+
+// vp8Keyframe is a VP8 keyframe header (RFC 6386 §9.1: frame tag with the key frame bit clear,
+// version 0, show_frame, first partition size; start code; width and height) and filler.
+func vp8Keyframe(width, height uint16, size int) []byte {
+	f := make([]byte, size)
+	partition := uint32(size - 10)
+	tag := uint32(0) | 0<<1 | 1<<4 | partition<<5 // key frame, version 0, shown
+	f[0], f[1], f[2] = byte(tag), byte(tag>>8), byte(tag>>16)
+	f[3], f[4], f[5] = 0x9d, 0x01, 0x2a
+	f[6], f[7] = byte(width), byte(width>>8)
+	f[8], f[9] = byte(height), byte(height>>8)
+	for i := 10; i < size; i++ {
+		f[i] = byte(i)
+	}
+	return f
 }

@@ -413,13 +413,18 @@ export interface components {
             ended_at?: string | null;
             /** @description Participants, present and past, in join order. */
             participants: components["schemas"]["CallParticipant"][];
+            /**
+             * @description In `sfu` mode: the call's SFU assignment (opaque). A new value means the call moved to
+             *     another SFU process: clients open a new SFU connection.
+             */
+            sfu_session?: string | null;
         };
         /** @description `GET /v1/channels/{id}/calls`. */
         CallList: {
             calls: components["schemas"]["Call"][];
         };
         /**
-         * @description How media flows: directly between participants, or through the SFU (a later version).
+         * @description How media flows: directly between participants (a mesh), or through the call's SFU.
          * @enum {string}
          */
         CallMode: "p2p" | "sfu";
@@ -621,6 +626,7 @@ export interface components {
             /** @description The participants already in the call, each with the joiner's role towards them. */
             peers: components["schemas"]["Peer"][];
             ice_servers: components["schemas"]["IceServer"][];
+            sfu?: null | components["schemas"]["SfuAccess"];
         };
         /** @description `POST /v1/calls/{id}/leave`. */
         LeaveCall: {
@@ -640,6 +646,11 @@ export interface components {
              */
             seq: number;
         };
+        /**
+         * @description Audio or video, on the wire.
+         * @enum {string}
+         */
+        MediaKind: "audio" | "video";
         /** @description A member of a channel. */
         Member: {
             user_id: string;
@@ -683,6 +694,11 @@ export interface components {
             /** @description Messages newer than the last one of this page exist. */
             has_after: boolean;
         };
+        /**
+         * @description Why a call's mode or SFU session changed (`call.mode_changed`).
+         * @enum {string}
+         */
+        ModeChangeReason: "threshold" | "always" | "sfu_failover";
         /**
          * @description A participant's role in perfect negotiation with one peer.
          * @enum {string}
@@ -906,7 +922,25 @@ export interface components {
             participant_id: string;
             /** @enum {string} */
             type: "call.participant_reconnected";
-        };
+        } | {
+            call_id: string;
+            mode: components["schemas"]["CallMode"];
+            sfu_session?: string | null;
+            reason: components["schemas"]["ModeChangeReason"];
+            /** @enum {string} */
+            type: "call.mode_changed";
+        } | {
+            call_id: string;
+            participant_id?: string | null;
+            /** @enum {string} */
+            type: "call.active_speaker";
+        } | (components["schemas"]["SfuNotice"] & {
+            call_id: string;
+            participant_id: string;
+        } & {
+            /** @enum {string} */
+            type: "call.sfu";
+        });
         /** @description Limits stated in the welcome frame, so clients never guess. */
         SessionLimits: {
             /** @description Largest frame the server accepts, in bytes; a larger one closes with 1009. */
@@ -958,6 +992,62 @@ export interface components {
              */
             typing_throttle_ms: number;
         };
+        /** @description The participant's access to the call's SFU (the join answer in `sfu` mode). */
+        SfuAccess: {
+            /** @description The call's `sfu_session` this access is for. */
+            session: string;
+            /** @description Opaque; goes in the first offer of a new SFU connection (`signal.credential`). */
+            credential: string;
+            /**
+             * Format: int64
+             * @description Unix seconds after which the SFU refuses the credential.
+             */
+            expires_at: number;
+        };
+        /** @description An SFU notice for one participant (`call.sfu`, the `event` and its fields). */
+        SfuNotice: {
+            track_id: string;
+            publisher: string;
+            kind: components["schemas"]["MediaKind"];
+            /** @description The publisher's own mid of the track. */
+            mid: string;
+            /** @description Simulcast rids, lowest first; empty without simulcast. */
+            layers: string[];
+            /** @enum {string} */
+            event: "track_published";
+        } | {
+            track_id: string;
+            publisher: string;
+            /** @enum {string} */
+            event: "track_unpublished";
+        } | {
+            track_id: string;
+            publisher: string;
+            mid: string;
+            /** @enum {string} */
+            event: "bound";
+        } | {
+            track_id: string;
+            mid: string;
+            /** @enum {string} */
+            event: "unbound";
+        } | {
+            audio: number;
+            video: number;
+            /** @enum {string} */
+            event: "renegotiate";
+        } | {
+            track_id: string;
+            layer?: string | null;
+            /** @enum {string} */
+            event: "layer";
+        } | {
+            /** @enum {string} */
+            event: "connected";
+        } | {
+            /** @enum {string} */
+            event: "disconnected";
+        };
         /**
          * @description The kind of a signal on the wire (the `kind` of a `call.signal` frame).
          * @enum {string}
@@ -970,6 +1060,11 @@ export interface components {
             candidate?: string | null;
             /** @description For offers: this offer restarts ICE. */
             ice_restart?: boolean;
+            /**
+             * @description For the first offer of a new connection to the SFU (`to: "sfu"`): the participant's SFU
+             *     credential from the join answer.
+             */
+            credential?: string | null;
         };
         /** @description `POST /v1/channels/{id}/typing`. */
         TypingRequest: {

@@ -38,8 +38,8 @@ function names(cell: string): string[] {
   return [...cell.matchAll(/`([^`]+)`/g)].map((m) => m[1]!);
 }
 
-/** The field names of a fields cell: backquoted names outside parentheses, without `?`. */
-function fieldNames(cell: string): string[] {
+/** A cell without what is in parentheses (value lists, remarks). */
+function outsideParentheses(cell: string): string {
   let depth = 0;
   let outside = "";
   for (const ch of cell) {
@@ -47,7 +47,12 @@ function fieldNames(cell: string): string[] {
     else if (ch === ")") depth = Math.max(0, depth - 1);
     else if (depth === 0) outside += ch;
   }
-  return names(outside).map((f) => f.replace(/[:\s].*$/, "").replace(/\?$/, ""));
+  return outside;
+}
+
+/** The field names of a fields cell: backquoted names outside parentheses, without `?`. */
+function fieldNames(cell: string): string[] {
+  return names(outsideParentheses(cell)).map((f) => f.replace(/[:\s].*$/, "").replace(/\?$/, ""));
 }
 
 const bare = (fields: readonly string[]) => fields.map((f) => f.replace(/\?$/, ""));
@@ -56,8 +61,8 @@ describe("docs/protocol.md", () => {
   it("client → server: the same frame types with the same fields", () => {
     const documented = new Map<string, string[]>();
     for (const [typeCell, fieldsCell] of table("### Client → server")) {
-      // `signal: {kind, ...}` and `channels: [...]` name one field each.
-      const fields = names(fieldsCell ?? "").map((f) => f.replace(/[:\s].*$/, ""));
+      // `signal: {kind, ...}` and `channels: [...]` name one field each; `op` (`a`, `b`) lists values.
+      const fields = names(outsideParentheses(fieldsCell ?? "")).map((f) => f.replace(/[:\s].*$/, ""));
       for (const type of names(typeCell ?? "")) documented.set(type, fields.sort());
     }
     const sdk = new Map(Object.entries(CLIENT_FRAME_FIELDS).map(([t, f]) => [t, [...f].sort()]));

@@ -34,14 +34,28 @@ const state = {};
 
 window.harness = {
   log,
-  async start({ url, token, channelId, callId }) {
+  async start({ url, token, channelId, callId, sfu, tone, size }) {
     const client = new parley.ParleyClient({ url, token, backoff: { initialMs: 100, maxMs: 1000 } });
     state.client = client;
     client.connection.on("statechange", (c) => log.push(`conn:${c.current}`));
     await client.connect();
-    const stream = await navigator.mediaDevices.getUserMedia({ video: { width: 320, height: 240 }, audio: true });
+    let stream = await navigator.mediaDevices.getUserMedia({ video: { width: size?.width ?? 320, height: size?.height ?? 240 }, audio: true });
+    if (tone) {
+      // A steady 440 Hz tone instead of the fake microphone (which beeps 20 ms every 500 ms, too
+      // quiet on average to count as speech): this person is the one speaking.
+      const audio = new AudioContext();
+      const oscillator = audio.createOscillator();
+      const gain = audio.createGain();
+      gain.gain.value = 0.5;
+      const destination = audio.createMediaStreamDestination();
+      oscillator.connect(gain).connect(destination);
+      oscillator.start();
+      await audio.resume();
+      for (const t of stream.getAudioTracks()) t.stop();
+      stream = new MediaStream([...stream.getVideoTracks(), ...destination.stream.getAudioTracks()]);
+    }
     state.stream = stream;
-    const options = { stream, RTCPeerConnection: LoopbackPeerConnection };
+    const options = { stream, RTCPeerConnection: LoopbackPeerConnection, ...(sfu ? { sfu } : {}) };
     const session = callId ? await client.joinCall(callId, options) : await client.startCall(channelId, options);
     state.session = session;
     session.on("peer.joined", (p) => log.push(`joined:${p.userId}:${p.role}`));
@@ -53,6 +67,11 @@ window.harness = {
     session.on("statechange", (e) => log.push(`call:${e.state}`));
     session.on("error", (e) => log.push(`error:${e.code}:${e.message}`));
     session.on("ended", (e) => log.push(`ended:${e.reason}`));
+    session.on("mode", (e) => log.push(`mode:${e.mode}`));
+    session.on("track.removed", (e) => log.push(`track.removed:${e.userId}:${e.track.kind}`));
+    session.on("active_speaker", (e) => log.push(`speaker:${e.userId}`));
+    session.on("sfu.connectionstatechange", (e) => log.push(`sfu:${e.state}`));
+    if (session.mode === "sfu") log.push("mode:sfu");
     return { callId: session.callId, participantId: session.participantId };
   },
   /** Video frames decoded from every peer (inbound-rtp, video), via the SDK's per-peer RTCPeerConnection. */
@@ -81,6 +100,82 @@ window.harness = {
       out[peer.userId] = frames;
     }
     return out;
+  },
+  mode() {
+    return state.session.mode;
+  },
+  /** SFU mode: video frames decoded per remote user, over the one connection to the SFU (by the slot's bound track). */
+  async sfuFramesPerPeer() {
+    const out = {};
+    const pc = state.session.sfuConnection();
+    if (!pc) return out;
+    const byMid = new Map();
+    const users = new Map(state.session.peers().map((p) => [p.participantId, p.userId]));
+    for (const t of state.session.remoteTracks()) if (t.mid !== undefined) byMid.set(t.mid, users.get(t.participantId) ?? t.participantId);
+    (await pc.getStats()).forEach((s) => {
+      if (s.type !== "inbound-rtp" || s.kind !== "video") return;
+      const who = byMid.get(s.mid);
+      if (who) out[who] = (out[who] ?? 0) + (s.framesDecoded ?? 0);
+    });
+    return out;
+  },
+  /** SFU mode: how many simulcast encodings the camera track is sent with, and their rids. */
+  sfuSendRids() {
+    const pc = state.session.sfuConnection();
+    const sender = pc?.getSenders().find((s) => s.track?.kind === "video");
+    return (sender?.getParameters().encodings ?? []).map((e) => e.rid ?? "");
+  },
+  /** SFU mode: receive slots (recvonly transceivers) per kind. */
+  sfuSlots() {
+    const out = { audio: 0, video: 0 };
+    for (const t of state.session.sfuConnection()?.getTransceivers() ?? []) {
+      if (t.direction === "recvonly") out[t.receiver.track.kind] += 1;
+    }
+    return out;
+  },
+  /** P2P connections still open. */
+  openP2P() {
+    return state.session.peers().filter((p) => {
+      const pc = state.session.peerConnection(p.participantId);
+      return pc && pc.connectionState !== "closed";
+    }).length;
+  },
+  /** SFU mode: the published tracks, as `user:kind:subscribed:mid`. */
+  remoteTracks() {
+    const users = new Map(state.session.peers().map((p) => [p.participantId, p.userId]));
+    return state.session.remoteTracks().map((t) => `${users.get(t.participantId) ?? t.participantId}:${t.kind}:${t.subscribed}:${t.mid ?? "-"}`);
+  },
+  trackIdOf({ user, kind }) {
+    const ids = new Map(state.session.peers().map((p) => [p.userId, p.participantId]));
+    return state.session.remoteTracks().find((t) => t.participantId === ids.get(user) && t.kind === kind)?.trackId;
+  },
+  async unsubscribe({ user, kind }) {
+    await state.session.unsubscribe(window.harness.trackIdOf({ user, kind }));
+  },
+  async subscribe({ user, kind }) {
+    await state.session.subscribe(window.harness.trackIdOf({ user, kind }));
+  },
+  async setVideo({ user, prefs }) {
+    await state.session.setVideo(window.harness.trackIdOf({ user, kind: "video" }), prefs);
+  },
+  /** SFU mode: what this page sends of its camera, per rid (`rid:WxH:frames:limitation`). */
+  async sentLayers() {
+    const out = [];
+    (await state.session.sfuConnection().getStats()).forEach((s) => {
+      if (s.type === "outbound-rtp" && s.kind === "video") out.push(`${s.rid}:${s.frameWidth}x${s.frameHeight}:${s.framesEncoded}:${s.qualityLimitationReason}:${s.active}`);
+    });
+    return out.sort();
+  },
+  /** SFU mode: the simulcast layer the SFU says it sends of a user's video (`null`: none, `undefined`: not said). */
+  layerOf({ user }) {
+    const ids = new Map(state.session.peers().map((p) => [p.userId, p.participantId]));
+    return state.session.remoteTracks().find((t) => t.participantId === ids.get(user) && t.kind === "video")?.layer;
+  },
+  activeSpeaker() {
+    const id = state.session.activeSpeaker;
+    if (id === null) return null;
+    if (id === state.session.participantId) return "me";
+    return state.session.peers().find((p) => p.participantId === id)?.userId ?? id;
   },
   restartIce() {
     state.session.restartIce();
