@@ -203,7 +203,9 @@ pub async fn build(
     shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<Node> {
     match args.role {
-        Role::Sfu => bail!("--role sfu runs through parley::sfu_role::serve_sfu, not the node build"),
+        Role::Sfu => {
+            bail!("--role sfu runs through parley::sfu_role::serve_sfu, not the node build")
+        }
         Role::Edge => return build_edge(args, shutdown).await,
         Role::Core if args.nats_url.is_none() => {
             bail!("--role core answers edges over NATS: give --nats-url (PARLEY_NATS_URL) too")

@@ -24,7 +24,7 @@ use parley_core::auth::Authenticator;
 use parley_edge::{CoreGateway, GatewayError, SignalRoute};
 use parley_proto::rpc::{
     AttachCall, BatchedSend, Caller, ChannelEvents, CheckSignal, GetReadState, LastSeqs, MarkRead,
-    ParticipantTimedOut, Reply, SfuRequest, SendBatch, SubscribeCheck, Typing,
+    ParticipantTimedOut, Reply, SendBatch, SfuRequest, SubscribeCheck, Typing,
 };
 use parley_proto::{ChannelEvent, Principal, ReadState, SendMessage, SendResult, TypingState};
 use parley_sync::{Bus, Ephemeral};

@@ -26,9 +26,9 @@ use parley_core::{Core, CoreError};
 use parley_proto::calls::LeaveReason;
 use parley_proto::rpc::{
     self, AttachCall, CORE_QUEUE_GROUP, ChannelEvents, CheckSignal, GetReadState, HttpRequest,
-    HttpResponse, LastSeqs, MarkRead, ParticipantTimedOut, SfuRequest, PresenceEntry, PresenceRefresh,
+    HttpResponse, LastSeqs, MarkRead, ParticipantTimedOut, PresenceEntry, PresenceRefresh,
     PresenceUpdate, RPC_SUBJECT_ALL, RPC_SUBJECT_PREFIX, Reply, RpcError, RpcMethod, SendBatch,
-    SignalRoute, SubscribeCheck, Typing,
+    SfuRequest, SignalRoute, SubscribeCheck, Typing,
 };
 use parley_proto::{ErrorCode, Principal};
 use tokio::sync::Semaphore;

@@ -211,7 +211,7 @@ pub enum Reply {
     SessionChecked(SessionStatus),
     Events(Result<Vec<ChannelEvent>, CoreError>),
     /// The frame that answers the request (its ack or error), written as is.
-    Frame(ServerFrame),
+    Frame(crate::ServerFrame),
 }
 
 /// A frame for the driver to write.
