@@ -290,9 +290,13 @@ pub async fn build(
         realtime,
         ice,
     ));
-    if let Some(sfu) =
-        crate::sfu_role::start_for_core(&args.sfu, args.nats_url.as_deref(), &core, bus.clone())
-            .await?
+    if let Some(sfu) = crate::sfu_role::start_for_core(
+        &args.sfu,
+        nats.as_ref().map(|n| n.client()),
+        &core,
+        bus.clone(),
+    )
+    .await?
     {
         // The driver lives as long as the process.
         tokio::spawn(async move {

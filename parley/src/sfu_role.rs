@@ -746,18 +746,10 @@ fn settings(args: &SfuArgs, secret: Vec<u8>) -> SfuSettings {
 /// server (keep it for the process's lifetime).
 pub async fn start_for_core(
     args: &SfuArgs,
-    nats_url: Option<&str>,
+    nats: Option<async_nats::Client>,
     core: &Arc<Core>,
     bus: Arc<dyn Bus>,
 ) -> anyhow::Result<Option<SfuServer>> {
-    let nats = match nats_url {
-        Some(url) => Some(
-            async_nats::connect(url)
-                .await
-                .context("cannot connect to NATS (SFU registry)")?,
-        ),
-        None => None,
-    };
     if nats.is_some() && args.sfu_secret.is_none() {
         // Several nodes cannot share a random secret: without one, calls stay P2P.
         tracing::warn!(
@@ -820,14 +812,12 @@ pub async fn serve_sfu(args: &crate::config::ServeArgs) -> anyhow::Result<()> {
              credentials with"
         );
     }
-    let bus: Arc<dyn Bus> = Arc::new(
-        parley_sync::NatsBus::connect(url)
-            .await
-            .context("cannot connect to NATS")?,
-    );
-    let client = async_nats::connect(url)
+    // One connection, with the node's NATS credentials, for the bus and the registry.
+    let nats = parley_sync::NatsBus::connect_with(url, &crate::server::nats_options(args))
         .await
         .context("cannot connect to NATS")?;
+    let client = nats.client();
+    let bus: Arc<dyn Bus> = Arc::new(nats);
     let listen = ListenConfig {
         listen: args.sfu.sfu_listen,
         announce: args.sfu.sfu_announce.clone(),
