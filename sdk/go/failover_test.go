@@ -38,7 +38,13 @@ func startDeployment(t *testing.T, n int, secret string) *deployment {
 		nodeFlags = append([]string{"--database-url", dbURL, "--nats-url", natsURL}, jwt...)
 	case "split":
 		startServer(t, append([]string{"--role", "core", "--database-url", dbURL, "--nats-url", natsURL}, jwt...)...)
-		nodeFlags = append([]string{"--role", "edge", "--nats-url", natsURL}, jwt...)
+		// Edges connect as the edge user, which the test server forbids to publish persisted
+		// events (scripts/services.sh): the split runs with the production permissions.
+		plain, user, pw := os.Getenv("PARLEY_TEST_NATS_PLAIN_URL"), os.Getenv("PARLEY_TEST_NATS_EDGE_USER"), os.Getenv("PARLEY_TEST_NATS_EDGE_PASSWORD")
+		if plain == "" || user == "" || pw == "" {
+			t.Fatal("PARLEY_TEST_NATS_PLAIN_URL and PARLEY_TEST_NATS_EDGE_USER/_PASSWORD are not set: start the services with scripts/services.sh")
+		}
+		nodeFlags = append([]string{"--role", "edge", "--nats-url", plain, "--nats-user", user, "--nats-password", pw}, jwt...)
 	default:
 		t.Fatalf("PARLEY_TEST_TOPOLOGY must be all or split, got %q", topo)
 	}

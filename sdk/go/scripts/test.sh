@@ -41,3 +41,9 @@ go build ./examples/...   # several main packages: built and discarded
 echo "==> sdk/go: go test -race" >&2
 # Each test bounds its own waits; -timeout is the backstop for the whole run.
 go test -race -count=1 -timeout 300s "$@" ./...
+# The failover test again with real edges: two `--role edge` processes (edge NATS credentials)
+# in front of one `--role core` (issue 11: the SDKs fail over between edges).
+if [ "$#" -eq 0 ]; then
+  echo "==> sdk/go: go test -race -run TestFailoverKillNode with PARLEY_TEST_TOPOLOGY=split" >&2
+  PARLEY_TEST_TOPOLOGY=split go test -race -count=1 -timeout 120s -run 'TestFailoverKillNode' .
+fi

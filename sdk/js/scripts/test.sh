@@ -67,4 +67,10 @@ node -e '
   const skipped = r.numPendingTests + r.numTodoTests;
   console.log(`sdkjs: ${r.numPassedTests} passed, ${r.numFailedTests} failed` + (skipped ? `, ${skipped} skipped` : ""));
 ' "$results" || echo "sdkjs: vitest wrote no results" >&2
+# The failover test again with real edges: two `--role edge` processes (edge NATS credentials)
+# in front of one `--role core` (issue 11: the SDKs fail over between edges).
+if [ "$#" -eq 0 ]; then
+  echo "sdk/js: vitest failover with PARLEY_TEST_TOPOLOGY=split (edges + a core)"
+  PARLEY_TEST_TOPOLOGY=split npx --no-install vitest run test/integration/failover.test.ts || status=$?
+fi
 exit "$status"

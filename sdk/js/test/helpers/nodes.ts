@@ -50,7 +50,15 @@ export async function startDeployment(count: number, secret: string, extra: stri
     if (topology() === "split") {
       core = await startServer(["--role", "core", "--database-url", db, "--nats-url", nats, ...jwt, ...extra]);
       started.push(core);
-      nodeFlags = ["--role", "edge", "--nats-url", nats, ...jwt, ...extra];
+      // Edges connect as the edge user, which the test server forbids to publish persisted events
+      // (scripts/services.sh): the split runs with the production permissions.
+      const plain = process.env.PARLEY_TEST_NATS_PLAIN_URL;
+      const user = process.env.PARLEY_TEST_NATS_EDGE_USER;
+      const password = process.env.PARLEY_TEST_NATS_EDGE_PASSWORD;
+      if (!plain || !user || !password) {
+        throw new Error("PARLEY_TEST_NATS_PLAIN_URL and PARLEY_TEST_NATS_EDGE_USER/_PASSWORD are not set: start the services with scripts/services.sh");
+      }
+      nodeFlags = ["--role", "edge", "--nats-url", plain, "--nats-user", user, "--nats-password", password, ...jwt, ...extra];
     } else {
       nodeFlags = ["--database-url", db, "--nats-url", nats, ...jwt, ...extra];
     }
