@@ -8,7 +8,7 @@
 use std::time::Instant;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use parley_proto::{ChannelEvent, ClientFrame, CloseCode, ErrorCode, EventBody, Principal};
+use parley_proto::{ChannelEvent, CloseCode, ErrorCode, EventBody, Principal};
 
 /// The transport label of WebSocket connections.
 const WS: &str = "websocket";
@@ -202,29 +202,6 @@ pub fn upgrade_refused(reason: &'static str) {
     if reason == "auth_failures" {
         counter!("parley_rate_limited_total", "limit" => "auth_failures_per_ip").increment(1);
     }
-}
-
-/// A client frame arrived (`None`: it did not parse as a frame); returns its type.
-pub fn frame_in(frame: Option<&ClientFrame>) -> &'static str {
-    let kind = match frame {
-        None => "invalid",
-        Some(ClientFrame::Auth { .. }) => "auth",
-        Some(ClientFrame::Subscribe { .. }) => "subscribe",
-        Some(ClientFrame::Unsubscribe { .. }) => "unsubscribe",
-        Some(ClientFrame::MessageSend { .. }) => "message.send",
-        Some(ClientFrame::Ping { .. }) => "ping",
-        Some(ClientFrame::Resume { .. }) => "resume",
-        Some(ClientFrame::TypingStart { .. }) => "typing.start",
-        Some(ClientFrame::TypingStop { .. }) => "typing.stop",
-        Some(ClientFrame::Read { .. }) => "read",
-        Some(ClientFrame::PresenceSet { .. }) => "presence.set",
-        Some(ClientFrame::CallAttach { .. }) => "call.attach",
-        Some(ClientFrame::CallSignal { .. }) => "call.signal",
-        #[allow(unreachable_patterns)]
-        Some(_) => "other",
-    };
-    counter!("parley_ws_frames_in_total", "type" => kind).increment(1);
-    kind
 }
 
 /// A WS frame was read, by its `type` (`"invalid"` when it could not be parsed).
