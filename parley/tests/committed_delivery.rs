@@ -5,70 +5,14 @@
 
 mod common;
 
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{Backend, ServerBuilder, Ws, token, unique};
+use common::{Backend, PrivateNats, ServerBuilder, Ws, token, unique};
 use serde_json::json;
 
 /// How long a subscriber may wait for a committed event whose publish was lost: the default
 /// commit poll (1 s) plus the gap timeout (250 ms), with room for a loaded machine.
 const DELIVERY: Duration = Duration::from_secs(6);
-
-/// A nats-server of this test alone (it is stopped mid-test), on a free 127.0.0.1 port.
-struct PrivateNats {
-    child: Child,
-    port: u16,
-}
-
-impl PrivateNats {
-    fn start() -> PrivateNats {
-        let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
-            "PARLEY_NATS_SERVER_BIN is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\"), which exports it",
-        );
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let mut nats = PrivateNats { child, port };
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(
-                nats.child.try_wait().expect("nats-server").is_none(),
-                "nats-server exited before listening"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not listen within 15 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        nats
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateNats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// NATS goes away right before Alice's message commits on node A: the publish is lost, yet Bob,
 /// subscribed on node B, receives the message within a few seconds while NATS stays down and

@@ -6,56 +6,16 @@
 mod common;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::net::{Ipv4Addr, TcpListener, TcpStream};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::call_driver::*;
-use common::{Backend, Server, ServerBuilder, Ws, token, unique};
+use common::{Backend, PrivateNats as Nats, Server, ServerBuilder, Ws, token, unique};
 use serde_json::{Value, json};
 
-/// A nats-server of one test alone, on a free 127.0.0.1 port: the cores of concurrent tests
-/// must not answer each other's edges (they share the queue group `parley-core`).
-struct Nats {
-    child: Child,
-    port: u16,
-}
-
-impl Nats {
-    fn start() -> Nats {
-        let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
-            "PARLEY_NATS_SERVER_BIN is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\"), which exports it",
-        );
-        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let mut nats = Nats { child, port };
-        let deadline = std::time::Instant::now() + Duration::from_secs(15);
-        while TcpStream::connect((Ipv4Addr::LOCALHOST, port)).is_err() {
-            assert!(
-                nats.child.try_wait().expect("nats-server").is_none(),
-                "nats-server exited before listening"
-            );
-            assert!(
-                std::time::Instant::now() < deadline,
-                "nats-server did not listen within 15 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        nats
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
+/// Edge and core processes on a test's own nats-server (the cores of concurrent tests must not
+/// answer each other's edges: they share the queue group `parley-core`).
+trait Roles {
+    fn url(&self) -> String;
 
     /// A core process on PostgreSQL and this NATS (and the test Redis when `redis`).
     fn core_with(&self, redis: bool, extra: &[&str], env: &[(&str, &str)]) -> Server {
@@ -90,10 +50,9 @@ impl Nats {
     }
 }
 
-impl Drop for Nats {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+impl Roles for Nats {
+    fn url(&self) -> String {
+        Nats::url(self)
     }
 }
 

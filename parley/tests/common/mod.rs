@@ -753,3 +753,59 @@ pub fn upgrade_refusal(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> 
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
     }
 }
+
+/// A nats-server of one test alone, on a free 127.0.0.1 port (without authorization): for tests
+/// that stop NATS mid-test, or whose cores must not answer other tests' edges (they share the
+/// queue group `parley-core`).
+pub struct PrivateNats {
+    child: Child,
+    port: u16,
+}
+
+impl PrivateNats {
+    pub fn start() -> PrivateNats {
+        let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
+            "PARLEY_NATS_SERVER_BIN is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\"), which exports it",
+        );
+        let port = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let mut nats = PrivateNats { child, port };
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).is_err() {
+            assert!(
+                nats.child.try_wait().expect("nats-server").is_none(),
+                "nats-server exited before listening"
+            );
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not listen within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nats
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for PrivateNats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
