@@ -315,6 +315,11 @@ impl Conn {
 
     /// Takes the machine's outputs until it has none: runs the requests, writes the frames.
     /// `Err` carries the close code to send (none when the client closed or the socket failed).
+    ///
+    /// A write feeds the machine what arrived meanwhile (replies of sends, unread changes), which
+    /// makes new outputs: the machine is polled again after every write, the last one included.
+    /// Returning with outputs left would strand them (an ack, say) until something else wakes
+    /// the connection, its next heartbeat.
     async fn step(&mut self, ws: &mut WebSocket) -> Result<(), Option<CloseCode>> {
         let mut batch = Vec::new();
         loop {
@@ -335,14 +340,14 @@ impl Conn {
                     self.tail = batch;
                     return Err(code);
                 }
-                None => break,
+                None if batch.is_empty() => return Ok(()),
+                None => {
+                    let with_queued = !self.machine.holds_events();
+                    self.write(ws, std::mem::take(&mut batch), None, with_queued)
+                        .await?;
+                }
             }
         }
-        if !batch.is_empty() {
-            let with_queued = !self.machine.holds_events();
-            self.write(ws, batch, None, with_queued).await?;
-        }
-        Ok(())
     }
 
     /// Arms (or drops) the timer at the machine's next timeout.

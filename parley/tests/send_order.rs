@@ -81,3 +81,78 @@ async fn pipelined_sends_commit_in_sending_order_sqlite() {
 async fn pipelined_sends_commit_in_sending_order_postgres() {
     pipelined_sends_commit_in_sending_order(Backend::Postgres).await;
 }
+
+/// Every ack leaves as soon as its send commits, even when the reply comes in while the
+/// connection is writing (its own events, another send's ack): nothing waits for the next
+/// heartbeat to wake the connection. The heartbeat is a minute here, so an ack left behind in
+/// the session machine shows up as a burst that is not acked within seconds. (The connection
+/// driver once returned after its last write without polling the machine again; about one burst
+/// in a hundred lost its last ack until the next ping.)
+async fn every_ack_leaves_without_waiting_for_a_heartbeat(backend: Backend) {
+    let server = ServerBuilder::new(backend)
+        .arg("--ws-frames-per-second")
+        .arg("100000")
+        .arg("--ws-frame-burst")
+        .arg("100000")
+        .arg("--heartbeat-interval-ms")
+        .arg("60000")
+        .arg("--heartbeat-timeout-ms")
+        .arg("120000")
+        .start();
+    let alice = server.api("alice");
+    let channel = alice.create_channel("acks", &["bob"]).await;
+    // Alice's connection receives her own events while it sends (writes racing with replies);
+    // Bob's receives them and their unread counts.
+    let mut ws = Ws::connect(&server, &token("alice")).await;
+    ws.subscribe(&channel).await;
+    let mut bob = Ws::connect(&server, &token("bob")).await;
+    bob.subscribe(&channel).await;
+    let reader = tokio::spawn(async move {
+        let mut seen = 0;
+        while seen < BURSTS * BURST {
+            let f = bob.next_json().await.expect("bob's connection open");
+            if f["type"] == "message.new" {
+                seen += 1;
+            }
+        }
+    });
+
+    const BURSTS: usize = 300;
+    const BURST: usize = 4;
+    for b in 0..BURSTS {
+        for i in 0..BURST {
+            ws.send_json(json!({
+                "type": "message.send", "id": format!("s{b}-{i}"), "channel_id": channel,
+                "client_msg_id": format!("m{b}-{i}"), "text": "hi",
+            }))
+            .await;
+        }
+        let mut acked = 0;
+        while acked < BURST {
+            let frame = tokio::time::timeout(std::time::Duration::from_secs(5), ws.next_json())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!("burst {b}: {acked} of {BURST} sends acked, then nothing for 5 s")
+                })
+                .expect("connection open");
+            assert_ne!(frame["type"], "error", "a send failed: {frame}");
+            if frame["type"] == "ack" {
+                acked += 1;
+            }
+        }
+    }
+    tokio::time::timeout(std::time::Duration::from_secs(30), reader)
+        .await
+        .expect("bob received every message")
+        .expect("bob's reader");
+}
+
+#[tokio::test]
+async fn every_ack_leaves_without_waiting_for_a_heartbeat_sqlite() {
+    every_ack_leaves_without_waiting_for_a_heartbeat(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn every_ack_leaves_without_waiting_for_a_heartbeat_postgres() {
+    every_ack_leaves_without_waiting_for_a_heartbeat(Backend::Postgres).await;
+}
