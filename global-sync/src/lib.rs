@@ -29,7 +29,7 @@ mod nats;
 mod trace;
 
 pub use in_process::InProcessBus;
-pub use nats::{NatsBus, NatsOptions};
+pub use nats::{NatsBus, NatsOptions, USER_BUCKETS, user_bucket};
 pub use trace::take_received_span;
 
 /// What a node's bus subscription yields.
@@ -91,8 +91,11 @@ pub struct NodeSubscription {
     pub interest: Arc<dyn Interest>,
 }
 
-/// What a node receives. Both calls are cheap and never block; the caller keeps one holder
-/// per topic (adding a topic twice is harmless, removing it once ends it).
+/// What a node receives. Both calls are cheap and never block. Adds and removes are counted:
+/// a topic is received while it has had more adds than removes, so every add must be matched
+/// by exactly one remove (the node's registries add a topic when its entry appears and remove
+/// it when the entry goes). Over NATS several topics may share one subscription (all users of
+/// one bucket), which lives while any of them is held.
 pub trait Interest: Send + Sync + 'static {
     /// Starts receiving `topic`. The registration resolves once every event published from
     /// then on is sure to reach the subscription, or with an error when the bus could not

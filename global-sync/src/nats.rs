@@ -11,12 +11,19 @@
 //! |---|---|---|
 //! | `parley.ch.<channel_id>.ev` | the channel's persisted events ([`ChannelEvent`]) | cores only |
 //! | `parley.ch.<channel_id>.eph` | the channel's ephemerals (typing, presence, receipts, call notices) | cores and edges |
-//! | `parley.user.<tenant>.<user>` | ephemerals for one user's connections or call participants | cores and edges |
+//! | `parley.user.<tenant>.<bucket>.<user>` | ephemerals for one user's connections or call participants | cores and edges |
 //! | `parley.barrier` | nobody subscribes: a request there is a round trip to the server | every node |
 //!
 //! A node subscribes to `parley.ch.<channel_id>.*` (one subscription per channel, both kinds)
-//! while the channel has local subscribers, and to `parley.user.<tenant>.<user>` while the user
-//! has local connections (see [`crate::Interest`]). Channel ids are one subject token already
+//! while the channel has local subscribers (see [`crate::Interest`]). Users are not one
+//! subscription each: every user falls in one of [`USER_BUCKETS`] buckets ([`user_bucket`], a
+//! fixed hash of tenant and user, the same on every node), and a node holds one subscription,
+//! `parley.user.*.<bucket>.*`, per bucket in which it has at least one user with local
+//! connections; it drops it when the bucket's last local user goes. The node receives the
+//! events of the other users of its buckets too and drops them (the edge's user registry has no
+//! connection for them). This keeps the client's memory per connected user near zero: each
+//! subscription of async-nats holds a queue whose first block takes about 5.4 KB. Channel ids
+//! are one subject token already
 //! (generated `ch_` ids; anything else is refused); tenant and user ids may hold `.`, so their
 //! tokens escape every byte outside `A-Z a-z 0-9 _ - : @ |` as `%XX`. Channel ids are unique
 //! across tenants, so channel subjects need no tenant. The split between `.ev` and `.eph` is what
@@ -98,8 +105,12 @@ impl fmt::Debug for NatsOptions {
 const CHANNEL_PREFIX: &str = "parley.ch.";
 const PERSISTED_SUFFIX: &str = ".ev";
 const EPHEMERAL_SUFFIX: &str = ".eph";
-/// User subjects: `parley.user.<tenant>.<user>`.
+/// User subjects: `parley.user.<tenant>.<bucket>.<user>`.
 const USER_PREFIX: &str = "parley.user.";
+/// How many buckets user subjects are spread over. Part of the subject layout: every node of a
+/// cluster must use the same value (and the same [`user_bucket`]), or user-targeted events
+/// published by one node miss the subscriptions of another.
+pub const USER_BUCKETS: u16 = 256;
 /// A subject nobody subscribes to: a request on it comes back as "no responders" once the
 /// server has processed everything this connection sent before it.
 const BARRIER_SUBJECT: &str = "parley.barrier";
@@ -515,34 +526,53 @@ impl Interest for NatsInterest {
 /// A topic's NATS subscription, as the subscription stream polls it.
 type TopicStream = Abortable<Subscriber>;
 
-/// Applies interest changes in order: a `SUB` for each new topic (its subscriber handed to the
-/// stream), an `UNSUB` for each removed one (its subscriber aborted: the stream drops it, which
-/// unsubscribes), then one barrier for the batch, after which its registrations resolve. Ends
-/// when the node's [`Interest`] handle is dropped.
+/// One NATS subscription of the node and the topics that hold it.
+struct Held {
+    /// Adds not yet matched by a remove (users of a bucket, or 1 for a channel's hub).
+    holders: usize,
+    /// `None` while the client refused the `SUB` (it was closed); the next add tries again.
+    handle: Option<AbortHandle>,
+}
+
+/// Applies interest changes in order: a `SUB` for each subscription a topic needs and the node
+/// does not hold yet (its subscriber handed to the stream), an `UNSUB` for each one whose last
+/// topic went (its subscriber aborted: the stream drops it, which unsubscribes), then one
+/// barrier for the batch, after which its registrations resolve. Ends when the node's
+/// [`Interest`] handle is dropped.
 async fn interest_worker(
     inner: Arc<Inner>,
     mut commands: mpsc::UnboundedReceiver<Command>,
     streams: mpsc::UnboundedSender<TopicStream>,
 ) {
-    let mut held: std::collections::HashMap<Topic, AbortHandle> = Default::default();
+    let mut held: std::collections::HashMap<SubKey, Held> = Default::default();
     let mut batch = Vec::new();
     while commands.recv_many(&mut batch, INTEREST_BATCH).await > 0 {
         let mut waiting = Vec::new();
         for command in batch.drain(..) {
             match command {
                 Command::Add(topic, done) => {
-                    if let std::collections::hash_map::Entry::Vacant(slot) = held.entry(topic) {
-                        let subject = match interest_subject(slot.key()) {
-                            Ok(subject) => subject,
-                            Err(err) => {
-                                let _ = done.send(Err(err));
-                                continue;
-                            }
-                        };
+                    let key = SubKey::of(&topic);
+                    let subject = match key.subject() {
+                        Ok(subject) => subject,
+                        Err(err) => {
+                            let _ = done.send(Err(err));
+                            continue;
+                        }
+                    };
+                    let kind = key.kind();
+                    let entry = held.entry(key).or_insert_with(|| {
+                        metrics::gauge!("parley_bus_subscriptions", "kind" => kind).increment(1.0);
+                        Held {
+                            holders: 0,
+                            handle: None,
+                        }
+                    });
+                    entry.holders += 1;
+                    if entry.handle.is_none() {
                         match inner.client.subscribe(subject).await {
                             Ok(subscriber) => {
                                 let (handle, registration) = AbortHandle::new_pair();
-                                slot.insert(handle);
+                                entry.handle = Some(handle);
                                 let _ = streams.send(Abortable::new(subscriber, registration));
                             }
                             Err(err) => {
@@ -557,8 +587,19 @@ async fn interest_worker(
                     waiting.push(done);
                 }
                 Command::Remove(topic) => {
-                    if let Some(handle) = held.remove(&topic) {
-                        handle.abort();
+                    let key = SubKey::of(&topic);
+                    if let std::collections::hash_map::Entry::Occupied(mut entry) =
+                        held.entry(key)
+                    {
+                        entry.get_mut().holders -= 1;
+                        if entry.get().holders == 0 {
+                            let kind = entry.key().kind();
+                            metrics::gauge!("parley_bus_subscriptions", "kind" => kind)
+                                .decrement(1.0);
+                            if let Some(handle) = entry.remove().handle {
+                                handle.abort();
+                            }
+                        }
                     }
                 }
             }
@@ -574,6 +615,10 @@ async fn interest_worker(
                 let _ = done.send(confirmed.clone());
             }
         }
+    }
+    // The node's interest is gone: so are its subscriptions.
+    for (key, _) in held.drain() {
+        metrics::gauge!("parley_bus_subscriptions", "kind" => key.kind()).decrement(1.0);
     }
 }
 
@@ -726,12 +771,40 @@ fn persisted_subject(channel_id: &str) -> Result<String, BusError> {
     ))
 }
 
+/// The bucket of a user's subject: FNV-1a (64 bit) over the tenant id's length (8 bytes, little
+/// endian), the tenant id and the user id, mixed by the finalizer of SplitMix64, modulo
+/// [`USER_BUCKETS`]. Stable across nodes, builds and versions (it is part of the wire layout).
+pub fn user_bucket(tenant_id: &str, user_id: &str) -> u16 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let len = (tenant_id.len() as u64).to_le_bytes();
+    for &b in len
+        .iter()
+        .chain(tenant_id.as_bytes())
+        .chain(user_id.as_bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h ^= h >> 30;
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^= h >> 31;
+    (h % u64::from(USER_BUCKETS)) as u16
+}
+
 fn user_subject(tenant_id: &str, user_id: &str) -> String {
     format!(
-        "{USER_PREFIX}{}.{}",
+        "{USER_PREFIX}{}.{}.{}",
         escaped_token(tenant_id),
+        user_bucket(tenant_id, user_id),
         escaped_token(user_id)
     )
+}
+
+/// The subscription of one bucket of user subjects, for every tenant.
+fn user_bucket_subject(bucket: u16) -> String {
+    format!("{USER_PREFIX}*.{bucket}.*")
 }
 
 /// The subject of an ephemeral event, from its target.
@@ -748,12 +821,44 @@ fn ephemeral_subject(target: &EphemeralTarget) -> Result<String, BusError> {
     })
 }
 
+/// What a node subscribes to for a topic: one subscription per channel, one per bucket of users.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum SubKey {
+    Channel(String),
+    UserBucket(u16),
+}
+
+impl SubKey {
+    fn of(topic: &Topic) -> SubKey {
+        match topic {
+            Topic::Channel(channel_id) => SubKey::Channel(channel_id.clone()),
+            Topic::User { tenant_id, user_id } => {
+                SubKey::UserBucket(user_bucket(tenant_id, user_id))
+            }
+        }
+    }
+
+    fn subject(&self) -> Result<String, BusError> {
+        Ok(match self {
+            SubKey::Channel(channel_id) => {
+                format!("{CHANNEL_PREFIX}{}.*", channel_token(channel_id)?)
+            }
+            SubKey::UserBucket(bucket) => user_bucket_subject(*bucket),
+        })
+    }
+
+    fn kind(&self) -> &'static str {
+        match self {
+            SubKey::Channel(_) => "channel",
+            SubKey::UserBucket(_) => "user_bucket",
+        }
+    }
+}
+
 /// What a node subscribes to for a topic.
+#[cfg(test)]
 fn interest_subject(topic: &Topic) -> Result<String, BusError> {
-    Ok(match topic {
-        Topic::Channel(channel_id) => format!("{CHANNEL_PREFIX}{}.*", channel_token(channel_id)?),
-        Topic::User { tenant_id, user_id } => user_subject(tenant_id, user_id),
-    })
+    SubKey::of(topic).subject()
 }
 
 /// Leaves the trace context of a received event for the dispatcher (see `trace.rs`).
@@ -940,31 +1045,58 @@ mod tests {
             tenant_id: t.into(),
             user_id: u.into(),
         };
+        let bucket = user_bucket("acme", "alice@x.io");
         assert_eq!(
             ephemeral_subject(&target("acme", "alice@x.io")).unwrap(),
-            "parley.user.acme.alice@x%2Eio"
+            format!("parley.user.acme.{bucket}.alice@x%2Eio")
         );
         // Distinct ids, distinct subjects (the escape is injective).
         let a = ephemeral_subject(&target("a.b", "c")).unwrap();
         let b = ephemeral_subject(&target("a", "b.c")).unwrap();
         let c = ephemeral_subject(&target("a%2Eb", "c")).unwrap();
         assert!(a != b && a != c && b != c, "{a} {b} {c}");
-        assert_eq!(a.split('.').count(), 4, "{a}");
+        assert_eq!(a.split('.').count(), 5, "{a}");
         // A participant goes to its user's subject.
         let p = EphemeralTarget::Participant {
             tenant_id: "t".into(),
             user_id: "u".into(),
             participant_id: "par_1".into(),
         };
-        assert_eq!(ephemeral_subject(&p).unwrap(), "parley.user.t.u");
+        let bucket = user_bucket("t", "u");
+        assert_eq!(
+            ephemeral_subject(&p).unwrap(),
+            format!("parley.user.t.{bucket}.u")
+        );
+        // A user topic is its bucket's subscription, for every tenant.
         assert_eq!(
             interest_subject(&Topic::User {
                 tenant_id: "t".into(),
                 user_id: "u".into()
             })
             .unwrap(),
-            "parley.user.t.u"
+            format!("parley.user.*.{bucket}.*")
         );
+    }
+
+    #[test]
+    fn user_buckets_are_fixed_and_spread_users_evenly() {
+        // Part of the wire layout: these values must never change between versions (checked
+        // against an independent implementation of the same hash).
+        assert_eq!(user_bucket("", ""), 19);
+        assert_eq!(user_bucket("default", "u0"), 119);
+        assert_eq!(user_bucket("acme", "alice@x.io"), 96);
+        // The tenant is part of the hash, and its length keeps (ab, c) apart from (a, bc).
+        assert_ne!(user_bucket("ab", "c"), user_bucket("a", "bc"));
+        let mut counts = vec![0u32; usize::from(USER_BUCKETS)];
+        for i in 0..256_000 {
+            counts[usize::from(user_bucket("default", &format!("u{i}")))] += 1;
+        }
+        let (min, max) = (
+            *counts.iter().min().unwrap(),
+            *counts.iter().max().unwrap(),
+        );
+        // 1,000 per bucket on average; a fair hash stays well within ±15 %.
+        assert!(min > 850 && max < 1150, "min {min} max {max}");
     }
 
     #[test]
@@ -1005,8 +1137,10 @@ mod tests {
             tenant_id: "t".into(),
             user_id: "u.1".into(),
         });
-        assert!(decode_message("parley.user.t.u%2E1", &user).is_some());
-        assert!(decode_message("parley.user.t.other", &user).is_none());
+        let bucket = user_bucket("t", "u.1");
+        assert!(decode_message(&format!("parley.user.t.{bucket}.u%2E1"), &user).is_some());
+        assert!(decode_message(&format!("parley.user.t.{bucket}.other"), &user).is_none());
+        assert!(decode_message("parley.user.t.u%2E1", &user).is_none());
         assert!(decode_message("parley.ch.ch_1.eph", &user).is_none());
     }
 

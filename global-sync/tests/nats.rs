@@ -624,8 +624,15 @@ async fn a_node_receives_only_its_topics() {
 
     publisher.publish(&event(&y, 1)).await.expect("publish y1");
     publisher.publish(&event(&x, 1)).await.expect("publish x1");
+    // Another user of the same bucket would be heard too (see the next test).
+    let someone_else = user_in_bucket(
+        &tenant,
+        "someone.else",
+        parley_sync::user_bucket(&tenant, "me.1"),
+        false,
+    );
     publisher
-        .publish_ephemeral(&to_user("someone.else", 1))
+        .publish_ephemeral(&to_user(&someone_else, 1))
         .await
         .expect("publish other user");
     publisher
@@ -656,6 +663,107 @@ async fn a_node_receives_only_its_topics() {
     }
     let quiet = timeout(Duration::from_millis(300), stream.next()).await;
     assert!(quiet.is_err(), "nothing else arrives: {quiet:?}");
+}
+
+/// A user of `tenant` whose bucket is (`same`) or is not (`!same`) `bucket`, named `prefix<n>`.
+fn user_in_bucket(tenant: &str, prefix: &str, bucket: u16, same: bool) -> String {
+    (0..)
+        .map(|n| format!("{prefix}{n}"))
+        .find(|u| (parley_sync::user_bucket(tenant, u) == bucket) == same)
+        .expect("some user falls in the bucket")
+}
+
+/// Users of one bucket share the node's one subscription to it: the node hears every user of
+/// the bucket (the edge drops those it has no connection for), never a user of a bucket it
+/// holds no user of, and keeps the subscription until the bucket's last user is removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_of_one_bucket_share_one_subscription() {
+    use parley_sync::{Ephemeral, EphemeralTarget};
+    let url = shared_nats_url();
+    let publisher = NatsBus::connect(&url).await.expect("connect publisher");
+    let node = NatsBus::connect(&url).await.expect("connect node");
+    let tenant = unique_prefix("buckets");
+    let first = "u.first".to_owned();
+    let bucket = parley_sync::user_bucket(&tenant, &first);
+    let second = user_in_bucket(&tenant, "second", bucket, true);
+    let elsewhere = user_in_bucket(&tenant, "elsewhere", bucket, false);
+    let user = |u: &str| Topic::User {
+        tenant_id: tenant.clone(),
+        user_id: u.to_owned(),
+    };
+    let sub = node.subscribe().await.expect("subscribe");
+    sub.interest.add(&user(&first)).await.expect("first added");
+    let mut stream = sub.stream;
+    let to_user = |u: &str, n: u64| Ephemeral {
+        target: EphemeralTarget::User {
+            tenant_id: tenant.clone(),
+            user_id: u.to_owned(),
+        },
+        skip_user: None,
+        frame: serde_json::json!({ "type": "unread.updated", "n": n }),
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Only ephemerals for this test's tenant count (the shared server carries other tests').
+    let mut next_own = async |what: &str| loop {
+        match next_item(&mut stream, deadline, what).await {
+            BusMessage::Ephemeral(e) => match &e.target {
+                EphemeralTarget::User { tenant_id, .. } if *tenant_id == tenant => {
+                    return (*e).clone();
+                }
+                _ => {}
+            },
+            BusMessage::Resync => {}
+            other => panic!("expected an ephemeral for {what}, got {other:?}"),
+        }
+    };
+
+    // A user of another bucket is not heard; the other user of the same bucket is.
+    for (u, n) in [(&elsewhere, 1), (&second, 2), (&first, 3)] {
+        publisher
+            .publish_ephemeral(&to_user(u, n))
+            .await
+            .expect("publish");
+    }
+    assert_eq!(next_own("second's event").await, to_user(&second, 2));
+    assert_eq!(next_own("first's event").await, to_user(&first, 3));
+
+    // Second added, first removed: the bucket's subscription stays (second still holds it).
+    sub.interest.add(&user(&second)).await.expect("second added");
+    sub.interest.remove(&user(&first));
+    // A round trip through the node's interest: the removal has reached the server.
+    sub.interest
+        .add(&user(&elsewhere))
+        .await
+        .expect("elsewhere added");
+    sub.interest.remove(&user(&elsewhere));
+    for (u, n) in [(&first, 4), (&second, 5)] {
+        publisher
+            .publish_ephemeral(&to_user(u, n))
+            .await
+            .expect("publish");
+    }
+    assert_eq!(next_own("first's event, bucket still held").await, to_user(&first, 4));
+    assert_eq!(next_own("second's event").await, to_user(&second, 5));
+
+    // Second removed: the bucket's last user is gone, and so is the subscription.
+    sub.interest.remove(&user(&second));
+    let other_tenant = unique_prefix("buckets_sync");
+    let sync_user = user_in_bucket(&other_tenant, "sync", bucket, false);
+    sub.interest
+        .add(&Topic::User {
+            tenant_id: other_tenant,
+            user_id: sync_user,
+        })
+        .await
+        .expect("sync added");
+    for (u, n) in [(&first, 6), (&second, 7)] {
+        publisher
+            .publish_ephemeral(&to_user(u, n))
+            .await
+            .expect("publish");
+    }
+    let quiet = timeout(Duration::from_millis(500), next_own("nothing")).await;
+    assert!(quiet.is_err(), "nothing arrives once the bucket is dropped: {quiet:?}");
 }
 
 /// A registration is exact: an event published by another connection right after the
