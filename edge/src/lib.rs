@@ -386,6 +386,13 @@ impl Edge {
             self.hubs.deliver_presence(channel_id, &p);
             return;
         }
+        // Over NATS a node hears every user of the buckets it holds (see parley_sync's
+        // subject layout): skip the encoding for users without a connection here.
+        if let EphemeralTarget::User { tenant_id, user_id } = &ev.target
+            && !self.users.is_local(tenant_id, user_id)
+        {
+            return;
+        }
         let Ok(json) = serde_json::to_string(&ev.frame) else {
             return;
         };

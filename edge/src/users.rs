@@ -143,6 +143,13 @@ impl UserConnections {
         }
     }
 
+    /// Whether the user has a connection on this node.
+    pub fn is_local(&self, tenant: &str, user: &str) -> bool {
+        lock(&self.inner)
+            .get(&(tenant.to_owned(), user.to_owned()))
+            .is_some_and(|e| !e.conns.is_empty())
+    }
+
     /// Best effort: a full queue drops the frame.
     pub fn deliver(&self, tenant: &str, user: &str, frame: &Utf8Bytes) {
         let map = lock(&self.inner);
