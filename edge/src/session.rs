@@ -562,9 +562,8 @@ impl Conn {
         let (tenant, user) = (p.tenant_id.clone(), p.user_id.clone());
         let tx = self.queue_sender();
         edge.controls.add(self.conn, self.ctl.clone());
-        edge.users.add(&tenant, &user, self.conn, tx);
-        edge.sessions
-            .opened(self.machine.session_id(), &tenant, &user);
+        let key = edge.users.add(&tenant, &user, self.conn, tx);
+        edge.sessions.opened(self.machine.session_id(), key);
         self.opened = true;
         let Some(p) = self.machine.principal() else {
             return;

@@ -588,8 +588,7 @@ async fn interest_worker(
                 }
                 Command::Remove(topic) => {
                     let key = SubKey::of(&topic);
-                    if let std::collections::hash_map::Entry::Occupied(mut entry) =
-                        held.entry(key)
+                    if let std::collections::hash_map::Entry::Occupied(mut entry) = held.entry(key)
                     {
                         entry.get_mut().holders -= 1;
                         if entry.get().holders == 0 {
@@ -1091,10 +1090,7 @@ mod tests {
         for i in 0..256_000 {
             counts[usize::from(user_bucket("default", &format!("u{i}")))] += 1;
         }
-        let (min, max) = (
-            *counts.iter().min().unwrap(),
-            *counts.iter().max().unwrap(),
-        );
+        let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
         // 1,000 per bucket on average; a fair hash stays well within ±15 %.
         assert!(min > 850 && max < 1150, "min {min} max {max}");
     }

@@ -728,7 +728,10 @@ async fn users_of_one_bucket_share_one_subscription() {
     assert_eq!(next_own("first's event").await, to_user(&first, 3));
 
     // Second added, first removed: the bucket's subscription stays (second still holds it).
-    sub.interest.add(&user(&second)).await.expect("second added");
+    sub.interest
+        .add(&user(&second))
+        .await
+        .expect("second added");
     sub.interest.remove(&user(&first));
     // A round trip through the node's interest: the removal has reached the server.
     sub.interest
@@ -742,7 +745,10 @@ async fn users_of_one_bucket_share_one_subscription() {
             .await
             .expect("publish");
     }
-    assert_eq!(next_own("first's event, bucket still held").await, to_user(&first, 4));
+    assert_eq!(
+        next_own("first's event, bucket still held").await,
+        to_user(&first, 4)
+    );
     assert_eq!(next_own("second's event").await, to_user(&second, 5));
 
     // Second removed: the bucket's last user is gone, and so is the subscription.
@@ -763,7 +769,10 @@ async fn users_of_one_bucket_share_one_subscription() {
             .expect("publish");
     }
     let quiet = timeout(Duration::from_millis(500), next_own("nothing")).await;
-    assert!(quiet.is_err(), "nothing arrives once the bucket is dropped: {quiet:?}");
+    assert!(
+        quiet.is_err(),
+        "nothing arrives once the bucket is dropped: {quiet:?}"
+    );
 }
 
 /// A registration is exact: an event published by another connection right after the

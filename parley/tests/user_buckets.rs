@@ -48,7 +48,10 @@ async fn metric_becomes(server: &Server, series: &str, want: f64, what: &str) {
         if got == want {
             return;
         }
-        assert!(Instant::now() < deadline, "{what}: {series} is {got}, expected {want}");
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {series} is {got}, expected {want}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -114,7 +117,11 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     let mut amy_ws = Ws::connect(&a, &token(&amy)).await;
     let mut carol_ws = Ws::connect(&a, &token(&carol)).await;
     let mut bob_ws = Ws::connect(&b, &token(&bob)).await;
-    assert_eq!(metric(&a, BUCKETS).await, 2.0, "node A: alice and amy share a bucket");
+    assert_eq!(
+        metric(&a, BUCKETS).await,
+        2.0,
+        "node A: alice and amy share a bucket"
+    );
     assert_eq!(metric(&b, BUCKETS).await, 1.0, "node B: bob's bucket");
     assert_eq!(metric(&a, "parley_bus_topics{kind=\"user\"}").await, 3.0);
     let b_received = metric(&b, EPHEMERALS).await;
@@ -126,7 +133,10 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     let channel = dave_api.create_channel("buckets", &[&alice]).await;
     let added = next_of(&mut alice_ws, "channel.added", "alice, across nodes").await;
     assert_eq!(added["channel"]["id"], json!(channel), "{added}");
-    assert!(none_of(&mut amy_ws, "channel.added").await.is_empty(), "amy shares only the bucket");
+    assert!(
+        none_of(&mut amy_ws, "channel.added").await.is_empty(),
+        "amy shares only the bucket"
+    );
 
     // unread.updated: alice marks the channel read through B; her connection on A hears it.
     let sent = dave_api.send(&channel, "m1", "hello").await.ok();
@@ -168,7 +178,11 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     // still hears her events.
     drop(alice_ws);
     metric_becomes(&a, "parley_bus_topics{kind=\"user\"}", 2.0, "alice gone").await;
-    assert_eq!(metric(&a, BUCKETS).await, 2.0, "amy still holds the shared bucket");
+    assert_eq!(
+        metric(&a, BUCKETS).await,
+        2.0,
+        "amy still holds the shared bucket"
+    );
     let amy_channel = dave_api.create_channel("amy's", &[&amy]).await;
     let added = next_of(&mut amy_ws, "channel.added", "amy, after alice left").await;
     assert_eq!(added["channel"]["id"], json!(amy_channel), "{added}");

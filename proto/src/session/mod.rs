@@ -34,13 +34,14 @@
 //! (see [`Request`]), and the session acks them in that order whatever order their results come
 //! back in. So pipelined sends of one connection commit, and are acked, in the order sent.
 
+mod channels;
 mod io;
 #[cfg(test)]
 mod tests;
 
 pub use io::*;
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -138,7 +139,7 @@ pub struct Session {
     flood: FloodMeter,
     last_heard: Instant,
     /// Channels subscribed or being subscribed.
-    subscriptions: HashSet<String>,
+    subscriptions: channels::ChannelSet,
     out: VecDeque<Output>,
     /// `Transmit`s in `out`.
     transmits: usize,
@@ -176,7 +177,7 @@ impl Session {
             budget: FrameBudget::default(),
             flood: FloodMeter::default(),
             last_heard: now,
-            subscriptions: HashSet::new(),
+            subscriptions: channels::ChannelSet::default(),
             out: VecDeque::new(),
             transmits: 0,
             next_tag: 1,
@@ -204,7 +205,7 @@ impl Session {
 
     /// Channels subscribed or being subscribed (for the driver's teardown).
     pub fn subscriptions(&self) -> impl Iterator<Item = &str> {
-        self.subscriptions.iter().map(String::as_str)
+        self.subscriptions.iter()
     }
 
     /// Whether the driver should read the client's next frame: false while a request's reply is
@@ -500,7 +501,7 @@ impl Session {
             }
             ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }),
             ClientFrame::Subscribe { id, channel_id } => {
-                self.subscriptions.insert(channel_id.clone());
+                self.subscriptions.insert(&channel_id);
                 let op = Op::Subscribe {
                     channel_id: channel_id.clone(),
                 };
@@ -970,7 +971,7 @@ impl Session {
             Some(ResumeChannel { channel_id, seq }) => {
                 r.current = Some((channel_id.clone(), seq, None));
                 r.busy = true;
-                self.subscriptions.insert(channel_id.clone());
+                self.subscriptions.insert(&channel_id);
                 self.request(Op::Subscribe { channel_id }, Some(Waiting::Resume));
             }
             None => {
