@@ -25,7 +25,7 @@ pub use sqlite::SqliteStorage;
 /// Counting is a walk over the unread messages, and a member far behind (a busy channel left
 /// for a month) would make every channel list and every `unread.updated` push walk all of them.
 /// Both engines' SQL spell the number out in a `LIMIT`; the conformance suite checks them.
-pub const UNREAD_COUNT_CAP: u64 = 1000;
+pub const UNREAD_COUNT_CAP: u64 = parley_proto::unread::UNREAD_COUNT_CAP;
 
 /// The seq range whose messages a read position moving from `old` to `target` (at most `last`,
 /// the channel's last seq) has to count to keep the unread counters: `(from, to, tail)`, the

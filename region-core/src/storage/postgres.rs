@@ -447,6 +447,7 @@ impl Storage for PostgresStorage {
                 channel_id: channel_id.to_owned(),
                 last_read_seq: seq_from(get(&row, "last_read_seq")?)?,
                 unread_count: seq_from(get(&row, "unread_count")?)?,
+                seq: Some(seq_from(get(&row, "last_seq")?)?),
             }
         })
     }
@@ -471,6 +472,7 @@ impl Storage for PostgresStorage {
             channel_id: channel_id.to_owned(),
             last_read_seq: seq_from(get(&row, "last_read_seq")?)?,
             unread_count: seq_from(get(&row, "unread_count")?)?,
+            seq: Some(seq_from(get(&row, "last_seq")?)?),
         })
     }
 
@@ -1049,7 +1051,7 @@ const MARK_READ_FORWARD: &str = "UPDATE members SET last_read_seq = $4, read_cou
 const MARK_READ_TAIL: &str = "UPDATE members m SET last_read_seq = $4, read_count = c.msg_count - $5, \
      skip_count = $6 FROM channels c \
      WHERE c.id = m.channel_id AND m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
-const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, \
+const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, c.last_seq, \
      LEAST(GREATEST(c.msg_count - m.read_count - m.skip_count, 0), 1000) AS unread_count \
      FROM members m JOIN channels c ON c.id = m.channel_id \
      WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";

@@ -710,7 +710,7 @@ pub(super) fn read_state(
     user: &str,
 ) -> StorageResult<ReadState> {
     c.prepare_cached(&format!(
-        "SELECT m.last_read_seq, {UNREAD_COUNT} FROM members m JOIN channels c ON c.id = m.channel_id \
+        "SELECT m.last_read_seq, {UNREAD_COUNT}, c.last_seq FROM members m JOIN channels c ON c.id = m.channel_id \
          WHERE m.tenant_id = ?1 AND m.channel_id = ?2 AND m.user_id = ?3"
     ))
     .map_err(db_err)?
@@ -719,6 +719,7 @@ pub(super) fn read_state(
             channel_id: channel_id.to_owned(),
             last_read_seq: to_u64(r.get(0)?),
             unread_count: to_u64(r.get(1)?),
+            seq: Some(to_u64(r.get(2)?)),
         })
     })
     .optional()
