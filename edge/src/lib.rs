@@ -521,7 +521,10 @@ impl Edge {
                     Some(BusMessage::Resync) => {
                         metrics::bus_resync();
                         self.membership.clear();
-                        self.hubs.resync_all()
+                        self.hubs.resync_all();
+                        // Pushed read states may be lost too: counts are read again at their
+                        // next change (not all at once).
+                        self.controls.for_each(|_, ctl| ctl.unread_resync());
                     }
                     Some(BusMessage::Ephemeral(ev)) => {
                         metrics::bus_ephemeral_received();

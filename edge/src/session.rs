@@ -68,6 +68,8 @@ enum Note {
     Pushed(Box<ReadState>),
     /// The reply to a request that ran in a task of its own (boxed: a send's result is large).
     Done(u64, Box<Reply>),
+    /// The node's bus may have lost messages, pushed read states among them.
+    Resync,
 }
 
 /// Tells a connection, from outside its task, to close (the hub, on a full queue), that a ping
@@ -102,6 +104,12 @@ impl ConnControl {
         self.notify.notify_one();
     }
 
+    /// The node's bus may have lost messages (a push of the user's read state among them).
+    pub fn unread_resync(&self) {
+        self.lock().push(Note::Resync);
+        self.notify.notify_one();
+    }
+
     /// The core pushed the user's read state of a channel (`unread.updated` on the user's topic).
     pub fn read_state_pushed(&self, state: ReadState) {
         self.lock().push(Note::Pushed(Box::new(state)));
@@ -130,6 +138,7 @@ impl ConnControl {
             match note {
                 Note::Unread(channel_id, seq, ev) => m.unread_event(&channel_id, seq, ev),
                 Note::Pushed(state) => m.unread_pushed(*state),
+                Note::Resync => m.unread_resync(),
                 Note::Done(tag, reply) => m.handle_reply(now, tag, *reply),
             }
         }

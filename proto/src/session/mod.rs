@@ -353,6 +353,16 @@ impl Session {
         self.unread_next(channel_id, next);
     }
 
+    /// The node's bus may have lost messages (a reconnection): a push of the user's read state
+    /// may be among them, so every count is read again from storage at its next change.
+    pub fn unread_resync(&mut self) {
+        for u in self.subscriptions.values_mut() {
+            if let Unread::Tracked(t) = u {
+                t.forget(None);
+            }
+        }
+    }
+
     /// A read state of the user pushed by the core (`unread.updated` after a `read` on any
     /// connection of the user): a subscribed channel's count takes it into account; of any other
     /// channel it is passed on as it is.

@@ -834,3 +834,37 @@ fn unread_frames_leave_after_the_events_they_count() {
         "{outputs:?}"
     );
 }
+
+#[test]
+fn after_a_bus_resync_the_next_change_reads_the_count_again() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    subscribed(&mut h, "c1", 0);
+    h.s.unread_pushed(read_state("c1", 0, 2, 2));
+    h.s.unread_event("c1", 3, UnreadEvent::New);
+    h.drain();
+    assert!(h.requests.is_empty());
+    assert_eq!(unread_frames(&h).last().unwrap()["unread_count"], 3);
+    // A push may have been lost with the bus messages: nothing is said until the next change,
+    // which is read from storage rather than counted on a count that may be stale.
+    h.s.unread_resync();
+    h.drain();
+    assert!(h.requests.is_empty(), "no lookup storm at the resync");
+    h.s.unread_event("c1", 4, UnreadEvent::New);
+    h.drain();
+    let Request {
+        tag,
+        op: Op::ReadState { .. },
+    } = h.last_request().clone()
+    else {
+        panic!("a lookup: {:?}", h.requests)
+    };
+    h.frames.clear();
+    // Another device had read up to 3 (its push was lost): 1 unread, not 4.
+    h.reply(1, tag, Reply::ReadState(Ok(read_state("c1", 3, 1, 4))));
+    assert_eq!(
+        unread_frames(&h),
+        vec![
+            &json!({"type": "unread.updated", "channel_id": "c1", "unread_count": 1, "last_read_seq": 3})
+        ]
+    );
+}
