@@ -283,3 +283,70 @@ async fn unread_counts_stay_exact_without_storage_reads_on_sqlite() {
 async fn unread_counts_stay_exact_without_storage_reads_on_postgres() {
     counts_stay_exact(Backend::Postgres).await;
 }
+
+/// Across the edge ↔ core hop (`--role edge` in front of `--role core`, NATS, PostgreSQL): the
+/// counts stay exact and deliveries make no `read_state` RPC to a core (the edge's
+/// `parley_rpc_duration_seconds_count{method="read_state"}`); a read on one connection reaches
+/// the other through the core's push, with the seq it is as of.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_make_no_read_state_rpc_across_the_edge_core_hop() {
+    let nats = common::PrivateNats::start();
+    let _core = ServerBuilder::new(Backend::Postgres)
+        .arg("--nats-url")
+        .arg(nats.url())
+        .arg("--role")
+        .arg("core")
+        .start();
+    let edge = ServerBuilder::new(Backend::Sqlite)
+        .arg("--nats-url")
+        .arg(nats.url())
+        .arg("--role")
+        .arg("edge")
+        .start();
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let (alice_api, bob_api) = (edge.api(&alice), edge.api(&bob));
+    let ch = alice_api.create_channel("hop", &[&bob]).await;
+    let ch = ch.as_str();
+    let phone = Watched::subscribe(&edge, &bob, ch, "phone").await;
+    let laptop = Watched::subscribe(&edge, &bob, ch, "laptop").await;
+    let mut bobs = [phone, laptop];
+    const RPCS: &str = "parley_rpc_duration_seconds_count{method=\"read_state\"}";
+    macro_rules! check {
+        ($seq:expr, $what:expr) => {{
+            let want = truth(&bob_api, ch).await;
+            for w in bobs.iter_mut() {
+                w.settle(ch, $seq, want, $what).await;
+            }
+            want
+        }};
+    }
+    let (s, _) = send(&alice_api, ch, "first").await;
+    assert_eq!(check!(s, "the first message"), (1, 0));
+    let first = metric(&edge, RPCS).await;
+    assert!(
+        (1.0..=2.0).contains(&first),
+        "each connection read its count once, for its first change: {first} read_state RPCs"
+    );
+    let mut last = 0;
+    for i in 0..20 {
+        last = send(&alice_api, ch, &format!("burst {i}")).await.0;
+    }
+    assert_eq!(check!(last, "a burst through the hop"), (21, 0));
+    assert_eq!(
+        metric(&edge, RPCS).await,
+        first,
+        "20 deliveries to 2 connections made no read_state RPC"
+    );
+    let ack = bobs[1]
+        .ws
+        .request(json!({ "type": "read", "channel_id": ch, "seq": last - 5 }))
+        .await;
+    assert_eq!(ack["last_read_seq"], last - 5, "{ack}");
+    assert_eq!(
+        check!(last, "a read on the other connection"),
+        (5, last - 5)
+    );
+    let (s, _) = send(&alice_api, ch, "after the read").await;
+    assert_eq!(check!(s, "after the read"), (6, last - 5));
+    assert_eq!(metric(&edge, RPCS).await, first, "nor did the read");
+}
