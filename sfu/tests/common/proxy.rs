@@ -59,6 +59,8 @@ pub struct Direction {
     pub rtx: u64,
     /// Of those, packets with the RTP padding bit: blank probes, not retransmissions.
     pub rtx_padding: u64,
+    /// Datagrams the rate-limited queue had no room for (SFU→client only).
+    pub overflow: u64,
 }
 
 #[derive(Debug, Default)]
@@ -89,7 +91,11 @@ fn rtp_header(d: &[u8]) -> Option<(u8, u16, bool)> {
     if d.len() < 12 || d[0] >> 6 != 2 || (192..=223).contains(&d[1]) {
         return None;
     }
-    Some((d[1] & 0x7f, u16::from_be_bytes([d[2], d[3]]), d[0] & 0x20 != 0))
+    Some((
+        d[1] & 0x7f,
+        u16::from_be_bytes([d[2], d[3]]),
+        d[0] & 0x20 != 0,
+    ))
 }
 
 impl Shared {
@@ -140,6 +146,8 @@ impl Proxy {
                             if queued + n <= QUEUE {
                                 queued += n;
                                 queue.push_back(buf[..n].to_vec());
+                            } else {
+                                sh.lock().unwrap().down.overflow += 1;
                             }
                         } else {
                             client = Some(from);
