@@ -806,8 +806,9 @@ impl AuthNats {
         let services = std::env::var("PARLEY_SERVICES_DIR").expect(
             "PARLEY_SERVICES_DIR is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\")",
         );
-        let bin = std::env::var("PARLEY_NATS_SERVER_BIN")
-            .expect("PARLEY_NATS_SERVER_BIN is not set: start the services with scripts/services.sh");
+        let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
+            "PARLEY_NATS_SERVER_BIN is not set: start the services with scripts/services.sh",
+        );
         let conf = std::fs::read_to_string(format!("{services}/nats.conf"))
             .expect("the services' nats.conf (scripts/services.sh start writes it)");
         let port = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
@@ -821,14 +822,20 @@ impl AuthNats {
                 if l.starts_with("listen:") {
                     format!("listen: \"127.0.0.1:{port}\"")
                 } else if l.starts_with("jetstream") {
-                    format!("jetstream {{ store_dir: \"{}\" }}", dir.path().join("js").display())
+                    format!(
+                        "jetstream {{ store_dir: \"{}\" }}",
+                        dir.path().join("js").display()
+                    )
                 } else {
                     l.to_owned()
                 }
             })
             .collect::<Vec<_>>()
             .join("\n");
-        assert!(conf.contains("authorization"), "the services' NATS has users");
+        assert!(
+            conf.contains("authorization"),
+            "the services' NATS has users"
+        );
         let path = dir.path().join("nats.conf");
         std::fs::write(&path, conf).expect("write nats.conf");
         let child = std::process::Command::new(&bin)
@@ -850,7 +857,10 @@ impl AuthNats {
                 nats.child.try_wait().expect("nats-server").is_none(),
                 "nats-server exited before listening"
             );
-            assert!(Instant::now() < deadline, "nats-server did not listen within 15 s");
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen within 15 s"
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         nats
@@ -859,8 +869,9 @@ impl AuthNats {
     /// `--nats-url` and the credentials of the services' `user` (`CORE` or `EDGE`).
     fn args(&self, user: &str) -> Vec<String> {
         let var = |name: String| {
-            std::env::var(&name)
-                .unwrap_or_else(|_| panic!("{name} is not set: start the services with scripts/services.sh"))
+            std::env::var(&name).unwrap_or_else(|_| {
+                panic!("{name} is not set: start the services with scripts/services.sh")
+            })
         };
         vec![
             "--nats-url".into(),
