@@ -1038,3 +1038,59 @@ async fn an_sfu_call_through_two_edge_processes_and_a_core() {
         );
     }
 }
+
+/// The escalation is durable: after the node restarts (its SFU and the placement in its memory
+/// gone), the call still shows `sfu` mode in `GET /v1/calls/{id}`, is placed on the new SFU
+/// (a session), and a join answers with an SFU credential, without a fourth join to escalate
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sfu_mode_outlives_a_restart_of_the_node() {
+    mode_outlives_a_restart(Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sfu_mode_outlives_a_restart_of_the_node_on_postgres() {
+    mode_outlives_a_restart(Backend::Postgres).await;
+}
+
+async fn mode_outlives_a_restart(backend: Backend) {
+    let mut server = ["--max-call-participants", "16"]
+        .iter()
+        .fold(ServerBuilder::new(backend), |b, a| b.arg(*a))
+        .start();
+    let (channel, mut ms) = members(&server, 4).await;
+    let call = start_call(&server, &ms[0].user, &channel).await;
+    let call_id = call["id"].as_str().expect("call id").to_owned();
+    for m in ms.iter_mut() {
+        m.join(&server, &call_id).await;
+    }
+    let got = server
+        .api(&ms[0].user)
+        .get(&format!("/v1/calls/{call_id}"))
+        .await
+        .ok();
+    assert_eq!(got["mode"], "sfu", "escalated at the threshold: {got}");
+    let user = ms[0].user.clone();
+    drop(ms);
+
+    server.restart();
+    let got = server
+        .api(&user)
+        .get(&format!("/v1/calls/{call_id}"))
+        .await
+        .ok();
+    assert_eq!(got["mode"], "sfu", "after the restart: {got}");
+    assert!(
+        got["sfu_session"].as_str().is_some_and(|s| !s.is_empty()),
+        "placed on the restarted node's SFU: {got}"
+    );
+    let joined = server
+        .api(&user)
+        .request("POST", &format!("/v1/calls/{call_id}/join"), None)
+        .await
+        .ok();
+    assert_eq!(joined["call"]["mode"], "sfu", "{joined}");
+    assert_eq!(joined["sfu"]["session"], got["sfu_session"], "{joined}");
+    assert!(joined["sfu"]["credential"].as_str().is_some(), "{joined}");
+}

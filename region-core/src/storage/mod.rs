@@ -369,6 +369,12 @@ pub trait Storage: Send + Sync + 'static {
         reason: LeaveReason,
     ) -> StorageResult<Vec<ChannelEvent>>;
 
+    /// Records the call's mode (an escalation to the SFU), so that it outlives the cores'
+    /// memory. No event (the cores announce `call.mode_changed` themselves); nothing happens
+    /// to an ended or unknown call.
+    async fn set_call_mode(&self, tenant: &str, call_id: &str, mode: CallMode)
+    -> StorageResult<()>;
+
     /// Ends an active call: every present participant leaves (`Ended`), then `call.ended`.
     /// Empty when the call had ended already.
     async fn end_call(

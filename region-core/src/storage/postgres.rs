@@ -27,7 +27,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
 use futures::future::{try_join, try_join3};
-use parley_proto::calls::{Call, CallParticipant, LeaveReason};
+use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{
     Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
 };
@@ -528,6 +528,23 @@ impl Storage for PostgresStorage {
         transact!(self.pool, |tx| {
             calls::leave_call(&tx, tenant, call_id, participant_id, reason).await?
         })
+    }
+
+    async fn set_call_mode(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        mode: CallMode,
+    ) -> StorageResult<()> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        client
+            .execute(
+                "UPDATE calls SET mode = $3 WHERE tenant_id = $1 AND id = $2 AND ended_at IS NULL",
+                &[&tenant, &call_id, &mode.as_str()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(())
     }
 
     async fn end_call(
