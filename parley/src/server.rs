@@ -155,17 +155,36 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, Option<
     Ok((auth, dev))
 }
 
-/// Credentials and TLS of the node's NATS connection.
-pub fn nats_options(args: &ServeArgs) -> parley_sync::NatsOptions {
-    parley_sync::NatsOptions {
+/// Credentials and TLS of the node's NATS connection (reads the NKey seed file, if any).
+pub fn nats_options(args: &ServeArgs) -> anyhow::Result<parley_sync::NatsOptions> {
+    let nkey_seed = match &args.nats_nkey_seed_file {
+        Some(path) => {
+            let seed = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the NATS NKey seed file {}", path.display())
+            })?;
+            let seed = seed.trim();
+            // A user seed: "S" (seed) then "U" (user). Checked here so that a wrong file (a
+            // public key, a creds file) is named at start rather than as a refused connection.
+            if !(seed.starts_with("SU") && seed.len() == 58) {
+                anyhow::bail!(
+                    "{} does not hold an NKey user seed (58 characters starting with SU)",
+                    path.display()
+                );
+            }
+            Some(seed.to_owned())
+        }
+        None => None,
+    };
+    Ok(parley_sync::NatsOptions {
         user: args.nats_user.clone(),
         password: args.nats_password.clone(),
         token: args.nats_token.clone(),
+        nkey_seed,
         tls_ca: args.nats_tls_ca.clone(),
         tls_cert: args.nats_tls_cert.clone(),
         tls_key: args.nats_tls_key.clone(),
         require_tls: false,
-    }
+    })
 }
 
 /// Development tokens per client address: a burst of this many, refilled at this rate per minute.
@@ -220,7 +239,7 @@ pub async fn build(
     let storage = open_storage(&args.storage).await?;
     let nats = match &args.nats_url {
         Some(url) => Some(
-            NatsBus::connect_with(url, &nats_options(args))
+            NatsBus::connect_with(url, &nats_options(args)?)
                 .await
                 .context("cannot connect to NATS")?,
         ),
@@ -403,7 +422,7 @@ async fn build_edge(
     };
     let (auth, dev_key) = authenticator(args)?;
     let metrics = crate::telemetry::metrics_handle()?;
-    let nats = NatsBus::connect_with(url, &nats_options(args))
+    let nats = NatsBus::connect_with(url, &nats_options(args)?)
         .await
         .context("cannot connect to NATS")?;
     let bus: Arc<dyn Bus> = Arc::new(nats.clone());

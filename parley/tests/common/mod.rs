@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -760,10 +760,22 @@ pub fn upgrade_refusal(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> 
 pub struct PrivateNats {
     child: Child,
     port: u16,
+    /// The configuration file, when started with one.
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl PrivateNats {
     pub fn start() -> PrivateNats {
+        PrivateNats::spawn(None)
+    }
+
+    /// A server on 127.0.0.1 with this configuration (nats-server's format: `tls { ... }`,
+    /// `authorization { ... }`); the `listen` line is added.
+    pub fn start_with_config(config: &str) -> PrivateNats {
+        PrivateNats::spawn(Some(config))
+    }
+
+    fn spawn(config: Option<&str>) -> PrivateNats {
         let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
             "PARLEY_NATS_SERVER_BIN is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\"), which exports it",
         );
@@ -771,14 +783,27 @@ impl PrivateNats {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = Command::new(&bin);
+        let file = config.map(|config| {
+            let mut file = tempfile::NamedTempFile::new().expect("a temp file");
+            write!(file, "listen: 127.0.0.1:{port}\n{config}\n").expect("write the config");
+            command.arg("-c").arg(file.path());
+            file
+        });
+        if file.is_none() {
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let mut nats = PrivateNats { child, port };
+        let mut nats = PrivateNats {
+            child,
+            port,
+            _config: file,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).is_err() {
             assert!(
