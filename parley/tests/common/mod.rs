@@ -45,8 +45,15 @@ pub fn nats_url() -> String {
 }
 
 /// A running `parley serve` process, killed on drop.
+///
+/// With `PARLEY_TEST_TOPOLOGY=split`, a node on PostgreSQL and NATS is two processes: a
+/// `--role edge` (this one: clients talk to it; it connects as the NATS edge user) in front of
+/// its own `--role core` (`core`). Killing or restarting the node does so to both; SIGTERM goes
+/// to the edge, which is what drains client connections.
 pub struct Server {
     child: Option<Child>,
+    /// The node's core process, in the split topology.
+    core: Option<Box<Server>>,
     pub addr: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
@@ -56,6 +63,7 @@ pub struct Server {
 }
 
 /// Builder for a test server.
+#[derive(Clone)]
 pub struct ServerBuilder {
     backend: Backend,
     data_dir: Option<PathBuf>,
@@ -125,7 +133,63 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether this node runs as an edge and a core (`PARLEY_TEST_TOPOLOGY=split`, PostgreSQL
+    /// and NATS, no role chosen by the test, tokens the edge and core both verify).
+    fn split(&self) -> bool {
+        std::env::var("PARLEY_TEST_TOPOLOGY").as_deref() == Ok("split")
+            && self.nats
+            && self.backend == Backend::Postgres
+            && !self.dev_key
+            && !self
+                .extra
+                .iter()
+                .any(|a| a == "--role" || a == "--nats-url")
+    }
+
     pub fn start(self) -> Server {
+        if self.split() {
+            return self.start_split();
+        }
+        self.start_one()
+    }
+
+    /// A core with every argument of the node, then an edge in front of it with the same
+    /// arguments (limits, windows, budgets) but no database or Redis, as the NATS edge user.
+    fn start_split(self) -> Server {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the tests with scripts/test.sh, which starts nats-server with its users")
+            })
+        };
+        let mut core = self.clone();
+        core.extra.extend(["--role".to_owned(), "core".to_owned()]);
+        core.stderr = self.stderr.as_ref().map(|p| p.with_extension("core.log"));
+        core.data_dir = None;
+        let core = core.start_one();
+        let node_extra = self.extra.clone();
+        let mut edge = ServerBuilder {
+            backend: Backend::Sqlite,
+            nats: false,
+            redis: false,
+            extra: vec![
+                "--role".into(),
+                "edge".into(),
+                "--nats-url".into(),
+                var("PARLEY_TEST_NATS_PLAIN_URL"),
+                "--nats-user".into(),
+                var("PARLEY_TEST_NATS_EDGE_USER"),
+                "--nats-password".into(),
+                var("PARLEY_TEST_NATS_EDGE_PASSWORD"),
+            ],
+            ..self
+        };
+        edge.extra.extend(node_extra);
+        let mut edge = edge.start_one();
+        edge.core = Some(Box::new(core));
+        edge
+    }
+
+    fn start_one(self) -> Server {
         let (tmp, dir) = match self.data_dir {
             Some(d) => (None, d),
             None => {
@@ -162,6 +226,7 @@ impl ServerBuilder {
         args.extend(self.extra);
         let mut server = Server {
             child: None,
+            core: None,
             addr: String::new(),
             data_dir: dir,
             args,
@@ -260,11 +325,15 @@ impl Server {
         }
     }
 
-    /// SIGKILL: no shutdown, no flush beyond what was already durable.
+    /// SIGKILL: no shutdown, no flush beyond what was already durable (the edge and the core,
+    /// in the split topology).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(core) = &mut self.core {
+            core.kill9();
         }
     }
 
@@ -283,6 +352,9 @@ impl Server {
     /// Starts the same command again (same data folder, new port).
     pub fn restart(&mut self) {
         self.kill9();
+        if let Some(core) = &mut self.core {
+            core.spawn();
+        }
         self.spawn();
     }
 
