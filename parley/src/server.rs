@@ -442,9 +442,20 @@ async fn build_edge(
         Duration::from_millis((args.presence_ttl_ms / 4).max(100)),
     );
     tokio::spawn(presence.clone().run());
+    let auth = Arc::new(auth);
+    // REST a core answered that counts as the caller's activity (a send, a read, typing) keeps
+    // the caller's presence here, where the edge aggregates it, as it does on a single node.
+    let on_activity: crate::rpc::forward::OnActivity = {
+        let (auth, presence) = (auth.clone(), presence.clone());
+        Arc::new(move |token: &str| {
+            if let Ok(p) = auth.verify(token) {
+                presence.activity(&p);
+            }
+        })
+    };
     let gateway = Arc::new(crate::rpc::gateway::NatsGateway::new(
         rpc.clone(),
-        Arc::new(auth),
+        auth,
         bus.clone(),
         presence,
     ));
@@ -477,7 +488,8 @@ async fn build_edge(
         edge.clone(),
         Arc::new(FailureGate(auth_failures)),
     ));
-    let app = finish_app(app, args, metrics, readiness, hosts, Some(rpc))?;
+    let forwarder = crate::rpc::forward::Forwarder { rpc, on_activity };
+    let app = finish_app(app, args, metrics, readiness, hosts, Some(forwarder))?;
     Ok(Node {
         app,
         edge,
@@ -549,7 +561,7 @@ fn finish_app(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     readiness: Arc<crate::health::Readiness>,
     hosts: Arc<HostAllowList>,
-    forward_to: Option<crate::rpc::RpcClient>,
+    forward_to: Option<crate::rpc::forward::Forwarder>,
 ) -> anyhow::Result<Router> {
     let web = match &args.web_dir {
         Some(dir) => WebClient::Dir(dir.clone()),
@@ -580,8 +592,8 @@ fn finish_app(
             async move {
                 let path = req.uri().path();
                 match forward_to {
-                    Some(rpc) if path == "/v1" || path.starts_with("/v1/") => {
-                        crate::rpc::forward::forward(rpc, req).await
+                    Some(to) if path == "/v1" || path.starts_with("/v1/") => {
+                        crate::rpc::forward::forward(&to, req).await
                     }
                     _ => web.fallback(req).await,
                 }
