@@ -57,7 +57,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The coordinator: starts the servers and the load generators, prints the figures.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A load generator (started by `run`; commands on stdin, answers on stdout).
     Gen(GenArgs),
 }
@@ -167,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             .worker_threads(1)
             .enable_all()
             .build()?
-            .block_on(run(args)),
+            .block_on(run(*args)),
         Cmd::Gen(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
