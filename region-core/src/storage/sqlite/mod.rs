@@ -732,6 +732,27 @@ impl Storage for SqliteStorage {
             .await
     }
 
+    async fn member_history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
+        let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
+        self.read(move |c| {
+            if queries::member(c, &t, &id, &u)?.is_none() {
+                return Err(match queries::channel(c, &t, &id)? {
+                    Some(_) => StorageError::NotAMember,
+                    None => StorageError::NotFound,
+                });
+            }
+            queries::history(c, &t, &id, anchor, limit)
+        })
+        .await
+    }
+
     async fn mark_read(
         &self,
         tenant: &str,
