@@ -870,10 +870,10 @@ impl Core {
                 ));
             }
         };
-        self.require_member(p, channel_id).await?;
+        // The membership check and the page in one storage read.
         Ok(self
             .storage
-            .history(&p.tenant_id, channel_id, anchor, limit)
+            .member_history(&p.tenant_id, channel_id, &p.user_id, anchor, limit)
             .await?)
     }
 

@@ -43,6 +43,7 @@ macro_rules! storage_conformance_tests {
             member_add_remove_events
             member_role_changes
             non_member_cannot_send
+            member_history_is_for_members
             removed_member_cannot_send
             removal_races_sends
             concurrent_sends_are_gapless
@@ -623,6 +624,59 @@ pub async fn non_member_cannot_send(s: Arc<dyn Storage>) {
             .await
             .messages
             .is_empty()
+    );
+}
+
+/// `member_history` gives a member the page `history` gives, refuses a non-member (and a
+/// removed member) with `NotAMember`, and an unknown channel with `NotFound`.
+pub async fn member_history_is_for_members(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob, mallory) = (id("alice"), id("bob"), id("mallory"));
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
+    for i in 0..7 {
+        s.send_message(msg(&t, &ch.id, &alice, &format!("k{i}"), "hi"))
+            .await
+            .expect("send");
+    }
+    for anchor in [
+        HistoryAnchor::Latest,
+        HistoryAnchor::Before(5),
+        HistoryAnchor::After(2),
+        HistoryAnchor::Around(4),
+    ] {
+        let page = s
+            .member_history(&t, &ch.id, &bob, anchor, 3)
+            .await
+            .expect("a member's page");
+        let plain = history(&s, &t, &ch.id, anchor, 3).await;
+        let seqs = |p: &MessagePage| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&page), seqs(&plain), "{anchor:?}");
+        assert_eq!(
+            (page.has_before, page.has_after),
+            (plain.has_before, plain.has_after),
+            "{anchor:?}"
+        );
+    }
+    assert_err(
+        s.member_history(&t, &ch.id, &mallory, HistoryAnchor::Latest, 50)
+            .await,
+        is_not_a_member,
+        "a non-member's page",
+    );
+    assert_err(
+        s.member_history(&t, &id("missing"), &alice, HistoryAnchor::Latest, 50)
+            .await,
+        is_not_found,
+        "a page of an unknown channel",
+    );
+    s.remove_member(&t, &ch.id, &bob, &alice)
+        .await
+        .expect("remove bob");
+    assert_err(
+        s.member_history(&t, &ch.id, &bob, HistoryAnchor::Latest, 50)
+            .await,
+        is_not_a_member,
+        "a removed member's page",
     );
 }
 
