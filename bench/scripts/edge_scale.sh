@@ -39,6 +39,7 @@ echo "edge_scale.sh: topology=$topology, open files per process $(ulimit -Sn), l
   --parley "$CARGO_TARGET_DIR/release/parley" \
   --database-url "$PARLEY_TEST_DATABASE_URL" \
   --nats-url "$PARLEY_TEST_NATS_URL" \
+  --edge-nats-url "nats://$PARLEY_TEST_NATS_EDGE_USER:$PARLEY_TEST_NATS_EDGE_PASSWORD@${PARLEY_TEST_NATS_PLAIN_URL#nats://}" \
   --topology "$topology" \
   --db-pid "$(head -n 1 "$PARLEY_SERVICES_DIR/pg/data/postmaster.pid")" \
   --nats-pid "$(cat "$PARLEY_SERVICES_DIR/nats.pid")" \

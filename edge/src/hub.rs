@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use crate::queue::{FrameSender, TrySendError};
 use axum::extract::ws::Utf8Bytes;
+use parley_proto::unread::{UnreadEvent, unread_change};
 use parley_proto::{ChannelEvent, ChannelSequencer, CloseCode, EventBody, SequencerOutput};
 
 use crate::interest::{NodeInterest, Registered};
@@ -35,9 +36,10 @@ pub(crate) struct Encoded {
     seq: u64,
     body_is_removal_of: Option<String>,
     deletes_channel: bool,
-    /// For events that change unread counts: the sender of a new message (whose own count does
-    /// not change), or `Some("")` for a deletion.
-    unread_change_by: Option<String>,
+    /// For events that change unread counts: the channel, the sender (of the new or deleted
+    /// message: their own count does not change) and the change, told to each other subscriber's
+    /// connection, which keeps its count from it (`parley_proto::unread`).
+    unread: Option<(Arc<str>, String, UnreadEvent)>,
     /// When the event was committed (ms since the epoch), for the fan-out latency metric.
     committed_ms: Option<i64>,
     json: Utf8Bytes,
@@ -53,11 +55,8 @@ impl Encoded {
                 _ => None,
             },
             deletes_channel: matches!(ev.body, EventBody::ChannelDeleted { .. }),
-            unread_change_by: match &ev.body {
-                EventBody::MessageNew { message } => Some(message.sender_id.clone()),
-                EventBody::MessageDeleted { .. } => Some(String::new()),
-                _ => None,
-            },
+            unread: unread_change(&ev.body)
+                .map(|(by, change)| (Arc::from(ev.channel_id.as_str()), by.to_owned(), change)),
             committed_ms: crate::metrics::commit_time_ms(ev),
             json: Utf8Bytes::from(json),
         }))
@@ -237,7 +236,7 @@ impl Hubs {
                     seq.force_resync(now);
                 }
             }
-            deliver(hub, deliverable, channel_id);
+            deliver(hub, deliverable);
             let open_gap = hub.seq.as_ref().is_some_and(|s| s.has_gap());
             if open_gap {
                 inner.gapped.insert(channel_id.to_owned());
@@ -297,7 +296,7 @@ impl Hubs {
         let Some(encoded) = Encoded::new(&ev) else {
             return;
         };
-        let gapped = feed(hub, encoded, Instant::now(), &ev.channel_id);
+        let gapped = feed(hub, encoded, Instant::now());
         self.after_feed(&mut inner, &ev.channel_id, gapped);
     }
 
@@ -312,7 +311,7 @@ impl Hubs {
         let full_page = done.events.len() >= FETCH_LIMIT as usize;
         for ev in &done.events {
             if let Some(encoded) = Encoded::new(ev) {
-                feed(hub, encoded, now, &channel_id);
+                feed(hub, encoded, now);
             }
         }
         let mut gapped = false;
@@ -442,7 +441,7 @@ impl Hubs {
 }
 
 /// Feeds one event into a hub; returns whether a gap is open afterwards.
-fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant, channel_id: &str) -> bool {
+fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant) -> bool {
     let Some(seq) = hub.seq.as_mut() else {
         if hub.early.len() < MAX_EARLY {
             hub.early.push(ev);
@@ -454,12 +453,12 @@ fn feed(hub: &mut Hub, ev: Arc<Encoded>, now: Instant, channel_id: &str) -> bool
     let mut deliverable = Vec::new();
     seq.handle_event(ev.seq, ev, now, &mut deliverable);
     let gapped = seq.has_gap();
-    deliver(hub, deliverable, channel_id);
+    deliver(hub, deliverable);
     gapped
 }
 
 /// Hands in-order events to every active subscriber, applying removals and deletion.
-fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
+fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>) {
     for ev in events {
         let mut copies = 0;
         hub.subs.retain(|reg| {
@@ -469,10 +468,10 @@ fn deliver(hub: &mut Hub, events: Vec<Arc<Encoded>>, channel_id: &str) {
             match reg.sub.tx.try_send(ev.json.clone()) {
                 Ok(()) => {
                     copies += 1;
-                    if let Some(by) = &ev.unread_change_by
+                    if let Some((channel, by, change)) = &ev.unread
                         && by.as_str() != &*reg.sub.user_id
                     {
-                        reg.sub.ctl.unread_changed(channel_id);
+                        reg.sub.ctl.unread_event(channel, ev.seq, *change);
                     }
                     true
                 }

@@ -393,6 +393,11 @@ impl Edge {
         {
             return;
         }
+        if kind == "unread.updated"
+            && let EphemeralTarget::User { tenant_id, user_id } = &ev.target
+        {
+            return self.unread_pushed(tenant_id, user_id, &ev.frame);
+        }
         let Ok(json) = serde_json::to_string(&ev.frame) else {
             return;
         };
@@ -411,6 +416,33 @@ impl Edge {
                 {
                     self.calls.deliver(participant_id, &signal);
                 }
+            }
+        }
+    }
+
+    /// The core pushed a user's read state of a channel (after a `read` on any connection): it
+    /// goes through each of the user's connections' machine, which keeps the counts of its
+    /// subscribed channels exact and in order with the events it delivers (and passes it on
+    /// as it is for other channels).
+    fn unread_pushed(&self, tenant_id: &str, user_id: &str, frame: &serde_json::Value) {
+        let Ok(parley_proto::ServerFrame::UnreadUpdated {
+            channel_id,
+            unread_count,
+            last_read_seq,
+            seq,
+        }) = serde_json::from_value(frame.clone())
+        else {
+            return;
+        };
+        let state = ReadState {
+            channel_id,
+            last_read_seq,
+            unread_count,
+            seq,
+        };
+        for conn in self.users.conns_of(tenant_id, user_id) {
+            if let Some(ctl) = self.controls.get(conn) {
+                ctl.read_state_pushed(state.clone());
             }
         }
     }
@@ -496,7 +528,10 @@ impl Edge {
                     Some(BusMessage::Resync) => {
                         metrics::bus_resync();
                         self.membership.clear();
-                        self.hubs.resync_all()
+                        self.hubs.resync_all();
+                        // Pushed read states may be lost too: counts are read again at their
+                        // next change (not all at once).
+                        self.controls.for_each(|_, ctl| ctl.unread_resync());
                     }
                     Some(BusMessage::Ephemeral(ev)) => {
                         metrics::bus_ephemeral_received();

@@ -15,9 +15,18 @@
 //! When the channel stops being watched (its hub is gone) or the bus may have lost events (a
 //! resync), its entries go.
 //!
+//! **Call signals.** The core's answer to a `call.signal` check (the call's channel, the target's
+//! user, which side is impolite) is kept per (caller, call, from, to) while the call's channel is
+//! watched, and answers the pair's later signals as long as the caller is a cached member of
+//! that channel. `call.participant_left` and `call.ended` (persisted channel events, so they
+//! reach a watched channel's node) drop the call's routes before they are delivered, and a
+//! `member.*` event drops the member's answer, which the route needs: a participant who left and
+//! a member who was removed are refused by the core again, at once.
+//!
 //! **Bounds.** At most `channels` channels (least recently used evicted), each with at most
-//! [`MAX_USERS_PER_CHANNEL`] answers (cleared when full). Hits and misses are counted on
-//! `/metrics` (`parley_membership_cache_lookups_total{result}`).
+//! [`MAX_USERS_PER_CHANNEL`] answers (cleared when full), and at most [`MAX_ROUTES`] signal
+//! routes (least recently used evicted). Hits and misses are counted on `/metrics`
+//! (`parley_membership_cache_lookups_total{result}`).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -33,6 +42,12 @@ use crate::{CoreGateway, GatewayError, SignalRoute};
 
 /// Most cached answers per channel; a full channel's answers are dropped at once.
 pub(crate) const MAX_USERS_PER_CHANNEL: usize = 4096;
+
+/// Most cached call-signal routes.
+pub(crate) const MAX_ROUTES: usize = 4096;
+
+/// A signal route's key: tenant, caller, call, from, to.
+type RouteKey = (String, String, String, String, String);
 
 /// What the core said about a user of a channel.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -52,6 +67,8 @@ struct State {
     watched: HashSet<String>,
     /// Moves on every invalidation.
     epoch: u64,
+    /// Call-signal routes the core gave.
+    routes: Option<LruCache<RouteKey, SignalRoute>>,
 }
 
 /// A [`CoreGateway`] that remembers membership answers.
@@ -67,6 +84,37 @@ fn not_a_member() -> GatewayError {
     }
 }
 
+impl State {
+    /// Drops the routes `stale` picks (a bounded scan: at most [`MAX_ROUTES`]).
+    fn drop_routes(&mut self, stale: impl Fn(&SignalRoute) -> bool) {
+        let Some(routes) = self.routes.as_mut() else {
+            return;
+        };
+        let gone: Vec<RouteKey> = routes
+            .iter()
+            .filter(|(_, r)| stale(r))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            routes.remove(&k);
+        }
+    }
+
+    fn drop_routes_of_call(&mut self, call_id: &str) {
+        let Some(routes) = self.routes.as_mut() else {
+            return;
+        };
+        let gone: Vec<RouteKey> = routes
+            .iter()
+            .filter(|(k, _)| k.2 == call_id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in gone {
+            routes.remove(&k);
+        }
+    }
+}
+
 impl MembershipCache {
     /// A cache of at most `channels` channels in front of `inner`.
     pub fn new(inner: Arc<dyn CoreGateway>, channels: usize) -> MembershipCache {
@@ -74,6 +122,7 @@ impl MembershipCache {
             inner,
             state: Mutex::new(State {
                 entries: Some(LruCache::new(channels.max(1))),
+                routes: Some(LruCache::new(MAX_ROUTES)),
                 ..State::default()
             }),
         }
@@ -96,6 +145,7 @@ impl MembershipCache {
         if let Some(e) = s.entries.as_mut() {
             e.remove(channel_id);
         }
+        s.drop_routes(|r| r.channel_id == channel_id);
     }
 
     /// Events may have been lost: forget every answer (the channels stay watched).
@@ -104,6 +154,9 @@ impl MembershipCache {
         s.epoch += 1;
         if let Some(e) = s.entries.as_mut() {
             e.clear();
+        }
+        if let Some(r) = s.routes.as_mut() {
+            r.clear();
         }
     }
 
@@ -115,6 +168,13 @@ impl MembershipCache {
             }
             EventBody::MemberRemoved { user_id, .. } => Some(user_id.as_str()),
             EventBody::ChannelDeleted { .. } => None,
+            EventBody::CallParticipantLeft { call_id, .. }
+            | EventBody::CallEnded { call_id, .. } => {
+                let mut s = self.lock();
+                s.epoch += 1;
+                s.drop_routes_of_call(call_id);
+                return;
+            }
             _ => return,
         };
         let mut s = self.lock();
@@ -130,7 +190,34 @@ impl MembershipCache {
             }
             None => {
                 entries.remove(&ev.channel_id);
+                s.drop_routes(|r| r.channel_id == ev.channel_id);
             }
+        }
+    }
+
+    /// The cached route of a signal, if the caller is a cached member of the call's channel.
+    fn route(&self, key: &RouteKey, p: &Principal) -> Option<SignalRoute> {
+        let mut s = self.lock();
+        let route = s.routes.as_mut().and_then(|r| r.get(key)).cloned();
+        let hit = route.filter(|route| {
+            s.entries
+                .as_mut()
+                .and_then(|e| e.get(&route.channel_id))
+                .and_then(|users| users.get(&p.user_id))
+                .is_some_and(|(tenant, a)| *tenant == p.tenant_id && *a == Answer::Member)
+        });
+        crate::metrics::membership_lookup(hit.is_some());
+        hit
+    }
+
+    /// Keeps a route, under the same conditions as a membership answer.
+    fn remember_route(&self, epoch: u64, key: RouteKey, route: &SignalRoute) {
+        let mut s = self.lock();
+        if s.epoch != epoch || !s.watched.contains(&route.channel_id) {
+            return;
+        }
+        if let Some(routes) = s.routes.as_mut() {
+            routes.insert(key, route.clone());
         }
     }
 
@@ -292,12 +379,23 @@ impl CoreGateway for MembershipCache {
         from: &str,
         to: &str,
     ) -> Result<SignalRoute, GatewayError> {
+        let key: RouteKey = (
+            p.tenant_id.clone(),
+            p.user_id.clone(),
+            call_id.to_owned(),
+            from.to_owned(),
+            to.to_owned(),
+        );
+        if let Some(route) = self.route(&key, p) {
+            return Ok(route);
+        }
         // The call's channel is only known from the answer; a successful check says the caller
         // is a member of it.
         let epoch = self.epoch();
         let r = self.inner.check_signal(p, call_id, from, to).await;
         if let Ok(route) = &r {
             self.remember(epoch, p, &route.channel_id, Answer::Member);
+            self.remember_route(epoch, key, route);
         }
         r
     }

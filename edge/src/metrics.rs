@@ -102,6 +102,10 @@ pub fn describe() {
         "parley_call_participants",
         "Call participants attached to connections of this node."
     );
+    describe_counter!(
+        "parley_unread_lookups_total",
+        "Unread counts read from the core because a connection could not follow them from the events it received (the first change after a subscribe, a resume, a read older than what it remembers)."
+    );
 }
 
 /// Registers the series an alert or dashboard reads at 0, so they exist before their first
@@ -118,6 +122,7 @@ pub fn init() {
     gauge!("parley_bus_topics", "kind" => "user").increment(0.0);
     gauge!("parley_calls_active").set(0.0);
     gauge!("parley_call_participants").set(0.0);
+    counter!("parley_unread_lookups_total").absolute(0);
 }
 
 /// A connection authenticated (pair with [`connection_closed`]).
@@ -317,6 +322,11 @@ pub fn bus_received(ev: &ChannelEvent) {
     if let Some(ms) = commit_time_ms(ev) {
         histogram!("parley_bus_receive_lag_seconds").record(seconds_since(ms));
     }
+}
+
+/// A connection read its unread count of a channel from the core.
+pub fn unread_lookup() {
+    counter!("parley_unread_lookups_total").increment(1);
 }
 
 /// A membership answer was looked up in the edge's cache.

@@ -34,7 +34,8 @@ use parley_proto::session::{
     CoreError, Input, Op, Output, Reply, Request, Session, SessionConfig, SessionStatus,
     SignalOutcome, Transmit, Verdict, Verified,
 };
-use parley_proto::{CloseCode, ErrorCode, Principal, SendMessage, ServerFrame};
+use parley_proto::unread::UnreadEvent;
+use parley_proto::{CloseCode, ErrorCode, Principal, ReadState, SendMessage, ServerFrame};
 use parley_sync::{Ephemeral, EphemeralTarget};
 use tokio::sync::Notify;
 
@@ -61,10 +62,14 @@ pub(crate) fn session_config(cfg: &crate::EdgeConfig) -> SessionConfig {
 
 /// Something for a connection from outside its task.
 enum Note {
-    /// The unread count of a subscribed channel changed.
-    Unread(String),
+    /// An event that changes the user's unread count of a subscribed channel was queued.
+    Unread(Arc<str>, u64, UnreadEvent),
+    /// The core pushed the user's read state of a channel (after a `read` on any connection).
+    Pushed(Box<ReadState>),
     /// The reply to a request that ran in a task of its own (boxed: a send's result is large).
     Done(u64, Box<Reply>),
+    /// The node's bus may have lost messages, pushed read states among them.
+    Resync,
 }
 
 /// Tells a connection, from outside its task, to close (the hub, on a full queue), that a ping
@@ -92,16 +97,22 @@ impl ConnControl {
         self.notify.notify_one();
     }
 
-    /// A message was added or deleted in a subscribed channel.
-    pub fn unread_changed(&self, channel_id: &str) {
-        let mut inbox = self.lock();
-        if !inbox
-            .iter()
-            .any(|n| matches!(n, Note::Unread(c) if c == channel_id))
-        {
-            inbox.push(Note::Unread(channel_id.to_owned()));
-        }
-        drop(inbox);
+    /// The hub queued an event of seq `seq` that changes the user's unread count of the
+    /// channel (right after the event itself): the machine keeps the count from it.
+    pub fn unread_event(&self, channel_id: &Arc<str>, seq: u64, ev: UnreadEvent) {
+        self.lock().push(Note::Unread(channel_id.clone(), seq, ev));
+        self.notify.notify_one();
+    }
+
+    /// The node's bus may have lost messages (a push of the user's read state among them).
+    pub fn unread_resync(&self) {
+        self.lock().push(Note::Resync);
+        self.notify.notify_one();
+    }
+
+    /// The core pushed the user's read state of a channel (`unread.updated` on the user's topic).
+    pub fn read_state_pushed(&self, state: ReadState) {
+        self.lock().push(Note::Pushed(Box::new(state)));
         self.notify.notify_one();
     }
 
@@ -125,7 +136,9 @@ impl ConnControl {
         let now = Instant::now();
         for note in notes {
             match note {
-                Note::Unread(channel_id) => m.unread_changed(&channel_id),
+                Note::Unread(channel_id, seq, ev) => m.unread_event(&channel_id, seq, ev),
+                Note::Pushed(state) => m.unread_pushed(*state),
+                Note::Resync => m.unread_resync(),
                 Note::Done(tag, reply) => m.handle_reply(now, tag, *reply),
             }
         }
@@ -260,7 +273,7 @@ impl Conn {
                     }
                 }
                 Some(frame) = next_queued(&mut self.queue), if events => {
-                    if let Err(end) = Box::pin(self.write(ws, Vec::new(), Some(frame), true)).await {
+                    if let Err(end) = Box::pin(self.write(ws, Vec::new(), Some(frame), Vec::new())).await {
                         return end;
                     }
                 }
@@ -322,29 +335,31 @@ impl Conn {
     /// the connection, its next heartbeat.
     async fn step(&mut self, ws: &mut WebSocket) -> Result<(), Option<CloseCode>> {
         let mut batch = Vec::new();
+        // Frames about the queued events (unread counts): written after them.
+        let mut after = Vec::new();
         loop {
             match self.machine.poll_output() {
                 Some(Output::Transmit(t)) => {
-                    batch.push(match t {
-                        Transmit::Text(s) => Message::Text(s.into()),
-                        Transmit::Ping => Message::Ping(Default::default()),
-                    });
-                    if batch.len() >= MAX_FRAMES_PER_WRITE {
-                        let with_queued = !self.machine.holds_events();
-                        self.write(ws, std::mem::take(&mut batch), None, with_queued)
-                            .await?;
+                    match t {
+                        Transmit::Text(s) => batch.push(Message::Text(s.into())),
+                        Transmit::AfterEvents(s) => after.push(Message::Text(s.into())),
+                        Transmit::Ping => batch.push(Message::Ping(Default::default())),
+                    }
+                    if batch.len() + after.len() >= MAX_FRAMES_PER_WRITE {
+                        let (out, late) = (std::mem::take(&mut batch), std::mem::take(&mut after));
+                        self.write(ws, out, None, late).await?;
                     }
                 }
                 Some(Output::Request(r)) => Box::pin(self.run_request(r)).await,
                 Some(Output::Close(code)) => {
+                    batch.append(&mut after);
                     self.tail = batch;
                     return Err(code);
                 }
-                None if batch.is_empty() => return Ok(()),
+                None if batch.is_empty() && after.is_empty() => return Ok(()),
                 None => {
-                    let with_queued = !self.machine.holds_events();
-                    self.write(ws, std::mem::take(&mut batch), None, with_queued)
-                        .await?;
+                    let (out, late) = (std::mem::take(&mut batch), std::mem::take(&mut after));
+                    self.write(ws, out, None, late).await?;
                 }
             }
         }
@@ -365,7 +380,8 @@ impl Conn {
         }
     }
 
-    /// Writes `out`, then `first` and (with `with_queued`) whatever else is queued, in one flush.
+    /// Writes `out`, then `first` and whatever else is queued (unless the machine holds the
+    /// queued events back), then `after`, in one flush.
     /// The write watches the control and the timer meanwhile and feeds them to the machine: a
     /// close it decides ends the write, and so does a peer that takes nothing for the heartbeat
     /// timeout (nothing is read while a write is stuck). A write that is pending is never started
@@ -375,7 +391,7 @@ impl Conn {
         ws: &mut WebSocket,
         out: Vec<Message>,
         first: Option<Utf8Bytes>,
-        with_queued: bool,
+        after: Vec<Message>,
     ) -> Result<(), Option<CloseCode>> {
         let Conn {
             machine,
@@ -384,13 +400,13 @@ impl Conn {
             timer,
             ..
         } = self;
-        let queue = if with_queued {
-            queue.as_mut().map(|(_, rx)| rx)
-        } else {
+        let queue = if machine.holds_events() {
             None
+        } else {
+            queue.as_mut().map(|(_, rx)| rx)
         };
         // Not boxed: the callers box the whole write.
-        let send = send_batch(ws, out, first, queue);
+        let send = send_batch(ws, out, first, queue, after);
         tokio::pin!(send);
         loop {
             tokio::select! {
@@ -602,7 +618,7 @@ impl Conn {
                 // Whatever is left to write (the error that explains the close) goes first.
                 let mut out = std::mem::take(&mut self.tail);
                 while let Some(o) = self.machine.poll_output() {
-                    if let Output::Transmit(Transmit::Text(s)) = o {
+                    if let Output::Transmit(Transmit::Text(s) | Transmit::AfterEvents(s)) = o {
                         out.push(Message::Text(s.into()));
                     }
                 }
@@ -787,14 +803,16 @@ impl Conn {
         result
     }
 
-    /// Looks up a channel's read state in a task of its own (the machine runs one at a time per
-    /// connection, so bursts coalesce); the reply comes back through the control.
+    /// Looks up a channel's read state in a task of its own, for an unread count the machine
+    /// cannot follow from the events (one at a time per connection); the reply comes back
+    /// through the control.
     fn read_state(&mut self, tag: u64, channel_id: String) {
         let Some(principal) = self.machine.principal().cloned() else {
             return;
         };
         let gateway = self.edge.gateway.clone();
         let ctl = self.ctl.clone();
+        crate::metrics::unread_lookup();
         tokio::spawn(async move {
             let state = gateway
                 .read_state(&principal, &channel_id)
@@ -911,12 +929,14 @@ async fn call_participants_dropped(edge: &Arc<Edge>, p: &Principal, conn: u64) {
 const MAX_FRAMES_PER_WRITE: usize = 64;
 
 /// Writes `out`, then `first` and whatever else is queued (up to [`MAX_FRAMES_PER_WRITE`] from
-/// the queue), then flushes.
+/// the queue; all of it when `after` has frames, which are about the events queued so far), then
+/// `after`, then flushes.
 async fn send_batch(
     ws: &mut WebSocket,
     out: Vec<Message>,
     first: Option<Utf8Bytes>,
     queue: Option<&mut FrameReceiver>,
+    after: Vec<Message>,
 ) -> Result<(), axum::Error> {
     if let Some(rx) = &queue {
         crate::metrics::send_queue_depth(rx.len() + usize::from(first.is_some()));
@@ -932,7 +952,13 @@ async fn send_batch(
         ws.feed(Message::Text(first)).await?;
     }
     if let Some(rx) = queue {
-        for _ in 1..MAX_FRAMES_PER_WRITE {
+        // The queue is bounded (`--ws-send-queue`), so "all of it" is too.
+        let most = if after.is_empty() {
+            MAX_FRAMES_PER_WRITE - 1
+        } else {
+            usize::MAX
+        };
+        for _ in 0..most {
             match rx.try_recv() {
                 Some(frame) => {
                     crate::metrics::frame_out(&frame);
@@ -941,6 +967,12 @@ async fn send_batch(
                 None => break,
             }
         }
+    }
+    for m in after {
+        if let Message::Text(t) = &m {
+            crate::metrics::frame_out(t);
+        }
+        ws.feed(m).await?;
     }
     ws.flush().await
 }

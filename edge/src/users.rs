@@ -273,6 +273,14 @@ impl UserConnections {
             .is_some_and(|e| !e.conns.is_empty())
     }
 
+    /// The user's connections on this node.
+    pub fn conns_of(&self, tenant: &str, user: &str) -> Vec<u64> {
+        lock(&self.inner)
+            .get(&ids(tenant, user) as &dyn UserIds)
+            .map(|e| e.conns.iter().map(|(conn, _)| *conn).collect())
+            .unwrap_or_default()
+    }
+
     /// Best effort: a full queue drops the frame.
     pub fn deliver(&self, tenant: &str, user: &str, frame: &Utf8Bytes) {
         let map = lock(&self.inner);
@@ -407,6 +415,10 @@ impl ConnControls {
         if map.capacity() > 64 && map.len() < map.capacity() / 4 {
             map.shrink_to_fit();
         }
+    }
+
+    pub fn get(&self, conn: u64) -> Option<std::sync::Arc<crate::session::ConnControl>> {
+        lock(&self.inner).get(&conn).cloned()
     }
 
     pub fn for_each(&self, mut f: impl FnMut(u64, &crate::session::ConnControl)) {

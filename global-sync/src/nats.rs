@@ -78,6 +78,9 @@ pub struct NatsOptions {
     pub password: Option<String>,
     /// A token (instead of user and password).
     pub token: Option<String>,
+    /// An NKey seed (`SU...`): the server knows the user by its public key and checks a
+    /// signature of its nonce; no secret crosses the network.
+    pub nkey_seed: Option<String>,
     /// PEM file of the CA that signed the server's certificate; setting it requires TLS.
     pub tls_ca: Option<std::path::PathBuf>,
     /// Client certificate and key (PEM), for servers that verify clients.
@@ -93,6 +96,7 @@ impl fmt::Debug for NatsOptions {
             .field("user", &self.user)
             .field("password", &self.password.as_ref().map(|_| "***"))
             .field("token", &self.token.as_ref().map(|_| "***"))
+            .field("nkey_seed", &self.nkey_seed.as_ref().map(|_| "***"))
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
@@ -298,8 +302,17 @@ impl NatsBus {
             };
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
+                // A server that refuses the client's certificate (or its lack of one) closes
+                // the connection after the handshake, which the client sees as a timeout.
+                let hint = if auth.tls_ca.is_some() {
+                    "; with TLS, check that --nats-tls-ca signed the server's certificate and, \
+                     if the server verifies clients, that --nats-tls-cert/--nats-tls-key hold a \
+                     certificate it accepts"
+                } else {
+                    ""
+                };
                 return Err(BusError::Unavailable(format!(
-                    "cannot connect to NATS at {shown} within {}s ({attempts} attempts): {error}",
+                    "cannot connect to NATS at {shown} within {}s ({attempts} attempts): {error}{hint}",
                     CONNECT_DEADLINE.as_secs()
                 )));
             }
@@ -339,6 +352,9 @@ fn connect_options(signals: &Arc<Signals>, url: &str, auth: &NatsOptions) -> Con
     }
     if let Some(token) = &auth.token {
         options = options.token(token.clone());
+    }
+    if let Some(seed) = &auth.nkey_seed {
+        options = options.nkey(seed.clone());
     }
     if let Some(ca) = &auth.tls_ca {
         options = options.add_root_certificates(ca.clone()).require_tls(true);

@@ -128,6 +128,14 @@ pub struct ServeArgs {
         conflicts_with = "nats_user"
     )]
     pub nats_token: Option<String>,
+    /// File holding the node's NATS NKey seed (`SU...`, as `nk -gen user` prints it), for a
+    /// server that knows the user by its public key (instead of a user and password or a token).
+    #[arg(
+        long,
+        env = "PARLEY_NATS_NKEY_SEED_FILE",
+        conflicts_with_all = ["nats_user", "nats_token"]
+    )]
+    pub nats_nkey_seed_file: Option<PathBuf>,
     /// PEM file of the CA that signed the NATS server's certificate; TLS is then required.
     #[arg(long, env = "PARLEY_NATS_TLS_CA")]
     pub nats_tls_ca: Option<PathBuf>,

@@ -155,17 +155,36 @@ pub fn authenticator(args: &ServeArgs) -> anyhow::Result<(Authenticator, Option<
     Ok((auth, dev))
 }
 
-/// Credentials and TLS of the node's NATS connection.
-pub fn nats_options(args: &ServeArgs) -> parley_sync::NatsOptions {
-    parley_sync::NatsOptions {
+/// Credentials and TLS of the node's NATS connection (reads the NKey seed file, if any).
+pub fn nats_options(args: &ServeArgs) -> anyhow::Result<parley_sync::NatsOptions> {
+    let nkey_seed = match &args.nats_nkey_seed_file {
+        Some(path) => {
+            let seed = std::fs::read_to_string(path).with_context(|| {
+                format!("cannot read the NATS NKey seed file {}", path.display())
+            })?;
+            let seed = seed.trim();
+            // A user seed: "S" (seed) then "U" (user). Checked here so that a wrong file (a
+            // public key, a creds file) is named at start rather than as a refused connection.
+            if !(seed.starts_with("SU") && seed.len() == 58) {
+                anyhow::bail!(
+                    "{} does not hold an NKey user seed (58 characters starting with SU)",
+                    path.display()
+                );
+            }
+            Some(seed.to_owned())
+        }
+        None => None,
+    };
+    Ok(parley_sync::NatsOptions {
         user: args.nats_user.clone(),
         password: args.nats_password.clone(),
         token: args.nats_token.clone(),
+        nkey_seed,
         tls_ca: args.nats_tls_ca.clone(),
         tls_cert: args.nats_tls_cert.clone(),
         tls_key: args.nats_tls_key.clone(),
         require_tls: false,
-    }
+    })
 }
 
 /// Development tokens per client address: a burst of this many, refilled at this rate per minute.
@@ -220,7 +239,7 @@ pub async fn build(
     let storage = open_storage(&args.storage).await?;
     let nats = match &args.nats_url {
         Some(url) => Some(
-            NatsBus::connect_with(url, &nats_options(args))
+            NatsBus::connect_with(url, &nats_options(args)?)
                 .await
                 .context("cannot connect to NATS")?,
         ),
@@ -403,7 +422,7 @@ async fn build_edge(
     };
     let (auth, dev_key) = authenticator(args)?;
     let metrics = crate::telemetry::metrics_handle()?;
-    let nats = NatsBus::connect_with(url, &nats_options(args))
+    let nats = NatsBus::connect_with(url, &nats_options(args)?)
         .await
         .context("cannot connect to NATS")?;
     let bus: Arc<dyn Bus> = Arc::new(nats.clone());
@@ -423,9 +442,20 @@ async fn build_edge(
         Duration::from_millis((args.presence_ttl_ms / 4).max(100)),
     );
     tokio::spawn(presence.clone().run());
+    let auth = Arc::new(auth);
+    // REST a core answered that counts as the caller's activity (a send, a read, typing) keeps
+    // the caller's presence here, where the edge aggregates it, as it does on a single node.
+    let on_activity: crate::rpc::forward::OnActivity = {
+        let (auth, presence) = (auth.clone(), presence.clone());
+        Arc::new(move |token: &str| {
+            if let Ok(p) = auth.verify(token) {
+                presence.activity(&p);
+            }
+        })
+    };
     let gateway = Arc::new(crate::rpc::gateway::NatsGateway::new(
         rpc.clone(),
-        Arc::new(auth),
+        auth,
         bus.clone(),
         presence,
     ));
@@ -458,7 +488,8 @@ async fn build_edge(
         edge.clone(),
         Arc::new(FailureGate(auth_failures)),
     ));
-    let app = finish_app(app, args, metrics, readiness, hosts, Some(rpc))?;
+    let forwarder = crate::rpc::forward::Forwarder { rpc, on_activity };
+    let app = finish_app(app, args, metrics, readiness, hosts, Some(forwarder))?;
     Ok(Node {
         app,
         edge,
@@ -530,7 +561,7 @@ fn finish_app(
     metrics: metrics_exporter_prometheus::PrometheusHandle,
     readiness: Arc<crate::health::Readiness>,
     hosts: Arc<HostAllowList>,
-    forward_to: Option<crate::rpc::RpcClient>,
+    forward_to: Option<crate::rpc::forward::Forwarder>,
 ) -> anyhow::Result<Router> {
     let web = match &args.web_dir {
         Some(dir) => WebClient::Dir(dir.clone()),
@@ -561,8 +592,8 @@ fn finish_app(
             async move {
                 let path = req.uri().path();
                 match forward_to {
-                    Some(rpc) if path == "/v1" || path.starts_with("/v1/") => {
-                        crate::rpc::forward::forward(rpc, req).await
+                    Some(to) if path == "/v1" || path.starts_with("/v1/") => {
+                        crate::rpc::forward::forward(&to, req).await
                     }
                     _ => web.fallback(req).await,
                 }

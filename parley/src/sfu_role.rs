@@ -813,7 +813,7 @@ pub async fn serve_sfu(args: &crate::config::ServeArgs) -> anyhow::Result<()> {
         );
     }
     // One connection, with the node's NATS credentials, for the bus and the registry.
-    let nats = parley_sync::NatsBus::connect_with(url, &crate::server::nats_options(args))
+    let nats = parley_sync::NatsBus::connect_with(url, &crate::server::nats_options(args)?)
         .await
         .context("cannot connect to NATS")?;
     let client = nats.client();

@@ -256,3 +256,133 @@ async fn a_member_removed_through_another_node_gets_nothing_more() {
         "the removed member got {late:?}"
     );
 }
+
+/// `call.signal` checks are answered from the cache: the first signal of a pair asks the core,
+/// the next ones do not (a cache hit each, and they are relayed). When the target leaves the
+/// call through the other node, `call.participant_left` drops the pair's route, and the next
+/// signal is refused by the core; when the caller is removed from the channel through the other
+/// node, `member.removed` drops the answer the route needs, and its signals are refused too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_signals_are_answered_from_the_cache_until_a_participant_leaves() {
+    use serde_json::json;
+    let a = ServerBuilder::new(Backend::Postgres).nats().start();
+    let b = ServerBuilder::new(Backend::Postgres).nats().start();
+    let (alice, bob, carol) = (unique("alice"), unique("bob"), unique("carol"));
+    let api_b = b.api(&alice);
+    let channel = api_b.create_channel("signals", &[&bob, &carol]).await;
+    let call_id = api_b
+        .request("POST", &format!("/v1/channels/{channel}/calls"), None)
+        .await
+        .ok()["id"]
+        .as_str()
+        .expect("call id")
+        .to_owned();
+    let join = |user: &str| {
+        let api = b.api(user);
+        let call_id = call_id.clone();
+        async move {
+            api.request("POST", &format!("/v1/calls/{call_id}/join"), None)
+                .await
+                .ok()["participant_id"]
+                .as_str()
+                .expect("participant id")
+                .to_owned()
+        }
+    };
+    let (pa, pb, pc) = (join(&alice).await, join(&bob).await, join(&carol).await);
+    // Every connection on node A subscribes to the call's channel: A watches it.
+    let mut conns = Vec::new();
+    for (user, pid) in [(&alice, &pa), (&bob, &pb), (&carol, &pc)] {
+        let mut ws = Ws::connect(&a, &token(user)).await;
+        ws.subscribe(&channel).await;
+        let r = ws
+            .request(json!({ "type": "call.attach", "call_id": call_id, "participant_id": pid }))
+            .await;
+        assert_eq!(r["type"], "ack", "{r}");
+        conns.push(ws);
+    }
+    let (mut alice_ws, mut bob_ws) = {
+        let mut it = conns.drain(..2);
+        (it.next().unwrap(), it.next().unwrap())
+    };
+    let candidate = |to: &str, n: usize| {
+        json!({ "type": "call.signal", "call_id": call_id, "from": pa, "to": to,
+            "signal": { "kind": "candidate", "candidate": format!("candidate:{n} 1 udp 1 127.0.0.1 {} typ host", 9000 + n) } })
+    };
+    let offer = json!({ "type": "call.signal", "call_id": call_id, "from": pa, "to": pb,
+        "signal": { "kind": "offer", "sdp": "v=0" } });
+    let r = alice_ws.request(offer).await;
+    assert_eq!(r["type"], "ack", "{r}");
+    let hits = metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await;
+    for n in 0..3 {
+        let r = alice_ws.request(candidate(&pb, n)).await;
+        assert_eq!(r["type"], "ack", "{r}");
+    }
+    assert_eq!(
+        metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await,
+        hits + 3.0,
+        "the pair's later signals were answered from the cache"
+    );
+    let mut relayed = 0;
+    while relayed < 4 {
+        let f = bob_ws.next_json().await.expect("bob's connection");
+        if f["type"] == "call.signal" {
+            assert_eq!(f["from"], json!(pa), "{f}");
+            relayed += 1;
+        }
+    }
+
+    // Bob leaves through node B: his route goes before A delivers the event.
+    let left = b
+        .api(&bob)
+        .request(
+            "POST",
+            &format!("/v1/calls/{call_id}/leave"),
+            Some(json!({ "participant_id": pb })),
+        )
+        .await;
+    assert!(left.status < 300, "{}", left.body);
+    loop {
+        let ev = alice_ws.next_event().await;
+        if ev["type"] == "call.participant_left" {
+            break;
+        }
+    }
+    let r = alice_ws.request(candidate(&pb, 7)).await;
+    assert_eq!(
+        (&r["type"], &r["code"]),
+        (&json!("error"), &json!("conflict")),
+        "{r}"
+    );
+
+    // Alice signals Carol (cached after the first), then is removed from the channel through B.
+    let r = alice_ws
+        .request(
+            json!({ "type": "call.signal", "call_id": call_id, "from": pa, "to": pc,
+            "signal": { "kind": "offer", "sdp": "v=0" } }),
+        )
+        .await;
+    assert_eq!(r["type"], "ack", "{r}");
+    let r = alice_ws.request(candidate(&pc, 1)).await;
+    assert_eq!(r["type"], "ack", "{r}");
+    let removed = b
+        .api(&alice)
+        .request(
+            "DELETE",
+            &format!("/v1/channels/{channel}/members/{alice}"),
+            None,
+        )
+        .await;
+    assert_eq!(removed.status, 204, "{}", removed.body);
+    loop {
+        let ev = alice_ws.next_event().await;
+        if ev["type"] == "member.removed" {
+            break;
+        }
+    }
+    let r = alice_ws.request(candidate(&pc, 2)).await;
+    assert_eq!(
+        r["type"], "error",
+        "a removed member's signal was relayed: {r}"
+    );
+}

@@ -789,3 +789,308 @@ async fn participants_on_different_nodes_reach_the_same_sfu() {
     loads.sort_unstable();
     assert_eq!(loads, [0, 4], "all four on one SFU");
 }
+
+/// A nats-server of one test alone, with the users and permissions of the test services'
+/// server (scripts/services.sh: `parley-core`, `parley-edge`, which may not publish persisted
+/// events nor touch `parley.sfu.>`): the services' nats.conf on a free port and a fresh
+/// JetStream folder. Private, because cores of the other tests in this file, on the shared
+/// NATS, would otherwise answer this test's edges (they share the queue group `parley-core`).
+struct AuthNats {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl AuthNats {
+    fn start() -> AuthNats {
+        let services = std::env::var("PARLEY_SERVICES_DIR").expect(
+            "PARLEY_SERVICES_DIR is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\")",
+        );
+        let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
+            "PARLEY_NATS_SERVER_BIN is not set: start the services with scripts/services.sh",
+        );
+        let conf = std::fs::read_to_string(format!("{services}/nats.conf"))
+            .expect("the services' nats.conf (scripts/services.sh start writes it)");
+        let port = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf: String = conf
+            .lines()
+            .map(|l| {
+                if l.starts_with("listen:") {
+                    format!("listen: \"127.0.0.1:{port}\"")
+                } else if l.starts_with("jetstream") {
+                    format!(
+                        "jetstream {{ store_dir: \"{}\" }}",
+                        dir.path().join("js").display()
+                    )
+                } else {
+                    l.to_owned()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(
+            conf.contains("authorization"),
+            "the services' NATS has users"
+        );
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, conf).expect("write nats.conf");
+        let child = std::process::Command::new(&bin)
+            .arg("-c")
+            .arg(&path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+        let mut nats = AuthNats {
+            child,
+            port,
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).is_err() {
+            assert!(
+                nats.child.try_wait().expect("nats-server").is_none(),
+                "nats-server exited before listening"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "nats-server did not listen within 15 s"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        nats
+    }
+
+    /// `--nats-url` and the credentials of the services' `user` (`CORE` or `EDGE`).
+    fn args(&self, user: &str) -> Vec<String> {
+        let var = |name: String| {
+            std::env::var(&name).unwrap_or_else(|_| {
+                panic!("{name} is not set: start the services with scripts/services.sh")
+            })
+        };
+        vec![
+            "--nats-url".into(),
+            format!("nats://127.0.0.1:{}", self.port),
+            "--nats-user".into(),
+            var(format!("PARLEY_TEST_NATS_{user}_USER")),
+            "--nats-password".into(),
+            var(format!("PARLEY_TEST_NATS_{user}_PASSWORD")),
+        ]
+    }
+}
+
+impl Drop for AuthNats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Participants on two `--role edge` processes (NATS edge user: no database, no SFU access of
+/// their own) in front of one `--role core` (PostgreSQL, NATS core user) and a `--role sfu`
+/// process: the call escalates at the threshold, `call.mode_changed` and the SFU's notices
+/// reach both edges, offers (`call.signal` to `sfu`) and subscription changes (`call.sfu`)
+/// cross to the core as the `sfu_request` RPC, and media flows between the participants of
+/// the two edges through the one SFU.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_sfu_call_through_two_edge_processes_and_a_core() {
+    let nats = AuthNats::start();
+    let start = |backend: Backend, user: &str, extra: &[&str]| {
+        let b = nats
+            .args(user)
+            .into_iter()
+            .chain(extra.iter().map(|s| (*s).to_owned()))
+            .fold(ServerBuilder::new(backend), |b, a| b.arg(a));
+        b.start()
+    };
+    let sfu = start(
+        Backend::Sqlite,
+        "CORE",
+        &["--role", "sfu", "--sfu-secret", SECRET],
+    );
+    let _core = start(
+        Backend::Postgres,
+        "CORE",
+        &["--role", "core", "--no-sfu", "--sfu-secret", SECRET],
+    );
+    let edges = [
+        start(Backend::Sqlite, "EDGE", &["--role", "edge"]),
+        start(Backend::Sqlite, "EDGE", &["--role", "edge"]),
+    ];
+    // The SFU heartbeats every 500 ms; let the core hear it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let users: Vec<String> = (0..4).map(|i| unique(&format!("p{i}"))).collect();
+    let refs: Vec<&str> = users.iter().skip(1).map(String::as_str).collect();
+    let channel = edges[0]
+        .api(&users[0])
+        .create_channel(&unique("sfu"), &refs)
+        .await;
+    let edge_of = |i: usize| &edges[i % 2];
+    let mut ms = Vec::new();
+    for (i, u) in users.iter().enumerate() {
+        ms.push(Member::connect(edge_of(i), &format!("p{i}"), u, &channel).await);
+    }
+    let call = start_call(edge_of(0), &ms[0].user, &channel).await;
+    let call_id = call["id"].as_str().expect("call id").to_owned();
+    assert_eq!(call["mode"], "p2p", "{call}");
+    for (i, m) in ms.iter_mut().enumerate().take(3) {
+        let joined = m.join(edge_of(i), &call_id).await;
+        assert_eq!(joined["call"]["mode"], "p2p", "{}: {joined}", m.name);
+    }
+    // The fourth join (on the second edge) reaches the threshold.
+    let joined = ms[3].join(edge_of(3), &call_id).await;
+    assert_eq!(joined["call"]["mode"], "sfu", "{joined}");
+    let session = joined["sfu"]["session"]
+        .as_str()
+        .expect("an sfu block in the join answer")
+        .to_owned();
+    for m in ms.iter_mut() {
+        let changed = m
+            .wait_for("call.mode_changed", |f| f["type"] == "call.mode_changed")
+            .await;
+        assert_eq!(changed["sfu_session"], session.as_str(), "{}", m.name);
+    }
+    for (i, m) in ms.iter_mut().enumerate().take(3) {
+        let again = m.join(edge_of(i), &call_id).await;
+        assert_eq!(again["sfu"]["session"], session.as_str(), "{}", m.name);
+    }
+
+    // Everyone publishes and has slots for the three others.
+    for m in ms.iter_mut() {
+        m.connect_media(publisher(3)).await;
+    }
+    // A subscription change through the edge: p0 (edge A) unsubscribes from p1's video
+    // (edge B).
+    ms[0].read_for(Duration::from_millis(300)).await;
+    let p1 = ms[1].pid.clone();
+    let p1_video = ms[0]
+        .wait_for("p1's video published", |f| {
+            f["type"] == "call.sfu"
+                && f["event"] == "track_published"
+                && f["publisher"] == p1.as_str()
+                && f["kind"] == "video"
+        })
+        .await["track_id"]
+        .as_str()
+        .expect("track id")
+        .to_owned();
+    let (call0, pid0) = (ms[0].call_id.clone(), ms[0].pid.clone());
+    let ack = ms[0]
+        .request(json!({"type": "call.sfu", "call_id": call0, "participant_id": pid0, "op": "unsubscribe", "track_id": p1_video}))
+        .await;
+    assert_eq!(ack["type"], "ack", "unsubscribe through the edge: {ack}");
+
+    for m in &ms {
+        m.client().start_media();
+    }
+    let expected = |i: usize| -> BTreeSet<String> {
+        (0..4)
+            .filter(|j| *j != i)
+            .flat_map(|j| [format!("p{j}/a"), format!("p{j}/v")])
+            .filter(|s| !(i == 0 && s == "p1/v"))
+            .collect()
+    };
+    wait_media(&ms, &expected, Instant::now() + WAIT).await;
+    tokio::time::sleep(MEDIA).await;
+    for m in ms.iter_mut() {
+        m.read_for(Duration::from_millis(200)).await;
+    }
+    let refs: Vec<&Member> = ms.iter().collect();
+    for (i, m) in ms.iter().enumerate() {
+        let others: Vec<&Member> = refs.iter().copied().filter(|o| o.pid != m.pid).collect();
+        let tracks = track_map(m, &others);
+        check_received(m, &expected(i), &tracks);
+    }
+    let status: Value = reqwest::get(sfu.url("/v1/sfu"))
+        .await
+        .expect("status")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(status["participants"], 4, "all four on the SFU: {status}");
+    // The edges passed the offers and the unsubscribe to the core as `sfu_request` RPCs: two
+    // offers per edge, and p0's unsubscribe on the first.
+    for (i, edge) in edges.iter().enumerate() {
+        let metrics = reqwest::get(edge.url("/metrics"))
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        let calls: f64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("parley_rpc_duration_seconds_count")
+                    && l.contains("method=\"sfu_request\"")
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum();
+        let want = if i == 0 { 3.0 } else { 2.0 };
+        assert!(
+            calls >= want,
+            "edge {i}: {calls} sfu_request RPCs, expected at least {want}"
+        );
+    }
+}
+
+/// The escalation is durable: after the node restarts (its SFU and the placement in its memory
+/// gone), the call still shows `sfu` mode in `GET /v1/calls/{id}`, is placed on the new SFU
+/// (a session), and a join answers with an SFU credential, without a fourth join to escalate
+/// again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sfu_mode_outlives_a_restart_of_the_node() {
+    mode_outlives_a_restart(Backend::Sqlite).await;
+}
+
+/// The same on PostgreSQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sfu_mode_outlives_a_restart_of_the_node_on_postgres() {
+    mode_outlives_a_restart(Backend::Postgres).await;
+}
+
+async fn mode_outlives_a_restart(backend: Backend) {
+    let mut server = ["--max-call-participants", "16"]
+        .iter()
+        .fold(ServerBuilder::new(backend), |b, a| b.arg(*a))
+        .start();
+    let (channel, mut ms) = members(&server, 4).await;
+    let call = start_call(&server, &ms[0].user, &channel).await;
+    let call_id = call["id"].as_str().expect("call id").to_owned();
+    for m in ms.iter_mut() {
+        m.join(&server, &call_id).await;
+    }
+    let got = server
+        .api(&ms[0].user)
+        .get(&format!("/v1/calls/{call_id}"))
+        .await
+        .ok();
+    assert_eq!(got["mode"], "sfu", "escalated at the threshold: {got}");
+    let user = ms[0].user.clone();
+    drop(ms);
+
+    server.restart();
+    let got = server
+        .api(&user)
+        .get(&format!("/v1/calls/{call_id}"))
+        .await
+        .ok();
+    assert_eq!(got["mode"], "sfu", "after the restart: {got}");
+    assert!(
+        got["sfu_session"].as_str().is_some_and(|s| !s.is_empty()),
+        "placed on the restarted node's SFU: {got}"
+    );
+    let joined = server
+        .api(&user)
+        .request("POST", &format!("/v1/calls/{call_id}/join"), None)
+        .await
+        .ok();
+    assert_eq!(joined["call"]["mode"], "sfu", "{joined}");
+    assert_eq!(joined["sfu"]["session"], got["sfu_session"], "{joined}");
+    assert!(joined["sfu"]["credential"].as_str().is_some(), "{joined}");
+}

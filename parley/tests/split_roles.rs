@@ -367,6 +367,33 @@ async fn a_killed_edge_takes_its_users_offline() {
     assert_eq!(seen["status"], "offline", "{seen}");
 }
 
+/// REST through an edge counts as activity, as on a single node: a user idle past
+/// `--away-after-ms` is away, and a message she sends over REST through the edge (answered by a
+/// core) brings her back online at once, before her connection does anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_through_an_edge_brings_an_idle_user_back_online() {
+    let nats = Nats::start();
+    let timing = ["--away-after-ms", "1000", "--presence-grace-ms", "500"];
+    let _core = nats.core_with(false, &timing, &[]);
+    let e = nats.edge_with(&timing);
+    let (alice, bob) = (unique("alice"), unique("bob"));
+    let channel = e.api(&bob).create_channel("away", &[&alice]).await;
+    let mut bob_ws = Ws::connect(&e, &token(&bob)).await;
+    bob_ws.subscribe(&channel).await;
+    let _alice_ws = Ws::connect(&e, &token(&alice)).await;
+    presence_change(&mut bob_ws, &alice, "online", Duration::from_secs(10)).await;
+    presence_change(&mut bob_ws, &alice, "away", Duration::from_secs(10)).await;
+    let sent = e.api(&alice).send(&channel, "back", "I'm back").await;
+    assert_eq!(sent.status, 201, "{}", sent.body);
+    presence_change(&mut bob_ws, &alice, "online", Duration::from_secs(5)).await;
+    let seen = e
+        .api(&bob)
+        .get(&format!("/v1/users/{alice}/presence"))
+        .await
+        .ok();
+    assert_eq!(seen["status"], "online", "{seen}");
+}
+
 /// Two str0m peers, each on its own edge, join one call through the edges: the offer, answer
 /// and candidates cross edge → NATS → edge with the checks answered by a core; they connect and
 /// exchange data.

@@ -359,6 +359,11 @@ pub enum ServerFrame {
         /// Counted up to 1000, as everywhere (1000 means "1000 or more").
         unread_count: u64,
         last_read_seq: u64,
+        /// Internal, from the core to its edges (an edge never sends it to a client): the
+        /// channel's seq the count is as of ([`crate::ReadState::seq`]).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        #[schema(ignore)]
+        seq: Option<u64>,
     },
     /// The receiving user became a member of a channel: someone added them, or created a
     /// channel or DM with them in it. Sent to every connection of that user, subscribed or not,

@@ -18,6 +18,7 @@ pub mod sequencer;
 pub mod session;
 pub mod signaling;
 pub mod typing;
+pub mod unread;
 
 pub use error::{CloseCode, ErrorBody, ErrorCode};
 pub use frames::{

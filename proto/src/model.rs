@@ -141,6 +141,20 @@ pub struct ReadState {
     /// Messages from others after `last_read_seq` that are not deleted, counted up to 1000 (1000
     /// means "1000 or more").
     pub unread_count: u64,
+    /// Internal, between the core and its edges (never in REST bodies or client frames): the
+    /// channel's last seq when this state was read, so every event up to it is counted and none
+    /// after it. An edge keeps a subscriber's count from there with the events it delivers
+    /// (`crate::unread`). Absent from an older core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(ignore)]
+    pub seq: Option<u64>,
+}
+
+impl ReadState {
+    /// The state as REST shows it (without the internal `seq`).
+    pub fn public(self) -> ReadState {
+        ReadState { seq: None, ..self }
+    }
 }
 
 /// `POST /v1/channels/{id}/typing`.

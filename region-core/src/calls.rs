@@ -481,6 +481,15 @@ impl Core {
             call.sfu_session = Some(placement.session.clone());
             if new {
                 tracing::info!(call = %call_id, sfu = %placement.node, "call escalated to the SFU");
+                // Durable: a core that restarts (or never heard of the placement) still shows
+                // the call in `sfu` mode, and places it again on first sight.
+                if let Err(e) = self
+                    .storage()
+                    .set_call_mode(&p.tenant_id, call_id, CallMode::Sfu)
+                    .await
+                {
+                    tracing::warn!(call = %call_id, error = %e, "could not record the call's SFU mode");
+                }
                 self.announce_mode(
                     &call.channel_id,
                     call_id,

@@ -870,10 +870,10 @@ impl Core {
                 ));
             }
         };
-        self.require_member(p, channel_id).await?;
+        // The membership check and the page in one storage read.
         Ok(self
             .storage
-            .history(&p.tenant_id, channel_id, anchor, limit)
+            .member_history(&p.tenant_id, channel_id, &p.user_id, anchor, limit)
             .await?)
     }
 
@@ -926,10 +926,12 @@ impl Core {
                 last_read_seq: state.last_read_seq,
             };
             self.realtime.to_channel(channel_id, None, &read).await;
+            // With the seq it is as of, for the edges' unread arithmetic (they do not pass it on).
             let unread = ServerFrame::UnreadUpdated {
                 channel_id: channel_id.to_owned(),
                 unread_count: state.unread_count,
                 last_read_seq: state.last_read_seq,
+                seq: state.seq,
             };
             self.realtime
                 .to_user(&p.tenant_id, &p.user_id, &unread)

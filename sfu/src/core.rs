@@ -1280,6 +1280,11 @@ impl Sfu {
             })
             .sum::<u64>()
             + audio * AUDIO_RESERVE_BPS;
+        // The estimate only climbs on evidence: keep the link at the rate of the next layer up
+        // (padding fills what media leaves, capped by the estimate), or a subscriber that fell
+        // to a low layer stays there after the congestion is gone.
+        let minimum = layers::next_step_bps(&wants, &chosen)
+            .map_or(0, |video| video + audio * AUDIO_RESERVE_BPS);
 
         let p = self.participants.get_mut(&id).expect("present");
         let mut requests = Vec::new();
@@ -1300,9 +1305,10 @@ impl Sfu {
             }
         }
         if p.connected {
+            let desired = desired.max(AUDIO_RESERVE_BPS);
             p.rtc
                 .bwe()
-                .set_bitrate(Bitrate::ZERO, Bitrate::bps(desired.max(AUDIO_RESERVE_BPS)));
+                .set_bitrate(Bitrate::bps(minimum.min(desired)), Bitrate::bps(desired));
             self.mark_dirty(id);
         }
         for track in stopped {

@@ -117,6 +117,35 @@ pub fn allocate(budget_bps: u64, wants: &[VideoWant<'_>]) -> Vec<Option<usize>> 
     }
 }
 
+/// The video bitrate of an [`allocate`] result plus its cheapest one-step upgrade: what the
+/// subscriber's link must carry before the next layer up can be chosen (`None`: every track is
+/// at the best layer it wants, nothing to grow into). The SFU keeps the subscriber's outgoing
+/// rate (media plus padding, capped by the estimate) at this level, so that the bandwidth
+/// estimate can climb back after a drop: an estimator that only sees a low-layer stream well
+/// below its estimate has no evidence that more would fit, and stays where it is.
+pub fn next_step_bps(wants: &[VideoWant<'_>], chosen: &[Option<usize>]) -> Option<u64> {
+    let current: u64 = wants
+        .iter()
+        .zip(chosen)
+        .map(|(w, c)| c.map_or(0, |i| w.layers[i].bitrate_bps))
+        .sum();
+    let extra = wants
+        .iter()
+        .zip(chosen)
+        .filter_map(|(w, c)| {
+            let current = (*c)?;
+            let cap = size_cap(w.layers, w.max_size).filter(|_| w.enabled)?;
+            let next = (current + 1..=cap).find(|&j| w.layers[j].active)?;
+            Some(
+                w.layers[next]
+                    .bitrate_bps
+                    .saturating_sub(w.layers[current].bitrate_bps),
+            )
+        })
+        .min()?;
+    Some(current.saturating_add(extra))
+}
+
 /// What to do with one incoming frame of a subscribed track.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Forward<L> {
@@ -260,6 +289,31 @@ mod tests {
         // Not even the lowest layer fits: still the lowest layer.
         assert_eq!(allocate(100_000, &[want(&l)]), vec![Some(0)]);
         assert_eq!(allocate(0, &[want(&l)]), vec![Some(0)]);
+    }
+
+    #[test]
+    fn the_next_step_is_the_cheapest_upgrade_over_what_is_chosen() {
+        let l = three();
+        // One track on q: the next step is h (500k in all).
+        assert_eq!(next_step_bps(&[want(&l)], &[Some(0)]), Some(500_000));
+        // On f: nothing to grow into.
+        assert_eq!(next_step_bps(&[want(&l)], &[Some(2)]), None);
+        // Two tracks, q and h: the cheaper upgrade is q -> h (+350k) over 650k.
+        let wants = [want(&l), want(&l)];
+        assert_eq!(
+            next_step_bps(&wants, &[Some(0), Some(1)]),
+            Some(650_000 + 350_000)
+        );
+        // A size request or a pause ends the growth of that track; inactive layers are skipped.
+        let mut small = want(&l);
+        small.max_size = Some((320, 180));
+        assert_eq!(next_step_bps(&[small], &[Some(0)]), None);
+        let mut paused = want(&l);
+        paused.enabled = false;
+        assert_eq!(next_step_bps(&[paused], &[None]), None);
+        let mut gap = three();
+        gap[1].active = false;
+        assert_eq!(next_step_bps(&[want(&gap)], &[Some(0)]), Some(1_500_000));
     }
 
     #[test]

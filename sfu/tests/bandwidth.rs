@@ -6,95 +6,11 @@
 
 mod common;
 
-use std::collections::VecDeque;
-use std::net::{Ipv4Addr, SocketAddr};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use common::proxy::{Proxy, VideoPts};
 use common::{CALL, Client, ClientConfig, TENANT, TestSfu, credential};
 use parley_sfu::{ParticipantId, SfuEvent};
-use tokio::net::UdpSocket;
-
-/// A UDP relay between one client and the SFU. Client→SFU passes at once; SFU→client passes
-/// through a token bucket of `rate` bytes/s (0: no limit) with a queue of at most `QUEUE`
-/// bytes; what does not fit is dropped, as on a congested link.
-struct Shaper {
-    addr: SocketAddr,
-    rate: Arc<AtomicU64>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Shaper {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-const QUEUE: usize = 20_000;
-
-impl Shaper {
-    async fn start(sfu: SocketAddr) -> Shaper {
-        let socket = UdpSocket::bind((Ipv4Addr::LOCALHOST, 0)).await.unwrap();
-        let addr = socket.local_addr().unwrap();
-        let rate = Arc::new(AtomicU64::new(0));
-        let r = rate.clone();
-        let task = tokio::spawn(async move {
-            let mut buf = vec![0u8; 2048];
-            let mut client: Option<SocketAddr> = None;
-            let mut queue: VecDeque<Vec<u8>> = VecDeque::new();
-            let mut queued = 0usize;
-            let mut tokens = 0f64;
-            let mut last = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_millis(2));
-            loop {
-                tokio::select! {
-                    got = socket.recv_from(&mut buf) => {
-                        let Ok((n, from)) = got else { continue };
-                        if from == sfu {
-                            if queued + n <= QUEUE {
-                                queued += n;
-                                queue.push_back(buf[..n].to_vec());
-                            }
-                        } else {
-                            client = Some(from);
-                            let _ = socket.send_to(&buf[..n], sfu).await;
-                        }
-                    }
-                    _ = tick.tick() => {}
-                }
-                let now = Instant::now();
-                let rate = r.load(Ordering::Relaxed) as f64;
-                if rate == 0.0 {
-                    tokens = f64::MAX;
-                } else {
-                    if tokens == f64::MAX {
-                        tokens = 0.0;
-                    }
-                    tokens = (tokens + rate * now.duration_since(last).as_secs_f64()).min(3_000.0);
-                }
-                last = now;
-                let Some(to) = client else { continue };
-                while let Some(d) = queue.front() {
-                    if (d.len() as f64) > tokens {
-                        break;
-                    }
-                    if tokens != f64::MAX {
-                        tokens -= d.len() as f64;
-                    }
-                    let d = queue.pop_front().unwrap();
-                    queued -= d.len();
-                    let _ = socket.send_to(&d, to).await;
-                }
-            }
-        });
-        Shaper { addr, rate, task }
-    }
-
-    fn cap(&self, bits_per_second: u64) {
-        self.rate.store(bits_per_second / 8, Ordering::Relaxed);
-    }
-}
 
 /// The subscriber's latest layer of the publisher's video, from the SFU's events.
 fn layer_of(sfu: &TestSfu, subscriber: ParticipantId) -> Option<String> {
@@ -149,9 +65,17 @@ fn frames_per_layer(client: &Client) -> [u64; 3] {
     out
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_subscriber_capped_by_its_estimate_moves_down_a_layer_and_back_up() -> anyhow::Result<()>
-{
+/// A publisher of synthetic simulcast (q ≈ 36, h ≈ 108, f ≈ 300 kbit/s of payload at 15 fps,
+/// plus Opus ≈ 32 kbit/s) and a subscriber behind a shaping relay, connected and receiving `f`.
+struct Setup {
+    sfu: TestSfu,
+    _publisher: Client,
+    sub: Client,
+    id: ParticipantId,
+    link: Proxy,
+}
+
+async fn setup() -> anyhow::Result<Setup> {
     let sfu = TestSfu::start(true).await;
     let publisher = Client::new(
         "pub",
@@ -165,8 +89,8 @@ async fn a_subscriber_capped_by_its_estimate_moves_down_a_layer_and_back_up() ->
     )
     .await;
     sfu.connect(&publisher).await?;
-    // The subscriber reaches the SFU only through the shaper: the answer's candidate is
-    // rewritten to the shaper's address.
+    // The subscriber reaches the SFU only through the relay: the answer's candidate is
+    // rewritten to the relay's address.
     let sub = Client::new(
         "sub",
         ClientConfig {
@@ -178,44 +102,83 @@ async fn a_subscriber_capped_by_its_estimate_moves_down_a_layer_and_back_up() ->
         },
     )
     .await;
-    let shaper = Shaper::start(sfu.handle.local_addr()).await;
+    let link = Proxy::start(sfu.handle.local_addr()).await;
     let id = sfu
         .handle
         .join(TENANT, CALL, "sub", &credential("sub"))
         .await?;
     let offer = sub.offer(0, 0).await?;
+    link.watch(VideoPts::vp8(&offer).expect("VP8 in the offer"));
     let answer = sfu.handle.apply_offer(id, &offer).await?;
-    let sfu_addr = sfu.handle.local_addr();
-    let answer = answer.replace(
-        &format!("{} {}", sfu_addr.ip(), sfu_addr.port()),
-        &format!("{} {}", shaper.addr.ip(), shaper.addr.port()),
-    );
-    sub.accept_answer(&answer).await?;
+    sub.accept_answer(&link.rewrite_answer(&answer, sfu.handle.local_addr()))
+        .await?;
     sub.wait_connected().await?;
     publisher.start_media();
 
-    // Unlimited: the best layer (the synthetic f is about 300 kbit/s).
+    // Unlimited: the best layer.
     wait_layer(&sfu, id, "f", Duration::from_secs(10), |l| l == "f").await;
     let before_cap = frames_per_layer(&sub);
     assert!(before_cap[2] > 0, "f frames arrived: {before_cap:?}");
-
-    // Capped at 250 kbit/s: audio (≈40 kbit/s reserved) plus f (≈300 kbit/s) does not fit.
-    shaper.cap(250_000);
-    let low = wait_layer(&sfu, id, "a lower layer", Duration::from_secs(20), |l| {
-        l == "q" || l == "h"
+    Ok(Setup {
+        sfu,
+        _publisher: publisher,
+        sub,
+        id,
+        link,
     })
+}
+
+fn switches(sfu: &TestSfu) -> Vec<SfuEvent> {
+    sfu.events()
+        .into_iter()
+        .filter(|e| matches!(e, SfuEvent::LayerSwitched { .. }))
+        .collect()
+}
+
+/// After the cap lifts, the estimate climbs and the subscriber moves above `low`; frames of the
+/// new layer arrive.
+async fn back_up(s: &Setup, low: &str) {
+    s.link.cap(0);
+    let back = wait_layer(
+        &s.sfu,
+        s.id,
+        "a higher layer",
+        Duration::from_secs(30),
+        |l| match low {
+            "q" => l == "h" || l == "f",
+            _ => l == "f",
+        },
+    )
+    .await;
+    let after = frames_per_layer(&s.sub);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = frames_per_layer(&s.sub);
+    let idx = if back == "f" { 2 } else { 1 };
+    assert!(
+        later[idx] > after[idx],
+        "{back} frames arrive after the cap lifted: {after:?} -> {later:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_subscriber_capped_by_its_estimate_moves_down_a_layer_and_back_up() -> anyhow::Result<()>
+{
+    let s = setup().await?;
+    // Capped at 250 kbit/s: audio (≈40 kbit/s reserved) plus f (≈300 kbit/s) does not fit.
+    s.link.cap(250_000);
+    let low = wait_layer(
+        &s.sfu,
+        s.id,
+        "a lower layer",
+        Duration::from_secs(20),
+        |l| l == "q" || l == "h",
+    )
     .await;
     tokio::time::sleep(Duration::from_millis(4000)).await;
-    let capped_start = frames_per_layer(&sub);
+    let capped_start = frames_per_layer(&s.sub);
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let capped_end = frames_per_layer(&sub);
-    eprintln!(
-        "switches so far: {:?}",
-        sfu.events()
-            .iter()
-            .filter(|e| matches!(e, SfuEvent::LayerSwitched { .. }))
-            .collect::<Vec<_>>()
-    );
+    let capped_end = frames_per_layer(&s.sub);
+    eprintln!("switches so far: {:?}", switches(&s.sfu));
     // While capped, the lower layers carry the video: the estimate oscillates around the cap,
     // so the SFU may probe f again for a moment, but most frames are q/h (15 fps of one layer
     // would be 30 frames in these 2 s).
@@ -225,27 +188,65 @@ async fn a_subscriber_capped_by_its_estimate_moves_down_a_layer_and_back_up() ->
         lower >= 10 && lower > 2 * f,
         "q/h frames carry the video while capped (switched to {low}): {capped_start:?} -> {capped_end:?}"
     );
+    back_up(&s, &low).await;
+    Ok(())
+}
 
-    // The cap lifts: the estimate climbs and the subscriber moves back up.
-    shaper.cap(0);
-    let back = wait_layer(
-        &sfu,
-        id,
-        "a higher layer",
-        Duration::from_secs(30),
-        |l| match low.as_str() {
-            "q" => l == "h" || l == "f",
-            _ => l == "f",
-        },
+/// At 120 kbit/s (q with audio fits, h does not) the subscriber ends on `q`, and `q`'s frames
+/// arrive once what was queued of the higher layers has drained (str0m's pacer queue and the
+/// relay's 20 KB buffer). When the cap lifts it moves back up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_a_120_kbit_cap_the_subscriber_ends_on_q_and_recovers() -> anyhow::Result<()> {
+    let s = setup().await?;
+    s.link.cap(120_000);
+    let capped = Instant::now();
+    wait_layer(&s.sfu, s.id, "q", Duration::from_secs(20), |l| l == "q").await;
+    // q's frames arrive within a few seconds of the switch (what was queued of h/f drains
+    // first), and then carry the video: over 3 s, at least 20 frames (15 fps of one layer
+    // would be 45), far more than any brief probe of a higher layer brings.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let start = frames_per_layer(&s.sub);
+    while frames_per_layer(&s.sub)[0] < start[0] + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "q frames did not arrive within 10 s of the switch: {start:?} -> {:?}; overflow {}",
+            frames_per_layer(&s.sub),
+            s.link.down().overflow
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let q_flowing = Instant::now();
+    let a = frames_per_layer(&s.sub);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let b = frames_per_layer(&s.sub);
+    let (q, higher) = (b[0] - a[0], (b[1] + b[2]) - (a[1] + a[2]));
+    eprintln!(
+        "capped: {a:?} -> {b:?}; switches {:?}; down {:?}",
+        switches(&s.sfu),
+        s.link.down()
+    );
+    assert!(
+        q >= 20 && q > 2 * higher,
+        "q carries the video under the cap: {a:?} -> {b:?}"
+    );
+    // The congestion lasts a while (the estimate settles near the cap) before it ends; the
+    // subscriber stays on q throughout.
+    tokio::time::sleep(
+        (capped + Duration::from_secs(15)).saturating_duration_since(Instant::now()),
     )
     .await;
-    let after = frames_per_layer(&sub);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let later = frames_per_layer(&sub);
-    let idx = if back == "f" { 2 } else { 1 };
-    assert!(
-        later[idx] > after[idx],
-        "{back} frames arrive after the cap lifted: {after:?} -> {later:?}"
+    assert_eq!(
+        layer_of(&s.sfu, s.id).as_deref(),
+        Some("q"),
+        "still on q at the end of the capped period; switches: {:?}",
+        switches(&s.sfu)
+    );
+    let lifted = Instant::now();
+    back_up(&s, "q").await;
+    eprintln!(
+        "cap 120 kbit/s: q frames flowing {:?} after the cap, back up {:?} after it lifted",
+        q_flowing.duration_since(capped),
+        lifted.elapsed()
     );
     Ok(())
 }

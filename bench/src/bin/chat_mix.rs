@@ -143,6 +143,9 @@ struct ConnResult {
     personal: ChanCheck,
     room: ChanCheck,
     failure: Option<String>,
+    /// `unread.updated` frames of the room received, and the last count.
+    unread_frames: u64,
+    unread_last: Option<u64>,
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
@@ -349,6 +352,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         personal_msgs += r.personal.messages;
     }
+    // Nobody reads or deletes in this mix: a member's unread count of its room is the others'
+    // acknowledged messages there (up to 1,000).
+    let (mut unread_frames, mut unread_exact) = (0u64, 0usize);
+    for (i, r) in results.iter().enumerate() {
+        unread_frames += r.unread_frames;
+        let others = acked_per_room[i / room_size]
+            .load(Ordering::Relaxed)
+            .saturating_sub(r.acked);
+        unread_exact += usize::from(r.unread_last == Some(others.min(1000)));
+    }
     let failures: Vec<&String> = results.iter().filter_map(|r| r.failure.as_ref()).collect();
     let delivered_window = del1 - del0;
     let srv_cpu = (srv1 - srv0).as_secs_f64();
@@ -391,6 +404,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|(name, pct)| format!("{name} {pct:.0}%"))
         .collect();
     println!("server CPU by thread name: {}", per_thread.join(", "));
+    println!(
+        "unread.updated frames of the rooms: {unread_frames} ({:.2} per delivery); last count exact (the others' acked messages) at {unread_exact} of {} connections when the run ended",
+        unread_frames as f64 / live.delivered.load(Ordering::Relaxed).max(1) as f64,
+        results.len()
+    );
     if let (Some(a), Some(b)) = (db0, db1) {
         println!(
             "database processes CPU: {:.0}% of one core",
@@ -585,6 +603,12 @@ async fn connection(mut c: Conn) -> ConnResult {
                             c.live.refused.fetch_add(1, Ordering::Relaxed);
                         }
                     }
+                    "unread.updated" => {
+                        if f.channel_id == Some(c.room.as_str()) {
+                            r.unread_frames += 1;
+                            r.unread_last = unread_count(raw);
+                        }
+                    }
                     kind => {
                         let (Some(ch), Some(seq)) = (f.channel_id, f.seq) else {
                             continue; // unread.updated, presence, read receipts: not channel events
@@ -626,9 +650,24 @@ async fn connection(mut c: Conn) -> ConnResult {
     r
 }
 
+/// The `unread_count` of an `unread.updated` frame.
+fn unread_count(raw: &str) -> Option<u64> {
+    let at = raw.find("\"unread_count\":")? + "\"unread_count\":".len();
+    let digits = raw[at..].split(|c: char| !c.is_ascii_digit()).next()?;
+    digits.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
-    use super::due_offset;
+    use super::{due_offset, unread_count};
+
+    #[test]
+    fn unread_count_is_read_from_the_frame() {
+        let raw =
+            r#"{"type":"unread.updated","channel_id":"c","unread_count":42,"last_read_seq":0}"#;
+        assert_eq!(unread_count(raw), Some(42));
+        assert_eq!(unread_count(r#"{"type":"ack"}"#), None);
+    }
 
     #[test]
     fn due_offset_reads_the_send_time_from_the_text() {

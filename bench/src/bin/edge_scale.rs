@@ -57,7 +57,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// The coordinator: starts the servers and the load generators, prints the figures.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// A load generator (started by `run`; commands on stdin, answers on stdout).
     Gen(GenArgs),
 }
@@ -78,6 +78,10 @@ struct RunArgs {
     database_url: String,
     #[arg(long, env = "PARLEY_TEST_NATS_URL")]
     nats_url: String,
+    /// The NATS URL of the `--role edge` processes (the edge user's credentials), in the split
+    /// topology; the core's by default.
+    #[arg(long)]
+    edge_nats_url: Option<String>,
     #[arg(long, value_enum, default_value_t = Topology::All)]
     topology: Topology,
     /// Edge processes holding the connections.
@@ -163,7 +167,7 @@ fn main() -> anyhow::Result<()> {
             .worker_threads(1)
             .enable_all()
             .build()?
-            .block_on(run(args)),
+            .block_on(run(*args)),
         Cmd::Gen(args) => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -341,8 +345,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     // The servers: the role flags are the only difference between the topologies.
     let mut common: Vec<String> = [
-        "--nats-url",
-        &args.nats_url,
         "--ws-frames-per-second",
         "100000",
         "--ws-frame-burst",
@@ -357,14 +359,32 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     .collect();
     common.extend(args.server_args.iter().cloned());
     let db = ["--database-url".to_owned(), args.database_url.clone()];
+    let nats = ["--nats-url".to_owned(), args.nats_url.clone()];
+    let edge_nats = [
+        "--nats-url".to_owned(),
+        args.edge_nats_url
+            .clone()
+            .unwrap_or_else(|| args.nats_url.clone()),
+    ];
     let (core_flags, edge_flags): (Vec<String>, Vec<String>) = match args.topology {
         Topology::All => (
-            [&db[..], &common[..]].concat(),
-            [&db[..], &common[..]].concat(),
+            [&nats[..], &db[..], &common[..]].concat(),
+            [&nats[..], &db[..], &common[..]].concat(),
         ),
         Topology::Split => (
-            [&["--role".into(), "core".into()], &db[..], &common[..]].concat(),
-            [&["--role".into(), "edge".into()], &common[..]].concat(),
+            [
+                &["--role".into(), "core".into()],
+                &nats[..],
+                &db[..],
+                &common[..],
+            ]
+            .concat(),
+            [
+                &["--role".into(), "edge".into()],
+                &edge_nats[..],
+                &common[..],
+            ]
+            .concat(),
         ),
     };
     let core = ServerProcess::start(&args.parley, &core_flags)?;

@@ -6,7 +6,7 @@
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -45,8 +45,15 @@ pub fn nats_url() -> String {
 }
 
 /// A running `parley serve` process, killed on drop.
+///
+/// With `PARLEY_TEST_TOPOLOGY=split`, a node on PostgreSQL and NATS is two processes: a
+/// `--role edge` (this one: clients talk to it; it connects as the NATS edge user) in front of
+/// its own `--role core` (`core`). Killing or restarting the node does so to both; SIGTERM goes
+/// to the edge, which is what drains client connections.
 pub struct Server {
     child: Option<Child>,
+    /// The node's core process, in the split topology.
+    core: Option<Box<Server>>,
     pub addr: String,
     pub data_dir: PathBuf,
     args: Vec<String>,
@@ -56,6 +63,7 @@ pub struct Server {
 }
 
 /// Builder for a test server.
+#[derive(Clone)]
 pub struct ServerBuilder {
     backend: Backend,
     data_dir: Option<PathBuf>,
@@ -125,7 +133,63 @@ impl ServerBuilder {
         self
     }
 
+    /// Whether this node runs as an edge and a core (`PARLEY_TEST_TOPOLOGY=split`, PostgreSQL
+    /// and NATS, no role chosen by the test, tokens the edge and core both verify).
+    fn split(&self) -> bool {
+        std::env::var("PARLEY_TEST_TOPOLOGY").as_deref() == Ok("split")
+            && self.nats
+            && self.backend == Backend::Postgres
+            && !self.dev_key
+            && !self
+                .extra
+                .iter()
+                .any(|a| a == "--role" || a == "--nats-url")
+    }
+
     pub fn start(self) -> Server {
+        if self.split() {
+            return self.start_split();
+        }
+        self.start_one()
+    }
+
+    /// A core with every argument of the node, then an edge in front of it with the same
+    /// arguments (limits, windows, budgets) but no database or Redis, as the NATS edge user.
+    fn start_split(self) -> Server {
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the tests with scripts/test.sh, which starts nats-server with its users")
+            })
+        };
+        let mut core = self.clone();
+        core.extra.extend(["--role".to_owned(), "core".to_owned()]);
+        core.stderr = self.stderr.as_ref().map(|p| p.with_extension("core.log"));
+        core.data_dir = None;
+        let core = core.start_one();
+        let node_extra = self.extra.clone();
+        let mut edge = ServerBuilder {
+            backend: Backend::Sqlite,
+            nats: false,
+            redis: false,
+            extra: vec![
+                "--role".into(),
+                "edge".into(),
+                "--nats-url".into(),
+                var("PARLEY_TEST_NATS_PLAIN_URL"),
+                "--nats-user".into(),
+                var("PARLEY_TEST_NATS_EDGE_USER"),
+                "--nats-password".into(),
+                var("PARLEY_TEST_NATS_EDGE_PASSWORD"),
+            ],
+            ..self
+        };
+        edge.extra.extend(node_extra);
+        let mut edge = edge.start_one();
+        edge.core = Some(Box::new(core));
+        edge
+    }
+
+    fn start_one(self) -> Server {
         let (tmp, dir) = match self.data_dir {
             Some(d) => (None, d),
             None => {
@@ -162,6 +226,7 @@ impl ServerBuilder {
         args.extend(self.extra);
         let mut server = Server {
             child: None,
+            core: None,
             addr: String::new(),
             data_dir: dir,
             args,
@@ -260,11 +325,15 @@ impl Server {
         }
     }
 
-    /// SIGKILL: no shutdown, no flush beyond what was already durable.
+    /// SIGKILL: no shutdown, no flush beyond what was already durable (the edge and the core,
+    /// in the split topology).
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
+        }
+        if let Some(core) = &mut self.core {
+            core.kill9();
         }
     }
 
@@ -283,6 +352,9 @@ impl Server {
     /// Starts the same command again (same data folder, new port).
     pub fn restart(&mut self) {
         self.kill9();
+        if let Some(core) = &mut self.core {
+            core.spawn();
+        }
         self.spawn();
     }
 
@@ -760,10 +832,22 @@ pub fn upgrade_refusal(r: Result<Ws, tokio_tungstenite::tungstenite::Error>) -> 
 pub struct PrivateNats {
     child: Child,
     port: u16,
+    /// The configuration file, when started with one.
+    _config: Option<tempfile::NamedTempFile>,
 }
 
 impl PrivateNats {
     pub fn start() -> PrivateNats {
+        PrivateNats::spawn(None)
+    }
+
+    /// A server on 127.0.0.1 with this configuration (nats-server's format: `tls { ... }`,
+    /// `authorization { ... }`); the `listen` line is added.
+    pub fn start_with_config(config: &str) -> PrivateNats {
+        PrivateNats::spawn(Some(config))
+    }
+
+    fn spawn(config: Option<&str>) -> PrivateNats {
         let bin = std::env::var("PARLEY_NATS_SERVER_BIN").expect(
             "PARLEY_NATS_SERVER_BIN is not set: run the tests with scripts/test.sh (or eval \"$(scripts/services.sh start)\"), which exports it",
         );
@@ -771,14 +855,27 @@ impl PrivateNats {
             .and_then(|l| l.local_addr())
             .expect("a free port")
             .port();
-        let child = Command::new(&bin)
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+        let mut command = Command::new(&bin);
+        let file = config.map(|config| {
+            let mut file = tempfile::NamedTempFile::new().expect("a temp file");
+            write!(file, "listen: 127.0.0.1:{port}\n{config}\n").expect("write the config");
+            command.arg("-c").arg(file.path());
+            file
+        });
+        if file.is_none() {
+            command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        }
+        let child = command
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
-        let mut nats = PrivateNats { child, port };
+        let mut nats = PrivateNats {
+            child,
+            port,
+            _config: file,
+        };
         let deadline = std::time::Instant::now() + Duration::from_secs(15);
         while std::net::TcpStream::connect((std::net::Ipv4Addr::LOCALHOST, port)).is_err() {
             assert!(

@@ -103,8 +103,9 @@ pub enum Op {
     },
     /// Move the read position. Reply: [`Reply::ReadState`].
     MarkRead { channel_id: String, seq: u64 },
-    /// The read state of a channel whose unread count changed. Reply: [`Reply::ReadState`]
-    /// (a failure is dropped: unread counts are best effort).
+    /// The read state of a channel whose unread count the session cannot follow from the
+    /// events (see [`crate::unread`]). Reply: [`Reply::ReadState`] (a failure is dropped: the
+    /// next change asks again).
     ReadState { channel_id: String },
     /// The user chose away or came back. Reply: [`Reply::Done`].
     SetAway { away: bool },
@@ -219,6 +220,10 @@ pub enum Reply {
 pub enum Transmit {
     /// A JSON text frame.
     Text(String),
+    /// A JSON text frame about the server events queued for the connection (an
+    /// `unread.updated` that counts them): the driver writes it after the events queued so far,
+    /// so that a client sees a count after the messages it counts.
+    AfterEvents(String),
     /// A transport-level ping (the heartbeat).
     Ping,
 }

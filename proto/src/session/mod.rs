@@ -47,6 +47,7 @@ use std::time::{Duration, Instant};
 
 use crate::conn::{FloodMeter, FrameBudget, is_dead};
 use crate::frames::{Ack, FrameError};
+use crate::unread::{Next, Snapshot, UnreadEvent, UnreadTracker};
 use crate::{
     ClientFrame, CloseCode, ErrorCode, Principal, ResumeChannel, ResumeRefusal, ResumedChannel,
     SendMessage, ServerFrame,
@@ -100,6 +101,16 @@ enum Waiting {
     Resume,
 }
 
+/// A subscription's unread count (see [`crate::unread`]).
+#[derive(Debug)]
+enum Unread {
+    /// Subscribing: where live delivery starts is not known yet.
+    Pending,
+    /// Live after this seq; nothing changed since (no tracker held).
+    Fresh(u64),
+    Tracked(Box<UnreadTracker>),
+}
+
 /// A send waiting for its result, or holding it until the sends before it are acked.
 #[derive(Debug)]
 struct PendingSend {
@@ -138,8 +149,8 @@ pub struct Session {
     budget: FrameBudget,
     flood: FloodMeter,
     last_heard: Instant,
-    /// Channels subscribed or being subscribed.
-    subscriptions: channels::ChannelSet,
+    /// Channels subscribed or being subscribed, with their unread counts.
+    subscriptions: channels::ChannelMap<Unread>,
     out: VecDeque<Output>,
     /// `Transmit`s in `out`.
     transmits: usize,
@@ -148,10 +159,12 @@ pub struct Session {
     /// Sends handed out and not yet acked, in `seq` order.
     pending_sends: VecDeque<PendingSend>,
     waiting: VecDeque<(u64, Waiting)>,
-    /// Channels whose unread count changed, not yet looked up.
+    /// Channels whose unread count must be read from storage, not yet looked up.
     unread_dirty: Vec<String>,
-    /// The tag of the unread lookup in flight (0: none). One at a time, so bursts coalesce.
-    unread_tag: u64,
+    /// The unread lookup in flight (tag, channel). One at a time, so bursts coalesce.
+    unread_lookup: Option<Box<(u64, String)>>,
+    /// Subscribed channels whose unread count changed since the client was last told.
+    unread_tell: Vec<String>,
     resume: Option<Box<Resume>>,
 }
 
@@ -177,7 +190,7 @@ impl Session {
             budget: FrameBudget::default(),
             flood: FloodMeter::default(),
             last_heard: now,
-            subscriptions: channels::ChannelSet::default(),
+            subscriptions: channels::ChannelMap::default(),
             out: VecDeque::new(),
             transmits: 0,
             next_tag: 1,
@@ -185,7 +198,8 @@ impl Session {
             pending_sends: VecDeque::new(),
             waiting: VecDeque::new(),
             unread_dirty: Vec::new(),
-            unread_tag: 0,
+            unread_lookup: None,
+            unread_tell: Vec::new(),
             resume: None,
         };
         if let Some(v) = pre_auth {
@@ -205,7 +219,7 @@ impl Session {
 
     /// Channels subscribed or being subscribed (for the driver's teardown).
     pub fn subscriptions(&self) -> impl Iterator<Item = &str> {
-        self.subscriptions.iter()
+        self.subscriptions.keys()
     }
 
     /// Whether the driver should read the client's next frame: false while a request's reply is
@@ -240,6 +254,9 @@ impl Session {
 
     /// The next thing to do, in order.
     pub fn poll_output(&mut self) -> Option<Output> {
+        if !self.unread_tell.is_empty() {
+            self.tell_unread();
+        }
         if self.out.is_empty() {
             self.advance_resume();
         }
@@ -282,6 +299,12 @@ impl Session {
         }
         self.transmit(Transmit::Ping);
         self.watch_token(now);
+        // Idle connections keep no remembered unread events.
+        for u in self.subscriptions.values_mut() {
+            if let Unread::Tracked(t) = u {
+                t.trim();
+            }
+        }
     }
 
     /// Closes the session from the server's side (shutdown: 1001, a full event queue: 4009).
@@ -305,16 +328,50 @@ impl Session {
         self.out.push_back(Output::Close(code));
     }
 
-    /// The unread count of a subscribed channel changed: an `unread.updated` follows (looked up
-    /// one channel at a time, so bursts coalesce).
+    /// The unread count of a channel changed in a way the session cannot follow: it is read
+    /// from storage (one lookup at a time, so bursts coalesce) and an `unread.updated` follows.
     pub fn unread_changed(&mut self, channel_id: &str) {
         if self.phase != Phase::Open {
             return;
         }
-        if !self.unread_dirty.iter().any(|c| c == channel_id) {
-            self.unread_dirty.push(channel_id.to_owned());
-        }
+        self.want_lookup(channel_id);
         self.next_unread();
+    }
+
+    /// An event that changes the user's unread count (of another user: see
+    /// [`crate::unread::unread_change`]) was queued for the connection, with its seq: the
+    /// subscription's count follows from it, without a storage read once the count is known.
+    /// The `unread.updated` it causes (one per channel for everything fed before the next
+    /// [`Session::poll_output`]) is a [`Transmit::AfterEvents`].
+    pub fn unread_event(&mut self, channel_id: &str, seq: u64, ev: UnreadEvent) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        let Some(t) = self.tracker(channel_id) else {
+            return;
+        };
+        let next = t.event(seq, ev);
+        self.unread_next(channel_id, next);
+    }
+
+    /// The node's bus may have lost messages (a reconnection): a push of the user's read state
+    /// may be among them, so every count is read again from storage at its next change.
+    pub fn unread_resync(&mut self) {
+        for u in self.subscriptions.values_mut() {
+            if let Unread::Tracked(t) = u {
+                t.forget(None);
+            }
+        }
+    }
+
+    /// A read state of the user pushed by the core (`unread.updated` after a `read` on any
+    /// connection of the user): a subscribed channel's count takes it into account; of any other
+    /// channel it is passed on as it is.
+    pub fn unread_pushed(&mut self, state: crate::ReadState) {
+        if self.phase != Phase::Open {
+            return;
+        }
+        self.read_state_seen(state, false);
     }
 
     /// What the client sent.
@@ -501,14 +558,14 @@ impl Session {
             }
             ClientFrame::Ping { id } => self.reply(ServerFrame::Pong { id }),
             ClientFrame::Subscribe { id, channel_id } => {
-                self.subscriptions.insert(&channel_id);
+                self.subscriptions.insert(&channel_id, Unread::Pending);
                 let op = Op::Subscribe {
                     channel_id: channel_id.clone(),
                 };
                 self.request(op, Some(Waiting::Subscribe { id, channel_id }));
             }
             ClientFrame::Unsubscribe { id, channel_id } => {
-                if self.subscriptions.remove(&channel_id) {
+                if self.subscriptions.remove(&channel_id).is_some() {
                     let op = Op::Unsubscribe {
                         channel_id: channel_id.clone(),
                     };
@@ -651,14 +708,16 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
-        if tag == self.unread_tag && tag != 0 {
-            self.unread_tag = 0;
-            if let Reply::ReadState(Ok(state)) = reply {
-                self.reply(ServerFrame::UnreadUpdated {
-                    channel_id: state.channel_id,
-                    unread_count: state.unread_count,
-                    last_read_seq: state.last_read_seq,
-                });
+        if let Some(lookup) = self.unread_lookup.take_if(|l| l.0 == tag) {
+            let channel_id = lookup.1;
+            match reply {
+                Reply::ReadState(Ok(state)) => self.looked_up(&channel_id, state),
+                _ => {
+                    // A failed lookup says nothing; the next change asks again.
+                    if let Some(Unread::Tracked(t)) = self.subscriptions.get_mut(&channel_id) {
+                        t.lookup_failed();
+                    }
+                }
             }
             self.next_unread();
             return;
@@ -687,11 +746,16 @@ impl Session {
             },
             (Waiting::Refresh { id }, Reply::Verified(r)) => self.refreshed(now, id, r),
             (Waiting::Subscribe { id, channel_id }, Reply::Subscribed(r)) => match r {
-                Ok(seq) => self.reply(ServerFrame::Ack(Ack {
-                    channel_id: Some(channel_id),
-                    seq: Some(seq),
-                    ..Ack::new(id)
-                })),
+                Ok(seq) => {
+                    if let Some(u) = self.subscriptions.get_mut(&channel_id) {
+                        *u = Unread::Fresh(seq);
+                    }
+                    self.reply(ServerFrame::Ack(Ack {
+                        channel_id: Some(channel_id),
+                        seq: Some(seq),
+                        ..Ack::new(id)
+                    }))
+                }
                 Err(e) => {
                     self.subscriptions.remove(&channel_id);
                     self.error(Some(id), e.code, &e.message);
@@ -705,11 +769,18 @@ impl Session {
                 Err(e) => self.error(Some(id), e.code, &e.message),
             },
             (Waiting::Read { id, channel_id }, Reply::ReadState(r)) => match r {
-                Ok(state) => self.reply(ServerFrame::Ack(Ack {
-                    channel_id: Some(channel_id),
-                    last_read_seq: Some(state.last_read_seq),
-                    ..Ack::new(id)
-                })),
+                Ok(state) => {
+                    self.reply(ServerFrame::Ack(Ack {
+                        channel_id: Some(channel_id),
+                        last_read_seq: Some(state.last_read_seq),
+                        ..Ack::new(id)
+                    }));
+                    // The new position, for a subscribed channel's count (the core also pushes
+                    // it to every connection of the user, this one included).
+                    if state.seq.is_some() {
+                        self.read_state_seen(state, true);
+                    }
+                }
                 Err(e) => self.error(Some(id), e.code, &e.message),
             },
             (Waiting::Ack { id }, Reply::Done(r)) => match r {
@@ -822,20 +893,121 @@ impl Session {
         }
     }
 
+    /// Hands out the next unread lookup, unless one is out (or a resume runs: its lookups
+    /// wait for its ack).
     fn next_unread(&mut self) {
-        if self.unread_tag != 0 || self.phase != Phase::Open {
+        if self.unread_lookup.is_some() || self.phase != Phase::Open || self.resume.is_some() {
             return;
         }
         let Some(channel_id) = self.unread_dirty.pop() else {
             self.unread_dirty = Vec::new();
             return;
         };
+        if let Some(t) = self.tracker(&channel_id) {
+            t.lookup_started();
+        }
         let tag = self.take_tag();
-        self.unread_tag = tag;
+        self.unread_lookup = Some(Box::new((tag, channel_id.clone())));
         self.push(Output::Request(Request {
             tag,
             op: Op::ReadState { channel_id },
         }));
+    }
+
+    fn want_lookup(&mut self, channel_id: &str) {
+        if !self.unread_dirty.iter().any(|c| c == channel_id) {
+            self.unread_dirty.push(channel_id.to_owned());
+        }
+    }
+
+    /// The tracker of a subscribed channel whose live position is known (made on first use).
+    fn tracker(&mut self, channel_id: &str) -> Option<&mut UnreadTracker> {
+        let u = self.subscriptions.get_mut(channel_id)?;
+        if let Unread::Fresh(live_from) = *u {
+            *u = Unread::Tracked(Box::new(UnreadTracker::new(live_from)));
+        }
+        match u {
+            Unread::Tracked(t) => Some(t),
+            _ => None,
+        }
+    }
+
+    /// What a tracker asked for after an input.
+    fn unread_next(&mut self, channel_id: &str, next: Next) {
+        match next {
+            Next::Nothing => {}
+            Next::Tell => {
+                if !self.unread_tell.iter().any(|c| c == channel_id) {
+                    self.unread_tell.push(channel_id.to_owned());
+                }
+            }
+            Next::Lookup => {
+                self.want_lookup(channel_id);
+                self.next_unread();
+            }
+        }
+    }
+
+    /// A read state with the seq it is as of (`read` ack, a push, a lookup): taken into a
+    /// subscribed channel's count; otherwise passed on as it is, unless `quiet`.
+    fn read_state_seen(&mut self, state: crate::ReadState, quiet: bool) {
+        let channel_id = state.channel_id.clone();
+        if let Some(seq) = state.seq
+            && let Some(t) = self.tracker(&channel_id)
+        {
+            let next = t.snapshot(snapshot(&state, seq));
+            return self.unread_next(&channel_id, next);
+        }
+        if let Some(Unread::Tracked(t)) = self.subscriptions.get_mut(&channel_id) {
+            // A state without its seq (from an older core): shown, and looked up at the next
+            // change.
+            t.forget(Some((state.unread_count, state.last_read_seq)));
+        }
+        if !quiet {
+            self.tell_raw(state);
+        }
+    }
+
+    /// The answer to an unread lookup.
+    fn looked_up(&mut self, channel_id: &str, state: crate::ReadState) {
+        if let Some(seq) = state.seq
+            && let Some(t) = self.tracker(channel_id)
+        {
+            let next = t.looked_up(snapshot(&state, seq));
+            return self.unread_next(channel_id, next);
+        }
+        if let Some(Unread::Tracked(t)) = self.subscriptions.get_mut(channel_id) {
+            t.lookup_failed(); // answered without its seq: the next change asks again
+        }
+        self.read_state_seen(state, false);
+    }
+
+    /// Queues the `unread.updated` of every channel whose shown count changed.
+    fn tell_unread(&mut self) {
+        for channel_id in std::mem::take(&mut self.unread_tell) {
+            let Some(Unread::Tracked(t)) = self.subscriptions.get_mut(&channel_id) else {
+                continue;
+            };
+            if let Some((unread_count, last_read_seq)) = t.take_shown() {
+                let frame = ServerFrame::UnreadUpdated {
+                    channel_id,
+                    unread_count,
+                    last_read_seq,
+                    seq: None,
+                };
+                self.transmit(Transmit::AfterEvents(frame.to_json()));
+            }
+        }
+    }
+
+    fn tell_raw(&mut self, state: crate::ReadState) {
+        let frame = ServerFrame::UnreadUpdated {
+            channel_id: state.channel_id,
+            unread_count: state.unread_count,
+            last_read_seq: state.last_read_seq,
+            seq: None,
+        };
+        self.transmit(Transmit::AfterEvents(frame.to_json()));
     }
 
     fn start_resume(&mut self, id: String, session_id: String, channels: Vec<ResumeChannel>) {
@@ -893,6 +1065,14 @@ impl Session {
                             .push(refused(channel_id, None, ResumeRefusal::NotAMember));
                     }
                     Ok(live_from) => {
+                        if let Some(u) = self.subscriptions.get_mut(&channel_id) {
+                            *u = Unread::Fresh(live_from);
+                        }
+                        if live_from > last_seen {
+                            // Messages may have come and gone while the client was away: its
+                            // count is read once (told after the resume's ack).
+                            self.want_lookup(&channel_id);
+                        }
                         let max_replay = self.config.limits.max_replay;
                         if r.window_passed == Some(true) {
                             r.outcomes.push(refused(
@@ -971,7 +1151,7 @@ impl Session {
             Some(ResumeChannel { channel_id, seq }) => {
                 r.current = Some((channel_id.clone(), seq, None));
                 r.busy = true;
-                self.subscriptions.insert(&channel_id);
+                self.subscriptions.insert(&channel_id, Unread::Pending);
                 self.request(Op::Subscribe { channel_id }, Some(Waiting::Resume));
             }
             None => {
@@ -980,6 +1160,7 @@ impl Session {
                     resumed: Some(r.outcomes),
                     ..Ack::new(r.id)
                 }));
+                self.next_unread();
             }
         }
     }
@@ -1050,6 +1231,14 @@ fn replayed(channel_id: String, events: u64, seq: u64) -> ResumedChannel {
         events,
         seq: Some(seq),
         reason: None,
+    }
+}
+
+fn snapshot(state: &crate::ReadState, seq: u64) -> Snapshot {
+    Snapshot {
+        last_read_seq: state.last_read_seq,
+        unread_count: state.unread_count,
+        seq,
     }
 }
 

@@ -116,7 +116,7 @@ impl Harness {
         while let Some(o) = self.s.poll_output() {
             assert!(self.closed.is_none(), "output after the close: {o:?}");
             match o {
-                Output::Transmit(Transmit::Text(t)) => {
+                Output::Transmit(Transmit::Text(t) | Transmit::AfterEvents(t)) => {
                     self.frames.push(serde_json::from_str(&t).unwrap())
                 }
                 Output::Transmit(Transmit::Ping) => self.pings += 1,
@@ -564,6 +564,7 @@ fn subscribe_failure_forgets_the_channel_and_unread_lookups_coalesce() {
         channel_id: "c2".into(),
         last_read_seq: 3,
         unread_count: 4,
+        seq: None,
     };
     h.reply(2, tag, Reply::ReadState(Ok(state)));
     assert_eq!(h.frames.last().unwrap()["type"], "unread.updated");
@@ -642,4 +643,228 @@ fn the_token_deadline_is_not_a_timer_until_it_is_near_and_a_past_one_closes_at_o
     h.s.handle_heartbeat(h.at(1_000));
     h.drain();
     assert_eq!(h.pings, 1);
+}
+
+fn read_state(channel_id: &str, last_read_seq: u64, unread_count: u64, seq: u64) -> ReadState {
+    ReadState {
+        channel_id: channel_id.into(),
+        last_read_seq,
+        unread_count,
+        seq: Some(seq),
+    }
+}
+
+/// Subscribes to `channel_id`, live after `live_from`; outputs drained.
+fn subscribed(h: &mut Harness, channel_id: &str, live_from: u64) {
+    h.text(
+        0,
+        json!({"type": "subscribe", "id": "s", "channel_id": channel_id}),
+    );
+    let tag = h.last_request().tag;
+    h.reply(0, tag, Reply::Subscribed(Ok(live_from)));
+    h.frames.clear();
+    h.requests.clear();
+}
+
+fn unread_frames(h: &Harness) -> Vec<&Value> {
+    h.frames
+        .iter()
+        .filter(|f| f["type"] == "unread.updated")
+        .collect()
+}
+
+use crate::ReadState;
+use crate::unread::UnreadEvent;
+
+#[test]
+fn unread_counts_follow_the_events_after_one_lookup() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    subscribed(&mut h, "c1", 10);
+    // The first change: the count is read once.
+    h.s.unread_event("c1", 11, UnreadEvent::New);
+    h.drain();
+    assert_eq!(h.requests.len(), 1);
+    let Request {
+        tag,
+        op: Op::ReadState { channel_id },
+    } = h.last_request().clone()
+    else {
+        panic!("a lookup: {:?}", h.requests)
+    };
+    assert_eq!(channel_id, "c1");
+    // Two more arrive while it is out: no second lookup.
+    h.s.unread_event("c1", 12, UnreadEvent::New);
+    h.s.unread_event("c1", 13, UnreadEvent::New);
+    h.drain();
+    assert_eq!(h.requests.len(), 1, "one lookup");
+    // It read the channel at seq 12: 13 is counted on top.
+    h.reply(1, tag, Reply::ReadState(Ok(read_state("c1", 4, 6, 12))));
+    assert_eq!(
+        unread_frames(&h),
+        vec![
+            &json!({"type": "unread.updated", "channel_id": "c1", "unread_count": 7, "last_read_seq": 4})
+        ]
+    );
+    // From now on no lookup: each batch of events makes one frame with the latest count.
+    h.frames.clear();
+    for seq in 14..=16 {
+        h.s.unread_event("c1", seq, UnreadEvent::New);
+    }
+    h.s.unread_event("c1", 17, UnreadEvent::Deleted { message_seq: 3 });
+    h.s.unread_event("c1", 18, UnreadEvent::Deleted { message_seq: 15 });
+    h.drain();
+    assert_eq!(h.requests.len(), 1, "no further lookup");
+    assert_eq!(
+        unread_frames(&h),
+        vec![
+            &json!({"type": "unread.updated", "channel_id": "c1", "unread_count": 9, "last_read_seq": 4})
+        ],
+        "one frame for the batch: +3, a read message deleted, an unread one deleted"
+    );
+    // Nothing changed, nothing said.
+    h.frames.clear();
+    h.s.unread_event("c1", 19, UnreadEvent::Deleted { message_seq: 2 });
+    h.drain();
+    assert!(h.frames.is_empty(), "{:?}", h.frames);
+}
+
+#[test]
+fn reads_from_this_and_other_connections_move_the_count() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    subscribed(&mut h, "c1", 0);
+    h.s.unread_pushed(read_state("c1", 0, 5, 5));
+    h.drain();
+    assert!(h.requests.is_empty(), "a pushed state needs no lookup");
+    assert_eq!(unread_frames(&h)[0]["unread_count"], 5);
+    h.frames.clear();
+    // This connection reads up to 3; events 6 and 7 arrive before the answer (as of seq 5).
+    h.text(
+        1,
+        json!({"type": "read", "id": "r1", "channel_id": "c1", "seq": 3}),
+    );
+    let tag = h.last_request().tag;
+    h.s.unread_event("c1", 6, UnreadEvent::New);
+    h.s.unread_event("c1", 7, UnreadEvent::New);
+    h.drain();
+    assert_eq!(unread_frames(&h).last().unwrap()["unread_count"], 7);
+    h.frames.clear();
+    h.reply(2, tag, Reply::ReadState(Ok(read_state("c1", 3, 2, 5))));
+    assert_eq!(h.frames[0]["type"], "ack");
+    assert_eq!(
+        unread_frames(&h),
+        vec![
+            &json!({"type": "unread.updated", "channel_id": "c1", "unread_count": 4, "last_read_seq": 3})
+        ]
+    );
+    // The core's push of the same read comes after: nothing new.
+    h.frames.clear();
+    h.s.unread_pushed(read_state("c1", 3, 2, 5));
+    h.drain();
+    assert!(h.frames.is_empty(), "{:?}", h.frames);
+    // Another device read to the end while event 8 was on its way here.
+    h.s.unread_pushed(read_state("c1", 8, 0, 8));
+    h.s.unread_event("c1", 8, UnreadEvent::New);
+    h.drain();
+    assert_eq!(
+        unread_frames(&h),
+        vec![
+            &json!({"type": "unread.updated", "channel_id": "c1", "unread_count": 0, "last_read_seq": 8})
+        ]
+    );
+    // A channel this connection does not follow: passed on as it is.
+    h.frames.clear();
+    h.s.unread_pushed(read_state("elsewhere", 2, 1, 9));
+    h.drain();
+    assert_eq!(
+        h.frames,
+        vec![
+            json!({"type": "unread.updated", "channel_id": "elsewhere", "unread_count": 1, "last_read_seq": 2})
+        ]
+    );
+    assert!(
+        h.requests
+            .iter()
+            .all(|r| !matches!(r.op, Op::ReadState { .. }))
+    );
+}
+
+#[test]
+fn a_resume_that_missed_events_reads_the_count_once_after_its_ack() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    let tag = resume_to(&mut h, json!([{"channel_id": "a", "seq": 5}]));
+    h.reply(1, tag, Reply::SessionChecked(SessionStatus::Live));
+    let tag = h.last_request().tag;
+    h.reply(2, tag, Reply::Subscribed(Ok(6)));
+    let tag = h.last_request().tag;
+    assert!(matches!(h.last_request().op, Op::ChannelEvents { .. }));
+    let ev: crate::ChannelEvent = serde_json::from_value(json!({
+        "type": "call.ended", "channel_id": "a", "seq": 6, "call_id": "call_1", "by": "alice",
+    }))
+    .unwrap();
+    h.reply(3, tag, Reply::Events(Ok(vec![ev])));
+    assert_eq!(h.frames.last().unwrap()["type"], "ack");
+    let Request {
+        tag,
+        op: Op::ReadState { channel_id },
+    } = h.last_request().clone()
+    else {
+        panic!("a lookup after the ack: {:?}", h.requests)
+    };
+    assert_eq!(channel_id, "a");
+    h.reply(4, tag, Reply::ReadState(Ok(read_state("a", 5, 1, 6))));
+    assert_eq!(
+        h.frames.last().unwrap(),
+        &json!({"type": "unread.updated", "channel_id": "a", "unread_count": 1, "last_read_seq": 5})
+    );
+}
+
+#[test]
+fn unread_frames_leave_after_the_events_they_count() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    subscribed(&mut h, "c1", 0);
+    h.s.unread_pushed(read_state("c1", 0, 0, 0));
+    h.s.unread_event("c1", 1, UnreadEvent::New);
+    let mut outputs = Vec::new();
+    while let Some(o) = h.s.poll_output() {
+        outputs.push(o);
+    }
+    assert_eq!(outputs.len(), 1, "{outputs:?}");
+    assert!(
+        matches!(&outputs[0], Output::Transmit(Transmit::AfterEvents(t)) if t.contains("\"unread_count\":1")),
+        "{outputs:?}"
+    );
+}
+
+#[test]
+fn after_a_bus_resync_the_next_change_reads_the_count_again() {
+    let mut h = Harness::open(config(), Duration::from_secs(3600));
+    subscribed(&mut h, "c1", 0);
+    h.s.unread_pushed(read_state("c1", 0, 2, 2));
+    h.s.unread_event("c1", 3, UnreadEvent::New);
+    h.drain();
+    assert!(h.requests.is_empty());
+    assert_eq!(unread_frames(&h).last().unwrap()["unread_count"], 3);
+    // A push may have been lost with the bus messages: nothing is said until the next change,
+    // which is read from storage rather than counted on a count that may be stale.
+    h.s.unread_resync();
+    h.drain();
+    assert!(h.requests.is_empty(), "no lookup storm at the resync");
+    h.s.unread_event("c1", 4, UnreadEvent::New);
+    h.drain();
+    let Request {
+        tag,
+        op: Op::ReadState { .. },
+    } = h.last_request().clone()
+    else {
+        panic!("a lookup: {:?}", h.requests)
+    };
+    h.frames.clear();
+    // Another device had read up to 3 (its push was lost): 1 unread, not 4.
+    h.reply(1, tag, Reply::ReadState(Ok(read_state("c1", 3, 1, 4))));
+    assert_eq!(
+        unread_frames(&h),
+        vec![
+            &json!({"type": "unread.updated", "channel_id": "c1", "unread_count": 1, "last_read_seq": 3})
+        ]
+    );
 }

@@ -298,7 +298,9 @@ pub(super) async fn mark_read(
     ApiJson(req): ApiJson<MarkRead>,
 ) -> Result<axum::Json<ReadState>, ApiError> {
     channel_id(&id)?;
-    Ok(axum::Json(s.core.mark_read(&p, &id, req.seq).await?))
+    Ok(axum::Json(
+        s.core.mark_read(&p, &id, req.seq).await?.public(),
+    ))
 }
 
 /// The caller's read position and unread count in a channel.
@@ -310,7 +312,7 @@ pub(super) async fn read_state(
     Path(id): Path<String>,
 ) -> Result<axum::Json<ReadState>, ApiError> {
     channel_id(&id)?;
-    Ok(axum::Json(s.core.read_state(&p, &id).await?))
+    Ok(axum::Json(s.core.read_state(&p, &id).await?.public()))
 }
 
 /// Typing started or stopped (the WebSocket `typing.start`/`typing.stop` over REST). Throttled

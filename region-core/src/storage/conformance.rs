@@ -43,6 +43,7 @@ macro_rules! storage_conformance_tests {
             member_add_remove_events
             member_role_changes
             non_member_cannot_send
+            member_history_is_for_members
             removed_member_cannot_send
             removal_races_sends
             concurrent_sends_are_gapless
@@ -58,6 +59,7 @@ macro_rules! storage_conformance_tests {
             delete_channel_removes_everything
             metadata_round_trips
             read_state_and_unread_counts
+            unread_counts_follow_from_the_event_stream
             unread_counts_stop_at_the_cap
             unread_counts_follow_every_change
             unread_reads_in_the_middle_of_a_long_channel
@@ -622,6 +624,59 @@ pub async fn non_member_cannot_send(s: Arc<dyn Storage>) {
             .await
             .messages
             .is_empty()
+    );
+}
+
+/// `member_history` gives a member the page `history` gives, refuses a non-member (and a
+/// removed member) with `NotAMember`, and an unknown channel with `NotFound`.
+pub async fn member_history_is_for_members(s: Arc<dyn Storage>) {
+    let t = tenant();
+    let (alice, bob, mallory) = (id("alice"), id("bob"), id("mallory"));
+    let ch = channel(&s, &t, &alice, &[(bob.as_str(), Role::Member)]).await;
+    for i in 0..7 {
+        s.send_message(msg(&t, &ch.id, &alice, &format!("k{i}"), "hi"))
+            .await
+            .expect("send");
+    }
+    for anchor in [
+        HistoryAnchor::Latest,
+        HistoryAnchor::Before(5),
+        HistoryAnchor::After(2),
+        HistoryAnchor::Around(4),
+    ] {
+        let page = s
+            .member_history(&t, &ch.id, &bob, anchor, 3)
+            .await
+            .expect("a member's page");
+        let plain = history(&s, &t, &ch.id, anchor, 3).await;
+        let seqs = |p: &MessagePage| p.messages.iter().map(|m| m.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&page), seqs(&plain), "{anchor:?}");
+        assert_eq!(
+            (page.has_before, page.has_after),
+            (plain.has_before, plain.has_after),
+            "{anchor:?}"
+        );
+    }
+    assert_err(
+        s.member_history(&t, &ch.id, &mallory, HistoryAnchor::Latest, 50)
+            .await,
+        is_not_a_member,
+        "a non-member's page",
+    );
+    assert_err(
+        s.member_history(&t, &id("missing"), &alice, HistoryAnchor::Latest, 50)
+            .await,
+        is_not_found,
+        "a page of an unknown channel",
+    );
+    s.remove_member(&t, &ch.id, &bob, &alice)
+        .await
+        .expect("remove bob");
+    assert_err(
+        s.member_history(&t, &ch.id, &bob, HistoryAnchor::Latest, 50)
+            .await,
+        is_not_a_member,
+        "a removed member's page",
     );
 }
 
@@ -2225,10 +2280,12 @@ pub async fn read_state_and_unread_counts(s: Arc<dyn Storage>) {
     s.delete_message(&t, &ch.id, &doomed.id, &alice)
         .await
         .expect("delete"); // 5
+    // Every state is as of the channel's last seq (5: nothing is sent after the deletion).
     let state = |last_read_seq, unread_count| parley_proto::ReadState {
         channel_id: ch.id.clone(),
         last_read_seq,
         unread_count,
+        seq: Some(5),
     };
 
     let read = |user: String| {
@@ -2303,6 +2360,109 @@ pub async fn read_state_and_unread_counts(s: Arc<dyn Storage>) {
         !s.shares_channel(&t, &alice, &bob).await.expect("shares"),
         "not after the removal"
     );
+}
+
+/// What an edge keeps for a subscriber (`parley_proto::unread`) agrees with storage at every
+/// step: a read state is as of the channel's last seq (`ReadState::seq`), and from it the
+/// channel's events alone give the count (others' messages +1, deletions of others' unread
+/// messages −1, everything else nothing), including a read answered after later events were
+/// delivered and a read made while events are still on their way.
+pub async fn unread_counts_follow_from_the_event_stream(s: Arc<dyn Storage>) {
+    use parley_proto::unread::{Snapshot, UnreadTracker, unread_change};
+    let t = tenant();
+    let (alice, bob, carol) = (id("alice"), id("bob"), id("carol"));
+    let ch = channel(
+        &s,
+        &t,
+        &alice,
+        &[(bob.as_str(), Role::Member), (carol.as_str(), Role::Member)],
+    )
+    .await;
+    let ch = ch.id.as_str();
+    let snapshot = |r: &parley_proto::ReadState| Snapshot {
+        last_read_seq: r.last_read_seq,
+        unread_count: r.unread_count,
+        seq: r.seq.expect("a read state says which seq it is as of"),
+    };
+    // Bob's tracker, fed like the edge feeds a subscriber: events in seq order, from `delivered`.
+    let mut tracker = UnreadTracker::new(0);
+    let mut delivered = 0;
+    let first = s.read_state(&t, ch, &bob).await.expect("read_state");
+    assert_eq!(first.seq, Some(0), "a new channel is at seq 0");
+    tracker.snapshot(snapshot(&first));
+    macro_rules! deliver_and_check {
+        ($what:expr) => {{
+            for ev in events(&s, &t, ch, delivered).await {
+                if let Some((sender, change)) = unread_change(&ev.body)
+                    && sender != bob
+                {
+                    tracker.event(ev.seq, change);
+                }
+                delivered = ev.seq;
+            }
+            let state = s.read_state(&t, ch, &bob).await.expect("read_state");
+            assert_eq!(state.seq, Some(delivered), "{}: as of the last seq", $what);
+            assert_eq!(
+                tracker.shown(),
+                Some((state.unread_count, state.last_read_seq)),
+                "{}: the edge's count against storage's",
+                $what
+            );
+        }};
+    }
+    let mut sent = Vec::new();
+    for (i, who) in [&alice, &bob, &carol, &alice, &bob, &carol, &alice]
+        .into_iter()
+        .enumerate()
+    {
+        sent.push(
+            send(&s, msg(&t, ch, who, &format!("m{i}"), "hi"))
+                .await
+                .message,
+        );
+    }
+    deliver_and_check!("others' and own messages");
+    // Bob reads up to message 4; two more arrive and are delivered before the read's answer.
+    let read = s.mark_read(&t, ch, &bob, 4).await.expect("read");
+    assert_eq!(read.seq, Some(7), "a read is as of the channel's last seq");
+    send(&s, msg(&t, ch, &carol, "late1", "x")).await;
+    send(&s, msg(&t, ch, &bob, "late2", "x")).await;
+    for ev in events(&s, &t, ch, delivered).await {
+        if let Some((sender, change)) = unread_change(&ev.body)
+            && sender != bob
+        {
+            tracker.event(ev.seq, change);
+        }
+        delivered = ev.seq;
+    }
+    tracker.snapshot(snapshot(&read));
+    deliver_and_check!("a read answered after later events");
+    // Deletions: of a message bob read (alice's 1), of an unread one (carol's 6), of his own
+    // message after his read position (5), of alice's unread 7 by carol.
+    for (m, by) in [(0, &alice), (5, &carol), (4, &bob), (6, &carol)] {
+        s.delete_message(&t, ch, &sent[m].id, by)
+            .await
+            .expect("delete");
+        deliver_and_check!(format!("deleting message {}", sent[m].seq));
+    }
+    // An edit and a member change are not unread changes.
+    s.edit_message(&t, ch, &sent[2].id, "edited", None)
+        .await
+        .expect("edit");
+    let dave = id("dave");
+    s.add_member(&t, ch, &dave, Role::Member, &alice)
+        .await
+        .expect("add");
+    deliver_and_check!("an edit and a new member");
+    // A read whose answer arrives before the events it counted: they are skipped when they come.
+    send(&s, msg(&t, ch, &alice, "ahead1", "x")).await;
+    send(&s, msg(&t, ch, &dave, "ahead2", "x")).await;
+    let read = s.mark_read(&t, ch, &bob, 9).await.expect("read");
+    tracker.snapshot(snapshot(&read));
+    deliver_and_check!("a read answered before the events it counted");
+    let read = s.mark_read(&t, ch, &bob, u64::MAX).await.expect("read all");
+    tracker.snapshot(snapshot(&read));
+    deliver_and_check!("read to the end");
 }
 
 // ---- helpers ----

@@ -25,7 +25,7 @@ pub use sqlite::SqliteStorage;
 /// Counting is a walk over the unread messages, and a member far behind (a busy channel left
 /// for a month) would make every channel list and every `unread.updated` push walk all of them.
 /// Both engines' SQL spell the number out in a `LIMIT`; the conformance suite checks them.
-pub const UNREAD_COUNT_CAP: u64 = 1000;
+pub const UNREAD_COUNT_CAP: u64 = parley_proto::unread::UNREAD_COUNT_CAP;
 
 /// The seq range whose messages a read position moving from `old` to `target` (at most `last`,
 /// the channel's last seq) has to count to keep the unread counters: `(from, to, tail)`, the
@@ -306,6 +306,26 @@ pub trait Storage: Send + Sync + 'static {
         limit: u32,
     ) -> StorageResult<MessagePage>;
 
+    /// [`Storage::history`] for a member of the channel: `NotAMember` when `user_id` is not
+    /// one, `NotFound` when there is no such channel. An engine may answer both in one read
+    /// (SQLite does: one trip to a reader thread instead of two).
+    async fn member_history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
+        if self.member(tenant, channel_id, user_id).await?.is_none() {
+            return Err(match self.channel(tenant, channel_id).await? {
+                Some(_) => StorageError::NotAMember,
+                None => StorageError::NotFound,
+            });
+        }
+        self.history(tenant, channel_id, anchor, limit).await
+    }
+
     /// Moves the member's read position forward to `seq` (clamped to the channel's last seq;
     /// an older seq changes nothing). `NotAMember` when the user is not a member.
     async fn mark_read(
@@ -368,6 +388,12 @@ pub trait Storage: Send + Sync + 'static {
         participant_id: &str,
         reason: LeaveReason,
     ) -> StorageResult<Vec<ChannelEvent>>;
+
+    /// Records the call's mode (an escalation to the SFU), so that it outlives the cores'
+    /// memory. No event (the cores announce `call.mode_changed` themselves); nothing happens
+    /// to an ended or unknown call.
+    async fn set_call_mode(&self, tenant: &str, call_id: &str, mode: CallMode)
+    -> StorageResult<()>;
 
     /// Ends an active call: every present participant leaves (`Ended`), then `call.ended`.
     /// Empty when the call had ended already.

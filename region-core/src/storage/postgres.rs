@@ -27,7 +27,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
 use futures::future::{try_join, try_join3};
-use parley_proto::calls::{Call, CallParticipant, LeaveReason};
+use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{
     Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
 };
@@ -447,6 +447,7 @@ impl Storage for PostgresStorage {
                 channel_id: channel_id.to_owned(),
                 last_read_seq: seq_from(get(&row, "last_read_seq")?)?,
                 unread_count: seq_from(get(&row, "unread_count")?)?,
+                seq: Some(seq_from(get(&row, "last_seq")?)?),
             }
         })
     }
@@ -471,6 +472,7 @@ impl Storage for PostgresStorage {
             channel_id: channel_id.to_owned(),
             last_read_seq: seq_from(get(&row, "last_read_seq")?)?,
             unread_count: seq_from(get(&row, "unread_count")?)?,
+            seq: Some(seq_from(get(&row, "last_seq")?)?),
         })
     }
 
@@ -528,6 +530,23 @@ impl Storage for PostgresStorage {
         transact!(self.pool, |tx| {
             calls::leave_call(&tx, tenant, call_id, participant_id, reason).await?
         })
+    }
+
+    async fn set_call_mode(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        mode: CallMode,
+    ) -> StorageResult<()> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        client
+            .execute(
+                "UPDATE calls SET mode = $3 WHERE tenant_id = $1 AND id = $2 AND ended_at IS NULL",
+                &[&tenant, &call_id, &mode.as_str()],
+            )
+            .await
+            .map_err(db_err)?;
+        Ok(())
     }
 
     async fn end_call(
@@ -760,81 +779,19 @@ impl Storage for PostgresStorage {
         anchor: HistoryAnchor,
         limit: u32,
     ) -> StorageResult<MessagePage> {
-        let client = self.pool.get().await.map_err(pool_err)?;
-        let (exists, before, from, any_from, any_before) = tokio::try_join!(
-            client.prepare_cached(SELECT_CHANNEL),
-            client.prepare_cached(PAGE_BEFORE),
-            client.prepare_cached(PAGE_FROM),
-            client.prepare_cached(ANY_FROM),
-            client.prepare_cached(ANY_BEFORE),
-        )
-        .map_err(db_err)?;
-        let limit = i64::from(limit);
-        // One round trip per call: the tenant check and the page queries are pipelined. Pages
-        // fetch one row more than they keep, which tells whether more exist beyond them.
-        let channel_params: [&(dyn ToSql + Sync); 2] = [&channel_id, &tenant];
-        let channel = client.query_opt(&exists, &channel_params);
-        let (found, older, newer, has_before, has_after) = match anchor {
-            HistoryAnchor::Latest => {
-                let (found, older) = tokio::try_join!(
-                    channel,
-                    rows(&client, &before, channel_id, i64::MAX, limit + 1)
-                )
-                .map_err(db_err)?;
-                let (older, has_before) = cut(older, limit);
-                (found, older, Vec::new(), has_before, false)
-            }
-            HistoryAnchor::Before(seq) => {
-                let seq = seq_param(seq);
-                let (found, older, has_after) = tokio::try_join!(
-                    channel,
-                    rows(&client, &before, channel_id, seq, limit + 1),
-                    flag(&client, &any_from, channel_id, seq),
-                )
-                .map_err(db_err)?;
-                let (older, has_before) = cut(older, limit);
-                (found, older, Vec::new(), has_before, has_after)
-            }
-            HistoryAnchor::After(seq) => {
-                let from_seq = seq_param(seq).saturating_add(1);
-                let (found, newer, has_before) = tokio::try_join!(
-                    channel,
-                    rows(&client, &from, channel_id, from_seq, limit + 1),
-                    flag(&client, &any_before, channel_id, from_seq),
-                )
-                .map_err(db_err)?;
-                let (newer, has_after) = cut(newer, limit);
-                (found, Vec::new(), newer, has_before, has_after)
-            }
-            HistoryAnchor::Around(seq) => {
-                let seq = seq_param(seq);
-                let (older_n, newer_n) = (limit / 2, limit - limit / 2);
-                let (found, older, newer) = tokio::try_join!(
-                    channel,
-                    rows(&client, &before, channel_id, seq, older_n + 1),
-                    rows(&client, &from, channel_id, seq, newer_n + 1),
-                )
-                .map_err(db_err)?;
-                let (older, has_before) = cut(older, older_n);
-                let (newer, has_after) = cut(newer, newer_n);
-                (found, older, newer, has_before, has_after)
-            }
-        };
-        if found.is_none() {
-            return Err(StorageError::NotFound);
-        }
-        // `older` is newest first.
-        let messages = older
-            .iter()
-            .rev()
-            .chain(newer.iter())
-            .map(|row| message_from_row(row, channel_id))
-            .collect::<StorageResult<_>>()?;
-        Ok(MessagePage {
-            messages,
-            has_before,
-            has_after,
-        })
+        self.page(tenant, channel_id, None, anchor, limit).await
+    }
+
+    async fn member_history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
+        self.page(tenant, channel_id, Some(user_id), anchor, limit)
+            .await
     }
 
     async fn events(
@@ -1049,7 +1006,7 @@ const MARK_READ_FORWARD: &str = "UPDATE members SET last_read_seq = $4, read_cou
 const MARK_READ_TAIL: &str = "UPDATE members m SET last_read_seq = $4, read_count = c.msg_count - $5, \
      skip_count = $6 FROM channels c \
      WHERE c.id = m.channel_id AND m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
-const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, \
+const SELECT_READ_STATE: &str = "SELECT m.last_read_seq, c.last_seq, \
      LEAST(GREATEST(c.msg_count - m.read_count - m.skip_count, 0), 1000) AS unread_count \
      FROM members m JOIN channels c ON c.id = m.channel_id \
      WHERE m.channel_id = $1 AND m.tenant_id = $2 AND m.user_id = $3";
@@ -2040,6 +1997,109 @@ fn copy_error(e: &StorageError) -> StorageError {
         StorageError::Unavailable(m) => StorageError::Unavailable(m.clone()),
         StorageError::Timeout(m) => StorageError::Timeout(m.clone()),
         StorageError::Internal(m) => StorageError::Internal(m.clone()),
+    }
+}
+
+impl PostgresStorage {
+    /// A page of history; with `user_id`, only for a member of the channel (checked in the same
+    /// round trip).
+    async fn page(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: Option<&str>,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
+        let client = self.pool.get().await.map_err(pool_err)?;
+        let (exists, before, from, any_from, any_before, member) = tokio::try_join!(
+            client.prepare_cached(SELECT_CHANNEL),
+            client.prepare_cached(PAGE_BEFORE),
+            client.prepare_cached(PAGE_FROM),
+            client.prepare_cached(ANY_FROM),
+            client.prepare_cached(ANY_BEFORE),
+            client.prepare_cached(SELECT_MEMBER),
+        )
+        .map_err(db_err)?;
+        let limit = i64::from(limit);
+        // One round trip per call: the tenant check, the membership check (for a member's page)
+        // and the page queries are pipelined. Pages fetch one row more than they keep, which
+        // tells whether more exist beyond them.
+        let channel_params: [&(dyn ToSql + Sync); 2] = [&channel_id, &tenant];
+        let channel = client.query_opt(&exists, &channel_params);
+        let is_member = async {
+            match user_id {
+                Some(user) => client
+                    .query_opt(&member, &[&channel_id, &tenant, &user])
+                    .await
+                    .map(|row| Some(row.is_some())),
+                None => Ok(None),
+            }
+        };
+        let pages = async {
+            Ok::<_, tokio_postgres::Error>(match anchor {
+                HistoryAnchor::Latest => {
+                    let (found, older) = tokio::try_join!(
+                        channel,
+                        rows(&client, &before, channel_id, i64::MAX, limit + 1)
+                    )?;
+                    let (older, has_before) = cut(older, limit);
+                    (found, older, Vec::new(), has_before, false)
+                }
+                HistoryAnchor::Before(seq) => {
+                    let seq = seq_param(seq);
+                    let (found, older, has_after) = tokio::try_join!(
+                        channel,
+                        rows(&client, &before, channel_id, seq, limit + 1),
+                        flag(&client, &any_from, channel_id, seq),
+                    )?;
+                    let (older, has_before) = cut(older, limit);
+                    (found, older, Vec::new(), has_before, has_after)
+                }
+                HistoryAnchor::After(seq) => {
+                    let from_seq = seq_param(seq).saturating_add(1);
+                    let (found, newer, has_before) = tokio::try_join!(
+                        channel,
+                        rows(&client, &from, channel_id, from_seq, limit + 1),
+                        flag(&client, &any_before, channel_id, from_seq),
+                    )?;
+                    let (newer, has_after) = cut(newer, limit);
+                    (found, Vec::new(), newer, has_before, has_after)
+                }
+                HistoryAnchor::Around(seq) => {
+                    let seq = seq_param(seq);
+                    let (older_n, newer_n) = (limit / 2, limit - limit / 2);
+                    let (found, older, newer) = tokio::try_join!(
+                        channel,
+                        rows(&client, &before, channel_id, seq, older_n + 1),
+                        rows(&client, &from, channel_id, seq, newer_n + 1),
+                    )?;
+                    let (older, has_before) = cut(older, older_n);
+                    let (newer, has_after) = cut(newer, newer_n);
+                    (found, older, newer, has_before, has_after)
+                }
+            })
+        };
+        let ((found, older, newer, has_before, has_after), is_member) =
+            tokio::try_join!(pages, is_member).map_err(db_err)?;
+        if found.is_none() {
+            return Err(StorageError::NotFound);
+        }
+        if is_member == Some(false) {
+            return Err(StorageError::NotAMember);
+        }
+        // `older` is newest first.
+        let messages = older
+            .iter()
+            .rev()
+            .chain(newer.iter())
+            .map(|row| message_from_row(row, channel_id))
+            .collect::<StorageResult<_>>()?;
+        Ok(MessagePage {
+            messages,
+            has_before,
+            has_after,
+        })
     }
 }
 

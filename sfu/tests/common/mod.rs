@@ -14,6 +14,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, Mutex};
@@ -188,6 +190,9 @@ pub struct MidStats {
     pub keyframes: u64,
     /// Source tags seen (`<publisher>/<a|v>/<rid>`), with frame counts.
     pub sources: BTreeMap<String, u64>,
+    /// RTP sequence numbers (as on the wire, 16 bits) of every packet of every frame that
+    /// str0m delivered: a packet lost on the way is in here only if it was retransmitted.
+    pub seqs: BTreeSet<u16>,
 }
 
 #[derive(Debug, Default)]
@@ -449,6 +454,9 @@ impl Driver {
                 let m = s.received.entry(d.mid.to_string()).or_default();
                 m.packets += packets;
                 m.frames += 1;
+                for seq in **d.seq_range.start()..=**d.seq_range.end() {
+                    m.seqs.insert(seq as u16);
+                }
                 if d.is_keyframe() {
                     m.keyframes += 1;
                 }

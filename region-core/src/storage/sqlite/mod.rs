@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use parley_proto::calls::{Call, CallParticipant, LeaveReason};
+use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{Channel, ChannelEvent, Member, MessagePage, ReadState, Role};
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{Semaphore, oneshot};
@@ -732,6 +732,27 @@ impl Storage for SqliteStorage {
             .await
     }
 
+    async fn member_history(
+        &self,
+        tenant: &str,
+        channel_id: &str,
+        user_id: &str,
+        anchor: HistoryAnchor,
+        limit: u32,
+    ) -> StorageResult<MessagePage> {
+        let (t, id, u) = (tenant.to_owned(), channel_id.to_owned(), user_id.to_owned());
+        self.read(move |c| {
+            if queries::member(c, &t, &id, &u)?.is_none() {
+                return Err(match queries::channel(c, &t, &id)? {
+                    Some(_) => StorageError::NotAMember,
+                    None => StorageError::NotFound,
+                });
+            }
+            queries::history(c, &t, &id, anchor, limit)
+        })
+        .await
+    }
+
     async fn mark_read(
         &self,
         tenant: &str,
@@ -807,6 +828,24 @@ impl Storage for SqliteStorage {
         );
         self.write(move |c| queries::leave_call(c, &t, &id, &pid, reason))
             .await
+    }
+
+    async fn set_call_mode(
+        &self,
+        tenant: &str,
+        call_id: &str,
+        mode: CallMode,
+    ) -> StorageResult<()> {
+        let (t, id) = (tenant.to_owned(), call_id.to_owned());
+        self.write(move |c| {
+            c.execute(
+                "UPDATE calls SET mode = ?3 WHERE tenant_id = ?1 AND id = ?2 AND ended_at IS NULL",
+                rusqlite::params![t, id, mode.as_str()],
+            )
+            .map_err(queries::db_err)?;
+            Ok(())
+        })
+        .await
     }
 
     async fn end_call(

@@ -1,0 +1,212 @@
+//! `history_latency`: latency of history pages under an open-loop request rate.
+//!
+//! Starts the release `parley serve` (SQLite in a temp folder, or PostgreSQL with
+//! `--database-url`), fills `--channels` channels with `--messages` messages in all (REST sends,
+//! `--seed-concurrency` in flight), then requests pages of `--limit` messages at `--rate`
+//! requests per second for `--duration-secs`: each request asks for the page before a random
+//! seq of a random channel (one in ten asks for the latest page). Requests start on schedule
+//! whether or not earlier ones finished (open loop), and each latency is counted from the
+//! request's scheduled time, so a stall shows in the figures instead of slowing the load.
+//!
+//! Prints p50/p95/p99/max, errors and the server's CPU during the load. Never passes or fails on
+//! time.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use parley_bench::{Rest, ServerProcess, percentile, token};
+use rand::Rng;
+use tokio::sync::Semaphore;
+
+#[derive(Debug, Parser)]
+#[command(about = "Latency of history pages at an open-loop request rate")]
+struct Args {
+    /// The parley binary (release build).
+    #[arg(long, default_value_os_t = parley_bench::default_parley_path())]
+    parley: std::path::PathBuf,
+    /// PostgreSQL instead of SQLite.
+    #[arg(long)]
+    database_url: Option<String>,
+    /// Channels to fill.
+    #[arg(long, default_value_t = 1)]
+    channels: usize,
+    /// Messages in all, spread evenly over the channels.
+    #[arg(long, default_value_t = 100_000)]
+    messages: usize,
+    /// Sends in flight while filling.
+    #[arg(long, default_value_t = 64)]
+    seed_concurrency: usize,
+    /// History requests per second.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Measured time.
+    #[arg(long, default_value_t = 20)]
+    duration_secs: u64,
+    /// Messages per page.
+    #[arg(long, default_value_t = 50)]
+    limit: u32,
+    /// Extra `parley serve` flags (repeat).
+    #[arg(long = "server-arg", allow_hyphen_values = true)]
+    server_args: Vec<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut flags: Vec<String> = ["--rate-per-minute", "100000000", "--rate-burst", "1000000"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    if let Some(url) = &args.database_url {
+        flags.extend(["--database-url".to_owned(), url.clone()]);
+    }
+    flags.extend(args.server_args.iter().cloned());
+    let mut server = ServerProcess::start(&args.parley, &flags)?;
+    let engine = if args.database_url.is_some() {
+        "postgres"
+    } else {
+        "sqlite"
+    };
+    println!(
+        "history_latency: {} | {engine} | {} channels, {} messages, page {}, {} req/s for {} s",
+        parley_bench::machine_summary(),
+        args.channels,
+        args.messages,
+        args.limit,
+        args.rate,
+        args.duration_secs
+    );
+    let rest = Arc::new(Rest::new(server.http_base()));
+    let owner = token("hist-owner");
+    let mut channels = Vec::with_capacity(args.channels);
+    for c in 0..args.channels.max(1) {
+        channels.push(
+            rest.create_channel(&owner, &format!("history {c}"), &[])
+                .await?,
+        );
+    }
+
+    // Fill: every channel gets its share, with `seed_concurrency` sends in flight.
+    let t0 = Instant::now();
+    let per_channel = args.messages.div_ceil(channels.len());
+    let slots = Arc::new(Semaphore::new(args.seed_concurrency.max(1)));
+    let mut sends = tokio::task::JoinSet::new();
+    for i in 0..per_channel {
+        for ch in &channels {
+            let permit = slots.clone().acquire_owned().await?;
+            let (rest, owner, ch) = (rest.clone(), owner.clone(), ch.clone());
+            sends.spawn(async move {
+                let _permit = permit;
+                let text = format!("history message {i}: some text of an ordinary length here");
+                rest.send_message(&owner, &ch, &format!("s{i}"), &text)
+                    .await
+            });
+            while let Some(done) = sends.try_join_next() {
+                done??;
+            }
+        }
+    }
+    while let Some(done) = sends.join_next().await {
+        done??;
+    }
+    let filled = t0.elapsed();
+    println!(
+        "filled {} messages in {:.1} s ({:.0} msgs/s), load average {}",
+        per_channel * channels.len(),
+        filled.as_secs_f64(),
+        (per_channel * channels.len()) as f64 / filled.as_secs_f64(),
+        loadavg()
+    );
+    server.check_alive()?;
+
+    // Warm-up then measure, open loop.
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(256)
+        .build()?;
+    let base = server.http_base();
+    let total = u64::from(args.rate) * args.duration_secs;
+    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    let cpu0 = server.cpu()?;
+    let start = Instant::now() + Duration::from_millis(200);
+    let mut tasks = tokio::task::JoinSet::new();
+    // The result of every request: (answered with success, latency from its scheduled time).
+    let mut results = Vec::with_capacity(total as usize);
+    let mut rng = rand::rng();
+    for k in 0..total {
+        let due = start + interval.mul_f64(k as f64);
+        let ch = &channels[rng.random_range(0..channels.len())];
+        let url = if rng.random_range(0..10) == 0 {
+            format!("{base}/v1/channels/{ch}/messages?limit={}", args.limit)
+        } else {
+            let before = rng.random_range(2..=per_channel as u64 + 1);
+            format!(
+                "{base}/v1/channels/{ch}/messages?before={before}&limit={}",
+                args.limit
+            )
+        };
+        tokio::time::sleep_until(due.into()).await;
+        let (http, owner) = (http.clone(), owner.clone());
+        tasks.spawn(async move {
+            let res = http.get(&url).bearer_auth(&owner).send().await;
+            let ok = match res {
+                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
+                _ => false,
+            };
+            (ok, due.elapsed())
+        });
+        while let Some(done) = tasks.try_join_next() {
+            results.push(done?);
+        }
+    }
+    let mut lat_us: Vec<u32> = Vec::with_capacity(total as usize);
+    let mut errors = 0u64;
+    while let Some(done) = tasks.join_next().await {
+        results.push(done?);
+    }
+    for (ok, took) in results {
+        if ok {
+            lat_us.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
+        } else {
+            errors += 1;
+        }
+    }
+    let wall = start.elapsed();
+    let cpu = server.cpu()?.saturating_sub(cpu0);
+    server.check_alive()?;
+    if lat_us.is_empty() {
+        bail!("no request succeeded");
+    }
+    lat_us.sort_unstable();
+    let ms = |us: u32| f64::from(us) / 1000.0;
+    println!(
+        "{} requests ({errors} failed) in {:.1} s: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms; server CPU {:.1} % ({:.0} µs per request); load average {}",
+        lat_us.len(),
+        wall.as_secs_f64(),
+        ms(percentile(&lat_us, 50.0)),
+        ms(percentile(&lat_us, 95.0)),
+        ms(percentile(&lat_us, 99.0)),
+        ms(*lat_us.last().context("a latency")?),
+        100.0 * cpu.as_secs_f64() / wall.as_secs_f64(),
+        cpu.as_secs_f64() * 1e6 / lat_us.len() as f64,
+        loadavg()
+    );
+    Ok(())
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
