@@ -8,6 +8,12 @@
 //! whether or not earlier ones finished (open loop), and each latency is counted from the
 //! request's scheduled time, so a stall shows in the figures instead of slowing the load.
 //!
+//! `--bulk-seed` (PostgreSQL only) writes the messages with one `INSERT ... SELECT
+//! generate_series` per batch of channels straight into the database instead of sending them
+//! (ten million messages take minutes that way, not hours), and moves each channel's `last_seq`
+//! and message counter to match. `--send-rate` keeps sending messages (REST, to random channels)
+//! while the pages are requested, so the reads meet a write load.
+//!
 //! Prints p50/p95/p99/max, errors and the server's CPU during the load. Never passes or fails on
 //! time.
 
@@ -47,6 +53,12 @@ struct Args {
     /// Messages per page.
     #[arg(long, default_value_t = 50)]
     limit: u32,
+    /// Write the messages straight into PostgreSQL (needs --database-url).
+    #[arg(long)]
+    bulk_seed: bool,
+    /// Messages per second sent (REST) while the pages are requested.
+    #[arg(long, default_value_t = 0)]
+    send_rate: u32,
     /// Extra `parley serve` flags (repeat).
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -98,9 +110,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Fill: every channel gets its share, with `seed_concurrency` sends in flight.
     let t0 = Instant::now();
     let per_channel = args.messages.div_ceil(channels.len());
+    if args.bulk_seed {
+        let url = args
+            .database_url
+            .as_deref()
+            .context("--bulk-seed writes into PostgreSQL: give --database-url")?;
+        bulk_seed(url, &channels, per_channel).await?;
+    }
     let slots = Arc::new(Semaphore::new(args.seed_concurrency.max(1)));
     let mut sends = tokio::task::JoinSet::new();
-    for i in 0..per_channel {
+    for i in 0..if args.bulk_seed { 0 } else { per_channel } {
         for ch in &channels {
             let permit = slots.clone().acquire_owned().await?;
             let (rest, owner, ch) = (rest.clone(), owner.clone(), ch.clone());
@@ -135,6 +154,50 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let base = server.http_base();
     let total = u64::from(args.rate) * args.duration_secs;
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
+    // The write load, open loop too, until the reads are done.
+    let writing = Arc::new(std::sync::atomic::AtomicBool::new(args.send_rate > 0));
+    let writer = {
+        let (rest, owner, channels, writing) = (
+            rest.clone(),
+            owner.clone(),
+            channels.clone(),
+            writing.clone(),
+        );
+        let every = Duration::from_secs_f64(1.0 / f64::from(args.send_rate.max(1)));
+        tokio::spawn(async move {
+            let (mut sent, mut failed) = (0u64, 0u64);
+            let mut sends = tokio::task::JoinSet::new();
+            let mut next = Instant::now();
+            let mut k = 0u64;
+            while writing.load(std::sync::atomic::Ordering::Relaxed) {
+                tokio::time::sleep_until(next.into()).await;
+                next += every;
+                k += 1;
+                let ch = channels[(k as usize) % channels.len()].clone();
+                let (rest, owner) = (rest.clone(), owner.clone());
+                sends.spawn(async move {
+                    rest.send_message(&owner, &ch, &format!("load-{k}"), "written during reads")
+                        .await
+                        .is_ok()
+                });
+                while let Some(done) = sends.try_join_next() {
+                    if matches!(done, Ok(true)) {
+                        sent += 1
+                    } else {
+                        failed += 1
+                    }
+                }
+            }
+            while let Some(done) = sends.join_next().await {
+                if matches!(done, Ok(true)) {
+                    sent += 1
+                } else {
+                    failed += 1
+                }
+            }
+            (sent, failed)
+        })
+    };
     let cpu0 = server.cpu()?;
     let start = Instant::now() + Duration::from_millis(200);
     let mut tasks = tokio::task::JoinSet::new();
@@ -181,6 +244,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let wall = start.elapsed();
     let cpu = server.cpu()?.saturating_sub(cpu0);
+    writing.store(false, std::sync::atomic::Ordering::Relaxed);
+    let (sent, failed) = writer.await?;
+    if args.send_rate > 0 {
+        println!(
+            "write load: {sent} messages sent during the reads ({:.0}/s), {failed} failed",
+            sent as f64 / wall.as_secs_f64()
+        );
+    }
     server.check_alive()?;
     if lat_us.is_empty() {
         bail!("no request succeeded");
@@ -199,6 +270,54 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cpu.as_secs_f64() * 1e6 / lat_us.len() as f64,
         loadavg()
     );
+    Ok(())
+}
+
+/// Writes `per_channel` messages into each channel straight into PostgreSQL (seqs after the
+/// channel's last), in batches of channels, and moves `last_seq` and `msg_count` to match.
+async fn bulk_seed(url: &str, channels: &[String], per_channel: usize) -> anyhow::Result<()> {
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to PostgreSQL for --bulk-seed")?;
+    tokio::spawn(conn);
+    let n = i64::try_from(per_channel)?;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let t0 = Instant::now();
+    for (b, batch) in channels.chunks(50).enumerate() {
+        let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO messages (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, \
+             metadata, created_at) \
+             SELECT ch.id, ch.last_seq + g, 'msg_' || upper(substr(md5(ch.id || ':' || g), 1, 26)), \
+             'hist-owner', 'bulk-' || g, 'bulk', \
+             'history message ' || g || ': some text of an ordinary length here', NULL, $3 + g \
+             FROM channels ch, generate_series(1, $2::bigint) g WHERE ch.id = ANY($1)",
+            &[&ids, &n, &now],
+        )
+        .await
+        .context("bulk insert")?;
+        tx.execute(
+            "UPDATE channels SET last_seq = last_seq + $2, msg_count = msg_count + $2 \
+             WHERE id = ANY($1)",
+            &[&ids, &n],
+        )
+        .await?;
+        tx.commit().await?;
+        if b % 4 == 3 {
+            println!(
+                "bulk seed: {} channels of {} in {:.0} s",
+                (b + 1) * 50,
+                channels.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    client.execute("ANALYZE messages", &[]).await?;
     Ok(())
 }
 
