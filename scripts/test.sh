@@ -112,11 +112,14 @@ phase "cargo test ${cargo_args[*]}${*:+ $*}" cargo test "${cargo_args[@]}" "$@" 
 # --- client suites (full runs only) -------------------------------------------------
 if [ $# -eq 0 ]; then
     # The multi-node tests again with every node split into a `--role edge` (as the NATS edge
-    # user) in front of its own `--role core` (parley/tests/common: PARLEY_TEST_TOPOLOGY).
+    # user) in front of its own `--role core` (parley/tests/common: PARLEY_TEST_TOPOLOGY). One
+    # test at a time: every core on the shared test NATS answers in the one queue group, so a
+    # test's edge may reach another test's core, which that test may be killing.
     split_tests=(multinode presence_multinode calls_multinode channel_added drain interest resume)
     phase "cargo test, split topology (${split_tests[*]})" \
         env PARLEY_TEST_TOPOLOGY=split cargo test --locked -p parley \
-        $(printf -- '--test %s ' "${split_tests[@]}") || failed+=("cargo test (split topology)")
+        $(printf -- '--test %s ' "${split_tests[@]}") -- --test-threads 1 ||
+        failed+=("cargo test (split topology)")
     # The binary the Rust integration tests used; rebuilt here only if they did not build it.
     export PARLEY_BIN="$CARGO_TARGET_DIR/debug/parley"
     if [ ! -x "$PARLEY_BIN" ]; then

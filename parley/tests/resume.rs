@@ -665,12 +665,14 @@ async fn lossless_receiver(
             ReadEnd::Closed(how) => r.ended(how),
             ReadEnd::Done => {
                 round += 1;
+                // The pause (1.5 s) comes third: a fast server may have taken every send by
+                // its end, and the cuts before it must not wait for it.
                 match round % 3 {
-                    0 => {
+                    1 => {
                         cut(ws, Cut::CloseFrame).await;
                         r.ended("client close frame");
                     }
-                    1 => {
+                    2 => {
                         cut(ws, Cut::Abrupt).await;
                         r.ended("client abrupt drop");
                     }
@@ -698,18 +700,29 @@ async fn lossless_receiver(
     }
 }
 
-/// Sends `total` messages over REST from `tasks` concurrent tasks; returns seq → message id.
+/// Sends `total` messages over REST from `tasks` concurrent tasks, spread over at least
+/// `at_least` (so the receiver's cuts happen while messages still arrive, however fast the
+/// server is); returns seq → message id.
 async fn send_concurrently(
     api: Api,
     channel: &str,
     total: usize,
     tasks: usize,
+    at_least: Duration,
 ) -> BTreeMap<u64, String> {
     let senders: Vec<_> = (0..tasks)
         .map(|t| {
             let (api, channel) = (api.clone(), channel.to_owned());
             let count = total / tasks + usize::from(t < total % tasks);
-            tokio::spawn(async move { send_n(&api, &channel, &format!("t{t}"), count).await })
+            let pause = at_least / u32::try_from(count.max(1)).unwrap_or(u32::MAX);
+            tokio::spawn(async move {
+                let mut out = BTreeMap::new();
+                for i in 0..count {
+                    out.extend(send_n(&api, &channel, &format!("t{t}-{i}"), 1).await);
+                    tokio::time::sleep(pause).await;
+                }
+                out
+            })
         })
         .collect();
     let mut acks = BTreeMap::new();
@@ -800,7 +813,13 @@ async fn a_receiver_cut_again_and_again_gets_every_message_exactly_once() {
     let (r, acks) = tokio::time::timeout(Duration::from_secs(120), async {
         let ws = subscribed_receiver(&server, &bob, &channel).await;
         let receiver = lossless_receiver(&server, ws, &bob, &channel, TOTAL);
-        let sender = send_concurrently(server.api(&alice), &channel, TOTAL as usize, 8);
+        let sender = send_concurrently(
+            server.api(&alice),
+            &channel,
+            TOTAL as usize,
+            8,
+            Duration::from_secs(6),
+        );
         tokio::join!(receiver, sender)
     })
     .await
@@ -838,7 +857,13 @@ async fn a_receiver_on_another_node_cut_again_and_again_gets_every_message_exact
     let (r, acks) = tokio::time::timeout(Duration::from_secs(120), async {
         let ws = subscribed_receiver(&b, &bob, &channel).await;
         let receiver = lossless_receiver(&b, ws, &bob, &channel, TOTAL);
-        let sender = send_concurrently(a.api(&alice), &channel, TOTAL as usize, 8);
+        let sender = send_concurrently(
+            a.api(&alice),
+            &channel,
+            TOTAL as usize,
+            8,
+            Duration::from_secs(5),
+        );
         tokio::join!(receiver, sender)
     })
     .await
