@@ -117,7 +117,16 @@ async fn setup() -> anyhow::Result<Setup> {
 
     // Unlimited: the best layer.
     wait_layer(&sfu, id, "f", Duration::from_secs(10), |l| l == "f").await;
-    let before_cap = frames_per_layer(&sub);
+    // The layer is chosen before its first frame reaches the subscriber (a loaded machine may
+    // take a while): wait for one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let before_cap = loop {
+        let frames = frames_per_layer(&sub);
+        if frames[2] > 0 || tokio::time::Instant::now() > deadline {
+            break frames;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(before_cap[2] > 0, "f frames arrived: {before_cap:?}");
     Ok(Setup {
         sfu,
