@@ -6,25 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Backend, Server, ServerBuilder, Ws, token, unique};
-
-/// The value of an unlabelled metric, or of one series given with its labels
-/// (`name{kind="channel"}`), on the node's /metrics; 0 when absent.
-async fn metric(server: &Server, series: &str) -> f64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().expect("metric value"))
-        })
-        .unwrap_or(0.0)
-}
+use common::{Backend, ServerBuilder, Ws, token, unique};
 
 /// Node B holds the only subscriber of channel X; node A holds the only subscriber of channel
 /// Y. Messages go to both channels, sent through both nodes. Each node's bus delivers it exactly
@@ -46,12 +28,12 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
     let mut on_b = Ws::connect(&b, &token(&member)).await;
     let from_x = on_b.subscribe(&x).await;
     assert_eq!(
-        metric(&a, "parley_bus_topics{kind=\"channel\"}").await,
+        a.metric("parley_bus_topics{kind=\"channel\"}").await,
         1.0,
         "node A subscribes to one channel"
     );
-    let received_a = metric(&a, "parley_bus_events_received_total").await;
-    let received_b = metric(&b, "parley_bus_events_received_total").await;
+    let received_a = a.metric("parley_bus_events_received_total").await;
+    let received_b = b.metric("parley_bus_events_received_total").await;
 
     const X_VIA_B: usize = 20;
     const X_VIA_A: usize = 5;
@@ -86,12 +68,12 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
     // Anything late would arrive within this pause (the bus is on loopback).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        metric(&a, "parley_bus_events_received_total").await - received_a,
+        a.metric("parley_bus_events_received_total").await - received_a,
         Y_VIA_B as f64,
         "node A received exactly Y's events, none of X's"
     );
     assert_eq!(
-        metric(&b, "parley_bus_events_received_total").await - received_b,
+        b.metric("parley_bus_events_received_total").await - received_b,
         (X_VIA_B + X_VIA_A) as f64,
         "node B received exactly X's events, none of Y's"
     );
@@ -102,11 +84,11 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
         .await;
     assert_eq!(ack["type"], "ack", "{ack}");
     assert_eq!(
-        metric(&a, "parley_bus_topics{kind=\"channel\"}").await,
+        a.metric("parley_bus_topics{kind=\"channel\"}").await,
         0.0,
         "node A subscribes to no channel"
     );
-    let received_a = metric(&a, "parley_bus_events_received_total").await;
+    let received_a = a.metric("parley_bus_events_received_total").await;
     let r = api_b.send(&y, "after", "nobody on a").await;
     assert_eq!(r.status, 201, "{}", r.body);
     let r = api_b.send(&x, "after", "still b").await;
@@ -114,7 +96,7 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
     on_b.next_event().await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(
-        metric(&a, "parley_bus_events_received_total").await,
+        a.metric("parley_bus_events_received_total").await,
         received_a,
         "node A receives nothing once its subscriber left"
     );
@@ -200,10 +182,13 @@ async fn a_member_removed_through_another_node_gets_nothing_more() {
     let mut member_ws = Ws::connect(&a, &token(&member)).await;
     member_ws.subscribe(&channel).await;
     // The hub is live on A: a re-subscribe needs only the membership, which A has cached.
-    let hits = metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await;
+    let hits = a
+        .metric("parley_membership_cache_lookups_total{result=\"hit\"}")
+        .await;
     member_ws.subscribe(&channel).await;
     assert_eq!(
-        metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await,
+        a.metric("parley_membership_cache_lookups_total{result=\"hit\"}")
+            .await,
         hits + 1.0,
         "the re-subscribe was answered from the cache"
     );
@@ -313,13 +298,16 @@ async fn call_signals_are_answered_from_the_cache_until_a_participant_leaves() {
         "signal": { "kind": "offer", "sdp": "v=0" } });
     let r = alice_ws.request(offer).await;
     assert_eq!(r["type"], "ack", "{r}");
-    let hits = metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await;
+    let hits = a
+        .metric("parley_membership_cache_lookups_total{result=\"hit\"}")
+        .await;
     for n in 0..3 {
         let r = alice_ws.request(candidate(&pb, n)).await;
         assert_eq!(r["type"], "ack", "{r}");
     }
     assert_eq!(
-        metric(&a, "parley_membership_cache_lookups_total{result=\"hit\"}").await,
+        a.metric("parley_membership_cache_lookups_total{result=\"hit\"}")
+            .await,
         hits + 3.0,
         "the pair's later signals were answered from the cache"
     );

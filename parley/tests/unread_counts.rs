@@ -98,24 +98,8 @@ async fn truth(api: &common::Api, channel: &str) -> (u64, u64) {
     )
 }
 
-async fn metric(server: &Server, series: &str) -> f64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().expect("metric value"))
-        })
-        .unwrap_or(0.0)
-}
-
 async fn lookups(server: &Server) -> f64 {
-    metric(server, "parley_unread_lookups_total").await
+    server.metric("parley_unread_lookups_total").await
 }
 
 /// Sends as `api`'s user; returns `(seq, message id)`.
@@ -322,7 +306,7 @@ async fn deliveries_make_no_read_state_rpc_across_the_edge_core_hop() {
     }
     let (s, _) = send(&alice_api, ch, "first").await;
     assert_eq!(check!(s, "the first message"), (1, 0));
-    let first = metric(&edge, RPCS).await;
+    let first = edge.metric(RPCS).await;
     assert!(
         (1.0..=2.0).contains(&first),
         "each connection read its count once, for its first change: {first} read_state RPCs"
@@ -333,7 +317,7 @@ async fn deliveries_make_no_read_state_rpc_across_the_edge_core_hop() {
     }
     assert_eq!(check!(last, "a burst through the hop"), (21, 0));
     assert_eq!(
-        metric(&edge, RPCS).await,
+        edge.metric(RPCS).await,
         first,
         "20 deliveries to 2 connections made no read_state RPC"
     );
@@ -348,5 +332,5 @@ async fn deliveries_make_no_read_state_rpc_across_the_edge_core_hop() {
     );
     let (s, _) = send(&alice_api, ch, "after the read").await;
     assert_eq!(check!(s, "after the read"), (6, last - 5));
-    assert_eq!(metric(&edge, RPCS).await, first, "nor did the read");
+    assert_eq!(edge.metric(RPCS).await, first, "nor did the read");
 }

@@ -23,28 +23,11 @@ const QUIET: Duration = Duration::from_millis(700);
 const BUCKETS: &str = "parley_bus_subscriptions{kind=\"user_bucket\"}";
 const EPHEMERALS: &str = "parley_bus_ephemerals_received_total";
 
-/// The value of a series (`name{labels}`) on the node's /metrics; 0 when absent.
-async fn metric(server: &Server, series: &str) -> f64 {
-    let text = reqwest::get(server.url("/metrics"))
-        .await
-        .expect("GET /metrics")
-        .text()
-        .await
-        .expect("metrics body");
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (name, value) = l.rsplit_once(' ')?;
-            (name == series).then(|| value.parse::<f64>().expect("metric value"))
-        })
-        .unwrap_or(0.0)
-}
-
 /// Waits until the series has `want` (interest changes reach the bus asynchronously).
 async fn metric_becomes(server: &Server, series: &str, want: f64, what: &str) {
     let deadline = Instant::now() + WAIT;
     loop {
-        let got = metric(server, series).await;
+        let got = server.metric(series).await;
         if got == want {
             return;
         }
@@ -118,14 +101,14 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     let mut carol_ws = Ws::connect(&a, &token(&carol)).await;
     let mut bob_ws = Ws::connect(&b, &token(&bob)).await;
     assert_eq!(
-        metric(&a, BUCKETS).await,
+        a.metric(BUCKETS).await,
         2.0,
         "node A: alice and amy share a bucket"
     );
-    assert_eq!(metric(&b, BUCKETS).await, 1.0, "node B: bob's bucket");
-    assert_eq!(metric(&a, "parley_bus_topics{kind=\"user\"}").await, 3.0);
-    let b_received = metric(&b, EPHEMERALS).await;
-    let a_received = metric(&a, EPHEMERALS).await;
+    assert_eq!(b.metric(BUCKETS).await, 1.0, "node B: bob's bucket");
+    assert_eq!(a.metric("parley_bus_topics{kind=\"user\"}").await, 3.0);
+    let b_received = b.metric(EPHEMERALS).await;
+    let a_received = a.metric(EPHEMERALS).await;
 
     // channel.added, published by B (where the REST call runs) to alice's subject: it reaches
     // alice's connection on A right after her welcome, and nobody else.
@@ -162,11 +145,11 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     // B holds none of those buckets: it received none of those events.
     tokio::time::sleep(QUIET).await;
     assert_eq!(
-        metric(&b, EPHEMERALS).await,
+        b.metric(EPHEMERALS).await,
         b_received,
         "node B received events of buckets it has no user in"
     );
-    assert!(metric(&a, EPHEMERALS).await >= a_received + 3.0);
+    assert!(a.metric(EPHEMERALS).await >= a_received + 3.0);
 
     // The counter does count: an event for bob (sent through A) reaches B.
     let bob_channel = a.api(&dave).create_channel("bob's", &[&bob]).await;
@@ -179,7 +162,7 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     drop(alice_ws);
     metric_becomes(&a, "parley_bus_topics{kind=\"user\"}", 2.0, "alice gone").await;
     assert_eq!(
-        metric(&a, BUCKETS).await,
+        a.metric(BUCKETS).await,
         2.0,
         "amy still holds the shared bucket"
     );
@@ -190,14 +173,14 @@ async fn user_events_cross_nodes_on_one_subscription_per_bucket() {
     // Amy leaves too: the bucket's subscription goes, and A no longer receives its events.
     drop(amy_ws);
     metric_becomes(&a, BUCKETS, 1.0, "the shared bucket's last user left").await;
-    let a_received = metric(&a, EPHEMERALS).await;
+    let a_received = a.metric(EPHEMERALS).await;
     // (Through B by bob: his own channel.added goes to B.)
     b.api(&bob)
         .create_channel("alice's again", &[&alice, &amy])
         .await;
     tokio::time::sleep(QUIET).await;
     assert_eq!(
-        metric(&a, EPHEMERALS).await,
+        a.metric(EPHEMERALS).await,
         a_received,
         "node A received events of a bucket it no longer holds"
     );

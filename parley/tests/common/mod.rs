@@ -358,6 +358,23 @@ impl Server {
         self.spawn();
     }
 
+    /// The value of a series (`name` or `name{labels}`) on the node's /metrics; 0 when absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let text = reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics body");
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .find_map(|l| {
+                let (name, value) = l.rsplit_once(' ')?;
+                (name == series).then(|| value.parse::<f64>().expect("metric value"))
+            })
+            .unwrap_or(0.0)
+    }
+
     pub fn api(&self, user: &str) -> Api {
         Api::new(self, &token(user))
     }
