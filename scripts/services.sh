@@ -465,14 +465,14 @@ listen: "127.0.0.1:$port"
 jetstream { store_dir: "$dir/nats" }
 authorization {
   users = [
-    # Cores (and --role all nodes): publish persisted events (parley.ch.<channel>.ev) and
+    # Cores (and --role all nodes): publish persisted events (parley.ch.<bucket>.<channel>.ev) and
     # ephemerals, answer RPC requests as the queue group parley-core, receive events; the SFU
     # registry and control (parley.sfu.>; SFU processes use these credentials too).
     {
       user: "parley-core", password: "$core_pw"
       permissions: {
-        publish: { allow: ["parley.ch.*.ev", "parley.ch.*.eph", "parley.user.>", "parley.barrier", "parley.sfu.>"] }
-        subscribe: { allow: ["parley.ch.*.*", "parley.user.>", "parley.rpc.v1.> parley-core", "parley.sfu.>", "_INBOX.>"] }
+        publish: { allow: ["parley.ch.*.*.ev", "parley.ch.*.*.eph", "parley.user.>", "parley.barrier", "parley.sfu.>"] }
+        subscribe: { allow: ["parley.ch.*.*.*", "parley.user.>", "parley.rpc.v1.> parley-core", "parley.sfu.>", "_INBOX.>"] }
         allow_responses: true
       }
     }
@@ -480,8 +480,8 @@ authorization {
     {
       user: "parley-edge", password: "$edge_pw"
       permissions: {
-        publish: { allow: ["parley.rpc.>", "parley.ch.*.eph", "parley.user.>", "parley.barrier"] }
-        subscribe: { allow: ["parley.ch.*.*", "parley.user.>", "_INBOX.>"] }
+        publish: { allow: ["parley.rpc.>", "parley.ch.*.*.eph", "parley.user.>", "parley.barrier"] }
+        subscribe: { allow: ["parley.ch.*.*.*", "parley.user.>", "_INBOX.>"] }
       }
     }
   ]

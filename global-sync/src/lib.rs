@@ -29,7 +29,10 @@ mod nats;
 mod trace;
 
 pub use in_process::InProcessBus;
-pub use nats::{NatsBus, NatsOptions, USER_BUCKETS, user_bucket};
+pub use nats::{
+    CHANNEL_BUCKETS, DEFAULT_CHANNEL_EXACT_MAX, NatsBus, NatsOptions, USER_BUCKETS, channel_bucket,
+    user_bucket,
+};
 pub use trace::take_received_span;
 
 /// What a node's bus subscription yields.

@@ -48,9 +48,12 @@
 //! through unseen. Before yielding a `Resync` after a reconnection the subscription does the same
 //! round trip (the client re-sends every subscription first).
 
+use std::collections::hash_map::Entry;
+use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::hash::{Hash, Hasher};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use async_nats::client::{PublishErrorKind, RequestErrorKind, Statistics};
@@ -58,7 +61,8 @@ use async_nats::connection::State;
 use async_nats::{Client, ConnectErrorKind, ConnectOptions, Event, ServerAddr, Subscriber};
 use async_trait::async_trait;
 use bytes::Bytes;
-use futures::stream::{AbortHandle, Abortable, SelectAll};
+use futures::stream::SelectAll;
+use futures::task::AtomicWaker;
 use futures::{FutureExt, StreamExt};
 use parley_proto::ChannelEvent;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -88,6 +92,12 @@ pub struct NatsOptions {
     pub tls_key: Option<std::path::PathBuf>,
     /// Refuse a server that does not offer TLS.
     pub require_tls: bool,
+    /// A bucket of channels ([`channel_bucket`]) is subscribed channel by channel while it holds
+    /// at most this many channels with local subscribers, and as a whole (one wildcard
+    /// subscription, the events of channels without local subscribers dropped at the node) beyond
+    /// it, until it falls to half of it. `None`: [`DEFAULT_CHANNEL_EXACT_MAX`]. Per node; nodes of
+    /// one cluster may differ.
+    pub channel_exact_max: Option<usize>,
 }
 
 impl fmt::Debug for NatsOptions {
@@ -101,11 +111,12 @@ impl fmt::Debug for NatsOptions {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("require_tls", &self.require_tls)
+            .field("channel_exact_max", &self.channel_exact_max)
             .finish()
     }
 }
 
-/// Channel subjects: `parley.ch.<channel_id>.ev` and `.eph`.
+/// Channel subjects: `parley.ch.<bucket>.<channel_id>.ev` and `.eph`.
 const CHANNEL_PREFIX: &str = "parley.ch.";
 const PERSISTED_SUFFIX: &str = ".ev";
 const EPHEMERAL_SUFFIX: &str = ".eph";
@@ -115,6 +126,19 @@ const USER_PREFIX: &str = "parley.user.";
 /// cluster must use the same value (and the same [`user_bucket`]), or user-targeted events
 /// published by one node miss the subscriptions of another.
 pub const USER_BUCKETS: u16 = 256;
+/// How many buckets channel subjects are spread over ([`channel_bucket`]). Part of the subject
+/// layout, like [`USER_BUCKETS`]: the same on every node of a cluster. It is also the most
+/// channel subscriptions a node ever holds (one per bucket, however many channels it serves).
+pub const CHANNEL_BUCKETS: u16 = 256;
+/// The default of [`NatsOptions::channel_exact_max`]: a bucket is subscribed channel by
+/// channel while it holds at most this many channels with local subscribers.
+pub const DEFAULT_CHANNEL_EXACT_MAX: usize = 8;
+/// How long after a bucket changes its form (see [`BucketPolicy`]) the subscription drops a
+/// channel ephemeral it has already yielded: while both forms are subscribed, the server sends
+/// each message once per subscription.
+const SWITCH_DEDUP_WINDOW: Duration = Duration::from_secs(2);
+/// Most fingerprints of ephemerals kept for that, per window.
+const SWITCH_DEDUP_MAX: usize = 8192;
 /// A subject nobody subscribes to: a request on it comes back as "no responders" once the
 /// server has processed everything this connection sent before it.
 const BARRIER_SUBJECT: &str = "parley.barrier";
@@ -155,6 +179,8 @@ struct Inner {
     signals: Arc<Signals>,
     /// The server URL with any password hidden, for logs and errors.
     url: String,
+    /// When a bucket of channels is subscribed channel by channel, when as a whole.
+    policy: BucketPolicy,
 }
 
 /// What the connection's event callback tells the subscriptions.
@@ -328,6 +354,9 @@ impl NatsBus {
                 stats,
                 signals,
                 url: shown,
+                policy: BucketPolicy {
+                    exact_max: auth.channel_exact_max.unwrap_or(DEFAULT_CHANNEL_EXACT_MAX),
+                },
             }),
         })
     }
@@ -491,7 +520,18 @@ impl Bus for NatsBus {
         let wake = inner.signals.wake.subscribe();
         let (commands, commands_rx) = mpsc::unbounded_channel();
         let (streams_tx, streams_rx) = mpsc::unbounded_channel();
-        tokio::spawn(interest_worker(Arc::clone(&inner), commands_rx, streams_tx));
+        let filter = Arc::new(Mutex::new(ChannelFilter::default()));
+        tokio::spawn(interest_worker(
+            Worker {
+                inner: Arc::clone(&inner),
+                filter: Arc::clone(&filter),
+                streams: streams_tx,
+                users: HashMap::new(),
+                buckets: HashMap::new(),
+                retiring: Vec::new(),
+            },
+            commands_rx,
+        ));
         let state = SubscriptionState {
             inner,
             subs: SelectAll::new(),
@@ -502,6 +542,8 @@ impl Bus for NatsBus {
             seen_connects,
             seen_slow,
             slow_backlog: None,
+            filter,
+            seen_ephemerals: HashSet::new(),
         };
         let stream = futures::stream::unfold(state, |mut state| async move {
             let item = state.next_message().await?;
@@ -539,111 +581,406 @@ impl Interest for NatsInterest {
     }
 }
 
-/// A topic's NATS subscription, as the subscription stream polls it.
-type TopicStream = Abortable<Subscriber>;
-
-/// One NATS subscription of the node and the topics that hold it.
-struct Held {
-    /// Adds not yet matched by a remove (users of a bucket, or 1 for a channel's hub).
-    holders: usize,
-    /// `None` while the client refused the `SUB` (it was closed); the next add tries again.
-    handle: Option<AbortHandle>,
+/// When a bucket of channels is subscribed channel by channel (*exact*) and when with one
+/// wildcard subscription (*whole*).
+///
+/// Every async-nats subscription holds a queue whose first block takes about 5.4 KB, so a node
+/// with one subscription per channel pays that per subscribed channel (and the server about
+/// 1.1 KB). The whole form bounds the node to [`CHANNEL_BUCKETS`] channel subscriptions, at the
+/// price of receiving (and dropping, before decoding) the events of the bucket's other channels.
+/// A bucket goes whole when it would need more than `exact_max` exact subscriptions and back to
+/// exact once it holds at most half of that (the gap keeps a bucket near the limit from
+/// switching at every subscribe and unsubscribe).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct BucketPolicy {
+    exact_max: usize,
 }
 
-/// Applies interest changes in order: a `SUB` for each subscription a topic needs and the node
-/// does not hold yet (its subscriber handed to the stream), an `UNSUB` for each one whose last
-/// topic went (its subscriber aborted: the stream drops it, which unsubscribes), then one
-/// barrier for the batch, after which its registrations resolve. Ends when the node's
-/// [`Interest`] handle is dropped.
-async fn interest_worker(
+impl BucketPolicy {
+    /// Whether a bucket holding `channels` channels with local interest (at least one) is
+    /// subscribed as a whole, given whether it is now.
+    fn whole(&self, now_whole: bool, channels: usize) -> bool {
+        channels > self.exact_max || (now_whole && channels > self.exact_max / 2)
+    }
+}
+
+/// The channels with local interest, shared by the interest worker (which changes them) and
+/// the subscription stream (which drops the messages of every other channel: a whole bucket
+/// brings them all).
+#[derive(Default)]
+struct ChannelFilter {
+    channels: HashSet<String>,
+    /// Until when channel ephemerals are deduplicated: a bucket is changing its form, and while
+    /// both forms are subscribed the server sends each message once per subscription.
+    dedup_until: Option<Instant>,
+}
+
+impl ChannelFilter {
+    fn open_dedup_window(&mut self) {
+        self.dedup_until = Some(Instant::now() + SWITCH_DEDUP_WINDOW);
+    }
+}
+
+fn lock(filter: &Mutex<ChannelFilter>) -> MutexGuard<'_, ChannelFilter> {
+    filter
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// The `kind` label of `parley_bus_subscriptions`.
+const KIND_CHANNEL: &str = "channel";
+const KIND_CHANNEL_BUCKET: &str = "channel_bucket";
+const KIND_USER_BUCKET: &str = "user_bucket";
+
+// The state of a subscription: 0 while live (the default), then one of these.
+const SUB_RETIRE: u8 = 1;
+const SUB_ABORT: u8 = 2;
+
+/// How the interest worker tells the stream what to do with one subscription.
+#[derive(Default)]
+struct SubControl {
+    state: AtomicU8,
+    waker: AtomicWaker,
+}
+
+/// The interest worker's handle on one NATS subscription, whose subscriber the stream polls.
+/// Dropping it leaves the subscription as it is (and uncounted).
+struct SubHandle {
+    control: Arc<SubControl>,
+    kind: &'static str,
+}
+
+impl SubHandle {
+    fn new(subscriber: Subscriber, kind: &'static str) -> (SubHandle, SubStream) {
+        metrics::gauge!("parley_bus_subscriptions", "kind" => kind).increment(1.0);
+        let control = Arc::new(SubControl::default());
+        let stream = SubStream {
+            subscriber,
+            control: Arc::clone(&control),
+            unsubscribed: false,
+        };
+        (SubHandle { control, kind }, stream)
+    }
+
+    fn set(&self, state: u8) {
+        self.control.state.store(state, Ordering::Release);
+        self.control.waker.wake();
+    }
+
+    /// Ends the subscription at once; what its queue holds is dropped (nobody wants it).
+    fn abort(self) {
+        self.set(SUB_ABORT);
+    }
+
+    /// Ends the subscription once its queue is delivered: another subscription, confirmed by
+    /// the server, covers its subjects, so everything only this one received is in its queue
+    /// already (the client reads the connection in order, and the confirmation came after).
+    fn retire(self) {
+        self.set(SUB_RETIRE);
+    }
+}
+
+impl Drop for SubHandle {
+    fn drop(&mut self) {
+        metrics::gauge!("parley_bus_subscriptions", "kind" => self.kind).decrement(1.0);
+    }
+}
+
+/// One NATS subscription as the node's stream polls it.
+struct SubStream {
+    subscriber: Subscriber,
+    control: Arc<SubControl>,
+    /// The `UNSUB` of a retired subscription is queued: the queue ends after what it holds.
+    unsubscribed: bool,
+}
+
+impl futures::Stream for SubStream {
+    type Item = async_nats::Message;
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        this.control.waker.register(cx.waker());
+        match this.control.state.load(Ordering::Acquire) {
+            SUB_ABORT => return std::task::Poll::Ready(None),
+            SUB_RETIRE if !this.unsubscribed => {
+                // Sends the `UNSUB` and closes the queue, whose messages are still delivered;
+                // its end (`None`) then removes it from the stream. The client's command queue
+                // is bounded: when full, try again on the next poll.
+                if this.subscriber.unsubscribe().now_or_never().is_some() {
+                    this.unsubscribed = true;
+                } else {
+                    cx.waker().wake_by_ref();
+                }
+            }
+            _ => {}
+        }
+        this.subscriber.poll_next_unpin(cx)
+    }
+}
+
+/// One NATS subscription shared by several topics (the users of one bucket).
+struct Held {
+    /// Adds not yet matched by a remove.
+    holders: usize,
+    /// `None` while the client refused the `SUB` (it was closed); the next add tries again.
+    handle: Option<SubHandle>,
+}
+
+/// The node's channels of one bucket and their subscriptions.
+#[derive(Default)]
+struct Bucket {
+    /// The wildcard subscription of the whole bucket: the bucket is in the whole form.
+    whole: Option<SubHandle>,
+    channels: HashMap<String, Chan>,
+}
+
+/// A channel with local interest.
+#[derive(Default)]
+struct Chan {
+    /// Adds not yet matched by a remove (1 for a channel's hub).
+    holders: usize,
+    /// Its own subscription, in the exact form.
+    exact: Option<SubHandle>,
+}
+
+/// The state of [`interest_worker`].
+struct Worker {
     inner: Arc<Inner>,
-    mut commands: mpsc::UnboundedReceiver<Command>,
-    streams: mpsc::UnboundedSender<TopicStream>,
-) {
-    let mut held: std::collections::HashMap<SubKey, Held> = Default::default();
+    filter: Arc<Mutex<ChannelFilter>>,
+    /// New subscribers, for the stream.
+    streams: mpsc::UnboundedSender<SubStream>,
+    users: HashMap<u16, Held>,
+    buckets: HashMap<u16, Bucket>,
+    /// Subscriptions that another one covers now: retired once a barrier confirms that one.
+    retiring: Vec<SubHandle>,
+}
+
+/// Subscribes to `subject` and hands the subscriber to the stream.
+async fn subscribe_stream(
+    inner: &Inner,
+    streams: &mpsc::UnboundedSender<SubStream>,
+    subject: String,
+    kind: &'static str,
+) -> Result<SubHandle, BusError> {
+    match inner.client.subscribe(subject).await {
+        Ok(subscriber) => {
+            let (handle, stream) = SubHandle::new(subscriber, kind);
+            let _ = streams.send(stream);
+            Ok(handle)
+        }
+        Err(err) => Err(BusError::Unavailable(format!(
+            "subscribing on NATS at {}: {err}",
+            inner.url
+        ))),
+    }
+}
+
+/// Brings bucket `b`'s subscriptions to the form [`BucketPolicy`] asks for. A switch subscribes
+/// the new form first; the old one waits in `retiring` for the batch's barrier.
+async fn reconcile(w: &mut Worker, b: u16) {
+    let Some(bucket) = w.buckets.get_mut(&b) else {
+        return;
+    };
+    if bucket.channels.is_empty() {
+        w.buckets.remove(&b);
+        return;
+    }
+    let want_whole = w
+        .inner
+        .policy
+        .whole(bucket.whole.is_some(), bucket.channels.len());
+    if want_whole && bucket.whole.is_none() {
+        lock(&w.filter).open_dedup_window();
+        match subscribe_stream(&w.inner, &w.streams, bucket_subject(b), KIND_CHANNEL_BUCKET).await {
+            Ok(handle) => {
+                bucket.whole = Some(handle);
+                w.retiring
+                    .extend(bucket.channels.values_mut().filter_map(|c| c.exact.take()));
+                metrics::counter!("parley_bus_bucket_switches_total", "to" => "whole").increment(1);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, bucket = b, "channel bucket not subscribed; staying exact");
+            }
+        }
+    }
+    if want_whole && bucket.whole.is_some() {
+        return;
+    }
+    // The exact form (wanted, or the whole one could not be subscribed).
+    if bucket.whole.is_some() {
+        lock(&w.filter).open_dedup_window();
+    }
+    let mut complete = true;
+    for (channel_id, chan) in &mut bucket.channels {
+        if chan.exact.is_some() {
+            continue;
+        }
+        let subject = match exact_subject(b, channel_id) {
+            Ok(subject) => subject,
+            Err(err) => {
+                // Refused at the add; never here.
+                tracing::warn!(error = %err, "channel without a subject");
+                continue;
+            }
+        };
+        match subscribe_stream(&w.inner, &w.streams, subject, KIND_CHANNEL).await {
+            Ok(handle) => chan.exact = Some(handle),
+            Err(err) => {
+                complete = false;
+                tracing::warn!(error = %err, "channel not subscribed");
+            }
+        }
+    }
+    if complete && let Some(whole) = bucket.whole.take() {
+        w.retiring.push(whole);
+        metrics::counter!("parley_bus_bucket_switches_total", "to" => "exact").increment(1);
+    }
+}
+
+/// Whether the subscriptions the node holds cover `channel_id` (`None`: it has no interest in
+/// it any more).
+fn covered(w: &Worker, b: u16, channel_id: &str) -> Option<bool> {
+    let bucket = w.buckets.get(&b)?;
+    let chan = bucket.channels.get(channel_id)?;
+    Some(bucket.whole.is_some() || chan.exact.is_some())
+}
+
+/// Applies interest changes in order: counts each topic's adds and removes, subscribes what the
+/// node needs and does not hold yet (a bucket of users; a channel, or its whole bucket, as
+/// [`BucketPolicy`] says), ends what no topic needs any more, then does one barrier for the
+/// batch, after which its registrations resolve and the subscriptions a switch replaced are
+/// retired. Ends when the node's [`Interest`] handle is dropped.
+async fn interest_worker(mut w: Worker, mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut batch = Vec::new();
     while commands.recv_many(&mut batch, INTEREST_BATCH).await > 0 {
         let mut waiting = Vec::new();
+        let mut touched = Vec::new();
         for command in batch.drain(..) {
             match command {
-                Command::Add(topic, done) => {
-                    let key = SubKey::of(&topic);
-                    let subject = match key.subject() {
-                        Ok(subject) => subject,
-                        Err(err) => {
-                            let _ = done.send(Err(err));
-                            continue;
+                Command::Add(Topic::Channel(channel_id), done) => {
+                    if let Err(err) = channel_token(&channel_id) {
+                        let _ = done.send(Err(err));
+                        continue;
+                    }
+                    let b = channel_bucket(&channel_id);
+                    let chan = w
+                        .buckets
+                        .entry(b)
+                        .or_default()
+                        .channels
+                        .entry(channel_id.clone())
+                        .or_default();
+                    chan.holders += 1;
+                    if chan.holders == 1 {
+                        lock(&w.filter).channels.insert(channel_id.clone());
+                    }
+                    touched.push(b);
+                    waiting.push((Some((b, channel_id)), done));
+                }
+                Command::Remove(Topic::Channel(channel_id)) => {
+                    let b = channel_bucket(&channel_id);
+                    if let Some(bucket) = w.buckets.get_mut(&b)
+                        && let Entry::Occupied(mut entry) = bucket.channels.entry(channel_id)
+                    {
+                        entry.get_mut().holders -= 1;
+                        if entry.get().holders == 0 {
+                            let (channel_id, chan) = entry.remove_entry();
+                            lock(&w.filter).channels.remove(&channel_id);
+                            if let Some(exact) = chan.exact {
+                                exact.abort();
+                            }
+                            touched.push(b);
                         }
-                    };
-                    let kind = key.kind();
-                    let entry = held.entry(key).or_insert_with(|| {
-                        metrics::gauge!("parley_bus_subscriptions", "kind" => kind).increment(1.0);
-                        Held {
-                            holders: 0,
-                            handle: None,
-                        }
+                    }
+                }
+                Command::Add(Topic::User { tenant_id, user_id }, done) => {
+                    let b = user_bucket(&tenant_id, &user_id);
+                    let entry = w.users.entry(b).or_insert(Held {
+                        holders: 0,
+                        handle: None,
                     });
                     entry.holders += 1;
                     if entry.handle.is_none() {
-                        match inner.client.subscribe(subject).await {
-                            Ok(subscriber) => {
-                                let (handle, registration) = AbortHandle::new_pair();
-                                entry.handle = Some(handle);
-                                let _ = streams.send(Abortable::new(subscriber, registration));
-                            }
+                        match subscribe_stream(
+                            &w.inner,
+                            &w.streams,
+                            user_bucket_subject(b),
+                            KIND_USER_BUCKET,
+                        )
+                        .await
+                        {
+                            Ok(handle) => entry.handle = Some(handle),
                             Err(err) => {
-                                let _ = done.send(Err(BusError::Unavailable(format!(
-                                    "subscribing on NATS at {}: {err}",
-                                    inner.url
-                                ))));
+                                let _ = done.send(Err(err));
                                 continue;
                             }
                         }
                     }
-                    waiting.push(done);
+                    waiting.push((None, done));
                 }
-                Command::Remove(topic) => {
-                    let key = SubKey::of(&topic);
-                    if let std::collections::hash_map::Entry::Occupied(mut entry) = held.entry(key)
-                    {
+                Command::Remove(Topic::User { tenant_id, user_id }) => {
+                    let b = user_bucket(&tenant_id, &user_id);
+                    if let Entry::Occupied(mut entry) = w.users.entry(b) {
                         entry.get_mut().holders -= 1;
-                        if entry.get().holders == 0 {
-                            let kind = entry.key().kind();
-                            metrics::gauge!("parley_bus_subscriptions", "kind" => kind)
-                                .decrement(1.0);
-                            if let Some(handle) = entry.remove().handle {
-                                handle.abort();
-                            }
+                        if entry.get().holders == 0
+                            && let Some(handle) = entry.remove().handle
+                        {
+                            handle.abort();
                         }
                     }
                 }
             }
         }
-        if !waiting.is_empty() {
-            let confirmed = inner.barrier().await;
-            if let Err(err) = &confirmed {
-                // The subscriptions stay registered in the client, which re-sends them when it
-                // gets the connection back; that reconnection then makes the stream resync.
+        touched.sort_unstable();
+        touched.dedup();
+        for b in touched {
+            reconcile(&mut w, b).await;
+        }
+        if waiting.is_empty() && w.retiring.is_empty() {
+            continue;
+        }
+        let confirmed = w.inner.barrier().await;
+        match &confirmed {
+            Ok(()) if !w.retiring.is_empty() => {
+                lock(&w.filter).open_dedup_window();
+                for handle in w.retiring.drain(..) {
+                    handle.retire();
+                }
+            }
+            Ok(()) => {}
+            // The subscriptions stay registered in the client, which re-sends them when it
+            // gets the connection back; that reconnection then makes the stream resync. What
+            // a switch replaced stays until a barrier confirms its replacement.
+            Err(err) => {
                 tracing::warn!(error = %err, "NATS subscriptions not confirmed by the server");
             }
-            for done in waiting {
-                let _ = done.send(confirmed.clone());
-            }
+        }
+        for (channel, done) in waiting {
+            let result = match channel {
+                Some((b, channel_id)) if covered(&w, b, &channel_id) == Some(false) => {
+                    Err(BusError::Unavailable(format!(
+                        "subscribing on NATS at {}: the client refused the subscription",
+                        w.inner.url
+                    )))
+                }
+                _ => confirmed.clone(),
+            };
+            let _ = done.send(result);
         }
     }
-    // The node's interest is gone: so are its subscriptions.
-    for (key, _) in held.drain() {
-        metrics::gauge!("parley_bus_subscriptions", "kind" => key.kind()).decrement(1.0);
-    }
+    // The node's interest is gone: its handles go (uncounted); the stream keeps what it polls.
 }
 
 /// The node's subscription: every topic's subscriber, plus what it needs to notice a resync.
 struct SubscriptionState {
     /// Keeps the connection alive and gives the client for barriers.
     inner: Arc<Inner>,
-    subs: SelectAll<TopicStream>,
+    subs: SelectAll<SubStream>,
     /// Subscribers of newly added topics, from [`interest_worker`].
-    new_subs: mpsc::UnboundedReceiver<TopicStream>,
+    new_subs: mpsc::UnboundedReceiver<SubStream>,
     new_subs_open: bool,
     wake: watch::Receiver<()>,
     /// False once the wake sender is gone (cannot happen while `inner` lives; kept defensive so
@@ -655,9 +992,61 @@ struct SubscriptionState {
     /// the subscribers hold is delivered (so the node re-reads only what is really missing, and
     /// a burst of drops makes one resync), counting the messages delivered meanwhile.
     slow_backlog: Option<usize>,
+    /// The channels the node wants; shared with the interest worker.
+    filter: Arc<Mutex<ChannelFilter>>,
+    /// Fingerprints of the channel ephemerals yielded during a switch's dedup window.
+    seen_ephemerals: HashSet<u64>,
 }
 
 impl SubscriptionState {
+    /// What a received message yields: nothing for a channel without local interest (a whole
+    /// bucket brings the other channels' events too; dropped before decoding), for a duplicate
+    /// of a channel ephemeral during a switch, or for anything malformed.
+    fn accept(&mut self, message: &async_nats::Message) -> Option<BusMessage> {
+        if let Some((channel_id, ephemeral)) = channel_subject_parts(&message.subject) {
+            let mut filter = lock(&self.filter);
+            if !filter.channels.contains(channel_id) {
+                drop(filter);
+                let kind = if ephemeral { "ephemeral" } else { "event" };
+                metrics::counter!("parley_bus_dropped_no_interest_total", "kind" => kind)
+                    .increment(1);
+                return None;
+            }
+            let dedup = match filter.dedup_until {
+                Some(until) if Instant::now() < until => true,
+                Some(_) => {
+                    filter.dedup_until = None;
+                    false
+                }
+                None => false,
+            };
+            drop(filter);
+            if !dedup {
+                if !self.seen_ephemerals.is_empty() {
+                    self.seen_ephemerals = HashSet::new();
+                }
+            } else if ephemeral {
+                // The same message through both forms of a switching bucket: the second copy
+                // removes the first's fingerprint and is dropped. (Persisted events need no
+                // such help: each hub drops a seq it has already delivered.)
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                message.subject.as_str().hash(&mut hasher);
+                message.payload.hash(&mut hasher);
+                let fingerprint = hasher.finish();
+                if self.seen_ephemerals.remove(&fingerprint) {
+                    metrics::counter!("parley_bus_duplicates_dropped_total").increment(1);
+                    return None;
+                }
+                if self.seen_ephemerals.len() < SWITCH_DEDUP_MAX {
+                    self.seen_ephemerals.insert(fingerprint);
+                }
+            }
+        }
+        let item = decode_message(&message.subject, &message.payload)?;
+        traced(&item, message.headers.as_ref());
+        Some(item)
+    }
+
     /// The next item of the stream; `None` once the node's interest handle is gone and every
     /// subscriber has ended.
     async fn next_message(&mut self) -> Option<BusMessage> {
@@ -700,8 +1089,7 @@ impl SubscriptionState {
                 match ready {
                     Some(message) => {
                         self.slow_backlog = Some(delivered + 1);
-                        if let Some(item) = decode_message(&message.subject, &message.payload) {
-                            traced(&item, message.headers.as_ref());
+                        if let Some(item) = self.accept(&message) {
                             return Some(item);
                         }
                         continue;
@@ -731,9 +1119,8 @@ impl SubscriptionState {
                 message = self.subs.next(), if !self.subs.is_empty() => {
                     // `None`: the last subscriber ended (its topic was removed).
                     if let Some(message) = message
-                        && let Some(item) = decode_message(&message.subject, &message.payload)
+                        && let Some(item) = self.accept(&message)
                     {
-                        traced(&item, message.headers.as_ref());
                         return Some(item);
                     }
                 }
@@ -780,23 +1167,54 @@ fn escaped_token(id: &str) -> String {
 
 /// The subject of a channel's persisted events.
 fn persisted_subject(channel_id: &str) -> Result<String, BusError> {
+    let token = channel_token(channel_id)?;
     Ok(format!(
-        "{CHANNEL_PREFIX}{}{PERSISTED_SUFFIX}",
+        "{CHANNEL_PREFIX}{}.{token}{PERSISTED_SUFFIX}",
+        channel_bucket(token)
+    ))
+}
+
+/// The subject of a channel's ephemerals.
+fn channel_ephemeral_subject(channel_id: &str) -> Result<String, BusError> {
+    let token = channel_token(channel_id)?;
+    Ok(format!(
+        "{CHANNEL_PREFIX}{}.{token}{EPHEMERAL_SUFFIX}",
+        channel_bucket(token)
+    ))
+}
+
+/// The subscription of one channel (both kinds), in bucket `bucket`.
+fn exact_subject(bucket: u16, channel_id: &str) -> Result<String, BusError> {
+    Ok(format!(
+        "{CHANNEL_PREFIX}{bucket}.{}.*",
         channel_token(channel_id)?
     ))
 }
 
-/// The bucket of a user's subject: FNV-1a (64 bit) over the tenant id's length (8 bytes, little
-/// endian), the tenant id and the user id, mixed by the finalizer of SplitMix64, modulo
-/// [`USER_BUCKETS`]. Stable across nodes, builds and versions (it is part of the wire layout).
-pub fn user_bucket(tenant_id: &str, user_id: &str) -> u16 {
+/// The subscription of every channel of one bucket (both kinds).
+fn bucket_subject(bucket: u16) -> String {
+    format!("{CHANNEL_PREFIX}{bucket}.*.*")
+}
+
+/// The channel and kind (`true`: ephemeral) of a channel subject whose bucket token is the
+/// channel's; `None` for anything else.
+fn channel_subject_parts(subject: &str) -> Option<(&str, bool)> {
+    let rest = subject.strip_prefix(CHANNEL_PREFIX)?;
+    let (bucket, rest) = rest.split_once('.')?;
+    let (channel_id, ephemeral) = if let Some(c) = rest.strip_suffix(PERSISTED_SUFFIX) {
+        (c, false)
+    } else {
+        (rest.strip_suffix(EPHEMERAL_SUFFIX)?, true)
+    };
+    (is_token(channel_id) && bucket.parse::<u16>().ok()? == channel_bucket(channel_id))
+        .then_some((channel_id, ephemeral))
+}
+
+/// FNV-1a (64 bit) over `bytes`, mixed by the finalizer of SplitMix64. Part of the wire layout
+/// (the buckets of subjects): it must never change.
+fn stable_hash(bytes: impl Iterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    let len = (tenant_id.len() as u64).to_le_bytes();
-    for &b in len
-        .iter()
-        .chain(tenant_id.as_bytes())
-        .chain(user_id.as_bytes())
-    {
+    for b in bytes {
         h ^= u64::from(b);
         h = h.wrapping_mul(0x0000_0100_0000_01b3);
     }
@@ -805,7 +1223,28 @@ pub fn user_bucket(tenant_id: &str, user_id: &str) -> u16 {
     h ^= h >> 27;
     h = h.wrapping_mul(0x94d0_49bb_1331_11eb);
     h ^= h >> 31;
+    h
+}
+
+/// The bucket of a user's subject: [`stable_hash`] over the tenant id's length (8 bytes, little
+/// endian), the tenant id and the user id, modulo [`USER_BUCKETS`]. Stable across nodes, builds
+/// and versions (it is part of the wire layout).
+pub fn user_bucket(tenant_id: &str, user_id: &str) -> u16 {
+    let len = (tenant_id.len() as u64).to_le_bytes();
+    let h = stable_hash(
+        len.iter()
+            .chain(tenant_id.as_bytes())
+            .chain(user_id.as_bytes())
+            .copied(),
+    );
     (h % u64::from(USER_BUCKETS)) as u16
+}
+
+/// The bucket of a channel's subjects: [`stable_hash`] over the channel id, modulo
+/// [`CHANNEL_BUCKETS`]. Stable across nodes, builds and versions (part of the wire layout).
+/// Channel ids are unique across tenants, so the tenant is not part of it.
+pub fn channel_bucket(channel_id: &str) -> u16 {
+    (stable_hash(channel_id.bytes()) % u64::from(CHANNEL_BUCKETS)) as u16
 }
 
 fn user_subject(tenant_id: &str, user_id: &str) -> String {
@@ -825,10 +1264,7 @@ fn user_bucket_subject(bucket: u16) -> String {
 /// The subject of an ephemeral event, from its target.
 fn ephemeral_subject(target: &EphemeralTarget) -> Result<String, BusError> {
     Ok(match target {
-        EphemeralTarget::Channel { channel_id } => format!(
-            "{CHANNEL_PREFIX}{}{EPHEMERAL_SUFFIX}",
-            channel_token(channel_id)?
-        ),
+        EphemeralTarget::Channel { channel_id } => channel_ephemeral_subject(channel_id)?,
         EphemeralTarget::User { tenant_id, user_id }
         | EphemeralTarget::Participant {
             tenant_id, user_id, ..
@@ -836,44 +1272,15 @@ fn ephemeral_subject(target: &EphemeralTarget) -> Result<String, BusError> {
     })
 }
 
-/// What a node subscribes to for a topic: one subscription per channel, one per bucket of users.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-enum SubKey {
-    Channel(String),
-    UserBucket(u16),
-}
-
-impl SubKey {
-    fn of(topic: &Topic) -> SubKey {
-        match topic {
-            Topic::Channel(channel_id) => SubKey::Channel(channel_id.clone()),
-            Topic::User { tenant_id, user_id } => {
-                SubKey::UserBucket(user_bucket(tenant_id, user_id))
-            }
-        }
-    }
-
-    fn subject(&self) -> Result<String, BusError> {
-        Ok(match self {
-            SubKey::Channel(channel_id) => {
-                format!("{CHANNEL_PREFIX}{}.*", channel_token(channel_id)?)
-            }
-            SubKey::UserBucket(bucket) => user_bucket_subject(*bucket),
-        })
-    }
-
-    fn kind(&self) -> &'static str {
-        match self {
-            SubKey::Channel(_) => "channel",
-            SubKey::UserBucket(_) => "user_bucket",
-        }
-    }
-}
-
-/// What a node subscribes to for a topic.
+/// What a node subscribes to for a topic in the exact form.
 #[cfg(test)]
 fn interest_subject(topic: &Topic) -> Result<String, BusError> {
-    SubKey::of(topic).subject()
+    match topic {
+        Topic::Channel(channel_id) => exact_subject(channel_bucket(channel_id), channel_id),
+        Topic::User { tenant_id, user_id } => {
+            Ok(user_bucket_subject(user_bucket(tenant_id, user_id)))
+        }
+    }
 }
 
 /// Leaves the trace context of a received event for the dispatcher (see `trace.rs`).
@@ -886,17 +1293,20 @@ fn traced(item: &BusMessage, headers: Option<&async_nats::HeaderMap>) {
 /// Decodes a message received on a node's subjects into what the subscription yields.
 /// Anything that is not what its subject says is logged and dropped: it comes from the network.
 fn decode_message(subject: &str, payload: &[u8]) -> Option<BusMessage> {
-    if let Some(rest) = subject.strip_prefix(CHANNEL_PREFIX) {
-        if let Some(channel) = rest.strip_suffix(PERSISTED_SUFFIX) {
-            return decode(channel, subject, payload)
-                .map(|event| BusMessage::Event(Arc::new(event)));
-        }
-        if let Some(channel) = rest.strip_suffix(EPHEMERAL_SUFFIX) {
-            return decode_ephemeral(subject, payload)
-                .filter(|e| {
-                    matches!(&e.target, EphemeralTarget::Channel { channel_id } if channel_id == channel)
-                })
-                .map(|e| BusMessage::Ephemeral(Arc::new(e)));
+    if subject.starts_with(CHANNEL_PREFIX) {
+        match channel_subject_parts(subject) {
+            Some((channel, false)) => {
+                return decode(channel, subject, payload)
+                    .map(|event| BusMessage::Event(Arc::new(event)));
+            }
+            Some((channel, true)) => {
+                return decode_ephemeral(subject, payload)
+                    .filter(|e| {
+                        matches!(&e.target, EphemeralTarget::Channel { channel_id } if channel_id == channel)
+                    })
+                    .map(|e| BusMessage::Ephemeral(Arc::new(e)));
+            }
+            None => {}
         }
     } else if subject.starts_with(USER_PREFIX) {
         return decode_ephemeral(subject, payload)
@@ -1028,15 +1438,41 @@ mod tests {
     }
 
     #[test]
-    fn subjects_are_one_token_per_channel() {
+    fn channel_subjects_are_a_bucket_then_one_token_per_channel() {
         assert_eq!(
             persisted_subject("ch_01JABCDEF").unwrap(),
-            "parley.ch.ch_01JABCDEF.ev"
+            "parley.ch.93.ch_01JABCDEF.ev"
+        );
+        assert_eq!(
+            ephemeral_subject(&EphemeralTarget::Channel {
+                channel_id: "ch_1".into()
+            })
+            .unwrap(),
+            "parley.ch.219.ch_1.eph"
         );
         assert_eq!(
             interest_subject(&Topic::Channel("ch_1".into())).unwrap(),
-            "parley.ch.ch_1.*"
+            "parley.ch.219.ch_1.*"
         );
+        assert_eq!(bucket_subject(219), "parley.ch.219.*.*");
+        assert_eq!(
+            channel_subject_parts("parley.ch.219.ch_1.ev"),
+            Some(("ch_1", false))
+        );
+        assert_eq!(
+            channel_subject_parts("parley.ch.219.ch_1.eph"),
+            Some(("ch_1", true))
+        );
+        // A channel on another bucket's subject, or a malformed one, is nobody's.
+        for bad in [
+            "parley.ch.218.ch_1.ev",
+            "parley.ch.ch_1.ev",
+            "parley.ch.219.ch_1.x",
+            "parley.ch.219..ev",
+            "parley.ch.x.ch_1.ev",
+        ] {
+            assert_eq!(channel_subject_parts(bad), None, "{bad}");
+        }
         for bad in [
             "", "a.b", "a*", ">", "a b", "a\tb", "a\nb", "a\u{0}b", "a\u{a0}b",
         ] {
@@ -1052,6 +1488,57 @@ mod tests {
                 Err(BusError::Codec(_))
             ));
         }
+    }
+
+    #[test]
+    fn channel_buckets_are_fixed_and_spread_channels_evenly() {
+        // Part of the wire layout: these values must never change between versions (checked
+        // against an independent implementation of the same hash).
+        assert_eq!(channel_bucket(""), 155);
+        assert_eq!(channel_bucket("ch_1"), 219);
+        assert_eq!(channel_bucket("ch_01JABCDEF"), 93);
+        assert_eq!(channel_bucket("ch_01HZX5K3M8Q9R2T4V6W8Y0A1B3"), 210);
+        let mut counts = vec![0u32; usize::from(CHANNEL_BUCKETS)];
+        for i in 0..256_000 {
+            counts[usize::from(channel_bucket(&format!("ch_{i:026}")))] += 1;
+        }
+        let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+        assert!(min > 850 && max < 1150, "min {min} max {max}");
+    }
+
+    #[test]
+    fn a_bucket_is_exact_up_to_the_limit_and_whole_beyond_with_hysteresis() {
+        let p = BucketPolicy { exact_max: 8 };
+        // From exact: whole only beyond the limit.
+        for n in 1..=8 {
+            assert!(!p.whole(false, n), "{n}");
+        }
+        assert!(p.whole(false, 9));
+        assert!(p.whole(false, 10_000));
+        // From whole: stays whole down to half the limit (exclusive), exact at or below it.
+        for n in 5..=9 {
+            assert!(p.whole(true, n), "{n}");
+        }
+        for n in 1..=4 {
+            assert!(!p.whole(true, n), "{n}");
+        }
+        // A walk up and down: switches exactly twice.
+        let mut whole = false;
+        let mut switches = Vec::new();
+        for n in (1..=12).chain((1..=11).rev()) {
+            let next = p.whole(whole, n);
+            if next != whole {
+                switches.push((n, next));
+            }
+            whole = next;
+        }
+        assert_eq!(switches, vec![(9, true), (4, false)]);
+        // 0: every bucket whole (at most one subscription per bucket); 1: whole from 2 channels
+        // until the bucket empties.
+        let p0 = BucketPolicy { exact_max: 0 };
+        assert!(p0.whole(false, 1) && p0.whole(true, 1));
+        let p1 = BucketPolicy { exact_max: 1 };
+        assert!(!p1.whole(false, 1) && p1.whole(false, 2) && p1.whole(true, 1));
     }
 
     #[test]
@@ -1115,18 +1602,22 @@ mod tests {
     fn decode_accepts_events_on_their_own_subject_only() {
         let ev = event("ch_1");
         let payload = serde_json::to_vec(&ev).unwrap();
-        assert_eq!(decode("ch_1", "parley.ch.ch_1.ev", &payload), Some(ev));
-        assert_eq!(decode("ch_2", "parley.ch.ch_2.ev", &payload), None);
-        assert_eq!(decode("ch_1", "parley.ch.ch_1.ev", b"not json"), None);
-        assert_eq!(
-            decode("ch_1", "parley.ch.ch_1.ev", b"{\"channel_id\":\"ch_1\"}"),
-            None
+        let (s1, s2) = (
+            persisted_subject("ch_1").unwrap(),
+            persisted_subject("ch_2").unwrap(),
         );
-        assert_eq!(decode("ch_1", "parley.ch.ch_1.ev", &[0xff, 0xfe]), None);
-        assert!(decode_message("parley.ch.ch_1.ev", &payload).is_some());
-        assert!(decode_message("parley.ch.ch_2.ev", &payload).is_none());
-        assert!(decode_message("parley.ch.ch_1.x", &payload).is_none());
-        assert!(decode_message("parley.ch.ch_1.eph", &payload).is_none());
+        assert_eq!(decode("ch_1", &s1, &payload), Some(ev));
+        assert_eq!(decode("ch_2", &s2, &payload), None);
+        assert_eq!(decode("ch_1", &s1, b"not json"), None);
+        assert_eq!(decode("ch_1", &s1, b"{\"channel_id\":\"ch_1\"}"), None);
+        assert_eq!(decode("ch_1", &s1, &[0xff, 0xfe]), None);
+        assert!(decode_message(&s1, &payload).is_some());
+        assert!(decode_message(&s2, &payload).is_none());
+        assert!(decode_message("parley.ch.219.ch_1.x", &payload).is_none());
+        assert!(decode_message("parley.ch.219.ch_1.eph", &payload).is_none());
+        // The old layout (no bucket), and a wrong bucket, are refused.
+        assert!(decode_message("parley.ch.ch_1.ev", &payload).is_none());
+        assert!(decode_message("parley.ch.218.ch_1.ev", &payload).is_none());
     }
 
     #[test]
@@ -1142,9 +1633,10 @@ mod tests {
         let ch = eph(EphemeralTarget::Channel {
             channel_id: "ch_1".into(),
         });
-        assert!(decode_message("parley.ch.ch_1.eph", &ch).is_some());
-        assert!(decode_message("parley.ch.ch_2.eph", &ch).is_none());
-        assert!(decode_message("parley.ch.ch_1.ev", &ch).is_none());
+        assert!(decode_message("parley.ch.219.ch_1.eph", &ch).is_some());
+        let ch2 = channel_ephemeral_subject("ch_2").unwrap();
+        assert!(decode_message(&ch2, &ch).is_none());
+        assert!(decode_message("parley.ch.219.ch_1.ev", &ch).is_none());
         let user = eph(EphemeralTarget::User {
             tenant_id: "t".into(),
             user_id: "u.1".into(),
@@ -1153,7 +1645,7 @@ mod tests {
         assert!(decode_message(&format!("parley.user.t.{bucket}.u%2E1"), &user).is_some());
         assert!(decode_message(&format!("parley.user.t.{bucket}.other"), &user).is_none());
         assert!(decode_message("parley.user.t.u%2E1", &user).is_none());
-        assert!(decode_message("parley.ch.ch_1.eph", &user).is_none());
+        assert!(decode_message("parley.ch.219.ch_1.eph", &user).is_none());
     }
 
     #[test]

@@ -320,8 +320,8 @@ async fn malformed_payloads_are_skipped() {
     .await
     .expect("raw connect");
 
-    let own_subject = format!("parley.ch.{channel}.ev");
-    let other_subject = format!("parley.ch.{other}.ev");
+    let own_subject = ch_subject(&channel, "ev");
+    let other_subject = ch_subject(&other, "ev");
     let valid = |seq| serde_json::to_vec(&event(&channel, seq)).unwrap();
     // All from one connection, so they reach the subscriber in this order.
     raw.publish(other_subject.clone(), "not json".into())
@@ -339,7 +339,7 @@ async fn malformed_payloads_are_skipped() {
     // A valid event on another channel's subject is dropped too, and so is a persisted event
     // on the channel's ephemeral subject.
     raw.publish(other_subject, valid(1).into()).await.unwrap();
-    raw.publish(format!("parley.ch.{channel}.eph"), valid(1).into())
+    raw.publish(ch_subject(&channel, "eph"), valid(1).into())
         .await
         .unwrap();
     raw.publish(own_subject, valid(2).into()).await.unwrap();
@@ -854,7 +854,7 @@ async fn edge_credentials_cannot_publish_persisted_events() {
 
     let forged = serde_json::to_vec(&event(&channel, 1)).unwrap();
     attacker
-        .publish(format!("parley.ch.{channel}.ev"), forged.into())
+        .publish(ch_subject(&channel, "ev"), forged.into())
         .await
         .expect("queued");
     let allowed = Ephemeral {
@@ -866,7 +866,7 @@ async fn edge_credentials_cannot_publish_persisted_events() {
     };
     attacker
         .publish(
-            format!("parley.ch.{channel}.eph"),
+            ch_subject(&channel, "eph"),
             serde_json::to_vec(&allowed).unwrap().into(),
         )
         .await
@@ -879,7 +879,7 @@ async fn edge_credentials_cannot_publish_persisted_events() {
         .expect("error");
     assert!(
         refusal.to_lowercase().contains("permissions violation")
-            && refusal.contains(&format!("parley.ch.{channel}.ev")),
+            && refusal.contains(&ch_subject(&channel, "ev")),
         "{refusal}"
     );
     // Same publisher, so in order: the ephemeral comes, the forged event before it did not.
@@ -929,4 +929,12 @@ async fn connections_without_valid_credentials_are_refused() {
         "refusals are final, not retried: {:?}",
         started.elapsed()
     );
+}
+
+/// A channel subject of the wire layout: `parley.ch.<bucket>.<channel>.<kind>`.
+fn ch_subject(channel: &str, kind: &str) -> String {
+    format!(
+        "parley.ch.{}.{channel}.{kind}",
+        parley_sync::channel_bucket(channel)
+    )
 }

@@ -145,6 +145,11 @@ pub struct ServeArgs {
     /// Key (PEM) of --nats-tls-cert.
     #[arg(long, env = "PARLEY_NATS_TLS_KEY", requires = "nats_tls_cert")]
     pub nats_tls_key: Option<PathBuf>,
+    /// Channels of one NATS subject bucket (of 256) this node subscribes to one by one; beyond
+    /// it, the whole bucket in one subscription (and the events of the bucket's other channels
+    /// are dropped here), until it falls to half of it. 0: always whole buckets. Default 8.
+    #[arg(long, env = "PARLEY_NATS_CHANNEL_EXACT_MAX")]
+    pub nats_channel_exact_max: Option<usize>,
     /// HS256 verification secret for access tokens (hex or plain text). Disables the dev key.
     #[arg(long, env = "PARLEY_JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,

@@ -184,6 +184,7 @@ pub fn nats_options(args: &ServeArgs) -> anyhow::Result<parley_sync::NatsOptions
         tls_cert: args.nats_tls_cert.clone(),
         tls_key: args.nats_tls_key.clone(),
         require_tls: false,
+        channel_exact_max: args.nats_channel_exact_max,
     })
 }
 
