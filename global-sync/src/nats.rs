@@ -52,7 +52,7 @@ use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::hash::{Hash, Hasher};
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -137,6 +137,8 @@ pub const DEFAULT_CHANNEL_EXACT_MAX: usize = 8;
 /// channel ephemeral it has already yielded: while both forms are subscribed, the server sends
 /// each message once per subscription.
 const SWITCH_DEDUP_WINDOW: Duration = Duration::from_secs(2);
+/// How often a switch whose barrier failed tries again (see [`interest_worker`]).
+const RETIRE_RETRY: Duration = Duration::from_secs(1);
 /// Most fingerprints of ephemerals kept for that, per window.
 const SWITCH_DEDUP_MAX: usize = 8192;
 /// A subject nobody subscribes to: a request on it comes back as "no responders" once the
@@ -641,6 +643,45 @@ const SUB_ABORT: u8 = 2;
 struct SubControl {
     state: AtomicU8,
     waker: AtomicWaker,
+    /// Set on a subscription that replaces others in a switch: it yields nothing until they
+    /// have delivered what they hold, so each channel's messages keep their order.
+    after: Option<Arc<Gate>>,
+    /// The gates of the subscriptions that replace this one.
+    successors: Mutex<Successors>,
+}
+
+#[derive(Default)]
+struct Successors {
+    /// The subscription has ended (its stream was dropped): a gate added now opens at once.
+    ended: bool,
+    gates: Vec<Arc<Gate>>,
+}
+
+/// What a new subscription waits for: the end of the subscriptions it replaces.
+#[derive(Default)]
+struct Gate {
+    remaining: AtomicUsize,
+    waker: AtomicWaker,
+}
+
+impl Gate {
+    fn new(predecessors: usize) -> Arc<Gate> {
+        Arc::new(Gate {
+            remaining: AtomicUsize::new(predecessors),
+            waker: AtomicWaker::new(),
+        })
+    }
+
+    fn is_open(&self) -> bool {
+        self.remaining.load(Ordering::Acquire) == 0
+    }
+
+    fn open_one(&self) {
+        let _ = self
+            .remaining
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.waker.wake();
+    }
 }
 
 /// The interest worker's handle on one NATS subscription, whose subscriber the stream polls.
@@ -651,9 +692,16 @@ struct SubHandle {
 }
 
 impl SubHandle {
-    fn new(subscriber: Subscriber, kind: &'static str) -> (SubHandle, SubStream) {
+    fn new(
+        subscriber: Subscriber,
+        kind: &'static str,
+        after: Option<Arc<Gate>>,
+    ) -> (SubHandle, SubStream) {
         metrics::gauge!("parley_bus_subscriptions", "kind" => kind).increment(1.0);
-        let control = Arc::new(SubControl::default());
+        let control = Arc::new(SubControl {
+            after,
+            ..SubControl::default()
+        });
         let stream = SubStream {
             subscriber,
             control: Arc::clone(&control),
@@ -677,6 +725,33 @@ impl SubHandle {
     /// already (the client reads the connection in order, and the confirmation came after).
     fn retire(self) {
         self.set(SUB_RETIRE);
+    }
+
+    /// `gate` opens (by one) when this subscription has ended.
+    fn precede(&self, gate: &Arc<Gate>) {
+        self.control.precede(gate);
+    }
+}
+
+impl SubControl {
+    /// `gate` opens (by one) when this subscription has ended.
+    fn precede(&self, gate: &Arc<Gate>) {
+        let mut successors = self
+            .successors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if successors.ended {
+            gate.open_one();
+        } else {
+            successors.gates.push(Arc::clone(gate));
+        }
+    }
+
+    fn ended(&self) -> bool {
+        self.successors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .ended
     }
 }
 
@@ -703,21 +778,43 @@ impl futures::Stream for SubStream {
     ) -> std::task::Poll<Option<Self::Item>> {
         let this = &mut *self;
         this.control.waker.register(cx.waker());
-        match this.control.state.load(Ordering::Acquire) {
-            SUB_ABORT => return std::task::Poll::Ready(None),
-            SUB_RETIRE if !this.unsubscribed => {
-                // Sends the `UNSUB` and closes the queue, whose messages are still delivered;
-                // its end (`None`) then removes it from the stream. The client's command queue
-                // is bounded: when full, try again on the next poll.
-                if this.subscriber.unsubscribe().now_or_never().is_some() {
-                    this.unsubscribed = true;
-                } else {
-                    cx.waker().wake_by_ref();
-                }
+        let state = this.control.state.load(Ordering::Acquire);
+        if state == SUB_ABORT {
+            return std::task::Poll::Ready(None);
+        }
+        if let Some(gate) = &this.control.after
+            && !gate.is_open()
+        {
+            gate.waker.register(cx.waker());
+            if !gate.is_open() {
+                return std::task::Poll::Pending;
             }
-            _ => {}
+        }
+        if state == SUB_RETIRE && !this.unsubscribed {
+            // Sends the `UNSUB` and closes the queue, whose messages are still delivered; its
+            // end (`None`) then removes it from the stream. The client's command queue is
+            // bounded: when full, try again on the next poll.
+            if this.subscriber.unsubscribe().now_or_never().is_some() {
+                this.unsubscribed = true;
+            } else {
+                cx.waker().wake_by_ref();
+            }
         }
         this.subscriber.poll_next_unpin(cx)
+    }
+}
+
+impl Drop for SubStream {
+    fn drop(&mut self) {
+        let mut successors = self
+            .control
+            .successors
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        successors.ended = true;
+        for gate in successors.gates.drain(..) {
+            gate.open_one();
+        }
     }
 }
 
@@ -734,6 +831,9 @@ struct Held {
 struct Bucket {
     /// The wildcard subscription of the whole bucket: the bucket is in the whole form.
     whole: Option<SubHandle>,
+    /// The whole subscription the bucket left, until it has delivered what it holds: a channel
+    /// subscribed meanwhile waits for it too (it may hold older messages of that channel).
+    whole_draining: Option<Arc<SubControl>>,
     channels: HashMap<String, Chan>,
 }
 
@@ -764,10 +864,11 @@ async fn subscribe_stream(
     streams: &mpsc::UnboundedSender<SubStream>,
     subject: String,
     kind: &'static str,
+    after: Option<Arc<Gate>>,
 ) -> Result<SubHandle, BusError> {
     match inner.client.subscribe(subject).await {
         Ok(subscriber) => {
-            let (handle, stream) = SubHandle::new(subscriber, kind);
+            let (handle, stream) = SubHandle::new(subscriber, kind, after);
             let _ = streams.send(stream);
             Ok(handle)
         }
@@ -794,11 +895,29 @@ async fn reconcile(w: &mut Worker, b: u16) {
         .whole(bucket.whole.is_some(), bucket.channels.len());
     if want_whole && bucket.whole.is_none() {
         lock(&w.filter).open_dedup_window();
-        match subscribe_stream(&w.inner, &w.streams, bucket_subject(b), KIND_CHANNEL_BUCKET).await {
+        let exact = bucket
+            .channels
+            .values()
+            .filter(|c| c.exact.is_some())
+            .count();
+        let gate = (exact > 0).then(|| Gate::new(exact));
+        match subscribe_stream(
+            &w.inner,
+            &w.streams,
+            bucket_subject(b),
+            KIND_CHANNEL_BUCKET,
+            gate.clone(),
+        )
+        .await
+        {
             Ok(handle) => {
                 bucket.whole = Some(handle);
-                w.retiring
-                    .extend(bucket.channels.values_mut().filter_map(|c| c.exact.take()));
+                for old in bucket.channels.values_mut().filter_map(|c| c.exact.take()) {
+                    if let Some(gate) = &gate {
+                        old.precede(gate);
+                    }
+                    w.retiring.push(old);
+                }
                 metrics::counter!("parley_bus_bucket_switches_total", "to" => "whole").increment(1);
             }
             Err(err) => {
@@ -809,10 +928,17 @@ async fn reconcile(w: &mut Worker, b: u16) {
     if want_whole && bucket.whole.is_some() {
         return;
     }
-    // The exact form (wanted, or the whole one could not be subscribed).
-    if bucket.whole.is_some() {
+    // The exact form (wanted, or the whole one could not be subscribed). Leaving the whole
+    // form, each new subscription waits for the whole one to deliver what it holds.
+    let leaving_whole = bucket.whole.is_some();
+    if leaving_whole {
         lock(&w.filter).open_dedup_window();
     }
+    if bucket.whole_draining.as_ref().is_some_and(|c| c.ended()) {
+        bucket.whole_draining = None;
+    }
+    let drained_whole = bucket.whole_draining.clone();
+    let mut gates = Vec::new();
     let mut complete = true;
     for (channel_id, chan) in &mut bucket.channels {
         if chan.exact.is_some() {
@@ -826,17 +952,40 @@ async fn reconcile(w: &mut Worker, b: u16) {
                 continue;
             }
         };
-        match subscribe_stream(&w.inner, &w.streams, subject, KIND_CHANNEL).await {
-            Ok(handle) => chan.exact = Some(handle),
+        let gate = (leaving_whole || drained_whole.is_some()).then(|| Gate::new(1));
+        match subscribe_stream(&w.inner, &w.streams, subject, KIND_CHANNEL, gate.clone()).await {
+            Ok(handle) => {
+                chan.exact = Some(handle);
+                // The whole subscription being left comes after any earlier one: wait for it.
+                match (leaving_whole, &drained_whole, gate) {
+                    (true, _, Some(gate)) => gates.push(gate),
+                    (false, Some(draining), Some(gate)) => draining.precede(&gate),
+                    _ => {}
+                }
+            }
             Err(err) => {
                 complete = false;
                 tracing::warn!(error = %err, "channel not subscribed");
             }
         }
     }
-    if complete && let Some(whole) = bucket.whole.take() {
-        w.retiring.push(whole);
-        metrics::counter!("parley_bus_bucket_switches_total", "to" => "exact").increment(1);
+    match bucket.whole.take() {
+        Some(whole) if complete => {
+            for gate in &gates {
+                whole.precede(gate);
+            }
+            bucket.whole_draining = Some(Arc::clone(&whole.control));
+            w.retiring.push(whole);
+            metrics::counter!("parley_bus_bucket_switches_total", "to" => "exact").increment(1);
+        }
+        Some(whole) => {
+            // Both forms stay until a later change completes this one; nothing waits.
+            bucket.whole = Some(whole);
+            for gate in &gates {
+                gate.open_one();
+            }
+        }
+        None => {}
     }
 }
 
@@ -855,7 +1004,20 @@ fn covered(w: &Worker, b: u16, channel_id: &str) -> Option<bool> {
 /// retired. Ends when the node's [`Interest`] handle is dropped.
 async fn interest_worker(mut w: Worker, mut commands: mpsc::UnboundedReceiver<Command>) {
     let mut batch = Vec::new();
-    while commands.recv_many(&mut batch, INTEREST_BATCH).await > 0 {
+    loop {
+        // While replaced subscriptions wait for a confirmed barrier (the last one failed), try
+        // again now and then even without new commands: their replacements wait for them.
+        let received = if w.retiring.is_empty() {
+            commands.recv_many(&mut batch, INTEREST_BATCH).await
+        } else {
+            tokio::select! {
+                n = commands.recv_many(&mut batch, INTEREST_BATCH) => n,
+                () = tokio::time::sleep(RETIRE_RETRY) => usize::MAX,
+            }
+        };
+        if received == 0 {
+            break;
+        }
         let mut waiting = Vec::new();
         let mut touched = Vec::new();
         for command in batch.drain(..) {
@@ -909,6 +1071,7 @@ async fn interest_worker(mut w: Worker, mut commands: mpsc::UnboundedReceiver<Co
                             &w.streams,
                             user_bucket_subject(b),
                             KIND_USER_BUCKET,
+                            None,
                         )
                         .await
                         {

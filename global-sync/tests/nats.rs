@@ -673,6 +673,180 @@ fn user_in_bucket(tenant: &str, prefix: &str, bucket: u16, same: bool) -> String
         .expect("some user falls in the bucket")
 }
 
+/// Channels of one bucket, with a node whose limit of exact subscriptions per bucket is 2: while
+/// a publisher sends a numbered persisted event and ephemeral to five channels of the bucket
+/// (faster than the node reads, so that switches find messages waiting), the node adds and removes interest so that the bucket goes from exact to whole (3 channels)
+/// and back (1 channel) and exact again. A channel held throughout gets every event and every
+/// ephemeral, first copies in order with no gap, no ephemeral twice (persisted events may come
+/// twice during a switch: the hubs drop a seq they have delivered); a channel of the bucket the
+/// node never wanted gets nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_changes_form_without_losing_or_reordering_events() {
+    use parley_sync::{Ephemeral, EphemeralTarget, NatsOptions, channel_bucket};
+    const N: u64 = 400;
+    let url = shared_nats_url();
+    let options = NatsOptions {
+        channel_exact_max: Some(2),
+        ..Default::default()
+    };
+    let node = NatsBus::connect_with(&url, &options)
+        .await
+        .expect("connect");
+    let publisher = NatsBus::connect(&url).await.expect("connect publisher");
+    // Five channel ids of one bucket.
+    let prefix = unique_prefix("switch");
+    let mut by_bucket = std::collections::HashMap::<u16, Vec<String>>::new();
+    let chans = loop {
+        let id = format!(
+            "{prefix}_{}",
+            by_bucket.values().map(Vec::len).sum::<usize>()
+        );
+        let group = by_bucket.entry(channel_bucket(&id)).or_default();
+        group.push(id);
+        if group.len() == 5 {
+            break group.clone();
+        }
+    };
+    let (held, other, third, fourth, outsider) = (
+        chans[0].clone(),
+        chans[1].clone(),
+        chans[2].clone(),
+        chans[3].clone(),
+        chans[4].clone(),
+    );
+    let sub = subscribe_to(&node, &[&held, &other]).await;
+    let (mut stream, interest) = (sub.stream, sub.interest);
+
+    let publishing = tokio::spawn({
+        let chans = chans.clone();
+        async move {
+            for seq in 1..=N {
+                for c in &chans {
+                    publisher.publish(&event(c, seq)).await.expect("publish");
+                    let eph = Ephemeral {
+                        target: EphemeralTarget::Channel {
+                            channel_id: c.clone(),
+                        },
+                        skip_user: None,
+                        frame: serde_json::json!({ "type": "typing", "n": seq }),
+                    };
+                    publisher.publish_ephemeral(&eph).await.expect("publish");
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let changes = tokio::spawn(async move {
+        let topic = |c: &String| Topic::Channel(c.clone());
+        let pause = || tokio::time::sleep(Duration::from_millis(120));
+        pause().await;
+        // 3 channels > 2: whole; 4; back to 2 (still whole: above half of the limit).
+        for c in [&third, &fourth] {
+            interest.add(&topic(c)).await.expect("registration");
+            pause().await;
+        }
+        interest.remove(&topic(&fourth));
+        pause().await;
+        interest.remove(&topic(&third));
+        pause().await;
+        // 1 channel: exact again; then 2 (still exact) and 3 (whole again).
+        interest.remove(&topic(&other));
+        pause().await;
+        interest.add(&topic(&other)).await.expect("registration");
+        pause().await;
+        interest.add(&topic(&third)).await.expect("registration");
+        interest
+    });
+
+    let mut events: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let mut ephemerals: std::collections::HashMap<String, Vec<u64>> = Default::default();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    // The node reads slower than the publisher sends, so that each switch finds messages
+    // waiting in the subscriptions it replaces.
+    let mut read = 0u64;
+    loop {
+        read += 1;
+        if read.is_multiple_of(3) {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let done = publishing.is_finished()
+            && ephemerals.get(&held).map_or(0, Vec::len) as u64 >= N
+            && events.get(&held).is_some_and(|e| e.contains(&N));
+        let wait = deadline.min(Instant::now() + Duration::from_millis(300));
+        match timeout_at(wait, stream.next()).await {
+            Ok(Some(BusMessage::Event(ev))) if chans.contains(&ev.channel_id) => {
+                events
+                    .entry(ev.channel_id.clone())
+                    .or_default()
+                    .push(ev.seq);
+            }
+            Ok(Some(BusMessage::Ephemeral(e))) => {
+                if let EphemeralTarget::Channel { channel_id } = &e.target
+                    && chans.contains(channel_id)
+                {
+                    let n = e.frame["n"].as_u64().expect("n");
+                    ephemerals.entry(channel_id.clone()).or_default().push(n);
+                }
+            }
+            Ok(Some(BusMessage::Event(_))) => {}
+            Ok(Some(BusMessage::Resync)) => panic!("unexpected resync"),
+            Ok(None) => panic!("the subscription ended"),
+            Err(_) if done => break,
+            Err(_) if Instant::now() < deadline => {}
+            Err(_) => panic!(
+                "timed out: held channel got events {:?}, {} ephemerals",
+                events.get(&held),
+                ephemerals.get(&held).map_or(0, Vec::len)
+            ),
+        }
+    }
+    let _interest = changes.await.expect("interest changes");
+    publishing.await.expect("publisher");
+
+    // Persisted: every seq, first copies in order; a later copy is one already seen.
+    let got = &events[&held];
+    let mut first = Vec::new();
+    for &seq in got {
+        if first.last().is_none_or(|&last| seq > last) {
+            first.push(seq);
+        } else {
+            assert!(first.contains(&seq), "seq {seq} out of order: {got:?}");
+        }
+    }
+    assert_eq!(
+        first,
+        (1..=N).collect::<Vec<_>>(),
+        "events of the held channel"
+    );
+    // Ephemerals: every one, in order, once.
+    assert_eq!(
+        ephemerals[&held],
+        (1..=N).collect::<Vec<_>>(),
+        "ephemerals of the held channel"
+    );
+    // The other channels: in order (first copies), no ephemeral twice.
+    for c in &chans[1..4] {
+        let got = events.get(c).cloned().unwrap_or_default();
+        let mut seen = std::collections::BTreeSet::new();
+        for &seq in &got {
+            assert!(
+                seen.last().is_none_or(|&last| seq > last) || seen.contains(&seq),
+                "events of {c} out of order: {got:?}"
+            );
+            seen.insert(seq);
+        }
+        let e = ephemerals.get(c).cloned().unwrap_or_default();
+        assert!(
+            e.windows(2).all(|w| w[0] < w[1]),
+            "ephemerals of {c}: {e:?}"
+        );
+    }
+    assert!(
+        !events.contains_key(&outsider) && !ephemerals.contains_key(&outsider),
+        "the channel nobody wanted reached the node"
+    );
+}
+
 /// Users of one bucket share the node's one subscription to it: the node hears every user of
 /// the bucket (the edge drops those it has no connection for), never a user of a bucket it
 /// holds no user of, and keeps the subscription until the bucket's last user is removed.
