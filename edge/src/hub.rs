@@ -586,6 +586,29 @@ mod tests {
         assert_eq!(seqs(&mut rx), vec![3, 4, 5]);
     }
 
+    /// While a bucket of channel subjects changes form, the node holds both forms for a moment
+    /// and the bus brings some events twice (`parley_sync::NatsBus`): each reaches a
+    /// subscriber once, in order, whether the copy comes before the hub is live, after an
+    /// event was delivered, or while a later one waits behind a gap.
+    #[test]
+    fn an_event_received_twice_reaches_a_subscriber_once() {
+        let hubs = Hubs::new(Duration::from_millis(50), Default::default());
+        let (s, mut rx) = sub(1, "alice");
+        pending(&hubs, "t", "ch", s);
+        hubs.on_event(added(3, "x"));
+        hubs.on_event(added(3, "x"));
+        assert_eq!(hubs.confirm("t", "ch", 1, 2), Ok(2));
+        hubs.on_event(added(3, "x"));
+        hubs.on_event(added(4, "y"));
+        hubs.on_event(added(4, "y"));
+        hubs.on_event(added(6, "w"));
+        hubs.on_event(added(6, "w"));
+        hubs.on_event(added(5, "z"));
+        hubs.on_event(added(5, "z"));
+        hubs.on_event(added(6, "w"));
+        assert_eq!(seqs(&mut rx), vec![3, 4, 5, 6]);
+    }
+
     #[test]
     fn a_removal_seen_while_pending_revokes_the_subscription() {
         let hubs = Hubs::new(Duration::from_millis(50), Default::default());

@@ -102,6 +102,149 @@ async fn a_node_without_subscribers_of_a_channel_receives_none_of_its_events() {
     );
 }
 
+/// The bucket form: node A may hold at most 2 exact channel subscriptions per bucket
+/// (`--nats-channel-exact-max 2`). Four channels share one bucket; a member on A subscribes
+/// to two of them (exact: two channel subscriptions), then to a third while messages flow to
+/// all four through node B (the bucket goes whole: one wildcard subscription, observed on
+/// /metrics), then leaves two (back to exact). Every subscriber gets every message of its
+/// channels once and in order, including those sent during the switches; the fourth channel,
+/// which nobody on A wants, is dropped at A (counted) and reaches no client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bucket_with_many_local_channels_is_one_subscription_and_loses_nothing() {
+    use parley_sync::channel_bucket;
+    const CHANNEL: &str = "parley_bus_subscriptions{kind=\"channel\"}";
+    const BUCKET: &str = "parley_bus_subscriptions{kind=\"channel_bucket\"}";
+    const ROUNDS: u64 = 60;
+    let a = ServerBuilder::new(Backend::Postgres)
+        .nats()
+        .arg("--nats-channel-exact-max")
+        .arg("2")
+        .start();
+    let b = ServerBuilder::new(Backend::Postgres).nats().start();
+    let owner = unique("owner");
+    let member = unique("member");
+    let watcher = unique("watcher");
+    let api_b = b.api(&owner);
+    let mut groups = std::collections::HashMap::<u16, Vec<String>>::new();
+    let chans = loop {
+        let id = api_b.create_channel("bucketed", &[&member, &watcher]).await;
+        let group = groups.entry(channel_bucket(&id)).or_default();
+        group.push(id);
+        if group.len() == 4 {
+            break group.clone();
+        }
+    };
+    let (c0, c1, c2, c3) = (&chans[0], &chans[1], &chans[2], &chans[3]);
+
+    let mut ws = Ws::connect(&a, &token(&member)).await;
+    let from0 = ws.subscribe(c0).await;
+    let from1 = ws.subscribe(c1).await;
+    let mut watch = Ws::connect(&a, &token(&watcher)).await;
+    let watch_from0 = watch.subscribe(c0).await;
+    assert_eq!(a.metric(CHANNEL).await, 2.0, "exact: one per channel");
+    assert_eq!(a.metric(BUCKET).await, 0.0);
+
+    let sender = tokio::spawn({
+        let api = api_b.with_token(&token(&owner));
+        let chans = chans.clone();
+        async move {
+            for i in 0..ROUNDS {
+                for c in &chans {
+                    let r = api.send(c, &format!("{c}-{i}"), "m").await;
+                    assert_eq!(r.status, 201, "{}", r.body);
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let metric_becomes = |series: &'static str, want: f64| {
+        let a = &a;
+        async move {
+            for _ in 0..100 {
+                if a.metric(series).await == want {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("{series} never became {want}: {}", a.metric(series).await);
+        }
+    };
+
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A third channel of the bucket: beyond 2, the whole bucket in one subscription.
+    let from2 = ws.subscribe(c2).await;
+    assert_eq!(a.metric(BUCKET).await, 1.0, "whole: one wildcard");
+    metric_becomes(CHANNEL, 0.0).await;
+    assert_eq!(
+        a.metric("parley_bus_bucket_switches_total{to=\"whole\"}")
+            .await,
+        1.0
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Down to one channel (half of the limit): exact again.
+    for c in [c2, c1] {
+        let ack = ws
+            .request(serde_json::json!({ "type": "unsubscribe", "channel_id": c }))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    metric_becomes(BUCKET, 0.0).await;
+    assert_eq!(a.metric(CHANNEL).await, 1.0, "exact: the one channel left");
+    assert_eq!(
+        a.metric("parley_bus_bucket_switches_total{to=\"exact\"}")
+            .await,
+        1.0
+    );
+    sender.await.expect("sender");
+
+    // Every event of the member's connection, until c0's last one and a moment after.
+    let mut got = std::collections::HashMap::<String, Vec<u64>>::new();
+    while got.get(c0).map_or(0, Vec::len) < ROUNDS as usize {
+        let ev = ws.next_event().await;
+        let c = ev["channel_id"].as_str().expect("channel_id").to_owned();
+        got.entry(c)
+            .or_default()
+            .push(ev["seq"].as_u64().expect("seq"));
+    }
+    for ev in ws.events_within(Duration::from_millis(500)).await {
+        let c = ev["channel_id"].as_str().expect("channel_id").to_owned();
+        got.entry(c)
+            .or_default()
+            .push(ev["seq"].as_u64().expect("seq"));
+    }
+    let all = |from: u64| (from + 1..=from + ROUNDS).collect::<Vec<u64>>();
+    assert_eq!(got[c0], all(from0), "c0, held throughout");
+    // c1 and c2: from their subscribe on, a gapless run, each once, until the unsubscribe.
+    for (c, from) in [(c1, from1), (c2, from2)] {
+        let seqs = got.get(c).cloned().unwrap_or_default();
+        assert!(!seqs.is_empty(), "{c}: nothing");
+        let want: Vec<u64> = (from + 1..from + 1 + seqs.len() as u64).collect();
+        assert_eq!(seqs, want, "{c}: in order, once, no gap");
+    }
+    assert!(
+        !got.contains_key(c3),
+        "c3 reached a client: {:?}",
+        got.get(c3)
+    );
+    let mut watched = Vec::new();
+    while watched.len() < ROUNDS as usize {
+        watched.push(watch.next_event().await["seq"].as_u64().expect("seq"));
+    }
+    assert!(
+        watch
+            .events_within(Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
+    assert_eq!(watched, all(watch_from0), "the watcher's c0");
+    assert!(
+        a.metric("parley_bus_dropped_no_interest_total{kind=\"event\"}")
+            .await
+            > 0.0,
+        "the whole bucket brought c3's events, dropped at A"
+    );
+}
+
 /// A variable of `scripts/services.sh start`, or a panic saying how to get it.
 fn services_var(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {

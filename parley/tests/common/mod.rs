@@ -739,9 +739,8 @@ impl Ws {
             if f["id"] == json!(id)
                 && (f["type"] == "ack" || f["type"] == "error" || f["type"] == "pong")
             {
-                for s in skipped.into_iter().rev() {
-                    self.backlog.push_front(s);
-                }
+                // After what earlier requests kept: those frames came first.
+                self.backlog.extend(skipped);
                 return f;
             }
             skipped.push(f);
