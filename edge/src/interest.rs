@@ -7,6 +7,13 @@
 //! happened. The registration of an add is kept with the entry, shared: whoever needs the topic
 //! live (a subscribe about to read the channel's last seq, a connection about to be welcomed)
 //! awaits it, whether it started the add or joined an entry that already existed.
+//!
+//! How the bus turns topics into NATS subscriptions is its own business (`parley_sync`'s
+//! `nats.rs`): a user shares one subscription with the other users of its bucket, and a channel
+//! has one of its own while its bucket holds few local channels, or shares its bucket's
+//! wildcard subscription beyond that. Either way only the added topics' events reach the
+//! dispatcher. While a bucket changes form, a persisted event may arrive twice: the hub's
+//! sequencer drops a seq it has already delivered (`hub.rs`).
 
 use std::sync::{Arc, OnceLock};
 

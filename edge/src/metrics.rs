@@ -70,6 +70,22 @@ pub fn describe() {
         "parley_bus_events_received_total",
         "Persisted channel events this node received from the bus (only channels with local subscribers)."
     );
+    describe_gauge!(
+        "parley_bus_subscriptions",
+        "NATS subscriptions this node holds, by kind: channel (one channel), channel_bucket (every channel of one of 256 buckets), user_bucket (every user of one of 256 buckets)."
+    );
+    describe_counter!(
+        "parley_bus_bucket_switches_total",
+        "Buckets of channels that changed form, by the form taken: whole (one wildcard subscription, beyond --nats-channel-exact-max local channels) or exact (one subscription per channel)."
+    );
+    describe_counter!(
+        "parley_bus_dropped_no_interest_total",
+        "Channel messages received from the bus for a channel without local subscribers (a whole bucket brings every channel of it), dropped before decoding, by kind (event or ephemeral)."
+    );
+    describe_counter!(
+        "parley_bus_duplicates_dropped_total",
+        "Channel ephemerals received twice while a bucket changed form (both forms subscribed for a moment), dropped."
+    );
     describe_counter!(
         "parley_bus_ephemerals_received_total",
         "Ephemeral events (typing, presence, receipts, user-targeted) this node received from the bus."

@@ -98,7 +98,8 @@ pub struct NodeSubscription {
 /// a topic is received while it has had more adds than removes, so every add must be matched
 /// by exactly one remove (the node's registries add a topic when its entry appears and remove
 /// it when the entry goes). Over NATS several topics may share one subscription (all users of
-/// one bucket), which lives while any of them is held.
+/// one bucket; the channels of one bucket when the node has many there), which lives while any
+/// of them is held; the stream yields only the held channels' events (`nats.rs`, "Subjects").
 pub trait Interest: Send + Sync + 'static {
     /// Starts receiving `topic`. The registration resolves once every event published from
     /// then on is sure to reach the subscription, or with an error when the bus could not

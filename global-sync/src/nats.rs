@@ -9,26 +9,52 @@
 //!
 //! | subject | carries | published by |
 //! |---|---|---|
-//! | `parley.ch.<channel_id>.ev` | the channel's persisted events ([`ChannelEvent`]) | cores only |
-//! | `parley.ch.<channel_id>.eph` | the channel's ephemerals (typing, presence, receipts, call notices) | cores and edges |
+//! | `parley.ch.<bucket>.<channel_id>.ev` | the channel's persisted events ([`ChannelEvent`]) | cores only |
+//! | `parley.ch.<bucket>.<channel_id>.eph` | the channel's ephemerals (typing, presence, receipts, call notices) | cores and edges |
 //! | `parley.user.<tenant>.<bucket>.<user>` | ephemerals for one user's connections or call participants | cores and edges |
 //! | `parley.barrier` | nobody subscribes: a request there is a round trip to the server | every node |
 //!
-//! A node subscribes to `parley.ch.<channel_id>.*` (one subscription per channel, both kinds)
-//! while the channel has local subscribers (see [`crate::Interest`]). Users are not one
-//! subscription each: every user falls in one of [`USER_BUCKETS`] buckets ([`user_bucket`], a
-//! fixed hash of tenant and user, the same on every node), and a node holds one subscription,
-//! `parley.user.*.<bucket>.*`, per bucket in which it has at least one user with local
-//! connections; it drops it when the bucket's last local user goes. The node receives the
-//! events of the other users of its buckets too and drops them (the edge's user registry has no
-//! connection for them). This keeps the client's memory per connected user near zero: each
-//! subscription of async-nats holds a queue whose first block takes about 5.4 KB. Channel ids
-//! are one subject token already
-//! (generated `ch_` ids; anything else is refused); tenant and user ids may hold `.`, so their
-//! tokens escape every byte outside `A-Z a-z 0-9 _ - : @ |` as `%XX`. Channel ids are unique
-//! across tenants, so channel subjects need no tenant. The split between `.ev` and `.eph` is what
-//! the NATS permissions act on: only the core's credentials may publish `parley.ch.*.ev`
-//! (`scripts/services.sh` shows the permissions, `docs/operations.md` explains them).
+//! Each subscription of async-nats holds a queue whose first block takes about 5.4 KB (and the
+//! server about 1.1 KB), so a node cannot afford one per connected user or per subscribed
+//! channel when it serves tens of thousands. Both kinds of subjects carry a **bucket**: one of
+//! 256, from a fixed hash ([`user_bucket`] of tenant and user, [`channel_bucket`] of the channel
+//! id), the same on every node and version (part of the wire layout).
+//!
+//! **Users**: a node holds one subscription, `parley.user.*.<bucket>.*`, per bucket in which it
+//! has at least one user with local connections, and drops it when the bucket's last local user
+//! goes. It receives the events of the other users of its buckets too and drops them (the edge's
+//! user registry has no connection for them).
+//!
+//! **Channels**: per bucket, the node is in one of two forms, decided by [`BucketPolicy`] from
+//! the number of the bucket's channels with local subscribers (see [`crate::Interest`]):
+//! * *exact* while there are at most `K` ([`NatsOptions::channel_exact_max`], 8 by default): one
+//!   subscription per channel, `parley.ch.<bucket>.<channel_id>.*` (both kinds). A node with few
+//!   channels receives exactly their events and nothing else;
+//! * *whole* beyond `K`: one subscription, `parley.ch.<bucket>.*.*`; the events of the bucket's
+//!   channels without local subscribers are dropped by the subscription stream before decoding
+//!   (`parley_bus_dropped_no_interest_total`). Back to exact once the bucket holds `K / 2` or
+//!   fewer (the gap keeps a bucket near `K` from switching at every subscribe).
+//!
+//! So a node holds at most 256 channel subscriptions and 256 user ones, however many channels
+//! and users it serves. A switch loses nothing and keeps each channel's order: the new form is
+//! subscribed first, and once a barrier (below) has confirmed it, the replaced subscriptions are
+//! *retired*: each sends its `UNSUB` and delivers what its queue holds (everything only it
+//! received is in there, since the client reads the connection in order and the confirmation
+//! came after), while the new form's subscriptions yield nothing until those have ended (a
+//! [`Gate`]). Messages published between the new `SUB` and the old `UNSUB` arrive twice:
+//! persisted events are dropped by the hubs' sequencers (a seq already delivered), channel
+//! ephemerals by the stream, which keeps fingerprints of the ones it yielded for 2 s after a
+//! switch (`parley_bus_duplicates_dropped_total`). Switches are counted in
+//! `parley_bus_bucket_switches_total{to}`, subscriptions in
+//! `parley_bus_subscriptions{kind="channel"|"channel_bucket"|"user_bucket"}`.
+//!
+//! Channel ids are one subject token already (generated `ch_` ids; anything else is refused);
+//! tenant and user ids may hold `.`, so their tokens escape every byte outside
+//! `A-Z a-z 0-9 _ - : @ |` as `%XX`. Channel ids are unique across tenants, so channel subjects
+//! need no tenant. A channel message whose bucket token is not its channel's is refused. The
+//! split between `.ev` and `.eph` is what the NATS permissions act on: only the core's
+//! credentials may publish `parley.ch.*.*.ev` (`scripts/services.sh` shows the permissions,
+//! `docs/operations.md` explains them).
 //!
 //! # Exactness
 //!
@@ -886,6 +912,9 @@ async fn reconcile(w: &mut Worker, b: u16) {
         return;
     };
     if bucket.channels.is_empty() {
+        if let Some(whole) = bucket.whole.take() {
+            whole.abort();
+        }
         w.buckets.remove(&b);
         return;
     }

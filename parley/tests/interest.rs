@@ -243,6 +243,103 @@ async fn a_bucket_with_many_local_channels_is_one_subscription_and_loses_nothing
             > 0.0,
         "the whole bucket brought c3's events, dropped at A"
     );
+
+    // Whole again, then nobody on A wants the bucket: its subscription goes, and A hears
+    // nothing more of it.
+    ws.subscribe(c1).await;
+    ws.subscribe(c2).await;
+    assert_eq!(a.metric(BUCKET).await, 1.0, "whole again");
+    for (i, c) in [(0, c0), (0, c1), (0, c2), (1, c0)] {
+        let conn = if i == 0 { &mut ws } else { &mut watch };
+        let ack = conn
+            .request(serde_json::json!({ "type": "unsubscribe", "channel_id": c }))
+            .await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+    }
+    metric_becomes(BUCKET, 0.0).await;
+    assert_eq!(a.metric(CHANNEL).await, 0.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dropped = a
+        .metric("parley_bus_dropped_no_interest_total{kind=\"event\"}")
+        .await;
+    for c in [c0, c3] {
+        let r = api_b.send(c, &format!("{c}-after"), "nobody on a").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        a.metric("parley_bus_dropped_no_interest_total{kind=\"event\"}")
+            .await,
+        dropped,
+        "A still receives the bucket"
+    );
+}
+
+/// With `--nats-channel-exact-max 0` every bucket is whole: a channel's subscription is its
+/// bucket's wildcard. When the bucket's last local channel goes, so does the wildcard: the node
+/// hears nothing more of the bucket (nothing more to drop), while it did before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_bucket_goes_with_its_last_local_channel() {
+    const DROPPED: &str = "parley_bus_dropped_no_interest_total{kind=\"event\"}";
+    const BUCKET: &str = "parley_bus_subscriptions{kind=\"channel_bucket\"}";
+    let a = ServerBuilder::new(Backend::Postgres)
+        .nats()
+        .arg("--nats-channel-exact-max")
+        .arg("0")
+        .start();
+    let b = ServerBuilder::new(Backend::Postgres).nats().start();
+    let owner = unique("owner");
+    let member = unique("member");
+    let api_b = b.api(&owner);
+    // Two channels of one bucket.
+    let mut groups = std::collections::HashMap::<u16, Vec<String>>::new();
+    let (wanted, other) = loop {
+        let id = api_b.create_channel("whole", &[&member]).await;
+        let group = groups.entry(parley_sync::channel_bucket(&id)).or_default();
+        group.push(id);
+        if group.len() == 2 {
+            break (group[0].clone(), group[1].clone());
+        }
+    };
+    let mut ws = Ws::connect(&a, &token(&member)).await;
+    ws.subscribe(&wanted).await;
+    assert_eq!(
+        a.metric(BUCKET).await,
+        1.0,
+        "0: whole from the first channel"
+    );
+    assert_eq!(
+        a.metric("parley_bus_subscriptions{kind=\"channel\"}").await,
+        0.0
+    );
+    let r = api_b.send(&other, "o1", "not wanted on a").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    let r = api_b.send(&wanted, "w1", "wanted on a").await;
+    assert_eq!(r.status, 201, "{}", r.body);
+    assert_eq!(ws.next_event().await["message"]["client_msg_id"], "w1");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dropped = a.metric(DROPPED).await;
+    assert!(
+        dropped >= 1.0,
+        "the other channel's event came with the bucket"
+    );
+
+    let ack = ws
+        .request(serde_json::json!({ "type": "unsubscribe", "channel_id": wanted }))
+        .await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    assert_eq!(a.metric(BUCKET).await, 0.0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for c in [&wanted, &other] {
+        let r = api_b.send(c, "after", "nobody on a").await;
+        assert_eq!(r.status, 201, "{}", r.body);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        a.metric(DROPPED).await,
+        dropped,
+        "a still receives the bucket"
+    );
 }
 
 /// A variable of `scripts/services.sh start`, or a panic saying how to get it.
