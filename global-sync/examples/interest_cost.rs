@@ -4,8 +4,12 @@
 //!
 //! ```sh
 //! eval "$(scripts/services.sh start)"   # for PARLEY_NATS_SERVER_BIN (or set it yourself)
-//! cargo run --release -p parley-sync --example interest_cost -- 10000
+//! cargo run --release -p parley-sync --example interest_cost -- 10000        # default --nats-channel-exact-max (8)
+//! cargo run --release -p parley-sync --example interest_cost -- 10000 100000 # one subscription per channel
 //! ```
+//!
+//! The second argument is the node's `channel_exact_max` (see `NatsOptions`): how many channels
+//! of one of the 256 buckets it subscribes to one by one before taking the whole bucket.
 //!
 //! Prints one line per figure. Memory is the resident set (VmRSS) of this process and of the
 //! server, read from /proc before and after; registration time is wall clock from the first
@@ -13,7 +17,7 @@
 
 use std::time::{Duration, Instant};
 
-use parley_sync::{Bus, NatsBus, Topic};
+use parley_sync::{Bus, NatsBus, NatsOptions, Topic};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 fn rss_kib(pid: &str) -> u64 {
@@ -54,6 +58,9 @@ async fn main() {
         .nth(1)
         .map(|a| a.parse().expect("count"))
         .unwrap_or(10_000);
+    let exact_max: Option<usize> = std::env::args()
+        .nth(2)
+        .map(|a| a.parse().expect("channel_exact_max"));
     let bin = std::env::var("PARLEY_NATS_SERVER_BIN")
         .expect("set PARLEY_NATS_SERVER_BIN (eval \"$(scripts/services.sh start)\" does)");
     let (port, mport) = (free_port(), free_port());
@@ -67,12 +74,23 @@ async fn main() {
     let server_pid = server.id().to_string();
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let bus = NatsBus::connect(&format!("nats://127.0.0.1:{port}"))
+    let options = NatsOptions {
+        channel_exact_max: exact_max,
+        ..Default::default()
+    };
+    let bus = NatsBus::connect_with(&format!("nats://127.0.0.1:{port}"), &options)
         .await
         .expect("connect");
     let sub = bus.subscribe().await.expect("subscribe");
+    // The stream is read, as a node's dispatcher does (a bucket's replaced subscriptions end
+    // once the stream has delivered what they hold).
+    let (mut stream, interest) = (sub.stream, sub.interest);
+    tokio::spawn(async move {
+        use futures::StreamExt;
+        while stream.next().await.is_some() {}
+    });
     // Warm: one topic, so the first measured registration is not the connection's first.
-    sub.interest
+    interest
         .add(&Topic::Channel("ch_warm".into()))
         .await
         .expect("warm");
@@ -83,7 +101,7 @@ async fn main() {
 
     let started = Instant::now();
     let registrations: Vec<_> = (0..n)
-        .map(|i| sub.interest.add(&Topic::Channel(format!("ch_{i:026}"))))
+        .map(|i| interest.add(&Topic::Channel(format!("ch_{i:026}"))))
         .collect();
     for r in registrations {
         r.await.expect("registration");
@@ -98,7 +116,7 @@ async fn main() {
     let mut one = Vec::new();
     for i in 0..200 {
         let t = Instant::now();
-        sub.interest
+        interest
             .add(&Topic::Channel(format!("ch_single_{i}")))
             .await
             .expect("registration");
@@ -106,7 +124,10 @@ async fn main() {
     }
     one.sort();
 
-    println!("channels: {n}");
+    println!(
+        "channels: {n}, channel_exact_max {}",
+        exact_max.map_or("default".into(), |k| k.to_string())
+    );
     println!(
         "registration of all {n} (batched, one round trip per batch): {:.1} ms",
         took.as_secs_f64() * 1e3
