@@ -157,7 +157,10 @@ pub const USER_BUCKETS: u16 = 256;
 /// channel subscriptions a node ever holds (one per bucket, however many channels it serves).
 pub const CHANNEL_BUCKETS: u16 = 256;
 /// The default of [`NatsOptions::channel_exact_max`]: a bucket is subscribed channel by
-/// channel while it holds at most this many channels with local subscribers.
+/// channel while it holds at most this many channels with local subscribers. With 8, a node
+/// holds at most 256 × 8 = 2,048 exact subscriptions (about 11 MB) before every bucket is whole,
+/// a node with up to a few hundred channels keeps exact interest in most buckets, and a whole
+/// bucket is worth it as soon as it replaces 9 subscriptions (about 48 KB).
 pub const DEFAULT_CHANNEL_EXACT_MAX: usize = 8;
 /// How long after a bucket changes its form (see [`BucketPolicy`]) the subscription drops a
 /// channel ephemeral it has already yielded: while both forms are subscribed, the server sends
@@ -924,12 +927,21 @@ async fn reconcile(w: &mut Worker, b: u16) {
         .whole(bucket.whole.is_some(), bucket.channels.len());
     if want_whole && bucket.whole.is_none() {
         lock(&w.filter).open_dedup_window();
+        if bucket.whole_draining.as_ref().is_some_and(|c| c.ended()) {
+            bucket.whole_draining = None;
+        }
+        // After the exact subscriptions it replaces, and after an earlier whole one still
+        // delivering what it holds.
         let exact = bucket
             .channels
             .values()
             .filter(|c| c.exact.is_some())
             .count();
-        let gate = (exact > 0).then(|| Gate::new(exact));
+        let before = exact + usize::from(bucket.whole_draining.is_some());
+        let gate = (before > 0).then(|| Gate::new(before));
+        if let (Some(gate), Some(draining)) = (&gate, &bucket.whole_draining) {
+            draining.precede(gate);
+        }
         match subscribe_stream(
             &w.inner,
             &w.streams,
