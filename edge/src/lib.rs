@@ -34,6 +34,7 @@ mod queue;
 mod session;
 mod upgrade;
 mod users;
+mod wire;
 
 pub use upgrade::{AuthFailureGate, parse_origin, router};
 
@@ -197,8 +198,6 @@ pub struct EdgeConfig {
     /// between commit and publish) still reaches them: within about this interval plus
     /// `gap_timeout`. Zero turns the poll off.
     pub commit_poll_interval: Duration,
-    /// WebSocket read buffer per connection, in bytes (axum's default is 128 KiB).
-    pub read_buffer_bytes: usize,
     /// Frames that queued up while a connection's socket was busy are written together, up to
     /// about this many bytes per write (one write per frame when 0).
     pub write_batch_bytes: usize,
@@ -238,7 +237,6 @@ impl Default for EdgeConfig {
             allowed_origins: Vec::new(),
             gap_timeout: Duration::from_millis(250),
             commit_poll_interval: Duration::from_secs(1),
-            read_buffer_bytes: 512,
             write_batch_bytes: 16 * 1024,
             max_replay: 1000,
             max_resume_channels: 100,

@@ -86,27 +86,14 @@ fn not_a_member() -> GatewayError {
 
 impl State {
     /// Drops the routes `stale` picks (a bounded scan: at most [`MAX_ROUTES`]).
-    fn drop_routes(&mut self, stale: impl Fn(&SignalRoute) -> bool) {
+    /// Forgets the routes `stale` picks, by key (tenant, caller, call, from, to) or route.
+    fn drop_routes(&mut self, stale: impl Fn(&RouteKey, &SignalRoute) -> bool) {
         let Some(routes) = self.routes.as_mut() else {
             return;
         };
         let gone: Vec<RouteKey> = routes
             .iter()
-            .filter(|(_, r)| stale(r))
-            .map(|(k, _)| k.clone())
-            .collect();
-        for k in gone {
-            routes.remove(&k);
-        }
-    }
-
-    fn drop_routes_of_call(&mut self, call_id: &str) {
-        let Some(routes) = self.routes.as_mut() else {
-            return;
-        };
-        let gone: Vec<RouteKey> = routes
-            .iter()
-            .filter(|(k, _)| k.2 == call_id)
+            .filter(|(k, r)| stale(k, r))
             .map(|(k, _)| k.clone())
             .collect();
         for k in gone {
@@ -145,7 +132,7 @@ impl MembershipCache {
         if let Some(e) = s.entries.as_mut() {
             e.remove(channel_id);
         }
-        s.drop_routes(|r| r.channel_id == channel_id);
+        s.drop_routes(|_, r| r.channel_id == channel_id);
     }
 
     /// Events may have been lost: forget every answer (the channels stay watched).
@@ -172,7 +159,7 @@ impl MembershipCache {
             | EventBody::CallEnded { call_id, .. } => {
                 let mut s = self.lock();
                 s.epoch += 1;
-                s.drop_routes_of_call(call_id);
+                s.drop_routes(|k, _| &k.2 == call_id);
                 return;
             }
             _ => return,
@@ -190,7 +177,7 @@ impl MembershipCache {
             }
             None => {
                 entries.remove(&ev.channel_id);
-                s.drop_routes(|r| r.channel_id == ev.channel_id);
+                s.drop_routes(|_, r| r.channel_id == ev.channel_id);
             }
         }
     }

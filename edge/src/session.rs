@@ -26,8 +26,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
 use std::time::{Duration, Instant};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures::SinkExt;
+use axum::extract::ws::Utf8Bytes;
 use parley_proto::NegotiationRole;
 use parley_proto::calls::SignalPayload;
 use parley_proto::session::{
@@ -44,6 +43,7 @@ use crate::calls::Outgoing;
 use crate::hub::{ConfirmError, Subscriber};
 use crate::queue::{FrameReceiver, FrameSender, frame_queue};
 use crate::users::SessionCheck;
+use crate::wire::{Incoming, WireError, WsStream};
 
 /// Frames a connection may send before its `auth` frame; the last closes it with 4001.
 const MAX_FRAMES_BEFORE_AUTH: u32 = 16;
@@ -166,7 +166,7 @@ struct Conn {
     /// Registered with the node (the machine said `Open`).
     opened: bool,
     /// Frames taken from the machine and not written when it decided to close.
-    tail: Vec<Message>,
+    tail: Vec<Out>,
 }
 
 /// Runs a connection to its end. `pre_auth` is set when the token came in the subprotocol header.
@@ -178,7 +178,7 @@ struct Conn {
 #[allow(clippy::manual_async_fn)]
 pub(crate) fn run(
     edge: Arc<Edge>,
-    mut ws: WebSocket,
+    mut ws: WsStream,
     pre_auth: Option<Principal>,
     slot: crate::admission::Slot,
 ) -> impl Future<Output = bool> + Send {
@@ -237,7 +237,7 @@ impl Conn {
     }
 
     /// Serves the connection until the machine closes it; returns the close code to send.
-    async fn serve(&mut self, ws: &mut WebSocket) -> Option<CloseCode> {
+    async fn serve(&mut self, ws: &mut WsStream) -> Option<CloseCode> {
         let ctl = self.ctl.clone();
         loop {
             // What the machine has to say first: requests run, frames written. Boxed (here and
@@ -284,21 +284,21 @@ impl Conn {
     /// A frame (or the end of the stream) from the client, and what the machine makes of it.
     async fn on_incoming(
         &mut self,
-        ws: &mut WebSocket,
-        incoming: Option<Result<Message, axum::Error>>,
+        ws: &mut WsStream,
+        incoming: Option<Result<Incoming, WireError>>,
     ) -> Result<(), Option<CloseCode>> {
         let now = Instant::now();
         let input_text;
         let input = match &incoming {
             None => Input::Closed,
             Some(Err(_)) => Input::Closed,
-            Some(Ok(Message::Text(t))) => {
+            Some(Ok(Incoming::Text(t))) => {
                 input_text = t;
                 Input::Text(input_text.as_str())
             }
-            Some(Ok(Message::Binary(_))) => Input::Binary,
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Input::Heard,
-            Some(Ok(Message::Close(_))) => Input::Closed,
+            Some(Ok(Incoming::Binary)) => Input::Binary,
+            Some(Ok(Incoming::Ping | Incoming::Pong)) => Input::Heard,
+            Some(Ok(Incoming::Close)) => Input::Closed,
         };
         let input = match incoming {
             Some(Err(e)) => classify_read_error(e),
@@ -333,7 +333,7 @@ impl Conn {
     /// makes new outputs: the machine is polled again after every write, the last one included.
     /// Returning with outputs left would strand them (an ack, say) until something else wakes
     /// the connection, its next heartbeat.
-    async fn step(&mut self, ws: &mut WebSocket) -> Result<(), Option<CloseCode>> {
+    async fn step(&mut self, ws: &mut WsStream) -> Result<(), Option<CloseCode>> {
         let mut batch = Vec::new();
         // Frames about the queued events (unread counts): written after them.
         let mut after = Vec::new();
@@ -341,9 +341,9 @@ impl Conn {
             match self.machine.poll_output() {
                 Some(Output::Transmit(t)) => {
                     match t {
-                        Transmit::Text(s) => batch.push(Message::Text(s.into())),
-                        Transmit::AfterEvents(s) => after.push(Message::Text(s.into())),
-                        Transmit::Ping => batch.push(Message::Ping(Default::default())),
+                        Transmit::Text(s) => batch.push(Out::Text(s)),
+                        Transmit::AfterEvents(s) => after.push(Out::Text(s)),
+                        Transmit::Ping => batch.push(Out::Ping),
                     }
                     if batch.len() + after.len() >= MAX_FRAMES_PER_WRITE {
                         let (out, late) = (std::mem::take(&mut batch), std::mem::take(&mut after));
@@ -388,10 +388,10 @@ impl Conn {
     /// over: it has usually queued its frames already.
     async fn write(
         &mut self,
-        ws: &mut WebSocket,
-        out: Vec<Message>,
+        ws: &mut WsStream,
+        out: Vec<Out>,
         first: Option<Utf8Bytes>,
-        after: Vec<Message>,
+        after: Vec<Out>,
     ) -> Result<(), Option<CloseCode>> {
         let Conn {
             machine,
@@ -596,7 +596,7 @@ impl Conn {
     }
 
     /// Unregisters the connection and closes the socket with `close` (if any).
-    async fn end(mut self, ws: &mut WebSocket, close: Option<CloseCode>) {
+    async fn end(mut self, ws: &mut WsStream, close: Option<CloseCode>) {
         let edge = self.edge.clone();
         let conn = self.conn;
         if self.opened {
@@ -619,7 +619,7 @@ impl Conn {
                 let mut out = std::mem::take(&mut self.tail);
                 while let Some(o) = self.machine.poll_output() {
                     if let Output::Transmit(Transmit::Text(s) | Transmit::AfterEvents(s)) = o {
-                        out.push(Message::Text(s.into()));
+                        out.push(Out::Text(s));
                     }
                 }
                 if code == CloseCode::GoingAway {
@@ -924,6 +924,26 @@ async fn call_participants_dropped(edge: &Arc<Edge>, p: &Principal, conn: u64) {
     }
 }
 
+/// A frame the machine gave the driver to write.
+enum Out {
+    Text(String),
+    Ping,
+}
+
+/// Queues `m` on the socket.
+async fn feed(ws: &mut WsStream, m: Out) -> std::io::Result<()> {
+    match m {
+        Out::Text(t) => {
+            crate::metrics::frame_out(&t);
+            ws.feed(&t).await
+        }
+        Out::Ping => {
+            ws.feed_ping();
+            Ok(())
+        }
+    }
+}
+
 /// Most frames written with one flush: what queued up while the socket was busy leaves in one
 /// write instead of one write per frame (acks under load, bursts of events).
 const MAX_FRAMES_PER_WRITE: usize = 64;
@@ -932,24 +952,21 @@ const MAX_FRAMES_PER_WRITE: usize = 64;
 /// the queue; all of it when `after` has frames, which are about the events queued so far), then
 /// `after`, then flushes.
 async fn send_batch(
-    ws: &mut WebSocket,
-    out: Vec<Message>,
+    ws: &mut WsStream,
+    out: Vec<Out>,
     first: Option<Utf8Bytes>,
     queue: Option<&mut FrameReceiver>,
-    after: Vec<Message>,
-) -> Result<(), axum::Error> {
+    after: Vec<Out>,
+) -> std::io::Result<()> {
     if let Some(rx) = &queue {
         crate::metrics::send_queue_depth(rx.len() + usize::from(first.is_some()));
     }
     for m in out {
-        if let Message::Text(t) = &m {
-            crate::metrics::frame_out(t);
-        }
-        ws.feed(m).await?;
+        feed(ws, m).await?;
     }
     if let Some(first) = first {
         crate::metrics::frame_out(&first);
-        ws.feed(Message::Text(first)).await?;
+        ws.feed(&first).await?;
     }
     if let Some(rx) = queue {
         // The queue is bounded (`--ws-send-queue`), so "all of it" is too.
@@ -962,17 +979,14 @@ async fn send_batch(
             match rx.try_recv() {
                 Some(frame) => {
                     crate::metrics::frame_out(&frame);
-                    ws.feed(Message::Text(frame)).await?
+                    ws.feed(&frame).await?
                 }
                 None => break,
             }
         }
     }
     for m in after {
-        if let Message::Text(t) = &m {
-            crate::metrics::frame_out(t);
-        }
-        ws.feed(m).await?;
+        feed(ws, m).await?;
     }
     ws.flush().await
 }
@@ -986,18 +1000,18 @@ fn unix_now() -> Duration {
 
 /// Writes `first`, then whatever is queued, giving a stuck peer [`CLOSE_WRITE_TIMEOUT`].
 async fn flush_queued(
-    ws: &mut WebSocket,
-    first: Vec<Message>,
+    ws: &mut WsStream,
+    first: Vec<Out>,
     queue: &mut Option<(FrameSender, FrameReceiver)>,
 ) {
     let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, async {
         for m in first {
-            ws.feed(m).await?;
+            feed(ws, m).await?;
         }
         if let Some((_, rx)) = queue {
             while let Some(frame) = rx.try_recv() {
                 crate::metrics::frame_out(&frame);
-                ws.feed(Message::Text(frame)).await?;
+                ws.feed(&frame).await?;
             }
         }
         ws.flush().await
@@ -1012,14 +1026,15 @@ async fn next_queued(queue: &mut Option<(FrameSender, FrameReceiver)>) -> Option
     }
 }
 
-fn classify_read_error(e: axum::Error) -> Input<'static> {
-    use tokio_tungstenite::tungstenite::Error as WsError;
-    let inner = e.into_inner();
-    match inner.downcast_ref::<WsError>() {
-        Some(WsError::Capacity(_)) => Input::TooBig,
-        Some(WsError::Utf8(_)) => Input::InvalidUtf8,
-        Some(WsError::Protocol(_)) => Input::ProtocolViolation,
-        _ => Input::Closed,
+fn classify_read_error(e: WireError) -> Input<'static> {
+    match e {
+        WireError::TooBig => Input::TooBig,
+        WireError::InvalidUtf8 => Input::InvalidUtf8,
+        WireError::Protocol => Input::ProtocolViolation,
+        WireError::Io(e) => {
+            tracing::debug!(error = %e, "websocket read failed");
+            Input::Closed
+        }
     }
 }
 
@@ -1032,16 +1047,13 @@ const CLOSE_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Writes `last` (the error that explains the close, say), then a close frame with the code
 /// and its stated reason, giving a stuck peer [`CLOSE_WRITE_TIMEOUT`]. True when it was written.
-async fn send_close(ws: &mut WebSocket, last: Vec<Message>, code: CloseCode) -> bool {
-    let frame = CloseFrame {
-        code: code.code(),
-        reason: Utf8Bytes::from_static(code.reason()),
-    };
+async fn send_close(ws: &mut WsStream, last: Vec<Out>, code: CloseCode) -> bool {
     let write = async {
         for m in last {
-            ws.feed(m).await?;
+            feed(ws, m).await?;
         }
-        ws.send(Message::Close(Some(frame))).await
+        ws.feed_close(code.code(), code.reason());
+        ws.flush().await
     };
     matches!(
         tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await,
@@ -1053,7 +1065,7 @@ async fn send_close(ws: &mut WebSocket, last: Vec<Message>, code: CloseCode) -> 
 /// close, for at most [`CLOSE_DRAIN_TIMEOUT`]. Closing the socket with unread input would make
 /// the kernel reset the connection, and a reset discards the close frame before the peer reads
 /// it; a flooding client would never learn why it was closed.
-async fn drain(ws: &mut WebSocket) {
+async fn drain(ws: &mut WsStream) {
     let deadline = tokio::time::Instant::now() + CLOSE_DRAIN_TIMEOUT;
     while let Ok(Some(Ok(_))) = tokio::time::timeout_at(deadline, ws.recv()).await {}
 }

@@ -7,14 +7,21 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{ConnectInfo, State, WebSocketUpgrade};
+use axum::extract::{ConnectInfo, FromRequestParts, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use parley_proto::error::ErrorDetail;
 use parley_proto::{ErrorBody, ErrorCode, WS_AUTH_SUBPROTOCOL_PREFIX, WS_SUBPROTOCOL};
 
+use futures::FutureExt;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+
 use crate::admission::Refusal;
+use crate::wire::WsStream;
 use crate::{Edge, session};
 
 /// The delay stated to a client refused for a connection limit.
@@ -48,7 +55,7 @@ async fn upgrade(
     State(UpgradeState { edge, failures }): State<UpgradeState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<Handshake, NotAnUpgrade>,
 ) -> Response {
     let request_id = headers
         .get("x-request-id")
@@ -102,8 +109,23 @@ async fn upgrade(
             "this Origin is not allowed to open a WebSocket; allow it with --allowed-origin",
         );
     }
-    let requested: Vec<String> = ws
-        .requested_protocols()
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(not) => {
+            crate::metrics::upgrade_refused("handshake");
+            let mut response = reject(not.status(), ErrorCode::InvalidRequest, not.message());
+            if not == NotAnUpgrade::Version {
+                response.headers_mut().insert(
+                    header::SEC_WEBSOCKET_VERSION,
+                    HeaderValue::from_static("13"),
+                );
+            }
+            return response;
+        }
+    };
+    let requested: Vec<String> = headers
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(|p| p.trim().to_owned())
@@ -162,29 +184,133 @@ async fn upgrade(
             );
         }
     };
-    let cfg = &edge.config;
-    let mut ws = ws
-        .read_buffer_size(cfg.read_buffer_bytes)
-        .write_buffer_size(cfg.write_batch_bytes)
-        .max_write_buffer_size(cfg.max_frame_bytes.saturating_mul(4).max(64 * 1024))
-        .max_message_size(cfg.max_frame_bytes)
-        .max_frame_size(cfg.max_frame_bytes);
-    ws.set_selected_protocol(HeaderValue::from_static(WS_SUBPROTOCOL));
-    let edge2 = edge.clone();
-    // Every byte of the connection's future is held by every idle connection: `map` adds only
-    // the boxed pair (8 bytes), where an `async` block around the session would keep a second
-    // copy of its arguments.
+    let limits = crate::wire::WireLimits {
+        max_message_bytes: edge.config.max_frame_bytes,
+        write_batch_bytes: edge.config.write_batch_bytes,
+    };
     let on_no_auth = Box::new((failures, peer.ip()));
-    ws.on_upgrade(move |socket| {
-        futures::FutureExt::map(
-            session::run(edge2, socket, pre_auth, slot),
-            move |authenticated| {
-                if !authenticated {
-                    let _ = on_no_auth.0.failed(on_no_auth.1);
-                }
-            },
-        )
-    })
+    // The connection's task: the upgrade completes, then the session runs. Combinators rather
+    // than an `async` block: each state holds only its own future, and every byte of the
+    // session's state is held by every idle connection.
+    let edge2 = edge.clone();
+    let connection = ws.on_upgrade.then(move |upgraded| {
+        let stream = upgraded.map_err(|e| e.to_string()).and_then(|upgraded| {
+            hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
+                .map_err(|_| "the upgraded connection is not a TCP stream".to_owned())
+        });
+        let session = match stream {
+            Ok(parts) => Some(session::run(
+                edge2,
+                WsStream::new(parts.io.into_inner(), parts.read_buf, &limits),
+                pre_auth,
+                slot,
+            )),
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                None
+            }
+        };
+        futures::future::OptionFuture::from(session).map(move |authenticated| {
+            // Spends the address's budget for connections that never authenticate.
+            if authenticated == Some(false) {
+                let _ = on_no_auth.0.failed(on_no_auth.1);
+            }
+        })
+    });
+    tokio::spawn(connection);
+    let mut response = Response::new(axum::body::Body::empty());
+    *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = response.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, ws.accept);
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(WS_SUBPROTOCOL),
+    );
+    response
+}
+
+/// A WebSocket opening handshake (RFC 6455 §4.2.1): the answer's accept key, and the upgrade to
+/// await once the 101 is sent.
+pub(crate) struct Handshake {
+    accept: HeaderValue,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+}
+
+/// Why a request to `/v1/ws` is not a WebSocket handshake this server takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NotAnUpgrade {
+    /// No `Connection: upgrade` / `Upgrade: websocket`, or a connection that cannot upgrade.
+    NoUpgrade,
+    /// A `Sec-WebSocket-Version` other than 13.
+    Version,
+    /// No `Sec-WebSocket-Key`.
+    NoKey,
+}
+
+impl NotAnUpgrade {
+    fn status(self) -> StatusCode {
+        match self {
+            NotAnUpgrade::NoUpgrade | NotAnUpgrade::Version => StatusCode::UPGRADE_REQUIRED,
+            NotAnUpgrade::NoKey => StatusCode::BAD_REQUEST,
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            NotAnUpgrade::NoUpgrade => {
+                "this endpoint is a WebSocket: send an upgrade request (Connection: Upgrade, Upgrade: websocket)"
+            }
+            NotAnUpgrade::Version => {
+                "only WebSocket version 13 is spoken (Sec-WebSocket-Version: 13)"
+            }
+            NotAnUpgrade::NoKey => "a WebSocket upgrade needs a Sec-WebSocket-Key header",
+        }
+    }
+}
+
+/// Unused: the handler takes the rejection as a value and answers with an error body.
+impl IntoResponse for NotAnUpgrade {
+    fn into_response(self) -> Response {
+        (self.status(), self.message()).into_response()
+    }
+}
+
+/// Whether the comma-separated header `name` holds `token` (case-insensitive).
+fn header_has_token(headers: &HeaderMap, name: header::HeaderName, token: &str) -> bool {
+    headers
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Handshake {
+    type Rejection = NotAnUpgrade;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        let h = &parts.headers;
+        if !header_has_token(h, header::CONNECTION, "upgrade")
+            || !header_has_token(h, header::UPGRADE, "websocket")
+        {
+            return Err(NotAnUpgrade::NoUpgrade);
+        }
+        if h.get(header::SEC_WEBSOCKET_VERSION).map(|v| v.as_bytes()) != Some(b"13") {
+            return Err(NotAnUpgrade::Version);
+        }
+        let key = h
+            .get(header::SEC_WEBSOCKET_KEY)
+            .ok_or(NotAnUpgrade::NoKey)?;
+        let accept = derive_accept_key(key.as_bytes());
+        let accept = HeaderValue::from_str(&accept).map_err(|_| NotAnUpgrade::NoKey)?;
+        let on_upgrade = parts
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .ok_or(NotAnUpgrade::NoUpgrade)?;
+        Ok(Handshake { accept, on_upgrade })
+    }
 }
 
 /// An origin as compared: lowercase scheme and host, and the port (the scheme's default when

@@ -211,11 +211,32 @@ fn describe() {
         Unit::Bytes,
         "Resident memory of the process."
     );
+    describe_gauge!(
+        "parley_allocator_allocated_bytes",
+        Unit::Bytes,
+        "Bytes the process's allocator has handed out and not had back (the live heap; set only when the binary's allocator reports it)."
+    );
+    describe_gauge!(
+        "parley_allocator_resident_bytes",
+        Unit::Bytes,
+        "Bytes of physical memory the allocator holds (the live heap, its metadata, and freed pages not yet returned to the system)."
+    );
     describe_gauge!("process_open_fds", "Open file descriptors of the process.");
     describe_gauge!(
         "process_max_fds",
         "The process's limit of open file descriptors (soft limit)."
     );
+}
+
+/// Reads the allocator's live heap and resident bytes; set by the binary that picks the global
+/// allocator.
+pub type AllocatorStats = fn() -> Option<(u64, u64)>;
+
+static ALLOCATOR_STATS: std::sync::OnceLock<AllocatorStats> = std::sync::OnceLock::new();
+
+/// Sets where `/metrics` reads the allocator's figures (once; later calls are ignored).
+pub fn set_allocator_stats(stats: AllocatorStats) {
+    let _ = ALLOCATOR_STATS.set(stats);
 }
 
 /// Renders `/metrics`, sampling the process gauges first.
@@ -234,6 +255,10 @@ fn sample_process() {
     {
         let bytes = pages * rustix::param::page_size() as u64;
         gauge!("process_resident_memory_bytes").set(bytes as f64);
+    }
+    if let Some((allocated, resident)) = ALLOCATOR_STATS.get().and_then(|stats| stats()) {
+        gauge!("parley_allocator_allocated_bytes").set(allocated as f64);
+        gauge!("parley_allocator_resident_bytes").set(resident as f64);
     }
     if let Ok(dir) = std::fs::read_dir("/proc/self/fd") {
         gauge!("process_open_fds").set(dir.count() as f64);

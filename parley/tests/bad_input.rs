@@ -707,6 +707,89 @@ async fn a_frame_over_64_kib_closes_with_1009() {
     fx.assert_still_serves().await;
 }
 
+/// A frame with a reserved bit set (no extension was negotiated) is a protocol violation and
+/// closes the connection with 1008 (docs/protocol.md); a message split into fragments, with a ping between them, is taken whole.
+#[tokio::test]
+async fn fragments_are_reassembled_and_a_reserved_bit_closes_with_1008() {
+    let mut fx = Fixture::sqlite().await;
+    let mut ws = Ws::connect(&fx.server, &token(&unique("alice"))).await;
+    let text = json!({ "type": "ping", "id": "in-three-pieces" }).to_string();
+    let (a, rest) = text.as_bytes().split_at(7);
+    let (b, c) = rest.split_at(9);
+    ws.send_raw(WsMessage::Frame(Frame::message(
+        a.to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await;
+    ws.send_raw(WsMessage::Frame(Frame::message(
+        b.to_vec(),
+        OpCode::Data(Data::Continue),
+        false,
+    )))
+    .await;
+    ws.send_raw(WsMessage::Ping(b"between".to_vec().into()))
+        .await;
+    ws.send_raw(WsMessage::Frame(Frame::message(
+        c.to_vec(),
+        OpCode::Data(Data::Continue),
+        true,
+    )))
+    .await;
+    let pong = ws.next_json().await.expect("the reassembled ping's answer");
+    assert_eq!(
+        (&pong["type"], &pong["id"]),
+        (&json!("pong"), &json!("in-three-pieces"))
+    );
+
+    let mut frame = Frame::message(b"{}".to_vec(), OpCode::Data(Data::Text), true);
+    frame.header_mut().rsv1 = true;
+    ws.send_raw(WsMessage::Frame(frame)).await;
+    let closed = ws.closed().await;
+    assert!(
+        matches!(closed, Closed::Code(1008, _)),
+        "expected close 1008, got {closed:?}"
+    );
+    fx.assert_still_serves().await;
+}
+
+/// A request to `/v1/ws` that is not a WebSocket handshake gets a typed error: 426 without the
+/// upgrade headers or with another protocol version (stating version 13), 400 without a key.
+#[tokio::test]
+async fn a_request_that_is_not_a_handshake_gets_a_typed_error() {
+    let server = Server::sqlite();
+    let http = reqwest::Client::new();
+    let upgrade = |version: &str| {
+        http.get(server.url("/v1/ws"))
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", version)
+            .header("sec-websocket-protocol", "parley.v1")
+    };
+    for (what, req, status) in [
+        ("plain GET", http.get(server.url("/v1/ws")), 426),
+        (
+            "version 8",
+            upgrade("8").header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+            426,
+        ),
+        ("no key", upgrade("13"), 400),
+    ] {
+        let res = req.send().await.expect("request");
+        assert_eq!(res.status().as_u16(), status, "{what}");
+        if what == "version 8" {
+            assert_eq!(
+                res.headers()
+                    .get("sec-websocket-version")
+                    .and_then(|v| v.to_str().ok()),
+                Some("13")
+            );
+        }
+        let body: Value = res.json().await.expect("json body");
+        assert_eq!(body["error"]["code"], "invalid_request", "{what}: {body}");
+    }
+}
+
 fn rate_limited_server() -> ServerBuilder {
     ServerBuilder::new(Backend::Sqlite)
         .arg("--ws-frames-per-second")

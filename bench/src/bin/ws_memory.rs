@@ -242,6 +242,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     server.check_alive()?;
     let before = server.mem()?;
+    let heap_before = server_heap(&server).await;
     print_mem("baseline (after warm-up)", &before);
 
     // Phase 1: open N authenticated connections and hold them idle.
@@ -274,6 +275,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let server_sees = server_connection_count(&server).await;
     print_mem("authenticated idle", &idle);
     print_per_conn("authenticated idle", &before, &idle, opened, server_sees);
+    print_heap(
+        "authenticated idle",
+        heap_before,
+        server_heap(&server).await,
+        opened,
+    );
 
     // Phase 2: each connection subscribes to one channel.
     let mut subscribed_mem = None;
@@ -305,6 +312,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             &sub,
             opened,
             server_sees,
+        );
+        print_heap(
+            "authenticated + subscribed",
+            heap_before,
+            server_heap(&server).await,
+            opened,
         );
         let extra = sub.rss as i64 - idle.rss as i64;
         println!(
@@ -455,6 +468,35 @@ fn print_per_conn(
             .map(|v| v.to_string())
             .unwrap_or_else(|| "?".into())
     );
+}
+
+/// The server's live heap (`parley_allocator_allocated_bytes` in `/metrics`): what its
+/// allocator handed out and did not get back. Unlike RSS it does not count freed pages the
+/// allocator keeps, so it shows what a connection really holds.
+async fn server_heap(server: &ServerProcess) -> Option<u64> {
+    let body = reqwest::get(format!("{}/metrics", server.http_base()))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("parley_allocator_allocated_bytes "))?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
+fn print_heap(label: &str, before: Option<u64>, after: Option<u64>, n: usize) {
+    if let (Some(before), Some(after)) = (before, after) {
+        println!(
+            "  {label}: live heap ({} - {}) / {n} = {:.0} B per connection",
+            mib(after),
+            mib(before),
+            (after as f64 - before as f64) / n.max(1) as f64
+        );
+    }
 }
 
 /// `/readyz` reports `ready connections=N`.
