@@ -25,7 +25,9 @@ pub use frames::{
     ClientFrame, ResumeChannel, ResumeRefusal, ResumedChannel, ServerFrame, TypingState,
 };
 pub use model::*;
-pub use presence::{PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker};
+pub use presence::{
+    PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker, UserKey, UserRef,
+};
 pub use sequencer::{ChannelSequencer, SequencerOutput};
 // The negotiation role is re-exported as `NegotiationRole`: `Role` is a channel member's role.
 pub use signaling::{

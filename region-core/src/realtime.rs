@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use parley_proto::{
     Presence, PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker, ServerFrame,
-    TypingOutput, TypingState, TypingThrottle,
+    TypingOutput, TypingState, TypingThrottle, UserKey, UserRef,
 };
 use parley_sync::{Bus, Ephemeral, EphemeralTarget};
 
@@ -50,8 +50,6 @@ impl Default for RealtimeConfig {
     }
 }
 
-/// (tenant, user)
-type UserKey = (String, String);
 /// (tenant, channel, user)
 type TypingKey = (String, String, String);
 
@@ -110,29 +108,29 @@ impl Realtime {
             for stop in stops {
                 self.announce_typing(stop).await;
             }
-            // Presence entries are refreshed in one round trip per interval.
+            // Presence entries are refreshed in one round trip per interval (a store that keeps
+            // nothing outside this process has nothing to refresh: no list is built for it).
             if last_refresh.elapsed() >= self.config.presence_refresh {
                 last_refresh = tokio::time::Instant::now();
-                let local: Vec<(String, String, LocalPresence)> = {
+                let local: Vec<(String, String, LocalPresence)> = if self.store.refreshes() {
                     let tracker = lock(&self.presence);
                     tracker
-                        .present_users()
-                        .filter_map(|k| {
-                            tracker
-                                .status(k)
-                                .map(|(status, last_seen_ms, last_active_ms)| {
-                                    (
-                                        k.0.clone(),
-                                        k.1.clone(),
-                                        LocalPresence {
-                                            status,
-                                            last_active_ms,
-                                            last_seen_ms,
-                                        },
-                                    )
-                                })
+                        .present()
+                        .map(|(k, status, last_seen_ms, last_active_ms)| {
+                            let (tenant, user) = k.parts();
+                            (
+                                tenant.to_owned(),
+                                user.to_owned(),
+                                LocalPresence {
+                                    status,
+                                    last_active_ms,
+                                    last_seen_ms,
+                                },
+                            )
                         })
                         .collect()
+                } else {
+                    Vec::new()
                 };
                 if let Err(e) = self.store.refresh(&local).await {
                     tracing::warn!(error = %e, "presence refresh failed");
@@ -151,8 +149,7 @@ impl Realtime {
 
     /// A connection of the user opened on this node.
     pub async fn connected(&self, tenant: &str, user: &str) {
-        let change =
-            lock(&self.presence).connected(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
+        let change = lock(&self.presence).connected(&UserKey::new(tenant, user), now_ms_u64());
         if let Some(c) = change {
             self.apply(c).await;
         }
@@ -160,13 +157,12 @@ impl Realtime {
 
     /// A connection of the user ended on this node.
     pub fn disconnected(&self, tenant: &str, user: &str) {
-        lock(&self.presence).disconnected(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
+        lock(&self.presence).disconnected(&(tenant, user) as &dyn UserRef, now_ms_u64());
     }
 
     /// The user sent, read or typed.
     pub async fn activity(&self, tenant: &str, user: &str) {
-        let change =
-            lock(&self.presence).activity(&(tenant.to_owned(), user.to_owned()), now_ms_u64());
+        let change = lock(&self.presence).activity(&(tenant, user) as &dyn UserRef, now_ms_u64());
         if let Some(c) = change {
             self.apply(c).await;
         }
@@ -174,11 +170,8 @@ impl Realtime {
 
     /// The user chose away (or back).
     pub async fn set_away(&self, tenant: &str, user: &str, away: bool) {
-        let change = lock(&self.presence).set_away(
-            &(tenant.to_owned(), user.to_owned()),
-            away,
-            now_ms_u64(),
-        );
+        let change =
+            lock(&self.presence).set_away(&(tenant, user) as &dyn UserRef, away, now_ms_u64());
         if let Some(c) = change {
             self.apply(c).await;
         }
@@ -246,20 +239,22 @@ impl Realtime {
     }
 
     async fn apply(&self, c: PresenceChange<UserKey>) {
-        let (tenant, user) = c.user;
         let local = LocalPresence {
             status: c.status,
             last_active_ms: c.last_active_ms,
             last_seen_ms: c.last_seen_ms,
         };
-        self.apply_on(None, &tenant, &user, local).await;
+        let written = self.store.set_local_key(&c.user, local).await;
+        let (tenant, user) = c.user.parts();
+        self.announce_written(tenant, user, local, written).await;
     }
 
     /// Presence decided by an edge (`--role edge`, which aggregates its own connections and
     /// applies the grace period): written under the edge's node id, announced when the user's
     /// cluster-wide status changes, as this node's own transitions are.
     pub async fn apply_edge(&self, node: &str, tenant: &str, user: &str, local: LocalPresence) {
-        self.apply_on(Some(node), tenant, user, local).await;
+        let written = self.store.set_local_on(node, tenant, user, local).await;
+        self.announce_written(tenant, user, local, written).await;
     }
 
     /// Refreshes an edge's entries (see [`PresenceStore::refresh_on`]).
@@ -269,13 +264,15 @@ impl Realtime {
         }
     }
 
-    async fn apply_on(&self, node: Option<&str>, tenant: &str, user: &str, local: LocalPresence) {
-        let (tenant, user) = (tenant.to_owned(), user.to_owned());
-        let c = local;
-        let written = match node {
-            Some(node) => self.store.set_local_on(node, &tenant, &user, local).await,
-            None => self.store.set_local(&tenant, &user, local).await,
-        };
+    /// Announces what the store says of the user after `local` was written (or this node's view
+    /// when the store failed).
+    async fn announce_written(
+        &self,
+        tenant: &str,
+        user: &str,
+        c: LocalPresence,
+        written: Result<UserPresence, crate::presence_store::PresenceStoreError>,
+    ) {
         let cluster = match written {
             Ok(p) => p,
             Err(e) => {
@@ -290,7 +287,7 @@ impl Realtime {
         // Another node still holding the user keeps them online: announce only what the
         // cluster sees.
         if cluster.status == PresenceStatus::Offline || cluster.status == c.status {
-            self.announce_presence(&tenant, &user, cluster).await;
+            self.announce_presence(tenant, user, cluster).await;
         }
     }
 

@@ -14,15 +14,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use parley_proto::rpc::{PresenceEntry, PresenceRefresh, PresenceUpdate};
-use parley_proto::{PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker, Principal};
+use parley_proto::{
+    PresenceChange, PresenceStatus, PresenceTimings, PresenceTracker, Principal, UserKey, UserRef,
+};
 
 use super::{Retry, RpcClient};
 
 /// How often transitions are published (batched).
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(150);
-
-/// (tenant, user)
-type UserKey = (String, String);
 
 /// This edge's presence.
 pub struct EdgePresence {
@@ -54,8 +53,14 @@ impl EdgePresence {
         &self.node_id
     }
 
+    /// The user's key (one allocation, shared by the tracker and the pending transitions).
     fn key(p: &Principal) -> UserKey {
-        (p.tenant_id.clone(), p.user_id.clone())
+        UserKey::new(&p.tenant_id, &p.user_id)
+    }
+
+    /// The user, for lookups (no allocation).
+    fn pair(p: &Principal) -> (&str, &str) {
+        (&p.tenant_id, &p.user_id)
     }
 
     fn record(&self, change: Option<PresenceChange<UserKey>>) {
@@ -71,16 +76,16 @@ impl EdgePresence {
     }
 
     pub fn disconnected(&self, p: &Principal) {
-        lock(&self.tracker).disconnected(&Self::key(p), now_ms());
+        lock(&self.tracker).disconnected(&Self::pair(p) as &dyn UserRef, now_ms());
     }
 
     pub fn activity(&self, p: &Principal) {
-        let change = lock(&self.tracker).activity(&Self::key(p), now_ms());
+        let change = lock(&self.tracker).activity(&Self::pair(p) as &dyn UserRef, now_ms());
         self.record(change);
     }
 
     pub fn set_away(&self, p: &Principal, away: bool) {
-        let change = lock(&self.tracker).set_away(&Self::key(p), away, now_ms());
+        let change = lock(&self.tracker).set_away(&Self::pair(p) as &dyn UserRef, away, now_ms());
         self.record(change);
     }
 
@@ -108,7 +113,7 @@ impl EdgePresence {
                     let mut pending = lock(&self.pending);
                     for entry in req.changes {
                         pending
-                            .entry((entry.tenant_id.clone(), entry.user_id.clone()))
+                            .entry(UserKey::new(&entry.tenant_id, &entry.user_id))
                             .or_insert(entry);
                     }
                 }
@@ -118,12 +123,8 @@ impl EdgePresence {
                 let entries: Vec<PresenceEntry> = {
                     let tracker = lock(&self.tracker);
                     tracker
-                        .present_users()
-                        .filter_map(|k| {
-                            tracker
-                                .status(k)
-                                .map(|(status, seen, active)| entry_of(k, status, active, seen))
-                        })
+                        .present()
+                        .map(|(k, status, seen, active)| entry_of(k, status, active, seen))
                         .collect()
                 };
                 for chunk in entries.chunks(2000) {
@@ -146,9 +147,10 @@ fn entry_of(
     last_active_ms: u64,
     last_seen_ms: Option<u64>,
 ) -> PresenceEntry {
+    let (tenant, user) = k.parts();
     PresenceEntry {
-        tenant_id: k.0.clone(),
-        user_id: k.1.clone(),
+        tenant_id: tenant.to_owned(),
+        user_id: user.to_owned(),
         status,
         last_active_ms,
         last_seen_ms,

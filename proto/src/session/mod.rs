@@ -134,12 +134,48 @@ struct Resume {
     busy: bool,
 }
 
+/// What a connection holds only while something is going on (outputs not taken yet, requests
+/// waiting for their replies, sends not acked, unread lookups, a resume). Boxed in the
+/// [`Session`] and given back once all of it is empty: an idle connection holds none of it.
+#[derive(Debug, Default)]
+struct Busy {
+    out: VecDeque<Output>,
+    /// `Transmit`s in `out`.
+    transmits: usize,
+    /// Sends handed out and not yet acked, in `seq` order.
+    pending_sends: VecDeque<PendingSend>,
+    waiting: Vec<(u64, Waiting)>,
+    /// Channels whose unread count must be read from storage, not yet looked up.
+    unread_dirty: Vec<String>,
+    /// The unread lookup in flight (tag, channel). One at a time, so bursts coalesce.
+    unread_lookup: Option<(u64, String)>,
+    /// Subscribed channels whose unread count changed since the client was last told.
+    unread_tell: Vec<String>,
+    resume: Option<Box<Resume>>,
+}
+
+impl Busy {
+    fn is_idle(&self) -> bool {
+        self.out.is_empty()
+            && self.pending_sends.is_empty()
+            && self.waiting.is_empty()
+            && self.unread_dirty.is_empty()
+            && self.unread_lookup.is_none()
+            && self.unread_tell.is_empty()
+            && self.resume.is_none()
+    }
+}
+
 /// One connection's protocol. See the module documentation.
+///
+/// Every idle connection holds one, so it is kept small (`an_idle_session_stays_small`): what
+/// only a busy connection needs is in [`Busy`], boxed, and the flood meter is boxed on the first
+/// refused frame.
 #[derive(Debug)]
 pub struct Session {
     config: Arc<SessionConfig>,
     phase: Phase,
-    session_id: String,
+    session_id: Box<str>,
     principal: Option<Principal>,
     /// Before authentication: the auth deadline. After: when the token expires.
     deadline: Instant,
@@ -147,25 +183,14 @@ pub struct Session {
     /// seen at the last heartbeat): idle connections with long tokens need no timer.
     token_armed: bool,
     budget: FrameBudget,
-    flood: FloodMeter,
+    /// Made at the first refused frame (most connections never have one).
+    flood: Option<Box<FloodMeter>>,
     last_heard: Instant,
     /// Channels subscribed or being subscribed, with their unread counts.
     subscriptions: channels::ChannelMap<Unread>,
-    out: VecDeque<Output>,
-    /// `Transmit`s in `out`.
-    transmits: usize,
     next_tag: u64,
     sends: u64,
-    /// Sends handed out and not yet acked, in `seq` order.
-    pending_sends: VecDeque<PendingSend>,
-    waiting: VecDeque<(u64, Waiting)>,
-    /// Channels whose unread count must be read from storage, not yet looked up.
-    unread_dirty: Vec<String>,
-    /// The unread lookup in flight (tag, channel). One at a time, so bursts coalesce.
-    unread_lookup: Option<Box<(u64, String)>>,
-    /// Subscribed channels whose unread count changed since the client was last told.
-    unread_tell: Vec<String>,
-    resume: Option<Box<Resume>>,
+    busy: Option<Box<Busy>>,
 }
 
 impl Session {
@@ -183,24 +208,17 @@ impl Session {
         let mut s = Session {
             config,
             phase: Phase::AwaitingAuth { frames: 0 },
-            session_id,
+            session_id: session_id.into_boxed_str(),
             principal: None,
             deadline,
             token_armed: false,
             budget: FrameBudget::default(),
-            flood: FloodMeter::default(),
+            flood: None,
             last_heard: now,
             subscriptions: channels::ChannelMap::default(),
-            out: VecDeque::new(),
-            transmits: 0,
             next_tag: 1,
             sends: 0,
-            pending_sends: VecDeque::new(),
-            waiting: VecDeque::new(),
-            unread_dirty: Vec::new(),
-            unread_lookup: None,
-            unread_tell: Vec::new(),
-            resume: None,
+            busy: None,
         };
         if let Some(v) = pre_auth {
             s.open(now, v, None);
@@ -225,18 +243,22 @@ impl Session {
     /// Whether the driver should read the client's next frame: false while a request's reply is
     /// awaited or a resume runs, and once closed.
     pub fn wants_read(&self) -> bool {
-        self.phase != Phase::Closed && self.waiting.is_empty() && self.resume.is_none()
+        self.phase != Phase::Closed
+            && self
+                .busy
+                .as_ref()
+                .is_none_or(|b| b.waiting.is_empty() && b.resume.is_none())
     }
 
     /// Whether the driver must hold back queued server events (a resume is replaying).
     pub fn holds_events(&self) -> bool {
-        self.resume.is_some()
+        self.resuming()
     }
 
     /// The close decided, if any: `Some(code)` once the session is over (the close code is also
     /// the last output).
     pub fn closing(&self) -> Option<Option<CloseCode>> {
-        match (self.phase, self.out.back()) {
+        match (self.phase, self.busy.as_ref().and_then(|b| b.out.back())) {
             (Phase::Closed, Some(Output::Close(c))) => Some(*c),
             (Phase::Closed, _) => Some(None),
             _ => None,
@@ -254,21 +276,30 @@ impl Session {
 
     /// The next thing to do, in order.
     pub fn poll_output(&mut self) -> Option<Output> {
-        if !self.unread_tell.is_empty() {
+        if self
+            .busy
+            .as_ref()
+            .is_some_and(|b| !b.unread_tell.is_empty())
+        {
             self.tell_unread();
         }
-        if self.out.is_empty() {
+        if self.out_is_empty() {
             self.advance_resume();
         }
-        let o = self.out.pop_front()?;
-        if matches!(o, Output::Transmit(_)) {
-            self.transmits -= 1;
+        let b = self.busy.as_mut()?;
+        let o = b.out.pop_front();
+        if matches!(o, Some(Output::Transmit(_))) {
+            b.transmits -= 1;
         }
-        if self.out.is_empty() {
-            // Give the buffer back: an idle connection holds none.
-            self.out = VecDeque::new();
+        if b.out.is_empty() {
+            // Give the buffers back: an idle connection holds none.
+            if b.is_idle() {
+                self.busy = None;
+            } else {
+                b.out = VecDeque::new();
+            }
         }
-        Some(o)
+        o
     }
 
     /// Time passed: the auth deadline or the token's expiry may have come.
@@ -315,17 +346,18 @@ impl Session {
             return;
         }
         self.phase = Phase::Closed;
+        let b = self.busy();
         if code == Some(CloseCode::SlowConsumer) {
-            self.out.clear();
+            b.out.clear();
         } else {
             // Requests not handed out yet are not made any more.
-            self.out.retain(|o| matches!(o, Output::Transmit(_)));
+            b.out.retain(|o| matches!(o, Output::Transmit(_)));
         }
-        self.transmits = self.out.len();
-        self.waiting.clear();
-        self.pending_sends.clear();
-        self.resume = None;
-        self.out.push_back(Output::Close(code));
+        b.transmits = b.out.len();
+        b.waiting.clear();
+        b.pending_sends.clear();
+        b.resume = None;
+        b.out.push_back(Output::Close(code));
     }
 
     /// The unread count of a channel changed in a way the session cannot follow: it is read
@@ -395,7 +427,7 @@ impl Session {
                 if let Phase::AwaitingAuth { .. } = self.phase {
                     let frames = frames + 1;
                     self.phase = Phase::AwaitingAuth { frames };
-                    if frames >= self.config.max_frames_before_auth && self.waiting.is_empty() {
+                    if frames >= self.config.max_frames_before_auth && self.waiting_is_empty() {
                         self.error(
                             None,
                             ErrorCode::AuthRequired,
@@ -420,7 +452,8 @@ impl Session {
                     .check(now, limits.frames_per_second, limits.frame_burst)
                 {
                     let (fps, close_at) = (limits.frames_per_second, limits.flood_close_after);
-                    if self.flood.refused(now, fps, close_at) {
+                    let flood = self.flood.get_or_insert_with(Box::default);
+                    if flood.refused(now, fps, close_at) {
                         self.close(Some(CloseCode::RateLimitFlood));
                     } else {
                         let id = text
@@ -474,7 +507,7 @@ impl Session {
             }
             _ => return Verdict::Ignored,
         };
-        if !self.waiting.is_empty() {
+        if !self.waiting_is_empty() {
             // The driver reads nothing while the token is checked; one that does gets this.
             self.error(None, ErrorCode::AuthRequired, "authentication in progress");
             return Verdict::Accepted("invalid");
@@ -508,7 +541,7 @@ impl Session {
         }
         let cfg = &self.config;
         let welcome = ServerFrame::Welcome {
-            session_id: self.session_id.clone(),
+            session_id: self.session_id.to_string(),
             user_id: v.principal.user_id.clone(),
             tenant_id: v.principal.tenant_id.clone(),
             heartbeat_interval_ms: millis(cfg.heartbeat_interval),
@@ -585,7 +618,7 @@ impl Session {
             } => {
                 self.sends += 1;
                 let (tag, seq) = (self.take_tag(), self.sends);
-                self.pending_sends.push_back(PendingSend {
+                self.busy().pending_sends.push_back(PendingSend {
                     tag,
                     id,
                     done: None,
@@ -708,7 +741,11 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
-        if let Some(lookup) = self.unread_lookup.take_if(|l| l.0 == tag) {
+        if let Some(lookup) = self
+            .busy
+            .as_mut()
+            .and_then(|b| b.unread_lookup.take_if(|l| l.0 == tag))
+        {
             let channel_id = lookup.1;
             match reply {
                 Reply::ReadState(Ok(state)) => self.looked_up(&channel_id, state),
@@ -726,14 +763,15 @@ impl Session {
             self.on_sent(tag, result);
             return;
         }
-        let Some(pos) = self.waiting.iter().position(|(t, _)| *t == tag) else {
+        let Some(b) = self.busy.as_mut() else {
             return;
         };
-        let Some((_, waiting)) = self.waiting.remove(pos) else {
+        let Some(pos) = b.waiting.iter().position(|(t, _)| *t == tag) else {
             return;
         };
-        if self.waiting.is_empty() {
-            self.waiting = VecDeque::new();
+        let (_, waiting) = b.waiting.remove(pos);
+        if b.waiting.is_empty() {
+            b.waiting = Vec::new();
         }
         match (waiting, reply) {
             (Waiting::Auth { id }, Reply::Verified(r)) => match r {
@@ -862,10 +900,13 @@ impl Session {
 
     /// A send's result: its ack waits for the sends before it.
     fn on_sent(&mut self, tag: u64, result: Result<crate::SendResult, CoreError>) {
-        let Ok(pos) = self.pending_sends.binary_search_by_key(&tag, |p| p.tag) else {
+        let Some(b) = self.busy.as_mut() else {
             return;
         };
-        let pending = &mut self.pending_sends[pos];
+        let Ok(pos) = b.pending_sends.binary_search_by_key(&tag, |p| p.tag) else {
+            return;
+        };
+        let pending = &mut b.pending_sends[pos];
         if pending.done.is_some() {
             return;
         }
@@ -879,35 +920,47 @@ impl Session {
             }),
             Err(e) => error_frame(Some(id), e.code, &e.message),
         };
-        self.pending_sends[pos].done = Some(frame);
-        while self.pending_sends.front().is_some_and(|p| p.done.is_some()) {
+        b.pending_sends[pos].done = Some(frame);
+        while let Some(b) = self.busy.as_mut()
+            && b.pending_sends.front().is_some_and(|p| p.done.is_some())
+        {
             if let Some(PendingSend {
                 done: Some(frame), ..
-            }) = self.pending_sends.pop_front()
+            }) = b.pending_sends.pop_front()
             {
                 self.reply(frame);
             }
         }
-        if self.pending_sends.is_empty() {
-            self.pending_sends = VecDeque::new();
+        if let Some(b) = self.busy.as_mut()
+            && b.pending_sends.is_empty()
+        {
+            b.pending_sends = VecDeque::new();
         }
     }
 
     /// Hands out the next unread lookup, unless one is out (or a resume runs: its lookups
     /// wait for its ack).
     fn next_unread(&mut self) {
-        if self.unread_lookup.is_some() || self.phase != Phase::Open || self.resume.is_some() {
+        if self.phase != Phase::Open
+            || self
+                .busy
+                .as_ref()
+                .is_some_and(|b| b.unread_lookup.is_some() || b.resume.is_some())
+        {
             return;
         }
-        let Some(channel_id) = self.unread_dirty.pop() else {
-            self.unread_dirty = Vec::new();
+        let Some(b) = self.busy.as_mut() else {
+            return;
+        };
+        let Some(channel_id) = b.unread_dirty.pop() else {
+            b.unread_dirty = Vec::new();
             return;
         };
         if let Some(t) = self.tracker(&channel_id) {
             t.lookup_started();
         }
         let tag = self.take_tag();
-        self.unread_lookup = Some(Box::new((tag, channel_id.clone())));
+        self.busy().unread_lookup = Some((tag, channel_id.clone()));
         self.push(Output::Request(Request {
             tag,
             op: Op::ReadState { channel_id },
@@ -915,8 +968,9 @@ impl Session {
     }
 
     fn want_lookup(&mut self, channel_id: &str) {
-        if !self.unread_dirty.iter().any(|c| c == channel_id) {
-            self.unread_dirty.push(channel_id.to_owned());
+        let dirty = &mut self.busy().unread_dirty;
+        if !dirty.iter().any(|c| c == channel_id) {
+            dirty.push(channel_id.to_owned());
         }
     }
 
@@ -937,8 +991,9 @@ impl Session {
         match next {
             Next::Nothing => {}
             Next::Tell => {
-                if !self.unread_tell.iter().any(|c| c == channel_id) {
-                    self.unread_tell.push(channel_id.to_owned());
+                let tell = &mut self.busy().unread_tell;
+                if !tell.iter().any(|c| c == channel_id) {
+                    tell.push(channel_id.to_owned());
                 }
             }
             Next::Lookup => {
@@ -984,7 +1039,12 @@ impl Session {
 
     /// Queues the `unread.updated` of every channel whose shown count changed.
     fn tell_unread(&mut self) {
-        for channel_id in std::mem::take(&mut self.unread_tell) {
+        let tell = self
+            .busy
+            .as_mut()
+            .map(|b| std::mem::take(&mut b.unread_tell))
+            .unwrap_or_default();
+        for channel_id in tell {
             let Some(Unread::Tracked(t)) = self.subscriptions.get_mut(&channel_id) else {
                 continue;
             };
@@ -1023,7 +1083,7 @@ impl Session {
                 ),
             );
         }
-        self.resume = Some(Box::new(Resume {
+        self.busy().resume = Some(Box::new(Resume {
             id,
             window_passed: None,
             channels: channels.into_iter(),
@@ -1036,7 +1096,7 @@ impl Session {
 
     /// The reply to the running resume's step.
     fn resume_step(&mut self, reply: Reply) {
-        let Some(mut r) = self.resume.take() else {
+        let Some(mut r) = self.busy.as_mut().and_then(|b| b.resume.take()) else {
             return;
         };
         r.busy = false;
@@ -1097,7 +1157,7 @@ impl Session {
                             };
                             r.current = Some((channel_id, last_seen, Some(live_from)));
                             r.busy = true;
-                            self.resume = Some(r);
+                            self.busy().resume = Some(r);
                             self.request(op, Some(Waiting::Resume));
                             return;
                         } else {
@@ -1131,8 +1191,8 @@ impl Session {
             _ => {}
         }
         if self.phase == Phase::Open {
-            self.resume = Some(r);
-            if self.out.is_empty() {
+            self.busy().resume = Some(r);
+            if self.out_is_empty() {
                 self.advance_resume();
             }
         }
@@ -1141,7 +1201,7 @@ impl Session {
     /// Starts the resume's next step once what the last one queued has been taken: a resume
     /// writes as it goes, one channel's replay at a time.
     fn advance_resume(&mut self) {
-        let Some(r) = self.resume.as_mut() else {
+        let Some(r) = self.busy.as_mut().and_then(|b| b.resume.as_mut()) else {
             return;
         };
         if r.busy || r.window_passed.is_none() {
@@ -1155,7 +1215,9 @@ impl Session {
                 self.request(Op::Subscribe { channel_id }, Some(Waiting::Resume));
             }
             None => {
-                let Some(r) = self.resume.take() else { return };
+                let Some(r) = self.busy.as_mut().and_then(|b| b.resume.take()) else {
+                    return;
+                };
                 self.reply(ServerFrame::Ack(Ack {
                     resumed: Some(r.outcomes),
                     ..Ack::new(r.id)
@@ -1163,6 +1225,23 @@ impl Session {
                 self.next_unread();
             }
         }
+    }
+
+    /// What only a busy connection holds (made on first use; see [`Busy`]).
+    fn busy(&mut self) -> &mut Busy {
+        self.busy.get_or_insert_with(Box::default)
+    }
+
+    fn out_is_empty(&self) -> bool {
+        self.busy.as_ref().is_none_or(|b| b.out.is_empty())
+    }
+
+    fn waiting_is_empty(&self) -> bool {
+        self.busy.as_ref().is_none_or(|b| b.waiting.is_empty())
+    }
+
+    fn resuming(&self) -> bool {
+        self.busy.as_ref().is_some_and(|b| b.resume.is_some())
     }
 
     fn take_tag(&mut self) -> u64 {
@@ -1175,7 +1254,7 @@ impl Session {
     fn request(&mut self, op: Op, waiting: Option<Waiting>) {
         let tag = self.take_tag();
         if let Some(w) = waiting {
-            self.waiting.push_back((tag, w));
+            self.busy().waiting.push((tag, w));
         }
         self.push(Output::Request(Request { tag, op }));
     }
@@ -1184,7 +1263,7 @@ impl Session {
         if self.phase == Phase::Closed {
             return;
         }
-        self.out.push_back(o);
+        self.busy().out.push_back(o);
     }
 
     /// Queues a frame; beyond the bound the connection is a slow consumer.
@@ -1197,12 +1276,13 @@ impl Session {
             .outbox_limit
             .saturating_add(usize::try_from(self.config.limits.max_replay).unwrap_or(usize::MAX))
             .saturating_add(1);
-        if self.transmits >= bound {
+        if self.busy().transmits >= bound {
             self.close(Some(CloseCode::SlowConsumer));
             return;
         }
-        self.transmits += 1;
-        self.out.push_back(Output::Transmit(t));
+        let b = self.busy();
+        b.transmits += 1;
+        b.out.push_back(Output::Transmit(t));
     }
 
     fn reply(&mut self, frame: ServerFrame) {

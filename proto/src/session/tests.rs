@@ -868,3 +868,14 @@ fn after_a_bus_resync_the_next_change_reads_the_count_again() {
         ]
     );
 }
+
+/// Every idle connection holds its machine: what only a busy connection needs (queued outputs,
+/// requests waiting for replies, sends, unread lookups, a resume, the flood meter) is boxed and
+/// given back when done. Fails if the machine regrows.
+#[test]
+fn an_idle_session_stays_small() {
+    let size = std::mem::size_of::<Session>();
+    println!("size_of::<Session>() = {size} B");
+    // 408 B before the busy state was boxed.
+    assert!(size <= 224, "Session is {size} B");
+}
