@@ -31,7 +31,9 @@
 //! exists, seqs before the asked one), and a failed request fails the run like a lost delivery.
 //! `--seed-messages-per-room N` (PostgreSQL only) first writes N messages into every room straight
 //! into the database (`parley_bench::pg_bulk_seed`; 1,000 rooms × 10,000 = ten million), before
-//! any connection subscribes, so the subscribe acks and the seq checks start after them.
+//! any connection subscribes, so the subscribe acks and the seq checks start after them, and marks
+//! them read by every member (old history: the unread counts, and so the `unread.updated`
+//! frames, are those of the mix without the seed).
 //!
 //! Prints figures; never passes or fails on time (it exits non-zero when a delivery was lost or
 //! out of order).
@@ -45,7 +47,7 @@ use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use parley_bench::{
     AuthMode, FrameHead as Frame, HistoryFigures, HistoryLoad, Rest, ServerProcess, Ws, due_offset,
-    percentile, pg_bulk_seed, source_addr, token, ws_connect,
+    percentile, pg_bulk_seed, pg_mark_all_read, source_addr, token, ws_connect,
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -231,8 +233,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let (true, Some(url)) = (seeded > 0, &args.database_url) {
         let t = Instant::now();
         pg_bulk_seed(url, &room_ids, seeded, SEED_SENDER).await?;
+        pg_mark_all_read(url, &room_ids).await?;
         println!(
-            "seeded {seeded} messages into each of the {rooms} rooms ({} in all) straight into PostgreSQL in {:.1} s; load average {}",
+            "seeded {seeded} messages into each of the {rooms} rooms ({} in all) straight into PostgreSQL, read by every member, in {:.1} s; load average {}",
             seeded * rooms,
             t.elapsed().as_secs_f64(),
             parley_bench::loadavg()
@@ -428,15 +431,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         personal_msgs += r.personal.messages;
     }
-    // Nobody reads or deletes in this mix: a member's unread count of its room is the seeded
-    // messages (sent by a non-member) and the others' acknowledged messages there (up to 1,000).
+    // Nobody reads or deletes in this mix (the seeded messages were marked read): a member's
+    // unread count of its room is the others' acknowledged messages there (up to 1,000).
     let (mut unread_frames, mut unread_exact) = (0u64, 0usize);
     for (i, r) in results.iter().enumerate() {
         unread_frames += r.unread_frames;
         let others = acked_per_room[i / room_size]
             .load(Ordering::Relaxed)
-            .saturating_sub(r.acked)
-            + seeded as u64;
+            .saturating_sub(r.acked);
         unread_exact += usize::from(r.unread_last == Some(others.min(1000)));
     }
     let failures: Vec<&String> = results.iter().filter_map(|r| r.failure.as_ref()).collect();
@@ -564,8 +566,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Who the seeded messages are from: not a member of any room, so every member's unread count
-/// includes them.
+/// Who the seeded messages are from (not a member of any room).
 const SEED_SENDER: &str = "cm-seed";
 
 /// The SUMMARY fields of the seed and the history load (empty without them).
