@@ -236,7 +236,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     server.check_alive()?;
     if lat_us.is_empty() {
-        bail!("no request succeeded");
+        bail!(
+            "no request succeeded; the first failed: {}",
+            first_error.unwrap_or_default()
+        );
     }
     let ms = |us: u32| f64::from(us) / 1000.0;
     println!(
