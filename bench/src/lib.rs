@@ -667,3 +667,302 @@ impl Rest {
         Ok((personal, rooms))
     }
 }
+
+/// The 1-, 5- and 15-minute load averages of `/proc/loadavg`.
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// Writes `per_channel` messages into each of `channels` straight into PostgreSQL, sent by
+/// `sender` (seqs after each channel's last), one `INSERT ... SELECT generate_series` per batch of
+/// 50 channels, and moves the channels' `last_seq` and `msg_count` to match, then vacuums and
+/// analyzes the table and asks for a checkpoint. Minutes for ten million messages where sending them would take hours. The server must
+/// not be writing to these channels meanwhile (their seqs are allocated from `last_seq`).
+pub async fn pg_bulk_seed(
+    url: &str,
+    channels: &[String],
+    per_channel: usize,
+    sender: &str,
+) -> anyhow::Result<()> {
+    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to PostgreSQL for the bulk seed")?;
+    tokio::spawn(conn);
+    let n = i64::try_from(per_channel)?;
+    let now = i64::try_from(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis(),
+    )?;
+    let t0 = std::time::Instant::now();
+    for (b, batch) in channels.chunks(50).enumerate() {
+        let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
+        let tx = client.transaction().await?;
+        tx.execute(
+            "INSERT INTO messages (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, \
+             metadata, created_at) \
+             SELECT ch.id, ch.last_seq + g, 'msg_' || upper(substr(md5(ch.id || ':' || g), 1, 26)), \
+             $4, 'bulk-' || g, 'bulk', \
+             'history message ' || g || ': some text of an ordinary length here', NULL, $3 + g \
+             FROM channels ch, generate_series(1, $2::bigint) g WHERE ch.id = ANY($1)",
+            &[&ids, &n, &now, &sender],
+        )
+        .await
+        .context("bulk insert")?;
+        tx.execute(
+            "UPDATE channels SET last_seq = last_seq + $2, msg_count = msg_count + $2 \
+             WHERE id = ANY($1)",
+            &[&ids, &n],
+        )
+        .await?;
+        tx.commit().await?;
+        if b % 4 == 3 {
+            println!(
+                "bulk seed: {} channels of {} in {:.0} s",
+                (b + 1) * 50,
+                channels.len(),
+                t0.elapsed().as_secs_f64()
+            );
+        }
+    }
+    // As a table long in service would be: vacuumed (visibility map and hint bits set, so the
+    // reads of the measured run do not write) and analyzed, with the load's dirty pages written
+    // out, instead of autovacuum and a checkpoint meeting the measured run.
+    let t = std::time::Instant::now();
+    client
+        .batch_execute("VACUUM (ANALYZE) messages")
+        .await
+        .context("VACUUM ANALYZE messages")?;
+    let checkpoint = match client.batch_execute("CHECKPOINT").await {
+        Ok(()) => "checkpoint",
+        Err(_) => "no checkpoint (not allowed for this role)",
+    };
+    println!(
+        "bulk seed: VACUUM ANALYZE messages and {checkpoint} in {:.0} s",
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Moves every member of `channels` to have read all their messages (`last_read_seq` = the
+/// channel's `last_seq`, unread counters to match): after [`pg_bulk_seed`], the seeded history is
+/// old, read history, and the members' unread counts start at 0.
+pub async fn pg_mark_all_read(url: &str, channels: &[String]) -> anyhow::Result<u64> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to PostgreSQL to mark the seeded messages read")?;
+    tokio::spawn(conn);
+    client
+        .execute(
+            "UPDATE members m SET last_read_seq = c.last_seq, read_count = c.msg_count, \
+             skip_count = 0 FROM channels c WHERE m.channel_id = c.id AND c.id = ANY($1)",
+            &[&channels],
+        )
+        .await
+        .context("mark the seeded messages read")
+}
+
+/// An open-loop load of history pages: request `k` is due at `start + k / rate`, asks for the
+/// `limit` messages before a random seq of a random target channel (one request in ten asks for
+/// the latest page), and starts on time whether or not earlier requests finished, over one
+/// keep-alive HTTP client (a new connection opens only while all pooled ones are busy).
+pub struct HistoryLoad {
+    /// `http://host:port` of the server.
+    pub base: String,
+    /// The channels, each with the token of one of its members.
+    pub targets: Vec<(String, String)>,
+    /// `before` is drawn from `2..=positions + 1`; 0 asks for the latest page every time.
+    pub positions: u64,
+    /// Messages per page.
+    pub limit: u32,
+    /// Requests per second.
+    pub rate: f64,
+    /// When request 0 is due.
+    pub start: std::time::Instant,
+    /// Requests in all.
+    pub count: u64,
+    /// Longest wait for one response (the load is bounded even when the server stalls).
+    pub timeout: Duration,
+    /// Seed of the random positions.
+    pub seed: u64,
+}
+
+/// The outcome of one history request.
+#[derive(Debug)]
+pub struct PageSample {
+    /// From the request's scheduled time to its whole body read.
+    pub from_schedule: Duration,
+    /// From the request's actual start to its whole body read.
+    pub from_start: Duration,
+    /// Why the request failed: transport error, status, or a page that is not what was asked.
+    pub error: Option<String>,
+}
+
+impl HistoryLoad {
+    /// Runs the whole load and returns every request's outcome. Each answer is checked with
+    /// [`check_page`] after its latency is taken.
+    pub async fn run(self) -> anyhow::Result<Vec<PageSample>> {
+        use rand::{Rng, SeedableRng};
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .timeout(self.timeout)
+            .build()?;
+        if self.targets.is_empty() {
+            bail!("a history load needs at least one channel");
+        }
+        let interval = Duration::from_secs_f64(1.0 / self.rate.max(0.001));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(self.seed);
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut out = Vec::with_capacity(self.count as usize);
+        for k in 0..self.count {
+            let due = self.start + interval.mul_f64(k as f64);
+            let (ch, tok) = &self.targets[rng.random_range(0..self.targets.len())];
+            let before = (self.positions > 0 && rng.random_range(0..10) != 0)
+                .then(|| rng.random_range(2..=self.positions + 1));
+            let url = match before {
+                Some(b) => format!(
+                    "{}/v1/channels/{ch}/messages?before={b}&limit={}",
+                    self.base, self.limit
+                ),
+                None => format!(
+                    "{}/v1/channels/{ch}/messages?limit={}",
+                    self.base, self.limit
+                ),
+            };
+            tokio::time::sleep_until(due.into()).await;
+            let (http, tok, limit) = (http.clone(), tok.clone(), self.limit);
+            tasks.spawn(async move {
+                let sent = std::time::Instant::now();
+                let answer = match http.get(&url).bearer_auth(&tok).send().await {
+                    Ok(r) => {
+                        let status = r.status();
+                        r.bytes().await.map(|b| (status, b))
+                    }
+                    Err(e) => Err(e),
+                };
+                let (from_schedule, from_start) = (due.elapsed(), sent.elapsed());
+                let error = match answer {
+                    Err(e) => Some(format!("{url}: {e}")),
+                    Ok((status, _)) if !status.is_success() => Some(format!("{url}: {status}")),
+                    Ok((_, body)) => check_page(&body, limit, before)
+                        .err()
+                        .map(|e| format!("{url}: {e}")),
+                };
+                PageSample {
+                    from_schedule,
+                    from_start,
+                    error,
+                }
+            });
+            while let Some(done) = tasks.try_join_next() {
+                out.push(done?);
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            out.push(done?);
+        }
+        Ok(out)
+    }
+}
+
+/// Checks a history page answering `limit` messages `before` a seq (or the latest page): JSON
+/// with `limit` messages, fewer only when nothing older exists (`has_before` false), seqs rising
+/// and all before `before`.
+pub fn check_page(body: &[u8], limit: u32, before: Option<u64>) -> Result<(), String> {
+    #[derive(Deserialize)]
+    struct Page {
+        messages: Vec<Seq>,
+        has_before: bool,
+    }
+    #[derive(Deserialize)]
+    struct Seq {
+        seq: u64,
+    }
+    let page: Page = serde_json::from_slice(body).map_err(|e| format!("not a page: {e}"))?;
+    let n = page.messages.len();
+    if n > limit as usize || (n < limit as usize && page.has_before) {
+        return Err(format!(
+            "{n} messages for a limit of {limit} (has_before {})",
+            page.has_before
+        ));
+    }
+    if page.messages.windows(2).any(|w| w[0].seq >= w[1].seq) {
+        return Err("seqs not rising".into());
+    }
+    if let (Some(b), Some(last)) = (before, page.messages.last())
+        && last.seq >= b
+    {
+        return Err(format!("seq {} in a page before {b}", last.seq));
+    }
+    Ok(())
+}
+
+/// The figures of a history load: latencies of the answered requests (sorted), and the failures.
+pub struct HistoryFigures {
+    /// From each request's scheduled time, µs, sorted.
+    pub from_schedule_us: Vec<u32>,
+    /// From each request's actual start, µs, sorted.
+    pub from_start_us: Vec<u32>,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+impl HistoryFigures {
+    pub fn new(samples: &[PageSample]) -> HistoryFigures {
+        let us = |d: Duration| u32::try_from(d.as_micros()).unwrap_or(u32::MAX);
+        let ok = samples.iter().filter(|s| s.error.is_none());
+        let mut from_schedule_us: Vec<u32> = ok.clone().map(|s| us(s.from_schedule)).collect();
+        let mut from_start_us: Vec<u32> = ok.map(|s| us(s.from_start)).collect();
+        from_schedule_us.sort_unstable();
+        from_start_us.sort_unstable();
+        let mut failed = samples.iter().filter_map(|s| s.error.as_ref());
+        let first_error = failed.next().cloned();
+        HistoryFigures {
+            from_schedule_us,
+            from_start_us,
+            errors: u64::from(first_error.is_some()) + failed.count() as u64,
+            first_error,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::check_page;
+
+    fn page(seqs: &[u64], has_before: bool) -> Vec<u8> {
+        let messages: Vec<_> = seqs
+            .iter()
+            .map(|s| serde_json::json!({ "id": format!("m{s}"), "seq": s, "text": "x" }))
+            .collect();
+        serde_json::json!({ "messages": messages, "has_before": has_before, "has_after": true })
+            .to_string()
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_full_page_before_a_seq_passes() {
+        assert_eq!(check_page(&page(&[5, 6, 7], true), 3, Some(8)), Ok(()));
+        assert_eq!(check_page(&page(&[5, 6, 7], false), 3, None), Ok(()));
+    }
+
+    #[test]
+    fn a_short_page_passes_only_at_the_channel_start() {
+        assert_eq!(check_page(&page(&[1, 2], false), 3, Some(3)), Ok(()));
+        assert!(check_page(&page(&[4, 5], true), 3, Some(6)).is_err());
+        assert!(check_page(&page(&[], true), 3, None).is_err());
+    }
+
+    #[test]
+    fn wrong_seqs_and_bodies_fail() {
+        assert!(check_page(&page(&[5, 6, 8], true), 3, Some(8)).is_err());
+        assert!(check_page(&page(&[6, 5, 7], true), 3, Some(9)).is_err());
+        assert!(check_page(&page(&[1, 2, 3, 4], false), 3, None).is_err());
+        assert!(check_page(b"<html>", 3, None).is_err());
+    }
+}

@@ -22,6 +22,19 @@
 //! 4 KiB read buffers: the client shares the machine with the server. Bounded: it sends for
 //! warm-up + duration, then waits at most `--drain-secs` for the last deliveries, and ends.
 //!
+//! `--history-rate R` adds, over the measured window, an open-loop load of R history requests per
+//! second (`parley_bench::HistoryLoad`, as in `history_latency`): pages of `--history-limit`
+//! messages before a random seq of a random room (one in ten the latest page), each as a member
+//! of the room, on a thread and Tokio runtime of its own (so the WebSocket tasks do not delay its
+//! timing) over one keep-alive HTTP client. Latency is counted from each request's scheduled time
+//! and from its actual start; every answer is checked (200, a full page unless nothing older
+//! exists, seqs before the asked one), and a failed request fails the run like a lost delivery.
+//! `--seed-messages-per-room N` (PostgreSQL only) first writes N messages into every room straight
+//! into the database (`parley_bench::pg_bulk_seed`; 1,000 rooms × 10,000 = ten million), before
+//! any connection subscribes, so the subscribe acks and the seq checks start after them, and marks
+//! them read by every member (old history: the unread counts, and so the `unread.updated`
+//! frames, are those of the mix without the seed).
+//!
 //! Prints figures; never passes or fails on time (it exits non-zero when a delivery was lost or
 //! out of order).
 
@@ -33,8 +46,8 @@ use anyhow::{Context, bail};
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use parley_bench::{
-    AuthMode, FrameHead as Frame, Rest, ServerProcess, Ws, due_offset, percentile, source_addr,
-    token, ws_connect,
+    AuthMode, FrameHead as Frame, HistoryFigures, HistoryLoad, Rest, ServerProcess, Ws, due_offset,
+    percentile, pg_bulk_seed, pg_mark_all_read, source_addr, token, ws_connect,
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -86,6 +99,16 @@ struct Args {
     /// (e.g. the PostgreSQL postmaster: first line of `$PGDATA/postmaster.pid`).
     #[arg(long)]
     db_pid: Option<u32>,
+    /// History requests per second during the measured window (0 = none).
+    #[arg(long, default_value_t = 0.0)]
+    history_rate: f64,
+    /// Messages per history page.
+    #[arg(long, default_value_t = 50)]
+    history_limit: u32,
+    /// Messages written straight into PostgreSQL in every room before the run (needs
+    /// --database-url).
+    #[arg(long, default_value_t = 0)]
+    seed_messages_per_room: usize,
     /// Extra flag passed to `parley serve` (repeatable), e.g. --server-arg=--database-pool=32.
     #[arg(long = "server-arg", allow_hyphen_values = true)]
     server_args: Vec<String>,
@@ -151,6 +174,11 @@ struct ConnResult {
 async fn run(args: Args) -> anyhow::Result<()> {
     let n = args.connections.max(1);
     let room_size = args.room_size.max(1);
+    if args.seed_messages_per_room > 0 && args.database_url.is_none() {
+        bail!(
+            "--seed-messages-per-room writes the messages straight into PostgreSQL: give --database-url (it cannot seed SQLite)"
+        );
+    }
     let (soft, hard) = parley_bench::raise_nofile_limit()?;
     if (n as u64) + 200 > soft {
         bail!("{n} connections need more than the open-files limit {soft} (hard {hard})");
@@ -201,6 +229,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "created {n} personal channels and {rooms} rooms in {:.1} s",
         t.elapsed().as_secs_f64()
     );
+    let seeded = args.seed_messages_per_room;
+    if let (true, Some(url)) = (seeded > 0, &args.database_url) {
+        let t = Instant::now();
+        pg_bulk_seed(url, &room_ids, seeded, SEED_SENDER).await?;
+        pg_mark_all_read(url, &room_ids).await?;
+        println!(
+            "seeded {seeded} messages into each of the {rooms} rooms ({} in all) straight into PostgreSQL, read by every member, in {:.1} s; load average {}",
+            seeded * rooms,
+            t.elapsed().as_secs_f64(),
+            parley_bench::loadavg()
+        );
+    }
 
     // Open and subscribe every connection.
     let t = Instant::now();
@@ -270,6 +310,39 @@ async fn run(args: Args) -> anyhow::Result<()> {
         connections: n,
     });
     let _ = go_tx.send(Some(plan.clone()));
+    // The history load, over the measured window, on a thread and runtime of its own.
+    let history_count = (args.history_rate * args.duration_secs as f64).round() as u64;
+    let history = if history_count > 0 {
+        let load = HistoryLoad {
+            base: server.http_base(),
+            targets: room_ids
+                .iter()
+                .enumerate()
+                .map(|(r, id)| (id.clone(), tokens[r * room_size].clone()))
+                .collect(),
+            positions: seeded as u64,
+            limit: args.history_limit,
+            rate: args.history_rate,
+            start: start + warmup,
+            count: history_count,
+            timeout: Duration::from_secs(args.drain_secs.max(1)),
+            seed: 14,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("history-load".into())
+            .spawn(move || {
+                let samples = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|rt| rt.block_on(load.run()));
+                let _ = tx.send(samples);
+            })?;
+        Some(rx)
+    } else {
+        None
+    };
 
     tokio::time::sleep_until((start + warmup).into()).await;
     let (srv0, me0, del0, ack0, t0) = (
@@ -320,6 +393,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for h in handles {
         results.push(h.await?);
     }
+    let history = match history {
+        Some(rx) => Some(HistoryFigures::new(
+            &rx.await.context("the history load ended early")??,
+        )),
+        None => None,
+    };
     server.check_alive()?;
 
     // Figures.
@@ -352,8 +431,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         personal_msgs += r.personal.messages;
     }
-    // Nobody reads or deletes in this mix: a member's unread count of its room is the others'
-    // acknowledged messages there (up to 1,000).
+    // Nobody reads or deletes in this mix (the seeded messages were marked read): a member's
+    // unread count of its room is the others' acknowledged messages there (up to 1,000).
     let (mut unread_frames, mut unread_exact) = (0u64, 0usize);
     for (i, r) in results.iter().enumerate() {
         unread_frames += r.unread_frames;
@@ -415,7 +494,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
             b.saturating_sub(a).as_secs_f64() / measured * 100.0
         );
     }
-    let ok = lost == 0 && gaps == 0 && repeats == 0 && unsubscribed == 0 && failures.is_empty();
+    if let Some(h) = &history {
+        println!(
+            "history load: {history_count} requests at {} req/s over the measured window, pages of {} {} of a random room of {rooms} (as a member), {} failed; load average {}",
+            args.history_rate,
+            args.history_limit,
+            if seeded > 0 {
+                format!("before a random seq of the {seeded} seeded (one in ten the latest page)")
+            } else {
+                "the latest page".to_owned()
+            },
+            h.errors,
+            parley_bench::loadavg()
+        );
+        for (what, lat) in [
+            ("from each request's scheduled time", &h.from_schedule_us),
+            ("from each request's actual start", &h.from_start_us),
+        ] {
+            println!(
+                "history latency {what}: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+                ms(percentile(lat, 50.0)),
+                ms(percentile(lat, 95.0)),
+                ms(percentile(lat, 99.0)),
+                ms(lat.last().copied().unwrap_or(0))
+            );
+        }
+        if let Some(e) = &h.first_error {
+            println!("first failed history request: {e}");
+        }
+    }
+    let history_errors = history.as_ref().map_or(0, |h| h.errors);
+    let ok = lost == 0
+        && gaps == 0
+        && repeats == 0
+        && unsubscribed == 0
+        && failures.is_empty()
+        && history_errors == 0;
     println!(
         "check: lost {lost} (acked messages a room member did not get), extra {extra} (delivered, not acked), seq gaps {gaps}, repeats/out of order {repeats}, personal-channel events {personal_msgs}, connections failed {}: {}",
         failures.len(),
@@ -433,7 +547,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "sqlite"
     };
     println!(
-        "SUMMARY chat_mix backend={backend} connections={n} rooms={rooms} rate={} deliveries/s={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms server_cpu={:.0}% cpu_us_per_delivery={:.1} client_cpu={:.0}% lost={lost} gaps={gaps} ok={ok}",
+        "SUMMARY chat_mix backend={backend} connections={n} rooms={rooms} rate={} deliveries/s={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms server_cpu={:.0}% cpu_us_per_delivery={:.1} client_cpu={:.0}% lost={lost} gaps={gaps}{} ok={ok}",
         args.rate,
         delivered_window as f64 / measured,
         ms(percentile(&lat, 50.0)),
@@ -443,12 +557,42 @@ async fn run(args: Args) -> anyhow::Result<()> {
         srv_cpu / measured * 100.0,
         srv_cpu * 1e6 / delivered_window.max(1) as f64,
         me_cpu / measured * 100.0,
+        history_summary(seeded, args.history_rate, history.as_ref()),
     );
     drop(server);
     if !ok {
-        bail!("deliveries were lost or out of order (see above)");
+        bail!("deliveries were lost or out of order, or history requests failed (see above)");
     }
     Ok(())
+}
+
+/// Who the seeded messages are from (not a member of any room).
+const SEED_SENDER: &str = "cm-seed";
+
+/// The SUMMARY fields of the seed and the history load (empty without them).
+fn history_summary(seeded: usize, rate: f64, history: Option<&HistoryFigures>) -> String {
+    let mut out = String::new();
+    if seeded > 0 {
+        out += &format!(" seeded_per_room={seeded}");
+    }
+    if let Some(h) = history {
+        let ms = |lat: &[u32], p: f64| percentile(lat, p) as f64 / 1000.0;
+        let max = |lat: &[u32]| lat.last().copied().unwrap_or(0) as f64 / 1000.0;
+        let (s, a) = (&h.from_schedule_us, &h.from_start_us);
+        out += &format!(
+            " history_rate={rate} history_p50={:.2}ms history_p95={:.2}ms history_p99={:.2}ms history_max={:.2}ms history_from_start_p50={:.2}ms history_from_start_p95={:.2}ms history_from_start_p99={:.2}ms history_from_start_max={:.2}ms history_errors={}",
+            ms(s, 50.0),
+            ms(s, 95.0),
+            ms(s, 99.0),
+            max(s),
+            ms(a, 50.0),
+            ms(a, 95.0),
+            ms(a, 99.0),
+            max(a),
+            h.errors
+        );
+    }
+    out
 }
 
 /// Opens a connection as `token`, subscribes to the personal channel and the room, and returns

@@ -6,9 +6,12 @@
 //! requests per second for `--duration-secs`: each request asks for the page before a random
 //! seq of a random channel (one in ten asks for the latest page). Requests start on schedule
 //! whether or not earlier ones finished (open loop), and each latency is counted from the
-//! request's scheduled time, so a stall shows in the figures instead of slowing the load.
+//! request's scheduled time, so a stall shows in the figures instead of slowing the load (and
+//! from its actual start). Every answer is checked: 200, `--limit` messages unless nothing older
+//! exists, seqs rising and before the asked seq (the load is `parley_bench::HistoryLoad`, which
+//! `chat_mix --history-rate` runs too).
 //!
-//! `--bulk-seed` (PostgreSQL only) writes the messages with one `INSERT ... SELECT
+//! `--bulk-seed` (PostgreSQL only; `parley_bench::pg_bulk_seed`) writes the messages with one `INSERT ... SELECT
 //! generate_series` per batch of channels straight into the database instead of sending them
 //! (ten million messages take minutes that way, not hours), and moves each channel's `last_seq`
 //! and message counter to match. `--send-rate` keeps sending messages (REST, to random channels)
@@ -22,8 +25,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use parley_bench::{Rest, ServerProcess, percentile, token};
-use rand::Rng;
+use parley_bench::{
+    HistoryFigures, HistoryLoad, Rest, ServerProcess, loadavg, percentile, pg_bulk_seed, token,
+};
 use tokio::sync::Semaphore;
 
 #[derive(Debug, Parser)]
@@ -115,7 +119,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .database_url
             .as_deref()
             .context("--bulk-seed writes into PostgreSQL: give --database-url")?;
-        bulk_seed(url, &channels, per_channel).await?;
+        pg_bulk_seed(url, &channels, per_channel, "hist-owner").await?;
     }
     let slots = Arc::new(Semaphore::new(args.seed_concurrency.max(1)));
     let mut sends = tokio::task::JoinSet::new();
@@ -147,13 +151,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
     server.check_alive()?;
 
-    // Warm-up then measure, open loop.
-    let http = reqwest::Client::builder()
-        .pool_max_idle_per_host(256)
-        .build()?;
+    // Measure, open loop.
     let base = server.http_base();
     let total = u64::from(args.rate) * args.duration_secs;
-    let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate.max(1)));
     // The write load, open loop too, until the reads are done.
     let writing = Arc::new(std::sync::atomic::AtomicBool::new(args.send_rate > 0));
     let writer = {
@@ -200,54 +200,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let cpu0 = server.cpu()?;
     let start = Instant::now() + Duration::from_millis(200);
-    let mut tasks = tokio::task::JoinSet::new();
-    // The result of every request: (answered with success, latency from its scheduled time).
-    let mut results = Vec::with_capacity(total as usize);
-    let mut rng = rand::rng();
-    for k in 0..total {
-        let due = start + interval.mul_f64(k as f64);
-        let ch = &channels[rng.random_range(0..channels.len())];
-        let url = if rng.random_range(0..10) == 0 {
-            format!("{base}/v1/channels/{ch}/messages?limit={}", args.limit)
-        } else {
-            let before = rng.random_range(2..=per_channel as u64 + 1);
-            format!(
-                "{base}/v1/channels/{ch}/messages?before={before}&limit={}",
-                args.limit
-            )
-        };
-        tokio::time::sleep_until(due.into()).await;
-        let (http, owner) = (http.clone(), owner.clone());
-        tasks.spawn(async move {
-            let sent = Instant::now();
-            let res = http.get(&url).bearer_auth(&owner).send().await;
-            let ok = match res {
-                Ok(r) if r.status().is_success() => r.bytes().await.is_ok(),
-                _ => false,
-            };
-            (ok, due.elapsed(), sent.elapsed())
-        });
-        while let Some(done) = tasks.try_join_next() {
-            results.push(done?);
-        }
+    let samples = HistoryLoad {
+        base,
+        targets: channels
+            .iter()
+            .map(|c| (c.clone(), owner.clone()))
+            .collect(),
+        positions: per_channel as u64,
+        limit: args.limit,
+        rate: f64::from(args.rate),
+        start,
+        count: total,
+        timeout: Duration::from_secs(30),
+        seed: 14,
     }
-    let mut lat_us: Vec<u32> = Vec::with_capacity(total as usize);
-    let mut errors = 0u64;
-    while let Some(done) = tasks.join_next().await {
-        results.push(done?);
-    }
-    // From the request's start too: the generator's timer wakes up to a millisecond after the
+    .run()
+    .await?;
+    // Also from the request's start: the generator's timer wakes up to a millisecond after the
     // scheduled time (tokio's timer resolution), which the scheduled figures include.
-    let mut sent_us: Vec<u32> = Vec::with_capacity(total as usize);
-    for (ok, took, from_start) in results {
-        if ok {
-            lat_us.push(u32::try_from(took.as_micros()).unwrap_or(u32::MAX));
-            sent_us.push(u32::try_from(from_start.as_micros()).unwrap_or(u32::MAX));
-        } else {
-            errors += 1;
-        }
-    }
-    sent_us.sort_unstable();
+    let HistoryFigures {
+        from_schedule_us: lat_us,
+        from_start_us: sent_us,
+        errors,
+        first_error,
+    } = HistoryFigures::new(&samples);
     let wall = start.elapsed();
     let cpu = server.cpu()?.saturating_sub(cpu0);
     writing.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -260,9 +236,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     server.check_alive()?;
     if lat_us.is_empty() {
-        bail!("no request succeeded");
+        bail!(
+            "no request succeeded; the first failed: {}",
+            first_error.unwrap_or_default()
+        );
     }
-    lat_us.sort_unstable();
     let ms = |us: u32| f64::from(us) / 1000.0;
     println!(
         "{} requests ({errors} failed) in {:.1} s: p50 {:.2} ms, p95 {:.2} ms, p99 {:.2} ms, max {:.2} ms; server CPU {:.1} % ({:.0} µs per request); load average {}",
@@ -282,62 +260,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ms(percentile(&sent_us, 95.0)),
         ms(percentile(&sent_us, 99.0)),
     );
-    Ok(())
-}
-
-/// Writes `per_channel` messages into each channel straight into PostgreSQL (seqs after the
-/// channel's last), in batches of channels, and moves `last_seq` and `msg_count` to match.
-async fn bulk_seed(url: &str, channels: &[String], per_channel: usize) -> anyhow::Result<()> {
-    let (mut client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
-        .await
-        .context("connect to PostgreSQL for --bulk-seed")?;
-    tokio::spawn(conn);
-    let n = i64::try_from(per_channel)?;
-    let now = i64::try_from(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)?
-            .as_millis(),
-    )?;
-    let t0 = Instant::now();
-    for (b, batch) in channels.chunks(50).enumerate() {
-        let ids: Vec<&str> = batch.iter().map(String::as_str).collect();
-        let tx = client.transaction().await?;
-        tx.execute(
-            "INSERT INTO messages (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, \
-             metadata, created_at) \
-             SELECT ch.id, ch.last_seq + g, 'msg_' || upper(substr(md5(ch.id || ':' || g), 1, 26)), \
-             'hist-owner', 'bulk-' || g, 'bulk', \
-             'history message ' || g || ': some text of an ordinary length here', NULL, $3 + g \
-             FROM channels ch, generate_series(1, $2::bigint) g WHERE ch.id = ANY($1)",
-            &[&ids, &n, &now],
-        )
-        .await
-        .context("bulk insert")?;
-        tx.execute(
-            "UPDATE channels SET last_seq = last_seq + $2, msg_count = msg_count + $2 \
-             WHERE id = ANY($1)",
-            &[&ids, &n],
-        )
-        .await?;
-        tx.commit().await?;
-        if b % 4 == 3 {
-            println!(
-                "bulk seed: {} channels of {} in {:.0} s",
-                (b + 1) * 50,
-                channels.len(),
-                t0.elapsed().as_secs_f64()
-            );
-        }
+    if let Some(e) = first_error {
+        println!("  first failed request: {e}");
     }
-    client.execute("ANALYZE messages", &[]).await?;
     Ok(())
-}
-
-fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
 }
