@@ -669,6 +669,25 @@ impl Rest {
 }
 
 /// The 1-, 5- and 15-minute load averages of `/proc/loadavg`.
+/// The disk's durable-write latency: `n` times an 8 KiB write and `fdatasync` of a file in
+/// `dir` (what one commit of a small message costs at least), in microseconds, sorted.
+pub fn fsync_latency_us(dir: &std::path::Path, n: usize) -> std::io::Result<Vec<u32>> {
+    use std::io::{Seek, SeekFrom, Write};
+    let file = tempfile::tempfile_in(dir)?;
+    let mut file = std::io::BufWriter::with_capacity(0, file);
+    let block = [0x5au8; 8192];
+    let mut took = Vec::with_capacity(n);
+    for i in 0..n {
+        file.seek(SeekFrom::Start((i % 64) as u64 * 8192))?;
+        let t = std::time::Instant::now();
+        file.write_all(&block)?;
+        file.get_ref().sync_data()?;
+        took.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+    }
+    took.sort_unstable();
+    Ok(took)
+}
+
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()

@@ -190,6 +190,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .unwrap_or_default()
             .trim()
     );
+    // What a durable commit costs at least on this disk: p50 at the receivers can't beat it.
+    let fsync_dir = std::env::temp_dir();
+    let fsync = parley_bench::fsync_latency_us(&fsync_dir, 200)
+        .with_context(|| format!("measure fdatasync latency in {}", fsync_dir.display()))?;
+    let fsync_p50 = percentile(&fsync, 50.0);
+    println!(
+        "disk: an 8 KiB write + fdatasync in {}, 200 times: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms",
+        fsync_dir.display(),
+        f64::from(fsync_p50) / 1000.0,
+        f64::from(percentile(&fsync, 90.0)) / 1000.0,
+        f64::from(percentile(&fsync, 99.0)) / 1000.0
+    );
     let mut server_args: Vec<String> = [
         "--ws-frames-per-second",
         "100000",
@@ -541,19 +553,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if let Some(e) = results.iter().find_map(|r| r.first_error.as_ref()) {
         println!("first error frame: {e}");
     }
+    println!(
+        "p50 at the receivers is {:.2} ms above the disk's fdatasync p50 ({:.2} ms)",
+        ms(percentile(&lat, 50.0)) - ms(fsync_p50),
+        ms(fsync_p50)
+    );
     let backend = if args.database_url.is_some() {
         "postgres"
     } else {
         "sqlite"
     };
     println!(
-        "SUMMARY chat_mix backend={backend} connections={n} rooms={rooms} rate={} deliveries/s={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms server_cpu={:.0}% cpu_us_per_delivery={:.1} client_cpu={:.0}% lost={lost} gaps={gaps}{} ok={ok}",
+        "SUMMARY chat_mix backend={backend} connections={n} rooms={rooms} rate={} deliveries/s={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms fsync_p50={:.2}ms server_cpu={:.0}% cpu_us_per_delivery={:.1} client_cpu={:.0}% lost={lost} gaps={gaps}{} ok={ok}",
         args.rate,
         delivered_window as f64 / measured,
         ms(percentile(&lat, 50.0)),
         ms(percentile(&lat, 90.0)),
         ms(percentile(&lat, 99.0)),
         ms(lat.last().copied().unwrap_or(0)),
+        ms(fsync_p50),
         srv_cpu / measured * 100.0,
         srv_cpu * 1e6 / delivered_window.max(1) as f64,
         me_cpu / measured * 100.0,
