@@ -577,6 +577,16 @@ pub fn due_offset(raw: &str) -> Option<u64> {
     rest[..end].parse().ok()
 }
 
+/// The actual send offset (µs from the start) a chat-mix message's text carries after its
+/// intended one: `t<due>.s<sent>.…`.
+pub fn sent_offset(raw: &str) -> Option<u64> {
+    let at = raw.find("\"text\":\"t")? + "\"text\":\"t".len();
+    let rest = &raw[at..];
+    let rest = &rest[rest.find(".s")? + 2..];
+    let end = rest.find('.')?;
+    rest[..end].parse().ok()
+}
+
 /// Microseconds since the Unix epoch: a clock every process of one machine shares.
 pub fn epoch_us() -> u64 {
     std::time::SystemTime::now()

@@ -47,7 +47,7 @@ use clap::Parser;
 use futures::{SinkExt, StreamExt};
 use parley_bench::{
     AuthMode, FrameHead as Frame, HistoryFigures, HistoryLoad, Rest, ServerProcess, Ws, due_offset,
-    percentile, pg_bulk_seed, pg_mark_all_read, source_addr, token, ws_connect,
+    percentile, pg_bulk_seed, pg_mark_all_read, sent_offset, source_addr, token, ws_connect,
 };
 use serde_json::json;
 use tokio::sync::{Semaphore, watch};
@@ -159,6 +159,8 @@ struct ChanCheck {
 struct ConnResult {
     /// Latencies (µs) of messages due in the measured window.
     latencies_us: Vec<u32>,
+    /// The same from each message's actual send.
+    from_send_us: Vec<u32>,
     sent: u64,
     acked: u64,
     errors: std::collections::BTreeMap<String, u64>,
@@ -420,6 +422,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .flat_map(|r| r.latencies_us.iter().copied())
         .collect();
     lat.sort_unstable();
+    let mut from_send: Vec<u32> = results
+        .iter()
+        .flat_map(|r| r.from_send_us.iter().copied())
+        .collect();
+    from_send.sort_unstable();
     let ms = |us: u32| us as f64 / 1000.0;
     let sent: u64 = results.iter().map(|r| r.sent).sum();
     let acked: u64 = results.iter().map(|r| r.acked).sum();
@@ -473,6 +480,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ms(percentile(&lat, 90.0)),
         ms(percentile(&lat, 99.0)),
         ms(lat.last().copied().unwrap_or(0))
+    );
+    println!(
+        "latency at the receivers from each message's actual send: p50 {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ms(percentile(&from_send, 50.0)),
+        ms(percentile(&from_send, 90.0)),
+        ms(percentile(&from_send, 99.0)),
+        ms(from_send.last().copied().unwrap_or(0))
     );
     println!(
         "server CPU over the window: {:.0}% of one core, {:.1} µs per delivered message ({:.1} µs per acked message); bench client {:.0}%; server RSS {}",
@@ -554,9 +568,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         println!("first error frame: {e}");
     }
     println!(
-        "p50 at the receivers is {:.2} ms above the disk's fdatasync p50 ({:.2} ms)",
+        "p50 at the receivers is {:.2} ms above the disk's fdatasync p50 ({:.2} ms) from the intended send, {:.2} ms from the actual send",
         ms(percentile(&lat, 50.0)) - ms(fsync_p50),
-        ms(fsync_p50)
+        ms(fsync_p50),
+        ms(percentile(&from_send, 50.0)) - ms(fsync_p50)
     );
     let backend = if args.database_url.is_some() {
         "postgres"
@@ -564,13 +579,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "sqlite"
     };
     println!(
-        "SUMMARY chat_mix backend={backend} connections={n} rooms={rooms} rate={} deliveries/s={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms fsync_p50={:.2}ms server_cpu={:.0}% cpu_us_per_delivery={:.1} client_cpu={:.0}% lost={lost} gaps={gaps}{} ok={ok}",
+        "SUMMARY chat_mix backend={backend} connections={n} rooms={rooms} rate={} deliveries/s={:.0} p50={:.2}ms p90={:.2}ms p99={:.2}ms max={:.2}ms p50_from_send={:.2}ms p99_from_send={:.2}ms fsync_p50={:.2}ms server_cpu={:.0}% cpu_us_per_delivery={:.1} client_cpu={:.0}% lost={lost} gaps={gaps}{} ok={ok}",
         args.rate,
         delivered_window as f64 / measured,
         ms(percentile(&lat, 50.0)),
         ms(percentile(&lat, 90.0)),
         ms(percentile(&lat, 99.0)),
         ms(lat.last().copied().unwrap_or(0)),
+        ms(percentile(&from_send, 50.0)),
+        ms(percentile(&from_send, 99.0)),
         ms(fsync_p50),
         srv_cpu / measured * 100.0,
         srv_cpu * 1e6 / delivered_window.max(1) as f64,
@@ -709,7 +726,10 @@ async fn connection(mut c: Conn) -> ConnResult {
                 }
             }
             _ = tokio::time::sleep_until(wake.into()), if sending => {
-                let mut text = format!("t{next_due}.c{}.{j}.", c.index);
+                // The actual send time too: the generator's timer may wake late (about 1 ms
+                // granularity), which counts in the latency from the intended time.
+                let sent_at = plan.start.elapsed().as_micros();
+                let mut text = format!("t{next_due}.s{sent_at}.c{}.{j}.", c.index);
                 while text.len() < pad_to {
                     text.push('x');
                 }
@@ -801,6 +821,11 @@ async fn connection(mut c: Conn) -> ConnResult {
                                 let intended = plan.start + Duration::from_micros(at);
                                 let us = now.saturating_duration_since(intended).as_micros();
                                 r.latencies_us.push(us.min(u128::from(u32::MAX)) as u32);
+                                if let Some(sent) = sent_offset(raw) {
+                                    let sent = plan.start + Duration::from_micros(sent);
+                                    let us = now.saturating_duration_since(sent).as_micros();
+                                    r.from_send_us.push(us.min(u128::from(u32::MAX)) as u32);
+                                }
                             }
                         }
                     }
@@ -821,7 +846,7 @@ fn unread_count(raw: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
-    use super::{due_offset, unread_count};
+    use super::{due_offset, sent_offset, unread_count};
 
     #[test]
     fn unread_count_is_read_from_the_frame() {
@@ -836,5 +861,8 @@ mod tests {
         let raw = r#"{"type":"message.new","channel_id":"c","seq":3,"message":{"id":"m","text":"t1234567.c5.0.xxxx","deleted":false}}"#;
         assert_eq!(due_offset(raw), Some(1_234_567));
         assert_eq!(due_offset(r#"{"type":"ack"}"#), None);
+        let raw = r#"{"type":"message.new","channel_id":"c","seq":3,"message":{"id":"m","text":"t1234567.s1235001.c5.0.xxxx","deleted":false}}"#;
+        assert_eq!(due_offset(raw), Some(1_234_567));
+        assert_eq!(sent_offset(raw), Some(1_235_001));
     }
 }
