@@ -698,6 +698,24 @@ pub fn fsync_latency_us(dir: &std::path::Path, n: usize) -> std::io::Result<Vec<
     Ok(took)
 }
 
+/// A parley process's live heap (`parley_allocator_allocated_bytes` in its `/metrics`): what
+/// its allocator handed out and did not get back. Unlike RSS it does not count freed pages the
+/// allocator still keeps, so it shows what connections really hold.
+pub async fn live_heap(http_base: &str) -> Option<u64> {
+    let body = reqwest::get(format!("{http_base}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix("parley_allocator_allocated_bytes "))?
+        .trim()
+        .parse::<f64>()
+        .ok()
+        .map(|v| v as u64)
+}
+
 pub fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .unwrap_or_default()

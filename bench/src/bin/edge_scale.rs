@@ -266,6 +266,15 @@ impl Servers {
         ))
     }
 
+    /// Each edge's live heap (`None` where `/metrics` does not say).
+    async fn edge_heaps(&self) -> Vec<Option<u64>> {
+        let mut heaps = Vec::with_capacity(self.edges.len());
+        for e in &self.edges {
+            heaps.push(parley_bench::live_heap(&e.http_base()).await);
+        }
+        heaps
+    }
+
     fn cpu(&self) -> anyhow::Result<(Duration, Vec<Duration>)> {
         Ok((
             self.core.cpu()?,
@@ -482,6 +491,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     tokio::time::sleep(settle).await;
     let (core0, edges0) = servers.mem()?;
+    let heap0 = servers.edge_heaps().await;
     print_mem("before any connection", &core0, &edges0);
 
     // 1. Open a quarter, then all.
@@ -497,6 +507,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tokio::time::sleep(settle).await;
     let (core_q, edges_q) = servers.mem()?;
+    let heap_q = servers.edge_heaps().await;
     print_mem("at a quarter", &core_q, &edges_q);
     let t = Instant::now();
     let a = all(&mut generators, &format!("open {n}")).await?;
@@ -513,6 +524,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(settle).await;
     let (core_idle, edges_idle) = servers.mem()?;
+    let heap_idle = servers.edge_heaps().await;
     print_mem("authenticated idle", &core_idle, &edges_idle);
     // Connection i is on edge i mod edges.
     let on_edge = |k: usize, upto: usize| (0..upto).filter(|i| i % edges == k).count();
@@ -524,6 +536,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!(
             "  edge {k}: {all_n} connections: {slope:.0} B per idle connection (growth from a quarter to all), {whole:.0} B including one-time costs (from none)"
         );
+        if let (Some(q), Some(all)) = (heap_q[k], heap_idle[k]) {
+            println!(
+                "  edge {k}: live heap {:.0} B per idle connection (growth from a quarter to all)",
+                (all as f64 - q as f64) / (all_n - on_edge(k, quarter)).max(1) as f64
+            );
+        }
         idle_rows.push((slope, whole));
     }
 
@@ -539,6 +557,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tokio::time::sleep(settle).await;
     let (core_sub, edges_sub) = servers.mem()?;
+    let heap_sub = servers.edge_heaps().await;
     print_mem("subscribed (3 channels each)", &core_sub, &edges_sub);
     let mut sub_rows = Vec::new();
     for k in 0..edges {
@@ -548,6 +567,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         println!(
             "  edge {k}: {per:.0} B per subscribed connection from none ({over_idle:+.0} B over idle)"
         );
+        if let (Some(none), Some(idle), Some(sub)) = (heap0[k], heap_idle[k], heap_sub[k]) {
+            println!(
+                "  edge {k}: live heap {:.0} B per subscribed connection from none ({:+.0} B over idle)",
+                (sub as f64 - none as f64) / all_n.max(1) as f64,
+                (sub as f64 - idle as f64) / all_n.max(1) as f64
+            );
+        }
         sub_rows.push(per);
     }
 

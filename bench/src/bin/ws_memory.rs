@@ -242,7 +242,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     server.check_alive()?;
     let before = server.mem()?;
-    let heap_before = server_heap(&server).await;
+    let heap_before = parley_bench::live_heap(&server.http_base()).await;
     print_mem("baseline (after warm-up)", &before);
 
     // Phase 1: open N authenticated connections and hold them idle.
@@ -278,7 +278,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     print_heap(
         "authenticated idle",
         heap_before,
-        server_heap(&server).await,
+        parley_bench::live_heap(&server.http_base()).await,
         opened,
     );
 
@@ -316,7 +316,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         print_heap(
             "authenticated + subscribed",
             heap_before,
-            server_heap(&server).await,
+            parley_bench::live_heap(&server.http_base()).await,
             opened,
         );
         let extra = sub.rss as i64 - idle.rss as i64;
@@ -468,24 +468,6 @@ fn print_per_conn(
             .map(|v| v.to_string())
             .unwrap_or_else(|| "?".into())
     );
-}
-
-/// The server's live heap (`parley_allocator_allocated_bytes` in `/metrics`): what its
-/// allocator handed out and did not get back. Unlike RSS it does not count freed pages the
-/// allocator keeps, so it shows what a connection really holds.
-async fn server_heap(server: &ServerProcess) -> Option<u64> {
-    let body = reqwest::get(format!("{}/metrics", server.http_base()))
-        .await
-        .ok()?
-        .text()
-        .await
-        .ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix("parley_allocator_allocated_bytes "))?
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|v| v as u64)
 }
 
 fn print_heap(label: &str, before: Option<u64>, after: Option<u64>, n: usize) {
