@@ -702,6 +702,16 @@ pub fn fsync_latency_us(dir: &std::path::Path, n: usize) -> std::io::Result<Vec<
 /// its allocator handed out and did not get back. Unlike RSS it does not count freed pages the
 /// allocator still keeps, so it shows what connections really hold.
 pub async fn live_heap(http_base: &str) -> Option<u64> {
+    allocator_gauge(http_base, "parley_allocator_allocated_bytes").await
+}
+
+/// A parley process's allocator-resident bytes (`parley_allocator_resident_bytes`): the live
+/// heap plus the allocator's metadata, partly used pages and freed pages not yet returned.
+pub async fn allocator_resident(http_base: &str) -> Option<u64> {
+    allocator_gauge(http_base, "parley_allocator_resident_bytes").await
+}
+
+async fn allocator_gauge(http_base: &str, name: &str) -> Option<u64> {
     let body = reqwest::get(format!("{http_base}/metrics"))
         .await
         .ok()?
@@ -709,7 +719,7 @@ pub async fn live_heap(http_base: &str) -> Option<u64> {
         .await
         .ok()?;
     body.lines()
-        .find_map(|l| l.strip_prefix("parley_allocator_allocated_bytes "))?
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
         .trim()
         .parse::<f64>()
         .ok()

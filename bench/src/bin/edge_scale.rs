@@ -275,6 +275,24 @@ impl Servers {
         heaps
     }
 
+    /// Each edge's allocator-resident bytes, printed next to the live heap.
+    async fn print_allocator(&self, when: &str) {
+        let mut parts = Vec::with_capacity(self.edges.len());
+        for e in &self.edges {
+            let base = e.http_base();
+            let (heap, resident) = (
+                parley_bench::live_heap(&base).await,
+                parley_bench::allocator_resident(&base).await,
+            );
+            if let (Some(h), Some(r)) = (heap, resident) {
+                parts.push(format!("{} live / {} allocator-resident", mib(h), mib(r)));
+            }
+        }
+        if !parts.is_empty() {
+            println!("edge allocators {when}: {}", parts.join(" | "));
+        }
+    }
+
     fn cpu(&self) -> anyhow::Result<(Duration, Vec<Duration>)> {
         Ok((
             self.core.cpu()?,
@@ -525,6 +543,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     let (core_idle, edges_idle) = servers.mem()?;
     let heap_idle = servers.edge_heaps().await;
+    servers.print_allocator("authenticated idle").await;
     print_mem("authenticated idle", &core_idle, &edges_idle);
     // Connection i is on edge i mod edges.
     let on_edge = |k: usize, upto: usize| (0..upto).filter(|i| i % edges == k).count();
@@ -558,6 +577,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     tokio::time::sleep(settle).await;
     let (core_sub, edges_sub) = servers.mem()?;
     let heap_sub = servers.edge_heaps().await;
+    servers.print_allocator("subscribed").await;
     print_mem("subscribed (3 channels each)", &core_sub, &edges_sub);
     let mut sub_rows = Vec::new();
     for k in 0..edges {
