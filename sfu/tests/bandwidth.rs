@@ -77,31 +77,11 @@ struct Setup {
 
 async fn setup() -> anyhow::Result<Setup> {
     let sfu = TestSfu::start(true).await;
-    let publisher = Client::new(
-        "pub",
-        ClientConfig {
-            audio: true,
-            video: true,
-            recv_audio: 0,
-            recv_video: 0,
-            audio_level: -30,
-        },
-    )
-    .await;
+    let publisher = Client::new("pub", ClientConfig::publisher(-30)).await;
     sfu.connect(&publisher).await?;
     // The subscriber reaches the SFU only through the relay: the answer's candidate is
     // rewritten to the relay's address.
-    let sub = Client::new(
-        "sub",
-        ClientConfig {
-            audio: false,
-            video: false,
-            recv_audio: 1,
-            recv_video: 1,
-            audio_level: -127,
-        },
-    )
-    .await;
+    let sub = Client::new("sub", ClientConfig::receiver(1)).await;
     let link = Proxy::start(sfu.handle.local_addr()).await;
     let id = sfu
         .handle

@@ -13,26 +13,6 @@ use parley_sfu::{ParticipantId, SfuError, SfuEvent, TrackId, TrackKind, VideoPre
 /// How long media flows in each test.
 const MEDIA: Duration = Duration::from_secs(3);
 
-fn publisher(level: i8) -> ClientConfig {
-    ClientConfig {
-        audio: true,
-        video: true,
-        recv_audio: 0,
-        recv_video: 0,
-        audio_level: level,
-    }
-}
-
-fn receiver(slots: usize) -> ClientConfig {
-    ClientConfig {
-        audio: false,
-        video: false,
-        recv_audio: slots,
-        recv_video: slots,
-        audio_level: -127,
-    }
-}
-
 /// The tracks a participant published, from the SFU's events: (audio, video).
 async fn tracks_of(sfu: &TestSfu, who: ParticipantId) -> anyhow::Result<(TrackId, TrackId)> {
     let find = |kind: TrackKind| {
@@ -70,7 +50,7 @@ fn bound_mid(sfu: &TestSfu, subscriber: ParticipantId, track: TrackId) -> Option
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_publisher_reaches_eight_subscribers() -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
-    let publisher_client = Client::new("pub", publisher(-30)).await;
+    let publisher_client = Client::new("pub", ClientConfig::publisher(-30)).await;
     let pub_id = sfu.connect(&publisher_client).await?;
     let (audio, video) = tracks_of(&sfu, pub_id).await?;
 
@@ -79,7 +59,7 @@ async fn one_publisher_reaches_eight_subscribers() -> anyhow::Result<()> {
     let mut subs = Vec::new();
     for i in 0..8 {
         let slots = if i < 4 { 1 } else { 0 };
-        let c = Client::new(&format!("sub{i}"), receiver(slots)).await;
+        let c = Client::new(&format!("sub{i}"), ClientConfig::receiver(slots)).await;
         let id = sfu.connect(&c).await?;
         if slots == 0 {
             let (a, v) = sfu
@@ -158,7 +138,7 @@ async fn six_participants_receive_exactly_what_they_subscribed() -> anyhow::Resu
     for i in 0..N {
         // Participant 0 talks loudly; the others are near silence.
         let level = if i == 0 { -20 } else { -80 };
-        let mut config = publisher(level);
+        let mut config = ClientConfig::publisher(level);
         config.recv_audio = N - 1;
         config.recv_video = N - 1;
         let c = Client::new(&format!("p{i}"), config).await;
@@ -257,7 +237,7 @@ async fn six_participants_receive_exactly_what_they_subscribed() -> anyhow::Resu
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_valid_credential_there_is_no_media() -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
-    let publisher_client = Client::new("pub", publisher(-30)).await;
+    let publisher_client = Client::new("pub", ClientConfig::publisher(-30)).await;
     sfu.connect(&publisher_client).await?;
     publisher_client.start_media();
 
@@ -312,7 +292,7 @@ async fn without_a_valid_credential_there_is_no_media() -> anyhow::Result<()> {
         assert_eq!(err.code(), code);
     }
     // An offer for a participant that was never admitted is refused.
-    let mallory = Client::new("mallory", receiver(1)).await;
+    let mallory = Client::new("mallory", ClientConfig::receiver(1)).await;
     let offer = mallory.offer(0, 0).await?;
     assert_eq!(
         sfu.handle.apply_offer(ParticipantId(9_999), &offer).await,
@@ -347,10 +327,10 @@ async fn without_a_valid_credential_there_is_no_media() -> anyhow::Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn size_pause_and_unsubscribe_control_what_a_subscriber_gets() -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
-    let p = Client::new("pub", publisher(-30)).await;
+    let p = Client::new("pub", ClientConfig::publisher(-30)).await;
     let pub_id = sfu.connect(&p).await?;
     let (audio, video) = tracks_of(&sfu, pub_id).await?;
-    let s = Client::new("sub", receiver(1)).await;
+    let s = Client::new("sub", ClientConfig::receiver(1)).await;
     let sub_id = sfu.connect(&s).await?;
     p.start_media();
     let video_mid = bound_mid(&sfu, sub_id, video).expect("video bound");
@@ -458,17 +438,17 @@ fn layer_frames(c: &Client, mid: &str) -> HashMap<String, u64> {
 async fn late_subscriber_gets_a_keyframe_and_requests_reach_the_publisher_throttled()
 -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
-    let p = Client::new("pub", publisher(-30)).await;
+    let p = Client::new("pub", ClientConfig::publisher(-30)).await;
     let pub_id = sfu.connect(&p).await?;
     let (_, video) = tracks_of(&sfu, pub_id).await?;
-    let early = Client::new("early", receiver(1)).await;
+    let early = Client::new("early", ClientConfig::receiver(1)).await;
     let early_id = sfu.connect(&early).await?;
     p.start_media();
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // The publisher sends keyframes only on request: a subscriber joining now can only decode
     // because the SFU asks for one when it subscribes.
-    let late = Client::new("late", receiver(1)).await;
+    let late = Client::new("late", ClientConfig::receiver(1)).await;
     let late_id = sfu.connect(&late).await?;
     let late_mid = bound_mid(&sfu, late_id, video).expect("video bound");
     tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -499,10 +479,10 @@ async fn late_subscriber_gets_a_keyframe_and_requests_reach_the_publisher_thrott
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaving_or_vanishing_unpublishes_and_frees_slots() -> anyhow::Result<()> {
     let sfu = TestSfu::start_with(|c| c.idle_timeout = Duration::from_secs(2)).await;
-    let a = Client::new("a", publisher(-30)).await;
+    let a = Client::new("a", ClientConfig::publisher(-30)).await;
     let a_id = sfu.connect(&a).await?;
     let (a_audio, a_video) = tracks_of(&sfu, a_id).await?;
-    let s = Client::new("s", receiver(1)).await;
+    let s = Client::new("s", ClientConfig::receiver(1)).await;
     let s_id = sfu.connect(&s).await?;
     a.start_media();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -532,7 +512,7 @@ async fn leaving_or_vanishing_unpublishes_and_frees_slots() -> anyhow::Result<()
 
     // b publishes, s gets b's tracks on the freed slots (no renegotiation), then b's process
     // vanishes without a word: after the idle timeout b is removed and its tracks go away.
-    let b = Client::new("b", publisher(-30)).await;
+    let b = Client::new("b", ClientConfig::publisher(-30)).await;
     let b_id = sfu.connect(&b).await?;
     let (_, b_video) = tracks_of(&sfu, b_id).await?;
     b.start_media();
@@ -579,10 +559,10 @@ async fn leaving_or_vanishing_unpublishes_and_frees_slots() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ice_restart_from_a_new_address_keeps_media_flowing() -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
-    let p = Client::new("pub", publisher(-30)).await;
+    let p = Client::new("pub", ClientConfig::publisher(-30)).await;
     let pub_id = sfu.connect(&p).await?;
     let (_, video) = tracks_of(&sfu, pub_id).await?;
-    let s = Client::new("sub", receiver(1)).await;
+    let s = Client::new("sub", ClientConfig::receiver(1)).await;
     let sub_id = sfu.connect(&s).await?;
     p.start_media();
     tokio::time::sleep(Duration::from_millis(1000)).await;
@@ -617,7 +597,7 @@ async fn ice_restart_from_a_new_address_keeps_media_flowing() -> anyhow::Result<
 async fn knowing_a_ufrag_does_not_let_a_stranger_take_over_the_route() -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
     // The publisher connects by hand, to learn the SFU's ufrag for it from the answer.
-    let p = Client::new("pub", publisher(-30)).await;
+    let p = Client::new("pub", ClientConfig::publisher(-30)).await;
     let pub_id = sfu
         .handle
         .join(
@@ -639,7 +619,7 @@ async fn knowing_a_ufrag_does_not_let_a_stranger_take_over_the_route() -> anyhow
         .expect("ufrag in the answer")
         .to_owned();
     let (_, video) = tracks_of(&sfu, pub_id).await?;
-    let s = Client::new("sub", receiver(1)).await;
+    let s = Client::new("sub", ClientConfig::receiver(1)).await;
     let sub_id = sfu.connect(&s).await?;
     p.start_media();
     tokio::time::sleep(Duration::from_millis(1000)).await;

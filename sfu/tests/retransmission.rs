@@ -35,28 +35,8 @@ async fn connect_via(sfu: &TestSfu, client: &Client, proxy: &Proxy) -> anyhow::R
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_video_packets_are_nacked_and_retransmitted_both_ways() -> anyhow::Result<()> {
     let sfu = TestSfu::start(true).await;
-    let publisher = Client::new(
-        "pub",
-        ClientConfig {
-            audio: true,
-            video: true,
-            recv_audio: 0,
-            recv_video: 0,
-            audio_level: -30,
-        },
-    )
-    .await;
-    let sub = Client::new(
-        "sub",
-        ClientConfig {
-            audio: false,
-            video: false,
-            recv_audio: 1,
-            recv_video: 1,
-            audio_level: -127,
-        },
-    )
-    .await;
+    let publisher = Client::new("pub", ClientConfig::publisher(-30)).await;
+    let sub = Client::new("sub", ClientConfig::receiver(1)).await;
     let sfu_addr = sfu.handle.local_addr();
     let pub_link = Proxy::start(sfu_addr).await;
     let sub_link = Proxy::start(sfu_addr).await;

@@ -307,8 +307,8 @@ pub trait Storage: Send + Sync + 'static {
     ) -> StorageResult<MessagePage>;
 
     /// [`Storage::history`] for a member of the channel: `NotAMember` when `user_id` is not
-    /// one, `NotFound` when there is no such channel. An engine may answer both in one read
-    /// (SQLite does: one trip to a reader thread instead of two).
+    /// one, `NotFound` when there is no such channel. Each engine answers the check and the
+    /// page in one trip (SQLite: one reader-thread job; PostgreSQL: one pipelined round).
     async fn member_history(
         &self,
         tenant: &str,
@@ -316,15 +316,7 @@ pub trait Storage: Send + Sync + 'static {
         user_id: &str,
         anchor: HistoryAnchor,
         limit: u32,
-    ) -> StorageResult<MessagePage> {
-        if self.member(tenant, channel_id, user_id).await?.is_none() {
-            return Err(match self.channel(tenant, channel_id).await? {
-                Some(_) => StorageError::NotAMember,
-                None => StorageError::NotFound,
-            });
-        }
-        self.history(tenant, channel_id, anchor, limit).await
-    }
+    ) -> StorageResult<MessagePage>;
 
     /// Moves the member's read position forward to `seq` (clamped to the channel's last seq;
     /// an older seq changes nothing). `NotAMember` when the user is not a member.

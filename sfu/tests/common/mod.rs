@@ -181,6 +181,30 @@ pub struct ClientConfig {
     pub audio_level: i8,
 }
 
+impl ClientConfig {
+    /// Publishes audio (at `level` dBov) and simulcast video; receives nothing.
+    pub fn publisher(level: i8) -> ClientConfig {
+        ClientConfig {
+            audio: true,
+            video: true,
+            recv_audio: 0,
+            recv_video: 0,
+            audio_level: level,
+        }
+    }
+
+    /// Publishes nothing; `slots` receive mids of each kind.
+    pub fn receiver(slots: usize) -> ClientConfig {
+        ClientConfig {
+            audio: false,
+            video: false,
+            recv_audio: slots,
+            recv_video: slots,
+            audio_level: -127,
+        }
+    }
+}
+
 /// What arrived on one receive mid.
 #[derive(Debug, Clone, Default)]
 pub struct MidStats {
