@@ -113,6 +113,29 @@ impl Member {
         }
     }
 
+    /// The id of the `kind` track `publisher` published, from the `call.sfu` notices.
+    async fn published_track(&mut self, what: &str, publisher: &str, kind: &str) -> String {
+        self.wait_for(what, |f| {
+            f["type"] == "call.sfu"
+                && f["event"] == "track_published"
+                && f["publisher"] == publisher
+                && f["kind"] == kind
+        })
+        .await["track_id"]
+            .as_str()
+            .expect("track id")
+            .to_owned()
+    }
+
+    /// Unsubscribes from `track` over `call.sfu`; the server acks it.
+    async fn unsubscribe(&mut self, track: &str, what: &str) {
+        let (call_id, pid) = (self.call_id.clone(), self.pid.clone());
+        let ack = self
+            .request(json!({"type": "call.sfu", "call_id": call_id, "participant_id": pid, "op": "unsubscribe", "track_id": track}))
+            .await;
+        assert_eq!(ack["type"], "ack", "{what}: {ack}");
+    }
+
     /// The first frame (already seen or arriving within `WAIT`) that matches.
     async fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
         self.wait_for_from(0, what, pred).await
@@ -459,41 +482,14 @@ async fn six_publishers_receive_exactly_what_they_subscribed() {
     let pids: Vec<(String, String)> = ms.iter().map(|m| (m.name.clone(), m.pid.clone())).collect();
     let mut expected = Vec::new();
     for i in 0..N {
-        let video_of_next = {
-            let (_, pid) = &pids[(i + 1) % N];
-            ms[i]
-                .wait_for("video published", |f| {
-                    f["type"] == "call.sfu"
-                        && f["event"] == "track_published"
-                        && f["publisher"] == pid.as_str()
-                        && f["kind"] == "video"
-                })
-                .await["track_id"]
-                .as_str()
-                .expect("track id")
-                .to_owned()
-        };
-        let audio_of_second = {
-            let (_, pid) = &pids[(i + 2) % N];
-            ms[i]
-                .wait_for("audio published", |f| {
-                    f["type"] == "call.sfu"
-                        && f["event"] == "track_published"
-                        && f["publisher"] == pid.as_str()
-                        && f["kind"] == "audio"
-                })
-                .await["track_id"]
-                .as_str()
-                .expect("track id")
-                .to_owned()
-        };
+        let video_of_next = ms[i]
+            .published_track("video published", &pids[(i + 1) % N].1, "video")
+            .await;
+        let audio_of_second = ms[i]
+            .published_track("audio published", &pids[(i + 2) % N].1, "audio")
+            .await;
         for track in [video_of_next, audio_of_second] {
-            let call_id = ms[i].call_id.clone();
-            let pid = ms[i].pid.clone();
-            let ack = ms[i]
-                .request(json!({"type": "call.sfu", "call_id": call_id, "participant_id": pid, "op": "unsubscribe", "track_id": track}))
-                .await;
-            assert_eq!(ack["type"], "ack", "unsubscribe: {ack}");
+            ms[i].unsubscribe(&track, "unsubscribe").await;
         }
         let want: BTreeSet<String> = (0..N)
             .filter(|j| *j != i)
@@ -970,21 +966,11 @@ async fn an_sfu_call_through_two_edge_processes_and_a_core() {
     ms[0].read_for(Duration::from_millis(300)).await;
     let p1 = ms[1].pid.clone();
     let p1_video = ms[0]
-        .wait_for("p1's video published", |f| {
-            f["type"] == "call.sfu"
-                && f["event"] == "track_published"
-                && f["publisher"] == p1.as_str()
-                && f["kind"] == "video"
-        })
-        .await["track_id"]
-        .as_str()
-        .expect("track id")
-        .to_owned();
-    let (call0, pid0) = (ms[0].call_id.clone(), ms[0].pid.clone());
-    let ack = ms[0]
-        .request(json!({"type": "call.sfu", "call_id": call0, "participant_id": pid0, "op": "unsubscribe", "track_id": p1_video}))
+        .published_track("p1's video published", &p1, "video")
         .await;
-    assert_eq!(ack["type"], "ack", "unsubscribe through the edge: {ack}");
+    ms[0]
+        .unsubscribe(&p1_video, "unsubscribe through the edge")
+        .await;
 
     for m in &ms {
         m.client().start_media();
