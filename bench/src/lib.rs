@@ -698,32 +698,35 @@ pub fn fsync_latency_us(dir: &std::path::Path, n: usize) -> std::io::Result<Vec<
     Ok(took)
 }
 
-/// A parley process's live heap (`parley_allocator_allocated_bytes` in its `/metrics`): what
-/// its allocator handed out and did not get back. Unlike RSS it does not count freed pages the
-/// allocator still keeps, so it shows what connections really hold.
-pub async fn live_heap(http_base: &str) -> Option<u64> {
-    allocator_gauge(http_base, "parley_allocator_allocated_bytes").await
-}
-
-/// A parley process's allocator-resident bytes (`parley_allocator_resident_bytes`): the live
-/// heap plus the allocator's metadata, partly used pages and freed pages not yet returned.
-pub async fn allocator_resident(http_base: &str) -> Option<u64> {
-    allocator_gauge(http_base, "parley_allocator_resident_bytes").await
-}
-
-async fn allocator_gauge(http_base: &str, name: &str) -> Option<u64> {
+/// A parley process's allocator figures from one read of its `/metrics`: the live heap
+/// (`parley_allocator_allocated_bytes`: what its allocator handed out and did not get back;
+/// unlike RSS it does not count freed pages the allocator still keeps, so it shows what
+/// connections really hold) and the allocator-resident bytes (`parley_allocator_resident_bytes`:
+/// the live heap plus metadata, partly used pages and freed pages not yet returned).
+pub async fn allocator_figures(http_base: &str) -> Option<(u64, u64)> {
     let body = reqwest::get(format!("{http_base}/metrics"))
         .await
         .ok()?
         .text()
         .await
         .ok()?;
-    body.lines()
-        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
-        .trim()
-        .parse::<f64>()
-        .ok()
-        .map(|v| v as u64)
+    let gauge = |name: &str| {
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))?
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .map(|v| v as u64)
+    };
+    Some((
+        gauge("parley_allocator_allocated_bytes")?,
+        gauge("parley_allocator_resident_bytes")?,
+    ))
+}
+
+/// The live heap of [`allocator_figures`].
+pub async fn live_heap(http_base: &str) -> Option<u64> {
+    allocator_figures(http_base).await.map(|(heap, _)| heap)
 }
 
 pub fn loadavg() -> String {

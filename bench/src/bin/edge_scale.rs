@@ -266,31 +266,24 @@ impl Servers {
         ))
     }
 
-    /// Each edge's live heap (`None` where `/metrics` does not say).
-    async fn edge_heaps(&self) -> Vec<Option<u64>> {
+    /// Each edge's live heap (`None` where `/metrics` does not say); with `when`, also prints
+    /// each edge's allocator-resident bytes next to it (one `/metrics` read per edge).
+    async fn edge_heaps(&self, when: Option<&str>) -> Vec<Option<u64>> {
         let mut heaps = Vec::with_capacity(self.edges.len());
+        let mut parts = Vec::new();
         for e in &self.edges {
-            heaps.push(parley_bench::live_heap(&e.http_base()).await);
-        }
-        heaps
-    }
-
-    /// Each edge's allocator-resident bytes, printed next to the live heap.
-    async fn print_allocator(&self, when: &str) {
-        let mut parts = Vec::with_capacity(self.edges.len());
-        for e in &self.edges {
-            let base = e.http_base();
-            let (heap, resident) = (
-                parley_bench::live_heap(&base).await,
-                parley_bench::allocator_resident(&base).await,
-            );
-            if let (Some(h), Some(r)) = (heap, resident) {
+            let figures = parley_bench::allocator_figures(&e.http_base()).await;
+            if let Some((h, r)) = figures {
                 parts.push(format!("{} live / {} allocator-resident", mib(h), mib(r)));
             }
+            heaps.push(figures.map(|(h, _)| h));
         }
-        if !parts.is_empty() {
+        if let Some(when) = when
+            && !parts.is_empty()
+        {
             println!("edge allocators {when}: {}", parts.join(" | "));
         }
+        heaps
     }
 
     fn cpu(&self) -> anyhow::Result<(Duration, Vec<Duration>)> {
@@ -509,7 +502,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     tokio::time::sleep(settle).await;
     let (core0, edges0) = servers.mem()?;
-    let heap0 = servers.edge_heaps().await;
+    let heap0 = servers.edge_heaps(None).await;
     print_mem("before any connection", &core0, &edges0);
 
     // 1. Open a quarter, then all.
@@ -525,7 +518,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tokio::time::sleep(settle).await;
     let (core_q, edges_q) = servers.mem()?;
-    let heap_q = servers.edge_heaps().await;
+    let heap_q = servers.edge_heaps(None).await;
     print_mem("at a quarter", &core_q, &edges_q);
     let t = Instant::now();
     let a = all(&mut generators, &format!("open {n}")).await?;
@@ -542,8 +535,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     tokio::time::sleep(settle).await;
     let (core_idle, edges_idle) = servers.mem()?;
-    let heap_idle = servers.edge_heaps().await;
-    servers.print_allocator("authenticated idle").await;
+    let heap_idle = servers.edge_heaps(Some("authenticated idle")).await;
     print_mem("authenticated idle", &core_idle, &edges_idle);
     // Connection i is on edge i mod edges.
     let on_edge = |k: usize, upto: usize| (0..upto).filter(|i| i % edges == k).count();
@@ -576,8 +568,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     );
     tokio::time::sleep(settle).await;
     let (core_sub, edges_sub) = servers.mem()?;
-    let heap_sub = servers.edge_heaps().await;
-    servers.print_allocator("subscribed").await;
+    let heap_sub = servers.edge_heaps(Some("subscribed")).await;
     print_mem("subscribed (3 channels each)", &core_sub, &edges_sub);
     let mut sub_rows = Vec::new();
     for k in 0..edges {
