@@ -431,14 +431,14 @@ impl CoreGateway for MembershipCache {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use parley_proto::{Member, Role};
     use std::sync::atomic::{AtomicU64, Ordering};
 
     /// A core where only `alice` of tenant `t` is a member; counts membership checks.
     #[derive(Default)]
-    struct Core {
+    pub(crate) struct Core {
         checks: AtomicU64,
     }
 

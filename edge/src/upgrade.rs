@@ -189,35 +189,14 @@ async fn upgrade(
         write_batch_bytes: edge.config.write_batch_bytes,
     };
     let on_no_auth = Box::new((failures, peer.ip()));
-    // The connection's task: the upgrade completes, then the session runs. Combinators rather
-    // than an `async` block: each state holds only its own future, and every byte of the
-    // session's state is held by every idle connection.
-    let edge2 = edge.clone();
-    let connection = ws.on_upgrade.then(move |upgraded| {
-        let stream = upgraded.map_err(|e| e.to_string()).and_then(|upgraded| {
-            hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
-                .map_err(|_| "the upgraded connection is not a TCP stream".to_owned())
-        });
-        let session = match stream {
-            Ok(parts) => Some(session::run(
-                edge2,
-                WsStream::new(parts.io.into_inner(), parts.read_buf, &limits),
-                pre_auth,
-                slot,
-            )),
-            Err(e) => {
-                tracing::debug!(error = %e, "websocket upgrade failed");
-                None
-            }
-        };
-        futures::future::OptionFuture::from(session).map(move |authenticated| {
-            // Spends the address's budget for connections that never authenticate.
-            if authenticated == Some(false) {
-                let _ = on_no_auth.0.failed(on_no_auth.1);
-            }
-        })
-    });
-    tokio::spawn(connection);
+    tokio::spawn(connection_task(
+        ws.on_upgrade,
+        edge,
+        limits,
+        pre_auth,
+        slot,
+        on_no_auth,
+    ));
     let mut response = Response::new(axum::body::Body::empty());
     *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
     let h = response.headers_mut();
@@ -229,6 +208,51 @@ async fn upgrade(
         HeaderValue::from_static(WS_SUBPROTOCOL),
     );
     response
+}
+
+/// Most bytes an idle connection's future may take. tokio allocates a task as a header (32 B),
+/// the scheduler handle and task id (16 B), the future with its stage tag (8 B) and a trailer
+/// (48 B), rounded up to a multiple of 128 B; jemalloc then rounds that up to a size class (1,024,
+/// 1,280, 1,536 B). Up to this size the task is one 1,024 B allocation; past it, 1,280 B:
+/// 256 B more for every connection. `an_idle_connection_fits_the_smallest_task` guards it.
+#[cfg(test)]
+const CONNECTION_FUTURE_MAX_BYTES: usize = 1024 - 32 - 16 - 8 - 48;
+
+/// The connection's task: the upgrade completes, then the session runs. Combinators rather than
+/// an `async` block: each state holds only its own future, and every byte of the session's state
+/// is held by every idle connection. `on_no_auth` spends the address's budget for connections
+/// that never authenticate.
+fn connection_task(
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    edge: Arc<Edge>,
+    limits: crate::wire::WireLimits,
+    pre_auth: Option<parley_proto::Principal>,
+    slot: crate::admission::Slot,
+    on_no_auth: Box<(Arc<dyn AuthFailureGate>, IpAddr)>,
+) -> impl Future<Output = ()> + Send + 'static {
+    on_upgrade.then(move |upgraded| {
+        let stream = upgraded.map_err(|e| e.to_string()).and_then(|upgraded| {
+            hyper_util::server::conn::auto::upgrade::downcast::<TokioIo<TcpStream>>(upgraded)
+                .map_err(|_| "the upgraded connection is not a TCP stream".to_owned())
+        });
+        let session = match stream {
+            Ok(parts) => Some(session::run(
+                edge,
+                WsStream::new(parts.io.into_inner(), parts.read_buf, &limits),
+                pre_auth,
+                slot,
+            )),
+            Err(e) => {
+                tracing::debug!(error = %e, "websocket upgrade failed");
+                None
+            }
+        };
+        futures::future::OptionFuture::from(session).map(move |authenticated| {
+            if authenticated == Some(false) {
+                let _ = on_no_auth.0.failed(on_no_auth.1);
+            }
+        })
+    })
 }
 
 /// A WebSocket opening handshake (RFC 6455 §4.2.1): the answer's accept key, and the upgrade to
@@ -441,6 +465,74 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gate that never blocks (the size test does not authenticate).
+    struct Open;
+    impl AuthFailureGate for Open {
+        fn blocked(&self, _: IpAddr) -> Option<Duration> {
+            None
+        }
+        fn failed(&self, _: IpAddr) -> Result<(), Duration> {
+            Ok(())
+        }
+    }
+
+    /// Every idle connection holds its task: 256 B more per connection past the bound (see
+    /// [`CONNECTION_FUTURE_MAX_BYTES`]). A field added to the connection, or a large future
+    /// awaited in its idle loop, fails this; box it or move it out of the loop.
+    #[tokio::test]
+    async fn an_idle_connection_fits_the_smallest_task() {
+        let (_stop, shutdown) = tokio::sync::watch::channel(false);
+        let edge = Edge::new(
+            Arc::new(crate::membership::tests::Core::default()),
+            crate::EdgeConfig::default(),
+            shutdown,
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let _client = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (server, peer) = listener.accept().await.expect("accept");
+        let limits = crate::wire::WireLimits {
+            max_message_bytes: 1 << 16,
+            write_batch_bytes: 1 << 14,
+        };
+        let principal = parley_proto::Principal {
+            user_id: "alice".into(),
+            tenant_id: "t".into(),
+            roles: Vec::new(),
+            expires_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .expect("after 1970")
+                .as_secs()
+                + 3600,
+        };
+        let session = session::run(
+            edge.clone(),
+            WsStream::new(server, bytes::Bytes::new(), &limits),
+            Some(principal.clone()),
+            edge.admission.admit(peer.ip()).expect("a free place"),
+        );
+        let session_bytes = std::mem::size_of_val(&session);
+        let mut request = axum::http::Request::new(());
+        let task = connection_task(
+            hyper::upgrade::on(&mut request),
+            edge.clone(),
+            limits,
+            Some(principal),
+            edge.admission.admit(peer.ip()).expect("a free place"),
+            Box::new((Arc::new(Open) as Arc<dyn AuthFailureGate>, peer.ip())),
+        );
+        let task_bytes = std::mem::size_of_val(&task);
+        println!("session future {session_bytes} B, connection task future {task_bytes} B");
+        assert!(
+            task_bytes <= CONNECTION_FUTURE_MAX_BYTES,
+            "the connection's future is {task_bytes} B (the session's {session_bytes} B); \
+             over {CONNECTION_FUTURE_MAX_BYTES} B its task takes 1,280 B instead of 1,024 B"
+        );
+    }
 
     fn headers(origin: Option<&str>, host: &str) -> HeaderMap {
         let mut h = HeaderMap::new();

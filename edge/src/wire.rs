@@ -129,7 +129,9 @@ impl WsStream {
             if self.state == ReadState::Eof {
                 return None;
             }
-            if let Err(e) = self.io.readable().await {
+            // Readiness polled, not awaited through `readable()`: that future holds a waiter
+            // node (152 B) in every idle connection's task; this one holds a reference.
+            if let Err(e) = std::future::poll_fn(|cx| self.io.poll_read_ready(cx)).await {
                 self.state = ReadState::Eof;
                 return Some(Err(WireError::Io(e)));
             }
@@ -294,7 +296,7 @@ impl WsStream {
     /// Writes everything queued.
     pub async fn flush(&mut self) -> io::Result<()> {
         while self.wpos < self.wbuf.len() {
-            self.io.writable().await?;
+            std::future::poll_fn(|cx| self.io.poll_write_ready(cx)).await?;
             match self.io.try_write(&self.wbuf[self.wpos..]) {
                 Ok(n) => self.wpos += n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
