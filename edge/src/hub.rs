@@ -128,7 +128,9 @@ pub(crate) struct Hubs {
 
 #[derive(Default)]
 struct HubsInner {
-    hubs: HashMap<String, Hub>,
+    /// Boxed: most hubs are a personal or small channel's, one per few connections, and a hash
+    /// table holds up to twice its entries' size in empty slots (184 B per slot unboxed).
+    hubs: HashMap<String, Box<Hub>>,
     /// Hubs whose sequencer may need a gap fill.
     gapped: HashSet<String>,
     /// Counts gap polls, to rotate where each one starts.
@@ -165,17 +167,18 @@ impl Hubs {
     /// channel's last seq, so that no event committed after that read can be missed.
     pub fn register_pending(&self, tenant: &str, channel_id: &str, sub: Subscriber) -> Registered {
         let mut inner = self.lock();
-        let hub = inner
-            .hubs
-            .entry(channel_id.to_owned())
-            .or_insert_with(|| Hub {
+        let hub = inner.hubs.entry(channel_id.to_owned()).or_insert_with(|| {
+            Box::new(Hub {
                 tenant: tenant.to_owned(),
                 registered: self.interest.add(Topic::Channel(channel_id.to_owned())),
                 seq: None,
                 early: Vec::new(),
                 early_overflow: false,
-                subs: Vec::new(),
-            });
+                // Room for one: most hubs have one local subscriber (a personal channel, a
+                // small room spread over edges); the first push would reserve four.
+                subs: Vec::with_capacity(1),
+            })
+        });
         hub.subs.retain(|r| r.sub.conn != sub.conn);
         hub.subs.push(Registration {
             sub,

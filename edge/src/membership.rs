@@ -56,8 +56,80 @@ enum Answer {
     NotMember,
 }
 
-/// A channel's answers: user → (tenant, answer).
-type ChannelAnswers = HashMap<String, (String, Answer)>;
+/// Answers kept in a list before they move to a map.
+const FEW_ANSWERS: usize = 16;
+
+/// A channel's answers, for its tenant. Most channels a node watches are personal channels and
+/// small rooms with one to a few local members: their answers are a short list (one 24 B entry
+/// per user) instead of a hash table (256 B for the first entry). Past [`FEW_ANSWERS`] they move
+/// to a map.
+#[derive(Default)]
+struct ChannelAnswers {
+    /// The channel's tenant (ids are global, but the tenant is part of the rule, so it is
+    /// checked): answers of another tenant are not kept.
+    tenant: Box<str>,
+    few: Vec<(Box<str>, Answer)>,
+    #[expect(
+        clippy::box_collection,
+        reason = "8 B in every small channel's entry instead of 48 B; only large channels pay the extra allocation"
+    )]
+    many: Option<Box<HashMap<Box<str>, Answer>>>,
+}
+
+impl ChannelAnswers {
+    fn new(tenant: &str) -> ChannelAnswers {
+        ChannelAnswers {
+            tenant: tenant.into(),
+            ..ChannelAnswers::default()
+        }
+    }
+
+    fn get(&self, tenant: &str, user: &str) -> Option<Answer> {
+        if *self.tenant != *tenant {
+            return None;
+        }
+        match &self.many {
+            Some(many) => many.get(user).copied(),
+            None => self.few.iter().find(|(u, _)| **u == *user).map(|(_, a)| *a),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.many.as_ref().map_or(self.few.len(), |m| m.len())
+    }
+
+    fn insert(&mut self, user: &str, answer: Answer) {
+        if let Some(many) = &mut self.many {
+            many.insert(user.into(), answer);
+        } else if let Some(entry) = self.few.iter_mut().find(|(u, _)| **u == *user) {
+            entry.1 = answer;
+        } else if self.few.len() < FEW_ANSWERS {
+            if self.few.capacity() == 0 {
+                self.few.reserve_exact(1);
+            }
+            self.few.push((user.into(), answer));
+        } else {
+            let mut many: HashMap<Box<str>, Answer> =
+                std::mem::take(&mut self.few).into_iter().collect();
+            many.insert(user.into(), answer);
+            self.many = Some(Box::new(many));
+        }
+    }
+
+    fn remove(&mut self, user: &str) {
+        match &mut self.many {
+            Some(many) => {
+                many.remove(user);
+            }
+            None => self.few.retain(|(u, _)| **u != *user),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.few = Vec::new();
+        self.many = None;
+    }
+}
 
 #[derive(Default)]
 struct State {
@@ -190,8 +262,8 @@ impl MembershipCache {
             s.entries
                 .as_mut()
                 .and_then(|e| e.get(&route.channel_id))
-                .and_then(|users| users.get(&p.user_id))
-                .is_some_and(|(tenant, a)| *tenant == p.tenant_id && *a == Answer::Member)
+                .and_then(|users| users.get(&p.tenant_id, &p.user_id))
+                .is_some_and(|a| a == Answer::Member)
         });
         crate::metrics::membership_lookup(hit.is_some());
         hit
@@ -215,9 +287,7 @@ impl MembershipCache {
             .entries
             .as_mut()
             .and_then(|e| e.get(channel_id))
-            .and_then(|users| users.get(&p.user_id))
-            .filter(|(tenant, _)| *tenant == p.tenant_id)
-            .map(|(_, a)| *a);
+            .and_then(|users| users.get(&p.tenant_id, &p.user_id));
         crate::metrics::membership_lookup(answer.is_some());
         answer
     }
@@ -236,14 +306,18 @@ impl MembershipCache {
         let Some(entries) = s.entries.as_mut() else {
             return;
         };
-        if entries.get(channel_id).is_none() {
-            entries.insert(channel_id.to_owned(), HashMap::new());
+        if entries
+            .get(channel_id)
+            .is_none_or(|users| *users.tenant != *p.tenant_id)
+        {
+            // A channel's answers are for one tenant: another tenant's start afresh.
+            entries.insert(channel_id.to_owned(), ChannelAnswers::new(&p.tenant_id));
         }
         if let Some(users) = entries.get_mut(channel_id) {
             if users.len() >= MAX_USERS_PER_CHANNEL {
                 users.clear();
             }
-            users.insert(p.user_id.clone(), (p.tenant_id.clone(), answer));
+            users.insert(&p.user_id, answer);
         }
     }
 
@@ -272,8 +346,7 @@ impl MembershipCache {
         s.entries
             .as_mut()
             .and_then(|e| e.get(channel_id))
-            .and_then(|u| u.get(&p.user_id))
-            .map(|(_, a)| *a)
+            .and_then(|u| u.get(&p.tenant_id, &p.user_id))
     }
 }
 
@@ -540,6 +613,82 @@ pub(crate) mod tests {
                 by: "owner".into(),
             },
         }
+    }
+
+    #[test]
+    fn a_channels_answers_move_from_a_list_to_a_map_and_keep_the_tenant_rule() {
+        let mut answers = ChannelAnswers::new("t");
+        let users: Vec<String> = (0..=FEW_ANSWERS).map(|i| format!("u{i}")).collect();
+        for (i, u) in users.iter().enumerate() {
+            let a = if i % 2 == 0 {
+                Answer::Member
+            } else {
+                Answer::NotMember
+            };
+            answers.insert(u, a);
+            assert_eq!(answers.len(), i + 1);
+            assert_eq!(
+                answers.many.is_some(),
+                i + 1 > FEW_ANSWERS,
+                "{} answers",
+                i + 1
+            );
+        }
+        for (i, u) in users.iter().enumerate() {
+            let want = if i % 2 == 0 {
+                Answer::Member
+            } else {
+                Answer::NotMember
+            };
+            assert_eq!(answers.get("t", u), Some(want), "{u}");
+            assert_eq!(answers.get("other", u), None, "another tenant's {u}");
+        }
+        answers.insert("u1", Answer::Member);
+        assert_eq!(
+            answers.get("t", "u1"),
+            Some(Answer::Member),
+            "updated in place"
+        );
+        answers.remove("u0");
+        assert_eq!(answers.get("t", "u0"), None);
+        assert_eq!(answers.len(), FEW_ANSWERS);
+
+        let mut small = ChannelAnswers::new("t");
+        small.insert("a", Answer::Member);
+        small.insert("a", Answer::NotMember);
+        assert_eq!(
+            (small.len(), small.get("t", "a")),
+            (1, Some(Answer::NotMember))
+        );
+        small.remove("a");
+        assert_eq!(small.get("t", "a"), None);
+    }
+
+    #[tokio::test]
+    async fn another_tenants_answer_is_not_taken_for_this_tenants() {
+        let (core, cache) = setup();
+        cache.watch("ch");
+        let alice = principal("t", "alice");
+        let other = principal("t2", "alice");
+        cache.member_check(&alice, "ch").await.expect("member");
+        cache
+            .member_check(&alice, "ch")
+            .await
+            .expect("member, cached");
+        assert_eq!(
+            core.checks.load(Ordering::SeqCst),
+            1,
+            "the second answer is cached"
+        );
+        cache
+            .member_check(&other, "ch")
+            .await
+            .expect_err("another tenant's alice is not a member");
+        assert_eq!(
+            core.checks.load(Ordering::SeqCst),
+            2,
+            "asked the core, not the cache"
+        );
     }
 
     fn setup() -> (Arc<Core>, MembershipCache) {
