@@ -194,7 +194,10 @@ async fn a_bad_send_does_not_fail_its_batch() {
         .await
         .expect("history");
     let stored: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
-    assert_eq!(stored, seqs, "the stored messages are exactly the acked ones");
+    assert_eq!(
+        stored, seqs,
+        "the stored messages are exactly the acked ones"
+    );
 }
 
 /// A database of its own for a test that installs triggers (PL/pgSQL: a test-only tool, the
@@ -346,7 +349,11 @@ async fn a_batch_whose_seqs_moved_is_rolled_back_and_retried() {
         .history(tenant, "ch-always", HistoryAnchor::Latest, 10)
         .await
         .expect("history");
-    assert!(page.messages.is_empty(), "nothing stored: {:?}", page.messages);
+    assert!(
+        page.messages.is_empty(),
+        "nothing stored: {:?}",
+        page.messages
+    );
     let last = s
         .last_seqs(&[(tenant.to_owned(), "ch-always".to_owned())])
         .await
