@@ -39,6 +39,10 @@
 //! own statements, and the batch counts as committed only when every statement of both flights was
 //! answered without an error, COMMIT included (`try_join5` fails on the first error, and the
 //! answers arrive in the order sent): then the COMMIT ran in a live transaction and committed.
+//! (`a_batch_whose_seqs_moved_is_rolled_back_and_retried` in `tests/storage_postgres.rs` shows
+//! it: with the check's error ignored, a rolled-back batch is acked.) The other way round, an
+//! error seen by the client alone after the COMMIT was sent can leave a committed batch
+//! unacknowledged, like a lost ack: its retry finds the stored message by its idempotency key.
 //!
 //! The seqs of the new rows are computed from the `last_seq` the locks read, before the
 //! allocation runs. The row locks make them right; `SEND_CHECK_SEQS`, the last statement before
