@@ -6,7 +6,9 @@
 
 use std::sync::Arc;
 
-use parley_core::storage::{NewChannel, NewMessage, PostgresStorage, Storage, StorageError};
+use parley_core::storage::{
+    HistoryAnchor, NewChannel, NewMessage, PostgresStorage, Storage, StorageError,
+};
 use parley_proto::{ChannelKind, Role};
 
 parley_core::storage_conformance_tests!(storage().await);
@@ -185,6 +187,195 @@ async fn a_bad_send_does_not_fail_its_batch() {
     }
     seqs.sort_unstable();
     assert_eq!(seqs, (1..=39).collect::<Vec<u64>>());
+    // What was acked is what is stored: the batch the bad send aborted (its COMMIT run as a
+    // rollback) answered nobody.
+    let page = s
+        .history(&tenant, &channel_id, HistoryAnchor::Latest, 100)
+        .await
+        .expect("history");
+    let stored: Vec<u64> = page.messages.iter().map(|m| m.seq).collect();
+    assert_eq!(
+        stored, seqs,
+        "the stored messages are exactly the acked ones"
+    );
+}
+
+/// A database of its own for a test that installs triggers (PL/pgSQL: a test-only tool, the
+/// storage itself uses none), an admin client on it, and the storage on it. Dropped by
+/// [`drop_database`].
+async fn scratch_database(
+    prefix: &str,
+) -> (
+    String,
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<()>,
+    Arc<PostgresStorage>,
+) {
+    let db = format!("{prefix}_{}", ulid::Ulid::new().to_string().to_lowercase());
+    let (admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await
+        .expect("create database");
+    drop(admin);
+    let _ = connection.await;
+    let url = with_database(&database_url(), &db);
+    let s = Arc::new(PostgresStorage::connect(&url, 2).await.expect("connect"));
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .expect("connect to the scratch database");
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (db, client, connection, s)
+}
+
+async fn drop_database(db: &str) {
+    let (admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let connection = tokio::spawn(connection);
+    admin
+        .batch_execute(&format!("DROP DATABASE {db} WITH (FORCE)"))
+        .await
+        .expect("drop database");
+    drop(admin);
+    let _ = connection.await;
+}
+
+/// A channel of one owner, `user`, in `tenant`.
+async fn owned_channel(s: &PostgresStorage, tenant: &str, user: &str, id: &str) {
+    s.create_channel(NewChannel {
+        tenant_id: tenant.into(),
+        id: id.into(),
+        kind: ChannelKind::Channel,
+        name: Some("pipelined".into()),
+        created_by: user.into(),
+        members: vec![(user.into(), Role::Owner)],
+        dm_key: None,
+    })
+    .await
+    .expect("create channel");
+}
+
+fn message(tenant: &str, channel_id: &str, user: &str, key: &str) -> NewMessage {
+    NewMessage {
+        tenant_id: tenant.into(),
+        channel_id: channel_id.into(),
+        id: format!("msg-{}", ulid::Ulid::new()),
+        sender_id: user.into(),
+        client_msg_id: key.into(),
+        text: format!("text {key}"),
+        metadata: None,
+    }
+}
+
+/// The send batch's seqs are computed before its writes and COMMIT are sent together; the check
+/// inside the transaction stops a batch whose channel's last_seq is not what the locks read
+/// (here forced by a trigger that moves it on the first allocation only, through a sequence,
+/// which a rollback does not undo). That attempt is rolled back, never acked, and the retry
+/// commits gapless seqs. Without the check the first attempt committed with last_seq 8 and the
+/// next send got seq 9.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_whose_seqs_moved_is_rolled_back_and_retried() {
+    let (db, client, connection, s) = scratch_database("parley_seqcheck").await;
+    let (tenant, user) = ("t-seqcheck", "alice");
+    owned_channel(&s, tenant, user, "ch-once").await;
+    owned_channel(&s, tenant, user, "ch-always").await;
+    client
+        .batch_execute(
+            "CREATE SEQUENCE bumps; \
+             CREATE FUNCTION bump_last_seq() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+               IF NEW.id = 'ch-always' OR (NEW.id = 'ch-once' AND nextval('bumps') = 1) THEN \
+                 NEW.last_seq := NEW.last_seq + 7; \
+               END IF; \
+               RETURN NEW; \
+             END $$; \
+             CREATE TRIGGER bump_last_seq BEFORE UPDATE ON channels \
+               FOR EACH ROW EXECUTE FUNCTION bump_last_seq();",
+        )
+        .await
+        .expect("install the trigger");
+
+    let first = s
+        .send_message(message(tenant, "ch-once", user, "k1"))
+        .await
+        .expect("the retry commits");
+    let second = s
+        .send_message(message(tenant, "ch-once", user, "k2"))
+        .await
+        .expect("second send");
+    assert_eq!(
+        (first.message.seq, second.message.seq),
+        (1, 2),
+        "gapless seqs"
+    );
+    let bumps: i64 = client
+        .query_one("SELECT last_value FROM bumps", &[])
+        .await
+        .expect("read the sequence")
+        .get(0);
+    assert!(bumps >= 2, "the first attempt was bumped and retried");
+    let page = s
+        .history(tenant, "ch-once", HistoryAnchor::Latest, 10)
+        .await
+        .expect("history");
+    let stored: Vec<(u64, String)> = page
+        .messages
+        .iter()
+        .map(|m| (m.seq, m.client_msg_id.clone()))
+        .collect();
+    assert_eq!(stored, vec![(1, "k1".to_owned()), (2, "k2".to_owned())]);
+    let last = s
+        .last_seqs(&[(tenant.to_owned(), "ch-once".to_owned())])
+        .await
+        .expect("last_seqs");
+    assert_eq!(last, vec![("ch-once".to_owned(), 2)]);
+
+    // A channel whose check fails on every attempt: the send fails, and nothing was committed.
+    match s
+        .send_message(message(tenant, "ch-always", user, "k1"))
+        .await
+    {
+        Err(StorageError::Unavailable(_)) => {}
+        other => panic!("a batch aborted on every attempt must not be acked: {other:?}"),
+    }
+    let page = s
+        .history(tenant, "ch-always", HistoryAnchor::Latest, 10)
+        .await
+        .expect("history");
+    assert!(
+        page.messages.is_empty(),
+        "nothing stored: {:?}",
+        page.messages
+    );
+    let last = s
+        .last_seqs(&[(tenant.to_owned(), "ch-always".to_owned())])
+        .await
+        .expect("last_seqs");
+    assert_eq!(last, vec![("ch-always".to_owned(), 0)], "no seq spent");
+
+    // The writers' connections came back usable (rolled back, not left inside a transaction).
+    client
+        .batch_execute("DROP TRIGGER bump_last_seq ON channels")
+        .await
+        .expect("drop the trigger");
+    for (i, channel) in ["ch-once", "ch-always"].iter().enumerate() {
+        let sent = s
+            .send_message(message(tenant, channel, user, &format!("after{i}")))
+            .await
+            .expect("a send after the failures");
+        assert!(sent.created);
+    }
+    drop(client);
+    let _ = connection.await;
+    drop(s);
+    drop_database(&db).await;
 }
 
 /// Sustained send throughput through the batching writers (not part of the default run:
@@ -422,4 +613,66 @@ async fn a_statement_over_the_timeout_fails_with_a_typed_error() {
     s.rename_channel(tenant, &channel_id, "free", &user)
         .await
         .expect("rename once the lock is gone");
+}
+
+/// A send batch that fails inside its transaction (its channel lock waits past
+/// `statement_timeout`, which aborts the transaction after the pipelined BEGIN) is answered
+/// with `Timeout`, and its connection goes back to the writers rolled back: the sends after it
+/// commit (a connection left inside the aborted transaction would fail every later batch on it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_batch_that_fails_mid_transaction_leaves_its_connection_usable() {
+    use parley_core::storage::PostgresOptions;
+    use std::time::Duration;
+
+    let s = PostgresStorage::connect_with(
+        &database_url(),
+        PostgresOptions {
+            pool_size: 2,
+            statement_timeout: Duration::from_millis(300),
+        },
+    )
+    .await
+    .expect("connect");
+    let (tenant, user) = ("t-send-timeout", format!("user-{}", ulid::Ulid::new()));
+    let channel_id = format!("ch-{}", ulid::Ulid::new());
+    owned_channel(&s, tenant, &user, &channel_id).await;
+
+    let (mut admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("admin connection");
+    let connection = tokio::spawn(connection);
+    // Both writer connections fail once: one send per writer connection would do, but which
+    // connection a batch takes is the pool's choice, so several batches run into the lock.
+    let lock = admin.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM channels WHERE id = $1 FOR UPDATE",
+        &[&channel_id],
+    )
+    .await
+    .expect("lock the channel row");
+    for i in 0..4 {
+        let sent = tokio::time::timeout(
+            Duration::from_secs(10),
+            s.send_message(message(tenant, &channel_id, &user, &format!("locked{i}"))),
+        )
+        .await
+        .expect("the lock wait is cancelled by statement_timeout");
+        match sent {
+            Err(StorageError::Timeout(_)) => {}
+            other => panic!("expected StorageError::Timeout, got {other:?}"),
+        }
+    }
+    lock.rollback().await.expect("rollback");
+    drop(admin);
+    let _ = connection.await;
+
+    let mut seqs = Vec::new();
+    for i in 0..8 {
+        let sent = s
+            .send_message(message(tenant, &channel_id, &user, &format!("k{i}")))
+            .await
+            .unwrap_or_else(|e| panic!("send {i} after the failed batches: {e:?}"));
+        seqs.push(sent.message.seq);
+    }
+    assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
 }

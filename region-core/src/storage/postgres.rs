@@ -14,9 +14,47 @@
 //! fails alone; a batch that the database rejects as a whole is retried, and if it still fails
 //! its requests are committed one by one so that a single bad request cannot fail the others.
 //!
-//! Every seq is allocated by `UPDATE channels SET last_seq = last_seq + n ... RETURNING last_seq`
-//! inside the transaction that inserts the event, after the channel row was locked and the
-//! writer's membership re-checked under that lock (see `schema.md`).
+//! Every seq is allocated by `UPDATE channels SET last_seq = last_seq + n` inside the transaction
+//! that inserts the event, after the channel row was locked and the writer's membership
+//! re-checked under that lock (see `schema.md`).
+//!
+//! ## Two round trips per send batch
+//!
+//! On loopback, a round trip to PostgreSQL costs the sender PostgreSQL's receive path in the
+//! kernel, so a batch sends its statements in two pipelined flights (tokio-postgres sends a
+//! request when its future is first polled, and the `try_joinN` combinators poll in order;
+//! PostgreSQL runs the requests of one connection in the order they arrive):
+//!
+//! 1. `BEGIN`, the channel locks (`SELECT ... FOR UPDATE`, in id order), the membership read and,
+//!    when the writer is careful, the idempotency read. BEGIN is not awaited alone: the reads
+//!    behind it still run inside the transaction, after it.
+//! 2. The seq allocation, the INSERT of every new message, the senders' unread counters, the seq
+//!    check, and `COMMIT`. The answers of all the sends are settled in Rust between the two
+//!    flights, from the reads; nothing after the COMMIT is sent can fail the batch any more.
+//!
+//! Why acking after flight 2 is ack-after-durable-commit: an error in a statement aborts the
+//! transaction, and PostgreSQL then answers the COMMIT behind it with a `ROLLBACK` tag, not an
+//! error (tokio-postgres does not show the tag). So a COMMIT answered without an error proves
+//! nothing by itself. But a transaction is only ever aborted by an error answered to one of its
+//! own statements, and the batch counts as committed only when every statement of both flights was
+//! answered without an error, COMMIT included (`try_join5` fails on the first error, and the
+//! answers arrive in the order sent): then the COMMIT ran in a live transaction and committed.
+//! (`a_batch_whose_seqs_moved_is_rolled_back_and_retried` in `tests/storage_postgres.rs` shows
+//! it: with the check's error ignored, a rolled-back batch is acked.) The other way round, an
+//! error seen by the client alone after the COMMIT was sent can leave a committed batch
+//! unacknowledged, like a lost ack: its retry finds the stored message by its idempotency key.
+//!
+//! The seqs of the new rows are computed from the `last_seq` the locks read, before the
+//! allocation runs. The row locks make them right; `SEND_CHECK_SEQS`, the last statement before
+//! COMMIT, proves it inside the transaction (a channel whose `last_seq` is not the expected one
+//! makes it fail, which aborts the transaction), and such a batch is retried like a serialization
+//! failure.
+//!
+//! Since BEGIN is not awaited through a `tokio_postgres::Transaction`, nothing rolls the
+//! transaction back on drop: after a failure the writer sends ROLLBACK and waits for it, and a
+//! connection whose transaction may still be open (that ROLLBACK failed, or the batch was
+//! cancelled) is taken out of the pool and closed (`SendTx`), so no pooled connection is ever
+//! handed out inside a transaction.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -26,7 +64,8 @@ use async_trait::async_trait;
 use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
-use futures::future::{try_join, try_join3};
+use futures::TryFutureExt;
+use futures::future::{try_join, try_join4, try_join5};
 use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{
     Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
@@ -1057,10 +1096,17 @@ const LOCK_CHANNELS: &str = "SELECT id, tenant_id, last_seq FROM channels \
 const SEND_MEMBERS: &str = "SELECT m.channel_id, m.user_id, m.tenant_id FROM members m \
      JOIN unnest($1::TEXT[], $2::TEXT[]) AS k(channel_id, user_id) \
        ON m.channel_id = k.channel_id AND m.user_id = k.user_id";
-/// Send path: allocates `$2[i]` seqs in channel `$1[i]`; the new last_seq of each channel.
+/// Send path: allocates `$2[i]` seqs in channel `$1[i]`.
 const ALLOCATE_SEQS_MANY: &str = "UPDATE channels c SET last_seq = c.last_seq + k.n, msg_count = c.msg_count + k.n \
-     FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, n) WHERE c.id = k.id \
-     RETURNING c.id, c.last_seq";
+     FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, n) WHERE c.id = k.id";
+/// Send path, last before COMMIT: fails unless each channel `$1[i]` exists with last_seq `$2[i]`
+/// (the last seq the batch's rows took in it). No PL/pgSQL to raise an error with: the mismatch
+/// casts a text to BIGINT, an error (SQLSTATE 22P02) that aborts the transaction and names the
+/// channel. The text is built from a column, so it is never folded into a constant (and raised)
+/// while the statement is planned.
+const SEND_CHECK_SEQS: &str = "SELECT CASE WHEN c.last_seq = k.last_seq THEN 0 \
+     ELSE ('parley: last_seq of channel ' || k.id || ' moved under the row lock')::BIGINT END \
+     FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, last_seq) LEFT JOIN channels c ON c.id = k.id";
 /// Send path: messages already stored under the batch's (sender_id, client_msg_id) keys.
 ///
 /// One lookup of the idempotency index per key (the `LIMIT 1` keeps the lateral subquery from
@@ -1245,14 +1291,17 @@ async fn commit_with_retries(
     }
 }
 
-/// One transaction for the whole batch; the outcome of each job, in order.
+/// One transaction for the whole batch; the outcome of each job, in order. `Ok` only once the
+/// batch's COMMIT succeeded.
 async fn commit_batch(
     pool: &Pool,
     jobs: &[SendJob],
     check: KeyCheck,
 ) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
-    let mut client = pool.get().await.map_err(pool_err)?;
-    let tx = client.transaction().await?;
+    let mut tx = SendTx {
+        client: Some(pool.get().await.map_err(pool_err)?),
+        open: true,
+    };
     let now = now_ms();
     // Channels in id order: two nodes' batches lock their common channels in the same order.
     let mut groups: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
@@ -1262,16 +1311,25 @@ async fn commit_batch(
             .or_default()
             .push(i);
     }
-    let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
-    // All the channels' parts in one set of statements: a batch costs the same five statements
+    // All the channels' parts in one set of statements: a batch costs the same statements
     // whether it holds one channel or fifty.
     let groups: Vec<((&str, &str), Vec<usize>)> = groups.into_iter().collect();
-    for part in commit_groups(&tx, &groups, jobs, now, check).await? {
+    let parts = match commit_groups(tx.client()?, &groups, jobs, now, check).await {
+        Ok(parts) => {
+            tx.open = false; // committed
+            parts
+        }
+        Err(e) => {
+            tx.roll_back().await;
+            return Err(e);
+        }
+    };
+    let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
+    for part in parts {
         for (i, outcome) in part {
             outcomes[i] = Some(outcome);
         }
     }
-    tx.commit().await?;
     Ok(outcomes
         .into_iter()
         .map(|o| {
@@ -1280,10 +1338,57 @@ async fn commit_batch(
         .collect())
 }
 
-/// Writes the channels' parts of a batch: `groups` holds each channel (with its tenant), in id
-/// order, and the indexes into `jobs` of its sends. The outcomes come back per group.
+/// The connection of a send batch whose transaction [`commit_groups`] begins with a pipelined
+/// `BEGIN` (so there is no `Transaction` to roll it back when dropped). Until the transaction is
+/// known to be over, the connection must not go back to the pool as it is: [`SendTx::roll_back`]
+/// ends it, and a `SendTx` dropped while its transaction may still be open (a rollback that
+/// failed, a cancelled batch) takes its connection out of the pool, which closes it, and
+/// PostgreSQL rolls back the transaction of a closed connection.
+struct SendTx {
+    client: Option<deadpool_postgres::Object>,
+    /// The transaction may be open (or aborted and not yet ended).
+    open: bool,
+}
+
+impl SendTx {
+    fn client(&self) -> Result<&deadpool_postgres::ClientWrapper, TxError> {
+        self.client.as_deref().ok_or_else(|| {
+            TxError::Storage(StorageError::Internal(
+                "send batch without a connection".into(),
+            ))
+        })
+    }
+
+    /// Ends the transaction after a failure. A ROLLBACK queued behind a pipelined COMMIT (that
+    /// PostgreSQL ran as a rollback, or that did not run) only draws a warning.
+    async fn roll_back(&mut self) {
+        if let Ok(client) = self.client()
+            && client.batch_execute("ROLLBACK").await.is_ok()
+        {
+            self.open = false;
+        }
+    }
+}
+
+impl Drop for SendTx {
+    fn drop(&mut self) {
+        if self.open
+            && let Some(client) = self.client.take()
+        {
+            drop(deadpool_postgres::Object::take(client));
+        }
+    }
+}
+
+/// Writes the channels' parts of a batch in one transaction and commits it: `groups` holds each
+/// channel (with its tenant), in id order, and the indexes into `jobs` of its sends. The outcomes
+/// come back per group, once the COMMIT succeeded; on `Err` the transaction may still be open (the
+/// caller rolls it back).
+///
+/// Two round trips: `BEGIN` pipelined with the reads, then the writes pipelined with `COMMIT`
+/// (the module doc says why that is safe).
 async fn commit_groups(
-    tx: &Transaction<'_>,
+    client: &deadpool_postgres::ClientWrapper,
     groups: &[((&str, &str), Vec<usize>)],
     jobs: &[SendJob],
     now: i64,
@@ -1320,31 +1425,40 @@ async fn commit_groups(
         key_senders.push(u);
         key_ids.push(k);
     }
-    let (lock, members) = tokio::try_join!(
-        tx.prepare_cached(LOCK_CHANNELS),
-        tx.prepare_cached(SEND_MEMBERS),
+    // Prepared once per connection, before the transaction; cached afterwards (no round trip).
+    let (lock, members, allocate, insert, sender_counters, check_seqs) = tokio::try_join!(
+        client.prepare_cached(LOCK_CHANNELS),
+        client.prepare_cached(SEND_MEMBERS),
+        client.prepare_cached(ALLOCATE_SEQS_MANY),
+        client.prepare_cached(SEND_INSERT),
+        client.prepare_cached(SEND_SENDER_COUNTERS),
+        client.prepare_cached(SEND_CHECK_SEQS),
     )?;
-    // Pipelined, and executed in this order: the membership and key reads start after the locks
-    // are held, so they see every removal committed before this batch took the channels. The
-    // locks are taken in channel id order, so two nodes' batches never wait on each other in a
-    // cycle. An optimistic batch reads no keys: its INSERT proves them new (see `KeyCheck`).
+    // Round trip 1. Each request is sent when its future is first polled, and `try_join4` polls
+    // them in this order, so PostgreSQL runs BEGIN, then the reads inside the transaction: the
+    // membership and key reads start after the locks are held, so they see every removal
+    // committed before this batch took the channels. The locks are taken in channel id order,
+    // so two nodes' batches never wait on each other in a cycle. An optimistic batch reads no
+    // keys: its INSERT proves them new (see `KeyCheck`).
     let existing_read = async {
         if !careful {
             return Ok(Vec::new());
         }
-        tx.query_typed(
-            SEND_EXISTING,
-            &[
-                (&key_channels, Type::TEXT_ARRAY),
-                (&key_senders, Type::TEXT_ARRAY),
-                (&key_ids, Type::TEXT_ARRAY),
-            ],
-        )
-        .await
+        client
+            .query_typed(
+                SEND_EXISTING,
+                &[
+                    (&key_channels, Type::TEXT_ARRAY),
+                    (&key_senders, Type::TEXT_ARRAY),
+                    (&key_ids, Type::TEXT_ARRAY),
+                ],
+            )
+            .await
     };
-    let (locked_rows, member_rows, existing_rows) = try_join3(
-        tx.query(&lock, &[&channel_ids]),
-        tx.query(&members, &[&pair_channels, &pair_users]),
+    let ((), locked_rows, member_rows, existing_rows) = try_join4(
+        client.batch_execute("BEGIN"),
+        client.query(&lock, &[&channel_ids]),
+        client.query(&members, &[&pair_channels, &pair_users]),
         existing_read,
     )
     .await?;
@@ -1382,7 +1496,7 @@ async fn commit_groups(
     let mut plans = Vec::with_capacity(groups.len());
     let mut ins_channels: Vec<&str> = Vec::new();
     let mut seqs: Vec<i64> = Vec::new();
-    let mut allocations: Vec<(&str, i64)> = Vec::new();
+    let mut allocations: Vec<(&str, i64, i64)> = Vec::new();
     for ((channel_id, tenant), idxs) in groups {
         let last_seq = match locked.get(*channel_id) {
             Some((t, last_seq)) if t == tenant => *last_seq,
@@ -1401,7 +1515,10 @@ async fn commit_groups(
         let n = i64::try_from(plan.inserts.len())
             .map_err(|_| StorageError::Internal("batch too large".into()))?;
         if n > 0 {
-            allocations.push((channel_id, n));
+            let after = last_seq
+                .checked_add(n)
+                .ok_or_else(|| StorageError::Internal("seq overflow".into()))?;
+            allocations.push((channel_id, n, after));
             for k in 1..=n {
                 ins_channels.push(channel_id);
                 seqs.push(last_seq + k);
@@ -1409,49 +1526,73 @@ async fn commit_groups(
         }
         plans.push(Some((plan, last_seq)));
     }
-    if !allocations.is_empty() {
-        let inserts = plans
-            .iter()
-            .flatten()
-            .flat_map(|(plan, _)| plan.inserts.iter().map(|&i| &jobs[i]));
-        let mut ids = Vec::with_capacity(seqs.len());
-        let mut senders = Vec::with_capacity(seqs.len());
-        let mut client_ids = Vec::with_capacity(seqs.len());
-        let mut hashes = Vec::with_capacity(seqs.len());
-        let mut texts = Vec::with_capacity(seqs.len());
-        let mut metadata: Vec<Option<String>> = Vec::with_capacity(seqs.len());
-        for job in inserts {
-            ids.push(job.new.id.as_str());
-            senders.push(job.new.sender_id.as_str());
-            client_ids.push(job.new.client_msg_id.as_str());
-            hashes.push(job.hash.as_str());
-            texts.push(job.new.text.as_str());
-            metadata.push(job.new.metadata.as_ref().map(|v| v.to_string()));
-        }
-        let (alloc_channels, counts): (Vec<&str>, Vec<i64>) = allocations.iter().copied().unzip();
-        // Each sender's count of new messages per channel, for their unread counters.
-        let mut per_sender: Vec<(&str, &str)> = ins_channels
-            .iter()
-            .copied()
-            .zip(senders.iter().copied())
-            .collect();
-        per_sender.sort_unstable();
-        let (mut sc_channels, mut sc_users, mut sc_counts) = (Vec::new(), Vec::new(), Vec::new());
-        for pair in per_sender.chunk_by(|a, b| a == b) {
-            sc_channels.push(pair[0].0);
-            sc_users.push(pair[0].1);
-            sc_counts.push(pair.len() as i64);
-        }
-        let (allocate, insert, sender_counters) = tokio::try_join!(
-            tx.prepare_cached(ALLOCATE_SEQS_MANY),
-            tx.prepare_cached(SEND_INSERT),
-            tx.prepare_cached(SEND_SENDER_COUNTERS)
-        )?;
-        // The rows are locked, so the seqs are known before the allocation returns; pipelining
-        // the allocation with the insert saves a round trip, and the check below proves the guess.
-        let (allocated, _, _) = try_join3(
-            tx.query(&allocate, &[&alloc_channels, &counts]),
-            tx.execute(
+    // Every outcome is settled before the COMMIT is sent: once it is, nothing may fail the batch.
+    let mut out = Vec::with_capacity(groups.len());
+    let mut inserts: Vec<&SendJob> = Vec::with_capacity(seqs.len());
+    for (((channel_id, _), idxs), plan) in groups.iter().zip(plans) {
+        out.push(match plan {
+            Some((plan, last_seq)) => {
+                inserts.extend(plan.inserts.iter().map(|&i| &jobs[i]));
+                plan.outcomes(jobs, channel_id, last_seq, now)?
+            }
+            None => idxs
+                .iter()
+                .map(|&i| (i, Err(StorageError::NotAMember)))
+                .collect(),
+        });
+    }
+    if allocations.is_empty() {
+        // Nothing to write (non-members, stored keys): the reads' transaction ends.
+        client.batch_execute("COMMIT").await?;
+        return Ok(out);
+    }
+    let mut ids = Vec::with_capacity(seqs.len());
+    let mut senders = Vec::with_capacity(seqs.len());
+    let mut client_ids = Vec::with_capacity(seqs.len());
+    let mut hashes = Vec::with_capacity(seqs.len());
+    let mut texts = Vec::with_capacity(seqs.len());
+    let mut metadata: Vec<Option<String>> = Vec::with_capacity(seqs.len());
+    for job in inserts {
+        ids.push(job.new.id.as_str());
+        senders.push(job.new.sender_id.as_str());
+        client_ids.push(job.new.client_msg_id.as_str());
+        hashes.push(job.hash.as_str());
+        texts.push(job.new.text.as_str());
+        metadata.push(job.new.metadata.as_ref().map(|v| v.to_string()));
+    }
+    let mut alloc_channels = Vec::with_capacity(allocations.len());
+    let mut counts = Vec::with_capacity(allocations.len());
+    let mut expected = Vec::with_capacity(allocations.len());
+    for &(channel_id, n, after) in &allocations {
+        alloc_channels.push(channel_id);
+        counts.push(n);
+        expected.push(after);
+    }
+    // Each sender's count of new messages per channel, for their unread counters.
+    let mut per_sender: Vec<(&str, &str)> = ins_channels
+        .iter()
+        .copied()
+        .zip(senders.iter().copied())
+        .collect();
+    per_sender.sort_unstable();
+    let (mut sc_channels, mut sc_users, mut sc_counts) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in per_sender.chunk_by(|a, b| a == b) {
+        sc_channels.push(pair[0].0);
+        sc_users.push(pair[0].1);
+        sc_counts.push(pair.len() as i64);
+    }
+    // Round trip 2: the writes, the check of the seqs they assumed, and COMMIT, in this order.
+    // The rows are locked, so the seqs are known before the allocation runs; SEND_CHECK_SEQS
+    // proves it inside the transaction (a mismatch is an error, which aborts the transaction, and
+    // PostgreSQL then runs the COMMIT as a rollback). `Ok` only if all five were answered without
+    // an error: see the module doc.
+    let ((), (), (), (), ()) = try_join5(
+        client
+            .execute(&allocate, &[&alloc_channels, &counts])
+            .map_ok(drop)
+            .map_err(TxError::from),
+        client
+            .execute(
                 &insert,
                 &[
                     &ins_channels,
@@ -1464,35 +1605,34 @@ async fn commit_groups(
                     &metadata,
                     &now,
                 ],
-            ),
-            tx.execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts]),
-        )
-        .await?;
-        let mut new_last: HashMap<String, i64> = HashMap::with_capacity(allocated.len());
-        for row in &allocated {
-            new_last.insert(get(row, "id")?, get(row, "last_seq")?);
-        }
-        for (channel_id, n) in &allocations {
-            let before = locked.get(*channel_id).map_or(0, |(_, s)| *s);
-            let after = new_last.get(*channel_id).copied();
-            if after != Some(before + n) {
-                return Err(TxError::Retry(format!(
-                    "channel {channel_id}: last_seq moved from {before} to {after:?} under the row lock"
-                )));
-            }
-        }
-    }
-    let mut out = Vec::with_capacity(groups.len());
-    for (((channel_id, _), idxs), plan) in groups.iter().zip(plans) {
-        out.push(match plan {
-            Some((plan, last_seq)) => plan.outcomes(jobs, channel_id, last_seq, now)?,
-            None => idxs
-                .iter()
-                .map(|&i| (i, Err(StorageError::NotAMember)))
-                .collect(),
-        });
-    }
+            )
+            .map_ok(drop)
+            .map_err(TxError::from),
+        client
+            .execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])
+            .map_ok(drop)
+            .map_err(TxError::from),
+        client
+            .execute(&check_seqs, &[&alloc_channels, &expected])
+            .map_ok(drop)
+            .map_err(seq_check_err),
+        client.batch_execute("COMMIT").map_err(TxError::from),
+    )
+    .await?;
     Ok(out)
+}
+
+/// The error of [`SEND_CHECK_SEQS`]: its failed cast (a channel's last_seq is not the one the
+/// batch's seqs assumed) is a state that a new attempt resolves; anything else stays as it is.
+fn seq_check_err(e: tokio_postgres::Error) -> TxError {
+    if e.code() == Some(&SqlState::INVALID_TEXT_REPRESENTATION) {
+        let detail = e
+            .as_db_error()
+            .map_or_else(|| e.to_string(), |db| db.message().to_owned());
+        TxError::Retry(detail)
+    } else {
+        TxError::Db(e)
+    }
 }
 
 /// How one send of a batch is settled.
