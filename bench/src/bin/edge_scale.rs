@@ -14,7 +14,9 @@
 //! 1. open a quarter of the connections (each an authenticated WebSocket from 127.0.0.x to edge
 //!    `i mod edges`), then the rest: each edge's RSS growth between the two, per connection, is
 //!    the memory per idle connection without the edge's one-time costs;
-//! 2. subscribe every connection to its personal channel, its room and the fan-out channel;
+//! 2. subscribe every connection to the fan-out channel (which all share): the memory per idle
+//!    subscribed connection is the idle figure plus this step's growth per connection; then to
+//!    its personal channel and its room (three channels each);
 //! 3. `--fanouts` times: one message to the fan-out channel over REST; each generator stamps
 //!    every delivery with the wall clock (shared by the processes of one machine) and reports the
 //!    first, median, p99 and last, which the coordinator compares with the send's commit (its
@@ -556,11 +558,49 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         idle_rows.push((slope, whole));
     }
 
-    // 2. Subscribe.
+    // 2. Subscribe: first to the channel everyone shares, then to each one's own two.
     let t = Instant::now();
-    let a = all(&mut generators, "subscribe").await?;
+    let a = all(&mut generators, "subscribe shared").await?;
     println!(
-        "subscribed {} connections to 3 channels each in {:.1} s, {} failed{}",
+        "subscribed {} connections to the shared channel in {:.1} s, {} failed{}",
+        sum(&a, "subscribed"),
+        t.elapsed().as_secs_f64(),
+        sum(&a, "failed"),
+        first_error(&a)
+    );
+    tokio::time::sleep(settle).await;
+    let (core_shared, edges_shared) = servers.mem()?;
+    let heap_shared = servers
+        .edge_heaps(Some("subscribed to the shared channel"))
+        .await;
+    print_mem(
+        "idle, subscribed to one shared channel",
+        &core_shared,
+        &edges_shared,
+    );
+    let mut shared_rows = Vec::new();
+    for k in 0..edges {
+        let all_n = on_edge(k, n);
+        // The idle connection's growth (from a quarter to all, without one-time costs) plus
+        // what the subscription added per connection.
+        let over_idle =
+            (edges_shared[k].rss as f64 - edges_idle[k].rss as f64) / all_n.max(1) as f64;
+        let slope = idle_rows[k].0 + over_idle;
+        println!(
+            "  edge {k}: {slope:.0} B per idle subscribed connection ({over_idle:+.0} B over idle)"
+        );
+        if let (Some(idle), Some(sub)) = (heap_idle[k], heap_shared[k]) {
+            println!(
+                "  edge {k}: live heap {:+.0} B per connection over idle",
+                (sub as f64 - idle as f64) / all_n.max(1) as f64
+            );
+        }
+        shared_rows.push(slope);
+    }
+    let t = Instant::now();
+    let a = all(&mut generators, "subscribe own").await?;
+    println!(
+        "subscribed {} connections to their personal channel and room in {:.1} s, {} failed{}",
         sum(&a, "subscribed"),
         t.elapsed().as_secs_f64(),
         sum(&a, "failed"),
@@ -801,13 +841,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 
     println!();
     println!(
-        "SUMMARY edge_scale topology={:?} edges={edges} connections={opened}/{n} core_rss_before={} core_rss_subscribed={} idle_B_per_conn=[{}] subscribed_B_per_conn=[{}] fanout_commit_to_last_ms=[{}] {}",
+        "SUMMARY edge_scale topology={:?} edges={edges} connections={opened}/{n} core_rss_before={} core_rss_subscribed={} idle_B_per_conn=[{}] idle_subscribed_B_per_conn=[{}] subscribed_3_B_per_conn=[{}] fanout_commit_to_last_ms=[{}] {}",
         args.topology,
         mib(core0.rss),
         mib(core_sub.rss),
         idle_rows
             .iter()
             .map(|(s, _)| format!("{s:.0}"))
+            .collect::<Vec<_>>()
+            .join(","),
+        shared_rows
+            .iter()
+            .map(|s| format!("{s:.0}"))
             .collect::<Vec<_>>()
             .join(","),
         sub_rows
@@ -835,7 +880,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 #[derive(Clone)]
 enum Phase {
     Hold,
-    Subscribe,
+    /// Subscribe to the channel every connection is a member of (like `ws_memory`'s one
+    /// channel): the memory of an idle subscribed connection.
+    SubscribeShared,
+    /// Then to the connection's own channels: its personal channel and its room of ten.
+    SubscribeOwn,
     Mix(Arc<MixPlan>),
     Stop,
 }
@@ -854,6 +903,9 @@ struct MixPlan {
 struct Counters {
     opened: AtomicUsize,
     open_failed: AtomicUsize,
+    /// Connections subscribed to the shared channel.
+    subscribed_shared: AtomicUsize,
+    /// Connections subscribed to all three channels.
     subscribed: AtomicUsize,
     subscribe_failed: AtomicUsize,
     dropped: AtomicUsize,
@@ -938,13 +990,16 @@ async fn generator(args: GenArgs) -> anyhow::Result<()> {
                 json!({ "opened": load(&c.opened), "failed": load(&c.open_failed), "first_error": err(&shared) })
             }
             Some("subscribe") => {
-                let _ = phase_tx.send(Phase::Subscribe);
+                let (step, done) = match words.next() {
+                    Some("shared") => (Phase::SubscribeShared, &c.subscribed_shared),
+                    _ => (Phase::SubscribeOwn, &c.subscribed),
+                };
+                let _ = phase_tx.send(step);
                 wait_until(timeout, || {
-                    load(&c.subscribed) + load(&c.subscribe_failed) + load(&c.dropped)
-                        >= load(&c.opened)
+                    load(done) + load(&c.subscribe_failed) + load(&c.dropped) >= load(&c.opened)
                 })
                 .await;
-                json!({ "subscribed": load(&c.subscribed), "failed": load(&c.subscribe_failed) + load(&c.dropped), "first_error": err(&shared) })
+                json!({ "subscribed": load(done), "failed": load(&c.subscribe_failed) + load(&c.dropped), "first_error": err(&shared) })
             }
             Some("fanout") => {
                 let k: u32 = words.next().and_then(|w| w.parse().ok()).unwrap_or(0);
@@ -1121,9 +1176,14 @@ async fn connection(
                 let p = phase.borrow_and_update().clone();
                 match p {
                     Phase::Hold => {}
-                    Phase::Subscribe => {
+                    Phase::SubscribeShared | Phase::SubscribeOwn => {
                         sub_permit = shared.open_limit.clone().acquire_owned().await.ok();
-                        for (id, ch) in [("p", personal), ("r", room), ("a", everyone)] {
+                        let channels: &[(&str, &str)] = if matches!(p, Phase::SubscribeShared) {
+                            &[("a", everyone)]
+                        } else {
+                            &[("p", personal), ("r", room)]
+                        };
+                        for (id, ch) in channels {
                             let frame = json!({ "type": "subscribe", "id": id, "channel_id": ch });
                             if ws.feed(WsMessage::Text(frame.to_string().into())).await.is_err() {
                                 break;
@@ -1135,7 +1195,7 @@ async fn connection(
                             r.failed = true;
                             break;
                         }
-                        acks_missing = 3;
+                        acks_missing = channels.len() as u8;
                     }
                     Phase::Mix(mp) => mix = Some(mp),
                     Phase::Stop => break,
@@ -1193,7 +1253,11 @@ async fn connection(
                         acks_missing = acks_missing.saturating_sub(1);
                         if acks_missing == 0 {
                             drop(sub_permit.take());
-                            c.subscribed.fetch_add(1, Ordering::Relaxed);
+                            if id == "a" {
+                                c.subscribed_shared.fetch_add(1, Ordering::Relaxed);
+                            } else {
+                                c.subscribed.fetch_add(1, Ordering::Relaxed);
+                            }
                         }
                     }
                     ("ack", Some(id)) if id.starts_with('m') => {
