@@ -65,7 +65,7 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
 use futures::TryFutureExt;
-use futures::future::{try_join, try_join4, try_join5};
+use futures::future::{try_join, try_join3, try_join4, try_join5};
 use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{
     Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
@@ -1133,6 +1133,30 @@ const SEND_INSERT: &str = "INSERT INTO messages \
      SELECT t.channel_id, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $9::BIGINT \
      FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
        AS t(channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata)";
+/// Fast send path ([`commit_fast`]): the batch's messages with the seqs the writer remembered,
+/// each only if its sender (`$4[i]`) is a member of channel `$1[i]` in tenant `$9[i]`. The
+/// `EXISTS` reads the membership with this statement's own snapshot, taken after the channel
+/// locks were granted (the statements of one connection run in order, and in READ COMMITTED
+/// each takes a fresh snapshot): it sees every removal committed before the batch took the
+/// channel, the same rule as [`SEND_MEMBERS`]. A non-member's row is left out, which
+/// [`FAST_CHECK`] turns into an error.
+const FAST_INSERT: &str = "INSERT INTO messages \
+     (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, created_at) \
+     SELECT t.channel_id, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $10::BIGINT \
+     FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[]) \
+       AS t(channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, tenant_id) \
+     WHERE EXISTS (SELECT 1 FROM members m \
+       WHERE m.channel_id = t.channel_id AND m.user_id = t.sender_id AND m.tenant_id = t.tenant_id)";
+/// Fast send path, last before COMMIT: fails (the cast error of [`SEND_CHECK_SEQS`]) unless each
+/// channel `$1[i]` exists in tenant `$2[i]` with last_seq `$3[i]` (the remembered last_seq plus
+/// the batch's `$4[i]` messages) and holds a message at each of those `$4[i]` seqs, i.e. every
+/// row of [`FAST_INSERT`] was written. The count reads the primary key, `$4[i]` entries.
+const FAST_CHECK: &str = "SELECT CASE WHEN c.last_seq = k.last_seq AND c.tenant_id = k.tenant_id \
+       AND (SELECT COUNT(*) FROM messages m WHERE m.channel_id = k.id \
+         AND m.seq > k.last_seq - k.n AND m.seq <= k.last_seq) = k.n THEN 0 \
+     ELSE ('parley: channel ' || k.id || ' is not as the fast send path assumed')::BIGINT END \
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS k(id, tenant_id, last_seq, n) \
+     LEFT JOIN channels c ON c.id = k.id";
 
 /// Newest messages with seq < $2, newest first.
 const PAGE_BEFORE: &str = "SELECT seq, id, sender_id, client_msg_id, text, metadata, created_at, edited_at, \
@@ -1215,22 +1239,95 @@ impl KeyCheckState {
     }
 }
 
+/// Channels whose last_seq a writer remembers for the fast path; past it, it forgets them all.
+const REMEMBERED_CHANNELS: usize = 16_384;
+
+/// What one writer remembers of the channels it committed to: each channel's tenant and its
+/// last_seq at that COMMIT (see the module doc, "One round trip for the common batch"). Only a
+/// guess: [`FAST_CHECK`] proves it inside the transaction that relies on it.
+#[derive(Debug, Default)]
+struct Remembered {
+    channels: HashMap<String, (String, i64)>,
+}
+
+impl Remembered {
+    /// The remembered last_seq of `channel_id` in `tenant`.
+    fn last_seq(&self, channel_id: &str, tenant: &str) -> Option<i64> {
+        match self.channels.get(channel_id) {
+            Some((t, last_seq)) if t == tenant => Some(*last_seq),
+            _ => None,
+        }
+    }
+
+    fn remember(&mut self, channel_id: &str, tenant: &str, last_seq: i64) {
+        if let Some(entry) = self.channels.get_mut(channel_id)
+            && entry.0 == tenant
+        {
+            entry.1 = last_seq;
+            return;
+        }
+        if self.channels.len() >= REMEMBERED_CHANNELS {
+            self.channels.clear();
+        }
+        self.channels
+            .insert(channel_id.to_owned(), (tenant.to_owned(), last_seq));
+    }
+
+    fn forget(&mut self, channel_id: &str) {
+        self.channels.remove(channel_id);
+    }
+}
+
 /// A send writer: commits everything queued, batch after batch, until every sender is gone.
 async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut keys = KeyCheckState::default();
+    let mut remembered = Remembered::default();
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (started, size) = (std::time::Instant::now(), jobs.len());
-        run_batch(&pool, &mut jobs, &mut keys).await;
+        run_batch(&pool, &mut jobs, &mut keys, &mut remembered).await;
         crate::metrics::storage_batch("postgres", size, started.elapsed());
     }
 }
 
-/// Commits `jobs` (draining it) and answers every caller.
-async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>, keys: &mut KeyCheckState) {
+/// Commits `jobs` (draining it) and answers every caller: in one round trip when the fast path
+/// applies and succeeds, otherwise through the two-round-trip path, which decides every send.
+async fn run_batch(
+    pool: &Pool,
+    jobs: &mut Vec<SendJob>,
+    keys: &mut KeyCheckState,
+    remembered: &mut Remembered,
+) {
+    if let Some(groups) = fast_groups(jobs, keys, remembered) {
+        match commit_fast(pool, jobs, &groups).await {
+            Ok(outcomes) => {
+                for ((channel_id, tenant), idxs, last_seq) in &groups {
+                    remembered.remember(channel_id, tenant, last_seq + idxs.len() as i64);
+                }
+                for (job, outcome) in jobs.drain(..).zip(outcomes) {
+                    let _ = job.reply.send(outcome); // the caller may have gone; the send stands
+                }
+                return;
+            }
+            Err(e) => {
+                if e.is_unique_violation() {
+                    // A retried key: the slow path's optimistic attempt would meet it again.
+                    keys.found_stored_key();
+                }
+                tracing::debug!(error = %e.into_storage(), "fast send batch rolled back; taking the two-round-trip path");
+            }
+        }
+    }
+    // The slow path decides; what it read under the locks is remembered again once it commits.
+    for job in jobs.iter() {
+        remembered.forget(&job.new.channel_id);
+    }
     let failure = match commit_with_retries(pool, jobs, keys).await {
-        Ok(outcomes) => {
-            for (job, outcome) in jobs.drain(..).zip(outcomes) {
+        Ok(committed) => {
+            for (channel_id, tenant, last_seq) in &committed.last_seqs {
+                remembered.remember(channel_id, tenant, *last_seq);
+            }
+            for (job, outcome) in jobs.drain(..).zip(committed.outcomes) {
                 let _ = job.reply.send(outcome); // the caller may have gone; the send stands
             }
             return;
@@ -1253,11 +1350,16 @@ async fn run_batch(pool: &Pool, jobs: &mut Vec<SendJob>, keys: &mut KeyCheckStat
     tracing::warn!(error = %failure, sends = jobs.len(), "postgres send batch failed; committing its sends one by one");
     for job in jobs.drain(..) {
         let outcome = match commit_with_retries(pool, std::slice::from_ref(&job), keys).await {
-            Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| {
-                Err(StorageError::Internal(
-                    "send batch of one without an outcome".into(),
-                ))
-            }),
+            Ok(mut committed) => {
+                for (channel_id, tenant, last_seq) in &committed.last_seqs {
+                    remembered.remember(channel_id, tenant, *last_seq);
+                }
+                committed.outcomes.pop().unwrap_or_else(|| {
+                    Err(StorageError::Internal(
+                        "send batch of one without an outcome".into(),
+                    ))
+                })
+            }
             Err(e) => Err(e.into_storage()),
         };
         let _ = job.reply.send(outcome);
@@ -1271,7 +1373,7 @@ async fn commit_with_retries(
     pool: &Pool,
     jobs: &[SendJob],
     keys: &mut KeyCheckState,
-) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+) -> Result<Committed, TxError> {
     let mut attempt = 0;
     let mut check = keys.next();
     loop {
@@ -1291,13 +1393,23 @@ async fn commit_with_retries(
     }
 }
 
+/// What a committed send batch answers: the outcome of each job, in order, and the last_seq of
+/// each of its channels (with its tenant) at the COMMIT, for the fast path ([`Remembered`]).
+struct Committed {
+    outcomes: Vec<StorageResult<SendOutcome>>,
+    last_seqs: Vec<LastSeq>,
+}
+
+/// A channel's id, tenant and last_seq as a committed batch left them.
+type LastSeq = (String, String, i64);
+
 /// One transaction for the whole batch; the outcome of each job, in order. `Ok` only once the
 /// batch's COMMIT succeeded.
 async fn commit_batch(
     pool: &Pool,
     jobs: &[SendJob],
     check: KeyCheck,
-) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+) -> Result<Committed, TxError> {
     let mut tx = SendTx {
         client: Some(pool.get().await.map_err(pool_err)?),
         open: true,
@@ -1314,10 +1426,10 @@ async fn commit_batch(
     // All the channels' parts in one set of statements: a batch costs the same statements
     // whether it holds one channel or fifty.
     let groups: Vec<((&str, &str), Vec<usize>)> = groups.into_iter().collect();
-    let parts = match commit_groups(tx.client()?, &groups, jobs, now, check).await {
-        Ok(parts) => {
+    let (parts, last_seqs) = match commit_groups(tx.client()?, &groups, jobs, now, check).await {
+        Ok(committed) => {
             tx.open = false; // committed
-            parts
+            committed
         }
         Err(e) => {
             tx.roll_back().await;
@@ -1330,12 +1442,16 @@ async fn commit_batch(
             outcomes[i] = Some(outcome);
         }
     }
-    Ok(outcomes
+    let outcomes = outcomes
         .into_iter()
         .map(|o| {
             o.unwrap_or_else(|| Err(StorageError::Internal("send left out of its batch".into())))
         })
-        .collect())
+        .collect();
+    Ok(Committed {
+        outcomes,
+        last_seqs,
+    })
 }
 
 /// The connection of a send batch whose transaction [`commit_groups`] begins with a pipelined
@@ -1382,8 +1498,8 @@ impl Drop for SendTx {
 
 /// Writes the channels' parts of a batch in one transaction and commits it: `groups` holds each
 /// channel (with its tenant), in id order, and the indexes into `jobs` of its sends. The outcomes
-/// come back per group, once the COMMIT succeeded; on `Err` the transaction may still be open (the
-/// caller rolls it back).
+/// come back per group, once the COMMIT succeeded, with the last_seq of each channel at the
+/// COMMIT; on `Err` the transaction may still be open (the caller rolls it back).
 ///
 /// Two round trips: `BEGIN` pipelined with the reads, then the writes pipelined with `COMMIT`
 /// (the module doc says why that is safe).
@@ -1393,7 +1509,7 @@ async fn commit_groups(
     jobs: &[SendJob],
     now: i64,
     check: KeyCheck,
-) -> Result<Vec<Vec<(usize, StorageResult<SendOutcome>)>>, TxError> {
+) -> Result<(Vec<Vec<(usize, StorageResult<SendOutcome>)>>, Vec<LastSeq>), TxError> {
     let channel_ids: Vec<&str> = groups.iter().map(|((c, _), _)| *c).collect();
     // Membership pairs and (when careful) idempotency keys of the whole batch, each once.
     let careful = check == KeyCheck::Careful;
@@ -1526,6 +1642,17 @@ async fn commit_groups(
         }
         plans.push(Some((plan, last_seq)));
     }
+    // The channels' last_seqs once the batch commits: the locks hold them until then.
+    let allocated: HashMap<&str, i64> = allocations.iter().map(|&(c, n, _)| (c, n)).collect();
+    let mut last_seqs: Vec<LastSeq> = Vec::with_capacity(groups.len());
+    for ((channel_id, tenant), _) in groups {
+        if let Some((t, last_seq)) = locked.get(*channel_id)
+            && t == tenant
+        {
+            let n = allocated.get(*channel_id).copied().unwrap_or(0);
+            last_seqs.push(((*channel_id).to_owned(), t.clone(), last_seq + n));
+        }
+    }
     // Every outcome is settled before the COMMIT is sent: once it is, nothing may fail the batch.
     let mut out = Vec::with_capacity(groups.len());
     let mut inserts: Vec<&SendJob> = Vec::with_capacity(seqs.len());
@@ -1544,7 +1671,7 @@ async fn commit_groups(
     if allocations.is_empty() {
         // Nothing to write (non-members, stored keys): the reads' transaction ends.
         client.batch_execute("COMMIT").await?;
-        return Ok(out);
+        return Ok((out, last_seqs));
     }
     let mut ids = Vec::with_capacity(seqs.len());
     let mut senders = Vec::with_capacity(seqs.len());
@@ -1619,7 +1746,204 @@ async fn commit_groups(
         client.batch_execute("COMMIT").map_err(TxError::from),
     )
     .await?;
-    Ok(out)
+    Ok((out, last_seqs))
+}
+
+/// A channel of a fast batch: (id, tenant), the indexes into the jobs of its sends, and the
+/// remembered last_seq its new rows follow.
+type FastGroup<'a> = ((&'a str, &'a str), Vec<usize>, i64);
+
+/// The batch's channels, in id order, if the fast path may try it: the writer is optimistic
+/// about keys (not careful after a stored key), it remembers every channel of the batch in the
+/// send's tenant, and no two sends of the batch share a channel and idempotency key.
+fn fast_groups<'a>(
+    jobs: &'a [SendJob],
+    keys: &KeyCheckState,
+    remembered: &Remembered,
+) -> Option<Vec<FastGroup<'a>>> {
+    if keys.careful_left > 0 || jobs.is_empty() {
+        return None;
+    }
+    let mut groups: BTreeMap<(&str, &str), (Vec<usize>, i64)> = BTreeMap::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let (channel_id, tenant) = (job.new.channel_id.as_str(), job.new.tenant_id.as_str());
+        match groups.entry((channel_id, tenant)) {
+            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().0.push(i),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                e.insert((vec![i], remembered.last_seq(channel_id, tenant)?));
+            }
+        }
+    }
+    if jobs.len() > 1 {
+        let mut seen = HashSet::with_capacity(jobs.len());
+        for job in jobs {
+            let new = &job.new;
+            if !seen.insert((&new.channel_id, &new.sender_id, &new.client_msg_id)) {
+                return None;
+            }
+        }
+    }
+    Some(
+        groups
+            .into_iter()
+            .map(|(key, (idxs, last_seq))| (key, idxs, last_seq))
+            .collect(),
+    )
+}
+
+/// The fast path: the whole batch in ONE round trip, every send inserted with the seqs that
+/// follow the remembered last_seq of its channel. `Ok` (each job's outcome, in order) only once
+/// the COMMIT succeeded; any error (a non-member, a stored key, a last_seq that moved) rolls the
+/// transaction back, and the caller runs the batch through the two-round-trip path.
+async fn commit_fast(
+    pool: &Pool,
+    jobs: &[SendJob],
+    groups: &[FastGroup<'_>],
+) -> Result<Vec<StorageResult<SendOutcome>>, TxError> {
+    let mut tx = SendTx {
+        client: Some(pool.get().await.map_err(pool_err)?),
+        open: true,
+    };
+    let now = now_ms();
+    let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
+    let (mut channel_ids, mut tenants, mut counts, mut expected) = (
+        Vec::with_capacity(groups.len()),
+        Vec::with_capacity(groups.len()),
+        Vec::with_capacity(groups.len()),
+        Vec::with_capacity(groups.len()),
+    );
+    let total = jobs.len();
+    let (mut ins_channels, mut ins_tenants, mut seqs) = (
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+    );
+    let (mut ids, mut senders, mut client_ids, mut hashes, mut texts) = (
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+        Vec::with_capacity(total),
+    );
+    let mut metadata: Vec<Option<String>> = Vec::with_capacity(total);
+    let mut per_sender: Vec<(&str, &str)> = Vec::with_capacity(total);
+    for ((channel_id, tenant), idxs, last_seq) in groups {
+        let n = i64::try_from(idxs.len())
+            .map_err(|_| StorageError::Internal("batch too large".into()))?;
+        let after = last_seq
+            .checked_add(n)
+            .ok_or_else(|| StorageError::Internal("seq overflow".into()))?;
+        channel_ids.push(*channel_id);
+        tenants.push(*tenant);
+        counts.push(n);
+        expected.push(after);
+        for (k, &i) in (1..).zip(idxs) {
+            let new = &jobs[i].new;
+            ins_channels.push(*channel_id);
+            ins_tenants.push(*tenant);
+            seqs.push(last_seq + k);
+            ids.push(new.id.as_str());
+            senders.push(new.sender_id.as_str());
+            client_ids.push(new.client_msg_id.as_str());
+            hashes.push(jobs[i].hash.as_str());
+            texts.push(new.text.as_str());
+            metadata.push(new.metadata.as_ref().map(|v| v.to_string()));
+            per_sender.push((*channel_id, new.sender_id.as_str()));
+        }
+        // Settled before the COMMIT is sent, like the slow path: every send inserts.
+        let plan = GroupPlan {
+            settles: idxs.iter().enumerate().map(|(k, &i)| (i, Settle::Insert(k))).collect(),
+            inserts: idxs.clone(),
+        };
+        for (i, outcome) in plan.outcomes(jobs, channel_id, *last_seq, now)? {
+            outcomes[i] = Some(outcome);
+        }
+    }
+    per_sender.sort_unstable();
+    let (mut sc_channels, mut sc_users, mut sc_counts) = (Vec::new(), Vec::new(), Vec::new());
+    for pair in per_sender.chunk_by(|a, b| a == b) {
+        sc_channels.push(pair[0].0);
+        sc_users.push(pair[0].1);
+        sc_counts.push(pair.len() as i64);
+    }
+    let result = async {
+        let client = tx.client()?;
+        // Prepared once per connection; cached afterwards (no round trip).
+        let (lock, allocate, insert, sender_counters, check) = tokio::try_join!(
+            client.prepare_cached(LOCK_CHANNELS),
+            client.prepare_cached(ALLOCATE_SEQS_MANY),
+            client.prepare_cached(FAST_INSERT),
+            client.prepare_cached(SEND_SENDER_COUNTERS),
+            client.prepare_cached(FAST_CHECK),
+        )?;
+        // The one round trip: each request is sent when its future is first polled, and the
+        // `try_join` combinators poll in order, so PostgreSQL runs them in this order. The locks
+        // first, in channel id order (two nodes' batches never wait on each other in a cycle);
+        // the INSERT's membership read after them; the check last before COMMIT. `Ok` only if
+        // every statement was answered without an error (see the module doc).
+        try_join(
+            try_join4(
+                client.batch_execute("BEGIN").map_err(TxError::from),
+                client
+                    .query(&lock, &[&channel_ids])
+                    .map_ok(drop)
+                    .map_err(TxError::from),
+                client
+                    .execute(&allocate, &[&channel_ids, &counts])
+                    .map_ok(drop)
+                    .map_err(TxError::from),
+                client
+                    .execute(
+                        &insert,
+                        &[
+                            &ins_channels,
+                            &seqs,
+                            &ids,
+                            &senders,
+                            &client_ids,
+                            &hashes,
+                            &texts,
+                            &metadata,
+                            &ins_tenants,
+                            &now,
+                        ],
+                    )
+                    .map_ok(drop)
+                    .map_err(TxError::from),
+            ),
+            try_join3(
+                client
+                    .execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])
+                    .map_ok(drop)
+                    .map_err(TxError::from),
+                client
+                    .execute(&check, &[&channel_ids, &tenants, &expected, &counts])
+                    .map_ok(drop)
+                    .map_err(seq_check_err),
+                client.batch_execute("COMMIT").map_err(TxError::from),
+            ),
+        )
+        .await
+        .map(drop)
+    }
+    .await;
+    match result {
+        Ok(()) => {
+            tx.open = false; // committed
+            Ok(outcomes
+                .into_iter()
+                .map(|o| {
+                    o.unwrap_or_else(|| {
+                        Err(StorageError::Internal("send left out of its batch".into()))
+                    })
+                })
+                .collect())
+        }
+        Err(e) => {
+            tx.roll_back().await;
+            Err(e)
+        }
+    }
 }
 
 /// The error of [`SEND_CHECK_SEQS`]: its failed cast (a channel's last_seq is not the one the
