@@ -676,3 +676,217 @@ async fn a_send_batch_that_fails_mid_transaction_leaves_its_connection_usable() 
     }
     assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
 }
+
+/// An admin connection to the test database, for changes the storage API would not make.
+async fn admin_client() -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
+    let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
+        .await
+        .expect("connect to the test database");
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    (client, connection)
+}
+
+/// The messages of a channel as (seq, client_msg_id), oldest first.
+async fn stored(s: &PostgresStorage, tenant: &str, channel_id: &str) -> Vec<(u64, String)> {
+    let mut page = s
+        .history(tenant, channel_id, HistoryAnchor::Latest, 100)
+        .await
+        .expect("history")
+        .messages;
+    page.sort_by_key(|m| m.seq);
+    page.into_iter().map(|m| (m.seq, m.client_msg_id)).collect()
+}
+
+async fn last_seq(s: &PostgresStorage, tenant: &str, channel_id: &str) -> u64 {
+    s.last_seqs(&[(tenant.to_owned(), channel_id.to_owned())])
+        .await
+        .expect("last_seqs")[0]
+        .1
+}
+
+/// The writer remembers a channel's last_seq after a commit and sends the next batch in one
+/// round trip, with its membership read inside the INSERT. A member removed in between (here by
+/// SQL, which moves no seq, so only the membership read can see it) is refused and nothing is
+/// stored, no seq spent. Fails without the INSERT's `EXISTS` (the send is stored) and without
+/// the check's row count (the send is acked with a seq and no row).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_removed_after_a_remembered_send_is_refused() {
+    let s = storage().await;
+    let tenant = format!("t-fast-rm-{}", ulid::Ulid::new());
+    let channel = format!("ch-fast-rm-{}", ulid::Ulid::new());
+    owned_channel(&s, &tenant, "alice", &channel).await;
+    s.add_member(&tenant, &channel, "bob", Role::Member, "alice")
+        .await
+        .expect("add bob");
+    for key in ["k1", "k2"] {
+        let sent = s
+            .send_message(message(&tenant, &channel, "bob", key))
+            .await
+            .expect("bob sends");
+        assert!(sent.created);
+    }
+    let before = last_seq(&s, &tenant, &channel).await;
+    let (admin, connection) = admin_client().await;
+    admin
+        .execute(
+            "DELETE FROM members WHERE channel_id = $1 AND user_id = 'bob'",
+            &[&channel],
+        )
+        .await
+        .expect("remove bob behind the storage's back");
+    match s
+        .send_message(message(&tenant, &channel, "bob", "k3"))
+        .await
+    {
+        Err(StorageError::NotAMember) => {}
+        other => panic!("a removed member's send must be refused: {other:?}"),
+    }
+    let keys: Vec<String> = stored(&s, &tenant, &channel)
+        .await
+        .into_iter()
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(keys, ["k1", "k2"], "nothing stored for the refused send");
+    assert_eq!(
+        last_seq(&s, &tenant, &channel).await,
+        before,
+        "no seq spent"
+    );
+
+    // Through the storage API too (the removal writes an event), and the owner still sends.
+    s.add_member(&tenant, &channel, "carol", Role::Member, "alice")
+        .await
+        .expect("add carol");
+    s.send_message(message(&tenant, &channel, "carol", "c1"))
+        .await
+        .expect("carol sends");
+    s.remove_member(&tenant, &channel, "carol", "alice")
+        .await
+        .expect("remove carol");
+    match s
+        .send_message(message(&tenant, &channel, "carol", "c2"))
+        .await
+    {
+        Err(StorageError::NotAMember) => {}
+        other => panic!("a removed member's send must be refused: {other:?}"),
+    }
+    let sent = s
+        .send_message(message(&tenant, &channel, "alice", "a1"))
+        .await
+        .expect("alice sends");
+    assert_eq!(sent.message.seq, last_seq(&s, &tenant, &channel).await);
+    drop(admin);
+    let _ = connection.await;
+}
+
+/// Seqs allocated outside the writer between two of its batches on a channel it remembers (a
+/// member event, and a send through another node's writers): the next send still takes the next
+/// seq, with no gap and no seq shared by a message and an event. Fails without the check's
+/// last_seq comparison (the send after the event takes the event's seq).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seqs_taken_by_another_path_do_not_fool_the_remembered_last_seq() {
+    let s = storage().await;
+    let other_node = storage().await;
+    let tenant = format!("t-fast-seq-{}", ulid::Ulid::new());
+    let channel = format!("ch-fast-seq-{}", ulid::Ulid::new());
+    owned_channel(&s, &tenant, "alice", &channel).await;
+    let mut seqs = Vec::new();
+    for key in ["k1", "k2"] {
+        let sent = s
+            .send_message(message(&tenant, &channel, "alice", key))
+            .await
+            .expect("send");
+        seqs.push(sent.message.seq);
+    }
+    let event = s
+        .add_member(&tenant, &channel, "bob", Role::Member, "alice")
+        .await
+        .expect("add bob")
+        .expect("member.added");
+    assert_eq!(event.seq, seqs[1] + 1);
+    let after_event = s
+        .send_message(message(&tenant, &channel, "alice", "k3"))
+        .await
+        .expect("send after the event");
+    assert_eq!(
+        after_event.message.seq,
+        event.seq + 1,
+        "the seq after the event"
+    );
+    let elsewhere = other_node
+        .send_message(message(&tenant, &channel, "bob", "b1"))
+        .await
+        .expect("send through another node");
+    assert_eq!(elsewhere.message.seq, after_event.message.seq + 1);
+    let after_other = s
+        .send_message(message(&tenant, &channel, "alice", "k4"))
+        .await
+        .expect("send after the other node's");
+    assert_eq!(after_other.message.seq, elsewhere.message.seq + 1);
+
+    // Every seq up to last_seq is taken exactly once, by a message or an event (the log merges
+    // both by seq).
+    let events = s
+        .events(&tenant, &channel, 0, None, 100)
+        .await
+        .expect("events");
+    let taken: Vec<u64> = events.iter().map(|e| e.seq).collect();
+    let last = last_seq(&s, &tenant, &channel).await;
+    assert_eq!(
+        taken,
+        (1..=last).collect::<Vec<u64>>(),
+        "gapless, each once"
+    );
+    assert_eq!(last, after_other.message.seq);
+}
+
+/// A retried client_msg_id on a channel the writer remembers: the one-round-trip INSERT meets the
+/// stored key, is rolled back, and the two-round-trip path answers the retry with the stored
+/// message (created false), a changed body with IdempotencyConflict; no row and no seq are
+/// added. Fails when the fast path's error is answered to the callers instead of falling back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_key_on_a_remembered_channel_returns_the_stored_message() {
+    let s = storage().await;
+    let tenant = format!("t-fast-key-{}", ulid::Ulid::new());
+    let channel = format!("ch-fast-key-{}", ulid::Ulid::new());
+    owned_channel(&s, &tenant, "alice", &channel).await;
+    let first = s
+        .send_message(message(&tenant, &channel, "alice", "k1"))
+        .await
+        .expect("first send");
+    let second = s
+        .send_message(message(&tenant, &channel, "alice", "k2"))
+        .await
+        .expect("second send");
+    assert_eq!(second.message.seq, first.message.seq + 1);
+    let last = last_seq(&s, &tenant, &channel).await;
+
+    let retry = s
+        .send_message(message(&tenant, &channel, "alice", "k2"))
+        .await
+        .expect("the retry is answered");
+    assert!(!retry.created, "a retry creates nothing");
+    assert_eq!(retry.message.id, second.message.id);
+    assert_eq!(retry.message.seq, second.message.seq);
+    let mut changed = message(&tenant, &channel, "alice", "k1");
+    changed.text = "another body".into();
+    match s.send_message(changed).await {
+        Err(StorageError::IdempotencyConflict) => {}
+        other => panic!("a changed body under a stored key conflicts: {other:?}"),
+    }
+    assert_eq!(last_seq(&s, &tenant, &channel).await, last, "no seq spent");
+    let next = s
+        .send_message(message(&tenant, &channel, "alice", "k3"))
+        .await
+        .expect("a new send");
+    assert!(next.created);
+    assert_eq!(next.message.seq, last + 1);
+    let keys: Vec<String> = stored(&s, &tenant, &channel)
+        .await
+        .into_iter()
+        .map(|(_, k)| k)
+        .collect();
+    assert_eq!(keys, ["k1", "k2", "k3"]);
+}

@@ -1852,7 +1852,11 @@ async fn commit_fast(
         }
         // Settled before the COMMIT is sent, like the slow path: every send inserts.
         let plan = GroupPlan {
-            settles: idxs.iter().enumerate().map(|(k, &i)| (i, Settle::Insert(k))).collect(),
+            settles: idxs
+                .iter()
+                .enumerate()
+                .map(|(k, &i)| (i, Settle::Insert(k)))
+                .collect(),
             inserts: idxs.clone(),
         };
         for (i, outcome) in plan.outcomes(jobs, channel_id, *last_seq, now)? {
