@@ -16,7 +16,8 @@
 //!
 //! Every seq is allocated by `UPDATE channels SET last_seq = last_seq + n` inside the transaction
 //! that inserts the event, after the channel row was locked and the writer's membership
-//! re-checked under that lock (see `schema.md`).
+//! re-checked under that lock (see `schema.md`). A send batch takes one round trip to PostgreSQL
+//! when its writer remembers its channels, two otherwise (the sections below).
 //!
 //! ## Two round trips per send batch
 //!
@@ -55,6 +56,33 @@
 //! connection whose transaction may still be open (that ROLLBACK failed, or the batch was
 //! cancelled) is taken out of the pool and closed (`SendTx`), so no pooled connection is ever
 //! handed out inside a transaction.
+//!
+//! ## One round trip for the common batch
+//!
+//! A writer is woken for every flight, and at a low rate a batch holds about one message, so the
+//! flights per batch are most of the writer thread's CPU. The channels of a node are split
+//! between its writers once and for all ([`writer_index`]), so a writer remembers, for each
+//! channel it committed to ([`Remembered`], bounded: forgotten all at once past
+//! [`REMEMBERED_CHANNELS`]), the tenant and the last_seq the COMMIT left. A batch whose every
+//! channel is remembered in its sends' tenant, sent while the writer is optimistic about keys,
+//! and without two sends of one channel under one idempotency key, is sent in ONE flight
+//! ([`commit_fast`]): `BEGIN`, the channel locks ([`LOCK_CHANNELS`], in id order, like the slow
+//! path: two nodes never deadlock), the seq allocation, an INSERT of every message with the seqs
+//! after the remembered last_seq that writes only the rows whose sender is a member
+//! ([`FAST_INSERT`]; its membership read runs after the locks are held, so it sees every removal
+//! committed before the batch took the channel), the senders' counters, [`FAST_CHECK`], and
+//! `COMMIT`. The check aborts the transaction unless each channel is in the expected tenant, its
+//! last_seq is the remembered one plus the batch's messages, and a message was written at each
+//! of those seqs: so a stale guess (seqs taken by member events, edits, calls, another node's
+//! writers), a removed member or a deleted channel never commits. A stored key fails the INSERT
+//! with a unique violation. Every send is acked as inserted once all the statements were
+//! answered without an error, by the rule of the previous section.
+//!
+//! On any error the fast attempt is rolled back (`SendTx`), the batch's channels are forgotten,
+//! and the batch runs through the two-round-trip path, which decides every send as it always
+//! did (not a member, a retry answered with its stored message, a conflict) and whose locked
+//! reads, once it commits, are remembered again. A channel is thus remembered only from a
+//! commit of its own writer, and a guess costs at most one rolled-back flight.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -1310,11 +1338,12 @@ async fn run_batch(
                 return;
             }
             Err(e) => {
-                if e.is_unique_violation() {
-                    // A retried key: the slow path's optimistic attempt would meet it again.
+                if e.is_unique_violation() && e.constraint() != Some("messages_pkey") {
+                    // A retried key: the slow path's optimistic attempt would meet it again. (A
+                    // seq another node's writer took is no reason to read keys.)
                     keys.found_stored_key();
                 }
-                tracing::debug!(error = %e.into_storage(), "fast send batch rolled back; taking the two-round-trip path");
+                tracing::debug!(error = %e.describe(), "fast send batch rolled back; taking the two-round-trip path");
             }
         }
     }
@@ -2371,6 +2400,25 @@ impl TxError {
             })
     }
 
+    /// The error as logged (a database error's own message: logs only, never to a client).
+    fn describe(&self) -> String {
+        match self {
+            TxError::Db(e) => e
+                .as_db_error()
+                .map_or_else(|| e.to_string(), |db| db.to_string()),
+            TxError::Storage(e) => e.to_string(),
+            TxError::Retry(msg) => msg.clone(),
+        }
+    }
+
+    /// The constraint an error names, if any.
+    fn constraint(&self) -> Option<&str> {
+        match self {
+            TxError::Db(e) => e.as_db_error().and_then(|db| db.constraint()),
+            _ => None,
+        }
+    }
+
     fn is_unique_violation(&self) -> bool {
         self.code() == Some(&SqlState::UNIQUE_VIOLATION)
     }
@@ -2691,5 +2739,49 @@ mod tests {
                 .all(|id| writer_index(id, WRITERS) == writer_index(id, WRITERS))
         );
         assert!(ids.iter().all(|id| writer_index(id, WRITERS) < WRITERS));
+    }
+
+    #[test]
+    fn the_fast_path_takes_only_batches_it_remembers_without_repeated_keys() {
+        let mut remembered = Remembered::default();
+        let mut keys = KeyCheckState::default();
+        let jobs = vec![job("alice", "k1", "a"), job("bob", "k1", "b")];
+        assert!(
+            fast_groups(&jobs, &keys, &remembered).is_none(),
+            "not remembered"
+        );
+        remembered.remember("c", "other-tenant", 4);
+        assert!(
+            fast_groups(&jobs, &keys, &remembered).is_none(),
+            "another tenant"
+        );
+        remembered.remember("c", "t", 4);
+        let groups = fast_groups(&jobs, &keys, &remembered).expect("eligible");
+        assert_eq!(groups, vec![(("c", "t"), vec![0, 1], 4)]);
+        let repeated = vec![job("alice", "k1", "a"), job("alice", "k1", "a")];
+        assert!(
+            fast_groups(&repeated, &keys, &remembered).is_none(),
+            "a key twice"
+        );
+        keys.found_stored_key();
+        assert!(fast_groups(&jobs, &keys, &remembered).is_none(), "careful");
+        remembered.forget("c");
+        keys.careful_left = 0;
+        assert!(
+            fast_groups(&jobs, &keys, &remembered).is_none(),
+            "forgotten"
+        );
+    }
+
+    #[test]
+    fn remembered_channels_are_bounded() {
+        let mut remembered = Remembered::default();
+        for i in 0..REMEMBERED_CHANNELS + 10 {
+            remembered.remember(&format!("c{i}"), "t", 1);
+        }
+        assert!(remembered.channels.len() <= REMEMBERED_CHANNELS);
+        remembered.remember("c0", "t", 1);
+        remembered.remember("c0", "t", 7);
+        assert_eq!(remembered.last_seq("c0", "t"), Some(7));
     }
 }
