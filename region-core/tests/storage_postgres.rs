@@ -890,3 +890,59 @@ async fn a_retried_key_on_a_remembered_channel_returns_the_stored_message() {
         .collect();
     assert_eq!(keys, ["k1", "k2", "k3"]);
 }
+
+/// Two nodes' writers sending to the same channels at once, each remembering the channels'
+/// last_seqs while the other moves them: every send is acked once with its own seq, the seqs of
+/// each channel are 1..=n without a gap, and each acked message is stored under its seq. Fails
+/// when a fast batch's failure (here mostly a seq the other node took) is answered to its
+/// callers instead of being decided again by the two-round-trip path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_nodes_sending_to_the_same_channels_keep_seqs_gapless() {
+    use futures::StreamExt;
+    const SENDS: usize = 240; // 80 per channel: one history page
+    let nodes = [storage().await, storage().await];
+    let tenant = format!("t-fast-2n-{}", ulid::Ulid::new());
+    let channels: Vec<String> = (0..3)
+        .map(|i| format!("ch-fast-2n-{i}-{}", ulid::Ulid::new()))
+        .collect();
+    for channel in &channels {
+        owned_channel(&nodes[0], &tenant, "alice", channel).await;
+    }
+    let acked: Vec<(String, u64, String)> = futures::stream::iter(0..SENDS)
+        .map(|i| {
+            let node = nodes[i % 2].clone();
+            let new = message(&tenant, &channels[i % 3], "alice", &format!("k{i}"));
+            async move {
+                let sent = node.send_message(new).await.expect("every send is acked");
+                assert!(sent.created);
+                (
+                    sent.message.channel_id,
+                    sent.message.seq,
+                    sent.message.client_msg_id,
+                )
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    for channel in &channels {
+        let mut mine: Vec<(u64, String)> = acked
+            .iter()
+            .filter(|(c, _, _)| c == channel)
+            .map(|(_, seq, key)| (*seq, key.clone()))
+            .collect();
+        mine.sort_unstable();
+        let last = last_seq(&nodes[0], &tenant, channel).await;
+        let seqs: Vec<u64> = mine.iter().map(|(seq, _)| *seq).collect();
+        assert_eq!(
+            seqs,
+            (1..=last).collect::<Vec<u64>>(),
+            "gapless and distinct"
+        );
+        assert_eq!(
+            stored(&nodes[1], &tenant, channel).await,
+            mine,
+            "acked = stored"
+        );
+    }
+}
