@@ -148,17 +148,7 @@ async fn a_bad_send_does_not_fail_its_batch() {
     let tenant = format!("tenant-{}", ulid::Ulid::new());
     let user = format!("user-{}", ulid::Ulid::new());
     let channel_id = format!("ch-{}", ulid::Ulid::new());
-    s.create_channel(NewChannel {
-        tenant_id: tenant.clone(),
-        id: channel_id.clone(),
-        kind: ChannelKind::Channel,
-        name: Some("batch".into()),
-        created_by: user.clone(),
-        members: vec![(user.clone(), Role::Owner)],
-        dm_key: None,
-    })
-    .await
-    .expect("create channel");
+    owned_channel(&s, &tenant, &user, &channel_id).await;
     let tasks: Vec<_> = (0..40)
         .map(|i| {
             let s = s.clone();
@@ -396,17 +386,7 @@ async fn send_throughput() {
     let mut channels = Vec::new();
     for _ in 0..CHANNELS {
         let id = format!("ch-{}", ulid::Ulid::new());
-        s.create_channel(NewChannel {
-            tenant_id: tenant.clone(),
-            id: id.clone(),
-            kind: ChannelKind::Channel,
-            name: Some("bench".into()),
-            created_by: user.clone(),
-            members: vec![(user.clone(), Role::Owner)],
-            dm_key: None,
-        })
-        .await
-        .expect("create channel");
+        owned_channel(&s, &tenant, &user, &id).await;
         channels.push(id);
     }
     let permits = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
@@ -558,43 +538,15 @@ async fn tls_with_a_wrong_ca_is_refused() {
 /// long as the lock is held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_over_the_timeout_fails_with_a_typed_error() {
-    use parley_core::storage::PostgresOptions;
     use std::time::Duration;
 
-    let s = PostgresStorage::connect_with(
-        &database_url(),
-        PostgresOptions {
-            pool_size: 2,
-            statement_timeout: Duration::from_millis(300),
-        },
-    )
-    .await
-    .expect("connect");
+    let s = storage_with_statement_timeout(Duration::from_millis(300)).await;
     let (tenant, user) = ("t-timeout", format!("user-{}", ulid::Ulid::new()));
     let channel_id = format!("ch-{}", ulid::Ulid::new());
-    s.create_channel(NewChannel {
-        tenant_id: tenant.into(),
-        id: channel_id.clone(),
-        kind: ChannelKind::Channel,
-        name: Some("locked".into()),
-        created_by: user.clone(),
-        members: vec![(user.clone(), Role::Owner)],
-        dm_key: None,
-    })
-    .await
-    .expect("create channel");
+    owned_channel(&s, tenant, &user, &channel_id).await;
 
-    let (mut admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .expect("admin connection");
-    let connection = tokio::spawn(connection);
-    let lock = admin.transaction().await.expect("begin");
-    lock.execute(
-        "SELECT 1 FROM channels WHERE id = $1 FOR UPDATE",
-        &[&channel_id],
-    )
-    .await
-    .expect("lock the channel row");
+    let (mut admin, connection) = admin_client().await;
+    let lock = lock_channel_row(&mut admin, &channel_id).await;
 
     let renamed = tokio::time::timeout(
         Duration::from_secs(10),
@@ -621,35 +573,17 @@ async fn a_statement_over_the_timeout_fails_with_a_typed_error() {
 /// commit (a connection left inside the aborted transaction would fail every later batch on it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_batch_that_fails_mid_transaction_leaves_its_connection_usable() {
-    use parley_core::storage::PostgresOptions;
     use std::time::Duration;
 
-    let s = PostgresStorage::connect_with(
-        &database_url(),
-        PostgresOptions {
-            pool_size: 2,
-            statement_timeout: Duration::from_millis(300),
-        },
-    )
-    .await
-    .expect("connect");
+    let s = storage_with_statement_timeout(Duration::from_millis(300)).await;
     let (tenant, user) = ("t-send-timeout", format!("user-{}", ulid::Ulid::new()));
     let channel_id = format!("ch-{}", ulid::Ulid::new());
     owned_channel(&s, tenant, &user, &channel_id).await;
 
-    let (mut admin, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
-        .await
-        .expect("admin connection");
-    let connection = tokio::spawn(connection);
+    let (mut admin, connection) = admin_client().await;
     // Both writer connections fail once: one send per writer connection would do, but which
     // connection a batch takes is the pool's choice, so several batches run into the lock.
-    let lock = admin.transaction().await.expect("begin");
-    lock.execute(
-        "SELECT 1 FROM channels WHERE id = $1 FOR UPDATE",
-        &[&channel_id],
-    )
-    .await
-    .expect("lock the channel row");
+    let lock = lock_channel_row(&mut admin, &channel_id).await;
     for i in 0..4 {
         let sent = tokio::time::timeout(
             Duration::from_secs(10),
@@ -686,6 +620,34 @@ async fn admin_client() -> (tokio_postgres::Client, tokio::task::JoinHandle<()>)
         let _ = connection.await;
     });
     (client, connection)
+}
+
+/// A storage on the test database whose statements time out after `timeout`.
+async fn storage_with_statement_timeout(timeout: std::time::Duration) -> PostgresStorage {
+    PostgresStorage::connect_with(
+        &database_url(),
+        parley_core::storage::PostgresOptions {
+            pool_size: 2,
+            statement_timeout: timeout,
+        },
+    )
+    .await
+    .expect("connect")
+}
+
+/// Takes the channel's row lock in a transaction of `admin`, held until it is rolled back.
+async fn lock_channel_row<'a>(
+    admin: &'a mut tokio_postgres::Client,
+    channel_id: &str,
+) -> tokio_postgres::Transaction<'a> {
+    let lock = admin.transaction().await.expect("begin");
+    lock.execute(
+        "SELECT 1 FROM channels WHERE id = $1 FOR UPDATE",
+        &[&channel_id],
+    )
+    .await
+    .expect("lock the channel row");
+    lock
 }
 
 /// The messages of a channel as (seq, client_msg_id), oldest first.

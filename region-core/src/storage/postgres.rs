@@ -1702,19 +1702,9 @@ async fn commit_groups(
         client.batch_execute("COMMIT").await?;
         return Ok((out, last_seqs));
     }
-    let mut ids = Vec::with_capacity(seqs.len());
-    let mut senders = Vec::with_capacity(seqs.len());
-    let mut client_ids = Vec::with_capacity(seqs.len());
-    let mut hashes = Vec::with_capacity(seqs.len());
-    let mut texts = Vec::with_capacity(seqs.len());
-    let mut metadata: Vec<Option<String>> = Vec::with_capacity(seqs.len());
-    for job in inserts {
-        ids.push(job.new.id.as_str());
-        senders.push(job.new.sender_id.as_str());
-        client_ids.push(job.new.client_msg_id.as_str());
-        hashes.push(job.hash.as_str());
-        texts.push(job.new.text.as_str());
-        metadata.push(job.new.metadata.as_ref().map(|v| v.to_string()));
+    let mut rows = NewRows::with_capacity(seqs.len());
+    for ((channel_id, seq), job) in ins_channels.iter().zip(&seqs).zip(inserts) {
+        rows.push(channel_id, *seq, job);
     }
     let mut alloc_channels = Vec::with_capacity(allocations.len());
     let mut counts = Vec::with_capacity(allocations.len());
@@ -1724,19 +1714,7 @@ async fn commit_groups(
         counts.push(n);
         expected.push(after);
     }
-    // Each sender's count of new messages per channel, for their unread counters.
-    let mut per_sender: Vec<(&str, &str)> = ins_channels
-        .iter()
-        .copied()
-        .zip(senders.iter().copied())
-        .collect();
-    per_sender.sort_unstable();
-    let (mut sc_channels, mut sc_users, mut sc_counts) = (Vec::new(), Vec::new(), Vec::new());
-    for pair in per_sender.chunk_by(|a, b| a == b) {
-        sc_channels.push(pair[0].0);
-        sc_users.push(pair[0].1);
-        sc_counts.push(pair.len() as i64);
-    }
+    let (sc_channels, sc_users, sc_counts) = rows.sender_counts();
     // Round trip 2: the writes, the check of the seqs they assumed, and COMMIT, in this order.
     // The rows are locked, so the seqs are known before the allocation runs; SEND_CHECK_SEQS
     // proves it inside the transaction (a mismatch is an error, which aborts the transaction, and
@@ -1751,14 +1729,14 @@ async fn commit_groups(
             .execute(
                 &insert,
                 &[
-                    &ins_channels,
-                    &seqs,
-                    &ids,
-                    &senders,
-                    &client_ids,
-                    &hashes,
-                    &texts,
-                    &metadata,
+                    &rows.channels,
+                    &rows.seqs,
+                    &rows.ids,
+                    &rows.senders,
+                    &rows.client_ids,
+                    &rows.hashes,
+                    &rows.texts,
+                    &rows.metadata,
                     &now,
                 ],
             )
@@ -1820,6 +1798,64 @@ fn fast_groups<'a>(
     )
 }
 
+/// A batch's new message rows, column by column: the INSERT's arrays (both send paths).
+struct NewRows<'a> {
+    channels: Vec<&'a str>,
+    seqs: Vec<i64>,
+    ids: Vec<&'a str>,
+    senders: Vec<&'a str>,
+    client_ids: Vec<&'a str>,
+    hashes: Vec<&'a str>,
+    texts: Vec<&'a str>,
+    metadata: Vec<Option<String>>,
+}
+
+impl<'a> NewRows<'a> {
+    fn with_capacity(n: usize) -> Self {
+        NewRows {
+            channels: Vec::with_capacity(n),
+            seqs: Vec::with_capacity(n),
+            ids: Vec::with_capacity(n),
+            senders: Vec::with_capacity(n),
+            client_ids: Vec::with_capacity(n),
+            hashes: Vec::with_capacity(n),
+            texts: Vec::with_capacity(n),
+            metadata: Vec::with_capacity(n),
+        }
+    }
+
+    fn push(&mut self, channel_id: &'a str, seq: i64, job: &'a SendJob) {
+        self.channels.push(channel_id);
+        self.seqs.push(seq);
+        self.ids.push(job.new.id.as_str());
+        self.senders.push(job.new.sender_id.as_str());
+        self.client_ids.push(job.new.client_msg_id.as_str());
+        self.hashes.push(job.hash.as_str());
+        self.texts.push(job.new.text.as_str());
+        self.metadata
+            .push(job.new.metadata.as_ref().map(|v| v.to_string()));
+    }
+
+    /// Each sender's count of new messages per channel, for their unread counters: channels,
+    /// users and counts, sorted by (channel, user).
+    fn sender_counts(&self) -> (Vec<&'a str>, Vec<&'a str>, Vec<i64>) {
+        let mut per_sender: Vec<(&str, &str)> = self
+            .channels
+            .iter()
+            .copied()
+            .zip(self.senders.iter().copied())
+            .collect();
+        per_sender.sort_unstable();
+        let (mut channels, mut users, mut counts) = (Vec::new(), Vec::new(), Vec::new());
+        for pair in per_sender.chunk_by(|a, b| a == b) {
+            channels.push(pair[0].0);
+            users.push(pair[0].1);
+            counts.push(pair.len() as i64);
+        }
+        (channels, users, counts)
+    }
+}
+
 /// The fast path: the whole batch in ONE round trip, every send inserted with the seqs that
 /// follow the remembered last_seq of its channel. `Ok` (each job's outcome, in order) only once
 /// the COMMIT succeeded; any error (a non-member, a stored key, a last_seq that moved) rolls the
@@ -1841,21 +1877,8 @@ async fn commit_fast(
         Vec::with_capacity(groups.len()),
         Vec::with_capacity(groups.len()),
     );
-    let total = jobs.len();
-    let (mut ins_channels, mut ins_tenants, mut seqs) = (
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-    );
-    let (mut ids, mut senders, mut client_ids, mut hashes, mut texts) = (
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-        Vec::with_capacity(total),
-    );
-    let mut metadata: Vec<Option<String>> = Vec::with_capacity(total);
-    let mut per_sender: Vec<(&str, &str)> = Vec::with_capacity(total);
+    let mut rows = NewRows::with_capacity(jobs.len());
+    let mut ins_tenants = Vec::with_capacity(jobs.len());
     for ((channel_id, tenant), idxs, last_seq) in groups {
         let n = i64::try_from(idxs.len())
             .map_err(|_| StorageError::Internal("batch too large".into()))?;
@@ -1867,17 +1890,8 @@ async fn commit_fast(
         counts.push(n);
         expected.push(after);
         for (k, &i) in (1..).zip(idxs) {
-            let new = &jobs[i].new;
-            ins_channels.push(*channel_id);
+            rows.push(channel_id, last_seq + k, &jobs[i]);
             ins_tenants.push(*tenant);
-            seqs.push(last_seq + k);
-            ids.push(new.id.as_str());
-            senders.push(new.sender_id.as_str());
-            client_ids.push(new.client_msg_id.as_str());
-            hashes.push(jobs[i].hash.as_str());
-            texts.push(new.text.as_str());
-            metadata.push(new.metadata.as_ref().map(|v| v.to_string()));
-            per_sender.push((*channel_id, new.sender_id.as_str()));
         }
         // Settled before the COMMIT is sent, like the slow path: every send inserts.
         let plan = GroupPlan {
@@ -1892,13 +1906,7 @@ async fn commit_fast(
             outcomes[i] = Some(outcome);
         }
     }
-    per_sender.sort_unstable();
-    let (mut sc_channels, mut sc_users, mut sc_counts) = (Vec::new(), Vec::new(), Vec::new());
-    for pair in per_sender.chunk_by(|a, b| a == b) {
-        sc_channels.push(pair[0].0);
-        sc_users.push(pair[0].1);
-        sc_counts.push(pair.len() as i64);
-    }
+    let (sc_channels, sc_users, sc_counts) = rows.sender_counts();
     let result = async {
         let client = tx.client()?;
         // Prepared once per connection; cached afterwards (no round trip).
@@ -1929,14 +1937,14 @@ async fn commit_fast(
                     .execute(
                         &insert,
                         &[
-                            &ins_channels,
-                            &seqs,
-                            &ids,
-                            &senders,
-                            &client_ids,
-                            &hashes,
-                            &texts,
-                            &metadata,
+                            &rows.channels,
+                            &rows.seqs,
+                            &rows.ids,
+                            &rows.senders,
+                            &rows.client_ids,
+                            &rows.hashes,
+                            &rows.texts,
+                            &rows.metadata,
                             &ins_tenants,
                             &now,
                         ],
