@@ -338,7 +338,7 @@ pub async fn build(
         edge.start_dispatcher(subscription);
     }
     spawn_forget_idle(budget.clone(), auth_failures.clone(), dev_tokens.clone());
-    let openapi = http::served_document(core.limits())
+    let openapi = http::served_document(core.limits(), max_ttl_secs)
         .to_json()
         .context("cannot render the OpenAPI document")?;
     let api = http::router(ApiState {

@@ -119,12 +119,15 @@ async fn absent_members_and_participants_are_not_found() {
     assert_eq!((res.status, res.code()), (404, "not_found"), "{}", res.body);
 }
 
-/// The document carries the constraints, with this server's text limit.
+/// The document carries the constraints, with this server's text limit and token lifetime.
 #[tokio::test]
 async fn the_document_states_the_constraints() {
     let server = ServerBuilder::new(Backend::Sqlite)
+        .dev_key()
         .arg("--max-text-chars")
         .arg("500")
+        .arg("--max-token-lifetime")
+        .arg("2h")
         .start();
     let doc: Value = reqwest::get(server.url("/v1/openapi.json"))
         .await
@@ -149,8 +152,20 @@ async fn the_document_states_the_constraints() {
     let ttl = &schemas["DevTokenRequest"]["properties"]["ttl_secs"];
     assert_eq!(
         (ttl["minimum"].clone(), ttl["maximum"].clone()),
-        (json!(60), json!(604800))
+        (json!(60), json!(7200)),
+        "this server's --max-token-lifetime: a longer ttl_secs is refused"
     );
+    // The server agrees with its document: the stated maximum is accepted, one more is not.
+    let http = reqwest::Client::new();
+    for (ttl, status) in [(7200, 200), (7201, 400)] {
+        let r = http
+            .post(server.url("/v1/dev/token"))
+            .json(&json!({ "user_id": "schema", "ttl_secs": ttl }))
+            .send()
+            .await
+            .expect("dev token");
+        assert_eq!(r.status().as_u16(), status, "ttl_secs {ttl}");
+    }
     let shapes = schemas["CreateChannel"]["oneOf"]
         .as_array()
         .expect("channel | dm");

@@ -535,7 +535,7 @@ pub struct DevTokenRequest {
         pattern = r"^[A-Za-z0-9_.:@|-]{1,128}$"
     )]
     pub tenant_id: Option<String>,
-    /// Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower).
+    /// Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower). The served document states that maximum (`--max-token-lifetime`).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",

@@ -23,8 +23,12 @@ use super::routes;
 pub struct ApiDoc;
 
 /// The document as this server serves it: [`ApiDoc`] with the limits of its configuration filled
-/// in (the longest message text, `--max-text-chars`).
-pub fn served_document(limits: &crate::DomainLimits) -> utoipa::openapi::OpenApi {
+/// in: the longest message text (`--max-text-chars`) and the longest development token
+/// (`--max-token-lifetime`, at least 60 s; `POST /v1/dev/token` refuses a longer `ttl_secs`).
+pub fn served_document(
+    limits: &crate::DomainLimits,
+    max_token_lifetime_secs: u64,
+) -> utoipa::openapi::OpenApi {
     use utoipa::openapi::RefOr;
     use utoipa::openapi::schema::Schema;
     let mut doc = ApiDoc::openapi();
@@ -35,6 +39,12 @@ pub fn served_document(limits: &crate::DomainLimits) -> utoipa::openapi::OpenApi
             {
                 text.max_length = Some(limits.max_text_chars);
             }
+        }
+        if let Some(RefOr::T(Schema::Object(object))) =
+            components.schemas.get_mut("DevTokenRequest")
+            && let Some(RefOr::T(Schema::Object(ttl))) = object.properties.get_mut("ttl_secs")
+        {
+            ttl.maximum = Some(max_token_lifetime_secs.max(60).into());
         }
     }
     doc
