@@ -508,7 +508,7 @@ export interface components {
             tenant_id?: string | null;
             /**
              * Format: int64
-             * @description Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower).
+             * @description Lifetime in seconds, from 60 to the maximum token lifetime of the server (default 86400, or that maximum when lower). The served document states that maximum (`--max-token-lifetime`).
              */
             ttl_secs?: number | null;
         };
