@@ -22,23 +22,12 @@ use serde_json::{Value, json};
 const MEDIA: Duration = Duration::from_secs(3);
 const WAIT: Duration = Duration::from_secs(10);
 
+/// Publishes audio and simulcast video, and receives `slots` mids of each kind.
 fn publisher(slots: usize) -> ClientConfig {
     ClientConfig {
-        audio: true,
-        video: true,
         recv_audio: slots,
         recv_video: slots,
-        audio_level: -40,
-    }
-}
-
-fn receiver(slots: usize) -> ClientConfig {
-    ClientConfig {
-        audio: false,
-        video: false,
-        recv_audio: slots,
-        recv_video: slots,
-        audio_level: -127,
+        ..ClientConfig::publisher(-40)
     }
 }
 
@@ -437,7 +426,7 @@ async fn one_publisher_reaches_eight_subscribers_through_the_binary() {
     }
     ms[0].connect_media(publisher(0)).await;
     for m in ms.iter_mut().skip(1) {
-        m.connect_media(receiver(1)).await;
+        m.connect_media(ClientConfig::receiver(1)).await;
     }
     ms[0].client().start_media();
     tokio::time::sleep(MEDIA).await;
@@ -541,7 +530,7 @@ async fn without_a_valid_credential_there_is_no_media() {
     ms[0].connect_media(publisher(0)).await;
     ms[0].client().start_media();
 
-    let stranger = Client::new("stranger", receiver(1)).await;
+    let stranger = Client::new("stranger", ClientConfig::receiver(1)).await;
     let offer = stranger.offer(0, 0).await.expect("offer");
     // No credential in a first offer.
     let r = ms[1]

@@ -1721,31 +1721,22 @@ async fn commit_groups(
     // PostgreSQL then runs the COMMIT as a rollback). `Ok` only if all five were answered without
     // an error: see the module doc.
     let ((), (), (), (), ()) = try_join5(
-        client
-            .execute(&allocate, &[&alloc_channels, &counts])
-            .map_ok(drop)
-            .map_err(TxError::from),
-        client
-            .execute(
-                &insert,
-                &[
-                    &rows.channels,
-                    &rows.seqs,
-                    &rows.ids,
-                    &rows.senders,
-                    &rows.client_ids,
-                    &rows.hashes,
-                    &rows.texts,
-                    &rows.metadata,
-                    &now,
-                ],
-            )
-            .map_ok(drop)
-            .map_err(TxError::from),
-        client
-            .execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])
-            .map_ok(drop)
-            .map_err(TxError::from),
+        answered(client.execute(&allocate, &[&alloc_channels, &counts])),
+        answered(client.execute(
+            &insert,
+            &[
+                &rows.channels,
+                &rows.seqs,
+                &rows.ids,
+                &rows.senders,
+                &rows.client_ids,
+                &rows.hashes,
+                &rows.texts,
+                &rows.metadata,
+                &now,
+            ],
+        )),
+        answered(client.execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])),
         client
             .execute(&check_seqs, &[&alloc_channels, &expected])
             .map_ok(drop)
@@ -1796,6 +1787,14 @@ fn fast_groups<'a>(
             .map(|(key, (idxs, last_seq))| (key, idxs, last_seq))
             .collect(),
     )
+}
+
+/// A pipelined statement of a send batch, for `try_join`: only whether it was answered without an
+/// error counts.
+async fn answered<T>(
+    statement: impl Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<(), TxError> {
+    statement.await.map(drop).map_err(TxError::from)
 }
 
 /// A batch's new message rows, column by column: the INSERT's arrays (both send paths).
@@ -1925,38 +1924,26 @@ async fn commit_fast(
         try_join(
             try_join4(
                 client.batch_execute("BEGIN").map_err(TxError::from),
-                client
-                    .query(&lock, &[&channel_ids])
-                    .map_ok(drop)
-                    .map_err(TxError::from),
-                client
-                    .execute(&allocate, &[&channel_ids, &counts])
-                    .map_ok(drop)
-                    .map_err(TxError::from),
-                client
-                    .execute(
-                        &insert,
-                        &[
-                            &rows.channels,
-                            &rows.seqs,
-                            &rows.ids,
-                            &rows.senders,
-                            &rows.client_ids,
-                            &rows.hashes,
-                            &rows.texts,
-                            &rows.metadata,
-                            &ins_tenants,
-                            &now,
-                        ],
-                    )
-                    .map_ok(drop)
-                    .map_err(TxError::from),
+                answered(client.query(&lock, &[&channel_ids])),
+                answered(client.execute(&allocate, &[&channel_ids, &counts])),
+                answered(client.execute(
+                    &insert,
+                    &[
+                        &rows.channels,
+                        &rows.seqs,
+                        &rows.ids,
+                        &rows.senders,
+                        &rows.client_ids,
+                        &rows.hashes,
+                        &rows.texts,
+                        &rows.metadata,
+                        &ins_tenants,
+                        &now,
+                    ],
+                )),
             ),
             try_join3(
-                client
-                    .execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])
-                    .map_ok(drop)
-                    .map_err(TxError::from),
+                answered(client.execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])),
                 client
                     .execute(&check, &[&channel_ids, &tenants, &expected, &counts])
                     .map_ok(drop)
