@@ -24,6 +24,11 @@ pub fn describe() {
         "Storage batches whose commit failed, by engine."
     );
     describe_counter!(
+        "parley_storage_fast_batches_total",
+        "PostgreSQL send batches sent in one message, by result: committed, or fell_back (rolled \
+         back and sent through the two-round-trip path)."
+    );
+    describe_counter!(
         "parley_bus_publish_failures_total",
         "Committed events the bus refused to publish (receivers fill the gap from storage), by bus."
     );
@@ -54,6 +59,13 @@ pub fn storage_batch(engine: &'static str, size: usize, elapsed: Duration) {
 /// A batch's commit failed.
 pub fn storage_batch_failed(engine: &'static str) {
     counter!("parley_storage_batch_failures_total", "engine" => engine).increment(1);
+}
+
+/// A PostgreSQL send batch went in one message (`committed`) or was rolled back and sent
+/// through the two-round-trip path.
+pub fn storage_fast_batch(committed: bool) {
+    let result = if committed { "committed" } else { "fell_back" };
+    counter!("parley_storage_fast_batches_total", "result" => result).increment(1);
 }
 
 /// An event was published on the bus (`ok`) or the bus refused it.

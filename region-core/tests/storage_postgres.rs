@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use parley_core::storage::{
-    HistoryAnchor, NewChannel, NewMessage, PostgresStorage, Storage, StorageError,
+    FastBatches, HistoryAnchor, NewChannel, NewMessage, PostgresStorage, Storage, StorageError,
 };
 use parley_proto::{ChannelKind, Role};
 
@@ -611,6 +611,148 @@ async fn a_send_batch_that_fails_mid_transaction_leaves_its_connection_usable() 
     assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
 }
 
+/// A remembered channel's batches go as SQL text, in one message, their values as escaped
+/// literals. Texts and metadata with quotes, backslashes, dollar quotes, SQL and non-ASCII come
+/// back byte for byte, and every one of those batches commits in that one message (none falls
+/// back). A text with a NUL, which SQL text cannot carry, skips that path: PostgreSQL refuses it
+/// through the parameterized path, as before. Fails when a literal is not escaped (the batch
+/// falls back, or stores another text) and when NUL texts are not kept off the path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn texts_sent_as_sql_literals_come_back_exact() {
+    let s = storage().await;
+    let tenant = format!("t-literal-{}", ulid::Ulid::new());
+    let channel = format!("ch-literal-{}", ulid::Ulid::new());
+    owned_channel(&s, &tenant, "alice", &channel).await;
+    s.send_message(message(&tenant, &channel, "alice", "first"))
+        .await
+        .expect("the first send, which makes the writer remember the channel");
+    let before = s.fast_batches();
+
+    let long = "'\\$$".repeat(2_000);
+    let texts = [
+        "it's",
+        r"back\slash \' \\ \n",
+        "'); DROP TABLE messages; --",
+        "$$ $tag$ dollar $tag$ $$",
+        "E'\\x41' U&'\\0041'",
+        "emoji \u{1f4ac} \u{2713} \u{2014} \u{fc}",
+        "tab\tnew\nline\r",
+        "\u{7f}\u{1b}[0m",
+        "",
+        long.as_str(),
+    ];
+    for (i, text) in texts.iter().enumerate() {
+        let mut new = message(&tenant, &channel, "alice", &format!("k{i}"));
+        new.text = (*text).to_owned();
+        new.metadata = Some(serde_json::json!({"quote": "'", "backslash": "\\", "text": text}));
+        let sent = s.send_message(new).await.expect("send");
+        assert!(sent.created);
+    }
+    let after = s.fast_batches();
+    assert_eq!(
+        (
+            after.committed - before.committed,
+            after.fell_back - before.fell_back
+        ),
+        (texts.len() as u64, 0),
+        "every batch committed in one message"
+    );
+    let mut page = s
+        .history(&tenant, &channel, HistoryAnchor::Latest, 100)
+        .await
+        .expect("history")
+        .messages;
+    page.sort_by_key(|m| m.seq);
+    let stored: Vec<(&str, serde_json::Value)> = page[1..]
+        .iter()
+        .map(|m| (m.text.as_str(), m.metadata.clone().unwrap_or_default()))
+        .collect();
+    let sent: Vec<(&str, serde_json::Value)> = texts
+        .iter()
+        .map(|t| {
+            (
+                *t,
+                serde_json::json!({"quote": "'", "backslash": "\\", "text": t}),
+            )
+        })
+        .collect();
+    assert_eq!(stored, sent);
+
+    let mut nul = message(&tenant, &channel, "alice", "nul");
+    nul.text = "a\0b".into();
+    assert!(
+        s.send_message(nul).await.is_err(),
+        "PostgreSQL cannot store a NUL"
+    );
+    assert_eq!(s.fast_batches(), after, "a NUL never goes as SQL text");
+    let keys: Vec<String> = stored_keys(&s, &tenant, &channel).await;
+    assert!(!keys.iter().any(|k| k == "nul"));
+}
+
+/// A writer connection made after the first (here: PostgreSQL terminated them all) prepares the
+/// one-message batch's statements before its first batch, so remembered channels keep
+/// committing in one message. Fails without the writer pool's `post_create` hook (every such
+/// batch falls back: the statements do not exist on the new connection).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_writer_connection_sends_in_one_message_again() {
+    let (db, admin, connection, s) = scratch_database("parley_reprepare").await;
+    owned_channel(&s, "t1", "alice", "ch1").await;
+    for key in ["k1", "k2"] {
+        s.send_message(message("t1", "ch1", "alice", key))
+            .await
+            .expect("send");
+    }
+    assert_eq!(s.fast_batches().committed, 1, "k2 went in one message");
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .expect("terminate the storage's connections");
+    // The first sends after it may meet a closed connection; one soon commits on a new one.
+    let mut recovered = false;
+    for i in 0..20 {
+        if s.send_message(message("t1", "ch1", "alice", &format!("r{i}")))
+            .await
+            .is_ok()
+        {
+            recovered = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(recovered, "a send commits on a new connection");
+    let before = s.fast_batches();
+    for key in ["n1", "n2", "n3"] {
+        s.send_message(message("t1", "ch1", "alice", key))
+            .await
+            .expect("send on the new connections");
+    }
+    let after = s.fast_batches();
+    assert_eq!(
+        (
+            after.committed - before.committed,
+            after.fell_back - before.fell_back
+        ),
+        (3, 0),
+        "the new connections run the prepared statements"
+    );
+    drop(s);
+    drop(admin);
+    let _ = connection.await;
+    drop_database(&db).await;
+}
+
+async fn stored_keys(s: &PostgresStorage, tenant: &str, channel_id: &str) -> Vec<String> {
+    stored(s, tenant, channel_id)
+        .await
+        .into_iter()
+        .map(|(_, k)| k)
+        .collect()
+}
+
 /// An admin connection to the test database, for changes the storage API would not make.
 async fn admin_client() -> (tokio_postgres::Client, tokio::task::JoinHandle<()>) {
     let (client, connection) = tokio_postgres::connect(&database_url(), tokio_postgres::NoTls)
@@ -705,11 +847,15 @@ async fn a_member_removed_after_a_remembered_send_is_refused() {
         Err(StorageError::NotAMember) => {}
         other => panic!("a removed member's send must be refused: {other:?}"),
     }
-    let keys: Vec<String> = stored(&s, &tenant, &channel)
-        .await
-        .into_iter()
-        .map(|(_, k)| k)
-        .collect();
+    assert_eq!(
+        s.fast_batches(),
+        FastBatches {
+            committed: 1,
+            fell_back: 1
+        },
+        "k2 went in one message; k3 was tried that way and fell back"
+    );
+    let keys = stored_keys(&s, &tenant, &channel).await;
     assert_eq!(keys, ["k1", "k2"], "nothing stored for the refused send");
     assert_eq!(
         last_seq(&s, &tenant, &channel).await,

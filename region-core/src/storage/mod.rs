@@ -18,7 +18,7 @@ pub mod conformance;
 pub mod postgres;
 pub mod sqlite;
 
-pub use postgres::{PostgresOptions, PostgresStorage};
+pub use postgres::{FastBatches, PostgresOptions, PostgresStorage};
 pub use sqlite::SqliteStorage;
 
 /// Unread counts stop at this number: a count of `UNREAD_COUNT_CAP` means "this many or more".

@@ -65,20 +65,34 @@
 //! channel it committed to ([`Remembered`], bounded: forgotten all at once past
 //! [`REMEMBERED_CHANNELS`]), the tenant and the last_seq the COMMIT left. A batch whose every
 //! channel is remembered in its sends' tenant, sent while the writer is optimistic about keys,
-//! and without two sends of one channel under one idempotency key, is sent in ONE flight
-//! ([`commit_fast`]): `BEGIN`, the channel locks ([`LOCK_CHANNELS`], in id order, like the slow
-//! path: two nodes never deadlock), the seq allocation, an INSERT of every message with the seqs
-//! after the remembered last_seq that writes only the rows whose sender is a member
-//! ([`FAST_INSERT`]; its membership read runs after the locks are held, so it sees every removal
-//! committed before the batch took the channel), the senders' counters, [`FAST_CHECK`], and
-//! `COMMIT`. The check aborts the transaction unless each channel is in the expected tenant, its
-//! last_seq is the remembered one plus the batch's messages, and a message was written at each
-//! of those seqs: so a stale guess (seqs taken by member events, edits, calls, another node's
-//! writers), a removed member or a deleted channel never commits. A stored key fails the INSERT
-//! with a unique violation. Every send is acked as inserted once all the statements were
-//! answered without an error, by the rule of the previous section.
+//! and without two sends of one channel under one idempotency key, is sent in ONE message
+//! ([`commit_fast`]): the channel locks ([`LOCK_CHANNELS`], in id order, like the slow path: two
+//! nodes never deadlock), the seq allocation, an INSERT of every message with the seqs after the
+//! remembered last_seq that writes only the rows whose sender is a member ([`FAST_INSERT`]; its
+//! membership read runs after the locks are held, so it sees every removal committed before the
+//! batch took the channel), the senders' counters, and [`FAST_CHECK`]. The check aborts the
+//! transaction unless each channel is in the expected tenant, its last_seq is the remembered one
+//! plus the batch's messages, and a message was written at each of those seqs: so a stale guess
+//! (seqs taken by member events, edits, calls, another node's writers), a removed member or a
+//! deleted channel never commits. A stored key fails the INSERT with a unique violation.
 //!
-//! On any error the fast attempt is rolled back (`SendTx`), the batch's channels are forgotten,
+//! That message is a simple query (`Client::simple_query`) of five `EXECUTE`s, not a pipeline of
+//! parameterized statements, for one reason: PostgreSQL answers each parameterized statement
+//! (each ends with its own Sync) in a write of its own, and every write woke the writer thread,
+//! about six times per batch; a simple query is answered in one write, and the thread wakes once
+//! (`perf stat`: 3.5 → 1 context switches per acked message; docs/benchmarks.md). PostgreSQL runs
+//! the statements of one simple query as one implicit transaction: an error anywhere rolls all
+//! of them back, and the commit is part of the answer, so the batch counts as committed exactly
+//! when the answer has no error; each statement still takes its own snapshot (READ COMMITTED),
+//! so the INSERT's membership read is after the locks as above. The statements are prepared on
+//! every writer connection when it is made ([`FAST_STATEMENTS`], the writer pool's `post_create`
+//! hook), and their arguments are written as SQL literals escaped by `postgres-protocol`
+//! (`literal`); a batch holding a NUL, which SQL text cannot carry, takes the slow path.
+//! [`PostgresStorage::fast_batches`] and `parley_storage_fast_batches_total` count how these
+//! batches fare.
+//!
+//! On any error the fast attempt is rolled back (by PostgreSQL; a connection whose answer did not
+//! come is closed by `SendTx`), the batch's channels are forgotten,
 //! and the batch runs through the two-round-trip path, which decides every send as it always
 //! did (not a member, a retry answered with its stored message, a conflict) and whose locked
 //! reads, once it commits, are remembered again. A channel is thus remembered only from a
@@ -86,14 +100,15 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use deadpool_postgres::{
-    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
+    Hook, HookError, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Transaction,
 };
 use futures::TryFutureExt;
-use futures::future::{try_join, try_join3, try_join4, try_join5};
+use futures::future::{try_join, try_join4, try_join5};
 use parley_proto::calls::{Call, CallMode, CallParticipant, LeaveReason};
 use parley_proto::{
     Channel, ChannelEvent, ChannelKind, EventBody, Member, Message, MessagePage, ReadState, Role,
@@ -105,6 +120,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{NoTls, Row, Statement};
 
 mod calls;
+mod literal;
 pub(crate) mod tls;
 
 use super::{
@@ -181,6 +197,22 @@ macro_rules! transact {
 pub struct PostgresStorage {
     pool: Pool,
     writers: Arc<[mpsc::Sender<SendJob>]>,
+    fast: Arc<FastCounts>,
+}
+
+/// How the writers' one-message batches ([`commit_fast`]) went since the storage was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FastBatches {
+    /// Committed in one message.
+    pub committed: u64,
+    /// Tried in one message, rolled back, and sent through the two-round-trip path.
+    pub fell_back: u64,
+}
+
+#[derive(Debug, Default)]
+struct FastCounts {
+    committed: AtomicU64,
+    fell_back: AtomicU64,
 }
 
 impl PostgresStorage {
@@ -230,9 +262,9 @@ impl PostgresStorage {
         if config.get_application_name().is_none() {
             config.application_name("parley");
         }
-        let pool = build_pool(&config, tls.as_ref(), pool_size.max(1))?;
+        let pool = build_pool(&config, tls.as_ref(), pool_size.max(1), false)?;
         migrate(&pool).await?;
-        let writer_pool = build_pool(&config, tls.as_ref(), WRITERS)?;
+        let writer_pool = build_pool(&config, tls.as_ref(), WRITERS, true)?;
         let mut queues = Vec::with_capacity(WRITERS);
         let writers = (0..WRITERS)
             .map(|_| {
@@ -244,6 +276,8 @@ impl PostgresStorage {
         // The writers (and their connections' I/O) run on a thread of their own: on the shared
         // runtime, a writer woken by PostgreSQL's answer waited behind every connection's task,
         // and each batch's round trips paid that wait.
+        let fast = Arc::new(FastCounts::default());
+        let counts = Arc::clone(&fast);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -254,11 +288,24 @@ impl PostgresStorage {
                 runtime.block_on(futures::future::join_all(
                     queues
                         .into_iter()
-                        .map(|rx| writer_loop(writer_pool.clone(), rx)),
+                        .map(|rx| writer_loop(writer_pool.clone(), rx, Arc::clone(&counts))),
                 ));
             })
             .map_err(|e| StorageError::Internal(format!("cannot start the send thread: {e}")))?;
-        Ok(PostgresStorage { pool, writers })
+        Ok(PostgresStorage {
+            pool,
+            writers,
+            fast,
+        })
+    }
+
+    /// How the send batches that went in one message fared (also `/metrics`:
+    /// `parley_storage_fast_batches_total`).
+    pub fn fast_batches(&self) -> FastBatches {
+        FastBatches {
+            committed: self.fast.committed.load(Ordering::Relaxed),
+            fell_back: self.fast.fell_back.load(Ordering::Relaxed),
+        }
     }
 
     /// Runs one read statement (prepared once per connection) on a pooled connection.
@@ -1307,13 +1354,13 @@ impl Remembered {
 }
 
 /// A send writer: commits everything queued, batch after batch, until every sender is gone.
-async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>) {
+async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>, fast: Arc<FastCounts>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut keys = KeyCheckState::default();
     let mut remembered = Remembered::default();
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (started, size) = (std::time::Instant::now(), jobs.len());
-        run_batch(&pool, &mut jobs, &mut keys, &mut remembered).await;
+        run_batch(&pool, &mut jobs, &mut keys, &mut remembered, &fast).await;
         crate::metrics::storage_batch("postgres", size, started.elapsed());
     }
 }
@@ -1325,9 +1372,18 @@ async fn run_batch(
     jobs: &mut Vec<SendJob>,
     keys: &mut KeyCheckState,
     remembered: &mut Remembered,
+    fast: &FastCounts,
 ) {
     if let Some(groups) = fast_groups(jobs, keys, remembered) {
-        match commit_fast(pool, jobs, &groups).await {
+        let committed = commit_fast(pool, jobs, &groups).await;
+        let counter = if committed.is_ok() {
+            &fast.committed
+        } else {
+            &fast.fell_back
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::storage_fast_batch(committed.is_ok());
+        match committed {
             Ok(outcomes) => {
                 for ((channel_id, tenant), idxs, last_seq) in &groups {
                     remembered.remember(channel_id, tenant, last_seq + idxs.len() as i64);
@@ -1762,6 +1818,24 @@ fn fast_groups<'a>(
     if keys.careful_left > 0 || jobs.is_empty() {
         return None;
     }
+    // The batch goes as SQL text, which cannot hold a NUL: such a send takes the parameterized
+    // path (which refuses it with PostgreSQL's own error).
+    if jobs.iter().any(|job| {
+        let new = &job.new;
+        [
+            new.channel_id.as_str(),
+            new.tenant_id.as_str(),
+            new.id.as_str(),
+            new.sender_id.as_str(),
+            new.client_msg_id.as_str(),
+            new.text.as_str(),
+            job.hash.as_str(),
+        ]
+        .into_iter()
+        .any(literal::has_nul)
+    }) {
+        return None;
+    }
     let mut groups: BTreeMap<(&str, &str), (Vec<usize>, i64)> = BTreeMap::new();
     for (i, job) in jobs.iter().enumerate() {
         let (channel_id, tenant) = (job.new.channel_id.as_str(), job.new.tenant_id.as_str());
@@ -1855,10 +1929,11 @@ impl<'a> NewRows<'a> {
     }
 }
 
-/// The fast path: the whole batch in ONE round trip, every send inserted with the seqs that
-/// follow the remembered last_seq of its channel. `Ok` (each job's outcome, in order) only once
-/// the COMMIT succeeded; any error (a non-member, a stored key, a last_seq that moved) rolls the
-/// transaction back, and the caller runs the batch through the two-round-trip path.
+/// The fast path: the whole batch in ONE message (a simple query: one implicit transaction),
+/// every send inserted with the seqs that follow the remembered last_seq of its channel. `Ok`
+/// (each job's outcome, in order) only once it committed; any error (a non-member, a stored key,
+/// a last_seq that moved) rolls the transaction back, and the caller runs the batch through the
+/// two-round-trip path.
 async fn commit_fast(
     pool: &Pool,
     jobs: &[SendJob],
@@ -1906,58 +1981,49 @@ async fn commit_fast(
         }
     }
     let (sc_channels, sc_users, sc_counts) = rows.sender_counts();
-    let result = async {
-        let client = tx.client()?;
-        // Prepared once per connection; cached afterwards (no round trip).
-        let (lock, allocate, insert, sender_counters, check) = tokio::try_join!(
-            client.prepare_cached(LOCK_CHANNELS),
-            client.prepare_cached(ALLOCATE_SEQS_MANY),
-            client.prepare_cached(FAST_INSERT),
-            client.prepare_cached(SEND_SENDER_COUNTERS),
-            client.prepare_cached(FAST_CHECK),
-        )?;
-        // The one round trip: each request is sent when its future is first polled, and the
-        // `try_join` combinators poll in order, so PostgreSQL runs them in this order. The locks
-        // first, in channel id order (two nodes' batches never wait on each other in a cycle);
-        // the INSERT's membership read after them; the check last before COMMIT. `Ok` only if
-        // every statement was answered without an error (see the module doc).
-        try_join(
-            try_join4(
-                client.batch_execute("BEGIN").map_err(TxError::from),
-                answered(client.query(&lock, &[&channel_ids])),
-                answered(client.execute(&allocate, &[&channel_ids, &counts])),
-                answered(client.execute(
-                    &insert,
-                    &[
-                        &rows.channels,
-                        &rows.seqs,
-                        &rows.ids,
-                        &rows.senders,
-                        &rows.client_ids,
-                        &rows.hashes,
-                        &rows.texts,
-                        &rows.metadata,
-                        &ins_tenants,
-                        &now,
-                    ],
-                )),
-            ),
-            try_join3(
-                answered(client.execute(&sender_counters, &[&sc_channels, &sc_users, &sc_counts])),
-                client
-                    .execute(&check, &[&channel_ids, &tenants, &expected, &counts])
-                    .map_ok(drop)
-                    .map_err(seq_check_err),
-                client.batch_execute("COMMIT").map_err(TxError::from),
-            ),
-        )
-        .await
-        .map(drop)
-    }
-    .await;
-    match result {
-        Ok(()) => {
-            tx.open = false; // committed
+    // The whole batch as ONE simple-query message: PostgreSQL runs its statements as one implicit
+    // transaction (any error rolls it all back; the commit is part of the answer) and answers
+    // them together, in one write. A pipeline of parameterized statements is answered one write
+    // per statement, and each wakes the writer. The statements are prepared once per connection
+    // (`FAST_STATEMENTS`, by the writer pool's `post_create` hook); their arguments go as
+    // escaped literals (`literal`). In order: the locks (in channel id order: two nodes' batches
+    // never wait on each other in a cycle), the seq allocation, the INSERT (its membership read
+    // after the locks), the senders' counters, the check.
+    let mut sql = String::with_capacity(512 + 256 * jobs.len());
+    literal::Execute::new(&mut sql, "parley_fast_lock")
+        .texts(channel_ids.iter().copied())
+        .end();
+    literal::Execute::new(&mut sql, "parley_fast_allocate")
+        .texts(channel_ids.iter().copied())
+        .bigints(&counts)
+        .end();
+    literal::Execute::new(&mut sql, "parley_fast_insert")
+        .texts(rows.channels.iter().copied())
+        .bigints(&rows.seqs)
+        .texts(rows.ids.iter().copied())
+        .texts(rows.senders.iter().copied())
+        .texts(rows.client_ids.iter().copied())
+        .texts(rows.hashes.iter().copied())
+        .texts(rows.texts.iter().copied())
+        .opt_texts(rows.metadata.iter().map(Option::as_deref))
+        .texts(ins_tenants.iter().copied())
+        .bigint(now)
+        .end();
+    literal::Execute::new(&mut sql, "parley_fast_counters")
+        .texts(sc_channels.iter().copied())
+        .texts(sc_users.iter().copied())
+        .bigints(&sc_counts)
+        .end();
+    literal::Execute::new(&mut sql, "parley_fast_check")
+        .texts(channel_ids.iter().copied())
+        .texts(tenants.iter().copied())
+        .bigints(&expected)
+        .bigints(&counts)
+        .end();
+    let answer = tx.client()?.simple_query(&sql).await;
+    match answer {
+        Ok(_) => {
+            tx.open = false; // committed: every statement and the implicit COMMIT answered
             Ok(outcomes
                 .into_iter()
                 .map(|o| {
@@ -1968,10 +2034,41 @@ async fn commit_fast(
                 .collect())
         }
         Err(e) => {
-            tx.roll_back().await;
-            Err(e)
+            // PostgreSQL's own error: it rolled the implicit transaction back before answering,
+            // and the connection is idle. Anything else (a broken connection) leaves `open` set,
+            // and dropping `tx` closes the connection.
+            if e.as_db_error().is_some() {
+                tx.open = false;
+            }
+            Err(seq_check_err(e))
         }
     }
+}
+
+/// The fast path's statements, prepared under these names on every writer connection when it is
+/// made (the writer pool's `post_create` hook) and run by `EXECUTE` in [`commit_fast`]'s one
+/// message.
+const FAST_STATEMENTS: [(&str, &str); 5] = [
+    ("parley_fast_lock", LOCK_CHANNELS),
+    ("parley_fast_allocate", ALLOCATE_SEQS_MANY),
+    ("parley_fast_insert", FAST_INSERT),
+    ("parley_fast_counters", SEND_SENDER_COUNTERS),
+    ("parley_fast_check", FAST_CHECK),
+];
+
+/// Prepares [`FAST_STATEMENTS`] on a new writer connection, in one message.
+async fn prepare_fast_statements(
+    client: &tokio_postgres::Client,
+) -> Result<(), tokio_postgres::Error> {
+    let mut sql = String::new();
+    for (name, statement) in FAST_STATEMENTS {
+        sql.push_str("PREPARE ");
+        sql.push_str(name);
+        sql.push_str(" AS ");
+        sql.push_str(statement);
+        sql.push_str(";\n");
+    }
+    client.batch_execute(&sql).await
 }
 
 /// The error of [`SEND_CHECK_SEQS`]: its failed cast (a channel's last_seq is not the one the
@@ -2207,6 +2304,7 @@ fn build_pool(
     config: &tokio_postgres::Config,
     tls: Option<&rustls::ClientConfig>,
     size: usize,
+    writer: bool,
 ) -> StorageResult<Pool> {
     let manager_config = ManagerConfig {
         recycling_method: RecyclingMethod::Fast,
@@ -2219,7 +2317,17 @@ fn build_pool(
             manager_config,
         ),
     };
-    Pool::builder(manager)
+    let mut builder = Pool::builder(manager);
+    if writer {
+        builder = builder.post_create(Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                prepare_fast_statements(client)
+                    .await
+                    .map_err(HookError::Backend)
+            })
+        }));
+    }
+    builder
         .max_size(size)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(POOL_WAIT))
