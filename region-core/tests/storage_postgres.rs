@@ -745,6 +745,90 @@ async fn a_new_writer_connection_sends_in_one_message_again() {
     drop_database(&db).await;
 }
 
+/// The one-message batch runs its statements with generic plans (`FAST_PLAN_SETTINGS`): planned
+/// once per connection instead of at every batch, which was a third of PostgreSQL's CPU in the
+/// chat mix. A generic plan does not know how many channels a batch holds, so every statement
+/// must still reach its rows by index probes at every table size, from empty to large; a scan
+/// of channels, members or messages (and a hash or merge join fed by one) would cost each batch
+/// the whole table. Fails without the settings' `enable_*` lines (up to a few thousand channels
+/// the generic plans scan `channels` and hash it) and when a statement loses its index.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_one_message_batch_plans_probe_indexes_at_every_size() {
+    use parley_core::storage::postgres::{FAST_PLAN_SETTINGS, FAST_STATEMENTS};
+
+    let (db, admin, connection, s) = scratch_database("parley_plans").await;
+    drop(s);
+    // (channels, members per channel, messages per channel), each then ANALYZEd.
+    for (channels, members, messages) in [(0, 0, 0), (50, 3, 5), (1_000, 10, 10), (30_000, 10, 20)]
+    {
+        admin
+            .batch_execute(&format!(
+                "TRUNCATE channels, members, messages; \
+                 INSERT INTO channels (id, tenant_id, kind, created_by, created_at, last_seq) \
+                   SELECT 'c' || i, 't', 'channel', 'u0', 0, {messages} FROM generate_series(1, {channels}) i; \
+                 INSERT INTO members (channel_id, user_id, tenant_id, role, joined_at) \
+                   SELECT 'c' || i, 'u' || j, 't', 'member', 0 \
+                   FROM generate_series(1, {channels}) i, generate_series(1, {members}) j; \
+                 INSERT INTO messages (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, created_at) \
+                   SELECT 'c' || i, q, 'm' || i || '-' || q, 'u1', 'k' || q, 'h', 'text', 0 \
+                   FROM generate_series(1, {channels}) i, generate_series(1, {messages}) q; \
+                 ANALYZE channels, members, messages; \
+                 DEALLOCATE ALL"
+            ))
+            .await
+            .expect("fill the tables");
+        let mut sql = String::new();
+        for (name, statement) in FAST_STATEMENTS {
+            sql.push_str(&format!("PREPARE {name} AS {statement};\n"));
+        }
+        admin.batch_execute(&sql).await.expect("prepare");
+        admin
+            .batch_execute(&format!("BEGIN; {FAST_PLAN_SETTINGS}"))
+            .await
+            .expect("the batch's plan settings");
+        let args = [
+            ("parley_fast_lock", "ARRAY['c1']"),
+            ("parley_fast_allocate", "ARRAY['c1'], ARRAY[1]"),
+            (
+                "parley_fast_insert",
+                "ARRAY['c1'], ARRAY[1], ARRAY['m'], ARRAY['u1'], ARRAY['k'], ARRAY['h'], \
+                 ARRAY['t'], ARRAY[NULL], ARRAY['t'], 0",
+            ),
+            ("parley_fast_counters", "ARRAY['c1'], ARRAY['u1'], ARRAY[1]"),
+            (
+                "parley_fast_check",
+                "ARRAY['c1'], ARRAY['t'], ARRAY[1], ARRAY[1]",
+            ),
+        ];
+        for (name, args) in args {
+            let plan: Vec<String> = admin
+                .query(&format!("EXPLAIN EXECUTE {name}({args})"), &[])
+                .await
+                .expect("explain")
+                .iter()
+                .map(|row| row.get::<_, String>(0))
+                .collect();
+            let plan = plan.join("\n");
+            assert!(
+                !plan.contains("Seq Scan") && !plan.contains("Hash") && !plan.contains("Merge"),
+                "{name} reads a whole table with {channels} channels:\n{plan}"
+            );
+            assert!(plan.contains("Index"), "{name} probes no index:\n{plan}");
+            if name == "parley_fast_lock" {
+                // A generic plan names its parameter; a custom one the batch's values.
+                assert!(plan.contains("$1"), "not a generic plan:\n{plan}");
+            }
+        }
+        admin
+            .batch_execute("RESET plan_cache_mode")
+            .await
+            .expect("reset");
+    }
+    drop(admin);
+    let _ = connection.await;
+    drop_database(&db).await;
+}
+
 async fn stored_keys(s: &PostgresStorage, tenant: &str, channel_id: &str) -> Vec<String> {
     stored(s, tenant, channel_id)
         .await

@@ -1990,6 +1990,7 @@ async fn commit_fast(
     // never wait on each other in a cycle), the seq allocation, the INSERT (its membership read
     // after the locks), the senders' counters, the check.
     let mut sql = String::with_capacity(512 + 256 * jobs.len());
+    sql.push_str(FAST_PLAN_SETTINGS);
     literal::Execute::new(&mut sql, "parley_fast_lock")
         .texts(channel_ids.iter().copied())
         .end();
@@ -2047,14 +2048,31 @@ async fn commit_fast(
 
 /// The fast path's statements, prepared under these names on every writer connection when it is
 /// made (the writer pool's `post_create` hook) and run by `EXECUTE` in [`commit_fast`]'s one
-/// message.
-const FAST_STATEMENTS: [(&str, &str); 5] = [
+/// message. Public for the plan test in `tests/storage_postgres.rs` only.
+#[doc(hidden)]
+pub const FAST_STATEMENTS: [(&str, &str); 5] = [
     ("parley_fast_lock", LOCK_CHANNELS),
     ("parley_fast_allocate", ALLOCATE_SEQS_MANY),
     ("parley_fast_insert", FAST_INSERT),
     ("parley_fast_counters", SEND_SENDER_COUNTERS),
     ("parley_fast_check", FAST_CHECK),
 ];
+
+/// The settings [`commit_fast`]'s message starts with, for its transaction only (`SET LOCAL`).
+///
+/// Generic plans: each statement is planned once per connection instead of at every batch
+/// (PostgreSQL's default re-plans these statements each time, since a generic plan's estimate of
+/// 10 rows per `unnest` looks worse than a custom plan's; that planning was a third of
+/// PostgreSQL's CPU in the chat mix). Nested loops over index probes only: a generic plan does
+/// not know how many channels a batch holds, and on a table of up to a few thousand rows it chose
+/// to scan the whole table and hash it for the 10 rows it assumed, while a batch holds one or a
+/// few and every row it touches is found by a primary key. The test
+/// `the_one_message_batch_plans_probe_indexes_at_every_size` checks the plans.
+#[doc(hidden)]
+pub const FAST_PLAN_SETTINGS: &str = "SET LOCAL plan_cache_mode = force_generic_plan;\n\
+     SET LOCAL enable_seqscan = off;\n\
+     SET LOCAL enable_hashjoin = off;\n\
+     SET LOCAL enable_mergejoin = off;\n";
 
 /// Prepares [`FAST_STATEMENTS`] on a new writer connection, in one message.
 async fn prepare_fast_statements(
