@@ -265,12 +265,12 @@ fn message(tenant: &str, channel_id: &str, user: &str, key: &str) -> NewMessage 
     }
 }
 
-/// The send batch's seqs are computed before its writes and COMMIT are sent together; the check
-/// inside the transaction stops a batch whose channel's last_seq is not what the locks read
-/// (here forced by a trigger that moves it on the first allocation only, through a sequence,
-/// which a rollback does not undo). That attempt is rolled back, never acked, and the retry
-/// commits gapless seqs. Without the check the first attempt committed with last_seq 8 and the
-/// next send got seq 9.
+/// A channel's last_seq moved by more than the batch under the row lock (forced by a trigger that
+/// moves it on the first allocation only, through a sequence, which a rollback does not undo):
+/// the one-message batch's check finds the gap below its rows, and the two-round-trip path's
+/// check finds last_seq not what its locks read (it computes its seqs before sending its
+/// writes). Those attempts are rolled back, never acked, and the retry commits gapless seqs.
+/// Without either check the first attempt committed with last_seq 8 and the next send got seq 9.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_whose_seqs_moved_is_rolled_back_and_retried() {
     let (db, client, connection, s) = scratch_database("parley_seqcheck").await;
@@ -611,7 +611,7 @@ async fn a_send_batch_that_fails_mid_transaction_leaves_its_connection_usable() 
     assert_eq!(seqs, (1..=8).collect::<Vec<u64>>());
 }
 
-/// A remembered channel's batches go as SQL text, in one message, their values as escaped
+/// Send batches go as SQL text, in one message, their values as escaped
 /// literals. Texts and metadata with quotes, backslashes, dollar quotes, SQL and non-ASCII come
 /// back byte for byte, and every one of those batches commits in that one message (none falls
 /// back). A text with a NUL, which SQL text cannot carry, skips that path: PostgreSQL refuses it
@@ -625,7 +625,7 @@ async fn texts_sent_as_sql_literals_come_back_exact() {
     owned_channel(&s, &tenant, "alice", &channel).await;
     s.send_message(message(&tenant, &channel, "alice", "first"))
         .await
-        .expect("the first send, which makes the writer remember the channel");
+        .expect("a first send");
     let before = s.fast_batches();
 
     let long = "'\\$$".repeat(2_000);
@@ -690,7 +690,7 @@ async fn texts_sent_as_sql_literals_come_back_exact() {
 }
 
 /// A writer connection made after the first (here: PostgreSQL terminated them all) prepares the
-/// one-message batch's statements before its first batch, so remembered channels keep
+/// one-message batch's statements before its first batch, so batches keep
 /// committing in one message. Fails without the writer pool's `post_create` hook (every such
 /// batch falls back: the statements do not exist on the new connection).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -702,7 +702,11 @@ async fn a_new_writer_connection_sends_in_one_message_again() {
             .await
             .expect("send");
     }
-    assert_eq!(s.fast_batches().committed, 1, "k2 went in one message");
+    assert_eq!(
+        s.fast_batches().committed,
+        2,
+        "k1 and k2 went in one message"
+    );
     admin
         .execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -795,10 +799,7 @@ async fn the_one_message_batch_plans_probe_indexes_at_every_size() {
                  ARRAY['t'], ARRAY[NULL], ARRAY['t'], 0",
             ),
             ("parley_fast_counters", "ARRAY['c1'], ARRAY['u1'], ARRAY[1]"),
-            (
-                "parley_fast_check",
-                "ARRAY['c1'], ARRAY['t'], ARRAY[1], ARRAY[1]",
-            ),
+            ("parley_fast_check", "ARRAY['c1'], ARRAY['t'], ARRAY[1]"),
         ];
         for (name, args) in args {
             let plan: Vec<String> = admin
@@ -894,13 +895,12 @@ async fn last_seq(s: &PostgresStorage, tenant: &str, channel_id: &str) -> u64 {
         .1
 }
 
-/// The writer remembers a channel's last_seq after a commit and sends the next batch in one
-/// round trip, with its membership read inside the INSERT. A member removed in between (here by
-/// SQL, which moves no seq, so only the membership read can see it) is refused and nothing is
-/// stored, no seq spent. Fails without the INSERT's `EXISTS` (the send is stored) and without
+/// A batch goes in one message, with its membership read inside the INSERT. A member removed
+/// between two sends (here by SQL, which moves no seq, so only the membership read can see it) is
+/// refused and nothing is stored, no seq spent. Fails without the INSERT's `EXISTS` (the send is stored) and without
 /// the check's row count (the send is acked with a seq and no row).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_member_removed_after_a_remembered_send_is_refused() {
+async fn a_member_removed_after_a_one_message_send_is_refused() {
     let s = storage().await;
     let tenant = format!("t-fast-rm-{}", ulid::Ulid::new());
     let channel = format!("ch-fast-rm-{}", ulid::Ulid::new());
@@ -934,10 +934,10 @@ async fn a_member_removed_after_a_remembered_send_is_refused() {
     assert_eq!(
         s.fast_batches(),
         FastBatches {
-            committed: 1,
+            committed: 2,
             fell_back: 1
         },
-        "k2 went in one message; k3 was tried that way and fell back"
+        "k1 and k2 went in one message; k3 was tried that way and fell back"
     );
     let keys = stored_keys(&s, &tenant, &channel).await;
     assert_eq!(keys, ["k1", "k2"], "nothing stored for the refused send");
@@ -973,12 +973,13 @@ async fn a_member_removed_after_a_remembered_send_is_refused() {
     let _ = connection.await;
 }
 
-/// Seqs allocated outside the writer between two of its batches on a channel it remembers (a
-/// member event, and a send through another node's writers): the next send still takes the next
-/// seq, with no gap and no seq shared by a message and an event. Fails without the check's
-/// last_seq comparison (the send after the event takes the event's seq).
+/// Seqs allocated outside the writer between two of its batches on a channel (a member event, and
+/// a send through another node's writers): the next send still takes the next seq, with no gap
+/// and no seq shared by a message and an event, and still in one message: its seqs come from the
+/// locked row, not from what the writer saw last. Fails when the INSERT's seqs are not the
+/// allocation's (the send after the event takes the event's seq, or falls back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn seqs_taken_by_another_path_do_not_fool_the_remembered_last_seq() {
+async fn seqs_taken_by_another_path_are_not_reused() {
     let s = storage().await;
     let other_node = storage().await;
     let tenant = format!("t-fast-seq-{}", ulid::Ulid::new());
@@ -1017,6 +1018,20 @@ async fn seqs_taken_by_another_path_do_not_fool_the_remembered_last_seq() {
         .await
         .expect("send after the other node's");
     assert_eq!(after_other.message.seq, elsewhere.message.seq + 1);
+    assert_eq!(
+        (s.fast_batches(), other_node.fast_batches()),
+        (
+            FastBatches {
+                committed: 4,
+                fell_back: 0
+            },
+            FastBatches {
+                committed: 1,
+                fell_back: 0
+            }
+        ),
+        "every batch in one message"
+    );
 
     // Every seq up to last_seq is taken exactly once, by a message or an event (the log merges
     // both by seq).
@@ -1034,12 +1049,12 @@ async fn seqs_taken_by_another_path_do_not_fool_the_remembered_last_seq() {
     assert_eq!(last, after_other.message.seq);
 }
 
-/// A retried client_msg_id on a channel the writer remembers: the one-round-trip INSERT meets the
+/// A retried client_msg_id: the one-message INSERT meets the
 /// stored key, is rolled back, and the two-round-trip path answers the retry with the stored
 /// message (created false), a changed body with IdempotencyConflict; no row and no seq are
 /// added. Fails when the fast path's error is answered to the callers instead of falling back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_retried_key_on_a_remembered_channel_returns_the_stored_message() {
+async fn a_retried_key_returns_the_stored_message() {
     let s = storage().await;
     let tenant = format!("t-fast-key-{}", ulid::Ulid::new());
     let channel = format!("ch-fast-key-{}", ulid::Ulid::new());
@@ -1083,11 +1098,11 @@ async fn a_retried_key_on_a_remembered_channel_returns_the_stored_message() {
     assert_eq!(keys, ["k1", "k2", "k3"]);
 }
 
-/// Two nodes' writers sending to the same channels at once, each remembering the channels'
-/// last_seqs while the other moves them: every send is acked once with its own seq, the seqs of
-/// each channel are 1..=n without a gap, and each acked message is stored under its seq. Fails
-/// when a fast batch's failure (here mostly a seq the other node took) is answered to its
-/// callers instead of being decided again by the two-round-trip path.
+/// Two nodes' writers sending to the same channels at once, each moving the channels' last_seqs
+/// under the other: every send is acked once with its own seq, the seqs of each channel are
+/// 1..=n without a gap, each acked message is stored under its seq, and no batch falls back from
+/// the one-message path (its seqs come from the locked row, so the other node's writes cannot
+/// make it fail). Fails when seqs are guessed outside the lock (batches fall back, or collide).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn two_nodes_sending_to_the_same_channels_keep_seqs_gapless() {
     use futures::StreamExt;

@@ -16,8 +16,8 @@
 //!
 //! Every seq is allocated by `UPDATE channels SET last_seq = last_seq + n` inside the transaction
 //! that inserts the event, after the channel row was locked and the writer's membership
-//! re-checked under that lock (see `schema.md`). A send batch takes one round trip to PostgreSQL
-//! when its writer remembers its channels, two otherwise (the sections below).
+//! re-checked under that lock (see `schema.md`). A send batch takes one round trip to PostgreSQL,
+//! or two when the one-message attempt fails or does not apply (the sections below).
 //!
 //! ## Two round trips per send batch
 //!
@@ -60,21 +60,21 @@
 //! ## One round trip for the common batch
 //!
 //! A writer is woken for every flight, and at a low rate a batch holds about one message, so the
-//! flights per batch are most of the writer thread's CPU. The channels of a node are split
-//! between its writers once and for all ([`writer_index`]), so a writer remembers, for each
-//! channel it committed to ([`Remembered`], bounded: forgotten all at once past
-//! [`REMEMBERED_CHANNELS`]), the tenant and the last_seq the COMMIT left. A batch whose every
-//! channel is remembered in its sends' tenant, sent while the writer is optimistic about keys,
-//! and without two sends of one channel under one idempotency key, is sent in ONE message
-//! ([`commit_fast`]): the channel locks ([`LOCK_CHANNELS`], in id order, like the slow path: two
-//! nodes never deadlock), the seq allocation, an INSERT of every message with the seqs after the
-//! remembered last_seq that writes only the rows whose sender is a member ([`FAST_INSERT`]; its
-//! membership read runs after the locks are held, so it sees every removal committed before the
-//! batch took the channel), the senders' counters, and [`FAST_CHECK`]. The check aborts the
-//! transaction unless each channel is in the expected tenant, its last_seq is the remembered one
-//! plus the batch's messages, and a message was written at each of those seqs: so a stale guess
-//! (seqs taken by member events, edits, calls, another node's writers), a removed member or a
-//! deleted channel never commits. A stored key fails the INSERT with a unique violation.
+//! flights per batch are most of the writer thread's CPU. A batch sent while the writer is
+//! optimistic about keys, and without two sends of one channel under one idempotency key, is
+//! sent in ONE message ([`commit_fast`]): the channel locks ([`LOCK_CHANNELS`], in id order, like
+//! the slow path: two nodes never deadlock; they answer each channel's last_seq before the
+//! batch), the seq allocation, an INSERT of every message that takes its seq from the channel's
+//! row (the allocation's end minus its place from the end of the channel's part of the batch)
+//! and writes only the rows whose sender is a member in the channel's tenant ([`FAST_INSERT`];
+//! its membership read runs after the locks are held, so it sees every removal committed before
+//! the batch took the channel), the senders' counters, and [`FAST_CHECK`]. The check aborts the
+//! transaction unless each channel exists in the sends' tenant and holds a message at each seq
+//! the batch allocated: so a non-member, a channel of another tenant or a deleted channel never
+//! commits. A stored key fails the INSERT with a unique violation. The seqs are computed in SQL
+//! under the lock, never guessed: seqs taken meanwhile by member events, edits, calls or another
+//! node's writers change nothing, and the outcomes are settled from the last_seqs the locks
+//! answered.
 //!
 //! That message is a simple query (`Client::simple_query`) of five `EXECUTE`s, not a pipeline of
 //! parameterized statements, for one reason: PostgreSQL answers each parameterized statement
@@ -92,11 +92,9 @@
 //! batches fare.
 //!
 //! On any error the fast attempt is rolled back (by PostgreSQL; a connection whose answer did not
-//! come is closed by `SendTx`), the batch's channels are forgotten,
-//! and the batch runs through the two-round-trip path, which decides every send as it always
-//! did (not a member, a retry answered with its stored message, a conflict) and whose locked
-//! reads, once it commits, are remembered again. A channel is thus remembered only from a
-//! commit of its own writer, and a guess costs at most one rolled-back flight.
+//! come is closed by `SendTx`), and the batch runs through the two-round-trip path, which decides
+//! every send as it always did (not a member, a retry answered with its stored message, a
+//! conflict). A failed attempt costs one rolled-back message.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -1182,6 +1180,11 @@ const ALLOCATE_SEQS_MANY: &str = "UPDATE channels c SET last_seq = c.last_seq + 
 const SEND_CHECK_SEQS: &str = "SELECT CASE WHEN c.last_seq = k.last_seq THEN 0 \
      ELSE ('parley: last_seq of channel ' || k.id || ' moved under the row lock')::BIGINT END \
      FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, last_seq) LEFT JOIN channels c ON c.id = k.id";
+/// Fast send path: [`ALLOCATE_SEQS_MANY`], answering each channel's last_seq after it (the
+/// batch's rows take the seqs up to it, [`FAST_INSERT`]).
+const FAST_ALLOCATE: &str = "UPDATE channels c SET last_seq = c.last_seq + k.n, msg_count = c.msg_count + k.n \
+     FROM unnest($1::TEXT[], $2::BIGINT[]) AS k(id, n) WHERE c.id = k.id \
+     RETURNING c.id AS allocated_id, c.last_seq AS allocated_last_seq";
 /// Send path: messages already stored under the batch's (sender_id, client_msg_id) keys.
 ///
 /// One lookup of the idempotency index per key (the `LIMIT 1` keeps the lateral subquery from
@@ -1208,29 +1211,40 @@ const SEND_INSERT: &str = "INSERT INTO messages \
      SELECT t.channel_id, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $9::BIGINT \
      FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[]) \
        AS t(channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata)";
-/// Fast send path ([`commit_fast`]): the batch's messages with the seqs the writer remembered,
-/// each only if its sender (`$4[i]`) is a member of channel `$1[i]` in tenant `$9[i]`. The
-/// `EXISTS` reads the membership with this statement's own snapshot, taken after the channel
-/// locks were granted (the statements of one connection run in order, and in READ COMMITTED
-/// each takes a fresh snapshot): it sees every removal committed before the batch took the
-/// channel, the same rule as [`SEND_MEMBERS`]. A non-member's row is left out, which
-/// [`FAST_CHECK`] turns into an error.
+/// Fast send path ([`commit_fast`]): the batch's messages, each only if its sender (`$4[i]`) is
+/// a member of channel `$1[i]` in tenant `$9[i]`, with the seq `$2[i]` below the channel's
+/// last_seq. It runs after the locks and the seq allocation, in the same transaction, so that
+/// last_seq is the allocation's end and the rows take the batch's seqs in order. The `EXISTS`
+/// reads the membership with this statement's own snapshot, taken after the channel locks were
+/// granted (the statements of one transaction run in order, and in READ COMMITTED each takes a
+/// fresh snapshot): it sees every removal committed before the batch took the channel, the same
+/// rule as [`SEND_MEMBERS`]. A non-member's row, or a row of a channel in another tenant, is left
+/// out, which [`FAST_CHECK`] turns into an error.
 const FAST_INSERT: &str = "INSERT INTO messages \
      (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, created_at) \
-     SELECT t.channel_id, t.seq, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $10::BIGINT \
+     SELECT t.channel_id, c.last_seq - t.back, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, \
+       t.metadata, $10::BIGINT \
      FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[]) \
-       AS t(channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, tenant_id) \
+       AS t(channel_id, back, id, sender_id, client_msg_id, body_hash, text, metadata, tenant_id) \
+     JOIN channels c ON c.id = t.channel_id AND c.tenant_id = t.tenant_id \
      WHERE EXISTS (SELECT 1 FROM members m \
        WHERE m.channel_id = t.channel_id AND m.user_id = t.sender_id AND m.tenant_id = t.tenant_id)";
-/// Fast send path, last before COMMIT: fails (the cast error of [`SEND_CHECK_SEQS`]) unless each
-/// channel `$1[i]` exists in tenant `$2[i]` with last_seq `$3[i]` (the remembered last_seq plus
-/// the batch's `$4[i]` messages) and holds a message at each of those `$4[i]` seqs, i.e. every
-/// row of [`FAST_INSERT`] was written. The count reads the primary key, `$4[i]` entries.
-const FAST_CHECK: &str = "SELECT CASE WHEN c.last_seq = k.last_seq AND c.tenant_id = k.tenant_id \
+/// Fast send path, last: fails (the cast error of [`SEND_CHECK_SEQS`]) unless each channel `$1[i]`
+/// exists in tenant `$2[i]`, holds a message at each of the `$3[i]` seqs up to its last_seq (the
+/// ones the batch allocated: every row of [`FAST_INSERT`] was written), and the seq just below
+/// them is 0 or taken by a message or an event. Every seq up to last_seq is taken (each is
+/// allocated in the transaction that writes its row), so that last part fails only when the
+/// allocation moved last_seq by more than the batch (no path of ours does; the test's trigger
+/// does), which would leave a gap. Primary-key reads only: `$3[i]` entries and two probes.
+const FAST_CHECK: &str = "SELECT CASE WHEN c.tenant_id = k.tenant_id \
        AND (SELECT COUNT(*) FROM messages m WHERE m.channel_id = k.id \
-         AND m.seq > k.last_seq - k.n AND m.seq <= k.last_seq) = k.n THEN 0 \
-     ELSE ('parley: channel ' || k.id || ' is not as the fast send path assumed')::BIGINT END \
-     FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[]) AS k(id, tenant_id, last_seq, n) \
+         AND m.seq > c.last_seq - k.n AND m.seq <= c.last_seq) = k.n \
+       AND (c.last_seq = k.n \
+         OR EXISTS (SELECT 1 FROM messages p WHERE p.channel_id = k.id AND p.seq = c.last_seq - k.n) \
+         OR EXISTS (SELECT 1 FROM channel_events e WHERE e.channel_id = k.id AND e.seq = c.last_seq - k.n)) \
+       THEN 0 \
+     ELSE ('parley: channel ' || k.id || ' did not take the batch''s rows')::BIGINT END \
+     FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS k(id, tenant_id, n) \
      LEFT JOIN channels c ON c.id = k.id";
 
 /// Newest messages with seq < $2, newest first.
@@ -1314,53 +1328,13 @@ impl KeyCheckState {
     }
 }
 
-/// Channels whose last_seq a writer remembers for the fast path; past it, it forgets them all.
-const REMEMBERED_CHANNELS: usize = 16_384;
-
-/// What one writer remembers of the channels it committed to: each channel's tenant and its
-/// last_seq at that COMMIT (see the module doc, "One round trip for the common batch"). Only a
-/// guess: [`FAST_CHECK`] proves it inside the transaction that relies on it.
-#[derive(Debug, Default)]
-struct Remembered {
-    channels: HashMap<String, (String, i64)>,
-}
-
-impl Remembered {
-    /// The remembered last_seq of `channel_id` in `tenant`.
-    fn last_seq(&self, channel_id: &str, tenant: &str) -> Option<i64> {
-        match self.channels.get(channel_id) {
-            Some((t, last_seq)) if t == tenant => Some(*last_seq),
-            _ => None,
-        }
-    }
-
-    fn remember(&mut self, channel_id: &str, tenant: &str, last_seq: i64) {
-        if let Some(entry) = self.channels.get_mut(channel_id)
-            && entry.0 == tenant
-        {
-            entry.1 = last_seq;
-            return;
-        }
-        if self.channels.len() >= REMEMBERED_CHANNELS {
-            self.channels.clear();
-        }
-        self.channels
-            .insert(channel_id.to_owned(), (tenant.to_owned(), last_seq));
-    }
-
-    fn forget(&mut self, channel_id: &str) {
-        self.channels.remove(channel_id);
-    }
-}
-
 /// A send writer: commits everything queued, batch after batch, until every sender is gone.
 async fn writer_loop(pool: Pool, mut queue: mpsc::Receiver<SendJob>, fast: Arc<FastCounts>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     let mut keys = KeyCheckState::default();
-    let mut remembered = Remembered::default();
     while queue.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (started, size) = (std::time::Instant::now(), jobs.len());
-        run_batch(&pool, &mut jobs, &mut keys, &mut remembered, &fast).await;
+        run_batch(&pool, &mut jobs, &mut keys, &fast).await;
         crate::metrics::storage_batch("postgres", size, started.elapsed());
     }
 }
@@ -1371,10 +1345,9 @@ async fn run_batch(
     pool: &Pool,
     jobs: &mut Vec<SendJob>,
     keys: &mut KeyCheckState,
-    remembered: &mut Remembered,
     fast: &FastCounts,
 ) {
-    if let Some(groups) = fast_groups(jobs, keys, remembered) {
+    if let Some(groups) = fast_groups(jobs, keys) {
         let committed = commit_fast(pool, jobs, &groups).await;
         let counter = if committed.is_ok() {
             &fast.committed
@@ -1385,9 +1358,6 @@ async fn run_batch(
         crate::metrics::storage_fast_batch(committed.is_ok());
         match committed {
             Ok(outcomes) => {
-                for ((channel_id, tenant), idxs, last_seq) in &groups {
-                    remembered.remember(channel_id, tenant, last_seq + idxs.len() as i64);
-                }
                 for (job, outcome) in jobs.drain(..).zip(outcomes) {
                     let _ = job.reply.send(outcome); // the caller may have gone; the send stands
                 }
@@ -1403,15 +1373,9 @@ async fn run_batch(
             }
         }
     }
-    // The slow path decides; what it read under the locks is remembered again once it commits.
-    for job in jobs.iter() {
-        remembered.forget(&job.new.channel_id);
-    }
+    // The slow path decides.
     let failure = match commit_with_retries(pool, jobs, keys).await {
         Ok(committed) => {
-            for (channel_id, tenant, last_seq) in &committed.last_seqs {
-                remembered.remember(channel_id, tenant, *last_seq);
-            }
             for (job, outcome) in jobs.drain(..).zip(committed.outcomes) {
                 let _ = job.reply.send(outcome); // the caller may have gone; the send stands
             }
@@ -1435,16 +1399,11 @@ async fn run_batch(
     tracing::warn!(error = %failure, sends = jobs.len(), "postgres send batch failed; committing its sends one by one");
     for job in jobs.drain(..) {
         let outcome = match commit_with_retries(pool, std::slice::from_ref(&job), keys).await {
-            Ok(mut committed) => {
-                for (channel_id, tenant, last_seq) in &committed.last_seqs {
-                    remembered.remember(channel_id, tenant, *last_seq);
-                }
-                committed.outcomes.pop().unwrap_or_else(|| {
-                    Err(StorageError::Internal(
-                        "send batch of one without an outcome".into(),
-                    ))
-                })
-            }
+            Ok(mut committed) => committed.outcomes.pop().unwrap_or_else(|| {
+                Err(StorageError::Internal(
+                    "send batch of one without an outcome".into(),
+                ))
+            }),
             Err(e) => Err(e.into_storage()),
         };
         let _ = job.reply.send(outcome);
@@ -1478,15 +1437,10 @@ async fn commit_with_retries(
     }
 }
 
-/// What a committed send batch answers: the outcome of each job, in order, and the last_seq of
-/// each of its channels (with its tenant) at the COMMIT, for the fast path ([`Remembered`]).
+/// What a committed send batch answers: the outcome of each job, in order.
 struct Committed {
     outcomes: Vec<StorageResult<SendOutcome>>,
-    last_seqs: Vec<LastSeq>,
 }
-
-/// A channel's id, tenant and last_seq as a committed batch left them.
-type LastSeq = (String, String, i64);
 
 /// One transaction for the whole batch; the outcome of each job, in order. `Ok` only once the
 /// batch's COMMIT succeeded.
@@ -1511,7 +1465,7 @@ async fn commit_batch(
     // All the channels' parts in one set of statements: a batch costs the same statements
     // whether it holds one channel or fifty.
     let groups: Vec<((&str, &str), Vec<usize>)> = groups.into_iter().collect();
-    let (parts, last_seqs) = match commit_groups(tx.client()?, &groups, jobs, now, check).await {
+    let parts = match commit_groups(tx.client()?, &groups, jobs, now, check).await {
         Ok(committed) => {
             tx.open = false; // committed
             committed
@@ -1533,10 +1487,7 @@ async fn commit_batch(
             o.unwrap_or_else(|| Err(StorageError::Internal("send left out of its batch".into())))
         })
         .collect();
-    Ok(Committed {
-        outcomes,
-        last_seqs,
-    })
+    Ok(Committed { outcomes })
 }
 
 /// The connection of a send batch whose transaction [`commit_groups`] begins with a pipelined
@@ -1594,7 +1545,7 @@ async fn commit_groups(
     jobs: &[SendJob],
     now: i64,
     check: KeyCheck,
-) -> Result<(Vec<Vec<(usize, StorageResult<SendOutcome>)>>, Vec<LastSeq>), TxError> {
+) -> Result<Vec<Vec<(usize, StorageResult<SendOutcome>)>>, TxError> {
     let channel_ids: Vec<&str> = groups.iter().map(|((c, _), _)| *c).collect();
     // Membership pairs and (when careful) idempotency keys of the whole batch, each once.
     let careful = check == KeyCheck::Careful;
@@ -1727,17 +1678,6 @@ async fn commit_groups(
         }
         plans.push(Some((plan, last_seq)));
     }
-    // The channels' last_seqs once the batch commits: the locks hold them until then.
-    let allocated: HashMap<&str, i64> = allocations.iter().map(|&(c, n, _)| (c, n)).collect();
-    let mut last_seqs: Vec<LastSeq> = Vec::with_capacity(groups.len());
-    for ((channel_id, tenant), _) in groups {
-        if let Some((t, last_seq)) = locked.get(*channel_id)
-            && t == tenant
-        {
-            let n = allocated.get(*channel_id).copied().unwrap_or(0);
-            last_seqs.push(((*channel_id).to_owned(), t.clone(), last_seq + n));
-        }
-    }
     // Every outcome is settled before the COMMIT is sent: once it is, nothing may fail the batch.
     let mut out = Vec::with_capacity(groups.len());
     let mut inserts: Vec<&SendJob> = Vec::with_capacity(seqs.len());
@@ -1756,7 +1696,7 @@ async fn commit_groups(
     if allocations.is_empty() {
         // Nothing to write (non-members, stored keys): the reads' transaction ends.
         client.batch_execute("COMMIT").await?;
-        return Ok((out, last_seqs));
+        return Ok(out);
     }
     let mut rows = NewRows::with_capacity(seqs.len());
     for ((channel_id, seq), job) in ins_channels.iter().zip(&seqs).zip(inserts) {
@@ -1800,21 +1740,16 @@ async fn commit_groups(
         client.batch_execute("COMMIT").map_err(TxError::from),
     )
     .await?;
-    Ok((out, last_seqs))
+    Ok(out)
 }
 
-/// A channel of a fast batch: (id, tenant), the indexes into the jobs of its sends, and the
-/// remembered last_seq its new rows follow.
-type FastGroup<'a> = ((&'a str, &'a str), Vec<usize>, i64);
+/// A channel of a fast batch: (id, tenant) and the indexes into the jobs of its sends.
+type FastGroup<'a> = ((&'a str, &'a str), Vec<usize>);
 
 /// The batch's channels, in id order, if the fast path may try it: the writer is optimistic
-/// about keys (not careful after a stored key), it remembers every channel of the batch in the
-/// send's tenant, and no two sends of the batch share a channel and idempotency key.
-fn fast_groups<'a>(
-    jobs: &'a [SendJob],
-    keys: &KeyCheckState,
-    remembered: &Remembered,
-) -> Option<Vec<FastGroup<'a>>> {
+/// about keys (not careful after a stored key), no send holds a NUL, and no two sends of the
+/// batch share a channel and idempotency key.
+fn fast_groups<'a>(jobs: &'a [SendJob], keys: &KeyCheckState) -> Option<Vec<FastGroup<'a>>> {
     if keys.careful_left > 0 || jobs.is_empty() {
         return None;
     }
@@ -1836,15 +1771,12 @@ fn fast_groups<'a>(
     }) {
         return None;
     }
-    let mut groups: BTreeMap<(&str, &str), (Vec<usize>, i64)> = BTreeMap::new();
+    let mut groups: BTreeMap<(&str, &str), Vec<usize>> = BTreeMap::new();
     for (i, job) in jobs.iter().enumerate() {
-        let (channel_id, tenant) = (job.new.channel_id.as_str(), job.new.tenant_id.as_str());
-        match groups.entry((channel_id, tenant)) {
-            std::collections::btree_map::Entry::Occupied(mut e) => e.get_mut().0.push(i),
-            std::collections::btree_map::Entry::Vacant(e) => {
-                e.insert((vec![i], remembered.last_seq(channel_id, tenant)?));
-            }
-        }
+        groups
+            .entry((job.new.channel_id.as_str(), job.new.tenant_id.as_str()))
+            .or_default()
+            .push(i);
     }
     if jobs.len() > 1 {
         let mut seen = HashSet::with_capacity(jobs.len());
@@ -1855,12 +1787,7 @@ fn fast_groups<'a>(
             }
         }
     }
-    Some(
-        groups
-            .into_iter()
-            .map(|(key, (idxs, last_seq))| (key, idxs, last_seq))
-            .collect(),
-    )
+    Some(groups.into_iter().collect())
 }
 
 /// A pipelined statement of a send batch, for `try_join`: only whether it was answered without an
@@ -1930,10 +1857,10 @@ impl<'a> NewRows<'a> {
 }
 
 /// The fast path: the whole batch in ONE message (a simple query: one implicit transaction),
-/// every send inserted with the seqs that follow the remembered last_seq of its channel. `Ok`
-/// (each job's outcome, in order) only once it committed; any error (a non-member, a stored key,
-/// a last_seq that moved) rolls the transaction back, and the caller runs the batch through the
-/// two-round-trip path.
+/// every send inserted with the seqs that follow its channel's last_seq, which the locks read and
+/// the INSERT computes from. `Ok` (each job's outcome, in order) only once it committed; any
+/// error (a non-member, a stored key, a channel of another tenant or deleted) rolls the
+/// transaction back, and the caller runs the batch through the two-round-trip path.
 async fn commit_fast(
     pool: &Pool,
     jobs: &[SendJob],
@@ -1944,40 +1871,24 @@ async fn commit_fast(
         open: true,
     };
     let now = now_ms();
-    let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> = jobs.iter().map(|_| None).collect();
-    let (mut channel_ids, mut tenants, mut counts, mut expected) = (
-        Vec::with_capacity(groups.len()),
+    let (mut channel_ids, mut tenants, mut counts) = (
         Vec::with_capacity(groups.len()),
         Vec::with_capacity(groups.len()),
         Vec::with_capacity(groups.len()),
     );
     let mut rows = NewRows::with_capacity(jobs.len());
     let mut ins_tenants = Vec::with_capacity(jobs.len());
-    for ((channel_id, tenant), idxs, last_seq) in groups {
+    for ((channel_id, tenant), idxs) in groups {
         let n = i64::try_from(idxs.len())
             .map_err(|_| StorageError::Internal("batch too large".into()))?;
-        let after = last_seq
-            .checked_add(n)
-            .ok_or_else(|| StorageError::Internal("seq overflow".into()))?;
         channel_ids.push(*channel_id);
         tenants.push(*tenant);
         counts.push(n);
-        expected.push(after);
         for (k, &i) in (1..).zip(idxs) {
-            rows.push(channel_id, last_seq + k, &jobs[i]);
+            // Not a seq: how far below the channel's last_seq after the allocation the row's seq
+            // is ([`FAST_INSERT`]), so the k-th of n takes the k-th seq after the locked one.
+            rows.push(channel_id, n - k, &jobs[i]);
             ins_tenants.push(*tenant);
-        }
-        // Settled before the COMMIT is sent, like the slow path: every send inserts.
-        let plan = GroupPlan {
-            settles: idxs
-                .iter()
-                .enumerate()
-                .map(|(k, &i)| (i, Settle::Insert(k)))
-                .collect(),
-            inserts: idxs.clone(),
-        };
-        for (i, outcome) in plan.outcomes(jobs, channel_id, *last_seq, now)? {
-            outcomes[i] = Some(outcome);
         }
     }
     let (sc_channels, sc_users, sc_counts) = rows.sender_counts();
@@ -2018,13 +1929,43 @@ async fn commit_fast(
     literal::Execute::new(&mut sql, "parley_fast_check")
         .texts(channel_ids.iter().copied())
         .texts(tenants.iter().copied())
-        .bigints(&expected)
         .bigints(&counts)
         .end();
     let answer = tx.client()?.simple_query(&sql).await;
     match answer {
-        Ok(_) => {
+        Ok(answer) => {
             tx.open = false; // committed: every statement and the implicit COMMIT answered
+            // Each channel's last_seq after the allocation, whose last seqs the rows took: the
+            // rows of `FAST_ALLOCATE`, the only ones with an `allocated_id` column.
+            let mut allocated: HashMap<&str, i64> = HashMap::with_capacity(groups.len());
+            for message in &answer {
+                if let tokio_postgres::SimpleQueryMessage::Row(row) = message
+                    && row.columns().first().map(|c| c.name()) == Some("allocated_id")
+                    && let (Some(id), Some(last_seq)) = (row.get(0), row.get(1))
+                    && let Ok(last_seq) = last_seq.parse::<i64>()
+                {
+                    allocated.insert(id, last_seq);
+                }
+            }
+            let mut outcomes: Vec<Option<StorageResult<SendOutcome>>> =
+                jobs.iter().map(|_| None).collect();
+            for ((channel_id, _), idxs) in groups {
+                let after = *allocated.get(channel_id).ok_or_else(|| {
+                    StorageError::Internal("a committed channel without its allocation".into())
+                })?;
+                let last_seq = after - idxs.len() as i64; // the seq before the batch's first
+                let plan = GroupPlan {
+                    settles: idxs
+                        .iter()
+                        .enumerate()
+                        .map(|(k, &i)| (i, Settle::Insert(k)))
+                        .collect(),
+                    inserts: idxs.clone(),
+                };
+                for (i, outcome) in plan.outcomes(jobs, channel_id, last_seq, now)? {
+                    outcomes[i] = Some(outcome);
+                }
+            }
             Ok(outcomes
                 .into_iter()
                 .map(|o| {
@@ -2052,7 +1993,7 @@ async fn commit_fast(
 #[doc(hidden)]
 pub const FAST_STATEMENTS: [(&str, &str); 5] = [
     ("parley_fast_lock", LOCK_CHANNELS),
-    ("parley_fast_allocate", ALLOCATE_SEQS_MANY),
+    ("parley_fast_allocate", FAST_ALLOCATE),
     ("parley_fast_insert", FAST_INSERT),
     ("parley_fast_counters", SEND_SENDER_COUNTERS),
     ("parley_fast_check", FAST_CHECK),
@@ -2863,46 +2804,19 @@ mod tests {
     }
 
     #[test]
-    fn the_fast_path_takes_only_batches_it_remembers_without_repeated_keys() {
-        let mut remembered = Remembered::default();
+    fn the_fast_path_takes_batches_without_repeated_keys_while_optimistic() {
         let mut keys = KeyCheckState::default();
         let jobs = vec![job("alice", "k1", "a"), job("bob", "k1", "b")];
-        assert!(
-            fast_groups(&jobs, &keys, &remembered).is_none(),
-            "not remembered"
-        );
-        remembered.remember("c", "other-tenant", 4);
-        assert!(
-            fast_groups(&jobs, &keys, &remembered).is_none(),
-            "another tenant"
-        );
-        remembered.remember("c", "t", 4);
-        let groups = fast_groups(&jobs, &keys, &remembered).expect("eligible");
-        assert_eq!(groups, vec![(("c", "t"), vec![0, 1], 4)]);
+        let groups = fast_groups(&jobs, &keys).expect("eligible");
+        assert_eq!(groups, vec![(("c", "t"), vec![0, 1])]);
         let repeated = vec![job("alice", "k1", "a"), job("alice", "k1", "a")];
-        assert!(
-            fast_groups(&repeated, &keys, &remembered).is_none(),
-            "a key twice"
-        );
+        assert!(fast_groups(&repeated, &keys).is_none(), "a key twice");
+        let mut nul = job("alice", "k2", "a");
+        nul.new.text = "a\0b".into();
+        assert!(fast_groups(&[nul], &keys).is_none(), "a NUL");
         keys.found_stored_key();
-        assert!(fast_groups(&jobs, &keys, &remembered).is_none(), "careful");
-        remembered.forget("c");
+        assert!(fast_groups(&jobs, &keys).is_none(), "careful");
         keys.careful_left = 0;
-        assert!(
-            fast_groups(&jobs, &keys, &remembered).is_none(),
-            "forgotten"
-        );
-    }
-
-    #[test]
-    fn remembered_channels_are_bounded() {
-        let mut remembered = Remembered::default();
-        for i in 0..REMEMBERED_CHANNELS + 10 {
-            remembered.remember(&format!("c{i}"), "t", 1);
-        }
-        assert!(remembered.channels.len() <= REMEMBERED_CHANNELS);
-        remembered.remember("c0", "t", 1);
-        remembered.remember("c0", "t", 7);
-        assert_eq!(remembered.last_seq("c0", "t"), Some(7));
+        assert!(fast_groups(&jobs, &keys).is_some(), "optimistic again");
     }
 }
