@@ -1218,15 +1218,17 @@ const SEND_INSERT: &str = "INSERT INTO messages \
 /// reads the membership with this statement's own snapshot, taken after the channel locks were
 /// granted (the statements of one transaction run in order, and in READ COMMITTED each takes a
 /// fresh snapshot): it sees every removal committed before the batch took the channel, the same
-/// rule as [`SEND_MEMBERS`]. A non-member's row, or a row of a channel in another tenant, is left
-/// out, which [`FAST_CHECK`] turns into an error.
+/// rule as [`SEND_MEMBERS`]. A non-member's row is left out, which [`FAST_CHECK`] turns into an
+/// error; a row of a channel in another tenant has no seq, which the NOT NULL column refuses. The
+/// last_seq is a scalar subquery, not a join: joined, the generic plan found the members by
+/// channel alone and filtered the sender out of all of them.
 const FAST_INSERT: &str = "INSERT INTO messages \
      (channel_id, seq, id, sender_id, client_msg_id, body_hash, text, metadata, created_at) \
-     SELECT t.channel_id, c.last_seq - t.back, t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, \
-       t.metadata, $10::BIGINT \
+     SELECT t.channel_id, \
+       (SELECT c.last_seq FROM channels c WHERE c.id = t.channel_id AND c.tenant_id = t.tenant_id) - t.back, \
+       t.id, t.sender_id, t.client_msg_id, t.body_hash, t.text, t.metadata, $10::BIGINT \
      FROM unnest($1::TEXT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::TEXT[], $6::TEXT[], $7::TEXT[], $8::TEXT[], $9::TEXT[]) \
        AS t(channel_id, back, id, sender_id, client_msg_id, body_hash, text, metadata, tenant_id) \
-     JOIN channels c ON c.id = t.channel_id AND c.tenant_id = t.tenant_id \
      WHERE EXISTS (SELECT 1 FROM members m \
        WHERE m.channel_id = t.channel_id AND m.user_id = t.sender_id AND m.tenant_id = t.tenant_id)";
 /// Fast send path, last: fails (the cast error of [`SEND_CHECK_SEQS`]) unless each channel `$1[i]`
@@ -1235,13 +1237,15 @@ const FAST_INSERT: &str = "INSERT INTO messages \
 /// them is 0 or taken by a message or an event. Every seq up to last_seq is taken (each is
 /// allocated in the transaction that writes its row), so that last part fails only when the
 /// allocation moved last_seq by more than the batch (no path of ours does; the test's trigger
-/// does), which would leave a gap. Primary-key reads only: `$3[i]` entries and two probes.
+/// does), which would leave a gap. Primary-key reads only: `$3[i]` entries and two probes. (Scalar
+/// `COUNT`s, not `EXISTS`: an `EXISTS` under `OR` may be planned as a hashed subplan, which reads
+/// the whole table into a hash at every batch.)
 const FAST_CHECK: &str = "SELECT CASE WHEN c.tenant_id = k.tenant_id \
        AND (SELECT COUNT(*) FROM messages m WHERE m.channel_id = k.id \
          AND m.seq > c.last_seq - k.n AND m.seq <= c.last_seq) = k.n \
        AND (c.last_seq = k.n \
-         OR EXISTS (SELECT 1 FROM messages p WHERE p.channel_id = k.id AND p.seq = c.last_seq - k.n) \
-         OR EXISTS (SELECT 1 FROM channel_events e WHERE e.channel_id = k.id AND e.seq = c.last_seq - k.n)) \
+         OR (SELECT COUNT(*) FROM messages p WHERE p.channel_id = k.id AND p.seq = c.last_seq - k.n) = 1 \
+         OR (SELECT COUNT(*) FROM channel_events e WHERE e.channel_id = k.id AND e.seq = c.last_seq - k.n) = 1) \
        THEN 0 \
      ELSE ('parley: channel ' || k.id || ' did not take the batch''s rows')::BIGINT END \
      FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[]) AS k(id, tenant_id, n) \
