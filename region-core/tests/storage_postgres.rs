@@ -851,6 +851,14 @@ async fn the_one_message_batch_plans_probe_indexes_at_every_size() {
     drop_database(&db).await;
 }
 
+/// A removed member's send is refused with `NotAMember`.
+async fn refused_as_not_a_member(s: &PostgresStorage, new: NewMessage) {
+    match s.send_message(new).await {
+        Err(StorageError::NotAMember) => {}
+        other => panic!("a removed member's send must be refused: {other:?}"),
+    }
+}
+
 async fn stored_keys(s: &PostgresStorage, tenant: &str, channel_id: &str) -> Vec<String> {
     stored(s, tenant, channel_id)
         .await
@@ -945,13 +953,7 @@ async fn a_member_removed_after_a_one_message_send_is_refused() {
         )
         .await
         .expect("remove bob behind the storage's back");
-    match s
-        .send_message(message(&tenant, &channel, "bob", "k3"))
-        .await
-    {
-        Err(StorageError::NotAMember) => {}
-        other => panic!("a removed member's send must be refused: {other:?}"),
-    }
+    refused_as_not_a_member(&s, message(&tenant, &channel, "bob", "k3")).await;
     assert_eq!(
         s.fast_batches(),
         FastBatches {
@@ -978,13 +980,7 @@ async fn a_member_removed_after_a_one_message_send_is_refused() {
     s.remove_member(&tenant, &channel, "carol", "alice")
         .await
         .expect("remove carol");
-    match s
-        .send_message(message(&tenant, &channel, "carol", "c2"))
-        .await
-    {
-        Err(StorageError::NotAMember) => {}
-        other => panic!("a removed member's send must be refused: {other:?}"),
-    }
+    refused_as_not_a_member(&s, message(&tenant, &channel, "carol", "c2")).await;
     let sent = s
         .send_message(message(&tenant, &channel, "alice", "a1"))
         .await
@@ -1111,12 +1107,7 @@ async fn a_retried_key_returns_the_stored_message() {
         .expect("a new send");
     assert!(next.created);
     assert_eq!(next.message.seq, last + 1);
-    let keys: Vec<String> = stored(&s, &tenant, &channel)
-        .await
-        .into_iter()
-        .map(|(_, k)| k)
-        .collect();
-    assert_eq!(keys, ["k1", "k2", "k3"]);
+    assert_eq!(stored_keys(&s, &tenant, &channel).await, ["k1", "k2", "k3"]);
 }
 
 /// Two nodes' writers sending to the same channels at once, each moving the channels' last_seqs

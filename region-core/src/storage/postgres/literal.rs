@@ -5,6 +5,8 @@
 //! A string with a NUL cannot be sent this way (the query message is NUL-terminated): callers
 //! check [`has_nul`] first and take the parameterized path.
 
+use std::fmt::Write;
+
 use postgres_protocol::escape::escape_literal;
 
 /// An `EXECUTE name(arg, ...)` statement being written into `sql`.
@@ -66,7 +68,7 @@ impl<'s> Execute<'s> {
             if k > 0 {
                 self.sql.push(',');
             }
-            self.sql.push_str(&n.to_string());
+            push_int(self.sql, *n);
         }
         self.sql.push_str("]::BIGINT[]");
         self
@@ -75,7 +77,7 @@ impl<'s> Execute<'s> {
     /// `1::BIGINT`
     pub(super) fn bigint(mut self, n: i64) -> Self {
         self.next_arg();
-        self.sql.push_str(&n.to_string());
+        push_int(self.sql, n);
         self.sql.push_str("::BIGINT");
         self
     }
@@ -84,6 +86,12 @@ impl<'s> Execute<'s> {
     pub(super) fn end(self) {
         self.sql.push_str(");\n");
     }
+}
+
+/// Writes `n` in decimal, without a temporary string (a batch writes several per message).
+fn push_int(sql: &mut String, n: i64) {
+    // Writing into a `String` cannot fail.
+    let _ = write!(sql, "{n}");
 }
 
 /// Whether a string cannot go into a simple-query message.
